@@ -1,0 +1,313 @@
+"""The `kubetask` command: run the platform (dev, gateway, dispatcher) and talk to its API.
+
+Client commands find the API and token in KUBETASK_URL / KUBETASK_TOKEN, else in the
+`client.json` that `kubetask dev` writes into its data directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .client import ApiFailure, Client
+
+DEFAULT_DATA_DIR = Path(".kubetask-data")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    from .dev import load_client_config
+
+    url = args.url or os.environ.get("KUBETASK_URL")
+    token = args.token or os.environ.get("KUBETASK_TOKEN")
+    if not (url and token):
+        cfg = load_client_config(Path(args.data_dir)) or {}
+        url = url or cfg.get("url")
+        token = token or (cfg.get("adminToken") if args.admin else cfg.get("token"))
+    if not (url and token):
+        sys.exit("no API to talk to: start `kubetask dev`, or set KUBETASK_URL and KUBETASK_TOKEN")
+    return Client(url, token, account=args.account)
+
+
+def _ago(stamp: str | None) -> str:
+    if not stamp:
+        return "-"
+    then = datetime.fromisoformat(stamp)
+    secs = (datetime.now(then.tzinfo) - then).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{int(secs // size)}{unit}"
+    return f"{int(secs)}s"
+
+
+def _duration(task: dict[str, Any]) -> str:
+    ts = task["status"]["timestamps"]
+    if not ts.get("started") or not ts.get("finished"):
+        return "-"
+    secs = (datetime.fromisoformat(ts["finished"]) - datetime.fromisoformat(ts["started"])).total_seconds()
+    return f"{secs * 1000:.0f}ms" if secs < 1 else f"{secs:.1f}s"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip()
+             for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+def _print_tasks(tasks: list[dict[str, Any]], output: str) -> None:
+    if output == "json":
+        print(json.dumps(tasks, indent=2))
+        return
+    rows = [
+        [t["metadata"]["name"], t["metadata"]["namespace"], t["spec"]["function"],
+         t["status"]["phase"], str(t["status"]["attempts"]),
+         _ago(t["status"]["timestamps"].get("submitted")), _duration(t),
+         (t["status"].get("error") or "")[:60]]
+        for t in tasks
+    ]
+    print(_table(rows, ["ID", "ACCOUNT", "FUNCTION", "PHASE", "ATTEMPTS", "AGE", "DURATION", "ERROR"]))
+
+
+def _payload(args: argparse.Namespace) -> Any:
+    if args.payload_file:
+        text = sys.stdin.read() if args.payload_file == "-" else Path(args.payload_file).read_text()
+    elif args.payload is not None:
+        text = args.payload
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        sys.exit("the payload must be JSON (quote a plain string: '\"text\"')")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    task = _client(args).submit(args.function, _payload(args), args.id)
+    if args.output == "json":
+        print(json.dumps(task, indent=2))
+    else:
+        print(task["metadata"]["name"])
+
+
+def cmd_get(args: argparse.Namespace) -> None:
+    task = _client(args).get(args.id)
+    if args.output == "json":
+        print(json.dumps(task, indent=2))
+        return
+    _print_tasks([task], "table")
+    status = task["status"]
+    print("\nstages:")
+    for stage, stamp in status["timestamps"].items():
+        print(f"  {stage:<10} {stamp or '-'}")
+    if status.get("executor"):
+        ex = status["executor"]
+        print(f"executor: {ex['backend']} {ex.get('instance') or ''} on {ex['dispatcher']}")
+    if status.get("result") is not None:
+        print(f"result: {json.dumps(status['result'])[:2000]}")
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    client = _client(args)
+    filters = {
+        "function": args.function, "status": args.status, "idPrefix": args.prefix,
+        "startedAfter": args.started_after, "startedBefore": args.started_before,
+        "limit": args.limit,
+    }
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page = client.list(**filters, cursor=cursor)
+        items.extend(page["items"])
+        cursor = page.get("cursor")
+        if not cursor or not args.all:
+            break
+    _print_tasks(items, args.output)
+    if cursor and args.output != "json":
+        print(f"(more: --all, or pass --cursor {cursor})", file=sys.stderr)
+
+
+def cmd_action(args: argparse.Namespace) -> None:
+    task = _client(args).action(args.id, args.command)
+    if args.output == "json" and task is not None:
+        print(json.dumps(task, indent=2))
+    else:
+        phase = task["status"]["phase"] if task else "deleted"
+        print(f"{args.id}: {phase}")
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    for rec in _client(args).logs(args.id, follow=args.follow):
+        if args.output == "json":
+            print(json.dumps(rec), flush=True)
+        else:
+            print(f"{rec['ts']} [{rec['attempt']} {rec['stream']}] {rec['line']}", flush=True)
+
+
+def cmd_functions(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.fn_command == "apply":
+        from .dev import read_objects
+
+        for doc in read_objects(Path(args.file)):
+            obj = client.apply(doc)
+            print(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied")
+    elif args.fn_command == "delete":
+        client.delete_function(args.name)
+        print(f"taskfunction/{args.name} deleted")
+    else:
+        fns = client.functions()
+        if args.output == "json":
+            print(json.dumps(fns, indent=2))
+            return
+        rows = [[f["metadata"]["name"], f["metadata"]["namespace"],
+                 "command" if f["spec"].get("command") else "server",
+                 str(f["spec"]["maxConcurrency"]), f["status"]["queue"], str(f["status"]["backlog"]),
+                 str(f["status"]["ready"])] for f in fns]
+        print(_table(rows, ["NAME", "ACCOUNT", "MODE", "CONCURRENCY", "QUEUE", "BACKLOG", "READY"]))
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from .dev import run
+
+    functions = Path(args.functions) if args.functions else None
+    sys.exit(run(Path(args.data_dir), args.port, args.nats_port, functions, args.dispatchers,
+                 args.ack_wait))
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .gateway.app import create_app
+    from .settings import Settings
+
+    app = create_app(Settings(), Path(args.tokens))
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                loop="uvloop", http="httptools")
+
+
+def cmd_dispatcher(args: argparse.Namespace) -> None:
+    import logging
+
+    from .dispatch.service import run
+    from .settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run(Settings(), args.metrics_port, args.drain_timeout)
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    from .auth import create_token
+
+    print(create_token(Path(args.file), args.name or args.account or "admin", args.account, args.admin))
+
+
+def cmd_crds(args: argparse.Namespace) -> None:
+    from .crdgen import write_crds
+
+    for path in write_crds(Path(args.out)):
+        print(path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubetask", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", help="API address (KUBETASK_URL)")
+    common.add_argument("--token", help="bearer token (KUBETASK_TOKEN)")
+    common.add_argument("--account", help="account to act on (admins; tenants default to theirs)")
+    common.add_argument("--admin", action="store_true", help="use the dev admin token")
+    common.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    common.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="run the embedded platform (NATS, gateway, dispatcher)")
+    dev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    dev.add_argument("--port", type=int, default=8080)
+    dev.add_argument("--nats-port", type=int, default=4222)
+    dev.add_argument("--functions", "-f", help="YAML of TaskFunction/AsyncConfig objects to apply")
+    dev.add_argument("--dispatchers", type=int, default=1)
+    dev.add_argument("--ack-wait", type=float, help="seconds before a silent dispatcher's task is taken over")
+    dev.set_defaults(func=cmd_dev)
+
+    gw = sub.add_parser("gateway", help="run the HTTP gateway")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument("--tokens", required=True, help="JSON file of hashed tokens")
+    gw.set_defaults(func=cmd_gateway)
+
+    dp = sub.add_parser("dispatcher", help="run a dispatcher")
+    dp.add_argument("--metrics-port", type=int)
+    dp.add_argument("--drain-timeout", type=float, default=30.0)
+    dp.set_defaults(func=cmd_dispatcher)
+
+    tok = sub.add_parser("tokens", help="create an API token")
+    tok.add_argument("action", choices=["create"])
+    tok.add_argument("--file", required=True)
+    tok.add_argument("--account")
+    tok.add_argument("--name")
+    tok.add_argument("--admin", action="store_true")
+    tok.set_defaults(func=cmd_tokens)
+
+    crds = sub.add_parser("crds", help="generate the CRD manifests from the models")
+    crds.add_argument("action", choices=["generate"])
+    crds.add_argument("--out", default="crds")
+    crds.set_defaults(func=cmd_crds)
+
+    s = sub.add_parser("submit", parents=[common], help="submit a task")
+    s.add_argument("function")
+    s.add_argument("--payload", "-p", help="JSON payload")
+    s.add_argument("--payload-file", help="file with the JSON payload, - for stdin")
+    s.add_argument("--id", help="task id (e.g. a trace id)")
+    s.set_defaults(func=cmd_submit)
+
+    g = sub.add_parser("get", parents=[common], help="show one task")
+    g.add_argument("id")
+    g.set_defaults(func=cmd_get)
+
+    ls = sub.add_parser("list", parents=[common], help="list tasks, filtered")
+    ls.add_argument("--function")
+    ls.add_argument("--status", help="phase, or several separated by commas")
+    ls.add_argument("--prefix", help="task-id prefix")
+    ls.add_argument("--started-after", help="ISO 8601 time")
+    ls.add_argument("--started-before", help="ISO 8601 time")
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--all", action="store_true", help="follow the cursor through every page")
+    ls.set_defaults(func=cmd_list)
+
+    for action in ("stop", "pause", "resume", "delete"):
+        a = sub.add_parser(action, parents=[common], help=f"{action} a task")
+        a.add_argument("id")
+        a.set_defaults(func=cmd_action)
+
+    lg = sub.add_parser("logs", parents=[common], help="print a task's logs")
+    lg.add_argument("id")
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.set_defaults(func=cmd_logs)
+
+    fn = sub.add_parser("functions", parents=[common], help="manage functions and async configs")
+    fsub = fn.add_subparsers(dest="fn_command", required=True)
+    ap = fsub.add_parser("apply", parents=[common])
+    ap.add_argument("-f", "--file", required=True)
+    fsub.add_parser("list", parents=[common])
+    fd = fsub.add_parser("delete", parents=[common])
+    fd.add_argument("name")
+    fn.set_defaults(func=cmd_functions)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ApiFailure as err:
+        sys.exit(f"error: {err}")
+    except httpx.TransportError as err:
+        sys.exit(f"error: cannot reach the kubetask API ({err}); is `kubetask dev` running?")
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,90 @@
+"""A small synchronous HTTP client for the API, used by the CLI (and handy in scripts)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+
+class ApiFailure(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        message = body.get("error") if isinstance(body, dict) else str(body)
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.body = body
+
+
+class Client:
+    def __init__(self, url: str, token: str, account: str | None = None, timeout: float = 30) -> None:
+        self.account = account
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+        )
+
+    def _params(self, **extra: Any) -> dict[str, Any]:
+        params = {k: v for k, v in extra.items() if v is not None and v != ""}
+        if self.account:
+            params["account"] = self.account
+        return params
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self.http.request(method, path, **kwargs)
+        if resp.status_code == 204:
+            return None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        if resp.status_code >= 400:
+            raise ApiFailure(resp.status_code, body)
+        return body
+
+    def submit(self, function: str, payload: Any = None, task_id: str | None = None) -> Any:
+        body: dict[str, Any] = {"function": function, "payload": payload}
+        if task_id:
+            body["id"] = task_id
+        return self._call("POST", "/v1/tasks", json=body, params=self._params())
+
+    def get(self, task_id: str) -> Any:
+        return self._call("GET", f"/v1/tasks/{task_id}", params=self._params())
+
+    def list(self, **filters: Any) -> Any:
+        return self._call("GET", "/v1/tasks", params=self._params(**filters))
+
+    def action(self, task_id: str, action: str) -> Any:
+        if action == "delete":
+            return self._call("DELETE", f"/v1/tasks/{task_id}", params=self._params())
+        return self._call("POST", f"/v1/tasks/{task_id}/{action}", params=self._params())
+
+    def logs(self, task_id: str, follow: bool = False) -> Iterator[dict[str, Any]]:
+        params = self._params(follow="true" if follow else None)
+        with self.http.stream("GET", f"/v1/tasks/{task_id}/logs", params=params, timeout=None) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise ApiFailure(resp.status_code, resp.json())
+            for line in resp.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    def apply(self, obj: dict[str, Any]) -> Any:
+        kind = obj.get("kind")
+        paths = {"TaskFunction": "functions", "AsyncConfig": "asyncconfigs"}
+        if kind not in paths:
+            raise ValueError(f"cannot apply kind {kind!r}; expected TaskFunction or AsyncConfig")
+        meta = obj.setdefault("metadata", {})
+        if self.account and "namespace" not in meta:
+            meta["namespace"] = self.account
+        name = meta.get("name")
+        if not name:
+            raise ValueError(f"{kind} without metadata.name")
+        return self._call("PUT", f"/v1/{paths[kind]}/{name}", json=obj,
+                          params={"account": meta.get("namespace", self.account)})
+
+    def functions(self) -> Any:
+        return self._call("GET", "/v1/functions", params=self._params())
+
+    def delete_function(self, name: str) -> Any:
+        return self._call("DELETE", f"/v1/functions/{name}", params=self._params())

@@ -1,0 +1,160 @@
+"""`kubetask dev`: the whole platform on one machine — nats-server, gateway, dispatcher(s) and
+local executors — with its data in one directory, so a restart finds every task where it was.
+
+The components run as separate processes, as on Kubernetes, and are tied to this supervisor:
+if it is killed (even with SIGKILL) the kernel takes them down too, and a crashed component is
+restarted. Ctrl-C shuts down in order: dispatchers drain first, then the gateway, then NATS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .auth import create_token
+from .client import Client
+from .embedded import free_port, start_nats, wait_for_port
+from .executors.base import die_with_parent
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        out = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+
+    def stop(self, timeout: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def client_config(data_dir: Path) -> Path:
+    return data_dir / "client.json"
+
+
+def ensure_tokens(data_dir: Path) -> dict[str, str]:
+    """Create a tenant token (account `default`) and an admin token on first start."""
+    cfg_path = client_config(data_dir)
+    if cfg_path.exists():
+        stored: dict[str, str] = json.loads(cfg_path.read_text())
+        return stored
+    tokens_file = data_dir / "tokens.json"
+    cfg = {
+        "token": create_token(tokens_file, "dev", "default"),
+        "adminToken": create_token(tokens_file, "dev-admin", None, admin=True),
+    }
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    os.chmod(cfg_path, 0o600)
+    return cfg
+
+
+def run(data_dir: Path, port: int, nats_port: int, functions: Path | None, dispatchers: int,
+        ack_wait: float | None = None) -> int:
+    data_dir = data_dir.resolve()
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    creds = ensure_tokens(data_dir)
+    nats_port = nats_port or free_port()
+    nats = start_nats(data_dir / "jetstream", nats_port, data_dir / "logs" / "nats.log")
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, KUBETASK_NATS_URL=f"nats://127.0.0.1:{nats_port}")
+    if ack_wait is not None:
+        env["KUBETASK_ACK_WAIT"] = str(ack_wait)
+    exe = [sys.executable, "-m", "kubetask"]
+    children = [
+        Child("gateway", [*exe, "gateway", "--port", str(port), "--tokens",
+                          str(data_dir / "tokens.json")], env, data_dir / "logs" / "gateway.log"),
+        *[
+            Child(f"dispatcher-{i}", [*exe, "dispatcher"], env, data_dir / "logs" / f"dispatcher-{i}.log")
+            for i in range(dispatchers)
+        ],
+    ]
+    for child in children:
+        child.start()
+    cfg = dict(creds, url=url, nats=f"nats://127.0.0.1:{nats_port}")
+    client_config(data_dir).write_text(json.dumps(cfg, indent=2))
+    try:
+        gateway_proc = children[0].proc
+        assert gateway_proc is not None
+        wait_for_port(port, timeout=30, proc=gateway_proc)
+        if functions is not None:
+            client = Client(url, creds["adminToken"])
+            for doc in read_objects(functions):
+                client.apply(doc)
+        print(f"kubetask dev is running (data in {data_dir})", flush=True)
+        print(f"  API:     {url}   (OpenAPI: {url}/docs)", flush=True)
+        print(f"  token:   {creds['token']}   (account 'default')", flush=True)
+        print(f"  admin:   {creds['adminToken']}", flush=True)
+        print(f"  NATS:    nats://127.0.0.1:{nats_port}", flush=True)
+        print("  The CLI in this directory picks these up; Ctrl-C stops everything.", flush=True)
+    except Exception as err:
+        print(f"kubetask dev failed to start: {err}", file=sys.stderr, flush=True)
+        _shutdown(children, nats)
+        return 1
+
+    stopping = False
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stopping:
+        time.sleep(0.2)
+        for child in children:
+            if child.proc is not None and child.proc.poll() is not None and not stopping:
+                now = time.monotonic()
+                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                print(f"{child.name} exited with code {child.proc.returncode}; restarting",
+                      file=sys.stderr, flush=True)
+                time.sleep(min(5.0, 0.2 * len(child.restarts)))
+                child.start()
+    print("shutting down...", flush=True)
+    _shutdown(children, nats)
+    return 0
+
+
+def _shutdown(children: list[Child], nats: subprocess.Popen[bytes]) -> None:
+    for child in reversed(children):
+        child.stop(timeout=40)
+    nats.send_signal(signal.SIGTERM)
+    try:
+        nats.wait(10)
+    except subprocess.TimeoutExpired:
+        nats.kill()
+
+
+def load_client_config(data_dir: Path) -> dict[str, str] | None:
+    path = client_config(data_dir)
+    if not path.exists():
+        return None
+    loaded: dict[str, str] = json.loads(path.read_text())
+    return loaded
+
+
+def read_objects(path: Path) -> list[dict[str, object]]:
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    return [d for d in yaml.safe_load_all(text) if d]

@@ -1,0 +1,127 @@
+"""Deliver a finished task's record to its onSuccess / onFailure destination, at least once.
+
+The record follows DESIGN.md §4 (Lambda's invocation record). Delivery is retried a few times in
+place; if it still fails the whole terminal step is retried later through JetStream redelivery,
+so a destination that is down for a while still gets the record once it is back.
+
+- function: submitted as a new task of that function with the record as payload, under a
+  derived id, so a repeated delivery is de-duplicated like any submission.
+- subject: published with a Nats-Msg-Id into the stream that captures the subject (or, when no
+  stream does, as a plain NATS message — at most once, to whoever is subscribed then).
+- webhook: POSTed as JSON; any 2xx counts as delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+import aiohttp
+from nats.js.errors import NoStreamResponseError
+
+from .. import names, submission
+from ..metrics import DESTINATION_FAILURES
+from ..models import (
+    Destination,
+    DestinationKind,
+    DestinationRecord,
+    RequestContext,
+    ResponseContext,
+    TaskPhase,
+)
+from ..store import TaskExists, now
+from .policy import Policy, TaskContext
+
+Condition = Literal["Success", "RetriesExhausted", "EventAgeExceeded", "Stopped"]
+_CONDITIONS: dict[TaskPhase, Condition] = {
+    TaskPhase.Succeeded: "Success",
+    TaskPhase.Failed: "RetriesExhausted",
+    TaskPhase.Expired: "EventAgeExceeded",
+}
+IN_PLACE_ATTEMPTS = 4
+
+
+class DestinationUndeliverable(Exception):
+    pass
+
+
+def build_record(ctx: TaskContext) -> DestinationRecord:
+    task = ctx.record.task
+    status = task.status
+    condition = _CONDITIONS[status.phase]
+    ok = status.phase is TaskPhase.Succeeded
+    return DestinationRecord(
+        timestamp=status.timestamps.finished or now(),
+        requestContext=RequestContext(
+            requestId=task.id,
+            functionArn=names.function_arn(task.account, task.spec.function),
+            condition=condition,
+            approximateInvokeCount=status.attempts,
+        ),
+        requestPayload=task.spec.payload,
+        responseContext=ResponseContext(
+            statusCode=200 if ok else (status.exitCode if status.exitCode is not None else 500),
+            functionError=None if ok else ("Unhandled" if status.attempts else condition),
+        ),
+        responsePayload=status.result if ok else {"errorMessage": status.error},
+    )
+
+
+class Destinations(Policy):
+    def __init__(self) -> None:
+        self._http: aiohttp.ClientSession | None = None
+
+    async def on_terminal(self, ctx: TaskContext) -> None:
+        phase = ctx.record.phase
+        if phase not in _CONDITIONS:
+            return
+        cfg = ctx.config.destinationConfig
+        dest = cfg.onSuccess if phase is TaskPhase.Succeeded else cfg.onFailure
+        if dest is None:
+            return
+        record = build_record(ctx)
+        delay = 0.25
+        for attempt in range(IN_PLACE_ATTEMPTS):
+            try:
+                await self._deliver(ctx, dest, record)
+                return
+            except Exception as err:
+                DESTINATION_FAILURES.labels(ctx.account, ctx.function.name).inc()
+                if attempt == IN_PLACE_ATTEMPTS - 1:
+                    raise DestinationUndeliverable(f"{dest.kind.value} {dest.target}: {err}") from err
+                await asyncio.sleep(delay)
+                delay *= 2
+
+    async def _deliver(self, ctx: TaskContext, dest: Destination, record: DestinationRecord) -> None:
+        body = record.model_dump(mode="json")
+        task_id = ctx.task_id
+        suffix = "-on-success" if record.requestContext.condition == "Success" else "-on-failure"
+        if dest.kind is DestinationKind.function:
+            fn = ctx.plane.registry.function(ctx.account, dest.target)
+            if fn is None:
+                raise DestinationUndeliverable(f"function {dest.target!r} is not registered")
+            try:
+                await submission.submit(ctx.plane, fn, task_id[: 128 - len(suffix)] + suffix, body)
+            except TaskExists:
+                pass
+        elif dest.kind is DestinationKind.subject:
+            data = json.dumps(body).encode()
+            try:
+                await ctx.plane.js.publish(
+                    dest.target, data, headers={"Nats-Msg-Id": f"{ctx.account}.{task_id}{suffix}"}
+                )
+            except NoStreamResponseError:
+                await ctx.plane.nc.publish(dest.target, data)
+                await ctx.plane.nc.flush()
+        else:
+            if self._http is None:
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            headers = {"X-Kubetask-Task-Id": task_id, "X-Kubetask-Account": ctx.account}
+            async with self._http.post(dest.target, json=body, headers=headers) as resp:
+                if resp.status >= 300:
+                    raise DestinationUndeliverable(f"webhook answered HTTP {resp.status}")
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()

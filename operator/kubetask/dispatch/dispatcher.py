@@ -1,0 +1,453 @@
+"""Consume every function's queue, claim tasks with compare-and-set and run them.
+
+One worker per function pulls from the function's durable consumer only as many messages as it
+has free slots; the consumer's max_ack_pending enforces the function's concurrency across all
+dispatchers. A claimed message is kept alive with heartbeats (`in_progress`) while its attempt
+runs, so if this process dies JetStream hands the message to another dispatcher after
+`ack_wait`, which takes the task over (the kernel has already killed our attempt: executors
+die with their parent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from .. import metrics, names, queues
+from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
+from ..logs import LogWriter
+from ..models import ExecutorRef, TaskFunction, TaskPhase
+from ..plane import DataPlane
+from ..states import TERMINAL, WAITING, IllegalTransition
+from ..store import TaskGone, TaskRecord, Versioned, new_token, now
+from .accounting import Accounting
+from .destinations import Destinations
+from .events import TerminalEvents
+from .max_age import MaxEventAge
+from .policy import Drop, Policy, Retry, TaskContext
+from .retries import Retries
+
+log = logging.getLogger("kubetask.dispatcher")
+
+# A terminal step (events, destinations) that keeps failing is retried this often, then dropped.
+MAX_FINALIZE_DELIVERIES = 50
+FINALIZE_RETRY_DELAY = 30.0
+
+
+def default_policies() -> list[Policy]:
+    return [MaxEventAge(), Retries(), TerminalEvents(), Destinations(), Accounting()]
+
+
+@dataclass
+class Slot:
+    """A task this dispatcher is working on; a stop request may arrive before it has started."""
+
+    stop_requested: bool = False
+    execution: Execution | None = None
+
+
+@dataclass
+class FunctionWorker:
+    fn: TaskFunction
+    task: asyncio.Task[None] | None = None
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Dispatcher:
+    def __init__(self, plane: DataPlane, policies: list[Policy] | None = None) -> None:
+        self.plane = plane
+        self.policies = policies if policies is not None else default_policies()
+        self.id = f"{socket.gethostname()}-{os.getpid()}"
+        self.command = CommandExecutor()
+        self.server = ServerExecutor()
+        self.logs = LogWriter(plane.nc)
+        self.workers: dict[tuple[str, str], FunctionWorker] = {}
+        self.slots: dict[tuple[str, str], Slot] = {}
+        self._closing = False
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.plane.registry.on_function_change(self._function_changed)
+        for fn in list(self.plane.registry.functions.values()):
+            self._start_worker(fn)
+        await self.plane.nc.subscribe(f"{names.STOP_SUBJECT_PREFIX}.>", cb=self._on_stop)
+        self._background.append(asyncio.create_task(self._collect_backlog()))
+
+    # -- function workers ------------------------------------------------------------------
+
+    def _function_changed(self, account: str, name: str, fn: TaskFunction | None) -> None:
+        key = (account, name)
+        worker = self.workers.get(key)
+        if worker is not None and (fn is None or fn.spec != worker.fn.spec):
+            if worker.task is not None:
+                worker.task.cancel()
+            del self.workers[key]
+        if fn is not None and key not in self.workers and not self._closing:
+            self._start_worker(fn)
+
+    def _start_worker(self, fn: TaskFunction) -> None:
+        worker = FunctionWorker(fn)
+        worker.task = asyncio.create_task(self._consume(worker), name=f"consume-{fn.account}-{fn.name}")
+        self.workers[(fn.account, fn.name)] = worker
+
+    async def _consume(self, worker: FunctionWorker) -> None:
+        fn = worker.fn
+        while True:
+            try:
+                await queues.ensure_function_queue(self.plane.js, fn, self.plane.settings)
+                sub = await self.plane.js.pull_subscribe_bind(
+                    durable=names.consumer_name(fn), stream=names.stream_for(fn)
+                )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("cannot bind to queue of %s/%s: %s; retrying", fn.account, fn.name, err)
+                await asyncio.sleep(1)
+        limit = fn.spec.maxConcurrency
+        while not self._closing:
+            free = limit - len(worker.inflight)
+            if free <= 0:
+                worker.freed.clear()
+                await worker.freed.wait()
+                continue
+            try:
+                msgs = await sub.fetch(free, timeout=2)
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("fetch for %s/%s failed: %s", fn.account, fn.name, err)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                t = asyncio.create_task(self._handle(fn, msg))
+                worker.inflight.add(t)
+                t.add_done_callback(lambda done, w=worker: self._done(w, done))
+
+    @staticmethod
+    def _done(worker: FunctionWorker, task: asyncio.Task[None]) -> None:
+        worker.inflight.discard(task)
+        worker.freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task handler crashed", exc_info=task.exception())
+
+    # -- one message ------------------------------------------------------------------------
+
+    async def _handle(self, fn: TaskFunction, msg: Msg) -> None:
+        dequeued = now()
+        ref = queues.QueuedRef.decode(msg.data)
+        seq = int(msg.metadata.sequence.stream)
+        current = await self.plane.store.get(ref.account, ref.task_id)
+        if current is None or current.record.token != ref.token:
+            await msg.ack()  # deleted, or a stale copy superseded by a retry/resume
+            return
+        record = current.record
+        phase = record.phase
+        ctx = TaskContext(
+            self.plane, fn, self.plane.registry.async_config(fn.account, fn.name), record, dequeued
+        )
+        if phase in TERMINAL:
+            if record.claimSeq == seq:
+                await self._finalize(ctx, msg)  # we crashed between recording and finishing it
+            else:
+                await msg.ack()
+            return
+        if phase is TaskPhase.Paused:
+            await msg.ack()  # resume publishes afresh
+            return
+        if phase is TaskPhase.Stopping:
+            await self._end(ctx, msg, current, TaskPhase.Stopped, "stopped")
+            return
+        takeover = phase is TaskPhase.Running
+        if takeover and record.claimSeq != seq:
+            await msg.ack()  # a duplicate of a message that another dispatcher is running
+            return
+        for policy in self.policies:
+            drop = await policy.on_dequeue(ctx)
+            if drop is not None:
+                await self._drop(ctx, msg, current, drop)
+                return
+        if takeover:
+            lost = f"attempt {record.task.status.attempts} lost: its dispatcher stopped responding"
+            self._log(record, "system", lost)
+            if record.task.status.attempts > ctx.config.maxAsyncRetryAttempts:
+                await self._end(ctx, msg, current, TaskPhase.Failed, lost)
+                return
+        await self._run(ctx, msg, current, seq)
+
+    async def _run(self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int) -> None:
+        key = (ctx.account, ctx.task_id)
+        slot = self.slots[key] = Slot()
+        try:
+            try:
+                claimed = await self.plane.store.transition(
+                    ctx.account, ctx.task_id, self._claim(current.record.token, seq, ctx), current
+                )
+            except (IllegalTransition, TaskGone):
+                await msg.ack()  # paused, stopped or deleted meanwhile
+                return
+            ctx.record = claimed.record
+            status = claimed.record.task.status
+            if status.attempts == 1 and status.timestamps.submitted and status.timestamps.started:
+                metrics.SUBMIT_TO_START.labels(ctx.account, ctx.function.name).observe(
+                    (status.timestamps.started - status.timestamps.submitted).total_seconds()
+                )
+            try:
+                outcome = await self._attempt(ctx, msg, slot, status.attempts)
+            except asyncio.CancelledError:
+                # Shutting down: hand the task straight back; the next dispatcher takes it over.
+                with contextlib.suppress(Exception):
+                    await msg.nak()
+                raise
+        finally:
+            self.slots.pop(key, None)
+        await self._record_outcome(ctx, msg, claimed, outcome, slot.stop_requested)
+
+    def _claim(self, token: str, seq: int, ctx: TaskContext):  # type: ignore[no-untyped-def]
+        def claim(r: TaskRecord) -> TaskRecord:
+            ok = r.phase in WAITING or (r.phase is TaskPhase.Running and r.claimSeq == seq)
+            if r.token != token or not ok:
+                raise IllegalTransition(r.phase, TaskPhase.Running)
+            st = r.task.status
+            st.phase = TaskPhase.Running
+            st.attempts += 1
+            st.nextAttemptAt = None
+            st.timestamps.enqueued = st.timestamps.enqueued or ctx.dequeued_at
+            st.timestamps.dispatched = ctx.dequeued_at
+            st.timestamps.started = now()
+            st.timestamps.finished = None
+            st.executor = ExecutorRef(backend="local", dispatcher=self.id, host=socket.gethostname())
+            r.claimSeq = seq
+            return r
+
+        return claim
+
+    async def _attempt(self, ctx: TaskContext, msg: Msg, slot: Slot, attempt: int) -> Outcome:
+        fn = ctx.function
+        rec = ctx.record
+        inv = Invocation(
+            account=ctx.account,
+            task_id=ctx.task_id,
+            attempt=attempt,
+            function=fn,
+            payload=rec.task.spec.payload,
+            timeout=fn.spec.timeoutSeconds,
+            max_result_bytes=self.plane.settings.max_result_bytes,
+            log=lambda stream, text: self._log(rec, stream, text, attempt),
+        )
+        executor: Executor = self.command if fn.spec.command is not None else self.server
+        labels = metrics.RUNNING.labels(ctx.account, fn.name)
+        labels.inc()
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        started = asyncio.get_running_loop().time()
+        try:
+            try:
+                execution = await executor.start(inv)
+            except Exception as err:
+                return Outcome(False, error=f"could not start: {err}")
+            slot.execution = execution
+            if slot.stop_requested:
+                await execution.kill()
+            self._log(rec, "system", f"attempt {attempt} started ({execution.instance})", attempt)
+            try:
+                return await execution.wait()
+            except asyncio.CancelledError:
+                await execution.kill()
+                raise
+        finally:
+            heartbeat.cancel()
+            labels.dec()
+            metrics.EXECUTION.labels(ctx.account, fn.name).observe(
+                asyncio.get_running_loop().time() - started
+            )
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        interval = max(self.plane.settings.ack_wait / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _record_outcome(
+        self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, stop_requested: bool
+    ) -> None:
+        attempt = claimed.record.task.status.attempts
+        verdict = "succeeded" if outcome.ok else f"failed: {outcome.error}"
+        self._log(ctx.record, "system", f"attempt {attempt} {verdict}", attempt)
+        if outcome.ok:
+            await self._end(ctx, msg, claimed, TaskPhase.Succeeded, None, outcome)
+            return
+        if stop_requested or outcome.killed:
+            await self._end(ctx, msg, claimed, TaskPhase.Stopped, "stopped", outcome)
+            return
+        ctx.record = claimed.record
+        retry: Retry | None = None
+        for policy in self.policies:
+            retry = retry or await policy.on_failure(ctx, outcome)
+        if retry is None:
+            await self._end(ctx, msg, claimed, TaskPhase.Failed, outcome.error, outcome)
+            return
+        await self._retry(ctx, msg, claimed, outcome, retry)
+
+    async def _retry(
+        self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, retry: Retry
+    ) -> None:
+        token = new_token()
+
+        def retrying(r: TaskRecord) -> TaskRecord:
+            if r.phase is TaskPhase.Stopping:
+                return _finish(r, TaskPhase.Stopped, "stopped", outcome)
+            st = r.task.status
+            st.phase = TaskPhase.Retrying
+            st.error = outcome.error
+            st.exitCode = outcome.exit_code
+            st.nextAttemptAt = retry.at
+            r.token = token
+            return r
+
+        try:
+            updated = await self.plane.store.transition(ctx.account, ctx.task_id, retrying, claimed)
+        except (IllegalTransition, TaskGone):
+            await msg.ack()
+            return
+        if updated.record.phase is TaskPhase.Stopped:
+            ctx.record = updated.record
+            await self._finalize(ctx, msg)
+            return
+        ref = queues.QueuedRef(ctx.account, ctx.task_id, token)
+        try:
+            if retry.delay < 1:
+                await queues.enqueue(self.plane.js, ctx.function, ref)
+            else:
+                await queues.schedule(self.plane.js, ctx.function, ref, retry.at)
+        except Exception as err:
+            # The sweeper republishes overdue Retrying tasks, so this is not a loss.
+            log.warning("could not schedule retry of %s/%s: %s", ctx.account, ctx.task_id, err)
+        self._log(ctx.record, "system", f"retrying in {retry.delay:g}s")
+        await msg.ack()
+
+    async def _drop(self, ctx: TaskContext, msg: Msg, current: Versioned, drop: Drop) -> None:
+        self._log(ctx.record, "system", f"dropped unrun: {drop.reason}")
+        await self._end(ctx, msg, current, drop.phase, drop.reason)
+
+    async def _end(
+        self,
+        ctx: TaskContext,
+        msg: Msg,
+        current: Versioned,
+        phase: TaskPhase,
+        error: str | None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        seq = int(msg.metadata.sequence.stream)
+
+        def end(r: TaskRecord) -> TaskRecord:
+            target = TaskPhase.Stopped if r.phase is TaskPhase.Stopping else phase
+            r.claimSeq = seq
+            return _finish(r, target, "stopped" if target is TaskPhase.Stopped else error, outcome)
+
+        try:
+            updated = await self.plane.store.transition(ctx.account, ctx.task_id, end, current)
+        except (IllegalTransition, TaskGone):
+            await msg.ack()
+            return
+        ctx.record = updated.record
+        await self._finalize(ctx, msg)
+
+    async def _finalize(self, ctx: TaskContext, msg: Msg) -> None:
+        """Terminal side effects, then ack. On failure the message comes back later and this
+        runs again (the record already says how the task ended)."""
+        try:
+            for policy in self.policies:
+                await policy.on_terminal(ctx)
+        except Exception as err:
+            delivered = int(msg.metadata.num_delivered)
+            if delivered < MAX_FINALIZE_DELIVERIES:
+                log.warning("finishing %s/%s failed (%s); will retry", ctx.account, ctx.task_id, err)
+                await msg.nak(delay=FINALIZE_RETRY_DELAY)
+                return
+            log.error("giving up finishing %s/%s after %d tries: %s", ctx.account, ctx.task_id,
+                      delivered, err)
+        phase = ctx.record.phase.value
+        self._log(ctx.record, "system", f"task {phase}", final=True)
+        await msg.ack()
+
+    def _log(self, record: TaskRecord, stream: str, text: str, attempt: int | None = None,
+             final: bool = False) -> None:
+        task = record.task
+        self.logs.line(task.account, task.id, attempt or task.status.attempts, stream, text, final)
+
+    # -- control ----------------------------------------------------------------------------
+
+    async def _on_stop(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        slot = self.slots.get((parts[-2], parts[-1]))
+        if slot is None:
+            return
+        slot.stop_requested = True
+        if slot.execution is not None:
+            await slot.execution.kill()
+
+    async def _collect_backlog(self) -> None:
+        while True:
+            for worker in list(self.workers.values()):
+                fn = worker.fn
+                with contextlib.suppress(NotFoundError, Exception):
+                    waiting, _ = await queues.backlog(self.plane.js, fn)
+                    metrics.BACKLOG.labels(fn.account, fn.name).set(waiting)
+            await asyncio.sleep(5)
+
+    async def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking work, let running attempts finish for a while, then stop the rest and
+        hand their messages straight back to the queue."""
+        self._closing = True
+        for worker in self.workers.values():
+            worker.freed.set()
+        inflight = [t for w in self.workers.values() for t in w.inflight]
+        for worker in self.workers.values():
+            if worker.task is not None:
+                worker.task.cancel()
+        if inflight:
+            _, pending = await asyncio.wait(inflight, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for bg in self._background:
+            bg.cancel()
+        await self.command.close()
+        await self.server.close()
+        for policy in self.policies:
+            closer = getattr(policy, "close", None)
+            if closer is not None:
+                await closer()
+        await self.logs.close()
+
+
+def _finish(r: TaskRecord, phase: TaskPhase, error: str | None, outcome: Outcome | None) -> TaskRecord:
+    st = r.task.status
+    st.phase = phase
+    st.timestamps.finished = datetime.now(UTC)
+    st.nextAttemptAt = None
+    if st.timestamps.started is not None:
+        secs = (st.timestamps.finished - st.timestamps.started).total_seconds()
+        st.duration = f"{secs * 1000:.0f}ms" if secs < 1 else f"{secs:.1f}s"
+
+    if outcome is not None:
+        st.exitCode = outcome.exit_code
+        if st.executor is not None:
+            st.executor.instance = outcome.instance
+        st.result = outcome.result if outcome.ok else None
+    st.error = None if phase is TaskPhase.Succeeded else error
+    return r

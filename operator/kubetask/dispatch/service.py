@@ -1,0 +1,37 @@
+"""The dispatcher process: connect, dispatch until SIGTERM/SIGINT, then drain and exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from prometheus_client import start_http_server
+
+from ..plane import DataPlane
+from ..settings import Settings
+from .dispatcher import Dispatcher
+
+
+async def serve(settings: Settings, drain_timeout: float) -> None:
+    plane = await DataPlane.connect(settings, "kubetask-dispatcher")
+    dispatcher = Dispatcher(plane)
+    await dispatcher.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logging.getLogger("kubetask.dispatcher").info("dispatcher %s started", dispatcher.id)
+    await stop.wait()
+    await dispatcher.close(drain_timeout)
+    with contextlib.suppress(Exception):
+        await plane.close()
+
+
+def run(settings: Settings, metrics_port: int | None, drain_timeout: float) -> None:
+    if metrics_port:
+        start_http_server(metrics_port, addr="127.0.0.1")
+    import uvloop
+
+    uvloop.run(serve(settings, drain_timeout))

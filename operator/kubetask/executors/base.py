@@ -1,0 +1,100 @@
+"""The narrow interface between the dispatcher and whatever runs user code."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..models import TaskFunction
+
+LogLine = Callable[[str, str], None]  # (stream name, line)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Run in the child before exec: the kernel kills it when the dispatcher dies, even by
+    SIGKILL, so a crashed dispatcher never leaves an attempt running that another would rerun."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    account: str
+    task_id: str
+    attempt: int
+    function: TaskFunction
+    payload: Any
+    timeout: float
+    max_result_bytes: int
+    log: LogLine
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    exit_code: int | None = None
+    timed_out: bool = False
+    killed: bool = False
+    instance: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Execution(Protocol):
+    instance: str | None
+
+    async def wait(self) -> Outcome: ...
+
+    async def kill(self) -> None: ...
+
+
+class Executor(Protocol):
+    async def start(self, inv: Invocation) -> Execution: ...
+
+    async def close(self) -> None: ...
+
+
+def encode_payload(payload: Any) -> bytes:
+    return json.dumps(payload).encode()
+
+
+def decode_result(raw: bytes) -> Any:
+    """JSON when the function printed JSON, else the text; None when it printed nothing."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# The dispatcher's own environment (NATS credentials, tokens) is not handed to user code.
+_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+def base_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k in _INHERITED}
+
+
+def env_for(inv: Invocation, base: dict[str, str]) -> dict[str, str]:
+    env = dict(base)
+    env.update({e.name: e.value for e in inv.function.spec.env})
+    env.update(
+        {
+            "KUBETASK_TASK_ID": inv.task_id,
+            "KUBETASK_ACCOUNT": inv.account,
+            "KUBETASK_FUNCTION": inv.function.name,
+            "KUBETASK_ATTEMPT": str(inv.attempt),
+            "KUBETASK_TIMEOUT_SECONDS": str(inv.timeout),
+        }
+    )
+    return env

@@ -1,0 +1,109 @@
+"""`command` mode: one process per attempt — payload on stdin, result on stdout, stderr as logs,
+exit code as outcome. The process gets its own session so stop and timeout kill its children too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+
+from .base import (
+    Execution,
+    Invocation,
+    Outcome,
+    base_environment,
+    decode_result,
+    die_with_parent,
+    encode_payload,
+    env_for,
+)
+
+KILL_GRACE_SECONDS = 0.5
+
+
+class CommandExecution:
+    def __init__(self, inv: Invocation, proc: asyncio.subprocess.Process) -> None:
+        self.inv = inv
+        self.proc = proc
+        self.instance: str | None = f"pid-{proc.pid}"
+        self._killed = False
+
+    async def _read_stdout(self) -> tuple[bytes, bool]:
+        assert self.proc.stdout is not None
+        limit = self.inv.max_result_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await self.proc.stdout.read(65536):
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+        return b"".join(chunks), size > limit
+
+    async def _pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.inv.log("stderr", line.decode("utf-8", errors="replace").rstrip("\n"))
+
+    async def _feed_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.proc.stdin.write(encode_payload(self.inv.payload))
+            await self.proc.stdin.drain()
+        self.proc.stdin.close()
+
+    async def wait(self) -> Outcome:
+        io = asyncio.gather(self._feed_stdin(), self._read_stdout(), self._pump_stderr())
+        timed_out = False
+        try:
+            _, (stdout, too_big), _ = await asyncio.wait_for(asyncio.shield(io), self.inv.timeout)
+        except TimeoutError:
+            timed_out = True
+            await self.kill()
+            _, (stdout, too_big), _ = await io
+        code = await self.proc.wait()
+        if timed_out:
+            return Outcome(False, error=f"timed out after {self.inv.timeout:g}s", exit_code=code,
+                           timed_out=True, instance=self.instance)
+        if self._killed:
+            return Outcome(False, error="stopped", exit_code=code, killed=True, instance=self.instance)
+        if too_big:
+            return Outcome(False, error=f"result exceeds {self.inv.max_result_bytes} bytes",
+                           exit_code=code, instance=self.instance)
+        if code != 0:
+            reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            return Outcome(False, error=reason, exit_code=code, instance=self.instance)
+        return Outcome(True, result=decode_result(stdout), exit_code=0, instance=self.instance)
+
+    async def kill(self) -> None:
+        """SIGTERM to the whole process group, SIGKILL after a short grace."""
+        self._killed = True
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), KILL_GRACE_SECONDS)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class CommandExecutor:
+    async def start(self, inv: Invocation) -> Execution:
+        spec = inv.function.spec
+        assert spec.command is not None
+        proc = await asyncio.create_subprocess_exec(
+            *spec.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env_for(inv, base_environment()),
+            cwd=spec.workingDir,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        return CommandExecution(inv, proc)
+
+    async def close(self) -> None:
+        return None

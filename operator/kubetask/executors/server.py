@@ -1,0 +1,274 @@
+"""`server` mode: warm instances that take invocations over HTTP on localhost, reused across
+tasks — the custom-runtime model, for millisecond tasks where a process per task costs too much.
+
+An instance is started with $PORT set, must answer `readinessPath` with 2xx when ready, and gets
+each task as `POST invokePath` (JSON payload body; task id and attempt in headers). A 2xx reply is
+success (its body is the result), anything else is a function error. Instances start lazily up
+to `maxInstances`, each taking `concurrency` invocations at once, and stop after `idleSeconds`.
+Stop or timeout of an invocation kills the instance when it serves nothing else, otherwise only
+the request is abandoned (the instance cannot be told which of its invocations to drop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from ..models import TaskFunction
+from .base import (
+    Execution,
+    Invocation,
+    Outcome,
+    base_environment,
+    decode_result,
+    die_with_parent,
+    encode_payload,
+    env_for,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(eq=False)
+class Instance:
+    name: str
+    port: int
+    proc: asyncio.subprocess.Process
+    capacity: int
+    inflight: set[Invocation] = field(default_factory=set)
+    idle_since: float = 0.0
+    dead: bool = False
+
+    async def terminate(self) -> None:
+        self.dead = True
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        await self.proc.wait()
+
+
+class InstancePool:
+    def __init__(self, fn: TaskFunction, http: aiohttp.ClientSession) -> None:
+        self.fn = fn
+        self.http = http
+        self.instances: list[Instance] = []
+        self._changed = asyncio.Condition()
+        self._starting = 0
+        self._seq = 0
+
+    @property
+    def spec(self) -> Any:
+        assert self.fn.spec.server is not None
+        return self.fn.spec.server
+
+    async def acquire(self, inv: Invocation) -> Instance:
+        async with self._changed:
+            while True:
+                live = [i for i in self.instances if not i.dead]
+                free = [i for i in live if len(i.inflight) < i.capacity]
+                if free:
+                    inst = min(free, key=lambda i: len(i.inflight))
+                    inst.inflight.add(inv)
+                    return inst
+                if len(live) + self._starting < self.spec.maxInstances:
+                    break
+                await self._changed.wait()
+            self._starting += 1
+        try:
+            inst = await self._spawn(inv)
+        finally:
+            async with self._changed:
+                self._starting -= 1
+                self._changed.notify_all()
+        async with self._changed:
+            inst.inflight.add(inv)
+            self.instances.append(inst)
+            return inst
+
+    async def release(self, inst: Instance, inv: Invocation) -> None:
+        async with self._changed:
+            inst.inflight.discard(inv)
+            if not inst.inflight:
+                inst.idle_since = asyncio.get_running_loop().time()
+            if inst.dead:
+                self.instances = [i for i in self.instances if i is not inst]
+            self._changed.notify_all()
+
+    async def _spawn(self, inv: Invocation) -> Instance:
+        self._seq += 1
+        port = _free_port()
+        env = env_for(inv, base_environment())
+        for key in ("KUBETASK_TASK_ID", "KUBETASK_ATTEMPT"):
+            env.pop(key, None)
+        env["PORT"] = str(port)
+        proc = await asyncio.create_subprocess_exec(
+            *self.spec.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            cwd=self.fn.spec.workingDir,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        inst = Instance(f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency)
+        asyncio.create_task(self._pump_output(inst))
+        try:
+            await self._wait_ready(inst)
+        except BaseException:
+            await inst.terminate()
+            raise
+        return inst
+
+    async def _wait_ready(self, inst: Instance) -> None:
+        url = f"http://127.0.0.1:{inst.port}{self.spec.readinessPath}"
+        deadline = asyncio.get_running_loop().time() + self.spec.startupTimeoutSeconds
+        while asyncio.get_running_loop().time() < deadline:
+            if inst.proc.returncode is not None:
+                raise RuntimeError(f"instance exited with code {inst.proc.returncode} before ready")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    if resp.status < 300:
+                        return
+            await asyncio.sleep(0.02)
+        raise RuntimeError(f"instance not ready within {self.spec.startupTimeoutSeconds:g}s")
+
+    async def _pump_output(self, inst: Instance) -> None:
+        """Instance output belongs to whatever it is serving; with several invocations in flight
+        the lines cannot be told apart, so each of them gets them."""
+        assert inst.proc.stdout is not None
+        while line := await inst.proc.stdout.readline():
+            text = line.decode("utf-8", errors="replace").rstrip("\n")
+            for inv in list(inst.inflight):
+                inv.log("instance", text)
+        inst.dead = True
+
+    async def reap_idle(self) -> None:
+        now = asyncio.get_running_loop().time()
+        async with self._changed:
+            idle = [
+                i for i in self.instances
+                if not i.inflight and (i.dead or now - i.idle_since > self.spec.idleSeconds)
+            ]
+            self.instances = [i for i in self.instances if i not in idle]
+        for inst in idle:
+            await inst.terminate()
+
+    async def close(self) -> None:
+        async with self._changed:
+            instances, self.instances = self.instances, []
+        for inst in instances:
+            await inst.terminate()
+
+
+class ServerExecution:
+    def __init__(self, pool: InstancePool, inst: Instance, inv: Invocation) -> None:
+        self.pool = pool
+        self.inst = inst
+        self.inv = inv
+        self.instance: str | None = inst.name
+        self._request = asyncio.create_task(self._invoke())
+        self._killed = False
+
+    async def _invoke(self) -> Outcome:
+        spec = self.pool.spec
+        url = f"http://127.0.0.1:{self.inst.port}{spec.invokePath}"
+        headers = {
+            "Content-Type": "application/json",
+            "X-Kubetask-Task-Id": self.inv.task_id,
+            "X-Kubetask-Attempt": str(self.inv.attempt),
+            "X-Kubetask-Account": self.inv.account,
+        }
+        try:
+            async with self.pool.http.post(
+                url, data=encode_payload(self.inv.payload), headers=headers
+            ) as resp:
+                body = await resp.content.read(self.inv.max_result_bytes + 1)
+                status = resp.status
+        except (aiohttp.ClientError, OSError) as err:
+            self.inst.dead = True
+            return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
+        if len(body) > self.inv.max_result_bytes:
+            return Outcome(False, error=f"result exceeds {self.inv.max_result_bytes} bytes",
+                           exit_code=status, instance=self.instance)
+        if status >= 300:
+            return Outcome(False, error=f"HTTP {status}: {body[:500].decode(errors='replace')}",
+                           exit_code=status, instance=self.instance)
+        return Outcome(True, result=decode_result(body), exit_code=status, instance=self.instance)
+
+    async def wait(self) -> Outcome:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._request), self.inv.timeout)
+        except TimeoutError:
+            await self._abandon()
+            return Outcome(False, error=f"timed out after {self.inv.timeout:g}s", timed_out=True,
+                           instance=self.instance)
+        except asyncio.CancelledError:
+            if self._killed:
+                return Outcome(False, error="stopped", killed=True, instance=self.instance)
+            raise
+        finally:
+            await self.pool.release(self.inst, self.inv)
+
+    async def _abandon(self) -> None:
+        self._request.cancel()
+        if self.inst.inflight <= {self.inv}:
+            await self.inst.terminate()
+
+    async def kill(self) -> None:
+        self._killed = True
+        await self._abandon()
+
+
+class ServerExecutor:
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str], InstancePool] = {}
+        self._http: aiohttp.ClientSession | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            connector = aiohttp.TCPConnector(limit=0, force_close=False)
+            self._http = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+            self._reaper = asyncio.create_task(self._reap_forever())
+        return self._http
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            for pool in list(self._pools.values()):
+                await pool.reap_idle()
+
+    def pool_for(self, fn: TaskFunction) -> InstancePool:
+        key = (fn.account, fn.name)
+        pool = self._pools.get(key)
+        if pool is None or pool.fn.spec != fn.spec:
+            if pool is not None:
+                asyncio.create_task(pool.close())
+            pool = self._pools[key] = InstancePool(fn, self._session())
+        return pool
+
+    async def start(self, inv: Invocation) -> Execution:
+        pool = self.pool_for(inv.function)
+        inst = await pool.acquire(inv)
+        return ServerExecution(pool, inst, inv)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for pool in self._pools.values():
+            await pool.close()
+        if self._http is not None:
+            await self._http.close()

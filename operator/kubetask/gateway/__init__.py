@@ -1,0 +1,1 @@
+"""The HTTP edge: authentication, admission, the task API and the audit queries."""

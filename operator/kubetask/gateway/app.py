@@ -1,0 +1,384 @@
+"""The HTTP API. Request and response bodies are the models of `kubetask.models`, so the served
+OpenAPI document (/openapi.json) describes the same objects as the CRDs.
+
+Every call is authenticated with a bearer token bound to an account; a tenant's token reaches only
+its own account, and asking for another account's objects answers 404 as if they did not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .. import actions, logs, names, queues, submission
+from ..auth import OutOfScope, Principal, TokenBook
+from ..models import (
+    AsyncConfig,
+    ErrorBody,
+    Task,
+    TaskFunction,
+    TaskFunctionStatus,
+    TaskList,
+    TaskPhase,
+    TaskSubmission,
+)
+from ..plane import DataPlane
+from ..registry import ConfigConflict
+from ..settings import Settings
+from ..states import IllegalTransition
+from ..store import TaskExists, Versioned
+from ..watch import BucketMirror
+from .index import Query as IndexQuery
+from .index import TaskIndex
+from .sweeper import sweep_forever
+
+JSON = "application/json"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, extra: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.extra = extra
+
+
+def _json(model: Any, status: int = 200) -> Response:
+    return Response(model.model_dump_json(exclude_none=False), status_code=status, media_type=JSON)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)
+}
+
+
+def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
+    tokens: TokenBook = request.app.state.tokens
+    found = tokens.authenticate(authorization[7:].strip())
+    if found is None:
+        raise ApiError(401, "invalid token")
+    return found
+
+
+Who = Annotated[Principal, Depends(principal)]
+AccountParam = Annotated[
+    str | None, Query(description="Account to act on; tenants may omit it (their own).")
+]
+
+
+def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        plane = await DataPlane.connect(settings, "kubetask-gateway")
+        index = TaskIndex()
+        mirror = BucketMirror(plane.store.kv, index.apply)
+        await mirror.start()
+        sweeper = asyncio.create_task(sweep_forever(plane, index))
+        state.update(plane=plane, index=index, mirror=mirror)
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await mirror.stop()
+            await plane.close()
+
+    app = FastAPI(
+        title="kubetask",
+        version="v1alpha1",
+        description="Asynchronous tasks on NATS JetStream. Authenticate with `Authorization: Bearer <token>`.",
+        lifespan=lifespan,
+        responses=ERRORS,
+    )
+    app.state.tokens = TokenBook(tokens_file)
+
+    def plane() -> DataPlane:
+        p: DataPlane = state["plane"]
+        return p
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        body: dict[str, Any] = {"error": err.message}
+        if err.field:
+            body["field"] = err.field
+        if err.extra is not None:
+            body.update(err.extra)
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(body, status_code=err.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(
+                {"error": f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}"},
+                status_code=400,
+            )
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        msg = first.get("msg", "invalid value")
+        if first.get("type") == "string_pattern_mismatch" and loc.endswith("id"):
+            msg = "task id may use only letters, digits, '-' and '_' (1-128 chars, starting alphanumeric)"
+        return JSONResponse({"error": f"{loc}: {msg}", "field": loc}, status_code=422)
+
+    @app.exception_handler(OutOfScope)
+    async def _out_of_scope(_: Request, err: OutOfScope) -> JSONResponse:
+        return JSONResponse({"error": f"account {err.args[0]!r} not found"}, status_code=404)
+
+    @app.exception_handler(IllegalTransition)
+    async def _illegal(_: Request, err: IllegalTransition) -> JSONResponse:
+        return JSONResponse({"error": str(err), "phase": err.current.value}, status_code=409)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        # The payload limit applies to the payload; allow room for the envelope around it.
+        if length is not None and int(length) > settings.max_payload_bytes + 64 * 1024:
+            return JSONResponse(
+                {"error": f"request body is {length} bytes; payloads are limited to "
+                 f"{settings.max_payload_bytes} bytes"},
+                status_code=413,
+            )
+        response: Response = await call_next(request)
+        return response
+
+    async def load_task(p: Principal, account: str | None, task_id: str) -> Versioned:
+        acct = p.one_account(account)
+        current = await plane().store.get(acct, task_id)
+        if current is None:
+            raise ApiError(404, f"task {task_id!r} not found in account {acct!r}")
+        return current
+
+    # -- tasks ----------------------------------------------------------------------------------
+
+    @app.post("/v1/tasks", status_code=202, response_model=Task, tags=["tasks"])
+    async def submit_task(body: TaskSubmission, who: Who, account: AccountParam = None) -> Response:
+        acct = who.one_account(account)
+        fn = plane().registry.function(acct, body.function)
+        if fn is None:
+            raise ApiError(
+                404,
+                f"function {body.function!r} is not registered in account {acct!r}; "
+                "register it first (kubetask functions apply -f FILE)",
+                field="function",
+            )
+        if body.payload is not None:
+            size = len(json.dumps(body.payload))
+            if size > settings.max_payload_bytes:
+                raise ApiError(413, f"payload is {size} bytes; the limit is "
+                               f"{settings.max_payload_bytes} bytes", field="payload")
+        try:
+            created = await submission.submit(plane(), fn, body.id, body.payload)
+        except TaskExists as err:
+            existing = err.existing.record.task
+            raise ApiError(
+                409, f"task {existing.id!r} already exists; it was not submitted again",
+                field="id", extra={"task": existing.model_dump(mode="json")},
+            ) from None
+        except queues.QueueFull as err:
+            raise ApiError(429, f"queue of {acct}/{fn.name} is full ({err}); retry later") from None
+        task = created.record.task
+        task.status.phase = TaskPhase.Queued
+        return _json(task, 202)
+
+    @app.get("/v1/tasks/{task_id}", response_model=Task, tags=["tasks"])
+    async def get_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+        return _json((await load_task(who, account, task_id)).record.task)
+
+    @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
+    async def list_tasks(
+        who: Who,
+        account: AccountParam = None,
+        function: str | None = None,
+        status: Annotated[str | None, Query(description="Phase, or several separated by commas.")] = None,
+        startedAfter: datetime | None = None,
+        startedBefore: datetime | None = None,
+        idPrefix: str = "",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: str | None = None,
+    ) -> Response:
+        scoped = who.scope(account)
+        phases = None
+        if status:
+            try:
+                phases = frozenset(TaskPhase(s.strip()) for s in status.split(","))
+            except ValueError:
+                raise ApiError(422, f"unknown status in {status!r}; use one of "
+                               f"{', '.join(p.value for p in TaskPhase)}", field="status") from None
+        after = None
+        if cursor:
+            acct, _, last = cursor.partition("/")
+            if not last:
+                raise ApiError(422, "malformed cursor; pass back the cursor of the previous page")
+            after = (acct, last)
+        q = IndexQuery(
+            accounts=None if scoped is None else [scoped], function=function, phases=phases,
+            started_after=startedAfter, started_before=startedBefore, id_prefix=idPrefix,
+        )
+        mirror: BucketMirror = state["mirror"]
+        await mirror.caught_up()
+        rows, nxt = state["index"].search(q, limit, after)
+        fetched = await asyncio.gather(*(plane().store.get(r.account, r.id) for r in rows))
+        items = [v.record.task for v in fetched if v is not None]
+        page = TaskList(items=items, cursor=f"{nxt[0]}/{nxt[1]}" if nxt else None)
+        return _json(page)
+
+    @app.post("/v1/tasks/{task_id}/stop", response_model=Task, tags=["tasks"])
+    async def stop_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+        updated = await actions.stop(plane(), await load_task(who, account, task_id))
+        return _json(updated.record.task)
+
+    @app.post("/v1/tasks/{task_id}/pause", response_model=Task, tags=["tasks"])
+    async def pause_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+        updated = await actions.pause(plane(), await load_task(who, account, task_id))
+        return _json(updated.record.task)
+
+    @app.post("/v1/tasks/{task_id}/resume", response_model=Task, tags=["tasks"])
+    async def resume_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+        try:
+            updated = await actions.resume(plane(), await load_task(who, account, task_id))
+        except actions.FunctionMissing as err:
+            raise ApiError(409, f"function {err.args[0]!r} no longer exists; cannot resume") from None
+        return _json(updated.record.task)
+
+    @app.delete("/v1/tasks/{task_id}", status_code=204, tags=["tasks"])
+    async def delete_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+        await actions.delete(plane(), await load_task(who, account, task_id))
+        return Response(status_code=204)
+
+    @app.get("/v1/tasks/{task_id}/logs", tags=["tasks"],
+             responses={200: {"content": {"application/x-ndjson": {}}}})
+    async def task_logs(task_id: str, who: Who, account: AccountParam = None,
+                        follow: bool = False) -> StreamingResponse:
+        current = await load_task(who, account, task_id)
+        task = current.record.task
+
+        async def lines() -> AsyncIterator[bytes]:
+            follow_now = follow and task.status.phase not in (
+                TaskPhase.Succeeded, TaskPhase.Failed, TaskPhase.Expired, TaskPhase.Stopped)
+            async for record in logs.read(plane().js, task.account, task.id, follow_now):
+                yield json.dumps(record).encode() + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    # -- functions and async configs ------------------------------------------------------------
+
+    def check_object(who: Who, account: str | None, name: str, meta_name: str, meta_ns: str) -> str:
+        acct = who.one_account(account or meta_ns)
+        if meta_name != name:
+            raise ApiError(422, f"metadata.name {meta_name!r} does not match the URL ({name!r})",
+                           field="metadata.name")
+        if meta_ns != acct:
+            raise ApiError(422, f"metadata.namespace {meta_ns!r} is not the account {acct!r}",
+                           field="metadata.namespace")
+        return acct
+
+    async def function_status(fn: TaskFunction) -> TaskFunction:
+        try:
+            waiting, running = await queues.backlog(plane().js, fn)
+            ready = True
+        except Exception:
+            waiting, running, ready = 0, 0, False
+        fn = fn.model_copy(deep=True)
+        fn.status = TaskFunctionStatus(queue=names.stream_for(fn), backlog=waiting + running, ready=ready)
+        return fn
+
+    @app.put("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
+    async def put_function(name: str, fn: TaskFunction, who: Who, account: AccountParam = None) -> Response:
+        check_object(who, account, name, fn.metadata.name, fn.metadata.namespace)
+        await queues.ensure_function_queue(plane().js, fn, settings)
+        await plane().registry.put_function(fn)
+        await plane().registry.caught_up()
+        return _json(await function_status(fn))
+
+    @app.get("/v1/functions", response_model=list[TaskFunction], tags=["functions"])
+    async def list_functions(who: Who, account: AccountParam = None) -> Response:
+        scoped = who.scope(account)
+        fns = [f for (a, _), f in sorted(plane().registry.functions.items()) if scoped in (None, a)]
+        out = [await function_status(f) for f in fns]
+        return Response(json.dumps([f.model_dump(mode="json") for f in out]), media_type=JSON)
+
+    @app.get("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
+    async def get_function(name: str, who: Who, account: AccountParam = None) -> Response:
+        acct = who.one_account(account)
+        fn = plane().registry.function(acct, name)
+        if fn is None:
+            raise ApiError(404, f"function {name!r} not found in account {acct!r}")
+        return _json(await function_status(fn))
+
+    @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
+    async def delete_function(name: str, who: Who, account: AccountParam = None) -> Response:
+        acct = who.one_account(account)
+        fn = plane().registry.function(acct, name)
+        if fn is None:
+            raise ApiError(404, f"function {name!r} not found in account {acct!r}")
+        busy = [s for s in state["index"].all() if s.account == acct and s.function == name
+                and s.phase not in (TaskPhase.Succeeded, TaskPhase.Failed, TaskPhase.Expired,
+                                    TaskPhase.Stopped)]
+        if busy:
+            raise ApiError(409, f"function {name!r} still has {len(busy)} unfinished tasks; "
+                           "stop them or let them finish first")
+        await plane().registry.delete_function(acct, name)
+        await queues.remove_function_queue(plane().js, fn)
+        return Response(status_code=204)
+
+    @app.put("/v1/asyncconfigs/{name}", response_model=AsyncConfig, tags=["asyncconfigs"])
+    async def put_async_config(name: str, cfg: AsyncConfig, who: Who,
+                               account: AccountParam = None) -> Response:
+        acct = check_object(who, account, name, cfg.metadata.name, cfg.metadata.namespace)
+        dests = cfg.spec.destinationConfig
+        for dest in (dests.onSuccess, dests.onFailure):
+            if dest is not None and dest.kind.value == "function" and plane().registry.function(
+                acct, dest.target
+            ) is None:
+                raise ApiError(422, f"destination function {dest.target!r} is not registered in "
+                               f"account {acct!r}", field="spec.destinationConfig")
+        try:
+            await plane().registry.put_async_config(cfg)
+        except ConfigConflict as err:
+            raise ApiError(409, str(err)) from None
+        await plane().registry.caught_up()
+        return _json(cfg)
+
+    @app.get("/v1/asyncconfigs", response_model=list[AsyncConfig], tags=["asyncconfigs"])
+    async def list_async_configs(who: Who, account: AccountParam = None) -> Response:
+        scoped = who.scope(account)
+        cfgs = [c for (a, _), c in sorted(plane().registry.configs.items()) if scoped in (None, a)]
+        return Response(json.dumps([c.model_dump(mode="json") for c in cfgs]), media_type=JSON)
+
+    @app.delete("/v1/asyncconfigs/{name}", status_code=204, tags=["asyncconfigs"])
+    async def delete_async_config(name: str, who: Who, account: AccountParam = None) -> Response:
+        acct = who.one_account(account)
+        if not await plane().registry.delete_async_config(acct, name):
+            raise ApiError(404, f"async config {name!r} not found in account {acct!r}")
+        return Response(status_code=204)
+
+    # -- operations -----------------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        p = state.get("plane")
+        if p is None or not p.nc.is_connected:
+            raise ApiError(503, "not connected to NATS")
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,79 @@
+"""Execution logs on JetStream, one subject per task: written as the attempt runs, readable
+after the fact or followed live. A `final` line marks that the task reached a terminal phase."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from . import names
+
+
+class LogWriter:
+    """Fire-and-forget publishing from synchronous callbacks (executor output pumps)."""
+
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._task = asyncio.create_task(self._drain())
+
+    def line(self, account: str, task_id: str, attempt: int, stream: str, text: str,
+             final: bool = False) -> None:
+        record: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(),
+            "attempt": attempt,
+            "stream": stream,
+            "line": text,
+        }
+        if final:
+            record["final"] = True
+        self._queue.put_nowait((names.log_subject(account, task_id), json.dumps(record).encode()))
+
+    async def _drain(self) -> None:
+        while True:
+            subject, data = await self._queue.get()
+            with contextlib.suppress(Exception):
+                await self.nc.publish(subject, data)
+
+    async def close(self) -> None:
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(Exception):
+            await self.nc.flush(timeout=2)
+        self._task.cancel()
+
+
+async def read(
+    js: JetStreamContext, account: str, task_id: str, follow: bool, idle_timeout: float = 3600
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield log records oldest first; with `follow`, keep yielding until the final line."""
+    sub = await js.subscribe(
+        names.log_subject(account, task_id),
+        stream=names.LOGS_STREAM,
+        ordered_consumer=True,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        info = await sub.consumer_info()
+        remaining = int(info.num_pending or 0)
+        while follow or remaining > 0:
+            try:
+                msg = await sub.next_msg(timeout=idle_timeout)
+            except TimeoutError:
+                return
+            remaining = int(msg.metadata.num_pending)
+            record = json.loads(msg.data)
+            yield record
+            if follow and record.get("final"):
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

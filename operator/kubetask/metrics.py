@@ -1,0 +1,37 @@
+"""Prometheus metrics, labelled by account and function. Each process exposes its own; a
+Prometheus scrape of the gateway and every dispatcher sums them."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LABELS = ("account", "function")
+
+SUBMITTED = Counter("kubetask_tasks_submitted_total", "Tasks accepted by the gateway.", LABELS)
+SUCCEEDED = Counter("kubetask_tasks_succeeded_total", "Tasks that ended Succeeded.", LABELS)
+FAILED = Counter("kubetask_tasks_failed_total", "Tasks that ended Failed.", LABELS)
+STOPPED = Counter("kubetask_tasks_stopped_total", "Tasks stopped by a user.", LABELS)
+RETRIED = Counter("kubetask_tasks_retried_total", "Failed attempts that were scheduled again.", LABELS)
+# Named as in the seeds (Function Compute's metric) so dashboards built for it carry over.
+EXPIRED_DROPPED = Counter(
+    "AsyncEventExpiredDropped",
+    "Tasks dropped unrun because they waited longer than maxAsyncEventAgeInSeconds.",
+    LABELS,
+)
+RUNNING = Gauge("kubetask_tasks_running", "Attempts running in this dispatcher.", LABELS)
+BACKLOG = Gauge("kubetask_backlog", "Tasks waiting in the function's queue.", LABELS)
+SUBMIT_TO_START = Histogram(
+    "kubetask_submit_to_start_seconds",
+    "From submission to the start of the first attempt.",
+    LABELS,
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+EXECUTION = Histogram(
+    "kubetask_execution_duration_seconds",
+    "Duration of one attempt.",
+    LABELS,
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 86400),
+)
+DESTINATION_FAILURES = Counter(
+    "kubetask_destination_delivery_failures_total", "Destination deliveries that were retried.", LABELS
+)

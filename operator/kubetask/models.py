@@ -1,0 +1,314 @@
+"""The object model: the one source of truth for the CRDs, the HTTP API and the stored records.
+
+Objects are shaped like Kubernetes resources (apiVersion/kind/metadata/spec/status) so the same
+YAML works with `kubectl apply` and with `kubetask functions apply -f`. The account (tenant) is the
+object's namespace. `crdgen.py` turns these classes into `crds/*.yaml`; FastAPI turns them into
+the OpenAPI document; the data plane stores them as JSON.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+API_GROUP = "kubetask.io"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+MAX_TIMEOUT_SECONDS = 24 * 3600
+MIN_TIMEOUT_SECONDS = 0.001
+
+# Names that end up as NATS subject tokens, stream names and Kubernetes object names.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Task ids are chosen by users (often a trace id); they become a NATS subject token and a KV key.
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+NAME_RE = re.compile(NAME_PATTERN)
+
+Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+
+
+class KubeModel(BaseModel):
+    """Strict about unknown fields, like a structural CRD schema with no preserve-unknown-fields."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ObjectMeta(KubeModel):
+    name: Name
+    namespace: Name = Field(default="default", description="The account (tenant) owning the object.")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="ignore")
+
+
+class EnvVar(KubeModel):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    value: str = ""
+
+
+class QueueMode(StrEnum):
+    """Where a function's tasks wait: the account's shared stream, or a stream of its own."""
+
+    account = "account"
+    dedicated = "dedicated"
+
+
+class ServerSpec(KubeModel):
+    """A warm, long-lived instance that receives invocations over HTTP and serves many tasks."""
+
+    command: list[str] = Field(min_length=1, description="Starts the server; it must listen on $PORT.")
+    concurrency: int = Field(default=1, ge=1, le=1000, description="Invocations one instance takes at once.")
+    maxInstances: int = Field(default=4, ge=1, le=100)
+    invokePath: str = Field(default="/invoke", pattern=r"^/")
+    readinessPath: str = Field(default="/healthz", pattern=r"^/")
+    startupTimeoutSeconds: float = Field(default=30, gt=0, le=600)
+    idleSeconds: float = Field(default=300, gt=0, description="An instance idle this long is stopped.")
+
+
+EXACTLY_ONE_RUNTIME = {
+    "rule": "has(self.command) != has(self.server)",
+    "message": "exactly one of spec.command or spec.server must be set",
+}
+
+
+class TaskFunctionSpec(KubeModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": [EXACTLY_ONE_RUNTIME]}
+    )
+
+    command: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Run one process per task: payload (JSON) on stdin, result on stdout, "
+        "exit code 0 = success. For long batch work.",
+    )
+    server: ServerSpec | None = Field(default=None, description="Warm server mode, for short tasks.")
+    env: list[EnvVar] = Field(default_factory=list)
+    workingDir: str | None = None
+    timeoutSeconds: float = Field(
+        default=300, ge=MIN_TIMEOUT_SECONDS, le=MAX_TIMEOUT_SECONDS,
+        description="Per-attempt limit, from 1 ms up to 24 h.",
+    )
+    maxConcurrency: int = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
+    queueMode: QueueMode = QueueMode.account
+
+    @model_validator(mode="after")
+    def _exactly_one_runtime(self) -> TaskFunctionSpec:
+        if (self.command is None) == (self.server is None):
+            raise ValueError(EXACTLY_ONE_RUNTIME["message"])
+        return self
+
+
+class Condition(KubeModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: datetime | None = None
+
+
+class TaskFunctionStatus(KubeModel):
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    queue: str | None = Field(default=None, description="The JetStream stream holding its tasks.")
+    backlog: int | None = None
+    ready: bool | None = None
+
+
+class TaskFunction(KubeModel):
+    apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
+    kind: Literal["TaskFunction"] = "TaskFunction"
+    metadata: ObjectMeta
+    spec: TaskFunctionSpec
+    status: TaskFunctionStatus | None = None
+
+    @property
+    def account(self) -> str:
+        return self.metadata.namespace
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+class DestinationKind(StrEnum):
+    function = "function"
+    subject = "subject"
+    webhook = "webhook"
+
+
+class Destination(KubeModel):
+    """Where a finished task's record goes: another function, a NATS subject, or a webhook URL."""
+
+    kind: DestinationKind
+    target: str = Field(
+        min_length=1,
+        description="function: a function name in the same account; subject: a NATS subject; "
+        "webhook: an http(s) URL.",
+    )
+
+    @model_validator(mode="after")
+    def _target_fits_kind(self) -> Destination:
+        if self.kind is DestinationKind.function and not NAME_RE.match(self.target):
+            raise ValueError(f"function destination {self.target!r} is not a valid function name")
+        if self.kind is DestinationKind.webhook and not re.match(r"^https?://", self.target):
+            raise ValueError(f"webhook destination {self.target!r} must start with http:// or https://")
+        if self.kind is DestinationKind.subject and not re.match(r"^[^\s*>]+$", self.target):
+            raise ValueError(f"subject destination {self.target!r} must be a literal NATS subject")
+        return self
+
+
+class DestinationConfig(KubeModel):
+    onSuccess: Destination | None = None
+    onFailure: Destination | None = None
+
+
+class RetryBackoff(KubeModel):
+    initialSeconds: float = Field(default=1.0, ge=0, le=3600)
+    multiplier: float = Field(default=2.0, ge=1, le=10)
+    maxSeconds: float = Field(default=300, ge=0, le=86400)
+
+    def delay(self, failed_attempts: int) -> float:
+        """Delay before the retry that follows the given number of failed attempts (1-based)."""
+        raw = self.initialSeconds * self.multiplier ** max(0, failed_attempts - 1)
+        return float(min(raw, self.maxSeconds))
+
+
+class AsyncConfigSpec(KubeModel):
+    function: Name = Field(description="The function (same account) this configuration applies to.")
+    destinationConfig: DestinationConfig = Field(default_factory=DestinationConfig)
+    maxAsyncEventAgeInSeconds: int = Field(
+        default=86400, ge=1, le=7 * 86400,
+        description="A task that waited longer than this before being dequeued is dropped unrun.",
+    )
+    maxAsyncRetryAttempts: int = Field(
+        default=3, ge=0, le=100, description="Retries after the first failed attempt; 0 = never."
+    )
+    retryBackoff: RetryBackoff = Field(default_factory=RetryBackoff)
+
+
+class AsyncConfig(KubeModel):
+    apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
+    kind: Literal["AsyncConfig"] = "AsyncConfig"
+    metadata: ObjectMeta
+    spec: AsyncConfigSpec
+    status: TaskFunctionStatus | None = None
+
+    @property
+    def account(self) -> str:
+        return self.metadata.namespace
+
+
+DEFAULT_ASYNC_CONFIG = AsyncConfigSpec(function="default")
+
+
+class TaskPhase(StrEnum):
+    Pending = "Pending"
+    Queued = "Queued"
+    Running = "Running"
+    Retrying = "Retrying"
+    Paused = "Paused"
+    Stopping = "Stopping"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Expired = "Expired"
+    Stopped = "Stopped"
+
+
+class StageTimestamps(KubeModel):
+    submitted: datetime | None = None
+    enqueued: datetime | None = None
+    dispatched: datetime | None = None
+    started: datetime | None = None
+    finished: datetime | None = None
+
+
+class ExecutorRef(KubeModel):
+    backend: str = Field(description="local or kubernetes")
+    dispatcher: str = Field(description="Id of the dispatcher that runs the attempt.")
+    host: str = ""
+    instance: str | None = Field(default=None, description="Warm instance or pod name.")
+
+
+class TaskStatus(KubeModel):
+    phase: TaskPhase = TaskPhase.Pending
+    attempts: int = 0
+    timestamps: StageTimestamps = Field(default_factory=StageTimestamps)
+    result: Any | None = None
+    error: str | None = None
+    exitCode: int | None = None
+    duration: str | None = Field(default=None, description="Of the last attempt, for display.")
+    nextAttemptAt: datetime | None = None
+    executor: ExecutorRef | None = None
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class TaskSpec(KubeModel):
+    function: Name
+    payload: Any | None = Field(default=None, description="Any JSON value, given to the function.")
+
+
+class Task(KubeModel):
+    apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
+    kind: Literal["Task"] = "Task"
+    metadata: ObjectMeta
+    spec: TaskSpec
+    status: TaskStatus = Field(default_factory=TaskStatus)
+
+    @property
+    def account(self) -> str:
+        return self.metadata.namespace
+
+    @property
+    def id(self) -> str:
+        return self.metadata.name
+
+
+class TaskSubmission(KubeModel):
+    """Body of `POST /v1/tasks`."""
+
+    function: Name
+    id: str | None = Field(
+        default=None,
+        description="Client-chosen id (e.g. a trace id); a second submission with it returns 409.",
+        pattern=TASK_ID_PATTERN,
+    )
+    payload: Any | None = None
+
+
+class TaskList(KubeModel):
+    items: list[Task]
+    cursor: str | None = Field(default=None, description="Pass as ?cursor= to get the next page.")
+
+
+# The record delivered to destinations; field names follow DESIGN.md §4 (Lambda's record).
+class RequestContext(KubeModel):
+    requestId: str
+    functionArn: str
+    condition: Literal["Success", "RetriesExhausted", "EventAgeExceeded", "Stopped"]
+    approximateInvokeCount: int
+
+
+class ResponseContext(KubeModel):
+    statusCode: int
+    functionError: str | None = None
+
+
+class DestinationRecord(KubeModel):
+    version: Literal["1.0"] = "1.0"
+    timestamp: datetime
+    requestContext: RequestContext
+    requestPayload: Any | None = None
+    responseContext: ResponseContext
+    responsePayload: Any | None = None
+
+
+class ErrorBody(KubeModel):
+    error: str
+    field: str | None = None

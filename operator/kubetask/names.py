@@ -1,0 +1,82 @@
+"""How accounts, functions and tasks map onto JetStream streams, subjects, consumers and keys.
+
+All naming lives here so the gateway, dispatchers and operator agree without talking.
+"""
+
+from __future__ import annotations
+
+from .models import QueueMode, TaskFunction
+
+TASKS_BUCKET = "kt_tasks"
+FUNCTIONS_BUCKET = "kt_functions"
+ASYNC_CONFIGS_BUCKET = "kt_asyncconfigs"
+LOGS_STREAM = "KT_LOGS"
+EVENTS_STREAM = "KT_EVENTS"
+STOP_SUBJECT_PREFIX = "kt.ctl.stop"
+
+
+def account_stream(account: str) -> str:
+    return f"KT_Q_{account}"
+
+
+def dedicated_stream(account: str, function: str) -> str:
+    return f"KT_QF_{account}_{function}"
+
+
+def stream_for(fn: TaskFunction) -> str:
+    if fn.spec.queueMode is QueueMode.dedicated:
+        return dedicated_stream(fn.account, fn.name)
+    return account_stream(fn.account)
+
+
+def stream_subjects(fn: TaskFunction) -> list[str]:
+    if fn.spec.queueMode is QueueMode.dedicated:
+        return [f"kt.qf.{fn.account}.{fn.name}", f"kt.qfs.{fn.account}.{fn.name}.*"]
+    return [f"kt.q.{fn.account}.*", f"kt.qs.{fn.account}.*.*"]
+
+
+def queue_subject(fn: TaskFunction) -> str:
+    """Where a function's runnable tasks are published."""
+    if fn.spec.queueMode is QueueMode.dedicated:
+        return f"kt.qf.{fn.account}.{fn.name}"
+    return f"kt.q.{fn.account}.{fn.name}"
+
+
+def schedule_subject(fn: TaskFunction, task_id: str) -> str:
+    """Holds a task's delayed retry (one schedule per task) until JetStream moves it to the queue."""
+    if fn.spec.queueMode is QueueMode.dedicated:
+        return f"kt.qfs.{fn.account}.{fn.name}.{task_id}"
+    return f"kt.qs.{fn.account}.{fn.name}.{task_id}"
+
+
+def consumer_name(fn: TaskFunction) -> str:
+    return f"fn_{fn.name}"
+
+
+def task_key(account: str, task_id: str) -> str:
+    return f"{account}.{task_id}"
+
+
+def object_key(account: str, name: str) -> str:
+    return f"{account}.{name}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    account, _, rest = key.partition(".")
+    return account, rest
+
+
+def log_subject(account: str, task_id: str) -> str:
+    return f"kt.logs.{account}.{task_id}"
+
+
+def event_subject(account: str, function: str) -> str:
+    return f"kt.events.{account}.{function}"
+
+
+def stop_subject(account: str, task_id: str) -> str:
+    return f"{STOP_SUBJECT_PREFIX}.{account}.{task_id}"
+
+
+def function_arn(account: str, function: str) -> str:
+    return f"kt:{account}:function:{function}"

@@ -1,0 +1,39 @@
+"""The connections and stores every data-plane process (gateway, dispatcher, operator) shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from . import jetstream, names
+from .queues import QueueDepth
+from .registry import Registry
+from .settings import Settings
+from .store import TaskStore
+
+
+@dataclass
+class DataPlane:
+    nc: Client
+    js: JetStreamContext
+    settings: Settings
+    store: TaskStore
+    registry: Registry
+    depth: QueueDepth
+
+    @classmethod
+    async def connect(cls, settings: Settings, name: str) -> DataPlane:
+        nc = await jetstream.connect(settings, name)
+        js = nc.jetstream(timeout=10)
+        await jetstream.ensure_platform(js, settings)
+        store = TaskStore(await js.key_value(names.TASKS_BUCKET))
+        registry = Registry(js)
+        await registry.start()
+        return cls(nc, js, settings, store, registry, QueueDepth(js, settings.queue_max_msgs))
+
+    async def close(self) -> None:
+        await self.registry.stop()
+        if not self.nc.is_closed:
+            await self.nc.drain()

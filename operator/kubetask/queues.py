@@ -1,0 +1,168 @@
+"""Task queues on JetStream: a stream per account (or per function), a subject and a durable
+pull consumer per function.
+
+The consumer's `max_ack_pending` is the function's max concurrency, so the limit holds across any
+number of dispatchers without them talking to each other. Messages carry only the task id and
+dispatch token; the record in KV is the truth. Retries are scheduled messages (`Nats-Schedule`),
+so a task waiting out its backoff holds no concurrency slot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from . import names
+from .jetstream import ensure_stream
+from .models import TaskFunction
+from .settings import Settings
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class QueuedRef:
+    account: str
+    task_id: str
+    token: str
+
+    def encode(self) -> bytes:
+        return json.dumps({"a": self.account, "id": self.task_id, "t": self.token}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> QueuedRef:
+        raw = json.loads(data)
+        return cls(raw["a"], raw["id"], raw["t"])
+
+    @property
+    def msg_id(self) -> str:
+        return f"{self.account}.{self.task_id}.{self.token}"
+
+
+def stream_config(fn: TaskFunction, settings: Settings) -> StreamConfig:
+    return StreamConfig(
+        name=names.stream_for(fn),
+        subjects=names.stream_subjects(fn),
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        # JetStream refuses `discard: new` together with message schedules, and `discard: old`
+        # with a limit would silently drop accepted tasks; so the stream has no count limit and
+        # the gateway refuses new tasks past `queue_max_msgs` (see `QueueDepth`).
+        discard=DiscardPolicy.OLD,
+        allow_msg_schedules=True,
+        duplicate_window=120,
+    )
+
+
+def consumer_config(fn: TaskFunction, settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=names.consumer_name(fn),
+        filter_subject=names.queue_subject(fn),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait,
+        max_ack_pending=fn.spec.maxConcurrency,
+        max_deliver=-1,
+        max_waiting=512,
+    )
+
+
+async def ensure_function_queue(js: JetStreamContext, fn: TaskFunction, settings: Settings) -> str:
+    """Create or update the stream and consumer a function needs; returns the stream name."""
+    config = stream_config(fn, settings)
+    await ensure_stream(js, config)
+    assert config.name is not None
+    await js.add_consumer(config.name, consumer_config(fn, settings))
+    return config.name
+
+
+async def remove_function_queue(js: JetStreamContext, fn: TaskFunction) -> None:
+    """Drop the consumer; a dedicated stream goes too, a shared account stream stays."""
+    stream = names.stream_for(fn)
+    try:
+        await js.delete_consumer(stream, names.consumer_name(fn))
+    except NotFoundError:
+        pass
+    if stream != names.account_stream(fn.account):
+        try:
+            await js.delete_stream(stream)
+        except NotFoundError:
+            pass
+
+
+class QueueDepth:
+    """Admission control: how many messages a stream holds, re-read at most every `ttl` seconds
+    and counted up locally in between, so checking costs nothing on the hot path."""
+
+    def __init__(self, js: JetStreamContext, limit: int, ttl: float = 0.5) -> None:
+        self.js = js
+        self.limit = limit
+        self.ttl = ttl
+        self._known: dict[str, tuple[float, int]] = {}
+
+    async def admit(self, fn: TaskFunction) -> None:
+        stream = names.stream_for(fn)
+        now = time.monotonic()
+        read_at, depth = self._known.get(stream, (0.0, 0))
+        if now - read_at > self.ttl:
+            info = await self.js.stream_info(stream)
+            read_at, depth = now, int(info.state.messages)
+        if depth >= self.limit:
+            self._known[stream] = (read_at, depth)
+            raise QueueFull(f"{depth} tasks waiting, the limit is {self.limit}")
+        self._known[stream] = (read_at, depth + 1)
+
+
+def _publish_error(err: Exception) -> Exception:
+    text = str(err).lower()
+    if "maximum" in text or "resource" in text or "storage" in text:
+        return QueueFull(str(err))
+    return err
+
+
+async def enqueue(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef) -> int:
+    """Publish a runnable task; returns its stream sequence. Duplicate publishes are absorbed."""
+    try:
+        ack = await js.publish(
+            names.queue_subject(fn), ref.encode(), headers={"Nats-Msg-Id": ref.msg_id}
+        )
+    except Exception as err:
+        raise _publish_error(err) from err
+    return int(ack.seq)
+
+
+async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: datetime) -> None:
+    """Have JetStream move the task into its queue at `at` (second resolution)."""
+    stamp = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        await js.publish(
+            names.schedule_subject(fn, ref.task_id),
+            ref.encode(),
+            headers={
+                "Nats-Schedule": f"@at {stamp}",
+                "Nats-Schedule-Target": names.queue_subject(fn),
+                "Nats-Msg-Id": f"{ref.msg_id}.sched",
+            },
+        )
+    except Exception as err:
+        raise _publish_error(err) from err
+
+
+async def backlog(js: JetStreamContext, fn: TaskFunction) -> tuple[int, int]:
+    """(waiting, in flight) for the function's consumer."""
+    info = await js.consumer_info(names.stream_for(fn), names.consumer_name(fn))
+    return int(info.num_pending or 0), int(info.num_ack_pending or 0)

@@ -1,0 +1,110 @@
+"""Registered functions and async configs, stored in KV and mirrored in every process.
+
+The gateway validates submissions against the mirror (never a 202 for a function that cannot
+run); dispatchers start and stop consumers as functions come and go, and pick up AsyncConfig
+changes without a restart because they read the mirror on every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from . import names
+from .models import DEFAULT_ASYNC_CONFIG, AsyncConfig, AsyncConfigSpec, TaskFunction
+from .watch import BucketMirror
+
+FunctionListener = Callable[[str, str, TaskFunction | None], None]
+
+
+class ConfigConflict(Exception):
+    pass
+
+
+class Registry:
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+        self.functions: dict[tuple[str, str], TaskFunction] = {}
+        self.configs: dict[tuple[str, str], AsyncConfig] = {}
+        self._listeners: list[FunctionListener] = []
+        self._mirrors: list[BucketMirror] = []
+
+    async def start(self) -> None:
+        self._fn_kv = await self.js.key_value(names.FUNCTIONS_BUCKET)
+        self._cfg_kv = await self.js.key_value(names.ASYNC_CONFIGS_BUCKET)
+        self._mirrors = [
+            BucketMirror(self._fn_kv, self._apply_function),
+            BucketMirror(self._cfg_kv, self._apply_config),
+        ]
+        for mirror in self._mirrors:
+            await mirror.start()
+
+    async def stop(self) -> None:
+        for mirror in self._mirrors:
+            await mirror.stop()
+
+    async def caught_up(self) -> None:
+        for mirror in self._mirrors:
+            await mirror.caught_up()
+
+    def on_function_change(self, listener: FunctionListener) -> None:
+        self._listeners.append(listener)
+
+    def _apply_function(self, key: str, value: bytes | None, _revision: int) -> None:
+        account, name = names.split_key(key)
+        fn = TaskFunction.model_validate_json(value) if value is not None else None
+        if fn is None:
+            self.functions.pop((account, name), None)
+        else:
+            self.functions[(account, name)] = fn
+        for listener in self._listeners:
+            listener(account, name, fn)
+
+    def _apply_config(self, key: str, value: bytes | None, _revision: int) -> None:
+        account, name = names.split_key(key)
+        if value is None:
+            self.configs.pop((account, name), None)
+        else:
+            self.configs[(account, name)] = AsyncConfig.model_validate_json(value)
+
+    def function(self, account: str, name: str) -> TaskFunction | None:
+        return self.functions.get((account, name))
+
+    def async_config(self, account: str, function: str) -> AsyncConfigSpec:
+        for (acct, _), cfg in self.configs.items():
+            if acct == account and cfg.spec.function == function:
+                return cfg.spec
+        return DEFAULT_ASYNC_CONFIG.model_copy(update={"function": function})
+
+    async def put_function(self, fn: TaskFunction) -> None:
+        data = fn.model_copy(update={"status": None}).model_dump_json().encode()
+        await self._fn_kv.put(names.object_key(fn.account, fn.name), data)
+
+    async def delete_function(self, account: str, name: str) -> bool:
+        return await self._delete(self._fn_kv, account, name)
+
+    async def put_async_config(self, cfg: AsyncConfig) -> None:
+        for (acct, name), other in self.configs.items():
+            if acct == cfg.account and name != cfg.metadata.name and other.spec.function == cfg.spec.function:
+                raise ConfigConflict(
+                    f"function {cfg.spec.function!r} already has AsyncConfig {name!r}; "
+                    "update that one or delete it first"
+                )
+        data = cfg.model_copy(update={"status": None}).model_dump_json().encode()
+        await self._cfg_kv.put(names.object_key(cfg.account, cfg.metadata.name), data)
+
+    async def delete_async_config(self, account: str, name: str) -> bool:
+        return await self._delete(self._cfg_kv, account, name)
+
+    @staticmethod
+    async def _delete(kv: KeyValue, account: str, name: str) -> bool:
+        key = names.object_key(account, name)
+        try:
+            await kv.get(key)
+        except KeyNotFoundError:
+            return False
+        await kv.delete(key)
+        return True
