@@ -36,4 +36,5 @@ class DataPlane:
     async def close(self) -> None:
         await self.registry.stop()
         if not self.nc.is_closed:
-            await self.nc.drain()
+            await self.nc.flush()
+            await self.nc.close()

@@ -65,7 +65,7 @@ def stream_config(fn: TaskFunction, settings: Settings) -> StreamConfig:
         # the gateway refuses new tasks past `queue_max_msgs` (see `QueueDepth`).
         discard=DiscardPolicy.OLD,
         allow_msg_schedules=True,
-        duplicate_window=120,
+        duplicate_window=settings.dedup_window,
     )
 
 
@@ -146,8 +146,8 @@ async def enqueue(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef) -> int
 
 
 async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: datetime) -> None:
-    """Have JetStream move the task into its queue at `at` (second resolution)."""
-    stamp = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Have JetStream move the task into its queue at `at` (millisecond resolution)."""
+    stamp = at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     try:
         await js.publish(
             names.schedule_subject(fn, ref.task_id),

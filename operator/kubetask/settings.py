@@ -30,5 +30,7 @@ class Settings:
     max_result_bytes: int = field(default_factory=lambda: _env_int("KUBETASK_MAX_RESULT", 256 * 1024))
     # A queue (stream) holding this many tasks refuses new ones (429) rather than drop old ones.
     queue_max_msgs: int = field(default_factory=lambda: _env_int("KUBETASK_QUEUE_MAX_MSGS", 1_000_000))
+    # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.
+    dedup_window: float = field(default_factory=lambda: _env_float("KUBETASK_DEDUP_WINDOW", 120.0))
     # A task still Pending this long after acceptance had its publish interrupted; it is republished.
     sweep_grace: float = field(default_factory=lambda: _env_float("KUBETASK_SWEEP_GRACE", 10.0))

@@ -18,7 +18,7 @@ import json
 from typing import Literal
 
 import aiohttp
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NotFoundError
 
 from .. import names, submission
 from ..metrics import DESTINATION_FAILURES
@@ -108,12 +108,14 @@ class Destinations(Policy):
         elif dest.kind is DestinationKind.subject:
             data = json.dumps(body).encode()
             try:
-                await ctx.plane.js.publish(
-                    dest.target, data, headers={"Nats-Msg-Id": f"{ctx.account}.{task_id}{suffix}"}
-                )
-            except NoStreamResponseError:
+                await ctx.plane.js.find_stream_name_by_subject(dest.target)
+            except NotFoundError:
                 await ctx.plane.nc.publish(dest.target, data)
                 await ctx.plane.nc.flush()
+                return
+            await ctx.plane.js.publish(
+                dest.target, data, headers={"Nats-Msg-Id": f"{ctx.account}.{task_id}{suffix}"}
+            )
         else:
             if self._http is None:
                 self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))

@@ -327,7 +327,7 @@ class Dispatcher:
             return
         ref = queues.QueuedRef(ctx.account, ctx.task_id, token)
         try:
-            if retry.delay < 1:
+            if retry.delay <= 0:
                 await queues.enqueue(self.plane.js, ctx.function, ref)
             else:
                 await queues.schedule(self.plane.js, ctx.function, ref, retry.at)

@@ -1,0 +1,113 @@
+"""Tasks run for real: subprocess per task (command mode) and warm instances (server mode)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from conftest import Api, echo_script
+
+
+async def test_command_task_succeeds_with_result_and_stage_timestamps(api: Api) -> None:
+    await api.function("echo", command=echo_script(api))
+    task = await api.submit("echo", {"n": 7})
+    assert task["status"]["phase"] == "Queued"
+    done = await api.wait(task["metadata"]["name"])
+    status = done["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["result"] == {"echo": {"n": 7}}
+    assert status["attempts"] == 1
+    stamps = [datetime.fromisoformat(status["timestamps"][s])
+              for s in ("submitted", "enqueued", "dispatched", "started", "finished")]
+    assert stamps == sorted(stamps)
+    assert status["executor"]["backend"] == "local"
+    assert status["executor"]["instance"].startswith("pid-")
+
+
+async def test_task_sees_its_id_attempt_and_function_env(api: Api) -> None:
+    argv = api.script("env", """
+        import json, os
+        print(json.dumps({k: os.environ.get(k) for k in
+              ("KUBETASK_TASK_ID", "KUBETASK_ATTEMPT", "GREETING", "KUBETASK_NATS_URL")}))
+    """)
+    await api.function("env", command=argv, env=[{"name": "GREETING", "value": "hi"}])
+    await api.submit("env", None, task_id="trace-0001")
+    done = await api.wait("trace-0001")
+    assert done["status"]["result"] == {
+        "KUBETASK_TASK_ID": "trace-0001", "KUBETASK_ATTEMPT": "1", "GREETING": "hi",
+        "KUBETASK_NATS_URL": None,  # the dispatcher's own environment is not handed over
+    }
+
+
+async def test_plain_text_stdout_is_the_result(api: Api) -> None:
+    await api.function("txt", command=["sh", "-c", "echo hello world"])
+    task = await api.submit("txt")
+    assert (await api.wait(task["metadata"]["name"]))["status"]["result"] == "hello world"
+
+
+async def test_missing_executable_fails_with_reason(api: Api) -> None:
+    await api.function("nope", command=["/nonexistent/binary"])
+    await api.async_config("nope", function="nope", maxAsyncRetryAttempts=0)
+    task = await api.submit("nope")
+    done = await api.wait(task["metadata"]["name"])
+    assert done["status"]["phase"] == "Failed"
+    assert "could not start" in done["status"]["error"]
+
+
+async def test_timeout_kills_the_attempt(api: Api) -> None:
+    await api.function("slow", command=["sleep", "30"], timeoutSeconds=0.5)
+    await api.async_config("slow", function="slow", maxAsyncRetryAttempts=0)
+    task = await api.submit("slow")
+    done = await api.wait(task["metadata"]["name"], timeout=10)
+    assert done["status"]["phase"] == "Failed"
+    assert "timed out after 0.5s" in done["status"]["error"]
+
+
+SERVER = """
+    import json, os
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body == "fail":
+                self.send_response(500)
+                self.end_headers()
+                self.wfile.write(b"bad input")
+                return
+            out = json.dumps({"pid": os.getpid(), "task": self.headers["X-Kubetask-Task-Id"],
+                              "double": body * 2}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    print("instance up", flush=True)
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+async def test_server_mode_reuses_a_warm_instance(api: Api) -> None:
+    await api.function("warm", server={"command": api.script("srv", SERVER), "maxInstances": 1,
+                                       "concurrency": 4})
+    ids = [(await api.submit("warm", i))["metadata"]["name"] for i in range(10)]
+    results = [(await api.wait(i))["status"] for i in ids]
+    assert [r["phase"] for r in results] == ["Succeeded"] * 10, [r["error"] for r in results]
+    assert [r["result"]["double"] for r in results] == [i * 2 for i in range(10)]
+    assert [r["result"]["task"] for r in results] == ids
+    assert len({r["result"]["pid"] for r in results}) == 1  # one warm instance served all
+
+
+async def test_server_mode_non_2xx_is_a_function_error(api: Api) -> None:
+    await api.function("warmfail", server={"command": api.script("srv2", SERVER)})
+    await api.async_config("warmfail", function="warmfail", maxAsyncRetryAttempts=0)
+    task = await api.submit("warmfail", "fail")
+    done = await api.wait(task["metadata"]["name"])
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["error"] == "HTTP 500: bad input"

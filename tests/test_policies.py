@@ -1,0 +1,198 @@
+"""Retries, destinations, max event age and de-duplication, against a real JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+from conftest import Api, echo_script, read_lines
+from prometheus_client import REGISTRY
+
+from kubetask.plane import DataPlane
+
+
+async def _collect(plane: DataPlane, subject: str) -> tuple[list[dict[str, Any]], Any]:
+    got: list[dict[str, Any]] = []
+
+    async def cb(msg: Any) -> None:
+        got.append(json.loads(msg.data))
+
+    sub = await plane.nc.subscribe(subject, cb=cb)
+    return got, sub
+
+
+async def _eventually(check: Any, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_failure_is_retried_exactly_n_times_then_on_failure_gets_the_record(
+    api: Api, plane: DataPlane
+) -> None:
+    runs = api.workdir / "runs.log"
+    argv = api.script("flaky", f"""
+        import os, sys
+        with open({str(runs)!r}, "a") as f:
+            f.write(os.environ["KUBETASK_ATTEMPT"] + "\\n")
+        print("boom", file=sys.stderr)
+        sys.exit(3)
+    """)
+    subject = f"dlq.{api.account}"
+    got, sub = await _collect(plane, subject)
+    await api.function("flaky", command=argv)
+    await api.async_config("flaky-cfg", function="flaky", maxAsyncRetryAttempts=2,
+                           retryBackoff={"initialSeconds": 0.2, "multiplier": 2},
+                           destinationConfig={"onFailure": {"kind": "subject", "target": subject}})
+    task = await api.submit("flaky", {"order": 42}, task_id="order-42")
+    done = await api.wait("order-42")
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["attempts"] == 3
+    assert done["status"]["error"] == "exited with code 3"
+    assert read_lines(runs) == ["1", "2", "3"]
+    await _eventually(lambda: len(got) == 1)
+    record = got[0]
+    assert record["requestContext"] == {
+        "requestId": task["metadata"]["name"],
+        "functionArn": f"kt:{api.account}:function:flaky",
+        "condition": "RetriesExhausted",
+        "approximateInvokeCount": 3,
+    }
+    assert record["requestPayload"] == {"order": 42}
+    assert record["responseContext"] == {"statusCode": 3, "functionError": "Unhandled"}
+    await sub.unsubscribe()
+
+
+async def test_zero_retries_means_one_attempt(api: Api) -> None:
+    await api.function("once", command=["false"])
+    await api.async_config("once", function="once", maxAsyncRetryAttempts=0)
+    task = await api.submit("once")
+    assert (await api.wait(task["metadata"]["name"]))["status"]["attempts"] == 1
+
+
+async def test_retry_backoff_is_waited_out(api: Api) -> None:
+    await api.function("slowretry", command=["false"])
+    await api.async_config("slowretry", function="slowretry", maxAsyncRetryAttempts=1,
+                           retryBackoff={"initialSeconds": 1.5})
+    task = await api.submit("slowretry")
+    retrying = await api.wait(task["metadata"]["name"], {"Retrying", "Failed"})
+    assert retrying["status"]["phase"] == "Retrying"
+    assert retrying["status"]["nextAttemptAt"] is not None
+    await asyncio.sleep(0.8)
+    assert (await api.get(task["metadata"]["name"]))["status"]["phase"] == "Retrying"
+    done = await api.wait(task["metadata"]["name"])
+    assert done["status"]["attempts"] == 2
+
+
+async def test_on_success_chains_into_a_second_function_with_the_result(api: Api) -> None:
+    await api.function("second", command=echo_script(api))
+    await api.function("first", command=["sh", "-c", "echo '{\"value\": 99}'"])
+    await api.async_config("first", function="first",
+                           destinationConfig={"onSuccess": {"kind": "function", "target": "second"}})
+    await api.submit("first", {"in": 1}, task_id="chain-1")
+    assert (await api.wait("chain-1"))["status"]["phase"] == "Succeeded"
+    chained = await api.wait("chain-1-on-success")
+    record = chained["status"]["result"]["echo"]
+    assert chained["spec"]["function"] == "second"
+    assert record["responsePayload"] == {"value": 99}
+    assert record["requestPayload"] == {"in": 1}
+    assert record["requestContext"]["condition"] == "Success"
+    assert record["requestContext"]["approximateInvokeCount"] == 1
+
+
+async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(await request.json())
+        return web.Response(status=503 if len(calls) < 3 else 200)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        await api.function("hooked", command=["sh", "-c", "echo 5"])
+        await api.async_config("hooked", function="hooked", destinationConfig={
+            "onSuccess": {"kind": "webhook", "target": f"http://127.0.0.1:{port}/hook"}})
+        task = await api.submit("hooked")
+        await api.wait(task["metadata"]["name"])
+        await _eventually(lambda: len(calls) == 3)
+        assert all(c["responsePayload"] == 5 for c in calls)
+        await asyncio.sleep(0.5)
+        assert len(calls) == 3  # delivered once it succeeded, not again
+    finally:
+        await runner.cleanup()
+
+
+def _expired(account: str, function: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "AsyncEventExpiredDropped_total", {"account": account, "function": function})
+    return value or 0.0
+
+
+async def test_tasks_older_than_max_age_are_dropped_unrun_and_counted(api: Api, plane: DataPlane) -> None:
+    ran = api.workdir / "ran.log"
+    argv = api.script("blocker", f"""
+        import json, sys, time
+        p = json.load(sys.stdin)
+        open({str(ran)!r}, "a").write(str(p) + "\\n")
+        time.sleep(2.5 if p == 0 else 0)
+    """)
+    subject = f"expired.{api.account}"
+    got, sub = await _collect(plane, subject)
+    await api.function("aged", command=argv, maxConcurrency=1)
+    await api.async_config("aged", function="aged", maxAsyncEventAgeInSeconds=1,
+                           destinationConfig={"onFailure": {"kind": "subject", "target": subject}})
+    first = await api.submit("aged", 0)
+    await api.wait(first["metadata"]["name"], {"Running"})
+    later = [(await api.submit("aged", i))["metadata"]["name"] for i in range(1, 6)]
+    results = [await api.wait(t) for t in later]
+    assert {r["status"]["phase"] for r in results} == {"Expired"}
+    assert all(r["status"]["attempts"] == 0 for r in results)
+    assert "over the 1s limit" in results[0]["status"]["error"]
+    assert (await api.wait(first["metadata"]["name"]))["status"]["phase"] == "Succeeded"
+    assert read_lines(ran) == ["0"]  # none of the expired ones ran
+    assert _expired(api.account, "aged") == 5
+    await _eventually(lambda: len(got) == 5)
+    assert {g["requestContext"]["condition"] for g in got} == {"EventAgeExceeded"}
+    await sub.unsubscribe()
+
+
+async def test_same_task_id_runs_once_even_after_the_dedup_window(api: Api) -> None:
+    ran = api.workdir / "dedup.log"
+    argv = api.script("count", f"""
+        open({str(ran)!r}, "a").write("run\\n")
+    """)
+    await api.function("count", command=argv)
+    first = await api.submit("count", {"v": 1}, task_id="trace-abc")
+    resp = await api.http.post("/v1/tasks", json={"function": "count", "id": "trace-abc",
+                                                   "payload": {"v": 2}})
+    assert resp.status_code == 409
+    body = resp.json()
+    assert "already exists" in body["error"]
+    assert body["task"]["spec"]["payload"] == {"v": 1}
+    await api.wait("trace-abc")
+    await asyncio.sleep(1.5)  # the test platform's JetStream dedup window is 1 s
+    again = await api.http.post("/v1/tasks", json={"function": "count", "id": "trace-abc"})
+    assert again.status_code == 409
+    await asyncio.sleep(0.5)
+    assert read_lines(ran) == ["run"]
+    assert first["metadata"]["name"] == "trace-abc"
+
+
+async def test_async_config_changes_apply_without_restart(api: Api) -> None:
+    await api.function("cfgd", command=["false"])
+    await api.async_config("cfgd", function="cfgd", maxAsyncRetryAttempts=0)
+    t1 = await api.submit("cfgd")
+    assert (await api.wait(t1["metadata"]["name"]))["status"]["attempts"] == 1
+    await api.async_config("cfgd", function="cfgd", maxAsyncRetryAttempts=1,
+                           retryBackoff={"initialSeconds": 0})
+    t2 = await api.submit("cfgd")
+    assert (await api.wait(t2["metadata"]["name"]))["status"]["attempts"] == 2
