@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.embedded import free_port, start_nats
@@ -46,8 +45,14 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(nats_url: str) -> Settings:
-    return Settings(nats_url=nats_url, ack_wait=3.0, sweep_grace=2.0, dedup_window=1.0,
-                    max_payload_bytes=64 * 1024, max_result_bytes=64 * 1024)
+    return Settings(
+        nats_url=nats_url,
+        ack_wait=3.0,
+        sweep_grace=2.0,
+        dedup_window=1.0,
+        max_payload_bytes=64 * 1024,
+        max_result_bytes=64 * 1024,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +64,11 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def gateway_url(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
     port = free_port()
     app = create_app(settings, tokens_file)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
+        )
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
@@ -107,17 +115,30 @@ class Api:
             return resp.text
 
     async def function(self, name: str, expect: int = 200, **spec: Any) -> Any:
-        body = {"apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
-                "metadata": {"name": name, "namespace": self.account}, "spec": spec}
+        body = {
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "TaskFunction",
+            "metadata": {"name": name, "namespace": self.account},
+            "spec": spec,
+        }
         return await self.call("PUT", f"/v1/functions/{name}", expect, json=body)
 
     async def async_config(self, name: str, expect: int = 200, **spec: Any) -> Any:
-        body = {"apiVersion": "kubetask.io/v1alpha1", "kind": "AsyncConfig",
-                "metadata": {"name": name, "namespace": self.account}, "spec": spec}
+        body = {
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "AsyncConfig",
+            "metadata": {"name": name, "namespace": self.account},
+            "spec": spec,
+        }
         return await self.call("PUT", f"/v1/asyncconfigs/{name}", expect, json=body)
 
-    async def submit(self, function: str, payload: Any = None, task_id: str | None = None,
-                     expect: int | None = 202) -> Any:
+    async def submit(
+        self,
+        function: str,
+        payload: Any = None,
+        task_id: str | None = None,
+        expect: int | None = 202,
+    ) -> Any:
         body: dict[str, Any] = {"function": function, "payload": payload}
         if task_id is not None:
             body["id"] = task_id
@@ -152,8 +173,9 @@ async def make_api(
     async def make(account: str | None = None, admin: bool = False) -> Api:
         acct = account or f"acct{next(_accounts)}-{os.getpid()}"
         token = create_token(tokens_file, acct, None if admin else acct, admin=admin)
-        http = httpx.AsyncClient(base_url=gateway_url, headers={"Authorization": f"Bearer {token}"},
-                                 timeout=30)
+        http = httpx.AsyncClient(
+            base_url=gateway_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
         clients.append(http)
         return Api(http, acct, token, tmp_path)
 
@@ -174,12 +196,15 @@ def read_lines(path: Path) -> list[str]:
 
 
 def echo_script(api: Api) -> list[str]:
-    return api.script("echo", """
+    return api.script(
+        "echo",
+        """
         import json, sys
         payload = json.load(sys.stdin)
         print("echoing", file=sys.stderr)
         print(json.dumps({"echo": payload}))
-    """)
+    """,
+    )
 
 
 def dumps(obj: Any) -> str:

@@ -16,24 +16,31 @@ async def test_command_task_succeeds_with_result_and_stage_timestamps(api: Api) 
     assert status["phase"] == "Succeeded"
     assert status["result"] == {"echo": {"n": 7}}
     assert status["attempts"] == 1
-    stamps = [datetime.fromisoformat(status["timestamps"][s])
-              for s in ("submitted", "enqueued", "dispatched", "started", "finished")]
+    stamps = [
+        datetime.fromisoformat(status["timestamps"][s])
+        for s in ("submitted", "enqueued", "dispatched", "started", "finished")
+    ]
     assert stamps == sorted(stamps)
     assert status["executor"]["backend"] == "local"
     assert status["executor"]["instance"].startswith("pid-")
 
 
 async def test_task_sees_its_id_attempt_and_function_env(api: Api) -> None:
-    argv = api.script("env", """
+    argv = api.script(
+        "env",
+        """
         import json, os
         print(json.dumps({k: os.environ.get(k) for k in
               ("KUBETASK_TASK_ID", "KUBETASK_ATTEMPT", "GREETING", "KUBETASK_NATS_URL")}))
-    """)
+    """,
+    )
     await api.function("env", command=argv, env=[{"name": "GREETING", "value": "hi"}])
     await api.submit("env", None, task_id="trace-0001")
     done = await api.wait("trace-0001")
     assert done["status"]["result"] == {
-        "KUBETASK_TASK_ID": "trace-0001", "KUBETASK_ATTEMPT": "1", "GREETING": "hi",
+        "KUBETASK_TASK_ID": "trace-0001",
+        "KUBETASK_ATTEMPT": "1",
+        "GREETING": "hi",
         "KUBETASK_NATS_URL": None,  # the dispatcher's own environment is not handed over
     }
 
@@ -94,8 +101,9 @@ SERVER = """
 
 
 async def test_server_mode_reuses_a_warm_instance(api: Api) -> None:
-    await api.function("warm", server={"command": api.script("srv", SERVER), "maxInstances": 1,
-                                       "concurrency": 4})
+    await api.function(
+        "warm", server={"command": api.script("srv", SERVER), "maxInstances": 1, "concurrency": 4}
+    )
     ids = [(await api.submit("warm", i))["metadata"]["name"] for i in range(10)]
     results = [(await api.wait(i))["status"] for i in ids]
     assert [r["phase"] for r in results] == ["Succeeded"] * 10, [r["error"] for r in results]

@@ -8,9 +8,8 @@ from typing import Any
 
 from aiohttp import web
 from conftest import Api, echo_script, read_lines
-from prometheus_client import REGISTRY
-
 from kubetask.plane import DataPlane
+from prometheus_client import REGISTRY
 
 
 async def _collect(plane: DataPlane, subject: str) -> tuple[list[dict[str, Any]], Any]:
@@ -34,19 +33,26 @@ async def test_failure_is_retried_exactly_n_times_then_on_failure_gets_the_recor
     api: Api, plane: DataPlane
 ) -> None:
     runs = api.workdir / "runs.log"
-    argv = api.script("flaky", f"""
+    argv = api.script(
+        "flaky",
+        f"""
         import os, sys
         with open({str(runs)!r}, "a") as f:
             f.write(os.environ["KUBETASK_ATTEMPT"] + "\\n")
         print("boom", file=sys.stderr)
         sys.exit(3)
-    """)
+    """,
+    )
     subject = f"dlq.{api.account}"
     got, sub = await _collect(plane, subject)
     await api.function("flaky", command=argv)
-    await api.async_config("flaky-cfg", function="flaky", maxAsyncRetryAttempts=2,
-                           retryBackoff={"initialSeconds": 0.2, "multiplier": 2},
-                           destinationConfig={"onFailure": {"kind": "subject", "target": subject}})
+    await api.async_config(
+        "flaky-cfg",
+        function="flaky",
+        maxAsyncRetryAttempts=2,
+        retryBackoff={"initialSeconds": 0.2, "multiplier": 2},
+        destinationConfig={"onFailure": {"kind": "subject", "target": subject}},
+    )
     task = await api.submit("flaky", {"order": 42}, task_id="order-42")
     done = await api.wait("order-42")
     assert done["status"]["phase"] == "Failed"
@@ -75,8 +81,12 @@ async def test_zero_retries_means_one_attempt(api: Api) -> None:
 
 async def test_retry_backoff_is_waited_out(api: Api) -> None:
     await api.function("slowretry", command=["false"])
-    await api.async_config("slowretry", function="slowretry", maxAsyncRetryAttempts=1,
-                           retryBackoff={"initialSeconds": 1.5})
+    await api.async_config(
+        "slowretry",
+        function="slowretry",
+        maxAsyncRetryAttempts=1,
+        retryBackoff={"initialSeconds": 1.5},
+    )
     task = await api.submit("slowretry")
     retrying = await api.wait(task["metadata"]["name"], {"Retrying", "Failed"})
     assert retrying["status"]["phase"] == "Retrying"
@@ -90,8 +100,11 @@ async def test_retry_backoff_is_waited_out(api: Api) -> None:
 async def test_on_success_chains_into_a_second_function_with_the_result(api: Api) -> None:
     await api.function("second", command=echo_script(api))
     await api.function("first", command=["sh", "-c", "echo '{\"value\": 99}'"])
-    await api.async_config("first", function="first",
-                           destinationConfig={"onSuccess": {"kind": "function", "target": "second"}})
+    await api.async_config(
+        "first",
+        function="first",
+        destinationConfig={"onSuccess": {"kind": "function", "target": "second"}},
+    )
     await api.submit("first", {"in": 1}, task_id="chain-1")
     assert (await api.wait("chain-1"))["status"]["phase"] == "Succeeded"
     chained = await api.wait("chain-1-on-success")
@@ -119,8 +132,13 @@ async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         await api.function("hooked", command=["sh", "-c", "echo 5"])
-        await api.async_config("hooked", function="hooked", destinationConfig={
-            "onSuccess": {"kind": "webhook", "target": f"http://127.0.0.1:{port}/hook"}})
+        await api.async_config(
+            "hooked",
+            function="hooked",
+            destinationConfig={
+                "onSuccess": {"kind": "webhook", "target": f"http://127.0.0.1:{port}/hook"}
+            },
+        )
         task = await api.submit("hooked")
         await api.wait(task["metadata"]["name"])
         await _eventually(lambda: len(calls) == 3)
@@ -133,23 +151,33 @@ async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:
 
 def _expired(account: str, function: str) -> float:
     value = REGISTRY.get_sample_value(
-        "AsyncEventExpiredDropped_total", {"account": account, "function": function})
+        "AsyncEventExpiredDropped_total", {"account": account, "function": function}
+    )
     return value or 0.0
 
 
-async def test_tasks_older_than_max_age_are_dropped_unrun_and_counted(api: Api, plane: DataPlane) -> None:
+async def test_tasks_older_than_max_age_are_dropped_unrun_and_counted(
+    api: Api, plane: DataPlane
+) -> None:
     ran = api.workdir / "ran.log"
-    argv = api.script("blocker", f"""
+    argv = api.script(
+        "blocker",
+        f"""
         import json, sys, time
         p = json.load(sys.stdin)
         open({str(ran)!r}, "a").write(str(p) + "\\n")
         time.sleep(2.5 if p == 0 else 0)
-    """)
+    """,
+    )
     subject = f"expired.{api.account}"
     got, sub = await _collect(plane, subject)
     await api.function("aged", command=argv, maxConcurrency=1)
-    await api.async_config("aged", function="aged", maxAsyncEventAgeInSeconds=1,
-                           destinationConfig={"onFailure": {"kind": "subject", "target": subject}})
+    await api.async_config(
+        "aged",
+        function="aged",
+        maxAsyncEventAgeInSeconds=1,
+        destinationConfig={"onFailure": {"kind": "subject", "target": subject}},
+    )
     first = await api.submit("aged", 0)
     await api.wait(first["metadata"]["name"], {"Running"})
     later = [(await api.submit("aged", i))["metadata"]["name"] for i in range(1, 6)]
@@ -167,13 +195,17 @@ async def test_tasks_older_than_max_age_are_dropped_unrun_and_counted(api: Api, 
 
 async def test_same_task_id_runs_once_even_after_the_dedup_window(api: Api) -> None:
     ran = api.workdir / "dedup.log"
-    argv = api.script("count", f"""
+    argv = api.script(
+        "count",
+        f"""
         open({str(ran)!r}, "a").write("run\\n")
-    """)
+    """,
+    )
     await api.function("count", command=argv)
     first = await api.submit("count", {"v": 1}, task_id="trace-abc")
-    resp = await api.http.post("/v1/tasks", json={"function": "count", "id": "trace-abc",
-                                                   "payload": {"v": 2}})
+    resp = await api.http.post(
+        "/v1/tasks", json={"function": "count", "id": "trace-abc", "payload": {"v": 2}}
+    )
     assert resp.status_code == 409
     body = resp.json()
     assert "already exists" in body["error"]
@@ -192,7 +224,8 @@ async def test_async_config_changes_apply_without_restart(api: Api) -> None:
     await api.async_config("cfgd", function="cfgd", maxAsyncRetryAttempts=0)
     t1 = await api.submit("cfgd")
     assert (await api.wait(t1["metadata"]["name"]))["status"]["attempts"] == 1
-    await api.async_config("cfgd", function="cfgd", maxAsyncRetryAttempts=1,
-                           retryBackoff={"initialSeconds": 0})
+    await api.async_config(
+        "cfgd", function="cfgd", maxAsyncRetryAttempts=1, retryBackoff={"initialSeconds": 0}
+    )
     t2 = await api.submit("cfgd")
     assert (await api.wait(t2["metadata"]["name"]))["status"]["attempts"] == 2

@@ -79,7 +79,12 @@ def create_token(path: Path, name: str, account: str | None, admin: bool = False
     token = "kt_" + secrets.token_urlsafe(24)
     data = json.loads(path.read_text()) if path.exists() else {"tokens": []}
     data["tokens"].append(
-        {"name": name, "account": None if admin else account, "admin": admin, "sha256": hash_token(token)}
+        {
+            "name": name,
+            "account": None if admin else account,
+            "admin": admin,
+            "sha256": hash_token(token),
+        }
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -50,14 +50,18 @@ def _duration(task: dict[str, Any]) -> str:
     ts = task["status"]["timestamps"]
     if not ts.get("started") or not ts.get("finished"):
         return "-"
-    secs = (datetime.fromisoformat(ts["finished"]) - datetime.fromisoformat(ts["started"])).total_seconds()
+    secs = (
+        datetime.fromisoformat(ts["finished"]) - datetime.fromisoformat(ts["started"])
+    ).total_seconds()
     return f"{secs * 1000:.0f}ms" if secs < 1 else f"{secs:.1f}s"
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip()
-             for r in [headers, *rows]]
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=False)).rstrip()
+        for r in [headers, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -66,13 +70,21 @@ def _print_tasks(tasks: list[dict[str, Any]], output: str) -> None:
         print(json.dumps(tasks, indent=2))
         return
     rows = [
-        [t["metadata"]["name"], t["metadata"]["namespace"], t["spec"]["function"],
-         t["status"]["phase"], str(t["status"]["attempts"]),
-         _ago(t["status"]["timestamps"].get("submitted")), _duration(t),
-         (t["status"].get("error") or "")[:60]]
+        [
+            t["metadata"]["name"],
+            t["metadata"]["namespace"],
+            t["spec"]["function"],
+            t["status"]["phase"],
+            str(t["status"]["attempts"]),
+            _ago(t["status"]["timestamps"].get("submitted")),
+            _duration(t),
+            (t["status"].get("error") or "")[:60],
+        ]
         for t in tasks
     ]
-    print(_table(rows, ["ID", "ACCOUNT", "FUNCTION", "PHASE", "ATTEMPTS", "AGE", "DURATION", "ERROR"]))
+    print(
+        _table(rows, ["ID", "ACCOUNT", "FUNCTION", "PHASE", "ATTEMPTS", "AGE", "DURATION", "ERROR"])
+    )
 
 
 def _payload(args: argparse.Namespace) -> Any:
@@ -116,8 +128,11 @@ def cmd_get(args: argparse.Namespace) -> None:
 def cmd_list(args: argparse.Namespace) -> None:
     client = _client(args)
     filters = {
-        "function": args.function, "status": args.status, "idPrefix": args.prefix,
-        "startedAfter": args.started_after, "startedBefore": args.started_before,
+        "function": args.function,
+        "status": args.status,
+        "idPrefix": args.prefix,
+        "startedAfter": args.started_after,
+        "startedBefore": args.started_before,
         "limit": args.limit,
     }
     items: list[dict[str, Any]] = []
@@ -166,10 +181,18 @@ def cmd_functions(args: argparse.Namespace) -> None:
         if args.output == "json":
             print(json.dumps(fns, indent=2))
             return
-        rows = [[f["metadata"]["name"], f["metadata"]["namespace"],
-                 "command" if f["spec"].get("command") else "server",
-                 str(f["spec"]["maxConcurrency"]), f["status"]["queue"], str(f["status"]["backlog"]),
-                 str(f["status"]["ready"])] for f in fns]
+        rows = [
+            [
+                f["metadata"]["name"],
+                f["metadata"]["namespace"],
+                "command" if f["spec"].get("command") else "server",
+                str(f["spec"]["maxConcurrency"]),
+                f["status"]["queue"],
+                str(f["status"]["backlog"]),
+                str(f["status"]["ready"]),
+            ]
+            for f in fns
+        ]
         print(_table(rows, ["NAME", "ACCOUNT", "MODE", "CONCURRENCY", "QUEUE", "BACKLOG", "READY"]))
 
 
@@ -177,8 +200,16 @@ def cmd_dev(args: argparse.Namespace) -> None:
     from .dev import run
 
     functions = Path(args.functions) if args.functions else None
-    sys.exit(run(Path(args.data_dir), args.port, args.nats_port, functions, args.dispatchers,
-                 args.ack_wait))
+    sys.exit(
+        run(
+            Path(args.data_dir),
+            args.port,
+            args.nats_port,
+            functions,
+            args.dispatchers,
+            args.ack_wait,
+        )
+    )
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
@@ -188,8 +219,15 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from .settings import Settings
 
     app = create_app(Settings(), Path(args.tokens))
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
-                loop="uvloop", http="httptools")
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        log_level="warning",
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:
@@ -205,7 +243,11 @@ def cmd_dispatcher(args: argparse.Namespace) -> None:
 def cmd_tokens(args: argparse.Namespace) -> None:
     from .auth import create_token
 
-    print(create_token(Path(args.file), args.name or args.account or "admin", args.account, args.admin))
+    print(
+        create_token(
+            Path(args.file), args.name or args.account or "admin", args.account, args.admin
+        )
+    )
 
 
 def cmd_crds(args: argparse.Namespace) -> None:
@@ -232,7 +274,9 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--nats-port", type=int, default=4222)
     dev.add_argument("--functions", "-f", help="YAML of TaskFunction/AsyncConfig objects to apply")
     dev.add_argument("--dispatchers", type=int, default=1)
-    dev.add_argument("--ack-wait", type=float, help="seconds before a silent dispatcher's task is taken over")
+    dev.add_argument(
+        "--ack-wait", type=float, help="seconds before a silent dispatcher's task is taken over"
+    )
     dev.set_defaults(func=cmd_dev)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")

@@ -18,7 +18,9 @@ class ApiFailure(Exception):
 
 
 class Client:
-    def __init__(self, url: str, token: str, account: str | None = None, timeout: float = 30) -> None:
+    def __init__(
+        self, url: str, token: str, account: str | None = None, timeout: float = 30
+    ) -> None:
         self.account = account
         self.http = httpx.Client(
             base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout
@@ -61,7 +63,9 @@ class Client:
 
     def logs(self, task_id: str, follow: bool = False) -> Iterator[dict[str, Any]]:
         params = self._params(follow="true" if follow else None)
-        with self.http.stream("GET", f"/v1/tasks/{task_id}/logs", params=params, timeout=None) as resp:
+        with self.http.stream(
+            "GET", f"/v1/tasks/{task_id}/logs", params=params, timeout=None
+        ) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 raise ApiFailure(resp.status_code, resp.json())
@@ -80,8 +84,12 @@ class Client:
         name = meta.get("name")
         if not name:
             raise ValueError(f"{kind} without metadata.name")
-        return self._call("PUT", f"/v1/{paths[kind]}/{name}", json=obj,
-                          params={"account": meta.get("namespace", self.account)})
+        return self._call(
+            "PUT",
+            f"/v1/{paths[kind]}/{name}",
+            json=obj,
+            params=self._params(account=meta.get("namespace")),
+        )
 
     def functions(self) -> Any:
         return self._call("GET", "/v1/functions", params=self._params())

@@ -35,9 +35,13 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        out = open(self.log, "ab")  # noqa: SIM115
+        out = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+            self.argv,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
 
     def stop(self, timeout: float) -> None:
@@ -71,8 +75,14 @@ def ensure_tokens(data_dir: Path) -> dict[str, str]:
     return cfg
 
 
-def run(data_dir: Path, port: int, nats_port: int, functions: Path | None, dispatchers: int,
-        ack_wait: float | None = None) -> int:
+def run(
+    data_dir: Path,
+    port: int,
+    nats_port: int,
+    functions: Path | None,
+    dispatchers: int,
+    ack_wait: float | None = None,
+) -> int:
     data_dir = data_dir.resolve()
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     creds = ensure_tokens(data_dir)
@@ -84,17 +94,24 @@ def run(data_dir: Path, port: int, nats_port: int, functions: Path | None, dispa
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
     exe = [sys.executable, "-m", "kubetask"]
     children = [
-        Child("gateway", [*exe, "gateway", "--port", str(port), "--tokens",
-                          str(data_dir / "tokens.json")], env, data_dir / "logs" / "gateway.log"),
+        Child(
+            "gateway",
+            [*exe, "gateway", "--port", str(port), "--tokens", str(data_dir / "tokens.json")],
+            env,
+            data_dir / "logs" / "gateway.log",
+        ),
         *[
-            Child(f"dispatcher-{i}", [*exe, "dispatcher"], env, data_dir / "logs" / f"dispatcher-{i}.log")
+            Child(
+                f"dispatcher-{i}",
+                [*exe, "dispatcher"],
+                env,
+                data_dir / "logs" / f"dispatcher-{i}.log",
+            )
             for i in range(dispatchers)
         ],
     ]
     for child in children:
         child.start()
-    cfg = dict(creds, url=url, nats=f"nats://127.0.0.1:{nats_port}")
-    client_config(data_dir).write_text(json.dumps(cfg, indent=2))
     try:
         gateway_proc = children[0].proc
         assert gateway_proc is not None
@@ -103,6 +120,9 @@ def run(data_dir: Path, port: int, nats_port: int, functions: Path | None, dispa
             client = Client(url, creds["adminToken"])
             for doc in read_objects(functions):
                 client.apply(doc)
+        # Written last: a client that finds the URL finds a platform ready for it.
+        cfg = dict(creds, url=url, nats=f"nats://127.0.0.1:{nats_port}")
+        client_config(data_dir).write_text(json.dumps(cfg, indent=2))
         print(f"kubetask dev is running (data in {data_dir})", flush=True)
         print(f"  API:     {url}   (OpenAPI: {url}/docs)", flush=True)
         print(f"  token:   {creds['token']}   (account 'default')", flush=True)
@@ -128,8 +148,11 @@ def run(data_dir: Path, port: int, nats_port: int, functions: Path | None, dispa
             if child.proc is not None and child.proc.poll() is not None and not stopping:
                 now = time.monotonic()
                 child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                print(f"{child.name} exited with code {child.proc.returncode}; restarting",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{child.name} exited with code {child.proc.returncode}; restarting",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 time.sleep(min(5.0, 0.2 * len(child.restarts)))
                 child.start()
     print("shutting down...", flush=True)

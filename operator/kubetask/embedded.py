@@ -37,11 +37,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before listening on {port}")
+            raise RuntimeError(
+                f"process exited with code {proc.returncode} before listening on {port}"
+            )
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -49,10 +53,11 @@ def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_nats(store_dir: Path, port: int, log_file: Path | None = None,
-               tie_to_parent: bool = True) -> subprocess.Popen[bytes]:
+def start_nats(
+    store_dir: Path, port: int, log_file: Path | None = None, tie_to_parent: bool = True
+) -> subprocess.Popen[bytes]:
     store_dir.mkdir(parents=True, exist_ok=True)
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(
         [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)],
         stdout=out,

@@ -33,7 +33,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
         await js.update_stream(config)
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, settings: Settings, history: int = 1) -> KeyValue:
+async def ensure_kv(
+    js: JetStreamContext, bucket: str, settings: Settings, history: int = 1
+) -> KeyValue:
     with contextlib.suppress(Exception):
         return await js.key_value(bucket)
     return await js.create_key_value(
@@ -50,7 +52,9 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await js.key_value(bucket)
             continue
-        await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+        await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+        )
     await ensure_stream(
         js,
         StreamConfig(

@@ -25,8 +25,9 @@ class LogWriter:
         self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._task = asyncio.create_task(self._drain())
 
-    def line(self, account: str, task_id: str, attempt: int, stream: str, text: str,
-             final: bool = False) -> None:
+    def line(
+        self, account: str, task_id: str, attempt: int, stream: str, text: str, final: bool = False
+    ) -> None:
         record: dict[str, Any] = {
             "ts": datetime.now(UTC).isoformat(),
             "attempt": attempt,
@@ -42,10 +43,11 @@ class LogWriter:
             subject, data = await self._queue.get()
             with contextlib.suppress(Exception):
                 await self.nc.publish(subject, data)
+            self._queue.task_done()
 
     async def close(self) -> None:
-        while not self._queue.empty():
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), 5)
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=2)
         self._task.cancel()

@@ -11,7 +11,9 @@ SUBMITTED = Counter("kubetask_tasks_submitted_total", "Tasks accepted by the gat
 SUCCEEDED = Counter("kubetask_tasks_succeeded_total", "Tasks that ended Succeeded.", LABELS)
 FAILED = Counter("kubetask_tasks_failed_total", "Tasks that ended Failed.", LABELS)
 STOPPED = Counter("kubetask_tasks_stopped_total", "Tasks stopped by a user.", LABELS)
-RETRIED = Counter("kubetask_tasks_retried_total", "Failed attempts that were scheduled again.", LABELS)
+RETRIED = Counter(
+    "kubetask_tasks_retried_total", "Failed attempts that were scheduled again.", LABELS
+)
 # Named as in the seeds (Function Compute's metric) so dashboards built for it carry over.
 EXPIRED_DROPPED = Counter(
     "AsyncEventExpiredDropped",
@@ -33,5 +35,7 @@ EXECUTION = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 86400),
 )
 DESTINATION_FAILURES = Counter(
-    "kubetask_destination_delivery_failures_total", "Destination deliveries that were retried.", LABELS
+    "kubetask_destination_delivery_failures_total",
+    "Destination deliveries that were retried.",
+    LABELS,
 )

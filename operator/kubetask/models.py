@@ -13,11 +13,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 API_GROUP = "kubetask.io"
 API_VERSION = "v1alpha1"
-GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+GROUP_VERSION: Literal["kubetask.io/v1alpha1"] = "kubetask.io/v1alpha1"
 
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MIN_TIMEOUT_SECONDS = 0.001
@@ -40,10 +40,19 @@ class KubeModel(BaseModel):
 
 class ObjectMeta(KubeModel):
     name: Name
-    namespace: Name = Field(default="default", description="The account (tenant) owning the object.")
+    namespace: Name | None = Field(
+        default=None,
+        description="The account (tenant) owning the object; the API fills in the caller's.",
+    )
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     model_config = ConfigDict(extra="ignore")
+
+
+class TaskMeta(ObjectMeta):
+    """A task's name is its id: chosen by the client (often a trace id) or generated."""
+
+    name: str = Field(min_length=1, max_length=128, pattern=TASK_ID_PATTERN)
 
 
 class EnvVar(KubeModel):
@@ -61,16 +70,22 @@ class QueueMode(StrEnum):
 class ServerSpec(KubeModel):
     """A warm, long-lived instance that receives invocations over HTTP and serves many tasks."""
 
-    command: list[str] = Field(min_length=1, description="Starts the server; it must listen on $PORT.")
-    concurrency: int = Field(default=1, ge=1, le=1000, description="Invocations one instance takes at once.")
+    command: list[str] = Field(
+        min_length=1, description="Starts the server; it must listen on $PORT."
+    )
+    concurrency: int = Field(
+        default=1, ge=1, le=1000, description="Invocations one instance takes at once."
+    )
     maxInstances: int = Field(default=4, ge=1, le=100)
     invokePath: str = Field(default="/invoke", pattern=r"^/")
     readinessPath: str = Field(default="/healthz", pattern=r"^/")
     startupTimeoutSeconds: float = Field(default=30, gt=0, le=600)
-    idleSeconds: float = Field(default=300, gt=0, description="An instance idle this long is stopped.")
+    idleSeconds: float = Field(
+        default=300, gt=0, description="An instance idle this long is stopped."
+    )
 
 
-EXACTLY_ONE_RUNTIME = {
+EXACTLY_ONE_RUNTIME: dict[str, JsonValue] = {
     "rule": "has(self.command) != has(self.server)",
     "message": "exactly one of spec.command or spec.server must be set",
 }
@@ -87,11 +102,15 @@ class TaskFunctionSpec(KubeModel):
         description="Run one process per task: payload (JSON) on stdin, result on stdout, "
         "exit code 0 = success. For long batch work.",
     )
-    server: ServerSpec | None = Field(default=None, description="Warm server mode, for short tasks.")
+    server: ServerSpec | None = Field(
+        default=None, description="Warm server mode, for short tasks."
+    )
     env: list[EnvVar] = Field(default_factory=list)
     workingDir: str | None = None
     timeoutSeconds: float = Field(
-        default=300, ge=MIN_TIMEOUT_SECONDS, le=MAX_TIMEOUT_SECONDS,
+        default=300,
+        ge=MIN_TIMEOUT_SECONDS,
+        le=MAX_TIMEOUT_SECONDS,
         description="Per-attempt limit, from 1 ms up to 24 h.",
     )
     maxConcurrency: int = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
@@ -129,7 +148,7 @@ class TaskFunction(KubeModel):
 
     @property
     def account(self) -> str:
-        return self.metadata.namespace
+        return self.metadata.namespace or "default"
 
     @property
     def name(self) -> str:
@@ -157,7 +176,9 @@ class Destination(KubeModel):
         if self.kind is DestinationKind.function and not NAME_RE.match(self.target):
             raise ValueError(f"function destination {self.target!r} is not a valid function name")
         if self.kind is DestinationKind.webhook and not re.match(r"^https?://", self.target):
-            raise ValueError(f"webhook destination {self.target!r} must start with http:// or https://")
+            raise ValueError(
+                f"webhook destination {self.target!r} must start with http:// or https://"
+            )
         if self.kind is DestinationKind.subject and not re.match(r"^[^\s*>]+$", self.target):
             raise ValueError(f"subject destination {self.target!r} must be a literal NATS subject")
         return self
@@ -183,7 +204,9 @@ class AsyncConfigSpec(KubeModel):
     function: Name = Field(description="The function (same account) this configuration applies to.")
     destinationConfig: DestinationConfig = Field(default_factory=DestinationConfig)
     maxAsyncEventAgeInSeconds: int = Field(
-        default=86400, ge=1, le=7 * 86400,
+        default=86400,
+        ge=1,
+        le=7 * 86400,
         description="A task that waited longer than this before being dequeued is dropped unrun.",
     )
     maxAsyncRetryAttempts: int = Field(
@@ -201,7 +224,7 @@ class AsyncConfig(KubeModel):
 
     @property
     def account(self) -> str:
-        return self.metadata.namespace
+        return self.metadata.namespace or "default"
 
 
 DEFAULT_ASYNC_CONFIG = AsyncConfigSpec(function="default")
@@ -257,13 +280,13 @@ class TaskSpec(KubeModel):
 class Task(KubeModel):
     apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
     kind: Literal["Task"] = "Task"
-    metadata: ObjectMeta
+    metadata: TaskMeta
     spec: TaskSpec
     status: TaskStatus = Field(default_factory=TaskStatus)
 
     @property
     def account(self) -> str:
-        return self.metadata.namespace
+        return self.metadata.namespace or "default"
 
     @property
     def id(self) -> str:

@@ -43,7 +43,7 @@ def queue_subject(fn: TaskFunction) -> str:
 
 
 def schedule_subject(fn: TaskFunction, task_id: str) -> str:
-    """Holds a task's delayed retry (one schedule per task) until JetStream moves it to the queue."""
+    """Holds a task's delayed retry (one per task) until JetStream moves it into the queue."""
     if fn.spec.queueMode is QueueMode.dedicated:
         return f"kt.qfs.{fn.account}.{fn.name}.{task_id}"
     return f"kt.qs.{fn.account}.{fn.name}.{task_id}"

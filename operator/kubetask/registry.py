@@ -88,7 +88,11 @@ class Registry:
 
     async def put_async_config(self, cfg: AsyncConfig) -> None:
         for (acct, name), other in self.configs.items():
-            if acct == cfg.account and name != cfg.metadata.name and other.spec.function == cfg.spec.function:
+            if (
+                acct == cfg.account
+                and name != cfg.metadata.name
+                and other.spec.function == cfg.spec.function
+            ):
                 raise ConfigConflict(
                     f"function {cfg.spec.function!r} already has AsyncConfig {name!r}; "
                     "update that one or delete it first"

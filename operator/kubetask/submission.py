@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from . import metrics, queues
-from .models import ObjectMeta, StageTimestamps, Task, TaskFunction, TaskPhase, TaskSpec, TaskStatus
+from .models import StageTimestamps, Task, TaskFunction, TaskMeta, TaskPhase, TaskSpec, TaskStatus
 from .plane import DataPlane
 from .states import IllegalTransition
 from .store import TaskGone, TaskRecord, Versioned, new_token, now
@@ -27,13 +27,15 @@ def generate_id() -> str:
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
 
 
-async def submit(plane: DataPlane, fn: TaskFunction, task_id: str | None, payload: Any) -> Versioned:
+async def submit(
+    plane: DataPlane, fn: TaskFunction, task_id: str | None, payload: Any
+) -> Versioned:
     """Create and enqueue; raises `store.TaskExists` for a known id, `queues.QueueFull` when the
     queue refuses (the record is then removed, so the client may simply try again)."""
     await plane.depth.admit(fn)
     record = TaskRecord(
         task=Task(
-            metadata=ObjectMeta(name=task_id or generate_id(), namespace=fn.account),
+            metadata=TaskMeta(name=task_id or generate_id(), namespace=fn.account),
             spec=TaskSpec(function=fn.name, payload=payload),
             status=TaskStatus(timestamps=StageTimestamps(submitted=now())),
         ),

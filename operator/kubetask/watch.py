@@ -57,7 +57,7 @@ class BucketMirror:
 
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
-            await self._watcher.stop()
+            await self._watcher.stop()  # type: ignore[no-untyped-call]
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -89,11 +89,15 @@ class Destinations(Policy):
             except Exception as err:
                 DESTINATION_FAILURES.labels(ctx.account, ctx.function.name).inc()
                 if attempt == IN_PLACE_ATTEMPTS - 1:
-                    raise DestinationUndeliverable(f"{dest.kind.value} {dest.target}: {err}") from err
+                    raise DestinationUndeliverable(
+                        f"{dest.kind.value} {dest.target}: {err}"
+                    ) from err
                 await asyncio.sleep(delay)
                 delay *= 2
 
-    async def _deliver(self, ctx: TaskContext, dest: Destination, record: DestinationRecord) -> None:
+    async def _deliver(
+        self, ctx: TaskContext, dest: Destination, record: DestinationRecord
+    ) -> None:
         body = record.model_dump(mode="json")
         task_id = ctx.task_id
         suffix = "-on-success" if record.requestContext.condition == "Success" else "-on-failure"

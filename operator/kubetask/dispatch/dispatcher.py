@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -66,7 +68,7 @@ class Dispatcher:
     def __init__(self, plane: DataPlane, policies: list[Policy] | None = None) -> None:
         self.plane = plane
         self.policies = policies if policies is not None else default_policies()
-        self.id = f"{socket.gethostname()}-{os.getpid()}"
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.command = CommandExecutor()
         self.server = ServerExecutor()
         self.logs = LogWriter(plane.nc)
@@ -96,7 +98,9 @@ class Dispatcher:
 
     def _start_worker(self, fn: TaskFunction) -> None:
         worker = FunctionWorker(fn)
-        worker.task = asyncio.create_task(self._consume(worker), name=f"consume-{fn.account}-{fn.name}")
+        worker.task = asyncio.create_task(
+            self._consume(worker), name=f"consume-{fn.account}-{fn.name}"
+        )
         self.workers[(fn.account, fn.name)] = worker
 
     async def _consume(self, worker: FunctionWorker) -> None:
@@ -133,7 +137,7 @@ class Dispatcher:
             for msg in msgs:
                 t = asyncio.create_task(self._handle(fn, msg))
                 worker.inflight.add(t)
-                t.add_done_callback(lambda done, w=worker: self._done(w, done))
+                t.add_done_callback(functools.partial(self._done, worker))
 
     @staticmethod
     def _done(worker: FunctionWorker, task: asyncio.Task[None]) -> None:
@@ -227,7 +231,9 @@ class Dispatcher:
             st.timestamps.dispatched = ctx.dequeued_at
             st.timestamps.started = now()
             st.timestamps.finished = None
-            st.executor = ExecutorRef(backend="local", dispatcher=self.id, host=socket.gethostname())
+            st.executor = ExecutorRef(
+                backend="local", dispatcher=self.id, host=socket.gethostname()
+            )
             r.claimSeq = seq
             return r
 
@@ -265,6 +271,10 @@ class Dispatcher:
             except asyncio.CancelledError:
                 await execution.kill()
                 raise
+            except Exception as err:
+                log.exception("executor failed on %s/%s", ctx.account, ctx.task_id)
+                await execution.kill()
+                return Outcome(False, error=f"executor error: {err}", instance=execution.instance)
         finally:
             heartbeat.cancel()
             labels.dec()
@@ -374,17 +384,30 @@ class Dispatcher:
         except Exception as err:
             delivered = int(msg.metadata.num_delivered)
             if delivered < MAX_FINALIZE_DELIVERIES:
-                log.warning("finishing %s/%s failed (%s); will retry", ctx.account, ctx.task_id, err)
+                log.warning(
+                    "finishing %s/%s failed (%s); will retry", ctx.account, ctx.task_id, err
+                )
                 await msg.nak(delay=FINALIZE_RETRY_DELAY)
                 return
-            log.error("giving up finishing %s/%s after %d tries: %s", ctx.account, ctx.task_id,
-                      delivered, err)
+            log.error(
+                "giving up finishing %s/%s after %d tries: %s",
+                ctx.account,
+                ctx.task_id,
+                delivered,
+                err,
+            )
         phase = ctx.record.phase.value
         self._log(ctx.record, "system", f"task {phase}", final=True)
         await msg.ack()
 
-    def _log(self, record: TaskRecord, stream: str, text: str, attempt: int | None = None,
-             final: bool = False) -> None:
+    def _log(
+        self,
+        record: TaskRecord,
+        stream: str,
+        text: str,
+        attempt: int | None = None,
+        final: bool = False,
+    ) -> None:
         task = record.task
         self.logs.line(task.account, task.id, attempt or task.status.attempts, stream, text, final)
 
@@ -435,7 +458,9 @@ class Dispatcher:
         await self.logs.close()
 
 
-def _finish(r: TaskRecord, phase: TaskPhase, error: str | None, outcome: Outcome | None) -> TaskRecord:
+def _finish(
+    r: TaskRecord, phase: TaskPhase, error: str | None, outcome: Outcome | None
+) -> TaskRecord:
     st = r.task.status
     st.phase = phase
     st.timestamps.finished = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""Executors run one attempt of a task and report its outcome; the dispatcher owns everything else."""
+"""Executors run one attempt of a task and report its outcome; the dispatcher owns the rest."""
 
 from .base import Execution, Executor, Invocation, Outcome
 from .command import CommandExecutor

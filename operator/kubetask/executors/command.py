@@ -47,10 +47,11 @@ class CommandExecution:
 
     async def _feed_stdin(self) -> None:
         assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        # A command that does not read its payload may exit before it is written: not an error.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
             self.proc.stdin.write(encode_payload(self.inv.payload))
             await self.proc.stdin.drain()
-        self.proc.stdin.close()
+            self.proc.stdin.close()
 
     async def wait(self) -> Outcome:
         io = asyncio.gather(self._feed_stdin(), self._read_stdout(), self._pump_stderr())
@@ -63,13 +64,24 @@ class CommandExecution:
             _, (stdout, too_big), _ = await io
         code = await self.proc.wait()
         if timed_out:
-            return Outcome(False, error=f"timed out after {self.inv.timeout:g}s", exit_code=code,
-                           timed_out=True, instance=self.instance)
+            return Outcome(
+                False,
+                error=f"timed out after {self.inv.timeout:g}s",
+                exit_code=code,
+                timed_out=True,
+                instance=self.instance,
+            )
         if self._killed:
-            return Outcome(False, error="stopped", exit_code=code, killed=True, instance=self.instance)
+            return Outcome(
+                False, error="stopped", exit_code=code, killed=True, instance=self.instance
+            )
         if too_big:
-            return Outcome(False, error=f"result exceeds {self.inv.max_result_bytes} bytes",
-                           exit_code=code, instance=self.instance)
+            return Outcome(
+                False,
+                error=f"result exceeds {self.inv.max_result_bytes} bytes",
+                exit_code=code,
+                instance=self.instance,
+            )
         if code != 0:
             reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             return Outcome(False, error=reason, exit_code=code, instance=self.instance)

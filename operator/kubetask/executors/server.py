@@ -49,6 +49,7 @@ class Instance:
     inflight: set[Invocation] = field(default_factory=set)
     idle_since: float = 0.0
     dead: bool = False
+    pump: asyncio.Task[None] | None = None
 
     async def terminate(self) -> None:
         self.dead = True
@@ -123,8 +124,10 @@ class InstancePool:
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-        inst = Instance(f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency)
-        asyncio.create_task(self._pump_output(inst))
+        inst = Instance(
+            f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
+        )
+        inst.pump = asyncio.create_task(self._pump_output(inst))
         try:
             await self._wait_ready(inst)
         except BaseException:
@@ -159,7 +162,8 @@ class InstancePool:
         now = asyncio.get_running_loop().time()
         async with self._changed:
             idle = [
-                i for i in self.instances
+                i
+                for i in self.instances
                 if not i.inflight and (i.dead or now - i.idle_since > self.spec.idleSeconds)
             ]
             self.instances = [i for i in self.instances if i not in idle]
@@ -201,11 +205,19 @@ class ServerExecution:
             self.inst.dead = True
             return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
         if len(body) > self.inv.max_result_bytes:
-            return Outcome(False, error=f"result exceeds {self.inv.max_result_bytes} bytes",
-                           exit_code=status, instance=self.instance)
+            return Outcome(
+                False,
+                error=f"result exceeds {self.inv.max_result_bytes} bytes",
+                exit_code=status,
+                instance=self.instance,
+            )
         if status >= 300:
-            return Outcome(False, error=f"HTTP {status}: {body[:500].decode(errors='replace')}",
-                           exit_code=status, instance=self.instance)
+            return Outcome(
+                False,
+                error=f"HTTP {status}: {body[:500].decode(errors='replace')}",
+                exit_code=status,
+                instance=self.instance,
+            )
         return Outcome(True, result=decode_result(body), exit_code=status, instance=self.instance)
 
     async def wait(self) -> Outcome:
@@ -213,8 +225,12 @@ class ServerExecution:
             return await asyncio.wait_for(asyncio.shield(self._request), self.inv.timeout)
         except TimeoutError:
             await self._abandon()
-            return Outcome(False, error=f"timed out after {self.inv.timeout:g}s", timed_out=True,
-                           instance=self.instance)
+            return Outcome(
+                False,
+                error=f"timed out after {self.inv.timeout:g}s",
+                timed_out=True,
+                instance=self.instance,
+            )
         except asyncio.CancelledError:
             if self._killed:
                 return Outcome(False, error="stopped", killed=True, instance=self.instance)
@@ -237,11 +253,14 @@ class ServerExecutor:
         self._pools: dict[tuple[str, str], InstancePool] = {}
         self._http: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
             connector = aiohttp.TCPConnector(limit=0, force_close=False)
-            self._http = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+            self._http = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            )
             self._reaper = asyncio.create_task(self._reap_forever())
         return self._http
 
@@ -256,7 +275,9 @@ class ServerExecutor:
         pool = self._pools.get(key)
         if pool is None or pool.fn.spec != fn.spec:
             if pool is not None:
-                asyncio.create_task(pool.close())
+                retired = asyncio.create_task(pool.close())
+                self._retiring.add(retired)
+                retired.add_done_callback(self._retiring.discard)
             pool = self._pools[key] = InstancePool(fn, self._session())
         return pool
 

@@ -25,6 +25,7 @@ from ..auth import OutOfScope, Principal, TokenBook
 from ..models import (
     AsyncConfig,
     ErrorBody,
+    ObjectMeta,
     Task,
     TaskFunction,
     TaskFunctionStatus,
@@ -46,7 +47,9 @@ JSON = "application/json"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None, extra: Any = None) -> None:
+    def __init__(
+        self, status: int, message: str, field: str | None = None, extra: Any = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -100,7 +103,8 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
     app = FastAPI(
         title="kubetask",
         version="v1alpha1",
-        description="Asynchronous tasks on NATS JetStream. Authenticate with `Authorization: Bearer <token>`.",
+        description="Asynchronous tasks on NATS JetStream. "
+        "Authenticate with `Authorization: Bearer <token>`.",
         lifespan=lifespan,
         responses=ERRORS,
     )
@@ -126,14 +130,15 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
         if first.get("type") == "json_invalid":
-            return JSONResponse(
-                {"error": f"malformed JSON body: {first.get('ctx', {}).get('error', first['msg'])}"},
-                status_code=400,
-            )
+            detail = first.get("ctx", {}).get("error", first["msg"])
+            return JSONResponse({"error": f"malformed JSON body: {detail}"}, status_code=400)
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         msg = first.get("msg", "invalid value")
         if first.get("type") == "string_pattern_mismatch" and loc.endswith("id"):
-            msg = "task id may use only letters, digits, '-' and '_' (1-128 chars, starting alphanumeric)"
+            msg = (
+                "task id may use only letters, digits, '-' and '_' "
+                "(1-128 chars, starting alphanumeric)"
+            )
         return JSONResponse({"error": f"{loc}: {msg}", "field": loc}, status_code=422)
 
     @app.exception_handler(OutOfScope)
@@ -150,8 +155,10 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         # The payload limit applies to the payload; allow room for the envelope around it.
         if length is not None and int(length) > settings.max_payload_bytes + 64 * 1024:
             return JSONResponse(
-                {"error": f"request body is {length} bytes; payloads are limited to "
-                 f"{settings.max_payload_bytes} bytes"},
+                {
+                    "error": f"request body is {length} bytes; payloads are limited to "
+                    f"{settings.max_payload_bytes} bytes"
+                },
                 status_code=413,
             )
         response: Response = await call_next(request)
@@ -180,15 +187,20 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         if body.payload is not None:
             size = len(json.dumps(body.payload))
             if size > settings.max_payload_bytes:
-                raise ApiError(413, f"payload is {size} bytes; the limit is "
-                               f"{settings.max_payload_bytes} bytes", field="payload")
+                raise ApiError(
+                    413,
+                    f"payload is {size} bytes; the limit is {settings.max_payload_bytes} bytes",
+                    field="payload",
+                )
         try:
             created = await submission.submit(plane(), fn, body.id, body.payload)
         except TaskExists as err:
             existing = err.existing.record.task
             raise ApiError(
-                409, f"task {existing.id!r} already exists; it was not submitted again",
-                field="id", extra={"task": existing.model_dump(mode="json")},
+                409,
+                f"task {existing.id!r} already exists; it was not submitted again",
+                field="id",
+                extra={"task": existing.model_dump(mode="json")},
             ) from None
         except queues.QueueFull as err:
             raise ApiError(429, f"queue of {acct}/{fn.name} is full ({err}); retry later") from None
@@ -205,7 +217,9 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         who: Who,
         account: AccountParam = None,
         function: str | None = None,
-        status: Annotated[str | None, Query(description="Phase, or several separated by commas.")] = None,
+        status: Annotated[
+            str | None, Query(description="Phase, or several separated by commas.")
+        ] = None,
         startedAfter: datetime | None = None,
         startedBefore: datetime | None = None,
         idPrefix: str = "",
@@ -218,8 +232,12 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
             try:
                 phases = frozenset(TaskPhase(s.strip()) for s in status.split(","))
             except ValueError:
-                raise ApiError(422, f"unknown status in {status!r}; use one of "
-                               f"{', '.join(p.value for p in TaskPhase)}", field="status") from None
+                raise ApiError(
+                    422,
+                    f"unknown status in {status!r}; use one of "
+                    f"{', '.join(p.value for p in TaskPhase)}",
+                    field="status",
+                ) from None
         after = None
         if cursor:
             acct, _, last = cursor.partition("/")
@@ -227,8 +245,12 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
                 raise ApiError(422, "malformed cursor; pass back the cursor of the previous page")
             after = (acct, last)
         q = IndexQuery(
-            accounts=None if scoped is None else [scoped], function=function, phases=phases,
-            started_after=startedAfter, started_before=startedBefore, id_prefix=idPrefix,
+            accounts=None if scoped is None else [scoped],
+            function=function,
+            phases=phases,
+            started_after=startedAfter,
+            started_before=startedBefore,
+            id_prefix=idPrefix,
         )
         mirror: BucketMirror = state["mirror"]
         await mirror.caught_up()
@@ -253,7 +275,9 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         try:
             updated = await actions.resume(plane(), await load_task(who, account, task_id))
         except actions.FunctionMissing as err:
-            raise ApiError(409, f"function {err.args[0]!r} no longer exists; cannot resume") from None
+            raise ApiError(
+                409, f"function {err.args[0]!r} no longer exists; cannot resume"
+            ) from None
         return _json(updated.record.task)
 
     @app.delete("/v1/tasks/{task_id}", status_code=204, tags=["tasks"])
@@ -261,16 +285,24 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         await actions.delete(plane(), await load_task(who, account, task_id))
         return Response(status_code=204)
 
-    @app.get("/v1/tasks/{task_id}/logs", tags=["tasks"],
-             responses={200: {"content": {"application/x-ndjson": {}}}})
-    async def task_logs(task_id: str, who: Who, account: AccountParam = None,
-                        follow: bool = False) -> StreamingResponse:
+    @app.get(
+        "/v1/tasks/{task_id}/logs",
+        tags=["tasks"],
+        responses={200: {"content": {"application/x-ndjson": {}}}},
+    )
+    async def task_logs(
+        task_id: str, who: Who, account: AccountParam = None, follow: bool = False
+    ) -> StreamingResponse:
         current = await load_task(who, account, task_id)
         task = current.record.task
 
         async def lines() -> AsyncIterator[bytes]:
             follow_now = follow and task.status.phase not in (
-                TaskPhase.Succeeded, TaskPhase.Failed, TaskPhase.Expired, TaskPhase.Stopped)
+                TaskPhase.Succeeded,
+                TaskPhase.Failed,
+                TaskPhase.Expired,
+                TaskPhase.Stopped,
+            )
             async for record in logs.read(plane().js, task.account, task.id, follow_now):
                 yield json.dumps(record).encode() + b"\n"
 
@@ -278,14 +310,22 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
 
     # -- functions and async configs ------------------------------------------------------------
 
-    def check_object(who: Who, account: str | None, name: str, meta_name: str, meta_ns: str) -> str:
-        acct = who.one_account(account or meta_ns)
-        if meta_name != name:
-            raise ApiError(422, f"metadata.name {meta_name!r} does not match the URL ({name!r})",
-                           field="metadata.name")
+    def check_object(who: Who, account: str | None, name: str, meta: ObjectMeta) -> str:
+        """Resolve the object's account (the caller's when the YAML names none) and check it."""
+        acct = who.one_account(account or meta.namespace)
+        meta_ns = meta.namespace = meta.namespace or acct
+        if meta.name != name:
+            raise ApiError(
+                422,
+                f"metadata.name {meta.name!r} does not match the URL ({name!r})",
+                field="metadata.name",
+            )
         if meta_ns != acct:
-            raise ApiError(422, f"metadata.namespace {meta_ns!r} is not the account {acct!r}",
-                           field="metadata.namespace")
+            raise ApiError(
+                422,
+                f"metadata.namespace {meta_ns!r} is not the account {acct!r}",
+                field="metadata.namespace",
+            )
         return acct
 
     async def function_status(fn: TaskFunction) -> TaskFunction:
@@ -295,12 +335,16 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         except Exception:
             waiting, running, ready = 0, 0, False
         fn = fn.model_copy(deep=True)
-        fn.status = TaskFunctionStatus(queue=names.stream_for(fn), backlog=waiting + running, ready=ready)
+        fn.status = TaskFunctionStatus(
+            queue=names.stream_for(fn), backlog=waiting + running, ready=ready
+        )
         return fn
 
     @app.put("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
-    async def put_function(name: str, fn: TaskFunction, who: Who, account: AccountParam = None) -> Response:
-        check_object(who, account, name, fn.metadata.name, fn.metadata.namespace)
+    async def put_function(
+        name: str, fn: TaskFunction, who: Who, account: AccountParam = None
+    ) -> Response:
+        check_object(who, account, name, fn.metadata)
         await queues.ensure_function_queue(plane().js, fn, settings)
         await plane().registry.put_function(fn)
         await plane().registry.caught_up()
@@ -327,27 +371,41 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         fn = plane().registry.function(acct, name)
         if fn is None:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
-        busy = [s for s in state["index"].all() if s.account == acct and s.function == name
-                and s.phase not in (TaskPhase.Succeeded, TaskPhase.Failed, TaskPhase.Expired,
-                                    TaskPhase.Stopped)]
+        busy = [
+            s
+            for s in state["index"].all()
+            if s.account == acct
+            and s.function == name
+            and s.phase
+            not in (TaskPhase.Succeeded, TaskPhase.Failed, TaskPhase.Expired, TaskPhase.Stopped)
+        ]
         if busy:
-            raise ApiError(409, f"function {name!r} still has {len(busy)} unfinished tasks; "
-                           "stop them or let them finish first")
+            raise ApiError(
+                409,
+                f"function {name!r} still has {len(busy)} unfinished tasks; "
+                "stop them or let them finish first",
+            )
         await plane().registry.delete_function(acct, name)
         await queues.remove_function_queue(plane().js, fn)
         return Response(status_code=204)
 
     @app.put("/v1/asyncconfigs/{name}", response_model=AsyncConfig, tags=["asyncconfigs"])
-    async def put_async_config(name: str, cfg: AsyncConfig, who: Who,
-                               account: AccountParam = None) -> Response:
-        acct = check_object(who, account, name, cfg.metadata.name, cfg.metadata.namespace)
+    async def put_async_config(
+        name: str, cfg: AsyncConfig, who: Who, account: AccountParam = None
+    ) -> Response:
+        acct = check_object(who, account, name, cfg.metadata)
         dests = cfg.spec.destinationConfig
         for dest in (dests.onSuccess, dests.onFailure):
-            if dest is not None and dest.kind.value == "function" and plane().registry.function(
-                acct, dest.target
-            ) is None:
-                raise ApiError(422, f"destination function {dest.target!r} is not registered in "
-                               f"account {acct!r}", field="spec.destinationConfig")
+            if (
+                dest is not None
+                and dest.kind.value == "function"
+                and plane().registry.function(acct, dest.target) is None
+            ):
+                raise ApiError(
+                    422,
+                    f"destination function {dest.target!r} is not registered in account {acct!r}",
+                    field="spec.destinationConfig",
+                )
         try:
             await plane().registry.put_async_config(cfg)
         except ConfigConflict as err:

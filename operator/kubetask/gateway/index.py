@@ -72,15 +72,22 @@ class TaskIndex:
         if task_id not in rows:
             bisect.insort(ids, task_id)
         rows[task_id] = Summary(
-            account, task_id, task.spec.function, st.phase,
-            st.timestamps.submitted, st.timestamps.started, st.nextAttemptAt,
+            account,
+            task_id,
+            task.spec.function,
+            st.phase,
+            st.timestamps.submitted,
+            st.timestamps.started,
+            st.nextAttemptAt,
         )
 
     def all(self) -> Iterator[Summary]:
         for rows in self._rows.values():
             yield from list(rows.values())
 
-    def search(self, q: Query, limit: int, cursor: tuple[str, str] | None) -> tuple[list[Summary], tuple[str, str] | None]:
+    def search(
+        self, q: Query, limit: int, cursor: tuple[str, str] | None
+    ) -> tuple[list[Summary], tuple[str, str] | None]:
         """Up to `limit` matches in (account, id) order after `cursor`, and the next cursor."""
         accounts = sorted(self._ids) if q.accounts is None else sorted(q.accounts)
         found: list[Summary] = []

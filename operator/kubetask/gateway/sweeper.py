@@ -27,7 +27,9 @@ async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
     cutoff = now() - grace
     republished = 0
     for s in index.all():
-        stale_pending = s.phase is TaskPhase.Pending and s.submitted is not None and s.submitted < cutoff
+        stale_pending = (
+            s.phase is TaskPhase.Pending and s.submitted is not None and s.submitted < cutoff
+        )
         overdue_retry = (
             s.phase is TaskPhase.Retrying and s.next_attempt is not None and s.next_attempt < cutoff
         )

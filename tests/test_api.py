@@ -1,0 +1,240 @@
+"""The HTTP API's contract: audit queries, bad input, authentication and tenant isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from conftest import Api
+
+
+async def _ids(api: Api, **params: object) -> list[str]:
+    page = await api.call("GET", "/v1/tasks", 200, params=params)
+    return [t["metadata"]["name"] for t in page["items"]]
+
+
+async def test_list_filters_alone_and_combined(api: Api) -> None:
+    await api.function("ok", command=["true"])
+    await api.function("bad", command=["false"])
+    await api.async_config("bad", function="bad", maxAsyncRetryAttempts=0)
+    await api.function("held", command=["sleep", "30"])
+    for i in range(3):
+        await api.wait((await api.submit("ok", task_id=f"traceA-ok-{i}"))["metadata"]["name"])
+    for i in range(2):
+        await api.wait((await api.submit("bad", task_id=f"traceA-bad-{i}"))["metadata"]["name"])
+    middle = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    for i in range(2):
+        await api.wait((await api.submit("ok", task_id=f"traceB-ok-{i}"))["metadata"]["name"])
+    await api.submit("held", task_id="traceB-held")
+    await api.wait("traceB-held", {"Running"})
+
+    everything = [
+        "traceA-bad-0",
+        "traceA-bad-1",
+        "traceA-ok-0",
+        "traceA-ok-1",
+        "traceA-ok-2",
+        "traceB-held",
+        "traceB-ok-0",
+        "traceB-ok-1",
+    ]
+    assert await _ids(api) == everything
+    assert await _ids(api, status="Failed") == ["traceA-bad-0", "traceA-bad-1"]
+    assert await _ids(api, status="Running,Failed") == [
+        "traceA-bad-0",
+        "traceA-bad-1",
+        "traceB-held",
+    ]
+    assert await _ids(api, function="ok") == [
+        "traceA-ok-0",
+        "traceA-ok-1",
+        "traceA-ok-2",
+        "traceB-ok-0",
+        "traceB-ok-1",
+    ]
+    assert await _ids(api, idPrefix="traceB") == ["traceB-held", "traceB-ok-0", "traceB-ok-1"]
+    assert await _ids(api, startedAfter=middle.isoformat()) == everything[5:]
+    assert await _ids(api, startedBefore=middle.isoformat()) == everything[:5]
+    assert await _ids(
+        api, idPrefix="traceA", status="Succeeded", function="ok", startedBefore=middle.isoformat()
+    ) == ["traceA-ok-0", "traceA-ok-1", "traceA-ok-2"]
+    assert await _ids(api, idPrefix="traceB", startedBefore=middle.isoformat()) == []
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert await _ids(
+        api, startedAfter=middle.isoformat(), startedBefore=later, function="ok", status="Succeeded"
+    ) == ["traceB-ok-0", "traceB-ok-1"]
+    await api.call("POST", "/v1/tasks/traceB-held/stop", 200)
+
+
+async def test_list_pages_with_a_cursor(api: Api) -> None:
+    await api.function("pg", command=["true"])
+    for i in range(7):
+        await api.submit("pg", task_id=f"page-{i}")
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = await api.call("GET", "/v1/tasks", 200, params=params)
+        seen += [t["metadata"]["name"] for t in page["items"]]
+        pages += 1
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"page-{i}" for i in range(7)]
+    assert pages == 3
+
+
+async def test_bad_input_gets_a_clear_4xx(api: Api) -> None:
+    await api.function("f", command=["true"])
+    cases = [
+        (dict(json={"function": "ghost"}), 404, "function 'ghost' is not registered"),
+        (
+            dict(content=b'{"function": "f", ', headers={"content-type": "application/json"}),
+            400,
+            "malformed JSON",
+        ),
+        (dict(json={"function": "f", "payload": "x" * 70_000}), 413, "the limit is 65536 bytes"),
+        (
+            dict(content=b"x" * 200_000, headers={"content-type": "application/json"}),
+            413,
+            "payloads are limited",
+        ),
+        (dict(json={"function": "f", "id": "has space"}), 422, "task id may use only letters"),
+        (dict(json={"function": "f", "id": "a.b"}), 422, "task id may use only letters"),
+        (dict(json={"function": "f", "id": "x" * 129}), 422, "task id may use only letters"),
+        (dict(json={"function": "Bad_Name"}), 422, "function:"),
+        (dict(json={"payload": 1}), 422, "function: Field required"),
+        (dict(json={"function": "f", "surprise": 1}), 422, "surprise: Extra inputs"),
+    ]
+    for kwargs, status, message in cases:
+        resp = await api.http.post("/v1/tasks", **kwargs)  # type: ignore[arg-type]
+        assert resp.status_code == status, (kwargs.get("json"), resp.text)
+        assert message in resp.json()["error"], resp.json()
+    bad_functions = [
+        ({}, "exactly one of spec.command or spec.server"),
+        ({"command": ["x"], "server": {"command": ["y"]}}, "exactly one of"),
+        ({"command": ["x"], "timeoutSeconds": 86401}, "timeoutSeconds"),
+        ({"command": ["x"], "maxConcurrency": -1}, "maxConcurrency"),
+    ]
+    for spec, message in bad_functions:
+        body = {
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "TaskFunction",
+            "metadata": {"name": "g", "namespace": api.account},
+            "spec": spec,
+        }
+        resp = await api.http.put("/v1/functions/g", json=body)
+        assert resp.status_code == 422 and message in resp.json()["error"], resp.text
+    resp = await api.http.put(
+        "/v1/asyncconfigs/c",
+        json={
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "AsyncConfig",
+            "metadata": {"name": "c", "namespace": api.account},
+            "spec": {
+                "function": "f",
+                "destinationConfig": {"onSuccess": {"kind": "email", "target": "x"}},
+            },
+        },
+    )
+    assert resp.status_code == 422 and "kind" in resp.json()["error"]
+    assert (await api.http.get("/v1/tasks", params={"status": "Done"})).status_code == 422
+    assert (await api.http.get("/v1/tasks/none-such")).status_code == 404
+
+
+async def test_authentication_is_required(api: Api) -> None:
+    for headers in ({}, {"Authorization": "Bearer kt_wrong"}, {"Authorization": "Basic abc"}):
+        resp = await api.http.get(
+            "/v1/tasks", headers=headers | {"Authorization": headers.get("Authorization", "")}
+        )
+        assert resp.status_code == 401
+        assert resp.headers["www-authenticate"] == "Bearer"
+        assert "token" in resp.json()["error"]
+
+
+async def test_one_account_cannot_see_or_touch_another(
+    make_api: Callable[..., Awaitable[Api]],
+) -> None:
+    alice, bob = await make_api(), await make_api()
+    await alice.function("work", command=["sleep", "5"])
+    await bob.function("work", command=["true"])
+    tid = (await alice.submit("work", {"secret": 1}, task_id="alice-1"))["metadata"]["name"]
+    await alice.wait(tid, {"Running"})
+    params = {"account": alice.account}
+    for method, path in [
+        ("GET", f"/v1/tasks/{tid}"),
+        ("POST", f"/v1/tasks/{tid}/stop"),
+        ("POST", f"/v1/tasks/{tid}/pause"),
+        ("DELETE", f"/v1/tasks/{tid}"),
+        ("GET", f"/v1/tasks/{tid}/logs"),
+        ("GET", "/v1/tasks"),
+        ("GET", "/v1/functions/work"),
+        ("DELETE", "/v1/functions/work"),
+    ]:
+        for p in (params, {}):
+            if p == {} and path in ("/v1/tasks", "/v1/functions/work"):
+                if method == "GET":  # bob's own list and function: nothing of alice's in it
+                    resp = await bob.http.get(path)
+                    assert resp.status_code == 200 and "alice" not in resp.text
+                continue
+            resp = await bob.http.request(method, path, params=p)
+            assert resp.status_code == 404, (method, path, p, resp.status_code)
+    resp = await bob.http.post("/v1/tasks", params=params, json={"function": "work"})
+    assert resp.status_code == 404
+    alice_fn = {
+        "apiVersion": "kubetask.io/v1alpha1",
+        "kind": "TaskFunction",
+        "metadata": {"name": "work", "namespace": alice.account},
+        "spec": {"command": ["x"]},
+    }
+    assert (await bob.http.put("/v1/functions/work", json=alice_fn)).status_code == 404
+    # nothing of alice's changed
+    task = await alice.get(tid)
+    assert task["status"]["phase"] == "Running"
+    assert (await alice.call("GET", "/v1/functions/work", 200))["spec"]["command"] == ["sleep", "5"]
+    await alice.call("POST", f"/v1/tasks/{tid}/stop", 200)
+
+
+async def test_admin_spans_accounts(make_api: Callable[..., Awaitable[Api]]) -> None:
+    tenant = await make_api()
+    admin = await make_api(admin=True)
+    await tenant.function("t", command=["true"])
+    tid = (await tenant.submit("t", task_id="adm-1"))["metadata"]["name"]
+    got = await admin.call("GET", f"/v1/tasks/{tid}", 200, params={"account": tenant.account})
+    assert got["metadata"]["namespace"] == tenant.account
+    everyone = await admin.call("GET", "/v1/tasks", 200, params={"idPrefix": "adm-"})
+    assert tenant.account in {t["metadata"]["namespace"] for t in everyone["items"]}
+
+
+async def test_openapi_and_metrics_are_served(api: Api) -> None:
+    doc = (await api.http.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    assert {"Task", "TaskFunction", "AsyncConfig", "TaskSubmission"} <= set(schemas)
+    assert "/v1/tasks/{task_id}/stop" in doc["paths"]
+    await api.function("m", command=["true"])
+    await api.wait((await api.submit("m"))["metadata"]["name"])
+    text = (await api.http.get("/metrics")).text
+    for name in (
+        "kubetask_tasks_submitted_total",
+        "kubetask_tasks_succeeded_total",
+        "kubetask_submit_to_start_seconds_bucket",
+        "kubetask_execution_duration_seconds",
+        "kubetask_tasks_running",
+        "kubetask_backlog",
+    ):
+        assert name in text
+    assert f'kubetask_tasks_succeeded_total{{account="{api.account}",function="m"}} 1.0' in text
+
+
+async def test_function_with_unfinished_tasks_cannot_be_deleted(api: Api) -> None:
+    await api.function("busy", command=["sleep", "3"])
+    tid = (await api.submit("busy"))["metadata"]["name"]
+    resp = await api.http.delete("/v1/functions/busy")
+    assert resp.status_code == 409 and "unfinished" in resp.json()["error"]
+    await api.call("POST", f"/v1/tasks/{tid}/stop", 200)
+    await api.wait(tid)
+    await api.call("DELETE", "/v1/functions/busy", 204)
+    assert (await api.http.post("/v1/tasks", json={"function": "busy"})).status_code == 404

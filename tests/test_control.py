@@ -1,0 +1,198 @@
+"""Stop, pause, resume and delete, and max concurrency across dispatchers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from conftest import Api, read_lines
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+async def _pid_from(path: Path, timeout: float = 10) -> int:
+    for _ in range(int(timeout / 0.05)):
+        lines = read_lines(path)
+        if lines:
+            return int(lines[0])
+        await asyncio.sleep(0.05)
+    raise AssertionError("task never started")
+
+
+async def test_stop_kills_a_running_60s_task_within_2s(api: Api) -> None:
+    pidfile = api.workdir / "pid"
+    argv = api.script(
+        "long",
+        f"""
+        import os, subprocess, time
+        child = subprocess.Popen(["sleep", "60"])
+        open({str(pidfile)!r}, "w").write(f"{{os.getpid()}}\\n{{child.pid}}\\n")
+        time.sleep(60)
+    """,
+    )
+    await api.function("long", command=argv, timeoutSeconds=120)
+    task = await api.submit("long")
+    tid = task["metadata"]["name"]
+    pid = await _pid_from(pidfile)
+    child = int(read_lines(pidfile)[1])
+    assert (await api.get(tid))["status"]["phase"] == "Running"
+    t0 = asyncio.get_running_loop().time()
+    stopping = await api.call("POST", f"/v1/tasks/{tid}/stop", 200)
+    assert stopping["status"]["phase"] in ("Stopping", "Stopped")
+    done = await api.wait(tid, timeout=5)
+    elapsed = asyncio.get_running_loop().time() - t0
+    assert done["status"]["phase"] == "Stopped"
+    assert elapsed < 2.0, elapsed
+    assert not _alive(pid) and not _alive(child)  # the process and its children are gone
+
+
+async def test_stop_a_queued_task_never_runs_it(api: Api) -> None:
+    ran = api.workdir / "ran"
+    blocker = api.script(
+        "block",
+        f"""
+        import json, sys, time
+        p = json.load(sys.stdin)
+        open({str(ran)!r}, "a").write(f"{{p}}\\n")
+        time.sleep(1 if p == "first" else 0)
+    """,
+    )
+    await api.function("one", command=blocker, maxConcurrency=1)
+    first = await api.submit("one", "first")
+    queued = await api.submit("one", "second")
+    await api.wait(first["metadata"]["name"], {"Running"})
+    stopped = await api.call("POST", f"/v1/tasks/{queued['metadata']['name']}/stop", 200)
+    assert stopped["status"]["phase"] == "Stopped"
+    await api.wait(first["metadata"]["name"])
+    await asyncio.sleep(0.5)
+    assert read_lines(ran) == ["first"]
+
+
+async def test_pause_then_resume(api: Api) -> None:
+    ran = api.workdir / "ran"
+    argv = api.script(
+        "pr",
+        f"""
+        import json, sys, time
+        p = json.load(sys.stdin)
+        open({str(ran)!r}, "a").write(f"{{p}}\\n")
+        time.sleep(1.0 if p == "first" else 0)
+        print(json.dumps(p))
+    """,
+    )
+    await api.function("pr", command=argv, maxConcurrency=1)
+    first = await api.submit("pr", "first")
+    paused_id = (await api.submit("pr", "later"))["metadata"]["name"]
+    await api.wait(first["metadata"]["name"], {"Running"})
+    paused = await api.call("POST", f"/v1/tasks/{paused_id}/pause", 200)
+    assert paused["status"]["phase"] == "Paused"
+    await api.wait(first["metadata"]["name"])
+    await asyncio.sleep(1.0)
+    assert (await api.get(paused_id))["status"]["phase"] == "Paused"
+    assert read_lines(ran) == ["first"]  # paused: not run although the function is free
+    resumed = await api.call("POST", f"/v1/tasks/{paused_id}/resume", 200)
+    assert resumed["status"]["phase"] in ("Queued", "Running", "Succeeded")
+    done = await api.wait(paused_id)
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["result"] == "later"
+    assert read_lines(ran) == ["first", "later"]
+
+
+async def test_illegal_transitions_answer_409_with_the_phase(api: Api) -> None:
+    await api.function("quick", command=["true"])
+    tid = (await api.submit("quick"))["metadata"]["name"]
+    await api.wait(tid)
+    for action in ("resume", "pause", "stop"):
+        resp = await api.http.post(f"/v1/tasks/{tid}/{action}")
+        assert resp.status_code == 409
+        assert resp.json()["error"] == f"cannot {action} the task: the task is Succeeded"
+        assert resp.json()["phase"] == "Succeeded"
+
+
+async def test_delete_removes_a_finished_task_and_refuses_a_running_one(api: Api) -> None:
+    await api.function("del", command=["sleep", "2"])
+    running = (await api.submit("del"))["metadata"]["name"]
+    await api.wait(running, {"Running"})
+    resp = await api.http.delete(f"/v1/tasks/{running}")
+    assert resp.status_code == 409 and "stop it first" in resp.json()["error"]
+    await api.call("POST", f"/v1/tasks/{running}/stop", 200)
+    await api.wait(running)
+    await api.call("DELETE", f"/v1/tasks/{running}", 204)
+    assert (await api.http.get(f"/v1/tasks/{running}")).status_code == 404
+
+
+async def test_logs_after_the_fact_and_followed_live(api: Api) -> None:
+    argv = api.script(
+        "talk",
+        """
+        import sys, time
+        for i in range(3):
+            print(f"line {i}", file=sys.stderr, flush=True)
+            time.sleep(0.3)
+    """,
+    )
+    await api.function("talk", command=argv)
+    tid = (await api.submit("talk"))["metadata"]["name"]
+    await api.wait(tid, {"Running"})
+    followed = []
+    async with api.http.stream("GET", f"/v1/tasks/{tid}/logs", params={"follow": "true"}) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if line:
+                followed.append(line)
+    assert (await api.get(tid))["status"]["phase"] == "Succeeded"
+    import json
+
+    records = [json.loads(x) for x in followed]
+    assert [r["line"] for r in records if r["stream"] == "stderr"] == ["line 0", "line 1", "line 2"]
+    assert records[-1]["final"] is True and records[-1]["line"] == "task Succeeded"
+    after = await api.http.get(f"/v1/tasks/{tid}/logs")
+    assert [json.loads(x) for x in after.text.splitlines()] == records
+
+
+async def test_max_concurrency_one_holds_under_50_concurrent_submissions_across_two_dispatchers(
+    api: Api, settings: object
+) -> None:
+    from kubetask.dispatch.dispatcher import Dispatcher
+    from kubetask.plane import DataPlane
+
+    journal = api.workdir / "journal"
+    argv = api.script(
+        "serial",
+        f"""
+        import os, time
+        with open({str(journal)!r}, "a") as f:
+            f.write(f"start {{time.monotonic_ns()}}\\n")
+        time.sleep(0.02)
+        with open({str(journal)!r}, "a") as f:
+            f.write(f"end {{time.monotonic_ns()}}\\n")
+    """,
+    )
+    second = Dispatcher(await DataPlane.connect(settings, "second-dispatcher"))  # type: ignore[arg-type]
+    await second.start()
+    try:
+        await api.function("serial", command=argv, maxConcurrency=1)
+        tasks = await asyncio.gather(*(api.submit("serial", i) for i in range(50)))
+        done = await asyncio.gather(*(api.wait(t["metadata"]["name"], timeout=90) for t in tasks))
+        assert {d["status"]["phase"] for d in done} == {"Succeeded"}
+        running = peak = 0
+        events = sorted((int(ts), kind) for kind, ts in (x.split() for x in read_lines(journal)))
+        for _, kind in events:
+            running += 1 if kind == "start" else -1
+            peak = max(peak, running)
+        assert len(events) == 100
+        assert peak == 1
+        dispatchers = {d["status"]["executor"]["dispatcher"] for d in done}
+        assert len(dispatchers) == 2  # both dispatchers took part, and still one at a time
+    finally:
+        await second.close(drain_timeout=2)
+        await second.plane.close()

@@ -1,0 +1,324 @@
+"""Crash safety with real kills: SIGKILL a dispatcher, then a whole `kubetask dev`, mid-flight.
+
+Every accepted task must reach a terminal state, none may be lost, none may ever run twice at the
+same time (each run takes an exclusive flock on a per-task file; the kernel drops it when the
+process dies), and each is recorded Succeeded exactly once in the audit stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import pytest
+from kubetask.auth import create_token
+from kubetask.embedded import free_port, start_nats, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+TASKS = 200
+WORKER = """
+    import fcntl, json, os, random, sys, time
+    tid = os.environ["KUBETASK_TASK_ID"]
+    fd = os.open(os.path.join({locks!r}, tid), os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with open({overlaps!r}, "a") as f:
+            f.write(tid + "\\n")
+    with open({journal!r}, "a") as f:
+        f.write(f"start {{tid}}\\n")
+    time.sleep(random.uniform(0.3, 2.5))
+    print(json.dumps(tid))
+"""
+
+
+class Lab:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.locks = root / "locks"
+        self.locks.mkdir()
+        self.overlaps = root / "overlaps"
+        self.journal = root / "journal"
+        script = root / "worker.py"
+        script.write_text(
+            textwrap.dedent(
+                WORKER.format(
+                    locks=str(self.locks), overlaps=str(self.overlaps), journal=str(self.journal)
+                )
+            )
+        )
+        self.script = script
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def function_yaml(self) -> str:
+        return textwrap.dedent(f"""
+            apiVersion: kubetask.io/v1alpha1
+            kind: TaskFunction
+            metadata: {{name: work}}
+            spec:
+              command: [{json.dumps(sys.executable)}, {json.dumps(str(self.script))}]
+              maxConcurrency: 25
+            ---
+            apiVersion: kubetask.io/v1alpha1
+            kind: AsyncConfig
+            metadata: {{name: work}}
+            spec: {{function: work, maxAsyncRetryAttempts: 5, retryBackoff: {{initialSeconds: 0.1}}}}
+        """)
+
+    def spawn(self, *args: str, env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
+        out = open(self.root / log, "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetask", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        self.procs.append(proc)
+        return proc
+
+    def started(self) -> int:
+        return (
+            sum(1 for line in self.journal.read_text().splitlines()) if self.journal.exists() else 0
+        )
+
+    def worker_pids(self) -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    cmd = (entry / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if str(self.script).encode() in cmd:
+                    pids.append(int(entry.name))
+        return pids
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(tmp_path)
+    yield lab
+    lab.stop_all()
+
+
+async def _submit_all(url: str, token: str) -> list[str]:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        sem = asyncio.Semaphore(20)
+
+        async def one(i: int) -> str:
+            async with sem:
+                resp = await http.post("/v1/tasks", json={"function": "work", "id": f"job-{i:03d}"})
+                assert resp.status_code == 202, resp.text
+                return str(resp.json()["metadata"]["name"])
+
+        return await asyncio.gather(*(one(i) for i in range(TASKS)))
+
+
+async def _wait_all_terminal(url: str, token: str, timeout: float = 150) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        while True:
+            try:
+                items = (await http.get("/v1/tasks", params={"limit": 1000})).json()["items"]
+            except httpx.TransportError:
+                items = []
+            phases = Counter(t["status"]["phase"] for t in items)
+            if (
+                len(items) == TASKS
+                and sum(phases[p] for p in ("Succeeded", "Failed", "Expired", "Stopped")) == TASKS
+            ):
+                return list(items)
+            assert time.monotonic() < deadline, f"not all terminal: {dict(phases)} of {len(items)}"
+            await asyncio.sleep(0.5)
+
+
+async def _succeeded_events(nats_url: str, account: str) -> Counter[str]:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    sub = await js.subscribe(f"kt.events.{account}.work", ordered_consumer=True)
+    seen: Counter[str] = Counter()
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=2)
+            event = json.loads(msg.data)
+            if event["phase"] == "Succeeded":
+                seen[event["id"]] += 1
+    except (TimeoutError, nats.errors.TimeoutError):
+        pass
+    await nc.close()
+    return seen
+
+
+async def _wait_started(lab: Lab, at_least: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while lab.started() < at_least:
+        assert time.monotonic() < deadline, "tasks did not start"
+        await asyncio.sleep(0.05)
+
+
+def _assert_all_done_once(lab: Lab, tasks: list[dict[str, Any]], events: Counter[str]) -> None:
+    assert Counter(t["status"]["phase"] for t in tasks) == {"Succeeded": TASKS}
+    assert not lab.overlaps.exists() or lab.overlaps.read_text() == "", "a task ran twice at once"
+    ids = {t["metadata"]["name"] for t in tasks}
+    assert ids == {f"job-{i:03d}" for i in range(TASKS)}
+    assert all(t["status"]["result"] == t["metadata"]["name"] for t in tasks)
+    assert set(events) == ids and set(events.values()) == {1}, "Succeeded recorded once each"
+
+
+async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
+    nats_port = free_port()
+    lab.procs.append(start_nats(lab.root / "js", nats_port, tie_to_parent=True))
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    env = dict(
+        os.environ, KUBETASK_NATS_URL=nats_url, KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
+    )
+    tokens = lab.root / "tokens.json"
+    token = create_token(tokens, "crash", "crash")
+    port = free_port()
+    gateway = lab.spawn(
+        "gateway", "--port", str(port), "--tokens", str(tokens), env=env, log="gw.log"
+    )
+    wait_for_port(port, proc=gateway)
+    url = f"http://127.0.0.1:{port}"
+    fn_file = lab.root / "fns.yaml"
+    fn_file.write_text(lab.function_yaml())
+    apply = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetask",
+            "functions",
+            "apply",
+            "-f",
+            str(fn_file),
+            "--url",
+            url,
+            "--token",
+            token,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert apply.returncode == 0, apply.stderr
+    first = lab.spawn("dispatcher", env=env, log="d1.log")
+    await _submit_all(url, token)
+    await _wait_started(lab, 40)
+    running_before = lab.worker_pids()
+    assert running_before, "expected attempts in flight when the dispatcher dies"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    await asyncio.sleep(0.5)
+    assert not [p for p in lab.worker_pids() if p in running_before], "attempts outlived dispatcher"
+    lab.spawn("dispatcher", env=env, log="d2.log")
+    tasks = await _wait_all_terminal(url, token)
+    events = await _succeeded_events(nats_url, "crash")
+    _assert_all_done_once(lab, tasks, events)
+    assert any(t["status"]["attempts"] > 1 for t in tasks), "no attempt was taken over"
+
+
+async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
+    data = lab.root / "data"
+    fn_file = lab.root / "fns.yaml"
+    fn_file.write_text(lab.function_yaml())
+    port, nats_port = free_port(), free_port()
+    args = [
+        "dev",
+        "--data-dir",
+        str(data),
+        "--port",
+        str(port),
+        "--nats-port",
+        str(nats_port),
+        "--ack-wait",
+        "2",
+        "-f",
+        str(fn_file),
+    ]
+    env = dict(os.environ, KUBETASK_SWEEP_GRACE="2")
+    dev = lab.spawn(*args, env=env, log="dev1.log")
+    cfg_file = data / "client.json"
+    deadline = time.monotonic() + 30
+    while not (cfg_file.exists() and "url" in cfg_file.read_text()):
+        assert time.monotonic() < deadline and dev.poll() is None, (
+            lab.root / "dev1.log"
+        ).read_text()
+        await asyncio.sleep(0.1)
+    wait_for_port(port, proc=dev)
+    token = json.loads(cfg_file.read_text())["token"]
+    url = f"http://127.0.0.1:{port}"
+    await _submit_all(url, token)
+    await _wait_started(lab, 40)
+    dev.send_signal(signal.SIGKILL)
+    dev.wait()
+    await asyncio.sleep(1.0)
+    assert lab.worker_pids() == [], "attempts outlived kubetask dev"
+    for p in (port, nats_port):  # gateway and nats-server went down with it
+        with pytest.raises(OSError):
+            wait_for_port(p, timeout=0.2)
+    lab.spawn(*args, env=env, log="dev2.log")
+    wait_for_port(port, timeout=30)
+    tasks = await _wait_all_terminal(url, token)
+    events = await _succeeded_events(f"nats://127.0.0.1:{nats_port}", "default")
+    _assert_all_done_once(lab, tasks, events)
+
+
+async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:
+    nats_port = free_port()
+    lab.procs.append(start_nats(lab.root / "js", nats_port, tie_to_parent=True))
+    env = dict(
+        os.environ, KUBETASK_NATS_URL=f"nats://127.0.0.1:{nats_port}", KUBETASK_QUEUE_MAX_MSGS="20"
+    )
+    tokens = lab.root / "tokens.json"
+    token = create_token(tokens, "full", "full")
+    port = free_port()
+    gateway = lab.spawn(
+        "gateway", "--port", str(port), "--tokens", str(tokens), env=env, log="gw.log"
+    )
+    wait_for_port(port, proc=gateway)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}
+    ) as http:
+        fn = {
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "TaskFunction",
+            "metadata": {"name": "work", "namespace": "full"},
+            "spec": {"command": ["true"]},
+        }
+        assert (await http.put("/v1/functions/work", json=fn)).status_code == 200
+        codes = [
+            (await http.post("/v1/tasks", json={"function": "work", "id": f"q-{i}"})).status_code
+            for i in range(30)
+        ]
+        assert codes == [202] * 20 + [429] * 10
+        refused = await http.post("/v1/tasks", json={"function": "work"})
+        assert "is full" in refused.json()["error"]
+        lab.spawn("dispatcher", env=env, log="d.log")
+        deadline = time.monotonic() + 30
+        while True:
+            items = (await http.get("/v1/tasks", params={"limit": 100})).json()["items"]
+            if all(t["status"]["phase"] == "Succeeded" for t in items) and len(items) == 20:
+                break
+            assert time.monotonic() < deadline, [t["status"]["phase"] for t in items]
+            await asyncio.sleep(0.2)
+        assert {t["metadata"]["name"] for t in items} == {f"q-{i}" for i in range(20)}

@@ -1,0 +1,62 @@
+"""The object model and the state table, without any server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubetask.crdgen import crds, render
+from kubetask.models import Destination, RetryBackoff, TaskFunctionSpec, TaskPhase
+from kubetask.states import TERMINAL, TRANSITIONS, allowed
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_crds_directory_is_generated_from_the_models() -> None:
+    for plural, crd in crds().items():
+        path = ROOT / "crds" / f"kubetask.io_{plural}.yaml"
+        assert path.read_text() == render(crd), f"{path} is stale: run `kubetask crds generate`"
+
+
+def test_function_needs_exactly_one_runtime_and_bounded_timeout() -> None:
+    TaskFunctionSpec(command=["x"], timeoutSeconds=0.001)
+    TaskFunctionSpec(server={"command": ["x"]}, timeoutSeconds=86400)
+    for bad in (
+        {},
+        {"command": ["x"], "server": {"command": ["y"]}},
+        {"command": ["x"], "timeoutSeconds": 86400.5},
+        {"command": ["x"], "timeoutSeconds": 0},
+        {"command": []},
+        {"command": ["x"], "maxConcurrency": 0},
+    ):
+        with pytest.raises(ValidationError):
+            TaskFunctionSpec.model_validate(bad)
+
+
+def test_destination_target_must_fit_its_kind() -> None:
+    Destination(kind="webhook", target="https://example.test/hook")
+    for kind, target in (("webhook", "ftp://x"), ("function", "Not_A_Name"), ("subject", "a.*")):
+        with pytest.raises(ValidationError):
+            Destination(kind=kind, target=target)  # type: ignore[arg-type]
+
+
+def test_backoff_grows_exponentially_to_a_cap() -> None:
+    b = RetryBackoff(initialSeconds=1, multiplier=2, maxSeconds=5)
+    assert [b.delay(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]
+
+
+def test_state_table_terminal_phases_are_final_and_every_phase_can_end() -> None:
+    assert set(TRANSITIONS) == set(TaskPhase)
+    for phase in TERMINAL:
+        assert TRANSITIONS[phase] == frozenset()
+    for phase in set(TaskPhase) - TERMINAL:
+        reachable, frontier = {phase}, [phase]
+        while frontier:
+            for nxt in TRANSITIONS[frontier.pop()]:
+                if nxt not in reachable:
+                    reachable.add(nxt)
+                    frontier.append(nxt)
+        assert reachable & TERMINAL, phase
+    assert not allowed(TaskPhase.Succeeded, TaskPhase.Running)
+    assert allowed(TaskPhase.Running, TaskPhase.Running)  # takeover after a dispatcher crash
