@@ -8,10 +8,10 @@ are stored: a leaked file does not leak tokens.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,33 +45,44 @@ def hash_token(token: str) -> str:
 
 
 class TokenBook:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, recheck_seconds: float = 1.0) -> None:
         self.path = path
-        self._mtime: float | None = None
+        self.recheck_seconds = recheck_seconds
+        self._checked = 0.0
+        self._version: tuple[int, int, int] | None = None
         self._by_hash: dict[str, Principal] = {}
 
-    def _reload(self) -> None:
-        try:
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
-            self._by_hash, self._mtime = {}, None
+    def _reload(self, force: bool = False) -> None:
+        # Known tokens re-stat the file at most once a second (revocations land within it); an
+        # unknown token re-stats at once, so a token added a moment ago works straight away.
+        now = time.monotonic()
+        if not force and now - self._checked < self.recheck_seconds:
             return
-        if mtime == self._mtime:
+        self._checked = now
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._by_hash, self._version = {}, None
+            return
+        # mtime alone misses two writes within one clock tick; a replaced file has a new inode.
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if version == self._version:
             return
         entries = json.loads(self.path.read_text() or "{}").get("tokens", [])
         self._by_hash = {
             e["sha256"]: Principal(e.get("name", ""), e.get("account"), bool(e.get("admin")))
             for e in entries
         }
-        self._mtime = mtime
+        self._version = version
 
     def authenticate(self, token: str) -> Principal | None:
         self._reload()
+        # A dict lookup on the SHA-256 of the token: the hash, not the token, is compared, so
+        # timing reveals nothing useful about valid tokens.
         digest = hash_token(token)
-        for known, principal in self._by_hash.items():
-            if hmac.compare_digest(known, digest):
-                return principal
-        return None
+        if digest not in self._by_hash:
+            self._reload(force=True)
+        return self._by_hash.get(digest)
 
 
 def create_token(path: Path, name: str, account: str | None, admin: bool = False) -> str:

@@ -44,6 +44,11 @@ class TaskRecord(BaseModel):
 class Versioned:
     record: TaskRecord
     revision: int
+    raw: bytes
+
+    def fresh_copy(self) -> TaskRecord:
+        """A private copy to mutate; re-parsing the stored JSON is far cheaper than deepcopy."""
+        return TaskRecord.model_validate_json(self.raw)
 
 
 class TaskExists(Exception):
@@ -69,7 +74,7 @@ class TaskStore:
         while True:
             try:
                 revision = await self.kv.create(key, data)
-                return Versioned(record, revision)
+                return Versioned(record, revision, data)
             except KeyWrongLastSequenceError:
                 existing = await self.get(record.task.account, record.task.id)
                 if existing is not None:
@@ -82,7 +87,7 @@ class TaskStore:
             return None
         if entry.value is None or entry.revision is None:
             return None
-        return Versioned(TaskRecord.model_validate_json(entry.value), entry.revision)
+        return Versioned(TaskRecord.model_validate_json(entry.value), entry.revision, entry.value)
 
     async def transition(
         self, account: str, task_id: str, mutate: Mutation, current: Versioned | None = None
@@ -99,17 +104,16 @@ class TaskStore:
                 if current is None:
                     raise TaskGone(task_id)
             before = current.record.phase
-            updated = mutate(current.record.model_copy(deep=True))
+            updated = mutate(current.fresh_copy())
             after = updated.phase
             if after != before and not allowed(before, after):
                 raise IllegalTransition(before, after)
+            data = updated.model_dump_json().encode()
             try:
                 revision = await self.kv.update(
-                    names.task_key(account, task_id),
-                    updated.model_dump_json().encode(),
-                    last=current.revision,
+                    names.task_key(account, task_id), data, last=current.revision
                 )
-                return Versioned(updated, revision)
+                return Versioned(updated, revision, data)
             except KeyWrongLastSequenceError:
                 current = None
 

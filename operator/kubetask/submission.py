@@ -1,11 +1,12 @@
 """Accepting a task: the one path shared by HTTP submissions, kubectl-applied Tasks and
 function destinations (chaining), so de-duplication and queueing behave the same for all.
 
-Order matters for crash safety: the record is created first (a second submission of the id gets
-the existing task, forever, not only within JetStream's dedup window), then the message is
-published, then the record is marked Queued. A crash between the first two leaves a Pending
-record, which the sweeper republishes; a duplicate message is harmless because only the message
-carrying the record's current dispatch token can claim the task.
+Order matters for crash safety and costs two round trips: the message is published first, then
+the record is created (a create fails if the id exists, so a second submission of an id gets the
+existing task forever, not only within JetStream's dedup window). A message whose record never
+appears — a duplicate id, or a gateway that died in between, before answering 202 — carries a
+token no record has, and dispatchers drop it. A dispatcher that sees a message before its record
+is created waits briefly for it (`dispatcher.RECORD_GRACE`).
 """
 
 from __future__ import annotations
@@ -30,30 +31,31 @@ def generate_id() -> str:
 async def submit(
     plane: DataPlane, fn: TaskFunction, task_id: str | None, payload: Any
 ) -> Versioned:
-    """Create and enqueue; raises `store.TaskExists` for a known id, `queues.QueueFull` when the
-    queue refuses (the record is then removed, so the client may simply try again)."""
+    """Enqueue and record; raises `store.TaskExists` for a known id and `queues.QueueFull` when
+    the queue refuses (nothing was accepted then, so the client may simply try again)."""
     await plane.depth.admit(fn)
+    submitted = now()
     record = TaskRecord(
         task=Task(
             metadata=TaskMeta(name=task_id or generate_id(), namespace=fn.account),
             spec=TaskSpec(function=fn.name, payload=payload),
-            status=TaskStatus(timestamps=StageTimestamps(submitted=now())),
+            status=TaskStatus(
+                phase=TaskPhase.Queued, timestamps=StageTimestamps(submitted=submitted)
+            ),
         ),
         token=new_token(),
     )
+    ref = queues.QueuedRef(fn.account, record.task.id, record.token)
+    await queues.enqueue(plane.js, fn, ref)
+    record.task.status.timestamps.enqueued = now()
     created = await plane.store.create(record)
-    try:
-        await enqueue(plane, fn, created)
-    except queues.QueueFull:
-        await plane.store.delete(created)
-        raise
     metrics.SUBMITTED.labels(fn.account, fn.name).inc()
     return created
 
 
 async def enqueue(plane: DataPlane, fn: TaskFunction, current: Versioned) -> Versioned:
-    """Publish a Pending record's message and mark it Queued (the dispatcher may already have
-    claimed it, which is fine)."""
+    """Publish a Pending (resumed) record's message and mark it Queued; the dispatcher may already
+    have claimed it, which is fine. A crash in between leaves it Pending for the sweeper."""
     rec = current.record
     await queues.enqueue(plane.js, fn, queues.QueuedRef(rec.task.account, rec.task.id, rec.token))
 

@@ -39,6 +39,8 @@ from .retries import Retries
 
 log = logging.getLogger("kubetask.dispatcher")
 
+# How long a message may wait for its record to appear (the gateway publishes, then records).
+RECORD_GRACE = 10.0
 # A terminal step (events, destinations) that keeps failing is retried this often, then dropped.
 MAX_FINALIZE_DELIVERIES = 50
 FINALIZE_RETRY_DELAY = 30.0
@@ -153,8 +155,15 @@ class Dispatcher:
         ref = queues.QueuedRef.decode(msg.data)
         seq = int(msg.metadata.sequence.stream)
         current = await self.plane.store.get(ref.account, ref.task_id)
-        if current is None or current.record.token != ref.token:
-            await msg.ack()  # deleted, or a stale copy superseded by a retry/resume
+        if current is None:
+            age = (dequeued - msg.metadata.timestamp).total_seconds()
+            if age < RECORD_GRACE:
+                await msg.nak(delay=0.05)  # published, record not yet written: see submission.py
+            else:
+                await msg.ack()  # never accepted (duplicate id, or the gateway died), or deleted
+            return
+        if current.record.token != ref.token:
+            await msg.ack()  # a stale copy superseded by a retry/resume
             return
         record = current.record
         phase = record.phase

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import actions, logs, names, queues, submission
 from ..auth import OutOfScope, Principal, TokenBook
@@ -57,6 +58,31 @@ class ApiError(Exception):
         self.extra = extra
 
 
+class BodyLimit:
+    """Refuse oversized bodies before they are read (plain ASGI: no per-request task overhead)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        # The limit applies to the payload; leave room for the envelope around it.
+        self.max_body = limit + 64 * 1024
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and int(value) > self.max_body:
+                    response = JSONResponse(
+                        {
+                            "error": f"request body is {int(value)} bytes; payloads are limited "
+                            f"to {self.limit} bytes"
+                        },
+                        status_code=413,
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def _json(model: Any, status: int = 200) -> Response:
     return Response(model.model_dump_json(exclude_none=False), status_code=status, media_type=JSON)
 
@@ -66,7 +92,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+async def principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
     tokens: TokenBook = request.app.state.tokens
@@ -149,20 +177,7 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
     async def _illegal(_: Request, err: IllegalTransition) -> JSONResponse:
         return JSONResponse({"error": str(err), "phase": err.current.value}, status_code=409)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        # The payload limit applies to the payload; allow room for the envelope around it.
-        if length is not None and int(length) > settings.max_payload_bytes + 64 * 1024:
-            return JSONResponse(
-                {
-                    "error": f"request body is {length} bytes; payloads are limited to "
-                    f"{settings.max_payload_bytes} bytes"
-                },
-                status_code=413,
-            )
-        response: Response = await call_next(request)
-        return response
+    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes)
 
     async def load_task(p: Principal, account: str | None, task_id: str) -> Versioned:
         acct = p.one_account(account)

@@ -1,0 +1,294 @@
+"""End-to-end throughput and latency of no-op tasks, against baselines measured in the same run.
+
+kubetask: HTTP submit -> gateway -> JetStream -> dispatcher -> warm `server` executor ->
+Succeeded recorded (counted from the audit events). Baselines: Celery and Dramatiq on Redis, two
+worker processes each, results stored. Ceiling: raw nats-py JetStream publish+fetch+ack on the
+same nats-server. Then an open-loop load at 30% of kubetask's peak for submit->start latency.
+
+Prints figures; asserts nothing. Run through bench/run.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import nats
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+
+from kubetask.auth import create_token
+from kubetask.embedded import free_port, start_nats, wait_for_port
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class Kubetask:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.nats_port = free_port()
+        self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    async def start(self) -> None:
+        self.procs.append(start_nats(self.work / "js", self.nats_port))
+        tokens = self.work / "tokens.json"
+        self.token = create_token(tokens, "bench", "bench")
+        env = dict(os.environ, KUBETASK_NATS_URL=self.nats_url)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        log = open(self.work / "kubetask.log", "ab")  # noqa: SIM115
+        for args in (["gateway", "--port", str(port), "--tokens", str(tokens)], ["dispatcher"]):
+            self.procs.append(subprocess.Popen([PY, "-m", "kubetask", *args], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT))
+        wait_for_port(port, proc=self.procs[1])
+        fn = {"apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
+              "metadata": {"name": "noop", "namespace": "bench"},
+              "spec": {"server": {"command": [PY, str(HERE / "noop_server.py")],
+                                  "concurrency": 64, "maxInstances": 1},
+                       "maxConcurrency": 64, "timeoutSeconds": 10}}
+        self.session = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {self.token}"},
+            connector=aiohttp.TCPConnector(limit=128))
+        async with self.session.put(f"{self.url}/v1/functions/noop", json=fn) as resp:
+            assert resp.status == 200, await resp.text()
+        self.nc = await nats.connect(self.nats_url)
+        self.done = 0
+        self._done_event = asyncio.Event()
+        self.target = 0
+
+        async def on_event(msg: nats.aio.msg.Msg) -> None:
+            if json.loads(msg.data)["phase"] == "Succeeded":
+                self.done += 1
+                if self.done >= self.target:
+                    self._done_event.set()
+
+        await self.nc.subscribe("kt.events.bench.noop", cb=on_event)
+
+    async def submit(self, task_id: str | None = None) -> float:
+        body: dict[str, object] = {"function": "noop", "payload": {"n": 1}}
+        if task_id:
+            body["id"] = task_id
+        t0 = time.perf_counter()
+        async with self.session.post(f"{self.url}/v1/tasks", json=body) as resp:
+            await resp.read()
+            assert resp.status == 202, resp.status
+        return time.perf_counter() - t0
+
+    async def closed_loop(self, n: int, concurrency: int) -> tuple[float, list[float]]:
+        """Submit n tasks with `concurrency` in flight; tasks/s until all are Succeeded."""
+        self.done, self.target = 0, n
+        self._done_event.clear()
+        latencies: list[float] = []
+        queue = iter(range(n))
+
+        async def client() -> None:
+            for _ in queue:
+                latencies.append(await self.submit())
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.wait_for(self._done_event.wait(), 300)
+        return n / (time.perf_counter() - t0), latencies
+
+    async def open_loop(self, rate: float, seconds: float) -> list[float]:
+        """Submit at a fixed rate regardless of responses; returns submit->start latencies."""
+        n = int(rate * seconds)
+        self.done, self.target = 0, n
+        self._done_event.clear()
+        prefix = f"open{int(time.time())}-"
+        start = time.perf_counter()
+        pending = []
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            pending.append(asyncio.create_task(self.submit(f"{prefix}{i:06d}")))
+        await asyncio.gather(*pending)
+        await asyncio.wait_for(self._done_event.wait(), 300)
+        lat: list[float] = []
+        cursor = None
+        while True:
+            params = {"idPrefix": prefix, "limit": "1000", **({"cursor": cursor} if cursor else {})}
+            async with self.session.get(f"{self.url}/v1/tasks", params=params) as resp:
+                page = await resp.json()
+            for t in page["items"]:
+                ts = t["status"]["timestamps"]
+                lat.append((datetime_of(ts["started"]) - datetime_of(ts["submitted"])))
+            cursor = page["cursor"]
+            if not cursor:
+                return lat
+
+    async def stop(self) -> None:
+        await self.session.close()
+        await self.nc.close()
+        for p in reversed(self.procs):
+            p.terminate()
+            p.wait(30)
+
+
+def datetime_of(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+async def raw_jetstream(nats_url: str, n: int) -> float:
+    """Publish (acked) + fetch + ack of n small messages through one stream: the ceiling."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="RAW", subjects=["raw.>"],
+                                     retention=RetentionPolicy.WORK_QUEUE))
+    sub = await js.pull_subscribe("raw.x", durable="raw", stream="RAW",
+                                  config=ConsumerConfig(max_ack_pending=1024))
+    data = b'{"a":"bench","id":"0123456789abcdef","t":"0123456789abcdef"}'
+    t0 = time.perf_counter()
+
+    async def produce() -> None:
+        sem = asyncio.Semaphore(64)
+
+        async def one() -> None:
+            async with sem:
+                await js.publish("raw.x", data)
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    async def consume() -> None:
+        got = 0
+        while got < n:
+            try:
+                msgs = await sub.fetch(256, timeout=1)
+            except TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+            got += len(msgs)
+
+    await asyncio.gather(produce(), consume())
+    rate = n / (time.perf_counter() - t0)
+    await js.delete_stream("RAW")
+    await nc.close()
+    return rate
+
+
+class Redis:
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(work)], stdout=subprocess.DEVNULL)
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def celery_run(redis_url: str, n: int, work: Path) -> float:
+    env = dict(os.environ, BENCH_REDIS_URL=redis_url, PYTHONPATH=str(HERE.parent))
+    worker = subprocess.Popen(
+        [PY, "-m", "celery", "-A", "bench.baselines:celery_app", "worker", "--concurrency", "2",
+         "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+         "--without-heartbeat"], env=env, stdout=open(work / "celery.log", "ab"),  # noqa: SIM115
+        stderr=subprocess.STDOUT)
+    try:
+        os.environ["BENCH_REDIS_URL"] = redis_url
+        sys.path.insert(0, str(HERE.parent))
+        from bench import baselines
+
+        baselines.celery_app.conf.broker_url = redis_url
+        baselines.celery_app.conf.result_backend = redis_url
+        warm = [baselines.celery_noop.delay(i) for i in range(200)]
+        for r in warm:
+            r.get(timeout=60)
+        t0 = time.perf_counter()
+        results = [baselines.celery_noop.delay(i) for i in range(n)]
+        for r in results:
+            r.get(timeout=300)
+        return n / (time.perf_counter() - t0)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def dramatiq_run(redis_url: str, n: int, work: Path) -> float:
+    env = dict(os.environ, BENCH_REDIS_URL=redis_url, PYTHONPATH=str(HERE.parent))
+    worker = subprocess.Popen(
+        [PY, "-m", "dramatiq", "bench.baselines", "--processes", "2", "--threads", "8"],
+        env=env, stdout=open(work / "dramatiq.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        from bench import baselines
+
+        warm = [baselines.dramatiq_noop.send(i) for i in range(200)]
+        for m in warm:
+            m.get_result(block=True, timeout=60_000)
+        t0 = time.perf_counter()
+        msgs = [baselines.dramatiq_noop.send(i) for i in range(n)]
+        for m in msgs:
+            m.get_result(block=True, timeout=300_000)
+        return n / (time.perf_counter() - t0)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--open-seconds", type=float, default=10)
+    ap.add_argument("--skip-baselines", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kubetask-bench-"))
+    print(f"2-core machine: {os.cpu_count()} cpus; {args.tasks} no-op tasks per system; work in {work}")
+
+    kt = Kubetask(work)
+    await kt.start()
+    try:
+        await kt.closed_loop(300, args.concurrency)  # warm-up: instance started, JIT-free paths hot
+        kt_rate, submit_lat = await kt.closed_loop(args.tasks, args.concurrency)
+        print(f"kubetask end-to-end:      {kt_rate:8.0f} tasks/s   submit latency "
+              f"p50 {pct(submit_lat, .5) * 1000:.1f} ms  p99 {pct(submit_lat, .99) * 1000:.1f} ms "
+              f"(with {args.concurrency} in flight)")
+        rate = 0.3 * kt_rate
+        lat = await kt.open_loop(rate, args.open_seconds)
+        print(f"open loop at {rate:.0f}/s (30% of peak), {len(lat)} tasks: submit->start "
+              f"p50 {pct(lat, .5) * 1000:.1f} ms  p99 {pct(lat, .99) * 1000:.1f} ms  "
+              f"mean {statistics.mean(lat) * 1000:.1f} ms")
+        ceiling = await raw_jetstream(kt.nats_url, args.tasks * 4)
+        print(f"raw JetStream publish+fetch+ack: {ceiling:8.0f} msgs/s  "
+              f"(kubetask = {kt_rate / ceiling:.1%} of it)")
+    finally:
+        await kt.stop()
+
+    if args.skip_baselines:
+        return
+    redis = Redis(work)
+    try:
+        celery_rate = celery_run(redis.url, args.tasks, work)
+        print(f"celery (redis, 2 procs):  {celery_rate:8.0f} tasks/s")
+        dramatiq_rate = dramatiq_run(redis.url, args.tasks, work)
+        print(f"dramatiq (redis, 2 procs):{dramatiq_rate:8.0f} tasks/s")
+    finally:
+        redis.stop()
+    print(f"kubetask / celery   = {kt_rate / celery_rate:.2f}x   (target >= 3x)")
+    print(f"kubetask / dramatiq = {kt_rate / dramatiq_rate:.2f}x   (target >= 1x)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
