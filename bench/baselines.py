@@ -14,8 +14,9 @@ from dramatiq.results.backends import RedisBackend
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 celery_app = Celery("bench", broker=REDIS_URL, backend=REDIS_URL)
-celery_app.conf.update(worker_prefetch_multiplier=16, task_ignore_result=False,
-                       worker_hijack_root_logger=False)
+celery_app.conf.update(
+    worker_prefetch_multiplier=16, task_ignore_result=False, worker_hijack_root_logger=False
+)
 
 
 @celery_app.task(name="noop")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -23,10 +22,9 @@ from pathlib import Path
 
 import aiohttp
 import nats
-from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
-
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
@@ -51,19 +49,32 @@ class Kubetask:
         env = dict(os.environ, KUBETASK_NATS_URL=self.nats_url)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        log = open(self.work / "kubetask.log", "ab")  # noqa: SIM115
+        log = open(self.work / "kubetask.log", "ab")
         for args in (["gateway", "--port", str(port), "--tokens", str(tokens)], ["dispatcher"]):
-            self.procs.append(subprocess.Popen([PY, "-m", "kubetask", *args], env=env,
-                                               stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(
+                subprocess.Popen(
+                    [PY, "-m", "kubetask", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
         wait_for_port(port, proc=self.procs[1])
-        fn = {"apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
-              "metadata": {"name": "noop", "namespace": "bench"},
-              "spec": {"server": {"command": [PY, str(HERE / "noop_server.py")],
-                                  "concurrency": 64, "maxInstances": 1},
-                       "maxConcurrency": 64, "timeoutSeconds": 10}}
+        fn = {
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "TaskFunction",
+            "metadata": {"name": "noop", "namespace": "bench"},
+            "spec": {
+                "server": {
+                    "command": [PY, str(HERE / "noop_server.py")],
+                    "concurrency": 64,
+                    "maxInstances": 1,
+                },
+                "maxConcurrency": 64,
+                "timeoutSeconds": 10,
+            },
+        }
         self.session = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {self.token}"},
-            connector=aiohttp.TCPConnector(limit=128))
+            connector=aiohttp.TCPConnector(limit=128),
+        )
         async with self.session.put(f"{self.url}/v1/functions/noop", json=fn) as resp:
             assert resp.status == 200, await resp.text()
         self.nc = await nats.connect(self.nats_url)
@@ -72,12 +83,19 @@ class Kubetask:
         self.target = 0
 
         async def on_event(msg: nats.aio.msg.Msg) -> None:
-            if json.loads(msg.data)["phase"] == "Succeeded":
+            if msg.data and b'"phase":"Succeeded"' in msg.data:
                 self.done += 1
                 if self.done >= self.target:
                     self._done_event.set()
 
-        await self.nc.subscribe("kt.events.bench.noop", cb=on_event)
+        js = self.nc.jetstream()
+        await js.subscribe(
+            "kt.events.bench.>",
+            stream="KT_EVENTS",
+            cb=on_event,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+        )
 
     async def submit(self, task_id: str | None = None) -> float:
         body: dict[str, object] = {"function": "noop", "payload": {"n": 1}}
@@ -128,7 +146,7 @@ class Kubetask:
                 page = await resp.json()
             for t in page["items"]:
                 ts = t["status"]["timestamps"]
-                lat.append((datetime_of(ts["started"]) - datetime_of(ts["submitted"])))
+                lat.append(datetime_of(ts["started"]) - datetime_of(ts["submitted"]))
             cursor = page["cursor"]
             if not cursor:
                 return lat
@@ -151,10 +169,12 @@ async def raw_jetstream(nats_url: str, n: int) -> float:
     """Publish (acked) + fetch + ack of n small messages through one stream: the ceiling."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="RAW", subjects=["raw.>"],
-                                     retention=RetentionPolicy.WORK_QUEUE))
-    sub = await js.pull_subscribe("raw.x", durable="raw", stream="RAW",
-                                  config=ConsumerConfig(max_ack_pending=1024))
+    await js.add_stream(
+        StreamConfig(name="RAW", subjects=["raw.>"], retention=RetentionPolicy.WORK_QUEUE)
+    )
+    sub = await js.pull_subscribe(
+        "raw.x", durable="raw", stream="RAW", config=ConsumerConfig(max_ack_pending=1024)
+    )
     data = b'{"a":"bench","id":"0123456789abcdef","t":"0123456789abcdef"}'
     t0 = time.perf_counter()
 
@@ -190,8 +210,19 @@ class Redis:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(work)], stdout=subprocess.DEVNULL)
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(work),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -202,10 +233,27 @@ class Redis:
 def celery_run(redis_url: str, n: int, work: Path) -> float:
     env = dict(os.environ, BENCH_REDIS_URL=redis_url, PYTHONPATH=str(HERE.parent))
     worker = subprocess.Popen(
-        [PY, "-m", "celery", "-A", "bench.baselines:celery_app", "worker", "--concurrency", "2",
-         "--pool", "prefork", "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
-         "--without-heartbeat"], env=env, stdout=open(work / "celery.log", "ab"),  # noqa: SIM115
-        stderr=subprocess.STDOUT)
+        [
+            PY,
+            "-m",
+            "celery",
+            "-A",
+            "bench.baselines:celery_app",
+            "worker",
+            "--concurrency",
+            "2",
+            "--pool",
+            "prefork",
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        env=env,
+        stdout=open(work / "celery.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         os.environ["BENCH_REDIS_URL"] = redis_url
         sys.path.insert(0, str(HERE.parent))
@@ -230,7 +278,10 @@ def dramatiq_run(redis_url: str, n: int, work: Path) -> float:
     env = dict(os.environ, BENCH_REDIS_URL=redis_url, PYTHONPATH=str(HERE.parent))
     worker = subprocess.Popen(
         [PY, "-m", "dramatiq", "bench.baselines", "--processes", "2", "--threads", "8"],
-        env=env, stdout=open(work / "dramatiq.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        env=env,
+        stdout=open(work / "dramatiq.log", "ab"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         from bench import baselines
 
@@ -255,24 +306,32 @@ async def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kubetask-bench-"))
-    print(f"2-core machine: {os.cpu_count()} cpus; {args.tasks} no-op tasks per system; work in {work}")
+    print(
+        f"2-core machine: {os.cpu_count()} cpus; {args.tasks} no-op tasks per system; work in {work}"
+    )
 
     kt = Kubetask(work)
     await kt.start()
     try:
         await kt.closed_loop(300, args.concurrency)  # warm-up: instance started, JIT-free paths hot
         kt_rate, submit_lat = await kt.closed_loop(args.tasks, args.concurrency)
-        print(f"kubetask end-to-end:      {kt_rate:8.0f} tasks/s   submit latency "
-              f"p50 {pct(submit_lat, .5) * 1000:.1f} ms  p99 {pct(submit_lat, .99) * 1000:.1f} ms "
-              f"(with {args.concurrency} in flight)")
+        print(
+            f"kubetask end-to-end:      {kt_rate:8.0f} tasks/s   submit latency "
+            f"p50 {pct(submit_lat, 0.5) * 1000:.1f} ms  p99 {pct(submit_lat, 0.99) * 1000:.1f} ms "
+            f"(with {args.concurrency} in flight)"
+        )
         rate = 0.3 * kt_rate
         lat = await kt.open_loop(rate, args.open_seconds)
-        print(f"open loop at {rate:.0f}/s (30% of peak), {len(lat)} tasks: submit->start "
-              f"p50 {pct(lat, .5) * 1000:.1f} ms  p99 {pct(lat, .99) * 1000:.1f} ms  "
-              f"mean {statistics.mean(lat) * 1000:.1f} ms")
+        print(
+            f"open loop at {rate:.0f}/s (30% of peak), {len(lat)} tasks: submit->start "
+            f"p50 {pct(lat, 0.5) * 1000:.1f} ms  p99 {pct(lat, 0.99) * 1000:.1f} ms  "
+            f"mean {statistics.mean(lat) * 1000:.1f} ms"
+        )
         ceiling = await raw_jetstream(kt.nats_url, args.tasks * 4)
-        print(f"raw JetStream publish+fetch+ack: {ceiling:8.0f} msgs/s  "
-              f"(kubetask = {kt_rate / ceiling:.1%} of it)")
+        print(
+            f"raw JetStream publish+fetch+ack: {ceiling:8.0f} msgs/s  "
+            f"(kubetask = {kt_rate / ceiling:.1%} of it)"
+        )
     finally:
         await kt.stop()
 

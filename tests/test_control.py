@@ -154,7 +154,8 @@ async def test_logs_after_the_fact_and_followed_live(api: Api) -> None:
 
     records = [json.loads(x) for x in followed]
     assert [r["line"] for r in records if r["stream"] == "stderr"] == ["line 0", "line 1", "line 2"]
-    assert records[-1]["final"] is True and records[-1]["line"] == "task Succeeded"
+    assert records[-1]["final"] is True
+    assert records[-1]["line"] == "attempt 1 succeeded; task Succeeded"
     after = await api.http.get(f"/v1/tasks/{tid}/logs")
     assert [json.loads(x) for x in after.text.splitlines()] == records
 

@@ -155,14 +155,16 @@ async def _wait_all_terminal(url: str, token: str, timeout: float = 150) -> list
 async def _succeeded_events(nats_url: str, account: str) -> Counter[str]:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    sub = await js.subscribe(f"kt.events.{account}.work", ordered_consumer=True)
+    sub = await js.subscribe(f"kt.events.{account}.>", stream="KT_EVENTS", ordered_consumer=True)
     seen: Counter[str] = Counter()
     try:
         while True:
             msg = await sub.next_msg(timeout=2)
-            event = json.loads(msg.data)
-            if event["phase"] == "Succeeded":
-                seen[event["id"]] += 1
+            if not msg.data:
+                continue  # a deletion
+            task = json.loads(msg.data)["task"]
+            if task["status"]["phase"] == "Succeeded":
+                seen[task["metadata"]["name"]] += 1
     except (TimeoutError, nats.errors.TimeoutError):
         pass
     await nc.close()

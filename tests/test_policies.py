@@ -229,3 +229,24 @@ async def test_async_config_changes_apply_without_restart(api: Api) -> None:
     )
     t2 = await api.submit("cfgd")
     assert (await api.wait(t2["metadata"]["name"]))["status"]["attempts"] == 2
+
+
+async def test_every_state_change_is_in_the_audit_stream(api: Api, plane: DataPlane) -> None:
+    await api.function("audited", command=["false"])
+    await api.async_config(
+        "audited", function="audited", maxAsyncRetryAttempts=1, retryBackoff={"initialSeconds": 0}
+    )
+    tid = (await api.submit("audited", task_id="audit-1"))["metadata"]["name"]
+    await api.wait(tid)
+    sub = await plane.js.subscribe(
+        f"kt.events.{api.account}.{tid}", stream="KT_EVENTS", ordered_consumer=True
+    )
+    phases: list[str] = []
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=1)
+        except TimeoutError:
+            break
+        phases.append(json.loads(msg.data)["task"]["status"]["phase"])
+    await sub.unsubscribe()
+    assert phases == ["Queued", "Running", "Retrying", "Running", "Failed"]

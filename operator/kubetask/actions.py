@@ -6,7 +6,7 @@ Shared by the HTTP API, the CLI (through it) and the operator (deleting a Task o
 from __future__ import annotations
 
 from . import names, submission
-from .events import publish_terminal
+from .logs import encode_line
 from .models import TaskPhase
 from .plane import DataPlane
 from .states import DELETABLE, PAUSABLE, RESUMABLE, STOPPABLE, IllegalTransition
@@ -36,9 +36,12 @@ async def stop(plane: DataPlane, current: Versioned) -> Versioned:
     updated = await plane.store.transition(task.account, task.id, mutate, current)
     if updated.record.phase is TaskPhase.Stopping:
         await plane.nc.publish(names.stop_subject(task.account, task.id))
-        await plane.nc.flush()
-    else:
-        await publish_terminal(plane.js, updated.record)
+    else:  # ended here, not by a dispatcher: close its log the way a dispatcher would
+        line = encode_line(
+            updated.record.task.status.attempts, "system", "task Stopped", final=True
+        )
+        await plane.nc.publish(names.log_subject(task.account, task.id), line)
+    await plane.nc.flush()
     return updated
 
 

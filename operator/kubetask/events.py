@@ -1,33 +1,35 @@
-"""One event per task that reaches a terminal phase, in the KT_EVENTS stream — the audit trail.
+"""The audit trail: every revision of every task record, kept in the KT_EVENTS stream.
 
-The Nats-Msg-Id is derived from the task and its final dispatch token, so the event that a
-crashed dispatcher's successor publishes again is absorbed by JetStream's de-duplication window.
+JetStream itself sources the task bucket's stream into KT_EVENTS (subjects
+`kt.events.<account>.<task id>`), so each state change of a task is recorded without any work or
+round trip in the gateway or dispatchers, exactly once per successful compare-and-set. Messages
+with no data are deletions.
 """
 
 from __future__ import annotations
 
-import json
-
-from nats.js import JetStreamContext
+from nats.js.api import StorageType, StreamConfig, StreamSource, SubjectTransform
 
 from . import names
-from .store import TaskRecord
+from .settings import Settings
 
 
-async def publish_terminal(js: JetStreamContext, record: TaskRecord) -> None:
-    task = record.task
-    status = task.status
-    event = {
-        "account": task.account,
-        "id": task.id,
-        "function": task.spec.function,
-        "phase": status.phase.value,
-        "attempts": status.attempts,
-        "error": status.error,
-        "timestamps": status.timestamps.model_dump(mode="json"),
-    }
-    await js.publish(
-        names.event_subject(task.account, task.spec.function),
-        json.dumps(event).encode(),
-        headers={"Nats-Msg-Id": f"{task.account}.{task.id}.{record.token}.{status.phase.value}"},
+def stream_config(settings: Settings) -> StreamConfig:
+    bucket_stream = f"KV_{names.TASKS_BUCKET}"
+    return StreamConfig(
+        name=names.EVENTS_STREAM,
+        subjects=[],
+        sources=[
+            StreamSource(
+                name=bucket_stream,
+                subject_transforms=[
+                    SubjectTransform(
+                        src=f"$KV.{names.TASKS_BUCKET}.*.*",
+                        dest="kt.events.{{wildcard(1)}}.{{wildcard(2)}}",
+                    )
+                ],
+            )
+        ],
+        max_age=settings.retention_seconds,
+        storage=StorageType.FILE,
     )

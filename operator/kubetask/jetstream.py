@@ -11,7 +11,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
-from . import names
+from . import events, names
 from .settings import Settings
 
 
@@ -39,8 +39,13 @@ async def ensure_kv(
     with contextlib.suppress(Exception):
         return await js.key_value(bucket)
     return await js.create_key_value(
+        # `direct`: reads are answered by any replica without the JSON API (much cheaper).
         KeyValueConfig(
-            bucket=bucket, history=history, storage=StorageType.FILE, ttl=settings.retention_seconds
+            bucket=bucket,
+            history=history,
+            storage=StorageType.FILE,
+            ttl=settings.retention_seconds,
+            direct=True,
         )
     )
 
@@ -64,13 +69,4 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
             storage=StorageType.FILE,
         ),
     )
-    await ensure_stream(
-        js,
-        StreamConfig(
-            name=names.EVENTS_STREAM,
-            subjects=["kt.events.>"],
-            max_age=settings.retention_seconds,
-            storage=StorageType.FILE,
-            duplicate_window=600,
-        ),
-    )
+    await ensure_stream(js, events.stream_config(settings))

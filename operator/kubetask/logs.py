@@ -17,6 +17,18 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from . import names
 
 
+def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> bytes:
+    record: dict[str, Any] = {
+        "ts": datetime.now(UTC).isoformat(),
+        "attempt": attempt,
+        "stream": stream,
+        "line": text,
+    }
+    if final:
+        record["final"] = True
+    return json.dumps(record).encode()
+
+
 class LogWriter:
     """Fire-and-forget publishing from synchronous callbacks (executor output pumps)."""
 
@@ -28,15 +40,8 @@ class LogWriter:
     def line(
         self, account: str, task_id: str, attempt: int, stream: str, text: str, final: bool = False
     ) -> None:
-        record: dict[str, Any] = {
-            "ts": datetime.now(UTC).isoformat(),
-            "attempt": attempt,
-            "stream": stream,
-            "line": text,
-        }
-        if final:
-            record["final"] = True
-        self._queue.put_nowait((names.log_subject(account, task_id), json.dumps(record).encode()))
+        data = encode_line(attempt, stream, text, final)
+        self._queue.put_nowait((names.log_subject(account, task_id), data))
 
     async def _drain(self) -> None:
         while True:
@@ -56,7 +61,11 @@ class LogWriter:
 async def read(
     js: JetStreamContext, account: str, task_id: str, follow: bool, idle_timeout: float = 3600
 ) -> AsyncIterator[dict[str, Any]]:
-    """Yield log records oldest first; with `follow`, keep yielding until the final line."""
+    """Yield log records oldest first; with `follow`, keep yielding until the final line.
+
+    Lines are published without waiting, so a task can be recorded as finished a moment before
+    its last lines are stored: for a finished task pass `follow` with a short `idle_timeout`.
+    """
     sub = await js.subscribe(
         names.log_subject(account, task_id),
         stream=names.LOGS_STREAM,

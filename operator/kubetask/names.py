@@ -70,10 +70,6 @@ def log_subject(account: str, task_id: str) -> str:
     return f"kt.logs.{account}.{task_id}"
 
 
-def event_subject(account: str, function: str) -> str:
-    return f"kt.events.{account}.{function}"
-
-
 def stop_subject(account: str, task_id: str) -> str:
     return f"{STOP_SUBJECT_PREFIX}.{account}.{task_id}"
 

@@ -29,6 +29,7 @@ class Registry:
         self.js = js
         self.functions: dict[tuple[str, str], TaskFunction] = {}
         self.configs: dict[tuple[str, str], AsyncConfig] = {}
+        self._by_function: dict[tuple[str, str], AsyncConfigSpec] = {}
         self._listeners: list[FunctionListener] = []
         self._mirrors: list[BucketMirror] = []
 
@@ -69,15 +70,15 @@ class Registry:
             self.configs.pop((account, name), None)
         else:
             self.configs[(account, name)] = AsyncConfig.model_validate_json(value)
+        # Looked up for every task, so kept as an index by function.
+        self._by_function = {(a, c.spec.function): c.spec for (a, _), c in self.configs.items()}
 
     def function(self, account: str, name: str) -> TaskFunction | None:
         return self.functions.get((account, name))
 
     def async_config(self, account: str, function: str) -> AsyncConfigSpec:
-        for (acct, _), cfg in self.configs.items():
-            if acct == account and cfg.spec.function == function:
-                return cfg.spec
-        return DEFAULT_ASYNC_CONFIG.model_copy(update={"function": function})
+        found = self._by_function.get((account, function))
+        return found if found is not None else DEFAULT_ASYNC_CONFIG
 
     async def put_function(self, fn: TaskFunction) -> None:
         data = fn.model_copy(update={"status": None}).model_dump_json().encode()

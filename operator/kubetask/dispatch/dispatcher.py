@@ -32,7 +32,6 @@ from ..states import TERMINAL, WAITING, IllegalTransition
 from ..store import TaskGone, TaskRecord, Versioned, new_token, now
 from .accounting import Accounting
 from .destinations import Destinations
-from .events import TerminalEvents
 from .max_age import MaxEventAge
 from .policy import Drop, Policy, Retry, TaskContext
 from .retries import Retries
@@ -41,13 +40,34 @@ log = logging.getLogger("kubetask.dispatcher")
 
 # How long a message may wait for its record to appear (the gateway publishes, then records).
 RECORD_GRACE = 10.0
-# A terminal step (events, destinations) that keeps failing is retried this often, then dropped.
+# A terminal step (destinations) that keeps failing is retried this often, then dropped.
 MAX_FINALIZE_DELIVERIES = 50
 FINALIZE_RETRY_DELAY = 30.0
 
 
 def default_policies() -> list[Policy]:
-    return [MaxEventAge(), Retries(), TerminalEvents(), Destinations(), Accounting()]
+    return [MaxEventAge(), Retries(), Destinations(), Accounting()]
+
+
+class Heartbeat:
+    """Tell JetStream every `interval` that a claimed message is still being worked on. A timer,
+    not a task: most attempts end long before the first beat, and then it costs nothing."""
+
+    def __init__(self, msg: Msg, interval: float) -> None:
+        self.msg = msg
+        self.interval = interval
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(interval, self._beat)
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def _beat(self) -> None:
+        task = self._loop.create_task(self.msg.in_progress())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        self._timer = self._loop.call_later(self.interval, self._beat)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
 
 @dataclass
@@ -264,7 +284,7 @@ class Dispatcher:
         executor: Executor = self.command if fn.spec.command is not None else self.server
         labels = metrics.RUNNING.labels(ctx.account, fn.name)
         labels.inc()
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        heartbeat = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
         started = asyncio.get_running_loop().time()
         try:
             try:
@@ -291,19 +311,13 @@ class Dispatcher:
                 asyncio.get_running_loop().time() - started
             )
 
-    async def _heartbeat(self, msg: Msg) -> None:
-        interval = max(self.plane.settings.ack_wait / 3, 0.2)
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-
     async def _record_outcome(
         self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, stop_requested: bool
     ) -> None:
         attempt = claimed.record.task.status.attempts
         verdict = "succeeded" if outcome.ok else f"failed: {outcome.error}"
-        self._log(ctx.record, "system", f"attempt {attempt} {verdict}", attempt)
+        # Written with the final line when the task ends here: one log message fewer per task.
+        ctx.note = f"attempt {attempt} {verdict}"
         if outcome.ok:
             await self._end(ctx, msg, claimed, TaskPhase.Succeeded, None, outcome)
             return
@@ -317,6 +331,8 @@ class Dispatcher:
         if retry is None:
             await self._end(ctx, msg, claimed, TaskPhase.Failed, outcome.error, outcome)
             return
+        self._log(ctx.record, "system", ctx.note, attempt)
+        ctx.note = None
         await self._retry(ctx, msg, claimed, outcome, retry)
 
     async def _retry(
@@ -405,8 +421,8 @@ class Dispatcher:
                 delivered,
                 err,
             )
-        phase = ctx.record.phase.value
-        self._log(ctx.record, "system", f"task {phase}", final=True)
+        ending = f"task {ctx.record.phase.value}"
+        self._log(ctx.record, "system", f"{ctx.note}; {ending}" if ctx.note else ending, final=True)
         await msg.ack()
 
     def _log(

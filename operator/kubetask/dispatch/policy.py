@@ -23,6 +23,7 @@ class TaskContext:
     config: AsyncConfigSpec
     record: TaskRecord
     dequeued_at: datetime
+    note: str | None = None  # how the last attempt went, for the task's log
 
     @property
     def account(self) -> str:

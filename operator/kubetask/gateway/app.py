@@ -37,7 +37,7 @@ from ..models import (
 from ..plane import DataPlane
 from ..registry import ConfigConflict
 from ..settings import Settings
-from ..states import IllegalTransition
+from ..states import TERMINAL, IllegalTransition
 from ..store import TaskExists, Versioned
 from ..watch import BucketMirror
 from .index import Query as IndexQuery
@@ -311,14 +311,14 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         current = await load_task(who, account, task_id)
         task = current.record.task
 
+        finished = task.status.phase in TERMINAL
+        # A finished task's log ends with its final line, which may still be on its way.
+        idle = 2.0 if finished else 3600.0
+
         async def lines() -> AsyncIterator[bytes]:
-            follow_now = follow and task.status.phase not in (
-                TaskPhase.Succeeded,
-                TaskPhase.Failed,
-                TaskPhase.Expired,
-                TaskPhase.Stopped,
-            )
-            async for record in logs.read(plane().js, task.account, task.id, follow_now):
+            async for record in logs.read(
+                plane().js, task.account, task.id, follow or finished, idle_timeout=idle
+            ):
                 yield json.dumps(record).encode() + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -389,10 +389,7 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         busy = [
             s
             for s in state["index"].all()
-            if s.account == acct
-            and s.function == name
-            and s.phase
-            not in (TaskPhase.Succeeded, TaskPhase.Failed, TaskPhase.Expired, TaskPhase.Stopped)
+            if s.account == acct and s.function == name and s.phase not in TERMINAL
         ]
         if busy:
             raise ApiError(
