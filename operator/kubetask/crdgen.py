@@ -19,6 +19,7 @@ from .models import (
     API_GROUP,
     API_VERSION,
     AsyncConfigSpec,
+    AsyncConfigStatus,
     TaskFunctionSpec,
     TaskFunctionStatus,
     TaskSpec,
@@ -159,7 +160,7 @@ def crds() -> dict[str, dict[str, Any]]:
             "asyncconfigs",
             ["acfg"],
             AsyncConfigSpec,
-            TaskFunctionStatus,
+            AsyncConfigStatus,
             [
                 _col("Function", ".spec.function"),
                 _col("Retries", ".spec.maxAsyncRetryAttempts", "integer"),

@@ -139,16 +139,19 @@ class TaskFunctionStatus(KubeModel):
     ready: bool | None = None
 
 
-class TaskFunction(KubeModel):
-    apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
-    kind: Literal["TaskFunction"] = "TaskFunction"
+class KubeObject(KubeModel):
     metadata: ObjectMeta
-    spec: TaskFunctionSpec
-    status: TaskFunctionStatus | None = None
 
     @property
     def account(self) -> str:
         return self.metadata.namespace or "default"
+
+
+class TaskFunction(KubeObject):
+    apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
+    kind: Literal["TaskFunction"] = "TaskFunction"
+    spec: TaskFunctionSpec
+    status: TaskFunctionStatus | None = None
 
     @property
     def name(self) -> str:
@@ -215,16 +218,17 @@ class AsyncConfigSpec(KubeModel):
     retryBackoff: RetryBackoff = Field(default_factory=RetryBackoff)
 
 
-class AsyncConfig(KubeModel):
+class AsyncConfigStatus(KubeModel):
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    ready: bool | None = None
+
+
+class AsyncConfig(KubeObject):
     apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
     kind: Literal["AsyncConfig"] = "AsyncConfig"
-    metadata: ObjectMeta
     spec: AsyncConfigSpec
-    status: TaskFunctionStatus | None = None
-
-    @property
-    def account(self) -> str:
-        return self.metadata.namespace or "default"
+    status: AsyncConfigStatus | None = None
 
 
 DEFAULT_ASYNC_CONFIG = AsyncConfigSpec(function="default")
@@ -277,16 +281,12 @@ class TaskSpec(KubeModel):
     payload: Any | None = Field(default=None, description="Any JSON value, given to the function.")
 
 
-class Task(KubeModel):
+class Task(KubeObject):
     apiVersion: Literal["kubetask.io/v1alpha1"] = GROUP_VERSION
     kind: Literal["Task"] = "Task"
     metadata: TaskMeta
     spec: TaskSpec
     status: TaskStatus = Field(default_factory=TaskStatus)
-
-    @property
-    def account(self) -> str:
-        return self.metadata.namespace or "default"
 
     @property
     def id(self) -> str:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
-from nats.js.errors import NotFoundError
 
 from .. import metrics, names, queues
 from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
@@ -451,7 +450,7 @@ class Dispatcher:
         while True:
             for worker in list(self.workers.values()):
                 fn = worker.fn
-                with contextlib.suppress(NotFoundError, Exception):
+                with contextlib.suppress(Exception):  # a queue being removed has no backlog
                     waiting, _ = await queues.backlog(self.plane.js, fn)
                     metrics.BACKLOG.labels(fn.account, fn.name).set(waiting)
             await asyncio.sleep(5)

@@ -53,16 +53,22 @@ class Query:
         return True
 
 
+REPAIRABLE = frozenset({TaskPhase.Pending, TaskPhase.Retrying})
+
+
 class TaskIndex:
     def __init__(self) -> None:
         self._ids: dict[str, list[str]] = {}
         self._rows: dict[str, dict[str, Summary]] = {}
+        # Tasks in a phase the sweeper may have to repair, so it need not scan everything.
+        self.repairable: dict[tuple[str, str], Summary] = {}
         self.mirror: BucketMirror | None = None
 
     def apply(self, key: str, value: bytes | None, _revision: int) -> None:
         account, task_id = names.split_key(key)
         rows = self._rows.setdefault(account, {})
         ids = self._ids.setdefault(account, [])
+        self.repairable.pop((account, task_id), None)
         if value is None:
             if rows.pop(task_id, None) is not None:
                 del ids[bisect.bisect_left(ids, task_id)]
@@ -71,7 +77,7 @@ class TaskIndex:
         st = task.status
         if task_id not in rows:
             bisect.insort(ids, task_id)
-        rows[task_id] = Summary(
+        row = rows[task_id] = Summary(
             account,
             task_id,
             task.spec.function,
@@ -80,6 +86,8 @@ class TaskIndex:
             st.timestamps.started,
             st.nextAttemptAt,
         )
+        if st.phase in REPAIRABLE:
+            self.repairable[(account, task_id)] = row
 
     def all(self) -> Iterator[Summary]:
         for rows in self._rows.values():

@@ -26,7 +26,7 @@ async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
     grace = timedelta(seconds=plane.settings.sweep_grace)
     cutoff = now() - grace
     republished = 0
-    for s in index.all():
+    for s in list(index.repairable.values()):
         stale_pending = (
             s.phase is TaskPhase.Pending and s.submitted is not None and s.submitted < cutoff
         )
