@@ -21,7 +21,7 @@ import yaml
 
 from .auth import create_token
 from .client import Client
-from .embedded import free_port, start_nats, wait_for_port
+from .embedded import free_port, port_in_use, start_nats, wait_for_port
 from .executors.base import die_with_parent
 
 
@@ -84,6 +84,15 @@ def run(
     ack_wait: float | None = None,
 ) -> int:
     data_dir = data_dir.resolve()
+    for what, p in (("API", port), ("NATS", nats_port)):
+        if p and port_in_use(p):
+            print(
+                f"port {p} for the {what} is in use (another kubetask dev?); "
+                f"choose another with --{'port' if what == 'API' else 'nats-port'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 2
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     creds = ensure_tokens(data_dir)
     nats_port = nats_port or free_port()

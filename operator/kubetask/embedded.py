@@ -37,6 +37,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_for_port(
     port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
