@@ -8,20 +8,15 @@ other's tasks — which is also what tenancy promises.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
 import os
-import sys
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from harness import Api
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.embedded import free_port, start_nats
@@ -29,8 +24,6 @@ from kubetask.gateway.app import create_app
 from kubetask.plane import DataPlane
 from kubetask.settings import Settings
 
-PY = sys.executable
-TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
 _accounts = itertools.count(1)
 
 
@@ -94,76 +87,6 @@ async def dispatcher(settings: Settings, gateway_url: str) -> AsyncIterator[Disp
     await p.close()
 
 
-@dataclass
-class Api:
-    """One account's view of the API, plus helpers to wait on tasks."""
-
-    http: httpx.AsyncClient
-    account: str
-    token: str
-    workdir: Path
-
-    async def call(self, method: str, path: str, expect: int | None = None, **kw: Any) -> Any:
-        resp = await self.http.request(method, path, **kw)
-        if expect is not None:
-            assert resp.status_code == expect, f"{method} {path}: {resp.status_code} {resp.text}"
-        if resp.status_code == 204 or not resp.content:
-            return None
-        try:
-            return resp.json()
-        except ValueError:
-            return resp.text
-
-    async def function(self, name: str, expect: int = 200, **spec: Any) -> Any:
-        body = {
-            "apiVersion": "kubetask.io/v1alpha1",
-            "kind": "TaskFunction",
-            "metadata": {"name": name, "namespace": self.account},
-            "spec": spec,
-        }
-        return await self.call("PUT", f"/v1/functions/{name}", expect, json=body)
-
-    async def async_config(self, name: str, expect: int = 200, **spec: Any) -> Any:
-        body = {
-            "apiVersion": "kubetask.io/v1alpha1",
-            "kind": "AsyncConfig",
-            "metadata": {"name": name, "namespace": self.account},
-            "spec": spec,
-        }
-        return await self.call("PUT", f"/v1/asyncconfigs/{name}", expect, json=body)
-
-    async def submit(
-        self,
-        function: str,
-        payload: Any = None,
-        task_id: str | None = None,
-        expect: int | None = 202,
-    ) -> Any:
-        body: dict[str, Any] = {"function": function, "payload": payload}
-        if task_id is not None:
-            body["id"] = task_id
-        return await self.call("POST", "/v1/tasks", expect, json=body)
-
-    async def get(self, task_id: str) -> Any:
-        return await self.call("GET", f"/v1/tasks/{task_id}", 200)
-
-    async def wait(self, task_id: str, phases: set[str] = TERMINAL, timeout: float = 30) -> Any:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            task = await self.get(task_id)
-            if task["status"]["phase"] in phases:
-                return task
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"task {task_id} stuck in {task['status']['phase']}")
-            await asyncio.sleep(0.05)
-
-    def script(self, name: str, body: str) -> list[str]:
-        """A Python program for a function's command; returns the argv."""
-        path = self.workdir / f"{name}.py"
-        path.write_text(textwrap.dedent(body))
-        return [PY, str(path)]
-
-
 @pytest.fixture
 async def make_api(
     gateway_url: str, tokens_file: Path, dispatcher: Dispatcher, tmp_path: Path
@@ -187,25 +110,3 @@ async def make_api(
 @pytest.fixture
 async def api(make_api: Callable[..., Awaitable[Api]]) -> Api:
     return await make_api()
-
-
-def read_lines(path: Path) -> list[str]:
-    with contextlib.suppress(FileNotFoundError):
-        return path.read_text().splitlines()
-    return []
-
-
-def echo_script(api: Api) -> list[str]:
-    return api.script(
-        "echo",
-        """
-        import json, sys
-        payload = json.load(sys.stdin)
-        print("echoing", file=sys.stderr)
-        print(json.dumps({"echo": payload}))
-    """,
-    )
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)

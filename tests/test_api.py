@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-from conftest import Api
+from harness import Api
 
 
 async def _ids(api: Api, **params: object) -> list[str]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import Api
+from harness import Api
 
 
 async def _kt(

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from conftest import Api, read_lines
+from harness import Api, read_lines
 
 
 def _alive(pid: int) -> bool:

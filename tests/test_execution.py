@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from conftest import Api, echo_script
+from harness import Api, echo_script
 
 
 async def test_command_task_succeeds_with_result_and_stage_timestamps(api: Api) -> None:

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from aiohttp import web
-from conftest import Api, echo_script, read_lines
+from harness import Api, echo_script, read_lines
 from kubetask.plane import DataPlane
 from prometheus_client import REGISTRY
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from conftest import Api
-
+from harness import Api
 from kubetask.models import StageTimestamps, Task, TaskMeta, TaskPhase, TaskSpec, TaskStatus
 from kubetask.plane import DataPlane
 from kubetask.store import TaskRecord, new_token, now
