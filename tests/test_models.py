@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kubetask.crdgen import crds, render
+from kubetask.crdgen import OUTPUTS, crds, render
 from kubetask.models import Destination, RetryBackoff, TaskFunctionSpec, TaskPhase
 from kubetask.states import TERMINAL, TRANSITIONS, allowed
 from pydantic import ValidationError
@@ -13,10 +13,11 @@ from pydantic import ValidationError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_crds_directory_is_generated_from_the_models() -> None:
-    for plural, crd in crds().items():
-        path = ROOT / "crds" / f"kubetask.io_{plural}.yaml"
-        assert path.read_text() == render(crd), f"{path} is stale: run `kubetask crds generate`"
+def test_crds_directories_are_generated_from_the_models() -> None:
+    for out in OUTPUTS:
+        for plural, crd in crds().items():
+            path = ROOT / out / f"kubetask.io_{plural}.yaml"
+            assert path.read_text() == render(crd), f"{path} is stale: run `kubetask crds generate`"
 
 
 def test_function_needs_exactly_one_runtime_and_bounded_timeout() -> None:

@@ -253,8 +253,11 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 def cmd_crds(args: argparse.Namespace) -> None:
     from .crdgen import write_crds
 
-    for path in write_crds(Path(args.out)):
-        print(path)
+    from .crdgen import OUTPUTS
+
+    for out in [Path(args.out)] if args.out else OUTPUTS:
+        for path in write_crds(out):
+            print(path)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -300,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
 
     crds = sub.add_parser("crds", help="generate the CRD manifests from the models")
     crds.add_argument("action", choices=["generate"])
-    crds.add_argument("--out", default="crds")
+    crds.add_argument("--out", help="one directory (default: crds/ and the chart's crds/)")
     crds.set_defaults(func=cmd_crds)
 
     s = sub.add_parser("submit", parents=[common], help="submit a task")

@@ -194,6 +194,11 @@ def render(crd: dict[str, Any]) -> str:
     return header + yaml.safe_dump(crd, sort_keys=False, width=100)
 
 
+# Where the manifests live: the top-level directory for `kubectl apply -f crds/`, and the chart's,
+# from which Helm installs them.
+OUTPUTS = (Path("crds"), Path("charts/kubetask/crds"))
+
+
 def write_crds(out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
