@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from controlplane import ControlPlane, binaries
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,3 +25,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: ControlPlane) -> ControlPlane:
+    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    for plural in ("taskfunctions", "asyncconfigs", "tasks"):
+        cluster.kubectl(
+            "wait", "--for=condition=Established", "--timeout=60s", f"crd/{plural}.kubetask.io"
+        )
+    return cluster

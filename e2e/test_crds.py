@@ -6,22 +6,9 @@ from __future__ import annotations
 
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 from controlplane import ControlPlane
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def crds(cluster: ControlPlane) -> ControlPlane:
-    cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    for plural in ("taskfunctions", "asyncconfigs", "tasks"):
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "--timeout=60s", f"crd/{plural}.kubetask.io"
-        )
-    return cluster
 
 
 def _fn(name: str, spec: str) -> str:

@@ -240,6 +240,12 @@ def cmd_dispatcher(args: argparse.Namespace) -> None:
     run(Settings(), args.metrics_port, args.drain_timeout)
 
 
+def cmd_operator(args: argparse.Namespace) -> None:
+    from .controllers.main import run
+
+    run(args.namespace or [], args.all_namespaces)
+
+
 def cmd_tokens(args: argparse.Namespace) -> None:
     from .auth import create_token
 
@@ -251,9 +257,7 @@ def cmd_tokens(args: argparse.Namespace) -> None:
 
 
 def cmd_crds(args: argparse.Namespace) -> None:
-    from .crdgen import write_crds
-
-    from .crdgen import OUTPUTS
+    from .crdgen import OUTPUTS, write_crds
 
     for out in [Path(args.out)] if args.out else OUTPUTS:
         for path in write_crds(out):
@@ -292,6 +296,11 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--metrics-port", type=int)
     dp.add_argument("--drain-timeout", type=float, default=30.0)
     dp.set_defaults(func=cmd_dispatcher)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (uses the kubeconfig)")
+    op.add_argument("--namespace", "-n", action="append", help="watch only these (repeatable)")
+    op.add_argument("--all-namespaces", "-A", action="store_true")
+    op.set_defaults(func=cmd_operator)
 
     tok = sub.add_parser("tokens", help="create an API token")
     tok.add_argument("action", choices=["create"])

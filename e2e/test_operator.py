@@ -1,0 +1,316 @@
+"""The operator against the real API server and a real nats-server: TaskFunctions become queues,
+Tasks applied with kubectl run once and report their phase, dispatchers scale with the backlog,
+and a restarted operator changes nothing that was already right."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from controlplane import ControlPlane
+from kubetask.embedded import free_port, start_nats
+
+NS = "kubetask"  # where the operator runs and owns its Deployments
+ACCOUNT = "team-a"  # an account is a namespace
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.3)
+
+
+class Platform:
+    def __init__(self, cluster: ControlPlane, root: Path) -> None:
+        self.cluster = cluster
+        self.root = root
+        port = free_port()
+        self.nats = start_nats(root / "js", port)
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        self.operator: subprocess.Popen[bytes] | None = None
+        self.dispatcher: subprocess.Popen[bytes] | None = None
+        self.env = dict(
+            cluster.env(),
+            KUBETASK_NATS_URL=self.nats_url,
+            KUBETASK_NAMESPACE=NS,
+            KUBETASK_RELEASE="kt",
+            KUBETASK_DISPATCHER_COOLDOWN="2",
+            KUBETASK_SCALE_INTERVAL="0.5",
+            KUBETASK_DISPATCHER_TARGET_BACKLOG="10",
+            KUBETASK_DISPATCHER_MAX="5",
+            KUBETASK_ACK_WAIT="5",
+        )
+
+    def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
+        out = open(self.root / log, "ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "kubetask", *args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def start_operator(self) -> None:
+        self.operator = self._spawn("operator", "--all-namespaces", log="operator.log")
+
+    def stop_operator(self) -> None:
+        assert self.operator is not None
+        self.operator.terminate()
+        self.operator.wait(30)
+
+    def start_dispatcher(self) -> None:
+        self.dispatcher = self._spawn("dispatcher", log="dispatcher.log")
+
+    def stop(self) -> None:
+        for proc in (self.operator, self.dispatcher, self.nats):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+
+    def get(self, kind: str, name: str, ns: str = ACCOUNT) -> dict[str, Any] | None:
+        out = self.cluster.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def apply(self, text: str) -> None:
+        self.cluster.kubectl("apply", "-n", ACCOUNT, "-f", "-", stdin=textwrap.dedent(text))
+
+    def js(self, call: Callable[[Any], Any]) -> Any:
+        async def run() -> Any:
+            nc = await nats.connect(self.nats_url)
+            try:
+                return await call(nc.jetstream())
+            finally:
+                await nc.close()
+
+        return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def platform(crds: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    for ns in (NS, ACCOUNT):
+        crds.kubectl("create", "namespace", ns)
+    p = Platform(crds, tmp_path_factory.mktemp("platform"))
+    p.start_operator()
+    try:
+        eventually(lambda: p.get("deployment", "kt-dispatcher", NS), 60, "operator Deployments")
+        yield p
+    finally:
+        p.stop()
+        print((p.root / "operator.log").read_text()[-4000:])
+
+
+def _consumer_exists(p: Platform, stream: str, consumer: str) -> bool:
+    async def check(js: Any) -> bool:
+        try:
+            await js.consumer_info(stream, consumer)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+
+    return bool(p.js(check))
+
+
+def _stream_exists(p: Platform, stream: str) -> bool:
+    async def check(js: Any) -> bool:
+        try:
+            await js.stream_info(stream)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+
+    return bool(p.js(check))
+
+
+def test_operator_creates_and_owns_gateway_and_dispatcher(platform: Platform) -> None:
+    gateway = platform.get("deployment", "kt-gateway", NS)
+    dispatcher = platform.get("deployment", "kt-dispatcher", NS)
+    assert gateway and dispatcher
+    container = dispatcher["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["dispatcher"]
+    assert {"name": "KUBETASK_NATS_URL", "value": platform.nats_url} in container["env"]
+    assert dispatcher["spec"]["replicas"] == 1
+
+
+def test_taskfunction_gets_a_queue_and_ready_and_loses_it_on_delete(platform: Platform) -> None:
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: solo}
+        spec: {command: ["true"], queueMode: dedicated, maxConcurrency: 2}
+    """)
+    fn = eventually(
+        lambda: (
+            (f := platform.get("taskfunction", "solo")) and f.get("status", {}).get("ready") and f
+        ),
+        30,
+        "Ready",
+    )
+    assert fn["status"]["queue"] == "KT_QF_team-a_solo"
+    assert fn["status"]["conditions"][0]["type"] == "Ready"
+    assert _stream_exists(platform, "KT_QF_team-a_solo")
+    assert _consumer_exists(platform, "KT_QF_team-a_solo", "fn_solo")
+    platform.cluster.kubectl(
+        "delete", "taskfunction", "solo", "-n", ACCOUNT, "--wait=true", "--timeout=60s"
+    )
+    assert not _stream_exists(platform, "KT_QF_team-a_solo")
+
+
+def test_dispatcher_replicas_follow_the_backlog_up_and_down(platform: Platform) -> None:
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: bulk}
+        spec: {command: ["true"]}
+    """)
+    eventually(lambda: _consumer_exists(platform, "KT_Q_team-a", "fn_bulk"), 30, "queue")
+
+    async def inject(js: Any) -> None:  # no dispatcher runs yet: these stay pending
+        for i in range(45):
+            await js.publish(
+                "kt.q.team-a.bulk", json.dumps({"a": ACCOUNT, "id": f"x{i}", "t": "0"}).encode()
+            )
+
+    platform.js(inject)
+    replicas = lambda: platform.get("deployment", "kt-dispatcher", NS)["spec"]["replicas"]  # noqa: E731
+    eventually(lambda: replicas() == 5, 30, "scale up to 5 (45 pending, 10 per replica, max 5)")
+
+    async def drain(js: Any) -> None:
+        await js.purge_stream("KT_Q_team-a", subject="kt.q.team-a.bulk")
+
+    platform.js(drain)
+    eventually(lambda: replicas() == 1, 30, "scale back down to the minimum")
+
+
+def test_task_applied_with_kubectl_runs_once_and_shows_its_phase(platform: Platform) -> None:
+    marker = platform.root / "ran"
+    script = platform.root / "report.py"
+    script.write_text(
+        "import json, sys\n"
+        f"open({str(marker)!r}, 'a').write('x')\n"
+        "print(json.dumps({'rows': json.load(sys.stdin)['rows'] * 2}))\n"
+    )
+    platform.apply(f"""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {{name: report}}
+        spec: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(script))}]}}
+    """)
+    eventually(
+        lambda: (platform.get("taskfunction", "report") or {}).get("status", {}).get("ready")
+    )
+    platform.start_dispatcher()
+    task_yaml = """
+        apiVersion: kubetask.io/v1alpha1
+        kind: Task
+        metadata: {name: monthly-report}
+        spec: {function: report, payload: {rows: 21}}
+    """
+    platform.apply(task_yaml)
+    done = eventually(
+        lambda: (
+            (t := platform.get("task", "monthly-report"))
+            and t.get("status", {}).get("phase") == "Succeeded"
+            and t
+        ),
+        60,
+        "Succeeded",
+    )
+    assert done["status"]["attempts"] == 1
+    assert json.loads(done["status"]["result"]) == {"rows": 42}
+    assert done["status"]["timestamps"]["started"] and done["status"]["duration"]
+    table = platform.cluster.kubectl("get", "tasks", "-n", ACCOUNT).stdout.splitlines()
+    assert table[1].split()[:4] == ["monthly-report", "report", "Succeeded", "1"]
+    events = platform.cluster.kubectl(
+        "get", "events", "-n", ACCOUNT, "--field-selector", "involvedObject.name=monthly-report"
+    ).stdout
+    assert "Submitted" in events and "Succeeded" in events
+    platform.apply(task_yaml)  # re-applying is not re-running
+    time.sleep(2)
+    assert marker.read_text() == "x"
+
+
+def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> None:
+    def versions() -> dict[str, str]:
+        out = {}
+        for kind, name, ns in (
+            ("taskfunction", "report", ACCOUNT),
+            ("task", "monthly-report", ACCOUNT),
+            ("deployment", "kt-gateway", NS),
+            ("deployment", "kt-dispatcher", NS),
+        ):
+            obj = platform.get(kind, name, ns)
+            assert obj is not None
+            out[f"{kind}/{name}"] = obj["metadata"]["resourceVersion"]
+        return out
+
+    # Settled first: the backlog timer may still have to record that the queue emptied.
+    eventually(
+        lambda: (
+            (platform.get("taskfunction", "report") or {}).get("status", {}).get("backlog") == 0
+        ),
+        30,
+        "backlog 0 recorded",
+    )
+    time.sleep(1)
+    before = versions()
+    platform.stop_operator()
+    platform.start_operator()
+    time.sleep(12)  # resume handlers, daemons and one backlog timer have run by now
+    assert versions() == before
+    assert (platform.root / "ran").read_text() == "x"
+
+
+def test_async_config_is_bound_and_reaches_the_dispatchers_registry(platform: Platform) -> None:
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: report-cfg}
+        spec: {function: report, maxAsyncRetryAttempts: 0}
+    """)
+    cfg = eventually(
+        lambda: (
+            (c := platform.get("asyncconfig", "report-cfg"))
+            and c.get("status", {}).get("ready")
+            and c
+        ),
+        30,
+        "bound",
+    )
+    assert cfg["status"]["conditions"][0]["reason"] == "Bound"
+
+    async def stored(js: Any) -> Any:
+        kv = await js.key_value("kt_asyncconfigs")
+        return json.loads((await kv.get(f"{ACCOUNT}.report-cfg")).value)
+
+    assert platform.js(stored)["spec"]["maxAsyncRetryAttempts"] == 0
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: orphan-cfg}
+        spec: {function: nobody}
+    """)
+    orphan = eventually(
+        lambda: (
+            (c := platform.get("asyncconfig", "orphan-cfg"))
+            and c.get("status", {}).get("conditions")
+            and c
+        ),
+        30,
+        "status",
+    )
+    assert orphan["status"]["ready"] is False
+    assert orphan["status"]["conditions"][0]["reason"] == "FunctionMissing"

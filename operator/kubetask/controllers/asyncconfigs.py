@@ -1,0 +1,65 @@
+"""AsyncConfig: validated, bound to its function, and published to the registry the dispatchers
+read for every task — so a change reaches running dispatchers without a restart."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
+from ..registry import ConfigConflict
+from .context import condition, plane_of
+
+RESOURCE = ("kubetask.io", "v1alpha1", "asyncconfigs")
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+async def reconcile(
+    name: str,
+    namespace: Any,
+    spec: Any,
+    meta: Any,
+    status: Any,
+    memo: Any,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    plane = plane_of(memo)
+    cfg = AsyncConfig(
+        metadata=ObjectMeta(name=name, namespace=namespace),
+        spec=AsyncConfigSpec.model_validate(dict(spec)),
+    )
+    try:
+        await plane.registry.put_async_config(cfg)
+    except ConfigConflict as err:
+        patch.status.update(
+            ready=False,
+            conditions=condition("False", "Conflict", str(err), status.get("conditions")),
+        )
+        raise kopf.TemporaryError(str(err), delay=30) from err
+    bound = plane.registry.function(namespace, cfg.spec.function) is not None
+    message = (
+        f"applies to function {cfg.spec.function}"
+        if bound
+        else f"function {cfg.spec.function} does not exist (yet)"
+    )
+    patch.status.update(
+        ready=bound,
+        observedGeneration=meta.get("generation"),
+        conditions=condition(
+            "True" if bound else "False",
+            "Bound" if bound else "FunctionMissing",
+            message,
+            status.get("conditions"),
+        ),
+    )
+    if not bound:
+        raise kopf.TemporaryError(message, delay=10)
+
+
+@kopf.on.delete(*RESOURCE)
+async def remove(name: str, namespace: Any, memo: Any, **_: Any) -> None:
+    await plane_of(memo).registry.delete_async_config(namespace, name)

@@ -1,0 +1,122 @@
+"""The Deployments the operator owns — the gateway and the dispatchers — and the scaler that
+sets the dispatchers' replicas from the backlog of every function's consumer.
+
+Scaling up is immediate; scaling down waits `cooldown` seconds after the last change, so a
+backlog that dips for a moment does not make replicas flap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Any
+
+from .. import queues
+from ..plane import DataPlane
+from .context import OperatorConfig
+from .kube import apply_deployment, get_replicas, set_replicas
+
+log = logging.getLogger("kubetask.operator.scaler")
+
+
+def names(cfg: OperatorConfig) -> tuple[str, str]:
+    return f"{cfg.release}-gateway", f"{cfg.release}-dispatcher"
+
+
+def _deployment(
+    cfg: OperatorConfig, name: str, component: str, args: list[str], replicas: int, nats_url: str
+) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/instance": cfg.release, "app.kubernetes.io/component": component}
+    container: dict[str, Any] = {
+        "name": component,
+        "image": cfg.image,
+        "args": args,
+        "env": [{"name": "KUBETASK_NATS_URL", "value": nats_url}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod: dict[str, Any] = {
+        "serviceAccountName": f"{cfg.release}-dataplane",
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+        "containers": [container],
+    }
+    if component == "gateway":
+        container["ports"] = [{"name": "http", "containerPort": 8080}]
+        container["volumeMounts"] = [
+            {"name": "tokens", "mountPath": "/etc/kubetask", "readOnly": True}
+        ]
+        pod["volumes"] = [{"name": "tokens", "secret": {"secretName": cfg.tokens_secret}}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+async def ensure_deployments(cfg: OperatorConfig, nats_url: str) -> None:
+    gateway, dispatcher = names(cfg)
+    await apply_deployment(
+        cfg.namespace,
+        _deployment(
+            cfg,
+            gateway,
+            "gateway",
+            [
+                "gateway",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "8080",
+                "--tokens",
+                "/etc/kubetask/tokens.json",
+            ],
+            cfg.gateway_replicas,
+            nats_url,
+        ),
+    )
+    await apply_deployment(
+        cfg.namespace,
+        _deployment(cfg, dispatcher, "dispatcher", ["dispatcher"], cfg.dispatcher_min, nats_url),
+    )
+
+
+def desired_replicas(cfg: OperatorConfig, backlog: int) -> int:
+    wanted = math.ceil(backlog / max(cfg.target_backlog, 1))
+    return max(cfg.dispatcher_min, min(cfg.dispatcher_max, wanted))
+
+
+async def total_backlog(plane: DataPlane) -> int:
+    total = 0
+    for fn in list(plane.registry.functions.values()):
+        try:
+            waiting, running = await queues.backlog(plane.js, fn)
+        except Exception:
+            continue  # queue not there (yet)
+        total += waiting + running
+    return total
+
+
+async def scale_forever(cfg: OperatorConfig, plane: DataPlane) -> None:
+    _, dispatcher = names(cfg)
+    last_change = 0.0
+    while True:
+        try:
+            backlog = await total_backlog(plane)
+            want = desired_replicas(cfg, backlog)
+            have = await get_replicas(cfg.namespace, dispatcher)
+            now = time.monotonic()
+            if have is not None and want != have:
+                if want > have or now - last_change >= cfg.cooldown:
+                    await set_replicas(cfg.namespace, dispatcher, want)
+                    last_change = now
+                    log.info("dispatchers %d -> %d (backlog %d)", have, want, backlog)
+        except Exception:
+            log.exception("scaling pass failed")
+        await asyncio.sleep(cfg.scale_interval)

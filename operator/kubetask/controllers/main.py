@@ -1,0 +1,49 @@
+"""`kubetask operator`: connect to NATS, own the Deployments, run the kopf handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from ..plane import DataPlane
+from ..settings import Settings
+from . import asyncconfigs, taskfunctions, tasks  # noqa: F401  (registers the handlers)
+from .context import OperatorConfig
+from .deployments import ensure_deployments, scale_forever
+
+
+@kopf.on.startup()
+async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.posting.level = logging.INFO
+    settings.persistence.finalizer = "kubetask.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetask.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kubetask.io")
+    cfg = OperatorConfig()
+    plane_settings = Settings()
+    memo.plane = await DataPlane.connect(plane_settings, "kubetask-operator")
+    memo.config = cfg
+    await ensure_deployments(cfg, plane_settings.nats_url)
+    memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    memo.scaler.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.scaler
+    await memo.plane.close()
+
+
+def run(namespaces: list[str], all_namespaces: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=all_namespaces or not namespaces,
+            namespaces=namespaces,
+        )
+    )

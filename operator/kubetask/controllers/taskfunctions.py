@@ -1,0 +1,86 @@
+"""TaskFunction: its JetStream queue (stream, subject, consumer), its registration with the
+dispatchers, backlog and readiness in status; on deletion (finalizer) the queue goes once the
+function's tasks are drained or stopped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from .. import queues
+from ..models import ObjectMeta, TaskFunction, TaskFunctionSpec
+from .context import condition, plane_of
+
+RESOURCE = ("kubetask.io", "v1alpha1", "taskfunctions")
+
+
+def model(name: str, namespace: Any, spec: Any) -> TaskFunction:
+    return TaskFunction(
+        metadata=ObjectMeta(name=name, namespace=namespace),
+        spec=TaskFunctionSpec.model_validate(dict(spec)),
+    )
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+async def reconcile(
+    name: str,
+    namespace: Any,
+    spec: Any,
+    meta: Any,
+    status: Any,
+    memo: Any,
+    patch: kopf.Patch,
+    body: Any,
+    **_: Any,
+) -> None:
+    plane = plane_of(memo)
+    try:
+        fn = model(name, namespace, spec)
+    except ValueError as err:
+        patch.status["ready"] = False
+        patch.status["conditions"] = condition(
+            "False", "InvalidSpec", str(err), status.get("conditions")
+        )
+        raise kopf.PermanentError(f"invalid spec: {err}") from err
+    stream = await queues.ensure_function_queue(plane.js, fn, plane.settings)
+    if plane.registry.function(namespace, name) != fn:
+        await plane.registry.put_function(fn)
+        kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")
+    waiting, running = await queues.backlog(plane.js, fn)
+    patch.status.update(
+        queue=stream,
+        backlog=waiting + running,
+        ready=True,
+        observedGeneration=meta.get("generation"),
+        conditions=condition("True", "QueueReady", f"stream {stream}", status.get("conditions")),
+    )
+
+
+@kopf.timer(*RESOURCE, interval=10, initial_delay=5)
+async def report_backlog(
+    name: str, namespace: Any, spec: Any, status: Any, memo: Any, patch: kopf.Patch, **_: Any
+) -> None:
+    fn = plane_of(memo).registry.function(namespace, name)
+    if fn is None:
+        return
+    waiting, running = await queues.backlog(plane_of(memo).js, fn)
+    if status.get("backlog") != waiting + running:
+        patch.status["backlog"] = waiting + running
+
+
+@kopf.on.delete(*RESOURCE)
+async def remove(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_: Any) -> None:
+    plane = plane_of(memo)
+    fn = model(name, namespace, spec)
+    try:
+        waiting, running = await queues.backlog(plane.js, fn)
+    except Exception:
+        waiting = running = 0  # no queue: nothing to drain
+    if waiting or running:
+        kopf.info(body, reason="Draining", message=f"{waiting} waiting, {running} running")
+        raise kopf.TemporaryError(f"waiting for {waiting + running} tasks to finish", delay=5)
+    await plane.registry.delete_function(namespace, name)
+    await queues.remove_function_queue(plane.js, fn)
