@@ -45,6 +45,7 @@ def test_helm_install_creates_every_object(
             "Secret",
             "Service",
             "Service",
+            "Service",
             "ServiceAccount",
             "ServiceAccount",
             "StatefulSet",

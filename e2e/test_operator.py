@@ -314,3 +314,49 @@ def test_async_config_is_bound_and_reaches_the_dispatchers_registry(platform: Pl
     )
     assert orphan["status"]["ready"] is False
     assert orphan["status"]["conditions"][0]["reason"] == "FunctionMissing"
+
+
+def test_deleting_a_task_object_stops_the_task(platform: Platform) -> None:
+    pidfile = platform.root / "long.pid"
+    script = platform.root / "long.py"
+    script.write_text(
+        f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n"
+    )
+    platform.apply(f"""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {{name: long}}
+        spec: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(script))}]}}
+    """)
+    eventually(lambda: (platform.get("taskfunction", "long") or {}).get("status", {}).get("ready"))
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: Task
+        metadata: {name: long-1}
+        spec: {function: long}
+    """)
+    eventually(
+        lambda: (platform.get("task", "long-1") or {}).get("status", {}).get("phase") == "Running",
+        30,
+        "Running",
+    )
+    pid = int(eventually(lambda: pidfile.exists() and pidfile.read_text(), 10, "pid"))
+    platform.cluster.kubectl("delete", "task", "long-1", "-n", ACCOUNT, "--timeout=30s")
+    assert (
+        not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
+
+    async def phases(js: Any) -> list[str]:
+        sub = await js.subscribe(
+            f"kt.events.{ACCOUNT}.long-1", stream="KT_EVENTS", ordered_consumer=True
+        )
+        seen = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=1)
+                if msg.data:
+                    seen.append(json.loads(msg.data)["task"]["status"]["phase"])
+        except (TimeoutError, nats.errors.TimeoutError):
+            return seen
+
+    assert platform.js(phases)[-2:] == ["Stopping", "Stopped"]  # then the record was deleted
