@@ -139,6 +139,7 @@ class Kubetask:
         await asyncio.gather(*pending)
         await asyncio.wait_for(self._done_event.wait(), 300)
         lat: list[float] = []
+        self.stages: dict[str, list[float]] = {"queued": [], "claimed": []}
         cursor = None
         while True:
             params = {"idPrefix": prefix, "limit": "1000", **({"cursor": cursor} if cursor else {})}
@@ -147,6 +148,11 @@ class Kubetask:
             for t in page["items"]:
                 ts = t["status"]["timestamps"]
                 lat.append(datetime_of(ts["started"]) - datetime_of(ts["submitted"]))
+                for stage, a, b in (
+                    ("queued", "submitted", "dispatched"),
+                    ("claimed", "dispatched", "started"),
+                ):
+                    self.stages[stage].append(datetime_of(ts[b]) - datetime_of(ts[a]))
             cursor = page["cursor"]
             if not cursor:
                 return lat
@@ -327,6 +333,10 @@ async def main() -> None:
             f"p50 {pct(lat, 0.5) * 1000:.1f} ms  p99 {pct(lat, 0.99) * 1000:.1f} ms  "
             f"mean {statistics.mean(lat) * 1000:.1f} ms"
         )
+        for stage, values in kt.stages.items():
+            print(
+                f"  {stage}: p50 {pct(values, 0.5) * 1000:.1f} ms  p99 {pct(values, 0.99) * 1000:.1f} ms"
+            )
         ceiling = await raw_jetstream(kt.nats_url, args.tasks * 4)
         print(
             f"raw JetStream publish+fetch+ack: {ceiling:8.0f} msgs/s  "

@@ -10,6 +10,7 @@ import signal
 from prometheus_client import start_http_server
 
 from ..plane import DataPlane
+from ..runtime import quiet_gc
 from ..settings import Settings
 from .dispatcher import Dispatcher
 
@@ -18,6 +19,7 @@ async def serve(settings: Settings, drain_timeout: float) -> None:
     plane = await DataPlane.connect(settings, "kubetask-dispatcher")
     dispatcher = Dispatcher(plane)
     await dispatcher.start()
+    quiet_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,6 +36,7 @@ from ..models import (
 )
 from ..plane import DataPlane
 from ..registry import ConfigConflict
+from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import TaskExists, Versioned
@@ -120,6 +121,7 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         mirror = BucketMirror(plane.store.kv, index.apply)
         await mirror.start()
         sweeper = asyncio.create_task(sweep_forever(plane, index))
+        quiet_gc()
         state.update(plane=plane, index=index, mirror=mirror)
         try:
             yield
