@@ -86,6 +86,20 @@ class Lab:
         self.procs.append(proc)
         return proc
 
+    def start_nats_and_gateway(self, account: str, **env: str) -> tuple[str, str, dict[str, str]]:
+        """A nats-server and a gateway of the lab's own; returns (API URL, token, env)."""
+        nats_port = free_port()
+        self.procs.append(start_nats(self.root / "js", nats_port, tie_to_parent=True))
+        full_env = dict(os.environ, KUBETASK_NATS_URL=f"nats://127.0.0.1:{nats_port}", **env)
+        tokens = self.root / "tokens.json"
+        token = create_token(tokens, account, account)
+        port = free_port()
+        gateway = self.spawn(
+            "gateway", "--port", str(port), "--tokens", str(tokens), env=full_env, log="gw.log"
+        )
+        wait_for_port(port, proc=gateway)
+        return f"http://127.0.0.1:{port}", token, full_env
+
     def started(self) -> int:
         return (
             sum(1 for line in self.journal.read_text().splitlines()) if self.journal.exists() else 0
@@ -188,20 +202,10 @@ def _assert_all_done_once(lab: Lab, tasks: list[dict[str, Any]], events: Counter
 
 
 async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
-    nats_port = free_port()
-    lab.procs.append(start_nats(lab.root / "js", nats_port, tie_to_parent=True))
-    nats_url = f"nats://127.0.0.1:{nats_port}"
-    env = dict(
-        os.environ, KUBETASK_NATS_URL=nats_url, KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
+    url, token, env = lab.start_nats_and_gateway(
+        "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
     )
-    tokens = lab.root / "tokens.json"
-    token = create_token(tokens, "crash", "crash")
-    port = free_port()
-    gateway = lab.spawn(
-        "gateway", "--port", str(port), "--tokens", str(tokens), env=env, log="gw.log"
-    )
-    wait_for_port(port, proc=gateway)
-    url = f"http://127.0.0.1:{port}"
+    nats_url = env["KUBETASK_NATS_URL"]
     fn_file = lab.root / "fns.yaml"
     fn_file.write_text(lab.function_yaml())
     apply = subprocess.run(
@@ -285,19 +289,7 @@ async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
 
 
 async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:
-    nats_port = free_port()
-    lab.procs.append(start_nats(lab.root / "js", nats_port, tie_to_parent=True))
-    env = dict(
-        os.environ, KUBETASK_NATS_URL=f"nats://127.0.0.1:{nats_port}", KUBETASK_QUEUE_MAX_MSGS="20"
-    )
-    tokens = lab.root / "tokens.json"
-    token = create_token(tokens, "full", "full")
-    port = free_port()
-    gateway = lab.spawn(
-        "gateway", "--port", str(port), "--tokens", str(tokens), env=env, log="gw.log"
-    )
-    wait_for_port(port, proc=gateway)
-    url = f"http://127.0.0.1:{port}"
+    url, token, env = lab.start_nats_and_gateway("full", KUBETASK_QUEUE_MAX_MSGS="20")
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {token}"}
     ) as http:

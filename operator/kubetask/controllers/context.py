@@ -2,40 +2,32 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from ..plane import DataPlane
+from ..settings import env_float, env_int, env_str
+
+
+def _from_env(kind: Any, name: str, default: Any) -> Any:
+    return field(default_factory=lambda: kind(f"KUBETASK_{name}", default))
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    namespace: str = field(default_factory=lambda: os.environ.get("KUBETASK_NAMESPACE", "kubetask"))
-    release: str = field(default_factory=lambda: os.environ.get("KUBETASK_RELEASE", "kubetask"))
-    image: str = field(default_factory=lambda: os.environ.get("KUBETASK_IMAGE", "kubetask:dev"))
-    tokens_secret: str = field(
-        default_factory=lambda: os.environ.get("KUBETASK_TOKENS_SECRET", "kubetask-tokens")
-    )
-    gateway_replicas: int = field(
-        default_factory=lambda: int(os.environ.get("KUBETASK_GATEWAY_REPLICAS", "1"))
-    )
-    dispatcher_min: int = field(
-        default_factory=lambda: int(os.environ.get("KUBETASK_DISPATCHER_MIN", "1"))
-    )
-    dispatcher_max: int = field(
-        default_factory=lambda: int(os.environ.get("KUBETASK_DISPATCHER_MAX", "10"))
-    )
-    target_backlog: int = field(
-        default_factory=lambda: int(os.environ.get("KUBETASK_DISPATCHER_TARGET_BACKLOG", "100"))
-    )
-    cooldown: float = field(
-        default_factory=lambda: float(os.environ.get("KUBETASK_DISPATCHER_COOLDOWN", "60"))
-    )
-    scale_interval: float = field(
-        default_factory=lambda: float(os.environ.get("KUBETASK_SCALE_INTERVAL", "5"))
-    )
+    """Set by the Helm chart through environment variables (charts/kubetask/templates)."""
+
+    namespace: str = _from_env(env_str, "NAMESPACE", "kubetask")
+    release: str = _from_env(env_str, "RELEASE", "kubetask")
+    image: str = _from_env(env_str, "IMAGE", "kubetask:dev")
+    tokens_secret: str = _from_env(env_str, "TOKENS_SECRET", "kubetask-tokens")
+    gateway_replicas: int = _from_env(env_int, "GATEWAY_REPLICAS", 1)
+    dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1)
+    dispatcher_max: int = _from_env(env_int, "DISPATCHER_MAX", 10)
+    target_backlog: int = _from_env(env_int, "DISPATCHER_TARGET_BACKLOG", 100)
+    cooldown: float = _from_env(env_float, "DISPATCHER_COOLDOWN", 60.0)
+    scale_interval: float = _from_env(env_float, "SCALE_INTERVAL", 5.0)
 
 
 def plane_of(memo: Any) -> DataPlane:
