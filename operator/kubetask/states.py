@@ -48,7 +48,3 @@ class IllegalTransition(Exception):
 
 def allowed(current: P, wanted: P) -> bool:
     return wanted in TRANSITIONS[current]
-
-
-def is_terminal(phase: P) -> bool:
-    return phase in TERMINAL

@@ -7,7 +7,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..models import TaskFunction
@@ -45,7 +45,6 @@ class Outcome:
     timed_out: bool = False
     killed: bool = False
     instance: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Execution(Protocol):
