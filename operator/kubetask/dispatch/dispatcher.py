@@ -207,13 +207,13 @@ class Dispatcher:
         if phase is TaskPhase.Paused:
             await msg.ack()  # resume publishes afresh
             return
-        if phase is TaskPhase.Stopping:
+        if phase in (TaskPhase.Running, TaskPhase.Stopping) and record.claimSeq != seq:
+            await msg.ack()  # a duplicate of the message another dispatcher is working on
+            return
+        if phase is TaskPhase.Stopping:  # its dispatcher died while stopping it
             await self._end(ctx, msg, current, TaskPhase.Stopped, "stopped")
             return
         takeover = phase is TaskPhase.Running
-        if takeover and record.claimSeq != seq:
-            await msg.ack()  # a duplicate of a message that another dispatcher is running
-            return
         for policy in self.policies:
             drop = await policy.on_dequeue(ctx)
             if drop is not None:
