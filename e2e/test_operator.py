@@ -195,6 +195,27 @@ def test_dispatcher_replicas_follow_the_backlog_up_and_down(platform: Platform) 
     eventually(lambda: replicas() == 1, 30, "scale back down to the minimum")
 
 
+def test_taskfunction_deletion_waits_until_its_queue_is_drained(platform: Platform) -> None:
+    async def inject(js: Any) -> None:
+        for i in range(3):
+            data = json.dumps({"a": ACCOUNT, "id": f"d{i}", "t": "0"}).encode()
+            await js.publish("kt.q.team-a.bulk", data)
+
+    platform.js(inject)
+    platform.cluster.kubectl("delete", "taskfunction", "bulk", "-n", ACCOUNT, "--wait=false")
+    time.sleep(3)
+    held = platform.get("taskfunction", "bulk")
+    assert held is not None and held["metadata"].get("deletionTimestamp")  # finalizer holds it
+    assert _consumer_exists(platform, "KT_Q_team-a", "fn_bulk")
+
+    async def drain(js: Any) -> None:
+        await js.purge_stream("KT_Q_team-a", subject="kt.q.team-a.bulk")
+
+    platform.js(drain)
+    eventually(lambda: platform.get("taskfunction", "bulk") is None, 30, "deleted after drain")
+    assert not _consumer_exists(platform, "KT_Q_team-a", "fn_bulk")
+
+
 def test_task_applied_with_kubectl_runs_once_and_shows_its_phase(platform: Platform) -> None:
     marker = platform.root / "ran"
     script = platform.root / "report.py"
@@ -244,7 +265,9 @@ def test_task_applied_with_kubectl_runs_once_and_shows_its_phase(platform: Platf
 
 
 def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> None:
-    def versions() -> dict[str, str]:
+    def versions() -> dict[str, Any]:
+        """Every object's content; resourceVersion alone may move without a change of content
+        (a re-asserted status only moves kopf's managedFields timestamp)."""
         out = {}
         for kind, name, ns in (
             ("taskfunction", "report", ACCOUNT),
@@ -254,7 +277,8 @@ def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> 
         ):
             obj = platform.get(kind, name, ns)
             assert obj is not None
-            out[f"{kind}/{name}"] = obj["metadata"]["resourceVersion"]
+            del obj["metadata"]["resourceVersion"]
+            out[f"{kind}/{name}"] = obj
         return out
 
     # Settled first: the backlog timer may still have to record that the queue emptied.

@@ -9,7 +9,7 @@ import kopf
 
 from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
 from ..registry import ConfigConflict
-from .context import condition, plane_of
+from .context import condition, plane_of, set_status
 
 RESOURCE = ("kubetask.io", "v1alpha1", "asyncconfigs")
 
@@ -46,15 +46,19 @@ async def reconcile(
         if bound
         else f"function {cfg.spec.function} does not exist (yet)"
     )
-    patch.status.update(
-        ready=bound,
-        observedGeneration=meta.get("generation"),
-        conditions=condition(
-            "True" if bound else "False",
-            "Bound" if bound else "FunctionMissing",
-            message,
-            status.get("conditions"),
-        ),
+    set_status(
+        patch,
+        status,
+        {
+            "ready": bound,
+            "observedGeneration": meta.get("generation"),
+            "conditions": condition(
+                "True" if bound else "False",
+                "Bound" if bound else "FunctionMissing",
+                message,
+                status.get("conditions"),
+            ),
+        },
     )
     if not bound:
         raise kopf.TemporaryError(message, delay=10)

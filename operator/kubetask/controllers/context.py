@@ -35,6 +35,14 @@ def plane_of(memo: Any) -> DataPlane:
     return plane
 
 
+def set_status(patch: Any, status: Any, desired: dict[str, Any]) -> None:
+    """Patch only what differs: an identical status write still bumps the object's
+    resourceVersion (its managedFields move), which a restarted operator must not do."""
+    for key, value in desired.items():
+        if status.get(key) != value:
+            patch.status[key] = value
+
+
 def condition(
     status: str,
     reason: str,

@@ -10,7 +10,7 @@ import kopf
 
 from .. import queues
 from ..models import ObjectMeta, TaskFunction, TaskFunctionSpec
-from .context import condition, plane_of
+from .context import condition, plane_of, set_status
 
 RESOURCE = ("kubetask.io", "v1alpha1", "taskfunctions")
 
@@ -50,12 +50,18 @@ async def reconcile(
         await plane.registry.put_function(fn)
         kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")
     waiting, running = await queues.backlog(plane.js, fn)
-    patch.status.update(
-        queue=stream,
-        backlog=waiting + running,
-        ready=True,
-        observedGeneration=meta.get("generation"),
-        conditions=condition("True", "QueueReady", f"stream {stream}", status.get("conditions")),
+    set_status(
+        patch,
+        status,
+        {
+            "queue": stream,
+            "backlog": waiting + running,
+            "ready": True,
+            "observedGeneration": meta.get("generation"),
+            "conditions": condition(
+                "True", "QueueReady", f"stream {stream}", status.get("conditions")
+            ),
+        },
     )
 
 
