@@ -108,16 +108,16 @@ async def principal(
 
 Who = Annotated[Principal, Depends(principal)]
 REFS = "#/components/schemas/"
+ACCOUNT_HELP = "Account to act on; tenants may omit it (their own)."
+AccountParam = Annotated[str | None, Query(description=ACCOUNT_HELP)]
+# The same parameter, described by hand for the hand-parsed submit route.
 ACCOUNT_QUERY = {
     "name": "account",
     "in": "query",
     "required": False,
     "schema": {"type": "string"},
-    "description": "Account to act on; tenants may omit it (their own).",
+    "description": ACCOUNT_HELP,
 }
-AccountParam = Annotated[
-    str | None, Query(description="Account to act on; tenants may omit it (their own).")
-]
 
 
 def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
