@@ -140,7 +140,8 @@ def test_operator_creates_and_owns_gateway_and_dispatcher(platform: Platform) ->
     dispatcher = platform.get("deployment", "kt-dispatcher", NS)
     assert gateway and dispatcher
     container = dispatcher["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["dispatcher"]
+    assert container["args"][0] == "dispatcher"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     assert {"name": "KUBETASK_NATS_URL", "value": platform.nats_url} in container["env"]
     assert dispatcher["spec"]["replicas"] == 1
 

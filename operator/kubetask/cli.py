@@ -237,7 +237,7 @@ def cmd_dispatcher(args: argparse.Namespace) -> None:
     from .settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run(Settings(), args.metrics_port, args.drain_timeout)
+    run(Settings(), args.metrics_port, args.drain_timeout, args.metrics_host)
 
 
 def cmd_operator(args: argparse.Namespace) -> None:
@@ -293,7 +293,8 @@ def parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=cmd_gateway)
 
     dp = sub.add_parser("dispatcher", help="run a dispatcher")
-    dp.add_argument("--metrics-port", type=int)
+    dp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    dp.add_argument("--metrics-host", default="127.0.0.1")
     dp.add_argument("--drain-timeout", type=float, default=30.0)
     dp.set_defaults(func=cmd_dispatcher)
 

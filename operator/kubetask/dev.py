@@ -102,6 +102,7 @@ def run(
     if ack_wait is not None:
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
     exe = [sys.executable, "-m", "kubetask"]
+    metrics_ports = [free_port() for _ in range(dispatchers)]
     children = [
         Child(
             "gateway",
@@ -112,7 +113,7 @@ def run(
         *[
             Child(
                 f"dispatcher-{i}",
-                [*exe, "dispatcher"],
+                [*exe, "dispatcher", "--metrics-port", str(metrics_ports[i])],
                 env,
                 data_dir / "logs" / f"dispatcher-{i}.log",
             )
@@ -137,6 +138,8 @@ def run(
         print(f"  token:   {creds['token']}   (account 'default')", flush=True)
         print(f"  admin:   {creds['adminToken']}", flush=True)
         print(f"  NATS:    nats://127.0.0.1:{nats_port}", flush=True)
+        dispatcher_metrics = ", ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports)
+        print(f"  metrics: {url}/metrics (gateway), {dispatcher_metrics} (dispatchers)", flush=True)
         print("  The CLI in this directory picks these up; Ctrl-C stops everything.", flush=True)
     except Exception as err:
         print(f"kubetask dev failed to start: {err}", file=sys.stderr, flush=True)

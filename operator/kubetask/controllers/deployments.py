@@ -21,6 +21,10 @@ from .kube import apply_deployment, get_replicas, set_replicas
 log = logging.getLogger("kubetask.operator.scaler")
 
 
+METRICS_PORT = 9090
+DISPATCHER_ARGS = ["dispatcher", "--metrics-host", "0.0.0.0", "--metrics-port", str(METRICS_PORT)]
+
+
 def names(cfg: OperatorConfig) -> tuple[str, str]:
     return f"{cfg.release}-gateway", f"{cfg.release}-dispatcher"
 
@@ -42,6 +46,8 @@ def _deployment(
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
         "containers": [container],
     }
+    if component == "dispatcher":
+        container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
     if component == "gateway":
         container["ports"] = [{"name": "http", "containerPort": 8080}]
         container["volumeMounts"] = [
@@ -83,7 +89,7 @@ async def ensure_deployments(cfg: OperatorConfig, nats_url: str) -> None:
     )
     await apply_deployment(
         cfg.namespace,
-        _deployment(cfg, dispatcher, "dispatcher", ["dispatcher"], cfg.dispatcher_min, nats_url),
+        _deployment(cfg, dispatcher, "dispatcher", DISPATCHER_ARGS, cfg.dispatcher_min, nats_url),
     )
 
 

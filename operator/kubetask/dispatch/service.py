@@ -31,9 +31,14 @@ async def serve(settings: Settings, drain_timeout: float) -> None:
         await plane.close()
 
 
-def run(settings: Settings, metrics_port: int | None, drain_timeout: float) -> None:
+def run(
+    settings: Settings,
+    metrics_port: int | None,
+    drain_timeout: float,
+    metrics_host: str = "127.0.0.1",
+) -> None:
     if metrics_port:
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     import uvloop
 
     uvloop.run(serve(settings, drain_timeout))
