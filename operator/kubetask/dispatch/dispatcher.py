@@ -29,7 +29,7 @@ from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
 from ..states import TERMINAL, WAITING, IllegalTransition
-from ..store import TaskGone, TaskRecord, Versioned, new_token, now
+from ..store import Mutation, TaskGone, TaskRecord, Versioned, new_token, now
 from .accounting import Accounting
 from .destinations import Destinations
 from .max_age import MaxEventAge
@@ -90,7 +90,8 @@ class Dispatcher:
     def __init__(self, plane: DataPlane, policies: list[Policy] | None = None) -> None:
         self.plane = plane
         self.policies = policies if policies is not None else default_policies()
-        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.host = socket.gethostname()
+        self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
         self.command = CommandExecutor()
         self.server = ServerExecutor()
         self.logs = LogWriter(plane.nc)
@@ -128,8 +129,9 @@ class Dispatcher:
     async def _consume(self, worker: FunctionWorker) -> None:
         fn = worker.fn
         while True:
+            # The queue is created by whoever registers the function (gateway or operator), before
+            # registering it; a dispatcher only binds, so it never resurrects a removed queue.
             try:
-                await queues.ensure_function_queue(self.plane.js, fn, self.plane.settings)
                 sub = await self.plane.js.pull_subscribe_bind(
                     durable=names.consumer_name(fn), stream=names.stream_for(fn)
                 )
@@ -274,7 +276,7 @@ class Dispatcher:
             self.slots.pop(key, None)
         await self._record_outcome(ctx, msg, claimed, outcome, slot.stop_requested)
 
-    def _claim(self, token: str, seq: int, ctx: TaskContext):  # type: ignore[no-untyped-def]
+    def _claim(self, token: str, seq: int, ctx: TaskContext) -> Mutation:
         def claim(r: TaskRecord) -> TaskRecord:
             ok = r.phase in WAITING or (r.phase is TaskPhase.Running and r.claimSeq == seq)
             if r.token != token or not ok:
@@ -287,9 +289,7 @@ class Dispatcher:
             st.timestamps.dispatched = ctx.dequeued_at
             st.timestamps.started = now()
             st.timestamps.finished = None
-            st.executor = ExecutorRef(
-                backend="local", dispatcher=self.id, host=socket.gethostname()
-            )
+            st.executor = ExecutorRef(backend="local", dispatcher=self.id, host=self.host)
             r.claimSeq = seq
             return r
 
