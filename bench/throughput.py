@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -24,10 +25,27 @@ import aiohttp
 import nats
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
-from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its threads so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def pct(values: list[float], q: float) -> float:
@@ -50,7 +68,11 @@ class Kubetask:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = open(self.work / "kubetask.log", "ab")
-        for args in (["gateway", "--port", str(port), "--tokens", str(tokens)], ["dispatcher"]):
+        self.metrics_port = free_port()
+        for args in (
+            ["gateway", "--port", str(port), "--tokens", str(tokens)],
+            ["dispatcher", "--metrics-port", str(self.metrics_port)],
+        ):
             self.procs.append(
                 subprocess.Popen(
                     [PY, "-m", "kubetask", *args], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -77,25 +99,35 @@ class Kubetask:
         )
         async with self.session.put(f"{self.url}/v1/functions/noop", json=fn) as resp:
             assert resp.status == 200, await resp.text()
-        self.nc = await nats.connect(self.nats_url)
-        self.done = 0
-        self._done_event = asyncio.Event()
-        self.target = 0
 
-        async def on_event(msg: nats.aio.msg.Msg) -> None:
-            if msg.data and b'"phase":"Succeeded"' in msg.data:
-                self.done += 1
-                if self.done >= self.target:
-                    self._done_event.set()
+    async def succeeded(self) -> int:
+        """Tasks recorded Succeeded so far, read from the dispatcher's own counter: it is counted
+        once the Succeeded record is written. Cheaper for the client than following every phase
+        change in the audit stream, which would steal CPU from the system under test."""
+        async with self.session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith("kubetask_tasks_succeeded_total{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+        return 0
 
-        js = self.nc.jetstream()
-        await js.subscribe(
-            "kt.events.bench.>",
-            stream="KT_EVENTS",
-            cb=on_event,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
-        )
+    async def wait_succeeded(self, target: int, timeout: float = 300) -> None:
+        deadline = time.perf_counter() + timeout
+        while await self.succeeded() < target:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"only {await self.succeeded()} of {target} tasks succeeded")
+            await asyncio.sleep(0.05)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by each component of the run, the client included."""
+        nats_server, gateway, dispatcher = (p.pid for p in self.procs[:3])
+        return {
+            "gateway": cpu_seconds(gateway),
+            "dispatcher": cpu_seconds(dispatcher),
+            "nats-server": cpu_seconds(nats_server),
+            "instance": sum(cpu_seconds(c) for c in children(dispatcher)),
+            "bench client": cpu_seconds(os.getpid()),
+        }
 
     async def submit(self, task_id: str | None = None) -> float:
         body: dict[str, object] = {"function": "noop", "payload": {"n": 1}}
@@ -109,8 +141,7 @@ class Kubetask:
 
     async def closed_loop(self, n: int, concurrency: int) -> tuple[float, list[float]]:
         """Submit n tasks with `concurrency` in flight; tasks/s until all are Succeeded."""
-        self.done, self.target = 0, n
-        self._done_event.clear()
+        target = await self.succeeded() + n
         latencies: list[float] = []
         queue = iter(range(n))
 
@@ -120,14 +151,13 @@ class Kubetask:
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        await asyncio.wait_for(self._done_event.wait(), 300)
+        await self.wait_succeeded(target)
         return n / (time.perf_counter() - t0), latencies
 
     async def open_loop(self, rate: float, seconds: float) -> list[float]:
         """Submit at a fixed rate regardless of responses; returns submit->start latencies."""
         n = int(rate * seconds)
-        self.done, self.target = 0, n
-        self._done_event.clear()
+        target = await self.succeeded() + n
         prefix = f"open{int(time.time())}-"
         start = time.perf_counter()
         pending = []
@@ -137,7 +167,7 @@ class Kubetask:
                 await asyncio.sleep(delay)
             pending.append(asyncio.create_task(self.submit(f"{prefix}{i:06d}")))
         await asyncio.gather(*pending)
-        await asyncio.wait_for(self._done_event.wait(), 300)
+        await self.wait_succeeded(target)
         lat: list[float] = []
         self.stages: dict[str, list[float]] = {"queued": [], "claimed": []}
         cursor = None
@@ -159,7 +189,6 @@ class Kubetask:
 
     async def stop(self) -> None:
         await self.session.close()
-        await self.nc.close()
         for p in reversed(self.procs):
             p.terminate()
             p.wait(30)
@@ -320,11 +349,17 @@ async def main() -> None:
     await kt.start()
     try:
         await kt.closed_loop(300, args.concurrency)  # warm-up: instance started, JIT-free paths hot
+        before = kt.cpu()
         kt_rate, submit_lat = await kt.closed_loop(args.tasks, args.concurrency)
+        used = {k: (v - before[k]) / args.tasks * 1000 for k, v in kt.cpu().items()}
         print(
             f"kubetask end-to-end:      {kt_rate:8.0f} tasks/s   submit latency "
             f"p50 {pct(submit_lat, 0.5) * 1000:.1f} ms  p99 {pct(submit_lat, 0.99) * 1000:.1f} ms "
             f"(with {args.concurrency} in flight)"
+        )
+        print(
+            f"  CPU ms per task: {sum(used.values()):.2f} = "
+            + ", ".join(f"{k} {v:.2f}" for k, v in used.items())
         )
         rate = 0.3 * kt_rate
         lat = await kt.open_loop(rate, args.open_seconds)
