@@ -146,13 +146,17 @@ async def test_bad_input_gets_a_clear_4xx(api: Api) -> None:
 
 
 async def test_authentication_is_required(api: Api) -> None:
+    await api.function("f", command=["true"])
     for headers in ({}, {"Authorization": "Bearer kt_wrong"}, {"Authorization": "Basic abc"}):
-        resp = await api.http.get(
-            "/v1/tasks", headers=headers | {"Authorization": headers.get("Authorization", "")}
-        )
-        assert resp.status_code == 401
-        assert resp.headers["www-authenticate"] == "Bearer"
-        assert "token" in resp.json()["error"]
+        headers = headers | {"Authorization": headers.get("Authorization", "")}
+        for resp in (
+            await api.http.get("/v1/tasks", headers=headers),
+            await api.http.post("/v1/tasks", headers=headers, json={"function": "f"}),
+        ):
+            assert resp.status_code == 401
+            assert resp.headers["www-authenticate"] == "Bearer"
+            assert "token" in resp.json()["error"]
+    assert (await api.call("GET", "/v1/tasks", 200))["items"] == []
 
 
 async def test_one_account_cannot_see_or_touch_another(
@@ -214,6 +218,13 @@ async def test_openapi_and_metrics_are_served(api: Api) -> None:
     schemas = doc["components"]["schemas"]
     assert {"Task", "TaskFunction", "AsyncConfig", "TaskSubmission"} <= set(schemas)
     assert "/v1/tasks/{task_id}/stop" in doc["paths"]
+    submit = doc["paths"]["/v1/tasks"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/TaskSubmission"}
+    accepted = submit["responses"]["202"]["content"]["application/json"]["schema"]
+    assert accepted == {"$ref": "#/components/schemas/Task"}
+    assert [p["name"] for p in submit["parameters"]] == ["account"]
+    assert "get" in doc["paths"]["/v1/tasks"]
     await api.function("m", command=["true"])
     await api.wait((await api.submit("m"))["metadata"]["name"])
     text = (await api.http.get("/metrics")).text

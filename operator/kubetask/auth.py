@@ -40,6 +40,10 @@ class OutOfScope(Exception):
     pass
 
 
+class Unauthenticated(Exception):
+    """No valid bearer token: answered 401 with the reason."""
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -83,6 +87,15 @@ class TokenBook:
         if digest not in self._by_hash:
             self._reload(force=True)
         return self._by_hash.get(digest)
+
+    def from_header(self, authorization: str | None) -> Principal:
+        """The caller named by an `Authorization: Bearer <token>` header."""
+        if not authorization or authorization[:7].lower() != "bearer ":
+            raise Unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'")
+        found = self.authenticate(authorization[7:].strip())
+        if found is None:
+            raise Unauthenticated("invalid token")
+        return found
 
 
 def create_token(path: Path, name: str, account: str | None, admin: bool = False) -> str:

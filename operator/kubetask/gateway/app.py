@@ -17,13 +17,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import actions, logs, names, queues, submission
-from ..auth import OutOfScope, Principal, TokenBook
+from .. import actions, logs, names, queues
+from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..models import (
     AsyncConfig,
     ErrorBody,
@@ -40,24 +39,16 @@ from ..registry import ConfigConflict
 from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
-from ..store import TaskExists, Versioned
+from ..store import Versioned
 from ..watch import BucketMirror
+from . import errors, submit
+from .errors import ApiError
 from .index import Query as IndexQuery
 from .index import TaskIndex
+from .submit import SubmitRoute
 from .sweeper import sweep_forever
 
 JSON = "application/json"
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, field: str | None = None, extra: Any = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.field = field
-        self.extra = extra
 
 
 class BodyLimit:
@@ -73,14 +64,8 @@ class BodyLimit:
         if scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"content-length" and int(value) > self.max_body:
-                    response = JSONResponse(
-                        {
-                            "error": f"request body is {int(value)} bytes; payloads are limited "
-                            f"to {self.limit} bytes"
-                        },
-                        status_code=413,
-                    )
-                    await response(scope, receive, send)
+                    too_large = errors.body_too_large(int(value), self.limit)
+                    await errors.api_error(too_large)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
@@ -97,20 +82,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 async def principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    if not authorization or not authorization.lower().startswith("bearer "):
-        raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'")
     tokens: TokenBook = request.app.state.tokens
-    found = tokens.authenticate(authorization[7:].strip())
-    if found is None:
-        raise ApiError(401, "invalid token")
-    return found
+    return tokens.from_header(authorization)
 
 
 Who = Annotated[Principal, Depends(principal)]
 REFS = "#/components/schemas/"
 ACCOUNT_HELP = "Account to act on; tenants may omit it (their own)."
 AccountParam = Annotated[str | None, Query(description=ACCOUNT_HELP)]
-# The same parameter, described by hand for the hand-parsed submit route.
+# The same parameter, described by hand for the plain-ASGI submit route.
 ACCOUNT_QUERY = {
     "name": "account",
     "in": "query",
@@ -120,7 +100,13 @@ ACCOUNT_QUERY = {
 }
 
 
-def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
+async def _render(_: Request, err: Exception) -> Response:
+    response = errors.render(err)
+    assert response is not None, f"no handler renders {type(err).__name__}"
+    return response
+
+
+def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -151,13 +137,16 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
     generate_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
-        """The generated document, plus the body schema of the hand-parsed submit route."""
+        """The generated document, plus the plain-ASGI submit route and its body schema."""
         if app.openapi_schema is None:
             doc = generate_openapi()
-            schema = TaskSubmission.model_json_schema(ref_template=REFS + "{model}")
             components = doc.setdefault("components", {}).setdefault("schemas", {})
-            components.update(schema.pop("$defs", {}))
-            components["TaskSubmission"] = schema
+            for model in (TaskSubmission, Task, ErrorBody):
+                schema = model.model_json_schema(ref_template=REFS + "{model}")
+                components.update(schema.pop("$defs", {}))
+                components[model.__name__] = schema
+            operation = submit.openapi_operation(REFS, [ACCOUNT_QUERY])
+            doc["paths"].setdefault(submit.PATH, {})["post"] = operation
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -168,38 +157,8 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        body: dict[str, Any] = {"error": err.message}
-        if err.field:
-            body["field"] = err.field
-        if err.extra is not None:
-            body.update(err.extra)
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(body, status_code=err.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        if first.get("type") == "json_invalid":
-            detail = first.get("ctx", {}).get("error", first["msg"])
-            return JSONResponse({"error": f"malformed JSON body: {detail}"}, status_code=400)
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = first.get("msg", "invalid value")
-        if first.get("type") == "string_pattern_mismatch" and loc.endswith("id"):
-            msg = (
-                "task id may use only letters, digits, '-' and '_' "
-                "(1-128 chars, starting alphanumeric)"
-            )
-        return JSONResponse({"error": f"{loc}: {msg}", "field": loc}, status_code=422)
-
-    @app.exception_handler(OutOfScope)
-    async def _out_of_scope(_: Request, err: OutOfScope) -> JSONResponse:
-        return JSONResponse({"error": f"account {err.args[0]!r} not found"}, status_code=404)
-
-    @app.exception_handler(IllegalTransition)
-    async def _illegal(_: Request, err: IllegalTransition) -> JSONResponse:
-        return JSONResponse({"error": str(err), "phase": err.current.value}, status_code=409)
+    for kind in (ApiError, RequestValidationError, Unauthenticated, OutOfScope, IllegalTransition):
+        app.add_exception_handler(kind, _render)
 
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes)
 
@@ -211,60 +170,6 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
         return current
 
     # -- tasks ----------------------------------------------------------------------------------
-
-    @app.post(
-        "/v1/tasks",
-        status_code=202,
-        response_model=Task,
-        tags=["tasks"],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"{REFS}TaskSubmission"}}},
-            },
-            "parameters": [ACCOUNT_QUERY],
-        },
-    )
-    async def submit_task(request: Request) -> Response:
-        """Parsed by hand, not by FastAPI's dependency and body machinery: on the hottest route
-        that machinery cost a fifth of the gateway's CPU. Same checks, same errors, same schema."""
-        who = await principal(request, request.headers.get("authorization"))
-        try:
-            body = TaskSubmission.model_validate_json(await request.body())
-        except ValidationError as err:
-            raise RequestValidationError(err.errors()) from None
-        acct = who.one_account(request.query_params.get("account"))
-        fn = plane().registry.function(acct, body.function)
-        if fn is None:
-            raise ApiError(
-                404,
-                f"function {body.function!r} is not registered in account {acct!r}; "
-                "register it first (kubetask functions apply -f FILE)",
-                field="function",
-            )
-        if body.payload is not None:
-            size = len(json.dumps(body.payload))
-            if size > settings.max_payload_bytes:
-                raise ApiError(
-                    413,
-                    f"payload is {size} bytes; the limit is {settings.max_payload_bytes} bytes",
-                    field="payload",
-                )
-        try:
-            created = await submission.submit(plane(), fn, body.id, body.payload)
-        except TaskExists as err:
-            existing = err.existing.record.task
-            raise ApiError(
-                409,
-                f"task {existing.id!r} already exists; it was not submitted again",
-                field="id",
-                extra={"task": existing.model_dump(mode="json")},
-            ) from None
-        except queues.QueueFull as err:
-            raise ApiError(429, f"queue of {acct}/{fn.name} is full ({err}); retry later") from None
-        task = created.record.task
-        task.status.phase = TaskPhase.Queued
-        return _json(task, 202)
 
     @app.get("/v1/tasks/{task_id}", response_model=Task, tags=["tasks"])
     async def get_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
@@ -494,4 +399,4 @@ def create_app(settings: Settings, tokens_file: Path) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return SubmitRoute(app, settings, app.state.tokens, plane)

@@ -8,13 +8,13 @@ filters are applied on the summaries; only the page returned is read from KV in 
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 from .. import names
 from ..models import TaskPhase
-from ..store import TaskRecord
 from ..watch import BucketMirror
 
 
@@ -53,6 +53,28 @@ class Query:
         return True
 
 
+def _stamp(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def summarize(account: str, task_id: str, stored: bytes) -> Summary:
+    """The few fields the index filters on, read from a stored `TaskRecord` without validating
+    the whole record: the gateway sees every phase change of every task, and the record was
+    validated when it was written."""
+    task = json.loads(stored)["task"]
+    status = task["status"]
+    stamps = status["timestamps"]
+    return Summary(
+        account,
+        task_id,
+        task["spec"]["function"],
+        TaskPhase(status["phase"]),
+        _stamp(stamps.get("submitted")),
+        _stamp(stamps.get("started")),
+        _stamp(status.get("nextAttemptAt")),
+    )
+
+
 REPAIRABLE = frozenset({TaskPhase.Pending, TaskPhase.Retrying})
 
 
@@ -73,20 +95,11 @@ class TaskIndex:
             if rows.pop(task_id, None) is not None:
                 del ids[bisect.bisect_left(ids, task_id)]
             return
-        task = TaskRecord.model_validate_json(value).task
-        st = task.status
+        row = summarize(account, task_id, value)
         if task_id not in rows:
             bisect.insort(ids, task_id)
-        row = rows[task_id] = Summary(
-            account,
-            task_id,
-            task.spec.function,
-            st.phase,
-            st.timestamps.submitted,
-            st.timestamps.started,
-            st.nextAttemptAt,
-        )
-        if st.phase in REPAIRABLE:
+        rows[task_id] = row
+        if row.phase in REPAIRABLE:
             self.repairable[(account, task_id)] = row
 
     def all(self) -> Iterator[Summary]:

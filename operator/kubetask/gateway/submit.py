@@ -1,0 +1,160 @@
+"""`POST /v1/tasks` as a plain ASGI handler in front of FastAPI.
+
+Submission is the hottest route by far, and FastAPI's routing, middleware stack and request
+objects cost more CPU than the submission itself; this path reads the body, authenticates,
+validates with the same model and answers with the same errors (`errors.py`). The OpenAPI
+document still describes the route (`app.py` adds it from the same models).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import queues, submission
+from ..auth import Principal, TokenBook
+from ..models import TaskPhase, TaskSubmission
+from ..plane import DataPlane
+from ..settings import Settings
+from ..store import TaskExists
+from . import errors
+from .errors import ApiError
+
+PATH = "/v1/tasks"
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class SubmitRoute:
+    def __init__(
+        self, app: ASGIApp, settings: Settings, tokens: TokenBook, plane: Callable[[], DataPlane]
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.tokens = tokens
+        self.plane = plane
+        # The limit applies to the payload; leave room for the envelope around it.
+        self.max_body = settings.max_payload_bytes + 64 * 1024
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            status, body = await self._submit(scope, receive)
+        except Exception as err:
+            response = errors.render(err)
+            if response is None:
+                raise
+            await response(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _read(self, scope: Scope, receive: Receive) -> tuple[Principal, bytes]:
+        """The caller (checked before the body is read) and the body, refused when too large."""
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"content-length" and int(value) > self.max_body:
+                raise errors.body_too_large(int(value), self.settings.max_payload_bytes)
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        who = self.tokens.from_header(authorization)
+        chunks = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise errors.body_too_large(size, self.settings.max_payload_bytes)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return who, b"".join(chunks)
+
+    async def _submit(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        who, raw = await self._read(scope, receive)
+        try:
+            body = TaskSubmission.model_validate_json(raw)
+        except ValidationError as err:
+            raise RequestValidationError(err.errors()) from None
+        query = scope["query_string"]
+        account = parse_qs(query.decode()).get("account", [None])[0] if query else None
+        acct = who.one_account(account)
+        plane = self.plane()
+        fn = plane.registry.function(acct, body.function)
+        if fn is None:
+            raise ApiError(
+                404,
+                f"function {body.function!r} is not registered in account {acct!r}; "
+                "register it first (kubetask functions apply -f FILE)",
+                field="function",
+            )
+        if body.payload is not None:
+            size = len(json.dumps(body.payload))
+            if size > self.settings.max_payload_bytes:
+                raise ApiError(
+                    413,
+                    f"payload is {size} bytes; the limit is {self.settings.max_payload_bytes} "
+                    "bytes",
+                    field="payload",
+                )
+        try:
+            created = await submission.submit(plane, fn, body.id, body.payload)
+        except TaskExists as err:
+            existing = err.existing.record.task
+            raise ApiError(
+                409,
+                f"task {existing.id!r} already exists; it was not submitted again",
+                field="id",
+                extra={"task": existing.model_dump(mode="json")},
+            ) from None
+        except queues.QueueFull as err:
+            raise ApiError(429, f"queue of {acct}/{fn.name} is full ({err}); retry later") from None
+        task = created.record.task
+        task.status.phase = TaskPhase.Queued
+        return 202, task.model_dump_json().encode()
+
+
+def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    """The route's entry in the OpenAPI document, from the same models FastAPI describes."""
+    error = {"content": {"application/json": {"schema": {"$ref": f"{refs}ErrorBody"}}}}
+    return {
+        "tags": ["tasks"],
+        "summary": "Submit a task",
+        "operationId": "submit_task",
+        "parameters": parameters,
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"{refs}TaskSubmission"}}},
+        },
+        "responses": {
+            "202": {
+                "description": "Accepted: queued, with its id",
+                "content": {"application/json": {"schema": {"$ref": f"{refs}Task"}}},
+            },
+            **{
+                str(code): {"description": why, **error}
+                for code, why in (
+                    (400, "Malformed JSON"),
+                    (401, "Missing or invalid token"),
+                    (404, "Unknown function or account"),
+                    (409, "A task with this id exists"),
+                    (413, "Payload too large"),
+                    (422, "Invalid field"),
+                    (429, "Queue full"),
+                )
+            },
+        },
+    }
