@@ -12,7 +12,6 @@ is created waits briefly for it (`dispatcher.RECORD_GRACE`).
 from __future__ import annotations
 
 import contextlib
-import secrets
 import time
 from typing import Any
 
@@ -20,12 +19,12 @@ from . import metrics, queues
 from .models import StageTimestamps, Task, TaskFunction, TaskMeta, TaskPhase, TaskSpec, TaskStatus
 from .plane import DataPlane
 from .states import IllegalTransition
-from .store import TaskGone, TaskRecord, Versioned, new_token, now
+from .store import TaskGone, TaskRecord, Versioned, new_token, now, random_hex
 
 
 def generate_id() -> str:
     """Sortable by submission time, unique without coordination."""
-    return f"{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
+    return f"{int(time.time() * 1000):011x}{random_hex(10)}"
 
 
 async def submit(
