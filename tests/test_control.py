@@ -156,8 +156,29 @@ async def test_logs_after_the_fact_and_followed_live(api: Api) -> None:
     assert [r["line"] for r in records if r["stream"] == "stderr"] == ["line 0", "line 1", "line 2"]
     assert records[-1]["final"] is True
     assert records[-1]["line"] == "attempt 1 succeeded; task Succeeded"
+    assert records[0]["line"].startswith("attempt 1 started (pid-")
     after = await api.http.get(f"/v1/tasks/{tid}/logs")
     assert [json.loads(x) for x in after.text.splitlines()] == records
+
+
+async def test_a_quick_attempt_is_told_in_one_line_a_slow_one_is_announced(api: Api) -> None:
+    import json
+
+    await api.function("quick", command=["true"])
+    await api.function("slow", command=["sleep", "0.6"])
+    quick = (await api.submit("quick"))["metadata"]["name"]
+    slow = (await api.submit("slow"))["metadata"]["name"]
+    for tid in (quick, slow):
+        await api.wait(tid)
+    lines = {}
+    for tid in (quick, slow):
+        text = (await api.http.get(f"/v1/tasks/{tid}/logs")).text
+        lines[tid] = [json.loads(x)["line"] for x in text.splitlines()]
+    [only] = lines[quick]
+    assert only.startswith("attempt 1 (pid-") and only.endswith(") succeeded; task Succeeded")
+    started, final = lines[slow]
+    assert started.startswith("attempt 1 started (pid-")
+    assert final == "attempt 1 succeeded; task Succeeded"
 
 
 async def test_max_concurrency_one_holds_under_50_concurrent_submissions_across_two_dispatchers(

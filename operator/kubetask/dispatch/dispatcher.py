@@ -43,6 +43,9 @@ RECORD_GRACE = 10.0
 # A terminal step (destinations) that keeps failing is retried this often, then dropped.
 MAX_FINALIZE_DELIVERIES = 50
 FINALIZE_RETRY_DELAY = 30.0
+# An attempt still running after this long gets its "started" log line; a quicker one is told in
+# its final line instead, which saves a log message on every millisecond task.
+ANNOUNCE_AFTER = 0.25
 
 
 def default_policies() -> list[Policy]:
@@ -76,6 +79,7 @@ class Slot:
 
     stop_requested: bool = False
     execution: Execution | None = None
+    announced: bool = False  # the attempt's "started" line is in the log
 
 
 @dataclass
@@ -274,7 +278,7 @@ class Dispatcher:
                 raise
         finally:
             self.slots.pop(key, None)
-        await self._record_outcome(ctx, msg, claimed, outcome, slot.stop_requested)
+        await self._record_outcome(ctx, msg, claimed, outcome, slot)
 
     def _claim(self, token: str, seq: int, ctx: TaskContext) -> Mutation:
         def claim(r: TaskRecord) -> TaskRecord:
@@ -298,6 +302,17 @@ class Dispatcher:
     async def _attempt(self, ctx: TaskContext, msg: Msg, slot: Slot, attempt: int) -> Outcome:
         fn = ctx.function
         rec = ctx.record
+
+        def announce() -> None:
+            if not slot.announced and slot.execution is not None:
+                slot.announced = True
+                started = f"attempt {attempt} started ({slot.execution.instance})"
+                self._log(rec, "system", started, attempt)
+
+        def output(stream: str, text: str) -> None:
+            announce()  # output follows the line that says where it runs
+            self._log(rec, stream, text, attempt)
+
         inv = Invocation(
             account=ctx.account,
             task_id=ctx.task_id,
@@ -306,13 +321,15 @@ class Dispatcher:
             payload=rec.task.spec.payload,
             timeout=fn.spec.timeoutSeconds,
             max_result_bytes=self.plane.settings.max_result_bytes,
-            log=lambda stream, text: self._log(rec, stream, text, attempt),
+            log=output,
         )
         executor: Executor = self.command if fn.spec.command is not None else self.server
         labels = metrics.RUNNING.labels(ctx.account, fn.name)
         labels.inc()
         heartbeat = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        announcing = loop.call_later(ANNOUNCE_AFTER, announce)
         try:
             try:
                 execution = await executor.start(inv)
@@ -321,7 +338,6 @@ class Dispatcher:
             slot.execution = execution
             if slot.stop_requested:
                 await execution.kill()
-            self._log(rec, "system", f"attempt {attempt} started ({execution.instance})", attempt)
             try:
                 return await execution.wait()
             except asyncio.CancelledError:
@@ -332,6 +348,7 @@ class Dispatcher:
                 await execution.kill()
                 return Outcome(False, error=f"executor error: {err}", instance=execution.instance)
         finally:
+            announcing.cancel()
             heartbeat.cancel()
             labels.dec()
             metrics.EXECUTION.labels(ctx.account, fn.name).observe(
@@ -339,16 +356,17 @@ class Dispatcher:
             )
 
     async def _record_outcome(
-        self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, stop_requested: bool
+        self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, slot: Slot
     ) -> None:
         attempt = claimed.record.task.status.attempts
         verdict = "succeeded" if outcome.ok else f"failed: {outcome.error}"
+        where = "" if slot.announced or outcome.instance is None else f" ({outcome.instance})"
         # Written with the final line when the task ends here: one log message fewer per task.
-        ctx.note = f"attempt {attempt} {verdict}"
+        ctx.note = f"attempt {attempt}{where} {verdict}"
         if outcome.ok:
             await self._end(ctx, msg, claimed, TaskPhase.Succeeded, None, outcome)
             return
-        if stop_requested or outcome.killed:
+        if slot.stop_requested or outcome.killed:
             await self._end(ctx, msg, claimed, TaskPhase.Stopped, "stopped", outcome)
             return
         ctx.record = claimed.record
