@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 from . import jetstream, names
 from .queues import QueueDepth
 from .registry import Registry
+from .rpc import Requester
 from .settings import Settings
 from .store import TaskStore
 
@@ -18,6 +19,7 @@ from .store import TaskStore
 class DataPlane:
     nc: Client
     js: JetStreamContext
+    rpc: Requester
     settings: Settings
     store: TaskStore
     registry: Registry
@@ -28,13 +30,17 @@ class DataPlane:
         nc = await jetstream.connect(settings, name)
         js = nc.jetstream(timeout=10)
         await jetstream.ensure_platform(js, settings)
-        store = TaskStore(await js.key_value(names.TASKS_BUCKET))
+        rpc = Requester(nc, timeout=10)
+        await rpc.start()
+        store = TaskStore(await js.key_value(names.TASKS_BUCKET), rpc)
         registry = Registry(js)
         await registry.start()
-        return cls(nc, js, settings, store, registry, QueueDepth(js, settings.queue_max_msgs))
+        depth = QueueDepth(js, settings.queue_max_msgs)
+        return cls(nc, js, rpc, settings, store, registry, depth)
 
     async def close(self) -> None:
         await self.registry.stop()
+        await self.rpc.close()
         if not self.nc.is_closed:
             await self.nc.flush()
             await self.nc.close()

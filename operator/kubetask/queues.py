@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from . import names
 from .jetstream import ensure_stream
 from .models import TaskFunction
+from .rpc import Requester
 from .settings import Settings
 
 
@@ -134,15 +135,12 @@ def _publish_error(err: Exception) -> Exception:
     return err
 
 
-async def enqueue(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef) -> int:
+async def enqueue(rpc: Requester, fn: TaskFunction, ref: QueuedRef) -> int:
     """Publish a runnable task; returns its stream sequence. Duplicate publishes are absorbed."""
     try:
-        ack = await js.publish(
-            names.queue_subject(fn), ref.encode(), headers={"Nats-Msg-Id": ref.msg_id}
-        )
+        return await rpc.publish(names.queue_subject(fn), ref.encode(), {"Nats-Msg-Id": ref.msg_id})
     except Exception as err:
         raise _publish_error(err) from err
-    return int(ack.seq)
 
 
 async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: datetime) -> None:

@@ -13,13 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel
 
 from . import names
 from .models import Task, TaskPhase
+from .rpc import WRONG_LAST_SEQUENCE, Requester
 from .states import IllegalTransition, allowed
+
+EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 
 
 def now() -> datetime:
@@ -74,29 +77,59 @@ Mutation = Callable[[TaskRecord], TaskRecord]
 
 
 class TaskStore:
-    def __init__(self, kv: KeyValue) -> None:
+    """Reads and writes go through `rpc.Requester` (the hot path: a few per task); `kv` serves
+    watches and deletes."""
+
+    def __init__(self, kv: KeyValue, rpc: Requester) -> None:
         self.kv = kv
+        self.rpc = rpc
+        self._stream = f"KV_{names.TASKS_BUCKET}"
+        self._prefix = f"$KV.{names.TASKS_BUCKET}."
+
+    async def _write(self, key: str, data: bytes, last: int) -> int:
+        """Write `data` if the key's revision is still `last` (0: the key has no value)."""
+        try:
+            return await self.rpc.publish(self._prefix + key, data, {EXPECTED_LAST: str(last)})
+        except APIError as err:
+            if err.err_code in WRONG_LAST_SEQUENCE:
+                raise KeyWrongLastSequenceError(err.description) from None
+            raise
+
+    async def _latest(self, key: str) -> tuple[bytes, int, bool] | None:
+        """(value, revision, deleted) of the key's last entry; deletions leave a marker."""
+        msg = await self.rpc.last_for(self._stream, self._prefix + key)
+        if msg is None:
+            return None
+        headers = msg.headers or {}
+        deleted = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+        return msg.data, int(headers["Nats-Sequence"]), deleted
 
     async def create(self, record: TaskRecord) -> Versioned:
         key = names.task_key(record.task.account, record.task.id)
         data = record.model_dump_json().encode()
+        last = 0
         while True:
             try:
-                revision = await self.kv.create(key, data)
+                revision = await self._write(key, data, last)
                 return Versioned(record, revision, data)
             except KeyWrongLastSequenceError:
-                existing = await self.get(record.task.account, record.task.id)
-                if existing is not None:
-                    raise TaskExists(existing) from None
+                latest = await self._latest(key)
+                if latest is None:
+                    last = 0
+                    continue
+                value, revision, deleted = latest
+                if deleted:  # a deleted task's id may be used again
+                    last = revision
+                    continue
+                existing = TaskRecord.model_validate_json(value)
+                raise TaskExists(Versioned(existing, revision, value)) from None
 
     async def get(self, account: str, task_id: str) -> Versioned | None:
-        try:
-            entry = await self.kv.get(names.task_key(account, task_id))
-        except KeyNotFoundError:
+        latest = await self._latest(names.task_key(account, task_id))
+        if latest is None or latest[2]:
             return None
-        if entry.value is None or entry.revision is None:
-            return None
-        return Versioned(TaskRecord.model_validate_json(entry.value), entry.revision, entry.value)
+        value, revision, _ = latest
+        return Versioned(TaskRecord.model_validate_json(value), revision, value)
 
     async def transition(
         self, account: str, task_id: str, mutate: Mutation, current: Versioned | None = None
@@ -119,8 +152,8 @@ class TaskStore:
                 raise IllegalTransition(before, after)
             data = updated.model_dump_json().encode()
             try:
-                revision = await self.kv.update(
-                    names.task_key(account, task_id), data, last=current.revision
+                revision = await self._write(
+                    names.task_key(account, task_id), data, current.revision
                 )
                 return Versioned(updated, revision, data)
             except KeyWrongLastSequenceError:

@@ -45,7 +45,7 @@ async def submit(
         token=new_token(),
     )
     ref = queues.QueuedRef(fn.account, record.task.id, record.token)
-    await queues.enqueue(plane.js, fn, ref)
+    await queues.enqueue(plane.rpc, fn, ref)
     record.task.status.timestamps.enqueued = now()
     created = await plane.store.create(record)
     metrics.SUBMITTED.labels(fn.account, fn.name).inc()
@@ -56,7 +56,7 @@ async def enqueue(plane: DataPlane, fn: TaskFunction, current: Versioned) -> Ver
     """Publish a Pending (resumed) record's message and mark it Queued; the dispatcher may already
     have claimed it, which is fine. A crash in between leaves it Pending for the sweeper."""
     rec = current.record
-    await queues.enqueue(plane.js, fn, queues.QueuedRef(rec.task.account, rec.task.id, rec.token))
+    await queues.enqueue(plane.rpc, fn, queues.QueuedRef(rec.task.account, rec.task.id, rec.token))
 
     def queued(r: TaskRecord) -> TaskRecord:
         if r.phase is not TaskPhase.Pending or r.token != rec.token:

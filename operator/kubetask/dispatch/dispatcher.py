@@ -408,7 +408,7 @@ class Dispatcher:
         ref = queues.QueuedRef(ctx.account, ctx.task_id, token)
         try:
             if retry.delay <= 0:
-                await queues.enqueue(self.plane.js, ctx.function, ref)
+                await queues.enqueue(self.plane.rpc, ctx.function, ref)
             else:
                 await queues.schedule(self.plane.js, ctx.function, ref, retry.at)
         except Exception as err:

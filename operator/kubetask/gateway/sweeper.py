@@ -43,7 +43,7 @@ async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
         if rec.phase is TaskPhase.Pending:
             await submission.enqueue(plane, fn, current)
         else:
-            await queues.enqueue(plane.js, fn, queues.QueuedRef(s.account, s.id, rec.token))
+            await queues.enqueue(plane.rpc, fn, queues.QueuedRef(s.account, s.id, rec.token))
         republished += 1
         log.info("republished %s task %s/%s", s.phase.value, s.account, s.id)
     return republished
