@@ -334,6 +334,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         fn = plane().registry.function(acct, name)
         if fn is None:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
+        mirror: BucketMirror = state["mirror"]
+        await mirror.caught_up()  # a task submitted a moment ago counts too
         busy = [
             s
             for s in state["index"].all()
