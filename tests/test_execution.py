@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from harness import Api, echo_script
@@ -119,3 +120,70 @@ async def test_server_mode_non_2xx_is_a_function_error(api: Api) -> None:
     done = await api.wait(task["metadata"]["name"])
     assert done["status"]["phase"] == "Failed"
     assert done["status"]["error"] == "HTTP 500: bad input"
+
+
+KEEPALIVE_SERVER = """
+    import json, os, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the dispatcher reuses its connections
+
+        def log_message(self, *a):
+            pass
+
+        def reply(self, out):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def do_GET(self):
+            self.reply(b"ok")
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if body == "sleep":
+                time.sleep(30)
+            if body == "big":
+                self.reply(b'"' + b"x" * 100_000 + b'"')
+                return
+            self.reply(json.dumps({"pid": os.getpid(), "port": self.client_address[1]}).encode())
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+async def test_server_mode_keeps_connections_and_enforces_timeout_stop_and_result_size(
+    api: Api,
+) -> None:
+    srv = api.script("keepalive", KEEPALIVE_SERVER)
+    await api.function("ka", server={"command": srv, "maxInstances": 1}, timeoutSeconds=0.5)
+    await api.async_config("ka", function="ka", maxAsyncRetryAttempts=0)
+    done = []
+    for _ in range(3):  # one after the other: each reuses the connection the last one used
+        done.append((await api.wait((await api.submit("ka", 1))["metadata"]["name"]))["status"])
+    assert [d["phase"] for d in done] == ["Succeeded"] * 3, done
+    assert len({d["result"]["port"] for d in done}) == 1
+    first_pid = done[0]["result"]["pid"]
+
+    slow = await api.wait((await api.submit("ka", "sleep"))["metadata"]["name"])
+    assert slow["status"]["phase"] == "Failed"
+    assert slow["status"]["error"] == "timed out after 0.5s"
+    big = await api.wait((await api.submit("ka", "big"))["metadata"]["name"])
+    assert big["status"]["phase"] == "Failed"
+    assert big["status"]["error"] == f"result exceeds {64 * 1024} bytes"
+    after = await api.wait((await api.submit("ka", 1))["metadata"]["name"])
+    assert after["status"]["phase"] == "Succeeded"
+    assert after["status"]["result"]["pid"] != first_pid  # the timeout killed the busy instance
+
+    await api.function("ka2", server={"command": srv, "maxInstances": 1}, timeoutSeconds=60)
+    tid = (await api.submit("ka2", "sleep"))["metadata"]["name"]
+    await api.wait(tid, {"Running"})
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    await api.call("POST", f"/v1/tasks/{tid}/stop", 200)
+    stopped = await api.wait(tid)
+    assert stopped["status"]["phase"] == "Stopped"
+    assert loop.time() - asked < 2

@@ -19,8 +19,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from ..models import TaskFunction
 from .base import (
     Execution,
@@ -32,6 +30,10 @@ from .base import (
     encode_payload,
     env_for,
 )
+from .http1 import Http1Pool, InstanceUnreachable
+
+# Readiness answers are read up to this size; their body is not used.
+READINESS_BODY_LIMIT = 64 * 1024
 
 
 def _free_port() -> int:
@@ -50,9 +52,14 @@ class Instance:
     idle_since: float = 0.0
     dead: bool = False
     pump: asyncio.Task[None] | None = None
+    http: Http1Pool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = Http1Pool(self.port)
 
     async def terminate(self) -> None:
         self.dead = True
+        self.http.close()
         if self.proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -61,11 +68,15 @@ class Instance:
 
 
 class InstancePool:
-    def __init__(self, fn: TaskFunction, http: aiohttp.ClientSession) -> None:
+    """Instances of one function. Taking and returning a free instance never waits, so it is done
+    without the lock; the lock serializes only the slow path (waiting for room, or starting an
+    instance)."""
+
+    def __init__(self, fn: TaskFunction) -> None:
         self.fn = fn
-        self.http = http
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
+        self._waiting = 0
         self._starting = 0
         self._seq = 0
 
@@ -74,18 +85,33 @@ class InstancePool:
         assert self.fn.spec.server is not None
         return self.fn.spec.server
 
+    def _take_free(self, inv: Invocation) -> Instance | None:
+        best: Instance | None = None
+        for inst in self.instances:
+            if not inst.dead and len(inst.inflight) < inst.capacity:
+                if best is None or len(inst.inflight) < len(best.inflight):
+                    best = inst
+        if best is not None:
+            best.inflight.add(inv)
+        return best
+
     async def acquire(self, inv: Invocation) -> Instance:
+        found = self._take_free(inv)
+        if found is not None:
+            return found
         async with self._changed:
             while True:
-                live = [i for i in self.instances if not i.dead]
-                free = [i for i in live if len(i.inflight) < i.capacity]
-                if free:
-                    inst = min(free, key=lambda i: len(i.inflight))
-                    inst.inflight.add(inv)
-                    return inst
-                if len(live) + self._starting < self.spec.maxInstances:
+                found = self._take_free(inv)
+                if found is not None:
+                    return found
+                live = sum(1 for i in self.instances if not i.dead)
+                if live + self._starting < self.spec.maxInstances:
                     break
-                await self._changed.wait()
+                self._waiting += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._waiting -= 1
             self._starting += 1
         try:
             inst = await self._spawn(inv)
@@ -99,13 +125,14 @@ class InstancePool:
             return inst
 
     async def release(self, inst: Instance, inv: Invocation) -> None:
-        async with self._changed:
-            inst.inflight.discard(inv)
-            if not inst.inflight:
-                inst.idle_since = asyncio.get_running_loop().time()
-            if inst.dead:
-                self.instances = [i for i in self.instances if i is not inst]
-            self._changed.notify_all()
+        inst.inflight.discard(inv)
+        if not inst.inflight:
+            inst.idle_since = asyncio.get_running_loop().time()
+        if inst.dead:
+            self.instances = [i for i in self.instances if i is not inst]
+        if self._waiting:
+            async with self._changed:
+                self._changed.notify_all()
 
     async def _spawn(self, inv: Invocation) -> Instance:
         self._seq += 1
@@ -136,15 +163,21 @@ class InstancePool:
         return inst
 
     async def _wait_ready(self, inst: Instance) -> None:
-        url = f"http://127.0.0.1:{inst.port}{self.spec.readinessPath}"
+        probe = inst.http.encode(b"GET", self.spec.readinessPath, {}, b"")
         deadline = asyncio.get_running_loop().time() + self.spec.startupTimeoutSeconds
         while asyncio.get_running_loop().time() < deadline:
             if inst.proc.returncode is not None:
                 raise RuntimeError(f"instance exited with code {inst.proc.returncode} before ready")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                    if resp.status < 300:
-                        return
+            with contextlib.suppress(InstanceUnreachable, TimeoutError):
+                conn = await inst.http.connection()
+                answer = conn.send(probe, READINESS_BODY_LIMIT)
+                try:
+                    status, _ = await asyncio.wait_for(asyncio.shield(answer), 1)
+                except TimeoutError:
+                    conn.cancel(answer)
+                    raise
+                if status < 300:
+                    return
             await asyncio.sleep(0.02)
         raise RuntimeError(f"instance not ready within {self.spec.startupTimeoutSeconds:g}s")
 
@@ -178,32 +211,50 @@ class InstancePool:
 
 
 class ServerExecution:
+    """One invocation. Stop and timeout interrupt it by closing its connection; no task of its
+    own runs beside the dispatcher's."""
+
     def __init__(self, pool: InstancePool, inst: Instance, inv: Invocation) -> None:
         self.pool = pool
         self.inst = inst
         self.inv = inv
         self.instance: str | None = inst.name
-        self._request = asyncio.create_task(self._invoke())
-        self._killed = False
+        self._interrupted: str | None = None  # "timeout" or "stop"
+        self._cancel: Any = None  # abandons the request in flight
+
+    async def wait(self) -> Outcome:
+        timer = asyncio.get_running_loop().call_later(self.inv.timeout, self._interrupt, "timeout")
+        try:
+            return await self._invoke()
+        finally:
+            timer.cancel()
+            self._cancel = None
+            await self.pool.release(self.inst, self.inv)
 
     async def _invoke(self) -> Outcome:
         spec = self.pool.spec
-        url = f"http://127.0.0.1:{self.inst.port}{spec.invokePath}"
         headers = {
             "Content-Type": "application/json",
             "X-Kubetask-Task-Id": self.inv.task_id,
             "X-Kubetask-Attempt": str(self.inv.attempt),
             "X-Kubetask-Account": self.inv.account,
         }
+        http = self.inst.http
+        request = http.encode(b"POST", spec.invokePath, headers, encode_payload(self.inv.payload))
         try:
-            async with self.pool.http.post(
-                url, data=encode_payload(self.inv.payload), headers=headers
-            ) as resp:
-                body = await resp.content.read(self.inv.max_result_bytes + 1)
-                status = resp.status
-        except (aiohttp.ClientError, OSError) as err:
-            self.inst.dead = True
-            return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
+            conn = await http.connection()
+            if self._interrupted:
+                conn.abort()
+                raise InstanceUnreachable("interrupted")
+            answer = conn.send(request, self.inv.max_result_bytes)
+            self._cancel = lambda: conn.cancel(answer)
+            try:
+                status, body = await answer
+            except asyncio.CancelledError:
+                conn.cancel(answer)
+                raise
+        except InstanceUnreachable as err:
+            return await self._unreachable(err)
         if len(body) > self.inv.max_result_bytes:
             return Outcome(
                 False,
@@ -220,10 +271,8 @@ class ServerExecution:
             )
         return Outcome(True, result=decode_result(body), exit_code=status, instance=self.instance)
 
-    async def wait(self) -> Outcome:
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._request), self.inv.timeout)
-        except TimeoutError:
+    async def _unreachable(self, err: InstanceUnreachable) -> Outcome:
+        if self._interrupted == "timeout":
             await self._abandon()
             return Outcome(
                 False,
@@ -231,38 +280,32 @@ class ServerExecution:
                 timed_out=True,
                 instance=self.instance,
             )
-        except asyncio.CancelledError:
-            if self._killed:
-                return Outcome(False, error="stopped", killed=True, instance=self.instance)
-            raise
-        finally:
-            await self.pool.release(self.inst, self.inv)
+        if self._interrupted == "stop":
+            return Outcome(False, error="stopped", killed=True, instance=self.instance)
+        self.inst.dead = True
+        return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
+
+    def _interrupt(self, reason: str) -> None:
+        if self._interrupted is None:
+            self._interrupted = reason
+        if self._cancel is not None:
+            self._cancel()
 
     async def _abandon(self) -> None:
-        self._request.cancel()
+        """The instance cannot be told to drop one invocation: kill it if it serves no other."""
         if self.inst.inflight <= {self.inv}:
             await self.inst.terminate()
 
     async def kill(self) -> None:
-        self._killed = True
+        self._interrupt("stop")
         await self._abandon()
 
 
 class ServerExecutor:
     def __init__(self) -> None:
         self._pools: dict[tuple[str, str], InstancePool] = {}
-        self._http: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
-
-    def _session(self) -> aiohttp.ClientSession:
-        if self._http is None:
-            connector = aiohttp.TCPConnector(limit=0, force_close=False)
-            self._http = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=None)
-            )
-            self._reaper = asyncio.create_task(self._reap_forever())
-        return self._http
 
     async def _reap_forever(self) -> None:
         while True:
@@ -278,7 +321,9 @@ class ServerExecutor:
                 retired = asyncio.create_task(pool.close())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            pool = self._pools[key] = InstancePool(fn, self._session())
+            pool = self._pools[key] = InstancePool(fn)
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_forever())
         return pool
 
     async def start(self, inv: Invocation) -> Execution:
@@ -291,5 +336,3 @@ class ServerExecutor:
             self._reaper.cancel()
         for pool in self._pools.values():
             await pool.close()
-        if self._http is not None:
-            await self._http.close()

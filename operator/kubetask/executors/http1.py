@@ -1,0 +1,148 @@
+"""Keep-alive HTTP/1.1 connections to one warm instance on localhost.
+
+A warm instance is invoked once per task, so the client's cost per request is paid on every
+millisecond task: aiohttp's general-purpose client spent ~70 µs of CPU on each (session,
+request and response objects, timers, trace hooks). This one writes the request in one call and
+parses the answer with httptools (the C parser uvicorn uses); it does no redirects, cookies, TLS
+or proxies, none of which a local instance needs. A request is abandoned by closing its
+connection (`cancel`), which is how stop and timeout cut an invocation short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import httptools
+
+
+class InstanceUnreachable(ConnectionError):
+    """The connection failed or closed before a whole answer arrived."""
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: Http1Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser: httptools.HttpResponseParser | None = None
+        self._answer: asyncio.Future[tuple[int, bytes]] | None = None
+        self._body: list[bytes] = []
+        self._size = 0
+        self._limit = 0
+        self._headers_done = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._parser is None:
+            self.abort()  # nothing was asked: the peer is not speaking HTTP to us
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as err:
+            self._fail(InstanceUnreachable(f"malformed HTTP answer: {err}"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self._answer is not None and not self._answer.done():
+            if self._headers_done and self._parser is not None:
+                # An answer without a length ends when the connection does.
+                self._finish(keep=False)
+            else:
+                self._fail(InstanceUnreachable(str(exc) if exc else "connection closed"))
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._size += len(body)
+        self._body.append(body)
+        if self._size > self._limit:
+            # Too large: answer with what is there (the caller refuses it) and drop the rest.
+            self._finish(keep=False)
+            self.abort()
+
+    def on_message_complete(self) -> None:
+        assert self._parser is not None
+        self._finish(keep=self._parser.should_keep_alive())
+
+    # -- use ----------------------------------------------------------------------------------
+
+    def send(self, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
+        assert self.transport is not None
+        self._parser = httptools.HttpResponseParser(self)
+        self._answer = asyncio.get_running_loop().create_future()
+        self._body, self._size, self._limit, self._headers_done = [], 0, limit, False
+        self.transport.write(request)
+        return self._answer
+
+    def _finish(self, keep: bool) -> None:
+        parser, answer = self._parser, self._answer
+        self._parser = None
+        if parser is None or answer is None or answer.done():
+            return
+        answer.set_result((parser.get_status_code(), b"".join(self._body)))
+        if keep and not self.closed:
+            self.pool.idle.append(self)
+        else:
+            self.abort()
+
+    def _fail(self, err: Exception) -> None:
+        self._parser = None
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(err)
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    def cancel(self, answer: asyncio.Future[tuple[int, bytes]]) -> None:
+        """Abandon the request that `answer` waits for, if it still does (the connection may
+        already serve someone else's)."""
+        if self._answer is answer and not answer.done():
+            self.abort()
+
+
+class Http1Pool:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[_Connection] = []
+        self._host = f"127.0.0.1:{port}".encode()
+
+    def forget(self, conn: _Connection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    async def connection(self) -> _Connection:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self), "127.0.0.1", self.port
+            )
+        except OSError as err:
+            raise InstanceUnreachable(str(err)) from err
+        return conn
+
+    def encode(self, method: bytes, path: str, headers: dict[str, str], body: bytes) -> bytes:
+        lines = [method + b" " + path.encode() + b" HTTP/1.1", b"Host: " + self._host]
+        lines += [f"{k}: {v}".encode() for k, v in headers.items()]
+        lines.append(b"Content-Length: " + str(len(body)).encode())
+        return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.abort()
+        self.idle.clear()
