@@ -32,6 +32,7 @@ class Requester:
         self._prefix = ""
         self._count = 0
         self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
+        self._batches: dict[str, list[Msg]] = {}  # replies of a batch get, before its end
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -54,6 +55,10 @@ class Requester:
             del self._pending[reply]
 
     async def _on_reply(self, msg: Msg) -> None:
+        batch = self._batches.get(msg.subject)
+        if batch is not None and not (msg.headers and STATUS in msg.headers):
+            batch.append(msg)  # one of many; the status message that ends them answers below
+            return
         waiting = self._pending.get(msg.subject)
         if waiting is not None and not waiting[0].done():
             waiting[0].set_result(msg)
@@ -72,6 +77,31 @@ class Requester:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+
+    async def batch_get(self, stream: str, request: dict[str, object]) -> tuple[list[Msg], int]:
+        """A batch direct get: the stored messages it returns (in sequence order) and how many
+        more match after them."""
+        self._count += 1
+        reply = self._prefix + str(self._count)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        batch: list[Msg] = []
+        self._pending[reply] = (future, loop.time() + self.timeout)
+        self._batches[reply] = batch
+        try:
+            payload = json.dumps(request).encode()
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", payload, reply=reply)
+            end = await future
+        finally:
+            del self._pending[reply]
+            del self._batches[reply]
+        headers = end.headers or {}
+        status = headers.get(STATUS)
+        if status == "404":
+            return [], 0
+        if status != "204":  # 204 "EOB": the end of a batch
+            raise APIError(code=int(status or 0), description=headers.get("Description", ""))
+        return batch, int(headers.get("Nats-Num-Pending", "0"))
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
         """Store a message in the stream that holds `subject`; its sequence when stored."""

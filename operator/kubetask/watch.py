@@ -1,4 +1,6 @@
-"""Mirror a KV bucket into memory: a background task applies every change through a callback."""
+"""Mirror a KV bucket into memory, applying every change through a callback: `BucketMirror`
+follows each change as it happens (small, rarely written buckets), `LazyMirror` reads the
+changes in batches when asked (the busy task bucket)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+
+from .rpc import Requester
 
 # (key, value or None when deleted, revision)
 Apply = Callable[[str, bytes | None, int], None]
@@ -58,6 +62,76 @@ class BucketMirror:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self._watcher.stop()  # type: ignore[no-untyped-call]
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class LazyMirror:
+    """Mirror a busy bucket by reading its stream in batches, not by following every write.
+
+    The bucket keeps one revision per key, so reading on from the last sequence seen returns
+    only the latest value of each key written since — one message per task, however many
+    phases it went through meanwhile — and one batch direct get returns up to `batch` of them.
+    Readers call `caught_up()` before answering; a background pass every `interval` seconds
+    keeps the mirror at most that stale for everyone else (the sweeper). Passes are short and
+    frequent, and yield between batches, so catching up never holds the gateway's loop for long.
+    """
+
+    def __init__(
+        self,
+        rpc: Requester,
+        bucket: str,
+        apply: Apply,
+        interval: float = 0.25,
+        batch: int = 200,
+    ) -> None:
+        self.rpc = rpc
+        self._stream = f"KV_{bucket}"
+        self._prefix = f"$KV.{bucket}."
+        self._apply = apply
+        self.interval = interval
+        self.batch = batch
+        self.last_revision = 0
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Return once every value present at start-up has been applied."""
+        await self.caught_up()
+        self._task = asyncio.create_task(self._refresh_forever(), name=f"mirror-{self._stream}")
+
+    async def caught_up(self) -> None:
+        """Apply every write acknowledged before this call (read-your-writes)."""
+        async with self._lock:
+            while True:
+                request = {
+                    "seq": self.last_revision + 1,
+                    "batch": self.batch,
+                    "next_by_subj": self._prefix + ">",
+                }
+                msgs, more = await self.rpc.batch_get(self._stream, request)
+                for msg in msgs:
+                    self._apply_stored(msg.headers or {}, msg.data)
+                if not msgs or more == 0:
+                    return
+                await asyncio.sleep(0)  # let requests in between batches
+
+    def _apply_stored(self, headers: dict[str, str], data: bytes) -> None:
+        revision = int(headers["Nats-Sequence"])
+        key = headers["Nats-Subject"][len(self._prefix) :]
+        deleted = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+        self._apply(key, None if deleted else data, revision)
+        self.last_revision = max(self.last_revision, revision)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            with contextlib.suppress(Exception):  # NATS away for a moment: next pass catches up
+                await self.caught_up()
+
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -40,7 +40,7 @@ from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Versioned
-from ..watch import BucketMirror
+from ..watch import LazyMirror
 from . import errors, submit
 from .errors import ApiError
 from .index import Query as IndexQuery
@@ -113,7 +113,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         plane = await DataPlane.connect(settings, "kubetask-gateway")
         index = TaskIndex()
-        mirror = BucketMirror(plane.store.kv, index.apply)
+        mirror = LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply)
         await mirror.start()
         sweeper = asyncio.create_task(sweep_forever(plane, index))
         quiet_gc()
@@ -215,7 +215,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             started_before=startedBefore,
             id_prefix=idPrefix,
         )
-        mirror: BucketMirror = state["mirror"]
+        mirror: LazyMirror = state["mirror"]
         await mirror.caught_up()
         rows, nxt = state["index"].search(q, limit, after)
         fetched = await asyncio.gather(*(plane().store.get(r.account, r.id) for r in rows))
@@ -334,7 +334,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         fn = plane().registry.function(acct, name)
         if fn is None:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
-        mirror: BucketMirror = state["mirror"]
+        mirror: LazyMirror = state["mirror"]
         await mirror.caught_up()  # a task submitted a moment ago counts too
         busy = [
             s

@@ -15,7 +15,6 @@ from datetime import datetime
 
 from .. import names
 from ..models import TaskPhase
-from ..watch import BucketMirror
 
 
 @dataclass(slots=True)
@@ -84,7 +83,6 @@ class TaskIndex:
         self._rows: dict[str, dict[str, Summary]] = {}
         # Tasks in a phase the sweeper may have to repair, so it need not scan everything.
         self.repairable: dict[tuple[str, str], Summary] = {}
-        self.mirror: BucketMirror | None = None
 
     def apply(self, key: str, value: bytes | None, _revision: int) -> None:
         account, task_id = names.split_key(key)
