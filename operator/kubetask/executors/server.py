@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +221,7 @@ class ServerExecution:
         self.inv = inv
         self.instance: str | None = inst.name
         self._interrupted: str | None = None  # "timeout" or "stop"
-        self._cancel: Any = None  # abandons the request in flight
+        self._cancel: Callable[[], None] | None = None  # abandons the request in flight
 
     async def wait(self) -> Outcome:
         timer = asyncio.get_running_loop().call_later(self.inv.timeout, self._interrupt, "timeout")
