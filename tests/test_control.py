@@ -128,6 +128,15 @@ async def test_delete_removes_a_finished_task_and_refuses_a_running_one(api: Api
     await api.wait(running)
     await api.call("DELETE", f"/v1/tasks/{running}", 204)
     assert (await api.http.get(f"/v1/tasks/{running}")).status_code == 404
+    listed = await api.call("GET", "/v1/tasks", 200, params={"idPrefix": running})
+    assert listed["items"] == []
+    # A deleted task's id may be used again: a new task, which runs.
+    await api.function("quick", command=["true"])
+    again = await api.submit("quick", task_id=running)
+    assert again["metadata"]["name"] == running
+    assert (await api.wait(running))["status"]["phase"] == "Succeeded"
+    listed = await api.call("GET", "/v1/tasks", 200, params={"idPrefix": running})
+    assert [t["spec"]["function"] for t in listed["items"]] == ["quick"]
 
 
 async def test_logs_after_the_fact_and_followed_live(api: Api) -> None:

@@ -76,9 +76,15 @@ class TaskGone(Exception):
 Mutation = Callable[[TaskRecord], TaskRecord]
 
 
+def kv_deleted(headers: dict[str, str]) -> bool:
+    """Whether a stored KV entry is a deletion: a delete or purge marker, or a marker the server
+    placed (nats-server 2.11+)."""
+    return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
+
+
 class TaskStore:
     """Reads and writes go through `rpc.Requester` (the hot path: a few per task); `kv` serves
-    watches and deletes."""
+    deletes."""
 
     def __init__(self, kv: KeyValue, rpc: Requester) -> None:
         self.kv = kv
@@ -101,8 +107,7 @@ class TaskStore:
         if msg is None:
             return None
         headers = msg.headers or {}
-        deleted = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
-        return msg.data, int(headers["Nats-Sequence"]), deleted
+        return msg.data, int(headers["Nats-Sequence"]), kv_deleted(headers)
 
     async def create(self, record: TaskRecord) -> Versioned:
         key = names.task_key(record.task.account, record.task.id)

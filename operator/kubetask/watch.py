@@ -8,9 +8,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from .rpc import Requester
+from .store import kv_deleted
 
 # (key, value or None when deleted, revision)
 Apply = Callable[[str, bytes | None, int], None]
@@ -121,8 +122,7 @@ class LazyMirror:
     def _apply_stored(self, headers: dict[str, str], data: bytes) -> None:
         revision = int(headers["Nats-Sequence"])
         key = headers["Nats-Subject"][len(self._prefix) :]
-        deleted = headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
-        self._apply(key, None if deleted else data, revision)
+        self._apply(key, None if kv_deleted(headers) else data, revision)
         self.last_revision = max(self.last_revision, revision)
 
     async def _refresh_forever(self) -> None:
