@@ -41,18 +41,27 @@ class Requester:
         self._sweeper = asyncio.create_task(self._expire_forever())
 
     async def request(
-        self, subject: str, payload: bytes, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        batch: list[Msg] | None = None,
     ) -> Msg:
+        """The reply; with `batch`, replies without a status are collected there and the status
+        reply that ends them is returned."""
         self._count += 1
         reply = self._prefix + str(self._count)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[reply] = (future, loop.time() + self.timeout)
+        if batch is not None:
+            self._batches[reply] = batch
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
             return await future
         finally:
             del self._pending[reply]
+            self._batches.pop(reply, None)
 
     async def _on_reply(self, msg: Msg) -> None:
         batch = self._batches.get(msg.subject)
@@ -81,20 +90,9 @@ class Requester:
     async def batch_get(self, stream: str, request: dict[str, object]) -> tuple[list[Msg], int]:
         """A batch direct get: the stored messages it returns (in sequence order) and how many
         more match after them."""
-        self._count += 1
-        reply = self._prefix + str(self._count)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
         batch: list[Msg] = []
-        self._pending[reply] = (future, loop.time() + self.timeout)
-        self._batches[reply] = batch
-        try:
-            payload = json.dumps(request).encode()
-            await self.nc.publish(f"$JS.API.DIRECT.GET.{stream}", payload, reply=reply)
-            end = await future
-        finally:
-            del self._pending[reply]
-            del self._batches[reply]
+        subject = f"$JS.API.DIRECT.GET.{stream}"
+        end = await self.request(subject, json.dumps(request).encode(), batch=batch)
         headers = end.headers or {}
         status = headers.get(STATUS)
         if status == "404":
