@@ -19,7 +19,6 @@ import secrets
 import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -34,6 +33,7 @@ from .accounting import Accounting
 from .destinations import Destinations
 from .max_age import MaxEventAge
 from .policy import Drop, Policy, Retry, TaskContext
+from .pull import Pull
 from .retries import Retries
 
 log = logging.getLogger("kubetask.dispatcher")
@@ -87,7 +87,7 @@ class FunctionWorker:
     fn: TaskFunction
     task: asyncio.Task[None] | None = None
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
-    freed: asyncio.Event = field(default_factory=asyncio.Event)
+    pull: Pull | None = None
 
 
 class Dispatcher:
@@ -132,13 +132,12 @@ class Dispatcher:
 
     async def _consume(self, worker: FunctionWorker) -> None:
         fn = worker.fn
+        stream, consumer = names.stream_for(fn), names.consumer_name(fn)
         while True:
             # The queue is created by whoever registers the function (gateway or operator), before
             # registering it; a dispatcher only binds, so it never resurrects a removed queue.
             try:
-                sub = await self.plane.js.pull_subscribe_bind(
-                    durable=names.consumer_name(fn), stream=names.stream_for(fn)
-                )
+                await self.plane.js.consumer_info(stream, consumer)
                 break
             except asyncio.CancelledError:
                 raise
@@ -146,44 +145,30 @@ class Dispatcher:
                 log.warning("cannot bind to queue of %s/%s: %s; retrying", fn.account, fn.name, err)
                 await asyncio.sleep(1)
         limit = fn.spec.maxConcurrency
-        while not self._closing:
-            free = limit - len(worker.inflight)
-            if free <= 0:
-                worker.freed.clear()
-                await worker.freed.wait()
-                continue
-            try:
-                msgs = await self._pull(sub, free)
-            except TimeoutError:
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                log.warning("fetch for %s/%s failed: %s", fn.account, fn.name, err)
-                await asyncio.sleep(0.5)
-                continue
-            for msg in msgs:
+
+        def free() -> int:
+            return 0 if self._closing else limit - len(worker.inflight)
+
+        def deliver(msg: Msg) -> None:
+            if self._closing:  # delivered while the pull was being stopped: hand it back
+                t = asyncio.create_task(msg.nak())
+            else:
                 t = asyncio.create_task(self._handle(fn, msg))
-                worker.inflight.add(t)
-                t.add_done_callback(functools.partial(self._done, worker))
+            worker.inflight.add(t)
+            t.add_done_callback(functools.partial(self._done, worker))
 
-    @staticmethod
-    async def _pull(sub: Any, free: int) -> list[Msg]:
-        """Wait for one message, then take whatever else is already there, up to `free`.
-
-        A single fetch of `free` messages would, under a trickle, hold the first message until
-        `free` had arrived or the fetch expired — tens of milliseconds of needless latency.
-        """
-        msgs: list[Msg] = await sub.fetch(1, timeout=2)
-        if free > 1:
-            with contextlib.suppress(TimeoutError):
-                msgs += await sub.fetch(free - 1, timeout=0.001)
-        return msgs
+        worker.pull = Pull(self.plane.nc, stream, consumer, free, deliver)
+        try:
+            await worker.pull.start()
+            await asyncio.Future()  # messages arrive on the pull's callback until cancelled
+        finally:
+            await worker.pull.stop()
 
     @staticmethod
     def _done(worker: FunctionWorker, task: asyncio.Task[None]) -> None:
         worker.inflight.discard(task)
-        worker.freed.set()
+        if worker.pull is not None:
+            worker.pull.wake()
         if not task.cancelled() and task.exception() is not None:
             log.error("task handler crashed", exc_info=task.exception())
 
@@ -348,6 +333,7 @@ class Dispatcher:
                 await execution.kill()
                 return Outcome(False, error=f"executor error: {err}", instance=execution.instance)
         finally:
+            slot.execution = None  # the execution refers back to the slot through `output`
             announcing.cancel()
             heartbeat.cancel()
             labels.dec()
@@ -505,8 +491,6 @@ class Dispatcher:
         """Stop taking work, let running attempts finish for a while, then stop the rest and
         hand their messages straight back to the queue."""
         self._closing = True
-        for worker in self.workers.values():
-            worker.freed.set()
         inflight = [t for w in self.workers.values() for t in w.inflight]
         for worker in self.workers.values():
             if worker.task is not None:

@@ -1,0 +1,117 @@
+"""A standing pull request on a function's consumer, sized to the worker's free slots.
+
+nats-py's `fetch` makes each pull a request with its own waiter, and an empty queue answers it
+with a TimeoutError whose traceback ties frames, tasks and futures into reference cycles: at a
+thousand tasks a second the collector then stopped the dispatcher for 60-100 ms every couple of
+seconds, which was most of the submit-to-start p99. Here one request at a time stays open for
+as many messages as there are free slots, messages arrive on a subscription callback, and the
+request is renewed when it has been filled, when the server ends it (408 expired, 409 refused)
+or, should the server have lost it (a restart), when it is overdue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("kubetask.dispatcher")
+
+# A request lives this long on the server; a lost one is noticed GRACE after that.
+EXPIRES = 5.0
+GRACE = 1.0
+# After the server refuses a request (409: consumer deleted, too many waiting, ...).
+REFUSED_PAUSE = 0.5
+
+
+class Pull:
+    def __init__(
+        self,
+        nc: Client,
+        stream: str,
+        consumer: str,
+        free: Callable[[], int],
+        deliver: Callable[[Msg], None],
+        expires: float = EXPIRES,
+    ) -> None:
+        self._nc = nc
+        self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._free = free
+        self._deliver = deliver
+        self._expires = expires
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._loop = asyncio.get_running_loop()
+        self._owed = 0  # messages the open request may still bring; 0: none open
+        self._overdue: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.Handle | None = None
+        self._sending: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self.wake()
+
+    def wake(self, delay: float = 0.0) -> None:
+        """Slots may have freed: open a request for them if none is open. Renewal waits for the
+        next loop iteration, so slots freed together are asked for in one request."""
+        if self._owed or self._renewal is not None or self._sub is None:
+            return
+        if delay:
+            self._renewal = self._loop.call_later(delay, self._renew)
+        else:
+            self._renewal = self._loop.call_soon(self._renew)
+
+    def _renew(self) -> None:
+        self._renewal = None
+        batch = self._free()
+        if self._owed or batch <= 0 or self._sub is None:
+            return
+        self._owed = batch
+        self._overdue = self._loop.call_later(self._expires + GRACE, self._ended)
+        self._sending = self._loop.create_task(self._request(batch))
+
+    async def _request(self, batch: int) -> None:
+        body = {"batch": batch, "expires": int(self._expires * 1e9)}
+        try:
+            await self._nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
+        except Exception as err:  # disconnected: try again once the server may be back
+            log.warning("pull request on %s failed: %s", self._subject, err)
+            self._ended(REFUSED_PAUSE)
+        finally:
+            if self._sending is asyncio.current_task():
+                self._sending = None
+
+    def _ended(self, pause: float = 0.0) -> None:
+        self._owed = 0
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
+        self.wake(pause)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if not msg.reply:  # a status: JetStream messages always carry their ack subject
+            status = (msg.headers or {}).get("Status")
+            if status == "100":  # idle heartbeat
+                return
+            if status != "408":
+                log.debug("pull on %s ended: %s %s", self._subject, status, msg.headers)
+            self._ended(0.0 if status == "408" else REFUSED_PAUSE)
+            return
+        if self._owed:
+            self._owed -= 1
+            if not self._owed:
+                self._ended()
+        self._deliver(msg)
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        for pending in (self._overdue, self._renewal, self._sending):
+            if pending is not None:
+                pending.cancel()
+        if sub is not None:
+            await sub.unsubscribe()
