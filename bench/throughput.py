@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import statistics
 import subprocess
@@ -159,14 +160,21 @@ class Kubetask:
         n = int(rate * seconds)
         target = await self.succeeded() + n
         prefix = f"open{int(time.time())}-"
+        # The client must not pause either: a collector pause here would send a burst, which is
+        # not the open loop being measured. Finished submissions are let go for the same reason.
+        gc.collect()
+        gc.freeze()
         start = time.perf_counter()
-        pending = []
+        pending: set[asyncio.Task[float]] = set()
         for i in range(n):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            pending.append(asyncio.create_task(self.submit(f"{prefix}{i:06d}")))
-        await asyncio.gather(*pending)
+            task = asyncio.create_task(self.submit(f"{prefix}{i:06d}"))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        while pending:
+            await asyncio.gather(*pending)
         await self.wait_succeeded(target)
         lat: list[float] = []
         self.stages: dict[str, list[float]] = {"queued": [], "claimed": []}
