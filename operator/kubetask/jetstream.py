@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+from collections.abc import Callable
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -17,9 +21,45 @@ from .settings import Settings
 _WHITESPACE = re.compile(r"\s")
 
 
+log = logging.getLogger("kubetask.nats")
+
+
 class Connection(Client):
-    """nats-py's client with a cheaper header parser: every queue message and every record read
-    carries headers, and the stock parser tests each character of each name in Python."""
+    """nats-py's client with a cheaper header parser — every queue message and every record read
+    carries headers, and the stock parser tests each character of each name in Python — and
+    subscriptions whose messages are handed over as they are read (`subscribe_direct`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, Callable[[Msg], None]] = {}
+
+    async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
+        """Call `handler` with each message right in the read loop. A stock subscription puts
+        each message on a queue for a task of its own to pick up, a task switch per message; the
+        hot-path subscriptions (request replies, pulled queue messages) only file the message
+        away, so they need no task of their own. The handler must not block."""
+        sub = await self.subscribe(subject)
+        self._direct[sub._id] = handler
+        return sub
+
+    async def unsubscribe_direct(self, sub: Subscription) -> None:
+        self._direct.pop(sub._id, None)
+        await sub.unsubscribe()
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        handler = self._direct.get(sid)
+        if handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        hdr = await self._process_headers(headers) if headers else None
+        try:
+            handler(self._build_message(sid, subject, reply, data, hdr))
+        except Exception:  # the read loop must go on
+            log.exception("handling a message on %s failed", subject.decode(errors="replace"))
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -40,7 +80,7 @@ class Connection(Client):
         return out
 
 
-async def connect(settings: Settings, name: str) -> Client:
+async def connect(settings: Settings, name: str) -> Connection:
     nc = Connection()
     await nc.connect(
         settings.nats_url,

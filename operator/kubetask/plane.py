@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from . import jetstream, names
@@ -17,7 +16,7 @@ from .store import TaskStore
 
 @dataclass
 class DataPlane:
-    nc: Client
+    nc: jetstream.Connection
     js: JetStreamContext
     rpc: Requester
     settings: Settings

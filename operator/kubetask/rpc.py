@@ -4,8 +4,9 @@ Every task costs five JetStream requests (queue publish and record create in the
 get, claim and finish in a dispatcher). nats-py's `request` spends ~45 µs of CPU on each: a fresh
 NUID plus an `os.urandom` call per reply subject, an `asyncio.wait_for` with its own timer and
 waiter, and a dataclass built from every publish ack. Here a request is a counter-numbered reply
-subject on one wildcard subscription, a future in a dict, and one sweep that times out whatever
-waited too long. Errors are nats-py's own exception types, so callers handle them as before.
+subject on one wildcard subscription (handed replies as they are read), a future in a dict, and
+one sweep that times out whatever waited too long. Errors are nats-py's own exception types, so
+callers handle them as before.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import asyncio
 import contextlib
 import json
 
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+
+from .jetstream import Connection
 
 STATUS = "Status"
 NO_RESPONDERS = "503"
@@ -26,7 +28,7 @@ WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 
 
 class Requester:
-    def __init__(self, nc: Client, timeout: float) -> None:
+    def __init__(self, nc: Connection, timeout: float) -> None:
         self.nc = nc
         self.timeout = timeout
         self._prefix = ""
@@ -37,7 +39,7 @@ class Requester:
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox() + "."
-        await self.nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        await self.nc.subscribe_direct(self._prefix + "*", self._on_reply)
         self._sweeper = asyncio.create_task(self._expire_forever())
 
     async def request(
@@ -63,7 +65,7 @@ class Requester:
             del self._pending[reply]
             self._batches.pop(reply, None)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         batch = self._batches.get(msg.subject)
         if batch is not None and not (msg.headers and STATUS in msg.headers):
             batch.append(msg)  # one of many; the status message that ends them answers below

@@ -6,7 +6,8 @@ thousand tasks a second the collector then stopped the dispatcher for 60-100 ms 
 seconds, which was most of the submit-to-start p99. Here one request at a time stays open for
 as many messages as there are free slots, messages arrive on a subscription callback, and the
 request is renewed when it has been filled, when the server ends it (408 expired, 409 refused)
-or, should the server have lost it (a restart), when it is overdue.
+or, should the server have lost it (a restart), when it is overdue. Messages are handed over as
+they are read (`Connection.subscribe_direct`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import json
 import logging
 from collections.abc import Callable
 
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from ..jetstream import Connection
 
 log = logging.getLogger("kubetask.dispatcher")
 
@@ -32,7 +34,7 @@ REFUSED_PAUSE = 0.5
 class Pull:
     def __init__(
         self,
-        nc: Client,
+        nc: Connection,
         stream: str,
         consumer: str,
         free: Callable[[], int],
@@ -53,7 +55,7 @@ class Pull:
         self._sending: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+        self._sub = await self._nc.subscribe_direct(self._inbox, self._on_msg)
         self.wake()
 
     def wake(self, delay: float = 0.0) -> None:
@@ -93,7 +95,7 @@ class Pull:
             self._overdue = None
         self.wake(pause)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         if not msg.reply:  # a status: JetStream messages always carry their ack subject
             status = (msg.headers or {}).get("Status")
             if status == "100":  # idle heartbeat
@@ -114,4 +116,4 @@ class Pull:
             if pending is not None:
                 pending.cancel()
         if sub is not None:
-            await sub.unsubscribe()
+            await self._nc.unsubscribe_direct(sub)
