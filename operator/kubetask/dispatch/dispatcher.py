@@ -243,7 +243,11 @@ class Dispatcher:
         try:
             try:
                 claimed = await self.plane.store.transition(
-                    ctx.account, ctx.task_id, self._claim(current.record.token, seq, ctx), current
+                    ctx.account,
+                    ctx.task_id,
+                    self._claim(current.record.token, seq, ctx),
+                    current,
+                    in_place=True,
                 )
             except (IllegalTransition, TaskGone):
                 await msg.ack()  # paused, stopped or deleted meanwhile
@@ -383,7 +387,9 @@ class Dispatcher:
             return r
 
         try:
-            updated = await self.plane.store.transition(ctx.account, ctx.task_id, retrying, claimed)
+            updated = await self.plane.store.transition(
+                ctx.account, ctx.task_id, retrying, claimed, in_place=True
+            )
         except (IllegalTransition, TaskGone):
             await msg.ack()
             return
@@ -424,7 +430,9 @@ class Dispatcher:
             return _finish(r, target, "stopped" if target is TaskPhase.Stopped else error, outcome)
 
         try:
-            updated = await self.plane.store.transition(ctx.account, ctx.task_id, end, current)
+            updated = await self.plane.store.transition(
+                ctx.account, ctx.task_id, end, current, in_place=True
+            )
         except (IllegalTransition, TaskGone):
             await msg.ack()
             return
