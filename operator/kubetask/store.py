@@ -150,7 +150,7 @@ class TaskStore:
         `IllegalTransition` when the latest state makes the change meaningless, which ends the
         loop — so a concurrent stop always wins over a stale dispatcher's write. With `in_place`
         the caller declares `current.record` its own, to be changed rather than copied: the
-        dispatcher's records are, and copying them was its largest single cost per task.
+        dispatcher's records are, and re-parsing them was its costliest Python call.
         """
         private = in_place
         while True:
