@@ -31,6 +31,7 @@ from kubetask.executors.http1 import Http1Pool
 from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 
 HERE = Path(__file__).resolve().parent
+SLOTS = 256  # the no-op function's maxConcurrency
 PY = sys.executable
 
 
@@ -82,6 +83,9 @@ class Kubetask:
                 )
             )
         wait_for_port(port, proc=self.procs[1])
+        # An async no-op instance takes hundreds of requests at once. Each task holds its slot
+        # through four NATS round trips and the call, which on a loaded machine take ~40 ms
+        # together: with 64 slots the dispatcher was bound by that, not by CPU.
         fn = {
             "apiVersion": "kubetask.io/v1alpha1",
             "kind": "TaskFunction",
@@ -89,10 +93,10 @@ class Kubetask:
             "spec": {
                 "server": {
                     "command": [PY, str(HERE / "noop_server.py")],
-                    "concurrency": 64,
+                    "concurrency": SLOTS,
                     "maxInstances": 1,
                 },
-                "maxConcurrency": 64,
+                "maxConcurrency": SLOTS,
                 "timeoutSeconds": 10,
             },
         }
