@@ -6,7 +6,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from harness import Api
+from kubetask import names
+from kubetask.plane import DataPlane
+from nats.js.errors import KeyNotFoundError
 
 
 async def _ids(api: Api, **params: object) -> list[str]:
@@ -249,3 +253,29 @@ async def test_function_with_unfinished_tasks_cannot_be_deleted(api: Api) -> Non
     await api.wait(tid)
     await api.call("DELETE", "/v1/functions/busy", 204)
     assert (await api.http.post("/v1/tasks", json={"function": "busy"})).status_code == 404
+
+
+async def test_a_submission_its_queue_refuses_is_taken_back(api: Api, plane: DataPlane) -> None:
+    """The record is created first; if the message cannot be published the submission is not
+    accepted (503) and the record is deleted again, so the same id can be submitted later."""
+    await api.function("unqueued", command=["true"], queueMode="dedicated")
+    await api.wait((await api.submit("unqueued", 0))["metadata"]["name"])
+    fn = plane.registry.function(api.account, "unqueued")
+    assert fn is not None
+    await plane.js.delete_stream(names.stream_for(fn))
+    # Admission still counts on the depth it read a moment ago, so the record gets created.
+    refused = await api.call(
+        "POST", "/v1/tasks", 503, json={"function": "unqueued", "id": "again", "payload": 1}
+    )
+    assert "unavailable" in refused["error"] and "retry" in refused["error"]
+    await api.call("GET", "/v1/tasks/again", 404)
+    with pytest.raises(KeyNotFoundError) as gone:
+        await plane.store.kv.get(names.task_key(api.account, "again"))
+    assert gone.value.op == "DEL"  # created, then taken back
+    unknown = await api.call(
+        "POST", "/v1/tasks", 503, json={"function": "unqueued", "id": "other", "payload": 1}
+    )
+    assert "unavailable" in unknown["error"]  # admission cannot read the queue's depth either
+    await api.function("unqueued", command=["true"], queueMode="dedicated", maxConcurrency=2)
+    await api.submit("unqueued", 1, task_id="again")
+    assert (await api.wait("again"))["status"]["phase"] == "Succeeded"

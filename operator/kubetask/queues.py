@@ -23,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from . import names
 from .jetstream import ensure_stream
@@ -36,19 +36,40 @@ class QueueFull(Exception):
     pass
 
 
+class QueueUnavailable(Exception):
+    """The queue did not take the message (gone, or JetStream did not answer in time)."""
+
+
+# A record up to this size travels with its task's first message (see `QueuedRef.record`).
+CARRY_LIMIT = 16 * 1024
+
+
 @dataclass(frozen=True)
 class QueuedRef:
+    """What a queue message says: the task, the dispatch token it carries and, on a task's first
+    message, the record as created (`record`, stored at `revision`), so the dispatcher can claim
+    it without reading it first. Encoded as a JSON line, then the record's stored JSON."""
+
     account: str
     task_id: str
     token: str
+    revision: int | None = None
+    record: bytes | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"a": self.account, "id": self.task_id, "t": self.token}).encode()
+        ref = json.dumps({"a": self.account, "id": self.task_id, "t": self.token}).encode()
+        if self.record is None or self.revision is None or len(self.record) > CARRY_LIMIT:
+            return ref
+        return b"%s\n%d\n%s" % (ref, self.revision, self.record)
 
     @classmethod
     def decode(cls, data: bytes) -> QueuedRef:
-        raw = json.loads(data)
-        return cls(raw["a"], raw["id"], raw["t"])
+        ref, _, carried = data.partition(b"\n")
+        raw = json.loads(ref)
+        if not carried:
+            return cls(raw["a"], raw["id"], raw["t"])
+        revision, _, record = carried.partition(b"\n")
+        return cls(raw["a"], raw["id"], raw["t"], int(revision), record)
 
     @property
     def msg_id(self) -> str:
@@ -120,7 +141,10 @@ class QueueDepth:
         now = time.monotonic()
         read_at, depth = self._known.get(stream, (0.0, 0))
         if now - read_at > self.ttl:
-            info = await self.js.stream_info(stream)
+            try:
+                info = await self.js.stream_info(stream)
+            except Exception as err:
+                raise QueueUnavailable(str(err) or type(err).__name__) from err
             read_at, depth = now, int(info.state.messages)
         if depth >= self.limit:
             self._known[stream] = (read_at, depth)
@@ -132,7 +156,7 @@ def _publish_error(err: Exception) -> Exception:
     text = str(err).lower()
     if "maximum" in text or "resource" in text or "storage" in text:
         return QueueFull(str(err))
-    return err
+    return QueueUnavailable(str(err) or type(err).__name__)
 
 
 async def enqueue(rpc: Requester, fn: TaskFunction, ref: QueuedRef) -> int:
@@ -158,6 +182,19 @@ async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: d
         )
     except Exception as err:
         raise _publish_error(err) from err
+
+
+async def oldest(rpc: Requester, fn: TaskFunction) -> datetime | None:
+    """When the oldest message still in the function's stream was stored; None if it holds
+    none. A task whose message would be older than that has no message any more."""
+    reply = await rpc.request(f"$JS.API.STREAM.INFO.{names.stream_for(fn)}", b"")
+    info = json.loads(reply.data)
+    if "error" in info:
+        APIError.from_error(info["error"])  # raises the matching nats-py error
+    state = info["state"]
+    if not state["messages"]:
+        return None
+    return datetime.fromisoformat(state["first_ts"])
 
 
 async def backlog(js: JetStreamContext, fn: TaskFunction) -> tuple[int, int]:

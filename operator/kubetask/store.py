@@ -73,6 +73,10 @@ class TaskGone(Exception):
     """The record vanished (deleted) while a transition was being applied."""
 
 
+class StaleRecord(Exception):
+    """The record changed since the copy a change was based on (see `transition(reread=...)`)."""
+
+
 Mutation = Callable[[TaskRecord], TaskRecord]
 
 
@@ -143,6 +147,7 @@ class TaskStore:
         mutate: Mutation,
         current: Versioned | None = None,
         in_place: bool = False,
+        reread: bool = True,
     ) -> Versioned:
         """Apply `mutate` with compare-and-set, re-reading and re-applying on a lost race.
 
@@ -150,7 +155,9 @@ class TaskStore:
         `IllegalTransition` when the latest state makes the change meaningless, which ends the
         loop — so a concurrent stop always wins over a stale dispatcher's write. With `in_place`
         the caller declares `current.record` its own, to be changed rather than copied: the
-        dispatcher's records are, and re-parsing them was its costliest Python call.
+        dispatcher's records are, and re-parsing them was its costliest Python call. Without
+        `reread`, a lost race raises `StaleRecord` instead: the caller decided more than this
+        change on `current` (the dispatcher, on a record that came with the queue message).
         """
         private = in_place
         while True:
@@ -171,6 +178,8 @@ class TaskStore:
                 )
                 return Versioned(updated, revision, data)
             except KeyWrongLastSequenceError:
+                if not reread:
+                    raise StaleRecord(task_id) from None
                 current = None
 
     async def delete(self, current: Versioned) -> None:

@@ -1,12 +1,12 @@
 """Accepting a task: the one path shared by HTTP submissions, kubectl-applied Tasks and
 function destinations (chaining), so de-duplication and queueing behave the same for all.
 
-Order matters for crash safety and costs two round trips: the message is published first, then
-the record is created (a create fails if the id exists, so a second submission of an id gets the
-existing task forever, not only within JetStream's dedup window). A message whose record never
-appears — a duplicate id, or a gateway that died in between, before answering 202 — carries a
-token no record has, and dispatchers drop it. A dispatcher that sees a message before its record
-is created waits briefly for it (`dispatcher.RECORD_GRACE`).
+Two round trips, in this order: the record is created (a create fails if the id exists, so a
+second submission of an id gets the existing task for as long as it is kept, not only within
+JetStream's dedup window), then the message is published, carrying the record as created and its
+revision, so a dispatcher can claim the task without reading it first. A publish that fails
+takes the record back. A gateway that dies between the two steps leaves a Queued record with no
+message; the sweeper finds it (its queue holds nothing that old) and publishes it.
 """
 
 from __future__ import annotations
@@ -39,17 +39,28 @@ async def submit(
             metadata=TaskMeta(name=task_id or generate_id(), namespace=fn.account),
             spec=TaskSpec(function=fn.name, payload=payload),
             status=TaskStatus(
-                phase=TaskPhase.Queued, timestamps=StageTimestamps(submitted=submitted)
+                phase=TaskPhase.Queued,
+                timestamps=StageTimestamps(submitted=submitted, enqueued=submitted),
             ),
         ),
         token=new_token(),
     )
-    ref = queues.QueuedRef(fn.account, record.task.id, record.token)
-    await queues.enqueue(plane.rpc, fn, ref)
-    record.task.status.timestamps.enqueued = now()
     created = await plane.store.create(record)
+    try:
+        await publish_created(plane, fn, created)
+    except BaseException:
+        with contextlib.suppress(Exception):  # else the sweeper publishes it after all
+            await plane.store.delete(created)
+        raise
     metrics.SUBMITTED.labels(fn.account, fn.name).inc()
     return created
+
+
+async def publish_created(plane: DataPlane, fn: TaskFunction, created: Versioned) -> None:
+    """Publish the message of a Queued record, with the record as stored."""
+    rec = created.record
+    ref = queues.QueuedRef(rec.task.account, rec.task.id, rec.token, created.revision, created.raw)
+    await queues.enqueue(plane.rpc, fn, ref)
 
 
 async def enqueue(plane: DataPlane, fn: TaskFunction, current: Versioned) -> Versioned:

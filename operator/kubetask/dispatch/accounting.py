@@ -10,6 +10,7 @@ _COUNTERS = {
     TaskPhase.Succeeded: metrics.SUCCEEDED,
     TaskPhase.Failed: metrics.FAILED,
     TaskPhase.Stopped: metrics.STOPPED,
+    TaskPhase.Expired: metrics.EXPIRED_DROPPED,
 }
 
 

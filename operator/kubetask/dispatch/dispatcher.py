@@ -28,17 +28,17 @@ from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
 from ..states import TERMINAL, WAITING, IllegalTransition
-from ..store import Mutation, TaskGone, TaskRecord, Versioned, new_token, now
+from ..store import Mutation, StaleRecord, TaskGone, TaskRecord, Versioned, new_token, now
 from .accounting import Accounting
 from .destinations import Destinations
 from .max_age import MaxEventAge
-from .policy import Drop, Policy, Retry, TaskContext
+from .policy import Policy, Retry, TaskContext
 from .pull import Pull
 from .retries import Retries
 
 log = logging.getLogger("kubetask.dispatcher")
 
-# How long a message may wait for its record to appear (the gateway publishes, then records).
+# How long a message may wait for its record to appear (see `_record_for`).
 RECORD_GRACE = 10.0
 # A terminal step (destinations) that keeps failing is retried this often, then dropped.
 MAX_FINALIZE_DELIVERIES = 50
@@ -178,9 +178,32 @@ class Dispatcher:
         dequeued = now()
         ref = queues.QueuedRef.decode(msg.data)
         seq = int(msg.metadata.sequence.stream)
+        if ref.record is not None and ref.revision is not None:
+            # A first message brings the record as created: decide on it, and write (claim, or
+            # drop) only if it is still the stored revision, which saves reading it. If it is
+            # not, nothing was done yet: decide again on what is stored now.
+            record = TaskRecord.model_validate_json(ref.record)
+            carried = Versioned(record, ref.revision, ref.record)
+            with contextlib.suppress(StaleRecord):
+                await self._dispatch(fn, msg, ref, seq, dequeued, carried, reread=False)
+                return
         current = await self._record_for(ref, msg, dequeued)
-        if current is None:
-            return
+        if current is not None:
+            await self._dispatch(fn, msg, ref, seq, dequeued, current)
+
+    async def _dispatch(
+        self,
+        fn: TaskFunction,
+        msg: Msg,
+        ref: queues.QueuedRef,
+        seq: int,
+        dequeued: datetime,
+        current: Versioned,
+        reread: bool = True,
+    ) -> None:
+        """Act on a message given the task's record. Without `reread` (a record that came with
+        the message) the first write raises `StaleRecord` if the record changed meanwhile, and
+        nothing may have been done before it."""
         if current.record.token != ref.token:
             await msg.ack()  # a stale copy superseded by a retry/resume
             return
@@ -208,7 +231,8 @@ class Dispatcher:
         for policy in self.policies:
             drop = await policy.on_dequeue(ctx)
             if drop is not None:
-                await self._drop(ctx, msg, current, drop)
+                ctx.note = f"dropped unrun: {drop.reason}"
+                await self._end(ctx, msg, current, drop.phase, drop.reason, reread=reread)
                 return
         if takeover:
             lost = f"attempt {record.task.status.attempts} lost: its dispatcher stopped responding"
@@ -216,16 +240,16 @@ class Dispatcher:
             if record.task.status.attempts > ctx.config.maxAsyncRetryAttempts:
                 await self._end(ctx, msg, current, TaskPhase.Failed, lost)
                 return
-        await self._run(ctx, msg, current, seq)
+        await self._run(ctx, msg, current, seq, reread)
 
     async def _record_for(
         self, ref: queues.QueuedRef, msg: Msg, dequeued: datetime
     ) -> Versioned | None:
-        """The task's record — which the gateway writes just *after* publishing (submission.py),
-        so a dispatcher that is quicker than the gateway looks again a few times (a millisecond
-        or two is usually enough), then hands the message back to look later. A message whose
-        record never appears was never accepted (duplicate id, or the gateway died) and is
-        dropped after RECORD_GRACE."""
+        """The task's record. It is written before its message is published (submission.py),
+        but a direct get may be answered by a replica a moment behind the leader, so a missing
+        record is looked for again a few times, then the message is handed back to look later.
+        A message whose record never appears belongs to a submission that was taken back (its
+        publish failed) or to a deleted task, and is dropped after RECORD_GRACE."""
         for pause in (0.001, 0.002, 0.004, 0.008, 0.016, 0.0):
             current = await self.plane.store.get(ref.account, ref.task_id)
             if current is not None:
@@ -237,7 +261,9 @@ class Dispatcher:
         await msg.nak(delay=0.25)
         return None
 
-    async def _run(self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int) -> None:
+    async def _run(
+        self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int, reread: bool
+    ) -> None:
         key = (ctx.account, ctx.task_id)
         slot = self.slots[key] = Slot()
         try:
@@ -248,6 +274,7 @@ class Dispatcher:
                     self._claim(current.record.token, seq, ctx),
                     current,
                     in_place=True,
+                    reread=reread,
                 )
             except (IllegalTransition, TaskGone):
                 await msg.ack()  # paused, stopped or deleted meanwhile
@@ -409,10 +436,6 @@ class Dispatcher:
         self._log(ctx.record, "system", f"retrying in {retry.delay:g}s")
         await msg.ack()
 
-    async def _drop(self, ctx: TaskContext, msg: Msg, current: Versioned, drop: Drop) -> None:
-        self._log(ctx.record, "system", f"dropped unrun: {drop.reason}")
-        await self._end(ctx, msg, current, drop.phase, drop.reason)
-
     async def _end(
         self,
         ctx: TaskContext,
@@ -421,6 +444,7 @@ class Dispatcher:
         phase: TaskPhase,
         error: str | None,
         outcome: Outcome | None = None,
+        reread: bool = True,
     ) -> None:
         seq = int(msg.metadata.sequence.stream)
 
@@ -431,7 +455,7 @@ class Dispatcher:
 
         try:
             updated = await self.plane.store.transition(
-                ctx.account, ctx.task_id, end, current, in_place=True
+                ctx.account, ctx.task_id, end, current, in_place=True, reread=reread
             )
         except (IllegalTransition, TaskGone):
             await msg.ack()

@@ -1,12 +1,12 @@
 """Drop tasks that waited in the queue longer than maxAsyncEventAgeInSeconds, unrun.
 
 Age is dequeue time minus enqueue time (the first enqueue, or the latest resume), so time spent
-waiting out retry backoff counts too, as with Lambda and Function Compute.
+waiting out retry backoff counts too, as with Lambda and Function Compute. The drop is counted
+(`AsyncEventExpiredDropped`) by `accounting` once it is recorded.
 """
 
 from __future__ import annotations
 
-from ..metrics import EXPIRED_DROPPED
 from ..models import TaskPhase
 from .policy import Drop, Policy, TaskContext
 
@@ -21,5 +21,4 @@ class MaxEventAge(Policy):
         limit = ctx.config.maxAsyncEventAgeInSeconds
         if age <= limit:
             return None
-        EXPIRED_DROPPED.labels(ctx.account, ctx.function.name).inc()
         return Drop(TaskPhase.Expired, f"waited {age:.1f}s in the queue, over the {limit}s limit")

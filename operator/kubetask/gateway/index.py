@@ -24,6 +24,7 @@ class Summary:
     function: str
     phase: TaskPhase
     submitted: datetime | None
+    enqueued: datetime | None
     started: datetime | None
     next_attempt: datetime | None
 
@@ -69,12 +70,13 @@ def summarize(account: str, task_id: str, stored: bytes) -> Summary:
         task["spec"]["function"],
         TaskPhase(status["phase"]),
         _stamp(stamps.get("submitted")),
+        _stamp(stamps.get("enqueued")),
         _stamp(stamps.get("started")),
         _stamp(status.get("nextAttemptAt")),
     )
 
 
-REPAIRABLE = frozenset({TaskPhase.Pending, TaskPhase.Retrying})
+REPAIRABLE = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying})
 
 
 class TaskIndex:

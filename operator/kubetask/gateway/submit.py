@@ -122,6 +122,10 @@ class SubmitRoute:
             ) from None
         except queues.QueueFull as err:
             raise ApiError(429, f"queue of {acct}/{fn.name} is full ({err}); retry later") from None
+        except queues.QueueUnavailable as err:
+            raise ApiError(
+                503, f"queue of {acct}/{fn.name} is unavailable ({err}); not accepted, retry later"
+            ) from None
         task = created.record.task
         task.status.phase = TaskPhase.Queued
         return 202, task.model_dump_json().encode()
