@@ -1,7 +1,8 @@
 """JetStream publishes and direct gets on the hot path, as requests on one shared inbox.
 
-Every task costs five JetStream requests (queue publish and record create in the gateway; record
-get, claim and finish in a dispatcher). nats-py's `request` spends ~45 µs of CPU on each: a fresh
+Every task costs four JetStream requests (record create and queue publish in the gateway; claim
+and finish in a dispatcher, plus a record get when the record did not come with the message).
+nats-py's `request` spends ~45 µs of CPU on each: a fresh
 NUID plus an `os.urandom` call per reply subject, an `asyncio.wait_for` with its own timer and
 waiter, and a dataclass built from every publish ack. Here a request is a counter-numbered reply
 subject on one wildcard subscription (handed replies as they are read), a future in a dict, and
