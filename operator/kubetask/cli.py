@@ -227,6 +227,8 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         log_level="warning",
         loop="uvloop",
         http="httptools",
+        # Nothing here uses the client's address, so X-Forwarded-* need no middleware per request.
+        proxy_headers=False,
     )
 
 

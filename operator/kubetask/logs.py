@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic_core
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -26,7 +27,7 @@ def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> by
     }
     if final:
         record["final"] = True
-    return json.dumps(record).encode()
+    return pydantic_core.to_json(record)
 
 
 class LogWriter:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pydantic_core
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -57,7 +58,7 @@ class QueuedRef:
     record: bytes | None = None
 
     def encode(self) -> bytes:
-        ref = json.dumps({"a": self.account, "id": self.task_id, "t": self.token}).encode()
+        ref = pydantic_core.to_json({"a": self.account, "id": self.task_id, "t": self.token})
         if self.record is None or self.revision is None or len(self.record) > CARRY_LIMIT:
             return ref
         return b"%s\n%d\n%s" % (ref, self.revision, self.record)
@@ -65,7 +66,7 @@ class QueuedRef:
     @classmethod
     def decode(cls, data: bytes) -> QueuedRef:
         ref, _, carried = data.partition(b"\n")
-        raw = json.loads(ref)
+        raw = pydantic_core.from_json(ref)
         if not carried:
             return cls(raw["a"], raw["id"], raw["t"])
         revision, _, record = carried.partition(b"\n")

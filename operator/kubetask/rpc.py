@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 
+import pydantic_core
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
@@ -109,7 +110,7 @@ class Requester:
         msg = await self.request(subject, payload, headers)
         if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS:
             raise NoStreamResponseError
-        ack = json.loads(msg.data)
+        ack = pydantic_core.from_json(msg.data)
         if "error" in ack:
             APIError.from_error(ack["error"])  # raises the matching nats-py error
         seq: int = ack["seq"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import pydantic_core
 
 from ..models import TaskFunction
 
@@ -62,7 +63,7 @@ class Executor(Protocol):
 
 
 def encode_payload(payload: Any) -> bytes:
-    return json.dumps(payload).encode()
+    return pydantic_core.to_json(payload)
 
 
 def decode_result(raw: bytes) -> Any:
@@ -71,7 +72,7 @@ def decode_result(raw: bytes) -> Any:
     if not text:
         return None
     try:
-        return json.loads(text)
+        return pydantic_core.from_json(text)
     except ValueError:
         return text
 

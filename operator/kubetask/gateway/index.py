@@ -8,10 +8,11 @@ filters are applied on the summaries; only the page returned is read from KV in 
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+
+import pydantic_core
 
 from .. import names
 from ..models import TaskPhase
@@ -61,7 +62,7 @@ def summarize(account: str, task_id: str, stored: bytes) -> Summary:
     """The few fields the index filters on, read from a stored `TaskRecord` without validating
     the whole record: the gateway sees every phase change of every task, and the record was
     validated when it was written."""
-    task = json.loads(stored)["task"]
+    task = pydantic_core.from_json(stored)["task"]
     status = task["status"]
     stamps = status["timestamps"]
     return Summary(

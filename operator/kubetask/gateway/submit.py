@@ -8,11 +8,11 @@ document still describes the route (`app.py` adds it from the same models).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
+import pydantic_core
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -102,7 +102,7 @@ class SubmitRoute:
                 field="function",
             )
         if body.payload is not None:
-            size = len(json.dumps(body.payload))
+            size = len(pydantic_core.to_json(body.payload))  # as the function will get it
             if size > self.settings.max_payload_bytes:
                 raise ApiError(
                     413,
