@@ -21,6 +21,7 @@ from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.embedded import free_port, start_nats
 from kubetask.gateway.app import create_app
+from kubetask.gateway.server import config
 from kubetask.plane import DataPlane
 from kubetask.settings import Settings
 
@@ -67,11 +68,7 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def gateway_url(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
     port = free_port()
     app = create_app(settings, tokens_file)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
-        )
-    )
+    server = uvicorn.Server(config(app, "127.0.0.1", port, lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)

@@ -216,20 +216,11 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .gateway.app import create_app
+    from .gateway.server import config
     from .settings import Settings
 
     app = create_app(Settings(), Path(args.tokens))
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        access_log=False,
-        log_level="warning",
-        loop="uvloop",
-        http="httptools",
-        # Nothing here uses the client's address, so X-Forwarded-* need no middleware per request.
-        proxy_headers=False,
-    )
+    uvicorn.Server(config(app, args.host, args.port)).run()
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:

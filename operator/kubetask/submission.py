@@ -52,7 +52,7 @@ async def submit(
         with contextlib.suppress(Exception):  # else the sweeper publishes it after all
             await plane.store.delete(created)
         raise
-    metrics.SUBMITTED.labels(fn.account, fn.name).inc()
+    metrics.of(metrics.SUBMITTED, fn.account, fn.name).inc()
     return created
 
 

@@ -18,4 +18,4 @@ class Accounting(Policy):
     async def on_terminal(self, ctx: TaskContext) -> None:
         counter = _COUNTERS.get(ctx.record.phase)
         if counter is not None:
-            counter.labels(ctx.account, ctx.function.name).inc()
+            metrics.of(counter, ctx.account, ctx.function.name).inc()

@@ -282,7 +282,7 @@ class Dispatcher:
             ctx.record = claimed.record
             status = claimed.record.task.status
             if status.attempts == 1 and status.timestamps.submitted and status.timestamps.started:
-                metrics.SUBMIT_TO_START.labels(ctx.account, ctx.function.name).observe(
+                metrics.of(metrics.SUBMIT_TO_START, ctx.account, ctx.function.name).observe(
                     (status.timestamps.started - status.timestamps.submitted).total_seconds()
                 )
             try:
@@ -340,7 +340,7 @@ class Dispatcher:
             log=output,
         )
         executor: Executor = self.command if fn.spec.command is not None else self.server
-        labels = metrics.RUNNING.labels(ctx.account, fn.name)
+        labels = metrics.of(metrics.RUNNING, ctx.account, fn.name)
         labels.inc()
         heartbeat = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
         loop = asyncio.get_running_loop()
@@ -368,7 +368,7 @@ class Dispatcher:
             announcing.cancel()
             heartbeat.cancel()
             labels.dec()
-            metrics.EXECUTION.labels(ctx.account, fn.name).observe(
+            metrics.of(metrics.EXECUTION, ctx.account, fn.name).observe(
                 asyncio.get_running_loop().time() - started
             )
 
