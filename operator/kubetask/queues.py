@@ -9,7 +9,6 @@ so a task waiting out its backoff holds no concurrency slot.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from . import names
 from .jetstream import ensure_stream
@@ -188,11 +187,7 @@ async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: d
 async def oldest(rpc: Requester, fn: TaskFunction) -> datetime | None:
     """When the oldest message still in the function's stream was stored; None if it holds
     none. A task whose message would be older than that has no message any more."""
-    reply = await rpc.request(f"$JS.API.STREAM.INFO.{names.stream_for(fn)}", b"")
-    info = json.loads(reply.data)
-    if "error" in info:
-        APIError.from_error(info["error"])  # raises the matching nats-py error
-    state = info["state"]
+    state = (await rpc.api(f"$JS.API.STREAM.INFO.{names.stream_for(fn)}"))["state"]
     if not state["messages"]:
         return None
     return datetime.fromisoformat(state["first_ts"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from typing import Any
 
 import pydantic_core
 from nats.aio.msg import Msg
@@ -105,15 +106,22 @@ class Requester:
             raise APIError(code=int(status or 0), description=headers.get("Description", ""))
         return batch, int(headers.get("Nats-Num-Pending", "0"))
 
-    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
-        """Store a message in the stream that holds `subject`; its sequence when stored."""
+    async def api(
+        self, subject: str, payload: bytes = b"", headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A JetStream API answer (a publish ack, stream info, ...), its error raised as the
+        matching nats-py exception."""
         msg = await self.request(subject, payload, headers)
         if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS:
             raise NoStreamResponseError
-        ack = pydantic_core.from_json(msg.data)
-        if "error" in ack:
-            APIError.from_error(ack["error"])  # raises the matching nats-py error
-        seq: int = ack["seq"]
+        answer: dict[str, Any] = pydantic_core.from_json(msg.data)
+        if "error" in answer:
+            APIError.from_error(answer["error"])  # raises
+        return answer
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
+        """Store a message in the stream that holds `subject`; its sequence when stored."""
+        seq: int = (await self.api(subject, payload, headers))["seq"]
         return seq
 
     async def last_for(self, stream: str, subject: str) -> Msg | None:
