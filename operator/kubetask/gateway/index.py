@@ -1,4 +1,4 @@
-"""An in-memory index of task records for the audit queries, fed by a watch on the KV bucket.
+"""An in-memory index of task records for the audit queries, fed by `watch.LazyMirror`.
 
 Tasks are kept per account in id order, so a task-id prefix (users put trace ids in task ids)
 is a range scan and a cursor is simply the last id returned. Status, function and start-time
@@ -60,8 +60,8 @@ def _stamp(value: str | None) -> datetime | None:
 
 def summarize(account: str, task_id: str, stored: bytes) -> Summary:
     """The few fields the index filters on, read from a stored `TaskRecord` without validating
-    the whole record: the gateway sees every phase change of every task, and the record was
-    validated when it was written."""
+    the whole record: the gateway reads every task's record each time it changes, and the
+    record was validated when it was written."""
     task = pydantic_core.from_json(stored)["task"]
     status = task["status"]
     stamps = status["timestamps"]
