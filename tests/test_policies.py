@@ -43,7 +43,7 @@ async def test_failure_is_retried_exactly_n_times_then_on_failure_gets_the_recor
         sys.exit(3)
     """,
     )
-    subject = f"dlq.{api.account}"
+    subject = f"out.{api.account}.dlq"
     got, sub = await _collect(plane, subject)
     await api.function("flaky", command=argv)
     await api.async_config(
@@ -169,7 +169,7 @@ async def test_tasks_older_than_max_age_are_dropped_unrun_and_counted(
         time.sleep(2.5 if p == 0 else 0)
     """,
     )
-    subject = f"expired.{api.account}"
+    subject = f"out.{api.account}.expired"
     got, sub = await _collect(plane, subject)
     await api.function("aged", command=argv, maxConcurrency=1)
     await api.async_config(

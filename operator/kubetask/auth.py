@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from . import grammar
+
+log = logging.getLogger("kubetask.auth")
 
 
 @dataclass(frozen=True)
@@ -25,11 +32,11 @@ class Principal:
     def scope(self, account: str | None) -> str | None:
         """The account a call acts on. For a tenant that is always its own; asking for another
         account's objects raises `OutOfScope` (answered as 404, so existence does not leak)."""
-        if self.admin:
-            return account
-        if account is not None and account != self.account:
+        if account is not None and not (
+            grammar.is_name(account) and (self.admin or account == self.account)
+        ):
             raise OutOfScope(account)
-        return self.account
+        return account if self.admin else self.account
 
     def one_account(self, account: str | None) -> str:
         scoped = self.scope(account)
@@ -72,11 +79,13 @@ class TokenBook:
         version = (st.st_ino, st.st_mtime_ns, st.st_size)
         if version == self._version:
             return
-        entries = json.loads(self.path.read_text() or "{}").get("tokens", [])
-        self._by_hash = {
-            e["sha256"]: Principal(e.get("name", ""), e.get("account"), bool(e.get("admin")))
-            for e in entries
-        }
+        self._by_hash = {}
+        for entry in read_entries(self.path):
+            principal = _principal(entry)
+            if principal is None:
+                log.error("ignoring a malformed entry of %s (%s)", self.path, entry.get("id"))
+                continue
+            self._by_hash[entry["sha256"]] = principal
         self._version = version
 
     def authenticate(self, token: str) -> Principal | None:
@@ -98,21 +107,88 @@ class TokenBook:
         return found
 
 
-def create_token(path: Path, name: str, account: str | None, admin: bool = False) -> str:
-    """Append a new token to the file and return it; the plaintext is shown only this once."""
-    token = "kt_" + secrets.token_urlsafe(24)
-    data = json.loads(path.read_text()) if path.exists() else {"tokens": []}
-    data["tokens"].append(
-        {
-            "name": name,
-            "account": None if admin else account,
-            "admin": admin,
-            "sha256": hash_token(token),
-        }
-    )
+def _principal(entry: dict[str, Any]) -> Principal | None:
+    """The caller an entry of the file stands for; None for one no grammar-checked token
+    could have written (a hand edit), which authenticates nobody rather than somebody wide."""
+    digest, account, admin = entry.get("sha256"), entry.get("account"), entry.get("admin")
+    if not isinstance(digest, str) or admin not in (True, False, None):
+        return None
+    if admin:
+        return Principal(str(entry.get("name", "")), None, True)
+    if not grammar.is_name(account):
+        return None
+    return Principal(str(entry.get("name", "")), account, False)
+
+
+def read_entries(path: Path) -> list[dict[str, Any]]:
+    """The file's token entries; an unreadable file holds none (every token is refused)."""
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        log.error("cannot read the token file %s: %s", path, err)
+        return []
+    entries = data.get("tokens", []) if isinstance(data, dict) else []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+class TokenError(ValueError):
+    """A token request that is refused: said to the user as it is."""
+
+
+def _write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"tokens": entries}, indent=2))
     os.chmod(tmp, 0o600)
     tmp.replace(path)
-    return token
+
+
+def create_token(path: Path, name: str | None, account: str | None, admin: bool = False) -> str:
+    """Append a new token to the file and return it; the plaintext is shown only this once."""
+    return issue_token(path, name, account, admin)[0]
+
+
+def issue_token(
+    path: Path, name: str | None, account: str | None, admin: bool = False
+) -> tuple[str, dict[str, Any]]:
+    """Append a new token to the file; returns the token and its entry (without the hash).
+
+    A token is for exactly one account or is an admin's: there is no token for "no account in
+    particular", which the gateway would have to read as either nothing or everything."""
+    if admin and account is not None:
+        raise TokenError("a token is either an admin's (--admin) or one account's (--account)")
+    if not admin:
+        if account is None:
+            raise TokenError("say whose token this is: --account NAME, or --admin")
+        if not grammar.is_name(account):
+            raise TokenError(f"account {account!r} is not a valid name: {grammar.NAME_RULE}")
+    token = "kt_" + secrets.token_urlsafe(24)
+    entry: dict[str, Any] = {
+        "id": "tok_" + secrets.token_hex(6),
+        "name": name or ("admin" if admin else account),
+        "account": None if admin else account,
+        "admin": admin,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sha256": hash_token(token),
+    }
+    _write_entries(path, [*read_entries(path), entry])
+    return token, {k: v for k, v in entry.items() if k != "sha256"}
+
+
+def list_tokens(path: Path) -> list[dict[str, Any]]:
+    """Every entry without its hash (the hash is all a reader would need to forge nothing, but
+    there is no reason to show it)."""
+    return [{k: v for k, v in e.items() if k != "sha256"} for e in read_entries(path)]
+
+
+def revoke_token(path: Path, key: str) -> list[dict[str, Any]]:
+    """Remove the tokens whose id or name is `key`; returns what was removed. The gateway stops
+    accepting them within a second (it re-reads the file when it changes)."""
+    entries = read_entries(path)
+    gone = [e for e in entries if key in (e.get("id"), e.get("name"))]
+    if not gone:
+        raise TokenError(f"no token has id or name {key!r}")
+    _write_entries(path, [e for e in entries if e not in gone])
+    return [{k: v for k, v in e.items() if k != "sha256"} for e in gone]

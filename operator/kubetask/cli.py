@@ -240,13 +240,35 @@ def cmd_operator(args: argparse.Namespace) -> None:
 
 
 def cmd_tokens(args: argparse.Namespace) -> None:
-    from .auth import create_token
+    from .auth import TokenError, issue_token, list_tokens, revoke_token
 
-    print(
-        create_token(
-            Path(args.file), args.name or args.account or "admin", args.account, args.admin
-        )
-    )
+    path = Path(args.file)
+    try:
+        if args.action == "create":
+            token, entry = issue_token(path, args.name, args.account, args.admin)
+            print(token)
+            print(f"created {entry['id']} ({_whose(entry)}); shown only this once", file=sys.stderr)
+        elif args.action == "list":
+            entries = list_tokens(path)
+            if args.output == "json":
+                print(json.dumps(entries, indent=2))
+                return
+            rows = [
+                [e.get("id") or "-", e.get("name") or "-", _whose(e), e.get("created") or "-"]
+                for e in entries
+            ]
+            print(_table(rows, ["ID", "NAME", "SCOPE", "CREATED"]))
+        else:
+            if not args.key:
+                sys.exit("error: say which token to revoke: kubetask tokens revoke ID-OR-NAME")
+            for entry in revoke_token(path, args.key):
+                print(f"revoked {entry.get('id') or '-'} ({entry.get('name')}, {_whose(entry)})")
+    except TokenError as err:
+        sys.exit(f"error: {err}")
+
+
+def _whose(entry: dict[str, Any]) -> str:
+    return "admin" if entry.get("admin") else f"account {entry.get('account')}"
 
 
 def cmd_crds(args: argparse.Namespace) -> None:
@@ -296,12 +318,14 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--all-namespaces", "-A", action="store_true")
     op.set_defaults(func=cmd_operator)
 
-    tok = sub.add_parser("tokens", help="create an API token")
-    tok.add_argument("action", choices=["create"])
-    tok.add_argument("--file", required=True)
-    tok.add_argument("--account")
-    tok.add_argument("--name")
-    tok.add_argument("--admin", action="store_true")
+    tok = sub.add_parser("tokens", help="create, list or revoke API tokens")
+    tok.add_argument("action", choices=["create", "list", "revoke"])
+    tok.add_argument("key", nargs="?", help="revoke: the token's id or name")
+    tok.add_argument("--file", required=True, help="the token file the gateway reads")
+    tok.add_argument("--account", help="create: the one account the token acts on")
+    tok.add_argument("--name", help="create: a name to find it by (default: the account)")
+    tok.add_argument("--admin", action="store_true", help="create: a token for every account")
+    tok.add_argument("-o", "--output", choices=["table", "json"], default="table")
     tok.set_defaults(func=cmd_tokens)
 
     crds = sub.add_parser("crds", help="generate the CRD manifests from the models")
@@ -355,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except ApiFailure as err:
+    except (ApiFailure, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
     except httpx.TransportError as err:
         sys.exit(f"error: cannot reach the kubetask API ({err}); is `kubetask dev` running?")

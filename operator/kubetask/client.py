@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+
+
+def segment(value: str) -> str:
+    """One path segment, whatever the user typed: `/`, `?`, `%` and dots cannot change the
+    route (the server answers 404 for a name outside its grammar)."""
+    return quote(value, safe="").replace(".", "%2E")
 
 
 class ApiFailure(Exception):
@@ -51,24 +58,28 @@ class Client:
         return self._call("POST", "/v1/tasks", json=body, params=self._params())
 
     def get(self, task_id: str) -> Any:
-        return self._call("GET", f"/v1/tasks/{task_id}", params=self._params())
+        return self._call("GET", f"/v1/tasks/{segment(task_id)}", params=self._params())
 
     def list(self, **filters: Any) -> Any:
         return self._call("GET", "/v1/tasks", params=self._params(**filters))
 
     def action(self, task_id: str, action: str) -> Any:
         if action == "delete":
-            return self._call("DELETE", f"/v1/tasks/{task_id}", params=self._params())
-        return self._call("POST", f"/v1/tasks/{task_id}/{action}", params=self._params())
+            return self._call("DELETE", f"/v1/tasks/{segment(task_id)}", params=self._params())
+        return self._call("POST", f"/v1/tasks/{segment(task_id)}/{action}", params=self._params())
 
     def logs(self, task_id: str, follow: bool = False) -> Iterator[dict[str, Any]]:
         params = self._params(follow="true" if follow else None)
         with self.http.stream(
-            "GET", f"/v1/tasks/{task_id}/logs", params=params, timeout=None
+            "GET", f"/v1/tasks/{segment(task_id)}/logs", params=params, timeout=None
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                raise ApiFailure(resp.status_code, resp.json())
+                try:
+                    body = resp.json()
+                except ValueError:
+                    body = resp.text
+                raise ApiFailure(resp.status_code, body)
             for line in resp.iter_lines():
                 if line:
                     yield json.loads(line)
@@ -86,7 +97,7 @@ class Client:
             raise ValueError(f"{kind} without metadata.name")
         return self._call(
             "PUT",
-            f"/v1/{paths[kind]}/{name}",
+            f"/v1/{paths[kind]}/{segment(str(name))}",
             json=obj,
             params=self._params(account=meta.get("namespace")),
         )
@@ -95,4 +106,4 @@ class Client:
         return self._call("GET", "/v1/functions", params=self._params())
 
     def delete_function(self, name: str) -> Any:
-        return self._call("DELETE", f"/v1/functions/{name}", params=self._params())
+        return self._call("DELETE", f"/v1/functions/{segment(name)}", params=self._params())

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from . import grammar
 from .models import (
     API_GROUP,
     API_VERSION,
@@ -87,6 +88,8 @@ def _crd(
     spec: type[BaseModel],
     status: type[BaseModel],
     columns: list[dict[str, Any]],
+    name_pattern: str = grammar.NAME_PATTERN,
+    name_rule: str = grammar.NAME_RULE,
 ) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -114,6 +117,13 @@ def _crd(
                         "openAPIV3Schema": {
                             "type": "object",
                             "required": ["spec"],
+                            # The name becomes a subject token and a key: the API's grammar.
+                            "x-kubernetes-validations": [
+                                {
+                                    "rule": f"self.metadata.name.matches('{name_pattern}')",
+                                    "message": f"metadata.name: {name_rule}",
+                                }
+                            ],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
@@ -183,6 +193,8 @@ def crds() -> dict[str, dict[str, Any]]:
                 _col("Duration", ".status.duration"),
                 _col("Error", ".status.error", priority=1),
             ],
+            grammar.TASK_ID_PATTERN,
+            grammar.TASK_ID_RULE,
         ),
     }
 

@@ -13,7 +13,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, JsonValue, Strict, model_validator
+
+from . import grammar
 
 API_GROUP = "kubetask.io"
 API_VERSION = "v1alpha1"
@@ -22,14 +24,18 @@ GROUP_VERSION: Literal["kubetask.io/v1alpha1"] = "kubetask.io/v1alpha1"
 MAX_TIMEOUT_SECONDS = 24 * 3600
 MIN_TIMEOUT_SECONDS = 0.001
 
-# Names that end up as NATS subject tokens, stream names and Kubernetes object names.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Names that end up as NATS subject tokens, stream names and Kubernetes object names: the one
+# grammar of `grammar.py`, so the CRDs, the OpenAPI document and the API enforce the same rule.
+Name = Annotated[
+    str, Field(min_length=1, max_length=grammar.NAME_MAX, pattern=grammar.NAME_PATTERN)
+]
 # Task ids are chosen by users (often a trace id); they become a NATS subject token and a KV key.
-TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
-TASK_ID_RE = re.compile(TASK_ID_PATTERN)
-NAME_RE = re.compile(NAME_PATTERN)
-
-Name = Annotated[str, Field(min_length=1, max_length=63, pattern=NAME_PATTERN)]
+TaskId = Annotated[
+    str, Field(min_length=1, max_length=grammar.TASK_ID_MAX, pattern=grammar.TASK_ID_PATTERN)
+]
+# Numbers are numbers: `true` is not 1 and `"3"` is not 3 (strict), and never NaN or infinite.
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+Count = Annotated[int, Strict()]
 
 
 class KubeModel(BaseModel):
@@ -52,7 +58,7 @@ class ObjectMeta(KubeModel):
 class TaskMeta(ObjectMeta):
     """A task's name is its id: chosen by the client (often a trace id) or generated."""
 
-    name: str = Field(min_length=1, max_length=128, pattern=TASK_ID_PATTERN)
+    name: TaskId
 
 
 class EnvVar(KubeModel):
@@ -73,14 +79,14 @@ class ServerSpec(KubeModel):
     command: list[str] = Field(
         min_length=1, description="Starts the server; it must listen on $PORT."
     )
-    concurrency: int = Field(
+    concurrency: Count = Field(
         default=1, ge=1, le=1000, description="Invocations one instance takes at once."
     )
-    maxInstances: int = Field(default=4, ge=1, le=100)
+    maxInstances: Count = Field(default=4, ge=1, le=100)
     invokePath: str = Field(default="/invoke", pattern=r"^/")
     readinessPath: str = Field(default="/healthz", pattern=r"^/")
-    startupTimeoutSeconds: float = Field(default=30, gt=0, le=600)
-    idleSeconds: float = Field(
+    startupTimeoutSeconds: Number = Field(default=30, gt=0, le=600)
+    idleSeconds: Number = Field(
         default=300, gt=0, description="An instance idle this long is stopped."
     )
 
@@ -107,13 +113,13 @@ class TaskFunctionSpec(KubeModel):
     )
     env: list[EnvVar] = Field(default_factory=list)
     workingDir: str | None = None
-    timeoutSeconds: float = Field(
+    timeoutSeconds: Number = Field(
         default=300,
         ge=MIN_TIMEOUT_SECONDS,
         le=MAX_TIMEOUT_SECONDS,
         description="Per-attempt limit, from 1 ms up to 24 h.",
     )
-    maxConcurrency: int = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
+    maxConcurrency: Count = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
     queueMode: QueueMode = QueueMode.account
 
     @model_validator(mode="after")
@@ -164,26 +170,55 @@ class DestinationKind(StrEnum):
     webhook = "webhook"
 
 
+SUBJECT_DESTINATION = re.compile(
+    rf"{grammar.DESTINATION_ROOT}[.][a-z0-9-]{{1,63}}([.][A-Za-z0-9_-]{{1,64}})+"
+)
+
+
+DESTINATION_RULES: list[JsonValue] = [
+    {
+        "rule": f"self.kind != 'function' || self.target.matches('{grammar.NAME_PATTERN}')",
+        "message": "a function destination is a function name of the same account",
+    },
+    {
+        "rule": f"self.kind != 'subject' || self.target.matches('^{SUBJECT_DESTINATION.pattern}$')",
+        "message": "a subject destination is a literal subject in 'out.<account>.'",
+    },
+    {
+        "rule": "self.kind != 'webhook' || self.target.matches('^https?://')",
+        "message": "a webhook destination is an http(s) URL",
+    },
+]
+
+
 class Destination(KubeModel):
     """Where a finished task's record goes: another function, a NATS subject, or a webhook URL."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": DESTINATION_RULES}
+    )
 
     kind: DestinationKind
     target: str = Field(
         min_length=1,
+        max_length=2048,
         description="function: a function name in the same account; subject: a NATS subject; "
         "webhook: an http(s) URL.",
     )
 
     @model_validator(mode="after")
     def _target_fits_kind(self) -> Destination:
-        if self.kind is DestinationKind.function and not NAME_RE.match(self.target):
+        if self.kind is DestinationKind.function and not grammar.is_name(self.target):
             raise ValueError(f"function destination {self.target!r} is not a valid function name")
         if self.kind is DestinationKind.webhook and not re.match(r"^https?://", self.target):
             raise ValueError(
                 f"webhook destination {self.target!r} must start with http:// or https://"
             )
-        if self.kind is DestinationKind.subject and not re.match(r"^[^\s*>]+$", self.target):
-            raise ValueError(f"subject destination {self.target!r} must be a literal NATS subject")
+        if self.kind is DestinationKind.subject and not SUBJECT_DESTINATION.fullmatch(self.target):
+            raise ValueError(
+                f"subject destination {self.target!r} must be a literal subject in an account's "
+                f"namespace, '{grammar.DESTINATION_ROOT}.<account>.<token>[.<token>...]'"
+            )
         return self
 
 
@@ -193,9 +228,9 @@ class DestinationConfig(KubeModel):
 
 
 class RetryBackoff(KubeModel):
-    initialSeconds: float = Field(default=1.0, ge=0, le=3600)
-    multiplier: float = Field(default=2.0, ge=1, le=10)
-    maxSeconds: float = Field(default=300, ge=0, le=86400)
+    initialSeconds: Number = Field(default=1.0, ge=0, le=3600)
+    multiplier: Number = Field(default=2.0, ge=1, le=10)
+    maxSeconds: Number = Field(default=300, ge=0, le=86400)
 
     def delay(self, failed_attempts: int) -> float:
         """Delay before the retry that follows the given number of failed attempts (1-based)."""
@@ -206,13 +241,13 @@ class RetryBackoff(KubeModel):
 class AsyncConfigSpec(KubeModel):
     function: Name = Field(description="The function (same account) this configuration applies to.")
     destinationConfig: DestinationConfig = Field(default_factory=DestinationConfig)
-    maxAsyncEventAgeInSeconds: int = Field(
+    maxAsyncEventAgeInSeconds: Count = Field(
         default=86400,
         ge=1,
         le=7 * 86400,
         description="A task that waited longer than this before being dequeued is dropped unrun.",
     )
-    maxAsyncRetryAttempts: int = Field(
+    maxAsyncRetryAttempts: Count = Field(
         default=3, ge=0, le=100, description="Retries after the first failed attempt; 0 = never."
     )
     retryBackoff: RetryBackoff = Field(default_factory=RetryBackoff)
@@ -300,7 +335,9 @@ class TaskSubmission(KubeModel):
     id: str | None = Field(
         default=None,
         description="Client-chosen id (e.g. a trace id); a second submission with it returns 409.",
-        pattern=TASK_ID_PATTERN,
+        min_length=1,
+        max_length=grammar.TASK_ID_MAX,
+        pattern=grammar.TASK_ID_PATTERN,
     )
     payload: Any | None = None
 
@@ -333,5 +370,14 @@ class DestinationRecord(KubeModel):
 
 
 class ErrorBody(KubeModel):
-    error: str
-    field: str | None = None
+    """The one body of every 4xx and 5xx answer."""
+
+    error: str = Field(description="What went wrong, for a person.")
+    field: str | None = Field(default=None, description="The input at fault, when one is.")
+    phase: TaskPhase | None = Field(
+        default=None, description="409 on a task action: the phase that forbids it."
+    )
+    task: Task | None = Field(default=None, description="409 on submit: the existing task.")
+    retryAfter: int | None = Field(
+        default=None, description="429 and 503: seconds to wait before retrying (as the header)."
+    )

@@ -7,7 +7,9 @@ so a destination that is down for a while still gets the record once it is back.
 - function: submitted as a new task of that function with the record as payload, under a
   derived id, so a repeated delivery is de-duplicated like any submission.
 - subject: published with a Nats-Msg-Id into the stream that captures the subject (or, when no
-  stream does, as a plain NATS message — at most once, to whoever is subscribed then).
+  stream does, as a plain NATS message — at most once, to whoever is subscribed then). Only
+  subjects in the account's own namespace (`out.<account>.…`, `grammar.py`) are accepted, and
+  they are published over a connection whose NATS user may publish nowhere else.
 - webhook: POSTed as JSON; any 2xx counts as delivered.
 """
 
@@ -15,19 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Literal
 
 import aiohttp
 from nats.js.errors import NotFoundError
 
-from .. import names, submission
+from .. import grammar, names, submission
 from ..metrics import DESTINATION_FAILURES
 from ..models import (
+    AsyncConfig,
     Destination,
     DestinationKind,
     DestinationRecord,
     RequestContext,
     ResponseContext,
+    TaskFunction,
     TaskPhase,
 )
 from ..store import TaskExists, now
@@ -44,6 +49,32 @@ IN_PLACE_ATTEMPTS = 4
 
 class DestinationUndeliverable(Exception):
     pass
+
+
+def target_problem(account: str, dest: Destination) -> str | None:
+    """Why an account may not deliver to `dest` whatever is registered; None when it may."""
+    if dest.kind is DestinationKind.subject:
+        return grammar.subject_destination_problem(account, dest.target)
+    if dest.kind is DestinationKind.function and not grammar.is_name(dest.target):
+        return f"destination function {dest.target!r} is not a valid name"
+    return None
+
+
+def config_problem(
+    cfg: AsyncConfig, function: Callable[[str, str], TaskFunction | None]
+) -> str | None:
+    """Why an AsyncConfig's destinations are refused (422 in the API, a condition on
+    Kubernetes); None when they are acceptable."""
+    dests = cfg.spec.destinationConfig
+    for dest in (dests.onSuccess, dests.onFailure):
+        if dest is None:
+            continue
+        problem = target_problem(cfg.account, dest)
+        if problem is not None:
+            return problem
+        if dest.kind is DestinationKind.function and function(cfg.account, dest.target) is None:
+            return f"destination function {dest.target!r} is not registered in {cfg.account!r}"
+    return None
 
 
 def build_record(ctx: TaskContext) -> DestinationRecord:
@@ -110,6 +141,9 @@ class Destinations(Policy):
             except TaskExists:
                 pass
         elif dest.kind is DestinationKind.subject:
+            problem = target_problem(ctx.account, dest)
+            if problem is not None:  # stored before the rule existed, or written around the API
+                raise DestinationUndeliverable(problem)
             data = json.dumps(body).encode()
             try:
                 await ctx.plane.js.find_stream_name_by_subject(dest.target)

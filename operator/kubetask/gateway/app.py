@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,10 +19,13 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import AwareDatetime
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
-from .. import actions, logs, names, queues
+from .. import actions, grammar, logs, names, queues
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
+from ..dispatch.destinations import config_problem
 from ..models import (
     AsyncConfig,
     ErrorBody,
@@ -41,8 +44,9 @@ from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Versioned
 from ..watch import LazyMirror
-from . import errors, submit
+from . import errors, params, submit
 from .errors import ApiError
+from .guard import Guard
 from .index import Query as IndexQuery
 from .index import TaskIndex
 from .submit import SubmitRoute
@@ -51,32 +55,14 @@ from .sweeper import sweep_forever
 JSON = "application/json"
 
 
-class BodyLimit:
-    """Refuse oversized bodies before they are read (plain ASGI: no per-request task overhead)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-        # The limit applies to the payload; leave room for the envelope around it.
-        self.max_body = limit + 64 * 1024
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"content-length" and int(value) > self.max_body:
-                    too_large = errors.body_too_large(int(value), self.limit)
-                    await errors.api_error(too_large)(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
 def _json(model: Any, status: int = 200) -> Response:
     return Response(model.model_dump_json(exclude_none=False), status_code=status, media_type=JSON)
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 429, 503)
 }
+log = logging.getLogger("kubetask.gateway")
 
 
 async def principal(
@@ -102,7 +88,9 @@ ACCOUNT_QUERY = {
 
 async def _render(_: Request, err: Exception) -> Response:
     response = errors.render(err)
-    assert response is not None, f"no handler renders {type(err).__name__}"
+    if response is None:
+        log.error("unhandled error", exc_info=err)
+        return errors.internal_error(err)
     return response
 
 
@@ -157,14 +145,13 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    for kind in (ApiError, RequestValidationError, Unauthenticated, OutOfScope, IllegalTransition):
+    handled = (ApiError, RequestValidationError, Unauthenticated, OutOfScope, IllegalTransition)
+    for kind in (*handled, HTTPException, *errors.UNAVAILABLE, Exception):
         app.add_exception_handler(kind, _render)
-
-    app.add_middleware(BodyLimit, limit=settings.max_payload_bytes)
 
     async def load_task(p: Principal, account: str | None, task_id: str) -> Versioned:
         acct = p.one_account(account)
-        current = await plane().store.get(acct, task_id)
+        current = await plane().store.get(acct, params.task_id(task_id, acct))
         if current is None:
             raise ApiError(404, f"task {task_id!r} not found in account {acct!r}")
         return current
@@ -183,9 +170,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         status: Annotated[
             str | None, Query(description="Phase, or several separated by commas.")
         ] = None,
-        startedAfter: datetime | None = None,
-        startedBefore: datetime | None = None,
-        idPrefix: str = "",
+        startedAfter: Annotated[
+            AwareDatetime | None, Query(description="ISO 8601 with a zone (Z or +hh:mm).")
+        ] = None,
+        startedBefore: Annotated[
+            AwareDatetime | None, Query(description="ISO 8601 with a zone (Z or +hh:mm).")
+        ] = None,
+        idPrefix: Annotated[
+            str, Query(max_length=grammar.TASK_ID_MAX, pattern=grammar.ID_PREFIX_PATTERN)
+        ] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: str | None = None,
     ) -> Response:
@@ -201,15 +194,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
                     f"{', '.join(p.value for p in TaskPhase)}",
                     field="status",
                 ) from None
-        after = None
-        if cursor:
-            acct, _, last = cursor.partition("/")
-            if not last:
-                raise ApiError(422, "malformed cursor; pass back the cursor of the previous page")
-            after = (acct, last)
+        after = params.cursor(cursor)
         q = IndexQuery(
             accounts=None if scoped is None else [scoped],
-            function=function,
+            function=params.function_filter(function),
             phases=phases,
             started_after=startedAfter,
             started_before=startedBefore,
@@ -323,7 +311,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     @app.get("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
     async def get_function(name: str, who: Who, account: AccountParam = None) -> Response:
         acct = who.one_account(account)
-        fn = plane().registry.function(acct, name)
+        fn = plane().registry.function(acct, params.object_name("function", name, acct))
         if fn is None:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
         return _json(await function_status(fn))
@@ -331,7 +319,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
     async def delete_function(name: str, who: Who, account: AccountParam = None) -> Response:
         acct = who.one_account(account)
-        fn = plane().registry.function(acct, name)
+        fn = plane().registry.function(acct, params.object_name("function", name, acct))
         if fn is None:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
         mirror: LazyMirror = state["mirror"]
@@ -355,19 +343,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def put_async_config(
         name: str, cfg: AsyncConfig, who: Who, account: AccountParam = None
     ) -> Response:
-        acct = check_object(who, account, name, cfg.metadata)
-        dests = cfg.spec.destinationConfig
-        for dest in (dests.onSuccess, dests.onFailure):
-            if (
-                dest is not None
-                and dest.kind.value == "function"
-                and plane().registry.function(acct, dest.target) is None
-            ):
-                raise ApiError(
-                    422,
-                    f"destination function {dest.target!r} is not registered in account {acct!r}",
-                    field="spec.destinationConfig",
-                )
+        check_object(who, account, name, cfg.metadata)
+        problem = config_problem(cfg, plane().registry.function)
+        if problem is not None:
+            raise ApiError(422, problem, field="spec.destinationConfig")
         try:
             await plane().registry.put_async_config(cfg)
         except ConfigConflict as err:
@@ -384,21 +363,27 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     @app.delete("/v1/asyncconfigs/{name}", status_code=204, tags=["asyncconfigs"])
     async def delete_async_config(name: str, who: Who, account: AccountParam = None) -> Response:
         acct = who.one_account(account)
+        params.object_name("async config", name, acct)
         if not await plane().registry.delete_async_config(acct, name):
             raise ApiError(404, f"async config {name!r} not found in account {acct!r}")
         return Response(status_code=204)
 
     # -- operations -----------------------------------------------------------------------------
 
+    def connected() -> bool:
+        p = state.get("plane")
+        return p is not None and bool(p.nc.is_connected)
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
-        p = state.get("plane")
-        if p is None or not p.nc.is_connected:
-            raise ApiError(503, "not connected to NATS")
+        """Readiness: 503 (with `Retry-After`) while NATS is unreachable."""
+        if not connected():
+            raise errors.unavailable("not connected to NATS")
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["ops"])
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    return SubmitRoute(app, settings, app.state.tokens, plane)
+    submit_route = SubmitRoute(app, settings, app.state.tokens, plane)
+    return Guard(submit_route, settings.max_payload_bytes, connected)

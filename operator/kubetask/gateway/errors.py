@@ -1,15 +1,43 @@
-"""How the API answers what it refuses: one JSON shape, `{"error": ..., "field": ...}`, for every
-route, whether FastAPI dispatched it or the plain-ASGI submit path (`submit.py`) did."""
+"""How the API answers what it refuses: one JSON shape (`models.ErrorBody`) for every status,
+whether FastAPI dispatched the request, the plain-ASGI submit path (`submit.py`) did, or the
+framework refused it before any route (unknown path, wrong method). NATS being away is a 503
+with `Retry-After`, never a 500."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from .. import grammar, queues
 from ..auth import OutOfScope, Unauthenticated
+from ..models import ErrorBody
 from ..states import IllegalTransition
+
+# Seconds a client is asked to wait when NATS is away or a queue refuses work.
+RETRY_AFTER = 1
+# Errors that mean "NATS did not answer (in time)": the request did nothing, try again.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.NoServersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    queues.QueueUnavailable,
+    TimeoutError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
 
 
 class ApiError(Exception):
@@ -23,28 +51,46 @@ class ApiError(Exception):
         self.extra = extra
 
 
+def respond(status: int, body: ErrorBody) -> JSONResponse:
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if body.retryAfter is not None:
+        headers["Retry-After"] = str(body.retryAfter)
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status, headers)
+
+
 def api_error(err: ApiError) -> JSONResponse:
-    body: dict[str, Any] = {"error": err.message}
-    if err.field:
-        body["field"] = err.field
-    if err.extra is not None:
-        body.update(err.extra)
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(body, status_code=err.status, headers=headers)
+    extra = err.extra or {}
+    retry = RETRY_AFTER if err.status in (429, 503) else None
+    body = ErrorBody(error=err.message, field=err.field, retryAfter=retry, **extra)
+    return respond(err.status, body)
+
+
+def unavailable(what: str) -> ApiError:
+    return ApiError(503, f"{what}; nothing was changed, retry in {RETRY_AFTER}s")
 
 
 def invalid_request(err: RequestValidationError) -> JSONResponse:
     first = err.errors()[0]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first["msg"])
-        return JSONResponse({"error": f"malformed JSON body: {detail}"}, status_code=400)
+        return respond(400, ErrorBody(error=f"malformed JSON body: {detail}"))
     loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     msg = first.get("msg", "invalid value")
-    if first.get("type") == "string_pattern_mismatch" and loc.endswith("id"):
-        msg = (
-            "task id may use only letters, digits, '-' and '_' (1-128 chars, starting alphanumeric)"
-        )
-    return JSONResponse({"error": f"{loc}: {msg}", "field": loc}, status_code=422)
+    if first.get("type", "").startswith("string_") and loc.endswith("id"):
+        msg = f"task id may use only {grammar.TASK_ID_RULE}"
+    return respond(422, ErrorBody(error=f"{loc}: {msg}" if loc else msg, field=loc or None))
+
+
+def framework_error(err: HTTPException) -> JSONResponse:
+    """What Starlette refuses before any route: an unknown path (404), a method the path does
+    not have (405)."""
+    detail = err.detail if isinstance(err.detail, str) else "request refused"
+    response = respond(err.status_code, ErrorBody(error=detail))
+    if err.headers:
+        response.headers.update(err.headers)
+    return response
 
 
 def unauthenticated(err: Unauthenticated) -> JSONResponse:
@@ -52,11 +98,15 @@ def unauthenticated(err: Unauthenticated) -> JSONResponse:
 
 
 def out_of_scope(err: OutOfScope) -> JSONResponse:
-    return JSONResponse({"error": f"account {err.args[0]!r} not found"}, status_code=404)
+    return respond(404, ErrorBody(error=f"account {err.args[0]!r} not found"))
 
 
 def illegal_transition(err: IllegalTransition) -> JSONResponse:
-    return JSONResponse({"error": str(err), "phase": err.current.value}, status_code=409)
+    return respond(409, ErrorBody(error=str(err), phase=err.current))
+
+
+def internal_error(_: BaseException) -> JSONResponse:
+    return respond(500, ErrorBody(error="internal error; it is logged"))
 
 
 def body_too_large(size: int, limit: int) -> ApiError:
@@ -75,4 +125,8 @@ def render(err: Exception) -> JSONResponse | None:
         return out_of_scope(err)
     if isinstance(err, IllegalTransition):
         return illegal_transition(err)
+    if isinstance(err, HTTPException):
+        return framework_error(err)
+    if isinstance(err, UNAVAILABLE):
+        return api_error(unavailable(f"NATS is unavailable ({type(err).__name__})"))
     return None

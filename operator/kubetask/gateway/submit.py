@@ -8,6 +8,8 @@ document still describes the route (`app.py` adds it from the same models).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -28,6 +30,7 @@ from .errors import ApiError
 
 PATH = "/v1/tasks"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+log = logging.getLogger("kubetask.gateway")
 
 
 class SubmitRoute:
@@ -50,7 +53,8 @@ class SubmitRoute:
         except Exception as err:
             response = errors.render(err)
             if response is None:
-                raise
+                log.error("unhandled error in submit", exc_info=err)
+                response = errors.internal_error(err)
             await response(scope, receive, send)
             return
         await send(
@@ -63,11 +67,10 @@ class SubmitRoute:
         await send({"type": "http.response.body", "body": body})
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[Principal, bytes]:
-        """The caller (checked before the body is read) and the body, refused when too large."""
+        """The caller (checked before the body is read) and the body, refused when too large
+        (a declared Content-Length was checked by `guard.Guard`; this counts what arrives)."""
         authorization = None
         for name, value in scope["headers"]:
-            if name == b"content-length" and int(value) > self.max_body:
-                raise errors.body_too_large(int(value), self.settings.max_payload_bytes)
             if name == b"authorization":
                 authorization = value.decode("latin-1")
         who = self.tokens.from_header(authorization)
@@ -86,11 +89,17 @@ class SubmitRoute:
     async def _submit(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         who, raw = await self._read(scope, receive)
         try:
-            body = TaskSubmission.model_validate_json(raw)
+            # Parsed first so NaN and Infinity are refused (JSON has neither; the model's own
+            # parser would take them into an untyped payload).
+            doc = pydantic_core.from_json(raw, allow_inf_nan=False)
+        except ValueError as err:
+            raise ApiError(400, f"malformed JSON body: {err}") from None
+        try:
+            body = TaskSubmission.model_validate(doc)
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
         query = scope["query_string"]
-        account = parse_qs(query.decode()).get("account", [None])[0] if query else None
+        account = parse_qs(query.decode("latin-1")).get("account", [None])[0] if query else None
         acct = who.one_account(account)
         plane = self.plane()
         fn = plane.registry.function(acct, body.function)
@@ -102,6 +111,10 @@ class SubmitRoute:
                 field="function",
             )
         if body.payload is not None:
+            if not finite(body.payload):
+                raise ApiError(
+                    422, "payload: numbers must be finite (this one overflows)", field="payload"
+                )
             size = len(pydantic_core.to_json(body.payload))  # as the function will get it
             if size > self.settings.max_payload_bytes:
                 raise ApiError(
@@ -131,6 +144,22 @@ class SubmitRoute:
         return 202, task.model_dump_json().encode()
 
 
+def finite(value: Any) -> bool:
+    """Whether a parsed JSON document holds only finite numbers: a literal like 1e400 parses
+    to infinity, which JSON cannot carry on to the function."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
     """The route's entry in the OpenAPI document, from the same models FastAPI describes."""
     error = {"content": {"application/json": {"schema": {"$ref": f"{refs}ErrorBody"}}}}
@@ -156,8 +185,10 @@ def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, 
                     (404, "Unknown function or account"),
                     (409, "A task with this id exists"),
                     (413, "Payload too large"),
+                    (415, "Not a JSON body"),
                     (422, "Invalid field"),
                     (429, "Queue full"),
+                    (503, "NATS or the queue is unavailable; nothing was accepted"),
                 )
             },
         },

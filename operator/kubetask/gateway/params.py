@@ -1,0 +1,41 @@
+"""Path and query parameters checked against the one grammar (`grammar.py`) before any NATS call.
+
+A lookup by a name that cannot exist answers 404 exactly as a well-formed name that does not
+exist would (no subject, key or stream is ever built from it); a filter that could never match
+is a 422, since the caller made a mistake worth telling.
+"""
+
+from __future__ import annotations
+
+from .. import grammar
+from .errors import ApiError
+
+
+def task_id(value: str, account: str) -> str:
+    if not grammar.is_task_id(value):
+        raise ApiError(404, f"task {value[:200]!r} not found in account {account!r}")
+    return value
+
+
+def object_name(kind: str, value: str, account: str) -> str:
+    if not grammar.is_name(value):
+        raise ApiError(404, f"{kind} {value[:200]!r} not found in account {account!r}")
+    return value
+
+
+def function_filter(value: str | None) -> str | None:
+    if value is not None and not grammar.is_name(value):
+        raise ApiError(422, f"function: {grammar.NAME_RULE}", field="function")
+    return value
+
+
+def cursor(value: str | None) -> tuple[str, str] | None:
+    """A cursor is `account/last-id`, as the previous page returned it."""
+    if not value:
+        return None
+    account, _, last = value.partition("/")
+    if not (grammar.is_name(account) and grammar.is_task_id(last)):
+        raise ApiError(
+            422, "malformed cursor; pass back the cursor of the previous page", field="cursor"
+        )
+    return account, last

@@ -1,0 +1,67 @@
+"""The one grammar for every name a user can set that reaches a NATS subject, stream or KV key.
+
+Accounts, functions and async configs are DNS-1123 labels (they are Kubernetes namespaces and
+object names too); task ids are a little wider because users put trace ids in them. Neither
+admits `.`, `*`, `>`, whitespace, control or non-ASCII characters, so a valid name is always
+exactly one subject token and can never widen a subscription or step into another account's
+keys. Every entrance — HTTP, CLI, CRD schema, token creation, queue messages — checks names
+against these patterns before any NATS call; nothing else is ever interpolated into a subject.
+
+Subject destinations are confined to the account's own namespace, `out.<account>.>`; the
+platform's subjects (`kt.…`, `$…`, `_INBOX…`) and other accounts' namespaces are unreachable.
+"""
+
+from __future__ import annotations
+
+import re
+
+NAME_MAX = 63
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+NAME_RULE = "lowercase letters, digits and '-', 1-63 characters, starting and ending alphanumeric"
+
+TASK_ID_MAX = 128
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+TASK_ID_RULE = "letters, digits, '-' and '_', 1-128 characters, starting alphanumeric"
+
+# A task-id prefix in a list query: the start of a task id, possibly empty.
+ID_PREFIX_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,127})?$"
+
+DESTINATION_ROOT = "out"
+SUBJECT_MAX = 255
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+_NAME = re.compile(NAME_PATTERN)
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+def is_name(value: object) -> bool:
+    """An account, function or async-config name (a DNS-1123 label)."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def is_task_id(value: object) -> bool:
+    return isinstance(value, str) and _TASK_ID.fullmatch(value) is not None
+
+
+def destination_namespace(account: str) -> str:
+    """The subjects an account's subject destinations may name: `out.<account>.` + tokens."""
+    return f"{DESTINATION_ROOT}.{account}."
+
+
+def subject_destination_problem(account: str, subject: str) -> str | None:
+    """Why `subject` may not be a destination of `account`, or None when it may."""
+    namespace = destination_namespace(account)
+    if len(subject) > SUBJECT_MAX:
+        return f"subject destinations are at most {SUBJECT_MAX} characters"
+    if not subject.startswith(namespace):
+        return (
+            f"subject destinations of account {account!r} must start with {namespace!r} "
+            "(the platform's own subjects and other accounts' are not reachable)"
+        )
+    tokens = subject[len(namespace) :].split(".")
+    if not all(_SUBJECT_TOKEN.fullmatch(t) for t in tokens):
+        return (
+            f"after {namespace!r} a subject destination is one or more '.'-separated tokens of "
+            "letters, digits, '-' and '_' (no wildcards)"
+        )
+    return None
