@@ -31,7 +31,9 @@ class Principal:
 
     def scope(self, account: str | None) -> str | None:
         """The account a call acts on. For a tenant that is always its own; asking for another
-        account's objects raises `OutOfScope` (answered as 404, so existence does not leak)."""
+        account's objects raises `OutOfScope` (answered as 404, so existence does not leak).
+        An empty `?account=` is no account named."""
+        account = account or None
         if account is not None and not (
             grammar.is_name(account) and (self.admin or account == self.account)
         ):

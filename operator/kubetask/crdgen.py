@@ -27,6 +27,8 @@ from .models import (
     TaskStatus,
 )
 
+# `anyOf` at an object's top level restates a CEL rule for the OpenAPI document; the CRD has the
+# rule itself (a structural schema may not constrain types inside `anyOf`).
 _DROP = {"title", "$defs"}
 
 
@@ -39,6 +41,8 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         target = defs[node["$ref"].split("/")[-1]]
         merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
         return _convert(merged, defs)
+    if "anyOf" in node and "properties" in node:
+        node = {k: v for k, v in node.items() if k != "anyOf"}
     if "anyOf" in node:
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
         rest = {k: v for k, v in node.items() if k != "anyOf"}

@@ -13,7 +13,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, JsonValue, Strict, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    Strict,
+    model_validator,
+)
 
 from . import grammar
 
@@ -36,6 +45,18 @@ TaskId = Annotated[
 # Numbers are numbers: `true` is not 1 and `"3"` is not 3 (strict), and never NaN or infinite.
 Number = Annotated[float, Strict(), AllowInfNan(False)]
 Count = Annotated[int, Strict()]
+Flag = Annotated[bool, Strict()]
+
+
+def _time_not_number(value: Any) -> Any:
+    """A time is an RFC 3339 string (or a datetime); pydantic would take a number as seconds
+    since the epoch, which no caller of this API means."""
+    if isinstance(value, int | float):
+        raise ValueError("a time is an RFC 3339 string, not a number")
+    return value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_time_not_number)]
 
 
 class KubeModel(BaseModel):
@@ -97,9 +118,21 @@ EXACTLY_ONE_RUNTIME: dict[str, JsonValue] = {
 }
 
 
+def _only(present: str, absent: str, kind: str) -> dict[str, JsonValue]:
+    return {
+        "required": [present],
+        "properties": {present: {"type": kind}, absent: {"type": "null"}},
+    }
+
+
 class TaskFunctionSpec(KubeModel):
+    # The rule twice: CEL for the API server, `anyOf` for the OpenAPI document (crdgen drops it).
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"x-kubernetes-validations": [EXACTLY_ONE_RUNTIME]}
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [EXACTLY_ONE_RUNTIME],
+            "anyOf": [_only("command", "server", "array"), _only("server", "command", "object")],
+        },
     )
 
     command: list[str] | None = Field(
@@ -134,15 +167,15 @@ class Condition(KubeModel):
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
     message: str = ""
-    lastTransitionTime: datetime | None = None
+    lastTransitionTime: Timestamp | None = None
 
 
 class TaskFunctionStatus(KubeModel):
-    observedGeneration: int | None = None
+    observedGeneration: Count | None = None
     conditions: list[Condition] = Field(default_factory=list)
     queue: str | None = Field(default=None, description="The JetStream stream holding its tasks.")
-    backlog: int | None = None
-    ready: bool | None = None
+    backlog: Count | None = None
+    ready: Flag | None = None
 
 
 class KubeObject(KubeModel):
@@ -195,7 +228,18 @@ class Destination(KubeModel):
     """Where a finished task's record goes: another function, a NATS subject, or a webhook URL."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"x-kubernetes-validations": DESTINATION_RULES}
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": DESTINATION_RULES,
+            "anyOf": [
+                {"properties": {"kind": {"const": kind}, "target": {"pattern": pattern}}}
+                for kind, pattern in (
+                    ("function", grammar.NAME_PATTERN),
+                    ("subject", f"^{SUBJECT_DESTINATION.pattern}$"),
+                    ("webhook", "^https?://"),
+                )
+            ],
+        },
     )
 
     kind: DestinationKind
@@ -254,9 +298,9 @@ class AsyncConfigSpec(KubeModel):
 
 
 class AsyncConfigStatus(KubeModel):
-    observedGeneration: int | None = None
+    observedGeneration: Count | None = None
     conditions: list[Condition] = Field(default_factory=list)
-    ready: bool | None = None
+    ready: Flag | None = None
 
 
 class AsyncConfig(KubeObject):
@@ -283,11 +327,11 @@ class TaskPhase(StrEnum):
 
 
 class StageTimestamps(KubeModel):
-    submitted: datetime | None = None
-    enqueued: datetime | None = None
-    dispatched: datetime | None = None
-    started: datetime | None = None
-    finished: datetime | None = None
+    submitted: Timestamp | None = None
+    enqueued: Timestamp | None = None
+    dispatched: Timestamp | None = None
+    started: Timestamp | None = None
+    finished: Timestamp | None = None
 
 
 class ExecutorRef(KubeModel):
@@ -299,15 +343,15 @@ class ExecutorRef(KubeModel):
 
 class TaskStatus(KubeModel):
     phase: TaskPhase = TaskPhase.Pending
-    attempts: int = 0
+    attempts: Count = 0
     timestamps: StageTimestamps = Field(default_factory=StageTimestamps)
     result: Any | None = None
     error: str | None = None
-    exitCode: int | None = None
+    exitCode: Count | None = None
     duration: str | None = Field(default=None, description="Of the last attempt, for display.")
-    nextAttemptAt: datetime | None = None
+    nextAttemptAt: Timestamp | None = None
     executor: ExecutorRef | None = None
-    observedGeneration: int | None = None
+    observedGeneration: Count | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
 
@@ -352,17 +396,17 @@ class RequestContext(KubeModel):
     requestId: str
     functionArn: str
     condition: Literal["Success", "RetriesExhausted", "EventAgeExceeded", "Stopped"]
-    approximateInvokeCount: int
+    approximateInvokeCount: Count
 
 
 class ResponseContext(KubeModel):
-    statusCode: int
+    statusCode: Count
     functionError: str | None = None
 
 
 class DestinationRecord(KubeModel):
     version: Literal["1.0"] = "1.0"
-    timestamp: datetime
+    timestamp: Timestamp
     requestContext: RequestContext
     requestPayload: Any | None = None
     responseContext: ResponseContext
@@ -378,6 +422,6 @@ class ErrorBody(KubeModel):
         default=None, description="409 on a task action: the phase that forbids it."
     )
     task: Task | None = Field(default=None, description="409 on submit: the existing task.")
-    retryAfter: int | None = Field(
+    retryAfter: Count | None = Field(
         default=None, description="429 and 503: seconds to wait before retrying (as the header)."
     )

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AwareDatetime
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp
 
 from .. import actions, grammar, logs, names, queues
@@ -73,25 +74,68 @@ async def principal(
 
 
 Who = Annotated[Principal, Depends(principal)]
+_PHASE = "(" + "|".join(p.value for p in TaskPhase) + ")"
+PHASES_PATTERN = rf"^(\s*{_PHASE}\s*(,\s*{_PHASE}\s*)*)?$"
+# An empty filter or account parameter is the same as none.
+OPTIONAL_NAME = f"^({grammar.NAME_PATTERN[1:-1]})?$"
+CURSOR = f"^({grammar.NAME_PATTERN[1:-1]}/{grammar.TASK_ID_PATTERN[1:-1]})?$"
+# Path parameters are documented with the grammar but checked by the routes (`params.py`): a
+# lookup by a name that cannot exist is a 404, as for one that does not, not a 422.
+TaskIdPath = Annotated[
+    str,
+    PathParam(
+        description=f"Task id: {grammar.TASK_ID_RULE}.",
+        json_schema_extra={"pattern": grammar.TASK_ID_PATTERN, "maxLength": grammar.TASK_ID_MAX},
+    ),
+]
+NamePath = Annotated[
+    str,
+    PathParam(
+        description=f"Name: {grammar.NAME_RULE}.",
+        json_schema_extra={"pattern": grammar.NAME_PATTERN, "maxLength": grammar.NAME_MAX},
+    ),
+]
+TimeParam = Query(
+    description="RFC 3339 time with a zone (Z or +hh:mm).",
+    json_schema_extra={"format": "date-time"},
+)
 REFS = "#/components/schemas/"
 ACCOUNT_HELP = "Account to act on; tenants may omit it (their own)."
-AccountParam = Annotated[str | None, Query(description=ACCOUNT_HELP)]
+AccountParam = Annotated[
+    str | None, Query(description=ACCOUNT_HELP, json_schema_extra={"pattern": OPTIONAL_NAME})
+]
 # The same parameter, described by hand for the plain-ASGI submit route.
 ACCOUNT_QUERY = {
     "name": "account",
     "in": "query",
     "required": False,
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": OPTIONAL_NAME},
     "description": ACCOUNT_HELP,
 }
 
 
-async def _render(_: Request, err: Exception) -> Response:
+async def _render(request: Request, err: Exception) -> Response:
+    if isinstance(err, HTTPException) and err.status_code == 405:
+        err.headers = {"Allow": ", ".join(sorted(_methods(request)))}
     response = errors.render(err)
     if response is None:
         log.error("unhandled error", exc_info=err)
         return errors.internal_error(err)
     return response
+
+
+def _methods(request: Request) -> set[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first
+    route's, and FastAPI has a route per method)."""
+    scope = {**request.scope, "method": "GET"}
+    found: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE:
+            found |= getattr(route, "methods", None) or set()
+    if request.url.path == submit.PATH:
+        found.add("POST")  # served in front of the router (submit.py)
+    return found
 
 
 def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
@@ -159,28 +203,28 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     # -- tasks ----------------------------------------------------------------------------------
 
     @app.get("/v1/tasks/{task_id}", response_model=Task, tags=["tasks"])
-    async def get_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+    async def get_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         return _json((await load_task(who, account, task_id)).record.task)
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
     async def list_tasks(
         who: Who,
         account: AccountParam = None,
-        function: str | None = None,
+        function: Annotated[str | None, Query(json_schema_extra={"pattern": OPTIONAL_NAME})] = None,
         status: Annotated[
-            str | None, Query(description="Phase, or several separated by commas.")
+            str | None,
+            Query(
+                description="Phase, or several separated by commas.",
+                json_schema_extra={"pattern": PHASES_PATTERN},
+            ),
         ] = None,
-        startedAfter: Annotated[
-            AwareDatetime | None, Query(description="ISO 8601 with a zone (Z or +hh:mm).")
-        ] = None,
-        startedBefore: Annotated[
-            AwareDatetime | None, Query(description="ISO 8601 with a zone (Z or +hh:mm).")
-        ] = None,
+        startedAfter: Annotated[str | None, TimeParam] = None,
+        startedBefore: Annotated[str | None, TimeParam] = None,
         idPrefix: Annotated[
             str, Query(max_length=grammar.TASK_ID_MAX, pattern=grammar.ID_PREFIX_PATTERN)
         ] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: str | None = None,
+        cursor: Annotated[str | None, Query(json_schema_extra={"pattern": CURSOR})] = None,
     ) -> Response:
         scoped = who.scope(account)
         phases = None
@@ -199,8 +243,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             accounts=None if scoped is None else [scoped],
             function=params.function_filter(function),
             phases=phases,
-            started_after=startedAfter,
-            started_before=startedBefore,
+            started_after=params.time("startedAfter", startedAfter),
+            started_before=params.time("startedBefore", startedBefore),
             id_prefix=idPrefix,
         )
         mirror: LazyMirror = state["mirror"]
@@ -212,17 +256,17 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return _json(page)
 
     @app.post("/v1/tasks/{task_id}/stop", response_model=Task, tags=["tasks"])
-    async def stop_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+    async def stop_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         updated = await actions.stop(plane(), await load_task(who, account, task_id))
         return _json(updated.record.task)
 
     @app.post("/v1/tasks/{task_id}/pause", response_model=Task, tags=["tasks"])
-    async def pause_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+    async def pause_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         updated = await actions.pause(plane(), await load_task(who, account, task_id))
         return _json(updated.record.task)
 
     @app.post("/v1/tasks/{task_id}/resume", response_model=Task, tags=["tasks"])
-    async def resume_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+    async def resume_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         try:
             updated = await actions.resume(plane(), await load_task(who, account, task_id))
         except actions.FunctionMissing as err:
@@ -232,7 +276,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return _json(updated.record.task)
 
     @app.delete("/v1/tasks/{task_id}", status_code=204, tags=["tasks"])
-    async def delete_task(task_id: str, who: Who, account: AccountParam = None) -> Response:
+    async def delete_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         await actions.delete(plane(), await load_task(who, account, task_id))
         return Response(status_code=204)
 
@@ -242,7 +286,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         responses={200: {"content": {"application/x-ndjson": {}}}},
     )
     async def task_logs(
-        task_id: str, who: Who, account: AccountParam = None, follow: bool = False
+        task_id: TaskIdPath, who: Who, account: AccountParam = None, follow: bool = False
     ) -> StreamingResponse:
         current = await load_task(who, account, task_id)
         task = current.record.task
@@ -293,7 +337,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     @app.put("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
     async def put_function(
-        name: str, fn: TaskFunction, who: Who, account: AccountParam = None
+        name: NamePath, fn: TaskFunction, who: Who, account: AccountParam = None
     ) -> Response:
         check_object(who, account, name, fn.metadata)
         await queues.ensure_function_queue(plane().js, fn, settings)
@@ -309,7 +353,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return Response(json.dumps([f.model_dump(mode="json") for f in out]), media_type=JSON)
 
     @app.get("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
-    async def get_function(name: str, who: Who, account: AccountParam = None) -> Response:
+    async def get_function(name: NamePath, who: Who, account: AccountParam = None) -> Response:
         acct = who.one_account(account)
         fn = plane().registry.function(acct, params.object_name("function", name, acct))
         if fn is None:
@@ -317,7 +361,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return _json(await function_status(fn))
 
     @app.delete("/v1/functions/{name}", status_code=204, tags=["functions"])
-    async def delete_function(name: str, who: Who, account: AccountParam = None) -> Response:
+    async def delete_function(name: NamePath, who: Who, account: AccountParam = None) -> Response:
         acct = who.one_account(account)
         fn = plane().registry.function(acct, params.object_name("function", name, acct))
         if fn is None:
@@ -341,7 +385,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     @app.put("/v1/asyncconfigs/{name}", response_model=AsyncConfig, tags=["asyncconfigs"])
     async def put_async_config(
-        name: str, cfg: AsyncConfig, who: Who, account: AccountParam = None
+        name: NamePath, cfg: AsyncConfig, who: Who, account: AccountParam = None
     ) -> Response:
         check_object(who, account, name, cfg.metadata)
         problem = config_problem(cfg, plane().registry.function)
@@ -361,7 +405,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return Response(json.dumps([c.model_dump(mode="json") for c in cfgs]), media_type=JSON)
 
     @app.delete("/v1/asyncconfigs/{name}", status_code=204, tags=["asyncconfigs"])
-    async def delete_async_config(name: str, who: Who, account: AccountParam = None) -> Response:
+    async def delete_async_config(
+        name: NamePath, who: Who, account: AccountParam = None
+    ) -> Response:
         acct = who.one_account(account)
         params.object_name("async config", name, acct)
         if not await plane().registry.delete_async_config(acct, name):
@@ -381,7 +427,12 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             raise errors.unavailable("not connected to NATS")
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+    )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -7,6 +7,8 @@ is a 422, since the caller made a mistake worth telling.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from .. import grammar
 from .errors import ApiError
 
@@ -24,6 +26,8 @@ def object_name(kind: str, value: str, account: str) -> str:
 
 
 def function_filter(value: str | None) -> str | None:
+    """An empty `?function=` filters nothing, like an empty `?idPrefix=`."""
+    value = value or None
     if value is not None and not grammar.is_name(value):
         raise ApiError(422, f"function: {grammar.NAME_RULE}", field="function")
     return value
@@ -39,3 +43,18 @@ def cursor(value: str | None) -> tuple[str, str] | None:
             422, "malformed cursor; pass back the cursor of the previous page", field="cursor"
         )
     return account, last
+
+
+def time(name: str, value: str | None) -> datetime | None:
+    """An RFC 3339 time; one without a zone is refused rather than guessed at."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or "T" not in value.upper():
+        raise ApiError(
+            422, f"{name}: an RFC 3339 time with a zone, e.g. 2026-01-01T00:00:00Z", field=name
+        )
+    return parsed

@@ -1,0 +1,248 @@
+"""Hostile input and tenancy: every route and verb as another account, every name outside the
+grammar, every internal or foreign subject as a destination. Each answer is a 4xx with the one
+error body, nothing changes, and the service stays healthy afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from harness import Api
+from kubetask.plane import DataPlane
+
+BAD_IDS = [
+    "*",
+    ">",
+    "a.b",
+    "a b",
+    "a\tb",
+    "a\x01b",
+    "a\x7fb",
+    "é",
+    "日本",
+    "-lead",
+    "x" * 129,
+    "x" * 5000,
+    "..",
+    "$KV",
+    "a%2Fb",
+    "a;b",
+    "a\\b",
+    "a'b",
+    '"',
+]
+
+
+def _check_error_body(resp: Any) -> None:
+    body = resp.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str), resp.text
+    assert set(body) <= {"error", "field", "phase", "task", "retryAfter"}, body
+
+
+def _task_routes(task_id: str) -> list[tuple[str, str]]:
+    quoted = "".join(c if c.isalnum() or c in "-_" else f"%{ord(c):02X}" for c in task_id)
+    if any(ord(c) > 127 for c in task_id):
+        quoted = task_id.encode().hex()  # non-ASCII: sent as raw UTF-8 bytes below instead
+    base = f"/v1/tasks/{quoted}"
+    return [
+        ("GET", base),
+        ("GET", base + "/logs"),
+        ("POST", base + "/stop"),
+        ("POST", base + "/pause"),
+        ("POST", base + "/resume"),
+        ("DELETE", base),
+    ]
+
+
+async def test_names_outside_the_grammar_are_404_on_every_task_route(
+    api: Api, plane: DataPlane
+) -> None:
+    await api.function("held", command=["sleep", "30"])
+    await api.submit("held", task_id="real")
+    await api.wait("real", {"Running"})
+    for bad in BAD_IDS:
+        for method, path in _task_routes(bad):
+            if any(ord(c) > 127 for c in bad):
+                path = path.replace(bad.encode().hex(), "".join(f"%{b:02X}" for b in bad.encode()))
+            resp = await api.http.request(method, path)
+            assert resp.status_code == 404, (method, path[:80], resp.status_code, resp.text[:200])
+            _check_error_body(resp)
+    # The wildcard ids reached nothing: the real task still runs, and NATS never saw a subject
+    # built from them (the gateway's connection is the one that would have been cut).
+    assert (await api.get("real"))["status"]["phase"] == "Running"
+    assert (await api.http.get("/healthz")).status_code == 200
+    await api.call("POST", "/v1/tasks/real/stop", 200)
+    for name in ["*", ">", "A", "a.b", "a%20b", "x" * 64, "x" * 5000, "-a"]:
+        for method, path in (
+            ("GET", f"/v1/functions/{name}"),
+            ("DELETE", f"/v1/functions/{name}"),
+            ("DELETE", f"/v1/asyncconfigs/{name}"),
+        ):
+            resp = await api.http.request(method, path)
+            assert resp.status_code == 404, (method, path[:80], resp.text[:200])
+            _check_error_body(resp)
+        resp = await api.http.get("/v1/tasks", params={"account": name})
+        assert resp.status_code == 404, resp.text
+    assert (await api.http.get("/healthz")).status_code == 200
+
+
+async def test_creations_with_bad_names_are_422(api: Api) -> None:
+    await api.function("f", command=["true"])
+    for bad in ["*", "a.b", "a b", "_a", "x" * 129, "é", "a\x00"]:
+        resp = await api.http.post("/v1/tasks", json={"function": "f", "id": bad})
+        assert resp.status_code == 422, resp.text
+        _check_error_body(resp)
+    for bad in ["A", "a.b", "x" * 64, "-a", "a_b"]:
+        body = {"metadata": {"name": bad}, "spec": {"command": ["true"]}}
+        resp = await api.http.put(f"/v1/functions/{bad}", json=body)
+        assert resp.status_code in (404, 422), resp.text
+        _check_error_body(resp)
+
+
+async def test_strict_input(api: Api) -> None:
+    await api.function("f", command=["true"])
+    for raw in (b'{"function": "f", "payload": NaN}', b'{"function": "f", "payload": [Infinity]}'):
+        resp = await api.http.post(
+            "/v1/tasks", content=raw, headers={"content-type": "application/json"}
+        )
+        assert resp.status_code == 400, resp.text
+        _check_error_body(resp)
+    resp = await api.http.post(
+        "/v1/tasks",
+        content=b'{"function": "f", "payload": 1e400}',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 422, resp.text
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": content_type} if content_type else {}
+        resp = await api.http.post(
+            "/v1/tasks", content=json.dumps({"function": "f"}).encode(), headers=headers
+        )
+        assert resp.status_code == 415, resp.text
+        _check_error_body(resp)
+    body = {"metadata": {"name": "g"}, "spec": {"command": ["true"], "timeoutSeconds": True}}
+    resp = await api.http.put("/v1/functions/g", json=body)
+    assert resp.status_code == 422 and "timeoutSeconds" in resp.text, resp.text
+    body["spec"] = {"command": ["true"], "maxConcurrency": "3"}
+    resp = await api.http.put("/v1/functions/g", json=body)
+    assert resp.status_code == 422, resp.text
+    for stamp in ("2026-01-01T00:00:00", "2026-01-01", "0.5", "yesterday"):
+        resp = await api.http.get("/v1/tasks", params={"startedAfter": stamp})
+        assert resp.status_code == 422, (stamp, resp.text)
+        _check_error_body(resp)
+    for method, path in (("PATCH", "/v1/tasks"), ("GET", "/nowhere"), ("PUT", "/v1/tasks/x")):
+        resp = await api.http.request(method, path)
+        assert resp.status_code in (404, 405), resp.text
+        _check_error_body(resp)
+    resp = await api.http.request("PATCH", "/v1/tasks")
+    assert set(resp.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+
+
+async def test_another_accounts_token_reaches_nothing(
+    make_api: Callable[..., Awaitable[Api]],
+) -> None:
+    owner, other = await make_api(), await make_api()
+    await owner.function("mine", command=["sleep", "30"])
+    await owner.async_config("mine", function="mine", maxAsyncRetryAttempts=1)
+    await owner.submit("mine", task_id="t1")
+    await owner.wait("t1", {"Running"})
+    before = await owner.get("t1")
+    acct = {"account": owner.account}
+    body_fn = {"metadata": {"name": "mine", "namespace": owner.account}, "spec": {"command": ["x"]}}
+    body_cfg = {
+        "metadata": {"name": "mine", "namespace": owner.account},
+        "spec": {"function": "mine"},
+    }
+    attempts: list[tuple[str, str, dict[str, Any]]] = [
+        ("GET", "/v1/tasks/t1", {}),
+        ("GET", "/v1/tasks/t1/logs", {}),
+        ("POST", "/v1/tasks/t1/stop", {}),
+        ("POST", "/v1/tasks/t1/pause", {}),
+        ("POST", "/v1/tasks/t1/resume", {}),
+        ("DELETE", "/v1/tasks/t1", {}),
+        ("GET", "/v1/functions/mine", {}),
+        ("DELETE", "/v1/functions/mine", {}),
+        ("DELETE", "/v1/asyncconfigs/mine", {}),
+        ("PUT", "/v1/functions/mine", {"json": body_fn}),
+        ("PUT", "/v1/asyncconfigs/mine", {"json": body_cfg}),
+        ("GET", "/v1/tasks", {}),
+        ("GET", "/v1/functions", {}),
+        ("GET", "/v1/asyncconfigs", {}),
+        ("POST", "/v1/tasks", {"json": {"function": "mine"}}),
+    ]
+    for method, path, kw in attempts:
+        for params in ({}, acct):
+            resp = await other.http.request(method, path, params=params, **kw)
+            if params or method in ("POST", "PUT", "DELETE") or "/t1" in path or "/mine" in path:
+                assert resp.status_code == 404, (method, path, params, resp.text)
+                _check_error_body(resp)
+            else:  # lists of its own account: none of the owner's objects
+                assert resp.status_code == 200, resp.text
+                assert owner.account not in resp.text
+    after = await owner.get("t1")
+    assert after["status"] == before["status"]
+    assert (await owner.call("GET", "/v1/functions/mine", 200))["spec"]["command"] == [
+        "sleep",
+        "30",
+    ]
+    await owner.call("POST", "/v1/tasks/t1/stop", 200)
+
+
+async def test_subject_destinations_stay_in_the_accounts_namespace(
+    make_api: Callable[..., Awaitable[Api]], plane: DataPlane
+) -> None:
+    api, victim = await make_api(), await make_api()
+    await api.function("f", command=["true"])
+    refused = [
+        f"kt.ctl.stop.{victim.account}.x",
+        f"kt.q.{victim.account}.f",
+        f"kt.qf.{victim.account}.f",
+        f"kt.logs.{victim.account}.x",
+        f"$KV.kt_tasks.{victim.account}.x",
+        "$JS.API.STREAM.DELETE.KT_LOGS",
+        "$SYS.REQ.SERVER.PING",
+        "_INBOX.x",
+        f"out.{victim.account}.stolen",
+        f"out.{api.account}",
+        f"out.{api.account}.*",
+        f"out.{api.account}.>",
+        f"out.{api.account}..x",
+        f"out.{api.account}.a b",
+        "orders",
+        "x" * 300,
+    ]
+    for target in refused:
+        for when in ("onSuccess", "onFailure"):
+            resp = await api.http.put(
+                "/v1/asyncconfigs/c",
+                json={
+                    "metadata": {"name": "c"},
+                    "spec": {
+                        "function": "f",
+                        "destinationConfig": {when: {"kind": "subject", "target": target}},
+                    },
+                },
+            )
+            assert resp.status_code == 422, (target, resp.text)
+            _check_error_body(resp)
+    # Its own namespace is accepted, and delivered to.
+    got: list[bytes] = []
+
+    async def collect(msg: Any) -> None:
+        got.append(msg.data)
+
+    sub = await plane.nc.subscribe(f"out.{api.account}.>", cb=collect)
+    await api.async_config(
+        "c",
+        function="f",
+        destinationConfig={"onSuccess": {"kind": "subject", "target": f"out.{api.account}.done"}},
+    )
+    await api.wait((await api.submit("f"))["metadata"]["name"])
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    assert got and json.loads(got[0])["requestContext"]["condition"] == "Success"
