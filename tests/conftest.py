@@ -8,6 +8,7 @@ other's tasks — which is also what tenancy promises.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import uvicorn
 from harness import Api
+from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.embedded import free_port, start_nats
@@ -39,18 +41,43 @@ def pytest_asyncio_loop_factories(
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_passwords(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return nats_auth.load_or_create(tmp_path_factory.mktemp("secrets") / "nats-users.json")
+
+
+@pytest.fixture(scope="session")
+def nats_url(
+    tmp_path_factory: pytest.TempPathFactory, nats_passwords: dict[str, str]
+) -> Iterator[str]:
+    """One nats-server with the platform's users and permissions, as `kubetask dev` runs it."""
     port = free_port()
-    proc = start_nats(tmp_path_factory.mktemp("jetstream"), port, tie_to_parent=True)
+    conf = nats_auth.write_server_config(
+        tmp_path_factory.mktemp("natsconf") / "nats.conf", nats_passwords
+    )
+    proc = start_nats(tmp_path_factory.mktemp("jetstream"), port, tie_to_parent=True, config=conf)
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
 
 
+def as_user(settings: Settings, user: str, passwords: dict[str, str]) -> Settings:
+    """The settings a component connecting as `user` has (`nats_auth.env_for`)."""
+    extra = {}
+    if user == "dispatcher":
+        extra = {
+            "destinations_user": "destinations",
+            "destinations_password": passwords["destinations"],
+        }
+    return dataclasses.replace(settings, nats_user=user, nats_password=passwords[user], **extra)
+
+
 @pytest.fixture(scope="session")
-def settings(nats_url: str) -> Settings:
+def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
+    """Admin settings, for tests that look behind the API."""
     return Settings(
         nats_url=nats_url,
+        nats_user="admin",
+        nats_password=nats_passwords["admin"],
         ack_wait=3.0,
         sweep_grace=2.0,
         dedup_window=1.0,
@@ -65,9 +92,11 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-async def gateway_url(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
+async def gateway_url(
+    settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
+) -> AsyncIterator[str]:
     port = free_port()
-    app = create_app(settings, tokens_file)
+    app = create_app(as_user(settings, "gateway", nats_passwords), tokens_file)
     server = uvicorn.Server(config(app, "127.0.0.1", port, lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -85,8 +114,10 @@ async def plane(settings: Settings) -> AsyncIterator[DataPlane]:
 
 
 @pytest.fixture(scope="session")
-async def dispatcher(settings: Settings, gateway_url: str) -> AsyncIterator[Dispatcher]:
-    p = await DataPlane.connect(settings, "test-dispatcher")
+async def dispatcher(
+    settings: Settings, gateway_url: str, nats_passwords: dict[str, str]
+) -> AsyncIterator[Dispatcher]:
+    p = await DataPlane.connect(as_user(settings, "dispatcher", nats_passwords), "test-dispatcher")
     d = Dispatcher(p)
     await d.start()
     yield d

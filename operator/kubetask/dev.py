@@ -2,8 +2,12 @@
 local executors — with its data in one directory, so a restart finds every task where it was.
 
 The components run as separate processes, as on Kubernetes, and are tied to this supervisor:
-if it is killed (even with SIGKILL) the kernel takes them down too, and a crashed component is
-restarted. Ctrl-C shuts down in order: dispatchers drain first, then the gateway, then NATS.
+if it is killed (even with SIGKILL) the kernel takes them down too, and a crashed component —
+nats-server included — is restarted and the restart logged. Every component connects to NATS as
+its own user (`nats_auth`), with passwords generated at first start and kept in
+`<data>/secrets/`; function processes get none. Ctrl-C stops everything within about two
+seconds: dispatchers and gateway together (running attempts are handed back to the queue),
+then NATS.
 """
 
 from __future__ import annotations
@@ -19,10 +23,16 @@ from pathlib import Path
 
 import yaml
 
+from . import nats_auth
 from .auth import create_token
 from .client import Client
-from .embedded import free_port, port_in_use, start_nats, wait_for_port
+from .embedded import free_port, nats_argv, port_in_use, wait_for_port
 from .executors.base import die_with_parent
+
+# Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
+# let running attempts go on before handing them back to the queue.
+STOP_SECONDS = 1.5
+DRAIN_SECONDS = 0.8
 
 
 @dataclass
@@ -35,24 +45,35 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        out = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
-        )
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
 
-    def stop(self, timeout: float) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            assert self.proc is not None
+            self.proc.send_signal(sig)
+
+
+def stop_all(children: list[Child], timeout: float) -> None:
+    """SIGTERM to all at once, SIGKILL to whoever is still there after `timeout`."""
+    for child in children:
+        child.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(c.running() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for child in children:
+        child.signal(signal.SIGKILL)
+        if child.proc is not None:
+            child.proc.wait()
 
 
 def client_config(data_dir: Path) -> Path:
@@ -95,10 +116,23 @@ def run(
             return 2
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     creds = ensure_tokens(data_dir)
+    passwords = nats_auth.load_or_create(data_dir / "secrets" / "nats-users.json")
+    nats_config = nats_auth.write_server_config(data_dir / "secrets" / "nats.conf", passwords)
     nats_port = nats_port or free_port()
-    nats = start_nats(data_dir / "jetstream", nats_port, data_dir / "logs" / "nats.log")
+    nats = Child(
+        "nats-server",
+        nats_argv(data_dir / "jetstream", nats_port, nats_config),
+        {"PATH": os.environ.get("PATH", "")},
+        data_dir / "logs" / "nats.log",
+    )
+    nats.start()
+    assert nats.proc is not None
+    wait_for_port(nats_port, proc=nats.proc)
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, KUBETASK_NATS_URL=f"nats://127.0.0.1:{nats_port}")
+    for name in list(env):  # whatever the shell had: each child gets its own below
+        if "NATS_USER" in name or "NATS_PASSWORD" in name:
+            del env[name]
     if ack_wait is not None:
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
     exe = [sys.executable, "-m", "kubetask"]
@@ -107,14 +141,21 @@ def run(
         Child(
             "gateway",
             [*exe, "gateway", "--port", str(port), "--tokens", str(data_dir / "tokens.json")],
-            env,
+            {**env, **nats_auth.env_for("gateway", passwords)},
             data_dir / "logs" / "gateway.log",
         ),
         *[
             Child(
                 f"dispatcher-{i}",
-                [*exe, "dispatcher", "--metrics-port", str(metrics_ports[i])],
-                env,
+                [
+                    *exe,
+                    "dispatcher",
+                    "--metrics-port",
+                    str(metrics_ports[i]),
+                    "--drain-timeout",
+                    str(DRAIN_SECONDS),
+                ],
+                {**env, **nats_auth.env_for("dispatcher", passwords)},
                 data_dir / "logs" / f"dispatcher-{i}.log",
             )
             for i in range(dispatchers)
@@ -125,7 +166,7 @@ def run(
     try:
         gateway_proc = children[0].proc
         assert gateway_proc is not None
-        wait_for_port(port, timeout=30, proc=gateway_proc)
+        wait_for_port(port, timeout=60, proc=gateway_proc)
         if functions is not None:
             client = Client(url, creds["adminToken"])
             for doc in read_objects(functions):
@@ -137,7 +178,11 @@ def run(
         print(f"  API:     {url}   (OpenAPI: {url}/docs)", flush=True)
         print(f"  token:   {creds['token']}   (account 'default')", flush=True)
         print(f"  admin:   {creds['adminToken']}", flush=True)
-        print(f"  NATS:    nats://127.0.0.1:{nats_port}", flush=True)
+        print(
+            f"  NATS:    nats://127.0.0.1:{nats_port}   (users and passwords: "
+            f"{data_dir / 'secrets' / 'nats-users.json'})",
+            flush=True,
+        )
         dispatcher_metrics = ", ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports)
         print(f"  metrics: {url}/metrics (gateway), {dispatcher_metrics} (dispatchers)", flush=True)
         print("  The CLI in this directory picks these up; Ctrl-C stops everything.", flush=True)
@@ -154,32 +199,38 @@ def run(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    everyone = [nats, *children]
+    pending: dict[str, float] = {}  # child name -> when to restart it
     while not stopping:
-        time.sleep(0.2)
-        for child in children:
-            if child.proc is not None and child.proc.poll() is not None and not stopping:
-                now = time.monotonic()
+        time.sleep(0.05)
+        now = time.monotonic()
+        for child in everyone:
+            if stopping or child.running():
+                continue
+            if child.name not in pending:
+                assert child.proc is not None
                 child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                delay = 0.1 if child is nats else min(5.0, 0.2 * len(child.restarts))
                 print(
-                    f"{child.name} exited with code {child.proc.returncode}; restarting",
+                    f"{child.name} exited with code {child.proc.returncode}; "
+                    f"restarting in {delay:g}s",
                     file=sys.stderr,
                     flush=True,
                 )
-                time.sleep(min(5.0, 0.2 * len(child.restarts)))
+                pending[child.name] = now + delay
+            elif now >= pending[child.name]:
+                del pending[child.name]
                 child.start()
+                print(f"{child.name} restarted", file=sys.stderr, flush=True)
     print("shutting down...", flush=True)
     _shutdown(children, nats)
     return 0
 
 
-def _shutdown(children: list[Child], nats: subprocess.Popen[bytes]) -> None:
-    for child in reversed(children):
-        child.stop(timeout=40)
-    nats.send_signal(signal.SIGTERM)
-    try:
-        nats.wait(10)
-    except subprocess.TimeoutExpired:
-        nats.kill()
+def _shutdown(children: list[Child], nats: Child) -> None:
+    """Components first (they hand running attempts back through NATS), then NATS."""
+    stop_all(children, STOP_SECONDS)
+    stop_all([nats], 1.0)
 
 
 def load_client_config(data_dir: Path) -> dict[str, str] | None:

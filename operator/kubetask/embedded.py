@@ -58,13 +58,23 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def start_nats(
-    store_dir: Path, port: int, log_file: Path | None = None, tie_to_parent: bool = True
-) -> subprocess.Popen[bytes]:
+def nats_argv(store_dir: Path, port: int, config: Path | None = None) -> list[str]:
+    """nats-server with JetStream on loopback; `config` adds its users (`nats_auth`)."""
     store_dir.mkdir(parents=True, exist_ok=True)
+    argv = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
+    return [*argv, "-c", str(config)] if config is not None else argv
+
+
+def start_nats(
+    store_dir: Path,
+    port: int,
+    log_file: Path | None = None,
+    tie_to_parent: bool = True,
+    config: Path | None = None,
+) -> subprocess.Popen[bytes]:
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)],
+        nats_argv(store_dir, port, config),
         stdout=out,
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent if tie_to_parent else None,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 from collections.abc import Callable
 
+from nats import errors as nats_errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -15,7 +17,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
-from . import events, names
+from . import events, names, nats_auth
 from .settings import Settings
 
 _WHITESPACE = re.compile(r"\s")
@@ -61,6 +63,17 @@ class Connection(Client):
         except Exception:  # the read loop must go on
             log.exception("handling a message on %s failed", subject.decode(errors="replace"))
 
+    async def _process_err(self, err_msg: str) -> None:
+        """nats-py closes the connection for good on most server errors (a request the server
+        found too long, say), which left a component cut off until restarted. Here only a
+        permissions error is reported and the connection kept; every other error reconnects,
+        for ever, like a lost connection does."""
+        if "permissions violation" in err_msg.lower():
+            log.error("NATS refused: %s", err_msg.strip("'"))
+            return
+        log.warning("NATS server error %s; reconnecting", err_msg.strip("'"))
+        await self._process_op_err(nats_errors.Error(f"nats: {err_msg.strip(chr(39))}"))
+
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
         """Same result as nats-py's: `Name: Value` lines, names with whitespace or non-ASCII
@@ -80,17 +93,50 @@ class Connection(Client):
         return out
 
 
-async def connect(settings: Settings, name: str) -> Connection:
-    nc = Connection()
-    await nc.connect(
-        settings.nats_url,
-        name=name,
-        max_reconnect_attempts=-1,
-        # Seconds, slept on as given; nats-py's hint says int.
-        reconnect_time_wait=0.5,  # type: ignore[arg-type]
-        allow_reconnect=True,
-    )
-    return nc
+async def _disconnected() -> None:
+    log.warning("lost the connection to NATS; reconnecting")
+
+
+async def _reconnected() -> None:
+    log.warning("reconnected to NATS")
+
+
+async def _error(err: Exception) -> None:
+    log.warning("NATS connection: %s", err or type(err).__name__)
+
+
+async def connect(
+    settings: Settings, name: str, user: str | None = None, password: str | None = None
+) -> Connection:
+    """Connect as this component's NATS user (or `user`), waiting for NATS as long as it takes:
+    a component started before NATS, or while it restarts, comes up when NATS does."""
+    user = user or settings.nats_user
+    password = password or settings.nats_password
+    options: dict[str, object] = {}
+    if user:
+        options.update(user=user, password=password, inbox_prefix=nats_auth.inbox_prefix(user))
+    delay = 0.1
+    while True:
+        nc = Connection()
+        try:
+            await nc.connect(
+                settings.nats_url,
+                name=name,
+                max_reconnect_attempts=-1,
+                # Seconds, slept on as given; nats-py's hint says int.
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                allow_reconnect=True,
+                connect_timeout=2,
+                disconnected_cb=_disconnected,
+                reconnected_cb=_reconnected,
+                error_cb=_error,
+                **options,  # type: ignore[arg-type]
+            )
+            return nc
+        except (nats_errors.NoServersError, OSError, TimeoutError) as err:
+            log.warning("cannot reach NATS at %s (%s); retrying", settings.nats_url, err)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pydantic_core
 from nats.aio.msg import Msg
+from nats.errors import ConnectionReconnectingError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
@@ -54,6 +55,9 @@ class Requester:
     ) -> Msg:
         """The reply; with `batch`, replies without a status are collected there and the status
         reply that ends them is returned."""
+        if not self.nc.is_connected:
+            # nats-py would buffer it until reconnected; the caller is better told now.
+            raise ConnectionReconnectingError
         self._count += 1
         reply = self._prefix + str(self._count)
         loop = asyncio.get_running_loop()
@@ -82,9 +86,14 @@ class Requester:
         while True:
             await asyncio.sleep(min(self.timeout / 4, 0.5))
             now = loop.time()
+            # Cut off from NATS, nothing pending will be answered: fail it now, not at its
+            # deadline.
+            cut_off = not self.nc.is_connected
             for future, deadline in list(self._pending.values()):
-                if deadline < now and not future.done():
-                    future.set_exception(NatsTimeoutError())
+                if (cut_off or deadline < now) and not future.done():
+                    future.set_exception(
+                        ConnectionReconnectingError() if cut_off else NatsTimeoutError()
+                    )
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -20,10 +20,32 @@ def env_int(name: str, default: int) -> int:
     return int(raw) if raw else default
 
 
+def env_secret(name: str) -> str | None:
+    """A secret from `NAME`, or from the file named by `NAME_FILE` (a mounted Secret)."""
+    path = os.environ.get(name + "_FILE")
+    if path:
+        with open(path) as f:
+            return f.read().strip()
+    return os.environ.get(name) or None
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(
         default_factory=lambda: env_str("KUBETASK_NATS_URL", "nats://127.0.0.1:4222")
+    )
+    # This component's NATS user (`nats_auth.PERMISSIONS`); none when NATS has no users.
+    nats_user: str | None = field(default_factory=lambda: os.environ.get("KUBETASK_NATS_USER"))
+    nats_password: str | None = field(
+        default_factory=lambda: env_secret("KUBETASK_NATS_PASSWORD"), repr=False
+    )
+    # The user subject destinations are published as (dispatchers only): it may publish nowhere
+    # but the accounts' `out.` namespaces.
+    destinations_user: str | None = field(
+        default_factory=lambda: os.environ.get("KUBETASK_DESTINATIONS_NATS_USER")
+    )
+    destinations_password: str | None = field(
+        default_factory=lambda: env_secret("KUBETASK_DESTINATIONS_NATS_PASSWORD"), repr=False
     )
     # How long a claimed message may go without a heartbeat before JetStream hands it to another
     # dispatcher; dispatchers heartbeat at a third of it, so this bounds crash recovery time.

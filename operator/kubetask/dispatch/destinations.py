@@ -21,9 +21,10 @@ from collections.abc import Callable
 from typing import Literal
 
 import aiohttp
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from .. import grammar, names, submission
+from .. import grammar, jetstream, names, submission
 from ..metrics import DESTINATION_FAILURES
 from ..models import (
     AsyncConfig,
@@ -35,6 +36,7 @@ from ..models import (
     TaskFunction,
     TaskPhase,
 )
+from ..plane import DataPlane
 from ..store import TaskExists, now
 from .policy import Policy, TaskContext
 
@@ -102,6 +104,26 @@ def build_record(ctx: TaskContext) -> DestinationRecord:
 class Destinations(Policy):
     def __init__(self) -> None:
         self._http: aiohttp.ClientSession | None = None
+        self._nc: jetstream.Connection | None = None
+        self._connecting = asyncio.Lock()
+
+    async def _publisher(self, plane: DataPlane) -> tuple[jetstream.Connection, JetStreamContext]:
+        """The connection subject destinations go out on: as the `destinations` NATS user,
+        which may publish only into accounts' `out.` namespaces, so even a rule this module
+        missed could not reach the platform's subjects. Without configured credentials (NATS
+        without users) it is the dispatcher's own."""
+        settings = plane.settings
+        if not settings.destinations_user:
+            return plane.nc, plane.js
+        async with self._connecting:
+            if self._nc is None:
+                self._nc = await jetstream.connect(
+                    settings,
+                    "kubetask-destinations",
+                    settings.destinations_user,
+                    settings.destinations_password,
+                )
+        return self._nc, self._nc.jetstream(timeout=10)
 
     async def on_terminal(self, ctx: TaskContext) -> None:
         phase = ctx.record.phase
@@ -145,13 +167,14 @@ class Destinations(Policy):
             if problem is not None:  # stored before the rule existed, or written around the API
                 raise DestinationUndeliverable(problem)
             data = json.dumps(body).encode()
+            nc, js = await self._publisher(ctx.plane)
             try:
-                await ctx.plane.js.find_stream_name_by_subject(dest.target)
+                await js.find_stream_name_by_subject(dest.target)
             except NotFoundError:
-                await ctx.plane.nc.publish(dest.target, data)
-                await ctx.plane.nc.flush()
+                await nc.publish(dest.target, data)
+                await nc.flush()
                 return
-            await ctx.plane.js.publish(
+            await js.publish(
                 dest.target, data, headers={"Nats-Msg-Id": f"{ctx.account}.{task_id}{suffix}"}
             )
         else:
@@ -165,3 +188,5 @@ class Destinations(Policy):
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()

@@ -60,5 +60,7 @@ def config(app: ASGIApp, host: str, port: int, **extra: Any) -> uvicorn.Config:
         proxy_headers=False,
         access_log=False,
         log_level="warning",
+        # Open `logs -f` streams would otherwise hold a shutdown for as long as they last.
+        timeout_graceful_shutdown=1,
         **extra,
     )

@@ -1,0 +1,122 @@
+"""NATS users and what each may do: every component connects as its own user, allowed only the
+subjects it needs, and function processes get no NATS credentials at all.
+
+The table below is the single statement of who may publish and subscribe where; `kubetask dev`
+writes it into nats-server's configuration, the Helm chart renders the same table
+(`kubetask nats-config`), and docs/nats-permissions.md explains it. Each user receives
+replies on an inbox of its own (`_INBOX_<user>.>`), so no component can read another's replies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Every queue subject of every account: submission publishes runnable tasks there.
+_QUEUES = ["kt.q.>", "kt.qf.>"]
+# Task records, functions and async configs (KV puts are publishes on `$KV.<bucket>.<key>`).
+_RECORDS = ["$KV.kt_tasks.>"]
+_REGISTRY = ["$KV.kt_functions.>", "$KV.kt_asyncconfigs.>"]
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: list[str]
+    subscribe: list[str] = field(default_factory=list)
+    deny_publish: list[str] = field(default_factory=list)
+
+
+PERMISSIONS: dict[str, Permissions] = {
+    # The HTTP API: records, queues, registry, stream and consumer management, stop requests.
+    "gateway": Permissions(
+        publish=["$JS.API.>", "$JS.FC.>", *_RECORDS, *_REGISTRY, *_QUEUES, "kt.ctl.stop.>"],
+    ),
+    # Runs tasks: claims and finishes records, acks queue messages, schedules retries, writes
+    # logs, hears stop requests. It may not delete or purge streams, nor touch the registry.
+    "dispatcher": Permissions(
+        publish=[
+            "$JS.API.>",
+            "$JS.ACK.>",
+            "$JS.FC.>",
+            *_RECORDS,
+            *_QUEUES,
+            "kt.qs.>",
+            "kt.qfs.>",
+            "kt.logs.>",
+        ],
+        subscribe=["kt.ctl.stop.>"],
+        deny_publish=["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>"],
+    ),
+    # Delivers subject destinations: the accounts' `out.` namespaces and nothing else (plus the
+    # one API call that says whether a stream captures the subject).
+    "destinations": Permissions(publish=["out.>", "$JS.API.STREAM.NAMES"]),
+    # The Kubernetes operator: what the gateway may, since it registers functions and submits
+    # and stops Tasks on users' behalf.
+    "operator": Permissions(
+        publish=["$JS.API.>", "$JS.FC.>", *_RECORDS, *_REGISTRY, *_QUEUES, "kt.ctl.stop.>"],
+    ),
+    # People and tests: everything (kept in the data directory, given to no component).
+    "admin": Permissions(publish=[">"], subscribe=[">"]),
+}
+
+
+def inbox_prefix(user: str) -> str:
+    return f"_INBOX_{user}"
+
+
+def user_entry(user: str, password: str) -> dict[str, object]:
+    perms = PERMISSIONS[user]
+    publish: dict[str, list[str]] = {"allow": perms.publish}
+    if perms.deny_publish:
+        publish["deny"] = perms.deny_publish
+    subscribe = (
+        perms.subscribe if user == "admin" else [*perms.subscribe, inbox_prefix(user) + ".>"]
+    )
+    return {
+        "user": user,
+        "password": password,
+        "permissions": {"publish": publish, "subscribe": {"allow": subscribe}},
+    }
+
+
+def server_config(passwords: dict[str, str]) -> str:
+    """The `authorization` block of nats-server's configuration (its format accepts JSON)."""
+    users = [user_entry(user, passwords[user]) for user in PERMISSIONS]
+    return "authorization: " + json.dumps({"users": users}, indent=2) + "\n"
+
+
+def load_or_create(path: Path) -> dict[str, str]:
+    """Every user's password, generated on first use and kept (0600) for the next start."""
+    stored: dict[str, str] = {}
+    if path.exists():
+        stored = json.loads(path.read_text())
+    missing = [u for u in PERMISSIONS if u not in stored]
+    if missing:
+        stored.update({u: secrets.token_urlsafe(24) for u in missing})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(stored, indent=2))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+    return stored
+
+
+def write_server_config(path: Path, passwords: dict[str, str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(server_config(passwords))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    return path
+
+
+def env_for(user: str, passwords: dict[str, str]) -> dict[str, str]:
+    """The variables a component reads its credentials from (`settings.Settings`)."""
+    env = {"KUBETASK_NATS_USER": user, "KUBETASK_NATS_PASSWORD": passwords[user]}
+    if user == "dispatcher":
+        env["KUBETASK_DESTINATIONS_NATS_USER"] = "destinations"
+        env["KUBETASK_DESTINATIONS_NATS_PASSWORD"] = passwords["destinations"]
+    return env
