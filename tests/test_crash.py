@@ -166,8 +166,8 @@ async def _wait_all_terminal(url: str, token: str, timeout: float = 150) -> list
             await asyncio.sleep(0.5)
 
 
-async def _succeeded_events(nats_url: str, account: str) -> Counter[str]:
-    nc = await nats.connect(nats_url)
+async def _succeeded_events(nats_url: str, account: str, **auth: str) -> Counter[str]:
+    nc = await nats.connect(nats_url, **auth)  # type: ignore[arg-type]
     js = nc.jetstream()
     sub = await js.subscribe(f"kt.events.{account}.>", stream="KT_EVENTS", ordered_consumer=True)
     seen: Counter[str] = Counter()
@@ -284,7 +284,10 @@ async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
     lab.spawn(*args, env=env, log="dev2.log")
     wait_for_port(port, timeout=30)
     tasks = await _wait_all_terminal(url, token)
-    events = await _succeeded_events(f"nats://127.0.0.1:{nats_port}", "default")
+    admin = json.loads((data / "secrets" / "nats-users.json").read_text())["admin"]
+    events = await _succeeded_events(
+        f"nats://127.0.0.1:{nats_port}", "default", user="admin", password=admin
+    )
     _assert_all_done_once(lab, tasks, events)
 
 

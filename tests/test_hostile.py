@@ -246,3 +246,39 @@ async def test_subject_destinations_stay_in_the_accounts_namespace(
         await asyncio.sleep(0.05)
     await sub.unsubscribe()
     assert got and json.loads(got[0])["requestContext"]["condition"] == "Success"
+
+
+PROBE = """
+import asyncio, json, os, sys
+import nats
+
+async def main():
+    url = json.load(sys.stdin)["url"]
+    seen = dict(os.environ)
+    guesses = [{}] + [
+        {"user": user, "password": value}
+        for user in ("admin", "gateway", "dispatcher", "destinations", "operator")
+        for value in seen.values()
+    ]
+    connected = []
+    for auth in guesses:
+        try:
+            nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2, **auth)
+        except Exception:
+            continue
+        connected.append(auth.get("user", "anonymous"))
+        await nc.close()
+    print(json.dumps({"tried": len(guesses), "connected": connected,
+                      "nats_env": sorted(k for k in seen if "NATS" in k)}))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_function_process_cannot_connect_to_nats(api: Api, nats_url: str) -> None:
+    await api.function("probe", command=api.script("probe", PROBE))
+    task = await api.wait((await api.submit("probe", {"url": nats_url}))["metadata"]["name"])
+    assert task["status"]["phase"] == "Succeeded", task["status"]
+    result = task["status"]["result"]
+    assert result["connected"] == [] and result["nats_env"] == [], result
+    assert result["tried"] >= 1

@@ -106,13 +106,19 @@ async def _error(err: Exception) -> None:
 
 
 async def connect(
-    settings: Settings, name: str, user: str | None = None, password: str | None = None
+    settings: Settings,
+    name: str,
+    user: str | None = None,
+    password: str | None = None,
+    buffer_while_reconnecting: bool = True,
 ) -> Connection:
     """Connect as this component's NATS user (or `user`), waiting for NATS as long as it takes:
     a component started before NATS, or while it restarts, comes up when NATS does."""
     user = user or settings.nats_user
     password = password or settings.nats_password
     options: dict[str, object] = {}
+    if not buffer_while_reconnecting:
+        options["pending_size"] = 0
     if user:
         options.update(user=user, password=password, inbox_prefix=nats_auth.inbox_prefix(user))
     delay = 0.1

@@ -25,16 +25,19 @@ class DataPlane:
     depth: QueueDepth
 
     @classmethod
-    async def connect(cls, settings: Settings, name: str) -> DataPlane:
-        nc = await jetstream.connect(settings, name)
-        js = nc.jetstream(timeout=10)
+    async def connect(cls, settings: Settings, name: str, fail_fast: bool = False) -> DataPlane:
+        """`fail_fast` (the gateway): while NATS is away, calls fail at once instead of being
+        buffered until it is back, and JetStream calls in flight give up after 5 s rather than
+        10, so a client is answered 503 promptly instead of waiting."""
+        nc = await jetstream.connect(settings, name, buffer_while_reconnecting=not fail_fast)
+        js = nc.jetstream(timeout=5 if fail_fast else 10)
         await jetstream.ensure_platform(js, settings)
         rpc = Requester(nc, timeout=10)
         await rpc.start()
         store = TaskStore(await js.key_value(names.TASKS_BUCKET), rpc)
         registry = Registry(js)
         await registry.start()
-        depth = QueueDepth(js, settings.queue_max_msgs)
+        depth = QueueDepth(rpc, settings.queue_max_msgs)
         return cls(nc, js, rpc, settings, store, registry, depth)
 
     async def close(self) -> None:

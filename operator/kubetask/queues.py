@@ -130,8 +130,8 @@ class QueueDepth:
     """Admission control: how many messages a stream holds, re-read at most every `ttl` seconds
     and counted up locally in between, so checking costs nothing on the hot path."""
 
-    def __init__(self, js: JetStreamContext, limit: int, ttl: float = 0.5) -> None:
-        self.js = js
+    def __init__(self, rpc: Requester, limit: int, ttl: float = 0.5) -> None:
+        self.rpc = rpc
         self.limit = limit
         self.ttl = ttl
         self._known: dict[str, tuple[float, int]] = {}
@@ -142,10 +142,10 @@ class QueueDepth:
         read_at, depth = self._known.get(stream, (0.0, 0))
         if now - read_at > self.ttl:
             try:
-                info = await self.js.stream_info(stream)
+                info = await self.rpc.api(f"$JS.API.STREAM.INFO.{stream}")
             except Exception as err:
                 raise QueueUnavailable(str(err) or type(err).__name__) from err
-            read_at, depth = now, int(info.state.messages)
+            read_at, depth = now, int(info["state"]["messages"])
         if depth >= self.limit:
             self._known[stream] = (read_at, depth)
             raise QueueFull(f"{depth} tasks waiting, the limit is {self.limit}")

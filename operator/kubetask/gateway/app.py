@@ -143,7 +143,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        plane = await DataPlane.connect(settings, "kubetask-gateway")
+        plane = await DataPlane.connect(settings, "kubetask-gateway", fail_fast=True)
         index = TaskIndex()
         mirror = LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply)
         await mirror.start()

@@ -1,0 +1,115 @@
+"""NATS dies under load in `kubetask dev` (a real SIGKILL): it is restarted by the supervisor,
+every submission gets either 202 or a 503 with Retry-After — never a 500, never a hang — every
+accepted task completes, and Ctrl-C then stops the whole platform in under three seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from kubetask.embedded import free_port, wait_for_port
+
+pytestmark = pytest.mark.slow
+
+FUNCTIONS = """
+apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {name: quick}
+spec: {command: ["true"], maxConcurrency: 8}
+"""
+
+
+def _nats_pid(store: Path) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"nats-server" in cmd and str(store).encode() in cmd:
+                return int(entry.name)
+    return None
+
+
+async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (tmp_path / "fns.yaml").write_text(FUNCTIONS)
+    port = free_port()
+    args = ["dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0"]
+    log = open(tmp_path / "dev.log", "ab")
+    dev = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kubetask",
+        *args,
+        "-f",
+        str(tmp_path / "fns.yaml"),
+        stdout=log,
+        stderr=log,
+        env=dict(os.environ, KUBETASK_SWEEP_GRACE="2"),
+    )
+    try:
+        cfg = data / "client.json"
+        deadline = time.monotonic() + 60
+        while not (cfg.exists() and "url" in cfg.read_text()):
+            assert time.monotonic() < deadline, (tmp_path / "dev.log").read_text()
+            await asyncio.sleep(0.1)
+        token = json.loads(cfg.read_text())["token"]
+        first_nats = _nats_pid(data / "jetstream")
+        assert first_nats is not None
+        accepted: list[str] = []
+        refused = 0
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=5,  # a hang fails the test
+        ) as http:
+            started = time.monotonic()
+            killed = False
+            while time.monotonic() - started < 6:
+                if not killed and time.monotonic() - started > 1:
+                    os.kill(first_nats, signal.SIGKILL)
+                    killed = True
+                resp = await http.post("/v1/tasks", json={"function": "quick"})
+                if resp.status_code == 202:
+                    accepted.append(resp.json()["metadata"]["name"])
+                else:
+                    assert resp.status_code == 503, resp.text
+                    body = resp.json()
+                    assert body["retryAfter"] >= 1 and resp.headers["retry-after"], body
+                    refused += 1
+                await asyncio.sleep(0.01)
+            assert refused > 0, "the outage was not noticed"
+            second_nats = _nats_pid(data / "jetstream")
+            assert second_nats not in (None, first_nats), "nats-server was not restarted"
+            assert "nats-server restarted" in (tmp_path / "dev.log").read_text()
+            assert len(accepted) > 50
+            deadline = time.monotonic() + 60
+            pending = set(accepted)
+            while pending:
+                assert time.monotonic() < deadline, f"{len(pending)} accepted tasks never finished"
+                for task_id in list(pending)[:50]:
+                    resp = await http.get(f"/v1/tasks/{task_id}")
+                    assert resp.status_code == 200, resp.text
+                    phase = resp.json()["status"]["phase"]
+                    assert phase not in ("Failed", "Expired", "Stopped"), resp.text
+                    if phase == "Succeeded":
+                        pending.discard(task_id)
+                await asyncio.sleep(0.2)
+        stop = time.monotonic()
+        dev.send_signal(signal.SIGINT)
+        await asyncio.wait_for(dev.wait(), 10)
+        assert time.monotonic() - stop < 3.0, "Ctrl-C took too long"
+        with pytest.raises(OSError):
+            wait_for_port(port, timeout=0.2)
+    finally:
+        if dev.returncode is None:
+            dev.kill()
+            await dev.wait()
