@@ -8,7 +8,6 @@ other's tasks — which is also what tenancy promises.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from harness import Api
+from harness import Api, as_user
 from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
@@ -58,17 +57,6 @@ def nats_url(
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)
-
-
-def as_user(settings: Settings, user: str, passwords: dict[str, str]) -> Settings:
-    """The settings a component connecting as `user` has (`nats_auth.env_for`)."""
-    extra = {}
-    if user == "dispatcher":
-        extra = {
-            "destinations_user": "destinations",
-            "destinations_password": passwords["destinations"],
-        }
-    return dataclasses.replace(settings, nats_user=user, nats_password=passwords[user], **extra)
 
 
 @pytest.fixture(scope="session")

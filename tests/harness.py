@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from kubetask.settings import Settings
 
 PY = sys.executable
 TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
@@ -107,3 +109,14 @@ def echo_script(api: Api) -> list[str]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def as_user(settings: Settings, user: str, passwords: dict[str, str]) -> Settings:
+    """The settings a component connecting as `user` has (`nats_auth.env_for`)."""
+    extra = {}
+    if user == "dispatcher":
+        extra = {
+            "destinations_user": "destinations",
+            "destinations_password": passwords["destinations"],
+        }
+    return dataclasses.replace(settings, nats_user=user, nats_password=passwords[user], **extra)

@@ -17,7 +17,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
-from . import events, names, nats_auth
+from . import events, names, nats_auth, quarantine
 from .settings import Settings
 
 _WHITESPACE = re.compile(r"\s")
@@ -190,3 +190,4 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
         ),
     )
     await ensure_stream(js, events.stream_config(settings))
+    await ensure_stream(js, quarantine.stream_config(settings.retention_seconds))

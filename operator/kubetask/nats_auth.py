@@ -32,7 +32,15 @@ class Permissions:
 PERMISSIONS: dict[str, Permissions] = {
     # The HTTP API: records, queues, registry, stream and consumer management, stop requests.
     "gateway": Permissions(
-        publish=["$JS.API.>", "$JS.FC.>", *_RECORDS, *_REGISTRY, *_QUEUES, "kt.ctl.stop.>"],
+        publish=[
+            "$JS.API.>",
+            "$JS.FC.>",
+            *_RECORDS,
+            *_REGISTRY,
+            *_QUEUES,
+            "kt.ctl.stop.>",
+            "kt.quarantine.>",
+        ],
     ),
     # Runs tasks: claims and finishes records, acks queue messages, schedules retries, writes
     # logs, hears stop requests. It may not delete or purge streams, nor touch the registry.
@@ -46,6 +54,7 @@ PERMISSIONS: dict[str, Permissions] = {
             "kt.qs.>",
             "kt.qfs.>",
             "kt.logs.>",
+            "kt.quarantine.>",
         ],
         subscribe=["kt.ctl.stop.>"],
         deny_publish=["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>"],
@@ -56,7 +65,15 @@ PERMISSIONS: dict[str, Permissions] = {
     # The Kubernetes operator: what the gateway may, since it registers functions and submits
     # and stops Tasks on users' behalf.
     "operator": Permissions(
-        publish=["$JS.API.>", "$JS.FC.>", *_RECORDS, *_REGISTRY, *_QUEUES, "kt.ctl.stop.>"],
+        publish=[
+            "$JS.API.>",
+            "$JS.FC.>",
+            *_RECORDS,
+            *_REGISTRY,
+            *_QUEUES,
+            "kt.ctl.stop.>",
+            "kt.quarantine.>",
+        ],
     ),
     # People and tests: everything (kept in the data directory, given to no component).
     "admin": Permissions(publish=[">"], subscribe=[">"]),

@@ -25,7 +25,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from . import names
+from . import grammar, names
 from .jetstream import ensure_stream
 from .models import TaskFunction
 from .rpc import Requester
@@ -64,12 +64,19 @@ class QueuedRef:
 
     @classmethod
     def decode(cls, data: bytes) -> QueuedRef:
+        """Raises ValueError for anything a gateway could not have written: a message whose
+        names are outside the grammar would otherwise become a subject or a key."""
         ref, _, carried = data.partition(b"\n")
         raw = pydantic_core.from_json(ref)
+        account, task_id, token = raw["a"], raw["id"], raw["t"]
+        if not (grammar.is_name(account) and grammar.is_task_id(task_id)):
+            raise ValueError("account or task id outside the grammar")
+        if not isinstance(token, str):
+            raise ValueError("dispatch token is not a string")
         if not carried:
-            return cls(raw["a"], raw["id"], raw["t"])
+            return cls(account, task_id, token)
         revision, _, record = carried.partition(b"\n")
-        return cls(raw["a"], raw["id"], raw["t"], int(revision), record)
+        return cls(account, task_id, token, int(revision), record)
 
     @property
     def msg_id(self) -> str:

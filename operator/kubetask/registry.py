@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from . import names
+from . import names, quarantine
 from .models import DEFAULT_ASYNC_CONFIG, AsyncConfig, AsyncConfigSpec, TaskFunction
 from .watch import BucketMirror
 
@@ -54,9 +54,21 @@ class Registry:
     def on_function_change(self, listener: FunctionListener) -> None:
         self._listeners.append(listener)
 
-    def _apply_function(self, key: str, value: bytes | None, _revision: int) -> None:
+    def _poisoned(self, key: str, value: bytes, revision: int, err: Exception) -> None:
+        where = f"registry/{key}"
+        poison = quarantine.Poison(
+            "registry", where, value, quarantine.describe(err), f"registry.{key}.{revision}"
+        )
+        quarantine.keep_later(self.js, poison)
+
+    def _apply_function(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
-        fn = TaskFunction.model_validate_json(value) if value is not None else None
+        try:
+            fn = TaskFunction.model_validate_json(value) if value is not None else None
+        except ValueError as err:
+            assert value is not None
+            self._poisoned(key, value, revision, err)
+            fn = None
         if fn is None:
             self.functions.pop((account, name), None)
         else:
@@ -64,12 +76,18 @@ class Registry:
         for listener in self._listeners:
             listener(account, name, fn)
 
-    def _apply_config(self, key: str, value: bytes | None, _revision: int) -> None:
+    def _apply_config(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
-        if value is None:
+        try:
+            cfg = AsyncConfig.model_validate_json(value) if value is not None else None
+        except ValueError as err:
+            assert value is not None
+            self._poisoned(key, value, revision, err)
+            cfg = None
+        if cfg is None:
             self.configs.pop((account, name), None)
         else:
-            self.configs[(account, name)] = AsyncConfig.model_validate_json(value)
+            self.configs[(account, name)] = cfg
         # Looked up for every task, so kept as an index by function.
         self._by_function = {(a, c.spec.function): c.spec for (a, _), c in self.configs.items()}
 

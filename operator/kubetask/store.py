@@ -73,6 +73,25 @@ class TaskGone(Exception):
     """The record vanished (deleted) while a transition was being applied."""
 
 
+class Unreadable(Exception):
+    """A stored record that does not decode (written around the platform, or by a bug): the
+    caller quarantines it (`quarantine.py`) rather than crash on it."""
+
+    def __init__(self, key: str, revision: int, raw: bytes, err: Exception) -> None:
+        super().__init__(f"record {key} (revision {revision}) is unreadable: {err}")
+        self.key = key
+        self.revision = revision
+        self.raw = raw
+        self.err = err
+
+
+def decode(key: str, raw: bytes, revision: int) -> TaskRecord:
+    try:
+        return TaskRecord.model_validate_json(raw)
+    except ValueError as err:
+        raise Unreadable(key, revision, raw, err) from None
+
+
 class StaleRecord(Exception):
     """The record changed since the copy a change was based on (see `transition(reread=...)`)."""
 
@@ -130,15 +149,16 @@ class TaskStore:
                 if deleted:  # a deleted task's id may be used again
                     last = revision
                     continue
-                existing = TaskRecord.model_validate_json(value)
+                existing = decode(key, value, revision)
                 raise TaskExists(Versioned(existing, revision, value)) from None
 
     async def get(self, account: str, task_id: str) -> Versioned | None:
-        latest = await self._latest(names.task_key(account, task_id))
+        key = names.task_key(account, task_id)
+        latest = await self._latest(key)
         if latest is None or latest[2]:
             return None
         value, revision, _ = latest
-        return Versioned(TaskRecord.model_validate_json(value), revision, value)
+        return Versioned(decode(key, value, revision), revision, value)
 
     async def transition(
         self,

@@ -22,13 +22,22 @@ from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
-from .. import metrics, names, queues
+from .. import metrics, names, quarantine, queues
 from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
 from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
 from ..states import TERMINAL, WAITING, IllegalTransition
-from ..store import Mutation, StaleRecord, TaskGone, TaskRecord, Versioned, new_token, now
+from ..store import (
+    Mutation,
+    StaleRecord,
+    TaskGone,
+    TaskRecord,
+    Unreadable,
+    Versioned,
+    new_token,
+    now,
+)
 from .accounting import Accounting
 from .destinations import Destinations
 from .max_age import MaxEventAge
@@ -176,20 +185,39 @@ class Dispatcher:
 
     async def _handle(self, fn: TaskFunction, msg: Msg) -> None:
         dequeued = now()
-        ref = queues.QueuedRef.decode(msg.data)
+        try:
+            ref = queues.QueuedRef.decode(msg.data)
+            if ref.account != fn.account:
+                raise ValueError(f"names account {ref.account!r} in {fn.account!r}'s queue")
+            carried = None
+            if ref.record is not None and ref.revision is not None:
+                record = TaskRecord.model_validate_json(ref.record)
+                carried = Versioned(record, ref.revision, ref.record)
+        except (ValueError, KeyError, TypeError) as err:
+            await self._quarantine(msg, quarantine.describe(err))
+            return
         seq = int(msg.metadata.sequence.stream)
-        if ref.record is not None and ref.revision is not None:
-            # A first message brings the record as created: decide on it, and write (claim, or
-            # drop) only if it is still the stored revision, which saves reading it. If it is
-            # not, nothing was done yet: decide again on what is stored now.
-            record = TaskRecord.model_validate_json(ref.record)
-            carried = Versioned(record, ref.revision, ref.record)
-            with contextlib.suppress(StaleRecord):
-                await self._dispatch(fn, msg, ref, seq, dequeued, carried, reread=False)
-                return
-        current = await self._record_for(ref, msg, dequeued)
-        if current is not None:
-            await self._dispatch(fn, msg, ref, seq, dequeued, current)
+        try:
+            if carried is not None:
+                # A first message brings the record as created: decide on it, and write (claim,
+                # or drop) only if it is still the stored revision, which saves reading it. If
+                # it is not, nothing was done yet: decide again on what is stored now.
+                with contextlib.suppress(StaleRecord):
+                    await self._dispatch(fn, msg, ref, seq, dequeued, carried, reread=False)
+                    return
+            current = await self._record_for(ref, msg, dequeued)
+            if current is not None:
+                await self._dispatch(fn, msg, ref, seq, dequeued, current)
+        except Unreadable as err:
+            await self._quarantine(msg, f"its task's record is unreadable: {err}")
+
+    async def _quarantine(self, msg: Msg, reason: str) -> None:
+        """Set an undecodable message aside and terminate it: never redelivered, so it holds no
+        slot and cannot crash a dispatcher again."""
+        seq = msg.metadata.sequence.stream
+        poison = quarantine.Poison("queue", msg.subject, msg.data, reason, f"queue.{seq}")
+        await quarantine.keep(self.plane.js, poison)
+        await msg.term()
 
     async def _dispatch(
         self,

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp
 
-from .. import actions, grammar, logs, names, queues
+from .. import actions, grammar, logs, names, quarantine, queues
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..dispatch.destinations import config_problem
 from ..models import (
@@ -43,7 +43,7 @@ from ..registry import ConfigConflict
 from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
-from ..store import Versioned
+from ..store import Unreadable, Versioned
 from ..watch import LazyMirror
 from . import errors, params, submit
 from .errors import ApiError
@@ -124,6 +124,24 @@ async def _render(request: Request, err: Exception) -> Response:
     return response
 
 
+def unreadable(err: Unreadable) -> quarantine.Poison:
+    return quarantine.Poison(
+        "record",
+        quarantine.record_key(err.key),
+        err.raw,
+        quarantine.describe(err.err),
+        f"record.{err.key}.{err.revision}",
+    )
+
+
+async def keep_poison_forever(plane: DataPlane, index: TaskIndex) -> None:
+    """Quarantine what the index could not read, shortly after it met it."""
+    while True:
+        await asyncio.sleep(0.5)
+        while index.poisoned:
+            await quarantine.keep(plane.js, index.poisoned.pop(0))
+
+
 def _methods(request: Request) -> set[str]:
     """Every method some route serves at this path (Starlette's 405 names only the first
     route's, and FastAPI has a route per method)."""
@@ -148,12 +166,14 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         mirror = LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply)
         await mirror.start()
         sweeper = asyncio.create_task(sweep_forever(plane, index))
+        poison = asyncio.create_task(keep_poison_forever(plane, index))
         quiet_gc()
         state.update(plane=plane, index=index, mirror=mirror)
         try:
             yield
         finally:
             sweeper.cancel()
+            poison.cancel()
             await mirror.stop()
             await plane.close()
 
@@ -195,7 +215,13 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     async def load_task(p: Principal, account: str | None, task_id: str) -> Versioned:
         acct = p.one_account(account)
-        current = await plane().store.get(acct, params.task_id(task_id, acct))
+        try:
+            current = await plane().store.get(acct, params.task_id(task_id, acct))
+        except Unreadable as err:
+            await quarantine.keep(plane().js, unreadable(err))
+            raise ApiError(
+                404, f"task {task_id!r} has an unreadable record; it is quarantined"
+            ) from None
         if current is None:
             raise ApiError(404, f"task {task_id!r} not found in account {acct!r}")
         return current
@@ -250,8 +276,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         mirror: LazyMirror = state["mirror"]
         await mirror.caught_up()
         rows, nxt = state["index"].search(q, limit, after)
-        fetched = await asyncio.gather(*(plane().store.get(r.account, r.id) for r in rows))
-        items = [v.record.task for v in fetched if v is not None]
+        fetched = await asyncio.gather(
+            *(plane().store.get(r.account, r.id) for r in rows), return_exceptions=True
+        )
+        for failed in fetched:
+            if isinstance(failed, Unreadable):
+                await quarantine.keep(plane().js, unreadable(failed))
+            elif isinstance(failed, BaseException):
+                raise failed
+        items = [v.record.task for v in fetched if isinstance(v, Versioned)]
         page = TaskList(items=items, cursor=f"{nxt[0]}/{nxt[1]}" if nxt else None)
         return _json(page)
 
@@ -419,6 +452,19 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     def connected() -> bool:
         p = state.get("plane")
         return p is not None and bool(p.nc.is_connected)
+
+    @app.get(
+        "/v1/quarantine",
+        tags=["ops"],
+        responses={403: {"model": ErrorBody, "description": "Admins only"}},
+    )
+    async def list_quarantine(
+        who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[dict[str, Any]]:
+        """Records and queue messages that could not be decoded, newest last (admins only)."""
+        if not who.admin:
+            raise ApiError(403, "the quarantine is for admins")
+        return await quarantine.list_entries(plane().rpc, limit)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import pydantic_core
 
-from .. import names
+from .. import names, quarantine
 from ..models import TaskPhase
 
 
@@ -86,6 +86,8 @@ class TaskIndex:
         self._rows: dict[str, dict[str, Summary]] = {}
         # Tasks in a phase the sweeper may have to repair, so it need not scan everything.
         self.repairable: dict[tuple[str, str], Summary] = {}
+        # Records that did not decode since the owner last took them (`quarantine.py`).
+        self.poisoned: list[quarantine.Poison] = []
 
     def apply(self, key: str, value: bytes | None, _revision: int) -> None:
         account, task_id = names.split_key(key)
@@ -96,7 +98,21 @@ class TaskIndex:
             if rows.pop(task_id, None) is not None:
                 del ids[bisect.bisect_left(ids, task_id)]
             return
-        row = summarize(account, task_id, value)
+        try:
+            row = summarize(account, task_id, value)
+        except Exception as err:  # one bad record must not stop the index (or the gateway)
+            if rows.pop(task_id, None) is not None:
+                del ids[bisect.bisect_left(ids, task_id)]
+            self.poisoned.append(
+                quarantine.Poison(
+                    "record",
+                    quarantine.record_key(key),
+                    value,
+                    quarantine.describe(err),
+                    f"record.{key}.{_revision}",
+                )
+            )
+            return
         if task_id not in rows:
             bisect.insort(ids, task_id)
         rows[task_id] = row
