@@ -39,6 +39,7 @@ async def test_failure_is_retried_exactly_n_times_then_on_failure_gets_the_recor
         import os, sys
         with open({str(runs)!r}, "a") as f:
             f.write(os.environ["KUBETASK_ATTEMPT"] + "\\n")
+        print("partial output")
         print("boom", file=sys.stderr)
         sys.exit(3)
     """,
@@ -57,7 +58,12 @@ async def test_failure_is_retried_exactly_n_times_then_on_failure_gets_the_recor
     done = await api.wait("order-42")
     assert done["status"]["phase"] == "Failed"
     assert done["status"]["attempts"] == 3
-    assert done["status"]["error"] == "exited with code 3"
+    error = done["status"]["error"]
+    assert error.startswith("exited with code 3\n"), error
+    assert "boom" in error and "partial output" in error, error
+    assert done["status"]["exitCode"] == 3
+    assert done["status"]["stderrTail"] == "boom\n"
+    assert done["status"]["stdoutTail"] == "partial output\n"
     assert read_lines(runs) == ["1", "2", "3"]
     await _eventually(lambda: len(got) == 1)
     record = got[0]
@@ -68,7 +74,14 @@ async def test_failure_is_retried_exactly_n_times_then_on_failure_gets_the_recor
         "approximateInvokeCount": 3,
     }
     assert record["requestPayload"] == {"order": 42}
-    assert record["responseContext"] == {"statusCode": 3, "functionError": "Unhandled"}
+    assert record["responseContext"] == {"statusCode": 200, "functionError": "Unhandled"}
+    assert record["responsePayload"] == {
+        "errorMessage": "exited with code 3",
+        "errorType": "ExitCode",
+        "exitCode": 3,
+        "stdoutTail": "partial output\n",
+        "stderrTail": "boom\n",
+    }
     await sub.unsubscribe()
 
 

@@ -78,7 +78,7 @@ def _print_tasks(tasks: list[dict[str, Any]], output: str) -> None:
             str(t["status"]["attempts"]),
             _ago(t["status"]["timestamps"].get("submitted")),
             _duration(t),
-            (t["status"].get("error") or "")[:60],
+            (t["status"].get("error") or "").split("\n", 1)[0][:60],
         ]
         for t in tasks
     ]
@@ -123,6 +123,8 @@ def cmd_get(args: argparse.Namespace) -> None:
         print(f"executor: {ex['backend']} {ex.get('instance') or ''} on {ex['dispatcher']}")
     if status.get("result") is not None:
         print(f"result: {json.dumps(status['result'])[:2000]}")
+    if status.get("error"):
+        print(f"error (exit code {status.get('exitCode')}):\n{status['error']}")
 
 
 def cmd_list(args: argparse.Namespace) -> None:

@@ -348,6 +348,12 @@ class TaskStatus(KubeModel):
     result: Any | None = None
     error: str | None = None
     exitCode: Count | None = None
+    stdoutTail: str | None = Field(
+        default=None, description="The last 2 KiB a failed attempt wrote to stdout."
+    )
+    stderrTail: str | None = Field(
+        default=None, description="The last 2 KiB a failed attempt wrote to stderr."
+    )
     duration: str | None = Field(default=None, description="Of the last attempt, for display.")
     nextAttemptAt: Timestamp | None = None
     executor: ExecutorRef | None = None

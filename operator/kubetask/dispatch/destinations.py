@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 from nats.js import JetStreamContext
@@ -35,6 +35,7 @@ from ..models import (
     ResponseContext,
     TaskFunction,
     TaskPhase,
+    TaskStatus,
 )
 from ..plane import DataPlane
 from ..store import TaskExists, now
@@ -93,12 +94,34 @@ def build_record(ctx: TaskContext) -> DestinationRecord:
             approximateInvokeCount=status.attempts,
         ),
         requestPayload=task.spec.payload,
+        # As Lambda reports an async invocation: the function was invoked (200) and failed
+        # (`functionError`); only a task that never ran has no invocation to report.
         responseContext=ResponseContext(
-            statusCode=200 if ok else (status.exitCode if status.exitCode is not None else 500),
+            statusCode=200 if ok or status.attempts else 500,
             functionError=None if ok else ("Unhandled" if status.attempts else condition),
         ),
-        responsePayload=status.result if ok else {"errorMessage": status.error},
+        responsePayload=status.result if ok else failure_payload(status),
     )
+
+
+def failure_payload(status: TaskStatus) -> dict[str, Any]:
+    """Lambda's error shape, plus the evidence a process leaves: exit code and output tails."""
+    message = (status.error or "").split("\n", 1)[0]
+    if status.timestamps.started is None:
+        kind = "EventAgeExceeded"
+    elif message.startswith("timed out"):
+        kind = "Timeout"
+    elif status.exitCode is not None:
+        kind = "ExitCode"
+    else:
+        kind = "Error"
+    return {
+        "errorMessage": message,
+        "errorType": kind,
+        "exitCode": status.exitCode,
+        "stdoutTail": status.stdoutTail,
+        "stderrTail": status.stderrTail,
+    }
 
 
 class Destinations(Policy):

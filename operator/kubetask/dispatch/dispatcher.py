@@ -435,8 +435,9 @@ class Dispatcher:
                 return _finish(r, TaskPhase.Stopped, "stopped", outcome)
             st = r.task.status
             st.phase = TaskPhase.Retrying
-            st.error = outcome.error
+            st.error = outcome.evidence()
             st.exitCode = outcome.exit_code
+            st.stdoutTail, st.stderrTail = outcome.stdout_tail, outcome.stderr_tail
             st.nextAttemptAt = retry.at
             r.token = token
             return r
@@ -588,5 +589,8 @@ def _finish(
         if st.executor is not None:
             st.executor.instance = outcome.instance
         st.result = outcome.result if outcome.ok else None
+        st.stdoutTail, st.stderrTail = outcome.stdout_tail, outcome.stderr_tail
+        if not outcome.ok and error == outcome.error:
+            error = outcome.evidence()
     st.error = None if phase is TaskPhase.Succeeded else error
     return r

@@ -46,6 +46,39 @@ class Outcome:
     timed_out: bool = False
     killed: bool = False
     instance: str | None = None
+    # What the attempt printed last, kept as evidence when it fails (`TAIL_BYTES` each).
+    stdout_tail: str | None = None
+    stderr_tail: str | None = None
+
+    def evidence(self) -> str | None:
+        """The error as the task records it: the reason first (lists show that line), then
+        what the attempt printed last, so a failed process's output is not lost."""
+        if self.ok:
+            return None
+        parts = [self.error or "failed"]
+        for name, tail in (("stderr", self.stderr_tail), ("stdout", self.stdout_tail)):
+            if tail:
+                parts.append(f"--- {name} (last {TAIL_BYTES} bytes) ---\n{tail.rstrip()}")
+        return "\n".join(parts)
+
+
+TAIL_BYTES = 2048
+
+
+class Tail:
+    """The last `TAIL_BYTES` of a stream, in bounded memory whatever the process prints."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if len(self._buf) > 2 * TAIL_BYTES:
+            del self._buf[: len(self._buf) - TAIL_BYTES]
+
+    def text(self) -> str | None:
+        data = bytes(self._buf[-TAIL_BYTES:])
+        return data.decode("utf-8", errors="replace") if data else None
 
 
 class Execution(Protocol):

@@ -12,6 +12,7 @@ from .base import (
     Execution,
     Invocation,
     Outcome,
+    Tail,
     base_environment,
     decode_result,
     die_with_parent,
@@ -28,6 +29,8 @@ class CommandExecution:
         self.proc = proc
         self.instance: str | None = f"pid-{proc.pid}"
         self._killed = False
+        self._stdout_tail = Tail()
+        self._stderr_tail = Tail()
 
     async def _read_stdout(self) -> tuple[bytes, bool]:
         assert self.proc.stdout is not None
@@ -35,6 +38,7 @@ class CommandExecution:
         chunks: list[bytes] = []
         size = 0
         while chunk := await self.proc.stdout.read(65536):
+            self._stdout_tail.add(chunk)
             size += len(chunk)
             if size <= limit:
                 chunks.append(chunk)
@@ -43,6 +47,7 @@ class CommandExecution:
     async def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
         while line := await self.proc.stderr.readline():
+            self._stderr_tail.add(line)
             self.inv.log("stderr", line.decode("utf-8", errors="replace").rstrip("\n"))
 
     async def _feed_stdin(self) -> None:
@@ -52,6 +57,18 @@ class CommandExecution:
             self.proc.stdin.write(encode_payload(self.inv.payload))
             await self.proc.stdin.drain()
             self.proc.stdin.close()
+
+    def _failed(self, error: str, code: int | None, **flags: bool) -> Outcome:
+        """A failed attempt, with what it printed last as evidence."""
+        return Outcome(
+            False,
+            error=error,
+            exit_code=code,
+            instance=self.instance,
+            stdout_tail=self._stdout_tail.text(),
+            stderr_tail=self._stderr_tail.text(),
+            **flags,
+        )
 
     async def wait(self) -> Outcome:
         io = asyncio.gather(self._feed_stdin(), self._read_stdout(), self._pump_stderr())
@@ -64,27 +81,14 @@ class CommandExecution:
             _, (stdout, too_big), _ = await io
         code = await self.proc.wait()
         if timed_out:
-            return Outcome(
-                False,
-                error=f"timed out after {self.inv.timeout:g}s",
-                exit_code=code,
-                timed_out=True,
-                instance=self.instance,
-            )
+            return self._failed(f"timed out after {self.inv.timeout:g}s", code, timed_out=True)
         if self._killed:
-            return Outcome(
-                False, error="stopped", exit_code=code, killed=True, instance=self.instance
-            )
+            return self._failed("stopped", code, killed=True)
         if too_big:
-            return Outcome(
-                False,
-                error=f"result exceeds {self.inv.max_result_bytes} bytes",
-                exit_code=code,
-                instance=self.instance,
-            )
+            return self._failed(f"result exceeds {self.inv.max_result_bytes} bytes", code)
         if code != 0:
             reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            return Outcome(False, error=reason, exit_code=code, instance=self.instance)
+            return self._failed(reason, code)
         return Outcome(True, result=decode_result(stdout), exit_code=0, instance=self.instance)
 
     async def kill(self) -> None:
