@@ -30,10 +30,12 @@ class Permissions:
 
 
 PERMISSIONS: dict[str, Permissions] = {
-    # The HTTP API: records, queues, registry, stream and consumer management, stop requests.
+    # The HTTP API: records, queues, registry, stream and consumer management, stop requests,
+    # and moving a function's backlog when its queue changes (`queue_moves.py`, hence acks).
     "gateway": Permissions(
         publish=[
             "$JS.API.>",
+            "$JS.ACK.>",
             "$JS.FC.>",
             *_RECORDS,
             *_REGISTRY,
@@ -67,6 +69,7 @@ PERMISSIONS: dict[str, Permissions] = {
     "operator": Permissions(
         publish=[
             "$JS.API.>",
+            "$JS.ACK.>",
             "$JS.FC.>",
             *_RECORDS,
             *_REGISTRY,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from nats.js import JetStreamContext
 
 from . import jetstream, names
+from .queue_moves import Mover
 from .queues import QueueDepth
 from .registry import Registry
 from .rpc import Requester
@@ -23,6 +24,7 @@ class DataPlane:
     store: TaskStore
     registry: Registry
     depth: QueueDepth
+    mover: Mover
 
     @classmethod
     async def connect(cls, settings: Settings, name: str, fail_fast: bool = False) -> DataPlane:
@@ -38,9 +40,10 @@ class DataPlane:
         registry = Registry(js)
         await registry.start()
         depth = QueueDepth(rpc, settings.queue_max_msgs)
-        return cls(nc, js, rpc, settings, store, registry, depth)
+        return cls(nc, js, rpc, settings, store, registry, depth, Mover(js, settings))
 
     async def close(self) -> None:
+        await self.mover.close()
         await self.registry.stop()
         await self.rpc.close()
         if not self.nc.is_closed:

@@ -45,9 +45,9 @@ async def reconcile(
             "False", "InvalidSpec", str(err), status.get("conditions")
         )
         raise kopf.PermanentError(f"invalid spec: {err}") from err
-    stream = await queues.ensure_function_queue(plane.js, fn, plane.settings)
-    if plane.registry.function(namespace, name) != fn:
-        await plane.registry.put_function(fn)
+    changed = plane.registry.function(namespace, name) != fn
+    stream = await plane.mover.register(plane.registry, fn)
+    if changed:
         kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")
     waiting, running = await queues.backlog(plane.js, fn)
     set_status(

@@ -123,17 +123,23 @@ class Dispatcher:
     # -- function workers ------------------------------------------------------------------
 
     def _function_changed(self, account: str, name: str, fn: TaskFunction | None) -> None:
+        """A changed function gets a new worker (its queue or limits may have moved); attempts
+        the old one started run on to the end, counted against the new one's slots."""
         key = (account, name)
         worker = self.workers.get(key)
+        inflight: set[asyncio.Task[None]] = set()
         if worker is not None and (fn is None or fn.spec != worker.fn.spec):
             if worker.task is not None:
                 worker.task.cancel()
             del self.workers[key]
+            inflight = worker.inflight
         if fn is not None and key not in self.workers and not self._closing:
-            self._start_worker(fn)
+            self._start_worker(fn, inflight)
 
-    def _start_worker(self, fn: TaskFunction) -> None:
-        worker = FunctionWorker(fn)
+    def _start_worker(
+        self, fn: TaskFunction, inflight: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        worker = FunctionWorker(fn, inflight=inflight if inflight is not None else set())
         worker.task = asyncio.create_task(
             self._consume(worker), name=f"consume-{fn.account}-{fn.name}"
         )
@@ -141,6 +147,7 @@ class Dispatcher:
 
     async def _consume(self, worker: FunctionWorker) -> None:
         fn = worker.fn
+        key = (fn.account, fn.name)
         stream, consumer = names.stream_for(fn), names.consumer_name(fn)
         while True:
             # The queue is created by whoever registers the function (gateway or operator), before
@@ -164,7 +171,7 @@ class Dispatcher:
             else:
                 t = asyncio.create_task(self._handle(fn, msg))
             worker.inflight.add(t)
-            t.add_done_callback(functools.partial(self._done, worker))
+            t.add_done_callback(functools.partial(self._done, worker.inflight, key))
 
         worker.pull = Pull(self.plane.nc, stream, consumer, free, deliver)
         try:
@@ -173,10 +180,12 @@ class Dispatcher:
         finally:
             await worker.pull.stop()
 
-    @staticmethod
-    def _done(worker: FunctionWorker, task: asyncio.Task[None]) -> None:
-        worker.inflight.discard(task)
-        if worker.pull is not None:
+    def _done(
+        self, inflight: set[asyncio.Task[None]], key: tuple[str, str], task: asyncio.Task[None]
+    ) -> None:
+        inflight.discard(task)
+        worker = self.workers.get(key)  # the function's current worker: it has a slot free
+        if worker is not None and worker.pull is not None:
             worker.pull.wake()
         if not task.cancelled() and task.exception() is not None:
             log.error("task handler crashed", exc_info=task.exception())

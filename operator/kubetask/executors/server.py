@@ -210,6 +210,17 @@ class InstancePool:
         for inst in instances:
             await inst.terminate()
 
+    async def retire(self, poll: float = 0.1) -> None:
+        """Close once nothing runs on the instances: a pool replaced because its function
+        changed lets the invocations it serves finish (none of them could run longer than
+        its timeout)."""
+        deadline = asyncio.get_running_loop().time() + self.fn.spec.timeoutSeconds + 5
+        while any(inst.inflight for inst in self.instances):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(poll)
+        await self.close()
+
 
 class ServerExecution:
     """One invocation. Stop and timeout interrupt it by closing its connection; no task of its
@@ -302,6 +313,12 @@ class ServerExecution:
         await self._abandon()
 
 
+def _runtime(fn: TaskFunction) -> tuple[Any, ...]:
+    """What an instance is started from: a change here needs new instances."""
+    spec = fn.spec
+    return (spec.server, spec.env, spec.workingDir)
+
+
 class ServerExecutor:
     def __init__(self) -> None:
         self._pools: dict[tuple[str, str], InstancePool] = {}
@@ -317,9 +334,11 @@ class ServerExecutor:
     def pool_for(self, fn: TaskFunction) -> InstancePool:
         key = (fn.account, fn.name)
         pool = self._pools.get(key)
-        if pool is None or pool.fn.spec != fn.spec:
+        if pool is not None and _runtime(pool.fn) == _runtime(fn):
+            pool.fn = fn  # queue mode, limits, timeout: the instances themselves are the same
+        else:
             if pool is not None:
-                retired = asyncio.create_task(pool.close())
+                retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
             pool = self._pools[key] = InstancePool(fn)

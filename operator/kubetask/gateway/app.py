@@ -167,6 +167,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         await mirror.start()
         sweeper = asyncio.create_task(sweep_forever(plane, index))
         poison = asyncio.create_task(keep_poison_forever(plane, index))
+        resuming = asyncio.create_task(
+            plane.mover.resume_all(list(plane.registry.functions.values()))
+        )
         quiet_gc()
         state.update(plane=plane, index=index, mirror=mirror)
         try:
@@ -174,6 +177,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         finally:
             sweeper.cancel()
             poison.cancel()
+            resuming.cancel()
             await mirror.stop()
             await plane.close()
 
@@ -373,9 +377,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         name: NamePath, fn: TaskFunction, who: Who, account: AccountParam = None
     ) -> Response:
         check_object(who, account, name, fn.metadata)
-        await queues.ensure_function_queue(plane().js, fn, settings)
-        await plane().registry.put_function(fn)
-        await plane().registry.caught_up()
+        await plane().mover.register(plane().registry, fn)
         return _json(await function_status(fn))
 
     @app.get("/v1/functions", response_model=list[TaskFunction], tags=["functions"])

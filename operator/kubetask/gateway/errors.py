@@ -33,6 +33,9 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     nats.errors.NoServersError,
     nats.js.errors.ServiceUnavailableError,
     nats.js.errors.NoStreamResponseError,
+    # JetStream failed to do it (a consumer changed by two requests at once, a store hiccup):
+    # nothing was done, and trying again is the remedy.
+    nats.js.errors.ServerError,
     queues.QueueUnavailable,
     TimeoutError,
     asyncio.TimeoutError,

@@ -1,0 +1,101 @@
+"""Changing a function's queueMode is live: the running attempt finishes on the instance it
+started on (no "instance unreachable", no attempt spent), the backlog moves to the new queue
+and runs at once, and the old queue's consumer is removed once it is drained."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from harness import Api
+from kubetask.plane import DataPlane
+from nats.js.errors import NotFoundError
+
+SLOW_SERVER = """
+    import json, os, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            seconds = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(seconds)
+            out = json.dumps({"pid": os.getpid()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("runtime", ["server", "command"])
+async def test_changing_queue_mode_interrupts_nothing(
+    api: Api, plane: DataPlane, runtime: str
+) -> None:
+    if runtime == "server":
+        server = {"command": api.script("slow", SLOW_SERVER), "maxInstances": 1, "concurrency": 3}
+        spec = {"server": server}
+    else:
+        spec = {"command": api.script("sleepy", SLEEPER)}
+    spec["maxConcurrency"] = 1
+    await api.function("mover", **spec)
+    await api.submit("mover", 2.0, task_id="running")
+    await api.wait("running", {"Running"})
+    for i in range(5):
+        await api.submit("mover", 0.05, task_id=f"waiting-{i}")
+    changed_at = time.monotonic()
+    # More room at the same time, so waiting tasks start (on the same warm instance, in server
+    # mode) while the running one goes on across the change.
+    spec["maxConcurrency"] = 3
+    await api.function("mover", **spec, queueMode="dedicated")
+    moved = await api.call("GET", "/v1/functions/mover", 200)
+    assert moved["status"]["queue"] == f"KT_QF_{api.account}_mover"
+    # New submissions go to the new queue straight away.
+    await api.submit("mover", 0.05, task_id="after")
+    for task_id in ["running", *(f"waiting-{i}" for i in range(5)), "after"]:
+        done = await api.wait(task_id, timeout=30)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        assert done["status"]["attempts"] == 1, done["status"]
+    # No stall: the backlog ran beside the running task.
+    assert time.monotonic() - changed_at < 6
+    # The old consumer is gone once drained; the account stream itself stays.
+    for _ in range(100):
+        try:
+            await plane.js.consumer_info(f"KT_Q_{api.account}", "fn_mover")
+        except NotFoundError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the old consumer was not removed")
+    # And back again: the dedicated stream is removed once drained.
+    await api.submit("mover", 1.0, task_id="running-2")
+    await api.wait("running-2", {"Running"})
+    await api.submit("mover", 0.05, task_id="waiting-back")
+    await api.function("mover", **spec, queueMode="account")
+    for task_id in ("running-2", "waiting-back"):
+        done = await api.wait(task_id, timeout=30)
+        assert done["status"]["phase"] == "Succeeded" and done["status"]["attempts"] == 1
+    for _ in range(100):
+        try:
+            await plane.js.stream_info(f"KT_QF_{api.account}_mover")
+        except NotFoundError:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the old dedicated stream was not removed")
+
+
+SLEEPER = """
+    import json, sys, time
+    time.sleep(json.load(sys.stdin))
+    print("{}")
+"""
