@@ -43,6 +43,7 @@ def test_helm_install_creates_every_object(
             "Role",
             "RoleBinding",
             "Secret",
+            "Secret",
             "Service",
             "Service",
             "Service",

@@ -17,6 +17,7 @@ from typing import Any
 import nats
 import pytest
 from controlplane import ControlPlane
+from kubetask import nats_auth
 from kubetask.embedded import free_port, start_nats
 
 NS = "kubetask"  # where the operator runs and owns its Deployments
@@ -39,7 +40,11 @@ class Platform:
         self.cluster = cluster
         self.root = root
         port = free_port()
-        self.nats = start_nats(root / "js", port)
+        # NATS with the platform's users, as the chart runs it: the operator and the dispatcher
+        # each connect as their own user, with only their permissions.
+        self.passwords = nats_auth.load_or_create(root / "secrets" / "nats-users.json")
+        conf = nats_auth.write_server_config(root / "secrets" / "nats.conf", self.passwords)
+        self.nats = start_nats(root / "js", port, config=conf)
         self.nats_url = f"nats://127.0.0.1:{port}"
         self.operator: subprocess.Popen[bytes] | None = None
         self.dispatcher: subprocess.Popen[bytes] | None = None
@@ -57,9 +62,10 @@ class Platform:
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
         out = open(self.root / log, "ab")
+        user = args[0]
         return subprocess.Popen(
             [sys.executable, "-m", "kubetask", *args],
-            env=self.env,
+            env={**self.env, **nats_auth.env_for(user, self.passwords)},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -90,7 +96,7 @@ class Platform:
 
     def js(self, call: Callable[[Any], Any]) -> Any:
         async def run() -> Any:
-            nc = await nats.connect(self.nats_url)
+            nc = await nats.connect(self.nats_url, user="admin", password=self.passwords["admin"])
             try:
                 return await call(nc.jetstream())
             finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from kubetask import nats_auth
 from kubetask.crdgen import OUTPUTS, crds, render
 from kubetask.models import Destination, RetryBackoff, TaskFunctionSpec, TaskPhase
 from kubetask.states import TERMINAL, TRANSITIONS, allowed
@@ -61,3 +62,9 @@ def test_state_table_terminal_phases_are_final_and_every_phase_can_end() -> None
         assert reachable & TERMINAL, phase
     assert not allowed(TaskPhase.Succeeded, TaskPhase.Running)
     assert allowed(TaskPhase.Running, TaskPhase.Running)  # takeover after a dispatcher crash
+
+
+def test_the_charts_nats_users_are_generated_from_the_permission_table() -> None:
+    assert nats_auth.CHART_FILE.read_text() == nats_auth.server_config(None), (
+        f"{nats_auth.CHART_FILE} is stale: run `kubetask nats-config`"
+    )

@@ -273,6 +273,16 @@ def _whose(entry: dict[str, Any]) -> str:
     return "admin" if entry.get("admin") else f"account {entry.get('account')}"
 
 
+def cmd_nats_config(args: argparse.Namespace) -> None:
+    from .nats_auth import CHART_FILE, server_config
+
+    text = server_config(None)
+    out = Path(args.out) if args.out else CHART_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(out)
+
+
 def cmd_crds(args: argparse.Namespace) -> None:
     from .crdgen import OUTPUTS, write_crds
 
@@ -329,6 +339,12 @@ def parser() -> argparse.ArgumentParser:
     tok.add_argument("--admin", action="store_true", help="create: a token for every account")
     tok.add_argument("-o", "--output", choices=["table", "json"], default="table")
     tok.set_defaults(func=cmd_tokens)
+
+    nc = sub.add_parser(
+        "nats-config", help="write NATS users and permissions for the Helm chart (nats_auth.py)"
+    )
+    nc.add_argument("--out", help="file (default: the chart's files/nats-authorization.conf)")
+    nc.set_defaults(func=cmd_nats_config)
 
     crds = sub.add_parser("crds", help="generate the CRD manifests from the models")
     crds.add_argument("action", choices=["generate"])

@@ -102,10 +102,28 @@ def user_entry(user: str, password: str) -> dict[str, object]:
     }
 
 
-def server_config(passwords: dict[str, str]) -> str:
-    """The `authorization` block of nats-server's configuration (its format accepts JSON)."""
-    users = [user_entry(user, passwords[user]) for user in PERMISSIONS]
-    return "authorization: " + json.dumps({"users": users}, indent=2) + "\n"
+def password_variable(user: str) -> str:
+    """The environment variable nats-server reads a user's password from (the Helm chart)."""
+    return f"KT_{user.upper()}_PASSWORD"
+
+
+def server_config(passwords: dict[str, str] | None) -> str:
+    """The `authorization` block of nats-server's configuration (its format accepts JSON).
+    Without passwords, each is a reference to `password_variable(user)`, which nats-server
+    fills in from its environment: that is the chart's file, passwords coming from a Secret."""
+    placeholder = "@@{}@@"
+    users = [
+        user_entry(user, passwords[user] if passwords else placeholder.format(user))
+        for user in PERMISSIONS
+    ]
+    text = "authorization: " + json.dumps({"users": users}, indent=2) + "\n"
+    if passwords is None:
+        for user in PERMISSIONS:
+            text = text.replace(f'"{placeholder.format(user)}"', "$" + password_variable(user))
+    return text
+
+
+CHART_FILE = Path(__file__).resolve().parents[2] / "charts/kubetask/files/nats-authorization.conf"
 
 
 def load_or_create(path: Path) -> dict[str, str]:

@@ -33,3 +33,7 @@ nats://{{ include "kubetask.natsName" . }}.{{ .Release.Namespace }}.svc:4222
 {{- define "kubetask.tokensSecret" -}}
 {{ .Values.auth.existingSecret | default (printf "%s-tokens" (include "kubetask.fullname" .)) }}
 {{- end -}}
+
+{{- define "kubetask.natsUsersSecret" -}}
+{{ include "kubetask.fullname" . }}-nats-users
+{{- end }}

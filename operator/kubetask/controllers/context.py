@@ -22,6 +22,8 @@ class OperatorConfig:
     release: str = _from_env(env_str, "RELEASE", "kubetask")
     image: str = _from_env(env_str, "IMAGE", "kubetask:dev")
     tokens_secret: str = _from_env(env_str, "TOKENS_SECRET", "kubetask-tokens")
+    # Where the Deployments it creates find their NATS passwords (`nats_auth.py`).
+    nats_users_secret: str = _from_env(env_str, "NATS_USERS_SECRET", "kubetask-nats-users")
     gateway_replicas: int = _from_env(env_int, "GATEWAY_REPLICAS", 1)
     dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1)
     dispatcher_max: int = _from_env(env_int, "DISPATCHER_MAX", 10)

@@ -29,6 +29,25 @@ def names(cfg: OperatorConfig) -> tuple[str, str]:
     return f"{cfg.release}-gateway", f"{cfg.release}-dispatcher"
 
 
+def _nats_user(cfg: OperatorConfig, component: str) -> list[dict[str, Any]]:
+    """The component's NATS user, its password from the chart's Secret; a dispatcher also gets
+    the destinations user it publishes subject destinations as."""
+
+    def secret(key: str) -> dict[str, Any]:
+        return {"secretKeyRef": {"name": cfg.nats_users_secret, "key": key}}
+
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETASK_NATS_USER", "value": component},
+        {"name": "KUBETASK_NATS_PASSWORD", "valueFrom": secret(component)},
+    ]
+    if component == "dispatcher":
+        env += [
+            {"name": "KUBETASK_DESTINATIONS_NATS_USER", "value": "destinations"},
+            {"name": "KUBETASK_DESTINATIONS_NATS_PASSWORD", "valueFrom": secret("destinations")},
+        ]
+    return env
+
+
 def _deployment(
     cfg: OperatorConfig, name: str, component: str, args: list[str], replicas: int, nats_url: str
 ) -> dict[str, Any]:
@@ -37,7 +56,7 @@ def _deployment(
         "name": component,
         "image": cfg.image,
         "args": args,
-        "env": [{"name": "KUBETASK_NATS_URL", "value": nats_url}],
+        "env": [{"name": "KUBETASK_NATS_URL", "value": nats_url}, *_nats_user(cfg, component)],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     pod: dict[str, Any] = {
