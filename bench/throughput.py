@@ -25,6 +25,7 @@ from pathlib import Path
 
 import aiohttp
 import nats
+from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
 from kubetask.executors.http1 import Http1Pool
@@ -65,7 +66,10 @@ class Kubetask:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     async def start(self) -> None:
-        self.procs.append(start_nats(self.work / "js", self.nats_port))
+        # NATS with the platform's users and permissions, as `kubetask dev` and the chart run it.
+        self.passwords = nats_auth.load_or_create(self.work / "secrets" / "nats-users.json")
+        conf = nats_auth.write_server_config(self.work / "secrets" / "nats.conf", self.passwords)
+        self.procs.append(start_nats(self.work / "js", self.nats_port, config=conf))
         tokens = self.work / "tokens.json"
         self.token = create_token(tokens, "bench", "bench")
         env = dict(os.environ, KUBETASK_NATS_URL=self.nats_url)
@@ -79,7 +83,10 @@ class Kubetask:
         ):
             self.procs.append(
                 subprocess.Popen(
-                    [PY, "-m", "kubetask", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+                    [PY, "-m", "kubetask", *args],
+                    env={**env, **nats_auth.env_for(args[0], self.passwords)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
         wait_for_port(port, proc=self.procs[1])
@@ -224,9 +231,9 @@ def datetime_of(stamp: str) -> float:
     return datetime.fromisoformat(stamp).timestamp()
 
 
-async def raw_jetstream(nats_url: str, n: int) -> float:
+async def raw_jetstream(nats_url: str, n: int, admin_password: str) -> float:
     """Publish (acked) + fetch + ack of n small messages through one stream: the ceiling."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, user="admin", password=admin_password)
     js = nc.jetstream()
     await js.add_stream(
         StreamConfig(name="RAW", subjects=["raw.>"], retention=RetentionPolicy.WORK_QUEUE)
@@ -421,7 +428,7 @@ async def main() -> None:
             print(
                 f"  {stage}: p50 {pct(values, 0.5) * 1000:.1f} ms  p99 {pct(values, 0.99) * 1000:.1f} ms"
             )
-        ceiling = await raw_jetstream(kt.nats_url, args.tasks * 4)
+        ceiling = await raw_jetstream(kt.nats_url, args.tasks * 4, kt.passwords["admin"])
         print(
             f"raw JetStream publish+fetch+ack: {ceiling:8.0f} msgs/s  "
             f"(kubetask's median = {peak / ceiling:.1%} of it)"

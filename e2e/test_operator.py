@@ -391,3 +391,49 @@ def test_deleting_a_task_object_stops_the_task(platform: Platform) -> None:
             return seen
 
     assert platform.js(phases)[-2:] == ["Stopping", "Stopped"]  # then the record was deleted
+
+
+def test_names_and_destinations_outside_the_grammar_are_refused(platform: Platform) -> None:
+    """The API server itself refuses names with dots and subjects outside any `out.`
+    namespace (the CRD's CEL rules); a subject in another account's namespace passes the schema,
+    so the operator marks the AsyncConfig invalid and never registers it."""
+    for bad in (
+        """
+        apiVersion: kubetask.io/v1alpha1
+        kind: Task
+        metadata: {name: a.b}
+        spec: {function: solo}
+        """,
+        """
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: stealer}
+        spec:
+          function: solo
+          destinationConfig: {onSuccess: {kind: subject, target: kt.ctl.stop.team-b.x}}
+        """,
+    ):
+        refused = platform.cluster.kubectl(
+            "apply", "-n", ACCOUNT, "-f", "-", stdin=textwrap.dedent(bad), check=False
+        )
+        assert refused.returncode != 0 and "Invalid" in refused.stderr, refused.stderr
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: foreign}
+        spec:
+          function: solo
+          destinationConfig: {onSuccess: {kind: subject, target: out.team-b.stolen}}
+    """)
+    cfg = eventually(
+        lambda: (
+            (c := platform.get("asyncconfig", "foreign"))
+            and c.get("status", {}).get("conditions")
+            and c
+        ),
+        30,
+        "a condition",
+    )
+    assert cfg["status"]["ready"] is False
+    assert cfg["status"]["conditions"][0]["reason"] == "InvalidSpec"
+    assert "out.team-a." in cfg["status"]["conditions"][0]["message"]

@@ -7,7 +7,10 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
+import httpx
 from harness import Api
 
 
@@ -73,3 +76,39 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
     assert gone.stdout.strip() == "cli-1: deleted"
     missing = await _kt(api, gateway_url, "get", "cli-1", check=False)
     assert "HTTP 404" in missing.stderr
+
+
+async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
+    make_api: Any, gateway_url: str, tokens_file: Path
+) -> None:
+    api = await make_api()
+
+    def tokens(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kubetask", "tokens", *args, "--file", str(tokens_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    refused = await asyncio.to_thread(tokens, "create")
+    assert refused.returncode != 0 and "--account NAME, or --admin" in refused.stderr
+    for bad in ("Bad.Account 1!", "a.b", "*", "x" * 64, ""):
+        refused = await asyncio.to_thread(tokens, "create", "--account", bad)
+        assert refused.returncode != 0 and "not a valid name" in refused.stderr, refused.stderr
+    made = await asyncio.to_thread(tokens, "create", "--account", api.account, "--name", "ci-bot")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    listed = json.loads((await asyncio.to_thread(tokens, "list", "-o", "json")).stdout)
+    mine = [e for e in listed if e["name"] == "ci-bot"]
+    assert mine and mine[0]["account"] == api.account and "sha256" not in mine[0]
+    async with httpx.AsyncClient(
+        base_url=gateway_url, headers={"Authorization": f"Bearer {token}"}
+    ) as http:
+        assert (await http.get("/v1/tasks")).status_code == 200
+        revoked = await asyncio.to_thread(tokens, "revoke", mine[0]["id"])
+        assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+        await asyncio.sleep(1.1)
+        resp = await http.get("/v1/tasks")
+        assert resp.status_code == 401 and resp.json()["error"] == "invalid token"
+    assert (await asyncio.to_thread(tokens, "revoke", "no-such-token")).returncode != 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import kopf
 
+from ..dispatch.destinations import target_problem
 from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
 from ..registry import ConfigConflict
 from .context import condition, plane_of, set_status
@@ -28,10 +29,23 @@ async def reconcile(
     **_: Any,
 ) -> None:
     plane = plane_of(memo)
-    cfg = AsyncConfig(
-        metadata=ObjectMeta(name=name, namespace=namespace),
-        spec=AsyncConfigSpec.model_validate(dict(spec)),
-    )
+    try:
+        cfg = AsyncConfig(
+            metadata=ObjectMeta(name=name, namespace=namespace),
+            spec=AsyncConfigSpec.model_validate(dict(spec)),
+        )
+        dests = cfg.spec.destinationConfig
+        for dest in (dests.onSuccess, dests.onFailure):
+            problem = None if dest is None else target_problem(cfg.account, dest)
+            if problem is not None:
+                raise ValueError(problem)
+    except ValueError as err:
+        # Never registered, so no dispatcher delivers anywhere it names.
+        patch.status.update(
+            ready=False,
+            conditions=condition("False", "InvalidSpec", str(err), status.get("conditions")),
+        )
+        raise kopf.PermanentError(f"invalid spec: {err}") from err
     try:
         await plane.registry.put_async_config(cfg)
     except ConfigConflict as err:
