@@ -120,3 +120,17 @@ def as_user(settings: Settings, user: str, passwords: dict[str, str]) -> Setting
             "destinations_password": passwords["destinations"],
         }
     return dataclasses.replace(settings, nats_user=user, nats_password=passwords[user], **extra)
+
+
+def pids_running(needle: bytes) -> list[int]:
+    """Processes whose command line contains `needle` (from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmd:
+                pids.append(int(entry.name))
+    return pids

@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
+from harness import pids_running
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
 
@@ -106,16 +107,7 @@ class Lab:
         )
 
     def worker_pids(self) -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    cmd = (entry / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if str(self.script).encode() in cmd:
-                    pids.append(int(entry.name))
-        return pids
+        return pids_running(str(self.script).encode())
 
     def stop_all(self) -> None:
         for proc in self.procs:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from harness import pids_running
 from kubetask.embedded import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
@@ -27,15 +28,8 @@ spec: {command: ["true"], maxConcurrency: 8}
 
 
 def _nats_pid(store: Path) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"nats-server" in cmd and str(store).encode() in cmd:
-                return int(entry.name)
-    return None
+    pids = [p for p in pids_running(str(store).encode()) if p in pids_running(b"nats-server")]
+    return pids[0] if pids else None
 
 
 async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: Path) -> None:

@@ -29,21 +29,24 @@ class Permissions:
     deny_publish: list[str] = field(default_factory=list)
 
 
+# What registers functions, submits and stops tasks on users' behalf: the gateway and the operator.
+_PLATFORM_API = Permissions(
+    publish=[
+        "$JS.API.>",
+        "$JS.ACK.>",
+        "$JS.FC.>",
+        *_RECORDS,
+        *_REGISTRY,
+        *_QUEUES,
+        "kt.ctl.stop.>",
+        "kt.quarantine.>",
+    ],
+)
+
 PERMISSIONS: dict[str, Permissions] = {
     # The HTTP API: records, queues, registry, stream and consumer management, stop requests,
     # and moving a function's backlog when its queue changes (`queue_moves.py`, hence acks).
-    "gateway": Permissions(
-        publish=[
-            "$JS.API.>",
-            "$JS.ACK.>",
-            "$JS.FC.>",
-            *_RECORDS,
-            *_REGISTRY,
-            *_QUEUES,
-            "kt.ctl.stop.>",
-            "kt.quarantine.>",
-        ],
-    ),
+    "gateway": _PLATFORM_API,
     # Runs tasks: claims and finishes records, acks queue messages, schedules retries, writes
     # logs, hears stop requests. It may not delete or purge streams, nor touch the registry.
     "dispatcher": Permissions(
@@ -66,18 +69,7 @@ PERMISSIONS: dict[str, Permissions] = {
     "destinations": Permissions(publish=["out.>", "$JS.API.STREAM.NAMES"]),
     # The Kubernetes operator: what the gateway may, since it registers functions and submits
     # and stops Tasks on users' behalf.
-    "operator": Permissions(
-        publish=[
-            "$JS.API.>",
-            "$JS.ACK.>",
-            "$JS.FC.>",
-            *_RECORDS,
-            *_REGISTRY,
-            *_QUEUES,
-            "kt.ctl.stop.>",
-            "kt.quarantine.>",
-        ],
-    ),
+    "operator": _PLATFORM_API,
     # People and tests: everything (kept in the data directory, given to no component).
     "admin": Permissions(publish=[">"], subscribe=[">"]),
 }

@@ -8,6 +8,7 @@ changes without a restart because they read the mirror on every task.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -17,6 +18,7 @@ from . import names, quarantine
 from .models import DEFAULT_ASYNC_CONFIG, AsyncConfig, AsyncConfigSpec, TaskFunction
 from .watch import BucketMirror
 
+M = TypeVar("M", TaskFunction, AsyncConfig)
 FunctionListener = Callable[[str, str, TaskFunction | None], None]
 
 
@@ -61,14 +63,20 @@ class Registry:
         )
         quarantine.keep_later(self.js, poison)
 
+    def _decode(self, model: type[M], key: str, value: bytes | None, revision: int) -> M | None:
+        """The stored object, or None when deleted — or undecodable, which is quarantined and
+        treated as absent rather than stopping the mirror (and every later change with it)."""
+        if value is None:
+            return None
+        try:
+            return model.model_validate_json(value)
+        except ValueError as err:
+            self._poisoned(key, value, revision, err)
+            return None
+
     def _apply_function(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
-        try:
-            fn = TaskFunction.model_validate_json(value) if value is not None else None
-        except ValueError as err:
-            assert value is not None
-            self._poisoned(key, value, revision, err)
-            fn = None
+        fn = self._decode(TaskFunction, key, value, revision)
         if fn is None:
             self.functions.pop((account, name), None)
         else:
@@ -78,12 +86,7 @@ class Registry:
 
     def _apply_config(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
-        try:
-            cfg = AsyncConfig.model_validate_json(value) if value is not None else None
-        except ValueError as err:
-            assert value is not None
-            self._poisoned(key, value, revision, err)
-            cfg = None
+        cfg = self._decode(AsyncConfig, key, value, revision)
         if cfg is None:
             self.configs.pop((account, name), None)
         else:
