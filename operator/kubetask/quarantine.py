@@ -14,13 +14,16 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 from prometheus_client import Counter
 
 from . import names
+
+if TYPE_CHECKING:  # store -> rpc -> jetstream -> this module
+    from .store import Unreadable
 
 STREAM = "KT_QUARANTINE"
 SUBJECT_PREFIX = "kt.quarantine"
@@ -91,8 +94,14 @@ def entry(headers: dict[str, str], data: bytes) -> dict[str, Any]:
     }
 
 
-def record_key(key: str) -> str:
-    return f"{names.TASKS_BUCKET}/{key}"
+def record(key: str, revision: int, raw: bytes, err: BaseException) -> Poison:
+    """A task record (KV key `key`) that does not decode."""
+    where = f"{names.TASKS_BUCKET}/{key}"
+    return Poison("record", where, raw, describe(err), f"record.{key}.{revision}")
+
+
+def unreadable(err: Unreadable) -> Poison:
+    return record(err.key, err.revision, err.raw, err.err)
 
 
 def keep_later(js: JetStreamContext, poison: Poison) -> None:

@@ -124,16 +124,6 @@ async def _render(request: Request, err: Exception) -> Response:
     return response
 
 
-def unreadable(err: Unreadable) -> quarantine.Poison:
-    return quarantine.Poison(
-        "record",
-        quarantine.record_key(err.key),
-        err.raw,
-        quarantine.describe(err.err),
-        f"record.{err.key}.{err.revision}",
-    )
-
-
 async def keep_poison_forever(plane: DataPlane, index: TaskIndex) -> None:
     """Quarantine what the index could not read, shortly after it met it."""
     while True:
@@ -222,7 +212,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         try:
             current = await plane().store.get(acct, params.task_id(task_id, acct))
         except Unreadable as err:
-            await quarantine.keep(plane().js, unreadable(err))
+            await quarantine.keep(plane().js, quarantine.unreadable(err))
             raise ApiError(
                 404, f"task {task_id!r} has an unreadable record; it is quarantined"
             ) from None
@@ -285,7 +275,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         )
         for failed in fetched:
             if isinstance(failed, Unreadable):
-                await quarantine.keep(plane().js, unreadable(failed))
+                await quarantine.keep(
+                    plane().js,
+                    quarantine.unreadable(failed),
+                )
             elif isinstance(failed, BaseException):
                 raise failed
         items = [v.record.task for v in fetched if isinstance(v, Versioned)]

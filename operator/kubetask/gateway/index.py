@@ -89,7 +89,7 @@ class TaskIndex:
         # Records that did not decode since the owner last took them (`quarantine.py`).
         self.poisoned: list[quarantine.Poison] = []
 
-    def apply(self, key: str, value: bytes | None, _revision: int) -> None:
+    def apply(self, key: str, value: bytes | None, revision: int) -> None:
         account, task_id = names.split_key(key)
         rows = self._rows.setdefault(account, {})
         ids = self._ids.setdefault(account, [])
@@ -103,15 +103,7 @@ class TaskIndex:
         except Exception as err:  # one bad record must not stop the index (or the gateway)
             if rows.pop(task_id, None) is not None:
                 del ids[bisect.bisect_left(ids, task_id)]
-            self.poisoned.append(
-                quarantine.Poison(
-                    "record",
-                    quarantine.record_key(key),
-                    value,
-                    quarantine.describe(err),
-                    f"record.{key}.{_revision}",
-                )
-            )
+            self.poisoned.append(quarantine.record(key, revision, value, err))
             return
         if task_id not in rows:
             bisect.insort(ids, task_id)
