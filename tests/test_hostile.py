@@ -282,3 +282,20 @@ async def test_a_function_process_cannot_connect_to_nats(api: Api, nats_url: str
     result = task["status"]["result"]
     assert result["connected"] == [] and result["nats_env"] == [], result
     assert result["tried"] >= 1
+
+
+async def test_requests_the_http_parser_refuses_get_the_error_body(gateway_url: str) -> None:
+    host, port = gateway_url.removeprefix("http://").split(":")
+    for raw in (
+        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+        b"GARBAGE\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer
+        assert b"content-type: application/json" in head.lower(), answer
+        assert "malformed HTTP request" in json.loads(body)["error"]

@@ -12,7 +12,9 @@ from typing import Any, cast
 
 import uvicorn
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from ..models import ErrorBody
 
 
 class _Coalesced:
@@ -47,6 +49,23 @@ class _Coalesced:
 class CoalescingProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _Coalesced(transport)))
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser refused (a Content-Length that is not a number, a
+        malformed request line) gets the one error body too, not uvicorn's plain text."""
+        body = ErrorBody(error=f"malformed HTTP request: {msg}").model_dump_json(exclude_none=True)
+        data = body.encode()
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(data),
+            b"connection: close\r\n\r\n",
+            data,
+        ]
+        self.transport.write(b"".join(head))
+        self.transport.close()
 
 
 def config(app: ASGIApp, host: str, port: int, **extra: Any) -> uvicorn.Config:
