@@ -299,3 +299,17 @@ async def test_requests_the_http_parser_refuses_get_the_error_body(gateway_url: 
         assert head.startswith(b"HTTP/1.1 400"), answer
         assert b"content-type: application/json" in head.lower(), answer
         assert "malformed HTTP request" in json.loads(body)["error"]
+
+
+async def test_a_body_without_length_is_limited_as_it_arrives(api: Api) -> None:
+    async def endless() -> Any:
+        for _ in range(400):
+            yield b"x" * 1024
+
+    for method, path in (("POST", "/v1/tasks"), ("PUT", "/v1/functions/big")):
+        resp = await api.http.request(
+            method, path, content=endless(), headers={"content-type": "application/json"}
+        )
+        assert resp.status_code == 413, resp.text
+        _check_error_body(resp)
+    assert (await api.http.get("/healthz")).status_code == 200

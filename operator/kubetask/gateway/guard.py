@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
 from .errors import ApiError
@@ -42,10 +42,40 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             refusal = self.check(scope)
+            if refusal is None and any(n == b"transfer-encoding" for n, _ in scope["headers"]):
+                # Sent without a length (chunked): read it here, within the limit, so every
+                # route answers 413 the same way (FastAPI would call a failed read a 400).
+                receive, refusal = await self._buffered(receive)
             if refusal is not None:
                 await errors.api_error(refusal)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _buffered(self, receive: Receive) -> tuple[Receive, ApiError | None]:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive, None  # the client went away; the route will see it
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return receive, errors.body_too_large(size, self.limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay, None
 
     def check(self, scope: Scope) -> ApiError | None:
         content_type: bytes | None = None
