@@ -210,7 +210,9 @@ def run(
             if child.name not in pending:
                 assert child.proc is not None
                 child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                delay = 0.1 if child is nats else min(5.0, 0.2 * len(child.restarts))
+                # NATS first and fast: everything else waits for it.
+                step = 0.1 if child is nats else 0.2
+                delay = min(5.0, step * len(child.restarts))
                 print(
                     f"{child.name} exited with code {child.proc.returncode}; "
                     f"restarting in {delay:g}s",

@@ -13,6 +13,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js import errors as js_errors
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
@@ -24,6 +25,26 @@ _WHITESPACE = re.compile(r"\s")
 
 
 log = logging.getLogger("kubetask.nats")
+
+# Errors that mean NATS did not answer (in time): what was asked was not done; try again.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats_errors.TimeoutError,
+    nats_errors.ConnectionClosedError,
+    nats_errors.ConnectionDrainingError,
+    nats_errors.ConnectionReconnectingError,
+    nats_errors.NoRespondersError,
+    nats_errors.OutboundBufferLimitError,
+    nats_errors.StaleConnectionError,
+    nats_errors.NoServersError,
+    js_errors.ServiceUnavailableError,
+    js_errors.NoStreamResponseError,
+    # JetStream failed to do it (a consumer changed by two requests at once, a store hiccup):
+    # nothing was done, and trying again is the remedy.
+    js_errors.ServerError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
 
 
 class Connection(Client):

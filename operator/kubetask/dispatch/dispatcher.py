@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from nats.aio.msg import Msg
 
-from .. import metrics, names, quarantine, queues
+from .. import jetstream, metrics, names, quarantine, queues
 from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
 from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
@@ -169,7 +169,7 @@ class Dispatcher:
             if self._closing:  # delivered while the pull was being stopped: hand it back
                 t = asyncio.create_task(msg.nak())
             else:
-                t = asyncio.create_task(self._handle(fn, msg))
+                t = asyncio.create_task(self._handle_cut_off(fn, msg))
             worker.inflight.add(t)
             t.add_done_callback(functools.partial(self._done, worker.inflight, key))
 
@@ -191,6 +191,17 @@ class Dispatcher:
             log.error("task handler crashed", exc_info=task.exception())
 
     # -- one message ------------------------------------------------------------------------
+
+    async def _handle_cut_off(self, fn: TaskFunction, msg: Msg) -> None:
+        """Handle the message; if NATS goes away meanwhile, hand it back as soon as NATS is
+        there again (the nak waits in the connection's buffer) rather than after `ack_wait`.
+        The record is the truth, so whatever step was cut short is decided again."""
+        try:
+            await self._handle(fn, msg)
+        except jetstream.UNAVAILABLE as err:
+            log.warning("lost NATS while handling %s (%s); handing it back", msg.subject, err)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=0.5)
 
     async def _handle(self, fn: TaskFunction, msg: Msg) -> None:
         dequeued = now()

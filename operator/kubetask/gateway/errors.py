@@ -5,42 +5,21 @@ with `Retry-After`, never a 500."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-import nats.errors
-import nats.js.errors
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .. import grammar, queues
+from .. import grammar, jetstream, queues
 from ..auth import OutOfScope, Unauthenticated
 from ..models import ErrorBody
 from ..states import IllegalTransition
 
 # Seconds a client is asked to wait when NATS is away or a queue refuses work.
 RETRY_AFTER = 1
-# Errors that mean "NATS did not answer (in time)": the request did nothing, try again.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    nats.errors.TimeoutError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.ConnectionDrainingError,
-    nats.errors.ConnectionReconnectingError,
-    nats.errors.NoRespondersError,
-    nats.errors.OutboundBufferLimitError,
-    nats.errors.StaleConnectionError,
-    nats.errors.NoServersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,
-    # JetStream failed to do it (a consumer changed by two requests at once, a store hiccup):
-    # nothing was done, and trying again is the remedy.
-    nats.js.errors.ServerError,
-    queues.QueueUnavailable,
-    TimeoutError,
-    asyncio.TimeoutError,
-    ConnectionError,
-)
+# NATS did not answer (in time), or a queue did not take the message: nothing was done.
+UNAVAILABLE: tuple[type[BaseException], ...] = (*jetstream.UNAVAILABLE, queues.QueueUnavailable)
 
 
 class ApiError(Exception):
