@@ -84,7 +84,10 @@ class Kubetask:
             self.procs.append(
                 subprocess.Popen(
                     [PY, "-m", "kubetask", *args],
-                    env={**env, **nats_auth.env_for(args[0], self.passwords)},
+                    env={
+                        **env,
+                        **nats_auth.env_for(args[0], self.passwords, self.work / "secrets"),
+                    },
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )

@@ -65,7 +65,7 @@ class Platform:
         user = args[0]
         return subprocess.Popen(
             [sys.executable, "-m", "kubetask", *args],
-            env={**self.env, **nats_auth.env_for(user, self.passwords)},
+            env={**self.env, **nats_auth.env_for(user, self.passwords, self.root / "secrets")},
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -217,6 +217,9 @@ def cmd_dev(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from .runtime import keep_private
+
+    keep_private()
     from .gateway.app import create_app
     from .gateway.server import config
     from .settings import Settings
@@ -228,6 +231,9 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 def cmd_dispatcher(args: argparse.Namespace) -> None:
     import logging
 
+    from .runtime import keep_private
+
+    keep_private()
     from .dispatch.service import run
     from .settings import Settings
 
@@ -237,7 +243,9 @@ def cmd_dispatcher(args: argparse.Namespace) -> None:
 
 def cmd_operator(args: argparse.Namespace) -> None:
     from .controllers.main import run
+    from .runtime import keep_private
 
+    keep_private()
     run(args.namespace or [], args.all_namespaces)
 
 

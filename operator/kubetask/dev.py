@@ -141,7 +141,7 @@ def run(
         Child(
             "gateway",
             [*exe, "gateway", "--port", str(port), "--tokens", str(data_dir / "tokens.json")],
-            {**env, **nats_auth.env_for("gateway", passwords)},
+            {**env, **nats_auth.env_for("gateway", passwords, data_dir / "secrets")},
             data_dir / "logs" / "gateway.log",
         ),
         *[
@@ -155,7 +155,7 @@ def run(
                     "--drain-timeout",
                     str(DRAIN_SECONDS),
                 ],
-                {**env, **nats_auth.env_for("dispatcher", passwords)},
+                {**env, **nats_auth.env_for("dispatcher", passwords, data_dir / "secrets")},
                 data_dir / "logs" / f"dispatcher-{i}.log",
             )
             for i in range(dispatchers)

@@ -126,7 +126,7 @@ def load_or_create(path: Path) -> dict[str, str]:
     missing = [u for u in PERMISSIONS if u not in stored]
     if missing:
         stored.update({u: secrets.token_urlsafe(24) for u in missing})
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(stored, indent=2))
         os.chmod(tmp, 0o600)
@@ -143,10 +143,22 @@ def write_server_config(path: Path, passwords: dict[str, str]) -> Path:
     return path
 
 
-def env_for(user: str, passwords: dict[str, str]) -> dict[str, str]:
-    """The variables a component reads its credentials from (`settings.Settings`)."""
-    env = {"KUBETASK_NATS_USER": user, "KUBETASK_NATS_PASSWORD": passwords[user]}
+def env_for(user: str, passwords: dict[str, str], secrets_dir: Path) -> dict[str, str]:
+    """The variables a component reads its credentials from (`settings.Settings`): the user
+    and the path of a 0600 file holding its password, so that the password is not in the
+    process's environment (which /proc shows to processes of the same user)."""
+
+    def password_file(of: str) -> str:
+        path = secrets_dir / f"{of}.password"
+        if not path.exists() or path.read_text() != passwords[of]:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(passwords[of])
+            os.chmod(tmp, 0o600)
+            tmp.replace(path)
+        return str(path)
+
+    env = {"KUBETASK_NATS_USER": user, "KUBETASK_NATS_PASSWORD_FILE": password_file(user)}
     if user == "dispatcher":
         env["KUBETASK_DESTINATIONS_NATS_USER"] = "destinations"
-        env["KUBETASK_DESTINATIONS_NATS_PASSWORD"] = passwords["destinations"]
+        env["KUBETASK_DESTINATIONS_NATS_PASSWORD_FILE"] = password_file("destinations")
     return env

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
+
+_PR_SET_DUMPABLE = 4
+
+
+def keep_private() -> None:
+    """A service holding NATS credentials: processes of the same user — functions run by a
+    dispatcher, in `kubetask dev` — cannot read its memory, environment or open files through
+    /proc (they become root's to read, as for a setuid program). Reset for the processes it
+    starts: exec makes them ordinary again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def quiet_gc() -> None:
