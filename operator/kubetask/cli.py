@@ -94,8 +94,11 @@ def _payload(args: argparse.Namespace) -> Any:
         text = args.payload
     else:
         return None
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=no_constant)
     except ValueError:
         sys.exit("the payload must be JSON (quote a plain string: '\"text\"')")
 
