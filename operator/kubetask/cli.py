@@ -94,6 +94,7 @@ def _payload(args: argparse.Namespace) -> Any:
         text = args.payload
     else:
         return None
+
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 

@@ -419,6 +419,25 @@ class DestinationRecord(KubeModel):
     responsePayload: Any | None = None
 
 
+class QueueLoad(KubeModel):
+    queue: str = Field(description="The JetStream stream.")
+    waiting: int = Field(description="Tasks waiting in it, as last read.")
+    drainPerSecond: float = Field(description="Tasks leaving it per second, recently.")
+
+
+class AccountLimits(KubeModel):
+    """`GET /v1/limits`: an account's back-pressure limits and how close it is to them."""
+
+    account: str
+    maxBacklog: int = Field(description="Tasks that may wait in one queue; 0 = no limit.")
+    throttleFrom: int = Field(
+        description="From this backlog, the functions sending most are refused (429) with "
+        "rising probability; at maxBacklog, every submission to the queue is."
+    )
+    maxRate: float = Field(description="Submissions per second; 0 = no limit.")
+    queues: list[QueueLoad]
+
+
 class ErrorBody(KubeModel):
     """The one body of every 4xx and 5xx answer."""
 

@@ -142,6 +142,14 @@ class QueueDepth:
         self.limit = limit
         self.ttl = ttl
         self._known: dict[str, tuple[float, int]] = {}
+        # Tasks leaving each queue per second (an average over recent reads): what a throttled
+        # client is told to wait for.
+        self.drain: dict[str, float] = {}
+
+    def known(self, fn: TaskFunction) -> tuple[str, int, float]:
+        """(stream, tasks waiting as last read and counted since, drain rate), from memory."""
+        stream = names.stream_for(fn)
+        return stream, self._known.get(stream, (0.0, 0))[1], self.drain.get(stream, 0.0)
 
     async def admit(self, fn: TaskFunction) -> None:
         stream = names.stream_for(fn)
@@ -152,6 +160,9 @@ class QueueDepth:
                 info = await self.rpc.api(f"$JS.API.STREAM.INFO.{stream}")
             except Exception as err:
                 raise QueueUnavailable(str(err) or type(err).__name__) from err
+            if read_at:  # what was there plus what came in, less what is there now, left
+                left = max(0, depth - int(info["state"]["messages"])) / (now - read_at)
+                self.drain[stream] = 0.5 * self.drain.get(stream, left) + 0.5 * left
             read_at, depth = now, int(info["state"]["messages"])
         if depth >= self.limit:
             self._known[stream] = (read_at, depth)

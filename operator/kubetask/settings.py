@@ -64,6 +64,14 @@ class Settings:
     queue_max_msgs: int = field(
         default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_MSGS", 1_000_000)
     )
+    # Back-pressure per account (`gateway/throttle.py`); 0 switches a limit off. Tasks one
+    # account may keep waiting in one queue, and tasks it may submit per second.
+    account_max_backlog: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_BACKLOG", 100_000)
+    )
+    account_max_rate: float = field(
+        default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0)
+    )
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.
     dedup_window: float = field(default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0))
     # A task still Pending this long after acceptance lost its publish; it is republished.

@@ -28,9 +28,11 @@ from .. import actions, grammar, logs, names, quarantine, queues
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..dispatch.destinations import config_problem
 from ..models import (
+    AccountLimits,
     AsyncConfig,
     ErrorBody,
     ObjectMeta,
+    QueueLoad,
     Task,
     TaskFunction,
     TaskFunctionStatus,
@@ -52,6 +54,7 @@ from .index import Query as IndexQuery
 from .index import TaskIndex
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
+from .throttle import THROTTLE_FROM, Throttle
 
 JSON = "application/json"
 
@@ -161,7 +164,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             plane.mover.resume_all(list(plane.registry.functions.values()))
         )
         quiet_gc()
-        state.update(plane=plane, index=index, mirror=mirror)
+        state.update(
+            plane=plane, index=index, mirror=mirror, throttle=Throttle(settings, plane.depth)
+        )
         try:
             yield
         finally:
@@ -461,6 +466,24 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             raise ApiError(403, "the quarantine is for admins")
         return await quarantine.list_entries(plane().rpc, limit)
 
+    @app.get("/v1/limits", response_model=AccountLimits, tags=["accounts"])
+    async def account_limits(who: Who, account: AccountParam = None) -> Response:
+        """The caller's back-pressure limits and the load of its queues."""
+        acct = who.one_account(account)
+        loads: dict[str, QueueLoad] = {}
+        for (owner, _), fn in plane().registry.functions.items():
+            if owner == acct:
+                queue, waiting, drain = plane().depth.known(fn)
+                loads[queue] = QueueLoad(queue=queue, waiting=waiting, drainPerSecond=drain)
+        limits = AccountLimits(
+            account=acct,
+            maxBacklog=settings.account_max_backlog,
+            throttleFrom=int(THROTTLE_FROM * settings.account_max_backlog),
+            maxRate=settings.account_max_rate,
+            queues=[loads[q] for q in sorted(loads)],
+        )
+        return _json(limits)
+
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         """Readiness: 503 (with `Retry-After`) while NATS is unreachable."""
@@ -477,5 +500,5 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    submit_route = SubmitRoute(app, settings, app.state.tokens, plane)
+    submit_route = SubmitRoute(app, settings, app.state.tokens, plane, lambda: state["throttle"])
     return Guard(submit_route, settings.max_payload_bytes, connected)

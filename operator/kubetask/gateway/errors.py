@@ -43,8 +43,8 @@ def respond(status: int, body: ErrorBody) -> JSONResponse:
 
 
 def api_error(err: ApiError) -> JSONResponse:
-    extra = err.extra or {}
-    retry = RETRY_AFTER if err.status in (429, 503) else None
+    extra = dict(err.extra or {})
+    retry = extra.pop("retryAfter", RETRY_AFTER if err.status in (429, 503) else None)
     body = ErrorBody(error=err.message, field=err.field, retryAfter=retry, **extra)
     return respond(err.status, body)
 

@@ -27,6 +27,7 @@ from ..settings import Settings
 from ..store import TaskExists
 from . import errors
 from .errors import ApiError
+from .throttle import Throttle, Throttled
 
 PATH = "/v1/tasks"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -35,9 +36,15 @@ log = logging.getLogger("kubetask.gateway")
 
 class SubmitRoute:
     def __init__(
-        self, app: ASGIApp, settings: Settings, tokens: TokenBook, plane: Callable[[], DataPlane]
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        tokens: TokenBook,
+        plane: Callable[[], DataPlane],
+        throttle: Callable[[], Throttle],
     ) -> None:
         self.app = app
+        self._throttle = throttle
         self.settings = settings
         self.tokens = tokens
         self.plane = plane
@@ -65,6 +72,10 @@ class SubmitRoute:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    @property
+    def throttle(self) -> Throttle:
+        return self._throttle()
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[Principal, bytes]:
         """The caller (checked before the body is read) and the body, refused when too large
@@ -123,6 +134,12 @@ class SubmitRoute:
                     "bytes",
                     field="payload",
                 )
+        try:
+            self.throttle.admit(fn)
+        except Throttled as err:
+            raise ApiError(
+                429, f"{err}; retry later", extra={"retryAfter": err.retry_after}
+            ) from None
         try:
             created = await submission.submit(plane, fn, body.id, body.payload)
         except TaskExists as err:
@@ -187,7 +204,7 @@ def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, 
                     (413, "Payload too large"),
                     (415, "Not a JSON body"),
                     (422, "Invalid field"),
-                    (429, "Queue full"),
+                    (429, "Over the account's backlog or rate limit, or the queue is full"),
                     (503, "NATS or the queue is unavailable; nothing was accepted"),
                 )
             },

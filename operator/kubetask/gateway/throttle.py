@@ -1,0 +1,138 @@
+"""Back-pressure at the gateway: an account may keep at most `account_max_backlog` tasks waiting
+in a queue and submit at most `account_max_rate` tasks a second; past them it gets `429` with a
+`Retry-After` computed from what it asks for, and its neighbours are not touched.
+
+Backlog: between `THROTTLE_FROM` of the limit and the limit, submissions are refused with a
+probability that rises to 1 — but only for the *heavy* objects (the functions sending most of
+the queue's recent submissions, found with Sample and Hold, Estan & Varghese 2002, in bounded
+memory); light ones pass until the hard limit. `Retry-After` is the time the queue needs, at its
+measured drain rate, to fall back under the throttling point. Rate: a token bucket per account,
+`Retry-After` the time until a token is there.
+
+Queues are per account (or per function), so one account's backlog never throttles another's.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+
+from ..models import TaskFunction
+from ..queues import QueueDepth
+from ..settings import Settings
+
+THROTTLE_FROM = 0.8
+MAX_RETRY_AFTER = 300
+_chance = random.Random()
+
+
+class Throttled(Exception):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SampleAndHold:
+    """Counts the submissions of heavy objects in bounded memory: an object not yet held is
+    taken in with probability `probability` per submission; once held, every submission is
+    counted. An object sending a share s of `n` submissions is missed with probability about
+    (1-p)^(s·n), so heavy ones are held almost surely and light ones mostly never. Counts
+    restart every `window` seconds; decisions use the last complete window and the current."""
+
+    def __init__(self, probability: float = 0.1, capacity: int = 1000, window: float = 5.0):
+        self.probability = probability
+        self.capacity = capacity
+        self.window = window
+        self._held: dict[str, int] = {}
+        self._last: dict[str, int] = {}
+        self._total = 0
+        self._last_total = 0
+        self._started = time.monotonic()
+
+    def observe(self, key: str) -> None:
+        now = time.monotonic()
+        if now - self._started >= self.window:
+            self._last, self._last_total = self._held, self._total
+            self._held, self._total, self._started = {}, 0, now
+        self._total += 1
+        if key in self._held:
+            self._held[key] += 1
+        elif len(self._held) < self.capacity and _chance.random() < self.probability:
+            self._held[key] = 1
+
+    def share(self, key: str) -> float:
+        """The object's estimated share of recent submissions (0 if it was never held)."""
+        total = self._total + self._last_total
+        counted = self._held.get(key, 0) + self._last.get(key, 0)
+        return counted / total if total else 0.0
+
+    def heavy(self) -> int:
+        """How many objects are held: the fair share of each is about 1 / this."""
+        return max(1, len(self._held.keys() | self._last.keys()))
+
+
+@dataclass
+class Bucket:
+    tokens: float
+    at: float
+
+
+class Throttle:
+    def __init__(self, settings: Settings, depth: QueueDepth) -> None:
+        self.max_backlog = settings.account_max_backlog
+        self.max_rate = settings.account_max_rate
+        self.depth = depth
+        self._buckets: dict[str, Bucket] = {}
+        self._senders: dict[str, SampleAndHold] = {}
+
+    def admit(self, fn: TaskFunction) -> None:
+        """Raise `Throttled` when this submission must wait; otherwise count it."""
+        self._rate(fn.account)
+        self._backlog(fn)
+
+    def _rate(self, account: str) -> None:
+        if self.max_rate <= 0:
+            return
+        now = time.monotonic()
+        burst = max(1.0, self.max_rate)
+        bucket = self._buckets.setdefault(account, Bucket(burst, now))
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * self.max_rate)
+        bucket.at = now
+        if bucket.tokens < 1:
+            wait = (1 - bucket.tokens) / self.max_rate
+            raise Throttled(
+                f"account {account!r} submits more than {self.max_rate:g} tasks a second",
+                _seconds(wait),
+            )
+        bucket.tokens -= 1
+
+    def _backlog(self, fn: TaskFunction) -> None:
+        if self.max_backlog <= 0:
+            return
+        queue, depth, drain = self.depth.known(fn)
+        senders = self._senders.setdefault(queue, SampleAndHold())
+        senders.observe(fn.name)
+        start = THROTTLE_FROM * self.max_backlog
+        if depth < start:
+            return
+        over = min(1.0, (depth - start) / max(1.0, self.max_backlog - start))
+        fair = 1.0 / senders.heavy()
+        share = senders.share(fn.name)
+        # At the limit everyone waits; below it, only objects sending more than their share.
+        if depth >= self.max_backlog:
+            chance = 1.0
+        else:
+            chance = over * max(0.0, 1 - fair / share) if share else 0.0
+        if chance and _chance.random() < chance:
+            wait = (depth - start + 1) / drain if drain > 0 else MAX_RETRY_AFTER
+            raise Throttled(
+                f"{depth} tasks of account {fn.account!r} wait in {queue} (limit "
+                f"{self.max_backlog}); {fn.name!r} sends {share:.0%} of them",
+                _seconds(wait),
+            )
+
+
+def _seconds(wait: float) -> int:
+    return max(1, min(MAX_RETRY_AFTER, math.ceil(wait)))

@@ -1,0 +1,109 @@
+"""Back-pressure per account: the account over its backlog or rate limit gets 429 with a
+Retry-After, its neighbour submitting at the same time gets 202; heavy senders are found in
+bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+from harness import Api, as_user
+from kubetask.embedded import free_port
+from kubetask.gateway.app import create_app
+from kubetask.gateway.server import config
+from kubetask.gateway.throttle import SampleAndHold
+from kubetask.settings import Settings
+
+
+def test_sample_and_hold_finds_the_heavy_sender_in_bounded_memory() -> None:
+    counter = SampleAndHold(probability=0.1, capacity=50, window=3600)
+    for i in range(10_000):
+        counter.observe("flood" if i % 5 else f"light-{i}")
+    assert abs(counter.share("flood") - 0.8) < 0.05
+    assert counter.heavy() <= 50
+    assert counter.share("light-5") == 0.0 or counter.share("light-5") < 0.01
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
+    port = free_port()
+    server = uvicorn.Server(config(create_app(settings, tokens_file), "127.0.0.1", port))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def _flood(
+    url: str, api: Api, function: str, count: int
+) -> tuple[Counter[int], list[httpx.Response]]:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {api.token}"}
+    ) as http:
+        answers = [await http.post("/v1/tasks", json={"function": function}) for _ in range(count)]
+    return Counter(r.status_code for r in answers), answers
+
+
+async def test_the_account_over_its_backlog_is_throttled_and_its_neighbour_is_not(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    heavy, neighbour = await make_api(), await make_api()
+    await heavy.function("held", command=["sleep", "30"], maxConcurrency=1)
+    await neighbour.function("quick", command=["true"])
+    limited = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords), account_max_backlog=20
+    )
+    async with gateway(limited, tokens_file) as url:
+        (flooded, answers), (calm, _) = await asyncio.gather(
+            _flood(url, heavy, "held", 60), _flood(url, neighbour, "quick", 12)
+        )
+        assert calm == {202: 12}, calm
+        assert flooded[429] > 0 and flooded[202] >= 16, flooded
+        refused = [r for r in answers if r.status_code == 429]
+        for resp in refused:
+            body = resp.json()
+            assert (
+                body["retryAfter"] >= 1 and int(resp.headers["retry-after"]) == body["retryAfter"]
+            )
+            assert "held" in body["error"], body
+        async with httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {heavy.token}"}
+        ) as http:
+            limits = (await http.get("/v1/limits")).json()
+        assert limits["account"] == heavy.account and limits["maxBacklog"] == 20
+        assert limits["queues"][0]["waiting"] >= 16, limits
+    running = await heavy.call("GET", "/v1/tasks", 200, params={"status": "Running"})
+    for task in running["items"]:
+        await heavy.call("POST", f"/v1/tasks/{task['metadata']['name']}/stop", 200)
+
+
+async def test_the_account_over_its_rate_is_throttled_and_its_neighbour_is_not(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    fast, neighbour = await make_api(), await make_api()
+    for api in (fast, neighbour):
+        await api.function("quick", command=["true"])
+    limited = dataclasses.replace(as_user(settings, "gateway", nats_passwords), account_max_rate=5)
+    async with gateway(limited, tokens_file) as url:
+        flooded, answers = await _flood(url, fast, "quick", 30)
+        assert flooded[429] >= 15 and flooded[202] >= 5, flooded
+        assert all(int(r.headers["retry-after"]) >= 1 for r in answers if r.status_code == 429)
+        await asyncio.sleep(1.0)  # a neighbour's own budget, not what is left of the other's
+        calm, _ = await _flood(url, neighbour, "quick", 5)
+        assert calm == {202: 5}, calm
