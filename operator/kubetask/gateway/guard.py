@@ -3,7 +3,7 @@ within the limit, a JSON content type where a body is expected (415 otherwise), 
 connected to NATS (503 with `Retry-After` otherwise — answered at once rather than after a
 request timeout, since nothing can be done while NATS is away).
 
-Plain ASGI in front of everything, the submit route included, so it costs one pass over the
+Plain ASGI in front of everything, the submit route included, so it costs a pass over the
 headers and no task per request.
 """
 
