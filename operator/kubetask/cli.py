@@ -122,6 +122,10 @@ def cmd_get(args: argparse.Namespace) -> None:
     print("\nstages:")
     for stage, stamp in status["timestamps"].items():
         print(f"  {stage:<10} {stamp or '-'}")
+    if status.get("waiting"):
+        w = status["waiting"]
+        place = f", position {w['position']}" if w.get("position") else ""
+        print(f"waiting in {w['queue']}{place}: {w['reason']}")
     if status.get("executor"):
         ex = status["executor"]
         print(f"executor: {ex['backend']} {ex.get('instance') or ''} on {ex['dispatcher']}")

@@ -341,6 +341,16 @@ class ExecutorRef(KubeModel):
     instance: str | None = Field(default=None, description="Warm instance or pod name.")
 
 
+class Waiting(KubeModel):
+    """Why a task that waits is waiting — worked out when it is read, never stored."""
+
+    queue: str = Field(description="The JetStream stream it waits in.")
+    position: Count | None = Field(
+        default=None, description="About how many of its function's tasks are ahead, plus one."
+    )
+    reason: str
+
+
 class TaskStatus(KubeModel):
     phase: TaskPhase = TaskPhase.Pending
     attempts: Count = 0
@@ -359,6 +369,9 @@ class TaskStatus(KubeModel):
     executor: ExecutorRef | None = None
     observedGeneration: Count | None = None
     conditions: list[Condition] = Field(default_factory=list)
+    waiting: Waiting | None = Field(
+        default=None, description="For a waiting task read from the API: where and why."
+    )
 
 
 class TaskSpec(KubeModel):

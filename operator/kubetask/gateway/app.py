@@ -47,7 +47,7 @@ from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Unreadable, Versioned
 from ..watch import LazyMirror
-from . import errors, params, submit
+from . import errors, params, submit, waiting
 from .errors import ApiError
 from .guard import Guard
 from .index import Query as IndexQuery
@@ -229,7 +229,12 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     @app.get("/v1/tasks/{task_id}", response_model=Task, tags=["tasks"])
     async def get_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
-        return _json((await load_task(who, account, task_id)).record.task)
+        task = (await load_task(who, account, task_id)).record.task
+        if task.status.phase in waiting.WAITING:
+            mirror: LazyMirror = state["mirror"]
+            await mirror.caught_up()
+            task.status.waiting = await waiting.explain(plane(), state["index"], task)
+        return _json(task)
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
     async def list_tasks(

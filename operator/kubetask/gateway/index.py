@@ -111,6 +111,9 @@ class TaskIndex:
         if row.phase in REPAIRABLE:
             self.repairable[(account, task_id)] = row
 
+    def rows_of(self, account: str) -> list[Summary]:
+        return list(self._rows.get(account, {}).values())
+
     def all(self) -> Iterator[Summary]:
         for rows in self._rows.values():
             yield from list(rows.values())

@@ -1,0 +1,68 @@
+""" "Why is my task waiting?": for a task that waits, its queue, about how many of its function's
+tasks are ahead of it, and the reason it is held — worked out when the task is read (one
+consumer-info request and a pass over the account's index), never stored, so it costs nothing
+on the hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .. import names, queues
+from ..models import Task, TaskFunction, TaskPhase, Waiting
+from ..plane import DataPlane
+from .index import TaskIndex
+
+WAITING = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying, TaskPhase.Paused})
+
+
+def ahead(index: TaskIndex, task: Task) -> int:
+    """Queued tasks of the same function enqueued before this one (messages leave a queue in
+    order, retries and resumes aside, so this is the task's place give or take a few)."""
+    mine = task.status.timestamps.enqueued
+    if mine is None:
+        return 0
+    return sum(
+        1
+        for row in index.rows_of(task.account)
+        if row.function == task.spec.function
+        and row.phase is TaskPhase.Queued
+        and row.id != task.id
+        and row.enqueued is not None
+        and row.enqueued < mine
+    )
+
+
+async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | None:
+    phase = task.status.phase
+    if phase not in WAITING:
+        return None
+    fn = plane.registry.function(task.account, task.spec.function)
+    if fn is None:
+        return Waiting(queue="-", reason=f"its function {task.spec.function!r} is not registered")
+    queue = names.stream_for(fn)
+    if phase is TaskPhase.Paused:
+        return Waiting(queue=queue, reason="paused; resume it to put it back in the queue")
+    if phase is TaskPhase.Retrying:
+        at = task.status.nextAttemptAt
+        when = at.isoformat(timespec="seconds") if at else "soon"
+        return Waiting(queue=queue, reason=f"waiting out its retry backoff until {when}")
+    if phase is TaskPhase.Pending:
+        return Waiting(queue=queue, reason="on its way back into the queue")
+    position = ahead(index, task) + 1
+    return Waiting(queue=queue, position=position, reason=await _held_by(plane, fn, position))
+
+
+async def _held_by(plane: DataPlane, fn: TaskFunction, position: int) -> str:
+    running = None
+    with contextlib.suppress(Exception):
+        running = (await queues.backlog(plane.js, fn))[1]
+    limit = fn.spec.maxConcurrency
+    if running is not None and running >= limit:
+        return (
+            f"function {fn.name!r} is at its maxConcurrency ({running} of {limit} running); "
+            f"{position - 1} of its tasks are ahead"
+        )
+    if position > 1:
+        return f"{position - 1} of its function's tasks are ahead of it"
+    return "next in line: a dispatcher takes it as soon as one has a free slot"
