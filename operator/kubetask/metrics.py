@@ -26,6 +26,16 @@ EXPIRED_DROPPED = Counter(
 )
 RUNNING = Gauge("kubetask_tasks_running", "Attempts running in this dispatcher.", LABELS)
 BACKLOG = Gauge("kubetask_backlog", "Tasks waiting in the function's queue.", LABELS)
+WINDOW = Gauge(
+    "kubetask_dispatch_window",
+    "Tasks of the function this dispatcher may keep in flight (AIMD, dispatch/aimd.py).",
+    LABELS,
+)
+BUSY = Counter(
+    "kubetask_executor_busy_total",
+    "Attempts an executor answered busy (429/503): handed back, no attempt spent.",
+    LABELS,
+)
 SUBMIT_TO_START = Histogram(
     "kubetask_submit_to_start_seconds",
     "From submission to the start of the first attempt.",

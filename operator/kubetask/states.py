@@ -18,8 +18,9 @@ TRANSITIONS: dict[P, frozenset[P]] = {
     P.Pending: frozenset({P.Queued, P.Running, P.Paused, P.Stopped, P.Expired}),
     P.Queued: frozenset({P.Running, P.Paused, P.Stopped, P.Expired}),
     # Running -> Running is a takeover: the claiming dispatcher died and its message came back.
+    # Running -> Queued: the executor answered busy; the task goes back, no attempt spent.
     P.Running: frozenset(
-        {P.Running, P.Succeeded, P.Failed, P.Retrying, P.Stopping, P.Stopped, P.Expired}
+        {P.Running, P.Queued, P.Succeeded, P.Failed, P.Retrying, P.Stopping, P.Stopped, P.Expired}
     ),
     P.Retrying: frozenset({P.Running, P.Paused, P.Stopped, P.Expired, P.Failed}),
     # Resume republishes with a fresh dispatch token, so it passes through Pending again.

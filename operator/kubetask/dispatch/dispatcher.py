@@ -39,6 +39,7 @@ from ..store import (
     now,
 )
 from .accounting import Accounting
+from .aimd import Window
 from .destinations import Destinations
 from .max_age import MaxEventAge
 from .policy import Policy, Retry, TaskContext
@@ -97,6 +98,10 @@ class FunctionWorker:
     task: asyncio.Task[None] | None = None
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     pull: Pull | None = None
+    window: Window = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.window = Window(self.fn.spec.maxConcurrency)
 
 
 class Dispatcher:
@@ -160,10 +165,13 @@ class Dispatcher:
             except Exception as err:
                 log.warning("cannot bind to queue of %s/%s: %s; retrying", fn.account, fn.name, err)
                 await asyncio.sleep(1)
-        limit = fn.spec.maxConcurrency
+        window = worker.window
+        gauge = metrics.of(metrics.WINDOW, fn.account, fn.name)
 
         def free() -> int:
-            return 0 if self._closing else limit - len(worker.inflight)
+            window.judge(len(worker.inflight))
+            gauge.set(window.allowed())
+            return 0 if self._closing else window.allowed() - len(worker.inflight)
 
         def deliver(msg: Msg) -> None:
             if self._closing:  # delivered while the pull was being stopped: hand it back
@@ -423,6 +431,12 @@ class Dispatcher:
     async def _record_outcome(
         self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, slot: Slot
     ) -> None:
+        worker = self.workers.get((ctx.account, ctx.function.name))
+        if worker is not None:
+            worker.window.done(outcome.busy)
+        if outcome.busy and not slot.stop_requested:
+            await self._handed_back(ctx, msg, claimed, outcome)
+            return
         attempt = claimed.record.task.status.attempts
         verdict = "succeeded" if outcome.ok else f"failed: {outcome.error}"
         where = "" if slot.announced or outcome.instance is None else f" ({outcome.instance})"
@@ -444,6 +458,29 @@ class Dispatcher:
         self._log(ctx.record, "system", ctx.note, attempt)
         ctx.note = None
         await self._retry(ctx, msg, claimed, outcome, retry)
+
+    async def _handed_back(
+        self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome
+    ) -> None:
+        """The executor answered busy: the task goes back to its queue as it was before the
+        claim (the attempt is not counted) and comes back a moment later; the dispatch window
+        has already been told."""
+        metrics.of(metrics.BUSY, ctx.account, ctx.function.name).inc()
+
+        def unclaim(r: TaskRecord) -> TaskRecord:
+            st = r.task.status
+            st.phase = TaskPhase.Queued
+            st.attempts = max(0, st.attempts - 1)
+            st.executor = None
+            st.timestamps.started = None
+            r.claimSeq = None
+            return r
+
+        with contextlib.suppress(IllegalTransition, TaskGone):
+            await self.plane.store.transition(
+                ctx.account, ctx.task_id, unclaim, claimed, in_place=True
+            )
+        await msg.nak(delay=0.05)
 
     async def _retry(
         self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, retry: Retry

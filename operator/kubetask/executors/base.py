@@ -46,6 +46,8 @@ class Outcome:
     timed_out: bool = False
     killed: bool = False
     instance: str | None = None
+    # The executor pushed back (HTTP 429/503): not a task failure, and no attempt is spent.
+    busy: bool = False
     # What the attempt printed last, kept as evidence when it fails (`TAIL_BYTES` each).
     stdout_tail: str | None = None
     stderr_tail: str | None = None

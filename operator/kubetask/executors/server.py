@@ -274,6 +274,14 @@ class ServerExecution:
                 exit_code=status,
                 instance=self.instance,
             )
+        if status in (429, 503):
+            return Outcome(
+                False,
+                error=f"busy (HTTP {status})",
+                exit_code=status,
+                instance=self.instance,
+                busy=True,
+            )
         if status >= 300:
             return Outcome(
                 False,

@@ -1,0 +1,80 @@
+"""The dispatch window of one function (AIMD): how many of its tasks this dispatcher keeps in
+flight, found by probing rather than configured, so executors that can take less than the
+function's `maxConcurrency` are not flooded with work they answer "busy" to.
+
+- **increase** while there is backlog (the window was full) and executors keep up: by one per
+  completed task up to the threshold (doubling per round of tasks: a fresh function reaches
+  hundreds in flight within a few hundred tasks), then by one per window's worth (additive);
+- **multiplicative decrease** when executors pushed back (429/503, "busy") — but only if, over
+  a `period`, *both* the share of busy answers reaches `busy_rate` *and* their count reaches
+  `busy_count`, so one isolated error never halves the window; the threshold drops with it;
+- **shrink when idle**: after `idle_periods` periods without work it falls back toward `start`,
+  so a function waking up probes again instead of flooding with yesterday's window.
+
+A busy answer is not a task failure: the task goes back to its queue and spends no attempt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..settings import env_float, env_int
+
+
+@dataclass(frozen=True)
+class AimdSettings:
+    start: int = env_int("KUBETASK_AIMD_START", 8)
+    increase: float = env_float("KUBETASK_AIMD_INCREASE", 1.0)
+    decrease: float = env_float("KUBETASK_AIMD_DECREASE", 0.5)
+    period: float = env_float("KUBETASK_AIMD_PERIOD", 0.5)
+    busy_rate: float = env_float("KUBETASK_AIMD_BUSY_RATE", 0.1)
+    busy_count: int = env_int("KUBETASK_AIMD_BUSY_COUNT", 3)
+    idle_periods: int = env_int("KUBETASK_AIMD_IDLE_PERIODS", 20)
+
+
+class Window:
+    def __init__(self, limit: int, settings: AimdSettings | None = None) -> None:
+        self.settings = settings or AimdSettings()
+        self.limit = limit
+        self.size = float(min(limit, self.settings.start))
+        self.threshold = float(limit)
+        self._busy = 0
+        self._answered = 0
+        self._full = False
+        self._idle = 0
+        self._period_end: float | None = None  # set by the first judgement
+
+    def allowed(self) -> int:
+        return max(1, min(self.limit, int(self.size)))
+
+    def done(self, busy: bool) -> None:
+        self._answered += 1
+        if busy:
+            self._busy += 1
+        elif self._full and not self._busy:  # pushed back this period: stop growing
+            step = 1.0 if self.size < self.threshold else 1.0 / self.size
+            self.size = min(float(self.limit), self.size + step * self.settings.increase)
+
+    def judge(self, inflight: int, now: float | None = None) -> None:
+        """Called whenever the worker asks how much it may pull; acts once per period."""
+        now = time.monotonic() if now is None else now
+        self._full = self._full or inflight >= self.allowed()
+        if self._period_end is None:
+            self._period_end = now + self.settings.period
+        if now < self._period_end:
+            return
+        s = self.settings
+        if self._busy >= s.busy_count and self._busy >= s.busy_rate * self._answered:
+            self.threshold = max(1.0, self.size * s.decrease)
+            self.size = self.threshold
+        if self._answered or inflight:
+            self._idle = 0
+        else:
+            self._idle += 1
+            if self._idle >= s.idle_periods and self.size > s.start:
+                self.size = max(float(s.start), self.size * s.decrease)
+                self.threshold = float(self.limit)
+        self._busy = self._answered = 0
+        self._full = inflight >= self.allowed()
+        self._period_end = now + s.period

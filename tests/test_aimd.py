@@ -1,0 +1,119 @@
+"""The AIMD dispatch window: grows under backlog, shrinks on sustained busy answers but not on a
+single isolated one, falls back when idle; and end to end, an executor that answers 429 beyond
+its real capacity gets every task done with no attempt spent on a busy answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from harness import Api
+from kubetask.dispatch.aimd import AimdSettings, Window
+from prometheus_client import REGISTRY
+
+SETTINGS = AimdSettings(
+    start=8, increase=1.0, decrease=0.5, period=1.0, busy_rate=0.1, busy_count=3, idle_periods=3
+)
+
+
+def _period(window: Window, now: float, ok: int, busy: int, inflight: int) -> float:
+    """One period of traffic, the window full; returns the next period's clock."""
+    window.judge(inflight, now)
+    for _ in range(busy):
+        window.done(True)
+    for _ in range(ok):
+        window.done(False)
+    now += SETTINGS.period
+    window.judge(inflight, now)
+    return now
+
+
+def test_the_window_grows_under_backlog_and_halves_on_sustained_pushback() -> None:
+    window = Window(limit=200, settings=SETTINGS)
+    assert window.allowed() == 8
+    now = _period(window, 0.0, ok=40, busy=0, inflight=8)
+    grown = window.allowed()
+    assert grown > 40, grown  # one per completed task while below the threshold
+    now = _period(window, now, ok=20, busy=10, inflight=grown)
+    assert window.allowed() == grown // 2
+    # Past the threshold, growth is additive: about one per window's worth of tasks.
+    before = window.size
+    now = _period(window, now, ok=int(before), busy=0, inflight=window.allowed())
+    assert before < window.size <= before + 1.5
+
+
+def test_one_isolated_busy_answer_does_not_shrink_the_window() -> None:
+    window = Window(limit=50, settings=SETTINGS)
+    now = _period(window, 0.0, ok=30, busy=0, inflight=8)
+    size = window.allowed()
+    _period(window, now, ok=200, busy=1, inflight=size)  # rate under 10%, count under 3
+    assert window.allowed() >= size
+    quiet = Window(limit=50, settings=SETTINGS)
+    quiet.judge(8, 0.0)
+    for _ in range(5):
+        quiet.done(True)
+    for _ in range(100):
+        quiet.done(False)
+    quiet.judge(8, 1.0)  # 5 busy, but under 10% of what was answered
+    assert quiet.allowed() >= 8
+
+
+def test_an_idle_window_falls_back_to_its_start() -> None:
+    window = Window(limit=100, settings=SETTINGS)
+    now = _period(window, 0.0, ok=60, busy=0, inflight=8)
+    assert window.allowed() > 8
+    for _ in range(12):
+        window.judge(0, now)
+        now += SETTINGS.period
+    assert window.allowed() == 8
+
+
+PICKY_SERVER = """
+    import json, os, threading, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    busy = threading.Semaphore(2)  # what this server can really take at once
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if not busy.acquire(blocking=False):
+                self.send_response(429)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"busy")
+                return
+            try:
+                time.sleep(0.05)
+            finally:
+                busy.release()
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+async def test_busy_answers_spend_no_attempt_and_shrink_the_window(api: Api) -> None:
+    server = {"command": api.script("picky", PICKY_SERVER), "concurrency": 16, "maxInstances": 1}
+    await api.function("picky", server=server, maxConcurrency=16)
+    await api.async_config("picky", function="picky", maxAsyncRetryAttempts=0)
+    labels = {"account": api.account, "function": "picky"}
+    ids = [(await api.submit("picky", i))["metadata"]["name"] for i in range(40)]
+    for task_id in ids:
+        done = await api.wait(task_id, timeout=60)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        assert done["status"]["attempts"] == 1, done["status"]
+    busy = REGISTRY.get_sample_value("kubetask_executor_busy_total", labels) or 0
+    assert busy > 0, "the server never pushed back: the test proves nothing"
+    await asyncio.sleep(0)
+    window = REGISTRY.get_sample_value("kubetask_dispatch_window", labels)
+    assert window is not None and window < 16, window
