@@ -32,6 +32,8 @@ SERVER = """
     CAP = {cap!r}
 
     class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: the dispatcher reuses its connections
+
         def log_message(self, *a):
             pass
 
@@ -46,6 +48,7 @@ SERVER = """
                 self.wfile.write(out)
                 return
             self.send_response(200)
+            self.send_header("Content-Length", "0")
             self.end_headers()
 
         def do_POST(self):
