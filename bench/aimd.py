@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -20,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+from devrun import running_dev
 from kubetask.embedded import free_port
 
 PY = sys.executable
@@ -89,19 +87,8 @@ async def main(args: argparse.Namespace) -> None:
     stats_port = free_port()
     script = work / "server.py"
     script.write_text(textwrap.dedent(SERVER.format(cap=str(cap), stats_port=stats_port)))
-    port = free_port()
-    argv = ["dev", "--data-dir", str(work), "--port", str(port), "--nats-port", "0"]
-    dev = subprocess.Popen(
-        [PY, "-m", "kubetask", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        cfg = work / "client.json"
-        while not (cfg.exists() and "url" in cfg.read_text()):  # noqa: ASYNC110 (a file)
-            await asyncio.sleep(0.1)
-        token = json.loads(cfg.read_text())["token"]
-        url = f"http://127.0.0.1:{port}"
+    async with running_dev(work) as dev:
+        token, url = dev.token, dev.url
         # The instance serves invocations on $PORT and its counters on a port of our own.
         command = [PY, str(script)]
         fn = {
@@ -165,9 +152,6 @@ async def main(args: argparse.Namespace) -> None:
                 f"C={c}: settled within ±20% after {settled}s; refused at steady state "
                 f"{refused:.1%}"
             )
-    finally:
-        dev.send_signal(signal.SIGINT)
-        dev.wait(10)
 
 
 if __name__ == "__main__":

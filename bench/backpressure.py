@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,8 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from devrun import running_dev
 from kubetask.auth import create_token
-from kubetask.embedded import free_port
 
 PY = sys.executable
 
@@ -45,21 +41,8 @@ async def submitter(
 
 async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="kt-backpressure-"))
-    port = free_port()
-    env = dict(os.environ, KUBETASK_ACCOUNT_MAX_BACKLOG=str(args.backlog))
-    argv = ["dev", "--data-dir", str(work), "--port", str(port), "--nats-port", "0"]
-    dev = subprocess.Popen(
-        [PY, "-m", "kubetask", *argv],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        cfg = work / "client.json"
-        while not (cfg.exists() and "url" in cfg.read_text()):  # noqa: ASYNC110 (a file)
-            await asyncio.sleep(0.1)
-        admin = json.loads(cfg.read_text())["adminToken"]
-        url = f"http://127.0.0.1:{port}"
+    async with running_dev(work, KUBETASK_ACCOUNT_MAX_BACKLOG=str(args.backlog)) as dev:
+        admin, url = dev.admin_token, dev.url
         tokens = {a: create_token(work / "tokens.json", a, a) for a in ("flood", "calm")}
         async with httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {admin}"}
@@ -91,9 +74,6 @@ async def main(args: argparse.Namespace) -> None:
         print(f"  B (every 10 ms): {dict(seen['calm'])}")
         print(f"  share of 429s that went to A: {seen['flood'][429] / max(1, refused):.1%}")
         print(f"  B's acceptance: {seen['calm'][202] / max(1, calm_total):.2%}")
-    finally:
-        dev.send_signal(signal.SIGINT)
-        dev.wait(10)
 
 
 if __name__ == "__main__":
