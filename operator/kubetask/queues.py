@@ -151,7 +151,10 @@ class QueueDepth:
         stream = names.stream_for(fn)
         return stream, self._known.get(stream, (0.0, 0))[1], self.drain.get(stream, 0.0)
 
-    async def admit(self, fn: TaskFunction) -> None:
+    async def refresh(self, fn: TaskFunction) -> tuple[str, float, int]:
+        """Re-read the stream's depth if the last read is older than `ttl`; returns (stream,
+        when read, depth). Whoever refuses a submission must still call this, or a queue that
+        drained would look full for ever."""
         stream = names.stream_for(fn)
         now = time.monotonic()
         read_at, depth = self._known.get(stream, (0.0, 0))
@@ -164,8 +167,12 @@ class QueueDepth:
                 left = max(0, depth - int(info["state"]["messages"])) / (now - read_at)
                 self.drain[stream] = 0.5 * self.drain.get(stream, left) + 0.5 * left
             read_at, depth = now, int(info["state"]["messages"])
-        if depth >= self.limit:
             self._known[stream] = (read_at, depth)
+        return stream, read_at, depth
+
+    async def admit(self, fn: TaskFunction) -> None:
+        stream, read_at, depth = await self.refresh(fn)
+        if depth >= self.limit:
             raise QueueFull(f"{depth} tasks waiting, the limit is {self.limit}")
         self._known[stream] = (read_at, depth + 1)
 

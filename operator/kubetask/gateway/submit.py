@@ -135,7 +135,7 @@ class SubmitRoute:
                     field="payload",
                 )
         try:
-            self.throttle.admit(fn)
+            await self.throttle.admit(fn)
         except Throttled as err:
             raise ApiError(
                 429, f"{err}; retry later", extra={"retryAfter": err.retry_after}

@@ -87,10 +87,14 @@ class Throttle:
         self._buckets: dict[str, Bucket] = {}
         self._senders: dict[str, SampleAndHold] = {}
 
-    def admit(self, fn: TaskFunction) -> None:
-        """Raise `Throttled` when this submission must wait; otherwise count it."""
+    async def admit(self, fn: TaskFunction) -> None:
+        """Raise `Throttled` when this submission must wait; otherwise count it. The depth is
+        refreshed first: refusals never reach `QueueDepth.admit`, which would otherwise be the
+        only reader, and a drained queue would stay refused."""
         self._rate(fn.account)
-        self._backlog(fn)
+        if self.max_backlog > 0:
+            await self.depth.refresh(fn)
+            self._backlog(fn)
 
     def _rate(self, account: str) -> None:
         if self.max_rate <= 0:
@@ -109,8 +113,6 @@ class Throttle:
         bucket.tokens -= 1
 
     def _backlog(self, fn: TaskFunction) -> None:
-        if self.max_backlog <= 0:
-            return
         queue, depth, drain = self.depth.known(fn)
         senders = self._senders.setdefault(queue, SampleAndHold())
         senders.observe(fn.name)
