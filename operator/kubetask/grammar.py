@@ -28,7 +28,10 @@ ID_PREFIX_PATTERN = r"^([A-Za-z0-9][A-Za-z0-9_-]{0,127})?$"
 
 DESTINATION_ROOT = "out"
 SUBJECT_MAX = 255
-_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SUBJECT_TOKEN = r"[A-Za-z0-9_-]{1,64}"
+# Any account's destination namespace (schemas and CRDs); which account is checked in code.
+SUBJECT_DESTINATION_PATTERN = rf"^{DESTINATION_ROOT}[.]{NAME_PATTERN[1:-1]}([.]{SUBJECT_TOKEN})+$"
+_SUBJECT_TOKEN = re.compile(SUBJECT_TOKEN)
 
 _NAME = re.compile(NAME_PATTERN)
 _TASK_ID = re.compile(TASK_ID_PATTERN)

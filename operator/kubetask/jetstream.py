@@ -89,11 +89,12 @@ class Connection(Client):
         found too long, say), which left a component cut off until restarted. Here only a
         permissions error is reported and the connection kept; every other error reconnects,
         for ever, like a lost connection does."""
-        if "permissions violation" in err_msg.lower():
-            log.error("NATS refused: %s", err_msg.strip("'"))
+        said = err_msg.strip("'")
+        if "permissions violation" in said.lower():
+            log.error("NATS refused: %s", said)
             return
-        log.warning("NATS server error %s; reconnecting", err_msg.strip("'"))
-        await self._process_op_err(nats_errors.Error(f"nats: {err_msg.strip(chr(39))}"))
+        log.warning("NATS server error %s; reconnecting", said)
+        await self._process_op_err(nats_errors.Error(f"nats: {said}"))
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:

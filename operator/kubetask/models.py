@@ -203,9 +203,7 @@ class DestinationKind(StrEnum):
     webhook = "webhook"
 
 
-SUBJECT_DESTINATION = re.compile(
-    rf"{grammar.DESTINATION_ROOT}[.][a-z0-9-]{{1,63}}([.][A-Za-z0-9_-]{{1,64}})+"
-)
+SUBJECT_DESTINATION = re.compile(grammar.SUBJECT_DESTINATION_PATTERN)
 
 
 DESTINATION_RULES: list[JsonValue] = [
@@ -214,7 +212,7 @@ DESTINATION_RULES: list[JsonValue] = [
         "message": "a function destination is a function name of the same account",
     },
     {
-        "rule": f"self.kind != 'subject' || self.target.matches('^{SUBJECT_DESTINATION.pattern}$')",
+        "rule": f"self.kind != 'subject' || self.target.matches('{SUBJECT_DESTINATION.pattern}')",
         "message": "a subject destination is a literal subject in 'out.<account>.'",
     },
     {
@@ -235,7 +233,7 @@ class Destination(KubeModel):
                 {"properties": {"kind": {"const": kind}, "target": {"pattern": pattern}}}
                 for kind, pattern in (
                     ("function", grammar.NAME_PATTERN),
-                    ("subject", f"^{SUBJECT_DESTINATION.pattern}$"),
+                    ("subject", SUBJECT_DESTINATION.pattern),
                     ("webhook", "^https?://"),
                 )
             ],
