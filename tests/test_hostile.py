@@ -97,7 +97,7 @@ async def test_creations_with_bad_names_are_422(api: Api) -> None:
     for bad in ["A", "a.b", "x" * 64, "-a", "a_b"]:
         body = {"metadata": {"name": bad}, "spec": {"command": ["true"]}}
         resp = await api.http.put(f"/v1/functions/{bad}", json=body)
-        assert resp.status_code in (404, 422), resp.text
+        assert resp.status_code == 422, resp.text
         _check_error_body(resp)
 
 

@@ -26,8 +26,7 @@ def test_sample_and_hold_finds_the_heavy_sender_in_bounded_memory() -> None:
     for i in range(10_000):
         counter.observe("flood" if i % 5 else f"light-{i}")
     assert abs(counter.share("flood") - 0.8) < 0.05
-    assert counter.heavy() <= 50
-    assert counter.share("light-5") == 0.0 or counter.share("light-5") < 0.01
+    assert counter.heavy() <= 50  # 2,000 distinct light senders, at most 50 held
 
 
 @asynccontextmanager
