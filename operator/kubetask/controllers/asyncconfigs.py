@@ -7,7 +7,7 @@ from typing import Any
 
 import kopf
 
-from ..dispatch.destinations import target_problem
+from ..dispatch.destinations import config_problem
 from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
 from ..registry import ConfigConflict
 from .context import condition, plane_of, set_status
@@ -34,11 +34,9 @@ async def reconcile(
             metadata=ObjectMeta(name=name, namespace=namespace),
             spec=AsyncConfigSpec.model_validate(dict(spec)),
         )
-        dests = cfg.spec.destinationConfig
-        for dest in (dests.onSuccess, dests.onFailure):
-            problem = None if dest is None else target_problem(cfg.account, dest)
-            if problem is not None:
-                raise ValueError(problem)
+        problem = config_problem(cfg)
+        if problem is not None:
+            raise ValueError(problem)
     except ValueError as err:
         # Never registered, so no dispatcher delivers anywhere it names.
         patch.status.update(

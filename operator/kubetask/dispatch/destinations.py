@@ -64,10 +64,11 @@ def target_problem(account: str, dest: Destination) -> str | None:
 
 
 def config_problem(
-    cfg: AsyncConfig, function: Callable[[str, str], TaskFunction | None]
+    cfg: AsyncConfig, function: Callable[[str, str], TaskFunction | None] | None = None
 ) -> str | None:
     """Why an AsyncConfig's destinations are refused (422 in the API, a condition on
-    Kubernetes); None when they are acceptable."""
+    Kubernetes); None when they are acceptable. With `function`, a destination function must
+    also be registered (the API's rule; on Kubernetes it may come later)."""
     dests = cfg.spec.destinationConfig
     for dest in (dests.onSuccess, dests.onFailure):
         if dest is None:
@@ -75,7 +76,11 @@ def config_problem(
         problem = target_problem(cfg.account, dest)
         if problem is not None:
             return problem
-        if dest.kind is DestinationKind.function and function(cfg.account, dest.target) is None:
+        if (
+            function is not None
+            and dest.kind is DestinationKind.function
+            and function(cfg.account, dest.target) is None
+        ):
             return f"destination function {dest.target!r} is not registered in {cfg.account!r}"
     return None
 
