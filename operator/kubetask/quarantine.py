@@ -11,7 +11,6 @@ terminated after being copied here, so they are not delivered again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -115,11 +114,12 @@ _keeping: set[asyncio.Task[None]] = set()
 
 
 async def list_entries(rpc: Any, limit: int) -> list[dict[str, Any]]:
-    """The newest `limit` quarantined items, oldest first."""
-    with contextlib.suppress(Exception):
-        info = await rpc.api(f"$JS.API.STREAM.INFO.{STREAM}")
-        last = int(info["state"]["last_seq"])
-        first = max(int(info["state"]["first_seq"]), last - limit + 1)
-        msgs, _ = await rpc.batch_get(STREAM, {"seq": first, "batch": limit})
-        return [entry(m.headers or {}, m.data) for m in msgs]
-    return []
+    """The newest `limit` quarantined items, oldest first. NATS errors are the caller's to
+    answer (503): an outage must not read as an empty quarantine."""
+    state = (await rpc.api(f"$JS.API.STREAM.INFO.{STREAM}"))["state"]
+    if not state["messages"]:
+        return []
+    last = int(state["last_seq"])
+    first = max(int(state["first_seq"]), last - limit + 1)
+    msgs, _ = await rpc.batch_get(STREAM, {"seq": first, "batch": limit})
+    return [entry(m.headers or {}, m.data) for m in msgs]
