@@ -176,13 +176,17 @@ def issue_token(
         "sha256": hash_token(token),
     }
     _write_entries(path, [*read_entries(path), entry])
-    return token, {k: v for k, v in entry.items() if k != "sha256"}
+    return token, _public(entry)
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry as shown to people: everything but the hash."""
+    return {k: v for k, v in entry.items() if k != "sha256"}
 
 
 def list_tokens(path: Path) -> list[dict[str, Any]]:
-    """Every entry without its hash (the hash is all a reader would need to forge nothing, but
-    there is no reason to show it)."""
-    return [{k: v for k, v in e.items() if k != "sha256"} for e in read_entries(path)]
+    """Every entry, without its hash."""
+    return [_public(e) for e in read_entries(path)]
 
 
 def revoke_token(path: Path, key: str) -> list[dict[str, Any]]:
@@ -193,4 +197,4 @@ def revoke_token(path: Path, key: str) -> list[dict[str, Any]]:
     if not gone:
         raise TokenError(f"no token has id or name {key!r}")
     _write_entries(path, [e for e in entries if e not in gone])
-    return [{k: v for k, v in e.items() if k != "sha256"} for e in gone]
+    return [_public(e) for e in gone]

@@ -208,6 +208,9 @@ def cmd_functions(args: argparse.Namespace) -> None:
 
 def cmd_dev(args: argparse.Namespace) -> None:
     from .dev import run
+    from .runtime import keep_private
+
+    keep_private()  # it reads every component's NATS password
 
     functions = Path(args.functions) if args.functions else None
     sys.exit(
