@@ -393,12 +393,9 @@ class TaskSubmission(KubeModel):
     """Body of `POST /v1/tasks`."""
 
     function: Name
-    id: str | None = Field(
+    id: TaskId | None = Field(
         default=None,
         description="Client-chosen id (e.g. a trace id); a second submission with it returns 409.",
-        min_length=1,
-        max_length=grammar.TASK_ID_MAX,
-        pattern=grammar.TASK_ID_PATTERN,
     )
     payload: Any | None = None
 
