@@ -319,3 +319,20 @@ async def test_a_body_without_length_is_limited_as_it_arrives(api: Api) -> None:
         assert resp.status_code == 413, resp.text
         _check_error_body(resp)
     assert (await api.http.get("/healthz")).status_code == 200
+
+
+async def test_a_hand_edited_token_outside_the_grammar_authenticates_nobody(
+    api: Api, tokens_file: Any
+) -> None:
+    from kubetask.auth import hash_token
+
+    data = json.loads(tokens_file.read_text())
+    data["tokens"].append(
+        {"name": "typo", "account": "Bad.Account 1!", "admin": False, "sha256": hash_token("kt_x")}
+    )
+    data["tokens"].append({"name": "wide", "account": None, "sha256": hash_token("kt_y")})
+    tokens_file.write_text(json.dumps(data))
+    for token in ("kt_x", "kt_y"):
+        resp = await api.http.get("/v1/tasks", headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 401, resp.text
+    assert (await api.http.get("/v1/tasks")).status_code == 200  # the file still works
