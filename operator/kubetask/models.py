@@ -443,6 +443,11 @@ class AccountLimits(KubeModel):
         "rising probability; at maxBacklog, every submission to the queue is."
     )
     maxRate: float = Field(description="Submissions per second; 0 = no limit.")
+    weight: float = Field(
+        description="The account's weight in fair sharing: while accounts compete for a "
+        "dispatcher or a gateway, each gets a share of it in proportion to its weight."
+    )
+    fairness: bool = Field(description="Whether fair sharing across accounts is on.")
     queues: list[QueueLoad]
 
 

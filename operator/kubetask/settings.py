@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .fairness import FairnessSettings, parse_weights
+
 
 def env_str(name: str, default: str) -> str:
     return os.environ.get(name) or default
@@ -18,6 +20,15 @@ def env_float(name: str, default: float) -> float:
 def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return int(raw) if raw else default
+
+
+def env_switch(name: str, default: bool) -> bool:
+    raw = (os.environ.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("on", "off", "true", "false", "1", "0"):
+        raise ValueError(f"{name}={raw!r}: expected on or off")
+    return raw in ("on", "true", "1")
 
 
 def env_secret(name: str) -> str | None:
@@ -76,3 +87,19 @@ class Settings:
     dedup_window: float = field(default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0))
     # A task still Pending this long after acceptance lost its publish; it is republished.
     sweep_grace: float = field(default_factory=lambda: env_float("KUBETASK_SWEEP_GRACE", 10.0))
+    # Fair sharing across accounts (`fairness.py`): while several accounts have work, each keeps
+    # at most its weighted share of these many attempts in flight in a dispatcher, and of these
+    # many submissions in progress in a gateway.
+    fairness: bool = field(default_factory=lambda: env_switch("KUBETASK_FAIRNESS", True))
+    account_weights: dict[str, float] = field(
+        default_factory=lambda: parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", ""))
+    )
+    dispatch_fair_slots: int = field(
+        default_factory=lambda: env_int("KUBETASK_DISPATCH_FAIR_SLOTS", 32)
+    )
+    gateway_fair_slots: int = field(
+        default_factory=lambda: env_int("KUBETASK_GATEWAY_FAIR_SLOTS", 8)
+    )
+
+    def fair_share(self, slots: int) -> FairnessSettings:
+        return FairnessSettings(self.fairness, slots, weights=self.account_weights)

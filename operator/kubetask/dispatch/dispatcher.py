@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from .. import jetstream, metrics, names, quarantine, queues
 from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
+from ..fairness import Fairness
 from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
@@ -115,6 +116,7 @@ class Dispatcher:
         self.logs = LogWriter(plane.nc)
         self.workers: dict[tuple[str, str], FunctionWorker] = {}
         self.slots: dict[tuple[str, str], Slot] = {}
+        self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
 
@@ -171,9 +173,14 @@ class Dispatcher:
         def free() -> int:
             window.judge(len(worker.inflight))
             gauge.set(window.allowed())
-            return 0 if self._closing else window.allowed() - len(worker.inflight)
+            if self._closing:
+                return 0
+            fair = self.fairness.free(fn.account)
+            allowed = window.allowed() - len(worker.inflight)
+            return allowed if fair is None else min(allowed, fair)
 
         def deliver(msg: Msg) -> None:
+            self.fairness.started(fn.account)
             if self._closing:  # delivered while the pull was being stopped: hand it back
                 t = asyncio.create_task(msg.nak())
             else:
@@ -192,6 +199,7 @@ class Dispatcher:
         self, inflight: set[asyncio.Task[None]], key: tuple[str, str], task: asyncio.Task[None]
     ) -> None:
         inflight.discard(task)
+        self.fairness.finished(key[0])
         worker = self.workers.get(key)  # the function's current worker: it has a slot free
         if worker is not None and worker.pull is not None:
             worker.pull.wake()

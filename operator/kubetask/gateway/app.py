@@ -485,6 +485,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             maxBacklog=settings.account_max_backlog,
             throttleFrom=int(THROTTLE_FROM * settings.account_max_backlog),
             maxRate=settings.account_max_rate,
+            weight=settings.account_weights.get(acct, 1.0),
+            fairness=settings.fairness,
             queues=[loads[q] for q in sorted(loads)],
         )
         return _json(limits)

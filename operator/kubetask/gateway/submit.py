@@ -27,6 +27,7 @@ from ..settings import Settings
 from ..store import TaskExists
 from . import errors
 from .errors import ApiError
+from .fair_gate import FairGate
 from .throttle import Throttle, Throttled
 
 PATH = "/v1/tasks"
@@ -50,6 +51,7 @@ class SubmitRoute:
         self.plane = plane
         # The limit applies to the payload; leave room for the envelope around it.
         self.max_body = settings.max_payload_bytes + 64 * 1024
+        self.gate = FairGate(settings.fair_share(settings.gateway_fair_slots))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
@@ -99,6 +101,13 @@ class SubmitRoute:
 
     async def _submit(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         who, raw = await self._read(scope, receive)
+        query = scope["query_string"]
+        account = parse_qs(query.decode("latin-1")).get("account", [None])[0] if query else None
+        acct = who.one_account(account)
+        async with self.gate.turn(acct):
+            return await self._accept(acct, raw)
+
+    async def _accept(self, acct: str, raw: bytes) -> tuple[int, bytes]:
         try:
             # Parsed first so NaN and Infinity are refused (JSON has neither; the model's own
             # parser would take them into an untyped payload).
@@ -109,9 +118,6 @@ class SubmitRoute:
             body = TaskSubmission.model_validate(doc)
         except ValidationError as err:
             raise RequestValidationError(err.errors()) from None
-        query = scope["query_string"]
-        account = parse_qs(query.decode("latin-1")).get("account", [None])[0] if query else None
-        acct = who.one_account(account)
         plane = self.plane()
         fn = plane.registry.function(acct, body.function)
         if fn is None:

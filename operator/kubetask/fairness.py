@@ -1,0 +1,93 @@
+"""Share a component's capacity across accounts: while more than one account has work here,
+each may keep at most its weighted share of `slots` requests in flight, so one account's flood
+cannot fill the process's event loop (and its NATS connection) ahead of a neighbour's next task.
+The dispatcher caps what an account's functions may pull (attempts in flight); the gateway caps
+the submissions it works on at once (`gateway/fair_gate.py`).
+
+Why a cap on work in flight and not a scheduler in front of it: the dispatcher's functions
+already pull only as many messages as they have free slots, so capping what an account may pull
+is weighted fair sharing with no queue of held messages. A neighbour's task waits at most for
+the heavy account's work in flight to shrink to its share, which for short tasks is one round.
+
+An account counts as active while it has work in flight or started some within the last
+`active_for` seconds. Alone, an account is bounded only by its own limits, so fairness costs a
+single tenant nothing. Weights come from KUBETASK_ACCOUNT_WEIGHTS (`gold=4,silver=2`; any other
+account weighs 1).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import grammar
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """`account=weight,...`; raises ValueError naming the first bad entry."""
+    weights: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        account, sep, raw = entry.partition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = -1.0
+        if not sep or not grammar.is_name(account.strip()) or not 0 < weight <= 1000:
+            raise ValueError(
+                f"KUBETASK_ACCOUNT_WEIGHTS entry {entry!r}: expected <account>=<weight>, an"
+                " account name and a weight above 0 and at most 1000"
+            )
+        weights[account.strip()] = weight
+    return weights
+
+
+@dataclass(frozen=True)
+class FairnessSettings:
+    enabled: bool = True
+    slots: int = 64  # work in flight shared among the accounts active at once
+    active_for: float = 2.0
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+class Fairness:
+    def __init__(self, settings: FairnessSettings) -> None:
+        self.settings = settings
+        self.inflight: dict[str, int] = {}
+        self._seen: dict[str, float] = {}
+
+    def weight(self, account: str) -> float:
+        return self.settings.weights.get(account, 1.0)
+
+    def started(self, account: str) -> None:
+        self.inflight[account] = self.inflight.get(account, 0) + 1
+        self._seen[account] = time.monotonic()
+
+    def finished(self, account: str) -> None:
+        left = self.inflight.get(account, 0) - 1
+        if left > 0:
+            self.inflight[account] = left
+        else:
+            self.inflight.pop(account, None)
+
+    def active(self) -> list[str]:
+        horizon = time.monotonic() - self.settings.active_for
+        for account, at in list(self._seen.items()):
+            if at < horizon and account not in self.inflight:
+                del self._seen[account]
+        return list(self._seen)
+
+    def share(self, account: str) -> int | None:
+        """Attempts `account` may have in flight now; None: no limit (it is alone, or fairness
+        is off)."""
+        if not self.settings.enabled:
+            return None
+        others = [a for a in self.active() if a != account]
+        if not others:
+            return None
+        total = self.weight(account) + sum(self.weight(a) for a in others)
+        return max(1, int(self.settings.slots * self.weight(account) / total))
+
+    def free(self, account: str) -> int | None:
+        """More attempts `account` may start now (None: no limit)."""
+        share = self.share(account)
+        return None if share is None else max(0, share - self.inflight.get(account, 0))

@@ -1,0 +1,116 @@
+"""Fair sharing across accounts: weights are validated settings; while accounts compete, each
+keeps at most its weighted share of a dispatcher's attempts in flight (end to end, with real
+tasks) and of a gateway's submissions in progress; alone, an account is not limited at all."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+from harness import Api
+from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.fairness import Fairness, FairnessSettings, parse_weights
+from kubetask.gateway.fair_gate import FairGate
+from kubetask.settings import Settings
+
+
+def test_weights_are_names_and_positive_numbers() -> None:
+    assert parse_weights("") == {}
+    assert parse_weights(" gold=4, silver=2.5 ,") == {"gold": 4.0, "silver": 2.5}
+    for bad in ("gold", "gold=", "gold=0", "gold=-1", "gold=abc", "Gold=2", "a.b=2", "=3"):
+        with pytest.raises(ValueError, match="KUBETASK_ACCOUNT_WEIGHTS"):
+            parse_weights(bad)
+
+
+def test_settings_refuse_a_bad_weight_or_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETASK_ACCOUNT_WEIGHTS", "gold=lots")
+    with pytest.raises(ValueError, match="gold=lots"):
+        Settings()
+    monkeypatch.setenv("KUBETASK_ACCOUNT_WEIGHTS", "gold=3")
+    monkeypatch.setenv("KUBETASK_FAIRNESS", "maybe")
+    with pytest.raises(ValueError, match="KUBETASK_FAIRNESS"):
+        Settings()
+    monkeypatch.setenv("KUBETASK_FAIRNESS", "off")
+    settings = Settings()
+    assert settings.account_weights == {"gold": 3.0} and not settings.fairness
+
+
+def test_shares_follow_the_active_accounts_and_their_weights() -> None:
+    shares = Fairness(FairnessSettings(slots=8, active_for=0.2, weights={"gold": 3}))
+    assert shares.share("gold") is None  # alone: no limit
+    shares.started("gold")
+    assert shares.free("gold") is None
+    shares.started("plain")
+    assert shares.share("gold") == 6 and shares.share("plain") == 2
+    assert shares.free("gold") == 5
+    shares.finished("plain")
+    time.sleep(0.25)  # plain has nothing in flight and started nothing lately: inactive
+    assert shares.share("gold") is None
+    off = Fairness(FairnessSettings(slots=8))
+    off.started("a")
+    off.started("b")
+    assert off.share("a") is None
+
+
+async def test_the_gateway_gate_keeps_each_account_to_its_share_in_arrival_order() -> None:
+    gate = FairGate(FairnessSettings(slots=4))
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def submission(account: str, tag: str) -> None:
+        async with gate.turn(account):
+            order.append(tag)
+            await release.wait()
+
+    flood = [asyncio.create_task(submission("a", f"a{i}")) for i in range(6)]
+    await asyncio.sleep(0.01)
+    assert order == [f"a{i}" for i in range(6)], "alone, an account is not held back"
+    calm = asyncio.create_task(submission("b", "b0"))
+    await asyncio.sleep(0.01)
+    assert order[-1] == "b0", "a neighbour gets in while the other floods"
+    late = [asyncio.create_task(submission("a", f"late{i}")) for i in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(t.startswith("late") for t in order), "a is over its share of 2"
+    late[0].cancel()  # a waiter that gives up holds nothing
+    release.set()
+    await asyncio.gather(*flood, calm, *late[1:])
+    assert order[-2:] == ["late1", "late2"]
+    assert gate.shares.inflight == {}
+    assert not gate._waiting
+
+
+async def _running(api: Api) -> int:
+    page = await api.call("GET", "/v1/tasks", params={"status": "Running", "limit": "1000"})
+    return len(page["items"])
+
+
+async def test_a_flooding_account_keeps_to_its_weighted_share_of_the_dispatcher(
+    make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher
+) -> None:
+    gold, plain = await make_api(), await make_api()
+    slow = ["sleep", "0.3"]
+    for api in (gold, plain):
+        await api.function("slow", command=slow, maxConcurrency=32)
+    saved = dispatcher.fairness
+    dispatcher.fairness = Fairness(FairnessSettings(slots=8, weights={gold.account: 3}))
+    try:
+        ids = [
+            [(await api.submit("slow", i))["metadata"]["name"] for i in range(80)]
+            for api in (gold, plain)
+        ]
+        await asyncio.sleep(1.5)  # the first round (the AIMD window starts at 8) has ended
+        most = [0, 0]
+        for _ in range(10):
+            for i, api in enumerate((gold, plain)):
+                most[i] = max(most[i], await _running(api))
+            await asyncio.sleep(0.1)
+        assert most[0] <= 6 and most[1] <= 2, most
+        assert most[0] > 2, most  # the heavier weight gets more, not the same
+        for api, task_ids in zip((gold, plain), ids, strict=True):
+            for task_id in task_ids:
+                done = await api.wait(task_id, timeout=60)
+                assert done["status"]["phase"] == "Succeeded", done["status"]
+    finally:
+        dispatcher.fairness = saved
