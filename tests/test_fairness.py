@@ -48,7 +48,7 @@ def test_shares_follow_the_active_accounts_and_their_weights() -> None:
     shares.finished("plain")
     time.sleep(0.25)  # plain has nothing in flight and started nothing lately: inactive
     assert shares.share("gold") is None
-    off = Fairness(FairnessSettings(slots=8))
+    off = Fairness(FairnessSettings(enabled=False, slots=8))
     off.started("a")
     off.started("b")
     assert off.share("a") is None
