@@ -195,7 +195,7 @@ async def ensure_kv(
 async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     """Buckets and streams every component needs; safe to call from each at start-up."""
     await ensure_kv(js, names.TASKS_BUCKET, settings)
-    for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET):
+    for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET, names.ROUTES_BUCKET):
         with contextlib.suppress(Exception):
             await js.key_value(bucket)
             continue

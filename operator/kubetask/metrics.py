@@ -31,6 +31,16 @@ WINDOW = Gauge(
     "Tasks of the function this dispatcher may keep in flight (AIMD, dispatch/aimd.py).",
     LABELS,
 )
+DEDICATED = Gauge(
+    "kubetask_queue_dedicated",
+    "1 while the platform has given an `auto` function a queue of its own (queue_routes.py).",
+    LABELS,
+)
+QUEUE_MOVES = Counter(
+    "kubetask_queue_assignments_total",
+    "Times the platform moved an `auto` function's queue, by where to (dedicated, account).",
+    [*LABELS, "to"],
+)
 BUSY = Counter(
     "kubetask_executor_busy_total",
     "Attempts an executor answered busy (429/503): handed back, no attempt spent.",

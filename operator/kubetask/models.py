@@ -88,8 +88,11 @@ class EnvVar(KubeModel):
 
 
 class QueueMode(StrEnum):
-    """Where a function's tasks wait: the account's shared stream, or a stream of its own."""
+    """Where a function's tasks wait: the account's shared stream, a stream of its own, or
+    (`auto`) the account's stream until the function's backlog would crowd its neighbours, when
+    the platform gives it a stream of its own and takes it back once idle (`queue_routes.py`)."""
 
+    auto = "auto"
     account = "account"
     dedicated = "dedicated"
 
@@ -153,7 +156,7 @@ class TaskFunctionSpec(KubeModel):
         description="Per-attempt limit, from 1 ms up to 24 h.",
     )
     maxConcurrency: Count = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
-    queueMode: QueueMode = QueueMode.account
+    queueMode: QueueMode = QueueMode.auto
 
     @model_validator(mode="after")
     def _exactly_one_runtime(self) -> TaskFunctionSpec:
@@ -170,10 +173,22 @@ class Condition(KubeModel):
     lastTransitionTime: Timestamp | None = None
 
 
+class QueueAssignment(KubeModel):
+    """Where the platform put an `auto` function's tasks, and why."""
+
+    mode: QueueMode = Field(description="`dedicated`: a stream of its own.")
+    reason: str = Field(description="What made the platform move it, for a person.")
+    since: Timestamp
+
+
 class TaskFunctionStatus(KubeModel):
     observedGeneration: Count | None = None
     conditions: list[Condition] = Field(default_factory=list)
     queue: str | None = Field(default=None, description="The JetStream stream holding its tasks.")
+    queueAssignment: QueueAssignment | None = Field(
+        default=None,
+        description="Set while the platform has moved an `auto` function to a queue of its own.",
+    )
     backlog: Count | None = None
     ready: Flag | None = None
 

@@ -10,6 +10,8 @@ from .models import QueueMode, TaskFunction
 TASKS_BUCKET = "kt_tasks"
 FUNCTIONS_BUCKET = "kt_functions"
 ASYNC_CONFIGS_BUCKET = "kt_asyncconfigs"
+# Where the platform moved `auto` functions (`queue_routes.py`), by function key.
+ROUTES_BUCKET = "kt_routes"
 LOGS_STREAM = "KT_LOGS"
 EVENTS_STREAM = "KT_EVENTS"
 STOP_SUBJECT_PREFIX = "kt.ctl.stop"
@@ -23,28 +25,37 @@ def dedicated_stream(account: str, function: str) -> str:
     return f"KT_QF_{account}_{function}"
 
 
+def queue_mode(fn: TaskFunction) -> QueueMode:
+    """The queue a function's tasks use now: its own setting, or for `auto` the platform's
+    assignment (carried in its status by the registry), the account's stream without one."""
+    if fn.spec.queueMode is not QueueMode.auto:
+        return fn.spec.queueMode
+    assignment = fn.status.queueAssignment if fn.status is not None else None
+    return assignment.mode if assignment is not None else QueueMode.account
+
+
 def stream_for(fn: TaskFunction) -> str:
-    if fn.spec.queueMode is QueueMode.dedicated:
+    if queue_mode(fn) is QueueMode.dedicated:
         return dedicated_stream(fn.account, fn.name)
     return account_stream(fn.account)
 
 
 def stream_subjects(fn: TaskFunction) -> list[str]:
-    if fn.spec.queueMode is QueueMode.dedicated:
+    if queue_mode(fn) is QueueMode.dedicated:
         return [f"kt.qf.{fn.account}.{fn.name}", f"kt.qfs.{fn.account}.{fn.name}.*"]
     return [f"kt.q.{fn.account}.*", f"kt.qs.{fn.account}.*.*"]
 
 
 def queue_subject(fn: TaskFunction) -> str:
     """Where a function's runnable tasks are published."""
-    if fn.spec.queueMode is QueueMode.dedicated:
+    if queue_mode(fn) is QueueMode.dedicated:
         return f"kt.qf.{fn.account}.{fn.name}"
     return f"kt.q.{fn.account}.{fn.name}"
 
 
 def schedule_subject(fn: TaskFunction, task_id: str) -> str:
     """Holds a task's delayed retry (one per task) until JetStream moves it into the queue."""
-    if fn.spec.queueMode is QueueMode.dedicated:
+    if queue_mode(fn) is QueueMode.dedicated:
         return f"kt.qfs.{fn.account}.{fn.name}.{task_id}"
     return f"kt.qs.{fn.account}.{fn.name}.{task_id}"
 

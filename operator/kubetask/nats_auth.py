@@ -19,7 +19,7 @@ from pathlib import Path
 _QUEUES = ["kt.q.>", "kt.qf.>"]
 # Task records, functions and async configs (KV puts are publishes on `$KV.<bucket>.<key>`).
 _RECORDS = ["$KV.kt_tasks.>"]
-_REGISTRY = ["$KV.kt_functions.>", "$KV.kt_asyncconfigs.>"]
+_REGISTRY = ["$KV.kt_functions.>", "$KV.kt_asyncconfigs.>", "$KV.kt_routes.>"]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """Registered functions and async configs, stored in KV and mirrored in every process.
 
+An `auto` function's queue assignment (`queue_routes.py`) is kept in a bucket of its own, so
+re-registering a function never undoes it; the mirror carries it in the function's status, and
+a change of assignment reaches listeners as a change of the function.
+
 The gateway validates submissions against the mirror (never a 202 for a function that cannot
 run); dispatchers start and stop consumers as functions come and go, and pick up AsyncConfig
 changes without a restart because they read the mirror on every task.
@@ -11,14 +15,22 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from . import names, quarantine
-from .models import DEFAULT_ASYNC_CONFIG, AsyncConfig, AsyncConfigSpec, TaskFunction
+from .models import (
+    DEFAULT_ASYNC_CONFIG,
+    AsyncConfig,
+    AsyncConfigSpec,
+    QueueAssignment,
+    QueueMode,
+    TaskFunction,
+    TaskFunctionStatus,
+)
 from .watch import BucketMirror
 
-M = TypeVar("M", TaskFunction, AsyncConfig)
+M = TypeVar("M", TaskFunction, AsyncConfig, QueueAssignment)
 FunctionListener = Callable[[str, str, TaskFunction | None], None]
 
 
@@ -30,6 +42,9 @@ class Registry:
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
         self.functions: dict[tuple[str, str], TaskFunction] = {}
+        # As registered (no status); `functions` holds them with their queue assignment.
+        self._registered: dict[tuple[str, str], TaskFunction] = {}
+        self.routes: dict[tuple[str, str], tuple[QueueAssignment, int]] = {}
         self.configs: dict[tuple[str, str], AsyncConfig] = {}
         self._by_function: dict[tuple[str, str], AsyncConfigSpec] = {}
         self._listeners: list[FunctionListener] = []
@@ -38,7 +53,9 @@ class Registry:
     async def start(self) -> None:
         self._fn_kv = await self.js.key_value(names.FUNCTIONS_BUCKET)
         self._cfg_kv = await self.js.key_value(names.ASYNC_CONFIGS_BUCKET)
+        self._route_kv = await self.js.key_value(names.ROUTES_BUCKET)
         self._mirrors = [
+            BucketMirror(self._route_kv, self._apply_route),
             BucketMirror(self._fn_kv, self._apply_function),
             BucketMirror(self._cfg_kv, self._apply_config),
         ]
@@ -78,11 +95,56 @@ class Registry:
         account, name = names.split_key(key)
         fn = self._decode(TaskFunction, key, value, revision)
         if fn is None:
+            self._registered.pop((account, name), None)
+        else:
+            self._registered[(account, name)] = fn
+        self._publish(account, name)
+
+    def _apply_route(self, key: str, value: bytes | None, revision: int) -> None:
+        account, name = names.split_key(key)
+        route = self._decode(QueueAssignment, key, value, revision)
+        if route is None:
+            self.routes.pop((account, name), None)
+        else:
+            self.routes[(account, name)] = (route, revision)
+        if (account, name) in self._registered:
+            self._publish(account, name)
+
+    def _publish(self, account: str, name: str) -> None:
+        registered = self._registered.get((account, name))
+        fn = None if registered is None else self.with_route(registered)
+        if fn is None:
             self.functions.pop((account, name), None)
         else:
             self.functions[(account, name)] = fn
         for listener in self._listeners:
             listener(account, name, fn)
+
+    def with_route(self, fn: TaskFunction) -> TaskFunction:
+        """`fn` as it runs now: with its queue assignment, if the platform made one."""
+        route = self.routes.get((fn.account, fn.name))
+        if route is None or fn.spec.queueMode is not QueueMode.auto:
+            return fn if fn.status is None else fn.model_copy(update={"status": None})
+        return fn.model_copy(update={"status": TaskFunctionStatus(queueAssignment=route[0])})
+
+    async def assign_queue(self, account: str, name: str, assignment: QueueAssignment) -> bool:
+        """Record an assignment unless one exists (another gateway was first): whether it did."""
+        data = assignment.model_dump_json().encode()
+        try:
+            await self._route_kv.create(names.object_key(account, name), data)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def unassign_queue(self, account: str, name: str, revision: int) -> bool:
+        """Drop the assignment read at `revision`, unless it changed meanwhile: whether it did."""
+        try:
+            await self._route_kv.delete(names.object_key(account, name), last=revision)
+        except APIError as err:  # nats-py raises the server's error as is for a delete
+            if err.err_code in (10071, 10164):  # wrong last sequence
+                return False
+            raise
+        return True
 
     def _apply_config(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
@@ -106,6 +168,8 @@ class Registry:
         await self._fn_kv.put(names.object_key(fn.account, fn.name), data)
 
     async def delete_function(self, account: str, name: str) -> bool:
+        """Unregister a function, and forget where the platform had put its queue."""
+        await self._delete(self._route_kv, account, name)
         return await self._delete(self._fn_kv, account, name)
 
     async def put_async_config(self, cfg: AsyncConfig) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from .. import queues
+from .. import names, queues
 from ..models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from .context import condition, plane_of, set_status
 
@@ -45,7 +45,7 @@ async def reconcile(
             "False", "InvalidSpec", str(err), status.get("conditions")
         )
         raise kopf.PermanentError(f"invalid spec: {err}") from err
-    changed = plane.registry.function(namespace, name) != fn
+    changed = plane.registry.function(namespace, name) != plane.registry.with_route(fn)
     stream = await plane.mover.register(plane.registry, fn)
     if changed:
         kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")
@@ -75,12 +75,19 @@ async def report_backlog(
     waiting, running = await queues.backlog(plane_of(memo).js, fn)
     if status.get("backlog") != waiting + running:
         patch.status["backlog"] = waiting + running
+    # Where the platform put an `auto` function's queue, and why, follows the registry.
+    if status.get("queue") != names.stream_for(fn):
+        patch.status["queue"] = names.stream_for(fn)
+    assignment = fn.status.queueAssignment if fn.status is not None else None
+    shown = None if assignment is None else assignment.model_dump(mode="json")
+    if status.get("queueAssignment") != shown:
+        patch.status["queueAssignment"] = shown
 
 
 @kopf.on.delete(*RESOURCE)
 async def remove(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_: Any) -> None:
     plane = plane_of(memo)
-    fn = model(name, namespace, spec)
+    fn = plane.registry.function(namespace, name) or model(name, namespace, spec)
     try:
         waiting, running = await queues.backlog(plane.js, fn)
     except Exception:

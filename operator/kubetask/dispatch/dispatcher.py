@@ -135,7 +135,7 @@ class Dispatcher:
         key = (account, name)
         worker = self.workers.get(key)
         inflight: set[asyncio.Task[None]] = set()
-        if worker is not None and (fn is None or fn.spec != worker.fn.spec):
+        if worker is not None and (fn is None or _moved_or_changed(worker.fn, fn)):
             if worker.task is not None:
                 worker.task.cancel()
             del self.workers[key]
@@ -636,6 +636,10 @@ class Dispatcher:
             if closer is not None:
                 await closer()
         await self.logs.close()
+
+
+def _moved_or_changed(before: TaskFunction, after: TaskFunction) -> bool:
+    return before.spec != after.spec or names.stream_for(before) != names.stream_for(after)
 
 
 def _finish(

@@ -41,6 +41,7 @@ from ..models import (
     TaskSubmission,
 )
 from ..plane import DataPlane
+from ..queue_routes import Router
 from ..registry import ConfigConflict
 from ..runtime import quiet_gc
 from ..settings import Settings
@@ -163,6 +164,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         resuming = asyncio.create_task(
             plane.mover.resume_all(list(plane.registry.functions.values()))
         )
+        routing = asyncio.create_task(Router(plane).run())
         quiet_gc()
         state.update(
             plane=plane, index=index, mirror=mirror, throttle=Throttle(settings, plane.depth)
@@ -173,6 +175,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             sweeper.cancel()
             poison.cancel()
             resuming.cancel()
+            routing.cancel()
             await mirror.stop()
             await plane.close()
 
@@ -369,9 +372,13 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             ready = True
         except Exception:
             waiting, running, ready = 0, 0, False
+        assignment = fn.status.queueAssignment if fn.status is not None else None
         fn = fn.model_copy(deep=True)
         fn.status = TaskFunctionStatus(
-            queue=names.stream_for(fn), backlog=waiting + running, ready=ready
+            queue=names.stream_for(fn),
+            queueAssignment=assignment,
+            backlog=waiting + running,
+            ready=ready,
         )
         return fn
 
@@ -381,7 +388,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     ) -> Response:
         check_object(who, account, name, fn.metadata)
         await plane().mover.register(plane().registry, fn)
-        return _json(await function_status(fn))
+        return _json(await function_status(plane().registry.with_route(fn)))
 
     @app.get("/v1/functions", response_model=list[TaskFunction], tags=["functions"])
     async def list_functions(who: Who, account: AccountParam = None) -> Response:

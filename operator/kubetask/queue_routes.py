@@ -1,0 +1,137 @@
+"""The platform's queue assignment for `auto` functions: the account's shared stream by default, a
+stream of its own while the function's backlog would crowd its neighbours, and back again after
+it has been idle a while.
+
+Why move at all: the functions of an account share one stream, each with a consumer filtered to
+its subject. A function with tens of thousands of tasks waiting makes that stream large; its
+neighbours' consumers then skip past its messages and every stream-wide operation costs more.
+A stream of its own isolates that cost, and costs a stream while it exists, hence recycling.
+
+- **dedicate** when the function's waiting tasks reach `dedicate_backlog` and its account's
+  stream has other functions in it;
+- **recycle** once the dedicated stream has held nothing, waiting or running, for
+  `recycle_after` seconds. The gap between the two (tens of thousands waiting vs. empty for
+  minutes) is the hysteresis: a function at the threshold does not flap.
+
+An assignment is a key in the `kt_routes` bucket, written with compare-and-set, so any number of
+gateways may run this loop: one wins each change and moves the backlog (`queue_moves.py`); every
+gateway and dispatcher follows the change through its registry mirror within a second. The new
+queue exists before the assignment is written, a running task finishes where it started, and a
+moved task spends no attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import metrics, names, queues
+from .models import QueueAssignment, QueueMode, TaskFunction, TaskFunctionStatus
+from .plane import DataPlane
+from .settings import env_float, env_int
+from .store import now
+
+log = logging.getLogger("kubetask.queues")
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    dedicate_backlog: int = field(
+        default_factory=lambda: env_int("KUBETASK_DEDICATE_BACKLOG", 10_000)
+    )
+    recycle_after: float = field(default_factory=lambda: env_float("KUBETASK_RECYCLE_AFTER", 600.0))
+    period: float = field(default_factory=lambda: env_float("KUBETASK_ROUTE_PERIOD", 5.0))
+
+
+class Router:
+    def __init__(self, plane: DataPlane, settings: RouteSettings | None = None) -> None:
+        self.plane = plane
+        self.settings = settings or RouteSettings()
+        self._idle_since: dict[tuple[str, str], float] = {}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # NATS away for a moment: the next sweep tries again
+                log.warning("queue assignment sweep failed: %s", err)
+            await asyncio.sleep(self.settings.period)
+
+    async def sweep(self) -> None:
+        registry = self.plane.registry
+        functions = list(registry.functions.values())
+        by_account: dict[str, list[TaskFunction]] = {}
+        for fn in functions:
+            if names.queue_mode(fn) is QueueMode.account:
+                by_account.setdefault(fn.account, []).append(fn)
+        for fn in functions:
+            if fn.spec.queueMode is not QueueMode.auto:
+                continue
+            if names.queue_mode(fn) is QueueMode.dedicated:
+                await self._maybe_recycle(fn)
+            elif len(by_account.get(fn.account, ())) > 1:
+                await self._maybe_dedicate(fn)
+        for (account, name), (_, revision) in list(registry.routes.items()):
+            current = registry.function(account, name)
+            if current is None or current.spec.queueMode is not QueueMode.auto:
+                await registry.unassign_queue(account, name, revision)  # stale: nothing moves
+
+    async def _maybe_dedicate(self, fn: TaskFunction) -> None:
+        stream = names.stream_for(fn)
+        _, _, depth = await self.plane.depth.refresh(fn)  # one read serves the whole stream
+        if depth < self.settings.dedicate_backlog:
+            return
+        with contextlib.suppress(Exception):  # a consumer being replaced has no backlog yet
+            waiting, _ = await queues.backlog(self.plane.js, fn)
+            if waiting >= self.settings.dedicate_backlog:
+                reason = (
+                    f"{waiting} tasks waiting in the account's shared queue {stream} (at least"
+                    f" {self.settings.dedicate_backlog}): a queue of its own keeps its backlog"
+                    " out of its neighbours' way"
+                )
+                await self._assign(fn, QueueMode.dedicated, reason)
+
+    async def _maybe_recycle(self, fn: TaskFunction) -> None:
+        key = (fn.account, fn.name)
+        try:
+            waiting, inflight = await queues.backlog(self.plane.js, fn)
+        except Exception:
+            return
+        if waiting or inflight:
+            self._idle_since.pop(key, None)
+            return
+        idle_since = self._idle_since.setdefault(key, time.monotonic())
+        if time.monotonic() - idle_since >= self.settings.recycle_after:
+            await self._assign(fn, QueueMode.account, "idle")
+            self._idle_since.pop(key, None)
+
+    async def _assign(self, fn: TaskFunction, mode: QueueMode, reason: str) -> None:
+        """Create the new queue, write the assignment (unless another gateway changed it first),
+        then move what waits in the old queue."""
+        registry = self.plane.registry
+        if mode is QueueMode.dedicated:
+            assignment = QueueAssignment(mode=mode, reason=reason, since=now())
+            status = TaskFunctionStatus(queueAssignment=assignment)
+            target = fn.model_copy(update={"status": status})
+            await queues.ensure_function_queue(self.plane.js, target, self.plane.settings)
+            if not await registry.assign_queue(fn.account, fn.name, assignment):
+                return
+        else:
+            route = registry.routes.get((fn.account, fn.name))
+            if route is None:
+                return
+            target = fn.model_copy(update={"status": None})
+            await queues.ensure_function_queue(self.plane.js, target, self.plane.settings)
+            if not await registry.unassign_queue(fn.account, fn.name, route[1]):
+                return
+        log.info("queue of %s/%s -> %s: %s", fn.account, fn.name, names.stream_for(target), reason)
+        metrics.QUEUE_MOVES.labels(fn.account, fn.name, mode.value).inc()
+        metrics.of(metrics.DEDICATED, fn.account, fn.name).set(
+            1 if mode is QueueMode.dedicated else 0
+        )
+        self.plane.mover.start(target)

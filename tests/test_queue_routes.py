@@ -1,0 +1,164 @@
+"""The platform's queue assignment (`queue_routes.py`): an `auto` function whose backlog crowds
+its account's shared queue is given a queue of its own while tasks wait and run — none lost, none
+run twice, none interrupted, no attempt spent — and is taken back once idle, the same way. The
+assignment and its reason are visible; a function pinned to a queue is never moved."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from harness import Api, read_lines
+from kubetask import names
+from kubetask.models import QueueMode
+from kubetask.plane import DataPlane
+from kubetask.queue_routes import Router, RouteSettings
+from nats.js.errors import NotFoundError
+from prometheus_client import REGISTRY
+
+# Answers each invocation after `seconds` (its payload's "s"), noting its payload's "n" in a file
+# first, so a task run twice shows up twice.
+RECORDING_SERVER = """
+    import json, os, sys, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with open(sys.argv[1], "a") as f:
+                f.write(f"{body['n']}\\n")
+            time.sleep(body["s"])
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+async def _tasks(api: Api, function: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"function": function, "limit": "1000", **({"cursor": cursor} if cursor else {})}
+        page = await api.call("GET", "/v1/tasks", 200, params=params)
+        found += page["items"]
+        cursor = page["cursor"]
+        if not cursor:
+            return found
+
+
+async def _all_succeed(api: Api, function: str, count: int, timeout: float = 90) -> None:
+    """Every task of the function Succeeded, each on its first attempt."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        tasks = await _tasks(api, function)
+        phases = Counter(t["status"]["phase"] for t in tasks)
+        if len(tasks) == count and phases["Succeeded"] == count:
+            break
+        assert asyncio.get_running_loop().time() < deadline, phases
+        await asyncio.sleep(0.5)
+    assert all(t["status"]["attempts"] == 1 for t in tasks)
+
+
+async def _gone(probe: Callable[[], Awaitable[Any]]) -> bool:
+    for _ in range(100):
+        try:
+            await probe()
+        except NotFoundError:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def test_a_crowding_function_gets_its_own_queue_and_gives_it_back_when_idle(
+    api: Api, plane: DataPlane, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    server = {
+        "command": [*api.script("recording", RECORDING_SERVER), str(ran)],
+        "maxInstances": 1,
+        "concurrency": 8,
+    }
+    await api.function("hog", server=server, maxConcurrency=4)
+    await api.function("calm", command=["true"])  # a neighbour in the account's queue
+    for i in range(4):
+        await api.submit("hog", {"n": i, "s": 8.0}, task_id=f"long-{i}")
+    for i in range(4):
+        await api.wait(f"long-{i}", {"Running"})
+    for i in range(4, 1004):
+        await api.submit("hog", {"n": i, "s": 0})
+    router = Router(plane, RouteSettings(dedicate_backlog=500, recycle_after=0.5, period=1))
+    await router.sweep()
+    running = [(await api.get(f"long-{i}"))["status"]["phase"] for i in range(4)]
+    assert running == ["Running"] * 4, "the move is meant to happen while tasks run"
+
+    fn = await api.call("GET", "/v1/functions/hog", 200)
+    assert fn["spec"]["queueMode"] == "auto"
+    assert fn["status"]["queue"] == names.dedicated_stream(api.account, "hog")
+    assignment = fn["status"]["queueAssignment"]
+    assert assignment["mode"] == "dedicated", assignment
+    waited = re.match(r"(\d+) tasks waiting in the account's shared queue", assignment["reason"])
+    assert waited and int(waited[1]) >= 500, assignment
+    labels = {"account": api.account, "function": "hog"}
+    assert REGISTRY.get_sample_value("kubetask_queue_dedicated", labels) == 1
+    for i in range(1004, 1104):  # new submissions go to the new queue
+        await api.submit("hog", {"n": i, "s": 0})
+    await _all_succeed(api, "hog", 1104)
+    for i in range(4):
+        long = await api.get(f"long-{i}")
+        assert long["status"]["attempts"] == 1, "the running attempt was not interrupted"
+    assert sorted(Counter(read_lines(ran)).values()) == [1] * 1104, "a task ran twice"
+    # The old consumer went once drained; the account's stream stays for its neighbour.
+    account_stream = names.account_stream(api.account)
+    assert await _gone(lambda: plane.js.consumer_info(account_stream, "fn_hog"))
+    await api.submit("calm", task_id="neighbour")
+    assert (await api.wait("neighbour"))["status"]["phase"] == "Succeeded"
+
+    # Idle for longer than recycle_after: back to the account's queue, the same way.
+    await router.sweep()
+    await asyncio.sleep(0.6)
+    await router.sweep()
+    for i in range(1104, 1154):  # submitted while the move back goes on
+        await api.submit("hog", {"n": i, "s": 0})
+    for _ in range(20):  # the gateway follows the assignment within a second
+        fn = await api.call("GET", "/v1/functions/hog", 200)
+        if fn["status"]["queue"] == account_stream:
+            break
+        await asyncio.sleep(0.1)
+    assert fn["status"]["queue"] == account_stream and fn["status"]["queueAssignment"] is None
+    assert REGISTRY.get_sample_value("kubetask_queue_dedicated", labels) == 0
+    await _all_succeed(api, "hog", 1154)
+    assert sorted(Counter(read_lines(ran)).values()) == [1] * 1154, "a task ran twice"
+    assert await _gone(lambda: plane.js.stream_info(names.dedicated_stream(api.account, "hog")))
+
+
+async def test_a_function_alone_in_its_account_or_pinned_to_a_queue_stays(
+    make_api: Callable[..., Awaitable[Api]], plane: DataPlane
+) -> None:
+    solo, shared = await make_api(), await make_api()
+    slow = {"command": ["sleep", "0.1"], "maxConcurrency": 1}
+    await solo.function("solo", **slow)
+    await shared.function("pinned", **slow, queueMode="account")
+    await shared.function("other", command=["true"])
+    for _ in range(20):
+        await solo.submit("solo")
+        await shared.submit("pinned")
+    await Router(plane, RouteSettings(dedicate_backlog=5, recycle_after=0.1)).sweep()
+    for api, name in ((solo, "solo"), (shared, "pinned"), (shared, "other")):
+        fn = plane.registry.function(api.account, name)
+        assert fn is not None and names.queue_mode(fn) is QueueMode.account, name
+    await _all_succeed(solo, "solo", 20)
+    await _all_succeed(shared, "pinned", 20)
