@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -134,3 +135,19 @@ def pids_running(needle: bytes) -> list[int]:
             if needle in cmd:
                 pids.append(int(entry.name))
     return pids
+
+
+async def kt(
+    api: Api, url: str, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as the account's user."""
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [PY, "-m", "kubetask", *args, "--url", url, "--token", api.token],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc

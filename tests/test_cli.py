@@ -11,22 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Api
-
-
-async def _kt(
-    api: Api, url: str, *args: str, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    proc = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "kubetask", *args, "--url", url, "--token", api.token],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
+from harness import Api, kt
 
 
 async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
@@ -45,36 +30,34 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
         spec: {{function: greet, maxAsyncRetryAttempts: 1}}
     """)
     )
-    applied = await _kt(api, gateway_url, "functions", "apply", "-f", str(fn_file))
+    applied = await kt(api, gateway_url, "functions", "apply", "-f", str(fn_file))
     assert applied.stdout.splitlines() == [
         "taskfunction/greet applied",
         "asyncconfig/greet applied",
     ]
-    listing = await _kt(api, gateway_url, "functions", "list")
+    listing = await kt(api, gateway_url, "functions", "list")
     assert listing.stdout.split("\n")[1].split()[:3] == ["greet", api.account, "command"]
 
-    submitted = await _kt(
+    submitted = await kt(
         api, gateway_url, "submit", "greet", "-p", '{"name": "ada"}', "--id", "cli-1"
     )
     assert submitted.stdout.strip() == "cli-1"
     done = await api.wait("cli-1")
-    got = json.loads((await _kt(api, gateway_url, "get", "cli-1", "-o", "json")).stdout)
+    got = json.loads((await kt(api, gateway_url, "get", "cli-1", "-o", "json")).stdout)
     assert got["status"] == done["status"] and got["status"]["result"] == {"name": "ada"}
-    table = (
-        await _kt(api, gateway_url, "list", "--status", "Succeeded", "--prefix", "cli-")
-    ).stdout
+    table = (await kt(api, gateway_url, "list", "--status", "Succeeded", "--prefix", "cli-")).stdout
     assert table.splitlines()[0].split()[:4] == ["ID", "ACCOUNT", "FUNCTION", "PHASE"]
     assert table.splitlines()[1].split()[:4] == ["cli-1", api.account, "greet", "Succeeded"]
-    logs = (await _kt(api, gateway_url, "logs", "cli-1")).stdout
+    logs = (await kt(api, gateway_url, "logs", "cli-1")).stdout
     assert "[1 stderr] hi" in logs and "task Succeeded" in logs
 
-    dup = await _kt(api, gateway_url, "submit", "greet", "--id", "cli-1", check=False)
+    dup = await kt(api, gateway_url, "submit", "greet", "--id", "cli-1", check=False)
     assert dup.returncode != 0 and "HTTP 409" in dup.stderr and "already exists" in dup.stderr
-    bad = await _kt(api, gateway_url, "resume", "cli-1", check=False)
+    bad = await kt(api, gateway_url, "resume", "cli-1", check=False)
     assert bad.returncode != 0 and "cannot resume the task: the task is Succeeded" in bad.stderr
-    gone = await _kt(api, gateway_url, "delete", "cli-1")
+    gone = await kt(api, gateway_url, "delete", "cli-1")
     assert gone.stdout.strip() == "cli-1: deleted"
-    missing = await _kt(api, gateway_url, "get", "cli-1", check=False)
+    missing = await kt(api, gateway_url, "get", "cli-1", check=False)
     assert "HTTP 404" in missing.stderr
 
 

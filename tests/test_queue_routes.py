@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from harness import Api, read_lines
+from harness import Api, kt, read_lines
 from kubetask import names
 from kubetask.models import QueueMode
 from kubetask.plane import DataPlane
@@ -84,7 +84,7 @@ async def _gone(probe: Callable[[], Awaitable[Any]]) -> bool:
 
 
 async def test_a_crowding_function_gets_its_own_queue_and_gives_it_back_when_idle(
-    api: Api, plane: DataPlane, tmp_path: Path
+    api: Api, plane: DataPlane, tmp_path: Path, gateway_url: str
 ) -> None:
     ran = tmp_path / "ran"
     server = {
@@ -114,6 +114,10 @@ async def test_a_crowding_function_gets_its_own_queue_and_gives_it_back_when_idl
     assert waited and int(waited[1]) >= 500, assignment
     labels = {"account": api.account, "function": "hog"}
     assert REGISTRY.get_sample_value("kubetask_queue_dedicated", labels) == 1
+    listing = (await kt(api, gateway_url, "functions", "list")).stdout
+    hog = next(line.split() for line in listing.splitlines() if line.startswith("hog "))
+    assert hog[4:7] == [names.dedicated_stream(api.account, "hog"), "auto:", "dedicated"], hog
+    assert f"{api.account}/hog: dedicated queue since" in listing
     for i in range(1004, 1104):  # new submissions go to the new queue
         await api.submit("hog", {"n": i, "s": 0})
     await _all_succeed(api, "hog", 1104)

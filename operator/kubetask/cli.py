@@ -191,19 +191,33 @@ def cmd_functions(args: argparse.Namespace) -> None:
         if args.output == "json":
             print(json.dumps(fns, indent=2))
             return
-        rows = [
-            [
-                f["metadata"]["name"],
-                f["metadata"]["namespace"],
-                "command" if f["spec"].get("command") else "server",
-                str(f["spec"]["maxConcurrency"]),
-                f["status"]["queue"],
-                str(f["status"]["backlog"]),
-                str(f["status"]["ready"]),
-            ]
-            for f in fns
-        ]
-        print(_table(rows, ["NAME", "ACCOUNT", "MODE", "CONCURRENCY", "QUEUE", "BACKLOG", "READY"]))
+        rows = []
+        reasons = []
+        for f in fns:
+            mode = f["spec"].get("queueMode", "auto")
+            assigned = f["status"].get("queueAssignment")
+            if assigned:
+                mode = f"{mode}: {assigned['mode']}"
+                reasons.append(
+                    f"{f['metadata']['namespace']}/{f['metadata']['name']}: {assigned['mode']}"
+                    f" queue since {assigned['since']}: {assigned['reason']}"
+                )
+            rows.append(
+                [
+                    f["metadata"]["name"],
+                    f["metadata"]["namespace"],
+                    "command" if f["spec"].get("command") else "server",
+                    str(f["spec"]["maxConcurrency"]),
+                    f["status"]["queue"],
+                    mode,
+                    str(f["status"]["backlog"]),
+                    str(f["status"]["ready"]),
+                ]
+            )
+        headers = ["NAME", "ACCOUNT", "MODE", "CONCURRENCY", "QUEUE", "QUEUE MODE", "BACKLOG"]
+        print(_table(rows, [*headers, "READY"]))
+        for line in reasons:
+            print(line)
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
