@@ -12,6 +12,7 @@ from .. import names, queues
 from ..models import Task, TaskFunction, TaskPhase, Waiting
 from ..plane import DataPlane
 from .index import TaskIndex
+from .throttle import THROTTLE_FROM
 
 WAITING = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying, TaskPhase.Paused})
 
@@ -54,6 +55,10 @@ async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | N
 
 
 async def _held_by(plane: DataPlane, fn: TaskFunction, position: int) -> str:
+    return await _dispatch_reason(plane, fn, position) + _throttle_note(plane, fn)
+
+
+async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, position: int) -> str:
     running = None
     with contextlib.suppress(Exception):
         running = (await queues.backlog(plane.js, fn))[1]
@@ -63,6 +68,25 @@ async def _held_by(plane: DataPlane, fn: TaskFunction, position: int) -> str:
             f"function {fn.name!r} is at its maxConcurrency ({running} of {limit} running); "
             f"{position - 1} of its tasks are ahead"
         )
+    if position > 1 and running is not None:
+        return (
+            f"{position - 1} of its function's tasks are ahead of it; {running} of at most "
+            f"{limit} run now: below maxConcurrency, dispatchers hold back when executors "
+            "answer busy (the dispatch window) and, while other accounts have work, keep each "
+            "account to its fair share"
+        )
     if position > 1:
         return f"{position - 1} of its function's tasks are ahead of it"
     return "next in line: a dispatcher takes it as soon as one has a free slot"
+
+
+def _throttle_note(plane: DataPlane, fn: TaskFunction) -> str:
+    """Whether the account's submissions to this queue are being throttled (429) right now."""
+    limit = plane.settings.account_max_backlog
+    queue, depth, _ = plane.depth.known(fn)
+    if limit <= 0 or depth < THROTTLE_FROM * limit:
+        return ""
+    return (
+        f"; its account has {depth} tasks waiting in {queue}, over the throttling point "
+        f"({int(THROTTLE_FROM * limit)}): submissions of its heaviest senders get 429"
+    )
