@@ -45,15 +45,27 @@ def nats_passwords(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def nats_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the session's nats-server logs (slow consumers, for one)."""
+    return tmp_path_factory.mktemp("natslog") / "nats-server.log"
+
+
+@pytest.fixture(scope="session")
 def nats_url(
-    tmp_path_factory: pytest.TempPathFactory, nats_passwords: dict[str, str]
+    tmp_path_factory: pytest.TempPathFactory, nats_passwords: dict[str, str], nats_log: Path
 ) -> Iterator[str]:
     """One nats-server with the platform's users and permissions, as `kubetask dev` runs it."""
     port = free_port()
     conf = nats_auth.write_server_config(
         tmp_path_factory.mktemp("natsconf") / "nats.conf", nats_passwords
     )
-    proc = start_nats(tmp_path_factory.mktemp("jetstream"), port, tie_to_parent=True, config=conf)
+    proc = start_nats(
+        tmp_path_factory.mktemp("jetstream"),
+        port,
+        tie_to_parent=True,
+        config=conf,
+        log_file=nats_log,
+    )
     yield f"nats://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(10)

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,32 @@ async def kt(
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+async def tasks_of(api: Api, function: str | None = None) -> list[dict[str, Any]]:
+    """Every task of the account (of one function), through the API's pages."""
+    found: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"limit": "1000", **({"function": function} if function else {})}
+        if cursor:
+            params["cursor"] = cursor
+        page = await api.call("GET", "/v1/tasks", 200, params=params)
+        found += page["items"]
+        cursor = page["cursor"]
+        if not cursor:
+            return found
+
+
+async def all_succeed(api: Api, function: str | None, count: int, timeout: float = 90) -> None:
+    """Wait until the account's `count` tasks (of `function`) have Succeeded; each must have
+    taken exactly one attempt."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        tasks = await tasks_of(api, function)
+        phases = Counter(t["status"]["phase"] for t in tasks)
+        if len(tasks) == count and phases["Succeeded"] == count:
+            break
+        assert asyncio.get_running_loop().time() < deadline, phases
+        await asyncio.sleep(0.5)
+    assert all(t["status"]["attempts"] == 1 for t in tasks), "a task took more than one attempt"

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from harness import Api, kt, read_lines
+from harness import Api, all_succeed, kt, read_lines
 from kubetask import names
 from kubetask.models import QueueMode
 from kubetask.plane import DataPlane
@@ -46,31 +46,6 @@ RECORDING_SERVER = """
 
     ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 """
-
-
-async def _tasks(api: Api, function: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params = {"function": function, "limit": "1000", **({"cursor": cursor} if cursor else {})}
-        page = await api.call("GET", "/v1/tasks", 200, params=params)
-        found += page["items"]
-        cursor = page["cursor"]
-        if not cursor:
-            return found
-
-
-async def _all_succeed(api: Api, function: str, count: int, timeout: float = 90) -> None:
-    """Every task of the function Succeeded, each on its first attempt."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        tasks = await _tasks(api, function)
-        phases = Counter(t["status"]["phase"] for t in tasks)
-        if len(tasks) == count and phases["Succeeded"] == count:
-            break
-        assert asyncio.get_running_loop().time() < deadline, phases
-        await asyncio.sleep(0.5)
-    assert all(t["status"]["attempts"] == 1 for t in tasks)
 
 
 async def _gone(probe: Callable[[], Awaitable[Any]]) -> bool:
@@ -120,7 +95,7 @@ async def test_a_crowding_function_gets_its_own_queue_and_gives_it_back_when_idl
     assert f"{api.account}/hog: dedicated queue since" in listing
     for i in range(1004, 1104):  # new submissions go to the new queue
         await api.submit("hog", {"n": i, "s": 0})
-    await _all_succeed(api, "hog", 1104)
+    await all_succeed(api, "hog", 1104)
     for i in range(4):
         long = await api.get(f"long-{i}")
         assert long["status"]["attempts"] == 1, "the running attempt was not interrupted"
@@ -144,7 +119,7 @@ async def test_a_crowding_function_gets_its_own_queue_and_gives_it_back_when_idl
         await asyncio.sleep(0.1)
     assert fn["status"]["queue"] == account_stream and fn["status"]["queueAssignment"] is None
     assert REGISTRY.get_sample_value("kubetask_queue_dedicated", labels) == 0
-    await _all_succeed(api, "hog", 1154)
+    await all_succeed(api, "hog", 1154)
     assert sorted(Counter(read_lines(ran)).values()) == [1] * 1154, "a task ran twice"
     assert await _gone(lambda: plane.js.stream_info(names.dedicated_stream(api.account, "hog")))
 
@@ -164,5 +139,5 @@ async def test_a_function_alone_in_its_account_or_pinned_to_a_queue_stays(
     for api, name in ((solo, "solo"), (shared, "pinned"), (shared, "other")):
         fn = plane.registry.function(api.account, name)
         assert fn is not None and names.queue_mode(fn) is QueueMode.account, name
-    await _all_succeed(solo, "solo", 20)
-    await _all_succeed(shared, "pinned", 20)
+    await all_succeed(solo, "solo", 20)
+    await all_succeed(shared, "pinned", 20)

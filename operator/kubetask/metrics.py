@@ -41,6 +41,15 @@ QUEUE_MOVES = Counter(
     "Times the platform moved an `auto` function's queue, by where to (dedicated, account).",
     [*LABELS, "to"],
 )
+NODE_RUNNING = Gauge(
+    "kubetask_node_running",
+    "Attempts this dispatcher runs now, all or processes only (dispatch/node_budget.py).",
+    ["kind"],
+)
+NODE_WAITING = Gauge(
+    "kubetask_node_waiting",
+    "Tasks delivered to this dispatcher waiting for a slot of its node budget.",
+)
 BUSY = Counter(
     "kubetask_executor_busy_total",
     "Attempts an executor answered busy (429/503): handed back, no attempt spent.",

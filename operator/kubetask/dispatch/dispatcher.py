@@ -43,6 +43,7 @@ from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
 from .max_age import MaxEventAge
+from .node_budget import NodeBudget
 from .policy import Policy, Retry, TaskContext
 from .pull import Pull
 from .retries import Retries
@@ -104,6 +105,10 @@ class FunctionWorker:
     def __post_init__(self) -> None:
         self.window = Window(self.fn.spec.maxConcurrency)
 
+    def wake(self) -> None:
+        if self.pull is not None:
+            self.pull.wake()
+
 
 class Dispatcher:
     def __init__(self, plane: DataPlane, policies: list[Policy] | None = None) -> None:
@@ -117,6 +122,7 @@ class Dispatcher:
         self.workers: dict[tuple[str, str], FunctionWorker] = {}
         self.slots: dict[tuple[str, str], Slot] = {}
         self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
+        self.budget = NodeBudget(weight=self.fairness.weight)
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
 
@@ -169,15 +175,20 @@ class Dispatcher:
                 await asyncio.sleep(1)
         window = worker.window
         gauge = metrics.of(metrics.WINDOW, fn.account, fn.name)
+        process = fn.spec.command is not None
 
         def free() -> int:
             window.judge(len(worker.inflight))
             gauge.set(window.allowed())
             if self._closing:
                 return 0
-            fair = self.fairness.free(fn.account)
             allowed = window.allowed() - len(worker.inflight)
-            return allowed if fair is None else min(allowed, fair)
+            fair = self.fairness.free(fn.account)
+            if fair is not None:
+                allowed = min(allowed, fair)
+            if allowed <= 0:
+                return 0
+            return min(allowed, self.budget.room(process, worker.wake))
 
         def deliver(msg: Msg) -> None:
             self.fairness.started(fn.account)
@@ -326,6 +337,27 @@ class Dispatcher:
         return None
 
     async def _run(
+        self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int, reread: bool
+    ) -> None:
+        """Claim and run the task within the node's budget; a task that waits for a slot stays
+        Queued, its message kept alive meanwhile."""
+        process = ctx.function.spec.command is not None
+        if not self.budget.try_take(process):
+            waiting = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
+            try:
+                await self.budget.wait(ctx.account, process)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await msg.nak()  # shutting down: the next dispatcher takes it
+                raise
+            finally:
+                waiting.cancel()
+        try:
+            await self._claim_and_run(ctx, msg, current, seq, reread)
+        finally:
+            self.budget.release(process)
+
+    async def _claim_and_run(
         self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int, reread: bool
     ) -> None:
         key = (ctx.account, ctx.task_id)

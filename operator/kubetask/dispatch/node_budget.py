@@ -1,0 +1,174 @@
+"""How many attempts one dispatcher runs at once, across all its functions: a node's budget.
+
+Why: each function's concurrency is capped on its own, so a burst over a thousand functions
+could start a thousand times their limits at once — thousands of processes on two cores, a
+dispatcher too busy to read its NATS connection, and NATS cutting it off as a slow consumer.
+The budget bounds the sum: `slots` attempts in all, of which at most `processes` may be
+`command` attempts (each a process). Defaults come from the machine (CPU and memory) and are
+settings (KUBETASK_NODE_SLOTS, KUBETASK_NODE_PROCESSES).
+
+Workers pull only as many messages as the budget has room for. Several may pull at the same
+moment, so a delivered message can still find the budget full; it then waits here (its message
+kept alive by heartbeats, its record still Queued) until a slot frees. Waiters are admitted
+round robin over accounts, in proportion to their weights, so the budget is shared with the
+same fairness as the rest of the dispatcher. Workers that found no room are woken as slots
+free, a few at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import metrics
+from ..settings import env_int
+
+
+def _memory_mb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 4096
+
+
+def default_processes() -> int:
+    """32 per core, and no more than one per 64 MB of available memory."""
+    return max(1, min((os.cpu_count() or 1) * 32, _memory_mb() // 64))
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    processes: int = field(
+        default_factory=lambda: env_int("KUBETASK_NODE_PROCESSES", default_processes())
+    )
+    slots: int = field(
+        default_factory=lambda: env_int("KUBETASK_NODE_SLOTS", (os.cpu_count() or 1) * 128)
+    )
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+    process: bool
+
+
+class NodeBudget:
+    def __init__(
+        self, settings: BudgetSettings | None = None, weight: Callable[[str], float] | None = None
+    ) -> None:
+        self.settings = settings or BudgetSettings()
+        self._weight = weight or (lambda _: 1.0)
+        self.running = 0
+        self.processes = 0
+        self._waiting: dict[str, deque[_Waiter]] = {}
+        self._credit: dict[str, float] = {}
+        self._order: deque[str] = deque()  # accounts with waiters, in turn order
+        self._starved: dict[Callable[[], None], None] = {}  # an ordered set
+
+    def room(self, process: bool, wake: Callable[[], None]) -> int:
+        """How many more attempts a worker may pull now; with none, `wake` is called once some
+        slot frees."""
+        waiting = sum(len(q) for q in self._waiting.values())
+        free = self.settings.slots - self.running - waiting
+        if process:
+            free = min(free, self.settings.processes - self.processes - waiting)
+        if free <= 0:
+            self._starved[wake] = None
+            return 0
+        return free
+
+    def _fits(self, process: bool) -> bool:
+        if self.running >= self.settings.slots:
+            return False
+        return not process or self.processes < self.settings.processes
+
+    def _take(self, process: bool) -> None:
+        self.running += 1
+        self.processes += process
+        self._report()
+
+    def _report(self) -> None:
+        metrics.NODE_RUNNING.labels("all").set(self.running)
+        metrics.NODE_RUNNING.labels("processes").set(self.processes)
+        metrics.NODE_WAITING.set(sum(len(q) for q in self._waiting.values()))
+
+    def try_take(self, process: bool) -> bool:
+        """Take a slot if one is free and nobody waits for it (the usual case: no wait)."""
+        if self._waiting or not self._fits(process):
+            return False
+        self._take(process)
+        return True
+
+    async def wait(self, account: str, process: bool) -> None:
+        """Wait for a slot, in the account's turn; it is taken when this returns."""
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), process)
+        if account not in self._waiting:
+            self._waiting[account] = deque()
+            if account not in self._order:
+                self._order.append(account)
+        self._waiting[account].append(waiter)
+        self._report()
+        try:
+            await waiter.future  # `_admit` took the slot for us
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(process)
+            else:
+                self._forget(account, waiter)
+            raise
+
+    def release(self, process: bool) -> None:
+        self.running -= 1
+        self.processes -= process
+        self._admit()
+        self._report()
+        for wake in list(itertools.islice(self._starved, 4)):
+            del self._starved[wake]
+            wake()
+
+    def _forget(self, account: str, waiter: _Waiter) -> None:
+        queue = self._waiting.get(account)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            if not queue:
+                del self._waiting[account]
+        self._report()
+
+    def _admit(self) -> None:
+        """Deficit round robin over the accounts that wait: the account at the head of the turn
+        order gets its weight in credit, is admitted while it has credit and a slot fits, then
+        goes to the back. An account whose next task does not fit (no process slot) is passed
+        over for this pass, so it cannot block others that need only a slot."""
+        passed = 0
+        while self._order and passed < len(self._order):
+            account = self._order[0]
+            queue = self._waiting.get(account)
+            if not queue:
+                self._order.popleft()
+                self._credit.pop(account, None)
+                continue
+            if not self._fits(queue[0].process):
+                self._order.rotate(-1)
+                passed += 1
+                continue
+            passed = 0
+            credit = self._credit.get(account, 0.0)
+            if credit < 1:
+                credit += self._weight(account)
+            waiter = queue.popleft()
+            self._credit[account] = credit - 1
+            if not waiter.future.done():
+                self._take(waiter.process)
+                waiter.future.set_result(None)
+            if not queue:
+                del self._waiting[account]
+            if credit - 1 < 1:
+                self._order.rotate(-1)

@@ -1,0 +1,91 @@
+"""The node budget: a dispatcher never runs more attempts (nor more processes) than its budget,
+whatever the functions' own limits; a burst over hundreds of functions completes with every task
+Succeeded once, no slow-consumer disconnect and never more executor processes than the budget;
+and slots are handed to waiting accounts in proportion to their weights."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from pathlib import Path
+
+from harness import Api, all_succeed
+from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.dispatch.node_budget import BudgetSettings, NodeBudget
+
+
+async def test_waiting_accounts_get_slots_in_proportion_to_their_weights() -> None:
+    budget = NodeBudget(
+        BudgetSettings(processes=1, slots=1), weight=lambda a: 3.0 if a == "gold" else 1.0
+    )
+    assert budget.try_take(process=True)
+    admitted: list[str] = []
+
+    async def task(account: str) -> None:
+        await budget.wait(account, process=True)
+        admitted.append(account)
+
+    waiters = [asyncio.create_task(task(a)) for a in ["plain"] * 8 + ["gold"] * 8]
+    await asyncio.sleep(0)
+    assert not budget.try_take(process=False), "a free slot goes to those already waiting"
+    woken: list[int] = []
+    budget.room(process=True, wake=lambda: woken.append(1))  # a worker that found no room
+    for _ in range(8):
+        budget.release(process=True)
+        await asyncio.sleep(0)
+    assert Counter(admitted) == {"gold": 6, "plain": 2}, admitted
+    assert woken, "a worker that found no room is woken when a slot frees"
+    for w in waiters:
+        w.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert budget.running == 1 and budget.processes == 1
+    assert budget.room(process=False, wake=lambda: None) == 0
+
+
+def _sleeping_children() -> int:
+    """Executor processes of this test process's dispatcher (`sleep 0.05`) alive now."""
+    me, count = os.getpid(), 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == me and (proc / "cmdline").read_bytes() == b"sleep\x000.05\x00":
+                count += 1
+        except (OSError, IndexError, ValueError):
+            continue
+    return count
+
+
+async def test_a_burst_over_500_functions_keeps_to_the_node_budget(
+    api: Api, dispatcher: Dispatcher, nats_log: Path
+) -> None:
+    functions, per_function, processes = 500, 3, 8
+    for i in range(functions):
+        await api.function(f"f{i:03d}", command=["sleep", "0.05"], maxConcurrency=64)
+    saved = dispatcher.budget
+    dispatcher.budget = NodeBudget(
+        BudgetSettings(processes=processes, slots=processes * 2), dispatcher.fairness.weight
+    )
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _sleeping_children())
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        for _ in range(per_function):
+            for i in range(functions):
+                await api.submit(f"f{i:03d}")
+        await all_succeed(api, None, functions * per_function, timeout=120)
+    finally:
+        done.set()
+        await watcher
+        dispatcher.budget = saved
+    assert 0 < peak <= processes, peak
+    assert "Slow Consumer" not in await asyncio.to_thread(nats_log.read_text)
