@@ -72,11 +72,18 @@ class NodeBudget:
         self._credit: dict[str, float] = {}
         self._order: deque[str] = deque()  # accounts with waiters, in turn order
         self._starved: dict[Callable[[], None], None] = {}  # an ordered set
+        # Read when scraped, so counting costs the hot path nothing.
+        metrics.NODE_RUNNING.labels("all").set_function(lambda: self.running)
+        metrics.NODE_RUNNING.labels("processes").set_function(lambda: self.processes)
+        metrics.NODE_WAITING.set_function(self.waiting)
+
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
 
     def room(self, process: bool, wake: Callable[[], None]) -> int:
         """How many more attempts a worker may pull now; with none, `wake` is called once some
         slot frees."""
-        waiting = sum(len(q) for q in self._waiting.values())
+        waiting = self.waiting() if self._waiting else 0
         free = self.settings.slots - self.running - waiting
         if process:
             free = min(free, self.settings.processes - self.processes - waiting)
@@ -93,12 +100,6 @@ class NodeBudget:
     def _take(self, process: bool) -> None:
         self.running += 1
         self.processes += process
-        self._report()
-
-    def _report(self) -> None:
-        metrics.NODE_RUNNING.labels("all").set(self.running)
-        metrics.NODE_RUNNING.labels("processes").set(self.processes)
-        metrics.NODE_WAITING.set(sum(len(q) for q in self._waiting.values()))
 
     def try_take(self, process: bool) -> bool:
         """Take a slot if one is free and nobody waits for it (the usual case: no wait)."""
@@ -115,7 +116,6 @@ class NodeBudget:
             if account not in self._order:
                 self._order.append(account)
         self._waiting[account].append(waiter)
-        self._report()
         try:
             await waiter.future  # `_admit` took the slot for us
         except asyncio.CancelledError:
@@ -128,11 +128,12 @@ class NodeBudget:
     def release(self, process: bool) -> None:
         self.running -= 1
         self.processes -= process
-        self._admit()
-        self._report()
-        for wake in list(itertools.islice(self._starved, 4)):
-            del self._starved[wake]
-            wake()
+        if self._waiting:
+            self._admit()
+        if self._starved:
+            for wake in list(itertools.islice(self._starved, 4)):
+                del self._starved[wake]
+                wake()
 
     def _forget(self, account: str, waiter: _Waiter) -> None:
         queue = self._waiting.get(account)
@@ -140,7 +141,6 @@ class NodeBudget:
             queue.remove(waiter)
             if not queue:
                 del self._waiting[account]
-        self._report()
 
     def _admit(self) -> None:
         """Deficit round robin over the accounts that wait: the account at the head of the turn
