@@ -23,7 +23,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from . import grammar, names
 from .jetstream import ensure_stream
@@ -34,6 +34,10 @@ from .settings import Settings
 
 class QueueFull(Exception):
     pass
+
+
+class TooManyFunctions(Exception):
+    """The queue a function would share already serves as many functions as it may."""
 
 
 class QueueUnavailable(Exception):
@@ -95,6 +99,7 @@ def stream_config(fn: TaskFunction, settings: Settings) -> StreamConfig:
         discard=DiscardPolicy.OLD,
         allow_msg_schedules=True,
         duplicate_window=settings.dedup_window,
+        max_consumers=settings.queue_max_functions,
     )
 
 
@@ -115,7 +120,16 @@ async def ensure_function_queue(js: JetStreamContext, fn: TaskFunction, settings
     config = stream_config(fn, settings)
     await ensure_stream(js, config)
     assert config.name is not None
-    await js.add_consumer(config.name, consumer_config(fn, settings))
+    try:
+        await js.add_consumer(config.name, consumer_config(fn, settings))
+    except BadRequestError as err:
+        if err.err_code == 10026:  # maximum consumers limit reached
+            raise TooManyFunctions(
+                f"queue {config.name} already serves {settings.queue_max_functions} functions "
+                "(KUBETASK_QUEUE_MAX_FUNCTIONS); give this one a queue of its own "
+                "(queueMode: dedicated) or delete one"
+            ) from None
+        raise
     return config.name
 
 

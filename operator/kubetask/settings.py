@@ -83,6 +83,11 @@ class Settings:
     account_max_rate: float = field(
         default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0)
     )
+    # Functions that may share one queue (stream): its consumer limit. nats-server 2.15 otherwise
+    # limits every stream to 1,000 consumers; past this, registering another function is a 409.
+    queue_max_functions: int = field(
+        default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000)
+    )
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.
     dedup_window: float = field(default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0))
     # A task still Pending this long after acceptance lost its publish; it is republished.

@@ -46,7 +46,14 @@ async def reconcile(
         )
         raise kopf.PermanentError(f"invalid spec: {err}") from err
     changed = plane.registry.function(namespace, name) != plane.registry.with_route(fn)
-    stream = await plane.mover.register(plane.registry, fn)
+    try:
+        stream = await plane.mover.register(plane.registry, fn)
+    except queues.TooManyFunctions as err:
+        patch.status["ready"] = False
+        patch.status["conditions"] = condition(
+            "False", "TooManyFunctions", str(err), status.get("conditions")
+        )
+        raise kopf.TemporaryError(str(err), delay=60) from err
     if changed:
         kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")
     waiting, running = await queues.backlog(plane.js, fn)

@@ -111,4 +111,6 @@ def render(err: Exception) -> JSONResponse | None:
         return framework_error(err)
     if isinstance(err, UNAVAILABLE):
         return api_error(unavailable(f"NATS is unavailable ({type(err).__name__})"))
+    if isinstance(err, queues.TooManyFunctions):
+        return api_error(ApiError(409, str(err)))
     return None

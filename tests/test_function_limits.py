@@ -1,0 +1,51 @@
+"""How many functions an account may have: past nats-server's default of 1,000 consumers per
+stream (2.15) when sharing the account's queue, and a clear 409 — not a 500 — at the configured
+limit (KUBETASK_QUEUE_MAX_FUNCTIONS)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from harness import Api
+from kubetask import queues
+from kubetask.gateway import errors
+from kubetask.models import ObjectMeta, TaskFunction, TaskFunctionSpec
+from kubetask.plane import DataPlane
+from kubetask.queue_moves import Mover
+
+
+def _fn(account: str, name: str) -> TaskFunction:
+    return TaskFunction(
+        metadata=ObjectMeta(name=name, namespace=account),
+        spec=TaskFunctionSpec(command=["true"]),
+    )
+
+
+async def test_an_account_shares_its_queue_among_more_than_1000_functions(
+    api: Api, plane: DataPlane
+) -> None:
+    names = [f"f{i:04d}" for i in range(1001)]
+    try:
+        for name in names:
+            await plane.mover.register(plane.registry, _fn(api.account, name))
+        last = await api.call("GET", f"/v1/functions/{names[-1]}", 200)
+        assert last["status"]["queue"] == f"KT_Q_{api.account}" and last["status"]["ready"]
+        await api.submit(names[-1], task_id="the-1001st")
+        assert (await api.wait("the-1001st"))["status"]["phase"] == "Succeeded"
+    finally:
+        for name in names:
+            await api.call("DELETE", f"/v1/functions/{name}")
+
+
+async def test_past_the_limit_registering_is_a_409(api: Api, plane: DataPlane) -> None:
+    limited = dataclasses.replace(plane.settings, queue_max_functions=2)
+    mover = Mover(plane.js, limited)
+    for name in ("one", "two"):
+        await mover.register(plane.registry, _fn(api.account, name))
+    with pytest.raises(queues.TooManyFunctions) as refused:
+        await mover.register(plane.registry, _fn(api.account, "three"))
+    assert plane.registry.function(api.account, "three") is None, "not registered half-way"
+    answer = errors.render(refused.value)
+    assert answer is not None and answer.status_code == 409
+    assert b"KUBETASK_QUEUE_MAX_FUNCTIONS" in answer.body
