@@ -262,7 +262,7 @@ async def test_a_submission_its_queue_refuses_is_taken_back(api: Api, plane: Dat
     await api.wait((await api.submit("unqueued", 0))["metadata"]["name"])
     fn = plane.registry.function(api.account, "unqueued")
     assert fn is not None
-    await plane.js.delete_stream(names.stream_for(fn))
+    await plane.js.delete_stream(names.queues_of(fn)[0].stream)
     # Admission still counts on the depth it read a moment ago, so the record gets created.
     refused = await api.call(
         "POST", "/v1/tasks", 503, json={"function": "unqueued", "id": "again", "payload": 1}

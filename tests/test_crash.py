@@ -8,6 +8,7 @@ process dies), and each is recorded Succeeded exactly once in the audit stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -64,14 +65,15 @@ class Lab:
         self.script = script
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def function_yaml(self) -> str:
+    def function_yaml(self, partitions: int = 1) -> str:
         return textwrap.dedent(f"""
             apiVersion: kubetask.io/v1alpha1
             kind: TaskFunction
             metadata: {{name: work}}
             spec:
               command: [{json.dumps(sys.executable)}, {json.dumps(str(self.script))}]
-              maxConcurrency: 25
+              maxConcurrency: 24
+              partitions: {partitions}
             ---
             apiVersion: kubetask.io/v1alpha1
             kind: AsyncConfig
@@ -193,13 +195,9 @@ def _assert_all_done_once(lab: Lab, tasks: list[dict[str, Any]], events: Counter
     assert set(events) == ids and set(events.values()) == {1}, "Succeeded recorded once each"
 
 
-async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
-    url, token, env = lab.start_nats_and_gateway(
-        "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
-    )
-    nats_url = env["KUBETASK_NATS_URL"]
+def _apply(lab: Lab, url: str, token: str, partitions: int = 1) -> None:
     fn_file = lab.root / "fns.yaml"
-    fn_file.write_text(lab.function_yaml())
+    fn_file.write_text(lab.function_yaml(partitions))
     apply = subprocess.run(
         [
             sys.executable,
@@ -218,6 +216,14 @@ async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
         text=True,
     )
     assert apply.returncode == 0, apply.stderr
+
+
+async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
+    url, token, env = lab.start_nats_and_gateway(
+        "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
+    )
+    nats_url = env["KUBETASK_NATS_URL"]
+    _apply(lab, url, token)
     first = lab.spawn("dispatcher", env=env, log="d1.log")
     await _submit_all(url, token)
     await _wait_started(lab, 40)
@@ -232,6 +238,58 @@ async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
     events = await _succeeded_events(nats_url, "crash")
     _assert_all_done_once(lab, tasks, events)
     assert any(t["status"]["attempts"] > 1 for t in tasks), "no attempt was taken over"
+
+
+async def _leases(nats_url: str) -> dict[str, str]:
+    """Partition -> the dispatcher holding its lease, read from the bucket."""
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value("kt_leases")
+        held = {}
+        with contextlib.suppress(nats.js.errors.NoKeysError):
+            for key in await kv.keys():
+                if key.startswith("p."):
+                    with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                        held[key] = (await kv.get(key)).value.decode()
+        return held
+    finally:
+        await nc.close()
+
+
+async def _wait_leases(nats_url: str, holders: int, timeout: float) -> dict[str, str]:
+    """Until the 4 partitions are held by exactly `holders` dispatchers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = await _leases(nats_url)
+        if len(held) == 4 and len(set(held.values())) == holders:
+            return held
+        assert time.monotonic() < deadline, held
+        await asyncio.sleep(0.2)
+
+
+async def test_kill_9_one_of_two_dispatchers_its_partitions_are_taken_over(lab: Lab) -> None:
+    url, token, env = lab.start_nats_and_gateway(
+        "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2", KUBETASK_LEASE_TTL="2"
+    )
+    nats_url = env["KUBETASK_NATS_URL"]
+    _apply(lab, url, token, partitions=4)
+    first = lab.spawn("dispatcher", env=env, log="d1.log")
+    second = lab.spawn("dispatcher", env=env, log="d2.log")
+    held = await _wait_leases(nats_url, holders=2, timeout=20)  # the partitions are spread
+    await _submit_all(url, token)
+    await _wait_started(lab, 40)
+    victim = first if any(str(first.pid) in who for who in held.values()) else second
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = time.monotonic()
+    survivor = await _wait_leases(nats_url, holders=1, timeout=15)
+    took_over = time.monotonic() - killed_at
+    assert str(victim.pid) not in next(iter(survivor.values()))
+    # Within the lease TTL (2 s) plus a renewal round of the survivor (TTL / 3).
+    assert took_over < 2 + 2 / 3 + 1.5, took_over
+    tasks = await _wait_all_terminal(url, token)
+    events = await _succeeded_events(nats_url, "crash")
+    _assert_all_done_once(lab, tasks, events)
 
 
 async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:

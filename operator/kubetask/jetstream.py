@@ -192,16 +192,23 @@ async def ensure_kv(
     )
 
 
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
+    with contextlib.suppress(Exception):
+        await js.key_value(config.bucket)
+        return
+    await js.create_key_value(config)
+
+
 async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     """Buckets and streams every component needs; safe to call from each at start-up."""
     await ensure_kv(js, names.TASKS_BUCKET, settings)
     for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET, names.ROUTES_BUCKET):
-        with contextlib.suppress(Exception):
-            await js.key_value(bucket)
-            continue
-        await js.create_key_value(
-            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
-        )
+        await _ensure_bucket(js, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+    # Leases live only as long as they are renewed; losing them all in a restart is harmless.
+    leases = KeyValueConfig(
+        bucket=names.LEASES_BUCKET, history=1, storage=StorageType.MEMORY, ttl=settings.lease_ttl
+    )
+    await _ensure_bucket(js, leases)
     await ensure_stream(
         js,
         StreamConfig(

@@ -50,6 +50,10 @@ NODE_WAITING = Gauge(
     "kubetask_node_waiting",
     "Tasks delivered to this dispatcher waiting for a slot of its node budget.",
 )
+LEASES_HELD = Gauge(
+    "kubetask_partition_leases_held",
+    "Partitions of partitioned functions this dispatcher holds the lease of (dispatch/leases.py).",
+)
 BUSY = Counter(
     "kubetask_executor_busy_total",
     "Attempts an executor answered busy (429/503): handed back, no attempt spent.",

@@ -128,12 +128,26 @@ def _only(present: str, absent: str, kind: str) -> dict[str, JsonValue]:
     }
 
 
+PARTITION_RULES: list[dict[str, JsonValue]] = [
+    {
+        "rule": "self.partitions <= 1 || self.queueMode != 'account'",
+        "message": "a partitioned function has queues of its own: queueMode must be auto or "
+        "dedicated",
+    },
+    {
+        "rule": "self.partitions <= self.maxConcurrency",
+        "message": "partitions may not exceed maxConcurrency (each partition runs at least one "
+        "task at a time)",
+    },
+]
+
+
 class TaskFunctionSpec(KubeModel):
     # The rule twice: CEL for the API server, `anyOf` for the OpenAPI document (crdgen drops it).
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "x-kubernetes-validations": [EXACTLY_ONE_RUNTIME],
+            "x-kubernetes-validations": [EXACTLY_ONE_RUNTIME, *PARTITION_RULES],
             "anyOf": [_only("command", "server", "array"), _only("server", "command", "object")],
         },
     )
@@ -157,11 +171,24 @@ class TaskFunctionSpec(KubeModel):
     )
     maxConcurrency: Count = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
     queueMode: QueueMode = QueueMode.auto
+    partitions: Count = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Split the function's queue into this many streams, each consumed by one "
+        "dispatcher at a time (leased), for a function too hot for one stream or one "
+        "dispatcher; each partition runs up to maxConcurrency / partitions tasks at once.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one_runtime(self) -> TaskFunctionSpec:
         if (self.command is None) == (self.server is None):
             raise ValueError(EXACTLY_ONE_RUNTIME["message"])
+        # PARTITION_RULES, which the API server checks as CEL, in Python.
+        if self.partitions > 1 and self.queueMode is QueueMode.account:
+            raise ValueError(str(PARTITION_RULES[0]["message"]))
+        if self.partitions > self.maxConcurrency:
+            raise ValueError(str(PARTITION_RULES[1]["message"]))
         return self
 
 
@@ -358,6 +385,9 @@ class Waiting(KubeModel):
     """Why a task that waits is waiting — worked out when it is read, never stored."""
 
     queue: str = Field(description="The JetStream stream it waits in.")
+    partition: Count | None = Field(
+        default=None, description="Which of its function's partitions, when it has several."
+    )
     position: Count | None = Field(
         default=None, description="About how many of its function's tasks are ahead, plus one."
     )

@@ -5,6 +5,9 @@ All naming lives here so the gateway, dispatchers and operator agree without tal
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
+
 from .models import QueueMode, TaskFunction
 
 TASKS_BUCKET = "kt_tasks"
@@ -12,6 +15,8 @@ FUNCTIONS_BUCKET = "kt_functions"
 ASYNC_CONFIGS_BUCKET = "kt_asyncconfigs"
 # Where the platform moved `auto` functions (`queue_routes.py`), by function key.
 ROUTES_BUCKET = "kt_routes"
+# Which dispatcher consumes which partition (`dispatch/leases.py`); entries expire.
+LEASES_BUCKET = "kt_leases"
 LOGS_STREAM = "KT_LOGS"
 EVENTS_STREAM = "KT_EVENTS"
 STOP_SUBJECT_PREFIX = "kt.ctl.stop"
@@ -27,37 +32,76 @@ def dedicated_stream(account: str, function: str) -> str:
 
 def queue_mode(fn: TaskFunction) -> QueueMode:
     """The queue a function's tasks use now: its own setting, or for `auto` the platform's
-    assignment (carried in its status by the registry), the account's stream without one."""
+    assignment (carried in its status by the registry), the account's stream without one. A
+    partitioned function always has streams of its own."""
+    if fn.spec.partitions > 1:
+        return QueueMode.dedicated
     if fn.spec.queueMode is not QueueMode.auto:
         return fn.spec.queueMode
     assignment = fn.status.queueAssignment if fn.status is not None else None
     return assignment.mode if assignment is not None else QueueMode.account
 
 
-def stream_for(fn: TaskFunction) -> str:
+@dataclass(frozen=True)
+class Queue:
+    """One queue of a function: the stream holding it (and the subjects that stream takes), the
+    subject its runnable tasks are published on, the prefix its delayed retries wait under, its
+    durable consumer and, for a partitioned function, which partition it is."""
+
+    stream: str
+    stream_subjects: tuple[str, ...]
+    subject: str
+    schedules: str
+    consumer: str
+    partition: int | None = None
+
+    def schedule_subject(self, task_id: str) -> str:
+        """Holds a task's delayed retry (one per task) until JetStream moves it into the queue."""
+        return f"{self.schedules}.{task_id}"
+
+    @property
+    def shared(self) -> bool:
+        """Whether the stream is the account's, shared with its other functions."""
+        return self.stream.startswith("KT_Q_")
+
+
+def queues_of(fn: TaskFunction) -> list[Queue]:
+    a, f, consumer = fn.account, fn.name, consumer_name(fn)
+    if fn.spec.partitions > 1:
+        return [partition_queue(a, f, i) for i in range(fn.spec.partitions)]
     if queue_mode(fn) is QueueMode.dedicated:
-        return dedicated_stream(fn.account, fn.name)
-    return account_stream(fn.account)
+        subjects = (f"kt.qf.{a}.{f}", f"kt.qfs.{a}.{f}.*")
+        return [Queue(dedicated_stream(a, f), subjects, subjects[0], f"kt.qfs.{a}.{f}", consumer)]
+    subjects = (f"kt.q.{a}.*", f"kt.qs.{a}.*.*")
+    return [Queue(account_stream(a), subjects, f"kt.q.{a}.{f}", f"kt.qs.{a}.{f}", consumer)]
 
 
-def stream_subjects(fn: TaskFunction) -> list[str]:
-    if queue_mode(fn) is QueueMode.dedicated:
-        return [f"kt.qf.{fn.account}.{fn.name}", f"kt.qfs.{fn.account}.{fn.name}.*"]
-    return [f"kt.q.{fn.account}.*", f"kt.qs.{fn.account}.*.*"]
+def partition_queue(account: str, function: str, index: int) -> Queue:
+    """Partition `index` of a function: its stream, subjects and consumer depend on nothing else
+    (so changing the number of partitions keeps the ones that remain)."""
+    a, f = account, function
+    subjects = (f"kt.qp.{a}.{f}.{index}", f"kt.qps.{a}.{f}.{index}.*")
+    return Queue(
+        f"KT_QP_{a}_{f}_{index}", subjects, subjects[0], f"kt.qps.{a}.{f}.{index}", f"fn_{f}", index
+    )
 
 
-def queue_subject(fn: TaskFunction) -> str:
-    """Where a function's runnable tasks are published."""
-    if queue_mode(fn) is QueueMode.dedicated:
-        return f"kt.qf.{fn.account}.{fn.name}"
-    return f"kt.q.{fn.account}.{fn.name}"
+def partition_of(task_id: str, partitions: int) -> int:
+    """A task's partition: stable, so its retries and republishes go where it went first."""
+    return zlib.crc32(task_id.encode()) % partitions
 
 
-def schedule_subject(fn: TaskFunction, task_id: str) -> str:
-    """Holds a task's delayed retry (one per task) until JetStream moves it into the queue."""
-    if queue_mode(fn) is QueueMode.dedicated:
-        return f"kt.qfs.{fn.account}.{fn.name}.{task_id}"
-    return f"kt.qs.{fn.account}.{fn.name}.{task_id}"
+def queue_for(fn: TaskFunction, task_id: str) -> Queue:
+    queues = queues_of(fn)
+    return queues[partition_of(task_id, len(queues))] if len(queues) > 1 else queues[0]
+
+
+def queue_label(fn: TaskFunction) -> str:
+    """The function's queue as people read it: its stream, or its partitions' streams."""
+    queues = queues_of(fn)
+    if len(queues) == 1:
+        return queues[0].stream
+    return f"KT_QP_{fn.account}_{fn.name}_{{0..{len(queues) - 1}}}"
 
 
 def consumer_name(fn: TaskFunction) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Every queue subject of every account: submission publishes runnable tasks there.
-_QUEUES = ["kt.q.>", "kt.qf.>"]
+_QUEUES = ["kt.q.>", "kt.qf.>", "kt.qp.>"]
 # Task records, functions and async configs (KV puts are publishes on `$KV.<bucket>.<key>`).
 _RECORDS = ["$KV.kt_tasks.>"]
 _REGISTRY = ["$KV.kt_functions.>", "$KV.kt_asyncconfigs.>", "$KV.kt_routes.>"]
@@ -58,6 +58,8 @@ PERMISSIONS: dict[str, Permissions] = {
             *_QUEUES,
             "kt.qs.>",
             "kt.qfs.>",
+            "kt.qps.>",
+            "$KV.kt_leases.>",
             "kt.logs.>",
             "kt.quarantine.>",
         ],

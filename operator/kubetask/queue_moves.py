@@ -1,5 +1,6 @@
-"""Moving a function's backlog when its queue changes (account stream <-> dedicated stream), by
-its `queueMode` or by the platform's assignment of an `auto` function (`queue_routes.py`).
+"""Moving a function's backlog when its queues change — account stream, a stream of its own, or
+partitions (`queueMode`, `partitions`, or the platform's assignment of an `auto` function,
+`queue_routes.py`).
 
 The new queue exists before the function is re-registered, so new submissions go there at once;
 dispatchers follow the registry to the new consumer and let attempts they are running finish on
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -29,99 +32,127 @@ from .settings import Settings
 
 log = logging.getLogger("kubetask.queues")
 BATCH = 256
-
-
 # Gateways follow the registry within a second; this leaves them room.
 SETTLE = 2.0
 
 
-def previous(fn: TaskFunction) -> TaskFunction:
-    """The function as it was on its other queue (only the queue's naming differs)."""
-    now = names.queue_mode(fn)
-    other = QueueMode.account if now is QueueMode.dedicated else QueueMode.dedicated
-    spec = fn.spec.model_copy(update={"queueMode": other})
-    return fn.model_copy(update={"spec": spec, "status": None})
+def streams(fn: TaskFunction) -> frozenset[str]:
+    return frozenset(q.stream for q in names.queues_of(fn))
 
 
-async def left_behind(js: JetStreamContext, fn: TaskFunction) -> bool:
-    """Whether the function's consumer still exists on its other queue."""
-    old = previous(fn)
+def _layouts(fn: TaskFunction) -> list[TaskFunction]:
+    """The function on the account's stream and on a dedicated one (not partitioned)."""
+    variants = []
+    for mode in (QueueMode.account, QueueMode.dedicated):
+        spec = fn.spec.model_copy(update={"queueMode": mode, "partitions": 1})
+        variants.append(fn.model_copy(update={"spec": spec, "status": None}))
+    return variants
+
+
+async def leftovers(js: JetStreamContext, fn: TaskFunction) -> list[names.Queue]:
+    """Queues other than its current ones where the function still has a consumer: a move that
+    did not finish (its process stopped)."""
+    current = streams(fn)
+    candidates = [q for variant in _layouts(fn) for q in names.queues_of(variant)]
+    for index in await partition_indexes(js, fn):
+        candidates.append(names.partition_queue(fn.account, fn.name, index))
+    found = []
+    for queue in candidates:
+        if queue.stream in current:
+            continue
+        with contextlib.suppress(NotFoundError):
+            await js.consumer_info(queue.stream, queue.consumer)
+            found.append(queue)
+    return found
+
+
+async def partition_indexes(js: JetStreamContext, fn: TaskFunction) -> list[int]:
+    """The partitions of the function that have a stream now, whatever its spec says."""
+    body = json.dumps({"subject": f"kt.qp.{fn.account}.{fn.name}.*"}).encode()
+    found = await js._api_request(f"{js._prefix}.STREAM.NAMES", body, timeout=js._timeout)
+    return sorted(int(name.rsplit("_", 1)[1]) for name in found.get("streams") or [])
+
+
+def _target(fn: TaskFunction, msg: Msg) -> str:
+    """Where a waiting message goes in the function's current queues (by its task's partition;
+    one that cannot be read goes to the first, where the dispatcher quarantines it)."""
     try:
-        await js.consumer_info(names.stream_for(old), names.consumer_name(old))
-    except NotFoundError:
-        return False
-    return True
+        task_id = queues.QueuedRef.decode(msg.data).task_id
+    except (ValueError, KeyError, TypeError):
+        return names.queues_of(fn)[0].subject
+    return names.queue_for(fn, task_id).subject
 
 
-async def move_backlog(
-    js: JetStreamContext, fn: TaskFunction, settings: Settings, poll: float = 0.2
+async def drain(
+    js: JetStreamContext, old: names.Queue, fn: TaskFunction, settings: Settings, poll: float = 0.2
 ) -> int:
-    """Drain the old queue of `fn` into its current one; returns how many messages moved."""
+    """Move what waits in `old` into the function's current queues, then remove `old` once it
+    has nothing waiting or in flight (and SETTLE seconds have passed); returns how many moved."""
     settled = asyncio.get_running_loop().time() + SETTLE
-    old = previous(fn)
-    stream, consumer = names.stream_for(old), names.consumer_name(old)
     moved = 0
     try:
-        await js.consumer_info(stream, consumer)
+        await js.consumer_info(old.stream, old.consumer)
         # Attempts still running on the old consumer must not hold the waiting ones back.
-        config = queues.consumer_config(old, settings)
-        config.max_ack_pending = old.spec.maxConcurrency + BATCH
-        await js.add_consumer(stream, config)
-        sub = await js.pull_subscribe_bind(consumer, stream)
+        config = queues.consumer_config(fn, old, settings)
+        config.max_ack_pending = fn.spec.maxConcurrency + BATCH
+        await js.add_consumer(old.stream, config)
+        sub = await js.pull_subscribe_bind(old.consumer, old.stream)
     except NotFoundError:
         return 0
     try:
         while True:
             with contextlib.suppress(TimeoutError):
                 for msg in await sub.fetch(BATCH, timeout=poll):
-                    headers = {"Nats-Msg-Id": f"moved.{stream}.{msg.metadata.sequence.stream}"}
-                    await js.publish(names.queue_subject(fn), msg.data, headers=headers)
+                    headers = {"Nats-Msg-Id": f"moved.{old.stream}.{msg.metadata.sequence.stream}"}
+                    await js.publish(_target(fn, msg), msg.data, headers=headers)
                     await msg.ack()
                     moved += 1
-            info = await js.consumer_info(stream, consumer)
+            info = await js.consumer_info(old.stream, old.consumer)
             drained = not info.num_pending and not info.num_ack_pending
             if drained and asyncio.get_running_loop().time() >= settled:
                 break
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(stream, consumer)
-    if names.queue_mode(old) is QueueMode.dedicated:
-        with contextlib.suppress(NotFoundError):
-            await js.delete_stream(stream)
-    log.info("moved %d waiting tasks of %s/%s to %s", moved, fn.account, fn.name, stream)
+    await queues.remove_queue(js, old)
+    log.info("moved %d waiting tasks of %s/%s from %s", moved, fn.account, fn.name, old.stream)
     return moved
 
 
 class Mover:
-    """Runs at most one move per function, in the background."""
+    """Drains each old queue of a function once, in the background."""
 
     def __init__(self, js: JetStreamContext, settings: Settings) -> None:
         self.js = js
         self.settings = settings
-        self._moves: dict[tuple[str, str], tuple[QueueMode, asyncio.Task[int]]] = {}
+        self._moves: dict[tuple[str, str, str], asyncio.Task[int]] = {}
 
-    def start(self, fn: TaskFunction) -> None:
-        """Move the backlog into `fn`'s queue. A move the other way that is still going is
-        cancelled first: it would otherwise delete what is now the current consumer."""
-        key = (fn.account, fn.name)
-        running = self._moves.get(key)
-        if running is not None and not running[1].done() and running[0] is names.queue_mode(fn):
-            return
-        self._cancel_other(fn)
-        task = asyncio.create_task(self._move(fn), name=f"move-{fn.account}-{fn.name}")
-        self._moves[key] = (names.queue_mode(fn), task)
+    def start(self, fn: TaskFunction, old: list[names.Queue]) -> None:
+        """Drain `old` into `fn`'s queues. A drain of a queue that is current again is
+        cancelled first: it would otherwise delete a consumer in use."""
+        self._cancel_current(fn)
+        current = streams(fn)
+        for queue in old:
+            if queue.stream in current:
+                continue
+            key = (fn.account, fn.name, queue.stream)
+            running = self._moves.get(key)
+            if running is not None and not running.done():
+                running.cancel()  # restarted with the function as it is now
+            self._moves[key] = asyncio.create_task(
+                self._drain(fn, queue), name=f"move-{fn.account}-{fn.name}-{queue.stream}"
+            )
 
-    def _cancel_other(self, fn: TaskFunction) -> None:
-        running = self._moves.get((fn.account, fn.name))
-        if running is not None and running[0] is not names.queue_mode(fn):
-            running[1].cancel()
+    def _cancel_current(self, fn: TaskFunction) -> None:
+        current = streams(fn)
+        for (account, name, stream), task in self._moves.items():
+            if (account, name) == (fn.account, fn.name) and stream in current:
+                task.cancel()
 
-    async def _move(self, fn: TaskFunction) -> int:
+    async def _drain(self, fn: TaskFunction, old: names.Queue) -> int:
         while True:
             try:
-                return await move_backlog(self.js, fn, self.settings)
+                return await drain(self.js, old, fn, self.settings)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # NATS away for a moment: try again
@@ -132,25 +163,26 @@ class Mover:
         """Finish moves a stopped gateway left unfinished."""
         for fn in functions:
             with contextlib.suppress(Exception):
-                if await left_behind(self.js, fn):
-                    self.start(fn)
+                old = await leftovers(self.js, fn)
+                if old:
+                    self.start(fn, old)
 
     async def register(self, registry: Registry, fn: TaskFunction) -> str:
-        """Create the function's queue, register it, and move its backlog if its queue changed;
-        returns the stream name. The one path by which functions are registered."""
+        """Create the function's queues, register it, and move its backlog if its queues
+        changed; returns its queue label. The one path by which functions are registered."""
         before = registry.function(fn.account, fn.name)
         fn = registry.with_route(fn)
-        self._cancel_other(fn)  # before the queue is (re)configured, which it must not undo
-        stream = await queues.ensure_function_queue(self.js, fn, self.settings)
+        self._cancel_current(fn)  # before the queues are (re)configured, which it must not undo
+        label = await queues.ensure_function_queue(self.js, fn, self.settings)
         if before != fn:
             await registry.put_function(fn)
             await registry.caught_up()
-        if before is not None and names.queue_mode(before) is not names.queue_mode(fn):
-            self.start(fn)
-        return stream
+        if before is not None:
+            self.start(fn, names.queues_of(before))
+        return label
 
     async def close(self) -> None:
-        tasks = [task for _, task in self._moves.values()]
+        tasks = list(self._moves.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -70,7 +70,7 @@ class Router:
             if names.queue_mode(fn) is QueueMode.account:
                 by_account.setdefault(fn.account, []).append(fn)
         for fn in functions:
-            if fn.spec.queueMode is not QueueMode.auto:
+            if fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
                 continue
             if names.queue_mode(fn) is QueueMode.dedicated:
                 await self._maybe_recycle(fn)
@@ -82,8 +82,7 @@ class Router:
                 await registry.unassign_queue(account, name, revision)  # stale: nothing moves
 
     async def _maybe_dedicate(self, fn: TaskFunction) -> None:
-        stream = names.stream_for(fn)
-        _, _, depth = await self.plane.depth.refresh(fn)  # one read serves the whole stream
+        stream, _, depth = await self.plane.depth.refresh(fn)  # one read serves the whole stream
         if depth < self.settings.dedicate_backlog:
             return
         with contextlib.suppress(Exception):  # a consumer being replaced has no backlog yet
@@ -129,9 +128,9 @@ class Router:
             await queues.ensure_function_queue(self.plane.js, target, self.plane.settings)
             if not await registry.unassign_queue(fn.account, fn.name, route[1]):
                 return
-        log.info("queue of %s/%s -> %s: %s", fn.account, fn.name, names.stream_for(target), reason)
+        log.info("queue of %s/%s -> %s: %s", fn.account, fn.name, names.queue_label(target), reason)
         metrics.QUEUE_MOVES.labels(fn.account, fn.name, mode.value).inc()
         metrics.of(metrics.DEDICATED, fn.account, fn.name).set(
             1 if mode is QueueMode.dedicated else 0
         )
-        self.plane.mover.start(target)
+        self.plane.mover.start(target, names.queues_of(fn))

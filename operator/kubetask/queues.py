@@ -1,5 +1,5 @@
-"""Task queues on JetStream: a stream per account (or per function), a subject and a durable
-pull consumer per function.
+"""Task queues on JetStream: a stream per account (or per function, or per partition of a
+function), a subject and a durable pull consumer per function and partition (`names.Queue`).
 
 The consumer's `max_ack_pending` is the function's max concurrency, so the limit holds across any
 number of dispatchers without them talking to each other. Messages carry only the task id and
@@ -9,6 +9,7 @@ so a task waiting out its backoff holds no concurrency slot.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -87,10 +88,10 @@ class QueuedRef:
         return f"{self.account}.{self.task_id}.{self.token}"
 
 
-def stream_config(fn: TaskFunction, settings: Settings) -> StreamConfig:
+def stream_config(queue: names.Queue, settings: Settings) -> StreamConfig:
     return StreamConfig(
-        name=names.stream_for(fn),
-        subjects=names.stream_subjects(fn),
+        name=queue.stream,
+        subjects=list(queue.stream_subjects),
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         # JetStream refuses `discard: new` together with message schedules, and `discard: old`
@@ -103,48 +104,48 @@ def stream_config(fn: TaskFunction, settings: Settings) -> StreamConfig:
     )
 
 
-def consumer_config(fn: TaskFunction, settings: Settings) -> ConsumerConfig:
+def consumer_config(fn: TaskFunction, queue: names.Queue, settings: Settings) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=names.consumer_name(fn),
-        filter_subject=names.queue_subject(fn),
+        durable_name=queue.consumer,
+        filter_subject=queue.subject,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait,
-        max_ack_pending=fn.spec.maxConcurrency,
+        # The function's concurrency, shared out among its partitions.
+        max_ack_pending=max(1, fn.spec.maxConcurrency // fn.spec.partitions),
         max_deliver=-1,
         max_waiting=512,
     )
 
 
 async def ensure_function_queue(js: JetStreamContext, fn: TaskFunction, settings: Settings) -> str:
-    """Create or update the stream and consumer a function needs; returns the stream name."""
-    config = stream_config(fn, settings)
-    await ensure_stream(js, config)
-    assert config.name is not None
-    try:
-        await js.add_consumer(config.name, consumer_config(fn, settings))
-    except BadRequestError as err:
-        if err.err_code == 10026:  # maximum consumers limit reached
-            raise TooManyFunctions(
-                f"queue {config.name} already serves {settings.queue_max_functions} functions "
-                "(KUBETASK_QUEUE_MAX_FUNCTIONS); give this one a queue of its own "
-                "(queueMode: dedicated) or delete one"
-            ) from None
-        raise
-    return config.name
+    """Create or update the streams and consumers a function needs; returns its queue label."""
+    for queue in names.queues_of(fn):
+        await ensure_stream(js, stream_config(queue, settings))
+        try:
+            await js.add_consumer(queue.stream, consumer_config(fn, queue, settings))
+        except BadRequestError as err:
+            if err.err_code == 10026:  # maximum consumers limit reached
+                raise TooManyFunctions(
+                    f"queue {queue.stream} already serves {settings.queue_max_functions} "
+                    "functions (KUBETASK_QUEUE_MAX_FUNCTIONS); give this one a queue of its "
+                    "own (queueMode: dedicated) or delete one"
+                ) from None
+            raise
+    return names.queue_label(fn)
+
+
+async def remove_queue(js: JetStreamContext, queue: names.Queue) -> None:
+    """Drop the consumer; a stream of the function's own goes too, a shared one stays."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(queue.stream, queue.consumer)
+    if not queue.shared:
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(queue.stream)
 
 
 async def remove_function_queue(js: JetStreamContext, fn: TaskFunction) -> None:
-    """Drop the consumer; a dedicated stream goes too, a shared account stream stays."""
-    stream = names.stream_for(fn)
-    try:
-        await js.delete_consumer(stream, names.consumer_name(fn))
-    except NotFoundError:
-        pass
-    if stream != names.account_stream(fn.account):
-        try:
-            await js.delete_stream(stream)
-        except NotFoundError:
-            pass
+    for queue in names.queues_of(fn):
+        await remove_queue(js, queue)
 
 
 class QueueDepth:
@@ -161,28 +162,32 @@ class QueueDepth:
         self.drain: dict[str, float] = {}
 
     def known(self, fn: TaskFunction) -> tuple[str, int, float]:
-        """(stream, tasks waiting as last read and counted since, drain rate), from memory."""
-        stream = names.stream_for(fn)
-        return stream, self._known.get(stream, (0.0, 0))[1], self.drain.get(stream, 0.0)
+        """(queue, tasks waiting as last read and counted since, drain rate), from memory; a
+        partitioned function's queue is all its partitions together."""
+        label = names.queue_label(fn)
+        return label, self._known.get(label, (0.0, 0))[1], self.drain.get(label, 0.0)
 
     async def refresh(self, fn: TaskFunction) -> tuple[str, float, int]:
-        """Re-read the stream's depth if the last read is older than `ttl`; returns (stream,
+        """Re-read the queue's depth if the last read is older than `ttl`; returns (queue,
         when read, depth). Whoever refuses a submission must still call this, or a queue that
         drained would look full for ever."""
-        stream = names.stream_for(fn)
+        label = names.queue_label(fn)
         now = time.monotonic()
-        read_at, depth = self._known.get(stream, (0.0, 0))
+        read_at, depth = self._known.get(label, (0.0, 0))
         if now - read_at > self.ttl:
-            try:
-                info = await self.rpc.api(f"$JS.API.STREAM.INFO.{stream}")
-            except Exception as err:
-                raise QueueUnavailable(str(err) or type(err).__name__) from err
+            stored = 0
+            for queue in names.queues_of(fn):
+                try:
+                    info = await self.rpc.api(f"$JS.API.STREAM.INFO.{queue.stream}")
+                except Exception as err:
+                    raise QueueUnavailable(str(err) or type(err).__name__) from err
+                stored += int(info["state"]["messages"])
             if read_at:  # what was there plus what came in, less what is there now, left
-                left = max(0, depth - int(info["state"]["messages"])) / (now - read_at)
-                self.drain[stream] = 0.5 * self.drain.get(stream, left) + 0.5 * left
-            read_at, depth = now, int(info["state"]["messages"])
-            self._known[stream] = (read_at, depth)
-        return stream, read_at, depth
+                left = max(0, depth - stored) / (now - read_at)
+                self.drain[label] = 0.5 * self.drain.get(label, left) + 0.5 * left
+            read_at, depth = now, stored
+            self._known[label] = (read_at, depth)
+        return label, read_at, depth
 
     async def admit(self, fn: TaskFunction) -> None:
         stream, read_at, depth = await self.refresh(fn)
@@ -200,8 +205,9 @@ def _publish_error(err: Exception) -> Exception:
 
 async def enqueue(rpc: Requester, fn: TaskFunction, ref: QueuedRef) -> int:
     """Publish a runnable task; returns its stream sequence. Duplicate publishes are absorbed."""
+    subject = names.queue_for(fn, ref.task_id).subject
     try:
-        return await rpc.publish(names.queue_subject(fn), ref.encode(), {"Nats-Msg-Id": ref.msg_id})
+        return await rpc.publish(subject, ref.encode(), {"Nats-Msg-Id": ref.msg_id})
     except Exception as err:
         raise _publish_error(err) from err
 
@@ -209,13 +215,14 @@ async def enqueue(rpc: Requester, fn: TaskFunction, ref: QueuedRef) -> int:
 async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: datetime) -> None:
     """Have JetStream move the task into its queue at `at` (millisecond resolution)."""
     stamp = at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    queue = names.queue_for(fn, ref.task_id)
     try:
         await js.publish(
-            names.schedule_subject(fn, ref.task_id),
+            queue.schedule_subject(ref.task_id),
             ref.encode(),
             headers={
                 "Nats-Schedule": f"@at {stamp}",
-                "Nats-Schedule-Target": names.queue_subject(fn),
+                "Nats-Schedule-Target": queue.subject,
                 "Nats-Msg-Id": f"{ref.msg_id}.sched",
             },
         )
@@ -223,16 +230,25 @@ async def schedule(js: JetStreamContext, fn: TaskFunction, ref: QueuedRef, at: d
         raise _publish_error(err) from err
 
 
-async def oldest(rpc: Requester, fn: TaskFunction) -> datetime | None:
-    """When the oldest message still in the function's stream was stored; None if it holds
-    none. A task whose message would be older than that has no message any more."""
-    state = (await rpc.api(f"$JS.API.STREAM.INFO.{names.stream_for(fn)}"))["state"]
+async def oldest(rpc: Requester, queue: names.Queue) -> datetime | None:
+    """When the oldest message still in the queue's stream was stored; None if it holds none.
+    A task whose message would be older than that has no message any more."""
+    state = (await rpc.api(f"$JS.API.STREAM.INFO.{queue.stream}"))["state"]
     if not state["messages"]:
         return None
     return datetime.fromisoformat(state["first_ts"])
 
 
-async def backlog(js: JetStreamContext, fn: TaskFunction) -> tuple[int, int]:
-    """(waiting, in flight) for the function's consumer."""
-    info = await js.consumer_info(names.stream_for(fn), names.consumer_name(fn))
+async def queue_backlog(js: JetStreamContext, queue: names.Queue) -> tuple[int, int]:
+    """(waiting, in flight) for one queue's consumer."""
+    info = await js.consumer_info(queue.stream, queue.consumer)
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+async def backlog(js: JetStreamContext, fn: TaskFunction) -> tuple[int, int]:
+    """(waiting, in flight) for the function, all its partitions together."""
+    waiting = running = 0
+    for queue in names.queues_of(fn):
+        w, r = await queue_backlog(js, queue)
+        waiting, running = waiting + w, running + r
+    return waiting, running

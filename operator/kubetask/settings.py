@@ -88,6 +88,8 @@ class Settings:
     queue_max_functions: int = field(
         default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000)
     )
+    # A dispatcher that stops renewing its partition leases loses them after this long.
+    lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0))
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.
     dedup_window: float = field(default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0))
     # A task still Pending this long after acceptance lost its publish; it is republished.

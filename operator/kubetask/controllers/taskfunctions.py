@@ -83,8 +83,8 @@ async def report_backlog(
     if status.get("backlog") != waiting + running:
         patch.status["backlog"] = waiting + running
     # Where the platform put an `auto` function's queue, and why, follows the registry.
-    if status.get("queue") != names.stream_for(fn):
-        patch.status["queue"] = names.stream_for(fn)
+    if status.get("queue") != names.queue_label(fn):
+        patch.status["queue"] = names.queue_label(fn)
     assignment = fn.status.queueAssignment if fn.status is not None else None
     shown = None if assignment is None else assignment.model_dump(mode="json")
     if status.get("queueAssignment") != shown:

@@ -42,6 +42,7 @@ from ..store import (
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
+from .leases import Leases
 from .max_age import MaxEventAge
 from .node_budget import NodeBudget
 from .policy import Policy, Retry, TaskContext
@@ -94,9 +95,14 @@ class Slot:
     announced: bool = False  # the attempt's "started" line is in the log
 
 
+# A worker consumes one queue of one function: (account, function, stream).
+WorkerKey = tuple[str, str, str]
+
+
 @dataclass
 class FunctionWorker:
     fn: TaskFunction
+    queue: names.Queue
     task: asyncio.Task[None] | None = None
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     pull: Pull | None = None
@@ -119,49 +125,78 @@ class Dispatcher:
         self.command = CommandExecutor()
         self.server = ServerExecutor()
         self.logs = LogWriter(plane.nc)
-        self.workers: dict[tuple[str, str], FunctionWorker] = {}
+        self.workers: dict[WorkerKey, FunctionWorker] = {}
         self.slots: dict[tuple[str, str], Slot] = {}
         self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
         self.budget = NodeBudget(weight=self.fairness.weight)
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
+        self.leases: Leases | None = None
 
     async def start(self) -> None:
-        self.plane.registry.on_function_change(self._function_changed)
-        for fn in list(self.plane.registry.functions.values()):
-            self._start_worker(fn)
+        kv = await self.plane.js.key_value(names.LEASES_BUCKET)
+        registry = self.plane.registry
+        self.leases = Leases(kv, registry, self.id, self.plane.settings.lease_ttl, self._sync_all)
+        await self.leases.start()
+        registry.on_function_change(self._sync)
+        self._sync_all()
         await self.plane.nc.subscribe(f"{names.STOP_SUBJECT_PREFIX}.>", cb=self._on_stop)
         self._background.append(asyncio.create_task(self._collect_backlog()))
 
     # -- function workers ------------------------------------------------------------------
 
-    def _function_changed(self, account: str, name: str, fn: TaskFunction | None) -> None:
-        """A changed function gets a new worker (its queue or limits may have moved); attempts
-        the old one started run on to the end, counted against the new one's slots."""
-        key = (account, name)
-        worker = self.workers.get(key)
-        inflight: set[asyncio.Task[None]] = set()
-        if worker is not None and (fn is None or _moved_or_changed(worker.fn, fn)):
-            if worker.task is not None:
-                worker.task.cancel()
-            del self.workers[key]
-            inflight = worker.inflight
-        if fn is not None and key not in self.workers and not self._closing:
-            self._start_worker(fn, inflight)
+    def _consumes(self, fn: TaskFunction, queue: names.Queue) -> bool:
+        """Every dispatcher consumes a function's one queue; a partition only its lessee."""
+        if queue.partition is None:
+            return True
+        return self.leases is not None and self.leases.holds(fn, queue.partition)
+
+    def _sync_all(self) -> None:
+        for (account, name), fn in list(self.plane.registry.functions.items()):
+            self._sync(account, name, fn)
+
+    def _sync(self, account: str, name: str, fn: TaskFunction | None) -> None:
+        """Run a worker for each of the function's queues this dispatcher consumes, and no
+        other. A changed function gets new workers (its queues or limits may have moved);
+        attempts the old ones started run on to the end, counted against the new ones' slots."""
+        wanted = {}
+        if fn is not None and not self._closing:
+            wanted = {q.stream: q for q in names.queues_of(fn) if self._consumes(fn, q)}
+        inherited: list[asyncio.Task[None]] = []
+        for key, worker in list(self.workers.items()):
+            if key[:2] != (account, name):
+                continue
+            if fn is None or key[2] not in wanted or worker.fn.spec != fn.spec:
+                if worker.task is not None:
+                    worker.task.cancel()
+                del self.workers[key]
+                inherited += worker.inflight
+        for stream, queue in wanted.items():
+            if (account, name, stream) not in self.workers:
+                assert fn is not None
+                self._start_worker(fn, queue, inherited)
+                inherited = []
 
     def _start_worker(
-        self, fn: TaskFunction, inflight: set[asyncio.Task[None]] | None = None
+        self, fn: TaskFunction, queue: names.Queue, inherited: list[asyncio.Task[None]]
     ) -> None:
-        worker = FunctionWorker(fn, inflight=inflight if inflight is not None else set())
+        worker = FunctionWorker(fn, queue, inflight=set(inherited))
+
+        def finished(task: asyncio.Task[None]) -> None:
+            worker.inflight.discard(task)
+            worker.wake()
+
+        for task in inherited:
+            task.add_done_callback(finished)
         worker.task = asyncio.create_task(
-            self._consume(worker), name=f"consume-{fn.account}-{fn.name}"
+            self._consume(worker), name=f"consume-{fn.account}-{fn.name}-{queue.stream}"
         )
-        self.workers[(fn.account, fn.name)] = worker
+        self.workers[(fn.account, fn.name, queue.stream)] = worker
 
     async def _consume(self, worker: FunctionWorker) -> None:
         fn = worker.fn
-        key = (fn.account, fn.name)
-        stream, consumer = names.stream_for(fn), names.consumer_name(fn)
+        stream, consumer = worker.queue.stream, worker.queue.consumer
+        key = (fn.account, fn.name, stream)
         while True:
             # The queue is created by whoever registers the function (gateway or operator), before
             # registering it; a dispatcher only binds, so it never resurrects a removed queue.
@@ -207,11 +242,11 @@ class Dispatcher:
             await worker.pull.stop()
 
     def _done(
-        self, inflight: set[asyncio.Task[None]], key: tuple[str, str], task: asyncio.Task[None]
+        self, inflight: set[asyncio.Task[None]], key: WorkerKey, task: asyncio.Task[None]
     ) -> None:
         inflight.discard(task)
         self.fairness.finished(key[0])
-        worker = self.workers.get(key)  # the function's current worker: it has a slot free
+        worker = self.workers.get(key)  # the queue's current worker: it has a slot free
         if worker is not None and worker.pull is not None:
             worker.pull.wake()
         if not task.cancelled() and task.exception() is not None:
@@ -471,7 +506,7 @@ class Dispatcher:
     async def _record_outcome(
         self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, slot: Slot
     ) -> None:
-        worker = self.workers.get((ctx.account, ctx.function.name))
+        worker = self.workers.get((ctx.account, ctx.function.name, msg.metadata.stream))
         if worker is not None:
             worker.window.done(outcome.busy)
         if outcome.busy and not slot.stop_requested:
@@ -638,8 +673,7 @@ class Dispatcher:
 
     async def _collect_backlog(self) -> None:
         while True:
-            for worker in list(self.workers.values()):
-                fn = worker.fn
+            for fn in list(self.plane.registry.functions.values()):
                 with contextlib.suppress(Exception):  # a queue being removed has no backlog
                     waiting, _ = await queues.backlog(self.plane.js, fn)
                     metrics.BACKLOG.labels(fn.account, fn.name).set(waiting)
@@ -653,6 +687,8 @@ class Dispatcher:
         for worker in self.workers.values():
             if worker.task is not None:
                 worker.task.cancel()
+        if self.leases is not None:
+            await self.leases.close()  # the partitions go to others now, not after the TTL
         if inflight:
             _, pending = await asyncio.wait(inflight, timeout=drain_timeout)
             for task in pending:
@@ -668,10 +704,6 @@ class Dispatcher:
             if closer is not None:
                 await closer()
         await self.logs.close()
-
-
-def _moved_or_changed(before: TaskFunction, after: TaskFunction) -> bool:
-    return before.spec != after.spec or names.stream_for(before) != names.stream_for(after)
 
 
 def _finish(

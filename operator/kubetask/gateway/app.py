@@ -375,7 +375,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         assignment = fn.status.queueAssignment if fn.status is not None else None
         fn = fn.model_copy(deep=True)
         fn.status = TaskFunctionStatus(
-            queue=names.stream_for(fn),
+            queue=names.queue_label(fn),
             queueAssignment=assignment,
             backlog=waiting + running,
             ready=ready,

@@ -33,11 +33,14 @@ class _Queues:
         self.plane = plane
         self._oldest: dict[str, datetime | Exception | None] = {}
 
-    async def may_hold(self, fn: TaskFunction, enqueued: datetime, grace: timedelta) -> bool:
-        stream = names.stream_for(fn)
+    async def may_hold(
+        self, fn: TaskFunction, task_id: str, enqueued: datetime, grace: timedelta
+    ) -> bool:
+        queue = names.queue_for(fn, task_id)
+        stream = queue.stream
         if stream not in self._oldest:
             try:
-                self._oldest[stream] = await queues.oldest(self.plane.rpc, fn)
+                self._oldest[stream] = await queues.oldest(self.plane.rpc, queue)
             except Exception as err:
                 self._oldest[stream] = err
         oldest = self._oldest[stream]
@@ -68,7 +71,7 @@ async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
             continue
         if s.phase is TaskPhase.Queued:
             assert s.enqueued is not None
-            if await held.may_hold(fn, s.enqueued, grace):
+            if await held.may_hold(fn, s.id, s.enqueued, grace):
                 continue
         current = await plane.store.get(s.account, s.id)
         if current is None or current.record.phase is not s.phase:

@@ -41,7 +41,8 @@ async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | N
     fn = plane.registry.function(task.account, task.spec.function)
     if fn is None:
         return Waiting(queue="-", reason=f"its function {task.spec.function!r} is not registered")
-    queue = names.stream_for(fn)
+    home = names.queue_for(fn, task.id)
+    queue, partition = home.stream, home.partition
     if phase is TaskPhase.Paused:
         return Waiting(queue=queue, reason="paused; resume it to put it back in the queue")
     if phase is TaskPhase.Retrying:
@@ -51,7 +52,8 @@ async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | N
     if phase is TaskPhase.Pending:
         return Waiting(queue=queue, reason="on its way back into the queue")
     position = ahead(index, task) + 1
-    return Waiting(queue=queue, position=position, reason=await _held_by(plane, fn, position))
+    reason = await _held_by(plane, fn, position)
+    return Waiting(queue=queue, partition=partition, position=position, reason=reason)
 
 
 async def _held_by(plane: DataPlane, fn: TaskFunction, position: int) -> str:

@@ -1,0 +1,78 @@
+"""Partitioned functions: a function's queue split into N streams, each leased to one
+dispatcher; tasks spread over the partitions by id, run within the function's concurrency, and
+survive a change in the number of partitions with none lost or run twice. A partition count the
+function's concurrency cannot carry, or partitions on the account's shared queue, are refused."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+from harness import Api, all_succeed, read_lines
+from kubetask import names
+from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.plane import DataPlane
+
+RECORDER = """
+    import json, os, sys, time
+    task = os.environ["KUBETASK_TASK_ID"]
+    with open(sys.argv[1], "a") as f:
+        f.write(task + "\\n")
+    time.sleep(json.load(sys.stdin) or 0)
+    print("{}")
+"""
+
+
+async def test_partitions_that_cannot_work_are_refused(api: Api) -> None:
+    too_many = await api.function("p", 422, command=["true"], partitions=4, maxConcurrency=2)
+    assert "maxConcurrency" in str(too_many), too_many
+    shared = await api.function("p", 422, command=["true"], partitions=2, queueMode="account")
+    assert "queueMode" in str(shared), shared
+    await api.function("p", 422, command=["true"], partitions=65, maxConcurrency=100)
+
+
+async def test_tasks_spread_over_partitions_and_survive_a_new_count(
+    api: Api, plane: DataPlane, dispatcher: Dispatcher, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    command = [*api.script("recorder", RECORDER), str(ran)]
+    created = await api.function("split", command=command, partitions=4, maxConcurrency=8)
+    assert created["status"]["queue"] == f"KT_QP_{api.account}_split_{{0..3}}"
+    fn = plane.registry.function(api.account, "split")
+    assert fn is not None
+    queues = names.queues_of(fn)
+    assert [q.partition for q in queues] == [0, 1, 2, 3]
+    for q in queues:  # each partition runs its share of the function's concurrency
+        info = await plane.js.consumer_info(q.stream, q.consumer)
+        assert info.config.max_ack_pending == 2, info.config
+    assert dispatcher.leases is not None
+    for _ in range(50):  # the only dispatcher leases every partition
+        if len(dispatcher.leases.held) >= 4:
+            break
+        await asyncio.sleep(0.1)
+    assert {k for k in dispatcher.leases.held if k.startswith(f"p.{api.account}.split.")} == {
+        f"p.{api.account}.split.{i}" for i in range(4)
+    }
+    ids = [f"t{i:03d}" for i in range(120)]
+    for task_id in ids:
+        await api.submit("split", 0.2 if task_id < "t008" else 0, task_id=task_id)
+    waiting = (await api.get("t119"))["status"]["waiting"]
+    if waiting is not None:  # still queued: it says which partition
+        home = names.queue_for(fn, "t119")
+        assert (waiting["queue"], waiting["partition"]) == (home.stream, home.partition)
+    # Fewer partitions while tasks wait: those of the partitions that go are moved.
+    await api.function("split", command=command, partitions=2, maxConcurrency=8)
+    await all_succeed(api, "split", len(ids))
+    assert Counter(read_lines(ran)) == Counter(ids), "every task ran exactly once"
+    spread = Counter(names.partition_of(t, 4) for t in ids)
+    assert len(spread) == 4 and min(spread.values()) >= 15, spread
+    for index in (2, 3):
+        for _ in range(100):
+            try:
+                await plane.js.stream_info(f"KT_QP_{api.account}_split_{index}")
+            except Exception:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"partition {index} was not removed")
