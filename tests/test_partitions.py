@@ -11,6 +11,8 @@ from pathlib import Path
 
 from harness import Api, all_succeed, read_lines
 from kubetask import names
+from kubetask.controllers.context import OperatorConfig
+from kubetask.controllers.deployments import desired_replicas, total_backlog
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.plane import DataPlane
 
@@ -76,3 +78,18 @@ async def test_tasks_spread_over_partitions_and_survive_a_new_count(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError(f"partition {index} was not removed")
+
+
+async def test_the_operator_wants_a_dispatcher_per_partition_with_work(
+    api: Api, plane: DataPlane
+) -> None:
+    await api.function("wide", command=["sleep", "3"], partitions=4, maxConcurrency=8)
+    for i in range(12):
+        await api.submit("wide", task_id=f"w{i:02d}")
+    backlog, busy = await total_backlog(plane)
+    assert busy == len({names.partition_of(f"w{i:02d}", 4) for i in range(12)}) == 4
+    few = OperatorConfig(target_backlog=1000, dispatcher_min=1, dispatcher_max=10)
+    assert desired_replicas(few, backlog, busy) == 4  # the backlog alone would ask for 1
+    assert desired_replicas(OperatorConfig(dispatcher_max=3), backlog, busy) == 3
+    for i in range(12):
+        await api.call("POST", f"/v1/tasks/w{i:02d}/stop")

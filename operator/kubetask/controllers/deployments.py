@@ -1,5 +1,7 @@
 """The Deployments the operator owns — the gateway and the dispatchers — and the scaler that
-sets the dispatchers' replicas from the backlog of every function's consumer.
+sets the dispatchers' replicas from the backlog of every function's consumer, and never below
+the number of partitions with work (each partition is consumed by one dispatcher at a time, so
+that many replicas can all be busy).
 
 Scaling up is immediate; scaling down waits `cooldown` seconds after the last change, so a
 backlog that dips for a moment does not make replicas flap.
@@ -13,6 +15,7 @@ import math
 import time
 from typing import Any
 
+from .. import names as kt_names
 from .. import queues
 from ..plane import DataPlane
 from .context import OperatorConfig
@@ -112,20 +115,23 @@ async def ensure_deployments(cfg: OperatorConfig, nats_url: str) -> None:
     )
 
 
-def desired_replicas(cfg: OperatorConfig, backlog: int) -> int:
-    wanted = math.ceil(backlog / max(cfg.target_backlog, 1))
+def desired_replicas(cfg: OperatorConfig, backlog: int, busy_partitions: int = 0) -> int:
+    wanted = max(math.ceil(backlog / max(cfg.target_backlog, 1)), busy_partitions)
     return max(cfg.dispatcher_min, min(cfg.dispatcher_max, wanted))
 
 
-async def total_backlog(plane: DataPlane) -> int:
-    total = 0
+async def total_backlog(plane: DataPlane) -> tuple[int, int]:
+    """(tasks waiting or running, partitions of partitioned functions that have any)."""
+    total = busy = 0
     for fn in list(plane.registry.functions.values()):
-        try:
-            waiting, running = await queues.backlog(plane.js, fn)
-        except Exception:
-            continue  # queue not there (yet)
-        total += waiting + running
-    return total
+        for queue in kt_names.queues_of(fn):
+            try:
+                waiting, running = await queues.queue_backlog(plane.js, queue)
+            except Exception:
+                continue  # queue not there (yet)
+            total += waiting + running
+            busy += queue.partition is not None and waiting + running > 0
+    return total, busy
 
 
 async def scale_forever(cfg: OperatorConfig, plane: DataPlane) -> None:
@@ -133,15 +139,21 @@ async def scale_forever(cfg: OperatorConfig, plane: DataPlane) -> None:
     last_change = 0.0
     while True:
         try:
-            backlog = await total_backlog(plane)
-            want = desired_replicas(cfg, backlog)
+            backlog, busy_partitions = await total_backlog(plane)
+            want = desired_replicas(cfg, backlog, busy_partitions)
             have = await get_replicas(cfg.namespace, dispatcher)
             now = time.monotonic()
             if have is not None and want != have:
                 if want > have or now - last_change >= cfg.cooldown:
                     await set_replicas(cfg.namespace, dispatcher, want)
                     last_change = now
-                    log.info("dispatchers %d -> %d (backlog %d)", have, want, backlog)
+                    log.info(
+                        "dispatchers %d -> %d (backlog %d, %d partitions with work)",
+                        have,
+                        want,
+                        backlog,
+                        busy_partitions,
+                    )
         except Exception:
             log.exception("scaling pass failed")
         await asyncio.sleep(cfg.scale_interval)
