@@ -6,6 +6,7 @@ and slots are handed to waiting accounts in proportion to their weights."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -89,3 +90,17 @@ async def test_a_burst_over_500_functions_keeps_to_the_node_budget(
         dispatcher.budget = saved
     assert 0 < peak <= processes, peak
     assert "Slow Consumer" not in await asyncio.to_thread(nats_log.read_text)
+
+
+def test_workers_that_found_no_room_are_all_woken_once_nothing_runs() -> None:
+    """A woken worker whose queue is empty starts nothing, so it wakes nobody in turn: were
+    only a few woken per freed slot, the rest could wait for ever with their tasks queued."""
+    budget = NodeBudget(BudgetSettings(processes=2, slots=2))
+    assert budget.try_take(process=True) and budget.try_take(process=True)
+    woken: list[int] = []
+    for i in range(10):
+        budget.room(process=True, wake=functools.partial(woken.append, i))
+    budget.release(process=True)
+    assert len(woken) == 1, woken  # room for one more: one is woken
+    budget.release(process=True)
+    assert sorted(woken) == list(range(10)), woken  # nothing runs: all are

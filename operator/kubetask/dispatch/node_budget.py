@@ -131,7 +131,11 @@ class NodeBudget:
         if self._waiting:
             self._admit()
         if self._starved:
-            for wake in list(itertools.islice(self._starved, 4)):
+            # As many as there is room for; all of them once nothing runs, since a woken worker
+            # whose queue turned out empty starts nothing that would wake the next.
+            free = self.settings.slots - self.running - self.waiting()
+            count = len(self._starved) if self.running == 0 else max(1, free)
+            for wake in list(itertools.islice(self._starved, count)):
                 del self._starved[wake]
                 wake()
 
