@@ -50,6 +50,7 @@ from ..store import Unreadable, Versioned
 from ..watch import LazyMirror
 from . import errors, params, submit, waiting
 from .errors import ApiError
+from .expiry import Expiry
 from .guard import Guard
 from .index import Query as IndexQuery
 from .index import TaskIndex
@@ -165,6 +166,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             plane.mover.resume_all(list(plane.registry.functions.values()))
         )
         routing = asyncio.create_task(Router(plane).run())
+        expiring = asyncio.create_task(Expiry(plane, index).forever())
         quiet_gc()
         state.update(
             plane=plane, index=index, mirror=mirror, throttle=Throttle(settings, plane.depth)
@@ -176,6 +178,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             poison.cancel()
             resuming.cancel()
             routing.cancel()
+            expiring.cancel()
             await mirror.stop()
             await plane.close()
 

@@ -28,6 +28,13 @@ class Summary:
     enqueued: datetime | None
     started: datetime | None
     next_attempt: datetime | None
+    finished: datetime | None = None
+
+    def written(self) -> datetime | None:
+        """About when the record was last written: its latest stage timestamp (a pause or a
+        resume leaves none, so this can be early, never late)."""
+        stamps = [t for t in (self.submitted, self.started, self.finished) if t is not None]
+        return max(stamps) if stamps else None
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,7 @@ def summarize(account: str, task_id: str, stored: bytes) -> Summary:
         _stamp(stamps.get("enqueued")),
         _stamp(stamps.get("started")),
         _stamp(status.get("nextAttemptAt")),
+        _stamp(stamps.get("finished")),
     )
 
 

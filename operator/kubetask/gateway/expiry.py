@@ -1,0 +1,52 @@
+"""Records that JetStream expired leave the gateway's index.
+
+A record is kept `KUBETASK_RETENTION_SECONDS` after its last write (the task bucket's max age),
+but an expiry is not announced: the message just ages out of the stream, and the index, fed by
+changes, would list and count the task for ever. So the index is checked every so often for
+rows whose last write is older than the retention; each such row is looked up, dropped if the
+record is gone, and left alone (until a retention's tenth later) if it is still there — a pause
+or a resume writes a record without a stage timestamp, so a row can look older than it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime, timedelta
+
+from .. import names
+from ..plane import DataPlane
+from .index import TaskIndex
+
+
+class Expiry:
+    def __init__(self, plane: DataPlane, index: TaskIndex) -> None:
+        self.plane = plane
+        self.index = index
+        self.retention = timedelta(seconds=plane.settings.retention_seconds)
+        self._present_until: dict[tuple[str, str], datetime] = {}
+
+    async def once(self) -> int:
+        """Drop the rows of records that expired; returns how many."""
+        now = datetime.now(UTC)
+        cutoff = now - self.retention
+        dropped = 0
+        for row in list(self.index.all()):
+            written = row.written()
+            key = (row.account, row.id)
+            if written is None or written >= cutoff or self._present_until.get(key, now) > now:
+                continue
+            if await self.plane.store.get(row.account, row.id) is None:
+                self.index.apply(names.task_key(row.account, row.id), None, 0)
+                self._present_until.pop(key, None)
+                dropped += 1
+            else:
+                self._present_until[key] = now + self.retention / 10
+        return dropped
+
+    async def forever(self) -> None:
+        interval = min(60.0, max(self.retention.total_seconds() / 4, 0.5))
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await self.once()
