@@ -25,11 +25,13 @@ class Dev:
     admin_token: str
     dispatcher_metrics: list[str]
 
-    async def succeeded(self, account: str, function: str) -> int:
-        """Tasks of the function recorded Succeeded, from the dispatchers' own counters (cheaper
-        for the system under test than listing them)."""
+    async def succeeded(self, account: str, function: str | None = None) -> int:
+        """Tasks of the account (of one function) recorded Succeeded, from the dispatchers' own
+        counters (cheaper for the system under test than listing them): one scrape each."""
         total = 0.0
-        want = f'kubetask_tasks_succeeded_total{{account="{account}",function="{function}"}}'
+        want = f'kubetask_tasks_succeeded_total{{account="{account}",function="'
+        if function is not None:
+            want += f'{function}"}}'
         async with httpx.AsyncClient() as http:
             for url in self.dispatcher_metrics:
                 for line in (await http.get(url)).text.splitlines():

@@ -166,7 +166,18 @@ def run(
     try:
         gateway_proc = children[0].proc
         assert gateway_proc is not None
-        wait_for_port(port, timeout=60, proc=gateway_proc)
+        # No fixed limit: the gateway listens once it has read the task index, which takes
+        # longer the more records are kept; a gateway that dies is reported at once.
+        wait_for_port(
+            port,
+            timeout=None,
+            proc=gateway_proc,
+            progress=lambda s: print(
+                f"  waiting for the gateway ({s:.0f} s; it loads the task index first,"
+                f" see {data_dir / 'logs' / 'gateway.log'})",
+                flush=True,
+            ),
+        )
         if functions is not None:
             client = Client(url, creds["adminToken"])
             for doc in read_objects(functions):

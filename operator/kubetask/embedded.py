@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .executors.base import die_with_parent
@@ -43,10 +44,21 @@ def port_in_use(port: int) -> bool:
 
 
 def wait_for_port(
-    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+    port: int,
+    timeout: float | None = 15.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until something listens on `port`; with `timeout` None, for as long as `proc` lives
+    (calling `progress` with the seconds waited every 10 s), since how long a start-up takes
+    can depend on the data it loads."""
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    told = started
+    while deadline is None or time.monotonic() < deadline:
+        if progress is not None and time.monotonic() - told >= 10:
+            told = time.monotonic()
+            progress(told - started)
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
                 f"process exited with code {proc.returncode} before listening on {port}"
