@@ -126,6 +126,8 @@ class Dispatcher:
         self.server = ServerExecutor()
         self.logs = LogWriter(plane.nc)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
+        # The streams each function has workers on, so a change looks at its own workers only.
+        self._streams: dict[tuple[str, str], set[str]] = {}
         self.slots: dict[tuple[str, str], Slot] = {}
         self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
         self.budget = NodeBudget(weight=self.fairness.weight)
@@ -136,10 +138,13 @@ class Dispatcher:
     async def start(self) -> None:
         kv = await self.plane.js.key_value(names.LEASES_BUCKET)
         registry = self.plane.registry
-        self.leases = Leases(kv, registry, self.id, self.plane.settings.lease_ttl, self._sync_all)
+        self.leases = Leases(
+            kv, registry, self.id, self.plane.settings.lease_ttl, self._sync_partitioned
+        )
         await self.leases.start()
         registry.on_function_change(self._sync)
-        self._sync_all()
+        for (account, name), fn in list(registry.functions.items()):
+            self._sync(account, name, fn)
         await self.plane.nc.subscribe(f"{names.STOP_SUBJECT_PREFIX}.>", cb=self._on_stop)
         self._background.append(asyncio.create_task(self._collect_backlog()))
 
@@ -151,9 +156,11 @@ class Dispatcher:
             return True
         return self.leases is not None and self.leases.holds(fn, queue.partition)
 
-    def _sync_all(self) -> None:
+    def _sync_partitioned(self) -> None:
+        """Leases changed: only partitioned functions' workers depend on them."""
         for (account, name), fn in list(self.plane.registry.functions.items()):
-            self._sync(account, name, fn)
+            if fn.spec.partitions > 1:
+                self._sync(account, name, fn)
 
     def _sync(self, account: str, name: str, fn: TaskFunction | None) -> None:
         """Run a worker for each of the function's queues this dispatcher consumes, and no
@@ -163,14 +170,17 @@ class Dispatcher:
         if fn is not None and not self._closing:
             wanted = {q.stream: q for q in names.queues_of(fn) if self._consumes(fn, q)}
         inherited: list[asyncio.Task[None]] = []
-        for key, worker in list(self.workers.items()):
-            if key[:2] != (account, name):
-                continue
-            if fn is None or key[2] not in wanted or worker.fn.spec != fn.spec:
+        streams = self._streams.setdefault((account, name), set())
+        for stream in list(streams):
+            worker = self.workers[(account, name, stream)]
+            if fn is None or stream not in wanted or worker.fn.spec != fn.spec:
                 if worker.task is not None:
                     worker.task.cancel()
-                del self.workers[key]
+                del self.workers[(account, name, stream)]
+                streams.discard(stream)
                 inherited += worker.inflight
+        if not streams and not wanted:
+            del self._streams[(account, name)]
         for stream, queue in wanted.items():
             if (account, name, stream) not in self.workers:
                 assert fn is not None
@@ -192,6 +202,7 @@ class Dispatcher:
             self._consume(worker), name=f"consume-{fn.account}-{fn.name}-{queue.stream}"
         )
         self.workers[(fn.account, fn.name, queue.stream)] = worker
+        self._streams.setdefault((fn.account, fn.name), set()).add(queue.stream)
 
     async def _consume(self, worker: FunctionWorker) -> None:
         fn = worker.fn
