@@ -78,7 +78,8 @@ class Router:
                 await self._maybe_dedicate(fn)
         for (account, name), (_, revision) in list(registry.routes.items()):
             current = registry.function(account, name)
-            if current is None or current.spec.queueMode is not QueueMode.auto:
+            spec = current.spec if current is not None else None
+            if spec is None or spec.queueMode is not QueueMode.auto or spec.partitions > 1:
                 await registry.unassign_queue(account, name, revision)  # stale: nothing moves
 
     async def _maybe_dedicate(self, fn: TaskFunction) -> None:
