@@ -75,9 +75,10 @@ async def test_a_queued_task_waiting_its_turn_is_not_republished(
     await asyncio.sleep(plane.settings.sweep_grace * 2.5)  # several sweeps see it overdue
     index = TaskIndex()
     await LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply).caught_up()
-    mine = {k: s for k, s in index.repairable.items() if s.account == api.account}
-    assert set(mine) == {(api.account, waiting)}
-    index.repairable = mine
+    for other in index.repairable():
+        if other.account != api.account:
+            index.drop(other.account, other.id)
+    assert [(s.account, s.id) for s in index.repairable()] == [(api.account, waiting)]
     assert await sweep_once(plane, index) == 0
     gate.write_text("open")
     for task_id in (first, waiting):

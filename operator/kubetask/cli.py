@@ -239,6 +239,12 @@ def cmd_dev(args: argparse.Namespace) -> None:
     )
 
 
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def cmd_gateway(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -249,20 +255,19 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from .gateway.server import config
     from .settings import Settings
 
+    _log_to_stderr()
     app = create_app(Settings(), Path(args.tokens))
     uvicorn.Server(config(app, args.host, args.port)).run()
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:
-    import logging
-
     from .runtime import keep_private
 
     keep_private()
     from .dispatch.service import run
     from .settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _log_to_stderr()
     run(Settings(), args.metrics_port, args.drain_timeout, args.metrics_host)
 
 

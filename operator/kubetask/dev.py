@@ -26,7 +26,7 @@ import yaml
 from . import nats_auth
 from .auth import create_token
 from .client import Client
-from .embedded import free_port, nats_argv, port_in_use, wait_for_port
+from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
 from .executors.base import die_with_parent
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
@@ -141,7 +141,11 @@ def run(
         Child(
             "gateway",
             [*exe, "gateway", "--port", str(port), "--tokens", str(data_dir / "tokens.json")],
-            {**env, **nats_auth.env_for("gateway", passwords, data_dir / "secrets")},
+            {
+                **env,
+                **nats_auth.env_for("gateway", passwords, data_dir / "secrets"),
+                "KUBETASK_INDEX_PATH": str(data_dir / "index" / "tasks.sqlite3"),
+            },
             data_dir / "logs" / "gateway.log",
         ),
         *[
@@ -166,16 +170,15 @@ def run(
     try:
         gateway_proc = children[0].proc
         assert gateway_proc is not None
-        # No fixed limit: the gateway listens once it has read the task index, which takes
-        # longer the more records are kept; a gateway that dies is reported at once.
-        wait_for_port(
-            port,
-            timeout=None,
-            proc=gateway_proc,
-            progress=lambda s: print(
-                f"  waiting for the gateway ({s:.0f} s; it loads the task index first,"
-                f" see {data_dir / 'logs' / 'gateway.log'})",
-                flush=True,
+        # No fixed limit: the gateway listens at once, but is ready only once its task index
+        # has caught up with the records (quick when it kept its index, longer the first time
+        # on many records); a gateway that dies is reported at once.
+        wait_for_port(port, timeout=None, proc=gateway_proc)
+        wait_until_ready(
+            url,
+            gateway_proc,
+            lambda waited, why: print(
+                f"  waiting for the gateway ({waited:.0f} s: {why})", flush=True
             ),
         )
         if functions is not None:

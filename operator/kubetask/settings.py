@@ -61,6 +61,9 @@ class Settings:
     # How long a claimed message may go without a heartbeat before JetStream hands it to another
     # dispatcher; dispatchers heartbeat at a third of it, so this bounds crash recovery time.
     ack_wait: float = field(default_factory=lambda: env_float("KUBETASK_ACK_WAIT", 30.0))
+    # The gateway's task index (`gateway/index.py`): a SQLite file kept across restarts, so a
+    # restart replays only what changed; empty, it is kept in memory and rebuilt at each start.
+    index_path: str = field(default_factory=lambda: env_str("KUBETASK_INDEX_PATH", ""))
     # Task records, logs and events are kept this long (must exceed the longest task + queue age).
     retention_seconds: float = field(
         default_factory=lambda: env_float("KUBETASK_RETENTION_SECONDS", 7 * 86400)

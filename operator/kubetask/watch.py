@@ -75,6 +75,8 @@ class LazyMirror:
     The bucket keeps one revision per key, so reading on from the last sequence seen returns
     only the latest value of each key written since — one message per task, however many
     phases it went through meanwhile — and one batch direct get returns up to `batch` of them.
+    With `applied`, reading starts after that sequence (a persistent index that has it), and
+    `commit` is called with the sequence reached after each batch is applied.
     Readers call `caught_up()` before answering; a background pass every `interval` seconds
     keeps the mirror at most that stale for everyone else (the sweeper). Passes are short and
     frequent, and yield between batches, so catching up never holds the gateway's loop for long.
@@ -87,6 +89,8 @@ class LazyMirror:
         apply: Apply,
         interval: float = 0.25,
         batch: int = 200,
+        applied: int = 0,
+        commit: Callable[[int], None] | None = None,
     ) -> None:
         self.rpc = rpc
         self._stream = f"KV_{bucket}"
@@ -94,7 +98,8 @@ class LazyMirror:
         self._apply = apply
         self.interval = interval
         self.batch = batch
-        self.last_revision = 0
+        self.last_revision = applied
+        self._commit = commit
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -115,6 +120,8 @@ class LazyMirror:
                 msgs, more = await self.rpc.batch_get(self._stream, request)
                 for msg in msgs:
                     self._apply_stored(msg.headers or {}, msg.data)
+                if msgs and self._commit is not None:
+                    self._commit(self.last_revision)
                 if not msgs or more == 0:
                     return
                 await asyncio.sleep(0)  # let requests in between batches

@@ -72,10 +72,23 @@ def _deployment(
         container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
     if component == "gateway":
         container["ports"] = [{"name": "http", "containerPort": 8080}]
+        # Ready once NATS is reachable and the task index has caught up (`gateway/indexing.py`).
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 2,
+        }
         container["volumeMounts"] = [
-            {"name": "tokens", "mountPath": "/etc/kubetask", "readOnly": True}
+            {"name": "tokens", "mountPath": "/etc/kubetask", "readOnly": True},
+            {"name": "index", "mountPath": "/var/lib/kubetask"},
         ]
-        pod["volumes"] = [{"name": "tokens", "secret": {"secretName": cfg.tokens_secret}}]
+        # The task index outlives a container restart (a pod moved elsewhere rebuilds it).
+        container["env"].append(
+            {"name": "KUBETASK_INDEX_PATH", "value": "/var/lib/kubetask/index/tasks.sqlite3"}
+        )
+        pod["volumes"] = [
+            {"name": "tokens", "secret": {"secretName": cfg.tokens_secret}},
+            {"name": "index", "emptyDir": {}},
+        ]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -47,13 +47,13 @@ from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Unreadable, Versioned
-from ..watch import LazyMirror
 from . import errors, params, submit, waiting
 from .errors import ApiError
 from .expiry import Expiry
 from .guard import Guard
 from .index import Query as IndexQuery
 from .index import TaskIndex
+from .indexing import Indexer
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
 from .throttle import THROTTLE_FROM, Throttle
@@ -157,9 +157,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         plane = await DataPlane.connect(settings, "kubetask-gateway", fail_fast=True)
-        index = TaskIndex()
-        mirror = LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply)
-        await mirror.start()
+        indexer = Indexer(plane)
+        await indexer.start()
+        index = indexer.index
         sweeper = asyncio.create_task(sweep_forever(plane, index))
         poison = asyncio.create_task(keep_poison_forever(plane, index))
         resuming = asyncio.create_task(
@@ -169,7 +169,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         expiring = asyncio.create_task(Expiry(plane, index).forever())
         quiet_gc()
         state.update(
-            plane=plane, index=index, mirror=mirror, throttle=Throttle(settings, plane.depth)
+            plane=plane, index=index, indexer=indexer, throttle=Throttle(settings, plane.depth)
         )
         try:
             yield
@@ -179,7 +179,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             resuming.cancel()
             routing.cancel()
             expiring.cancel()
-            await mirror.stop()
+            await indexer.stop()
             await plane.close()
 
     app = FastAPI(
@@ -212,6 +212,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         p: DataPlane = state["plane"]
         return p
 
+    def indexer() -> Indexer:
+        i: Indexer = state["indexer"]
+        return i
+
     # -- errors ---------------------------------------------------------------------------------
 
     handled = (ApiError, RequestValidationError, Unauthenticated, OutOfScope, IllegalTransition)
@@ -237,8 +241,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def get_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         task = (await load_task(who, account, task_id)).record.task
         if task.status.phase in waiting.WAITING:
-            mirror: LazyMirror = state["mirror"]
-            await mirror.caught_up()
+            await indexer().caught_up()
             task.status.waiting = await waiting.explain(plane(), state["index"], task)
         return _json(task)
 
@@ -283,8 +286,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             started_before=params.time("startedBefore", startedBefore),
             id_prefix=idPrefix,
         )
-        mirror: LazyMirror = state["mirror"]
-        await mirror.caught_up()
+        await indexer().caught_up()
         rows, nxt = state["index"].search(q, limit, after)
         fetched = await asyncio.gather(
             *(plane().store.get(r.account, r.id) for r in rows), return_exceptions=True
@@ -414,17 +416,13 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         fn = plane().registry.function(acct, params.object_name("function", name, acct))
         if fn is None:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
-        mirror: LazyMirror = state["mirror"]
-        await mirror.caught_up()  # a task submitted a moment ago counts too
-        busy = [
-            s
-            for s in state["index"].all()
-            if s.account == acct and s.function == name and s.phase not in TERMINAL
-        ]
+        await indexer().caught_up()  # a task submitted a moment ago counts too
+        unfinished = IndexQuery([acct], function=name, phases=frozenset(TaskPhase) - TERMINAL)
+        busy = state["index"].count(acct, unfinished)
         if busy:
             raise ApiError(
                 409,
-                f"function {name!r} still has {len(busy)} unfinished tasks; "
+                f"function {name!r} still has {busy} unfinished tasks; "
                 "stop them or let them finish first",
             )
         await plane().registry.delete_function(acct, name)
@@ -503,9 +501,12 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
-        """Readiness: 503 (with `Retry-After`) while NATS is unreachable."""
+        """Readiness: 503 (with `Retry-After`) while NATS is unreachable or the task index is
+        still catching up with the records (`gateway/indexing.py`)."""
         if not connected():
             raise errors.unavailable("not connected to NATS")
+        if not indexer().loaded:
+            raise errors.unavailable(indexer().progress())
         return {"status": "ok"}
 
     @app.get(

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 from datetime import UTC, datetime, timedelta
 
-from .. import names
 from ..plane import DataPlane
 from .index import TaskIndex
 
@@ -31,17 +30,17 @@ class Expiry:
         now = datetime.now(UTC)
         cutoff = now - self.retention
         dropped = 0
-        for row in list(self.index.all()):
-            written = row.written()
+        for row in self.index.written_before(cutoff):
             key = (row.account, row.id)
-            if written is None or written >= cutoff or self._present_until.get(key, now) > now:
+            if self._present_until.get(key, now) > now:
                 continue
             if await self.plane.store.get(row.account, row.id) is None:
-                self.index.apply(names.task_key(row.account, row.id), None, 0)
+                self.index.drop(row.account, row.id)
                 self._present_until.pop(key, None)
                 dropped += 1
             else:
                 self._present_until[key] = now + self.retention / 10
+        self.index.commit()
         return dropped
 
     async def forever(self) -> None:

@@ -1,21 +1,75 @@
-"""An in-memory index of task records for the audit queries, fed by `watch.LazyMirror`.
+"""The gateway's index of task records for the audit queries, fed by `watch.LazyMirror`.
 
-Tasks are kept per account in id order, so a task-id prefix (users put trace ids in task ids)
-is a range scan and a cursor is simply the last id returned. Status, function and start-time
-filters are applied on the summaries; only the page returned is read from KV in full.
+It is a SQLite database: every filter the API offers (account, id prefix, status, function,
+start time) is answered from a B-tree in time that does not grow with the number of records,
+and only the page returned is read from KV in full. With `KUBETASK_INDEX_PATH` set the database
+is a file that also stores the task stream's sequence it has applied, so a restarted gateway
+replays only what changed while it was down instead of every retained record (with no path it
+is in memory and rebuilt at each start). Why SQLite and not a server: docs/decisions.md.
+
+Writes are batched: the mirror applies a batch of changes and then `commit()`s them with the
+sequence they reach, in one transaction. Reads on the same connection see uncommitted rows too,
+so a query is never behind the mirror.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pydantic_core
 
 from .. import names, quarantine
 from ..models import TaskPhase
+
+# Bump when the table layout changes: an index of another version is rebuilt from the stream.
+SCHEMA_VERSION = "1"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tasks (
+    account TEXT NOT NULL,
+    id TEXT NOT NULL,
+    function TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    submitted INTEGER,
+    enqueued INTEGER,
+    started INTEGER,
+    next_attempt INTEGER,
+    finished INTEGER,
+    written INTEGER,
+    PRIMARY KEY (account, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_phase ON tasks (account, phase, id);
+CREATE INDEX IF NOT EXISTS tasks_by_function ON tasks (account, function, id);
+CREATE INDEX IF NOT EXISTS tasks_by_start ON tasks (account, started);
+CREATE INDEX IF NOT EXISTS tasks_by_write ON tasks (written, account, id);
+CREATE INDEX IF NOT EXISTS tasks_to_repair ON tasks (phase)
+    WHERE phase IN ('Pending', 'Queued', 'Retrying');
+"""
+
+COLUMNS = "account, id, function, phase, submitted, enqueued, started, next_attempt, finished"
+# An update, not a replace, of a known task: only the indexes of the columns that changed (its
+# phase, mostly) are rewritten.
+_UPDATED = "function phase submitted enqueued started next_attempt finished written".split()
+UPSERT = (
+    "INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
+)
+
+# Above every character a task id may hold: the exclusive end of an id-prefix range.
+_PREFIX_END = "\U0010ffff"
+
+
+def _micros(t: datetime | None) -> int | None:
+    return None if t is None else round(t.timestamp() * 1_000_000)
+
+
+def _time(us: int | None) -> datetime | None:
+    return None if us is None else datetime.fromtimestamp(us / 1_000_000, UTC)
 
 
 @dataclass(slots=True)
@@ -36,6 +90,26 @@ class Summary:
         stamps = [t for t in (self.submitted, self.started, self.finished) if t is not None]
         return max(stamps) if stamps else None
 
+    def row(self) -> tuple[object, ...]:
+        return (
+            self.account,
+            self.id,
+            self.function,
+            self.phase.value,
+            _micros(self.submitted),
+            _micros(self.enqueued),
+            _micros(self.started),
+            _micros(self.next_attempt),
+            _micros(self.finished),
+            _micros(self.written()),
+        )
+
+    @classmethod
+    def of(cls, row: tuple[object, ...]) -> Summary:
+        account, task_id, function, phase, *stamps = row
+        times = [_time(s) for s in stamps]  # type: ignore[arg-type]
+        return cls(str(account), str(task_id), str(function), TaskPhase(str(phase)), *times)
+
 
 @dataclass(frozen=True)
 class Query:
@@ -46,19 +120,26 @@ class Query:
     started_before: datetime | None = None
     id_prefix: str = ""
 
-    def matches(self, s: Summary) -> bool:
-        if self.function is not None and s.function != self.function:
-            return False
-        if self.phases is not None and s.phase not in self.phases:
-            return False
-        if self.started_after is not None or self.started_before is not None:
-            if s.started is None:
-                return False
-            if self.started_after is not None and s.started < self.started_after:
-                return False
-            if self.started_before is not None and s.started >= self.started_before:
-                return False
-        return True
+    def where(self) -> tuple[list[str], list[object]]:
+        """SQL conditions (joined by AND) and their parameters, after the account's."""
+        conds: list[str] = []
+        args: list[object] = []
+        if self.id_prefix:
+            conds.append("id >= ? AND id < ?")
+            args += [self.id_prefix, self.id_prefix + _PREFIX_END]
+        if self.function is not None:
+            conds.append("function = ?")
+            args.append(self.function)
+        if self.phases is not None:
+            conds.append(f"phase IN ({', '.join('?' * len(self.phases))})")
+            args += sorted(p.value for p in self.phases)
+        if self.started_after is not None:
+            conds.append("started >= ?")
+            args.append(_micros(self.started_after))
+        if self.started_before is not None:
+            conds.append("started < ?")
+            args.append(_micros(self.started_before))
+        return conds, args
 
 
 def _stamp(value: str | None) -> datetime | None:
@@ -85,71 +166,125 @@ def summarize(account: str, task_id: str, stored: bytes) -> Summary:
     )
 
 
-REPAIRABLE = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying})
-
-
 class TaskIndex:
-    def __init__(self) -> None:
-        self._ids: dict[str, list[str]] = {}
-        self._rows: dict[str, dict[str, Summary]] = {}
-        # Tasks in a phase the sweeper may have to repair, so it need not scan everything.
-        self.repairable: dict[tuple[str, str], Summary] = {}
+    def __init__(self, path: str | Path | None = None) -> None:
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(":memory:" if path is None else str(path))
+        # A cache of the task stream: a commit need not reach the disk (a crash of the machine
+        # at worst replays changes again), but the file must never be torn.
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self.db.executescript(SCHEMA)
         # Records that did not decode since the owner last took them (`quarantine.py`).
         self.poisoned: list[quarantine.Poison] = []
 
+    def resume(self, stream_created: str, stream_last_seq: int) -> int:
+        """The stream sequence to read on from. An index written for another incarnation of the
+        stream (recreated, or reset behind the index's back) or another layout starts over."""
+        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        applied = int(meta.get("applied", "0"))
+        same = (
+            meta.get("schema") == SCHEMA_VERSION
+            and meta.get("stream") == stream_created
+            and applied <= stream_last_seq
+        )
+        if not same:
+            self.db.execute("DELETE FROM tasks")
+            applied = 0
+        self.db.executemany(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+            [("schema", SCHEMA_VERSION), ("stream", stream_created), ("applied", str(applied))],
+        )
+        self.db.commit()
+        return applied
+
     def apply(self, key: str, value: bytes | None, revision: int) -> None:
         account, task_id = names.split_key(key)
-        rows = self._rows.setdefault(account, {})
-        ids = self._ids.setdefault(account, [])
-        self.repairable.pop((account, task_id), None)
         if value is None:
-            if rows.pop(task_id, None) is not None:
-                del ids[bisect.bisect_left(ids, task_id)]
+            self.drop(account, task_id)
             return
         try:
             row = summarize(account, task_id, value)
         except Exception as err:  # one bad record must not stop the index (or the gateway)
-            if rows.pop(task_id, None) is not None:
-                del ids[bisect.bisect_left(ids, task_id)]
+            self.drop(account, task_id)
             self.poisoned.append(quarantine.record(key, revision, value, err))
             return
-        if task_id not in rows:
-            bisect.insort(ids, task_id)
-        rows[task_id] = row
-        if row.phase in REPAIRABLE:
-            self.repairable[(account, task_id)] = row
+        self.db.execute(UPSERT, row.row())
 
-    def rows_of(self, account: str) -> list[Summary]:
-        return list(self._rows.get(account, {}).values())
+    def drop(self, account: str, task_id: str) -> None:
+        self.db.execute("DELETE FROM tasks WHERE account = ? AND id = ?", (account, task_id))
 
-    def all(self) -> Iterator[Summary]:
-        for rows in self._rows.values():
-            yield from list(rows.values())
+    def commit(self, revision: int | None = None) -> None:
+        """Make the changes applied so far durable, with the stream sequence they reach."""
+        if revision is not None:
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'applied'", (str(revision),))
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.commit()
+        self.db.close()
+
+    def _select(self, sql: str, args: Iterable[object]) -> Iterator[Summary]:
+        for row in self.db.execute(f"SELECT {COLUMNS} FROM tasks {sql}", tuple(args)):
+            yield Summary.of(row)
+
+    def repairable(self) -> list[Summary]:
+        """Tasks in a phase the sweeper may have to repair."""
+        return list(self._select("WHERE phase IN ('Pending', 'Queued', 'Retrying')", ()))
+
+    def written_before(self, cutoff: datetime, limit: int = 1000) -> Iterator[Summary]:
+        """Rows last written before `cutoff` (expiry candidates), oldest first, read a page at
+        a time so that rows dropped meanwhile are not met again."""
+        after: tuple[object, ...] = (-1, "", "")
+        while True:
+            sql = (
+                "WHERE written < ? AND (written, account, id) > (?, ?, ?)"
+                " ORDER BY written, account, id LIMIT ?"
+            )
+            page = list(self._select(sql, (_micros(cutoff), *after, limit)))
+            yield from page
+            if len(page) < limit:
+                return
+            last = page[-1]
+            after = (_micros(last.written()), last.account, last.id)
+
+    def count(self, account: str, q: Query, enqueued_before: datetime | None = None) -> int:
+        conds, args = q.where()
+        if enqueued_before is not None:
+            conds.append("enqueued < ?")
+            args.append(_micros(enqueued_before))
+        where = " AND ".join(["account = ?", *conds])
+        found = self.db.execute(f"SELECT count(*) FROM tasks WHERE {where}", (account, *args))
+        return int(found.fetchone()[0])
+
+    def accounts(self) -> list[str]:
+        """Every account with a row, one index seek each (not a scan of every row)."""
+        found: list[str] = []
+        step = "SELECT min(account) FROM tasks WHERE account > ?"
+        while account := self.db.execute(step, (found[-1] if found else "",)).fetchone()[0]:
+            found.append(account)
+        return found
 
     def search(
         self, q: Query, limit: int, cursor: tuple[str, str] | None
     ) -> tuple[list[Summary], tuple[str, str] | None]:
-        """Up to `limit` matches in (account, id) order after `cursor`, and the next cursor."""
-        accounts = sorted(self._ids) if q.accounts is None else sorted(q.accounts)
+        """Up to `limit` matches in (account, id) order after `cursor`, and the next cursor.
+        Accounts are searched one at a time, so each one's index is read in order."""
+        conds, args = q.where()
+        accounts = self.accounts() if q.accounts is None else sorted(q.accounts)
         found: list[Summary] = []
         for account in accounts:
             if cursor is not None and account < cursor[0]:
                 continue
-            ids = self._ids.get(account, [])
-            rows = self._rows.get(account, {})
-            start = q.id_prefix
+            where = ["account = ?", *conds]
+            params: list[object] = [account, *args]
             if cursor is not None and account == cursor[0]:
-                start = max(start, cursor[1] + "\x00")
-            i = bisect.bisect_left(ids, start)
-            while i < len(ids):
-                task_id = ids[i]
-                if not task_id.startswith(q.id_prefix):
-                    break
-                row = rows[task_id]
-                if q.matches(row):
-                    if len(found) == limit:
-                        last = found[-1]
-                        return found, (last.account, last.id)
-                    found.append(row)
-                i += 1
+                where.append("id > ?")
+                params.append(cursor[1])
+            sql = f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+            found += self._select(sql, (*params, limit + 1 - len(found)))
+            if len(found) > limit:
+                last = found[limit - 1]
+                return found[:limit], (last.account, last.id)
         return found, None

@@ -63,7 +63,7 @@ async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
     cutoff = now() - grace
     held = _Queues(plane)
     republished = 0
-    for s in list(index.repairable.values()):
+    for s in index.repairable():
         if not _overdue(s, cutoff):
             continue
         fn = plane.registry.function(s.account, s.function)

@@ -11,7 +11,7 @@ import contextlib
 from .. import names, queues
 from ..models import Task, TaskFunction, TaskPhase, Waiting
 from ..plane import DataPlane
-from .index import TaskIndex
+from .index import Query, TaskIndex
 from .throttle import THROTTLE_FROM
 
 WAITING = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying, TaskPhase.Paused})
@@ -23,15 +23,8 @@ def ahead(index: TaskIndex, task: Task) -> int:
     mine = task.status.timestamps.enqueued
     if mine is None:
         return 0
-    return sum(
-        1
-        for row in index.rows_of(task.account)
-        if row.function == task.spec.function
-        and row.phase is TaskPhase.Queued
-        and row.id != task.id
-        and row.enqueued is not None
-        and row.enqueued < mine
-    )
+    queued = Query([task.account], task.spec.function, frozenset({TaskPhase.Queued}))
+    return index.count(task.account, queued, enqueued_before=mine)
 
 
 async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | None:
