@@ -5,6 +5,7 @@ limit (KUBETASK_QUEUE_MAX_FUNCTIONS)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 import pytest
 from harness import Api
@@ -23,7 +24,7 @@ def _fn(account: str, name: str) -> TaskFunction:
 
 
 async def test_an_account_shares_its_queue_among_more_than_1000_functions(
-    api: Api, plane: DataPlane
+    api: Api, plane: DataPlane, make_api: Callable[..., Awaitable[Api]]
 ) -> None:
     names = [f"f{i:04d}" for i in range(1001)]
     try:
@@ -33,6 +34,30 @@ async def test_an_account_shares_its_queue_among_more_than_1000_functions(
         assert last["status"]["queue"] == f"KT_Q_{api.account}" and last["status"]["ready"]
         await api.submit(names[-1], task_id="the-1001st")
         assert (await api.wait("the-1001st"))["status"]["phase"] == "Succeeded"
+
+        # Listed in pages that follow each other: every function once, in name order.
+        seen: list[str] = []
+        cursor = None
+        while True:
+            page = await api.http.get(
+                "/v1/functions", params={"limit": 300, "cursor": cursor or ""}
+            )
+            assert page.status_code == 200, page.text
+            assert len(page.json()) <= 300
+            seen += [f["metadata"]["name"] for f in page.json()]
+            cursor = page.headers.get("Next-Cursor")
+            if cursor is None:
+                break
+            assert cursor == f"{api.account}/{seen[-1]}"
+        assert seen == names
+        other = await make_api()  # another tenant's cursor into this account shows it nothing
+        page = await other.http.get("/v1/functions", params={"cursor": f"{api.account}/f0000"})
+        assert page.status_code == 200 and page.json() == []
+        for bad in ("nope", "a/B!", "/x", "a/"):
+            refused = await api.http.get("/v1/functions", params={"cursor": bad})
+            assert refused.status_code == 422 and refused.json()["field"] == "cursor", bad
+        configs = await api.http.get("/v1/asyncconfigs", params={"limit": 1})
+        assert configs.status_code == 200 and configs.json() == []
     finally:
         for name in names:
             await api.call("DELETE", f"/v1/functions/{name}")

@@ -103,7 +103,20 @@ class Client:
         )
 
     def functions(self) -> Any:
-        return self._call("GET", "/v1/functions", params=self._params())
+        return self._every_page("/v1/functions")
+
+    def _every_page(self, path: str) -> Any:
+        """Every object of a paginated listing, following its `Next-Cursor` headers."""
+        found = []
+        cursor = None
+        while True:
+            resp = self.http.get(path, params=self._params(cursor=cursor, limit=1000))
+            if resp.status_code >= 400:
+                raise ApiFailure(resp.status_code, resp.json())
+            found += resp.json()
+            cursor = resp.headers.get("Next-Cursor")
+            if not cursor:
+                return found
 
     def delete_function(self, name: str) -> Any:
         return self._call("DELETE", f"/v1/functions/{segment(name)}", params=self._params())

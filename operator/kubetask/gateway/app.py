@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
@@ -105,6 +105,35 @@ TimeParam = Query(
     json_schema_extra={"format": "date-time"},
 )
 REFS = "#/components/schemas/"
+Paged = TypeVar("Paged")
+NAME_CURSOR = f"^({grammar.NAME_PATTERN[1:-1]}/{grammar.NAME_PATTERN[1:-1]})?$"
+PageLimit = Annotated[int, Query(ge=1, le=1000, description="Objects per page.")]
+PageCursor = Annotated[
+    str | None,
+    Query(
+        description="The `Next-Cursor` header of the previous page.",
+        json_schema_extra={"pattern": NAME_CURSOR},
+    ),
+]
+
+
+def _page(
+    objects: Mapping[tuple[str, str], Paged], scoped: str | None, limit: int, cursor: str | None
+) -> tuple[list[Paged], str | None]:
+    """Up to `limit` objects after `cursor` in (account, name) order (of `scoped`'s account, or
+    of all), and the cursor of the next page if there is one."""
+    after = params.name_cursor(cursor)
+    keys = sorted(k for k in objects if scoped in (None, k[0]) and (after is None or k > after))
+    more = len(keys) > limit
+    keys = keys[:limit]
+    return [objects[k] for k in keys], "/".join(keys[-1]) if more else None
+
+
+def _page_response(items: list[Any], next_cursor: str | None) -> Response:
+    headers = {"Next-Cursor": next_cursor} if next_cursor else None
+    return Response(json.dumps(items), media_type=JSON, headers=headers)
+
+
 ACCOUNT_HELP = "Account to act on; tenants may omit it (their own)."
 AccountParam = Annotated[
     str | None, Query(description=ACCOUNT_HELP, json_schema_extra={"pattern": OPTIONAL_NAME})
@@ -396,11 +425,19 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return _json(await function_status(plane().registry.with_route(fn)))
 
     @app.get("/v1/functions", response_model=list[TaskFunction], tags=["functions"])
-    async def list_functions(who: Who, account: AccountParam = None) -> Response:
-        scoped = who.scope(account)
-        fns = [f for (a, _), f in sorted(plane().registry.functions.items()) if scoped in (None, a)]
-        out = [await function_status(f) for f in fns]
-        return Response(json.dumps([f.model_dump(mode="json") for f in out]), media_type=JSON)
+    async def list_functions(
+        who: Who, account: AccountParam = None, limit: PageLimit = 500, cursor: PageCursor = None
+    ) -> Response:
+        """A page of functions in (account, name) order; `Next-Cursor` names the next page."""
+        fns, nxt = _page(plane().registry.functions, who.scope(account), limit, cursor)
+        gate = asyncio.Semaphore(32)  # each status reads its queue's consumer
+
+        async def status(fn: TaskFunction) -> TaskFunction:
+            async with gate:
+                return await function_status(fn)
+
+        out = await asyncio.gather(*(status(f) for f in fns))
+        return _page_response([f.model_dump(mode="json") for f in out], nxt)
 
     @app.get("/v1/functions/{name}", response_model=TaskFunction, tags=["functions"])
     async def get_function(name: NamePath, who: Who, account: AccountParam = None) -> Response:
@@ -445,10 +482,12 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         return _json(cfg)
 
     @app.get("/v1/asyncconfigs", response_model=list[AsyncConfig], tags=["asyncconfigs"])
-    async def list_async_configs(who: Who, account: AccountParam = None) -> Response:
-        scoped = who.scope(account)
-        cfgs = [c for (a, _), c in sorted(plane().registry.configs.items()) if scoped in (None, a)]
-        return Response(json.dumps([c.model_dump(mode="json") for c in cfgs]), media_type=JSON)
+    async def list_async_configs(
+        who: Who, account: AccountParam = None, limit: PageLimit = 500, cursor: PageCursor = None
+    ) -> Response:
+        """A page of async configs in (account, name) order; `Next-Cursor` names the next page."""
+        cfgs, nxt = _page(plane().registry.configs, who.scope(account), limit, cursor)
+        return _page_response([c.model_dump(mode="json") for c in cfgs], nxt)
 
     @app.delete("/v1/asyncconfigs/{name}", status_code=204, tags=["asyncconfigs"])
     async def delete_async_config(

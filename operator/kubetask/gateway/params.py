@@ -45,6 +45,18 @@ def cursor(value: str | None) -> tuple[str, str] | None:
     return account, last
 
 
+def name_cursor(value: str | None) -> tuple[str, str] | None:
+    """A listing's cursor is `account/last-name`, as the previous page's `Next-Cursor` said."""
+    if not value:
+        return None
+    account, _, last = value.partition("/")
+    if not (grammar.is_name(account) and grammar.is_name(last)):
+        raise ApiError(
+            422, "malformed cursor; pass back the Next-Cursor of the previous page", field="cursor"
+        )
+    return account, last
+
+
 def time(name: str, value: str | None) -> datetime | None:
     """An RFC 3339 time; one without a zone is refused rather than guessed at."""
     if value is None:
