@@ -55,6 +55,14 @@ class Connection(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, Callable[[Msg], None]] = {}
+        # Called once reconnected: what the server held for this client (open pull requests)
+        # may be gone.
+        self.on_reconnect: set[Callable[[], None]] = set()
+
+    async def _reconnected(self) -> None:
+        log.warning("reconnected to NATS")
+        for listener in list(self.on_reconnect):
+            listener()
 
     async def subscribe_direct(self, subject: str, handler: Callable[[Msg], None]) -> Subscription:
         """Call `handler` with each message right in the read loop. A stock subscription puts
@@ -119,10 +127,6 @@ async def _disconnected() -> None:
     log.warning("lost the connection to NATS; reconnecting")
 
 
-async def _reconnected() -> None:
-    log.warning("reconnected to NATS")
-
-
 async def _error(err: Exception) -> None:
     log.warning("NATS connection: %s", err or type(err).__name__)
 
@@ -156,7 +160,7 @@ async def connect(
                 allow_reconnect=True,
                 connect_timeout=2,
                 disconnected_cb=_disconnected,
-                reconnected_cb=_reconnected,
+                reconnected_cb=nc._reconnected,
                 error_cb=_error,
                 **options,  # type: ignore[arg-type]
             )

@@ -39,6 +39,7 @@ from ..store import (
     new_token,
     now,
 )
+from . import backlog_gauge
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -146,7 +147,7 @@ class Dispatcher:
         for (account, name), fn in list(registry.functions.items()):
             self._sync(account, name, fn)
         await self.plane.nc.subscribe(f"{names.STOP_SUBJECT_PREFIX}.>", cb=self._on_stop)
-        self._background.append(asyncio.create_task(self._collect_backlog()))
+        self._background.append(asyncio.create_task(backlog_gauge.collect_forever(self.plane)))
 
     # -- function workers ------------------------------------------------------------------
 
@@ -681,14 +682,6 @@ class Dispatcher:
         slot.stop_requested = True
         if slot.execution is not None:
             await slot.execution.kill()
-
-    async def _collect_backlog(self) -> None:
-        while True:
-            for fn in list(self.plane.registry.functions.values()):
-                with contextlib.suppress(Exception):  # a queue being removed has no backlog
-                    waiting, _ = await queues.backlog(self.plane.js, fn)
-                    metrics.BACKLOG.labels(fn.account, fn.name).set(waiting)
-            await asyncio.sleep(5)
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Stop taking work, let running attempts finish for a while, then stop the rest and

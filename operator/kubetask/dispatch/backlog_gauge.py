@@ -1,0 +1,54 @@
+"""The `kubetask_backlog` gauge: how many tasks wait in each function's queue.
+
+Asking every function's consumer every few seconds made registered functions cost in proportion
+to their number even when idle (a thousand functions: two hundred consumer-info requests a
+second between the dispatcher and nats-server). Instead each queue stream is asked once, with
+its subjects filtered to the functions' queue subjects, for how many messages each subject
+holds; only a function whose subject holds messages is asked for its exact waiting count (the
+stream's count includes tasks claimed but not yet acknowledged). Idle streams cost one request
+each per period, whatever the number of functions in them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+from .. import metrics, names, queues
+from ..models import TaskFunction
+from ..plane import DataPlane
+
+PERIOD = 5.0
+
+
+async def collect_once(plane: DataPlane) -> None:
+    by_stream: dict[str, list[tuple[TaskFunction, names.Queue]]] = defaultdict(list)
+    for fn in list(plane.registry.functions.values()):
+        for queue in names.queues_of(fn):
+            by_stream[queue.stream].append((fn, queue))
+    waiting: dict[tuple[str, str], int] = defaultdict(int)
+    for stream, members in by_stream.items():
+        with contextlib.suppress(Exception):  # a queue being removed has no backlog
+            filter_ = members[0][1].subject if len(members) == 1 else _wildcard(members[0][1])
+            info = await plane.js.stream_info(stream, subjects_filter=filter_)
+            held = info.state.subjects or {}
+            for fn, queue in members:
+                waiting.setdefault((fn.account, fn.name), 0)
+                if held.get(queue.subject):
+                    w, _ = await queues.queue_backlog(plane.js, queue)
+                    waiting[(fn.account, fn.name)] += w
+    for (account, name), count in waiting.items():
+        metrics.BACKLOG.labels(account, name).set(count)
+
+
+def _wildcard(queue: names.Queue) -> str:
+    """The subject of every function in a shared stream: the queue subject's last token wild."""
+    return queue.subject.rsplit(".", 1)[0] + ".*"
+
+
+async def collect_forever(plane: DataPlane) -> None:
+    while True:
+        with contextlib.suppress(Exception):
+            await collect_once(plane)
+        await asyncio.sleep(PERIOD)
