@@ -124,7 +124,6 @@ class Dispatcher:
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
         self.command = CommandExecutor()
-        self.server = ServerExecutor()
         self.logs = LogWriter(plane.nc)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
         # The streams each function has workers on, so a change looks at its own workers only.
@@ -132,6 +131,7 @@ class Dispatcher:
         self.slots: dict[tuple[str, str], Slot] = {}
         self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
         self.budget = NodeBudget(weight=self.fairness.weight)
+        self.server = ServerExecutor(self.budget.settings.instances)
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
         self.leases: Leases | None = None

@@ -44,6 +44,11 @@ def default_processes() -> int:
     return max(1, min((os.cpu_count() or 1) * 32, _memory_mb() // 64))
 
 
+def default_instances() -> int:
+    """Warm instances stay resident: 8 per core, and no more than one per 128 MB available."""
+    return max(1, min((os.cpu_count() or 1) * 8, _memory_mb() // 128))
+
+
 @dataclass(frozen=True)
 class BudgetSettings:
     processes: int = field(
@@ -51,6 +56,10 @@ class BudgetSettings:
     )
     slots: int = field(
         default_factory=lambda: env_int("KUBETASK_NODE_SLOTS", (os.cpu_count() or 1) * 128)
+    )
+    # Warm `server` instances, all functions together (`executors/instance_budget.py`).
+    instances: int = field(
+        default_factory=lambda: env_int("KUBETASK_NODE_INSTANCES", default_instances())
     )
 
 

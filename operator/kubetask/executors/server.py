@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from .base import (
     env_for,
 )
 from .http1 import Http1Pool, InstanceUnreachable
+from .instance_budget import InstanceBudget
 
 # Readiness answers are read up to this size; their body is not used.
 READINESS_BODY_LIMIT = 64 * 1024
@@ -73,8 +74,12 @@ class InstancePool:
     without the lock; the lock serializes only the slow path (waiting for room, or starting an
     instance)."""
 
-    def __init__(self, fn: TaskFunction) -> None:
+    def __init__(
+        self, fn: TaskFunction, budget: InstanceBudget, pools: Iterable[InstancePool]
+    ) -> None:
         self.fn = fn
+        self.budget = budget
+        self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
         self._waiting = 0
@@ -115,20 +120,27 @@ class InstancePool:
                     self._waiting -= 1
             self._starting += 1
         try:
+            await self.budget.room(self._pools, self)
             inst = await self._spawn(inv)
         finally:
             async with self._changed:
                 self._starting -= 1
                 self._changed.notify_all()
+            self.budget.changed()
         async with self._changed:
             inst.inflight.add(inv)
             self.instances.append(inst)
             return inst
 
+    def started(self) -> int:
+        """Instances live or starting, as the node's budget counts them."""
+        return self._starting + sum(1 for i in self.instances if not i.dead)
+
     async def release(self, inst: Instance, inv: Invocation) -> None:
         inst.inflight.discard(inv)
         if not inst.inflight:
             inst.idle_since = asyncio.get_running_loop().time()
+            self.budget.changed()
         if inst.dead:
             self.instances = [i for i in self.instances if i is not inst]
         if self._waiting:
@@ -328,8 +340,9 @@ def _runtime(fn: TaskFunction) -> tuple[Any, ...]:
 
 
 class ServerExecutor:
-    def __init__(self) -> None:
+    def __init__(self, max_instances: int) -> None:
         self._pools: dict[tuple[str, str], InstancePool] = {}
+        self.budget = InstanceBudget(max_instances)
         self._reaper: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -349,7 +362,7 @@ class ServerExecutor:
                 retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            pool = self._pools[key] = InstancePool(fn)
+            pool = self._pools[key] = InstancePool(fn, self.budget, self._pools.values())
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
         return pool
