@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from nats.js.api import StorageType, StreamConfig, StreamSource, SubjectTransform
 
-from . import names
+from . import history, names
 from .settings import Settings
 
 
@@ -32,4 +32,5 @@ def stream_config(settings: Settings) -> StreamConfig:
         ],
         max_age=settings.retention_seconds,
         storage=StorageType.FILE,
+        **history.stream_options(settings),  # type: ignore[arg-type]
     )

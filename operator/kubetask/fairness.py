@@ -20,25 +20,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import grammar
+from . import per_account
 
 
 def parse_weights(text: str) -> dict[str, float]:
     """`account=weight,...`; raises ValueError naming the first bad entry."""
-    weights: dict[str, float] = {}
-    for entry in filter(None, (e.strip() for e in text.split(","))):
-        account, sep, raw = entry.partition("=")
-        try:
-            weight = float(raw)
-        except ValueError:
-            weight = -1.0
-        if not sep or not grammar.is_name(account.strip()) or not 0 < weight <= 1000:
-            raise ValueError(
-                f"KUBETASK_ACCOUNT_WEIGHTS entry {entry!r}: expected <account>=<weight>, an"
-                " account name and a weight above 0 and at most 1000"
-            )
-        weights[account.strip()] = weight
-    return weights
+    return per_account.parse("KUBETASK_ACCOUNT_WEIGHTS", text, 1000, "weight")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
-from . import events, names, nats_auth, quarantine
+from . import events, history, names, nats_auth, quarantine
 from .settings import Settings
 
 _WHITESPACE = re.compile(r"\s")
@@ -206,6 +206,7 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
 async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     """Buckets and streams every component needs; safe to call from each at start-up."""
     await ensure_kv(js, names.TASKS_BUCKET, settings)
+    await history.apply_to(js, f"KV_{names.TASKS_BUCKET}", settings)
     for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET, names.ROUTES_BUCKET):
         await _ensure_bucket(js, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
     # Leases live only as long as they are renewed; losing them all in a restart is harmless.
@@ -220,6 +221,7 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
             subjects=["kt.logs.>"],
             max_age=settings.retention_seconds,
             storage=StorageType.FILE,
+            **history.stream_options(settings),  # type: ignore[arg-type]
         ),
     )
     await ensure_stream(js, events.stream_config(settings))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,22 +33,23 @@ def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> by
 class LogWriter:
     """Fire-and-forget publishing from synchronous callbacks (executor output pumps)."""
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, headers: Callable[[str], dict[str, str] | None]) -> None:
         self.nc = nc
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._headers = headers  # per account: its history's TTL (`history.py`)
+        self._queue: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] = asyncio.Queue()
         self._task = asyncio.create_task(self._drain())
 
     def line(
         self, account: str, task_id: str, attempt: int, stream: str, text: str, final: bool = False
     ) -> None:
         data = encode_line(attempt, stream, text, final)
-        self._queue.put_nowait((names.log_subject(account, task_id), data))
+        self._queue.put_nowait((names.log_subject(account, task_id), data, self._headers(account)))
 
     async def _drain(self) -> None:
         while True:
-            subject, data = await self._queue.get()
+            subject, data, headers = await self._queue.get()
             with contextlib.suppress(Exception):
-                await self.nc.publish(subject, data)
+                await self.nc.publish(subject, data, headers=headers)
             self._queue.task_done()
 
     async def close(self) -> None:

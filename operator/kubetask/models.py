@@ -493,6 +493,10 @@ class AccountLimits(KubeModel):
         "dispatcher or a gateway, each gets a share of it in proportion to its weight."
     )
     fairness: bool = Field(description="Whether fair sharing across accounts is on.")
+    retentionSeconds: float = Field(
+        description="How long the account's task records, audit trail and logs are kept after"
+        " a task's last change."
+    )
     queues: list[QueueLoad]
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from nats.js import JetStreamContext
 
 from . import jetstream, names
+from .history import Retention
 from .queue_moves import Mover
 from .queues import QueueDepth
 from .registry import Registry
@@ -36,7 +37,7 @@ class DataPlane:
         await jetstream.ensure_platform(js, settings)
         rpc = Requester(nc, timeout=10)
         await rpc.start()
-        store = TaskStore(await js.key_value(names.TASKS_BUCKET), rpc)
+        store = TaskStore(await js.key_value(names.TASKS_BUCKET), rpc, Retention(settings))
         registry = Registry(js)
         await registry.start()
         depth = QueueDepth(rpc, settings.queue_max_msgs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from . import per_account
 from .fairness import FairnessSettings, parse_weights
 
 
@@ -67,6 +68,19 @@ class Settings:
     # Task records, logs and events are kept this long (must exceed the longest task + queue age).
     retention_seconds: float = field(
         default_factory=lambda: env_float("KUBETASK_RETENTION_SECONDS", 7 * 86400)
+    )
+    # Accounts that keep their history for less (`history.py`): `account=seconds,...`.
+    account_retention: dict[str, float] = field(
+        default_factory=lambda: per_account.parse(
+            "KUBETASK_ACCOUNT_RETENTION",
+            env_str("KUBETASK_ACCOUNT_RETENTION", ""),
+            10 * 365 * 86400,
+            "seconds",
+        )
+    )
+    # Records, audit trail and logs stored S2-compressed.
+    history_compression: bool = field(
+        default_factory=lambda: env_switch("KUBETASK_HISTORY_COMPRESSION", True)
     )
     max_payload_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_MAX_PAYLOAD", 256 * 1024)

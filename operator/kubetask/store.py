@@ -18,6 +18,7 @@ from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel
 
 from . import names
+from .history import Retention
 from .models import Task, TaskPhase
 from .rpc import WRONG_LAST_SEQUENCE, Requester
 from .states import IllegalTransition, allowed
@@ -109,16 +110,21 @@ class TaskStore:
     """Reads and writes go through `rpc.Requester` (the hot path: a few per task); `kv` serves
     deletes."""
 
-    def __init__(self, kv: KeyValue, rpc: Requester) -> None:
+    def __init__(self, kv: KeyValue, rpc: Requester, retention: Retention) -> None:
         self.kv = kv
         self.rpc = rpc
+        self.retention = retention
         self._stream = f"KV_{names.TASKS_BUCKET}"
         self._prefix = f"$KV.{names.TASKS_BUCKET}."
 
     async def _write(self, key: str, data: bytes, last: int) -> int:
         """Write `data` if the key's revision is still `last` (0: the key has no value)."""
         try:
-            return await self.rpc.publish(self._prefix + key, data, {EXPECTED_LAST: str(last)})
+            headers = {EXPECTED_LAST: str(last)}
+            ttl = self.retention.headers(key.partition(".")[0])
+            if ttl is not None:  # the account keeps its history for less than the default
+                headers.update(ttl)
+            return await self.rpc.publish(self._prefix + key, data, headers)
         except APIError as err:
             if err.err_code in WRONG_LAST_SEQUENCE:
                 raise KeyWrongLastSequenceError(err.description) from None

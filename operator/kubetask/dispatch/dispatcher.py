@@ -124,7 +124,7 @@ class Dispatcher:
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
         self.command = CommandExecutor()
-        self.logs = LogWriter(plane.nc)
+        self.logs = LogWriter(plane.nc, plane.store.retention.headers)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
         # The streams each function has workers on, so a change looks at its own workers only.
         self._streams: dict[tuple[str, str], set[str]] = {}

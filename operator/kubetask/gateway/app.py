@@ -534,6 +534,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             maxRate=settings.account_max_rate,
             weight=settings.account_weights.get(acct, 1.0),
             fairness=settings.fairness,
+            retentionSeconds=plane().store.retention.seconds(acct),
             queues=[loads[q] for q in sorted(loads)],
         )
         return _json(limits)

@@ -1,0 +1,24 @@
+"""Settings given per account as `account=value,...` (weights, retention): one grammar, one
+error message naming the variable and the first bad entry."""
+
+from __future__ import annotations
+
+from . import grammar
+
+
+def parse(variable: str, text: str, high: float, what: str) -> dict[str, float]:
+    """`account=value,...` with each value above 0 and at most `high`; raises ValueError."""
+    values: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        account, sep, raw = entry.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not sep or not grammar.is_name(account.strip()) or not 0 < value <= high:
+            raise ValueError(
+                f"{variable} entry {entry!r}: expected <account>=<{what}>, an account name and"
+                f" a {what} above 0 and at most {high:g}"
+            )
+        values[account.strip()] = value
+    return values
