@@ -63,19 +63,25 @@ class Router:
             await asyncio.sleep(self.settings.period)
 
     async def sweep(self) -> None:
+        """One pass, reading each stream's depth once: the functions of a shared stream are
+        looked at one by one only when the stream holds a dedicating backlog at all, so ten
+        thousand idle functions cost a hundred stream reads, not ten thousand."""
         registry = self.plane.registry
-        functions = list(registry.functions.values())
-        by_account: dict[str, list[TaskFunction]] = {}
-        for fn in functions:
-            if names.queue_mode(fn) is QueueMode.account:
-                by_account.setdefault(fn.account, []).append(fn)
-        for fn in functions:
-            if fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
+        for members in list(registry.by_stream().values()):
+            fns = [fn for fn, _ in members]
+            movable = [
+                fn for fn in fns if fn.spec.queueMode is QueueMode.auto and fn.spec.partitions <= 1
+            ]
+            if not movable:
                 continue
-            if names.queue_mode(fn) is QueueMode.dedicated:
-                await self._maybe_recycle(fn)
-            elif len(by_account.get(fn.account, ())) > 1:
-                await self._maybe_dedicate(fn)
+            if names.queue_mode(fns[0]) is QueueMode.dedicated:
+                for fn in movable:
+                    await self._maybe_recycle(fn)
+            elif len(fns) > 1:
+                _, _, depth = await self.plane.depth.refresh(fns[0])
+                if depth >= self.settings.dedicate_backlog:
+                    for fn in movable:
+                        await self._maybe_dedicate(fn)
         for (account, name), (_, revision) in list(registry.routes.items()):
             current = registry.function(account, name)
             spec = current.spec if current is not None else None

@@ -12,7 +12,7 @@ changes without a restart because they read the mirror on every task.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -49,6 +49,10 @@ class Registry:
         self._by_function: dict[tuple[str, str], AsyncConfigSpec] = {}
         self._listeners: list[FunctionListener] = []
         self._mirrors: list[BucketMirror] = []
+        # Bumped on every change of a function as it runs: views derived from all functions
+        # (periodic passes over ten thousand of them) are recomputed only then.
+        self.generation = 0
+        self._views: dict[str, tuple[int, Any]] = {}
 
     async def start(self) -> None:
         self._fn_kv = await self.js.key_value(names.FUNCTIONS_BUCKET)
@@ -117,8 +121,30 @@ class Registry:
             self.functions.pop((account, name), None)
         else:
             self.functions[(account, name)] = fn
+        self.generation += 1
         for listener in self._listeners:
             listener(account, name, fn)
+
+    def by_stream(self) -> dict[str, list[tuple[TaskFunction, names.Queue]]]:
+        """Every function's queues, grouped by the stream holding them."""
+        cached = self._views.get("by_stream")
+        if cached is not None and cached[0] == self.generation:
+            return cached[1]  # type: ignore[no-any-return]
+        grouped: dict[str, list[tuple[TaskFunction, names.Queue]]] = {}
+        for fn in self.functions.values():
+            for queue in names.queues_of(fn):
+                grouped.setdefault(queue.stream, []).append((fn, queue))
+        self._views["by_stream"] = (self.generation, grouped)
+        return grouped
+
+    def partitioned(self) -> list[TaskFunction]:
+        """The functions split into partitions (the ones dispatchers lease)."""
+        cached = self._views.get("partitioned")
+        if cached is not None and cached[0] == self.generation:
+            return cached[1]  # type: ignore[no-any-return]
+        found = [fn for fn in self.functions.values() if fn.spec.partitions > 1]
+        self._views["partitioned"] = (self.generation, found)
+        return found
 
     def with_route(self, fn: TaskFunction) -> TaskFunction:
         """`fn` as it runs now: with its queue assignment, if the platform made one."""

@@ -106,8 +106,8 @@ class Leases:
         """The partitions this dispatcher should hold, given the members alive now."""
         members = self._members()
         mine = set()
-        for fn in self.registry.functions.values():
-            for index in range(fn.spec.partitions if fn.spec.partitions > 1 else 0):
+        for fn in self.registry.partitioned():
+            for index in range(fn.spec.partitions):
                 key = partition_key(fn, index)
                 if max(members, key=functools.partial(rank, key)) == self.me:
                     mine.add(key)
