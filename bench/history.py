@@ -22,7 +22,7 @@ PAYLOAD = {"order": "A-1234567", "customer": "c-42", "items": [{"sku": "x", "n":
 
 def stream_bytes(store: Path) -> dict[str, int]:
     sizes = dict.fromkeys(STREAMS, 0)
-    for stream_dir in store.glob("jetstream/*/streams/*"):
+    for stream_dir in store.glob("jetstream/**/streams/*"):
         if stream_dir.name in sizes:
             sizes[stream_dir.name] = sum(
                 f.stat().st_size for f in stream_dir.rglob("*") if f.is_file()

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from kubetask import nats_auth
 from kubetask.crdgen import OUTPUTS, crds, render
-from kubetask.models import Destination, RetryBackoff, TaskFunctionSpec, TaskPhase
+from kubetask.models import (
+    Destination,
+    RetryBackoff,
+    StageTimestamps,
+    Task,
+    TaskFunctionSpec,
+    TaskMeta,
+    TaskPhase,
+    TaskSpec,
+    TaskStatus,
+)
 from kubetask.states import TERMINAL, TRANSITIONS, allowed
+from kubetask.store import TaskRecord, encode
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +80,21 @@ def test_the_charts_nats_users_are_generated_from_the_permission_table() -> None
     assert nats_auth.CHART_FILE.read_text() == nats_auth.server_config(None), (
         f"{nats_auth.CHART_FILE} is stale: run `kubetask nats-config`"
     )
+
+
+def test_a_stored_record_reads_back_the_same_and_keeps_nulls_inside_payloads() -> None:
+    stamps = StageTimestamps(submitted=datetime(2026, 11, 30, tzinfo=UTC))
+    for payload in (None, {"a": None, "b": [None, 1]}, [None], 0, ""):
+        for result in (None, {"x": None}):
+            status = TaskStatus(phase=TaskPhase.Succeeded, timestamps=stamps, result=result)
+            record = TaskRecord(
+                task=Task(
+                    metadata=TaskMeta(name="t1", namespace="acct"),
+                    spec=TaskSpec(function="f", payload=payload),
+                    status=status,
+                ),
+                token="tok",
+            )
+            stored = encode(record)
+            assert b'"error"' not in stored and b'"exitCode"' not in stored  # unset: left out
+            assert TaskRecord.model_validate_json(stored) == record

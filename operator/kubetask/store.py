@@ -106,6 +106,13 @@ def kv_deleted(headers: dict[str, str]) -> bool:
     return headers.get(KV_OP) in (KV_DEL, KV_PURGE) or KV_MARKER_REASON in headers
 
 
+def encode(record: TaskRecord) -> bytes:
+    """A record as stored: unset optional fields are left out (a third of a typical record,
+    kept in the bucket and in every revision of the audit trail); every one of them reads
+    back as its default, None. Payloads and results are stored exactly as given."""
+    return record.model_dump_json(exclude_none=True).encode()
+
+
 class TaskStore:
     """Reads and writes go through `rpc.Requester` (the hot path: a few per task); `kv` serves
     deletes."""
@@ -140,7 +147,7 @@ class TaskStore:
 
     async def create(self, record: TaskRecord) -> Versioned:
         key = names.task_key(record.task.account, record.task.id)
-        data = record.model_dump_json().encode()
+        data = encode(record)
         last = 0
         while True:
             try:
@@ -197,7 +204,7 @@ class TaskStore:
             after = updated.phase
             if after != before and not allowed(before, after):
                 raise IllegalTransition(before, after)
-            data = updated.model_dump_json().encode()
+            data = encode(updated)
             try:
                 revision = await self._write(
                     names.task_key(account, task_id), data, current.revision
