@@ -7,10 +7,12 @@
   (`Nats-TTL`), and JetStream copies the header with each revision into the audit stream, so
   all three expire together without any sweeping of ours. The global retention stays the
   upper bound (a stream's max age is never exceeded).
-- **Compression.** The three history streams are stored S2-compressed
-  (`KUBETASK_HISTORY_COMPRESSION`, on by default): records and log lines are JSON and
-  successive revisions of a record repeat most of it. Queues are not compressed — their
-  messages are small and short-lived.
+- **Compression.** The audit trail and the logs are stored S2-compressed
+  (`KUBETASK_HISTORY_COMPRESSION`, on by default): successive revisions of a record repeat
+  most of it (the audit trail shrinks to a fifth) and log lines are text. The task bucket is
+  not: each record is rewritten a few times within seconds, so its blocks hold mostly
+  superseded revisions and compression saved 3% for a fifth more nats-server CPU per task
+  (bench/history.py). Queues are not either: small, short-lived messages.
 """
 
 from __future__ import annotations
@@ -48,15 +50,19 @@ class Retention:
         return self._headers.get(account)
 
 
-def stream_options(settings: Settings) -> dict[str, object]:
-    """What every history stream sets: per-message TTLs allowed, and compression."""
-    compression = StoreCompression.S2 if settings.history_compression else StoreCompression.NONE
-    return {"allow_msg_ttl": True, "compression": compression}
+def stream_options(settings: Settings, compress: bool = True) -> dict[str, object]:
+    """What a history stream sets: per-message TTLs allowed, and compression unless told not."""
+    packed = compress and settings.history_compression
+    return {
+        "allow_msg_ttl": True,
+        "compression": StoreCompression.S2 if packed else StoreCompression.NONE,
+    }
 
 
-async def apply_to(js: JetStreamContext, stream: str, settings: Settings) -> None:
+async def apply_to(js: JetStreamContext, stream: str, settings: Settings, compress: bool) -> None:
     """Bring an existing stream (the task bucket's, made by the KV API) to the history options."""
     config: StreamConfig = (await js.stream_info(stream)).config
-    wanted = dataclasses.replace(config, **stream_options(settings))  # type: ignore[arg-type]
+    options = stream_options(settings, compress)
+    wanted = dataclasses.replace(config, **options)  # type: ignore[arg-type]
     if wanted != config:
         await js.update_stream(wanted)

@@ -206,7 +206,7 @@ async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
 async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     """Buckets and streams every component needs; safe to call from each at start-up."""
     await ensure_kv(js, names.TASKS_BUCKET, settings)
-    await history.apply_to(js, f"KV_{names.TASKS_BUCKET}", settings)
+    await history.apply_to(js, f"KV_{names.TASKS_BUCKET}", settings, compress=False)
     for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET, names.ROUTES_BUCKET):
         await _ensure_bucket(js, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
     # Leases live only as long as they are renewed; losing them all in a restart is harmless.
