@@ -24,6 +24,7 @@ class Dev:
     token: str
     admin_token: str
     dispatcher_metrics: list[str]
+    pid: int  # `kubetask dev` itself; the platform's processes are its children
 
     async def succeeded(self, account: str, function: str | None = None) -> int:
         """Tasks of the account (of one function) recorded Succeeded, from the dispatchers' own
@@ -64,7 +65,9 @@ async def running_dev(data: Path, **env: str) -> AsyncIterator[Dev]:
         creds = json.loads(cfg.read_text())
         line = next(x for x in out.read_text().splitlines() if "metrics:" in x)
         urls = line.split("(gateway), ", 1)[1].split(" (dispatchers)")[0].split(", ")
-        yield Dev(f"http://127.0.0.1:{port}", data, creds["token"], creds["adminToken"], urls)
+        yield Dev(
+            f"http://127.0.0.1:{port}", data, creds["token"], creds["adminToken"], urls, dev.pid
+        )
     finally:
         dev.send_signal(signal.SIGINT)
         dev.wait(10)

@@ -45,7 +45,7 @@ async def run(tasks: int, compression: str) -> dict[str, float]:
                 },
             }
             (await h.put("/v1/functions/work", json=fn)).raise_for_status()
-            nats_pid = component_pids()["nats-server"]
+            nats_pid = component_pids(dev.pid)["nats-server"]
             cpu0 = sum(cpu_seconds(p) for p in nats_pid)
             todo = iter(range(tasks))
 

@@ -23,15 +23,18 @@ from devrun import running_dev
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def component_pids() -> dict[str, list[int]]:
-    """The platform's processes by component (nats-server, gateway, dispatcher), from /proc."""
+def component_pids(dev_pid: int) -> dict[str, list[int]]:
+    """The processes of one `kubetask dev` by component (nats-server, gateway, dispatcher)."""
     found: dict[str, list[int]] = {"nats-server": [], "gateway": [], "dispatcher": []}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\x00")
-        except OSError:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent != dev_pid:
             continue
         for name in found:
             if argv[0].endswith(name.encode()) or name.encode() in argv[1:5]:
@@ -78,7 +81,7 @@ async def main(args: argparse.Namespace) -> None:
                 flush=True,
             )
             await asyncio.sleep(args.settle)
-            pids = component_pids()
+            pids = component_pids(dev.pid)
             before = {n: sum(cpu_seconds(p) for p in ps) for n, ps in pids.items()}
             await asyncio.sleep(args.seconds)
             after = {n: sum(cpu_seconds(p) for p in ps) for n, ps in pids.items()}
