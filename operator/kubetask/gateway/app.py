@@ -317,17 +317,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         )
         await indexer().caught_up()
         rows, nxt = state["index"].search(q, limit, after)
-        fetched = await asyncio.gather(
-            *(plane().store.get(r.account, r.id) for r in rows), return_exceptions=True
-        )
+        fetched = await plane().store.get_many([(r.account, r.id) for r in rows])
         for failed in fetched:
             if isinstance(failed, Unreadable):
-                await quarantine.keep(
-                    plane().js,
-                    quarantine.unreadable(failed),
-                )
-            elif isinstance(failed, BaseException):
-                raise failed
+                await quarantine.keep(plane().js, quarantine.unreadable(failed))
         items = [v.record.task for v in fetched if isinstance(v, Versioned)]
         page = TaskList(items=items, cursor=f"{nxt[0]}/{nxt[1]}" if nxt else None)
         return _json(page)

@@ -1,0 +1,200 @@
+"""A million retained records, end to end (issue 11): `kubetask dev`, its records written
+straight into the task bucket (as a busy week leaves them), then what they cost — nats-server
+and gateway RSS and disk per record, the gateway's restart to its first answer, list p99 by
+status, function, start time and id prefix over HTTP — and submit→Succeeded throughput with
+them vs with none, in one run. Prints figures; asserts nothing.
+
+Run: .venv/bin/python bench/records.py [--records 1000000 --tasks 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import nats
+import pydantic_core
+from devrun import Dev, running_dev
+from idle import component_pids
+from noisy import Sender
+
+HERE = Path(__file__).parent
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def disk_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+async def throughput(dev: Dev, tasks: int, tag: str) -> float:
+    sender = Sender(dev, dev.token, "noop")
+    before = await dev.succeeded("default", "noop")
+    began = time.monotonic()
+    todo = iter(range(tasks))
+
+    async def client() -> None:
+        for i in todo:
+            await sender.submit(f"{tag}-{i:06d}")
+
+    await asyncio.gather(*(client() for _ in range(64)))
+    while await dev.succeeded("default", "noop") - before < tasks:  # noqa: ASYNC110 (polled)
+        await asyncio.sleep(0.05)
+    sender.pool.close()
+    return tasks / (time.monotonic() - began)
+
+
+async def fill(dev: Dev, records: int, template: bytes) -> None:
+    admin = json.loads((dev.data / "secrets" / "nats-users.json").read_text())["admin"]
+    url = json.loads((dev.data / "client.json").read_text())["nats"]
+    nc = await nats.connect(url, user="admin", password=admin)
+    js = nc.jetstream()
+    rnd = random.Random(5)
+    record = pydantic_core.from_json(template)
+    status = record["task"]["status"]
+    for start in range(0, records, 2000):
+        acks = []
+        for i in range(start, min(records, start + 2000)):
+            task_id = f"trace-{rnd.getrandbits(64):016x}"
+            at = T0 + timedelta(milliseconds=600 * i)  # a week of tasks, 1.7 a second
+            record["task"]["metadata"]["name"] = task_id
+            record["task"]["spec"]["function"] = f"fn{i % 100}"
+            status["phase"] = "Failed" if i % 20 == 0 else "Succeeded"
+            status["timestamps"] = {
+                "submitted": at.isoformat(),
+                "started": (at + timedelta(milliseconds=3)).isoformat(),
+                "finished": (at + timedelta(milliseconds=9)).isoformat(),
+            }
+            acks.append(
+                js.publish(f"$KV.kt_tasks.default.{task_id}", pydantic_core.to_json(record))
+            )
+        await asyncio.gather(*acks)
+    await nc.close()
+
+
+async def list_p99(http: httpx.AsyncClient) -> dict[str, float]:
+    rnd = random.Random(9)
+    kinds = {
+        "status=Failed": lambda: {"status": "Failed"},
+        "function": lambda: {"function": f"fn{rnd.randrange(100)}"},
+        "started in 1 min": lambda: (
+            lambda lo: {
+                "startedAfter": lo.isoformat(),
+                "startedBefore": (lo + timedelta(minutes=1)).isoformat(),
+            }
+        )(T0 + timedelta(seconds=rnd.uniform(0, 500_000))),
+        "id prefix": lambda: {"idPrefix": f"trace-{rnd.getrandbits(12):03x}"},
+    }
+    found = {}
+    for name, make in kinds.items():
+        samples = []
+        for _ in range(100):
+            began = time.perf_counter()
+            (await http.get("/v1/tasks", params={**make(), "limit": 100})).raise_for_status()
+            samples.append(time.perf_counter() - began)
+        found[name] = statistics.quantiles(samples, n=100)[98] * 1000
+    return found
+
+
+async def main(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kt-records-"))
+    async with running_dev(work) as dev:
+        auth = {"Authorization": f"Bearer {dev.token}"}
+        async with httpx.AsyncClient(base_url=dev.url, headers=auth, timeout=300) as http:
+            noop = {
+                "apiVersion": "kubetask.io/v1alpha1",
+                "kind": "TaskFunction",
+                "metadata": {"name": "noop"},
+                "spec": {
+                    "server": {
+                        "command": [sys.executable, str(HERE / "noop_server.py")],
+                        "concurrency": 256,
+                    },
+                    "maxConcurrency": 256,
+                },
+            }
+            (await http.put("/v1/functions/noop", json=noop)).raise_for_status()
+            await throughput(dev, 500, "warm")
+            empty = await throughput(dev, args.tasks, "at0")
+            pids = component_pids(dev.pid)
+            nats_pid, gateway_pid = pids["nats-server"][0], pids["gateway"][0]
+            rss0 = {"nats-server": rss_mb(nats_pid), "gateway": rss_mb(gateway_pid)}
+            disk0 = disk_bytes(work / "jetstream")
+            template = (await http.get("/v1/tasks/at0-000000")).json()
+            nc_template = {"task": template, "token": "0" * 16}
+            nc_template["task"]["status"] = {"phase": "Succeeded", "attempts": 1}
+            began = time.monotonic()
+            await fill(dev, args.records, pydantic_core.to_json(nc_template))
+            filled = time.monotonic() - began
+            began = time.monotonic()
+            (await http.get("/v1/tasks", params={"limit": 1})).raise_for_status()  # catches up
+            indexed = time.monotonic() - began
+            await asyncio.sleep(5)
+            rss = {"nats-server": rss_mb(nats_pid), "gateway": rss_mb(gateway_pid)}
+            disk = disk_bytes(work / "jetstream")
+            index = disk_bytes(work / "index")
+            lists = await list_p99(http)
+            full = await throughput(dev, args.tasks, "at1m")
+
+            os.kill(gateway_pid, signal.SIGTERM)
+            began = time.monotonic()
+            while os.path.exists(f"/proc/{gateway_pid}"):  # noqa: ASYNC110, ASYNC240
+                await asyncio.sleep(0.01)
+            stopped = time.monotonic() - began
+            while True:
+                try:
+                    (
+                        await http.get("/v1/tasks", params={"status": "Failed", "limit": 10})
+                    ).raise_for_status()
+                    break
+                except (httpx.TransportError, httpx.HTTPStatusError):
+                    await asyncio.sleep(0.02)
+            restart = time.monotonic() - began
+
+    n = args.records
+    print(
+        f"{n} retained records (written in {filled:.0f} s; the running gateway's first list after them, catching up, took {indexed:.1f} s):"
+    )
+    for name in rss:
+        print(
+            f"  {name} RSS {rss0[name]:.0f} -> {rss[name]:.0f} MB: {(rss[name] - rss0[name]) * 2**20 / n:.0f} B per record"
+        )
+    print(
+        f"  JetStream disk {(disk - disk0) / n:.0f} B per record (bucket + audit trail); gateway index {index / n:.0f} B per record"
+    )
+    print(
+        f"  gateway restart: SIGTERM to its first list answered {restart:.2f} s (target < 5 s),"
+        f" of which {stopped:.2f} s stopping and kubetask dev's 0.2 s restart delay"
+    )
+    print(
+        "  list p99 ms (page of 100): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in lists.items())
+        + " (target < 20)"
+    )
+    print(
+        f"  throughput with them {full:.0f} tasks/s vs with none {empty:.0f}: {full / empty:.2f} (target >= 0.9)"
+    )
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--tasks", type=int, default=4000)
+    asyncio.run(main(ap.parse_args()))
