@@ -124,7 +124,7 @@ def main() -> None:
             began = time.perf_counter()
             for n, (key, data) in enumerate(chunk, start=start + 1):
                 index.apply(key, data, n)
-                if n % 200 == 0:
+                if n % 5000 == 0:
                     index.commit(n)
             index.commit(start + len(chunk))
             load_s += time.perf_counter() - began

@@ -30,7 +30,7 @@ from idle import component_pids
 from noisy import Sender
 
 HERE = Path(__file__).parent
-T0 = datetime(2026, 11, 1, tzinfo=UTC)
+SPACING = timedelta(milliseconds=600)  # a million tasks: just under a week, 1.7 a second
 
 
 def rss_mb(pid: int) -> float:
@@ -67,13 +67,14 @@ async def fill(dev: Dev, records: int, template: bytes) -> None:
     nc = await nats.connect(url, user="admin", password=admin)
     js = nc.jetstream()
     rnd = random.Random(5)
+    t0 = datetime.now(UTC) - SPACING * records
     record = pydantic_core.from_json(template)
     status = record["task"]["status"]
     for start in range(0, records, 2000):
         acks = []
         for i in range(start, min(records, start + 2000)):
             task_id = f"trace-{rnd.getrandbits(64):016x}"
-            at = T0 + timedelta(milliseconds=600 * i)  # a week of tasks, 1.7 a second
+            at = t0 + SPACING * i  # within the retention, as retained records are
             record["task"]["metadata"]["name"] = task_id
             record["task"]["spec"]["function"] = f"fn{i % 100}"
             status["phase"] = "Failed" if i % 20 == 0 else "Succeeded"
@@ -89,7 +90,7 @@ async def fill(dev: Dev, records: int, template: bytes) -> None:
     await nc.close()
 
 
-async def list_p99(http: httpx.AsyncClient) -> dict[str, float]:
+async def list_p99(http: httpx.AsyncClient, records: int) -> dict[str, float]:
     rnd = random.Random(9)
     kinds = {
         "status=Failed": lambda: {"status": "Failed"},
@@ -99,7 +100,7 @@ async def list_p99(http: httpx.AsyncClient) -> dict[str, float]:
                 "startedAfter": lo.isoformat(),
                 "startedBefore": (lo + timedelta(minutes=1)).isoformat(),
             }
-        )(T0 + timedelta(seconds=rnd.uniform(0, 500_000))),
+        )(datetime.now(UTC) - SPACING * rnd.uniform(0, records)),
         "id prefix": lambda: {"idPrefix": f"trace-{rnd.getrandbits(12):03x}"},
     }
     found = {}
@@ -150,7 +151,7 @@ async def main(args: argparse.Namespace) -> None:
             rss = {"nats-server": rss_mb(nats_pid), "gateway": rss_mb(gateway_pid)}
             disk = disk_bytes(work / "jetstream")
             index = disk_bytes(work / "index")
-            lists = await list_p99(http)
+            lists = await list_p99(http, args.records)
             full = await throughput(dev, args.tasks, "at1m")
 
             os.kill(gateway_pid, signal.SIGTERM)

@@ -13,6 +13,9 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from .rpc import Requester
 from .store import kv_deleted
 
+# A long catch-up commits every this many batches, so a stop keeps most of its progress.
+COMMIT_EVERY = 25
+
 # (key, value or None when deleted, revision)
 Apply = Callable[[str, bytes | None, int], None]
 
@@ -76,7 +79,8 @@ class LazyMirror:
     only the latest value of each key written since — one message per task, however many
     phases it went through meanwhile — and one batch direct get returns up to `batch` of them.
     With `applied`, reading starts after that sequence (a persistent index that has it), and
-    `commit` is called with the sequence reached after each batch is applied.
+    `commit` is called with the sequence reached at the end of each catch-up (and every
+    `COMMIT_EVERY` batches of a long one): a commit costs more than the rows it carries.
     Readers call `caught_up()` before answering; a background pass every `interval` seconds
     keeps the mirror at most that stale for everyone else (the sweeper). Passes are short and
     frequent, and yield between batches, so catching up never holds the gateway's loop for long.
@@ -111,6 +115,7 @@ class LazyMirror:
     async def caught_up(self) -> None:
         """Apply every write acknowledged before this call (read-your-writes)."""
         async with self._lock:
+            batches = 0
             while True:
                 request = {
                     "seq": self.last_revision + 1,
@@ -120,9 +125,11 @@ class LazyMirror:
                 msgs, more = await self.rpc.batch_get(self._stream, request)
                 for msg in msgs:
                     self._apply_stored(msg.headers or {}, msg.data)
-                if msgs and self._commit is not None:
+                batches += 1 if msgs else 0
+                done = not msgs or more == 0
+                if batches and self._commit is not None and (done or batches % COMMIT_EVERY == 0):
                     self._commit(self.last_revision)
-                if not msgs or more == 0:
+                if done:
                     return
                 await asyncio.sleep(0)  # let requests in between batches
 

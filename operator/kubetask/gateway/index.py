@@ -179,6 +179,9 @@ class TaskIndex:
         # of 64 MB (not the default 2 MB) keeps a million rows' upper levels and hot leaves in
         # memory, bounded whatever the number of records.
         self.db.execute("PRAGMA cache_size = -65536")
+        # Checkpoint the log into the database every 40 MB rather than 4: a checkpoint rewrites
+        # the pages the log touched, and random task ids touch pages all over.
+        self.db.execute("PRAGMA wal_autocheckpoint = 10000")
         self.db.executescript(SCHEMA)
         # Records that did not decode since the owner last took them (`quarantine.py`).
         self.poisoned: list[quarantine.Poison] = []
