@@ -52,7 +52,15 @@ class Indexer:
 
     async def _load(self, mirror: LazyMirror, applied: int) -> None:
         began = time.monotonic()
-        await mirror.start()
+        while True:  # NATS away for a moment must not leave the gateway without an index
+            try:
+                await mirror.start()
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                log.warning("indexing task records failed (%s); going on in a second", err)
+                await asyncio.sleep(1)
         log.info(
             "task index caught up: sequences %d to %d read in %.1f s",
             applied + 1,
