@@ -117,11 +117,9 @@ class LazyMirror:
         async with self._lock:
             batches = 0
             while True:
-                request = {
-                    "seq": self.last_revision + 1,
-                    "batch": self.batch,
-                    "next_by_subj": self._prefix + ">",
-                }
+                # No subject filter: the bucket's stream holds nothing but its keys, and a
+                # filter only gives nats-server subjects to match.
+                request = {"seq": self.last_revision + 1, "batch": self.batch}
                 msgs, more = await self.rpc.batch_get(self._stream, request)
                 for msg in msgs:
                     self._apply_stored(msg.headers or {}, msg.data)
