@@ -119,7 +119,7 @@ class LazyMirror:
             while True:
                 # No subject filter: the bucket's stream holds nothing but its keys, and a
                 # filter only gives nats-server subjects to match.
-                request = {"seq": self.last_revision + 1, "batch": self.batch}
+                request: dict[str, object] = {"seq": self.last_revision + 1, "batch": self.batch}
                 msgs, more = await self.rpc.batch_get(self._stream, request)
                 for msg in msgs:
                     self._apply_stored(msg.headers or {}, msg.data)
