@@ -39,6 +39,7 @@ async def test_an_idle_pull_backs_off_yet_delivers_at_once_across_a_nats_restart
             requests.append(time.monotonic())
 
         await watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.IDLE.c", cb=seen)
+        await watcher.flush()  # the server knows the subscription before the first request
         got: list[float] = []
 
         def deliver(msg: Msg) -> None:
