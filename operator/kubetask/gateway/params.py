@@ -7,6 +7,7 @@ is a 422, since the caller made a mistake worth telling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from .. import grammar
@@ -33,28 +34,25 @@ def function_filter(value: str | None) -> str | None:
     return value
 
 
-def cursor(value: str | None) -> tuple[str, str] | None:
-    """A cursor is `account/last-id`, as the previous page returned it."""
+def _cursor(
+    value: str | None, last_ok: Callable[[str], bool], returned_as: str
+) -> tuple[str, str] | None:
     if not value:
         return None
     account, _, last = value.partition("/")
-    if not (grammar.is_name(account) and grammar.is_task_id(last)):
-        raise ApiError(
-            422, "malformed cursor; pass back the cursor of the previous page", field="cursor"
-        )
+    if not (grammar.is_name(account) and last_ok(last)):
+        raise ApiError(422, f"malformed cursor; pass back {returned_as}", field="cursor")
     return account, last
+
+
+def cursor(value: str | None) -> tuple[str, str] | None:
+    """A task list's cursor is `account/last-id`, as the previous page returned it."""
+    return _cursor(value, grammar.is_task_id, "the cursor of the previous page")
 
 
 def name_cursor(value: str | None) -> tuple[str, str] | None:
     """A listing's cursor is `account/last-name`, as the previous page's `Next-Cursor` said."""
-    if not value:
-        return None
-    account, _, last = value.partition("/")
-    if not (grammar.is_name(account) and grammar.is_name(last)):
-        raise ApiError(
-            422, "malformed cursor; pass back the Next-Cursor of the previous page", field="cursor"
-        )
-    return account, last
+    return _cursor(value, grammar.is_name, "the Next-Cursor of the previous page")
 
 
 def time(name: str, value: str | None) -> datetime | None:
