@@ -6,14 +6,19 @@ function's concurrency cannot carry, or partitions on the account's shared queue
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 from harness import Api, all_succeed, read_lines
 from kubetask import names
 from kubetask.controllers.context import OperatorConfig
 from kubetask.controllers.deployments import desired_replicas, total_backlog
 from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.dispatch.leases import Leases, member_key
+from kubetask.models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
 
 RECORDER = """
@@ -93,3 +98,35 @@ async def test_the_operator_wants_a_dispatcher_per_partition_with_work(
     assert desired_replicas(OperatorConfig(dispatcher_max=3), backlog, busy) == 3
     for i in range(12):
         await api.call("POST", f"/v1/tasks/w{i:02d}/stop")
+
+
+def test_every_dispatcher_gets_an_even_share_of_each_functions_partitions() -> None:
+    """Whatever the dispatchers' ids, n partitions over m dispatchers give each n/m (give or
+    take one): computed by each dispatcher alone, from the members it sees."""
+    fns = [
+        TaskFunction(
+            metadata=ObjectMeta(name=f"f{i}", namespace="acct"),
+            spec=TaskFunctionSpec(command=["true"], maxConcurrency=64, partitions=p),
+        )
+        for i, p in enumerate([2, 4, 5, 8])
+    ]
+    registry = SimpleNamespace(partitioned=lambda: fns)
+    rnd = random.Random(4)
+    for _ in range(200):
+        ids = [
+            f"host-{rnd.randrange(99999)}-{rnd.getrandbits(16):04x}"
+            for _ in range(rnd.choice([2, 3]))
+        ]
+        held: Counter[str] = Counter()
+        owners: Counter[str] = Counter()
+        for me in ids:
+            leases = Leases(None, registry, me, 10.0, lambda: None)  # type: ignore[arg-type]
+            leases.seen = {member_key(other): time.monotonic() for other in ids}
+            for key in leases.wanted():
+                held[key] += 1
+                owners[(me, key.rsplit(".", 1)[0])] += 1
+        assert all(count == 1 for count in held.values())
+        assert len(held) == sum(fn.spec.partitions for fn in fns)
+        for fn in fns:
+            shares = [owners[(me, f"p.acct.{fn.name}")] for me in ids]
+            assert max(shares) - min(shares) <= 1, (fn.spec.partitions, shares)

@@ -6,9 +6,12 @@ partitions keep up to N dispatchers busy without all of them pulling from all of
 
 - **Members**: every dispatcher writes `m.<id>` every `ttl / 3`; an entry not renewed within
   `ttl` expires (the bucket's max age), so a dispatcher killed with SIGKILL leaves within `ttl`.
-- **Owner**: each partition belongs to the live member that ranks it highest (rendezvous
-  hashing), so every dispatcher computes the same assignment from the same members and a join
-  or leave moves only the partitions it must.
+- **Owner**: the live members are put in an order of the function's own (a hash of function
+  and member), and partition i goes to the (i mod members)-th: every dispatcher computes the
+  same assignment from the same members, each gets an even share of every function's
+  partitions, and different functions start their round at different members. (Highest-rank
+  hashing per partition moved fewer partitions on a join, but left one of two dispatchers
+  with all four partitions one time in eight.)
 - **Lease**: the owner creates `p.<account>.<function>.<n>` with compare-and-set and renews it
   with its revision; it releases a partition it no longer owns (a member joined), and the new
   owner takes it at its next round. A lease that fails to renew is dropped at once.
@@ -107,10 +110,10 @@ class Leases:
         members = self._members()
         mine = set()
         for fn in self.registry.partitioned():
+            order = sorted(members, key=functools.partial(rank, f"{fn.account}.{fn.name}"))
             for index in range(fn.spec.partitions):
-                key = partition_key(fn, index)
-                if max(members, key=functools.partial(rank, key)) == self.me:
-                    mine.add(key)
+                if order[index % len(order)] == self.me:
+                    mine.add(partition_key(fn, index))
         return mine
 
     async def round(self) -> None:
