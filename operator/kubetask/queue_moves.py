@@ -101,6 +101,11 @@ async def drain(
         return 0
     try:
         while True:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # nats-py's fetch can turn a cancellation into its own timeout, which this
+                # loop would otherwise take for an empty poll and go on for ever.
+                raise asyncio.CancelledError
             with contextlib.suppress(TimeoutError):
                 for msg in await sub.fetch(BATCH, timeout=poll):
                     headers = {"Nats-Msg-Id": f"moved.{old.stream}.{msg.metadata.sequence.stream}"}
@@ -185,4 +190,5 @@ class Mover:
         tasks = list(self._moves.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded: a stop must not hang on a move (it resumes at the next start)
+            await asyncio.wait(tasks, timeout=5)
