@@ -170,10 +170,10 @@ def run(
     try:
         gateway_proc = children[0].proc
         assert gateway_proc is not None
-        # No fixed limit: the gateway listens at once, but is ready only once its task index
-        # has caught up with the records (quick when it kept its index, longer the first time
-        # on many records); a gateway that dies is reported at once.
-        wait_for_port(port, timeout=None, proc=gateway_proc)
+        # The gateway listens at once, but is ready only once its task index has caught up with
+        # the records (quick when it kept its index, longer the first time on many records), so
+        # readiness has no fixed limit; a gateway that dies is reported at once.
+        wait_for_port(port, timeout=60, proc=gateway_proc)
         wait_until_ready(
             url,
             gateway_proc,

@@ -47,11 +47,10 @@ def port_in_use(port: int) -> bool:
 
 
 def wait_for_port(
-    port: int, timeout: float | None = 15.0, proc: subprocess.Popen[bytes] | None = None
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
 ) -> None:
-    """Until something listens on `port`; with `timeout` None, for as long as `proc` lives."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while deadline is None or time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
                 f"process exited with code {proc.returncode} before listening on {port}"

@@ -12,7 +12,7 @@ changes without a restart because they read the mirror on every task.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -52,7 +52,9 @@ class Registry:
         # Bumped on every change of a function as it runs: views derived from all functions
         # (periodic passes over ten thousand of them) are recomputed only then.
         self.generation = 0
-        self._views: dict[str, tuple[int, Any]] = {}
+        self._views_at = -1
+        self._by_stream: dict[str, list[tuple[TaskFunction, names.Queue]]] = {}
+        self._partitioned: list[TaskFunction] = []
 
     async def start(self) -> None:
         self._fn_kv = await self.js.key_value(names.FUNCTIONS_BUCKET)
@@ -125,26 +127,27 @@ class Registry:
         for listener in self._listeners:
             listener(account, name, fn)
 
-    def by_stream(self) -> dict[str, list[tuple[TaskFunction, names.Queue]]]:
-        """Every function's queues, grouped by the stream holding them."""
-        cached = self._views.get("by_stream")
-        if cached is not None and cached[0] == self.generation:
-            return cached[1]  # type: ignore[no-any-return]
+    def _views(self) -> None:
+        """Views derived from every function, recomputed only after a change."""
+        if self._views_at == self.generation:
+            return
         grouped: dict[str, list[tuple[TaskFunction, names.Queue]]] = {}
         for fn in self.functions.values():
             for queue in names.queues_of(fn):
                 grouped.setdefault(queue.stream, []).append((fn, queue))
-        self._views["by_stream"] = (self.generation, grouped)
-        return grouped
+        self._by_stream = grouped
+        self._partitioned = [fn for fn in self.functions.values() if fn.spec.partitions > 1]
+        self._views_at = self.generation
+
+    def by_stream(self) -> dict[str, list[tuple[TaskFunction, names.Queue]]]:
+        """Every function's queues, grouped by the stream holding them."""
+        self._views()
+        return self._by_stream
 
     def partitioned(self) -> list[TaskFunction]:
         """The functions split into partitions (the ones dispatchers lease)."""
-        cached = self._views.get("partitioned")
-        if cached is not None and cached[0] == self.generation:
-            return cached[1]  # type: ignore[no-any-return]
-        found = [fn for fn in self.functions.values() if fn.spec.partitions > 1]
-        self._views["partitioned"] = (self.generation, found)
-        return found
+        self._views()
+        return self._partitioned
 
     def with_route(self, fn: TaskFunction) -> TaskFunction:
         """`fn` as it runs now: with its queue assignment, if the platform made one."""

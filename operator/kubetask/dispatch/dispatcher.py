@@ -159,9 +159,8 @@ class Dispatcher:
 
     def _sync_partitioned(self) -> None:
         """Leases changed: only partitioned functions' workers depend on them."""
-        for (account, name), fn in list(self.plane.registry.functions.items()):
-            if fn.spec.partitions > 1:
-                self._sync(account, name, fn)
+        for fn in list(self.plane.registry.partitioned()):
+            self._sync(fn.account, fn.name, fn)
 
     def _sync(self, account: str, name: str, fn: TaskFunction | None) -> None:
         """Run a worker for each of the function's queues this dispatcher consumes, and no

@@ -197,9 +197,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         routing = asyncio.create_task(Router(plane).run())
         expiring = asyncio.create_task(Expiry(plane, index).forever())
         quiet_gc()
-        state.update(
-            plane=plane, index=index, indexer=indexer, throttle=Throttle(settings, plane.depth)
-        )
+        state.update(plane=plane, indexer=indexer, throttle=Throttle(settings, plane.depth))
         try:
             yield
         finally:
@@ -271,7 +269,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         task = (await load_task(who, account, task_id)).record.task
         if task.status.phase in waiting.WAITING:
             await indexer().caught_up()
-            task.status.waiting = await waiting.explain(plane(), state["index"], task)
+            task.status.waiting = await waiting.explain(plane(), indexer().index, task)
         return _json(task)
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
@@ -316,7 +314,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             id_prefix=idPrefix,
         )
         await indexer().caught_up()
-        rows, nxt = state["index"].search(q, limit, after)
+        rows, nxt = indexer().index.search(q, limit, after)
         fetched = await plane().store.get_many([(r.account, r.id) for r in rows])
         for failed in fetched:
             if isinstance(failed, Unreadable):
@@ -448,7 +446,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
         await indexer().caught_up()  # a task submitted a moment ago counts too
         unfinished = IndexQuery([acct], function=name, phases=frozenset(TaskPhase) - TERMINAL)
-        busy = state["index"].count(acct, unfinished)
+        busy = indexer().index.count(acct, unfinished)
         if busy:
             raise ApiError(
                 409,
