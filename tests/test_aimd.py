@@ -11,7 +11,7 @@ from kubetask.dispatch.aimd import AimdSettings, Window
 from prometheus_client import REGISTRY
 
 SETTINGS = AimdSettings(
-    start=8, increase=1.0, decrease=0.5, period=1.0, busy_rate=0.1, busy_count=3, idle_periods=3
+    start=8, increase=1.0, decrease=0.5, period=1.0, busy_rate=0.03, busy_count=3, idle_periods=3
 )
 
 
@@ -45,16 +45,33 @@ def test_one_isolated_busy_answer_does_not_shrink_the_window() -> None:
     window = Window(limit=50, settings=SETTINGS)
     now = _period(window, 0.0, ok=30, busy=0, inflight=8)
     size = window.allowed()
-    _period(window, now, ok=200, busy=1, inflight=size)  # rate under 10%, count under 3
+    _period(window, now, ok=200, busy=1, inflight=size)  # count under 3
     assert window.allowed() >= size
-    quiet = Window(limit=50, settings=SETTINGS)
-    quiet.judge(8, 0.0)
-    for _ in range(5):
-        quiet.done(True)
-    for _ in range(100):
-        quiet.done(False)
-    quiet.judge(8, 1.0)  # 5 busy, but under 10% of what was answered
-    assert quiet.allowed() >= 8
+    sparse = Window(limit=50, settings=SETTINGS)
+    sparse.judge(8, 0.0)
+    for _ in range(3):  # three busy answers, but under 3% of what was answered
+        for _ in range(100):
+            sparse.done(False, 0.1)
+        sparse.done(True, 0.1)
+    sparse.judge(8, 1.0)
+    assert sparse.allowed() >= 8
+
+
+def test_the_window_halves_once_both_thresholds_are_crossed_not_at_the_period_end() -> None:
+    window = Window(limit=100, settings=SETTINGS)
+    now = _period(window, 0.0, ok=40, busy=0, inflight=8)
+    window.judge(window.allowed(), now)
+    for _ in range(20):
+        window.done(False, now + 0.1)
+    grown = window.allowed()
+    window.done(True, now + 0.1)
+    window.done(True, now + 0.1)
+    assert window.allowed() == grown  # two busy: under the count
+    window.done(True, now + 0.1)
+    assert window.allowed() == grown // 2  # the third crosses both, mid-period
+    for _ in range(10):  # answers to what was sent before the decrease
+        window.done(True, now + 0.2)
+    assert window.allowed() == grown // 2
 
 
 def test_an_idle_window_falls_back_to_its_start() -> None:
