@@ -79,7 +79,7 @@ async def test_a_queued_task_waiting_its_turn_is_not_republished(
         if other.account != api.account:
             index.drop(other.account, other.id)
     assert [(s.account, s.id) for s in index.repairable()] == [(api.account, waiting)]
-    assert await sweep_once(plane, index) == 0
+    assert await sweep_once(plane, index.repairable()) == 0
     gate.write_text("open")
     for task_id in (first, waiting):
         assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"

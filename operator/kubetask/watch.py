@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
@@ -78,9 +78,12 @@ class LazyMirror:
     The bucket keeps one revision per key, so reading on from the last sequence seen returns
     only the latest value of each key written since — one message per task, however many
     phases it went through meanwhile — and one batch direct get returns up to `batch` of them.
-    With `applied`, reading starts after that sequence (a persistent index that has it), and
-    `commit` is called with the sequence reached at the end of each catch-up (and every
-    `COMMIT_EVERY` batches of a long one): a commit costs more than the rows it carries.
+    With `applied`, reading starts after that sequence (a persistent index that has it).
+    `settle`, when given, is awaited after each batch's changes were handed to `apply` — with
+    the sequence reached when they should be made durable (at the end of each catch-up and
+    every `COMMIT_EVERY` batches of a long one: a commit costs more than the rows it carries),
+    else None — so an owner that applies elsewhere (a thread) is done before the next batch
+    and before `caught_up()` returns.
     Readers call `caught_up()` before answering; a background pass every `interval` seconds
     keeps the mirror at most that stale for everyone else (the sweeper). Passes are short and
     frequent, and yield between batches, so catching up never holds the gateway's loop for long.
@@ -94,7 +97,7 @@ class LazyMirror:
         interval: float = 0.25,
         batch: int = 200,
         applied: int = 0,
-        commit: Callable[[int], None] | None = None,
+        settle: Callable[[int | None], Awaitable[None]] | None = None,
     ) -> None:
         self.rpc = rpc
         self._stream = f"KV_{bucket}"
@@ -103,7 +106,7 @@ class LazyMirror:
         self.interval = interval
         self.batch = batch
         self.last_revision = applied
-        self._commit = commit
+        self._settle = settle
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -125,8 +128,9 @@ class LazyMirror:
                     self._apply_stored(msg.headers or {}, msg.data)
                 batches += 1 if msgs else 0
                 done = not msgs or more == 0
-                if batches and self._commit is not None and (done or batches % COMMIT_EVERY == 0):
-                    self._commit(self.last_revision)
+                if batches and self._settle is not None:
+                    durable = done or batches % COMMIT_EVERY == 0
+                    await self._settle(self.last_revision if durable else None)
                 if done:
                     return
                 await asyncio.sleep(0)  # let requests in between batches

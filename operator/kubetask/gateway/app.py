@@ -52,7 +52,6 @@ from .errors import ApiError
 from .expiry import Expiry
 from .guard import Guard
 from .index import Query as IndexQuery
-from .index import TaskIndex
 from .indexing import Indexer
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
@@ -158,12 +157,12 @@ async def _render(request: Request, err: Exception) -> Response:
     return response
 
 
-async def keep_poison_forever(plane: DataPlane, index: TaskIndex) -> None:
+async def keep_poison_forever(plane: DataPlane, indexer: Indexer) -> None:
     """Quarantine what the index could not read, shortly after it met it."""
     while True:
         await asyncio.sleep(0.5)
-        while index.poisoned:
-            await quarantine.keep(plane.js, index.poisoned.pop(0))
+        while indexer.index.poisoned:
+            await quarantine.keep(plane.js, indexer.index.poisoned.pop(0))
 
 
 def _methods(request: Request) -> set[str]:
@@ -188,14 +187,13 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         plane = await DataPlane.connect(settings, "kubetask-gateway", fail_fast=True)
         indexer = Indexer(plane)
         await indexer.start()
-        index = indexer.index
-        sweeper = asyncio.create_task(sweep_forever(plane, index))
-        poison = asyncio.create_task(keep_poison_forever(plane, index))
+        sweeper = asyncio.create_task(sweep_forever(plane, indexer))
+        poison = asyncio.create_task(keep_poison_forever(plane, indexer))
         resuming = asyncio.create_task(
             plane.mover.resume_all(list(plane.registry.functions.values()))
         )
         routing = asyncio.create_task(Router(plane).run())
-        expiring = asyncio.create_task(Expiry(plane, index).forever())
+        expiring = asyncio.create_task(Expiry(plane, indexer).forever())
         quiet_gc()
         state.update(plane=plane, indexer=indexer, throttle=Throttle(settings, plane.depth))
         try:
@@ -269,7 +267,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         task = (await load_task(who, account, task_id)).record.task
         if task.status.phase in waiting.WAITING:
             await indexer().caught_up()
-            task.status.waiting = await waiting.explain(plane(), indexer().index, task)
+            task.status.waiting = await waiting.explain(plane(), indexer(), task)
         return _json(task)
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
@@ -314,7 +312,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             id_prefix=idPrefix,
         )
         await indexer().caught_up()
-        rows, nxt = indexer().index.search(q, limit, after)
+        rows, nxt = await indexer().run(indexer().index.search, q, limit, after)
         fetched = await plane().store.get_many([(r.account, r.id) for r in rows])
         for failed in fetched:
             if isinstance(failed, Unreadable):
@@ -446,7 +444,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
         await indexer().caught_up()  # a task submitted a moment ago counts too
         unfinished = IndexQuery([acct], function=name, phases=frozenset(TaskPhase) - TERMINAL)
-        busy = indexer().index.count(acct, unfinished)
+        busy = await indexer().run(indexer().index.count, acct, unfinished)
         if busy:
             raise ApiError(
                 409,

@@ -16,13 +16,13 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 
 from ..plane import DataPlane
-from .index import TaskIndex
+from .indexing import Indexer
 
 
 class Expiry:
-    def __init__(self, plane: DataPlane, index: TaskIndex) -> None:
+    def __init__(self, plane: DataPlane, indexer: Indexer) -> None:
         self.plane = plane
-        self.index = index
+        self.indexer = indexer
         self.retention = plane.store.retention
         self._present_until: dict[tuple[str, str], datetime] = {}
 
@@ -30,19 +30,21 @@ class Expiry:
         """Drop the rows of records that expired; returns how many."""
         now = datetime.now(UTC)
         dropped = 0
-        for row in self.index.written_before(now - timedelta(seconds=self.retention.shortest())):
+        index = self.indexer.index
+        cutoff = now - timedelta(seconds=self.retention.shortest())
+        for row in await self.indexer.run(lambda: list(index.written_before(cutoff))):
             key = (row.account, row.id)
             kept = timedelta(seconds=self.retention.seconds(row.account))
             written = row.written()
             if written is None or written >= now - kept or self._present_until.get(key, now) > now:
                 continue
             if await self.plane.store.get(row.account, row.id) is None:
-                self.index.drop(row.account, row.id)
+                await self.indexer.run(index.drop, row.account, row.id)
                 self._present_until.pop(key, None)
                 dropped += 1
             else:
                 self._present_until[key] = now + kept / 10
-        self.index.commit()
+        await self.indexer.run(index.commit)
         return dropped
 
     async def forever(self) -> None:

@@ -21,7 +21,8 @@ from .. import names, queues, submission
 from ..models import TaskFunction, TaskPhase
 from ..plane import DataPlane
 from ..store import now
-from .index import Summary, TaskIndex
+from .index import Summary
+from .indexing import Indexer
 
 log = logging.getLogger("kubetask.sweeper")
 
@@ -58,12 +59,12 @@ def _overdue(s: Summary, cutoff: datetime) -> bool:
     return s.next_attempt is not None and s.next_attempt < cutoff
 
 
-async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
+async def sweep_once(plane: DataPlane, repairable: list[Summary]) -> int:
     grace = timedelta(seconds=plane.settings.sweep_grace)
     cutoff = now() - grace
     held = _Queues(plane)
     republished = 0
-    for s in index.repairable():
+    for s in repairable:
         if not _overdue(s, cutoff):
             continue
         fn = plane.registry.function(s.account, s.function)
@@ -88,9 +89,9 @@ async def sweep_once(plane: DataPlane, index: TaskIndex) -> int:
     return republished
 
 
-async def sweep_forever(plane: DataPlane, index: TaskIndex) -> None:
+async def sweep_forever(plane: DataPlane, indexer: Indexer) -> None:
     interval = max(plane.settings.sweep_grace / 2, 0.5)
     while True:
         await asyncio.sleep(interval)
         with contextlib.suppress(Exception):
-            await sweep_once(plane, index)
+            await sweep_once(plane, await indexer.run(indexer.index.repairable))

@@ -11,23 +11,24 @@ import contextlib
 from .. import names, queues
 from ..models import Task, TaskFunction, TaskPhase, Waiting
 from ..plane import DataPlane
-from .index import Query, TaskIndex
+from .index import Query
+from .indexing import Indexer
 from .throttle import THROTTLE_FROM
 
 WAITING = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying, TaskPhase.Paused})
 
 
-def ahead(index: TaskIndex, task: Task) -> int:
+async def ahead(indexer: Indexer, task: Task) -> int:
     """Queued tasks of the same function enqueued before this one (messages leave a queue in
     order, retries and resumes aside, so this is the task's place give or take a few)."""
     mine = task.status.timestamps.enqueued
     if mine is None:
         return 0
     queued = Query([task.account], task.spec.function, frozenset({TaskPhase.Queued}))
-    return index.count(task.account, queued, enqueued_before=mine)
+    return await indexer.run(indexer.index.count, task.account, queued, enqueued_before=mine)
 
 
-async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | None:
+async def explain(plane: DataPlane, indexer: Indexer, task: Task) -> Waiting | None:
     phase = task.status.phase
     if phase not in WAITING:
         return None
@@ -44,7 +45,7 @@ async def explain(plane: DataPlane, index: TaskIndex, task: Task) -> Waiting | N
         return Waiting(queue=queue, reason=f"waiting out its retry backoff until {when}")
     if phase is TaskPhase.Pending:
         return Waiting(queue=queue, reason="on its way back into the queue")
-    position = ahead(index, task) + 1
+    position = await ahead(indexer, task) + 1
     reason = await _held_by(plane, fn, position)
     return Waiting(queue=queue, partition=partition, position=position, reason=reason)
 
