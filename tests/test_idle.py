@@ -10,12 +10,13 @@ from pathlib import Path
 
 import nats
 from harness import Api
-from kubetask import metrics
+from kubetask import metrics, queues
 from kubetask.dispatch import backlog_gauge
 from kubetask.dispatch.pull import Pull
 from kubetask.embedded import free_port, start_nats
 from kubetask.jetstream import connect
 from kubetask.plane import DataPlane
+from kubetask.rpc import Requester
 from kubetask.settings import Settings
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, StreamConfig
@@ -115,3 +116,29 @@ async def test_the_backlog_gauge_counts_each_functions_waiting_tasks(
         assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"
     await backlog_gauge.collect_once(plane)
     assert metrics.BACKLOG.labels(api.account, "held")._value.get() == 0
+
+
+async def test_stream_depths_come_from_every_page_of_the_stream_list(tmp_path: Path) -> None:
+    """Loops over idle queues read the stream list, 256 streams a page; a stream past the first
+    page must not read as empty."""
+    port = free_port()
+    server = start_nats(tmp_path / "js", port)
+    nc = await connect(Settings(nats_url=f"nats://127.0.0.1:{port}"), "depths-test")
+    rpc = Requester(nc, timeout=10)
+    await rpc.start()
+    try:
+        js = nc.jetstream()
+        for i in range(300):
+            await js.add_stream(StreamConfig(name=f"S{i:03d}", subjects=[f"s.{i}"]))
+        for _ in range(3):
+            await js.publish("s.7", b"x")
+        await js.publish("s.299", b"x")
+        depths = await queues.stream_depths(rpc)
+        assert len(depths) == 300
+        assert depths["S007"] == 3 and depths["S299"] == 1
+        assert sum(depths.values()) == 4
+    finally:
+        await rpc.close()
+        await nc.close()
+        server.kill()
+        server.wait()

@@ -63,11 +63,12 @@ class Router:
             await asyncio.sleep(self.settings.period)
 
     async def sweep(self) -> None:
-        """One pass, reading each stream's depth once: the functions of a shared stream are
-        looked at one by one only when the stream holds a dedicating backlog at all, so ten
-        thousand idle functions cost a hundred stream reads, not ten thousand."""
+        """One pass, reading every stream's depth from the stream list: the functions of a
+        shared stream are looked at one by one only when the stream holds a dedicating backlog
+        at all, so ten thousand idle functions cost a request or two, not ten thousand."""
         registry = self.plane.registry
-        for members in list(registry.by_stream().values()):
+        depths = await queues.stream_depths(self.plane.rpc)
+        for stream, members in list(registry.by_stream().items()):
             fns = [fn for fn, _ in members]
             movable = [
                 fn for fn in fns if fn.spec.queueMode is QueueMode.auto and fn.spec.partitions <= 1
@@ -77,7 +78,7 @@ class Router:
             if names.queue_mode(fns[0]) is QueueMode.dedicated:
                 for fn in movable:
                     await self._maybe_recycle(fn)
-            elif len(fns) > 1:
+            elif len(fns) > 1 and depths.get(stream, 0) >= self.settings.dedicate_backlog:
                 _, _, depth = await self.plane.depth.refresh(fns[0])
                 if depth >= self.settings.dedicate_backlog:
                     for fn in movable:

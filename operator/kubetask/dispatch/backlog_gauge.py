@@ -5,8 +5,9 @@ to their number even when idle (a thousand functions: two hundred consumer-info 
 second between the dispatcher and nats-server). Instead each queue stream is asked once, with
 its subjects filtered to the functions' queue subjects, for how many messages each subject
 holds; only a function whose subject holds messages is asked for its exact waiting count (the
-stream's count includes tasks claimed but not yet acknowledged). Idle streams cost one request
-each per period, whatever the number of functions in them.
+stream's count includes tasks claimed but not yet acknowledged). And a stream is asked only if
+the stream list (one request per 256 streams) shows it holds messages at all, so idle streams
+cost nothing of their own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ async def collect_once(plane: DataPlane, last: dict[tuple[str, str], int] | None
     """Read every function's backlog; with `last`, set only the gauges whose value changed
     (ten thousand label lookups every period otherwise)."""
     waiting: dict[tuple[str, str], int] = {}
+    depths = await queues.stream_depths(plane.rpc)
     for stream, members in plane.registry.by_stream().items():
+        if not depths.get(stream):
+            for fn, _ in members:
+                waiting.setdefault((fn.account, fn.name), 0)
+            continue
         with contextlib.suppress(Exception):  # a queue being removed has no backlog
             filter_ = members[0][1].subject if len(members) == 1 else _wildcard(members[0][1])
             info = await plane.js.stream_info(stream, subjects_filter=filter_)
