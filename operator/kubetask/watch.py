@@ -15,6 +15,11 @@ from .store import kv_deleted
 
 # A long catch-up commits every this many batches, so a stop keeps most of its progress.
 COMMIT_EVERY = 25
+# The largest batch asked for while far behind. nats-server counts what is left after a batch
+# for every batch direct get, and from early in a stream of a million keys that count walks its
+# whole subject tree (~150 ms): at 200 a batch a catch-up ran at 1,200 records a second. A
+# batch of this size costs a few MB of messages at once.
+CATCH_UP_BATCH = 5000
 
 # (key, value or None when deleted, revision)
 Apply = Callable[[str, bytes | None, int], None]
@@ -119,11 +124,13 @@ class LazyMirror:
         """Apply every write acknowledged before this call (read-your-writes)."""
         async with self._lock:
             batches = 0
+            size = self.batch
             while True:
                 # No subject filter: the bucket's stream holds nothing but its keys, and a
                 # filter only gives nats-server subjects to match.
-                request: dict[str, object] = {"seq": self.last_revision + 1, "batch": self.batch}
+                request: dict[str, object] = {"seq": self.last_revision + 1, "batch": size}
                 msgs, more = await self.rpc.batch_get(self._stream, request)
+                size = max(self.batch, min(more, CATCH_UP_BATCH))
                 for msg in msgs:
                     self._apply_stored(msg.headers or {}, msg.data)
                 batches += 1 if msgs else 0
