@@ -173,28 +173,6 @@ class TaskStore:
         value, revision, _ = latest
         return Versioned(decode(key, value, revision), revision, value)
 
-    async def get_many(self, keys: list[tuple[str, str]]) -> list[Versioned | Unreadable | None]:
-        """The records of (account, task id) pairs, in their order, read with one batch direct
-        get (a list page: one round trip instead of one per task). An undecodable record comes
-        back as its `Unreadable` error, for the caller to quarantine."""
-        if not keys:
-            return []
-        subjects = [self._prefix + names.task_key(a, t) for a, t in keys]
-        request = {"multi_last": subjects, "batch": len(subjects)}
-        msgs, _ = await self.rpc.batch_get(self._stream, request)
-        found: dict[str, Versioned | Unreadable] = {}
-        for msg in msgs:
-            headers = msg.headers or {}
-            if kv_deleted(headers):
-                continue
-            key = headers["Nats-Subject"][len(self._prefix) :]
-            revision = int(headers["Nats-Sequence"])
-            try:
-                found[key] = Versioned(decode(key, msg.data, revision), revision, msg.data)
-            except Unreadable as err:
-                found[key] = err
-        return [found.get(s[len(self._prefix) :]) for s in subjects]
-
     async def transition(
         self,
         account: str,

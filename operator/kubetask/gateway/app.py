@@ -46,12 +46,13 @@ from ..registry import ConfigConflict
 from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
-from ..store import Unreadable, Versioned
+from ..store import Unreadable, Versioned, decode
 from . import errors, params, submit, waiting
 from .errors import ApiError
 from .expiry import Expiry
 from .guard import Guard
 from .index import Query as IndexQuery
+from .index import Summary as IndexSummary
 from .indexing import Indexer
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
@@ -312,13 +313,22 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             id_prefix=idPrefix,
         )
         await indexer().caught_up()
-        rows, nxt = await indexer().run(indexer().index.search, q, limit, after)
-        fetched = await plane().store.get_many([(r.account, r.id) for r in rows])
-        for failed in fetched:
-            if isinstance(failed, Unreadable):
-                await quarantine.keep(plane().js, quarantine.unreadable(failed))
-        items = [v.record.task for v in fetched if isinstance(v, Versioned)]
-        page = TaskList(items=items, cursor=f"{nxt[0]}/{nxt[1]}" if nxt else None)
+        index = indexer().index
+
+        def found() -> tuple[list[IndexSummary], list[tuple[bytes, int] | None], str | None]:
+            rows, nxt = index.search(q, limit, after)
+            return rows, index.stored(rows), f"{nxt[0]}/{nxt[1]}" if nxt else None
+
+        rows, stored, nxt = await indexer().run(found)
+        items = []
+        for row, kept in zip(rows, stored, strict=True):
+            if kept is None:
+                continue
+            try:
+                items.append(decode(names.task_key(row.account, row.id), *kept).task)
+            except Unreadable as err:
+                await quarantine.keep(plane().js, quarantine.unreadable(err))
+        page = TaskList(items=items, cursor=nxt)
         return _json(page)
 
     @app.post("/v1/tasks/{task_id}/stop", response_model=Task, tags=["tasks"])

@@ -2,7 +2,8 @@
 
 It is a SQLite database: every filter the API offers (account, id prefix, status, function,
 start time) is answered from a B-tree in time that does not grow with the number of records,
-and only the page returned is read from KV in full. With `KUBETASK_INDEX_PATH` set the database
+and each row keeps the record as stored, so a page is served from here without reading the
+records again from nats-server. With `KUBETASK_INDEX_PATH` set the database
 is a file that also stores the task stream's sequence it has applied, so a restarted gateway
 replays only what changed while it was down instead of every retained record (with no path it
 is in memory and rebuilt at each start). Why SQLite and not a server: docs/decisions.md.
@@ -26,7 +27,7 @@ from .. import names, quarantine
 from ..models import TaskPhase
 
 # Bump when the table layout changes: an index of another version is rebuilt from the stream.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -41,6 +42,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     next_attempt INTEGER,
     finished INTEGER,
     written INTEGER,
+    record BLOB,
+    revision INTEGER,
     PRIMARY KEY (account, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_phase ON tasks (account, phase, id);
@@ -54,9 +57,11 @@ CREATE INDEX IF NOT EXISTS tasks_to_repair ON tasks (phase)
 COLUMNS = "account, id, function, phase, submitted, enqueued, started, next_attempt, finished"
 # An update, not a replace, of a known task: only the indexes of the columns that changed (its
 # phase, mostly) are rewritten.
-_UPDATED = "function phase submitted enqueued started next_attempt finished written".split()
+_UPDATED = (
+    "function phase submitted enqueued started next_attempt finished written record revision"
+).split()
 UPSERT = (
-    "INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id) DO UPDATE SET "
+    "INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (account, id) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
 )
 
@@ -90,7 +95,7 @@ class Summary:
         stamps = [t for t in (self.submitted, self.started, self.finished) if t is not None]
         return max(stamps) if stamps else None
 
-    def row(self) -> tuple[object, ...]:
+    def row(self, record: bytes | None = None, revision: int | None = None) -> tuple[object, ...]:
         return (
             self.account,
             self.id,
@@ -102,6 +107,8 @@ class Summary:
             _micros(self.next_attempt),
             _micros(self.finished),
             _micros(self.written()),
+            record,
+            revision,
         )
 
     @classmethod
@@ -217,7 +224,7 @@ class TaskIndex:
             self.drop(account, task_id)
             self.poisoned.append(quarantine.record(key, revision, value, err))
             return
-        self.db.execute(UPSERT, row.row())
+        self.db.execute(UPSERT, row.row(value, revision))
 
     def drop(self, account: str, task_id: str) -> None:
         self.db.execute("DELETE FROM tasks WHERE account = ? AND id = ?", (account, task_id))
@@ -235,6 +242,16 @@ class TaskIndex:
     def _select(self, sql: str, args: Iterable[object]) -> Iterator[Summary]:
         for row in self.db.execute(f"SELECT {COLUMNS} FROM tasks {sql}", tuple(args)):
             yield Summary.of(row)
+
+    def stored(self, rows: list[Summary]) -> list[tuple[bytes, int] | None]:
+        """The records of `rows` as stored, with their revisions (None: the row has none)."""
+        found: list[tuple[bytes, int] | None] = []
+        for s in rows:
+            hit = self.db.execute(
+                "SELECT record, revision FROM tasks WHERE account = ? AND id = ?", (s.account, s.id)
+            ).fetchone()
+            found.append(None if hit is None or hit[0] is None else (bytes(hit[0]), int(hit[1])))
+        return found
 
     def repairable(self) -> list[Summary]:
         """Tasks in a phase the sweeper may have to repair."""
