@@ -169,7 +169,8 @@ async def main(args: argparse.Namespace) -> None:
             disk = disk_bytes(work / "jetstream")
             index = disk_bytes(work / "index")
             lists = await list_p99(http, args.records)
-            full = await throughput(dev, args.tasks, "at1m")
+            # Twice: the first round right after the fill and the lists is sometimes the slower.
+            fulls = [await throughput(dev, args.tasks, f"at1m{r}") for r in range(2)]
 
             os.kill(gateway_pid, signal.SIGTERM)
             began = time.monotonic()
@@ -207,7 +208,8 @@ async def main(args: argparse.Namespace) -> None:
         + " (target < 20)"
     )
     print(
-        f"  throughput with them {full:.0f} tasks/s vs with none {empty:.0f}: {full / empty:.2f} (target >= 0.9)"
+        f"  throughput with them {' then '.join(f'{f:.0f}' for f in fulls)} tasks/s vs with none"
+        f" {empty:.0f}: {' then '.join(f'{f / empty:.2f}' for f in fulls)} (target >= 0.9)"
     )
 
 
