@@ -7,12 +7,12 @@ reads by id — which never touch the index — are served. A query that arrives
 the index to catch up (read-your-writes), as it always has.
 
 Every SQLite call runs on one thread of its own (`run`), never on the gateway's event loop: a
-busy account's records arrive thousands a second, a batch of 200 upserts or a commit that
-checkpoints the write-ahead log took milliseconds to tens of milliseconds, and every request
-in the gateway — a neighbour's submission included — waited behind them (bench/noisy.py: with
-the index on disk the flooding account submitted a third slower, and its neighbour's tail grew
-with it). One thread, in order, also keeps read-your-writes: a query queued after a batch sees
-it. SQLite leaves Python's lock while it works, so the loop runs meanwhile.
+busy account's records arrive thousands a second, and applying and committing them on the
+loop delayed every request in the gateway, a neighbour's submission included (bench/noisy.py,
+same code: with the index on disk instead of in memory the flooding account's 20,000 took
+16.6 s instead of 11.6 and its neighbour's submit->start p99 was 32 ms instead of 20; on this
+thread, 14.6 s and 17 ms). One thread, in order, also keeps read-your-writes: a query queued
+after a batch sees it. SQLite leaves Python's lock while it works, so the loop runs meanwhile.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ STREAM = f"KV_{names.TASKS_BUCKET}"
 log = logging.getLogger("kubetask.gateway")
 # The background pass (lists, counts and deletes catch up on demand anyway). Every batch direct
 # get costs nats-server a walk of the bucket's subject tree to count what is left (~50 ms at a
-# million records, wherever the batch starts): four passes a second under load took a fifth of
-# a core from it at that size, and submit throughput fell to 0.39 of its value with no records.
+# million records, wherever the batch starts): with four passes a second under load half of
+# its CPU went there (perf) and submit throughput fell to 0.39 of its value with no records.
 PASS_EVERY = 1.0
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -53,7 +53,7 @@ class Indexer:
 
     @property
     def index(self) -> TaskIndex:
-        """Only for calls made through `run`."""
+        """Call its SQLite methods only through `run`."""
         assert self._index is not None, "the index is opened by start()"
         return self._index
 
