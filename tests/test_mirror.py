@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from kubetask.jetstream import connect
 from kubetask.rpc import Requester
 from kubetask.settings import Settings
 from kubetask.watch import LazyMirror
-from nats.js.api import KeyValueConfig
+from nats.js.api import ConsumerInfo, KeyValueConfig
+from nats.js.client import JetStreamContext
+
+
+async def _consumers(js: JetStreamContext, stream: str) -> AsyncIterator[ConsumerInfo]:
+    for info in await js.consumers_info(stream):
+        yield info
 
 
 async def test_lazy_mirror_applies_latest_values_and_deletions_across_batches(
@@ -48,8 +57,52 @@ async def test_lazy_mirror_applies_latest_values_and_deletions_across_batches(
         applied.clear()
         await mirror.caught_up()  # nothing new: nothing applied
         assert applied == []
+
+        # Its consumer deleted behind its back (as a nats-server restart loses it): the next
+        # catch-up reads on from where it was, nothing skipped, nothing applied twice.
+        assert mirror._consumer is not None
+        await js.delete_consumer("KV_mirrortest", mirror._consumer)
+        await kv.put("acct.t4", b"v2")
+        await kv.put("acct.t10", b"new")
+        await mirror.caught_up()
+        assert applied == ["acct.t4", "acct.t10"]
+        assert seen["acct.t4"] == b"v2" and seen["acct.t10"] == b"new"
+
         await mirror.stop()
+        names = [c.name async for c in _consumers(js, "KV_mirrortest")]
+        assert names == [], "a stopped mirror leaves no consumer behind"
     finally:
         await js.delete_key_value("mirrortest")
+        await rpc.close()
+        await nc.close()
+
+
+async def test_lazy_mirror_ends_when_the_last_messages_are_gone_before_it_reads_them(
+    settings: Settings,
+) -> None:
+    """A task's retention can run out before the mirror reads its last write: the stream's
+    last sequence then names no message, and a catch-up must still end, at that sequence."""
+    nc = await connect(settings, "mirror-test")
+    js = nc.jetstream()
+    kv = await js.create_key_value(KeyValueConfig(bucket="mirrorttl", ttl=0.5, direct=True))
+    rpc = Requester(nc, timeout=5)
+    await rpc.start()
+    applied: list[str] = []
+    mirror = LazyMirror(rpc, "mirrorttl", lambda key, _v, _r: applied.append(key), interval=3600)
+    try:
+        await mirror.start()
+        seq = 0
+        for i in range(3):
+            seq = await kv.put(f"acct.t{i}", b"short-lived")
+        while (await js.stream_info("KV_mirrorttl")).state.messages:
+            await asyncio.sleep(0.1)
+        await mirror.caught_up()
+        assert applied == [] and mirror.last_revision == seq
+        await kv.put("acct.later", b"kept")
+        await mirror.caught_up()
+        assert applied == ["acct.later"]
+    finally:
+        await mirror.stop()
+        await js.delete_key_value("mirrorttl")
         await rpc.close()
         await nc.close()

@@ -74,7 +74,9 @@ async def test_a_queued_task_waiting_its_turn_is_not_republished(
     await api.wait(first, {"Running"})
     await asyncio.sleep(plane.settings.sweep_grace * 2.5)  # several sweeps see it overdue
     index = TaskIndex()
-    await LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply).caught_up()
+    mirror = LazyMirror(plane.rpc, names.TASKS_BUCKET, index.apply)
+    await mirror.caught_up()
+    await mirror.stop()
     for other in index.repairable():
         if other.account != api.account:
             index.drop(other.account, other.id)

@@ -27,16 +27,20 @@ from typing import ParamSpec, TypeVar
 
 from .. import names
 from ..plane import DataPlane
-from ..watch import CATCH_UP_BATCH, LazyMirror
+from ..watch import LazyMirror
 from .index import TaskIndex
 
 STREAM = f"KV_{names.TASKS_BUCKET}"
 log = logging.getLogger("kubetask.gateway")
-# The background pass (lists, counts and deletes catch up on demand anyway). Every batch direct
-# get costs nats-server a walk of the bucket's subject tree to count what is left (~50 ms at a
-# million records, wherever the batch starts): with four passes a second under load half of
-# its CPU went there (perf) and submit throughput fell to 0.39 of its value with no records.
+# The background pass (lists, counts and deletes catch up on demand anyway). A task written
+# several times within it is read once (the bucket keeps one revision per key), so a longer
+# pass reads less: at one a second, a busy account's task is read about once instead of 3-4.
 PASS_EVERY = 1.0
+# Records read per fetch once caught up. The reads share the gateway's NATS connection with
+# its submissions, whose acknowledgements queue behind whatever a fetch delivers: 5,000 at a
+# time put a light account's submission at p99 17 ms under a neighbour's flood, 500 at 9 ms
+# (bench/noisy.py; a connection of the mirror's own measured no better).
+FETCH = 500
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -74,7 +78,7 @@ class Indexer:
             applied=applied,
             settle=self._settle,
             interval=PASS_EVERY,
-            batch=CATCH_UP_BATCH,  # what a second of writes needs, in one request
+            batch=FETCH,
         )
         log.info(
             "task index resumed at sequence %d of %d (%s)",
