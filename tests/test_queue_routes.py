@@ -85,7 +85,7 @@ async def test_a_crowding_function_gets_its_own_queue_and_gives_it_back_when_idl
     assert fn["status"]["queue"] == names.dedicated_stream(api.account, "hog")
     assignment = fn["status"]["queueAssignment"]
     assert assignment["mode"] == "dedicated", assignment
-    waited = re.match(r"(\d+) tasks waiting in the account's shared queue", assignment["reason"])
+    waited = re.match(r"(\d+) tasks waiting in the shared queue", assignment["reason"])
     assert waited and int(waited[1]) >= 500, assignment
     labels = {"account": api.account, "function": "hog"}
     assert REGISTRY.get_sample_value("kubetask_queue_dedicated", labels) == 1

@@ -88,13 +88,16 @@ class EnvVar(KubeModel):
 
 
 class QueueMode(StrEnum):
-    """Where a function's tasks wait: the account's shared stream, a stream of its own, or
-    (`auto`) the account's stream until the function's backlog would crowd its neighbours, when
-    the platform gives it a stream of its own and takes it back once idle (`queue_routes.py`)."""
+    """Where a function's tasks wait: the account's shared stream, a stream of its own, the one
+    stream small accounts share (`shared`), or (`auto`) the account's stream — the small
+    accounts' one for an account the platform lists as small — until the function's backlog
+    would crowd its neighbours, when the platform gives it a stream of its own and takes it
+    back once idle (`queue_routes.py`)."""
 
     auto = "auto"
     account = "account"
     dedicated = "dedicated"
+    shared = "shared"
 
 
 class ServerSpec(KubeModel):
@@ -203,7 +206,9 @@ class Condition(KubeModel):
 class QueueAssignment(KubeModel):
     """Where the platform put an `auto` function's tasks, and why."""
 
-    mode: QueueMode = Field(description="`dedicated`: a stream of its own.")
+    mode: QueueMode = Field(
+        description="`dedicated`: a stream of its own; `shared`: the stream small accounts share."
+    )
     reason: str = Field(description="What made the platform move it, for a person.")
     since: Timestamp
 

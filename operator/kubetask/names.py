@@ -22,6 +22,11 @@ EVENTS_STREAM = "KT_EVENTS"
 STOP_SUBJECT_PREFIX = "kt.ctl.stop"
 
 
+# The stream small accounts share (`QueueMode.shared`): each function a subject of its own,
+# `kt.qm.<account>.<function>`, and a consumer named for both.
+SHARED_STREAM = "KT_QM"
+
+
 def account_stream(account: str) -> str:
     return f"KT_Q_{account}"
 
@@ -61,17 +66,23 @@ class Queue:
 
     @property
     def shared(self) -> bool:
-        """Whether the stream is the account's, shared with its other functions."""
-        return self.stream.startswith("KT_Q_")
+        """Whether the stream is shared with other functions: the account's, or the one of
+        small accounts."""
+        return self.stream.startswith("KT_Q_") or self.stream == SHARED_STREAM
 
 
 def queues_of(fn: TaskFunction) -> list[Queue]:
     a, f, consumer = fn.account, fn.name, consumer_name(fn)
     if fn.spec.partitions > 1:
         return [partition_queue(a, f, i) for i in range(fn.spec.partitions)]
-    if queue_mode(fn) is QueueMode.dedicated:
+    mode = queue_mode(fn)
+    if mode is QueueMode.dedicated:
         subjects = (f"kt.qf.{a}.{f}", f"kt.qfs.{a}.{f}.*")
         return [Queue(dedicated_stream(a, f), subjects, subjects[0], f"kt.qfs.{a}.{f}", consumer)]
+    if mode is QueueMode.shared:
+        # Names hold no `_`, so `fn_<account>_<function>` is unique in the stream.
+        subjects = ("kt.qm.*.*", "kt.qms.*.*.*")
+        return [Queue(SHARED_STREAM, subjects, f"kt.qm.{a}.{f}", f"kt.qms.{a}.{f}", f"fn_{a}_{f}")]
     subjects = (f"kt.q.{a}.*", f"kt.qs.{a}.*.*")
     return [Queue(account_stream(a), subjects, f"kt.q.{a}.{f}", f"kt.qs.{a}.{f}", consumer)]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Every queue subject of every account: submission publishes runnable tasks there.
-_QUEUES = ["kt.q.>", "kt.qf.>", "kt.qp.>"]
+_QUEUES = ["kt.q.>", "kt.qf.>", "kt.qp.>", "kt.qm.>"]
 # Task records, functions and async configs (KV puts are publishes on `$KV.<bucket>.<key>`).
 _RECORDS = ["$KV.kt_tasks.>"]
 _REGISTRY = ["$KV.kt_functions.>", "$KV.kt_asyncconfigs.>", "$KV.kt_routes.>"]
@@ -59,6 +59,7 @@ PERMISSIONS: dict[str, Permissions] = {
             "kt.qs.>",
             "kt.qfs.>",
             "kt.qps.>",
+            "kt.qms.>",
             "$KV.kt_leases.>",
             "kt.logs.>",
             "kt.quarantine.>",

@@ -22,3 +22,12 @@ def parse(variable: str, text: str, high: float, what: str) -> dict[str, float]:
             )
         values[account.strip()] = value
     return values
+
+
+def parse_accounts(variable: str, text: str) -> frozenset[str]:
+    """`account,...`, or `*` for every account; raises ValueError."""
+    accounts = frozenset(filter(None, (e.strip() for e in text.split(","))))
+    for account in accounts:
+        if account != "*" and not grammar.is_name(account):
+            raise ValueError(f"{variable} entry {account!r}: expected an account name or *")
+    return accounts

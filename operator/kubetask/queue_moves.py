@@ -26,14 +26,16 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from . import names, queues
-from .models import QueueMode, TaskFunction
+from .models import QueueAssignment, QueueMode, TaskFunction
 from .registry import Registry
 from .settings import Settings
+from .store import now
 
 log = logging.getLogger("kubetask.queues")
 BATCH = 256
 # Gateways follow the registry within a second; this leaves them room.
 SETTLE = 2.0
+SMALL_ACCOUNT = "a small account (KUBETASK_SMALL_ACCOUNTS): it shares the small accounts' stream"
 
 
 def streams(fn: TaskFunction) -> frozenset[str]:
@@ -41,9 +43,10 @@ def streams(fn: TaskFunction) -> frozenset[str]:
 
 
 def _layouts(fn: TaskFunction) -> list[TaskFunction]:
-    """The function on the account's stream and on a dedicated one (not partitioned)."""
+    """The function on the account's stream, a dedicated one and the small accounts' one (not
+    partitioned)."""
     variants = []
-    for mode in (QueueMode.account, QueueMode.dedicated):
+    for mode in (QueueMode.account, QueueMode.dedicated, QueueMode.shared):
         spec = fn.spec.model_copy(update={"queueMode": mode, "partitions": 1})
         variants.append(fn.model_copy(update={"spec": spec, "status": None}))
     return variants
@@ -176,6 +179,7 @@ class Mover:
         """Create the function's queues, register it, and move its backlog if its queues
         changed; returns its queue label. The one path by which functions are registered."""
         before = registry.function(fn.account, fn.name)
+        await self._place(registry, fn)
         fn = registry.with_route(fn)
         self._cancel_current(fn)  # before the queues are (re)configured, which it must not undo
         label = await queues.ensure_function_queue(self.js, fn, self.settings)
@@ -185,6 +189,19 @@ class Mover:
         if before is not None:
             self.start(fn, names.queues_of(before))
         return label
+
+    async def _place(self, registry: Registry, fn: TaskFunction) -> None:
+        """An `auto` function of a small account (`KUBETASK_SMALL_ACCOUNTS`) starts in the
+        stream small accounts share: recorded as the platform's assignment, which every gateway
+        and dispatcher follows whatever its own settings, and which `queue_routes.py` may later
+        change like any other."""
+        if fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
+            return
+        if (fn.account, fn.name) in registry.routes or not self.settings.small_account(fn.account):
+            return
+        assignment = QueueAssignment(mode=QueueMode.shared, reason=SMALL_ACCOUNT, since=now())
+        if await registry.assign_queue(fn.account, fn.name, assignment):
+            await registry.caught_up()
 
     async def close(self) -> None:
         tasks = list(self._moves.values())

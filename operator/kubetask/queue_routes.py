@@ -1,4 +1,5 @@
-"""The platform's queue assignment for `auto` functions: the account's shared stream by default, a
+"""The platform's queue assignment for `auto` functions: the account's shared stream by default
+(the small accounts' stream for an account listed as small, `queue_moves.Mover._place`), a
 stream of its own while the function's backlog would crowd its neighbours, and back again after
 it has been idle a while.
 
@@ -7,8 +8,8 @@ its subject. A function with tens of thousands of tasks waiting makes that strea
 neighbours' consumers then skip past its messages and every stream-wide operation costs more.
 A stream of its own isolates that cost, and costs a stream while it exists, hence recycling.
 
-- **dedicate** when the function's waiting tasks reach `dedicate_backlog` and its account's
-  stream has other functions in it;
+- **dedicate** when the function's waiting tasks reach `dedicate_backlog` and the stream it
+  shares (its account's, or the small accounts') has other functions in it;
 - **recycle** once the dedicated stream has held nothing, waiting or running, for
   `recycle_after` seconds. The gap between the two (tens of thousands waiting vs. empty for
   minutes) is the hysteresis: a function at the threshold does not flap.
@@ -64,8 +65,9 @@ class Router:
 
     async def sweep(self) -> None:
         """One pass, reading every stream's depth from the stream list: the functions of a
-        shared stream are looked at one by one only when the stream holds a dedicating backlog
-        at all, so ten thousand idle functions cost a request or two, not ten thousand."""
+        shared stream are looked at only when the stream holds a dedicating backlog at all, and
+        then only those whose own subject holds one (one request for the whole stream), so ten
+        thousand idle functions cost a request or two, not ten thousand."""
         registry = self.plane.registry
         depths = await queues.stream_depths(self.plane.rpc)
         for stream, members in list(registry.by_stream().items()):
@@ -79,9 +81,16 @@ class Router:
                 for fn in movable:
                     await self._maybe_recycle(fn)
             elif len(fns) > 1 and depths.get(stream, 0) >= self.settings.dedicate_backlog:
-                _, _, depth = await self.plane.depth.refresh(fns[0])
-                if depth >= self.settings.dedicate_backlog:
-                    for fn in movable:
+                info = await self.plane.js.stream_info(
+                    stream, subjects_filter=members[0][1].stream_subjects[0]
+                )
+                held = info.state.subjects or {}
+                subject = {(fn.account, fn.name): queue.subject for fn, queue in members}
+                for fn in movable:
+                    if (
+                        held.get(subject[(fn.account, fn.name)], 0)
+                        >= self.settings.dedicate_backlog
+                    ):
                         await self._maybe_dedicate(fn)
         for (account, name), (_, revision) in list(registry.routes.items()):
             current = registry.function(account, name)
@@ -90,16 +99,13 @@ class Router:
                 await registry.unassign_queue(account, name, revision)  # stale: nothing moves
 
     async def _maybe_dedicate(self, fn: TaskFunction) -> None:
-        stream, _, depth = await self.plane.depth.refresh(fn)  # one read serves the whole stream
-        if depth < self.settings.dedicate_backlog:
-            return
         with contextlib.suppress(Exception):  # a consumer being replaced has no backlog yet
             waiting, _ = await queues.backlog(self.plane.js, fn)
             if waiting >= self.settings.dedicate_backlog:
                 reason = (
-                    f"{waiting} tasks waiting in the account's shared queue {stream} (at least"
-                    f" {self.settings.dedicate_backlog}): a queue of its own keeps its backlog"
-                    " out of its neighbours' way"
+                    f"{waiting} tasks waiting in the shared queue {names.queue_label(fn)} (at"
+                    f" least {self.settings.dedicate_backlog}): a queue of its own keeps its"
+                    " backlog out of its neighbours' way"
                 )
                 await self._assign(fn, QueueMode.dedicated, reason)
 
@@ -114,28 +120,32 @@ class Router:
             return
         idle_since = self._idle_since.setdefault(key, time.monotonic())
         if time.monotonic() - idle_since >= self.settings.recycle_after:
-            await self._assign(fn, QueueMode.account, "idle")
+            small = self.plane.settings.small_account(fn.account)
+            await self._assign(fn, QueueMode.shared if small else QueueMode.account, "idle")
             self._idle_since.pop(key, None)
 
     async def _assign(self, fn: TaskFunction, mode: QueueMode, reason: str) -> None:
         """Create the new queue, write the assignment (unless another gateway changed it first),
-        then move what waits in the old queue."""
+        then move what waits in the old queue. Back to the account's stream is no assignment."""
         registry = self.plane.registry
-        if mode is QueueMode.dedicated:
-            assignment = QueueAssignment(mode=mode, reason=reason, since=now())
+        route = registry.routes.get((fn.account, fn.name))
+        if route is None and mode is QueueMode.account:
+            return  # there already
+        assignment = QueueAssignment(mode=mode, reason=reason, since=now())
+        if mode is QueueMode.account:
+            target = fn.model_copy(update={"status": None})
+        else:
             status = TaskFunctionStatus(queueAssignment=assignment)
             target = fn.model_copy(update={"status": status})
-            await queues.ensure_function_queue(self.plane.js, target, self.plane.settings)
+        await queues.ensure_function_queue(self.plane.js, target, self.plane.settings)
+        if route is None:
             if not await registry.assign_queue(fn.account, fn.name, assignment):
                 return
-        else:
-            route = registry.routes.get((fn.account, fn.name))
-            if route is None:
-                return
-            target = fn.model_copy(update={"status": None})
-            await queues.ensure_function_queue(self.plane.js, target, self.plane.settings)
+        elif mode is QueueMode.account:
             if not await registry.unassign_queue(fn.account, fn.name, route[1]):
                 return
+        elif not await registry.reassign_queue(fn.account, fn.name, assignment, route[1]):
+            return
         log.info("queue of %s/%s -> %s: %s", fn.account, fn.name, names.queue_label(target), reason)
         metrics.QUEUE_MOVES.labels(fn.account, fn.name, mode.value).inc()
         metrics.of(metrics.DEDICATED, fn.account, fn.name).set(

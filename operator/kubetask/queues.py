@@ -150,7 +150,9 @@ async def remove_function_queue(js: JetStreamContext, fn: TaskFunction) -> None:
 
 class QueueDepth:
     """Admission control: how many messages a stream holds, re-read at most every `ttl` seconds
-    and counted up locally in between, so checking costs nothing on the hot path."""
+    and counted up locally in between, so checking costs nothing on the hot path. In the stream
+    small accounts share, each account's part is counted on its own (its subjects), so one
+    account's backlog throttles that account only."""
 
     def __init__(self, rpc: Requester, limit: int, ttl: float = 0.5) -> None:
         self.rpc = rpc
@@ -164,36 +166,50 @@ class QueueDepth:
     def known(self, fn: TaskFunction) -> tuple[str, int, float]:
         """(queue, tasks waiting as last read and counted since, drain rate), from memory; a
         partitioned function's queue is all its partitions together."""
-        label = names.queue_label(fn)
-        return label, self._known.get(label, (0.0, 0))[1], self.drain.get(label, 0.0)
+        label, key = _depth_key(fn)
+        return label, self._known.get(key, (0.0, 0))[1], self.drain.get(key, 0.0)
 
     async def refresh(self, fn: TaskFunction) -> tuple[str, float, int]:
         """Re-read the queue's depth if the last read is older than `ttl`; returns (queue,
         when read, depth). Whoever refuses a submission must still call this, or a queue that
         drained would look full for ever."""
-        label = names.queue_label(fn)
+        label, key = _depth_key(fn)
         now = time.monotonic()
-        read_at, depth = self._known.get(label, (0.0, 0))
+        read_at, depth = self._known.get(key, (0.0, 0))
         if now - read_at > self.ttl:
             stored = 0
             for queue in names.queues_of(fn):
-                try:
-                    info = await self.rpc.api(f"$JS.API.STREAM.INFO.{queue.stream}")
-                except Exception as err:
-                    raise QueueUnavailable(str(err) or type(err).__name__) from err
-                stored += int(info["state"]["messages"])
+                stored += await self._stored(queue, fn.account)
             if read_at:  # what was there plus what came in, less what is there now, left
                 left = max(0, depth - stored) / (now - read_at)
-                self.drain[label] = 0.5 * self.drain.get(label, left) + 0.5 * left
+                self.drain[key] = 0.5 * self.drain.get(key, left) + 0.5 * left
             read_at, depth = now, stored
-            self._known[label] = (read_at, depth)
+            self._known[key] = (read_at, depth)
         return label, read_at, depth
 
+    async def _stored(self, queue: names.Queue, account: str) -> int:
+        request = b""
+        if queue.stream == names.SHARED_STREAM:
+            request = pydantic_core.to_json({"subjects_filter": f"kt.qm.{account}.*"})
+        try:
+            info = await self.rpc.api(f"$JS.API.STREAM.INFO.{queue.stream}", request)
+        except Exception as err:
+            raise QueueUnavailable(str(err) or type(err).__name__) from err
+        if request:
+            return sum((info["state"].get("subjects") or {}).values())
+        return int(info["state"]["messages"])
+
     async def admit(self, fn: TaskFunction) -> None:
-        stream, read_at, depth = await self.refresh(fn)
+        _, read_at, depth = await self.refresh(fn)
         if depth >= self.limit:
             raise QueueFull(f"{depth} tasks waiting, the limit is {self.limit}")
-        self._known[stream] = (read_at, depth + 1)
+        self._known[_depth_key(fn)[1]] = (read_at, depth + 1)
+
+
+def _depth_key(fn: TaskFunction) -> tuple[str, str]:
+    """(the function's queue as people read it, what its depth is kept under)."""
+    label = names.queue_label(fn)
+    return label, f"{label}/{fn.account}" if label == names.SHARED_STREAM else label
 
 
 def _publish_error(err: Exception) -> Exception:

@@ -165,6 +165,18 @@ class Registry:
             return False
         return True
 
+    async def reassign_queue(
+        self, account: str, name: str, assignment: QueueAssignment, revision: int
+    ) -> bool:
+        """Replace the assignment read at `revision`, unless it changed meanwhile: whether it
+        did."""
+        data = assignment.model_dump_json().encode()
+        try:
+            await self._route_kv.update(names.object_key(account, name), data, last=revision)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
     async def unassign_queue(self, account: str, name: str, revision: int) -> bool:
         """Drop the assignment read at `revision`, unless it changed meanwhile: whether it did."""
         try:

@@ -105,6 +105,14 @@ class Settings:
     queue_max_functions: int = field(
         default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000)
     )
+    # Accounts whose `auto` functions start in the stream small accounts share (`KT_QM`) rather
+    # than in a stream of the account's own: names separated by commas, or `*` for all. Read
+    # when a function is registered; the placement is recorded with the function's route.
+    small_accounts: frozenset[str] = field(
+        default_factory=lambda: per_account.parse_accounts(
+            "KUBETASK_SMALL_ACCOUNTS", env_str("KUBETASK_SMALL_ACCOUNTS", "")
+        )
+    )
     # A dispatcher that stops renewing its partition leases loses them after this long.
     lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0))
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.
@@ -124,6 +132,9 @@ class Settings:
     gateway_fair_slots: int = field(
         default_factory=lambda: env_int("KUBETASK_GATEWAY_FAIR_SLOTS", 8)
     )
+
+    def small_account(self, account: str) -> bool:
+        return account in self.small_accounts or "*" in self.small_accounts
 
     def fair_share(self, slots: int) -> FairnessSettings:
         return FairnessSettings(self.fairness, slots, weights=self.account_weights)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from .. import metrics, names, queues
+from .. import metrics, queues
 from ..plane import DataPlane
 
 PERIOD = 5.0
@@ -32,7 +32,8 @@ async def collect_once(plane: DataPlane, last: dict[tuple[str, str], int] | None
                 waiting.setdefault((fn.account, fn.name), 0)
             continue
         with contextlib.suppress(Exception):  # a queue being removed has no backlog
-            filter_ = members[0][1].subject if len(members) == 1 else _wildcard(members[0][1])
+            queue = members[0][1]
+            filter_ = queue.subject if len(members) == 1 else queue.stream_subjects[0]
             info = await plane.js.stream_info(stream, subjects_filter=filter_)
             held = info.state.subjects or {}
             for fn, queue in members:
@@ -46,11 +47,6 @@ async def collect_once(plane: DataPlane, last: dict[tuple[str, str], int] | None
             metrics.BACKLOG.labels(*key).set(count)
             if last is not None:
                 last[key] = count
-
-
-def _wildcard(queue: names.Queue) -> str:
-    """The subject of every function in a shared stream: the queue subject's last token wild."""
-    return queue.subject.rsplit(".", 1)[0] + ".*"
 
 
 async def collect_forever(plane: DataPlane) -> None:

@@ -114,7 +114,8 @@ class Throttle:
 
     def _backlog(self, fn: TaskFunction) -> None:
         queue, depth, drain = self.depth.known(fn)
-        senders = self._senders.setdefault(queue, SampleAndHold())
+        # Per account too: small accounts share one stream, each throttled on its own part.
+        senders = self._senders.setdefault(f"{queue}/{fn.account}", SampleAndHold())
         senders.observe(fn.name)
         start = THROTTLE_FROM * self.max_backlog
         if depth < start:
