@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 from harness import Api, all_succeed, as_user
 from kubetask import names
+from kubetask.models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
+from kubetask.queue_moves import Mover
 from kubetask.queue_routes import Router, RouteSettings
 from kubetask.settings import Settings
 from nats.js.errors import NotFoundError
@@ -192,3 +194,26 @@ async def test_a_crowding_function_leaves_the_shared_stream_and_comes_back_when_
         assert (await crowd.wait("after"))["status"]["phase"] == "Succeeded"
         for api in (crowd, neighbour):
             await api.http.aclose()
+
+
+async def test_a_full_shared_stream_leaves_a_small_accounts_function_in_its_own(
+    make_api: Callable[..., Awaitable[Api]], plane: DataPlane
+) -> None:
+    """The small accounts' stream serves KUBETASK_QUEUE_MAX_FUNCTIONS functions like any other;
+    once it has that many, a small account's new function starts in its account's stream
+    rather than being refused."""
+    api = await make_api(f"smallfull-{os.getpid()}")
+    await api.function("pinned", command=["true"], queueMode="shared")  # KT_QM holds one at least
+    full = dataclasses.replace(
+        plane.settings, small_accounts=frozenset({api.account}), queue_max_functions=1
+    )
+    fn = TaskFunction(
+        metadata=ObjectMeta(name="late", namespace=api.account),
+        spec=TaskFunctionSpec(command=["true"]),
+    )
+    assert await Mover(plane.js, full).register(plane.registry, fn) == names.account_stream(
+        api.account
+    )
+    assert (api.account, "late") not in plane.registry.routes
+    task_id = (await api.submit("late"))["metadata"]["name"]
+    assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"

@@ -192,13 +192,17 @@ class Mover:
 
     async def _place(self, registry: Registry, fn: TaskFunction) -> None:
         """An `auto` function of a small account (`KUBETASK_SMALL_ACCOUNTS`) starts in the
-        stream small accounts share: recorded as the platform's assignment, which every gateway
-        and dispatcher follows whatever its own settings, and which `queue_routes.py` may later
-        change like any other."""
+        stream small accounts share, while it has room: recorded as the platform's assignment,
+        which every gateway and dispatcher follows whatever its own settings, and which
+        `queue_routes.py` may later change like any other."""
         if fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
             return
         if (fn.account, fn.name) in registry.routes or not self.settings.small_account(fn.account):
             return
+        with contextlib.suppress(NotFoundError):  # not made yet: room for everyone
+            info = await self.js.stream_info(names.SHARED_STREAM)
+            if info.state.consumer_count >= self.settings.queue_max_functions:
+                return  # full: the account's own stream, rather than a refusal
         assignment = QueueAssignment(mode=QueueMode.shared, reason=SMALL_ACCOUNT, since=now())
         if await registry.assign_queue(fn.account, fn.name, assignment):
             await registry.caught_up()
