@@ -4,7 +4,8 @@ throughput of both and their ratio, the peak of executor processes, double claim
 took more than one attempt), slow-consumer disconnects in nats-server's log, and the
 dispatcher's peak RSS. Prints figures; asserts nothing.
 
-Run: .venv/bin/python bench/burst.py [--functions 1000 --tasks 20]
+Run: .venv/bin/python bench/burst.py [--functions 1000 --tasks 20 --accounts 1]
+(`--functions 10000 --accounts 100`: the layout of bench/idle.py.)
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from pathlib import Path
 import httpx
 from devrun import Dev, running_dev
 from kubetask.auth import create_token
+from kubetask.executors.http1 import InstanceUnreachable
 from noisy import Sender
 
 
-def command_function(name: str, concurrency: int) -> dict[str, object]:
+def command_function(name: str, account: str, concurrency: int) -> dict[str, object]:
     return {
         "apiVersion": "kubetask.io/v1alpha1",
         "kind": "TaskFunction",
-        "metadata": {"name": name, "namespace": "burst"},
+        "metadata": {"name": name, "namespace": account},
         "spec": {"command": ["true"], "maxConcurrency": concurrency},
     }
 
@@ -56,18 +58,27 @@ def dispatcher_rss_mb() -> float:
     return rss
 
 
-async def burst(dev: Dev, token: str, names: list[str], per_function: int) -> dict[str, float]:
-    sender = Sender(dev, token, names[0])
-    total = len(names) * per_function
-    before = await dev.succeeded("burst")
+async def burst(
+    dev: Dev, tokens: dict[str, str], functions: list[tuple[str, str]], per_function: int
+) -> dict[str, float]:
+    senders = {account: Sender(dev, token, "") for account, token in tokens.items()}
+    total = len(functions) * per_function
+    before = await dev.succeeded(None)
     peak_procs, peak_rss = 0, 0.0
     t0 = time.monotonic()
-    jobs = iter([(n, i) for i in range(per_function) for n in names])
+    jobs = iter([(a, n, i) for i in range(per_function) for a, n in functions])
 
     async def submit() -> None:
-        for name, i in jobs:
+        for account, name, i in jobs:
+            sender = senders[account]
             sender.function = name
-            await sender.submit(f"{name}-{i}-{os.urandom(3).hex()}")
+            task_id = f"{name}-{i}-{os.urandom(3).hex()}"
+            for _ in range(3):  # a keep-alive connection the gateway closed while it sat idle
+                try:
+                    await sender.submit(task_id)  # the id makes a repeat a 409, not a second task
+                    break
+                except InstanceUnreachable:
+                    continue
 
     async def watch() -> None:
         nonlocal peak_procs, peak_rss
@@ -79,36 +90,37 @@ async def burst(dev: Dev, token: str, names: list[str], per_function: int) -> di
     watcher = asyncio.create_task(watch())
     await asyncio.gather(*(submit() for _ in range(16)))
     while True:
-        done = await dev.succeeded("burst") - before
+        done = await dev.succeeded(None) - before
         if done >= total:
             break
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
     watcher.cancel()
-    sender.pool.close()
+    for sender in senders.values():
+        sender.pool.close()
     return {"rate": total / took, "seconds": took, "procs": peak_procs, "rss": peak_rss}
 
 
 async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="kt-burst-"))
     async with running_dev(work) as dev:
-        token = create_token(work / "tokens.json", "burst", "burst")
-        auth = {"Authorization": f"Bearer {token}"}
+        accounts = [f"burst{a:03d}" for a in range(args.accounts)]
+        tokens = {a: create_token(work / "tokens.json", a, a) for a in accounts}
+        auth = {"Authorization": f"Bearer {dev.admin_token}"}
         async with httpx.AsyncClient(base_url=dev.url, headers=auth, timeout=60) as h:
-            names = [f"f{i:05d}" for i in range(args.functions)]
-            for name in names:
-                (
-                    await h.put(f"/v1/functions/{name}", json=command_function(name, 64))
-                ).raise_for_status()
-            one = command_function("one", args.one_concurrency)
-            # A stream of its own: the account's serves at most 10,000 functions
-            # (KUBETASK_QUEUE_MAX_FUNCTIONS), which --functions 10000 fills.
+            functions = [(accounts[i % len(accounts)], f"f{i:05d}") for i in range(args.functions)]
+            for account, name in functions:
+                body = command_function(name, account, 64)
+                put = await h.put(f"/v1/functions/{name}", params={"account": account}, json=body)
+                put.raise_for_status()
+            one = command_function("one", accounts[0], args.one_concurrency)
             spec = one["spec"]
             assert isinstance(spec, dict)
-            spec["queueMode"] = "dedicated"
-            (await h.put("/v1/functions/one", json=one)).raise_for_status()
-            many = await burst(dev, token, names, args.tasks)
-            single = await burst(dev, token, ["one"] * args.functions, args.tasks)
+            spec["queueMode"] = "dedicated"  # not counted among the account stream's functions
+            put = await h.put("/v1/functions/one", params={"account": accounts[0]}, json=one)
+            put.raise_for_status()
+            many = await burst(dev, tokens, functions, args.tasks)
+            single = await burst(dev, tokens, [(accounts[0], "one")] * args.functions, args.tasks)
             tasks = []
             cursor = None
             while True:
@@ -122,7 +134,10 @@ async def main(args: argparse.Namespace) -> None:
     twice = sum(1 for t in tasks if t["status"]["attempts"] > 1)
     unfinished = sum(1 for t in tasks if t["status"]["phase"] != "Succeeded")
     total = args.functions * args.tasks
-    print(f"{args.functions} functions x {args.tasks} tasks ({total}) vs one function:")
+    print(
+        f"{args.functions} functions over {args.accounts} accounts x {args.tasks} tasks ({total})"
+        " vs one function:"
+    )
     for label, r in (("many functions", many), ("one function", single)):
         print(
             f"  {label}: {r['rate']:.0f} tasks/s ({r['seconds']:.1f} s), peak executor"
@@ -137,5 +152,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--functions", type=int, default=1000)
     ap.add_argument("--tasks", type=int, default=20)
+    ap.add_argument("--accounts", type=int, default=1)
     ap.add_argument("--one-concurrency", type=int, default=64)
     asyncio.run(main(ap.parse_args()))

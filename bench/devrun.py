@@ -26,12 +26,15 @@ class Dev:
     dispatcher_metrics: list[str]
     pid: int  # `kubetask dev` itself; the platform's processes are its children
 
-    async def succeeded(self, account: str, function: str | None = None) -> int:
-        """Tasks of the account (of one function) recorded Succeeded, from the dispatchers' own
-        counters (cheaper for the system under test than listing them): one scrape each."""
+    async def succeeded(self, account: str | None, function: str | None = None) -> int:
+        """Tasks of the account (of one function; of every account with None) recorded
+        Succeeded, from the dispatchers' own counters (cheaper for the system under test than
+        listing them): one scrape each."""
         total = 0.0
-        want = f'kubetask_tasks_succeeded_total{{account="{account}",function="'
-        if function is not None:
+        want = 'kubetask_tasks_succeeded_total{account="'
+        if account is not None:
+            want += f'{account}",function="'
+        if account is not None and function is not None:
             want += f'{function}"}}'
         # Only the one family: a whole page holds every function's series (10,000 functions make
         # it large enough to time out while a burst keeps the dispatcher busy).
