@@ -98,6 +98,15 @@ async def test_small_accounts_share_one_stream_and_their_tasks_run_apart(
         assert moved["status"]["queue"] == names.account_stream(big.account)
         task_id = (await big.submit("pinned", 1))["metadata"]["name"]
         assert (await big.wait(task_id))["status"]["phase"] == "Succeeded"
+
+        # Registered again where its account is not listed as small: back to its own stream.
+        work = plane.registry.function(one.account, "work")
+        assert work is not None
+        label = await plane.mover.register(plane.registry, work.model_copy(update={"status": None}))
+        assert label == names.account_stream(one.account)
+        assert (one.account, "work") not in plane.registry.routes
+        task_id = (await one.submit("work", 1))["metadata"]["name"]
+        assert (await one.wait(task_id))["status"]["phase"] == "Succeeded"
         for api in (one, two, big):
             await api.http.aclose()
 

@@ -194,10 +194,18 @@ class Mover:
         """An `auto` function of a small account (`KUBETASK_SMALL_ACCOUNTS`) starts in the
         stream small accounts share, while it has room: recorded as the platform's assignment,
         which every gateway and dispatcher follows whatever its own settings, and which
-        `queue_routes.py` may later change like any other."""
+        `queue_routes.py` may later change like any other. Registered again once its account
+        is no longer listed, it goes back to the account's stream."""
         if fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
             return
-        if (fn.account, fn.name) in registry.routes or not self.settings.small_account(fn.account):
+        small = self.settings.small_account(fn.account)
+        route = registry.routes.get((fn.account, fn.name))
+        if route is not None:
+            if route[0].mode is QueueMode.shared and not small:  # its account no longer listed
+                if await registry.unassign_queue(fn.account, fn.name, route[1]):
+                    await registry.caught_up()
+            return
+        if not small:
             return
         with contextlib.suppress(NotFoundError):  # not made yet: room for everyone
             info = await self.js.stream_info(names.SHARED_STREAM)

@@ -147,7 +147,9 @@ class LazyMirror:
         self._task: asyncio.Task[None] | None = None
         self._consumer: str | None = None
         self._inbox: Subscription | None = None
-        self._reply = ""
+        self._replies = ""
+        self._reply = ""  # this fetch's: a late answer to an earlier one must not end it
+        self._fetches = 0
         self._delivered: list[Msg] = []
         self._ended: asyncio.Event = asyncio.Event()
         self._wanted = 0
@@ -193,6 +195,8 @@ class LazyMirror:
         """The next messages of the mirror's consumer, how many are pending after them, and
         whether it ran out of messages (rather than reaching `size`)."""
         consumer = self._consumer or await self._create_consumer()
+        self._fetches += 1
+        self._reply = f"{self._replies}.{self._fetches}"
         self._wanted, self._status = size, None
         self._ended.clear()
         request = {"batch": size, "no_wait": True, "expires": int(FETCH_EXPIRES * 1e9)}
@@ -215,9 +219,12 @@ class LazyMirror:
         return msgs, pending, status is not None
 
     def _on_message(self, msg: Msg) -> None:
+        """Messages come in order whichever fetch asked for them; a status ends only its own
+        (it comes on that fetch's reply subject, messages on their own subjects)."""
         if msg.headers and STATUS in msg.headers:
-            self._status = msg.headers[STATUS]
-            self._ended.set()
+            if msg.subject == self._reply:
+                self._status = msg.headers[STATUS]
+                self._ended.set()
             return
         self._delivered.append(msg)
         if len(self._delivered) >= self._wanted:
@@ -225,8 +232,8 @@ class LazyMirror:
 
     async def _create_consumer(self) -> str:
         if self._inbox is None:
-            self._reply = self.rpc.nc.new_inbox()
-            self._inbox = await self.rpc.nc.subscribe_direct(self._reply, self._on_message)
+            self._replies = self.rpc.nc.new_inbox()
+            self._inbox = await self.rpc.nc.subscribe_direct(f"{self._replies}.*", self._on_message)
         name = f"kt_mirror_{secrets.token_hex(8)}"
         config = {
             "name": name,
