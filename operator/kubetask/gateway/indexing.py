@@ -38,8 +38,8 @@ log = logging.getLogger("kubetask.gateway")
 PASS_EVERY = 1.0
 # Records read per fetch once caught up. The reads share the gateway's NATS connection with
 # its submissions, whose acknowledgements queue behind whatever a fetch delivers: 5,000 at a
-# time put a light account's submission at p99 17 ms under a neighbour's flood, 500 at 9 ms
-# (bench/noisy.py; a connection of the mirror's own measured no better).
+# time put a light account's submit->start p99 at 12-17 ms under a neighbour's flood, 500 at
+# 9 ms (bench/noisy.py; a connection of the mirror's own measured no better).
 FETCH = 500
 P = ParamSpec("P")
 T = TypeVar("T")
