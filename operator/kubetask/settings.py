@@ -101,11 +101,11 @@ class Settings:
         default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0)
     )
     # Functions that may share one queue (stream): its consumer limit; past it, registering
-    # another function there is a 409 (nats-server 2.15 would stop at 1,000). What it costs:
-    # nats-server walks every consumer of a work-queue stream on every acknowledgement, so a
-    # burst over 10,000 functions of one account's stream ran at a few tasks a second while one
-    # over 1,000 ran at the pace of a single function (bench/burst.py); spread that many over
-    # accounts, or give the busy ones streams of their own.
+    # another function there is a 409 (nats-server 2.15 would stop at 1,000). Each function is
+    # a durable consumer, and a burst across 10,000 of them ran at a few tasks a second, one
+    # across 1,000 at the pace of a single function: nats-server rewrote every busy consumer's
+    # state file, and with that state in memory walked every consumer of the stream on each
+    # acknowledgement (bench/README.md, docs/decisions.md "Not yet").
     queue_max_functions: int = field(
         default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000)
     )
