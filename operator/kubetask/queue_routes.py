@@ -81,16 +81,9 @@ class Router:
                 for fn in movable:
                     await self._maybe_recycle(fn)
             elif len(fns) > 1 and depths.get(stream, 0) >= self.settings.dedicate_backlog:
-                info = await self.plane.js.stream_info(
-                    stream, subjects_filter=members[0][1].stream_subjects[0]
-                )
-                held = info.state.subjects or {}
-                subject = {(fn.account, fn.name): queue.subject for fn, queue in members}
+                held = await queues.held_by_subject(self.plane.js, members)
                 for fn in movable:
-                    if (
-                        held.get(subject[(fn.account, fn.name)], 0)
-                        >= self.settings.dedicate_backlog
-                    ):
+                    if held[(fn.account, fn.name)] >= self.settings.dedicate_backlog:
                         await self._maybe_dedicate(fn)
         for (account, name), (_, revision) in list(registry.routes.items()):
             current = registry.function(account, name)

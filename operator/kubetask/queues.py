@@ -271,6 +271,19 @@ async def stream_depths(rpc: Requester) -> dict[str, int]:
             return depths
 
 
+async def held_by_subject(
+    js: JetStreamContext, members: list[tuple[TaskFunction, names.Queue]]
+) -> dict[tuple[str, str], int]:
+    """Messages each function's queue subject holds in one stream (`members` are the stream's
+    functions and queues), from one stream-info request filtered to the stream's queue
+    subjects — waiting and claimed-not-yet-acknowledged alike."""
+    queue = members[0][1]
+    filter_ = queue.subject if len(members) == 1 else queue.stream_subjects[0]
+    info = await js.stream_info(queue.stream, subjects_filter=filter_)
+    held = info.state.subjects or {}
+    return {(fn.account, fn.name): held.get(q.subject, 0) for fn, q in members}
+
+
 async def queue_backlog(js: JetStreamContext, queue: names.Queue) -> tuple[int, int]:
     """(waiting, in flight) for one queue's consumer."""
     info = await js.consumer_info(queue.stream, queue.consumer)

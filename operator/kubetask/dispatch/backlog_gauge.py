@@ -32,14 +32,11 @@ async def collect_once(plane: DataPlane, last: dict[tuple[str, str], int] | None
                 waiting.setdefault((fn.account, fn.name), 0)
             continue
         with contextlib.suppress(Exception):  # a queue being removed has no backlog
-            queue = members[0][1]
-            filter_ = queue.subject if len(members) == 1 else queue.stream_subjects[0]
-            info = await plane.js.stream_info(stream, subjects_filter=filter_)
-            held = info.state.subjects or {}
+            held = await queues.held_by_subject(plane.js, members)
             for fn, queue in members:
                 key = (fn.account, fn.name)
                 waiting.setdefault(key, 0)
-                if held.get(queue.subject):
+                if held[key]:
                     w, _ = await queues.queue_backlog(plane.js, queue)
                     waiting[key] += w
     for key, count in waiting.items():

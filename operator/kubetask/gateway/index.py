@@ -265,14 +265,19 @@ class TaskIndex:
         return held < NARROW_RANGE
 
     def stored(self, rows: list[Summary]) -> list[tuple[bytes, int] | None]:
-        """The records of `rows` as stored, with their revisions (None: the row has none)."""
-        found: list[tuple[bytes, int] | None] = []
+        """The records of `rows` as stored, with their revisions (None: the row has none): one
+        query per account on the page (a page is at most 1,000 rows), not one per row."""
+        ids: dict[str, list[str]] = {}
         for s in rows:
-            hit = self.db.execute(
-                "SELECT record, revision FROM tasks WHERE account = ? AND id = ?", (s.account, s.id)
-            ).fetchone()
-            found.append(None if hit is None or hit[0] is None else (bytes(hit[0]), int(hit[1])))
-        return found
+            ids.setdefault(s.account, []).append(s.id)
+        kept: dict[tuple[str, str], tuple[bytes, int]] = {}
+        for account, page in ids.items():
+            marks = ",".join("?" * len(page))
+            sql = f"SELECT id, record, revision FROM tasks WHERE account = ? AND id IN ({marks})"
+            for task_id, record, revision in self.db.execute(sql, (account, *page)):
+                if record is not None:
+                    kept[(account, task_id)] = (bytes(record), int(revision))
+        return [kept.get((s.account, s.id)) for s in rows]
 
     def repairable(self) -> list[Summary]:
         """Tasks in a phase the sweeper may have to repair."""
