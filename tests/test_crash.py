@@ -369,3 +369,41 @@ async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab
             assert time.monotonic() < deadline, [t["status"]["phase"] for t in items]
             await asyncio.sleep(0.2)
         assert {t["metadata"]["name"] for t in items} == {f"q-{i}" for i in range(20)}
+
+
+def test_child_whose_parent_dies_before_it_is_armed_dies_too(tmp_path: Path) -> None:
+    """The window a `kill -9` can hit: the parent forks an attempt and dies before the child
+    has set its death signal. The child must not run on unwatched."""
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from kubetask.executors.base import die_with_parent
+        arm = die_with_parent()
+        parent = os.getpid()
+        child = os.fork()
+        if child == 0:
+            while os.getppid() == parent:
+                time.sleep(0.01)
+            arm()
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        os._exit(0)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=30
+    )
+    child = int(out.stdout.strip())
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, f"pid {child} ran on after its parent died"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -51,7 +51,7 @@ class Child:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with_parent(),
             )
 
     def running(self) -> bool:

@@ -109,7 +109,7 @@ def start_nats(
         nats_argv(store_dir, port, config),
         stdout=out,
         stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent if tie_to_parent else None,
+        preexec_fn=die_with_parent() if tie_to_parent else None,
         env={"PATH": os.environ.get("PATH", "")},
     )
     wait_for_port(port, proc=proc)

@@ -117,7 +117,7 @@ class CommandExecutor:
             env=env_for(inv, base_environment()),
             cwd=spec.workingDir,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         return CommandExecution(inv, proc)
 

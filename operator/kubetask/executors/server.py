@@ -162,7 +162,7 @@ class InstancePool:
             env=env,
             cwd=self.fn.spec.workingDir,
             start_new_session=True,
-            preexec_fn=die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
