@@ -178,6 +178,7 @@ async def test_one_account_cannot_see_or_touch_another(
         ("POST", f"/v1/tasks/{tid}/pause"),
         ("DELETE", f"/v1/tasks/{tid}"),
         ("GET", f"/v1/tasks/{tid}/logs"),
+        ("GET", f"/v1/tasks/{tid}/events"),
         ("GET", "/v1/tasks"),
         ("GET", "/v1/functions/work"),
         ("DELETE", "/v1/functions/work"),

@@ -61,6 +61,48 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
     assert "HTTP 404" in missing.stderr
 
 
+async def test_describe_shows_every_attempt_and_the_last_log_lines(
+    api: Api, gateway_url: str
+) -> None:
+    """A task that fails once and then succeeds: `describe` tells that story from the audit
+    trail, names where it ran, and ends with its own last log lines."""
+    marker = api.workdir / "failed-once"
+    script = (
+        "import os, sys\n"
+        f"m = {str(marker)!r}\n"
+        "for i in range(30): print(f'line {i}', file=sys.stderr)\n"
+        "if not os.path.exists(m):\n"
+        "    open(m, 'w').close(); print('first try fails', file=sys.stderr); sys.exit(3)\n"
+        "print('42')\n"
+    )
+    await api.function("twice", command=[sys.executable, "-c", script])
+    await api.async_config("twice", function="twice", maxAsyncRetryAttempts=2)
+    await api.submit("twice", task_id="desc-1")
+    await api.wait("desc-1")
+
+    trail = await api.call("GET", "/v1/tasks/desc-1/events", 200)
+    phases = [e["phase"] for e in trail]
+    assert phases[0] in ("Pending", "Queued") and phases[-1] == "Succeeded", phases
+    assert phases.count("Running") == 2 and "Retrying" in phases, phases
+    failed = next(e for e in trail if e["phase"] == "Retrying")
+    assert failed["attempts"] == 1 and "code 3" in failed["error"], failed
+    assert trail[-1]["attempts"] == 2 and trail[-1]["executor"]["backend"] == "local"
+    times = [e["time"] for e in trail]
+    assert times == sorted(times)
+
+    out = json.loads((await kt(api, gateway_url, "describe", "desc-1", "-o", "json")).stdout)
+    assert out["task"]["status"]["phase"] == "Succeeded" and out["events"] == trail
+    assert out["logs"][-1]["line"].endswith("task Succeeded")
+    assert len(out["logs"]) == 20  # the default tail, from over 60 lines
+
+    text = (await kt(api, gateway_url, "describe", "desc-1", "--tail", "3")).stdout
+    assert "phase Succeeded, 2 attempt(s)" in text
+    assert "Retrying" in text and "exited with code 3" in text
+    assert "logs (last 3 lines):" in text and text.rstrip().endswith("task Succeeded")
+    missing = await kt(api, gateway_url, "describe", "no-such-task", check=False)
+    assert missing.returncode != 0 and "HTTP 404" in missing.stderr
+
+
 async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
     make_api: Any, gateway_url: str, tokens_file: Path
 ) -> None:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections import deque
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -118,21 +119,67 @@ def cmd_get(args: argparse.Namespace) -> None:
         print(json.dumps(task, indent=2))
         return
     _print_tasks([task], "table")
+    _print_details(task)
+
+
+def _print_details(task: dict[str, Any]) -> None:
     status = task["status"]
     print("\nstages:")
     for stage, stamp in status["timestamps"].items():
         print(f"  {stage:<10} {stamp or '-'}")
+    if status.get("nextAttemptAt"):
+        print(f"next attempt at {status['nextAttemptAt']}")
     if status.get("waiting"):
         w = status["waiting"]
+        part = f", partition {w['partition']}" if w.get("partition") is not None else ""
         place = f", position {w['position']}" if w.get("position") else ""
-        print(f"waiting in {w['queue']}{place}: {w['reason']}")
+        print(f"waiting in {w['queue']}{part}{place}: {w['reason']}")
     if status.get("executor"):
-        ex = status["executor"]
-        print(f"executor: {ex['backend']} {ex.get('instance') or ''} on {ex['dispatcher']}")
+        print(f"executor: {_executor(status['executor'])}")
     if status.get("result") is not None:
         print(f"result: {json.dumps(status['result'])[:2000]}")
     if status.get("error"):
         print(f"error (exit code {status.get('exitCode')}):\n{status['error']}")
+
+
+def _executor(ex: dict[str, Any]) -> str:
+    where = " ".join(x for x in (ex.get("instance"), ex.get("host")) if x)
+    return f"{ex['backend']} {where} (dispatcher {ex['dispatcher']})".replace("  ", " ")
+
+
+def cmd_describe(args: argparse.Namespace) -> None:
+    """Everything about one task in one place: `get`, then what happened to it (the audit
+    trail, attempt by attempt) and the last lines it logged."""
+    client = _client(args)
+    task = client.get(args.id)
+    trail = client.events(args.id)
+    lines = list(deque(client.logs(args.id), maxlen=args.tail))
+    if args.output == "json":
+        print(json.dumps({"task": task, "events": trail, "logs": lines}, indent=2))
+        return
+    meta, spec, status = task["metadata"], task["spec"], task["status"]
+    print(f"task {meta['name']} in account {meta['namespace']}, function {spec['function']}")
+    print(f"phase {status['phase']}, {status['attempts']} attempt(s)")
+    _print_details(task)
+    print("\nevents:")
+    rows = [
+        [
+            e["time"],
+            e.get("phase") or "deleted",
+            str(e.get("attempts", 0)),
+            _executor(e["executor"]) if e.get("executor") else "-",
+            (e.get("error") or "")[:60],
+        ]
+        for e in trail
+    ]
+    print(_indent(_table(rows, ["TIME", "PHASE", "ATTEMPTS", "EXECUTOR", "ERROR"])))
+    print(f"\nlogs (last {args.tail} lines):" if lines else "\nlogs: none")
+    for rec in lines:
+        print(f"  {rec['ts']} [{rec['attempt']} {rec['stream']}] {rec['line']}")
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"  {line}" for line in text.splitlines())
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -399,6 +446,13 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("get", parents=[common], help="show one task")
     g.add_argument("id")
     g.set_defaults(func=cmd_get)
+
+    d = sub.add_parser(
+        "describe", parents=[common], help="one task: status, what happened, its last log lines"
+    )
+    d.add_argument("id")
+    d.add_argument("--tail", type=int, default=20, help="how many log lines (default 20)")
+    d.set_defaults(func=cmd_describe)
 
     ls = sub.add_parser("list", parents=[common], help="list tasks, filtered")
     ls.add_argument("--function")

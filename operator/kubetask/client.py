@@ -63,6 +63,9 @@ class Client:
     def list(self, **filters: Any) -> Any:
         return self._call("GET", "/v1/tasks", params=self._params(**filters))
 
+    def events(self, task_id: str) -> Any:
+        return self._call("GET", f"/v1/tasks/{segment(task_id)}/events", params=self._params())
+
     def action(self, task_id: str, action: str) -> Any:
         if action == "delete":
             return self._call("DELETE", f"/v1/tasks/{segment(task_id)}", params=self._params())

@@ -439,6 +439,16 @@ class Task(KubeObject):
         return self.metadata.name
 
 
+class TaskEvent(KubeModel):
+    """One change of a task's record, as the audit trail keeps it (`GET /v1/tasks/{id}/events`)."""
+
+    time: Timestamp = Field(description="When the change was stored.")
+    phase: TaskPhase | None = Field(default=None, description="None: the record was deleted.")
+    attempts: Count = 0
+    executor: ExecutorRef | None = None
+    error: str | None = Field(default=None, description="First line of the error, if any.")
+
+
 class TaskSubmission(KubeModel):
     """Body of `POST /v1/tasks`."""
 

@@ -136,6 +136,10 @@ def log_subject(account: str, task_id: str) -> str:
     return f"kt.logs.{account}.{task_id}"
 
 
+def event_subject(account: str, task_id: str) -> str:
+    return f"kt.events.{account}.{task_id}"
+
+
 def stop_subject(account: str, task_id: str) -> str:
     return f"{STOP_SUBJECT_PREFIX}.{account}.{task_id}"
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp
 
-from .. import actions, grammar, logs, names, quarantine, queues
+from .. import actions, grammar, logs, names, quarantine, queues, task_events
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..dispatch.destinations import config_problem
 from ..models import (
@@ -34,6 +34,7 @@ from ..models import (
     ObjectMeta,
     QueueLoad,
     Task,
+    TaskEvent,
     TaskFunction,
     TaskFunctionStatus,
     TaskList,
@@ -355,6 +356,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def delete_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:
         await actions.delete(plane(), await load_task(who, account, task_id))
         return Response(status_code=204)
+
+    @app.get("/v1/tasks/{task_id}/events", response_model=list[TaskEvent], tags=["tasks"])
+    async def get_task_events(
+        task_id: TaskIdPath, who: Who, account: AccountParam = None
+    ) -> list[TaskEvent]:
+        """Every change of the task's record, oldest first: what happened to it, attempt by
+        attempt (kept as long as the record; the newest 1,000)."""
+        task = (await load_task(who, account, task_id)).record.task
+        return await task_events.read(plane().js, task.account, task.id)
 
     @app.get(
         "/v1/tasks/{task_id}/logs",
