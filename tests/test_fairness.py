@@ -112,3 +112,28 @@ async def test_a_flooding_account_keeps_to_its_weighted_share_of_the_dispatcher(
         dispatcher.fairness = saved
     for api, task_ids in zip((gold, plain), ids, strict=True):
         await all_succeed(api, "slow", len(task_ids), timeout=120)
+
+
+async def test_functions_held_back_by_their_accounts_share_are_woken_when_it_frees(
+    make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher
+) -> None:
+    """Several accounts with several functions each, a share of one attempt per account: a
+    function turned away because its account's share was taken by a sibling must be pulled
+    again once the sibling's task ends, or its tasks wait for ever (a burst over 100 accounts
+    of 100 functions stalled this way with most of its tasks still Queued)."""
+    accounts = [await make_api() for _ in range(3)]
+    for api in accounts:
+        for f in range(4):
+            await api.function(f"sib{f}", command=["sleep", "0.05"], maxConcurrency=1)
+    saved = dispatcher.fairness
+    dispatcher.fairness = Fairness(FairnessSettings(slots=3, active_for=5))
+    try:
+        for i in range(5):
+            for api in accounts:
+                for f in range(4):
+                    await api.submit(f"sib{f}", i)
+        for api in accounts:
+            for f in range(4):
+                await all_succeed(api, f"sib{f}", 5, timeout=60)
+    finally:
+        dispatcher.fairness = saved

@@ -229,7 +229,7 @@ class Dispatcher:
             if self._closing:
                 return 0
             allowed = window.allowed() - len(worker.inflight)
-            fair = self.fairness.free(fn.account)
+            fair = self.fairness.free(fn.account, worker.wake)
             if fair is not None:
                 allowed = min(allowed, fair)
             if allowed <= 0:
