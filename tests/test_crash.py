@@ -371,13 +371,76 @@ async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab
         assert {t["metadata"]["name"] for t in items} == {f"q-{i}" for i in range(20)}
 
 
+def test_an_attempt_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """The dispatcher's way (`spawn_argv`): a process that started a command is killed with
+    SIGKILL, and the command goes with it."""
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        from kubetask.executors.parent_death import spawn_argv
+        env = {"PATH": os.environ["PATH"]}
+        argv, preexec = spawn_argv(["sleep", "60"], env, None)
+        assert preexec is None, "setpriv is part of util-linux: expected here"
+        child = subprocess.Popen(argv, env=env, start_new_session=True)
+        print(child.pid, flush=True)
+        sys.stdin.read()
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    time.sleep(0.3)
+    assert _alive(child) and b"sleep" in Path(f"/proc/{child}/cmdline").read_bytes()
+    parent.kill()
+    parent.wait()
+    _gone_soon(child)
+
+
+def test_a_guarded_command_whose_parent_is_gone_never_runs(tmp_path: Path) -> None:
+    """The guard's own check, for a parent killed before the death signal was set: run as if
+    started by a process that no longer is its parent, the command must not run at all."""
+    from kubetask.executors.parent_death import spawn_argv
+
+    marker = tmp_path / "ran"
+    env = {"PATH": os.environ["PATH"]}
+    argv, _ = spawn_argv(["touch", str(marker)], env, None)
+    argv[argv.index(str(os.getpid()))] = "1"  # "started by" a process that is not its parent
+    assert subprocess.run(argv, env=env, timeout=10).returncode == -signal.SIGKILL
+    assert not marker.exists()
+    argv, _ = spawn_argv(["touch", str(marker)], env, None)
+    assert subprocess.run(argv, env=env, timeout=10).returncode == 0 and marker.exists()
+
+
+def test_a_command_that_cannot_run_fails_to_start_as_exec_would(tmp_path: Path) -> None:
+    from kubetask.executors.parent_death import spawn_argv
+
+    env = {"PATH": "/usr/bin:/bin"}
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    for command, error in (
+        (["no-such-program-anywhere"], FileNotFoundError),
+        (["/nonexistent/binary"], FileNotFoundError),
+        (["./missing.sh"], FileNotFoundError),
+        ([str(script)], PermissionError),
+        (["./not-executable.sh"], PermissionError),
+    ):
+        with pytest.raises(error):
+            spawn_argv(command, env, str(tmp_path))
+    script.chmod(0o755)
+    argv, _ = spawn_argv(["./not-executable.sh"], env, str(tmp_path))
+    out = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=10)
+    assert out.stdout == "hi\n"
+
+
 def test_child_whose_parent_dies_before_it_is_armed_dies_too(tmp_path: Path) -> None:
     """The window a `kill -9` can hit: the parent forks an attempt and dies before the child
     has set its death signal. The child must not run on unwatched."""
     script = textwrap.dedent(
         """
         import os, sys, time
-        from kubetask.executors.base import die_with_parent
+        from kubetask.executors.parent_death import die_with_parent
         arm = die_with_parent()
         parent = os.getpid()
         child = os.fork()
@@ -394,10 +457,13 @@ def test_child_whose_parent_dies_before_it_is_armed_dies_too(tmp_path: Path) -> 
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=30
     )
-    child = int(out.stdout.strip())
+    _gone_soon(int(out.stdout.strip()))
+
+
+def _gone_soon(pid: int) -> None:
     deadline = time.monotonic() + 10
-    while _alive(child):
-        assert time.monotonic() < deadline, f"pid {child} ran on after its parent died"
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} ran on after its parent died"
         time.sleep(0.05)
 
 

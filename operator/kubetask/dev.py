@@ -27,7 +27,7 @@ from . import nats_auth
 from .auth import create_token
 from .client import Client
 from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
-from .executors.base import die_with_parent
+from .executors.parent_death import die_with_parent
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
 # let running attempts go on before handing them back to the queue.

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .executors.base import die_with_parent
+from .executors.parent_death import die_with_parent
 
 
 def nats_server_binary() -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -14,27 +12,6 @@ import pydantic_core
 from ..models import TaskFunction
 
 LogLine = Callable[[str, str], None]  # (stream name, line)
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-def die_with_parent() -> Callable[[], None]:
-    """A `preexec_fn` for a child the kernel kills when its parent dies, even by SIGKILL, so a
-    crashed dispatcher never leaves an attempt running that another would rerun.
-
-    The death signal only covers a parent that dies after it is armed: a parent killed between
-    fork and `prctl` would leave the child running unwatched (seen in CI: an attempt outlived a
-    `kill -9`ed `kubetask dev`). So the child compares its parent with the one that forked it
-    and kills itself if that one is already gone."""
-    parent = os.getpid()
-
-    def arm() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return arm
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,10 +15,10 @@ from .base import (
     Tail,
     base_environment,
     decode_result,
-    die_with_parent,
     encode_payload,
     env_for,
 )
+from .parent_death import spawn_argv
 
 KILL_GRACE_SECONDS = 0.5
 
@@ -109,15 +109,17 @@ class CommandExecutor:
     async def start(self, inv: Invocation) -> Execution:
         spec = inv.function.spec
         assert spec.command is not None
+        env = env_for(inv, base_environment())
+        argv, preexec = spawn_argv(spec.command, env, spec.workingDir)
         proc = await asyncio.create_subprocess_exec(
-            *spec.command,
+            *argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=env_for(inv, base_environment()),
+            env=env,
             cwd=spec.workingDir,
             start_new_session=True,
-            preexec_fn=die_with_parent(),
+            preexec_fn=preexec,
         )
         return CommandExecution(inv, proc)
 

@@ -27,12 +27,12 @@ from .base import (
     Outcome,
     base_environment,
     decode_result,
-    die_with_parent,
     encode_payload,
     env_for,
 )
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
+from .parent_death import spawn_argv
 
 # Readiness answers are read up to this size; their body is not used.
 READINESS_BODY_LIMIT = 64 * 1024
@@ -154,15 +154,16 @@ class InstancePool:
         for key in ("KUBETASK_TASK_ID", "KUBETASK_ATTEMPT"):
             env.pop(key, None)
         env["PORT"] = str(port)
+        argv, preexec = spawn_argv(self.spec.command, env, self.fn.spec.workingDir)
         proc = await asyncio.create_subprocess_exec(
-            *self.spec.command,
+            *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
             cwd=self.fn.spec.workingDir,
             start_new_session=True,
-            preexec_fn=die_with_parent(),
+            preexec_fn=preexec,
         )
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency

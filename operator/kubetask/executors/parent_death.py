@@ -1,0 +1,72 @@
+"""Children that die with the process that started them, even when it dies by SIGKILL, so a
+crashed dispatcher never leaves an attempt running that another would run again.
+
+The kernel's parent-death signal (`PR_SET_PDEATHSIG`) does it, but it must be set in the child,
+and that only covers a parent that dies after it is set: a parent killed in between leaves the
+child running unwatched (seen in CI: an attempt outlived a `kill -9`ed `kubetask dev`). So the
+child also checks that its parent is still the one that started it.
+
+Two ways to set it:
+- `spawn_argv` (attempts and warm instances: the dispatcher's hot path) puts `setpriv
+  --pdeathsig KILL` and a one-line shell guard in front of the command. A `preexec_fn` would
+  make Python fork the whole dispatcher instead of vfork-ing it, and a fork copies its page
+  tables: measured at 39 ms per spawn for a 350 MB process against 2.5 ms this way (5 ms
+  against 2.6 at 20 MB). Without `setpriv` (util-linux) it falls back to the `preexec_fn`.
+- `die_with_parent()`, the `preexec_fn`, for the few long-lived children of `kubetask dev`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import signal
+from collections.abc import Callable, Sequence
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_SETPRIV = shutil.which("setpriv")
+_SH = shutil.which("sh")
+# Run by `sh -c` with the expected parent's pid as $0 and the command as "$@".
+_GUARD = '[ "$PPID" = "$0" ] || kill -KILL $$; exec "$@"'
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` that arms the death signal, then kills the child if the parent that
+    forked it is already gone."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
+
+def spawn_argv(
+    command: Sequence[str], env: dict[str, str], cwd: str | None
+) -> tuple[list[str], Callable[[], None] | None]:
+    """What to pass to `create_subprocess_exec` for `command`: (argv, preexec_fn).
+
+    The command is looked up first as exec would (the environment's PATH, or relative to
+    `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
+    exit code of the guard."""
+    if _SETPRIV is None or _SH is None:
+        return list(command), die_with_parent()
+    _check_runnable(command[0], env.get("PATH", os.defpath), cwd)
+    guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", _GUARD, str(os.getpid())]
+    return [*guard, *command], None
+
+
+def _check_runnable(program: str, path: str, cwd: str | None) -> None:
+    if "/" not in program:
+        if shutil.which(program, path=path) is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        return
+    full = os.path.join(cwd or os.getcwd(), program)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    if not os.access(full, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
