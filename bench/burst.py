@@ -89,10 +89,14 @@ async def burst(
 
     watcher = asyncio.create_task(watch())
     await asyncio.gather(*(submit() for _ in range(16)))
+    shown = time.monotonic()
     while True:
         done = await dev.succeeded(None) - before
         if done >= total:
             break
+        if time.monotonic() - shown >= 10:  # a collapse shows itself without waiting for the end
+            shown = time.monotonic()
+            print(f"  ... {done:.0f} of {total} after {shown - t0:.0f} s", flush=True)
         await asyncio.sleep(0.5)
     took = time.monotonic() - t0
     watcher.cancel()
@@ -109,10 +113,19 @@ async def main(args: argparse.Namespace) -> None:
         auth = {"Authorization": f"Bearer {dev.admin_token}"}
         async with httpx.AsyncClient(base_url=dev.url, headers=auth, timeout=60) as h:
             functions = [(accounts[i % len(accounts)], f"f{i:05d}") for i in range(args.functions)]
-            for account, name in functions:
-                body = command_function(name, account, 64)
-                put = await h.put(f"/v1/functions/{name}", params={"account": account}, json=body)
-                put.raise_for_status()
+            todo = iter(functions)
+            began = time.monotonic()
+
+            async def register() -> None:
+                for account, name in todo:
+                    body = command_function(name, account, 64)
+                    put = await h.put(
+                        f"/v1/functions/{name}", params={"account": account}, json=body
+                    )
+                    put.raise_for_status()
+
+            await asyncio.gather(*(register() for _ in range(8)))
+            print(f"registered in {time.monotonic() - began:.0f} s", flush=True)
             one = command_function("one", accounts[0], args.one_concurrency)
             spec = one["spec"]
             assert isinstance(spec, dict)
