@@ -19,12 +19,13 @@ from .base import (
     env_for,
 )
 from .parent_death import spawn_argv
+from .spawn import Child, spawn
 
 KILL_GRACE_SECONDS = 0.5
 
 
 class CommandExecution:
-    def __init__(self, inv: Invocation, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, inv: Invocation, proc: Child) -> None:
         self.inv = inv
         self.proc = proc
         self.instance: str | None = f"pid-{proc.pid}"
@@ -51,12 +52,7 @@ class CommandExecution:
             self.inv.log("stderr", line.decode("utf-8", errors="replace").rstrip("\n"))
 
     async def _feed_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        # A command that does not read its payload may exit before it is written: not an error.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError, RuntimeError):
-            self.proc.stdin.write(encode_payload(self.inv.payload))
-            await self.proc.stdin.drain()
-            self.proc.stdin.close()
+        await self.proc.feed(encode_payload(self.inv.payload))
 
     def _failed(self, error: str, code: int | None, **flags: bool) -> Outcome:
         """A failed attempt, with what it printed last as evidence."""
@@ -111,16 +107,7 @@ class CommandExecutor:
         assert spec.command is not None
         env = env_for(inv, base_environment())
         argv, preexec = spawn_argv(spec.command, env, spec.workingDir)
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=spec.workingDir,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
+        proc = await spawn(argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False)
         return CommandExecution(inv, proc)
 
     async def close(self) -> None:

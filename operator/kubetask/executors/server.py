@@ -33,6 +33,7 @@ from .base import (
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
 from .parent_death import spawn_argv
+from .spawn import Child, spawn
 
 # Readiness answers are read up to this size; their body is not used.
 READINESS_BODY_LIMIT = 64 * 1024
@@ -48,7 +49,7 @@ def _free_port() -> int:
 class Instance:
     name: str
     port: int
-    proc: asyncio.subprocess.Process
+    proc: Child
     capacity: int
     inflight: set[Invocation] = field(default_factory=set)
     idle_since: float = 0.0
@@ -154,17 +155,9 @@ class InstancePool:
         for key in ("KUBETASK_TASK_ID", "KUBETASK_ATTEMPT"):
             env.pop(key, None)
         env["PORT"] = str(port)
-        argv, preexec = spawn_argv(self.spec.command, env, self.fn.spec.workingDir)
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            cwd=self.fn.spec.workingDir,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
+        cwd = self.fn.spec.workingDir
+        argv, preexec = spawn_argv(self.spec.command, env, cwd)
+        proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
         )

@@ -1,0 +1,193 @@
+"""Starting executor processes from a large dispatcher without copying it.
+
+asyncio's subprocesses on uvloop (the dispatcher's loop) are forked: the kernel copies the
+dispatcher's page tables for every child and throws them away at exec. A dispatcher serving
+10,000 functions holds ~350 MB, and a burst over them spent half of all CPU in that copy (perf:
+`copy_page_range` under `_Fork`, `unmap_page_range` under `execve`), tens of milliseconds a
+spawn. `subprocess.Popen` without a `preexec_fn` uses vfork, which copies nothing; so children
+start through it (on a worker thread, so the loop never waits on the kernel), their pipes are
+read and written through the loop's readiness callbacks (each fd owned and closed here,
+exactly once: uvloop's pipe transports close a pipe's fd and then its file object, and with
+children started from another thread that second close hit a newly made pipe), and their
+exit is watched through a pidfd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# As asyncio's own subprocess streams: a longer line than this is an error for `readline`.
+STREAM_LIMIT = 2**16
+
+
+@dataclass(eq=False)
+class Child:
+    """The parts of `asyncio.subprocess.Process` the executors use."""
+
+    pid: int
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader | None
+    _stdin: int | None
+    _exited: asyncio.Future[int]
+
+    @property
+    def returncode(self) -> int | None:
+        """As Popen's: negative for a signal; None while it runs."""
+        return self._exited.result() if self._exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    async def feed(self, data: bytes) -> None:
+        """Write `data` to its stdin and close it. A child that exits or closes its stdin
+        without reading it all is not an error."""
+        fd, self._stdin = self._stdin, None
+        if fd is None:
+            return
+        loop = asyncio.get_running_loop()
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    writable = loop.create_future()
+                    loop.add_writer(fd, writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(fd)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            os.close(fd)
+
+
+async def spawn(
+    argv: Sequence[str],
+    env: dict[str, str],
+    cwd: str | None,
+    preexec: Callable[[], None] | None,
+    stdin: bool,
+    stderr_to_stdout: bool,
+) -> Child:
+    """Start `argv` in a session of its own with stdout (and stderr, or stderr folded into
+    stdout) piped to the loop and, with `stdin`, a pipe to write to; otherwise stdin is
+    /dev/null. Raises what exec raised (FileNotFoundError, PermissionError, ...)."""
+    loop = asyncio.get_running_loop()
+    in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, -1)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe() if not stderr_to_stdout else (-1, subprocess.STDOUT)
+    theirs = [fd for fd in (in_r, out_w, err_w) if fd >= 0]  # closed once the child has them
+    ours = [fd for fd in (in_w, out_r, err_r) if fd >= 0]  # closed by their reader and writer
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            list(argv),
+            stdin=in_r,
+            stdout=out_w,
+            stderr=err_w,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+
+    def close(fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    starting = loop.run_in_executor(None, start)
+    try:
+        popen = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # The thread starts it anyway: stop and reap it rather than leave it running.
+        starting.add_done_callback(functools.partial(_stop_started, loop, theirs + ours))
+        raise
+    except BaseException:
+        close(theirs + ours)
+        raise
+    close(theirs)
+    for fd in ours:
+        os.set_blocking(fd, False)
+    return Child(
+        popen.pid,
+        _reader(loop, out_r),
+        _reader(loop, err_r) if err_r >= 0 else None,
+        in_w if in_w >= 0 else None,
+        _watch_exit(loop, popen),
+    )
+
+
+def _stop_started(
+    loop: asyncio.AbstractEventLoop, fds: list[int], started: asyncio.Future[Any]
+) -> None:
+    for fd in fds:
+        os.close(fd)
+    if started.cancelled() or started.exception() is not None:
+        return
+    popen = started.result()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    _watch_exit(loop, popen)
+
+
+def _watch_exit(
+    loop: asyncio.AbstractEventLoop, popen: subprocess.Popen[bytes]
+) -> asyncio.Future[int]:
+    """A future of the exit code, reaped only by us: a pidfd becomes readable when the child
+    exits. Where there is none (Linux < 5.3) a thread waits instead."""
+    exited: asyncio.Future[int] = loop.create_future()
+
+    def done(code: int) -> None:
+        if not exited.done():
+            exited.set_result(code)
+
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError:
+        waiter = threading.Thread(
+            target=lambda: loop.call_soon_threadsafe(done, popen.wait()), daemon=True
+        )
+        waiter.start()
+        return exited
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        done(popen.wait())
+
+    loop.add_reader(pidfd, reap)
+    return exited
+
+
+def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
+    """A stream fed from `fd` as it becomes readable; at its end the fd is closed."""
+    reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError as err:
+            reader.set_exception(err)
+            data = b""
+        if data:
+            reader.feed_data(data)
+            return
+        loop.remove_reader(fd)
+        os.close(fd)
+        reader.feed_eof()
+
+    loop.add_reader(fd, readable)
+    return reader

@@ -1,0 +1,52 @@
+"""Starting executor processes (`executors/spawn.py`) on the tests' loop (uvloop, as deployed):
+many at once, payloads larger than a pipe holds, output on both streams, exit codes and
+signals as Popen reports them, and every descriptor closed afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from kubetask.executors.parent_death import spawn_argv
+from kubetask.executors.spawn import spawn
+
+ENV = {"PATH": os.environ["PATH"]}
+ECHO = "import sys; data = sys.stdin.buffer.read(); sys.stderr.write('got\\n'); sys.stdout.buffer.write(data[::-1])"
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def run(command: list[str], payload: bytes) -> tuple[int, bytes, bytes]:
+    argv, preexec = spawn_argv(command, ENV, None)
+    child = await spawn(argv, ENV, None, preexec, stdin=True, stderr_to_stdout=False)
+    assert child.stderr is not None
+    _, out, err = await asyncio.gather(
+        child.feed(payload), child.stdout.read(), child.stderr.read()
+    )
+    return await child.wait(), out, err
+
+
+async def test_many_children_at_once_each_get_their_payload_back() -> None:
+    before = open_fds()
+    payloads = [os.urandom(200_000 + i) for i in range(40)]  # more than a pipe's 64 KiB
+    results = await asyncio.gather(*(run([sys.executable, "-c", ECHO], p) for p in payloads))
+    for payload, (code, out, err) in zip(payloads, results, strict=True):
+        assert code == 0 and out == payload[::-1] and err == b"got\n"
+    assert open_fds() == before
+
+
+async def test_exit_codes_signals_and_a_child_that_reads_nothing() -> None:
+    before = open_fds()
+    code, out, _ = await run(["sh", "-c", "echo partial; exit 3"], os.urandom(300_000))
+    assert code == 3 and out == b"partial\n"
+    code, _, _ = await run(["sh", "-c", "kill -TERM $$"], b"")
+    assert code == -15
+    argv, preexec = spawn_argv(["sh", "-c", "echo both 1>&2; echo out"], ENV, None)
+    child = await spawn(argv, ENV, None, preexec, stdin=False, stderr_to_stdout=True)
+    assert child.stderr is None and child.returncode is None
+    assert sorted((await child.stdout.read()).split()) == [b"both", b"out"]
+    assert await child.wait() == 0 and child.returncode == 0
+    assert open_fds() == before
