@@ -3,6 +3,7 @@ describe`): each revision of its record in KT_EVENTS (`events.py`), reduced to w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections import deque
 from datetime import UTC, datetime
@@ -19,8 +20,28 @@ from .store import TaskRecord
 MAX_EVENTS = 1000
 
 
-async def read(js: JetStreamContext, account: str, task_id: str) -> list[TaskEvent]:
-    """Oldest first, through an ordered consumer on the task's subject alone."""
+# KT_EVENTS sources the task bucket asynchronously: a trail read just after a change may not
+# hold it yet. Reading waits this long at most for the record as stored now to arrive.
+SOURCING_WAIT = 3.0
+
+
+async def read(
+    js: JetStreamContext, account: str, task_id: str, latest: bytes | None = None
+) -> list[TaskEvent]:
+    """Oldest first. With `latest` (the record as stored now), read again until the trail
+    ends with it or SOURCING_WAIT has passed, so a user never sees a story without its end."""
+    deadline = asyncio.get_running_loop().time() + SOURCING_WAIT
+    while True:
+        trail, last = await _read_once(js, account, task_id)
+        if latest is None or last == latest or asyncio.get_running_loop().time() >= deadline:
+            return trail
+        await asyncio.sleep(0.05)
+
+
+async def _read_once(
+    js: JetStreamContext, account: str, task_id: str
+) -> tuple[list[TaskEvent], bytes | None]:
+    """Through an ordered consumer on the task's subject alone; also the last message's data."""
     sub = await js.subscribe(
         names.event_subject(account, task_id),
         stream=names.EVENTS_STREAM,
@@ -28,16 +49,18 @@ async def read(js: JetStreamContext, account: str, task_id: str) -> list[TaskEve
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
     kept: deque[TaskEvent] = deque(maxlen=MAX_EVENTS)
+    last = None
     try:
         remaining = int((await sub.consumer_info()).num_pending or 0)
         while remaining > 0:
             msg = await sub.next_msg(timeout=5)
             remaining = int(msg.metadata.num_pending)
             kept.append(_event(msg.data, msg.metadata.timestamp))
+            last = msg.data
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    return list(kept)
+    return list(kept), last
 
 
 def _event(data: bytes, stored: datetime | None) -> TaskEvent:

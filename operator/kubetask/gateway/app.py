@@ -363,8 +363,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     ) -> list[TaskEvent]:
         """Every change of the task's record, oldest first: what happened to it, attempt by
         attempt (kept as long as the record; the newest 1,000)."""
-        task = (await load_task(who, account, task_id)).record.task
-        return await task_events.read(plane().js, task.account, task.id)
+        current = await load_task(who, account, task_id)
+        task = current.record.task
+        return await task_events.read(plane().js, task.account, task.id, current.raw)
 
     @app.get(
         "/v1/tasks/{task_id}/logs",
