@@ -12,7 +12,8 @@ the heavy account's work in flight to shrink to its share, which for short tasks
 A puller turned away because its account is at its share is called back when the share may
 have grown: a task of that account ended, or (checked every `active_for / 2` while anyone waits)
 another account went quiet. Without that, a function held back while a sibling in its account
-ran was never pulled again: with a hundred functions per account, most of a burst stayed Queued.
+ran was never pulled again: a burst over 100 accounts of 100 functions stalled with a third of
+its tasks Queued.
 
 An account counts as active while it has work in flight or started some within the last
 `active_for` seconds. Alone, an account is bounded only by its own limits, so fairness costs a
