@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 from harness import Api, kt
+from kubetask import task_events
+from kubetask.plane import DataPlane
 
 
 async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
@@ -101,6 +103,18 @@ async def test_describe_shows_every_attempt_and_the_last_log_lines(
     assert "logs (last 3 lines):" in text and text.rstrip().endswith("task Succeeded")
     missing = await kt(api, gateway_url, "describe", "no-such-task", check=False)
     assert missing.returncode != 0 and "HTTP 404" in missing.stderr
+
+
+async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(
+    api: Api, plane: DataPlane
+) -> None:
+    """The wait for the audit stream's sourcing is bounded: a record it never receives (here
+    one that was never written) ends the wait with the trail as far as it goes."""
+    await api.function("told", command=["true"])
+    await api.submit("told", task_id="told-1")
+    await api.wait("told-1")
+    trail = await task_events.read(plane.js, api.account, "told-1", latest=b"never written")
+    assert [e.phase for e in trail][-1] == "Succeeded"
 
 
 async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(

@@ -143,8 +143,8 @@ def _print_details(task: dict[str, Any]) -> None:
 
 
 def _executor(ex: dict[str, Any]) -> str:
-    where = " ".join(x for x in (ex.get("instance"), ex.get("host")) if x)
-    return f"{ex['backend']} {where} (dispatcher {ex['dispatcher']})".replace("  ", " ")
+    parts = [ex["backend"], ex.get("instance"), ex.get("host"), f"(dispatcher {ex['dispatcher']})"]
+    return " ".join(p for p in parts if p)
 
 
 def cmd_describe(args: argparse.Namespace) -> None:

@@ -27,6 +27,11 @@ STOP_SUBJECT_PREFIX = "kt.ctl.stop"
 SHARED_STREAM = "KT_QM"
 
 
+def shared_subjects(account: str) -> str:
+    """One account's queue subjects in the small accounts' stream (its part of that stream)."""
+    return f"kt.qm.{account}.*"
+
+
 def account_stream(account: str) -> str:
     return f"KT_Q_{account}"
 

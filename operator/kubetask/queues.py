@@ -190,7 +190,7 @@ class QueueDepth:
     async def _stored(self, queue: names.Queue, account: str) -> int:
         request = b""
         if queue.stream == names.SHARED_STREAM:
-            request = pydantic_core.to_json({"subjects_filter": f"kt.qm.{account}.*"})
+            request = pydantic_core.to_json({"subjects_filter": names.shared_subjects(account)})
         try:
             info = await self.rpc.api(f"$JS.API.STREAM.INFO.{queue.stream}", request)
         except Exception as err:

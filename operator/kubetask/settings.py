@@ -102,10 +102,10 @@ class Settings:
     )
     # Functions that may share one queue (stream): its consumer limit; past it, registering
     # another function there is a 409 (nats-server 2.15 would stop at 1,000). Each function is
-    # a durable consumer, and a burst across 10,000 of them ran at a few tasks a second, one
-    # across 1,000 at the pace of a single function: nats-server rewrote every busy consumer's
-    # state file, and with that state in memory walked every consumer of the stream on each
-    # acknowledgement (bench/README.md, docs/decisions.md "Not yet").
+    # a durable consumer, and a burst across 10,000 of them in one account's stream ran at a
+    # few tasks a second: nats-server rewrote every busy consumer's state file, and with that
+    # state in memory walked every consumer of the stream on each acknowledgement
+    # (bench/README.md, docs/decisions.md "Still costly").
     queue_max_functions: int = field(
         default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000)
     )

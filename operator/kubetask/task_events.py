@@ -8,6 +8,7 @@ import contextlib
 from collections import deque
 from datetime import UTC, datetime
 
+from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -28,39 +29,38 @@ SOURCING_WAIT = 3.0
 async def read(
     js: JetStreamContext, account: str, task_id: str, latest: bytes | None = None
 ) -> list[TaskEvent]:
-    """Oldest first. With `latest` (the record as stored now), read again until the trail
-    ends with it or SOURCING_WAIT has passed, so a user never sees a story without its end."""
-    deadline = asyncio.get_running_loop().time() + SOURCING_WAIT
-    while True:
-        trail, last = await _read_once(js, account, task_id)
-        if latest is None or last == latest or asyncio.get_running_loop().time() >= deadline:
-            return trail
-        await asyncio.sleep(0.05)
-
-
-async def _read_once(
-    js: JetStreamContext, account: str, task_id: str
-) -> tuple[list[TaskEvent], bytes | None]:
-    """Through an ordered consumer on the task's subject alone; also the last message's data."""
+    """Oldest first, through one ordered consumer on the task's subject alone. With `latest`
+    (the record as stored now) it goes on waiting, up to SOURCING_WAIT, until the trail holds
+    it, so a user never sees a story without its end."""
     sub = await js.subscribe(
         names.event_subject(account, task_id),
         stream=names.EVENTS_STREAM,
         ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SOURCING_WAIT
     kept: deque[TaskEvent] = deque(maxlen=MAX_EVENTS)
-    last = None
+    seen = latest is None
     try:
         remaining = int((await sub.consumer_info()).num_pending or 0)
-        while remaining > 0:
-            msg = await sub.next_msg(timeout=5)
+        while remaining > 0 or not seen:
+            wait = 5.0 if remaining > 0 else deadline - loop.time()
+            if wait <= 0:
+                break
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats_errors.TimeoutError:
+                if remaining > 0:
+                    raise
+                break
             remaining = int(msg.metadata.num_pending)
             kept.append(_event(msg.data, msg.metadata.timestamp))
-            last = msg.data
+            seen = seen or msg.data == latest
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    return list(kept), last
+    return list(kept)
 
 
 def _event(data: bytes, stored: datetime | None) -> TaskEvent:
