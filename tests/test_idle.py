@@ -50,13 +50,18 @@ async def test_an_idle_pull_backs_off_yet_delivers_at_once_across_a_nats_restart
         pull = Pull(nc, "IDLE", "c", lambda: 4, deliver, expires=0.2, idle_expires=60)
         await pull.start()
         await asyncio.sleep(4)
-        # At a fixed 0.2 s that would be 20 requests; growing from 0.2 s: 0.2, 0.8, 3.2.
-        assert 3 <= len(requests) <= 4, requests
+        # At a fixed 0.2 s that would be 20 requests; growing from 0.2 s: 0.2, 0.8, 3.2 (one
+        # or two more if a loaded machine answers late).
+        assert 2 <= len(requests) <= 6, requests
 
         sent = time.monotonic()
         await js.publish("idle.a", b"1")
-        await asyncio.sleep(0.5)
-        assert len(got) == 1 and got[0] - sent < 0.5, "an idle function's task waited"
+        # The standing request delivers it; without one it would wait for the next request,
+        # up to the 60 s idle expiry. 2 s leaves room for a loaded machine.
+        while not got:
+            assert time.monotonic() - sent < 2, "an idle function's task waited"
+            await asyncio.sleep(0.05)
+        assert len(got) == 1
 
         await asyncio.sleep(3)  # idle again, its request lives longer and longer
         server.kill()

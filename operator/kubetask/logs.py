@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from . import names
+from .cancellation import cancel_and_wait
 
 
 def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> bytes:
@@ -57,7 +58,7 @@ class LogWriter:
             await asyncio.wait_for(self._queue.join(), 5)
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=2)
-        self._task.cancel()
+        await cancel_and_wait(self._task)
 
 
 async def read(

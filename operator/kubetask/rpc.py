@@ -13,7 +13,6 @@ callers handle them as before.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any
 
@@ -23,6 +22,7 @@ from nats.errors import ConnectionReconnectingError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
+from .cancellation import cancel_and_wait
 from .jetstream import Connection
 
 STATUS = "Status"
@@ -96,10 +96,7 @@ class Requester:
                     )
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel_and_wait(self._sweeper)
 
     async def batch_get(self, stream: str, request: dict[str, object]) -> tuple[list[Msg], int]:
         """A batch direct get: the stored messages it returns (in sequence order) and how many

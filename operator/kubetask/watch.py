@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from .cancellation import cancel_and_wait
 from .rpc import STATUS, Requester
 from .store import kv_deleted
 
@@ -80,10 +81,7 @@ class BucketMirror:
     async def stop(self) -> None:
         with contextlib.suppress(Exception):
             await self._watcher.stop()  # type: ignore[no-untyped-call]
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
 
 def ack_subject(reply: str) -> tuple[int, int]:
@@ -266,10 +264,7 @@ class LazyMirror:
                 await self.caught_up()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         async with self._lock:
             if self._consumer is not None:
                 with contextlib.suppress(Exception):

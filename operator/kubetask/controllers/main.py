@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 import kopf
 
+from ..cancellation import cancel_and_wait
 from ..plane import DataPlane
 from ..settings import Settings
 from . import asyncconfigs, taskfunctions, tasks  # noqa: F401  (registers the handlers)
@@ -32,9 +32,7 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    memo.scaler.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await memo.scaler
+    await cancel_and_wait(memo.scaler)
     await memo.plane.close()
 
 

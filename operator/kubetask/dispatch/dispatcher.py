@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from nats.aio.msg import Msg
 
 from .. import jetstream, metrics, names, quarantine, queues
+from ..cancellation import cancel_and_wait
 from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
 from ..fairness import Fairness
 from ..logs import LogWriter
@@ -698,8 +699,7 @@ class Dispatcher:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        for bg in self._background:
-            bg.cancel()
+        await cancel_and_wait(*self._background)
         await self.command.close()
         await self.server.close()
         for policy in self.policies:

@@ -35,6 +35,7 @@ from nats.js.errors import APIError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from .. import metrics
+from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
 from ..registry import Registry
 from ..watch import BucketMirror
@@ -139,10 +140,7 @@ class Leases:
 
     async def close(self) -> None:
         """Leave: hand every partition back at once instead of letting the leases lapse."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for key, revision in list(self.held.items()):
             with contextlib.suppress(Exception):
                 await self.kv.delete(key, last=revision)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
 from .base import (
     Execution,
@@ -367,7 +368,6 @@ class ServerExecutor:
         return ServerExecution(pool, inst, inv)
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
+        await cancel_and_wait(self._reaper)
         for pool in self._pools.values():
             await pool.close()

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp
 
 from .. import actions, grammar, logs, names, quarantine, queues, task_events
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
+from ..cancellation import cancel_and_wait
 from ..dispatch.destinations import config_problem
 from ..models import (
     AccountLimits,
@@ -201,11 +202,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         try:
             yield
         finally:
-            sweeper.cancel()
-            poison.cancel()
-            resuming.cancel()
-            routing.cancel()
-            expiring.cancel()
+            await cancel_and_wait(sweeper, poison, resuming, routing, expiring)
             await indexer.stop()
             await plane.close()
 

@@ -18,7 +18,6 @@ after a batch sees it. SQLite leaves Python's lock while it works, so the loop r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 from .. import names
+from ..cancellation import cancel_and_wait
 from ..plane import DataPlane
 from ..watch import LazyMirror
 from .index import TaskIndex
@@ -131,10 +131,7 @@ class Indexer:
         await self.mirror.caught_up()
 
     async def stop(self) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loading
+        await cancel_and_wait(self._loading)
         if self.mirror is not None:
             await self.mirror.stop()
         if self._index is not None:
