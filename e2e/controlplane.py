@@ -44,7 +44,9 @@ class ControlPlane:
         self.procs.append(proc)
         return proc
 
-    def start(self, controllers: bool = False) -> None:
+    def start(self, controllers: bool = False, advertise: str = "127.0.0.1") -> None:
+        """With a node, `advertise` is an address pods reach: the `kubernetes` Service's
+        endpoint, which in-cluster clients (the operator) connect to."""
         self.root.mkdir(parents=True, exist_ok=True)
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
         etcd = self._spawn(
@@ -77,8 +79,8 @@ class ControlPlane:
             "kube-apiserver",
             [
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={'127.0.0.1' if advertise == '127.0.0.1' else '0.0.0.0'}",
+                f"--advertise-address={advertise}",
                 f"--secure-port={api_port}",
                 f"--cert-dir={self.root / 'certs'}",
                 "--service-account-issuer=https://kubernetes.default.svc",
