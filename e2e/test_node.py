@@ -5,6 +5,8 @@ task submitted through the gateway's Service runs and succeeds."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from controlplane import ControlPlane, binaries
+from kubetask import names
 from kubetask.auth import hash_token
 from node import Node, host_ip, images
 
@@ -71,24 +75,94 @@ def test_the_image_runs_as_a_pod_that_logs_and_exec_reach(node: Node) -> None:
     cluster.kubectl("delete", "pod", "probe", "--grace-period=0", "--force")
 
 
-def test_helm_install_runs_every_pod_and_a_task_succeeds(node: Node, tmp_path: Path) -> None:
-    cluster, ns = node.cluster, "kubetask"
-    token = "kt_e2e-node-team-a-token"
+@pytest.mark.parametrize(
+    ("release", "nats_pods"), [("single", 1), ("clustered", 3)], ids=["nats", "nats-cluster"]
+)
+def test_helm_install_runs_every_pod_and_tasks_succeed(
+    node: Node, release: str, nats_pods: int
+) -> None:
+    """Clustered, every stream is kept on three servers: deleting a NATS pod while a task runs
+    (its replacement starts empty) loses neither that task nor the next one."""
+    cluster, ns = node.cluster, f"kt-{release}"
+    token = f"kt_e2e-node-{release}-token"
     entry = {"name": "e2e", "account": "team-a", "admin": False, "sha256": hash_token(token)}
     cluster.run(
-        "helm", "install", "kt", CHART, "--namespace", ns, "--create-namespace", *IMAGE,
+        "helm", "install", release, CHART, "--namespace", ns, "--create-namespace", *IMAGE,
         "--set", "image.pullPolicy=Never",
         # No storage provisioner on this node: NATS keeps its data in an emptyDir.
         "--set", "nats.persistence.enabled=false",
         "--set", "nats.image.repository=docker.io/kubetask/kubetask", "--set", "nats.image.tag=dev",
+        "--set", f"nats.cluster.enabled={str(nats_pods > 1).lower()}",
         "--set-json", f"auth.tokens={json.dumps([entry])}",
     )  # fmt: skip
+    try:
+        chart_runs(cluster, ns, nats_pods)
+        gateway = json.loads(
+            cluster.kubectl(
+                "get", "service", f"{release}-kubetask-gateway", "-n", ns, "-o", "json"
+            ).stdout
+        )["spec"]
+        base = f"http://{gateway['clusterIP']}:{gateway['ports'][0]['port']}"
+        with httpx.Client(
+            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as api:
+            function(api, "hello", ["python3", "-c", "print('hello from a pod')"])
+            assert finish(api, submit(api, "hello"))["status"]["phase"] == "Succeeded"
+            assert stream_replicas(cluster, ns, release) == {
+                f"KV_{names.TASKS_BUCKET}": nats_pods,
+                names.account_stream("team-a"): nats_pods,
+            }
+            if nats_pods > 1:
+                function(api, "slow", ["sleep", "5"])
+                running = submit(api, "slow")
+                eventually(lambda: phase(api, running) == "Running", 60, "the slow task to run")
+                cluster.kubectl("delete", "pod", "-n", ns, f"{release}-kubetask-nats-1")
+                after = submit(api, "hello")
+                assert finish(api, running)["status"]["phase"] == "Succeeded"
+                assert finish(api, after)["status"]["phase"] == "Succeeded"
+                chart_runs(cluster, ns, nats_pods)  # the deleted server is back and ready
+    finally:
+        cluster.run("helm", "uninstall", release, "--namespace", ns, check=False)
 
+
+def stream_replicas(cluster: ControlPlane, ns: str, release: str) -> dict[str, int]:
+    """How many servers hold the task records and the account's queue, asked of NATS itself
+    (through its Service, as the platform's admin)."""
+    secret = json.loads(
+        cluster.kubectl(
+            "get", "secret", f"{release}-kubetask-nats-users", "-n", ns, "-o", "json"
+        ).stdout
+    )["data"]
+    nats_ip = json.loads(
+        cluster.kubectl("get", "service", f"{release}-kubetask-nats", "-n", ns, "-o", "json").stdout
+    )["spec"]["clusterIP"]
+
+    async def ask() -> dict[str, int]:
+        nc = await nats.connect(
+            f"nats://{nats_ip}:4222",
+            user="admin",
+            password=base64.b64decode(secret["admin"]).decode(),
+        )
+        try:
+            js = nc.jetstream()
+            found: dict[str, int] = {}
+            for stream in (f"KV_{names.TASKS_BUCKET}", names.account_stream("team-a")):
+                info = await js.stream_info(stream)
+                found[stream] = 1 + len((info.cluster and info.cluster.replicas) or [])
+            return found
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def chart_runs(cluster: ControlPlane, ns: str, nats_pods: int) -> None:
     def all_ready() -> list[dict[str, Any]] | None:
         found = pods(cluster, ns)
-        components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in found}
+        components = [p["metadata"]["labels"].get("app.kubernetes.io/component") for p in found]
         wanted = {"nats", "operator", "gateway", "dispatcher"}
-        return found if wanted <= components and all(map(ready, found)) else None
+        enough = wanted <= set(components) and components.count("nats") == nats_pods
+        return found if enough and all(map(ready, found)) else None
 
     try:
         running = eventually(all_ready, 240, "every pod of the chart Running and Ready")
@@ -103,30 +177,33 @@ def test_helm_install_runs_every_pod_and_a_task_succeeds(node: Node, tmp_path: P
         raise
     assert {p["status"]["phase"] for p in running} == {"Running"}
 
-    service = json.loads(
-        cluster.kubectl("get", "service", "kt-kubetask-gateway", "-n", ns, "-o", "json").stdout
+
+def function(api: httpx.Client, name: str, command: list[str]) -> None:
+    made = api.put(
+        f"/v1/functions/{name}",
+        json={
+            "apiVersion": "kubetask.io/v1alpha1",
+            "kind": "TaskFunction",
+            "metadata": {"name": name, "namespace": "team-a"},
+            "spec": {"command": command},
+        },
     )
-    base = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
-    with httpx.Client(
-        base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    ) as api:
-        made = api.put(
-            "/v1/functions/hello",
-            json={
-                "apiVersion": "kubetask.io/v1alpha1",
-                "kind": "TaskFunction",
-                "metadata": {"name": "hello", "namespace": "team-a"},
-                "spec": {"command": ["python3", "-c", "print('hello from a pod')"]},
-            },
-        )
-        assert made.status_code == 200, made.text
-        sent = api.post("/v1/tasks", json={"function": "hello", "payload": None})
-        assert sent.status_code == 202, sent.text
-        task_id = sent.json()["metadata"]["name"]
+    assert made.status_code == 200, made.text
 
-        def finished() -> dict[str, Any] | None:
-            got = api.get(f"/v1/tasks/{task_id}").json()
-            return got if got["status"]["phase"] in ("Succeeded", "Failed") else None
 
-        done = eventually(finished, 60, "the task to finish")
-    assert done["status"]["phase"] == "Succeeded", done
+def submit(api: httpx.Client, name: str) -> str:
+    sent = api.post("/v1/tasks", json={"function": name, "payload": None})
+    assert sent.status_code == 202, sent.text
+    return str(sent.json()["metadata"]["name"])
+
+
+def phase(api: httpx.Client, task_id: str) -> str:
+    return str(api.get(f"/v1/tasks/{task_id}").json()["status"]["phase"])
+
+
+def finish(api: httpx.Client, task_id: str) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        got: dict[str, Any] = api.get(f"/v1/tasks/{task_id}").json()
+        return got if got["status"]["phase"] in ("Succeeded", "Failed") else None
+
+    return dict(eventually(finished, 90, f"task {task_id} to finish"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -171,8 +172,10 @@ async def connect(
         delay = min(delay * 2, 2.0)
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or update it when its config changed (e.g. a new limit)."""
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, settings: Settings) -> None:
+    """Create the stream, or update it when its config changed (e.g. a new limit), with the
+    platform's number of replicas."""
+    config = dataclasses.replace(config, num_replicas=settings.stream_replicas)
     try:
         await js.add_stream(config)
     except BadRequestError:
@@ -192,6 +195,7 @@ async def ensure_kv(
             storage=StorageType.FILE,
             ttl=settings.retention_seconds,
             direct=True,
+            replicas=settings.stream_replicas,
         )
     )
 
@@ -208,10 +212,17 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     await ensure_kv(js, names.TASKS_BUCKET, settings)
     await history.apply_to(js, f"KV_{names.TASKS_BUCKET}", settings, compress=False)
     for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET, names.ROUTES_BUCKET):
-        await _ensure_bucket(js, KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+        config = KeyValueConfig(
+            bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas
+        )
+        await _ensure_bucket(js, config)
     # Leases live only as long as they are renewed; losing them all in a restart is harmless.
     leases = KeyValueConfig(
-        bucket=names.LEASES_BUCKET, history=1, storage=StorageType.MEMORY, ttl=settings.lease_ttl
+        bucket=names.LEASES_BUCKET,
+        history=1,
+        storage=StorageType.MEMORY,
+        ttl=settings.lease_ttl,
+        replicas=settings.stream_replicas,
     )
     await _ensure_bucket(js, leases)
     await ensure_stream(
@@ -223,6 +234,7 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
             storage=StorageType.FILE,
             **history.stream_options(settings),  # type: ignore[arg-type]
         ),
+        settings,
     )
-    await ensure_stream(js, events.stream_config(settings))
-    await ensure_stream(js, quarantine.stream_config(settings.retention_seconds))
+    await ensure_stream(js, events.stream_config(settings), settings)
+    await ensure_stream(js, quarantine.stream_config(settings.retention_seconds), settings)

@@ -120,7 +120,7 @@ def consumer_config(fn: TaskFunction, queue: names.Queue, settings: Settings) ->
 async def ensure_function_queue(js: JetStreamContext, fn: TaskFunction, settings: Settings) -> str:
     """Create or update the streams and consumers a function needs; returns its queue label."""
     for queue in names.queues_of(fn):
-        await ensure_stream(js, stream_config(queue, settings))
+        await ensure_stream(js, stream_config(queue, settings), settings)
         try:
             await js.add_consumer(queue.stream, consumer_config(fn, queue, settings))
         except BadRequestError as err:

@@ -117,6 +117,9 @@ class Settings:
             "KUBETASK_SMALL_ACCOUNTS", env_str("KUBETASK_SMALL_ACCOUNTS", "")
         )
     )
+    # Copies JetStream keeps of every stream and bucket: 3 on a three-node NATS cluster (the
+    # chart sets it with `nats.cluster.enabled`), so losing one server loses no task.
+    stream_replicas: int = field(default_factory=lambda: env_int("KUBETASK_STREAM_REPLICAS", 1))
     # A dispatcher that stops renewing its partition leases loses them after this long.
     lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0))
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.

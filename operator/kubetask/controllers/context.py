@@ -25,6 +25,8 @@ class OperatorConfig:
     # Where the Deployments it creates find their NATS passwords (`nats_auth.py`).
     nats_users_secret: str = _from_env(env_str, "NATS_USERS_SECRET", "kubetask-nats-users")
     gateway_replicas: int = _from_env(env_int, "GATEWAY_REPLICAS", 1)
+    # Passed on to the gateway and the dispatchers: every component creates streams alike.
+    stream_replicas: int = _from_env(env_int, "STREAM_REPLICAS", 1)
     dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1)
     dispatcher_max: int = _from_env(env_int, "DISPATCHER_MAX", 10)
     target_backlog: int = _from_env(env_int, "DISPATCHER_TARGET_BACKLOG", 100)

@@ -59,7 +59,11 @@ def _deployment(
         "name": component,
         "image": cfg.image,
         "args": args,
-        "env": [{"name": "KUBETASK_NATS_URL", "value": nats_url}, *_nats_user(cfg, component)],
+        "env": [
+            {"name": "KUBETASK_NATS_URL", "value": nats_url},
+            {"name": "KUBETASK_STREAM_REPLICAS", "value": str(cfg.stream_replicas)},
+            *_nats_user(cfg, component),
+        ],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     pod: dict[str, Any] = {
