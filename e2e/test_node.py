@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,6 +114,8 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 f"KV_{names.TASKS_BUCKET}": nats_pods,
                 names.account_stream("team-a"): nats_pods,
             }
+            if nats_pods == 1:
+                logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token)
             if nats_pods > 1:
                 function(api, "slow", ["sleep", "5"])
                 running = submit(api, "slow")
@@ -123,6 +127,48 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 chart_runs(cluster, ns, nats_pods)  # the deleted server is back and ready
     finally:
         cluster.run("helm", "uninstall", release, "--namespace", ns, check=False)
+
+
+def logs_in_to_the_pod_running_a_task(
+    cluster: ControlPlane, api: httpx.Client, ns: str, base: str, token: str
+) -> None:
+    """`kubetask login <task-id> -- hostname` runs in the pod the task runs in (a dispatcher's,
+    while functions run as processes there), and `kubectl get tasks -o wide` names that pod."""
+    function(api, "held", ["sleep", "600"])
+    cluster.kubectl("create", "namespace", "team-a")
+    cluster.kubectl(
+        "apply", "-n", "team-a", "-f", "-",
+        stdin="apiVersion: kubetask.io/v1alpha1\nkind: Task\n"
+        "metadata: {name: held-1}\nspec: {function: held}\n",
+    )  # fmt: skip
+    eventually(lambda: phase(api, "held-1") == "Running", 60, "the task to run")
+    executor = api.get("/v1/tasks/held-1").json()["status"]["executor"]
+    dispatchers = [
+        p["metadata"]["name"] for p in pods(cluster, ns, "app.kubernetes.io/component=dispatcher")
+    ]
+    assert executor["pod"] in dispatchers and executor["namespace"] == ns
+    assert executor["node"] == "localhost" and executor["container"] == "dispatcher"
+    login = subprocess.run(
+        [
+            sys.executable, "-m", "kubetask", "login", "held-1",
+            "--url", base, "--token", token, "--kubectl", str(cluster.bin / "kubectl"),
+            "--", "hostname",
+        ],
+        env=cluster.env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert login.returncode == 0, login.stderr
+    assert login.stdout.strip() == executor["pod"]
+
+    def wide() -> list[str] | None:
+        out = cluster.kubectl("get", "tasks", "-n", "team-a", "-o", "wide").stdout.splitlines()
+        return out if executor["pod"] in out[1] else None
+
+    table = eventually(wide, 30, "kubectl get tasks -o wide to show the pod")
+    assert table[0].split()[-2:] == ["POD", "NODE"] and table[1].split()[-2:] == [
+        executor["pod"],
+        "localhost",
+    ]
+    assert api.post("/v1/tasks/held-1/stop").status_code == 200
 
 
 def stream_replicas(cluster: ControlPlane, ns: str, release: str) -> dict[str, int]:
@@ -197,8 +243,10 @@ def submit(api: httpx.Client, name: str) -> str:
     return str(sent.json()["metadata"]["name"])
 
 
-def phase(api: httpx.Client, task_id: str) -> str:
-    return str(api.get(f"/v1/tasks/{task_id}").json()["status"]["phase"])
+def phase(api: httpx.Client, task_id: str) -> str | None:
+    """None until the task exists (one applied with kubectl is submitted by the operator)."""
+    got = api.get(f"/v1/tasks/{task_id}")
+    return None if got.status_code == 404 else str(got.json()["status"]["phase"])
 
 
 def finish(api: httpx.Client, task_id: str) -> dict[str, Any]:

@@ -141,10 +141,11 @@ def pids_running(needle: bytes) -> list[int]:
 async def kt(
     api: Api, url: str, *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as the account's user."""
+    """Run the CLI as the account's user (its options before a `--` and what follows it)."""
+    cut = args.index("--") if "--" in args else len(args)
     proc = await asyncio.to_thread(
         subprocess.run,
-        [PY, "-m", "kubetask", *args, "--url", url, "--token", api.token],
+        [PY, "-m", "kubetask", *args[:cut], "--url", url, "--token", api.token, *args[cut:]],
         capture_output=True,
         text=True,
         timeout=60,

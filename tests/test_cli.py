@@ -151,3 +151,35 @@ async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
         resp = await http.get("/v1/tasks")
         assert resp.status_code == 401 and resp.json()["error"] == "invalid token"
     assert (await asyncio.to_thread(tokens, "revoke", "no-such-token")).returncode != 0
+
+
+async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -> None:
+    """`kubetask login` goes where the attempt runs; a local process (`kubetask dev`) or a
+    finished task has no pod to enter, and says so instead of guessing."""
+    gate = api.workdir / "login-gate"
+    argv = api.script(
+        "held",
+        f"""
+        import os, time
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.05)
+        """,
+    )
+    await api.function("held", command=argv)
+    await api.submit("held", task_id="login-1")
+    try:
+        running = await api.wait("login-1", {"Running"})
+        executor = running["status"]["executor"]
+        assert executor.get("pod") is None and executor["host"]
+        local = await kt(api, gateway_url, "login", "login-1", "--", "hostname", check=False)
+        assert local.returncode != 0
+        assert "runs as a local process on" in local.stderr, local.stderr
+        described = (await kt(api, gateway_url, "describe", "login-1")).stdout
+        assert f"executor: local {executor['host']} (dispatcher " in described
+    finally:
+        gate.write_text("open")
+    await api.wait("login-1")
+    over = await kt(api, gateway_url, "login", "login-1", check=False)
+    assert over.returncode != 0 and "is Succeeded: only a running task has a pod" in over.stderr
+    missing = await kt(api, gateway_url, "login", "no-such-task", check=False)
+    assert missing.returncode != 0 and "HTTP 404" in missing.stderr

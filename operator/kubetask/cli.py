@@ -143,8 +143,40 @@ def _print_details(task: dict[str, Any]) -> None:
 
 
 def _executor(ex: dict[str, Any]) -> str:
-    parts = [ex["backend"], ex.get("instance"), ex.get("host"), f"(dispatcher {ex['dispatcher']})"]
+    where = [f"pod {ex.get('namespace')}/{ex['pod']}"] if ex.get("pod") else [ex.get("host")]
+    if ex.get("node"):
+        where.append(f"on node {ex['node']}")
+    parts = [ex["backend"], ex.get("instance"), *where, f"(dispatcher {ex['dispatcher']})"]
     return " ".join(p for p in parts if p)
+
+
+def cmd_login(args: argparse.Namespace) -> None:
+    """A shell, or a command, in the container running a task, found by its id: `kubectl exec`
+    into the pod its attempt runs in (recorded on the attempt), so nobody has to work out which
+    pod that is."""
+    status = _client(args).get(args.id)["status"]
+    ex = status.get("executor") or {}
+    if status["phase"] != "Running":
+        sys.exit(f"error: task {args.id} is {status['phase']}: only a running task has a pod")
+    if not ex.get("pod"):
+        sys.exit(
+            f"error: task {args.id} runs as a local process on {ex.get('host')}, not in a "
+            "Kubernetes pod: there is nothing to log into"
+        )
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = [args.kubectl, "exec", "--namespace", ex["namespace"], ex["pod"]]
+    if ex.get("container"):
+        argv += ["--container", ex["container"]]
+    terminal = sys.stdin.isatty() and sys.stdout.isatty()
+    if terminal or not command:
+        argv.append("--stdin")
+    if terminal:
+        argv.append("--tty")
+    argv += ["--", *(command or ["sh"])]
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as err:
+        sys.exit(f"error: cannot run {args.kubectl}: {err}")
 
 
 def cmd_describe(args: argparse.Namespace) -> None:
@@ -454,6 +486,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--tail", type=int, default=20, help="how many log lines (default 20)")
     d.set_defaults(func=cmd_describe)
 
+    lg = sub.add_parser(
+        "login", parents=[common], help="a shell or a command in the pod running a task"
+    )
+    lg.add_argument("id")
+    lg.add_argument("command", nargs="*", help="after --; default: sh")
+    lg.add_argument("--kubectl", default=os.environ.get("KUBECTL", "kubectl"))
+    lg.set_defaults(func=cmd_login)
+
     ls = sub.add_parser("list", parents=[common], help="list tasks, filtered")
     ls.add_argument("--function")
     ls.add_argument("--status", help="phase, or several separated by commas")
@@ -486,7 +526,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # `login ID [options] -- CMD...`: argparse cannot take a command after options that follow
+    # a positional, so what follows `--` is the command, as for kubectl exec.
+    trailing = None
+    if "login" in argv and "--" in argv and argv.index("login") < argv.index("--"):
+        cut = argv.index("--")
+        argv, trailing = argv[:cut], argv[cut + 1 :]
     args = parser().parse_args(argv)
+    if trailing is not None:
+        args.command = [*args.command, *trailing]
     try:
         args.func(args)
     except (ApiFailure, ValueError, OSError) as err:

@@ -196,6 +196,8 @@ def crds() -> dict[str, dict[str, Any]]:
                 AGE,
                 _col("Duration", ".status.duration"),
                 _col("Error", ".status.error", priority=1),
+                _col("Pod", ".status.executor.pod", priority=1),
+                _col("Node", ".status.executor.node", priority=1),
             ],
             grammar.TASK_ID_PATTERN,
             grammar.TASK_ID_RULE,

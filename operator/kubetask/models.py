@@ -384,6 +384,12 @@ class ExecutorRef(KubeModel):
     dispatcher: str = Field(description="Id of the dispatcher that runs the attempt.")
     host: str = ""
     instance: str | None = Field(default=None, description="Warm instance or pod name.")
+    pod: str | None = Field(
+        default=None, description="On Kubernetes, the pod the attempt runs in (`kubetask login`)."
+    )
+    namespace: str | None = Field(default=None, description="That pod's namespace.")
+    container: str | None = Field(default=None, description="The container running the attempt.")
+    node: str | None = Field(default=None, description="The node that pod runs on.")
 
 
 class Waiting(KubeModel):

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import names as kt_names
 from .. import queues
+from ..dispatch.pod_identity import POD_ENV
 from ..plane import DataPlane
 from .context import OperatorConfig
 from .kube import apply_deployment, get_replicas, set_replicas
@@ -74,6 +75,16 @@ def _deployment(
     }
     if component == "dispatcher":
         container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
+        # Recorded on every attempt it runs (`dispatch/pod_identity.py`): `kubetask login`.
+        container["env"] += [
+            {"name": POD_ENV["pod"], "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {
+                "name": POD_ENV["namespace"],
+                "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+            },
+            {"name": POD_ENV["container"], "value": component},
+            {"name": POD_ENV["node"], "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        ]
     if component == "gateway":
         container["ports"] = [{"name": "http", "containerPort": 8080}]
         # Ready once NATS is reachable and the task index has caught up (`gateway/indexing.py`).

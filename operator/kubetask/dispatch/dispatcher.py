@@ -27,7 +27,7 @@ from ..cancellation import cancel_and_wait
 from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
 from ..fairness import Fairness
 from ..logs import LogWriter
-from ..models import ExecutorRef, TaskFunction, TaskPhase
+from ..models import TaskFunction, TaskPhase
 from ..plane import DataPlane
 from ..states import TERMINAL, WAITING, IllegalTransition
 from ..store import (
@@ -47,6 +47,7 @@ from .destinations import Destinations
 from .leases import Leases
 from .max_age import MaxEventAge
 from .node_budget import NodeBudget
+from .pod_identity import executor_ref
 from .policy import Policy, Retry, TaskContext
 from .pull import Pull
 from .retries import Retries
@@ -124,6 +125,7 @@ class Dispatcher:
         self.policies = policies if policies is not None else default_policies()
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.executor = executor_ref(self.id, self.host)
         self.command = CommandExecutor()
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
@@ -452,7 +454,7 @@ class Dispatcher:
             st.timestamps.dispatched = ctx.dequeued_at
             st.timestamps.started = now()
             st.timestamps.finished = None
-            st.executor = ExecutorRef(backend="local", dispatcher=self.id, host=self.host)
+            st.executor = self.executor.model_copy()
             r.claimSeq = seq
             return r
 
