@@ -116,6 +116,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
             }
             if nats_pods == 1:
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token)
+                a_deleted_executor_pod_costs_one_attempt(cluster, api, ns)
             if nats_pods > 1:
                 function(api, "slow", ["sleep", "5"])
                 running = submit(api, "slow")
@@ -169,6 +170,22 @@ def logs_in_to_the_pod_running_a_task(
         "localhost",
     ]
     assert api.post("/v1/tasks/held-1/stop").status_code == 200
+
+
+def a_deleted_executor_pod_costs_one_attempt(
+    cluster: ControlPlane, api: httpx.Client, ns: str
+) -> None:
+    """`kubectl delete pod` of the pod running a task: the task is taken up again (one more
+    attempt, by the dispatcher its Deployment starts instead) and succeeds."""
+    function(api, "retried", ["sh", "-c", '[ "$KUBETASK_ATTEMPT" -gt 1 ] || exec sleep 600'])
+    task_id = submit(api, "retried")
+    eventually(lambda: phase(api, task_id) == "Running", 60, "the task to run")
+    pod = api.get(f"/v1/tasks/{task_id}").json()["status"]["executor"]["pod"]
+    cluster.kubectl("delete", "pod", "-n", ns, pod, "--wait=false")
+    done = finish(api, task_id)
+    assert done["status"]["phase"] == "Succeeded", done
+    assert done["status"]["attempts"] == 2
+    assert done["status"]["executor"]["pod"] != pod
 
 
 def stream_replicas(cluster: ControlPlane, ns: str, release: str) -> dict[str, int]:
