@@ -155,7 +155,13 @@ class ControlPlane:
         return proc
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
+        stop_all(self.procs)
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Last started, first stopped; killed when a polite stop takes too long."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(15)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane import ControlPlane
+from controlplane import ControlPlane, stop_all
 from kubetask.embedded import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -252,14 +252,7 @@ class Node:
     def stop(self) -> None:
         """Everything the node started goes: its processes, the containers (their shims
         outlive containerd), then what they mounted under its root."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_all(self.procs)
         self._kill_shims()
         self._unmount()
         # Each sandbox's network namespace is pinned by a mount and outlives its processes,

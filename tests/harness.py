@@ -84,6 +84,13 @@ class Api:
                 raise AssertionError(f"task {task_id} stuck in {task['status']['phase']}")
             await asyncio.sleep(0.05)
 
+    def gated(self, name: str) -> tuple[list[str], Path]:
+        """A command that runs until its gate file is written (a task held Running on purpose),
+        and that gate."""
+        gate = self.workdir / f"{name}-gate"
+        body = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.05)\n"
+        return self.script(name, body), gate
+
     def script(self, name: str, body: str) -> list[str]:
         """A Python program for a function's command; returns the argv."""
         path = self.workdir / f"{name}.py"

@@ -156,15 +156,7 @@ async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
 async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -> None:
     """`kubetask login` goes where the attempt runs; a local process (`kubetask dev`) or a
     finished task has no pod to enter, and says so instead of guessing."""
-    gate = api.workdir / "login-gate"
-    argv = api.script(
-        "held",
-        f"""
-        import os, time
-        while not os.path.exists({str(gate)!r}):
-            time.sleep(0.05)
-        """,
-    )
+    argv, gate = api.gated("held")
     await api.function("held", command=argv)
     await api.submit("held", task_id="login-1")
     try:

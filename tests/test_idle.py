@@ -90,15 +90,7 @@ async def test_an_idle_pull_backs_off_yet_delivers_at_once_across_a_nats_restart
 async def test_the_backlog_gauge_counts_each_functions_waiting_tasks(
     api: Api, plane: DataPlane
 ) -> None:
-    gate = api.workdir / "backlog-gate"
-    argv = api.script(
-        "held",
-        f"""
-        import os, time
-        while not os.path.exists({str(gate)!r}):
-            time.sleep(0.05)
-    """,
-    )
+    argv, gate = api.gated("held")
     await api.function("held", command=argv, maxConcurrency=1)
     await api.function("quiet", command=["true"])
     await api.function("split", command=argv, maxConcurrency=2, partitions=2)
