@@ -10,6 +10,7 @@ import yaml
 from controlplane import ControlPlane
 
 CHART = str(Path(__file__).resolve().parents[1] / "charts" / "kubetask")
+KUBE = ["--kube-version", "v1.34.4"]  # `helm template` renders for no cluster
 
 
 @pytest.mark.parametrize("values", [[], ["--set", "nats.cluster.enabled=true"]])
@@ -39,6 +40,7 @@ def test_helm_install_creates_every_object(
             "ClusterRole",
             "ClusterRoleBinding",
             "ConfigMap",
+            "ConfigMap",
             "Deployment",
             "Role",
             "RoleBinding",
@@ -66,3 +68,18 @@ def test_helm_install_creates_every_object(
     for plural in ("taskfunctions", "asyncconfigs", "tasks"):
         cluster.kubectl("get", "crd", f"{plural}.kubetask.io")
     cluster.run("helm", "uninstall", release, "--namespace", ns)
+
+
+def test_config_takes_only_kubetask_settings(cluster: ControlPlane) -> None:
+    """`config` becomes the components' environment: anything but a KUBETASK_* name (a typo, or
+    an attempt at PATH or the NATS password) is refused before anything is installed."""
+    for bad in ("NATS_URL", "kubetask_lower", "KUBETASK_", "PATH"):
+        refused = cluster.run(
+            "helm", "template", "x", CHART, *KUBE, "--set", f"config.{bad}=1", check=False
+        )
+        assert refused.returncode != 0 and "is not a KUBETASK_* setting" in refused.stderr, bad
+    made = cluster.run(
+        "helm", "template", "x", CHART, *KUBE, "-s", "templates/config.yaml",
+        "--set", "config.KUBETASK_ACCOUNT_MAX_BACKLOG=500",
+    )  # fmt: skip
+    assert yaml.safe_load(made.stdout)["data"] == {"KUBETASK_ACCOUNT_MAX_BACKLOG": "500"}

@@ -24,6 +24,7 @@ from kubetask.auth import hash_token
 from node import Node, host_ip, images
 
 CHART = str(Path(__file__).resolve().parents[1] / "charts" / "kubetask")
+MAX_BACKLOG = 4321
 IMAGE = ["--set", "image.repository=docker.io/kubetask/kubetask", "--set", "image.tag=dev"]
 
 
@@ -95,6 +96,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
         "--set", "nats.persistence.enabled=false",
         "--set", "nats.image.repository=docker.io/kubetask/kubetask", "--set", "nats.image.tag=dev",
         "--set", f"nats.cluster.enabled={str(nats_pods > 1).lower()}",
+        "--set", f"config.KUBETASK_ACCOUNT_MAX_BACKLOG={MAX_BACKLOG}",
         "--set-json", f"auth.tokens={json.dumps([entry])}",
     )  # fmt: skip
     try:
@@ -110,6 +112,8 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
         ) as api:
             function(api, "hello", ["python3", "-c", "print('hello from a pod')"])
             assert finish(api, submit(api, "hello"))["status"]["phase"] == "Succeeded"
+            # The chart's `config` reached the gateway the operator made.
+            assert api.get("/v1/limits").json()["maxBacklog"] == MAX_BACKLOG
             assert stream_replicas(cluster, ns, release) == {
                 f"KV_{names.TASKS_BUCKET}": nats_pods,
                 names.account_stream("team-a"): nats_pods,

@@ -30,6 +30,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 nats://{{ include "kubetask.natsName" . }}.{{ .Release.Namespace }}.svc:4222
 {{- end -}}
 
+{{- define "kubetask.configMap" -}}
+{{ include "kubetask.fullname" . }}-config
+{{- end -}}
+
 {{- define "kubetask.tokensSecret" -}}
 {{ .Values.auth.existingSecret | default (printf "%s-tokens" (include "kubetask.fullname" .)) }}
 {{- end -}}

@@ -25,6 +25,11 @@ class OperatorConfig:
     # Where the Deployments it creates find their NATS passwords (`nats_auth.py`).
     nats_users_secret: str = _from_env(env_str, "NATS_USERS_SECRET", "kubetask-nats-users")
     gateway_replicas: int = _from_env(env_int, "GATEWAY_REPLICAS", 1)
+    # The chart's platform settings (`config` in values.yaml), given to the gateway and the
+    # dispatchers as environment; empty outside the chart.
+    config_map: str = _from_env(env_str, "CONFIG_MAP", "")
+    # Its content's checksum, on the pods it configures: a change rolls them.
+    config_checksum: str = _from_env(env_str, "CONFIG_CHECKSUM", "")
     # Passed on to the gateway and the dispatchers: every component creates streams alike.
     stream_replicas: int = _from_env(env_int, "STREAM_REPLICAS", 1)
     dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1)

@@ -67,6 +67,8 @@ def _deployment(
         ],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    if cfg.config_map:  # `env` above wins over a setting of the same name there
+        container["envFrom"] = [{"configMapRef": {"name": cfg.config_map}}]
     pod: dict[str, Any] = {
         "serviceAccountName": f"{cfg.release}-dataplane",
         "automountServiceAccountToken": False,
@@ -104,6 +106,9 @@ def _deployment(
             {"name": "tokens", "secret": {"secretName": cfg.tokens_secret}},
             {"name": "index", "emptyDir": {}},
         ]
+    template_meta: dict[str, Any] = {"labels": labels}
+    if cfg.config_checksum:
+        template_meta["annotations"] = {"kubetask.io/config-checksum": cfg.config_checksum}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -111,7 +116,7 @@ def _deployment(
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "template": {"metadata": template_meta, "spec": pod},
         },
     }
 
