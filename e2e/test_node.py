@@ -153,16 +153,30 @@ def logs_in_to_the_pod_running_a_task(
     ]
     assert executor["pod"] in dispatchers and executor["namespace"] == ns
     assert executor["node"] == "localhost" and executor["container"] == "dispatcher"
-    login = subprocess.run(
-        [
-            sys.executable, "-m", "kubetask", "login", "held-1",
-            "--url", base, "--token", token, "--kubectl", str(cluster.bin / "kubectl"),
-            "--", "hostname",
-        ],
-        env=cluster.env(), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert login.returncode == 0, login.stderr
-    assert login.stdout.strip() == executor["pod"]
+
+    def kubetask(*args: str) -> str:
+        """The CLI as a user of the cluster runs it: the API and token from the environment."""
+        env = {**cluster.env(), "KUBETASK_URL": base, "KUBETASK_TOKEN": token}
+        done = subprocess.run(
+            [sys.executable, "-m", "kubetask", *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kubectl = str(cluster.bin / "kubectl")
+    assert (
+        kubetask("login", "held-1", "--kubectl", kubectl, "--", "hostname").strip()
+        == (executor["pod"])
+    )
+    described = kubetask("describe", "held-1")
+    assert f"pod {ns}/{executor['pod']} on node localhost" in described, described
+    function(
+        api, "talker", ["python3", "-c", "import sys; print('said in a pod', file=sys.stderr)"]
+    )
+    said = submit(api, "talker")
+    finish(api, said)
+    assert "[1 stderr] said in a pod" in kubetask("logs", said)  # the same command as locally
 
     def wide() -> list[str] | None:
         out = cluster.kubectl("get", "tasks", "-n", "team-a", "-o", "wide").stdout.splitlines()
