@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubetask.embedded import free_port, wait_for_port
+from kubetask.executors.parent_death import die_with_parent
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +41,12 @@ class ControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen([str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(self.bin / name), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),  # a killed or timed-out test run leaves none behind
+        )
         self.procs.append(proc)
         return proc
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from controlplane import ControlPlane, stop_all
 from kubetask.embedded import free_port
+from kubetask.executors.parent_death import die_with_parent
 
 HERE = Path(__file__).resolve().parent
 POD_SUBNET = "10.244.0.0/24"
@@ -69,7 +70,9 @@ class Node:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+        )
         self.procs.append(proc)
         return proc
 
