@@ -40,15 +40,7 @@ class ControlPlane:
         return self.root / "kubeconfig"
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [str(self.bin / name), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(),  # a killed or timed-out test run leaves none behind
-        )
-        self.procs.append(proc)
-        return proc
+        return spawn_logged(self.root, name, [str(self.bin / name), *args], self.procs)
 
     def start(self, controllers: bool = False, advertise: str = "127.0.0.1") -> None:
         """With a node, `advertise` is an address pods reach: the `kubernetes` Service's
@@ -162,6 +154,19 @@ class ControlPlane:
 
     def stop(self) -> None:
         stop_all(self.procs)
+
+
+def spawn_logged(
+    root: Path, name: str, argv: list[str], procs: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """Start a process of the tier, its output in `root/<name>.log`; it dies with the test
+    process (a run killed or ended by a timeout leaves none behind)."""
+    log = open(root / f"{name}.log", "ab")
+    proc = subprocess.Popen(
+        argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+    )
+    procs.append(proc)
+    return proc
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane import ControlPlane, stop_all
+from controlplane import ControlPlane, spawn_logged, stop_all
 from kubetask.embedded import free_port
-from kubetask.executors.parent_death import die_with_parent
 
 HERE = Path(__file__).resolve().parent
 POD_SUBNET = "10.244.0.0/24"
@@ -69,12 +68,7 @@ class Node:
         return self.root / "containerd.sock"
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
-        )
-        self.procs.append(proc)
-        return proc
+        return spawn_logged(self.root, name, argv, self.procs)
 
     def ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
