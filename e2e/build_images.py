@@ -1,9 +1,9 @@
 """Build kubetask's container image without Docker or a registry, as an OCI archive that
 `ctr images import` loads into a node's containerd.
 
-Two layers: a Debian root filesystem with Python (mmdebstrap, from Debian's packages; cached by
-its package list) and kubetask's wheel with its dependencies, installed for that Python by pip
-(cached by the wheel's content). The same base layer with `sleep infinity` as its command is the
+Layers: a Debian root filesystem with Python (mmdebstrap, from Debian's packages; cached by its
+package list), the user the chart's pods run as, and kubetask's wheel with its dependencies,
+installed for that Python by pip (cached by the sources the wheel is built from). The same base layer with `sleep infinity` as its command is the
 node's sandbox ("pause") image: CRI runs the sandbox image's own command, which must block.
 
 Usage: python e2e/build_images.py  -> prints the directory holding the archives.
@@ -90,8 +90,22 @@ def users_layer(base: Path) -> Path:
     return out
 
 
+def source_key() -> str:
+    """What the wheel is built from, so a cached layer is found without building the wheel."""
+    h = hashlib.sha256()
+    package = sorted(p for p in (ROOT / "operator" / "kubetask").rglob("*") if p.is_file())
+    for path in [ROOT / "pyproject.toml", ROOT / "README.md", *package]:
+        if "__pycache__" in path.parts:
+            continue
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def app_layer() -> Path:
     """kubetask and its dependencies under /opt/kubetask, for the base layer's Python."""
+    out = CACHE / "images" / f"app-{source_key()}.tar"
+    if out.exists():
+        return out
     with tempfile.TemporaryDirectory() as tmp:
         dist = Path(tmp) / "dist"
         subprocess.run(
@@ -99,10 +113,6 @@ def app_layer() -> Path:
             check=True,
         )
         wheel = next(dist.glob("kubetask-*.whl"))
-        key = sha256_file(wheel)[:16]
-        out = CACHE / "images" / f"app-{key}.tar"
-        if out.exists():
-            return out
         for stale in out.parent.glob("app-*"):  # each source change makes one: keep the last
             stale.unlink()
         for stale in out.parent.glob("oci-app-*"):

@@ -121,6 +121,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
             if nats_pods == 1:
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api, ns)
+                a_changed_config_rolls_the_gateway(cluster, api, ns, release)
             if nats_pods > 1:
                 function(api, "slow", ["sleep", "5"])
                 running = submit(api, "slow")
@@ -207,6 +208,25 @@ def a_deleted_executor_pod_costs_one_attempt(
     assert done["status"]["phase"] == "Succeeded", done
     assert done["status"]["attempts"] == 2
     assert done["status"]["executor"]["pod"] != pod
+
+
+def a_changed_config_rolls_the_gateway(
+    cluster: ControlPlane, api: httpx.Client, ns: str, release: str
+) -> None:
+    """`helm upgrade` with another setting: the operator restarts (its pod's checksum moved) and
+    rolls the gateway it made, which then answers with the new limit."""
+    cluster.run(
+        "helm", "upgrade", release, CHART, "--namespace", ns, "--reuse-values",
+        "--set", f"config.KUBETASK_ACCOUNT_MAX_BACKLOG={MAX_BACKLOG + 1}",
+    )  # fmt: skip
+
+    def limit() -> int | None:
+        try:
+            return int(api.get("/v1/limits").json()["maxBacklog"])
+        except (httpx.TransportError, ValueError, KeyError):  # a gateway being replaced
+            return None
+
+    eventually(lambda: limit() == MAX_BACKLOG + 1, 120, "the gateway to take the new setting")
 
 
 def stream_replicas(cluster: ControlPlane, ns: str, release: str) -> dict[str, int]:

@@ -163,7 +163,7 @@ def cmd_login(args: argparse.Namespace) -> None:
             f"error: task {args.id} runs as a local process on {ex.get('host')}, not in a "
             "Kubernetes pod: there is nothing to log into"
         )
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     argv = [args.kubectl, "exec", "--namespace", ex["namespace"], ex["pod"]]
     if ex.get("container"):
         argv += ["--container", ex["container"]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
@@ -16,8 +15,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
-from nats.js.kv import KeyValue
+from nats.js.errors import BadRequestError, NotFoundError
 
 from . import events, history, names, nats_auth, quarantine
 from .settings import Settings
@@ -182,49 +180,38 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, settings: Se
         await js.update_stream(config)
 
 
-async def ensure_kv(
-    js: JetStreamContext, bucket: str, settings: Settings, history: int = 1
-) -> KeyValue:
-    with contextlib.suppress(Exception):
-        return await js.key_value(bucket)
-    return await js.create_key_value(
-        # `direct`: reads are answered by any replica without the JSON API (much cheaper).
-        KeyValueConfig(
-            bucket=bucket,
-            history=history,
-            storage=StorageType.FILE,
-            ttl=settings.retention_seconds,
-            direct=True,
-            replicas=settings.stream_replicas,
-        )
-    )
-
-
-async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
-    with contextlib.suppress(Exception):
-        await js.key_value(config.bucket)
+async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig, settings: Settings) -> None:
+    """Create the bucket with the platform's number of replicas, or bring an existing one to
+    it (a single server's buckets, once NATS became a cluster)."""
+    replicas = settings.stream_replicas
+    try:
+        info = await js.stream_info(f"KV_{config.bucket}")
+    except NotFoundError:
+        await js.create_key_value(dataclasses.replace(config, replicas=replicas))
         return
-    await js.create_key_value(config)
+    if info.config.num_replicas != replicas:
+        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
 
 
 async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     """Buckets and streams every component needs; safe to call from each at start-up."""
-    await ensure_kv(js, names.TASKS_BUCKET, settings)
+    tasks = KeyValueConfig(
+        bucket=names.TASKS_BUCKET,
+        history=1,
+        storage=StorageType.FILE,
+        ttl=settings.retention_seconds,
+        direct=True,  # reads are answered by any replica without the JSON API (much cheaper)
+    )
+    await ensure_bucket(js, tasks, settings)
     await history.apply_to(js, f"KV_{names.TASKS_BUCKET}", settings, compress=False)
     for bucket in (names.FUNCTIONS_BUCKET, names.ASYNC_CONFIGS_BUCKET, names.ROUTES_BUCKET):
-        config = KeyValueConfig(
-            bucket=bucket, history=1, storage=StorageType.FILE, replicas=settings.stream_replicas
-        )
-        await _ensure_bucket(js, config)
+        config = KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+        await ensure_bucket(js, config, settings)
     # Leases live only as long as they are renewed; losing them all in a restart is harmless.
     leases = KeyValueConfig(
-        bucket=names.LEASES_BUCKET,
-        history=1,
-        storage=StorageType.MEMORY,
-        ttl=settings.lease_ttl,
-        replicas=settings.stream_replicas,
+        bucket=names.LEASES_BUCKET, history=1, storage=StorageType.MEMORY, ttl=settings.lease_ttl
     )
-    await _ensure_bucket(js, leases)
+    await ensure_bucket(js, leases, settings)
     await ensure_stream(
         js,
         StreamConfig(

@@ -125,7 +125,7 @@ class Dispatcher:
         self.policies = policies if policies is not None else default_policies()
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.executor = executor_ref(self.id, self.host)
+        self.executor_ref = executor_ref(self.id, self.host)  # what each attempt records
         self.command = CommandExecutor()
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
@@ -454,7 +454,7 @@ class Dispatcher:
             st.timestamps.dispatched = ctx.dequeued_at
             st.timestamps.started = now()
             st.timestamps.finished = None
-            st.executor = self.executor.model_copy()
+            st.executor = self.executor_ref.model_copy()
             r.claimSeq = seq
             return r
 
