@@ -125,6 +125,7 @@ def app_layer() -> Path:
                 "pip",
                 "install",
                 "-q",
+                "--no-warn-conflicts",  # it checks the environment pip runs in, not the image
                 "--target",
                 str(staging / SITE),
                 # bookworm's glibc is 2.36
