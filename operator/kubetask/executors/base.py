@@ -14,6 +14,16 @@ from ..models import TaskFunction
 LogLine = Callable[[str, str], None]  # (stream name, line)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an attempt runs, once an executor that starts pods knows it."""
+
+    pod: str
+    namespace: str
+    node: str | None
+    container: str
+
+
 @dataclass(frozen=True, eq=False)
 class Invocation:
     account: str
@@ -24,6 +34,8 @@ class Invocation:
     timeout: float
     max_result_bytes: int
     log: LogLine
+    # Told where the attempt runs when that is learnt after it started (a pod's name and node).
+    placed: Callable[[Placement], None] | None = None
 
 
 @dataclass

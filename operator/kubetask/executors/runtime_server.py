@@ -1,0 +1,172 @@
+"""The dispatcher's end of the runtime sidecar (`runtime-sidecar/`): an HTTP endpoint that the
+sidecars of the attempts this dispatcher runs in pods call back.
+
+Each attempt gets a random token, given to its pod's sidecar only; the token is the whole of
+that sidecar's credentials. With it, a sidecar can fetch its attempt's payload and report its
+output and exit — nothing else, and nothing of any other attempt, task or account. Sidecars get
+no NATS credentials at all, so an executor pod cannot reach a queue, a record or a log subject.
+
+The sidecar's request bodies are the runtime's frames (kind byte, 32-bit big-endian length,
+bytes; `runtime-sidecar/frames.go`). A request repeated after a lost answer carries the same
+`X-Kubetask-Seq` and is applied once. An unknown token answers 404, which tells a sidecar its
+attempt was abandoned (stopped, timed out, or its dispatcher restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import struct
+
+from aiohttp import web
+
+from .base import Invocation, Placement, Tail, encode_payload
+from .pod_template import FUNCTION_CONTAINER
+
+FRAME_HEAD = struct.Struct(">BI")
+RUNNING, STDOUT, STDERR = b"R"[0], b"O"[0], b"E"[0]
+TERMINATED, EXIT = b"T"[0], b"X"[0]
+MAX_BODY = 4 << 20
+MAX_LINE = 64 << 10  # a stderr "line" longer than this is logged in pieces
+
+
+class BadFrames(ValueError):
+    pass
+
+
+class RuntimeAttempt:
+    def __init__(self, inv: Invocation, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.inv = inv
+        self.token = token
+        self.placed: asyncio.Future[Placement] = loop.create_future()
+        self.running: asyncio.Future[None] = loop.create_future()  # the function's container
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.terminated = False  # the pod was told to stop (deleted, evicted) while it ran
+        self.contact = loop.time()
+        self.stdout = bytearray()
+        self.too_big = False
+        self.stdout_tail = Tail()
+        self.stderr_tail = Tail()
+        self._partial = bytearray()
+        self._last_seq: str | None = None
+        self._loop = loop
+
+    def seen(self, seq: str | None) -> bool:
+        """Whether this request was applied already (a retry after a lost answer)."""
+        self.contact = self._loop.time()
+        if seq is not None and seq == self._last_seq:
+            return True
+        self._last_seq = seq
+        return False
+
+    def apply(self, body: bytes) -> None:
+        view = memoryview(body)
+        at = 0
+        while at < len(view):
+            if len(view) - at < FRAME_HEAD.size:
+                raise BadFrames("truncated frame header")
+            kind, size = FRAME_HEAD.unpack_from(view, at)
+            at += FRAME_HEAD.size
+            if len(view) - at < size:
+                raise BadFrames("truncated frame")
+            data = bytes(view[at : at + size])
+            at += size
+            if kind == RUNNING:
+                if not self.running.done():
+                    self.running.set_result(None)
+            elif kind == STDOUT:
+                self.stdout_tail.add(data)
+                if len(self.stdout) + len(data) <= self.inv.max_result_bytes:
+                    self.stdout += data
+                else:
+                    self.too_big = True
+            elif kind == STDERR:
+                self.stderr_tail.add(data)
+                self._stderr(data)
+            elif kind == TERMINATED:
+                self.terminated = True
+            elif kind == EXIT:
+                if size != 4:
+                    raise BadFrames("an exit frame holds 4 bytes")
+                self._stderr(b"\n" if self._partial else b"")
+                if not self.exited.done():
+                    self.exited.set_result(struct.unpack(">i", data)[0])
+            else:
+                raise BadFrames(f"unknown frame kind {kind}")
+
+    def _stderr(self, data: bytes) -> None:
+        self._partial += data
+        while (end := self._partial.find(b"\n")) >= 0 or len(self._partial) > MAX_LINE:
+            cut = end if end >= 0 else MAX_LINE
+            line = bytes(self._partial[:cut])
+            del self._partial[: cut + (end >= 0)]
+            self.inv.log("stderr", line.decode("utf-8", errors="replace"))
+
+
+class RuntimeServer:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._attempts: dict[str, RuntimeAttempt] = {}
+        self._runner: web.AppRunner | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self._runner is not None:
+                return
+            app = web.Application(client_max_size=MAX_BODY)
+            app.router.add_post("/v1/run/start", self._start)
+            app.router.add_post("/v1/run/frames", self._frames)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            sock = socket.create_server((self.host, self.port), reuse_port=False)
+            self.port = sock.getsockname()[1]  # the one chosen, when asked for any
+            await web.SockSite(runner, sock).start()
+            self._runner = runner
+
+    def open(self, inv: Invocation) -> RuntimeAttempt:
+        attempt = RuntimeAttempt(inv, secrets.token_urlsafe(32))
+        self._attempts[attempt.token] = attempt
+        return attempt
+
+    def forget(self, attempt: RuntimeAttempt) -> None:
+        self._attempts.pop(attempt.token, None)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _attempt(self, request: web.Request) -> RuntimeAttempt:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        attempt = self._attempts.get(token) if scheme == "Bearer" else None
+        if attempt is None:
+            raise web.HTTPNotFound(text="no such attempt")
+        return attempt
+
+    async def _start(self, request: web.Request) -> web.Response:
+        attempt = self._attempt(request)
+        attempt.seen(request.headers.get("X-Kubetask-Seq"))
+        try:
+            where = json.loads(await request.read())
+            pod, namespace = str(where["pod"]), str(where["namespace"])
+            node = str(where.get("node") or "") or None
+        except (ValueError, KeyError, TypeError) as err:
+            raise web.HTTPBadRequest(text=f"bad placement: {err}") from None
+        if not attempt.placed.done():
+            attempt.placed.set_result(Placement(pod, namespace, node, FUNCTION_CONTAINER))
+        return web.Response(body=encode_payload(attempt.inv.payload))
+
+    async def _frames(self, request: web.Request) -> web.Response:
+        attempt = self._attempt(request)
+        body = await request.read()
+        if not attempt.seen(request.headers.get("X-Kubetask-Seq")):
+            try:
+                attempt.apply(body)
+            except BadFrames as err:
+                raise web.HTTPBadRequest(text=str(err)) from None
+        return web.Response(status=204)

@@ -1,0 +1,3 @@
+module kubetask.io/runtime-sidecar
+
+go 1.24

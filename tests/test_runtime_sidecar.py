@@ -1,0 +1,234 @@
+"""The runtime sidecar and its entry (`runtime-sidecar/`, the real static binary) against the
+dispatcher's runtime endpoint (`executors/runtime_server.py`), as processes on this machine
+sharing a directory the way a Job's pod shares its volume. What Kubernetes adds (the Job, the
+pod, the node) is `e2e/test_node.py`'s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kubetask.executors.base import Invocation
+from kubetask.executors.runtime_server import RuntimeAttempt, RuntimeServer
+from kubetask.models import TaskFunction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kt_runtime() -> str:
+    built = subprocess.run(
+        ["bash", str(ROOT / "runtime-sidecar" / "build.sh")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return built.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RuntimeServer]:
+    s = RuntimeServer("127.0.0.1", 0)
+    await s.start()
+    yield s
+    await s.close()
+
+
+def invocation(
+    lines: list[tuple[str, str]], payload: Any = None, limit: int = 1 << 20
+) -> Invocation:
+    fn = TaskFunction.model_validate(
+        {"metadata": {"name": "f", "namespace": "team-a"}, "spec": {"command": ["true"]}}
+    )
+    return Invocation(
+        account="team-a", task_id="t1", attempt=1, function=fn, payload=payload,
+        timeout=30, max_result_bytes=limit, log=lambda stream, text: lines.append((stream, text)),
+    )  # fmt: skip
+
+
+class Pod:
+    """The sidecar and the entry, started as the kubelet starts them: the sidecar first, the
+    function's container right after (not waiting for the sidecar to listen)."""
+
+    def __init__(self, binary: str, workdir: Path, url: str, token: str) -> None:
+        self.binary = binary
+        self.dir = workdir
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "KUBETASK_RUNTIME_DIR": str(workdir),
+            "KUBETASK_RUNTIME_URL": url,
+            "KUBETASK_RUNTIME_TOKEN": token,
+            "KUBETASK_POD_NAME": "f-abc-1-xyz",
+            "KUBETASK_POD_NAMESPACE": "team-a",
+            "KUBETASK_NODE_NAME": "node-1",
+        }
+
+    async def start(
+        self, *command: str
+    ) -> tuple[asyncio.subprocess.Process, asyncio.subprocess.Process]:
+        sidecar = await asyncio.create_subprocess_exec(
+            self.binary, "sidecar", env=self.env, stderr=asyncio.subprocess.PIPE
+        )
+        entry_bin = self.dir / "bin" / "kt-runtime"
+        for _ in range(500):  # the kubelet starts the next container once this one runs
+            if entry_bin.exists():
+                break
+            await asyncio.sleep(0.01)
+        # The function's container sees neither the runtime's URL nor its token.
+        env = {"PATH": os.environ["PATH"], "KUBETASK_RUNTIME_DIR": str(self.dir)}
+        entry = await asyncio.create_subprocess_exec(
+            str(entry_bin), "entry", "--", *command, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        return sidecar, entry
+
+
+async def run_pod(
+    binary: str, server: RuntimeServer, attempt: RuntimeAttempt, workdir: Path, *command: str
+) -> tuple[int, bytes, int]:
+    pod = Pod(binary, workdir, f"http://127.0.0.1:{server.port}", attempt.token)
+    sidecar, entry = await pod.start(*command)
+    out, _ = await asyncio.wait_for(entry.communicate(), 30)
+    assert await asyncio.wait_for(sidecar.wait(), 10) == 0
+    assert entry.returncode is not None
+    return entry.returncode, out, await asyncio.wait_for(attempt.exited, 1)
+
+
+async def test_a_command_gets_its_payload_and_its_output_and_exit_reach_the_dispatcher(
+    kt_runtime: str, server: RuntimeServer, tmp_path: Path
+) -> None:
+    lines: list[tuple[str, str]] = []
+    attempt = server.open(invocation(lines, payload={"n": 41}))
+    script = (
+        "import json, sys; n = json.load(sys.stdin)['n']; "
+        "print('working on', n, file=sys.stderr); print('no newline at the end', end='', file=sys.stderr); "
+        "print(json.dumps({'answer': n + 1}))"
+    )
+    code, out, reported = await run_pod(
+        kt_runtime, server, attempt, tmp_path, sys.executable, "-c", script
+    )
+    assert code == reported == 0
+    assert json.loads(out) == {"answer": 42}  # also on the container's own stdout (kubectl logs)
+    assert json.loads(bytes(attempt.stdout)) == {"answer": 42}
+    assert lines == [("stderr", "working on 41"), ("stderr", "no newline at the end")]
+    placed = attempt.placed.result()
+    assert (placed.pod, placed.namespace, placed.node) == ("f-abc-1-xyz", "team-a", "node-1")
+    assert attempt.running.done() and not attempt.terminated
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "said"),
+    [
+        (["sh", "-c", "echo failing >&2; exit 3"], 3, "failing"),
+        (["no-such-command-here"], 127, "cannot run"),
+        (["sh", "-c", "kill -KILL $$"], 128 + 9, None),
+    ],
+    ids=["exit-3", "not-found", "killed"],
+)
+async def test_a_failing_command_reports_its_code_and_what_it_said(
+    kt_runtime: str,
+    server: RuntimeServer,
+    tmp_path: Path,
+    command: list[str],
+    code: int,
+    said: str | None,
+) -> None:
+    lines: list[tuple[str, str]] = []
+    attempt = server.open(invocation(lines))
+    got, _, reported = await run_pod(kt_runtime, server, attempt, tmp_path, *command)
+    assert got == reported == code
+    if said is not None:
+        assert any(said in text for _, text in lines), lines
+
+
+async def test_a_stopped_container_stops_its_whole_process_group_and_says_so(
+    kt_runtime: str, server: RuntimeServer, tmp_path: Path
+) -> None:
+    """What the kubelet does when the pod is deleted: SIGTERM to the container's process."""
+    lines: list[tuple[str, str]] = []
+    attempt = server.open(invocation(lines))
+    pod = Pod(kt_runtime, tmp_path, f"http://127.0.0.1:{server.port}", attempt.token)
+    child = tmp_path / "child.pid"
+    sidecar, entry = await pod.start("sh", "-c", f"sleep 300 & echo $! > {child}; wait")
+    await asyncio.wait_for(attempt.running, 10)
+    while not child.exists() or not child.read_text().strip():
+        await asyncio.sleep(0.02)
+    entry.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(entry.wait(), 10)
+    assert await asyncio.wait_for(attempt.exited, 5) == 128 + signal.SIGTERM
+    assert attempt.terminated
+    assert await asyncio.wait_for(sidecar.wait(), 10) == 0
+    with pytest.raises(ProcessLookupError):  # the grandchild went with it
+        for _ in range(100):
+            os.kill(int(child.read_text()), 0)
+            await asyncio.sleep(0.02)
+
+
+async def test_an_abandoned_attempt_runs_to_its_end_without_reporting(
+    kt_runtime: str, server: RuntimeServer, tmp_path: Path
+) -> None:
+    """The dispatcher forgot the attempt (stopped, timed out, restarted): the sidecar is told
+    404 and stops reporting, and the entry still ends with its command's code."""
+    lines: list[tuple[str, str]] = []
+    attempt = server.open(invocation(lines))
+    pod = Pod(kt_runtime, tmp_path, f"http://127.0.0.1:{server.port}", attempt.token)
+    sidecar, entry = await pod.start("sh", "-c", "sleep 0.5; echo late >&2; exit 4")
+    await asyncio.wait_for(attempt.running, 10)
+    server.forget(attempt)
+    assert await asyncio.wait_for(entry.wait(), 10) == 4
+    assert await asyncio.wait_for(sidecar.wait(), 10) == 0
+    assert not attempt.exited.done() and ("stderr", "late") not in lines
+
+
+async def test_a_token_reaches_its_own_attempt_only_and_bad_frames_are_refused(
+    server: RuntimeServer,
+) -> None:
+    mine = server.open(invocation([], payload={"secret": "mine"}))
+    theirs = server.open(invocation([], payload={"secret": "theirs"}))
+    where = {"pod": "p", "namespace": "team-a"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        got = await http.post(
+            "/v1/run/start", json=where, headers={"Authorization": f"Bearer {mine.token}"}
+        )
+        assert got.status_code == 200 and got.json() == {"secret": "mine"}
+        for header in (
+            {"Authorization": "Bearer x"},
+            {"Authorization": f"Bearer {theirs.token[:-1]}"},
+            {"Authorization": f"Basic {mine.token}"},
+            {},
+        ):
+            refused = await http.post("/v1/run/start", json=where, headers=header)
+            assert refused.status_code == 404, header
+        bad = await http.post(
+            "/v1/run/frames", content=b"O\x00\x00\x00\x10short",
+            headers={"Authorization": f"Bearer {mine.token}"},
+        )  # fmt: skip
+        assert bad.status_code == 400
+        # A request sent again after a lost answer (same sequence number) counts once.
+        frame = b"O\x00\x00\x00\x02hi"
+        for _ in range(2):
+            sent = await http.post(
+                "/v1/run/frames", content=frame,
+                headers={"Authorization": f"Bearer {mine.token}", "X-Kubetask-Seq": "s-2"},
+            )  # fmt: skip
+            assert sent.status_code == 204
+    assert bytes(mine.stdout) == b"hi" and not theirs.placed.done()
+
+
+async def test_output_beyond_the_result_limit_is_kept_as_a_tail_only(
+    kt_runtime: str, server: RuntimeServer, tmp_path: Path
+) -> None:
+    attempt = server.open(invocation([], limit=1000))
+    code, _, _ = await run_pod(
+        kt_runtime, server, attempt, tmp_path, sys.executable, "-c", "print('x' * 5000 + 'END')"
+    )
+    assert code == 0 and attempt.too_big and len(attempt.stdout) <= 1000
+    tail = attempt.stdout_tail.text()
+    assert tail is not None and tail.rstrip().endswith("END")
