@@ -2,8 +2,9 @@
 `ctr images import` loads into a node's containerd.
 
 Layers: a Debian root filesystem with Python (mmdebstrap, from Debian's packages; cached by its
-package list), the user the chart's pods run as, and kubetask's wheel with its dependencies,
-installed for that Python by pip (cached by the sources the wheel is built from). The same base layer with `sleep infinity` as its command is the
+package list), the user the chart's pods run as, kubetask's wheel with its dependencies,
+installed for that Python by pip (cached by the sources the wheel is built from), and the
+runtime sidecar's binary (cached by its sources). The same base layer with `sleep infinity` as its command is the
 node's sandbox ("pause") image: CRI runs the sandbox image's own command, which must block.
 
 Usage: python e2e/build_images.py  -> prints the directory holding the archives.
@@ -115,8 +116,6 @@ def app_layer() -> Path:
         wheel = next(dist.glob("kubetask-*.whl"))
         for stale in out.parent.glob("app-*"):  # each source change makes one: keep the last
             stale.unlink()
-        for stale in out.parent.glob("oci-app-*"):
-            shutil.rmtree(stale)
         staging = Path(tmp) / "root"
         subprocess.run(
             [
@@ -146,6 +145,31 @@ def app_layer() -> Path:
         write_tar(staging, partial)
         partial.rename(out)
         return out
+
+
+def runtime_layer() -> Path:
+    """kt-runtime, the runtime sidecar's static binary (`runtime-sidecar/build.sh`), at
+    /usr/local/bin: the sidecar of every executor pod runs it from this image."""
+    built = subprocess.run(
+        ["bash", str(ROOT / "runtime-sidecar" / "build.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    binary = Path(built.stdout.strip().splitlines()[-1])
+    out = CACHE / "images" / f"runtime-{binary.name}.tar"
+    if out.exists():
+        return out
+    for stale in out.parent.glob("runtime-*"):
+        stale.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp)
+        (tree / "usr" / "local" / "bin").mkdir(parents=True)
+        shutil.copy(binary, tree / "usr" / "local" / "bin" / "kt-runtime")
+        partial = out.with_suffix(".partial")
+        write_tar(tree, partial)
+        partial.rename(out)
+    return out
 
 
 def write_tar(tree: Path, out: Path) -> None:
@@ -238,19 +262,21 @@ class Blobs:
 
 
 def build() -> Path:
-    base, app = base_layer(), app_layer()
+    base, app, runtime = base_layer(), app_layer(), runtime_layer()
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
-    out_dir = CACHE / "images" / f"oci-{app.stem}-{base.stem}-{recipe}"
+    out_dir = CACHE / "images" / f"oci-{app.stem}-{runtime.stem}-{base.stem}-{recipe}"
     archive = out_dir / "images.tar"
     if archive.exists():
         return out_dir
+    for stale in out_dir.parent.glob("oci-*"):  # archives of older layers
+        shutil.rmtree(stale)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = "/opt/kubetask/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     with tarfile.open(archive.with_suffix(".partial"), "w") as tar:
         blobs = Blobs(tar)
         blobs.add_image(
             KUBETASK_IMAGE,
-            [base, users_layer(base), app],
+            [base, users_layer(base), app, runtime],
             {
                 "Env": [f"PATH={path}", f"PYTHONPATH=/{SITE}", "PYTHONUNBUFFERED=1"],
                 "Entrypoint": ["python3", "-m", "kubetask"],

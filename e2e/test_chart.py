@@ -38,6 +38,8 @@ def test_helm_install_creates_every_object(
     assert kinds == sorted(
         [
             "ClusterRole",
+            "ClusterRole",  # the dispatchers' (Jobs, with the kubernetes executor)
+            "ClusterRoleBinding",
             "ClusterRoleBinding",
             "ConfigMap",
             "ConfigMap",
@@ -49,6 +51,7 @@ def test_helm_install_creates_every_object(
             "Service",
             "Service",
             "Service",
+            "ServiceAccount",
             "ServiceAccount",
             "ServiceAccount",
             "StatefulSet",

@@ -101,6 +101,9 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
     )  # fmt: skip
     try:
         chart_runs(cluster, ns, nats_pods)
+        # The account's functions run as Jobs in its namespace.
+        account = "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a}\n"
+        cluster.kubectl("apply", "-f", "-", stdin=account)
         gateway = json.loads(
             cluster.kubectl(
                 "get", "service", f"{release}-kubetask-gateway", "-n", ns, "-o", "json"
@@ -119,8 +122,10 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 names.account_stream("team-a"): nats_pods,
             }
             if nats_pods == 1:
-                logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token)
-                a_deleted_executor_pod_costs_one_attempt(cluster, api, ns)
+                a_function_applied_with_kubectl_runs_as_a_job(cluster, api)
+                logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
+                a_deleted_executor_pod_costs_one_attempt(cluster, api)
+                an_image_that_is_not_there_fails_the_attempt_at_once(cluster, api)
                 a_changed_config_rolls_the_gateway(cluster, api, ns, release)
             if nats_pods > 1:
                 function(api, "slow", ["sleep", "5"])
@@ -135,25 +140,116 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
         cluster.run("helm", "uninstall", release, "--namespace", ns, check=False)
 
 
+def job_pods(
+    cluster: ControlPlane, task_id: str, attempt: int | None = None
+) -> list[dict[str, Any]]:
+    selector = f"kubetask.io/task={task_id}" + (
+        f",kubetask.io/attempt={attempt}" if attempt else ""
+    )
+    return pods(cluster, "team-a", selector)
+
+
+def a_function_applied_with_kubectl_runs_as_a_job(cluster: ControlPlane, api: httpx.Client) -> None:
+    """TaskFunction and Task applied with kubectl: a Job in the account's namespace runs the
+    function's image (here kubetask's own, named explicitly) with the sidecar beside it; its
+    output reaches `kubetask logs` (through the dispatcher) and `kubectl logs` (the container's
+    own streams); the Job is the function's, retries nothing itself and cleans up after."""
+    cluster.kubectl(
+        "apply", "-n", "team-a", "-f", "-",
+        stdin="""apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {name: doubler}
+spec:
+  image: docker.io/kubetask/kubetask:dev
+  imagePullPolicy: Never
+  command: [python3, -c, "import json,sys,os; n=json.load(sys.stdin)['number']; print('doubling', n, 'in', os.environ['KUBETASK_TASK_ID'], file=sys.stderr); print(json.dumps(2*n))"]
+  env: [{name: GREETING, value: hi}]
+  resources: {requests: {cpu: 10m, memory: 32Mi}, limits: {memory: 128Mi}}
+  timeoutSeconds: 120
+---
+apiVersion: kubetask.io/v1alpha1
+kind: Task
+metadata: {name: double-21}
+spec: {function: doubler, payload: {number: 21}}
+""",
+    )  # fmt: skip
+    eventually(lambda: phase(api, "double-21"), 60, "the operator to submit the Task")
+    done = finish(api, "double-21")
+    assert done["status"]["phase"] == "Succeeded", done
+    assert done["status"]["result"] == 42
+    executor = done["status"]["executor"]
+    assert executor["backend"] == "kubernetes" and executor["namespace"] == "team-a"
+    eventually(
+        lambda: "Succeeded" in cluster.kubectl("get", "tasks", "-n", "team-a", "double-21").stdout,
+        30, "kubectl get tasks to show it Succeeded",
+    )  # fmt: skip
+    (job,) = json.loads(
+        cluster.kubectl(
+            "get", "jobs", "-n", "team-a", "-l", "kubetask.io/task=double-21", "-o", "json"
+        ).stdout
+    )["items"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] >= 120
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert job["metadata"]["labels"]["kubetask.io/function"] == "doubler"
+    assert job["metadata"]["labels"]["kubetask.io/account"] == "team-a"
+    (owner,) = job["metadata"]["ownerReferences"]
+    fn_uid = json.loads(
+        cluster.kubectl("get", "taskfunction", "doubler", "-n", "team-a", "-o", "json").stdout
+    )["metadata"]["uid"]
+    assert (owner["kind"], owner["uid"]) == ("TaskFunction", fn_uid)
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["memory"] == "128Mi"
+    assert {"name": "GREETING", "value": "hi"} in container["env"]
+    assert pod["automountServiceAccountToken"] is False
+
+    def container_log() -> str | None:
+        """Once the kubelet has reported the container (it may answer `PodInitializing` for a
+        moment after the task has already ended)."""
+        got = cluster.kubectl(
+            "logs", "-n", "team-a", f"job/{job['metadata']['name']}", "-c", "function", check=False
+        )
+        return got.stdout if got.returncode == 0 else None
+
+    logs = eventually(container_log, 30, "kubectl logs of the Job's function container")
+    assert "doubling 21 in double-21" in logs and "42" in logs
+    said = [json.loads(line) for line in api.get("/v1/tasks/double-21/logs").text.splitlines()]
+    assert any(
+        r.get("stream") == "stderr" and r.get("line") == "doubling 21 in double-21" for r in said
+    ), said
+    # Deleting the function deletes its Jobs (they are its own).
+    cluster.kubectl("delete", "taskfunction", "doubler", "-n", "team-a", "--timeout=60s")
+    eventually(
+        lambda: not cluster.kubectl("get", "jobs", "-n", "team-a", "-l", "kubetask.io/function=doubler", "-o", "name").stdout.strip(),
+        60, "the function's Jobs to be deleted with it",
+    )  # fmt: skip
+
+
 def logs_in_to_the_pod_running_a_task(
-    cluster: ControlPlane, api: httpx.Client, ns: str, base: str, token: str
+    cluster: ControlPlane, api: httpx.Client, ns: str, base: str, token: str, release: str
 ) -> None:
-    """`kubetask login <task-id> -- hostname` runs in the pod the task runs in (a dispatcher's,
-    while functions run as processes there), and `kubectl get tasks -o wide` names that pod."""
+    """`kubetask login <task-id> -- hostname` runs in the pod the task runs in (its Job's),
+    `describe` and `kubectl get tasks -o wide` name that pod, and what the sidecar holds
+    reaches neither NATS nor any other attempt."""
     function(api, "held", ["sleep", "600"])
-    cluster.kubectl("create", "namespace", "team-a")
     cluster.kubectl(
         "apply", "-n", "team-a", "-f", "-",
         stdin="apiVersion: kubetask.io/v1alpha1\nkind: Task\n"
         "metadata: {name: held-1}\nspec: {function: held}\n",
     )  # fmt: skip
     eventually(lambda: phase(api, "held-1") == "Running", 60, "the task to run")
-    executor = api.get("/v1/tasks/held-1").json()["status"]["executor"]
-    dispatchers = [
-        p["metadata"]["name"] for p in pods(cluster, ns, "app.kubernetes.io/component=dispatcher")
-    ]
-    assert executor["pod"] in dispatchers and executor["namespace"] == ns
-    assert executor["node"] == "localhost" and executor["container"] == "dispatcher"
+    (pod,) = eventually(lambda: job_pods(cluster, "held-1"), 30, "the task's pod")
+    name = pod["metadata"]["name"]
+
+    def placed() -> dict[str, Any] | None:
+        executor: dict[str, Any] = api.get("/v1/tasks/held-1").json()["status"]["executor"]
+        return executor if executor.get("pod") else None
+
+    executor = eventually(placed, 60, "the task's record to name its pod")
+    assert executor["pod"] == name and executor["namespace"] == "team-a"
+    assert executor["node"] == "localhost" and executor["container"] == "function"
 
     def kubetask(*args: str) -> str:
         """The CLI as a user of the cluster runs it: the API and token from the environment."""
@@ -166,12 +262,10 @@ def logs_in_to_the_pod_running_a_task(
         return done.stdout
 
     kubectl = str(cluster.bin / "kubectl")
-    assert (
-        kubetask("login", "held-1", "--kubectl", kubectl, "--", "hostname").strip()
-        == (executor["pod"])
-    )
+    assert kubetask("login", "held-1", "--kubectl", kubectl, "--", "hostname").strip() == name
     described = kubetask("describe", "held-1")
-    assert f"pod {ns}/{executor['pod']} on node localhost" in described, described
+    assert f"pod team-a/{name} on node localhost" in described, described
+    a_sidecar_reaches_nothing_but_its_attempt(cluster, pod, ns, release)
     function(
         api, "talker", ["python3", "-c", "import sys; print('said in a pod', file=sys.stderr)"]
     )
@@ -181,33 +275,114 @@ def logs_in_to_the_pod_running_a_task(
 
     def wide() -> list[str] | None:
         out = cluster.kubectl("get", "tasks", "-n", "team-a", "-o", "wide").stdout.splitlines()
-        return out if executor["pod"] in out[1] else None
+        row = [line for line in out if line.startswith("held-1 ")]
+        return [out[0], row[0]] if row and name in row[0] else None
 
     table = eventually(wide, 30, "kubectl get tasks -o wide to show the pod")
-    assert table[0].split()[-2:] == ["POD", "NODE"] and table[1].split()[-2:] == [
-        executor["pod"],
-        "localhost",
-    ]
-    # Deleting the object stops the task (the operator's finalizer), and leaves nothing for
-    # the next release's operator to pick up.
+    assert table[0].split()[-2:] == ["POD", "NODE"] and table[1].split()[-2:] == [name, "localhost"]
+    # Deleting the object stops the task (the operator's finalizer), which deletes its Job.
     cluster.kubectl("delete", "task", "held-1", "-n", "team-a", "--timeout=60s")
     assert phase(api, "held-1") is None
+    eventually(lambda: not job_pods(cluster, "held-1"), 60, "the stopped task's pod to go")
 
 
-def a_deleted_executor_pod_costs_one_attempt(
-    cluster: ControlPlane, api: httpx.Client, ns: str
+def a_sidecar_reaches_nothing_but_its_attempt(
+    cluster: ControlPlane, pod: dict[str, Any], ns: str, release: str
 ) -> None:
-    """`kubectl delete pod` of the pod running a task: the task is taken up again (one more
-    attempt, by the dispatcher its Deployment starts instead) and succeeds."""
+    """An executor pod holds no NATS credentials and no service-account token; the one secret
+    its sidecar has (the attempt's token) is refused by NATS under any user, and the runtime
+    endpoint answers it with that attempt's payload and nothing else."""
+    spec = pod["spec"]
+    assert spec.get("automountServiceAccountToken") is False
+    containers = [*spec["initContainers"], *spec["containers"]]
+    env = {e["name"]: e for c in containers for e in c.get("env", [])}
+    assert not [n for n in env if n.startswith("KUBETASK_NATS")]
+    assert not [e for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not any("envFrom" in c for c in containers)
+    assert {m["name"] for c in containers for m in c.get("volumeMounts", [])} == {"kt-runtime"}
+    token = env["KUBETASK_RUNTIME_TOKEN"]["value"]
+    url = env["KUBETASK_RUNTIME_URL"]["value"]
+    assert "KUBETASK_RUNTIME_TOKEN" not in {e["name"] for e in spec["containers"][0].get("env", [])}
+    nats_ip = json.loads(
+        cluster.kubectl("get", "service", f"{release}-kubetask-nats", "-n", ns, "-o", "json").stdout
+    )["spec"]["clusterIP"]
+
+    async def refused(user: str | None) -> bool:
+        try:
+            nc = await nats.connect(
+                f"nats://{nats_ip}:4222", user=user, password=token if user else None,
+                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
+            )  # fmt: skip
+        except Exception:
+            return True
+        await nc.close()
+        return False
+
+    for user in (None, "gateway", "dispatcher", "operator", "admin", "destinations", "sidecar"):
+        assert asyncio.run(refused(user)), user
+    with httpx.Client(base_url=url, timeout=10) as rt:
+        mine = rt.post(
+            "/v1/run/start",
+            json={"pod": "x", "namespace": "team-a"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert mine.status_code == 200 and mine.json() is None  # held-1's payload
+        other = rt.post(
+            "/v1/run/start",
+            json={"pod": "x", "namespace": "team-a"},
+            headers={"Authorization": f"Bearer {token[:-2]}xy"},
+        )
+        assert other.status_code == 404
+
+
+def a_deleted_executor_pod_costs_one_attempt(cluster: ControlPlane, api: httpx.Client) -> None:
+    """`kubectl delete pod` of the pod running a task: that attempt fails (its pod was
+    stopped), and the next one, in a new Job, succeeds."""
     function(api, "retried", ["sh", "-c", '[ "$KUBETASK_ATTEMPT" -gt 1 ] || exec sleep 600'])
     task_id = submit(api, "retried")
     eventually(lambda: phase(api, task_id) == "Running", 60, "the task to run")
-    pod = api.get(f"/v1/tasks/{task_id}").json()["status"]["executor"]["pod"]
-    cluster.kubectl("delete", "pod", "-n", ns, pod, "--wait=false")
+    (pod,) = eventually(lambda: job_pods(cluster, task_id, 1), 60, "its pod")
+    eventually(lambda: ready(job_pods(cluster, task_id, 1)[0]), 60, "its pod to run")
+    cluster.kubectl("delete", "pod", "-n", "team-a", pod["metadata"]["name"], "--wait=false")
     done = finish(api, task_id)
     assert done["status"]["phase"] == "Succeeded", done
     assert done["status"]["attempts"] == 2
-    assert done["status"]["executor"]["pod"] != pod
+    assert done["status"]["executor"]["pod"] != pod["metadata"]["name"]
+    logs = api.get(f"/v1/tasks/{task_id}/logs").text
+    assert "stopped (deleted or evicted)" in logs, logs
+
+
+def an_image_that_is_not_there_fails_the_attempt_at_once(
+    cluster: ControlPlane, api: httpx.Client
+) -> None:
+    """An image the node cannot have (never pulled, not present): the attempt fails saying so,
+    long before the pod start timeout, and its Job is gone."""
+    made = api.put(
+        "/v1/functions/ghost",
+        json={
+            "apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
+            "metadata": {"name": "ghost", "namespace": "team-a"},
+            "spec": {"command": ["true"], "image": "docker.io/kubetask/not-there:dev", "imagePullPolicy": "Never"},
+        },
+    )  # fmt: skip
+    assert made.status_code == 200, made.text
+    config = api.put(
+        "/v1/asyncconfigs/ghost",
+        json={
+            "apiVersion": "kubetask.io/v1alpha1", "kind": "AsyncConfig",
+            "metadata": {"name": "ghost", "namespace": "team-a"},
+            "spec": {"function": "ghost", "maxAsyncRetryAttempts": 0},
+        },
+    )  # fmt: skip
+    assert config.status_code == 200, config.text
+    started = time.monotonic()
+    done = finish(api, submit(api, "ghost"))
+    assert done["status"]["phase"] == "Failed"
+    assert "ErrImageNeverPull" in done["status"]["error"], done["status"]["error"]
+    assert time.monotonic() - started < 60
+    assert not cluster.kubectl(
+        "get", "jobs", "-n", "team-a", "-l", "kubetask.io/function=ghost", "-o", "name"
+    ).stdout.strip()
 
 
 def a_changed_config_rolls_the_gateway(

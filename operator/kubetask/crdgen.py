@@ -51,6 +51,7 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         if len(options) == 1:
             return _convert({**options[0], **rest}, defs)
         node = {**rest, "anyOf": options}
+    node = _keys_as_cel(node)
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:
@@ -77,6 +78,31 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
         if desc:
             out["description"] = desc
     return out
+
+
+def _keys_as_cel(node: dict[str, Any]) -> dict[str, Any]:
+    """A map whose keys are constrained (`patternProperties`, `propertyNames`), which a
+    structural schema cannot say: its values' schema becomes `additionalProperties` and the
+    rule on its keys a CEL rule."""
+    if "patternProperties" not in node and "propertyNames" not in node:
+        return node
+    node = dict(node)
+    rules: list[str] = []
+    patterns = node.pop("patternProperties", {})
+    if patterns:
+        ((pattern, values),) = patterns.items()
+        node["additionalProperties"] = values
+        rules.append(f"k.matches(r'{pattern}')")
+    keys = node.pop("propertyNames", {})
+    if "enum" in keys:
+        rules.append("k in [" + ", ".join(f"'{k}'" for k in keys["enum"]) + "]")
+    if "maxLength" in keys:
+        rules.append(f"size(k) <= {keys['maxLength']}")
+    if "pattern" in keys:
+        rules.append(f"k.matches(r'{keys['pattern']}')")
+    rule = {"rule": f"self.all(k, {' && '.join(rules)})", "message": "a key is not allowed here"}
+    node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []), rule]
+    return node
 
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:

@@ -87,6 +87,67 @@ class EnvVar(KubeModel):
     value: str = ""
 
 
+# What a function may ask of the pod it runs in on Kubernetes (`executors/pod_template.py`): a
+# validated subset of a pod template. Everything else (volumes, host access, privileges, the
+# pod's own security context) stays the platform's to decide.
+ObjectName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkKMGTPE]i?)?$"
+Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY_PATTERN)]
+ResourceName = Literal["cpu", "memory", "ephemeral-storage"]
+LabelKey = Annotated[
+    str,
+    Field(
+        max_length=253,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+    ),
+]
+LabelValue = Annotated[
+    str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+]
+
+
+class Resources(KubeModel):
+    requests: dict[ResourceName, Quantity] = Field(default_factory=dict, max_length=3)
+    limits: dict[ResourceName, Quantity] = Field(default_factory=dict, max_length=3)
+
+
+class SourceRef(KubeModel):
+    name: ObjectName = Field(description="A ConfigMap or Secret in the function's namespace.")
+    optional: Flag | None = None
+
+
+ONE_ENV_SOURCE: dict[str, JsonValue] = {
+    "rule": "has(self.configMapRef) != has(self.secretRef)",
+    "message": "exactly one of configMapRef or secretRef must be set",
+}
+
+
+class EnvFromSource(KubeModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": [ONE_ENV_SOURCE]}
+    )
+
+    configMapRef: SourceRef | None = None
+    secretRef: SourceRef | None = None
+    prefix: str | None = Field(default=None, max_length=253, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvFromSource:
+        if (self.configMapRef is None) == (self.secretRef is None):
+            raise ValueError(ONE_ENV_SOURCE["message"])
+        return self
+
+
+class Toleration(KubeModel):
+    key: LabelKey | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: LabelValue | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: Count | None = None
+
+
 class QueueMode(StrEnum):
     """Where a function's tasks wait: the account's shared stream, a stream of its own, the one
     stream small accounts share (`shared`), or (`auto`) the account's stream — the small
@@ -166,6 +227,23 @@ class TaskFunctionSpec(KubeModel):
     )
     env: list[EnvVar] = Field(default_factory=list)
     workingDir: str | None = None
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$",
+        description="On Kubernetes, the image the function's container runs (default: kubetask's "
+        "own); `command` runs in it unchanged. The local executor ignores it.",
+    )
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    resources: Resources | None = None
+    envFrom: list[EnvFromSource] = Field(default_factory=list, max_length=32)
+    serviceAccountName: ObjectName | None = Field(
+        default=None,
+        description="On Kubernetes, the function's pods run as this service account of its "
+        "namespace, with its token mounted; without one, no token is mounted.",
+    )
+    nodeSelector: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
     timeoutSeconds: Number = Field(
         default=300,
         ge=MIN_TIMEOUT_SECONDS,

@@ -32,6 +32,17 @@ def env_switch(name: str, default: bool) -> bool:
     return raw in ("on", "true", "1")
 
 
+EXECUTORS = ("local", "kubernetes")
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices`, the first by default."""
+    raw = (os.environ.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        raise ValueError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
+    return raw
+
+
 def env_secret(name: str) -> str | None:
     """A secret from `NAME`, or from the file named by `NAME_FILE` (a mounted Secret)."""
     path = os.environ.get(name + "_FILE")
@@ -117,6 +128,9 @@ class Settings:
             "KUBETASK_SMALL_ACCOUNTS", env_str("KUBETASK_SMALL_ACCOUNTS", "")
         )
     )
+    # What runs `command` functions: `local` processes beside the dispatcher, or `kubernetes`,
+    # a Job per attempt with the runtime sidecar (`executors/kubernetes_jobs.py`).
+    executor: str = field(default_factory=lambda: env_choice("KUBETASK_EXECUTOR", EXECUTORS))
     # Copies JetStream keeps of every stream and bucket: 3 on a three-node NATS cluster (the
     # chart sets it with `nats.cluster.enabled`), so losing one server loses no task.
     stream_replicas: int = field(default_factory=lambda: env_int("KUBETASK_STREAM_REPLICAS", 1))

@@ -41,3 +41,11 @@ nats://{{ include "kubetask.natsName" . }}.{{ .Release.Namespace }}.svc:4222
 {{- define "kubetask.natsUsersSecret" -}}
 {{ include "kubetask.fullname" . }}-nats-users
 {{- end }}
+
+{{- define "kubetask.executor" -}}
+{{- $e := .Values.dispatcher.executor | default "kubernetes" -}}
+{{- if not (has $e (list "kubernetes" "local")) -}}
+{{- fail (printf "dispatcher.executor must be kubernetes or local, not %q" $e) -}}
+{{- end -}}
+{{ $e }}
+{{- end }}

@@ -32,6 +32,9 @@ class OperatorConfig:
     config_checksum: str = _from_env(env_str, "CONFIG_CHECKSUM", "")
     # Passed on to the gateway and the dispatchers: every component creates streams alike.
     stream_replicas: int = _from_env(env_int, "STREAM_REPLICAS", 1)
+    # What runs `command` functions (settings.py EXECUTORS); `kubernetes` also gives the
+    # dispatchers the service account that may manage Jobs and the address sidecars call.
+    executor: str = _from_env(env_str, "EXECUTOR", "local")
     dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1)
     dispatcher_max: int = _from_env(env_int, "DISPATCHER_MAX", 10)
     target_backlog: int = _from_env(env_int, "DISPATCHER_TARGET_BACKLOG", 100)

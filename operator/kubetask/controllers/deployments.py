@@ -26,6 +26,7 @@ log = logging.getLogger("kubetask.operator.scaler")
 
 
 METRICS_PORT = 9090
+RUNTIME_PORT = 9091
 DISPATCHER_ARGS = ["dispatcher", "--metrics-host", "0.0.0.0", "--metrics-port", str(METRICS_PORT)]
 
 
@@ -77,6 +78,21 @@ def _deployment(
     }
     if component == "dispatcher":
         container["ports"] = [{"name": "metrics", "containerPort": METRICS_PORT}]
+        container["env"].append({"name": "KUBETASK_EXECUTOR", "value": cfg.executor})
+        if cfg.executor == "kubernetes":
+            # Jobs run the platform's image as their sidecar (and for functions naming none),
+            # and their sidecars call this pod back at its address (`runtime_server.py`).
+            container["ports"].append({"name": "runtime", "containerPort": RUNTIME_PORT})
+            container["env"] += [
+                {"name": "KUBETASK_IMAGE", "value": cfg.image},
+                {"name": "KUBETASK_RUNTIME_PORT", "value": str(RUNTIME_PORT)},
+                {
+                    "name": "KUBETASK_POD_IP",
+                    "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+                },
+            ]
+            pod["serviceAccountName"] = f"{cfg.release}-dispatcher"
+            pod["automountServiceAccountToken"] = True
         # Recorded on every attempt it runs (`dispatch/pod_identity.py`): `kubetask login`.
         container["env"] += [
             {"name": POD_ENV["pod"], "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

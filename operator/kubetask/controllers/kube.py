@@ -1,30 +1,16 @@
 """The few Kubernetes API calls the operator makes itself (kopf covers the rest), through the
-official client in a worker thread."""
+official client (`kube_client.py`) in a worker thread."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from ..kube_client import load as _load
 from ..models import API_GROUP, API_VERSION
-
-_loaded = False
-
-
-def _load() -> None:
-    global _loaded
-    if not _loaded:
-        # A kubeconfig that asks to skip TLS verification gets it; no warning per request.
-        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        _loaded = True
 
 
 async def patch_status(plural: str, namespace: Any, name: str, status: dict[str, Any]) -> None:

@@ -24,10 +24,19 @@ from nats.aio.msg import Msg
 
 from .. import jetstream, metrics, names, quarantine, queues
 from ..cancellation import cancel_and_wait
-from ..executors import CommandExecutor, Execution, Executor, Invocation, Outcome, ServerExecutor
+from ..executors import (
+    CommandExecutor,
+    Execution,
+    Executor,
+    Invocation,
+    JobExecutor,
+    Outcome,
+    Placement,
+    ServerExecutor,
+)
 from ..fairness import Fairness
 from ..logs import LogWriter
-from ..models import TaskFunction, TaskPhase
+from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
 from ..states import TERMINAL, WAITING, IllegalTransition
 from ..store import (
@@ -126,7 +135,10 @@ class Dispatcher:
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
         self.executor_ref = executor_ref(self.id, self.host)  # what each attempt records
-        self.command = CommandExecutor()
+        # `command` functions: processes here, or a Job per attempt on Kubernetes, whose pods
+        # take nothing of this node's process budget.
+        self.jobs = plane.settings.executor == "kubernetes"
+        self.command: Executor = JobExecutor() if self.jobs else CommandExecutor()
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
         # The streams each function has workers on, so a change looks at its own workers only.
@@ -137,6 +149,7 @@ class Dispatcher:
         self.server = ServerExecutor(self.budget.settings.instances)
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
+        self._placing: set[asyncio.Task[None]] = set()
         self.leases: Leases | None = None
 
     async def start(self) -> None:
@@ -224,7 +237,7 @@ class Dispatcher:
                 await asyncio.sleep(1)
         window = worker.window
         gauge = metrics.of(metrics.WINDOW, fn.account, fn.name)
-        process = fn.spec.command is not None
+        process = fn.spec.command is not None and not self.jobs
 
         def free() -> int:
             window.judge(len(worker.inflight))
@@ -390,7 +403,7 @@ class Dispatcher:
     ) -> None:
         """Claim and run the task within the node's budget; a task that waits for a slot stays
         Queued, its message kept alive meanwhile."""
-        process = ctx.function.spec.command is not None
+        process = ctx.function.spec.command is not None and not self.jobs
         if not self.budget.try_take(process):
             waiting = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
             try:
@@ -454,7 +467,11 @@ class Dispatcher:
             st.timestamps.dispatched = ctx.dequeued_at
             st.timestamps.started = now()
             st.timestamps.finished = None
-            st.executor = self.executor_ref.model_copy()
+            st.executor = (
+                ExecutorRef(backend="kubernetes", dispatcher=self.id, host=self.host)
+                if self.jobs and ctx.function.spec.command is not None
+                else self.executor_ref.model_copy()
+            )
             r.claimSeq = seq
             return r
 
@@ -483,6 +500,7 @@ class Dispatcher:
             timeout=fn.spec.timeoutSeconds,
             max_result_bytes=self.plane.settings.max_result_bytes,
             log=output,
+            placed=functools.partial(self._placed, ctx, attempt),
         )
         executor: Executor = self.command if fn.spec.command is not None else self.server
         labels = metrics.of(metrics.RUNNING, ctx.account, fn.name)
@@ -663,6 +681,37 @@ class Dispatcher:
         self._log(ctx.record, "system", f"{ctx.note}; {ending}" if ctx.note else ending, final=True)
         await msg.ack()
 
+    def _placed(self, ctx: TaskContext, attempt: int, where: Placement) -> None:
+        """An attempt's pod is known: recorded on the task (login, describe, `-o wide`) while
+        that attempt still runs."""
+        seq = ctx.record.claimSeq
+
+        def place(r: TaskRecord) -> TaskRecord:
+            st = r.task.status
+            if r.phase is not TaskPhase.Running or r.claimSeq != seq or st.attempts != attempt:
+                raise IllegalTransition(r.phase, r.phase)
+            st.executor = ExecutorRef(
+                backend="kubernetes",
+                dispatcher=self.id,
+                host=self.host,
+                instance=where.pod,
+                pod=where.pod,
+                namespace=where.namespace,
+                container=where.container,
+                node=where.node,
+            )
+            return r
+
+        async def record() -> None:
+            with contextlib.suppress(IllegalTransition, TaskGone):
+                await self.plane.store.transition(ctx.account, ctx.task_id, place)
+
+        text = f"attempt {attempt} runs in pod {where.namespace}/{where.pod}"
+        self._log(ctx.record, "system", text + (f" on {where.node}" if where.node else ""), attempt)
+        task = asyncio.create_task(record())
+        self._placing.add(task)
+        task.add_done_callback(self._placing.discard)
+
     def _log(
         self,
         record: TaskRecord,
@@ -702,6 +751,8 @@ class Dispatcher:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await cancel_and_wait(*self._background)
+        if self._placing:
+            await asyncio.wait(self._placing, timeout=5)
         await self.command.close()
         await self.server.close()
         for policy in self.policies:

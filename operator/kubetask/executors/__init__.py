@@ -1,7 +1,17 @@
 """Executors run one attempt of a task and report its outcome; the dispatcher owns the rest."""
 
-from .base import Execution, Executor, Invocation, Outcome
+from .base import Execution, Executor, Invocation, Outcome, Placement
 from .command import CommandExecutor
+from .kubernetes_jobs import JobExecutor
 from .server import ServerExecutor
 
-__all__ = ["CommandExecutor", "Execution", "Executor", "Invocation", "Outcome", "ServerExecutor"]
+__all__ = [
+    "CommandExecutor",
+    "Execution",
+    "Executor",
+    "Invocation",
+    "JobExecutor",
+    "Outcome",
+    "Placement",
+    "ServerExecutor",
+]
