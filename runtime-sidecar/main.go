@@ -1,5 +1,8 @@
-// kt-runtime is kubetask's agent in executor pods: `sidecar` runs beside the function's
-// container, `entry` is that container's command. One static binary, so it runs in any image.
+// kt-runtime is kubetask's agent in executor pods. `install` puts it into the pod's shared
+// volume, for the function's container. In a Job's pod, `sidecar` runs beside the
+// function's container and `entry` is that container's command; in a warm server function's pod,
+// `proxy` takes the dispatchers' invocations, `init` starts the function's server and `drain`
+// is that container's preStop hook. One static binary, so it runs in any image.
 package main
 
 import (
@@ -16,14 +19,27 @@ func main() {
 		switch os.Args[1] {
 		case "sidecar":
 			os.Exit(runSidecar(dir))
-		case "entry":
+		case "proxy":
+			os.Exit(runProxy())
+		case "install":
+			if err := install(dir); err != nil {
+				fmt.Fprintf(os.Stderr, "kt-runtime install: %v\n", err)
+				os.Exit(1)
+			}
+			os.Exit(0)
+		case "drain":
+			os.Exit(runDrain())
+		case "entry", "init":
 			argv := os.Args[2:]
 			if len(argv) > 0 && argv[0] == "--" {
 				argv = argv[1:]
 			}
+			if os.Args[1] == "init" {
+				os.Exit(runInit(argv))
+			}
 			os.Exit(runEntry(dir, argv))
 		}
 	}
-	fmt.Fprintln(os.Stderr, "usage: kt-runtime sidecar | kt-runtime entry -- COMMAND [ARG...]")
+	fmt.Fprintln(os.Stderr, "usage: kt-runtime install | sidecar | entry -- COMMAND... | proxy | init -- COMMAND... | drain")
 	os.Exit(2)
 }

@@ -5,8 +5,8 @@ package main
 // environment only — and no NATS credentials at all: it can fetch this attempt's payload and
 // report this attempt's output and exit, nothing of any other task or account.
 //
-// It puts the entry binary into the shared volume, fetches the payload, hands it to the entry
-// over a Unix socket there, and forwards what the entry sends (output frames, then the exit)
+// It fetches the payload and hands it to the entry (put into the shared volume by the pod's
+// first init container, `kt-runtime install`) over a Unix socket there, and forwards what the entry sends (output frames, then the exit)
 // to the dispatcher in batches, with a heartbeat while the process is quiet.
 
 import (
@@ -78,7 +78,9 @@ func (r *reporter) post(path string, body []byte) ([]byte, error) {
 	}
 }
 
-// install copies this binary where the function's container finds it.
+// install copies this binary where the function's container finds it: the pod's first init
+// container, which ends before any other container starts (a sidecar's copy could race the
+// function's container, which the kubelet starts once the sidecar's process has started).
 func install(dir string) error {
 	self, err := os.Executable()
 	if err != nil {
@@ -117,10 +119,6 @@ func runSidecar(dir string) int {
 	if r.url == "" || r.token == "" {
 		log.Print("KUBETASK_RUNTIME_URL and KUBETASK_RUNTIME_TOKEN are required")
 		return 2
-	}
-	if err := install(dir); err != nil {
-		log.Printf("cannot install the entry: %v", err)
-		return 1
 	}
 	sock := filepath.Join(dir, socketName)
 	_ = os.Remove(sock)

@@ -6,6 +6,7 @@ pod, the node) is `e2e/test_node.py`'s."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -54,8 +55,8 @@ def invocation(
 
 
 class Pod:
-    """The sidecar and the entry, started as the kubelet starts them: the sidecar first, the
-    function's container right after (not waiting for the sidecar to listen)."""
+    """The pod's containers, started as the kubelet starts them: the installer to its end, the
+    sidecar, and the function's container right after (not waiting for the sidecar to listen)."""
 
     def __init__(self, binary: str, workdir: Path, url: str, token: str) -> None:
         self.binary = binary
@@ -73,14 +74,12 @@ class Pod:
     async def start(
         self, *command: str
     ) -> tuple[asyncio.subprocess.Process, asyncio.subprocess.Process]:
+        install = await asyncio.create_subprocess_exec(self.binary, "install", env=self.env)
+        assert await install.wait() == 0
         sidecar = await asyncio.create_subprocess_exec(
             self.binary, "sidecar", env=self.env, stderr=asyncio.subprocess.PIPE
         )
         entry_bin = self.dir / "bin" / "kt-runtime"
-        for _ in range(500):  # the kubelet starts the next container once this one runs
-            if entry_bin.exists():
-                break
-            await asyncio.sleep(0.01)
         # The function's container sees neither the runtime's URL nor its token.
         env = {"PATH": os.environ["PATH"], "KUBETASK_RUNTIME_DIR": str(self.dir)}
         entry = await asyncio.create_subprocess_exec(
@@ -232,3 +231,136 @@ async def test_output_beyond_the_result_limit_is_kept_as_a_tail_only(
     assert code == 0 and attempt.too_big and len(attempt.stdout) <= 1000
     tail = attempt.stdout_tail.text()
     assert tail is not None and tail.rstrip().endswith("END")
+
+
+APP = """
+import http.server, json, os, sys, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 200 if os.path.exists(sys.argv[1]) else 503
+        self.send_response(code); self.send_header("Content-Length", "0"); self.end_headers()
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(body["sleep"])
+        out = json.dumps({"task": self.headers["X-Kubetask-Task-Id"]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def warm_pod(kt_runtime: str, tmp_path: Path) -> AsyncIterator[tuple[str, Path, str]]:
+    """A warm server's pod: its server under `kt-runtime init`, the proxy in front of it with
+    a concurrency of 2. Yields (proxy URL, the file whose presence makes the server ready, the
+    runtime binary installed in the pod's volume)."""
+    app_port, proxy_port = free_port(), free_port()
+    flag = tmp_path / "ready"
+    env = {
+        "PATH": os.environ["PATH"],
+        "KUBETASK_RUNTIME_DIR": str(tmp_path),
+        "KUBETASK_PROXY_TOKEN": "secret-token",
+        "KUBETASK_CONCURRENCY": "2",
+        "KUBETASK_APP_PORT": str(app_port),
+        "KUBETASK_PROXY_PORT": str(proxy_port),
+        "KUBETASK_INVOKE_PATH": "/run",
+        "KUBETASK_READINESS_PATH": "/up",
+    }
+    install = await asyncio.create_subprocess_exec(kt_runtime, "install", env=env)
+    assert await install.wait() == 0
+    installed = str(tmp_path / "bin" / "kt-runtime")
+    proxy = await asyncio.create_subprocess_exec(installed, "proxy", env=env)
+    app = await asyncio.create_subprocess_exec(
+        installed, "init", "--", sys.executable, "-c", APP, str(flag),
+        env={**env, "PORT": str(app_port)},
+    )  # fmt: skip
+    for _ in range(200):  # the server listens (ready or not)
+        with contextlib.suppress(OSError):
+            _, w = await asyncio.open_connection("127.0.0.1", app_port)
+            w.close()
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{proxy_port}", flag, installed
+    finally:
+        for p in (proxy, app):
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
+async def test_the_proxy_holds_the_function_to_its_concurrency_and_its_dispatchers(
+    warm_pod: tuple[str, Path, str],
+) -> None:
+    url, flag, _ = warm_pod
+    auth = {"Authorization": "Bearer secret-token", "X-Kubetask-Task-Id": "t"}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(200):  # the proxy is starting
+            with contextlib.suppress(httpx.TransportError):
+                await http.get("/ready")
+                break
+            await asyncio.sleep(0.05)
+        assert (await http.get("/ready")).status_code == 503  # its server is not ready yet
+        flag.touch()
+        assert (await http.get("/ready")).status_code == 200
+        stranger = await http.post(
+            "/invoke", json={"sleep": 0}, headers={"Authorization": "Bearer guess"}
+        )
+        assert stranger.status_code == 401
+        answers = await asyncio.gather(
+            *(http.post("/invoke", json={"sleep": 0.5}, headers=auth) for _ in range(5))
+        )
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 200, 429, 429, 429], codes  # 429 is "busy" to a dispatcher
+        assert answers[[a.status_code for a in answers].index(200)].json() == {"task": "t"}
+
+
+async def test_a_draining_pod_finishes_what_it_serves_and_takes_nothing_new(
+    warm_pod: tuple[str, Path, str],
+) -> None:
+    """What the preStop hook does before the kubelet stops the server: `kt-runtime drain`
+    returns once the invocation in flight has ended; meanwhile new ones are answered 503 (busy,
+    no attempt spent) and readiness fails."""
+    url, flag, installed = warm_pod
+    flag.touch()
+    auth = {"Authorization": "Bearer secret-token", "X-Kubetask-Task-Id": "t"}
+    port = url.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(200):
+            with contextlib.suppress(httpx.TransportError):
+                if (await http.get("/ready")).status_code == 200:
+                    break
+            await asyncio.sleep(0.05)
+        running = asyncio.create_task(http.post("/invoke", json={"sleep": 1.5}, headers=auth))
+        await asyncio.sleep(0.3)
+        drain = await asyncio.create_subprocess_exec(
+            installed, "drain", env={"KUBETASK_PROXY_PORT": port}
+        )
+        await asyncio.sleep(0.3)
+        assert (await http.post("/invoke", json={"sleep": 0}, headers=auth)).status_code == 503
+        assert (await http.get("/ready")).status_code == 503
+        assert drain.returncode is None  # still waiting for the invocation in flight
+        assert (await running).status_code == 200
+        assert await asyncio.wait_for(drain.wait(), 5) == 0
+        # /drain is for the pod itself: not from another address.
+        assert (await http.post("/drain")).status_code in (200, 403)
+
+
+async def test_init_passes_a_stop_to_a_server_that_ignores_it_as_pid_1(
+    kt_runtime: str, tmp_path: Path
+) -> None:
+    """The kernel drops default-action signals to a container's PID 1; under `init` the server
+    is its child, in its own process group, and the stop reaches it."""
+    init = await asyncio.create_subprocess_exec(kt_runtime, "init", "--", "sleep", "300")
+    await asyncio.sleep(0.3)
+    init.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(init.wait(), 5) == 128 + signal.SIGTERM
