@@ -126,6 +126,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
                 an_image_that_is_not_there_fails_the_attempt_at_once(cluster, api)
+                a_server_function_scales_from_zero_to_its_demand_and_back(cluster, api)
                 a_changed_config_rolls_the_gateway(cluster, api, ns, release)
             if nats_pods > 1:
                 function(api, "slow", ["sleep", "5"])
@@ -198,7 +199,8 @@ spec: {function: doubler, payload: {number: 21}}
         cluster.kubectl("get", "taskfunction", "doubler", "-n", "team-a", "-o", "json").stdout
     )["metadata"]["uid"]
     assert (owner["kind"], owner["uid"]) == ("TaskFunction", fn_uid)
-    (sidecar,) = pod["initContainers"]
+    install, sidecar = pod["initContainers"]
+    assert "restartPolicy" not in install  # runs to its end before the others start
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["memory"] == "128Mi"
@@ -385,6 +387,75 @@ def an_image_that_is_not_there_fails_the_attempt_at_once(
     ).stdout.strip()
 
 
+SERVER = """
+import http.server, json, os, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null") or {}
+        time.sleep(body.get("sleep", 0))
+        out = json.dumps({"pod": os.environ["HOSTNAME"]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *args): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+def warm_replicas(cluster: ControlPlane) -> tuple[int, int]:
+    """(replicas wanted, pods of the warm Deployment that exist)."""
+    got = cluster.kubectl("get", "deployment", "kt-warm", "-n", "team-a", "-o", "json", check=False)
+    if got.returncode:
+        return -1, 0
+    spec = json.loads(got.stdout)["spec"]
+    return int(spec.get("replicas") or 0), len(pods(cluster, "team-a", "kubetask.io/function=warm"))
+
+
+def a_server_function_scales_from_zero_to_its_demand_and_back(
+    cluster: ControlPlane, api: httpx.Client
+) -> None:
+    """A `server` function: its Deployment waits at zero, wakes on the first task, grows with a
+    500-task backlog to its maxInstances, serves each task once, and goes back to zero when
+    idle; pods taken away while their tasks run finish those tasks first (none lost, none run
+    twice: every task ends Succeeded at its first attempt)."""
+    made = api.put(
+        "/v1/functions/warm",
+        json={
+            "apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
+            "metadata": {"name": "warm", "namespace": "team-a"},
+            "spec": {
+                "server": {"command": ["python3", "-c", SERVER], "concurrency": 4, "maxInstances": 3, "idleSeconds": 5},
+                "maxConcurrency": 12, "timeoutSeconds": 60,
+            },
+        },
+    )  # fmt: skip
+    assert made.status_code == 200, made.text
+    eventually(lambda: warm_replicas(cluster) == (0, 0), 60, "the warm Deployment at zero")
+    first = submit(api, "warm", {"sleep": 0})
+    assert finish(api, first)["status"]["phase"] == "Succeeded"
+    ids = [submit(api, "warm", {"sleep": 0.2}) for _ in range(500)]
+    peak = 0
+    while any(phase(api, i) not in ("Succeeded", "Failed") for i in ids[-20:]):
+        peak = max(peak, warm_replicas(cluster)[1])
+        time.sleep(0.5)
+    done = [finish(api, i) for i in ids]
+    assert {d["status"]["phase"] for d in done} == {"Succeeded"}
+    assert {d["status"]["attempts"] for d in done} == {1}
+    served = {d["status"]["result"]["pod"] for d in done}
+    assert peak == 3 and len(served) == 3, (peak, served)
+    eventually(lambda: warm_replicas(cluster) == (0, 0), 90, "the idle function back at zero")
+
+    # Pods taken away while they serve: they drain, and nothing they ran is lost or repeated.
+    slow = [submit(api, "warm", {"sleep": 4}) for _ in range(12)]
+    eventually(lambda: warm_replicas(cluster)[1] == 3, 60, "three warm pods")
+    eventually(lambda: all(phase(api, i) == "Running" for i in slow[:8]), 60, "tasks on them")
+    cluster.kubectl("scale", "deployment", "kt-warm", "-n", "team-a", "--replicas=1")
+    done = [finish(api, i) for i in slow]
+    assert {d["status"]["phase"] for d in done} == {"Succeeded"}, done
+    assert {d["status"]["attempts"] for d in done} == {1}
+
+
 def a_changed_config_rolls_the_gateway(
     cluster: ControlPlane, api: httpx.Client, ns: str, release: str
 ) -> None:
@@ -470,8 +541,8 @@ def function(api: httpx.Client, name: str, command: list[str]) -> None:
     assert made.status_code == 200, made.text
 
 
-def submit(api: httpx.Client, name: str) -> str:
-    sent = api.post("/v1/tasks", json={"function": name, "payload": None})
+def submit(api: httpx.Client, name: str, payload: Any = None) -> str:
+    sent = api.post("/v1/tasks", json={"function": name, "payload": payload})
     assert sent.status_code == 202, sent.text
     return str(sent.json()["metadata"]["name"])
 

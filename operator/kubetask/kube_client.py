@@ -3,10 +3,15 @@ from the kubeconfig. Its calls block, so callers run them in a worker thread."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from typing import Any
 
 import urllib3
-from kubernetes import config
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from .models import API_GROUP, API_VERSION, TaskFunction
 
 _lock = threading.Lock()
 _loaded = False
@@ -24,3 +29,27 @@ def load() -> None:
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
         _loaded = True
+
+
+async def function_owner(fn: TaskFunction) -> dict[str, Any] | None:
+    """An owner reference to the function's TaskFunction object, if it is one (a function
+    registered over HTTP alone is not): what kubetask creates for it goes when it goes."""
+
+    def get() -> dict[str, Any] | None:
+        load()
+        try:
+            obj: Any = client.CustomObjectsApi().get_namespaced_custom_object(
+                API_GROUP, API_VERSION, fn.account, "taskfunctions", fn.name
+            )
+        except ApiException as err:
+            if err.status in (403, 404):
+                return None
+            raise
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "TaskFunction",
+            "name": fn.name,
+            "uid": obj["metadata"]["uid"],
+        }
+
+    return await asyncio.to_thread(get)

@@ -11,7 +11,7 @@ import kopf
 from ..cancellation import cancel_and_wait
 from ..plane import DataPlane
 from ..settings import Settings
-from . import asyncconfigs, taskfunctions, tasks  # noqa: F401  (registers the handlers)
+from . import asyncconfigs, taskfunctions, tasks, warm_pools  # noqa: F401  (registers the handlers)
 from .context import OperatorConfig
 from .deployments import ensure_deployments, scale_forever
 
@@ -28,11 +28,14 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)
     memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))
+    memo.warm = None
+    if cfg.executor == "kubernetes":  # `server` functions run in warm pods
+        memo.warm = asyncio.create_task(warm_pools.keep_forever(cfg, memo.plane))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    await cancel_and_wait(memo.scaler)
+    await cancel_and_wait(memo.scaler, memo.warm)
     await memo.plane.close()
 
 

@@ -33,6 +33,7 @@ from ..executors import (
     Outcome,
     Placement,
     ServerExecutor,
+    WarmPodExecutor,
 )
 from ..fairness import Fairness
 from ..logs import LogWriter
@@ -135,8 +136,8 @@ class Dispatcher:
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
         self.executor_ref = executor_ref(self.id, self.host)  # what each attempt records
-        # `command` functions: processes here, or a Job per attempt on Kubernetes, whose pods
-        # take nothing of this node's process budget.
+        # Processes here, or on Kubernetes pods: a Job per attempt of a `command` function (whose
+        # pods take nothing of this node's process budget), a `server` function's warm pods.
         self.jobs = plane.settings.executor == "kubernetes"
         self.command: Executor = JobExecutor() if self.jobs else CommandExecutor()
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
@@ -146,7 +147,9 @@ class Dispatcher:
         self.slots: dict[tuple[str, str], Slot] = {}
         self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
         self.budget = NodeBudget(weight=self.fairness.weight)
-        self.server = ServerExecutor(self.budget.settings.instances)
+        self.server: Executor = (
+            WarmPodExecutor() if self.jobs else ServerExecutor(self.budget.settings.instances)
+        )
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
         self._placing: set[asyncio.Task[None]] = set()
@@ -469,7 +472,7 @@ class Dispatcher:
             st.timestamps.finished = None
             st.executor = (
                 ExecutorRef(backend="kubernetes", dispatcher=self.id, host=self.host)
-                if self.jobs and ctx.function.spec.command is not None
+                if self.jobs
                 else self.executor_ref.model_copy()
             )
             r.claimSeq = seq

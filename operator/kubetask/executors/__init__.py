@@ -4,6 +4,7 @@ from .base import Execution, Executor, Invocation, Outcome, Placement
 from .command import CommandExecutor
 from .kubernetes_jobs import JobExecutor
 from .server import ServerExecutor
+from .warm_pods import WarmPodExecutor
 
 __all__ = [
     "CommandExecutor",
@@ -14,4 +15,5 @@ __all__ = [
     "Outcome",
     "Placement",
     "ServerExecutor",
+    "WarmPodExecutor",
 ]

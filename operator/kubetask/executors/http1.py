@@ -1,4 +1,4 @@
-"""Keep-alive HTTP/1.1 connections to one warm instance on localhost.
+"""Keep-alive HTTP/1.1 connections to one warm instance (on localhost, or a warm pod).
 
 A warm instance is invoked once per task, so the client's cost per request is paid on every
 millisecond task: aiohttp's general-purpose client spent ~70 µs of CPU on each (session,
@@ -113,10 +113,11 @@ class _Connection(asyncio.Protocol):
 
 
 class Http1Pool:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
         self.idle: list[_Connection] = []
-        self._host = f"127.0.0.1:{port}".encode()
+        self._host = f"{host}:{port}".encode()
 
     def forget(self, conn: _Connection) -> None:
         if conn in self.idle:
@@ -129,9 +130,7 @@ class Http1Pool:
                 return conn
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(
-                lambda: _Connection(self), "127.0.0.1", self.port
-            )
+            _, conn = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
         except OSError as err:
             raise InstanceUnreachable(str(err)) from err
         return conn

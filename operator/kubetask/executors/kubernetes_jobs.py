@@ -30,7 +30,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from .. import kube_client
-from ..models import API_GROUP, API_VERSION, TaskFunction
+from ..models import TaskFunction
 from ..settings import env_float, env_int, env_str
 from .base import Execution, Invocation, Outcome, decode_result, env_for
 from .pod_template import function_container, pod_spec, sidecar
@@ -289,24 +289,7 @@ class JobExecutor:
         if cached is not None and now - cached[0] < OWNER_TTL:
             return cached[1]
 
-        def get() -> dict[str, Any] | None:
-            kube_client.load()
-            try:
-                obj: Any = client.CustomObjectsApi().get_namespaced_custom_object(
-                    API_GROUP, API_VERSION, fn.account, "taskfunctions", fn.name
-                )
-            except ApiException as err:
-                if err.status in (403, 404):
-                    return None
-                raise
-            return {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": "TaskFunction",
-                "name": fn.name,
-                "uid": obj["metadata"]["uid"],
-            }
-
-        owner = await asyncio.to_thread(get)
+        owner = await kube_client.function_owner(fn)
         self._owners[key] = (now, owner)
         return owner
 

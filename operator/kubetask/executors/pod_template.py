@@ -11,6 +11,7 @@ names an account, no service links.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..models import TaskFunction
@@ -21,13 +22,40 @@ RUNTIME_BINARY = "/usr/local/bin/kt-runtime"  # in kubetask's image (e2e/build_i
 FUNCTION_CONTAINER = "function"
 SIDECAR_CONTAINER = "kt-runtime"
 PLATFORM_UID = 10001
+PROXY_PORT = 8079  # the warm pod's sidecar, which dispatchers invoke
+APP_PORT = 8080  # the function's own server, on the pod's localhost ($PORT)
+PROXY_TOKEN = "KUBETASK_PROXY_TOKEN"
 
 
 def _downward(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def sidecar(image: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+def _platform_security() -> dict[str, Any]:
+    return {
+        "runAsUser": PLATFORM_UID,
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def installer(image: str) -> dict[str, Any]:
+    """The pod's first init container: puts the runtime into the shared volume, before the
+    function's container (which runs it) can start."""
+    return {
+        "name": "kt-install",
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": [RUNTIME_BINARY, "install"],
+        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": RUNTIME_DIR}],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": _platform_security(),
+    }
+
+
+def sidecar(image: str, env: list[dict[str, Any]], mode: str = "sidecar") -> dict[str, Any]:
     """A native sidecar (an init container that keeps running): started before the function's
     container, stopped after it."""
     return {
@@ -35,7 +63,7 @@ def sidecar(image: str, env: list[dict[str, Any]]) -> dict[str, Any]:
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "restartPolicy": "Always",
-        "command": [RUNTIME_BINARY, "sidecar"],
+        "command": [RUNTIME_BINARY, mode],
         "env": [
             *env,
             _downward("KUBETASK_POD_NAME", "metadata.name"),
@@ -44,13 +72,7 @@ def sidecar(image: str, env: list[dict[str, Any]]) -> dict[str, Any]:
         ],
         "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": RUNTIME_DIR}],
         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-        "securityContext": {
-            "runAsUser": PLATFORM_UID,
-            "runAsNonRoot": True,
-            "readOnlyRootFilesystem": True,
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _platform_security(),
     }
 
 
@@ -81,7 +103,7 @@ def pod_spec(
 ) -> dict[str, Any]:
     spec = fn.spec
     pod: dict[str, Any] = {
-        "initContainers": [sidecar],
+        "initContainers": [installer(sidecar["image"]), sidecar],
         "containers": containers,
         "volumes": [{"name": RUNTIME_VOLUME, "emptyDir": {}}],
         "automountServiceAccountToken": spec.serviceAccountName is not None,
@@ -96,3 +118,71 @@ def pod_spec(
     if spec.tolerations:
         pod["tolerations"] = [t.model_dump(exclude_none=True) for t in spec.tolerations]
     return pod
+
+
+def warm_labels(fn: TaskFunction) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/managed-by": "kubetask",
+        "kubetask.io/account": fn.account,
+        "kubetask.io/function": fn.name,
+        "kubetask.io/warm": "true",
+    }
+
+
+def warm_name(fn: TaskFunction) -> str:
+    return f"kt-{fn.name}"[:63].rstrip("-")
+
+
+def warm_deployment(
+    fn: TaskFunction, default_image: str, token: str, owner: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A `server` function's warm pods: its server started with $PORT, behind the proxy
+    sidecar (`kt-runtime proxy`), drained before it is stopped (`kt-runtime drain`). Replicas
+    are the operator's to set (`controllers/warm_pools.py`), from zero."""
+    server = fn.spec.server
+    assert server is not None
+    env = {e.name: e.value for e in fn.spec.env}
+    env.update(
+        {"PORT": str(APP_PORT), "KUBETASK_ACCOUNT": fn.account, "KUBETASK_FUNCTION": fn.name}
+    )
+    app = function_container(fn, [], env, default_image)
+    app["command"] = [f"{RUNTIME_DIR}/bin/kt-runtime", "init", "--", *server.command]
+    app["lifecycle"] = {
+        "preStop": {"exec": {"command": [f"{RUNTIME_DIR}/bin/kt-runtime", "drain"]}}
+    }
+    proxy = sidecar(
+        default_image,
+        [
+            {"name": PROXY_TOKEN, "value": token},
+            {"name": "KUBETASK_CONCURRENCY", "value": str(server.concurrency)},
+            {"name": "KUBETASK_APP_PORT", "value": str(APP_PORT)},
+            {"name": "KUBETASK_PROXY_PORT", "value": str(PROXY_PORT)},
+            {"name": "KUBETASK_INVOKE_PATH", "value": server.invokePath},
+            {"name": "KUBETASK_READINESS_PATH", "value": server.readinessPath},
+        ],
+        mode="proxy",
+    )
+    proxy["ports"] = [{"name": "invoke", "containerPort": PROXY_PORT}]
+    proxy["readinessProbe"] = {
+        "httpGet": {"path": "/ready", "port": PROXY_PORT},
+        "periodSeconds": 1,
+        "failureThreshold": 1,
+    }
+    pod = pod_spec(fn, [app], proxy)
+    # Long enough for the longest invocation to end while the pod drains.
+    pod["terminationGracePeriodSeconds"] = math.ceil(fn.spec.timeoutSeconds) + 30
+    labels = warm_labels(fn)
+    meta: dict[str, Any] = {"name": warm_name(fn), "namespace": fn.account, "labels": labels}
+    if owner is not None:
+        meta["ownerReferences"] = [owner]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate"},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }

@@ -229,6 +229,39 @@ class InstancePool:
         await self.close()
 
 
+def invocation_headers(inv: Invocation) -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "X-Kubetask-Task-Id": inv.task_id,
+        "X-Kubetask-Attempt": str(inv.attempt),
+        "X-Kubetask-Account": inv.account,
+    }
+
+
+def answered(status: int, body: bytes, inv: Invocation, instance: str | None) -> Outcome:
+    """An instance's answer to an invocation: 2xx is the result, 429 and 503 are "busy" (no
+    attempt spent), anything else is the function's error."""
+    if len(body) > inv.max_result_bytes:
+        return Outcome(
+            False,
+            error=f"result exceeds {inv.max_result_bytes} bytes",
+            exit_code=status,
+            instance=instance,
+        )
+    if status in (429, 503):
+        return Outcome(
+            False, error=f"busy (HTTP {status})", exit_code=status, instance=instance, busy=True
+        )
+    if status >= 300:
+        return Outcome(
+            False,
+            error=f"HTTP {status}: {body[:500].decode(errors='replace')}",
+            exit_code=status,
+            instance=instance,
+        )
+    return Outcome(True, result=decode_result(body), exit_code=status, instance=instance)
+
+
 class ServerExecution:
     """One invocation. Stop and timeout interrupt it by closing its connection; no task of its
     own runs beside the dispatcher's."""
@@ -252,14 +285,10 @@ class ServerExecution:
 
     async def _invoke(self) -> Outcome:
         spec = self.pool.spec
-        headers = {
-            "Content-Type": "application/json",
-            "X-Kubetask-Task-Id": self.inv.task_id,
-            "X-Kubetask-Attempt": str(self.inv.attempt),
-            "X-Kubetask-Account": self.inv.account,
-        }
         http = self.inst.http
-        request = http.encode(b"POST", spec.invokePath, headers, encode_payload(self.inv.payload))
+        request = http.encode(
+            b"POST", spec.invokePath, invocation_headers(self.inv), encode_payload(self.inv.payload)
+        )
         try:
             conn = await http.connection()
             if self._interrupted:
@@ -274,29 +303,7 @@ class ServerExecution:
                 raise
         except InstanceUnreachable as err:
             return await self._unreachable(err)
-        if len(body) > self.inv.max_result_bytes:
-            return Outcome(
-                False,
-                error=f"result exceeds {self.inv.max_result_bytes} bytes",
-                exit_code=status,
-                instance=self.instance,
-            )
-        if status in (429, 503):
-            return Outcome(
-                False,
-                error=f"busy (HTTP {status})",
-                exit_code=status,
-                instance=self.instance,
-                busy=True,
-            )
-        if status >= 300:
-            return Outcome(
-                False,
-                error=f"HTTP {status}: {body[:500].decode(errors='replace')}",
-                exit_code=status,
-                instance=self.instance,
-            )
-        return Outcome(True, result=decode_result(body), exit_code=status, instance=self.instance)
+        return answered(status, body, self.inv, self.instance)
 
     async def _unreachable(self, err: InstanceUnreachable) -> Outcome:
         if self._interrupted == "timeout":
