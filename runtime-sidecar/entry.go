@@ -137,11 +137,6 @@ func (e *entry) run(argv []string, payload []byte) int {
 	copying.Wait()
 	err := cmd.Wait()
 	close(done)
-	return exitCode(err)
-}
-
-// exitCode is a finished command's code as a shell reports it: 128 + the signal that killed it.
-func exitCode(err error) int {
 	var exit *exec.ExitError
 	switch {
 	case err == nil:

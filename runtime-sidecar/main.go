@@ -1,8 +1,8 @@
 // kt-runtime is kubetask's agent in executor pods. `install` puts it into the pod's shared
 // volume, for the function's container. In a Job's pod, `sidecar` runs beside the
 // function's container and `entry` is that container's command; in a warm server function's pod,
-// `proxy` takes the dispatchers' invocations, `init` starts the function's server and `drain`
-// is that container's preStop hook. One static binary, so it runs in any image.
+// `proxy` takes the dispatchers' invocations and `drain` is the server container's preStop
+// hook. One static binary, so it runs in any image.
 package main
 
 import (
@@ -20,7 +20,7 @@ func main() {
 		case "sidecar":
 			os.Exit(runSidecar(dir))
 		case "proxy":
-			os.Exit(runProxy())
+			os.Exit(runProxy(dir))
 		case "install":
 			if err := install(dir); err != nil {
 				fmt.Fprintf(os.Stderr, "kt-runtime install: %v\n", err)
@@ -29,17 +29,14 @@ func main() {
 			os.Exit(0)
 		case "drain":
 			os.Exit(runDrain())
-		case "entry", "init":
+		case "entry":
 			argv := os.Args[2:]
 			if len(argv) > 0 && argv[0] == "--" {
 				argv = argv[1:]
 			}
-			if os.Args[1] == "init" {
-				os.Exit(runInit(argv))
-			}
 			os.Exit(runEntry(dir, argv))
 		}
 	}
-	fmt.Fprintln(os.Stderr, "usage: kt-runtime install | sidecar | entry -- COMMAND... | proxy | init -- COMMAND... | drain")
+	fmt.Fprintln(os.Stderr, "usage: kt-runtime install | sidecar | entry -- COMMAND... | proxy | drain")
 	os.Exit(2)
 }

@@ -48,7 +48,7 @@ func envOr(name, fallback string) string {
 	return fallback
 }
 
-func runProxy() int {
+func runProxy(dir string) int {
 	concurrency, err := strconv.Atoi(envOr("KUBETASK_CONCURRENCY", "1"))
 	if err != nil || concurrency < 1 {
 		log.Printf("KUBETASK_CONCURRENCY must be a positive number")
@@ -69,6 +69,12 @@ func runProxy() int {
 	if p.token == "" {
 		log.Print("KUBETASK_PROXY_TOKEN is required")
 		return 2
+	}
+	// For the preStop hook only, which runs long after the server started: a copy racing the
+	// server's container at start does no harm here (it does not run the runtime).
+	if err := install(dir); err != nil {
+		log.Printf("cannot install: %v", err)
+		return 1
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /invoke", p.invoke)

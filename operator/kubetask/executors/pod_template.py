@@ -99,11 +99,14 @@ def function_container(
 
 
 def pod_spec(
-    fn: TaskFunction, containers: list[dict[str, Any]], sidecar: dict[str, Any]
+    fn: TaskFunction,
+    containers: list[dict[str, Any]],
+    sidecar: dict[str, Any],
+    install_first: bool = True,
 ) -> dict[str, Any]:
     spec = fn.spec
     pod: dict[str, Any] = {
-        "initContainers": [installer(sidecar["image"]), sidecar],
+        "initContainers": [installer(sidecar["image"]), sidecar] if install_first else [sidecar],
         "containers": containers,
         "volumes": [{"name": RUNTIME_VOLUME, "emptyDir": {}}],
         "automountServiceAccountToken": spec.serviceAccountName is not None,
@@ -146,7 +149,7 @@ def warm_deployment(
         {"PORT": str(APP_PORT), "KUBETASK_ACCOUNT": fn.account, "KUBETASK_FUNCTION": fn.name}
     )
     app = function_container(fn, [], env, default_image)
-    app["command"] = [f"{RUNTIME_DIR}/bin/kt-runtime", "init", "--", *server.command]
+    app["command"] = list(server.command)
     app["lifecycle"] = {
         "preStop": {"exec": {"command": [f"{RUNTIME_DIR}/bin/kt-runtime", "drain"]}}
     }
@@ -168,7 +171,12 @@ def warm_deployment(
         "periodSeconds": 1,
         "failureThreshold": 1,
     }
-    pod = pod_spec(fn, [app], proxy)
+    # No installer (a container start less on a scale from zero): the server runs as it is,
+    # and the proxy copies the runtime for the preStop hook. The pod's sandbox is PID 1, so a
+    # server that never handles SIGTERM still stops on it (a container's PID 1 ignores it, and
+    # held its pod for the whole grace period).
+    pod = pod_spec(fn, [app], proxy, install_first=False)
+    pod["shareProcessNamespace"] = True
     # Long enough for the longest invocation to end while the pod drains.
     pod["terminationGracePeriodSeconds"] = math.ceil(fn.spec.timeoutSeconds) + 30
     labels = warm_labels(fn)
