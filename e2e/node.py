@@ -46,6 +46,16 @@ def _netns() -> set[str]:
     return set()
 
 
+# `helm install` values for the chart on this node: the locally imported image for every pod
+# (NATS included), never pulled, and NATS data in an emptyDir (no storage provisioner here).
+CHART_VALUES = [
+    "--set", "image.repository=docker.io/kubetask/kubetask", "--set", "image.tag=dev",
+    "--set", "image.pullPolicy=Never",
+    "--set", "nats.persistence.enabled=false",
+    "--set", "nats.image.repository=docker.io/kubetask/kubetask", "--set", "nats.image.tag=dev",
+]  # fmt: skip
+
+
 def images() -> Path:
     """The OCI archive of kubetask's images (built or found in the cache)."""
     subprocess.run(["bash", str(HERE / "install-node-packages.sh")], check=True)

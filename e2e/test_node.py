@@ -21,11 +21,10 @@ import pytest
 from controlplane import ControlPlane, binaries
 from kubetask import names
 from kubetask.auth import hash_token
-from node import Node, host_ip, images
+from node import CHART_VALUES, Node, host_ip, images
 
 CHART = str(Path(__file__).resolve().parents[1] / "charts" / "kubetask")
 MAX_BACKLOG = 4321
-IMAGE = ["--set", "image.repository=docker.io/kubetask/kubetask", "--set", "image.tag=dev"]
 
 
 def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -90,11 +89,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
     token = f"kt_e2e-node-{release}-token"
     entry = {"name": "e2e", "account": "team-a", "admin": False, "sha256": hash_token(token)}
     cluster.run(
-        "helm", "install", release, CHART, "--namespace", ns, "--create-namespace", *IMAGE,
-        "--set", "image.pullPolicy=Never",
-        # No storage provisioner on this node: NATS keeps its data in an emptyDir.
-        "--set", "nats.persistence.enabled=false",
-        "--set", "nats.image.repository=docker.io/kubetask/kubetask", "--set", "nats.image.tag=dev",
+        "helm", "install", release, CHART, "--namespace", ns, "--create-namespace", *CHART_VALUES,
         "--set", f"nats.cluster.enabled={str(nats_pods > 1).lower()}",
         "--set", f"config.KUBETASK_ACCOUNT_MAX_BACKLOG={MAX_BACKLOG}",
         "--set-json", f"auth.tokens={json.dumps([entry])}",
