@@ -227,6 +227,16 @@ async def jobs(url: str, tasks: int) -> tuple[list[float], list[float], float]:
         return starts(done), pod_starts(done), throughput(done)
 
 
+def report_jobs(url: str, tasks: int) -> None:
+    job_starts, job_pods, job_rate = asyncio.run(jobs(url, tasks))
+    print(
+        f"  Job per task ({tasks} tasks, at most 20 at once): submit -> start"
+        f" p50 {pct(job_starts, 0.5) * 1e3:.0f} ms, p99 {pct(job_starts, 0.99) * 1e3:.0f} ms"
+        f" (of which the pod: dispatched -> start p50 {pct(job_pods, 0.5) * 1e3:.0f} ms,"
+        f" p99 {pct(job_pods, 0.99) * 1e3:.0f} ms); {job_rate:.2f} tasks/s"
+    )
+
+
 def main(args: argparse.Namespace) -> None:
     archive = images()
     root = Path(tempfile.mkdtemp(prefix="kt-bench-k8s-"))
@@ -238,6 +248,9 @@ def main(args: argparse.Namespace) -> None:
         cluster.kubectl("create", "namespace", ACCOUNT)
         bench = Bench(cluster, "bench")
         url = bench.install("kubernetes")
+        if args.only_jobs:
+            report_jobs(url, args.jobs)
+            return
         print(f"node: {args.tasks} no-op tasks per run, 32 submitters over HTTP from the host")
         warm = asyncio.run(warm_throughput(url, args.tasks, "k8s"))
         print(f"  warm pods (2 pods x 16 concurrency, behind the proxy): {warm:.0f} tasks/s")
@@ -246,13 +259,7 @@ def main(args: argparse.Namespace) -> None:
             f"  scale from zero, submit -> start ({len(cold)} rounds): p50 {pct(cold, 0.5) * 1e3:.0f} ms,"
             f" max {max(cold) * 1e3:.0f} ms (target p50 < 2000 ms)"
         )
-        job_starts, job_pods, job_rate = asyncio.run(jobs(url, args.jobs))
-        print(
-            f"  Job per task ({args.jobs} tasks, at most 20 at once): submit -> start"
-            f" p50 {pct(job_starts, 0.5) * 1e3:.0f} ms, p99 {pct(job_starts, 0.99) * 1e3:.0f} ms"
-            f" (of which the pod: dispatched -> start p50 {pct(job_pods, 0.5) * 1e3:.0f} ms,"
-            f" p99 {pct(job_pods, 0.99) * 1e3:.0f} ms); {job_rate:.2f} tasks/s"
-        )
+        report_jobs(url, args.jobs)
         bench.uninstall()
         cluster.kubectl("delete", "namespace", ACCOUNT, "--wait=true")
         cluster.kubectl("create", "namespace", ACCOUNT)
@@ -270,4 +277,5 @@ if __name__ == "__main__":
     ap.add_argument("--tasks", type=int, default=3000)
     ap.add_argument("--cold-rounds", type=int, default=7)
     ap.add_argument("--jobs", type=int, default=100)
+    ap.add_argument("--only-jobs", action="store_true", help="the Job-per-task figures alone")
     main(ap.parse_args())

@@ -194,8 +194,7 @@ spec: {function: doubler, payload: {number: 21}}
         cluster.kubectl("get", "taskfunction", "doubler", "-n", "team-a", "-o", "json").stdout
     )["metadata"]["uid"]
     assert (owner["kind"], owner["uid"]) == ("TaskFunction", fn_uid)
-    install, sidecar = pod["initContainers"]
-    assert "restartPolicy" not in install  # runs to its end before the others start
+    (sidecar,) = pod["initContainers"]
     assert sidecar["restartPolicy"] == "Always"  # a native sidecar
     (container,) = pod["containers"]
     assert container["resources"]["limits"]["memory"] == "128Mi"
@@ -389,6 +388,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null") or {}
+        print("serving", self.headers["X-Kubetask-Task-Id"], flush=True)
         time.sleep(body.get("sleep", 0))
         out = json.dumps({"pod": os.environ["HOSTNAME"]}).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers()
@@ -413,7 +413,8 @@ def a_server_function_scales_from_zero_to_its_demand_and_back(
     """A `server` function: its Deployment waits at zero, wakes on the first task, grows with a
     500-task backlog to its maxInstances, serves each task once, and goes back to zero when
     idle; pods taken away while their tasks run finish those tasks first (none lost, none run
-    twice: every task ends Succeeded at its first attempt)."""
+    twice: every task ends Succeeded at its first attempt). Nine running tasks on pods of four
+    slots each: every pod serves some when two of them are taken away."""
     made = api.put(
         "/v1/functions/warm",
         json={
@@ -429,6 +430,11 @@ def a_server_function_scales_from_zero_to_its_demand_and_back(
     eventually(lambda: warm_replicas(cluster) == (0, 0), 60, "the warm Deployment at zero")
     first = submit(api, "warm", {"sleep": 0})
     assert finish(api, first)["status"]["phase"] == "Succeeded"
+    # What the server printed while it served the task is that task's log.
+    said = [json.loads(line) for line in api.get(f"/v1/tasks/{first}/logs").text.splitlines()]
+    assert {"stream": "instance", "line": f"serving {first}"}.items() <= next(
+        (r for r in said if r.get("stream") == "instance"), {}
+    ).items(), said
     ids = [submit(api, "warm", {"sleep": 0.2}) for _ in range(500)]
     peak = 0
     while any(phase(api, i) not in ("Succeeded", "Failed") for i in ids[-20:]):
@@ -436,15 +442,18 @@ def a_server_function_scales_from_zero_to_its_demand_and_back(
         time.sleep(0.5)
     done = [finish(api, i) for i in ids]
     assert {d["status"]["phase"] for d in done} == {"Succeeded"}
-    assert {d["status"]["attempts"] for d in done} == {1}
+    again = [d["metadata"]["name"] for d in done if d["status"]["attempts"] != 1]
+    for i in again[:3]:
+        print(api.get(f"/v1/tasks/{i}/logs").text)
+    assert not again, f"{len(again)} tasks took more than one attempt"
     served = {d["status"]["result"]["pod"] for d in done}
     assert peak == 3 and len(served) == 3, (peak, served)
     eventually(lambda: warm_replicas(cluster) == (0, 0), 90, "the idle function back at zero")
 
     # Pods taken away while they serve: they drain, and nothing they ran is lost or repeated.
-    slow = [submit(api, "warm", {"sleep": 4}) for _ in range(12)]
+    slow = [submit(api, "warm", {"sleep": 10}) for _ in range(12)]
     eventually(lambda: warm_replicas(cluster)[1] == 3, 60, "three warm pods")
-    eventually(lambda: all(phase(api, i) == "Running" for i in slow[:8]), 60, "tasks on them")
+    eventually(lambda: sum(phase(api, i) == "Running" for i in slow) >= 9, 60, "tasks on all three")
     cluster.kubectl("scale", "deployment", "kt-warm", "-n", "team-a", "--replicas=1")
     done = [finish(api, i) for i in slow]
     assert {d["status"]["phase"] for d in done} == {"Succeeded"}, done

@@ -19,6 +19,8 @@ const (
 	frameTerminated byte = 'T' // the container was told to stop (pod deleted or evicted)
 	frameExit       byte = 'X' // the exit code, as 4 bytes; ends the attempt
 	frameAck        byte = 'A' // sidecar -> entry: the exit is recorded
+	frameAnswer     byte = 'H' // proxy -> dispatcher: the server's status (4 bytes) and body
+	frameSync       byte = 'S' // proxy <-> serve: everything the server wrote so far is sent
 	maxFrame             = 1 << 24
 )
 

@@ -1,8 +1,8 @@
 // kt-runtime is kubetask's agent in executor pods. `install` puts it into the pod's shared
 // volume, for the function's container. In a Job's pod, `sidecar` runs beside the
 // function's container and `entry` is that container's command; in a warm server function's pod,
-// `proxy` takes the dispatchers' invocations and `drain` is the server container's preStop
-// hook. One static binary, so it runs in any image.
+// `proxy` takes the dispatchers' invocations, `serve` runs the function's server and gives
+// its output to the proxy, and `drain` is the server container's preStop hook. One static binary, so it runs in any image.
 package main
 
 import (
@@ -27,6 +27,12 @@ func main() {
 				os.Exit(1)
 			}
 			os.Exit(0)
+		case "serve":
+			argv := os.Args[2:]
+			if len(argv) > 0 && argv[0] == "--" {
+				argv = argv[1:]
+			}
+			os.Exit(runServe(dir, argv))
 		case "drain":
 			os.Exit(runDrain())
 		case "entry":
@@ -37,6 +43,6 @@ func main() {
 			os.Exit(runEntry(dir, argv))
 		}
 	}
-	fmt.Fprintln(os.Stderr, "usage: kt-runtime install | sidecar | entry -- COMMAND... | proxy | drain")
+	fmt.Fprintln(os.Stderr, "usage: kt-runtime install | sidecar | entry -- COMMAND... | proxy | serve -- COMMAND... | drain")
 	os.Exit(2)
 }

@@ -12,8 +12,10 @@ package main
 // of readiness and returns once the invocations in flight have ended.
 
 import (
+	"bytes"
 	"context"
 	"crypto/subtle"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"log"
@@ -21,11 +23,20 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"syscall"
 	"time"
 )
+
+const proxySocket = "proxy.sock" // where `serve` gives the server's output
+
+// invocation is one in flight: the output lines written while it runs, for its answer.
+type invocation struct {
+	out     chan frame
+	dropped int
+}
 
 type proxy struct {
 	token       string
@@ -39,6 +50,10 @@ type proxy struct {
 	inflight int
 	draining bool
 	idle     *sync.Cond // signalled when inflight drops
+	running  map[*invocation]struct{}
+	serve    net.Conn                 // `serve`'s connection, for syncs
+	syncs    map[uint64]chan struct{} // syncs asked for and not yet answered
+	lastSync uint64
 }
 
 func envOr(name, fallback string) string {
@@ -66,16 +81,21 @@ func runProxy(dir string) int {
 		}},
 	}
 	p.idle = sync.NewCond(&p.mu)
+	p.running = map[*invocation]struct{}{}
+	p.syncs = map[uint64]chan struct{}{}
 	if p.token == "" {
 		log.Print("KUBETASK_PROXY_TOKEN is required")
 		return 2
 	}
-	// For the preStop hook only, which runs long after the server started: a copy racing the
-	// server's container at start does no harm here (it does not run the runtime).
-	if err := install(dir); err != nil {
-		log.Printf("cannot install: %v", err)
+	sock := filepath.Join(dir, proxySocket)
+	_ = os.Remove(sock)
+	output, err := net.Listen("unix", sock)
+	if err != nil {
+		log.Printf("cannot listen on %s: %v", sock, err)
 		return 1
 	}
+	_ = os.Chmod(sock, 0o666) // the server's container may run as any user
+	go p.takeOutput(output)
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /invoke", p.invoke)
 	mux.HandleFunc("GET /ready", p.ready)
@@ -115,33 +135,141 @@ func (p *proxy) invoke(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	p.inflight++
+	inv := &invocation{out: make(chan frame, 1024)}
+	p.running[inv] = struct{}{}
 	p.mu.Unlock()
 	defer func() {
 		p.mu.Lock()
 		p.inflight--
+		delete(p.running, inv)
 		p.idle.Broadcast()
 		p.mu.Unlock()
 	}()
+	// Read before anything is written: once the answer's headers are out, an HTTP/1 request's
+	// body may no longer be read ("invalid Read on closed Body", seen under load).
+	payload, err := io.ReadAll(io.LimitReader(r.Body, maxFrame))
+	if err != nil {
+		http.Error(w, "cannot read the invocation", http.StatusBadRequest)
+		return
+	}
+	// Accepted: the answer is frames from here on — the server's output while this runs, then
+	// 'A' with the server's status and body (or 502 when the server could not be reached).
+	w.Header().Set("Content-Type", "application/x-kubetask-frames")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	answered := make(chan []byte, 1)
+	go func() { answered <- p.forward(r, payload) }()
+	for {
+		select {
+		case f := <-inv.out:
+			_ = writeFrame(w, f.kind, f.data)
+			if flusher != nil {
+				flusher.Flush()
+			}
+		case answer := <-answered:
+			p.sync()
+			for len(inv.out) > 0 {
+				f := <-inv.out
+				_ = writeFrame(w, f.kind, f.data)
+			}
+			p.mu.Lock()
+			dropped := inv.dropped
+			p.mu.Unlock()
+			if dropped > 0 {
+				note := fmt.Sprintf("kt-runtime: %d lines of output not kept (too many at once)\n", dropped)
+				_ = writeFrame(w, frameStderr, []byte(note))
+			}
+			_ = writeFrame(w, frameAnswer, answer)
+			return
+		}
+	}
+}
+
+// forward passes the invocation to the server: its status (4 bytes) and body.
+func (p *proxy) forward(r *http.Request, payload []byte) []byte {
 	// The dispatcher abandoning the request (stop, timeout) closes its connection, which
 	// cancels r's context and with it the request to the function.
-	req, _ := http.NewRequestWithContext(r.Context(), http.MethodPost, p.app+p.invokePath, r.Body)
+	body := bytes.NewReader(payload)
+	req, _ := http.NewRequestWithContext(r.Context(), http.MethodPost, p.app+p.invokePath, body)
 	for _, h := range []string{"Content-Type", "X-Kubetask-Task-Id", "X-Kubetask-Attempt", "X-Kubetask-Account"} {
 		if v := r.Header.Get(h); v != "" {
 			req.Header.Set(h, v)
 		}
 	}
-	req.ContentLength = r.ContentLength
 	resp, err := p.client.Do(req)
 	if err != nil {
-		http.Error(w, fmt.Sprintf("the function's server did not answer: %v", err), http.StatusBadGateway)
-		return
+		return append(exitFrame(http.StatusBadGateway), fmt.Sprintf("the function's server did not answer: %v", err)...)
 	}
 	defer resp.Body.Close()
-	if ct := resp.Header.Get("Content-Type"); ct != "" {
-		w.Header().Set("Content-Type", ct)
+	answer, _ := io.ReadAll(io.LimitReader(resp.Body, maxFrame-4))
+	return append(exitFrame(resp.StatusCode), answer...)
+}
+
+// sync returns once `serve` has passed on all the server wrote before now: an invocation's
+// answer has come, and what the server printed before answering is that invocation's. Without
+// it the answer, on its own connection, often arrived before the last line did.
+func (p *proxy) sync() {
+	p.mu.Lock()
+	if p.serve == nil {
+		p.mu.Unlock()
+		return
 	}
-	w.WriteHeader(resp.StatusCode)
-	_, _ = io.Copy(w, resp.Body)
+	p.lastSync++
+	id, done := p.lastSync, make(chan struct{})
+	p.syncs[id] = done
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], id)
+	err := writeFrame(p.serve, frameSync, b[:])
+	p.mu.Unlock()
+	if err == nil {
+		select {
+		case <-done:
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	p.mu.Lock()
+	delete(p.syncs, id)
+	p.mu.Unlock()
+}
+
+// takeOutput reads what `serve` sends: each line goes to every invocation in flight.
+func (p *proxy) takeOutput(ln net.Listener) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		p.serve = conn
+		p.mu.Unlock()
+		go func() {
+			defer conn.Close()
+			for {
+				f, err := readFrame(conn)
+				if err != nil {
+					return
+				}
+				p.mu.Lock()
+				if f.kind == frameSync && len(f.data) == 8 {
+					id := binary.BigEndian.Uint64(f.data)
+					if done, ok := p.syncs[id]; ok {
+						delete(p.syncs, id)
+						close(done)
+					}
+					p.mu.Unlock()
+					continue
+				}
+				for inv := range p.running {
+					select {
+					case inv.out <- f:
+					default:
+						inv.dropped++
+					}
+				}
+				p.mu.Unlock()
+			}
+		}()
+	}
 }
 
 func (p *proxy) ready(w http.ResponseWriter, r *http.Request) {

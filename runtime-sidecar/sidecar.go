@@ -5,8 +5,8 @@ package main
 // environment only — and no NATS credentials at all: it can fetch this attempt's payload and
 // report this attempt's output and exit, nothing of any other task or account.
 //
-// It fetches the payload and hands it to the entry (put into the shared volume by the pod's
-// first init container, `kt-runtime install`) over a Unix socket there, and forwards what the entry sends (output frames, then the exit)
+// It fetches the payload and hands it to the entry (put into the shared volume by its own
+// postStart hook, `kt-runtime install`) over a Unix socket there, and forwards what the entry sends (output frames, then the exit)
 // to the dispatcher in batches, with a heartbeat while the process is quiet.
 
 import (
@@ -78,9 +78,10 @@ func (r *reporter) post(path string, body []byte) ([]byte, error) {
 	}
 }
 
-// install copies this binary where the function's container finds it: the pod's first init
-// container, which ends before any other container starts (a sidecar's copy could race the
-// function's container, which the kubelet starts once the sidecar's process has started).
+// install copies this binary where the function's container finds it: the sidecar's postStart
+// hook, which the kubelet completes before it starts the next container (a copy by the
+// sidecar's process could race the function's container, which the kubelet starts once the
+// sidecar's process has started).
 func install(dir string) error {
 	self, err := os.Executable()
 	if err != nil {

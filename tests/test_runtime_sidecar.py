@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.executors.base import Invocation
+from kubetask.executors.frames import ANSWER, CODE, STDOUT, FrameReader
 from kubetask.executors.runtime_server import RuntimeAttempt, RuntimeServer
 from kubetask.models import TaskFunction
 
@@ -55,8 +56,9 @@ def invocation(
 
 
 class Pod:
-    """The pod's containers, started as the kubelet starts them: the installer to its end, the
-    sidecar, and the function's container right after (not waiting for the sidecar to listen)."""
+    """The pod's containers, started as the kubelet starts them: the sidecar and its postStart
+    hook (the install) to its end, then the function's container (not waiting for the sidecar
+    to listen)."""
 
     def __init__(self, binary: str, workdir: Path, url: str, token: str) -> None:
         self.binary = binary
@@ -74,11 +76,11 @@ class Pod:
     async def start(
         self, *command: str
     ) -> tuple[asyncio.subprocess.Process, asyncio.subprocess.Process]:
-        install = await asyncio.create_subprocess_exec(self.binary, "install", env=self.env)
-        assert await install.wait() == 0
         sidecar = await asyncio.create_subprocess_exec(
             self.binary, "sidecar", env=self.env, stderr=asyncio.subprocess.PIPE
         )
+        install = await asyncio.create_subprocess_exec(self.binary, "install", env=self.env)
+        assert await install.wait() == 0
         entry_bin = self.dir / "bin" / "kt-runtime"
         # The function's container sees neither the runtime's URL nor its token.
         env = {"PATH": os.environ["PATH"], "KUBETASK_RUNTIME_DIR": str(self.dir)}
@@ -241,6 +243,7 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(code); self.send_header("Content-Length", "0"); self.end_headers()
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        print("working on", self.headers["X-Kubetask-Task-Id"], flush=True)
         time.sleep(body["sleep"])
         out = json.dumps({"task": self.headers["X-Kubetask-Task-Id"]}).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers()
@@ -260,7 +263,8 @@ def free_port() -> int:
 
 @pytest.fixture
 async def warm_pod(kt_runtime: str, tmp_path: Path) -> AsyncIterator[tuple[str, Path, str]]:
-    """A warm server's pod: its server, the proxy in front of it with a concurrency of 2. Yields (proxy URL, the file whose presence makes the server ready, the
+    """A warm server's pod: its server under `kt-runtime serve`, the proxy in front of it with
+    a concurrency of 2. Yields (proxy URL, the file whose presence makes the server ready, the
     runtime binary installed in the pod's volume)."""
     app_port, proxy_port = free_port(), free_port()
     flag = tmp_path / "ready"
@@ -275,14 +279,14 @@ async def warm_pod(kt_runtime: str, tmp_path: Path) -> AsyncIterator[tuple[str, 
         "KUBETASK_READINESS_PATH": "/up",
     }
     proxy = await asyncio.create_subprocess_exec(kt_runtime, "proxy", env=env)
-    installed = str(tmp_path / "bin" / "kt-runtime")  # by the proxy, for the preStop hook
+    install = await asyncio.create_subprocess_exec(kt_runtime, "install", env=env)  # postStart
+    assert await install.wait() == 0
+    installed = str(tmp_path / "bin" / "kt-runtime")
     app = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", APP, str(flag), env={**env, "PORT": str(app_port)}
-    )
-    for _ in range(200):  # the server listens (ready or not), the proxy has installed
-        if not os.path.exists(installed):  # noqa: ASYNC240 (a stat, while waiting anyway)
-            await asyncio.sleep(0.05)
-            continue
+        installed, "serve", "--", sys.executable, "-c", APP, str(flag),
+        env={**env, "PORT": str(app_port)}, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(200):  # the server listens (ready or not)
         with contextlib.suppress(OSError):
             _, w = await asyncio.open_connection("127.0.0.1", app_port)
             w.close()
@@ -320,7 +324,25 @@ async def test_the_proxy_holds_the_function_to_its_concurrency_and_its_dispatche
         )
         codes = sorted(a.status_code for a in answers)
         assert codes == [200, 200, 429, 429, 429], codes  # 429 is "busy" to a dispatcher
-        assert answers[[a.status_code for a in answers].index(200)].json() == {"task": "t"}
+        # Accepted, it answers in frames: what the server printed meanwhile, then its answer.
+        reader = FrameReader()
+        frames = reader.feed(next(a for a in answers if a.status_code == 200).content)
+        reader.finish()
+        assert (frames[-1][0], frames[-1][1][4:]) == (ANSWER, b'{"task": "t"}')
+        assert CODE.unpack_from(frames[-1][1])[0] == 200
+        assert (STDOUT, b"working on t\n") in frames[:-1]
+        # What the server printed before it answered is in the answer, however fast it was
+        # (the answer, on its own connection, used to overtake the line).
+        for i in range(30):
+            got = await http.post(
+                "/invoke", json={"sleep": 0}, headers={**auth, "X-Kubetask-Task-Id": f"q{i}"}
+            )
+            said = b"".join(d for k, d in FrameReader().feed(got.content) if k == STDOUT)
+            assert said == f"working on q{i}\n".encode(), (i, said)
+        # A payload of 200 KB reaches the server whole (the proxy reads it before answering).
+        big = await http.post("/invoke", json={"sleep": 0, "pad": "x" * 200_000}, headers=auth)
+        (*_, (kind, answer)) = FrameReader().feed(big.content)
+        assert kind == ANSWER and CODE.unpack_from(answer)[0] == 200, answer[:200]
 
 
 async def test_a_draining_pod_finishes_what_it_serves_and_takes_nothing_new(
@@ -352,3 +374,17 @@ async def test_a_draining_pod_finishes_what_it_serves_and_takes_nothing_new(
         assert await asyncio.wait_for(drain.wait(), 5) == 0
         # /drain is for the pod itself: not from another address.
         assert (await http.post("/drain")).status_code in (200, 403)
+
+
+async def test_serve_passes_a_stop_to_a_server_that_would_ignore_it_as_pid_1(
+    kt_runtime: str, tmp_path: Path
+) -> None:
+    """The kernel drops default-action signals to a container's PID 1; under `serve` the
+    server is its child, in its own process group, and the stop reaches it."""
+    env = {"PATH": os.environ["PATH"], "KUBETASK_RUNTIME_DIR": str(tmp_path)}
+    serve = await asyncio.create_subprocess_exec(
+        kt_runtime, "serve", "--", "sleep", "300", env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    await asyncio.sleep(0.3)
+    serve.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(serve.wait(), 10) == 128 + signal.SIGTERM

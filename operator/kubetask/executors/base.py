@@ -84,6 +84,29 @@ class Tail:
         return data.decode("utf-8", errors="replace") if data else None
 
 
+class Lines:
+    """Output as log lines, from pieces split anywhere (an unbuffered writer's `print` arrives
+    as several writes); a line longer than MAX_LINE is logged in pieces."""
+
+    MAX_LINE = 64 << 10
+
+    def __init__(self) -> None:
+        self._partial = bytearray()
+
+    def feed(self, data: bytes) -> list[str]:
+        self._partial += data
+        lines = []
+        while (end := self._partial.find(b"\n")) >= 0 or len(self._partial) > self.MAX_LINE:
+            cut = end if end >= 0 else self.MAX_LINE
+            lines.append(bytes(self._partial[:cut]).decode("utf-8", errors="replace"))
+            del self._partial[: cut + (end >= 0)]
+        return lines
+
+    def rest(self) -> list[str]:
+        """The last line, if it had no newline."""
+        return self.feed(b"\n") if self._partial else []
+
+
 class Execution(Protocol):
     instance: str | None
 

@@ -11,6 +11,7 @@ connection (`cancel`), which is how stop and timeout cut an invocation short.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -31,6 +32,7 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._limit = 0
         self._headers_done = False
+        self._on_chunk: Callable[[int, bytes], None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -64,6 +66,9 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self._on_chunk is not None and self._parser is not None:
+            self._on_chunk(self._parser.get_status_code(), body)
+            return
         self._size += len(body)
         self._body.append(body)
         if self._size > self._limit:
@@ -77,11 +82,16 @@ class _Connection(asyncio.Protocol):
 
     # -- use ----------------------------------------------------------------------------------
 
-    def send(self, request: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
+    def send(
+        self, request: bytes, limit: int, on_chunk: Callable[[int, bytes], None] | None = None
+    ) -> asyncio.Future[tuple[int, bytes]]:
+        """The answer's status and body; with `on_chunk`, the body is handed to it (with the
+        status) piece by piece as it arrives, unbounded, and the answer's body is empty."""
         assert self.transport is not None
         self._parser = httptools.HttpResponseParser(self)
         self._answer = asyncio.get_running_loop().create_future()
         self._body, self._size, self._limit, self._headers_done = [], 0, limit, False
+        self._on_chunk = on_chunk
         self.transport.write(request)
         return self._answer
 

@@ -33,7 +33,7 @@ from .. import kube_client
 from ..models import TaskFunction
 from ..settings import env_float, env_int, env_str
 from .base import Execution, Invocation, Outcome, decode_result, env_for
-from .pod_template import function_container, pod_spec, sidecar
+from .pod_template import function_container, installing, pod_spec, sidecar
 from .runtime_server import RuntimeAttempt, RuntimeServer
 
 log = logging.getLogger("kubetask.executors.jobs")
@@ -47,7 +47,10 @@ NEVER_STARTS = {
     "RunContainerError",
 }
 STARTING = (None, "ContainerCreating", "PodInitializing")
-POLL_START = 1.0  # how often a pod that has not started is looked at
+# A pod that has not started its function is looked at this often: a normal start needs no
+# look (the sidecar says when it runs), and 20 Jobs starting at once, polled every second,
+# made 20 pod listings a second on a node already busy starting them.
+POLL_START = 2.0
 KILL_GRACE_SECONDS = 2
 OWNER_TTL = 30.0
 
@@ -266,7 +269,9 @@ class JobExecutor:
                 "template": {
                     "metadata": {"labels": labels(inv)},
                     "spec": {
-                        **pod_spec(fn, [container], sidecar(self.settings.image, runtime_env)),
+                        **pod_spec(
+                            fn, [container], installing(sidecar(self.settings.image, runtime_env))
+                        ),
                         "restartPolicy": "Never",
                     },
                 },

@@ -41,20 +41,6 @@ def _platform_security() -> dict[str, Any]:
     }
 
 
-def installer(image: str) -> dict[str, Any]:
-    """The pod's first init container: puts the runtime into the shared volume, before the
-    function's container (which runs it) can start."""
-    return {
-        "name": "kt-install",
-        "image": image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": [RUNTIME_BINARY, "install"],
-        "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": RUNTIME_DIR}],
-        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
-        "securityContext": _platform_security(),
-    }
-
-
 def sidecar(image: str, env: list[dict[str, Any]], mode: str = "sidecar") -> dict[str, Any]:
     """A native sidecar (an init container that keeps running): started before the function's
     container, stopped after it."""
@@ -98,15 +84,21 @@ def function_container(
     return container
 
 
+def installing(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar puts the runtime into the shared volume in its postStart hook, which the
+    kubelet completes before it starts the next container: the function's container then finds
+    it. A copy by the sidecar's own process could lose that race, and an init container that
+    copies it first cost a container start (about a second on the test node)."""
+    sidecar["lifecycle"] = {"postStart": {"exec": {"command": [RUNTIME_BINARY, "install"]}}}
+    return sidecar
+
+
 def pod_spec(
-    fn: TaskFunction,
-    containers: list[dict[str, Any]],
-    sidecar: dict[str, Any],
-    install_first: bool = True,
+    fn: TaskFunction, containers: list[dict[str, Any]], sidecar: dict[str, Any]
 ) -> dict[str, Any]:
     spec = fn.spec
     pod: dict[str, Any] = {
-        "initContainers": [installer(sidecar["image"]), sidecar] if install_first else [sidecar],
+        "initContainers": [sidecar],
         "containers": containers,
         "volumes": [{"name": RUNTIME_VOLUME, "emptyDir": {}}],
         "automountServiceAccountToken": spec.serviceAccountName is not None,
@@ -139,9 +131,11 @@ def warm_name(fn: TaskFunction) -> str:
 def warm_deployment(
     fn: TaskFunction, default_image: str, token: str, owner: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """A `server` function's warm pods: its server started with $PORT, behind the proxy
-    sidecar (`kt-runtime proxy`), drained before it is stopped (`kt-runtime drain`). Replicas
-    are the operator's to set (`controllers/warm_pools.py`), from zero."""
+    """A `server` function's warm pods: its server started with $PORT by `kt-runtime serve`
+    (which gives its output to the proxy, and keeps it from being PID 1, which ignores a SIGTERM
+    it never handled), behind the proxy sidecar (`kt-runtime proxy`), drained before it is
+    stopped (`kt-runtime drain`). Replicas are the operator's to set
+    (`controllers/warm_pools.py`), from zero."""
     server = fn.spec.server
     assert server is not None
     env = {e.name: e.value for e in fn.spec.env}
@@ -149,7 +143,7 @@ def warm_deployment(
         {"PORT": str(APP_PORT), "KUBETASK_ACCOUNT": fn.account, "KUBETASK_FUNCTION": fn.name}
     )
     app = function_container(fn, [], env, default_image)
-    app["command"] = list(server.command)
+    app["command"] = [f"{RUNTIME_DIR}/bin/kt-runtime", "serve", "--", *server.command]
     app["lifecycle"] = {
         "preStop": {"exec": {"command": [f"{RUNTIME_DIR}/bin/kt-runtime", "drain"]}}
     }
@@ -171,12 +165,7 @@ def warm_deployment(
         "periodSeconds": 1,
         "failureThreshold": 1,
     }
-    # No installer (a container start less on a scale from zero): the server runs as it is,
-    # and the proxy copies the runtime for the preStop hook. The pod's sandbox is PID 1, so a
-    # server that never handles SIGTERM still stops on it (a container's PID 1 ignores it, and
-    # held its pod for the whole grace period).
-    pod = pod_spec(fn, [app], proxy, install_first=False)
-    pod["shareProcessNamespace"] = True
+    pod = pod_spec(fn, [app], installing(proxy))
     # Long enough for the longest invocation to end while the pod drains.
     pod["terminationGracePeriodSeconds"] = math.ceil(fn.spec.timeoutSeconds) + 30
     labels = warm_labels(fn)

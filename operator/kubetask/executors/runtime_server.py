@@ -6,10 +6,10 @@ that sidecar's credentials. With it, a sidecar can fetch its attempt's payload a
 output and exit — nothing else, and nothing of any other attempt, task or account. Sidecars get
 no NATS credentials at all, so an executor pod cannot reach a queue, a record or a log subject.
 
-The sidecar's request bodies are the runtime's frames (kind byte, 32-bit big-endian length,
-bytes; `runtime-sidecar/frames.go`). A request repeated after a lost answer carries the same
-`X-Kubetask-Seq` and is applied once. An unknown token answers 404, which tells a sidecar its
-attempt was abandoned (stopped, timed out, or its dispatcher restarted).
+The sidecar's request bodies are the runtime's frames (`frames.py`). A request repeated after a
+lost answer carries the same `X-Kubetask-Seq` and is applied once. An unknown token answers 404,
+which tells a sidecar its attempt was abandoned (stopped, timed out, or its dispatcher
+restarted).
 """
 
 from __future__ import annotations
@@ -18,22 +18,14 @@ import asyncio
 import json
 import secrets
 import socket
-import struct
 
 from aiohttp import web
 
-from .base import Invocation, Placement, Tail, encode_payload
+from .base import Invocation, Lines, Placement, Tail, encode_payload
+from .frames import CODE, EXIT, RUNNING, STDERR, STDOUT, TERMINATED, BadFrames, FrameReader
 from .pod_template import FUNCTION_CONTAINER
 
-FRAME_HEAD = struct.Struct(">BI")
-RUNNING, STDOUT, STDERR = b"R"[0], b"O"[0], b"E"[0]
-TERMINATED, EXIT = b"T"[0], b"X"[0]
 MAX_BODY = 4 << 20
-MAX_LINE = 64 << 10  # a stderr "line" longer than this is logged in pieces
-
-
-class BadFrames(ValueError):
-    pass
 
 
 class RuntimeAttempt:
@@ -50,7 +42,7 @@ class RuntimeAttempt:
         self.too_big = False
         self.stdout_tail = Tail()
         self.stderr_tail = Tail()
-        self._partial = bytearray()
+        self._lines = Lines()
         self._last_seq: str | None = None
         self._loop = loop
 
@@ -63,17 +55,10 @@ class RuntimeAttempt:
         return False
 
     def apply(self, body: bytes) -> None:
-        view = memoryview(body)
-        at = 0
-        while at < len(view):
-            if len(view) - at < FRAME_HEAD.size:
-                raise BadFrames("truncated frame header")
-            kind, size = FRAME_HEAD.unpack_from(view, at)
-            at += FRAME_HEAD.size
-            if len(view) - at < size:
-                raise BadFrames("truncated frame")
-            data = bytes(view[at : at + size])
-            at += size
+        reader = FrameReader()
+        frames = reader.feed(body)
+        reader.finish()
+        for kind, data in frames:
             if kind == RUNNING:
                 if not self.running.done():
                     self.running.set_result(None)
@@ -85,25 +70,21 @@ class RuntimeAttempt:
                     self.too_big = True
             elif kind == STDERR:
                 self.stderr_tail.add(data)
-                self._stderr(data)
+                self._log(self._lines.feed(data))
             elif kind == TERMINATED:
                 self.terminated = True
             elif kind == EXIT:
-                if size != 4:
+                if len(data) != CODE.size:
                     raise BadFrames("an exit frame holds 4 bytes")
-                self._stderr(b"\n" if self._partial else b"")
+                self._log(self._lines.rest())
                 if not self.exited.done():
-                    self.exited.set_result(struct.unpack(">i", data)[0])
+                    self.exited.set_result(CODE.unpack(data)[0])
             else:
                 raise BadFrames(f"unknown frame kind {kind}")
 
-    def _stderr(self, data: bytes) -> None:
-        self._partial += data
-        while (end := self._partial.find(b"\n")) >= 0 or len(self._partial) > MAX_LINE:
-            cut = end if end >= 0 else MAX_LINE
-            line = bytes(self._partial[:cut])
-            del self._partial[: cut + (end >= 0)]
-            self.inv.log("stderr", line.decode("utf-8", errors="replace"))
+    def _log(self, lines: list[str]) -> None:
+        for line in lines:
+            self.inv.log("stderr", line)
 
 
 class RuntimeServer:

@@ -24,7 +24,8 @@ from kubernetes.client.exceptions import ApiException
 
 from .. import kube_client
 from ..models import TaskFunction
-from .base import Execution, Invocation, Outcome, Placement, encode_payload
+from .base import Execution, Invocation, Lines, Outcome, Placement, encode_payload
+from .frames import ANSWER, CODE, STDERR, STDOUT, FrameReader
 from .http1 import Http1Pool, InstanceUnreachable
 from .pod_template import (
     FUNCTION_CONTAINER,
@@ -216,15 +217,37 @@ class WarmExecution:
         headers["Authorization"] = f"Bearer {self.pod.token}"
         http = self.pod.http
         request = http.encode(b"POST", "/invoke", headers, encode_payload(self.inv.payload))
+        frames = FrameReader()
+        refusal = bytearray()  # the proxy's own 4xx/5xx (busy, draining) is plain text
+        found: list[tuple[int, bytes]] = []
+        out, err = Lines(), Lines()
+
+        def chunk(status: int, data: bytes) -> None:
+            """An accepted invocation is answered in frames: what the server printed while it
+            ran (its task's log, as it comes), then the server's status and body."""
+            if status != 200:
+                refusal.extend(data[: 4096 - len(refusal)])
+                return
+            for kind, frame in frames.feed(data):
+                if kind in (STDOUT, STDERR):
+                    said = (out if kind == STDOUT else err).feed(frame)
+                elif kind == ANSWER and len(frame) >= CODE.size:
+                    said = out.rest() + err.rest()
+                    found.append((CODE.unpack_from(frame)[0], frame[CODE.size :]))
+                else:
+                    said = []
+                for line in said:
+                    self.inv.log("instance", line)
+
         try:
             conn = await http.connection()
             if self._interrupted:
                 conn.abort()
                 raise InstanceUnreachable("interrupted")
-            answer = conn.send(request, self.inv.max_result_bytes)
+            answer = conn.send(request, self.inv.max_result_bytes, chunk)
             self._cancel = lambda: conn.cancel(answer)
             try:
-                status, body = await answer
+                status, _ = await answer
             except asyncio.CancelledError:
                 conn.cancel(answer)
                 raise
@@ -240,6 +263,11 @@ class WarmExecution:
                 return Outcome(False, error="stopped", killed=True, instance=self.instance)
             self.pod.ready = False  # listed again before it is used again
             return Outcome(False, error=f"warm pod unreachable: {err}", instance=self.instance)
+        if status != 200:
+            return answered(status, bytes(refusal), self.inv, self.instance)
+        if not found:
+            return Outcome(False, error="the pod's proxy gave no answer", instance=self.instance)
+        status, body = found[0]
         if status == 502:  # the proxy could not reach the function's server
             return Outcome(False, error=body[:500].decode(errors="replace"), instance=self.instance)
         return answered(status, body, self.inv, self.instance)
