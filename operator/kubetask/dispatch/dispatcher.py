@@ -57,6 +57,7 @@ from .destinations import Destinations
 from .leases import Leases
 from .max_age import MaxEventAge
 from .node_budget import NodeBudget
+from .placement import Placements
 from .pod_identity import executor_ref
 from .policy import Policy, Retry, TaskContext
 from .pull import Pull
@@ -152,7 +153,7 @@ class Dispatcher:
         )
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
-        self._placing: set[asyncio.Task[None]] = set()
+        self.placements = Placements(plane.store, self.id, self.host)
         self.leases: Leases | None = None
 
     async def start(self) -> None:
@@ -685,35 +686,9 @@ class Dispatcher:
         await msg.ack()
 
     def _placed(self, ctx: TaskContext, attempt: int, where: Placement) -> None:
-        """An attempt's pod is known: recorded on the task (login, describe, `-o wide`) while
-        that attempt still runs."""
-        seq = ctx.record.claimSeq
-
-        def place(r: TaskRecord) -> TaskRecord:
-            st = r.task.status
-            if r.phase is not TaskPhase.Running or r.claimSeq != seq or st.attempts != attempt:
-                raise IllegalTransition(r.phase, r.phase)
-            st.executor = ExecutorRef(
-                backend="kubernetes",
-                dispatcher=self.id,
-                host=self.host,
-                instance=where.pod,
-                pod=where.pod,
-                namespace=where.namespace,
-                container=where.container,
-                node=where.node,
-            )
-            return r
-
-        async def record() -> None:
-            with contextlib.suppress(IllegalTransition, TaskGone):
-                await self.plane.store.transition(ctx.account, ctx.task_id, place)
-
         text = f"attempt {attempt} runs in pod {where.namespace}/{where.pod}"
         self._log(ctx.record, "system", text + (f" on {where.node}" if where.node else ""), attempt)
-        task = asyncio.create_task(record())
-        self._placing.add(task)
-        task.add_done_callback(self._placing.discard)
+        self.placements.record(ctx.account, ctx.task_id, ctx.record.claimSeq, attempt, where)
 
     def _log(
         self,
@@ -754,8 +729,7 @@ class Dispatcher:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await cancel_and_wait(*self._background)
-        if self._placing:
-            await asyncio.wait(self._placing, timeout=5)
+        await self.placements.close()
         await self.command.close()
         await self.server.close()
         for policy in self.policies:

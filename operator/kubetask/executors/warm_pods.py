@@ -54,6 +54,7 @@ class WarmPod:
     node: str | None
     token: str
     ready: bool  # the kubelet says so, or its proxy answered /ready
+    kubelet_ready: bool
     http: Http1Pool = field(init=False)
     inflight: int = 0
 
@@ -104,11 +105,14 @@ class WarmPool:
             )
             known = self.pods.get(pod.metadata.name)
             if known is not None and known.ip == ip:
-                known.ready = known.ready or ready
+                # Ready by its own answer before the kubelet said so; not ready once the kubelet
+                # no longer says so (a server that crashed or hangs).
+                known.ready = ready or (known.ready and not known.kubelet_ready)
+                known.kubelet_ready = ready
                 seen[known.name] = known
             else:
                 name = pod.metadata.name
-                seen[name] = WarmPod(name, ip, pod.spec.node_name, token, ready)
+                seen[name] = WarmPod(name, ip, pod.spec.node_name, token, ready, ready)
         for name, gone in self.pods.items():
             if name not in seen:
                 gone.http.close()
