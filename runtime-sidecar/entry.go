@@ -122,31 +122,9 @@ func (e *entry) run(argv []string, payload []byte) int {
 			}
 		}()
 	}
-	done := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case sig := <-stops:
-				e.send(frameTerminated, nil)
-				_ = syscall.Kill(-cmd.Process.Pid, sig.(syscall.Signal))
-			case <-done:
-				return
-			}
-		}
-	}()
+	stopped := forwardStops(cmd, stops, func() { e.send(frameTerminated, nil) })
 	copying.Wait()
 	err := cmd.Wait()
-	close(done)
-	var exit *exec.ExitError
-	switch {
-	case err == nil:
-		return 0
-	case errors.As(err, &exit):
-		if status, ok := exit.Sys().(syscall.WaitStatus); ok && status.Signaled() {
-			return 128 + int(status.Signal())
-		}
-		return exit.ExitCode()
-	default:
-		return 126
-	}
+	stopped()
+	return exitCode(err)
 }

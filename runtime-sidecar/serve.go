@@ -63,31 +63,11 @@ func runServe(dir string, argv []string) int {
 	if e.conn != nil {
 		go answerSyncs(e, streams)
 	}
-	done := make(chan struct{})
-	go func() {
-		for {
-			select {
-			case sig := <-stops:
-				_ = syscall.Kill(-cmd.Process.Pid, sig.(syscall.Signal))
-			case <-done:
-				return
-			}
-		}
-	}()
+	stopped := forwardStops(cmd, stops, nil)
 	copying.Wait()
 	err := cmd.Wait()
-	close(done)
-	var exit *exec.ExitError
-	if errors.As(err, &exit) {
-		if status, ok := exit.Sys().(syscall.WaitStatus); ok && status.Signaled() {
-			return 128 + int(status.Signal())
-		}
-		return exit.ExitCode()
-	}
-	if err != nil {
-		return 126
-	}
-	return 0
+	stopped()
+	return exitCode(err)
 }
 
 // stream copies one of the server's output pipes. `read` and `sent` count chunks taken from

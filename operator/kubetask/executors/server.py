@@ -262,6 +262,17 @@ def answered(status: int, body: bytes, inv: Invocation, instance: str | None) ->
     return Outcome(True, result=decode_result(body), exit_code=status, instance=instance)
 
 
+def interrupted(reason: str | None, inv: Invocation, instance: str | None) -> Outcome | None:
+    """The outcome of an invocation cut short by its timeout or a stop; None if it was not."""
+    if reason == "timeout":
+        return Outcome(
+            False, error=f"timed out after {inv.timeout:g}s", timed_out=True, instance=instance
+        )
+    if reason == "stop":
+        return Outcome(False, error="stopped", killed=True, instance=instance)
+    return None
+
+
 class ServerExecution:
     """One invocation. Stop and timeout interrupt it by closing its connection; no task of its
     own runs beside the dispatcher's."""
@@ -308,14 +319,9 @@ class ServerExecution:
     async def _unreachable(self, err: InstanceUnreachable) -> Outcome:
         if self._interrupted == "timeout":
             await self._abandon()
-            return Outcome(
-                False,
-                error=f"timed out after {self.inv.timeout:g}s",
-                timed_out=True,
-                instance=self.instance,
-            )
-        if self._interrupted == "stop":
-            return Outcome(False, error="stopped", killed=True, instance=self.instance)
+        cut = interrupted(self._interrupted, self.inv, self.instance)
+        if cut is not None:
+            return cut
         self.inst.dead = True
         return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
 

@@ -34,7 +34,7 @@ from .pod_template import (
     SIDECAR_CONTAINER,
     warm_name,
 )
-from .server import answered, invocation_headers
+from .server import answered, interrupted, invocation_headers
 
 log = logging.getLogger("kubetask.executors.warm")
 
@@ -256,15 +256,9 @@ class WarmExecution:
                 conn.cancel(answer)
                 raise
         except InstanceUnreachable as err:
-            if self._interrupted == "timeout":
-                return Outcome(
-                    False,
-                    error=f"timed out after {self.inv.timeout:g}s",
-                    timed_out=True,
-                    instance=self.instance,
-                )
-            if self._interrupted == "stop":
-                return Outcome(False, error="stopped", killed=True, instance=self.instance)
+            cut = interrupted(self._interrupted, self.inv, self.instance)
+            if cut is not None:
+                return cut
             self.pod.ready = False  # listed again before it is used again
             return Outcome(False, error=f"warm pod unreachable: {err}", instance=self.instance)
         if status != 200:
