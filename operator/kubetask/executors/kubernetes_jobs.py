@@ -156,10 +156,10 @@ class JobExecution:
             self._ex.runtime.forget(self._attempt)
 
     async def _until(self, timeout: float, *futures: asyncio.Future[Any]) -> None:
+        """Until one of `futures` or a stop, or the timeout (which cancels none of them: a
+        shield per wait would pile callbacks on a day-long attempt's futures)."""
         await asyncio.wait(
-            [asyncio.shield(f) for f in (*futures, self._stopped)],
-            timeout=max(timeout, 0),
-            return_when=asyncio.FIRST_COMPLETED,
+            [*futures, self._stopped], timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
         )
 
     async def _follow(self) -> Outcome:
