@@ -319,13 +319,13 @@ def a_sidecar_reaches_nothing_but_its_attempt(
     with httpx.Client(base_url=url, timeout=10) as rt:
         mine = rt.post(
             "/v1/run/start",
-            json={"pod": "x", "namespace": "team-a"},
+            json={"pod": pod["metadata"]["name"], "namespace": "team-a"},
             headers={"Authorization": f"Bearer {token}"},
         )
         assert mine.status_code == 200 and mine.json() is None  # held-1's payload
         other = rt.post(
             "/v1/run/start",
-            json={"pod": "x", "namespace": "team-a"},
+            json={"pod": pod["metadata"]["name"], "namespace": "team-a"},
             headers={"Authorization": f"Bearer {token[:-2]}xy"},
         )
         assert other.status_code == 404

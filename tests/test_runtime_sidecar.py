@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -254,8 +255,6 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -372,8 +371,13 @@ async def test_a_draining_pod_finishes_what_it_serves_and_takes_nothing_new(
         assert drain.returncode is None  # still waiting for the invocation in flight
         assert (await running).status_code == 200
         assert await asyncio.wait_for(drain.wait(), 5) == 0
-        # /drain is for the pod itself: not from another address.
-        assert (await http.post("/drain")).status_code in (200, 403)
+    # /drain is for the pod itself: asked from another address (this host's own, off the
+    # loopback), it is refused.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("198.51.100.1", 9))  # no packet is sent: this only picks the route
+        outside = probe.getsockname()[0]
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.post(f"http://{outside}:{port}/drain")).status_code == 403
 
 
 async def test_serve_passes_a_stop_to_a_server_that_would_ignore_it_as_pid_1(
@@ -388,3 +392,26 @@ async def test_serve_passes_a_stop_to_a_server_that_would_ignore_it_as_pid_1(
     await asyncio.sleep(0.3)
     serve.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(serve.wait(), 10) == 128 + signal.SIGTERM
+
+
+async def test_a_sidecar_can_place_its_attempt_only_in_its_own_jobs_pod(
+    server: RuntimeServer,
+) -> None:
+    """Where a sidecar says it runs is recorded on the task and `kubetask login` execs into it:
+    another account's namespace, a pod its Job could not have made, or a node name outside the
+    grammar are refused, and nothing is recorded."""
+    attempt = server.open(invocation([]), job="f-0123456789ab-1")
+    auth = {"Authorization": f"Bearer {attempt.token}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        for where in (
+            {"pod": "f-0123456789ab-1-x7k2p", "namespace": "kubetask"},
+            {"pod": "kubetask-dispatcher-5d9f-x7k2p", "namespace": "team-a"},
+            {"pod": "f-0123456789ab-1-x7k2p-more", "namespace": "team-a"},
+            {"pod": "f-0123456789ab-1-x7k2p", "namespace": "team-a", "node": "a node"},
+        ):
+            refused = await http.post("/v1/run/start", json=where, headers=auth)
+            assert refused.status_code == 400, where
+        assert not attempt.placed.done()
+        where = {"pod": "f-0123456789ab-1-x7k2p", "namespace": "team-a", "node": "node-1"}
+        assert (await http.post("/v1/run/start", json=where, headers=auth)).status_code == 200
+    assert attempt.placed.result().pod == "f-0123456789ab-1-x7k2p"

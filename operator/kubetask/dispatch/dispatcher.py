@@ -241,7 +241,7 @@ class Dispatcher:
                 await asyncio.sleep(1)
         window = worker.window
         gauge = metrics.of(metrics.WINDOW, fn.account, fn.name)
-        process = fn.spec.command is not None and not self.jobs
+        process = self._local_process(fn)
 
         def free() -> int:
             window.judge(len(worker.inflight))
@@ -407,7 +407,7 @@ class Dispatcher:
     ) -> None:
         """Claim and run the task within the node's budget; a task that waits for a slot stays
         Queued, its message kept alive meanwhile."""
-        process = ctx.function.spec.command is not None and not self.jobs
+        process = self._local_process(ctx.function)
         if not self.budget.try_take(process):
             waiting = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
             try:
@@ -504,7 +504,8 @@ class Dispatcher:
             timeout=fn.spec.timeoutSeconds,
             max_result_bytes=self.plane.settings.max_result_bytes,
             log=output,
-            placed=functools.partial(self._placed, ctx, attempt),
+            # Only pods are learnt after the start: local attempts need no callback each.
+            placed=functools.partial(self._placed, ctx, attempt) if self.jobs else None,
         )
         executor: Executor = self.command if fn.spec.command is not None else self.server
         labels = metrics.of(metrics.RUNNING, ctx.account, fn.name)
@@ -684,6 +685,10 @@ class Dispatcher:
         ending = f"task {ctx.record.phase.value}"
         self._log(ctx.record, "system", f"{ctx.note}; {ending}" if ctx.note else ending, final=True)
         await msg.ack()
+
+    def _local_process(self, fn: TaskFunction) -> bool:
+        """An attempt that is a process on this node, counted in its process budget."""
+        return fn.spec.command is not None and not self.jobs
 
     def _placed(self, ctx: TaskContext, attempt: int, where: Placement) -> None:
         text = f"attempt {attempt} runs in pod {where.namespace}/{where.pod}"

@@ -230,7 +230,7 @@ class JobExecutor:
 
     async def start(self, inv: Invocation) -> Execution:
         await self.runtime.start()
-        attempt = self.runtime.open(inv)
+        attempt = self.runtime.open(inv, job_name(inv))
         try:
             if inv.attempt > 1:  # an earlier attempt's pod may outlive its dispatcher
                 await self._delete_earlier(inv)

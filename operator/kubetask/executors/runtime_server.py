@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import socket
 
@@ -25,6 +26,8 @@ from .base import Invocation, Lines, Placement, Tail, encode_payload
 from .frames import CODE, EXIT, RUNNING, STDERR, STDOUT, TERMINATED, BadFrames, FrameReader
 from .pod_template import FUNCTION_CONTAINER
 
+# A Kubernetes object name (DNS-1123 subdomain): pods and nodes.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 MAX_BODY = 4 << 20
 
 
@@ -43,6 +46,7 @@ class RuntimeAttempt:
         self.stdout_tail = Tail()
         self.stderr_tail = Tail()
         self._lines = Lines()
+        self.pod_name = OBJECT_NAME
         self._last_seq: str | None = None
         self._loop = loop
 
@@ -109,8 +113,12 @@ class RuntimeServer:
             await web.SockSite(runner, sock).start()
             self._runner = runner
 
-    def open(self, inv: Invocation) -> RuntimeAttempt:
+    def open(self, inv: Invocation, job: str | None = None) -> RuntimeAttempt:
+        """An attempt whose sidecar may call in; with `job`, its pod must be one that Job
+        makes (the Job's name and a five-character suffix)."""
         attempt = RuntimeAttempt(inv, secrets.token_urlsafe(32))
+        if job is not None:
+            attempt.pod_name = re.compile(re.escape(job) + r"-[a-z0-9]{5}")
         self._attempts[attempt.token] = attempt
         return attempt
 
@@ -138,6 +146,12 @@ class RuntimeServer:
             node = str(where.get("node") or "") or None
         except (ValueError, KeyError, TypeError) as err:
             raise web.HTTPBadRequest(text=f"bad placement: {err}") from None
+        # What a sidecar says lands on the task's record, and `kubetask login` execs into it:
+        # only its own account's namespace, and only a pod its Job could have made.
+        if namespace != attempt.inv.account or not attempt.pod_name.fullmatch(pod):
+            raise web.HTTPBadRequest(text="not this attempt's pod")
+        if node is not None and not OBJECT_NAME.fullmatch(node):
+            raise web.HTTPBadRequest(text="not a node name")
         if not attempt.placed.done():
             attempt.placed.set_result(Placement(pod, namespace, node, FUNCTION_CONTAINER))
         return web.Response(body=encode_payload(attempt.inv.payload))
