@@ -83,6 +83,9 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         dedup_window=1.0,
         max_payload_bytes=64 * 1024,
         max_result_bytes=64 * 1024,
+        # Functions doze after one empty 5 s pull, so every test's idle functions go through
+        # the doze and must be woken by their next task.
+        pull_idle_expires=5.0,
     )
 
 

@@ -240,6 +240,79 @@ async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
     assert any(t["status"]["attempts"] > 1 for t in tasks), "no attempt was taken over"
 
 
+async def _waiting_pulls(nats_url: str, stream: str, consumer: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        return int((await nc.jetstream().consumer_info(stream, consumer)).num_waiting or 0)
+    finally:
+        await nc.close()
+
+
+async def _until_waiting_pulls(nats_url: str, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while await _waiting_pulls(nats_url, "KT_Q_crash", "fn_hold") != count:
+        assert time.monotonic() < deadline, f"never {count} pull requests waiting"
+        await asyncio.sleep(0.1)
+
+
+async def test_kill_9_a_dispatcher_while_the_other_dozes_its_task_is_taken_over(lab: Lab) -> None:
+    """The survivor's pull dozes: no request open, the queue subject watched. The killed
+    dispatcher's message comes back after ack_wait with no publish to announce it (and the
+    sweeper leaves Running tasks alone), so the backlog gauge is what wakes the survivor."""
+    url, token, env = lab.start_nats_and_gateway(
+        "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
+    )
+    nats_url = env["KUBETASK_NATS_URL"]
+    hold = lab.root / "hold.py"
+    hold.write_text(
+        'import os, time\nif os.environ["KUBETASK_ATTEMPT"] == "1":\n    time.sleep(600)\n'
+    )
+    fn_file = lab.root / "hold.yaml"
+    fn_file.write_text(
+        textwrap.dedent(f"""
+            apiVersion: kubetask.io/v1alpha1
+            kind: TaskFunction
+            metadata: {{name: hold}}
+            spec:
+              command: [{json.dumps(sys.executable)}, {json.dumps(str(hold))}]
+              maxConcurrency: 4
+            ---
+            apiVersion: kubetask.io/v1alpha1
+            kind: AsyncConfig
+            metadata: {{name: hold}}
+            spec: {{function: hold, maxAsyncRetryAttempts: 2}}
+        """)
+    )
+    cli = [sys.executable, "-m", "kubetask", "functions", "apply", "-f", str(fn_file)]
+    applied = subprocess.run([*cli, "--url", url, "--token", token], capture_output=True)
+    assert applied.returncode == 0, applied.stderr
+    first = lab.spawn("dispatcher", env=env, log="d1.log")
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+
+        async def phase() -> tuple[str, int]:
+            status = (await http.get("/v1/tasks/held")).json()["status"]
+            return status["phase"], status["attempts"]
+
+        resp = await http.post("/v1/tasks", json={"function": "hold", "id": "held"})
+        assert resp.status_code == 202, resp.text
+        deadline = time.monotonic() + 30
+        while (await phase())[0] != "Running":
+            assert time.monotonic() < deadline, await phase()
+            await asyncio.sleep(0.1)
+        await _until_waiting_pulls(nats_url, 1)  # the first dispatcher's, for its free slots
+        lab.spawn("dispatcher", env=dict(env, KUBETASK_PULL_IDLE_EXPIRES="1"), log="d2.log")
+        await _until_waiting_pulls(nats_url, 2)  # the second one pulls, finds nothing ...
+        await _until_waiting_pulls(nats_url, 1)  # ... and dozes after its first 5 s request
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        deadline = time.monotonic() + 40
+        while (await phase()) != ("Succeeded", 2):
+            assert time.monotonic() < deadline, await phase()
+            await asyncio.sleep(0.2)
+
+
 async def _leases(nats_url: str) -> dict[str, str]:
     """Partition -> the dispatcher holding its lease, read from the bucket."""
     nc = await nats.connect(nats_url)

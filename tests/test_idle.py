@@ -5,13 +5,16 @@ and the backlog gauge is read per stream, not per function, with the same figure
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import nats
 from harness import Api
 from kubetask import metrics, queues
 from kubetask.dispatch import backlog_gauge
+from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.pull import Pull
 from kubetask.embedded import free_port, start_nats
 from kubetask.jetstream import connect
@@ -87,6 +90,99 @@ async def test_an_idle_pull_backs_off_yet_delivers_at_once_across_a_nats_restart
         server.wait()
 
 
+async def test_a_long_idle_pull_dozes_on_its_subject_and_wakes_at_its_next_task(
+    tmp_path: Path,
+) -> None:
+    """Past its longest request a pull keeps none open, watches its queue subject, and is woken
+    by a publish there, by `rouse` (the backlog gauge's call, for a message no publish
+    announced: here a redelivery), and by a reconnect after nats-server was restarted."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    server = start_nats(tmp_path / "js", port)
+    nc = await connect(Settings(nats_url=url), "doze-test")
+    watcher = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="DOZE", subjects=["doze.>"]))
+        await js.add_consumer(
+            "DOZE", ConsumerConfig(durable_name="c", ack_policy="explicit", ack_wait=3.0)
+        )
+        requests: list[bytes] = []
+
+        async def seen(msg: Msg) -> None:
+            requests.append(msg.data)
+
+        await watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.DOZE.c", cb=seen)
+        await watcher.flush()
+        got: list[Msg] = []
+        ack = True
+
+        def deliver(msg: Msg) -> None:
+            got.append(msg)
+            if ack:
+                asyncio.get_running_loop().create_task(msg.ack())
+
+        async def delivered(count: int, within: float, why: str) -> None:
+            deadline = time.monotonic() + within
+            while len(got) < count:
+                assert time.monotonic() < deadline, why
+                await asyncio.sleep(0.02)
+
+        async def dozing() -> int:
+            """Wait until the pull dozes; how many requests it has made by then."""
+            deadline = time.monotonic() + 10
+            while not (pull._dormant and pull._watching is not None and not pull._owed):
+                assert time.monotonic() < deadline, "the pull never dozed"
+                await asyncio.sleep(0.02)
+            return len(requests)
+
+        pull = Pull(
+            nc, "DOZE", "c", lambda: 4, deliver, expires=0.1, idle_expires=0.4, watch="doze.a"
+        )
+        await pull.start()
+        made = await dozing()
+        # 0.1 and 0.4 s requests, then one look that does not wait.
+        assert json.loads(requests[-1]).get("no_wait") is True, requests
+        await asyncio.sleep(2)
+        assert len(requests) == made, "a dozing pull kept asking"
+
+        await js.publish("doze.a", b"1")
+        # Without the watch it would wait for nothing at all: no request is open.
+        await delivered(1, 2, "a dozing pull missed the task published on its subject")
+
+        ack = False  # the next one is left unacknowledged: redelivered after ack_wait, unannounced
+        await dozing()
+        await js.publish("doze.a", b"2")
+        await delivered(2, 2, "the second task was missed")
+        made = await dozing()  # within its ack_wait (3 s), or the redelivery would keep it awake
+        await asyncio.sleep(3)  # the ack_wait passed: the server would redeliver to a request
+        assert len(got) == 2 and len(requests) == made
+        pull.rouse()
+        await delivered(3, 2, "rousing did not pull the redelivery")
+        assert got[2].data == b"2"
+        ack = True
+        await got[2].ack()
+
+        await dozing()
+        server.kill()
+        server.wait()
+        server = start_nats(tmp_path / "js", port)
+        # Published by another client at once, most likely before the pull's connection is back
+        # (it retries every 0.5 s): the watch, subscribed again on the reconnect, misses it, so
+        # the look after the reconnect is what finds it.
+        publisher = await nats.connect(url)
+        await publisher.jetstream().publish("doze.a", b"3")
+        await publisher.close()
+        await delivered(4, 10, "a dozing pull did not look again after a reconnect")
+        await pull.stop()
+        assert pull._watching is None
+    finally:
+        await watcher.close()
+        await nc.close()
+        server.kill()
+        server.wait()
+
+
 async def test_the_backlog_gauge_counts_each_functions_waiting_tasks(
     api: Api, plane: DataPlane
 ) -> None:
@@ -102,9 +198,11 @@ async def test_the_backlog_gauge_counts_each_functions_waiting_tasks(
     # longer than 10 s once, in a loaded full run): a generous deadline, and the gate opened
     # whatever happens, so a failure here leaves no running tasks to later tests.
     deadline = time.monotonic() + 30
+    told: set[tuple[str, str, str]] = set()
     try:
         while True:
-            await backlog_gauge.collect_once(plane)
+            told.clear()
+            await backlog_gauge.BacklogGauge(plane, lambda *queue: told.add(queue)).collect()
             held = metrics.BACKLOG.labels(api.account, "held")._value.get()
             quiet = metrics.BACKLOG.labels(api.account, "quiet")._value.get()
             parts = metrics.BACKLOG.labels(api.account, "split")._value.get()
@@ -114,9 +212,13 @@ async def test_the_backlog_gauge_counts_each_functions_waiting_tasks(
             await asyncio.sleep(0.2)
     finally:
         gate.write_text("open")
+    # It names the queues holding messages, each partition apart, so a dozing pull there wakes.
+    mine = {(a, f) for a, f, _ in told if a == api.account}
+    assert mine == {(api.account, "held"), (api.account, "split")}, told
+    assert len({s for _, f, s in told if f == "split"}) == 2, told
     for task_id in ids + split:
         assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"
-    await backlog_gauge.collect_once(plane)
+    await backlog_gauge.BacklogGauge(plane).collect()
     assert metrics.BACKLOG.labels(api.account, "held")._value.get() == 0
 
 
@@ -144,3 +246,58 @@ async def test_stream_depths_come_from_every_page_of_the_stream_list(tmp_path: P
         await nc.close()
         server.kill()
         server.wait()
+
+
+async def test_a_dozing_function_wakes_for_its_next_task_and_for_its_retry(
+    api: Api, dispatcher: Dispatcher
+) -> None:
+    """Through the session's dispatcher, connected as NATS user `dispatcher` (the suite lets a
+    function doze after one empty 5 s pull): a task published while its function dozes starts
+    at once (the watch on the queue subject; the gauge alone would take up to its 5 s period),
+    and a retry JetStream moves in from its schedule, which no core subscriber sees, still
+    runs (the gauge rouses the function)."""
+    marker = api.workdir / "dozer-failed-once"
+    await api.function(
+        "dozer",
+        command=api.script(
+            "dozer",
+            f"""
+            import pathlib, sys
+            marker = pathlib.Path({str(marker)!r})
+            if not marker.exists():
+                marker.write_text("x")
+                sys.exit(3)
+            """,
+        ),
+    )
+    await api.async_config(
+        "dozer", function="dozer", maxAsyncRetryAttempts=1, retryBackoff={"initialSeconds": 12}
+    )
+
+    async def dozes() -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            pulls = [
+                w.pull
+                for (a, f, _), w in dispatcher.workers.items()
+                if (a, f) == (api.account, "dozer")
+            ]
+            if pulls and all(p is not None and p._dormant and p._watching for p in pulls):
+                return
+            assert time.monotonic() < deadline, "the function never dozed"
+            await asyncio.sleep(0.1)
+
+    first = (await api.submit("dozer"))["metadata"]["name"]
+    await api.wait(first, {"Retrying"})
+    await dozes()  # before its retry is due
+    done = await api.wait(first, timeout=40)
+    assert (done["status"]["phase"], done["status"]["attempts"]) == ("Succeeded", 2)
+
+    for _ in range(2):
+        await dozes()
+        task_id = (await api.submit("dozer"))["metadata"]["name"]
+        stamps = (await api.wait(task_id))["status"]["timestamps"]
+        waited = datetime.fromisoformat(stamps["started"]) - datetime.fromisoformat(
+            stamps["submitted"]
+        )
+        assert waited.total_seconds() < 1.5, f"a dozing function's task waited {waited}"

@@ -3,7 +3,7 @@ subjects it needs, and function processes get no NATS credentials at all.
 
 The table below is the single statement of who may publish and subscribe where; `kubetask dev`
 writes it into nats-server's configuration, the Helm chart renders the same table
-(`kubetask nats-config`), and docs/nats-permissions.md explains it. Each user receives
+(`kubetask nats-config`), and docs/security.md explains it. Each user receives
 replies on an inbox of its own (`_INBOX_<user>.>`), so no component can read another's replies.
 """
 
@@ -64,7 +64,8 @@ PERMISSIONS: dict[str, Permissions] = {
             "kt.logs.>",
             "kt.quarantine.>",
         ],
-        subscribe=["kt.ctl.stop.>"],
+        # Queue subjects: a dozing pull watches its function's for the next task (`pull.py`).
+        subscribe=["kt.ctl.stop.>", *_QUEUES],
         deny_publish=["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>"],
     ),
     # Delivers subject destinations: the accounts' `out.` namespaces and nothing else (plus the

@@ -134,6 +134,12 @@ class Settings:
     # Copies JetStream keeps of every stream and bucket: 3 on a three-node NATS cluster (the
     # chart sets it with `nats.cluster.enabled`), so losing one server loses no task.
     stream_replicas: int = field(default_factory=lambda: env_int("KUBETASK_STREAM_REPLICAS", 1))
+    # A function's pull request that ends empty is followed by a longer one, up to this; once
+    # one this long ends empty the function dozes: no request open, its queue subject watched
+    # (`dispatch/pull.py`).
+    pull_idle_expires: float = field(
+        default_factory=lambda: env_float("KUBETASK_PULL_IDLE_EXPIRES", 80.0)
+    )
     # A dispatcher that stops renewing its partition leases loses them after this long.
     lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0))
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.

@@ -8,47 +8,78 @@ holds; only a function whose subject holds messages is asked for its exact waiti
 stream's count includes tasks claimed but not yet acknowledged). And a stream is asked only if
 the stream list (one request per 256 streams) shows it holds messages at all, so idle streams
 cost nothing of their own.
+
+The same reading rouses a dozing pull (`pull.py`) whose subject holds messages that no publish
+announced: a redelivery after a dispatcher died, a retry JetStream moved in from its schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from .. import metrics, queues
 from ..plane import DataPlane
 
 PERIOD = 5.0
 
-
-async def collect_once(plane: DataPlane, last: dict[tuple[str, str], int] | None = None) -> None:
-    """Read every function's backlog; with `last`, set only the gauges whose value changed
-    (ten thousand label lookups every period otherwise)."""
-    waiting: dict[tuple[str, str], int] = {}
-    depths = await queues.stream_depths(plane.rpc)
-    for stream, members in plane.registry.by_stream().items():
-        if not depths.get(stream):
-            for fn, _ in members:
-                waiting.setdefault((fn.account, fn.name), 0)
-            continue
-        with contextlib.suppress(Exception):  # a queue being removed has no backlog
-            held = await queues.held_by_subject(plane.js, members)
-            for fn, queue in members:
-                key = (fn.account, fn.name)
-                waiting.setdefault(key, 0)
-                if held[key]:
-                    w, _ = await queues.queue_backlog(plane.js, queue)
-                    waiting[key] += w
-    for key, count in waiting.items():
-        if last is None or last.get(key) != count:
-            metrics.BACKLOG.labels(*key).set(count)
-            if last is not None:
-                last[key] = count
+# Told (account, function, stream) of each queue whose subject holds messages.
+Held = Callable[[str, str, str], None]
 
 
-async def collect_forever(plane: DataPlane) -> None:
-    last: dict[tuple[str, str], int] = {}
+class BacklogGauge:
+    """Sets `kubetask_backlog` from a reading of the queues every period, touching only what
+    changed: a function of a stream holding nothing waits for nothing, so an idle stream's
+    functions are not even looked at (ten thousand of them took a loop over each every period),
+    and a function whose count fell to zero since is set to zero. The series of every registered
+    function is made (0) when the registry changes, and a removed function's is dropped."""
+
+    def __init__(self, plane: DataPlane, held_at: Held | None = None) -> None:
+        self.plane = plane
+        self.held_at = held_at
+        self._last: dict[tuple[str, str], int] = {}
+        self._generation: int | None = None
+
+    async def collect(self) -> None:
+        registry = self.plane.registry
+        if self._generation != registry.generation:
+            self._generation = registry.generation
+            registered = set(registry.functions)
+            for key in [k for k in self._last if k not in registered]:
+                del self._last[key]
+                with contextlib.suppress(KeyError):
+                    metrics.BACKLOG.remove(*key)
+            for key in registered - self._last.keys():
+                self._last[key] = 0
+                metrics.BACKLOG.labels(*key).set(0)
+        waiting: dict[tuple[str, str], int] = {}
+        depths = await queues.stream_depths(self.plane.rpc)
+        for stream, members in registry.by_stream().items():
+            if not depths.get(stream):
+                continue
+            with contextlib.suppress(Exception):  # a queue being removed has no backlog
+                held = await queues.held_by_subject(self.plane.js, members)
+                for fn, queue in members:
+                    key = (fn.account, fn.name)
+                    waiting.setdefault(key, 0)
+                    if held[key]:
+                        if self.held_at is not None:
+                            self.held_at(fn.account, fn.name, stream)
+                        w, _ = await queues.queue_backlog(self.plane.js, queue)
+                        waiting[key] += w
+        for key, count in self._last.items():
+            if count and key not in waiting:
+                waiting[key] = 0
+        for key, count in waiting.items():
+            if self._last.get(key) != count and key in self._last:
+                metrics.BACKLOG.labels(*key).set(count)
+                self._last[key] = count
+
+
+async def collect_forever(plane: DataPlane, held_at: Held | None = None) -> None:
+    gauge = BacklogGauge(plane, held_at)
     while True:
         with contextlib.suppress(Exception):
-            await collect_once(plane, last)
+            await gauge.collect()
         await asyncio.sleep(PERIOD)

@@ -167,7 +167,9 @@ class Dispatcher:
         for (account, name), fn in list(registry.functions.items()):
             self._sync(account, name, fn)
         await self.plane.nc.subscribe(f"{names.STOP_SUBJECT_PREFIX}.>", cb=self._on_stop)
-        self._background.append(asyncio.create_task(backlog_gauge.collect_forever(self.plane)))
+        self._background.append(
+            asyncio.create_task(backlog_gauge.collect_forever(self.plane, self._rouse))
+        )
 
     # -- function workers ------------------------------------------------------------------
 
@@ -265,12 +267,26 @@ class Dispatcher:
             worker.inflight.add(t)
             t.add_done_callback(functools.partial(self._done, worker.inflight, key))
 
-        worker.pull = Pull(self.plane.nc, stream, consumer, free, deliver)
+        worker.pull = Pull(
+            self.plane.nc,
+            stream,
+            consumer,
+            free,
+            deliver,
+            idle_expires=self.plane.settings.pull_idle_expires,
+            watch=worker.queue.subject,
+        )
         try:
             await worker.pull.start()
             await asyncio.Future()  # messages arrive on the pull's callback until cancelled
         finally:
             await worker.pull.stop()
+
+    def _rouse(self, account: str, name: str, stream: str) -> None:
+        """The backlog gauge found messages on a function's queue subject."""
+        worker = self.workers.get((account, name, stream))
+        if worker is not None and worker.pull is not None:
+            worker.pull.rouse()
 
     def _done(
         self, inflight: set[asyncio.Task[None]], key: WorkerKey, task: asyncio.Task[None]

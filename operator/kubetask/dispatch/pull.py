@@ -8,6 +8,9 @@ as many messages as there are free slots, messages arrive on a subscription call
 request is renewed when it has been filled, when the server ends it (408 expired, 409 refused)
 or, should the server have lost it (a restart), when it is overdue. Messages are handed over as
 they are read (`Connection.subscribe_direct`).
+
+A function idle for long keeps no request open at all: it *dozes*, watching its queue subject
+with a core subscription, and the first task published there wakes it (see `_doze`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,11 @@ log = logging.getLogger("kubetask.dispatcher")
 EXPIRES = 5.0
 GRACE = 1.0
 # A request that expired with nothing for it is followed by one that lives four times as long,
-# up to this (5, 20, 80, 320, 600 s): an idle function then costs the server and the dispatcher
-# one request every ten minutes instead of one every five seconds (ten thousand idle functions:
-# 17 requests a second instead of 2,000), and its first task still starts at once, since a
-# request is always open.
-# Whatever the server forgets meanwhile is asked for again: on a reconnect at once, otherwise
-# when the request is overdue.
-IDLE_EXPIRES = 600.0
+# up to this (5, 20, 80 s), so a function with a task now and then keeps a request open without
+# asking every five seconds; once one of IDLE_EXPIRES ends empty, a pull with a subject to watch
+# dozes. Whatever the server forgets meanwhile is asked for again: on a reconnect at once,
+# otherwise when the request is overdue.
+IDLE_EXPIRES = 80.0
 IDLE_GROWTH = 4
 # After the server refuses a request (409: consumer deleted, too many waiting, ...).
 REFUSED_PAUSE = 0.5
@@ -50,6 +51,7 @@ class Pull:
         deliver: Callable[[Msg], None],
         expires: float = EXPIRES,
         idle_expires: float = IDLE_EXPIRES,
+        watch: str | None = None,
     ) -> None:
         self._nc = nc
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -66,6 +68,11 @@ class Pull:
         self._overdue: asyncio.TimerHandle | None = None
         self._renewal: asyncio.Handle | None = None
         self._sending: asyncio.Task[None] | None = None
+        self._watch = watch  # the queue subject new tasks are published on
+        self._dormant = False
+        self._watching: Subscription | None = None
+        self._dozing: asyncio.Task[None] | None = None
+        self._unwatching: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._sub = await self._nc.subscribe_direct(self._inbox, self._on_msg)
@@ -73,13 +80,17 @@ class Pull:
         self.wake()
 
     def _forgotten(self) -> None:
+        """Reconnected: the server forgot the request, and a dozing pull may have missed a
+        publish while the connection was down."""
+        self.rouse()
         self._expires = self._busy_expires
         self._ended()
 
     def wake(self, delay: float = 0.0) -> None:
         """Slots may have freed: open a request for them if none is open. Renewal waits for the
-        next loop iteration, so slots freed together are asked for in one request."""
-        if self._owed or self._renewal is not None or self._sub is None:
+        next loop iteration, so slots freed together are asked for in one request. A dozing
+        pull stays asleep: nothing waits for it until its subject says otherwise."""
+        if self._owed or self._renewal is not None or self._sub is None or self._dormant:
             return
         if delay:
             self._renewal = self._loop.call_later(delay, self._renew)
@@ -108,10 +119,7 @@ class Pull:
                 self._sending = None
 
     def _ended(self, pause: float = 0.0) -> None:
-        self._owed = 0
-        if self._overdue is not None:
-            self._overdue.cancel()
-            self._overdue = None
+        self._ended_request()
         self.wake(pause)
 
     def _on_msg(self, msg: Msg) -> None:
@@ -119,19 +127,93 @@ class Pull:
             status = (msg.headers or {}).get("Status")
             if status == "100":  # idle heartbeat
                 return
-            if status != "408":
+            if self._dormant and not self._fed:  # the look after dozing off found nothing
+                self._ended_request()
+                return
+            if status not in ("404", "408"):
                 log.debug("pull on %s ended: %s %s", self._subject, status, msg.headers)
-            elif not self._fed:
+            elif status == "408" and not self._fed:
+                if self._watch is not None and self._expires >= self._idle_expires:
+                    self._doze()
+                    return
                 self._expires = min(self._expires * IDLE_GROWTH, self._idle_expires)
-            self._ended(0.0 if status == "408" else REFUSED_PAUSE)
+            self._ended(0.0 if status in ("404", "408") else REFUSED_PAUSE)
             return
         self._fed = True
         self._expires = self._busy_expires
+        self.rouse()
         if self._owed:
             self._owed -= 1
             if not self._owed:
                 self._ended()
         self._deliver(msg)
+
+    def _doze(self) -> None:
+        """Idle through a whole IDLE_EXPIRES: open no request, watch the queue subject instead.
+
+        Ten thousand waiting requests cost nats-server about a whole percent of a core (it keeps
+        checking their expiry); ten thousand core subscriptions cost it nothing until a message
+        matches. What a publish on the subject does not announce, the backlog gauge does: it
+        rouses a function whose subject holds messages (a redelivery after a dispatcher died, a
+        retry JetStream moved in from its schedule) within its period."""
+        self._ended_request()
+        self._dormant = True
+        self._dozing = self._loop.create_task(self._watch_and_look())
+
+    async def _watch_and_look(self) -> None:
+        """Subscribe, then pull once without waiting: the server takes the subscription before
+        the pull (one connection, in order), so a task published before it is found by the
+        look, and one after it by the subscription."""
+        assert self._watch is not None
+        try:
+            watching = await self._nc.subscribe_direct(self._watch, self._on_publish)
+        except Exception as err:
+            log.warning("cannot watch %s: %s", self._watch, err)
+            self._dormant = False
+            self._ended(REFUSED_PAUSE)
+            return
+        if self._sub is None or not self._dormant:  # stopped or roused meanwhile
+            await self._unwatch(watching)
+            return
+        self._watching = watching
+        batch = self._free()
+        if batch <= 0:  # no room here now: a task found later by the gauge or a publish waits
+            return
+        self._owed = batch
+        self._fed = False
+        self._overdue = self._loop.call_later(GRACE, self._ended_request)
+        body = {"batch": batch, "no_wait": True}
+        try:
+            await self._nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
+        except Exception as err:
+            log.warning("pull request on %s failed: %s", self._subject, err)
+            self._ended_request()
+
+    def _on_publish(self, _msg: Msg) -> None:
+        self.rouse()
+
+    def rouse(self) -> None:
+        """Leave the doze: a task was published on the subject, or is known to wait."""
+        if not self._dormant:
+            return
+        self._dormant = False
+        self._expires = self._busy_expires
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            self._unwatching = self._loop.create_task(self._unwatch(watching))
+        self.wake()
+
+    async def _unwatch(self, watching: Subscription) -> None:
+        try:
+            await self._nc.unsubscribe_direct(watching)
+        except Exception as err:  # closed or reconnecting: the subscription goes with it
+            log.debug("unwatching %s: %s", self._watch, err)
+
+    def _ended_request(self) -> None:
+        self._owed = 0
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
 
     async def stop(self) -> None:
         self._nc.on_reconnect.discard(self._forgotten)
@@ -139,5 +221,12 @@ class Pull:
         for pending in (self._overdue, self._renewal, self._sending):
             if pending is not None:
                 pending.cancel()
+        # Not cancelled: a cancel inside nats-py's subscribe could leave a subscription
+        # nobody holds. It notices the stop and unsubscribes by itself.
+        if self._dozing is not None and not self._dozing.done():
+            await asyncio.wait([self._dozing], timeout=GRACE)
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            await self._unwatch(watching)
         if sub is not None:
             await self._nc.unsubscribe_direct(sub)
