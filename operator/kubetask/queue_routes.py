@@ -47,6 +47,11 @@ class RouteSettings:
     period: float = field(default_factory=lambda: env_float("KUBETASK_ROUTE_PERIOD", 5.0))
 
 
+def _movable(fn: TaskFunction) -> bool:
+    """Whether the platform chooses the function's queue (it pinned none, and is not split)."""
+    return fn.spec.queueMode is QueueMode.auto and fn.spec.partitions <= 1
+
+
 class Router:
     def __init__(self, plane: DataPlane, settings: RouteSettings | None = None) -> None:
         self.plane = plane
@@ -71,20 +76,20 @@ class Router:
         registry = self.plane.registry
         depths = await queues.stream_depths(self.plane.rpc)
         for stream, members in list(registry.by_stream().items()):
-            fns = [fn for fn, _ in members]
-            movable = [
-                fn for fn in fns if fn.spec.queueMode is QueueMode.auto and fn.spec.partitions <= 1
-            ]
-            if not movable:
-                continue
-            if names.queue_mode(fns[0]) is QueueMode.dedicated:
-                for fn in movable:
-                    await self._maybe_recycle(fn)
-            elif len(fns) > 1 and depths.get(stream, 0) >= self.settings.dedicate_backlog:
+            queue = members[0][1]
+            if queue.shared:
+                # The depth first: the functions of an idle stream are not even looked at.
+                if len(members) < 2 or depths.get(stream, 0) < self.settings.dedicate_backlog:
+                    continue
                 held = await queues.held_by_subject(self.plane.js, members)
-                for fn in movable:
-                    if held[(fn.account, fn.name)] >= self.settings.dedicate_backlog:
+                for fn, _ in members:
+                    if (
+                        _movable(fn)
+                        and held[(fn.account, fn.name)] >= self.settings.dedicate_backlog
+                    ):
                         await self._maybe_dedicate(fn)
+            elif queue.partition is None and _movable(members[0][0]):  # a function's own stream
+                await self._maybe_recycle(members[0][0])
         for (account, name), (_, revision) in list(registry.routes.items()):
             current = registry.function(account, name)
             spec = current.spec if current is not None else None
