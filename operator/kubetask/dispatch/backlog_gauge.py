@@ -9,8 +9,11 @@ stream's count includes tasks claimed but not yet acknowledged). And a stream is
 the stream list (one request per 256 streams) shows it holds messages at all, so idle streams
 cost nothing of their own.
 
-The same reading rouses a dozing pull (`pull.py`) whose subject holds messages that no publish
-announced: a redelivery after a dispatcher died, a retry JetStream moved in from its schedule.
+The same reading rouses a dozing pull (`pull.py`) whose queue holds messages that no publish
+announced: a retry JetStream moved in from its schedule (waiting), a redelivery after a
+dispatcher died (in flight while no dispatcher has a request open). A task in flight while some
+dispatcher has a request open rouses nobody: that request takes it if it comes back, and a long
+task elsewhere does not keep every other dispatcher's pull awake.
 """
 
 from __future__ import annotations
@@ -64,10 +67,13 @@ class BacklogGauge:
                     key = (fn.account, fn.name)
                     waiting.setdefault(key, 0)
                     if held[key]:
-                        if self.held_at is not None:
+                        info = await self.plane.js.consumer_info(queue.stream, queue.consumer)
+                        waiting[key] += info.num_pending or 0
+                        # Tasks to deliver, or some in flight while no dispatcher has a request
+                        # open: a redelivery (its dispatcher died) would have no taker.
+                        unwatched = info.num_ack_pending and not info.num_waiting
+                        if self.held_at is not None and (info.num_pending or unwatched):
                             self.held_at(fn.account, fn.name, stream)
-                        w, _ = await queues.queue_backlog(self.plane.js, queue)
-                        waiting[key] += w
         for key, count in self._last.items():
             if count and key not in waiting:
                 waiting[key] = 0
