@@ -27,7 +27,7 @@ from ..plane import DataPlane
 
 PERIOD = 5.0
 
-# Told (account, function, stream) of each queue whose subject holds messages.
+# Told (account, function, stream) of each queue with tasks a dozing pull must not miss.
 Held = Callable[[str, str, str], None]
 
 

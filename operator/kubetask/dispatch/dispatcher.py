@@ -283,7 +283,7 @@ class Dispatcher:
             await worker.pull.stop()
 
     def _rouse(self, account: str, name: str, stream: str) -> None:
-        """The backlog gauge found messages on a function's queue subject."""
+        """The backlog gauge found tasks in a function's queue that no publish announced."""
         worker = self.workers.get((account, name, stream))
         if worker is not None and worker.pull is not None:
             worker.pull.rouse()
