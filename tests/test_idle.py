@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
 import nats
+import pytest
 from harness import Api
 from kubetask import metrics, queues
 from kubetask.dispatch import backlog_gauge
@@ -25,166 +27,163 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, StreamConfig
 
 
+class PullLab:
+    """A nats-server of the test's own with stream `S` (subjects `s.>`) and its consumer `c`,
+    kubetask's connection to it, and a second connection that sees every pull request made on
+    `c` (`requests`: when, and the request)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = tmp_path / "js"
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.server = start_nats(self.store, self.port)
+        self.requests: list[tuple[float, dict[str, object]]] = []
+
+    async def start(self, consumer: ConsumerConfig) -> None:
+        self.nc = await connect(Settings(nats_url=self.url), "pull-test")
+        self.watcher = await nats.connect(self.url)
+        self.js = self.nc.jetstream()
+        await self.js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+        await self.js.add_consumer("S", consumer)
+
+        async def seen(msg: Msg) -> None:
+            self.requests.append((time.monotonic(), json.loads(msg.data)))
+
+        await self.watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.S.c", cb=seen)
+        await self.watcher.flush()  # the server knows the subscription before the first request
+
+    def restart(self) -> None:
+        self.server.kill()
+        self.server.wait()
+        self.server = start_nats(self.store, self.port)
+
+    async def close(self) -> None:
+        for conn in (getattr(self, "watcher", None), getattr(self, "nc", None)):
+            if conn is not None:  # None: the test failed before connecting
+                await conn.close()
+        self.server.kill()
+        self.server.wait()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[PullLab]:
+    lab = PullLab(tmp_path)
+    yield lab
+    await lab.close()
+
+
 async def test_an_idle_pull_backs_off_yet_delivers_at_once_across_a_nats_restart(
-    tmp_path: Path,
+    lab: PullLab,
 ) -> None:
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
-    server = start_nats(tmp_path / "js", port)
-    nc = await connect(Settings(nats_url=url), "pull-test")
-    watcher = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="IDLE", subjects=["idle.>"]))
-        await js.add_consumer("IDLE", ConsumerConfig(durable_name="c", ack_policy="explicit"))
-        requests: list[float] = []
+    await lab.start(ConsumerConfig(durable_name="c", ack_policy="explicit"))
+    got: list[float] = []
 
-        async def seen(_: Msg) -> None:
-            requests.append(time.monotonic())
+    def deliver(msg: Msg) -> None:
+        got.append(time.monotonic())
+        asyncio.get_running_loop().create_task(msg.ack())
 
-        await watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.IDLE.c", cb=seen)
-        await watcher.flush()  # the server knows the subscription before the first request
-        got: list[float] = []
+    pull = Pull(lab.nc, "S", "c", lambda: 4, deliver, expires=0.2, idle_expires=60)
+    await pull.start()
+    await asyncio.sleep(4)
+    # At a fixed 0.2 s that would be 20 requests; growing from 0.2 s: 0.2, 0.8, 3.2 (one or two
+    # more if a loaded machine answers late).
+    assert 2 <= len(lab.requests) <= 6, lab.requests
 
-        def deliver(msg: Msg) -> None:
-            got.append(time.monotonic())
-            asyncio.get_running_loop().create_task(msg.ack())
+    sent = time.monotonic()
+    await lab.js.publish("s.a", b"1")
+    # The standing request delivers it; without one it would wait for the next request, up to
+    # the 60 s idle expiry. 2 s leaves room for a loaded machine.
+    while not got:
+        assert time.monotonic() - sent < 2, "an idle function's task waited"
+        await asyncio.sleep(0.05)
+    assert len(got) == 1
 
-        pull = Pull(nc, "IDLE", "c", lambda: 4, deliver, expires=0.2, idle_expires=60)
-        await pull.start()
-        await asyncio.sleep(4)
-        # At a fixed 0.2 s that would be 20 requests; growing from 0.2 s: 0.2, 0.8, 3.2 (one
-        # or two more if a loaded machine answers late).
-        assert 2 <= len(requests) <= 6, requests
-
-        sent = time.monotonic()
-        await js.publish("idle.a", b"1")
-        # The standing request delivers it; without one it would wait for the next request,
-        # up to the 60 s idle expiry. 2 s leaves room for a loaded machine.
-        while not got:
-            assert time.monotonic() - sent < 2, "an idle function's task waited"
-            await asyncio.sleep(0.05)
-        assert len(got) == 1
-
-        await asyncio.sleep(3)  # idle again, its request lives longer and longer
-        server.kill()
-        server.wait()
-        server = start_nats(tmp_path / "js", port)
-        deadline = time.monotonic() + 10
-        while not nc.is_connected:
-            assert time.monotonic() < deadline, "did not reconnect"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        sent = time.monotonic()
-        await js.publish("idle.a", b"2")
-        while len(got) < 2:
-            assert time.monotonic() - sent < 5, (
-                "the pull forgotten by the restarted server was not renewed"
-            )
-            await asyncio.sleep(0.05)
-        await pull.stop()
-    finally:
-        await watcher.close()
-        await nc.close()
-        server.kill()
-        server.wait()
+    await asyncio.sleep(3)  # idle again, its request lives longer and longer
+    lab.restart()
+    deadline = time.monotonic() + 10
+    while not lab.nc.is_connected:
+        assert time.monotonic() < deadline, "did not reconnect"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    sent = time.monotonic()
+    await lab.js.publish("s.a", b"2")
+    while len(got) < 2:
+        assert time.monotonic() - sent < 5, (
+            "the pull forgotten by the restarted server was not renewed"
+        )
+        await asyncio.sleep(0.05)
+    await pull.stop()
 
 
 async def test_a_long_idle_pull_dozes_on_its_subject_and_wakes_at_its_next_task(
-    tmp_path: Path,
+    lab: PullLab,
 ) -> None:
     """Past its longest request a pull keeps none open, watches its queue subject, and is woken
     by a publish there, by `rouse` (the backlog gauge's call, for a message no publish
     announced: here a redelivery), and by a reconnect after nats-server was restarted."""
-    port = free_port()
-    url = f"nats://127.0.0.1:{port}"
-    server = start_nats(tmp_path / "js", port)
-    nc = await connect(Settings(nats_url=url), "doze-test")
-    watcher = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="DOZE", subjects=["doze.>"]))
-        await js.add_consumer(
-            "DOZE", ConsumerConfig(durable_name="c", ack_policy="explicit", ack_wait=3.0)
-        )
-        requests: list[bytes] = []
+    await lab.start(ConsumerConfig(durable_name="c", ack_policy="explicit", ack_wait=3.0))
+    got: list[Msg] = []
+    ack = True
 
-        async def seen(msg: Msg) -> None:
-            requests.append(msg.data)
+    def deliver(msg: Msg) -> None:
+        got.append(msg)
+        if ack:
+            asyncio.get_running_loop().create_task(msg.ack())
 
-        await watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.DOZE.c", cb=seen)
-        await watcher.flush()
-        got: list[Msg] = []
-        ack = True
+    async def delivered(count: int, within: float, why: str) -> None:
+        deadline = time.monotonic() + within
+        while len(got) < count:
+            assert time.monotonic() < deadline, why
+            await asyncio.sleep(0.02)
 
-        def deliver(msg: Msg) -> None:
-            got.append(msg)
-            if ack:
-                asyncio.get_running_loop().create_task(msg.ack())
+    def looked() -> bool:
+        """The last request the watcher saw is the one look that does not wait."""
+        return bool(lab.requests) and lab.requests[-1][1].get("no_wait") is True
 
-        async def delivered(count: int, within: float, why: str) -> None:
-            deadline = time.monotonic() + within
-            while len(got) < count:
-                assert time.monotonic() < deadline, why
-                await asyncio.sleep(0.02)
+    async def dozing() -> int:
+        """Wait until the pull dozes; how many requests it has made by then."""
+        deadline = time.monotonic() + 10
+        while not (pull._dormant and pull._watching is not None and not pull._owed) or (
+            not looked()
+        ):
+            assert time.monotonic() < deadline, ("the pull never dozed", lab.requests)
+            await asyncio.sleep(0.02)
+        return len(lab.requests)
 
-        def looked() -> bool:
-            """The last request the watcher saw is the one look that does not wait."""
-            return bool(requests) and json.loads(requests[-1]).get("no_wait") is True
+    pull = Pull(lab.nc, "S", "c", lambda: 4, deliver, expires=0.1, idle_expires=0.4, watch="s.a")
+    await pull.start()
+    made = await dozing()  # after 0.1 and 0.4 s requests, one look that does not wait
+    await asyncio.sleep(2)
+    assert len(lab.requests) == made, "a dozing pull kept asking"
 
-        async def dozing() -> int:
-            """Wait until the pull dozes; how many requests it has made by then."""
-            deadline = time.monotonic() + 10
-            while not (pull._dormant and pull._watching is not None and not pull._owed) or (
-                not looked()
-            ):
-                assert time.monotonic() < deadline, ("the pull never dozed", requests)
-                await asyncio.sleep(0.02)
-            return len(requests)
+    await lab.js.publish("s.a", b"1")
+    # Without the watch it would wait for nothing at all: no request is open.
+    await delivered(1, 2, "a dozing pull missed the task published on its subject")
 
-        pull = Pull(
-            nc, "DOZE", "c", lambda: 4, deliver, expires=0.1, idle_expires=0.4, watch="doze.a"
-        )
-        await pull.start()
-        made = await dozing()  # after 0.1 and 0.4 s requests, one look that does not wait
-        await asyncio.sleep(2)
-        assert len(requests) == made, "a dozing pull kept asking"
+    ack = False  # the next one is left unacknowledged: redelivered after ack_wait, unannounced
+    await dozing()
+    await lab.js.publish("s.a", b"2")
+    await delivered(2, 2, "the second task was missed")
+    made = await dozing()  # within its ack_wait (3 s), or the redelivery would keep it awake
+    await asyncio.sleep(3)  # the ack_wait passed: the server would redeliver to a request
+    assert len(got) == 2 and len(lab.requests) == made
+    pull.rouse()
+    await delivered(3, 2, "rousing did not pull the redelivery")
+    assert got[2].data == b"2"
+    ack = True
+    await got[2].ack()
 
-        await js.publish("doze.a", b"1")
-        # Without the watch it would wait for nothing at all: no request is open.
-        await delivered(1, 2, "a dozing pull missed the task published on its subject")
-
-        ack = False  # the next one is left unacknowledged: redelivered after ack_wait, unannounced
-        await dozing()
-        await js.publish("doze.a", b"2")
-        await delivered(2, 2, "the second task was missed")
-        made = await dozing()  # within its ack_wait (3 s), or the redelivery would keep it awake
-        await asyncio.sleep(3)  # the ack_wait passed: the server would redeliver to a request
-        assert len(got) == 2 and len(requests) == made
-        pull.rouse()
-        await delivered(3, 2, "rousing did not pull the redelivery")
-        assert got[2].data == b"2"
-        ack = True
-        await got[2].ack()
-
-        await dozing()
-        server.kill()
-        server.wait()
-        server = start_nats(tmp_path / "js", port)
-        # Published by another client at once, most likely before the pull's connection is back
-        # (it retries every 0.5 s): the watch, subscribed again on the reconnect, misses it, so
-        # the look after the reconnect is what finds it.
-        publisher = await nats.connect(url)
-        await publisher.jetstream().publish("doze.a", b"3")
-        await publisher.close()
-        await delivered(4, 10, "a dozing pull did not look again after a reconnect")
-        await pull.stop()
-        assert pull._watching is None
-    finally:
-        await watcher.close()
-        await nc.close()
-        server.kill()
-        server.wait()
+    await dozing()
+    lab.restart()
+    # Published by another client at once, most likely before the pull's connection is back (it
+    # retries every 0.5 s): the watch, subscribed again on the reconnect, misses it, so the look
+    # after the reconnect is what finds it.
+    publisher = await nats.connect(lab.url)
+    await publisher.jetstream().publish("s.a", b"3")
+    await publisher.close()
+    await delivered(4, 10, "a dozing pull did not look again after a reconnect")
+    await pull.stop()
+    assert pull._watching is None
 
 
 async def test_the_backlog_gauge_counts_each_functions_waiting_tasks(
