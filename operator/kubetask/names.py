@@ -8,7 +8,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from .models import QueueMode, TaskFunction
+from .models import QueueMode, TaskFunction, TaskFunctionSpec
 
 TASKS_BUCKET = "kt_tasks"
 FUNCTIONS_BUCKET = "kt_functions"
@@ -38,6 +38,12 @@ def account_stream(account: str) -> str:
 
 def dedicated_stream(account: str, function: str) -> str:
     return f"KT_QF_{account}_{function}"
+
+
+def routed(spec: TaskFunctionSpec) -> bool:
+    """Whether the platform chooses the function's queue (`queueMode: auto`); a partitioned
+    function always has streams of its own, whatever its mode."""
+    return spec.queueMode is QueueMode.auto and spec.partitions <= 1
 
 
 def queue_mode(fn: TaskFunction) -> QueueMode:

@@ -196,7 +196,7 @@ class Mover:
         which every gateway and dispatcher follows whatever its own settings, and which
         `queue_routes.py` may later change like any other. Registered again once its account
         is no longer listed, it goes back to the account's stream."""
-        if fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
+        if not names.routed(fn.spec):
             return
         small = self.settings.small_account(fn.account)
         route = registry.routes.get((fn.account, fn.name))

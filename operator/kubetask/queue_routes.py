@@ -47,11 +47,6 @@ class RouteSettings:
     period: float = field(default_factory=lambda: env_float("KUBETASK_ROUTE_PERIOD", 5.0))
 
 
-def _movable(fn: TaskFunction) -> bool:
-    """Whether the platform chooses the function's queue (it pinned none, and is not split)."""
-    return fn.spec.queueMode is QueueMode.auto and fn.spec.partitions <= 1
-
-
 class Router:
     def __init__(self, plane: DataPlane, settings: RouteSettings | None = None) -> None:
         self.plane = plane
@@ -76,7 +71,7 @@ class Router:
         registry = self.plane.registry
         depths = await queues.stream_depths(self.plane.rpc)
         for stream, members in list(registry.by_stream().items()):
-            queue = members[0][1]
+            first, queue = members[0]
             if queue.shared:
                 # The depth first: the functions of an idle stream are not even looked at.
                 if len(members) < 2 or depths.get(stream, 0) < self.settings.dedicate_backlog:
@@ -84,16 +79,16 @@ class Router:
                 held = await queues.held_by_subject(self.plane.js, members)
                 for fn, _ in members:
                     if (
-                        _movable(fn)
+                        names.routed(fn.spec)
                         and held[(fn.account, fn.name)] >= self.settings.dedicate_backlog
                     ):
                         await self._maybe_dedicate(fn)
-            elif queue.partition is None and _movable(members[0][0]):  # a function's own stream
-                await self._maybe_recycle(members[0][0])
+            elif queue.partition is None and names.routed(first.spec):  # a stream of its own
+                await self._maybe_recycle(first)
         for (account, name), (_, revision) in list(registry.routes.items()):
             current = registry.function(account, name)
             spec = current.spec if current is not None else None
-            if spec is None or spec.queueMode is not QueueMode.auto or spec.partitions > 1:
+            if spec is None or not names.routed(spec):
                 await registry.unassign_queue(account, name, revision)  # stale: nothing moves
 
     async def _maybe_dedicate(self, fn: TaskFunction) -> None:

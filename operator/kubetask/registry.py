@@ -24,7 +24,6 @@ from .models import (
     AsyncConfig,
     AsyncConfigSpec,
     QueueAssignment,
-    QueueMode,
     TaskFunction,
     TaskFunctionStatus,
 )
@@ -152,7 +151,7 @@ class Registry:
     def with_route(self, fn: TaskFunction) -> TaskFunction:
         """`fn` as it runs now: with its queue assignment, if the platform made one."""
         route = self.routes.get((fn.account, fn.name))
-        if route is None or fn.spec.queueMode is not QueueMode.auto or fn.spec.partitions > 1:
+        if route is None or not names.routed(fn.spec):
             return fn if fn.status is None else fn.model_copy(update={"status": None})
         return fn.model_copy(update={"status": TaskFunctionStatus(queueAssignment=route[0])})
 
