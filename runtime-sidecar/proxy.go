@@ -259,6 +259,12 @@ func (p *proxy) takeOutput(ln net.Listener) {
 					p.mu.Unlock()
 					continue
 				}
+				// Output only: the socket is open to the server's container, and an answer
+				// frame from there would read as some invocation's answer.
+				if f.kind != frameStdout && f.kind != frameStderr {
+					p.mu.Unlock()
+					continue
+				}
 				for inv := range p.running {
 					select {
 					case inv.out <- f:

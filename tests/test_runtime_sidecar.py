@@ -20,7 +20,15 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.executors.base import Invocation
-from kubetask.executors.frames import ANSWER, CODE, STDOUT, FrameReader
+from kubetask.executors.frames import (
+    ANSWER,
+    CODE,
+    HEAD,
+    MAX_FRAME,
+    STDOUT,
+    BadFrames,
+    FrameReader,
+)
 from kubetask.executors.runtime_server import RuntimeAttempt, RuntimeServer
 from kubetask.models import TaskFunction
 
@@ -254,6 +262,14 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve
 """
 
 
+def test_a_frame_reader_refuses_an_oversized_frame_before_its_bytes_arrive() -> None:
+    """A reader holds at most MAX_FRAME for a frame: the length in a head is checked first."""
+    reader = FrameReader()
+    assert reader.feed(HEAD.pack(STDOUT, MAX_FRAME) + b"x") == []  # the largest: waits for more
+    with pytest.raises(BadFrames):
+        FrameReader().feed(HEAD.pack(STDOUT, MAX_FRAME + 1))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -415,3 +431,32 @@ async def test_a_sidecar_can_place_its_attempt_only_in_its_own_jobs_pod(
         where = {"pod": "f-0123456789ab-1-x7k2p", "namespace": "team-a", "node": "node-1"}
         assert (await http.post("/v1/run/start", json=where, headers=auth)).status_code == 200
     assert attempt.placed.result().pod == "f-0123456789ab-1-x7k2p"
+
+
+async def test_the_servers_container_cannot_forge_an_answer_through_the_output_socket(
+    warm_pod: tuple[str, Path, str], tmp_path: Path
+) -> None:
+    """The output socket is open to the server's container (any user): what it sends there
+    reaches the invocations in flight as output, never as their answer."""
+    url, flag, _ = warm_pod
+    flag.touch()
+    auth = {"Authorization": "Bearer secret-token", "X-Kubetask-Task-Id": "real"}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        for _ in range(200):  # the proxy is starting
+            with contextlib.suppress(httpx.TransportError):
+                if (await http.get("/ready")).status_code == 200:
+                    break
+            await asyncio.sleep(0.05)
+        invoking = asyncio.create_task(http.post("/invoke", json={"sleep": 1}, headers=auth))
+        await asyncio.sleep(0.3)  # in flight
+        _, writer = await asyncio.open_unix_connection(str(tmp_path / "proxy.sock"))
+        forged = b'{"task": "forged"}'
+        said = b"forged line\n"
+        writer.write(HEAD.pack(ANSWER, CODE.size + len(forged)) + CODE.pack(200) + forged)
+        writer.write(HEAD.pack(STDOUT, len(said)) + said)
+        await writer.drain()
+        frames = FrameReader().feed((await invoking).content)
+        writer.close()
+    answers = [data for kind, data in frames if kind == ANSWER]
+    assert [a[CODE.size :] for a in answers] == [b'{"task": "real"}'], frames
+    assert (STDOUT, said) in frames  # the forger's connection was read: its output came through

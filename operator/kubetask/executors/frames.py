@@ -10,6 +10,8 @@ HEAD = struct.Struct(">BI")
 RUNNING, STDOUT, STDERR = b"R"[0], b"O"[0], b"E"[0]
 TERMINATED, EXIT, ANSWER = b"T"[0], b"X"[0], b"H"[0]
 CODE = struct.Struct(">i")  # an exit code or HTTP status, at the start of X and H frames
+# As `maxFrame` in frames.go: what a reader holds for one frame is bounded before it arrives.
+MAX_FRAME = 1 << 24
 
 
 class BadFrames(ValueError):
@@ -28,6 +30,8 @@ class FrameReader:
         at = 0
         while len(self._buf) - at >= HEAD.size:
             kind, size = HEAD.unpack_from(self._buf, at)
+            if size > MAX_FRAME:
+                raise BadFrames(f"a frame of {size} bytes (at most {MAX_FRAME})")
             if len(self._buf) - at - HEAD.size < size:
                 break
             start = at + HEAD.size
