@@ -195,26 +195,12 @@ def _assert_all_done_once(lab: Lab, tasks: list[dict[str, Any]], events: Counter
     assert set(events) == ids and set(events.values()) == {1}, "Succeeded recorded once each"
 
 
-def _apply(lab: Lab, url: str, token: str, partitions: int = 1) -> None:
+def _apply(lab: Lab, url: str, token: str, manifests: str) -> None:
+    """`kubetask functions apply` of the manifests, as a user would."""
     fn_file = lab.root / "fns.yaml"
-    fn_file.write_text(lab.function_yaml(partitions))
-    apply = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kubetask",
-            "functions",
-            "apply",
-            "-f",
-            str(fn_file),
-            "--url",
-            url,
-            "--token",
-            token,
-        ],
-        capture_output=True,
-        text=True,
-    )
+    fn_file.write_text(manifests)
+    cli = [sys.executable, "-m", "kubetask", "functions", "apply", "-f", str(fn_file)]
+    apply = subprocess.run([*cli, "--url", url, "--token", token], capture_output=True, text=True)
     assert apply.returncode == 0, apply.stderr
 
 
@@ -223,7 +209,7 @@ async def test_kill_9_dispatcher_mid_flight_loses_nothing(lab: Lab) -> None:
         "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2"
     )
     nats_url = env["KUBETASK_NATS_URL"]
-    _apply(lab, url, token)
+    _apply(lab, url, token, lab.function_yaml())
     first = lab.spawn("dispatcher", env=env, log="d1.log")
     await _submit_all(url, token)
     await _wait_started(lab, 40)
@@ -267,8 +253,10 @@ async def test_kill_9_a_dispatcher_while_the_other_dozes_its_task_is_taken_over(
     hold.write_text(
         'import os, time\nif os.environ["KUBETASK_ATTEMPT"] == "1":\n    time.sleep(600)\n'
     )
-    fn_file = lab.root / "hold.yaml"
-    fn_file.write_text(
+    _apply(
+        lab,
+        url,
+        token,
         textwrap.dedent(f"""
             apiVersion: kubetask.io/v1alpha1
             kind: TaskFunction
@@ -281,11 +269,8 @@ async def test_kill_9_a_dispatcher_while_the_other_dozes_its_task_is_taken_over(
             kind: AsyncConfig
             metadata: {{name: hold}}
             spec: {{function: hold, maxAsyncRetryAttempts: 2}}
-        """)
+        """),
     )
-    cli = [sys.executable, "-m", "kubetask", "functions", "apply", "-f", str(fn_file)]
-    applied = subprocess.run([*cli, "--url", url, "--token", token], capture_output=True)
-    assert applied.returncode == 0, applied.stderr
     first = lab.spawn("dispatcher", env=env, log="d1.log")
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
@@ -345,7 +330,7 @@ async def test_kill_9_one_of_two_dispatchers_its_partitions_are_taken_over(lab: 
         "crash", KUBETASK_ACK_WAIT="2", KUBETASK_SWEEP_GRACE="2", KUBETASK_LEASE_TTL="2"
     )
     nats_url = env["KUBETASK_NATS_URL"]
-    _apply(lab, url, token, partitions=4)
+    _apply(lab, url, token, lab.function_yaml(partitions=4))
     first = lab.spawn("dispatcher", env=env, log="d1.log")
     second = lab.spawn("dispatcher", env=env, log="d2.log")
     held = await _wait_leases(nats_url, holders=2, timeout=20)  # the partitions are spread
