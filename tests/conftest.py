@@ -86,6 +86,8 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         # Functions doze after one empty 5 s pull, so every test's idle functions go through
         # the doze and must be woken by their next task.
         pull_idle_expires=5.0,
+        # and nats-server removes their consumers 8 s later, so their next task re-creates it.
+        consumer_idle=8.0,
     )
 
 

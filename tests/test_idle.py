@@ -5,6 +5,7 @@ and the backlog gauge is read per stream, not per function, with the same figure
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -14,23 +15,25 @@ from pathlib import Path
 import nats
 import pytest
 from harness import Api
-from kubetask import metrics, queues
-from kubetask.dispatch import backlog_gauge
+from kubetask import metrics, names, queues
+from kubetask.dispatch import backlog_gauge, idle_consumers
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.pull import Pull
 from kubetask.embedded import free_port, start_nats
 from kubetask.jetstream import connect
+from kubetask.models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
 from kubetask.rpc import Requester
 from kubetask.settings import Settings
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.errors import NotFoundError
 
 
 class PullLab:
-    """A nats-server of the test's own with stream `S` (subjects `s.>`) and its consumer `c`,
-    kubetask's connection to it, and a second connection that sees every pull request made on
-    `c` (`requests`: when, and the request)."""
+    """A nats-server of the test's own with work-queue stream `S` (subjects `s.>`) and its
+    consumer `c`, kubetask's connection to it, and a second connection that sees every pull
+    request made on `c` (`requests`: when, and the request)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.store = tmp_path / "js"
@@ -43,13 +46,17 @@ class PullLab:
         self.nc = await connect(Settings(nats_url=self.url), "pull-test")
         self.watcher = await nats.connect(self.url)
         self.js = self.nc.jetstream()
-        await self.js.add_stream(StreamConfig(name="S", subjects=["s.>"]))
+        # A work queue, as kubetask's queues are: a consumer made again after nats-server
+        # removed one delivers only what was never acknowledged.
+        await self.js.add_stream(
+            StreamConfig(name="S", subjects=["s.>"], retention=RetentionPolicy.WORK_QUEUE)
+        )
         await self.js.add_consumer("S", consumer)
 
         async def seen(msg: Msg) -> None:
             self.requests.append((time.monotonic(), json.loads(msg.data)))
 
-        await self.watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.S.c", cb=seen)
+        self.seeing = await self.watcher.subscribe("$JS.API.CONSUMER.MSG.NEXT.S.c", cb=seen)
         await self.watcher.flush()  # the server knows the subscription before the first request
 
     def restart(self) -> None:
@@ -304,3 +311,153 @@ async def test_a_dozing_function_wakes_for_its_next_task_and_for_its_retry(
             stamps["submitted"]
         )
         assert waited.total_seconds() < 1.5, f"a dozing function's task waited {waited}"
+
+
+async def _removed(js: nats.js.JetStreamContext, stream: str, consumer: str, within: float) -> None:
+    """Wait until nats-server has removed the consumer for idleness."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await js.consumer_info(stream, consumer)
+        except NotFoundError:
+            return
+        assert time.monotonic() < deadline, f"consumer {stream}/{consumer} was never removed"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_consumer_removed_while_its_pull_dozes_is_revived_by_the_next_task(
+    lab: PullLab,
+) -> None:
+    """nats-server removes a consumer nobody pulls from (its inactive threshold); the dozing
+    pull's next task finds no consumer (503), has it made again, and is delivered."""
+    config = ConsumerConfig(durable_name="c", ack_policy="explicit", inactive_threshold=1.0)
+    await lab.start(config)
+    got: list[Msg] = []
+    revived = 0
+
+    def deliver(msg: Msg) -> None:
+        got.append(msg)
+        asyncio.get_running_loop().create_task(msg.ack())
+
+    async def revive() -> None:
+        nonlocal revived
+        revived += 1
+        await lab.js.add_consumer("S", config)
+
+    pull = Pull(
+        lab.nc,
+        "S",
+        "c",
+        lambda: 4,
+        deliver,
+        expires=0.1,
+        idle_expires=0.4,
+        watch="s.a",
+        revive=revive,
+    )
+    await pull.start()
+    await _removed(lab.js, "S", "c", within=10)
+    assert pull._dormant and not revived
+
+    async def delivered(n: int, within: float) -> None:
+        await lab.js.publish("s.a", str(n).encode())
+        deadline = time.monotonic() + within
+        while len(got) < n:
+            assert time.monotonic() < deadline, "the task waited in a queue without a consumer"
+            await asyncio.sleep(0.02)
+        assert got[-1].data == str(n).encode() and revived == n
+
+    # With a subscriber on the pull's request subject (the lab's watcher), a request to no
+    # consumer gets no 503 at all: the pull revives the consumer once the request is overdue
+    # (its 0.1 s expiry, plus a second).
+    await delivered(1, within=4)
+    await _removed(lab.js, "S", "c", within=10)  # idle again: removed again
+    await lab.seeing.unsubscribe()
+    await lab.watcher.flush()
+    await delivered(2, within=2)  # the 503 answers at once
+    await pull.stop()
+
+
+async def test_binding_to_a_removed_consumer_dozes_unless_tasks_wait(
+    plane: DataPlane, api: Api
+) -> None:
+    """A dispatcher starting on a function whose consumer nats-server removed dozes at once if
+    its queue holds nothing, and otherwise makes the consumer again, with the function's
+    limits, so the waiting tasks are delivered."""
+    quick = dataclasses.replace(plane.settings, consumer_idle=0.5)
+    fn = TaskFunction(  # registered nowhere: no dispatcher pulls from its queue
+        metadata=ObjectMeta(name="unbound", namespace=api.account),
+        spec=TaskFunctionSpec(command=["true"], maxConcurrency=7, queueMode="dedicated"),
+    )
+    [queue] = names.queues_of(fn)
+    await queues.ensure_function_queue(plane.js, fn, quick)
+    try:
+        await _removed(plane.js, queue.stream, queue.consumer, within=10)
+        assert await idle_consumers.bind(plane.js, fn, queue, quick) is True
+        with pytest.raises(NotFoundError):
+            await plane.js.consumer_info(queue.stream, queue.consumer)
+        assert await queues.queue_backlog(plane.js, queue) == (0, 0)
+
+        await plane.js.publish(queue.subject, b"waiting")
+        # What the API and the backlog gauge read for it: the task waits, though no consumer
+        # says so.
+        assert await queues.queue_backlog(plane.js, queue) == (1, 0)
+        assert await idle_consumers.bind(plane.js, fn, queue, quick) is False
+        info = await plane.js.consumer_info(queue.stream, queue.consumer)
+        assert (info.num_pending, info.config.max_ack_pending) == (1, 7)
+        assert info.config.inactive_threshold == 0.5
+    finally:
+        await queues.remove_function_queue(plane.js, fn)
+
+
+async def test_a_function_whose_consumer_was_removed_while_idle_runs_its_next_tasks(
+    api: Api, plane: DataPlane
+) -> None:
+    """Through the session's gateway and dispatcher (the suite lets nats-server remove a
+    consumer 8 s after its function dozes): the function still reads as ready with nothing
+    waiting, its next tasks start at once and all succeed, its consumer is back with the
+    function's concurrency, and a retry due while the consumer is gone again still runs (no
+    publish announces it: the backlog gauge finds it)."""
+    marker = api.workdir / "revenant-failed-once"
+    await api.function(
+        "revenant",
+        maxConcurrency=3,
+        command=api.script(
+            "revenant",
+            f"""
+            import pathlib, sys
+            marker = pathlib.Path({str(marker)!r})
+            if "fail" in sys.stdin.read() and not marker.exists():
+                marker.write_text("x")
+                sys.exit(3)
+            """,
+        ),
+    )
+    stream, consumer = names.account_stream(api.account), "fn_revenant"
+    first = (await api.submit("revenant", "ok"))["metadata"]["name"]
+    assert (await api.wait(first))["status"]["phase"] == "Succeeded"
+    await _removed(plane.js, stream, consumer, within=60)
+
+    status = (await api.call("GET", "/v1/functions/revenant", 200))["status"]
+    assert (status["ready"], status["backlog"]) == (True, 0), status
+    ids = [(await api.submit("revenant", "ok"))["metadata"]["name"] for _ in range(5)]
+    for task_id in ids:
+        done = await api.wait(task_id)
+        assert (done["status"]["phase"], done["status"]["attempts"]) == ("Succeeded", 1)
+    stamps = (await api.wait(ids[0]))["status"]["timestamps"]
+    waited = datetime.fromisoformat(stamps["started"]) - datetime.fromisoformat(stamps["submitted"])
+    assert waited.total_seconds() < 1.5, f"the first task after the removal waited {waited}"
+    info = await plane.js.consumer_info(stream, consumer)
+    assert info.config.max_ack_pending == 3
+
+    await api.async_config(
+        "revenant",
+        function="revenant",
+        maxAsyncRetryAttempts=1,
+        retryBackoff={"initialSeconds": 25},
+    )
+    retried = (await api.submit("revenant", "fail"))["metadata"]["name"]
+    await api.wait(retried, {"Retrying"})
+    await _removed(plane.js, stream, consumer, within=25)  # before the retry is due
+    done = await api.wait(retried, timeout=60)
+    assert (done["status"]["phase"], done["status"]["attempts"]) == ("Succeeded", 2)

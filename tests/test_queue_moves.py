@@ -5,10 +5,13 @@ and runs at once, and the old queue's consumer is removed once it is drained."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 from harness import Api
+from kubetask import names, queue_moves, queues
+from kubetask.models import ObjectMeta, QueueMode, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
 from nats.js.errors import NotFoundError
 
@@ -99,3 +102,39 @@ SLEEPER = """
     time.sleep(json.load(sys.stdin))
     print("{}")
 """
+
+
+async def test_a_move_takes_the_tasks_of_a_queue_whose_consumer_was_removed_while_idle(
+    api: Api, plane: DataPlane
+) -> None:
+    """nats-server removes an idle function's consumer, not the tasks its stream holds; an
+    unfinished move (found by a starting gateway) still finds such a queue, and draining it
+    moves every task."""
+    quick = dataclasses.replace(plane.settings, consumer_idle=0.5)
+    spec = TaskFunctionSpec(command=["true"], queueMode=QueueMode.dedicated)
+    fn = TaskFunction(metadata=ObjectMeta(name="stranded", namespace=api.account), spec=spec)
+    spec = spec.model_copy(update={"queueMode": QueueMode.account})
+    moved = fn.model_copy(update={"spec": spec})  # registered nowhere: nobody pulls
+    [old], [new] = names.queues_of(fn), names.queues_of(moved)
+    await queues.ensure_function_queue(plane.js, fn, quick)
+    try:
+        for i in range(3):
+            await plane.js.publish(old.subject, b"task %d" % i)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await plane.js.consumer_info(old.stream, old.consumer)
+            except NotFoundError:
+                break
+            assert time.monotonic() < deadline, "nats-server kept the idle consumer"
+            await asyncio.sleep(0.2)
+        await queues.ensure_function_queue(plane.js, moved, quick)
+        assert await queue_moves.leftovers(plane.js, moved) == [old]
+        assert await queue_moves.drain(plane.js, old, moved, quick, poll=0.05) == 3
+        assert await queues.queue_backlog(plane.js, new) == (3, 0)
+        with pytest.raises(NotFoundError):
+            await plane.js.stream_info(old.stream)
+    finally:
+        await queues.remove_function_queue(plane.js, fn)
+        await queues.remove_function_queue(plane.js, moved)
+        await plane.js.purge_stream(new.stream, subject=new.subject)

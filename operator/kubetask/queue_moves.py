@@ -53,8 +53,9 @@ def _layouts(fn: TaskFunction) -> list[TaskFunction]:
 
 
 async def leftovers(js: JetStreamContext, fn: TaskFunction) -> list[names.Queue]:
-    """Queues other than its current ones where the function still has a consumer: a move that
-    did not finish (its process stopped)."""
+    """Queues other than its current ones where the function still has a consumer, or tasks
+    whose consumer nats-server removed while idle: a move that did not finish (its process
+    stopped)."""
     current = streams(fn)
     candidates = [q for variant in _layouts(fn) for q in names.queues_of(variant)]
     for index in await partition_indexes(js, fn):
@@ -64,9 +65,19 @@ async def leftovers(js: JetStreamContext, fn: TaskFunction) -> list[names.Queue]
         if queue.stream in current:
             continue
         with contextlib.suppress(NotFoundError):
-            await js.consumer_info(queue.stream, queue.consumer)
-            found.append(queue)
+            if await _used(js, queue):
+                found.append(queue)
     return found
+
+
+async def _used(js: JetStreamContext, queue: names.Queue) -> bool:
+    try:
+        await js.consumer_info(queue.stream, queue.consumer)
+        return True
+    except NotFoundError as err:
+        if not queues.consumer_gone(err):
+            raise
+    return await queues.held(js, queue) > 0
 
 
 async def partition_indexes(js: JetStreamContext, fn: TaskFunction) -> list[int]:
@@ -94,13 +105,14 @@ async def drain(
     settled = asyncio.get_running_loop().time() + SETTLE
     moved = 0
     try:
-        await js.consumer_info(old.stream, old.consumer)
-        # Attempts still running on the old consumer must not hold the waiting ones back.
+        # Attempts still running on the old consumer must not hold the waiting ones back. A
+        # consumer nats-server removed while idle (`dispatch/idle_consumers.py`) is made again:
+        # its stream may still hold tasks for it.
         config = queues.consumer_config(fn, old, settings)
         config.max_ack_pending = fn.spec.maxConcurrency + BATCH
         await js.add_consumer(old.stream, config)
         sub = await js.pull_subscribe_bind(old.consumer, old.stream)
-    except NotFoundError:
+    except NotFoundError:  # the stream is gone, and what it held with it
         return 0
     try:
         while True:

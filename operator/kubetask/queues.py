@@ -32,6 +32,9 @@ from .models import TaskFunction
 from .rpc import Requester
 from .settings import Settings
 
+# JetStream's error code for a consumer that does not exist (its stream's is 10059).
+CONSUMER_NOT_FOUND = 10014
+
 
 class QueueFull(Exception):
     pass
@@ -114,7 +117,32 @@ def consumer_config(fn: TaskFunction, queue: names.Queue, settings: Settings) ->
         max_ack_pending=max(1, fn.spec.maxConcurrency // fn.spec.partitions),
         max_deliver=-1,
         max_waiting=512,
+        inactive_threshold=_idle_threshold(queue, settings),
     )
+
+
+def _idle_threshold(queue: names.Queue, settings: Settings) -> float | None:
+    """How long nats-server keeps the consumer once nothing uses it (`consumer_idle`): ten
+    thousand idle durable consumers cost nats-server about 2% of a core doing nothing, their
+    timers alone (bench/README.md, "Idle functions"), so an idle function keeps none. The
+    small accounts' stream keeps its consumers: how many it holds is how full it is."""
+    if settings.consumer_idle <= 0 or queue.stream == names.SHARED_STREAM:
+        return None
+    return settings.consumer_idle
+
+
+def consumer_gone(err: NotFoundError) -> bool:
+    """Whether JetStream said the consumer does not exist, rather than its stream."""
+    return err.err_code == CONSUMER_NOT_FOUND
+
+
+async def revive_consumer(
+    js: JetStreamContext, fn: TaskFunction, queue: names.Queue, settings: Settings
+) -> None:
+    """Create the consumer nats-server removed while the function was idle, as registering
+    the function made it. Everything it held stays in the stream (a work queue keeps a message
+    until it is acknowledged), so the new one delivers the same tasks."""
+    await js.add_consumer(queue.stream, consumer_config(fn, queue, settings))
 
 
 async def ensure_function_queue(js: JetStreamContext, fn: TaskFunction, settings: Settings) -> str:
@@ -285,9 +313,22 @@ async def held_by_subject(
 
 
 async def queue_backlog(js: JetStreamContext, queue: names.Queue) -> tuple[int, int]:
-    """(waiting, in flight) for one queue's consumer."""
-    info = await js.consumer_info(queue.stream, queue.consumer)
+    """(waiting, in flight) for one queue's consumer. A consumer removed while idle has nothing
+    in flight (nats-server keeps one with unacknowledged deliveries), so whatever its subject
+    holds waits."""
+    try:
+        info = await js.consumer_info(queue.stream, queue.consumer)
+    except NotFoundError as err:
+        if not consumer_gone(err):
+            raise
+        return await held(js, queue), 0
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+async def held(js: JetStreamContext, queue: names.Queue) -> int:
+    """Messages the queue's subject holds in its stream, waiting or in flight."""
+    info = await js.stream_info(queue.stream, subjects_filter=queue.subject)
+    return int((info.state.subjects or {}).get(queue.subject, 0))
 
 
 async def backlog(js: JetStreamContext, fn: TaskFunction) -> tuple[int, int]:

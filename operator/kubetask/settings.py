@@ -140,6 +140,11 @@ class Settings:
     pull_idle_expires: float = field(
         default_factory=lambda: env_float("KUBETASK_PULL_IDLE_EXPIRES", 80.0)
     )
+    # nats-server removes a function's consumer once no dispatcher has asked it for tasks, and
+    # none it delivered was acknowledged or kept alive, for this long; 0 keeps consumers for
+    # ever. The first task after that re-creates it (`queues.revive_consumer`). Consumers of
+    # the small accounts' stream are kept: their count is that stream's room.
+    consumer_idle: float = field(default_factory=lambda: env_float("KUBETASK_CONSUMER_IDLE", 120.0))
     # A dispatcher that stops renewing its partition leases loses them after this long.
     lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0))
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.

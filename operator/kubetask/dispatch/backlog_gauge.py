@@ -11,9 +11,10 @@ cost nothing of their own.
 
 The same reading rouses a dozing pull (`pull.py`) whose queue holds messages that no publish
 announced: a retry JetStream moved in from its schedule (waiting), a redelivery after a
-dispatcher died (in flight while no dispatcher has a request open). A task in flight while some
-dispatcher has a request open rouses nobody: that request takes it if it comes back, and a long
-task elsewhere does not keep every other dispatcher's pull awake.
+dispatcher died (in flight while no dispatcher has a request open), tasks in a queue whose
+consumer nats-server removed while idle. A task in flight while some dispatcher has a request
+open rouses nobody: that request takes it if it comes back, and a long task elsewhere does not
+keep every other dispatcher's pull awake.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from .. import metrics, queues
+from nats.js.errors import NotFoundError
+
+from .. import metrics, names, queues
 from ..plane import DataPlane
 
 PERIOD = 5.0
@@ -67,12 +70,9 @@ class BacklogGauge:
                     key = (fn.account, fn.name)
                     waiting.setdefault(key, 0)
                     if held[key]:
-                        info = await self.plane.js.consumer_info(queue.stream, queue.consumer)
-                        waiting[key] += info.num_pending or 0
-                        # Tasks to deliver, or some in flight while no dispatcher has a request
-                        # open: a redelivery (its dispatcher died) would have no taker.
-                        unwatched = info.num_ack_pending and not info.num_waiting
-                        if self.held_at is not None and (info.num_pending or unwatched):
+                        pending, unwatched = await self._consumer(queue, held[key])
+                        waiting[key] += pending
+                        if self.held_at is not None and (pending or unwatched):
                             self.held_at(fn.account, fn.name, stream)
         for key, count in self._last.items():
             if count and key not in waiting:
@@ -81,6 +81,18 @@ class BacklogGauge:
             if self._last.get(key) != count and key in self._last:
                 metrics.BACKLOG.labels(*key).set(count)
                 self._last[key] = count
+
+    async def _consumer(self, queue: names.Queue, held: int) -> tuple[int, bool]:
+        """(tasks to deliver, whether some are in flight while no dispatcher has a request open:
+        a redelivery, its dispatcher having died, would have no taker). A consumer removed
+        while idle (`idle_consumers.py`) has nothing in flight: all its subject holds waits."""
+        try:
+            info = await self.plane.js.consumer_info(queue.stream, queue.consumer)
+        except NotFoundError as err:
+            if not queues.consumer_gone(err):
+                raise
+            return held, False
+        return info.num_pending or 0, bool(info.num_ack_pending and not info.num_waiting)
 
 
 async def collect_forever(plane: DataPlane, held_at: Held | None = None) -> None:

@@ -50,7 +50,7 @@ from ..store import (
     new_token,
     now,
 )
-from . import backlog_gauge
+from . import backlog_gauge, idle_consumers
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -230,11 +230,13 @@ class Dispatcher:
         fn = worker.fn
         stream, consumer = worker.queue.stream, worker.queue.consumer
         key = (fn.account, fn.name, stream)
+        settings = self.plane.settings
         while True:
             # The queue is created by whoever registers the function (gateway or operator), before
-            # registering it; a dispatcher only binds, so it never resurrects a removed queue.
+            # registering it; a dispatcher only binds, or re-creates a consumer nats-server
+            # removed while the function was idle.
             try:
-                await self.plane.js.consumer_info(stream, consumer)
+                dozing = await idle_consumers.bind(self.plane.js, fn, worker.queue, settings)
                 break
             except asyncio.CancelledError:
                 raise
@@ -273,11 +275,14 @@ class Dispatcher:
             consumer,
             free,
             deliver,
-            idle_expires=self.plane.settings.pull_idle_expires,
+            idle_expires=settings.pull_idle_expires,
             watch=worker.queue.subject,
+            revive=functools.partial(
+                queues.revive_consumer, self.plane.js, fn, worker.queue, settings
+            ),
         )
         try:
-            await worker.pull.start()
+            await worker.pull.start(dozing)
             await asyncio.Future()  # messages arrive on the pull's callback until cancelled
         finally:
             await worker.pull.stop()

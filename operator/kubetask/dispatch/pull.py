@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -39,6 +39,8 @@ IDLE_EXPIRES = 80.0
 IDLE_GROWTH = 4
 # After the server refuses a request (409: consumer deleted, too many waiting, ...).
 REFUSED_PAUSE = 0.5
+# After the consumer could not be re-created.
+REVIVE_PAUSE = 1.0
 
 
 class Pull:
@@ -52,6 +54,7 @@ class Pull:
         expires: float = EXPIRES,
         idle_expires: float = IDLE_EXPIRES,
         watch: str | None = None,
+        revive: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._nc = nc
         self._subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
@@ -73,11 +76,18 @@ class Pull:
         self._watching: Subscription | None = None
         self._dozing: asyncio.Task[None] | None = None
         self._unwatching: asyncio.Task[None] | None = None
+        self._revive = revive  # re-creates the consumer nats-server removed while idle
+        self._revival: asyncio.Task[None] | None = None  # no request opens meanwhile
 
-    async def start(self) -> None:
+    async def start(self, dozing: bool = False) -> None:
+        """`dozing`: start asleep, watching the subject (its consumer is gone and nothing
+        waits, `idle_consumers.bind`)."""
         self._sub = await self._nc.subscribe_direct(self._inbox, self._on_msg)
         self._nc.on_reconnect.add(self._forgotten)
-        self.wake()
+        if dozing and self._watch is not None:
+            self._doze()
+        else:
+            self.wake()
 
     def _forgotten(self) -> None:
         """Reconnected: the server forgot the request, and a dozing pull may have missed a
@@ -92,6 +102,8 @@ class Pull:
         pull stays asleep: nothing waits for it until its subject says otherwise."""
         if self._owed or self._renewal is not None or self._sub is None or self._dormant:
             return
+        if self._revival is not None:
+            return
         if delay:
             self._renewal = self._loop.call_later(delay, self._renew)
         else:
@@ -104,7 +116,7 @@ class Pull:
             return
         self._owed = batch
         self._fed = False
-        self._overdue = self._loop.call_later(self._expires + GRACE, self._ended)
+        self._overdue = self._loop.call_later(self._expires + GRACE, self._unanswered)
         self._sending = self._loop.create_task(self._request(batch))
 
     async def _request(self, batch: int) -> None:
@@ -130,6 +142,10 @@ class Pull:
             if self._dormant and not self._fed:  # the look after dozing off found nothing
                 self._ended_request()
                 return
+            if status == "503" and self._revive is not None:  # no consumer: removed while idle
+                self._ended_request()
+                self._revive_and_pull()
+                return
             if status not in ("404", "408"):
                 log.debug("pull on %s ended: %s %s", self._subject, status, msg.headers)
             elif status == "408" and not self._fed:
@@ -147,6 +163,32 @@ class Pull:
             if not self._owed:
                 self._ended()
         self._deliver(msg)
+
+    def _unanswered(self) -> None:
+        """The request outlived its expiry with no answer: the server forgot it (restarted), or
+        it went to no consumer while something else subscribes to the request subject, so no
+        503 came (an operator watching `>`, say)."""
+        if self._revive is None:
+            self._ended()
+            return
+        self._ended_request()
+        self._revive_and_pull()
+
+    def _revive_and_pull(self) -> None:
+        if self._revival is None:
+            self._revival = self._loop.create_task(self._revived())
+
+    async def _revived(self) -> None:
+        assert self._revive is not None
+        pause = 0.0
+        try:
+            await self._revive()
+        except Exception as err:  # NATS away, or the queue removed with its function
+            log.warning("cannot re-create the consumer for %s: %s", self._subject, err)
+            pause = REVIVE_PAUSE
+        finally:
+            self._revival = None
+        self._ended(pause)
 
     def _doze(self) -> None:
         """Idle through a whole IDLE_EXPIRES: open no request, watch the queue subject instead.
@@ -221,7 +263,7 @@ class Pull:
     async def stop(self) -> None:
         self._nc.on_reconnect.discard(self._forgotten)
         sub, self._sub = self._sub, None
-        for pending in (self._overdue, self._renewal, self._sending):
+        for pending in (self._overdue, self._renewal, self._sending, self._revival):
             if pending is not None:
                 pending.cancel()
         # Not cancelled: a cancel inside nats-py's subscribe could leave a subscription
