@@ -4,12 +4,14 @@ limit (KUBETASK_QUEUE_MAX_FUNCTIONS)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 from harness import Api
-from kubetask import queues
+from kubetask import names, queues
 from kubetask.gateway import errors
 from kubetask.models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
@@ -64,13 +66,21 @@ async def test_an_account_shares_its_queue_among_more_than_1000_functions(
 
 
 async def test_past_the_limit_registering_is_a_409(api: Api, plane: DataPlane) -> None:
-    limited = dataclasses.replace(plane.settings, queue_max_functions=2)
+    """Also once nats-server removed the registered functions' consumers for idleness: the
+    stream's consumer count no longer says how many functions share it."""
+    limited = dataclasses.replace(plane.settings, queue_max_functions=2, consumer_idle=0.5)
     mover = Mover(plane.js, limited)
     for name in ("one", "two"):
         await mover.register(plane.registry, _fn(api.account, name))
+    stream = names.account_stream(api.account)
+    deadline = time.monotonic() + 20
+    while (await plane.js.stream_info(stream)).state.consumer_count:
+        assert time.monotonic() < deadline, "nats-server kept the idle consumers"
+        await asyncio.sleep(0.2)
     with pytest.raises(queues.TooManyFunctions) as refused:
         await mover.register(plane.registry, _fn(api.account, "three"))
     assert plane.registry.function(api.account, "three") is None, "not registered half-way"
+    await mover.register(plane.registry, _fn(api.account, "two"))  # registered again: room
     answer = errors.render(refused.value)
     assert answer is not None and answer.status_code == 409
     assert b"KUBETASK_QUEUE_MAX_FUNCTIONS" in answer.body

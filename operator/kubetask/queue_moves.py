@@ -193,6 +193,7 @@ class Mover:
         before = registry.function(fn.account, fn.name)
         await self._place(registry, fn)
         fn = registry.with_route(fn)
+        self._check_room(registry, fn)
         self._cancel_current(fn)  # before the queues are (re)configured, which it must not undo
         label = await queues.ensure_function_queue(self.js, fn, self.settings)
         if before != fn:
@@ -201,6 +202,19 @@ class Mover:
         if before is not None:
             self.start(fn, names.queues_of(before))
         return label
+
+    def _check_room(self, registry: Registry, fn: TaskFunction) -> None:
+        """Refuse a function its queue's stream has no room for, counting the functions
+        registered there: the stream's consumer limit alone no longer counts them, since
+        nats-server removes idle functions' consumers (`dispatch/idle_consumers.py`), and a
+        function let in while they were gone would find no room when they came back. The
+        limit stays on the stream for two gateways registering at once."""
+        streams = registry.by_stream()
+        for queue in names.queues_of(fn):
+            members = streams.get(queue.stream, ())
+            others = [f for f, _ in members if (f.account, f.name) != (fn.account, fn.name)]
+            if len(others) >= self.settings.queue_max_functions:
+                raise queues.too_many_functions(queue, self.settings)
 
     async def _place(self, registry: Registry, fn: TaskFunction) -> None:
         """An `auto` function of a small account (`KUBETASK_SMALL_ACCOUNTS`) starts in the

@@ -153,13 +153,17 @@ async def ensure_function_queue(js: JetStreamContext, fn: TaskFunction, settings
             await js.add_consumer(queue.stream, consumer_config(fn, queue, settings))
         except BadRequestError as err:
             if err.err_code == 10026:  # maximum consumers limit reached
-                raise TooManyFunctions(
-                    f"queue {queue.stream} already serves {settings.queue_max_functions} "
-                    "functions (KUBETASK_QUEUE_MAX_FUNCTIONS); give this one a queue of its "
-                    "own (queueMode: dedicated) or delete one"
-                ) from None
+                raise too_many_functions(queue, settings) from None
             raise
     return names.queue_label(fn)
+
+
+def too_many_functions(queue: names.Queue, settings: Settings) -> TooManyFunctions:
+    return TooManyFunctions(
+        f"queue {queue.stream} already serves {settings.queue_max_functions} "
+        "functions (KUBETASK_QUEUE_MAX_FUNCTIONS); give this one a queue of its "
+        "own (queueMode: dedicated) or delete one"
+    )
 
 
 async def remove_queue(js: JetStreamContext, queue: names.Queue) -> None:
