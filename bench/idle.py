@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import statistics
@@ -18,7 +19,8 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
-from devrun import running_dev
+import nats
+from devrun import Dev, running_dev
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,6 +58,18 @@ def function(name: str, account: str) -> dict[str, object]:
     }
 
 
+async def consumer_count(dev: Dev) -> int:
+    """JetStream's own count (an idle function's consumer is removed, `idle_consumers.py`)."""
+    url = next(x for x in (dev.data / "dev.out").read_text().split() if x.startswith("nats://"))
+    users = json.loads((dev.data / "secrets" / "nats-users.json").read_text())
+    nc = await nats.connect(url, user="admin", password=users["admin"])
+    try:
+        info = json.loads((await nc.request("$JS.API.INFO", b"", timeout=10)).data)
+        return int(info["consumers"])
+    finally:
+        await nc.close()
+
+
 async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="kt-idle-"))
     async with running_dev(work) as dev:
@@ -90,6 +104,7 @@ async def main(args: argparse.Namespace) -> None:
             for n, share in shares.items():
                 print(f"  {n:12} {share:5.2f}%  ({len(pids[n])} process(es))")
             print(f"  {'total':12} {sum(shares.values()):5.2f}%  (target < 2%)")
+            print(f"  consumers nats-server holds: {await consumer_count(dev)}")
 
             waits = []
             for name, account in random.Random(3).sample(names, args.wakeups):
