@@ -21,7 +21,7 @@ from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.pull import Pull
 from kubetask.embedded import free_port, start_nats
 from kubetask.jetstream import connect
-from kubetask.models import ObjectMeta, TaskFunction, TaskFunctionSpec
+from kubetask.models import ObjectMeta, QueueMode, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
 from kubetask.rpc import Requester
 from kubetask.settings import Settings
@@ -383,17 +383,18 @@ async def test_binding_to_a_removed_consumer_dozes_unless_tasks_wait(
 ) -> None:
     """A dispatcher starting on a function whose consumer nats-server removed dozes at once if
     its queue holds nothing, and otherwise makes the consumer again, with the function's
-    limits, so the waiting tasks are delivered."""
+    limits, so the waiting tasks are delivered; a consumer nats-server never removes is never
+    made again."""
     quick = dataclasses.replace(plane.settings, consumer_idle=0.5)
     fn = TaskFunction(  # registered nowhere: no dispatcher pulls from its queue
         metadata=ObjectMeta(name="unbound", namespace=api.account),
-        spec=TaskFunctionSpec(command=["true"], maxConcurrency=7, queueMode="dedicated"),
+        spec=TaskFunctionSpec(command=["true"], maxConcurrency=7, queueMode=QueueMode.dedicated),
     )
     [queue] = names.queues_of(fn)
     await queues.ensure_function_queue(plane.js, fn, quick)
     try:
         await _removed(plane.js, queue.stream, queue.consumer, within=10)
-        assert await idle_consumers.bind(plane.js, fn, queue, quick) is True
+        assert await idle_consumers.Consumers(plane.js, quick).bind(fn, queue) is True
         with pytest.raises(NotFoundError):
             await plane.js.consumer_info(queue.stream, queue.consumer)
         assert await queues.queue_backlog(plane.js, queue) == (0, 0)
@@ -402,12 +403,30 @@ async def test_binding_to_a_removed_consumer_dozes_unless_tasks_wait(
         # What the API and the backlog gauge read for it: the task waits, though no consumer
         # says so.
         assert await queues.queue_backlog(plane.js, queue) == (1, 0)
-        assert await idle_consumers.bind(plane.js, fn, queue, quick) is False
+        assert await idle_consumers.Consumers(plane.js, quick).bind(fn, queue) is False
         info = await plane.js.consumer_info(queue.stream, queue.consumer)
         assert (info.num_pending, info.config.max_ack_pending) == (1, 7)
         assert info.config.inactive_threshold == 0.5
     finally:
         await queues.remove_function_queue(plane.js, fn)
+
+    # The small accounts' stream keeps its consumers, so one missing there was removed with
+    # its function: a dispatcher that has not heard yet must not make it again.
+    shared = fn.model_copy(
+        update={"spec": fn.spec.model_copy(update={"queueMode": QueueMode.shared})}
+    )
+    [queue] = names.queues_of(shared)
+    await queues.ensure_function_queue(plane.js, shared, quick)
+    assert (
+        await plane.js.consumer_info(queue.stream, queue.consumer)
+    ).config.inactive_threshold in (None, 0)
+    await queues.remove_function_queue(plane.js, shared)
+    consumers = idle_consumers.Consumers(plane.js, quick)
+    with pytest.raises(NotFoundError):
+        await consumers.bind(shared, queue)
+    assert consumers.reviver(shared, queue) is None
+    with pytest.raises(NotFoundError):
+        await plane.js.consumer_info(queue.stream, queue.consumer)
 
 
 async def test_a_function_whose_consumer_was_removed_while_idle_runs_its_next_tasks(

@@ -105,14 +105,17 @@ async def drain(
     settled = asyncio.get_running_loop().time() + SETTLE
     moved = 0
     try:
-        # Attempts still running on the old consumer must not hold the waiting ones back. A
-        # consumer nats-server removed while idle (`dispatch/idle_consumers.py`) is made again:
-        # its stream may still hold tasks for it.
+        # A consumer nats-server removed while idle (`dispatch/idle_consumers.py`) is made
+        # again, since its stream may still hold tasks for it; one it keeps is gone only if a
+        # drain already removed it.
+        if queues.idle_threshold(old, settings) is None:
+            await js.consumer_info(old.stream, old.consumer)
+        # Attempts still running on the old consumer must not hold the waiting ones back.
         config = queues.consumer_config(fn, old, settings)
         config.max_ack_pending = fn.spec.maxConcurrency + BATCH
         await js.add_consumer(old.stream, config)
         sub = await js.pull_subscribe_bind(old.consumer, old.stream)
-    except NotFoundError:  # the stream is gone, and what it held with it
+    except NotFoundError:  # nothing left to move
         return 0
     try:
         while True:

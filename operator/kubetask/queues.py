@@ -117,11 +117,11 @@ def consumer_config(fn: TaskFunction, queue: names.Queue, settings: Settings) ->
         max_ack_pending=max(1, fn.spec.maxConcurrency // fn.spec.partitions),
         max_deliver=-1,
         max_waiting=512,
-        inactive_threshold=_idle_threshold(queue, settings),
+        inactive_threshold=idle_threshold(queue, settings),
     )
 
 
-def _idle_threshold(queue: names.Queue, settings: Settings) -> float | None:
+def idle_threshold(queue: names.Queue, settings: Settings) -> float | None:
     """How long nats-server keeps the consumer once nothing uses it (`consumer_idle`): ten
     thousand idle durable consumers cost nats-server about 2% of a core doing nothing, their
     timers alone (bench/README.md, "Idle functions"), so an idle function keeps none. The

@@ -142,6 +142,7 @@ class Dispatcher:
         self.jobs = plane.settings.executor == "kubernetes"
         self.command: Executor = JobExecutor() if self.jobs else CommandExecutor()
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
+        self.consumers = idle_consumers.Consumers(plane.js, plane.settings)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
         # The streams each function has workers on, so a change looks at its own workers only.
         self._streams: dict[tuple[str, str], set[str]] = {}
@@ -236,7 +237,7 @@ class Dispatcher:
             # registering it; a dispatcher only binds, or re-creates a consumer nats-server
             # removed while the function was idle.
             try:
-                dozing = await idle_consumers.bind(self.plane.js, fn, worker.queue, settings)
+                dozing = await self.consumers.bind(fn, worker.queue)
                 break
             except asyncio.CancelledError:
                 raise
@@ -277,9 +278,7 @@ class Dispatcher:
             deliver,
             idle_expires=settings.pull_idle_expires,
             watch=worker.queue.subject,
-            revive=functools.partial(
-                queues.revive_consumer, self.plane.js, fn, worker.queue, settings
-            ),
+            revive=self.consumers.reviver(fn, worker.queue),
         )
         try:
             await worker.pull.start(dozing)

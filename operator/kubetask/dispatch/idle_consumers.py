@@ -17,6 +17,9 @@ which treats a missing consumer as one with every held task waiting.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -24,20 +27,51 @@ from .. import names, queues
 from ..models import TaskFunction
 from ..settings import Settings
 
+# Consumer calls one dispatcher makes at once. A burst over ten thousand functions whose
+# consumers were all gone sent ten thousand creations to nats-server's API together; over a
+# thousand timed out (5 s) and were tried again a second later. A dispatcher starting binds
+# ten thousand the same way.
+CONCURRENT = 16
 
-async def bind(
-    js: JetStreamContext, fn: TaskFunction, queue: names.Queue, settings: Settings
-) -> bool:
-    """Check the queue's consumer before pulling from it; True if it is gone and nothing waits,
-    so the worker should start dozing. A consumer gone while tasks wait is created again. Raises
-    whatever else JetStream answers: a queue still being created is retried by the caller."""
-    try:
-        await js.consumer_info(queue.stream, queue.consumer)
-        return False
-    except NotFoundError as err:
-        if not queues.consumer_gone(err):
-            raise
-    if not await queues.held(js, queue):
-        return True
-    await queues.revive_consumer(js, fn, queue, settings)
-    return False
+
+class Consumers:
+    """A dispatcher's calls about its functions' consumers, CONCURRENT at a time."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self._js = js
+        self._settings = settings
+        self._slots = asyncio.Semaphore(CONCURRENT)
+
+    async def bind(self, fn: TaskFunction, queue: names.Queue) -> bool:
+        """Check the queue's consumer before pulling from it; True if it is gone and nothing
+        waits, so the worker should start dozing. A consumer gone while tasks wait is created
+        again. Raises whatever else JetStream answers: a queue still being created is retried
+        by the caller."""
+        async with self._slots:
+            try:
+                await self._js.consumer_info(queue.stream, queue.consumer)
+                return False
+            except NotFoundError as err:
+                if not queues.consumer_gone(err) or not self.removable(queue):
+                    raise
+            if not await queues.held(self._js, queue):
+                return True
+            await queues.revive_consumer(self._js, fn, queue, self._settings)
+            return False
+
+    def removable(self, queue: names.Queue) -> bool:
+        """Whether nats-server removes the queue's consumer when idle. One that it keeps is
+        gone only because the function or its queue was: not to be made again by a dispatcher
+        that has not heard yet, since nothing would ever remove it."""
+        return queues.idle_threshold(queue, self._settings) is not None
+
+    def reviver(self, fn: TaskFunction, queue: names.Queue) -> Callable[[], Awaitable[None]] | None:
+        """What the pull on `queue` calls when it finds no consumer; None if it is not to."""
+        if not self.removable(queue):
+            return None
+
+        async def revive() -> None:
+            async with self._slots:
+                await queues.revive_consumer(self._js, fn, queue, self._settings)
+
+        return revive
