@@ -4,8 +4,9 @@ throughput of both and their ratio, the peak of executor processes, double claim
 took more than one attempt), slow-consumer disconnects in nats-server's log, and the
 dispatcher's peak RSS. Prints figures; asserts nothing.
 
-Run: .venv/bin/python bench/burst.py [--functions 1000 --tasks 20 --accounts 1]
-(`--functions 10000 --accounts 100`: the layout of bench/idle.py.)
+Run: .venv/bin/python bench/burst.py [--functions 1000 --tasks 20 --accounts 1 --idle 0]
+(`--functions 10000 --accounts 100`: the layout of bench/idle.py; `--idle 350`: the burst comes
+after the functions dozed and nats-server removed their consumers.)
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ async def main(args: argparse.Namespace) -> None:
             spec["queueMode"] = "dedicated"  # not counted among the account stream's functions
             put = await h.put("/v1/functions/one", params={"account": accounts[0]}, json=one)
             put.raise_for_status()
+            if args.idle:  # long enough, and nats-server has removed every idle consumer
+                print(f"idle for {args.idle:.0f} s", flush=True)
+                await asyncio.sleep(args.idle)
             many = await burst(dev, tokens, functions, args.tasks)
             single = await burst(dev, tokens, [(accounts[0], "one")] * args.functions, args.tasks)
             tasks = []
@@ -178,4 +182,6 @@ if __name__ == "__main__":
     ap.add_argument("--tasks", type=int, default=20)
     ap.add_argument("--accounts", type=int, default=1)
     ap.add_argument("--one-concurrency", type=int, default=64)
+    # Seconds the functions stay idle before the burst (issue 11: idle, "then a burst").
+    ap.add_argument("--idle", type=float, default=0.0)
     asyncio.run(main(ap.parse_args()))
