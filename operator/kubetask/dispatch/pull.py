@@ -10,7 +10,9 @@ or, should the server have lost it (a restart), when it is overdue. Messages are
 they are read (`Connection.subscribe_direct`).
 
 A function idle for long keeps no request open at all: it *dozes*, watching its queue subject
-with a core subscription, and the first task published there wakes it (see `_doze`).
+with a core subscription, and the first task published there wakes it (see `_doze`). A request
+that finds the consumer gone (nats-server removes an idle one) has it re-created first
+(`revive`, `idle_consumers.py`).
 """
 
 from __future__ import annotations
@@ -195,10 +197,10 @@ class Pull:
 
         An idle function then asks nothing of the server at all, where a request always open
         was renewed every ten minutes (ten thousand functions: 17 renewals a second, through
-        the dispatcher's loop and nats-server's). Measured, that is within the noise of what
-        the idle consumers themselves cost nats-server (bench/README.md, "Idle functions");
-        it is the first step to removing idle consumers, which a standing request would keep
-        in use. What a publish on the subject does not announce, the backlog gauge does
+        the dispatcher's loop and nats-server's), and its consumer, used by no request, is
+        removed by nats-server after a while (`idle_consumers.py`): ten thousand idle
+        consumers cost more than all the requests did (bench/README.md, "Idle functions").
+        What a publish on the subject does not announce, the backlog gauge does
         (`backlog_gauge.py`): a retry moved in from its schedule, a redelivery after a
         dispatcher died."""
         self._ended_request()
