@@ -378,13 +378,26 @@ async def test_a_consumer_removed_while_its_pull_dozes_is_revived_by_the_next_ta
     await pull.stop()
 
 
+class _Listing:
+    """The part of a registry the backlog gauge reads, listing one function no dispatcher
+    knows (registered, the session's dispatcher would take its task at once)."""
+
+    def __init__(self, fn: TaskFunction, queue: names.Queue) -> None:
+        self.generation = 1
+        self.functions = {(fn.account, fn.name): fn}
+        self._streams = {queue.stream: [(fn, queue)]}
+
+    def by_stream(self) -> dict[str, list[tuple[TaskFunction, names.Queue]]]:
+        return self._streams
+
+
 async def test_binding_to_a_removed_consumer_dozes_unless_tasks_wait(
     plane: DataPlane, api: Api
 ) -> None:
     """A dispatcher starting on a function whose consumer nats-server removed dozes at once if
     its queue holds nothing, and otherwise makes the consumer again, with the function's
-    limits, so the waiting tasks are delivered; a consumer nats-server never removes is never
-    made again."""
+    limits, so the waiting tasks are delivered; the backlog gauge counts such tasks and rouses
+    the function; a consumer nats-server never removes is never made again."""
     quick = dataclasses.replace(plane.settings, consumer_idle=0.5)
     fn = TaskFunction(  # registered nowhere: no dispatcher pulls from its queue
         metadata=ObjectMeta(name="unbound", namespace=api.account),
@@ -401,8 +414,13 @@ async def test_binding_to_a_removed_consumer_dozes_unless_tasks_wait(
 
         await plane.js.publish(queue.subject, b"waiting")
         # What the API and the backlog gauge read for it: the task waits, though no consumer
-        # says so.
+        # says so; the gauge rouses the function, as for a retry moved in from its schedule.
         assert await queues.queue_backlog(plane.js, queue) == (1, 0)
+        told: set[tuple[str, str, str]] = set()
+        listed = dataclasses.replace(plane, registry=_Listing(fn, queue))
+        await backlog_gauge.BacklogGauge(listed, lambda *q: told.add(q)).collect()
+        assert told == {(api.account, "unbound", queue.stream)}
+        assert metrics.BACKLOG.labels(api.account, "unbound")._value.get() == 1
         assert await idle_consumers.Consumers(plane.js, quick).bind(fn, queue) is False
         info = await plane.js.consumer_info(queue.stream, queue.consumer)
         assert (info.num_pending, info.config.max_ack_pending) == (1, 7)
