@@ -71,12 +71,8 @@ async def leftovers(js: JetStreamContext, fn: TaskFunction) -> list[names.Queue]
 
 
 async def _used(js: JetStreamContext, queue: names.Queue) -> bool:
-    try:
-        await js.consumer_info(queue.stream, queue.consumer)
+    if await queues.consumer_info(js, queue) is not None:
         return True
-    except NotFoundError as err:
-        if not queues.consumer_gone(err):
-            raise
     return await queues.held(js, queue) > 0
 
 

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
@@ -129,11 +130,6 @@ def idle_threshold(queue: names.Queue, settings: Settings) -> float | None:
     if settings.consumer_idle <= 0 or queue.stream == names.SHARED_STREAM:
         return None
     return settings.consumer_idle
-
-
-def consumer_gone(err: NotFoundError) -> bool:
-    """Whether JetStream said the consumer does not exist, rather than its stream."""
-    return err.err_code == CONSUMER_NOT_FOUND
 
 
 async def revive_consumer(
@@ -320,13 +316,21 @@ async def queue_backlog(js: JetStreamContext, queue: names.Queue) -> tuple[int, 
     """(waiting, in flight) for one queue's consumer. A consumer removed while idle has nothing
     in flight (nats-server keeps one with unacknowledged deliveries), so whatever its subject
     holds waits."""
-    try:
-        info = await js.consumer_info(queue.stream, queue.consumer)
-    except NotFoundError as err:
-        if not consumer_gone(err):
-            raise
+    info = await consumer_info(js, queue)
+    if info is None:
         return await held(js, queue), 0
     return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+async def consumer_info(js: JetStreamContext, queue: names.Queue) -> ConsumerInfo | None:
+    """The queue's consumer; None if nats-server removed it (idle), while its stream exists."""
+    try:
+        info: ConsumerInfo = await js.consumer_info(queue.stream, queue.consumer)
+    except NotFoundError as err:
+        if err.err_code != CONSUMER_NOT_FOUND:
+            raise
+        return None
+    return info
 
 
 async def held(js: JetStreamContext, queue: names.Queue) -> int:

@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from nats.js.errors import NotFoundError
-
 from .. import metrics, names, queues
 from ..plane import DataPlane
 
@@ -86,11 +84,8 @@ class BacklogGauge:
         """(tasks to deliver, whether some are in flight while no dispatcher has a request open:
         a redelivery, its dispatcher having died, would have no taker). A consumer removed
         while idle (`idle_consumers.py`) has nothing in flight: all its subject holds waits."""
-        try:
-            info = await self.plane.js.consumer_info(queue.stream, queue.consumer)
-        except NotFoundError as err:
-            if not queues.consumer_gone(err):
-                raise
+        info = await queues.consumer_info(self.plane.js, queue)
+        if info is None:
             return held, False
         return info.num_pending or 0, bool(info.num_ack_pending and not info.num_waiting)
 

@@ -21,7 +21,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from .. import names, queues
 from ..models import TaskFunction
@@ -48,12 +47,11 @@ class Consumers:
         again. Raises whatever else JetStream answers: a queue still being created is retried
         by the caller."""
         async with self._slots:
-            try:
+            if not self.removable(queue):  # kept by nats-server: missing, it is an error
                 await self._js.consumer_info(queue.stream, queue.consumer)
                 return False
-            except NotFoundError as err:
-                if not queues.consumer_gone(err) or not self.removable(queue):
-                    raise
+            if await queues.consumer_info(self._js, queue) is not None:
+                return False
             if not await queues.held(self._js, queue):
                 return True
             await queues.revive_consumer(self._js, fn, queue, self._settings)
