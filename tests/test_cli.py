@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -103,6 +105,27 @@ async def test_describe_shows_every_attempt_and_the_last_log_lines(
     assert "logs (last 3 lines):" in text and text.rstrip().endswith("task Succeeded")
     missing = await kt(api, gateway_url, "describe", "no-such-task", check=False)
     assert missing.returncode != 0 and "HTTP 404" in missing.stderr
+
+
+async def test_output_cut_short_by_its_reader_ends_quietly(api: Api, gateway_url: str) -> None:
+    """`kubetask logs ID | head -1`: once the reader has gone, the CLI stops as a Unix tool
+    does (status 128 + SIGPIPE) instead of printing a broken-pipe error."""
+    await api.function("chatty", command=["sh", "-c", "seq 1 50"])
+    await api.submit("chatty", task_id="chatty-1")
+    await api.wait("chatty-1")
+    for args in (["logs", "chatty-1"], ["list"], ["describe", "chatty-1"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line
+        try:
+            proc = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "kubetask", *args, "--url", gateway_url,
+                 "--token", api.token],
+                stdout=write, stderr=subprocess.PIPE, text=True, timeout=60,
+            )  # fmt: skip
+        finally:
+            os.close(write)
+        assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, ""), args
 
 
 async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections import deque
 from datetime import datetime
@@ -538,6 +539,12 @@ def main(argv: list[str] | None = None) -> None:
         args.command = [*args.command, *trailing]
     try:
         args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`kubetask logs ID | head`): stop quietly, as other tools do,
+        # and keep Python from complaining again when it flushes stdout on the way out.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except (ApiFailure, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
     except httpx.TransportError as err:
