@@ -99,6 +99,7 @@ async def burst(
     watcher = asyncio.create_task(watch())
     await asyncio.gather(*(submit() for _ in range(16)))
     shown = time.monotonic()
+    print(f"  all {total} accepted after {shown - t0:.1f} s", flush=True)
     while True:
         done = await dev.succeeded(None) - before
         if done >= total:
