@@ -176,6 +176,60 @@ async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
     assert (await asyncio.to_thread(tokens, "revoke", "no-such-token")).returncode != 0
 
 
+def test_a_token_file_that_is_missing_or_broken_is_an_error_and_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """`tokens create` on a file it cannot read used to write a file holding only the new
+    token: every other token in it was gone."""
+
+    def tokens(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "kubetask", "tokens", *args, "--file", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    missing = tmp_path / "none.json"
+    for args in (["list"], ["revoke", "x"]):
+        said = tokens(missing, *args)
+        assert said.returncode == 1 and "there is no token file at" in said.stderr, said.stderr
+    assert not missing.exists()
+    for text in ('{"tokens": [{"id": "tok_1", "sha256": "ab"}', '["tok_1"]', '{"tokens": 3}'):
+        broken = tmp_path / "broken.json"
+        broken.write_text(text)
+        for args in (["create", "--account", "a"], ["list"], ["revoke", "tok_1"]):
+            said = tokens(broken, *args)
+            assert said.returncode == 1 and "nothing was changed" in said.stderr, said.stderr
+            assert "Traceback" not in said.stderr
+            assert broken.read_text() == text
+
+
+async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
+    api: Api, gateway_url: str
+) -> None:
+    """`functions apply -f` with a file that is not a manifest says what is wrong with it."""
+    cases = {
+        "passwd": ("root:x:0:0:root:/root:/bin/bash\n", "document 1 of {} is a string"),
+        "empty": ("", "{} holds no objects to apply"),
+        "only-separators": ("---\n---\n", "{} holds no objects to apply"),
+        "list": ("- a\n- b\n", "document 1 of {} is a list"),
+        "second": ("kind: TaskFunction\n---\n7\n", "document 2 of {} is a number"),
+        "metadata": ("kind: TaskFunction\nmetadata: x\n", "metadata must be an object"),
+        "yaml": ("a: [\n", "{} is not valid YAML"),
+    }
+    for name, (text, said) in cases.items():
+        path = api.workdir / f"{name}.yaml"
+        path.write_text(text)
+        out = await kt(api, gateway_url, "functions", "apply", "-f", str(path), check=False)
+        assert out.returncode == 1 and said.format(path) in out.stderr, (name, out.stderr)
+        assert "Traceback" not in out.stderr
+    binary = api.workdir / "binary.yaml"
+    binary.write_bytes(bytes(range(128, 256)))
+    out = await kt(api, gateway_url, "functions", "apply", "-f", str(binary), check=False)
+    assert out.returncode == 1 and "is not a text (UTF-8) file" in out.stderr, out.stderr
+
+
 async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -> None:
     """`kubetask login` goes where the attempt runs; a local process (`kubetask dev`) or a
     finished task has no pod to enter, and says so instead of guessing."""

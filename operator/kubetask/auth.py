@@ -139,6 +139,32 @@ class TokenError(ValueError):
     """A token request that is refused: said to the user as it is."""
 
 
+def _entries_to_edit(path: Path, must_exist: bool) -> list[dict[str, Any]]:
+    """The file's entries for the `tokens` commands, which, unlike the gateway, must not read
+    a file they cannot parse as empty: `create` would then write a file holding only the new
+    token, and every other token in it would be gone."""
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        if must_exist:
+            raise TokenError(
+                f"there is no token file at {path} (`kubetask tokens create --file {path}` "
+                "makes one)"
+            ) from None
+        return []
+    except (OSError, ValueError) as err:
+        raise TokenError(
+            f"cannot read the token file {path} ({err}); nothing was changed"
+        ) from None
+    entries = data.get("tokens") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise TokenError(
+            f'{path} is not a token file (an object whose "tokens" is a list of entries);'
+            " nothing was changed"
+        )
+    return entries
+
+
 def _write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
@@ -175,7 +201,7 @@ def issue_token(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "sha256": hash_token(token),
     }
-    _write_entries(path, [*read_entries(path), entry])
+    _write_entries(path, [*_entries_to_edit(path, must_exist=False), entry])
     return token, _public(entry)
 
 
@@ -186,13 +212,13 @@ def _public(entry: dict[str, Any]) -> dict[str, Any]:
 
 def list_tokens(path: Path) -> list[dict[str, Any]]:
     """Every entry, without its hash."""
-    return [_public(e) for e in read_entries(path)]
+    return [_public(e) for e in _entries_to_edit(path, must_exist=True)]
 
 
 def revoke_token(path: Path, key: str) -> list[dict[str, Any]]:
     """Remove the tokens whose id or name is `key`; returns what was removed. The gateway stops
     accepting them within a second (it re-reads the file when it changes)."""
-    entries = read_entries(path)
+    entries = _entries_to_edit(path, must_exist=True)
     gone = [e for e in entries if key in (e.get("id"), e.get("name"))]
     if not gone:
         raise TokenError(f"no token has id or name {key!r}")
