@@ -257,6 +257,29 @@ def load_client_config(data_dir: Path) -> dict[str, str] | None:
     return loaded
 
 
+YAML_KINDS = {str: "string", list: "list", int: "number", float: "number", bool: "boolean"}
+
+
 def read_objects(path: Path) -> list[dict[str, object]]:
-    text = sys.stdin.read() if str(path) == "-" else path.read_text()
-    return [d for d in yaml.safe_load_all(text) if d]
+    """The objects of a manifest (`-` for stdin), each a mapping with a mapping `metadata`;
+    anything else is a `ValueError` that names the file, as `kubectl apply` would."""
+    source = "stdin" if str(path) == "-" else str(path)
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except UnicodeDecodeError:
+        raise ValueError(f"{source} is not a text (UTF-8) file") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{source} is not valid YAML: {err}") from None
+    if not docs:
+        raise ValueError(f"{source} holds no objects to apply")
+    for i, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            what = YAML_KINDS.get(type(doc), type(doc).__name__)
+            raise ValueError(
+                f"document {i} of {source} is a {what}, not an object"
+                " (a TaskFunction or an AsyncConfig)"
+            )
+        if not isinstance(doc.get("metadata", {}), dict):
+            raise ValueError(f"document {i} of {source}: metadata must be an object")
+    return docs
