@@ -156,7 +156,7 @@ def _entries_to_edit(path: Path, must_exist: bool) -> list[dict[str, Any]]:
         raise TokenError(
             f"cannot read the token file {path} ({err}); nothing was changed"
         ) from None
-    entries = data.get("tokens") if isinstance(data, dict) else None
+    entries = data.get("tokens", []) if isinstance(data, dict) else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise TokenError(
             f'{path} is not a token file (an object whose "tokens" is a list of entries);'
