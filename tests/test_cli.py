@@ -203,6 +203,12 @@ def test_a_token_file_that_is_missing_or_broken_is_an_error_and_is_left_alone(
             assert said.returncode == 1 and "nothing was changed" in said.stderr, said.stderr
             assert "Traceback" not in said.stderr
             assert broken.read_text() == text
+    empty = tmp_path / "empty.json"
+    for text in ("", "{}"):  # holds no tokens yet
+        empty.write_text(text)
+        assert tokens(empty, "list").returncode == 0
+        assert tokens(empty, "create", "--account", "a").returncode == 0
+        assert len(json.loads(empty.read_text())["tokens"]) == 1
 
 
 async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
