@@ -84,6 +84,19 @@ def test_an_idle_window_falls_back_to_its_start() -> None:
     assert window.allowed() == 8
 
 
+def test_a_window_idle_for_long_falls_back_however_rarely_it_is_asked() -> None:
+    """A dozing worker may ask once after minutes: the idle time counts, not the calls."""
+    window = Window(limit=100, settings=SETTINGS)
+    now = 0.0
+    for _ in range(8):  # grown well past its start
+        now = _period(window, now, ok=200, busy=0, inflight=window.allowed())
+    assert window.allowed() >= 64
+    window.judge(0, now + 2 * SETTINGS.period)  # idle for less than idle_periods
+    assert window.allowed() >= 64
+    window.judge(0, now + 600 * SETTINGS.period)  # then asked once, ten minutes later
+    assert window.allowed() == SETTINGS.start
+
+
 PICKY_SERVER = """
     import json, os, threading, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

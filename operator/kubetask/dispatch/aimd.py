@@ -80,10 +80,13 @@ class Window:
         if self._answered or inflight:
             self._idle = 0
         else:
-            self._idle += 1
-            if self._idle >= s.idle_periods and self.size > s.start:
+            # Counted in elapsed periods, not in calls: a dozing worker asks rarely, and a
+            # window that only shrank per call kept yesterday's size after an hour's idle.
+            self._idle += 1 + int((now - self._period_end) / s.period)
+            while self._idle >= s.idle_periods and self.size > s.start:
                 self.size = max(float(s.start), self.size * s.decrease)
                 self.threshold = float(self.limit)
+                self._idle -= s.idle_periods
         self._busy = self._answered = 0
         self._full = inflight >= self.allowed()
         self._period_end = now + s.period
