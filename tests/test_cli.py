@@ -128,6 +128,28 @@ async def test_output_cut_short_by_its_reader_ends_quietly(api: Api, gateway_url
         assert (proc.returncode, proc.stderr) == (128 + signal.SIGPIPE, ""), args
 
 
+async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
+    api: Api, gateway_url: str
+) -> None:
+    await api.function("takes", command=["true"])
+    not_json = api.workdir / "plain.txt"
+    not_json.write_text("hello\n")
+    for args, said in (
+        (["-p", "{bad"], "error: the payload is not JSON (Expecting property name"),
+        (["-p", "NaN"], "error: the payload is not JSON (NaN is not JSON)"),
+        (["-p", '{"x": 1e999}'], "error: the payload is not JSON (1e999 overflows a number)"),
+        (["--payload-file", str(not_json)], f"error: the payload in {not_json} is not JSON"),
+    ):
+        out = await kt(api, gateway_url, "submit", "takes", *args, "--id", "never", check=False)
+        assert out.returncode == 1 and out.stderr.startswith(said), (args, out.stderr)
+    both = await kt(
+        api, gateway_url, "submit", "takes", "-p", "1", "--payload-file", str(not_json),
+        check=False,
+    )  # fmt: skip
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+    assert (await api.http.get("/v1/tasks/never")).status_code == 404
+
+
 async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(
     api: Api, plane: DataPlane
 ) -> None:

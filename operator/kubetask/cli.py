@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -33,7 +34,10 @@ def _client(args: argparse.Namespace) -> Client:
         url = url or cfg.get("url")
         token = token or (cfg.get("adminToken") if args.admin else cfg.get("token"))
     if not (url and token):
-        sys.exit("no API to talk to: start `kubetask dev`, or set KUBETASK_URL and KUBETASK_TOKEN")
+        sys.exit(
+            "error: no API to talk to: start `kubetask dev` (here, or say its --data-dir),"
+            " or set KUBETASK_URL and KUBETASK_TOKEN"
+        )
     return Client(url, token, account=args.account)
 
 
@@ -100,10 +104,17 @@ def _payload(args: argparse.Namespace) -> Any:
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
+    def finite(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"{literal} overflows a number")
+        return value
+
     try:
-        return json.loads(text, parse_constant=no_constant)
-    except ValueError:
-        sys.exit("the payload must be JSON (quote a plain string: '\"text\"')")
+        return json.loads(text, parse_constant=no_constant, parse_float=finite)
+    except ValueError as err:
+        where = f" in {args.payload_file}" if args.payload_file else ""
+        sys.exit(f"error: the payload{where} is not JSON ({err}); quote a plain string: '\"text\"'")
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -471,8 +482,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", parents=[common], help="submit a task")
     s.add_argument("function")
-    s.add_argument("--payload", "-p", help="JSON payload")
-    s.add_argument("--payload-file", help="file with the JSON payload, - for stdin")
+    given = s.add_mutually_exclusive_group()
+    given.add_argument("--payload", "-p", help="JSON payload")
+    given.add_argument("--payload-file", help="file with the JSON payload, - for stdin")
     s.add_argument("--id", help="task id (e.g. a trace id)")
     s.set_defaults(func=cmd_submit)
 
