@@ -399,6 +399,33 @@ async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
     _assert_all_done_once(lab, tasks, events)
 
 
+async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> None:
+    """It used to start a second nats-server on the same JetStream store and point the CLI's
+    client.json at itself. (That the lock goes with a killed dev is the restart above.)"""
+    data = lab.root / "data"
+    args = ["dev", "--data-dir", str(data), "--nats-port", "0"]
+    first = lab.spawn(*args, "--port", str(free_port()), env=dict(os.environ), log="dev1.log")
+    cfg_file = data / "client.json"
+    deadline = time.monotonic() + 30
+    while not (cfg_file.exists() and "url" in cfg_file.read_text()):
+        assert time.monotonic() < deadline and first.poll() is None, (
+            lab.root / "dev1.log"
+        ).read_text()
+        await asyncio.sleep(0.1)
+    written = cfg_file.read_text()
+    second = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "kubetask", *args, "--port", str(free_port())],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"{data} is in use by another kubetask dev (pid {first.pid})" in second.stderr
+    assert cfg_file.read_text() == written
+    assert len(pids_running(str(data / "jetstream").encode())) == 1  # the first's nats-server
+    first.send_signal(signal.SIGINT)
+    assert first.wait(10) == 0
+
+
 async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:
     url, token, env = lab.start_nats_and_gateway("full", KUBETASK_QUEUE_MAX_MSGS="20")
     async with httpx.AsyncClient(

@@ -12,6 +12,7 @@ then NATS.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
@@ -96,6 +98,30 @@ def ensure_tokens(data_dir: Path) -> dict[str, str]:
     return cfg
 
 
+def hold_data_dir(data_dir: Path) -> TextIO | None:
+    """Lock the data directory for this process's life (the lock goes with the process, however
+    it ends). A second `kubetask dev` on the same directory would start a second nats-server on
+    the same JetStream store and point the CLI's client.json at itself; it is refused instead."""
+    lock = open(data_dir / "dev.lock", "a+")  # held until the process ends
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        print(
+            f"error: {data_dir} is in use by another kubetask dev (pid {holder}); stop it, or"
+            " choose another --data-dir",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def run(
     data_dir: Path,
     port: int,
@@ -108,13 +134,16 @@ def run(
     for what, p in (("API", port), ("NATS", nats_port)):
         if p and port_in_use(p):
             print(
-                f"port {p} for the {what} is in use (another kubetask dev?); "
+                f"error: port {p} for the {what} is in use (another kubetask dev?); "
                 f"choose another with --{'port' if what == 'API' else 'nats-port'}",
                 file=sys.stderr,
                 flush=True,
             )
             return 2
     (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    lock = hold_data_dir(data_dir)
+    if lock is None:
+        return 2
     creds = ensure_tokens(data_dir)
     passwords = nats_auth.load_or_create(data_dir / "secrets" / "nats-users.json")
     nats_config = nats_auth.write_server_config(data_dir / "secrets" / "nats.conf", passwords)
