@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,13 @@ async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
         resp = await http.get("/v1/tasks")
         assert resp.status_code == 401 and resp.json()["error"] == "invalid token"
     assert (await asyncio.to_thread(tokens, "revoke", "no-such-token")).returncode != 0
+
+
+def test_the_version_is_the_installed_packages() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetask", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (out.returncode, out.stdout) == (0, f"kubetask {metadata.version('kubetask')}\n")
 
 
 def test_a_token_file_that_is_missing_or_broken_is_an_error_and_is_left_alone(

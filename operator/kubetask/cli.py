@@ -14,6 +14,7 @@ import signal
 import sys
 from collections import deque
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +423,9 @@ def cmd_crds(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kubetask", description=__doc__)
+    p.add_argument(
+        "--version", action="version", version=f"kubetask {metadata.version('kubetask')}"
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", help="API address (KUBETASK_URL)")
     common.add_argument("--token", help="bearer token (KUBETASK_TOKEN)")
