@@ -101,6 +101,23 @@ async def test_creations_with_bad_names_are_422(api: Api) -> None:
         _check_error_body(resp)
 
 
+async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
+    """No process can be given an argument, a variable or a directory with a NUL byte in it: a
+    function that had one was accepted and then failed every attempt at its start."""
+    for spec, field in (
+        ({"command": ["tr\x00ue"]}, "spec.command.0"),
+        ({"command": ["true", "a\x00"]}, "spec.command.1"),
+        ({"server": {"command": ["srv\x00"]}}, "spec.server.command.0"),
+        ({"command": ["true"], "env": [{"name": "A", "value": "x\x00y"}]}, "spec.env.0.value"),
+        ({"command": ["true"], "workingDir": "/tmp\x00"}, "spec.workingDir"),
+    ):
+        body = {"metadata": {"name": "nul"}, "spec": spec}
+        resp = await api.http.put("/v1/functions/nul", json=body)
+        assert resp.status_code == 422 and resp.json()["field"] == field, resp.text
+        _check_error_body(resp)
+    assert (await api.http.get("/v1/functions/nul")).status_code == 404
+
+
 async def test_strict_input(api: Api) -> None:
     await api.function("f", command=["true"])
     for raw in (b'{"function": "f", "payload": NaN}', b'{"function": "f", "payload": [Infinity]}'):

@@ -82,9 +82,15 @@ class TaskMeta(ObjectMeta):
     name: TaskId
 
 
+# What reaches an exec call as an argument, a variable's value or a directory: no NUL byte,
+# which no process can be given (a command holding one was accepted and then failed every
+# attempt with "could not start").
+ProcessText = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+
+
 class EnvVar(KubeModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    value: str = ""
+    value: ProcessText = ""
 
 
 # What a function may ask of the pod it runs in on Kubernetes (`executors/pod_template.py`): a
@@ -164,7 +170,7 @@ class QueueMode(StrEnum):
 class ServerSpec(KubeModel):
     """A warm, long-lived instance that receives invocations over HTTP and serves many tasks."""
 
-    command: list[str] = Field(
+    command: list[ProcessText] = Field(
         min_length=1, description="Starts the server; it must listen on $PORT."
     )
     concurrency: Count = Field(
@@ -216,7 +222,7 @@ class TaskFunctionSpec(KubeModel):
         },
     )
 
-    command: list[str] | None = Field(
+    command: list[ProcessText] | None = Field(
         default=None,
         min_length=1,
         description="Run one process per task: payload (JSON) on stdin, result on stdout, "
@@ -226,7 +232,7 @@ class TaskFunctionSpec(KubeModel):
         default=None, description="Warm server mode, for short tasks."
     )
     env: list[EnvVar] = Field(default_factory=list)
-    workingDir: str | None = None
+    workingDir: ProcessText | None = None
     image: str | None = Field(
         default=None,
         max_length=512,
