@@ -118,6 +118,27 @@ async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
     assert (await api.http.get("/v1/functions/nul")).status_code == 404
 
 
+async def test_labels_and_annotation_keys_follow_the_kubernetes_grammar(api: Api) -> None:
+    """The same objects are applied with kubectl, where the API server holds them to it."""
+    good = {"app": "x", "example.com/tier": "gold-1", "empty": ""}
+    body = {"metadata": {"name": "lab", "labels": good, "annotations": {"a/b": "any text"}}}
+    body["spec"] = {"command": ["true"]}
+    made = await api.http.put("/v1/functions/lab", json=body)
+    assert made.status_code == 200 and made.json()["metadata"]["labels"] == good, made.text
+    for meta in (
+        {"labels": {"app": "x" * 64}},
+        {"labels": {"app": "a b"}},
+        {"labels": {"-app": "x"}},
+        {"labels": {"Example.com/app": "x"}},
+        {"labels": {"k" * 300: "x"}},
+        {"annotations": {"a b": "x"}},
+    ):
+        body = {"metadata": {"name": "lab", **meta}, "spec": {"command": ["true"]}}
+        resp = await api.http.put("/v1/functions/lab", json=body)
+        assert resp.status_code == 422, (meta, resp.text)
+        _check_error_body(resp)
+
+
 async def test_strict_input(api: Api) -> None:
     await api.function("f", command=["true"])
     for raw in (b'{"function": "f", "payload": NaN}', b'{"function": "f", "payload": [Infinity]}'):

@@ -65,14 +65,28 @@ class KubeModel(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+# Kubernetes' grammar for label keys and values (annotation keys too), also where the API, not
+# the API server, takes the object: the same objects go both ways.
+LabelKey = Annotated[
+    str,
+    Field(
+        max_length=253,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+    ),
+]
+LabelValue = Annotated[
+    str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+]
+
+
 class ObjectMeta(KubeModel):
     name: Name
     namespace: Name | None = Field(
         default=None,
         description="The account (tenant) owning the object; the API fills in the caller's.",
     )
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    annotations: dict[LabelKey, str] = Field(default_factory=dict)
     model_config = ConfigDict(extra="ignore")
 
 
@@ -102,16 +116,6 @@ ObjectName = Annotated[
 QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkKMGTPE]i?)?$"
 Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY_PATTERN)]
 ResourceName = Literal["cpu", "memory", "ephemeral-storage"]
-LabelKey = Annotated[
-    str,
-    Field(
-        max_length=253,
-        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
-    ),
-]
-LabelValue = Annotated[
-    str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-]
 
 
 class Resources(KubeModel):
