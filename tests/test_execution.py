@@ -119,6 +119,22 @@ async def test_server_mode_reuses_a_warm_instance(api: Api) -> None:
 PER_TASK = {"Slot", "ServerExecution", "Invocation", "TaskRecord", "TimeoutError", "CancelledError"}
 
 
+def _raised_through_kubetask(obj: object) -> bool:
+    """An exception counts if it passed through kubetask's code. The NATS client leaves its
+    pinger and flusher, cancelled, in a cycle each time a connection closes or reconnects: once
+    per connection, not per task. One of this test process's connections did so in the middle
+    of this test once (a full run, right after the crash tests): two CancelledErrors whose
+    tracebacks were nats-py's `_ping_interval` and `_flusher` alone."""
+    if not isinstance(obj, BaseException):
+        return True
+    tb = obj.__traceback__
+    while tb is not None:
+        if "/kubetask/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 async def test_finished_tasks_and_idle_queues_leave_no_reference_cycles(api: Api) -> None:
     """Cycles are freed only by the collector, whose pauses grow with them: one cycle per task
     (and per empty fetch) stopped the dispatcher for 60-100 ms every few seconds under load."""
@@ -132,7 +148,7 @@ async def test_finished_tasks_and_idle_queues_leave_no_reference_cycles(api: Api
             assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"
         await asyncio.sleep(2.5)  # every function's queue idle for a while
         gc.collect()
-        cyclic = Counter(type(o).__name__ for o in gc.garbage)
+        cyclic = Counter(type(o).__name__ for o in gc.garbage if _raised_through_kubetask(o))
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
