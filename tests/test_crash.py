@@ -350,6 +350,18 @@ async def test_kill_9_one_of_two_dispatchers_its_partitions_are_taken_over(lab: 
     _assert_all_done_once(lab, tasks, events)
 
 
+async def _client_config(
+    lab: Lab, dev: subprocess.Popen[bytes], data: Path, log: str, timeout: float = 30
+) -> Path:
+    """`kubetask dev`'s client.json, once it names the API (written last, when all is up)."""
+    cfg_file = data / "client.json"
+    deadline = time.monotonic() + timeout
+    while not (cfg_file.exists() and "url" in cfg_file.read_text()):
+        assert time.monotonic() < deadline and dev.poll() is None, (lab.root / log).read_text()
+        await asyncio.sleep(0.1)
+    return cfg_file
+
+
 async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
     data = lab.root / "data"
     fn_file = lab.root / "fns.yaml"
@@ -370,13 +382,7 @@ async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
     ]
     env = dict(os.environ, KUBETASK_SWEEP_GRACE="2")
     dev = lab.spawn(*args, env=env, log="dev1.log")
-    cfg_file = data / "client.json"
-    deadline = time.monotonic() + 30
-    while not (cfg_file.exists() and "url" in cfg_file.read_text()):
-        assert time.monotonic() < deadline and dev.poll() is None, (
-            lab.root / "dev1.log"
-        ).read_text()
-        await asyncio.sleep(0.1)
+    cfg_file = await _client_config(lab, dev, data, "dev1.log")
     wait_for_port(port, proc=dev)
     token = json.loads(cfg_file.read_text())["token"]
     url = f"http://127.0.0.1:{port}"
@@ -405,13 +411,7 @@ async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> N
     data = lab.root / "data"
     args = ["dev", "--data-dir", str(data), "--nats-port", "0"]
     first = lab.spawn(*args, "--port", str(free_port()), env=dict(os.environ), log="dev1.log")
-    cfg_file = data / "client.json"
-    deadline = time.monotonic() + 30
-    while not (cfg_file.exists() and "url" in cfg_file.read_text()):
-        assert time.monotonic() < deadline and first.poll() is None, (
-            lab.root / "dev1.log"
-        ).read_text()
-        await asyncio.sleep(0.1)
+    cfg_file = await _client_config(lab, first, data, "dev1.log")
     written = cfg_file.read_text()
     second = await asyncio.to_thread(
         subprocess.run,
