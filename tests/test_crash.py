@@ -426,6 +426,20 @@ async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> N
     assert first.wait(10) == 0
 
 
+def test_a_setting_that_does_not_parse_is_named_when_dev_cannot_start(tmp_path: Path) -> None:
+    """It used to end in "process exited with code 1 before listening", with the reason in a
+    log file the user had to know about ("invalid literal for int()", no variable named)."""
+    env = dict(os.environ, KUBETASK_ACCOUNT_MAX_BACKLOG="lots")
+    args = ["dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetask", *args, "--nats-port", "0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "kubetask dev failed to start" in out.stderr
+    assert "KUBETASK_ACCOUNT_MAX_BACKLOG='lots': expected a whole number" in out.stderr
+
+
 async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:
     url, token, env = lab.start_nats_and_gateway("full", KUBETASK_QUEUE_MAX_MSGS="20")
     async with httpx.AsyncClient(

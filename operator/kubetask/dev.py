@@ -59,6 +59,13 @@ class Child:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def last_lines(self, n: int) -> list[str]:
+        """The end of its log: why it stopped, said where the user looks."""
+        try:
+            return self.log.read_text(errors="replace").strip().splitlines()[-n:]
+        except OSError:
+            return []
+
     def signal(self, sig: int) -> None:
         if self.running():
             assert self.proc is not None
@@ -231,6 +238,10 @@ def run(
         print("  The CLI in this directory picks these up; Ctrl-C stops everything.", flush=True)
     except Exception as err:
         print(f"kubetask dev failed to start: {err}", file=sys.stderr, flush=True)
+        for child in [nats, *children]:  # what the one that gave up said last
+            if child.proc is not None and child.proc.poll() is not None:
+                said = child.last_lines(3)
+                print(f"  {child.name} ({child.log}):", *said, sep="\n    ", file=sys.stderr)
         _shutdown(children, nats)
         return 1
 
@@ -259,6 +270,8 @@ def run(
                 print(
                     f"{child.name} exited with code {child.proc.returncode}; "
                     f"restarting in {delay:g}s",
+                    *child.last_lines(1),
+                    sep="\n  ",
                     file=sys.stderr,
                     flush=True,
                 )
