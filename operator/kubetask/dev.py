@@ -60,11 +60,15 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def last_lines(self, n: int) -> list[str]:
-        """The end of its log: why it stopped, said where the user looks."""
+        """The end of its log: why it stopped, said where the user looks. Only the last few KB
+        are read: a log of a long-lived platform may be large, and this runs at each restart."""
         try:
-            return self.log.read_text(errors="replace").strip().splitlines()[-n:]
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                tail = f.read().decode(errors="replace")
         except OSError:
             return []
+        return tail.strip().splitlines()[-n:]
 
     def signal(self, sig: int) -> None:
         if self.running():
