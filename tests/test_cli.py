@@ -163,18 +163,23 @@ async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(
     assert [e.phase for e in trail][-1] == "Succeeded"
 
 
+def _tokens(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`kubetask tokens ARGS --file PATH`, as typed."""
+    return subprocess.run(
+        [sys.executable, "-m", "kubetask", "tokens", *args, "--file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
     make_api: Any, gateway_url: str, tokens_file: Path
 ) -> None:
     api = await make_api()
 
     def tokens(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kubetask", "tokens", *args, "--file", str(tokens_file)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return _tokens(tokens_file, *args)
 
     refused = await asyncio.to_thread(tokens, "create")
     assert refused.returncode != 0 and "--account NAME, or --admin" in refused.stderr
@@ -211,33 +216,24 @@ def test_a_token_file_that_is_missing_or_broken_is_an_error_and_is_left_alone(
 ) -> None:
     """`tokens create` on a file it cannot read used to write a file holding only the new
     token: every other token in it was gone."""
-
-    def tokens(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kubetask", "tokens", *args, "--file", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
     missing = tmp_path / "none.json"
     for args in (["list"], ["revoke", "x"]):
-        said = tokens(missing, *args)
+        said = _tokens(missing, *args)
         assert said.returncode == 1 and "there is no token file at" in said.stderr, said.stderr
     assert not missing.exists()
     for text in ('{"tokens": [{"id": "tok_1", "sha256": "ab"}', '["tok_1"]', '{"tokens": 3}'):
         broken = tmp_path / "broken.json"
         broken.write_text(text)
         for args in (["create", "--account", "a"], ["list"], ["revoke", "tok_1"]):
-            said = tokens(broken, *args)
+            said = _tokens(broken, *args)
             assert said.returncode == 1 and "nothing was changed" in said.stderr, said.stderr
             assert "Traceback" not in said.stderr
             assert broken.read_text() == text
     empty = tmp_path / "empty.json"
     for text in ("", "{}"):  # holds no tokens yet
         empty.write_text(text)
-        assert tokens(empty, "list").returncode == 0
-        assert tokens(empty, "create", "--account", "a").returncode == 0
+        assert _tokens(empty, "list").returncode == 0
+        assert _tokens(empty, "create", "--account", "a").returncode == 0
         assert len(json.loads(empty.read_text())["tokens"]) == 1
 
 
