@@ -8,6 +8,7 @@ other's tasks — which is also what tenancy promises.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,10 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from harness import Api, as_user
+from harness import DENIED_WEBHOOK_HOST, Api, as_user
 from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.dispatch.webhooks import DEFAULT_DENIED, parse_networks
 from kubetask.embedded import free_port, start_nats
 from kubetask.gateway.app import create_app
 from kubetask.gateway.server import config
@@ -88,6 +90,12 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         pull_idle_expires=5.0,
         # and nats-server removes their consumers 8 s later, so their next task re-creates it.
         consumer_idle=8.0,
+        # 127.0.0.2 is loopback too, so a webhook server can listen there and show it is never
+        # called.
+        webhook_denied_networks=(
+            *parse_networks("", DEFAULT_DENIED),
+            ipaddress.ip_network(DENIED_WEBHOOK_HOST),
+        ),
     )
 
 

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aiohttp import web
 from kubetask.settings import Settings
 
 PY = sys.executable
 TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
+# The tests' dispatcher may send no webhook here (`conftest.settings`).
+DENIED_WEBHOOK_HOST = "127.0.0.2"
 
 
 @dataclass
@@ -189,3 +192,19 @@ async def all_succeed(api: Api, function: str | None, count: int, timeout: float
         assert asyncio.get_running_loop().time() < deadline, phases
         await asyncio.sleep(0.5)
     assert all(t["status"]["attempts"] == 1 for t in tasks), "a task took more than one attempt"
+
+
+@contextlib.asynccontextmanager
+async def web_server(handler: Any, host: str = "127.0.0.1") -> Any:
+    """A real HTTP server answering every POST with `handler`; yields its base URL."""
+    app = web.Application()
+    app.router.add_post("/{path:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

@@ -118,6 +118,63 @@ async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
     assert (await api.http.get("/v1/functions/nul")).status_code == 404
 
 
+async def test_what_reaches_an_http_request_line_is_one_well_formed_target(api: Api) -> None:
+    """A warm instance's paths and a webhook URL are written into HTTP requests: a space, CR or
+    LF in them would split or rewrite the request, and the HTTP client quietly drops or quotes
+    what it does not like, so a different URL than the one registered would be asked."""
+    for field, path in (
+        ("invokePath", "/run now"),
+        ("invokePath", "/run\r\nX-Injected: 1"),
+        ("readinessPath", "/health\n"),
+        ("readinessPath", "healthz"),
+        ("invokePath", "/caf\u00e9"),
+        ("invokePath", "/" + "a" * 3000),
+    ):
+        server = {"command": ["true"], field: path}
+        body = {"metadata": {"name": "srv"}, "spec": {"server": server}}
+        resp = await api.http.put("/v1/functions/srv", json=body)
+        assert resp.status_code == 422, (path, resp.text)
+        assert resp.json()["field"] == f"spec.server.{field}", resp.text
+        _check_error_body(resp)
+    server = {"command": ["true"], "invokePath": "/v1/run?mode=async&x=%20", "readinessPath": "/"}
+    ok = await api.http.put(
+        "/v1/functions/srv", json={"metadata": {"name": "srv"}, "spec": {"server": server}}
+    )
+    assert ok.status_code == 200, ok.text
+
+    await api.function("f", command=["true"])
+    for target in (
+        "http://example.test/a b",
+        "http://example.test/a\r\nHost: elsewhere",
+        "http://user:secret@example.test/",
+        "http://example.test:99999/",
+        "http:///nohost",
+        "http://",
+        "https://ex ample.test/",
+        "http://example.test/\u00e9",
+        "http://example.test/\x00",
+        "javascript:alert(1)",
+    ):
+        resp = await api.http.put(
+            "/v1/asyncconfigs/c",
+            json={
+                "metadata": {"name": "c"},
+                "spec": {
+                    "function": "f",
+                    "destinationConfig": {"onSuccess": {"kind": "webhook", "target": target}},
+                },
+            },
+        )
+        assert resp.status_code == 422, (target, resp.text)
+        _check_error_body(resp)
+    for target in ("https://example.test", "http://[::1]:8080/h?x=1&y=%2F", "http://10.0.0.1/h#f"):
+        await api.async_config(
+            "c",
+            function="f",
+            destinationConfig={"onSuccess": {"kind": "webhook", "target": target}},
+        )
+
+
 async def test_labels_and_annotation_keys_follow_the_kubernetes_grammar(api: Api) -> None:
     """The same objects are applied with kubectl, where the API server holds them to it."""
     good = {"app": "x", "example.com/tier": "gold-1", "empty": ""}

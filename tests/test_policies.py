@@ -6,8 +6,10 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from aiohttp import web
-from harness import Api, echo_script, read_lines
+from harness import DENIED_WEBHOOK_HOST, Api, echo_script, read_lines, web_server
+from kubetask.dispatch.webhooks import WebhookRefused, Webhooks, parse_networks
 from kubetask.plane import DataPlane
 from prometheus_client import REGISTRY
 
@@ -136,21 +138,12 @@ async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:
         calls.append(await request.json())
         return web.Response(status=503 if len(calls) < 3 else 200)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with web_server(hook) as url:
         await api.function("hooked", command=["sh", "-c", "echo 5"])
         await api.async_config(
             "hooked",
             function="hooked",
-            destinationConfig={
-                "onSuccess": {"kind": "webhook", "target": f"http://127.0.0.1:{port}/hook"}
-            },
+            destinationConfig={"onSuccess": {"kind": "webhook", "target": f"{url}/hook"}},
         )
         task = await api.submit("hooked")
         await api.wait(task["metadata"]["name"])
@@ -158,8 +151,86 @@ async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:
         assert all(c["responsePayload"] == 5 for c in calls)
         await asyncio.sleep(0.5)
         assert len(calls) == 3  # delivered once it succeeded, not again
-    finally:
-        await runner.cleanup()
+
+
+async def test_a_webhook_in_a_denied_network_is_never_called_and_the_log_says_so(
+    api: Api,
+) -> None:
+    """The tests' dispatcher denies DENIED_WEBHOOK_HOST, as a real one denies the clouds'
+    metadata addresses: the task still ends as it ran, and its log names the refusal."""
+    calls: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(status=200)
+
+    async with web_server(hook, DENIED_WEBHOOK_HOST) as url:
+        await api.function("guarded", command=["true"])
+        await api.async_config(
+            "guarded",
+            function="guarded",
+            destinationConfig={"onSuccess": {"kind": "webhook", "target": f"{url}/hook"}},
+        )
+        tid = (await api.submit("guarded"))["metadata"]["name"]
+        assert (await api.wait(tid))["status"]["phase"] == "Succeeded"
+        log = ""
+        for _ in range(100):
+            log = (await api.http.get(f"/v1/tasks/{tid}/logs")).text
+            if "task Succeeded" in log:
+                break
+            await asyncio.sleep(0.05)
+        assert "webhook was not called" in log and "denied network" in log, log
+        assert calls == []
+
+
+async def test_a_webhook_redirect_is_not_followed(api: Api) -> None:
+    """A redirect could send the record anywhere after the address was checked."""
+    elsewhere: list[str] = []
+    asked: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(request.path)
+        return web.Response(status=200)
+
+    async with web_server(other) as other_url:
+
+        async def hook(request: web.Request) -> web.Response:
+            asked.append(request.path)
+            raise web.HTTPTemporaryRedirect(f"{other_url}/stolen")
+
+        async with web_server(hook) as url:
+            await api.function("redirected", command=["true"])
+            await api.async_config(
+                "redirected",
+                function="redirected",
+                destinationConfig={"onSuccess": {"kind": "webhook", "target": f"{url}/hook"}},
+            )
+            await api.wait((await api.submit("redirected"))["metadata"]["name"])
+            await _eventually(lambda: len(asked) >= 2)
+    assert elsewhere == []
+
+
+async def test_a_name_that_resolves_only_into_denied_networks_is_refused() -> None:
+    """The check is on the addresses a name resolves to, not on how the URL spells the host."""
+    calls: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        return web.Response(status=204)
+
+    async with web_server(hook) as url:
+        port = url.rsplit(":", 1)[1]
+        guarded = Webhooks(parse_networks("", "127.0.0.0/8,::1/128"))
+        open_ = Webhooks(())
+        try:
+            with pytest.raises(WebhookRefused):
+                await guarded.post(f"http://localhost:{port}/a", {}, {})
+            assert calls == []
+            assert await open_.post(f"http://localhost:{port}/b", {}, {}) == 204
+            assert calls == ["/b"]
+        finally:
+            await guarded.close()
+            await open_.close()
 
 
 def _expired(account: str, function: str) -> float:

@@ -33,6 +33,24 @@ SUBJECT_TOKEN = r"[A-Za-z0-9_-]{1,64}"
 SUBJECT_DESTINATION_PATTERN = rf"^{DESTINATION_ROOT}[.]{NAME_PATTERN[1:-1]}([.]{SUBJECT_TOKEN})+$"
 _SUBJECT_TOKEN = re.compile(SUBJECT_TOKEN)
 
+# A path (and query) a warm instance is asked on: it is written into an HTTP request line as it
+# is, so only RFC 3986's path and query characters; a space, CR or LF would split the request.
+HTTP_PATH_MAX = 2048
+HTTP_PATH_PATTERN = r"^/[-A-Za-z0-9._~!$&'()*+,;=:@%/?]*$"
+
+# A webhook destination: http(s), a host name or address, a port, then visible ASCII only. No
+# user:password part (a secret does not belong in a spec anyone with read access sees), and no
+# space or control character, which the HTTP client would quote or drop into a different URL.
+WEBHOOK_PATTERN = (
+    r"^https?://([A-Za-z0-9_]([-A-Za-z0-9_.]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])"
+    r"(:[0-9]{1,5})?([/?#][!-~]*)?$"
+)
+WEBHOOK_RULE = (
+    "an http(s) URL: a host, an optional port, then visible ASCII characters only "
+    "(no spaces, no user:password@)"
+)
+_WEBHOOK = re.compile(WEBHOOK_PATTERN)
+
 _NAME = re.compile(NAME_PATTERN)
 _TASK_ID = re.compile(TASK_ID_PATTERN)
 
@@ -44,6 +62,16 @@ def is_name(value: object) -> bool:
 
 def is_task_id(value: object) -> bool:
     return isinstance(value, str) and _TASK_ID.fullmatch(value) is not None
+
+
+def webhook_problem(url: str) -> str | None:
+    """Why `url` may not be a webhook destination, or None when it may."""
+    match = _WEBHOOK.fullmatch(url)
+    if match is None:
+        return f"a webhook destination is {WEBHOOK_RULE}"
+    if match.group(3) and int(match.group(3)[1:]) > 65535:
+        return "a webhook destination's port is at most 65535"
+    return None
 
 
 def destination_namespace(account: str) -> str:

@@ -181,8 +181,12 @@ class ServerSpec(KubeModel):
         default=1, ge=1, le=1000, description="Invocations one instance takes at once."
     )
     maxInstances: Count = Field(default=4, ge=1, le=100)
-    invokePath: str = Field(default="/invoke", pattern=r"^/")
-    readinessPath: str = Field(default="/healthz", pattern=r"^/")
+    invokePath: str = Field(
+        default="/invoke", max_length=grammar.HTTP_PATH_MAX, pattern=grammar.HTTP_PATH_PATTERN
+    )
+    readinessPath: str = Field(
+        default="/healthz", max_length=grammar.HTTP_PATH_MAX, pattern=grammar.HTTP_PATH_PATTERN
+    )
     startupTimeoutSeconds: Number = Field(default=30, gt=0, le=600)
     idleSeconds: Number = Field(
         default=300, gt=0, description="An instance idle this long is stopped."
@@ -351,8 +355,9 @@ DESTINATION_RULES: list[JsonValue] = [
         "message": "a subject destination is a literal subject in 'out.<account>.'",
     },
     {
-        "rule": "self.kind != 'webhook' || self.target.matches('^https?://')",
-        "message": "a webhook destination is an http(s) URL",
+        # A raw CEL string: the pattern's backslashes are the regular expression's.
+        "rule": f"self.kind != 'webhook' || self.target.matches(r'{grammar.WEBHOOK_PATTERN}')",
+        "message": f"a webhook destination is {grammar.WEBHOOK_RULE}",
     },
 ]
 
@@ -369,7 +374,7 @@ class Destination(KubeModel):
                 for kind, pattern in (
                     ("function", grammar.NAME_PATTERN),
                     ("subject", SUBJECT_DESTINATION.pattern),
-                    ("webhook", "^https?://"),
+                    ("webhook", grammar.WEBHOOK_PATTERN),
                 )
             ],
         },
@@ -387,10 +392,10 @@ class Destination(KubeModel):
     def _target_fits_kind(self) -> Destination:
         if self.kind is DestinationKind.function and not grammar.is_name(self.target):
             raise ValueError(f"function destination {self.target!r} is not a valid function name")
-        if self.kind is DestinationKind.webhook and not re.match(r"^https?://", self.target):
-            raise ValueError(
-                f"webhook destination {self.target!r} must start with http:// or https://"
-            )
+        if self.kind is DestinationKind.webhook:
+            problem = grammar.webhook_problem(self.target)
+            if problem is not None:
+                raise ValueError(problem)
         if self.kind is DestinationKind.subject and not SUBJECT_DESTINATION.fullmatch(self.target):
             raise ValueError(
                 f"subject destination {self.target!r} must be a literal subject in an account's "

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import per_account
+from .dispatch.webhooks import DEFAULT_DENIED, Network, parse_networks
 from .fairness import FairnessSettings, parse_weights
 
 
@@ -157,6 +158,14 @@ class Settings:
     dedup_window: float = field(default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0))
     # A task still Pending this long after acceptance lost its publish; it is republished.
     sweep_grace: float = field(default_factory=lambda: env_float("KUBETASK_SWEEP_GRACE", 10.0))
+    # Networks no webhook destination may reach (`dispatch/webhooks.py`): CIDRs separated by
+    # commas, or `none`.
+    webhook_denied_networks: tuple[Network, ...] = field(
+        default_factory=lambda: parse_networks(
+            "KUBETASK_WEBHOOK_DENIED_NETWORKS",
+            env_str("KUBETASK_WEBHOOK_DENIED_NETWORKS", DEFAULT_DENIED),
+        )
+    )
     # Fair sharing across accounts (`fairness.py`): while several accounts have work, each keeps
     # at most its weighted share of these many attempts in flight in a dispatcher, and of these
     # many submissions in progress in a gateway.

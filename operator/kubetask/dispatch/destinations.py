@@ -10,7 +10,8 @@ so a destination that is down for a while still gets the record once it is back.
   stream does, as a plain NATS message — at most once, to whoever is subscribed then). Only
   subjects in the account's own namespace (`out.<account>.…`, `grammar.py`) are accepted, and
   they are published over a connection whose NATS user may publish nowhere else.
-- webhook: POSTed as JSON; any 2xx counts as delivered.
+- webhook: POSTed as JSON, never to a denied network (`webhooks.py`); any 2xx counts as
+  delivered.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 from collections.abc import Callable
 from typing import Any, Literal
 
-import aiohttp
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -40,6 +40,7 @@ from ..models import (
 from ..plane import DataPlane
 from ..store import TaskExists, now
 from .policy import Policy, TaskContext
+from .webhooks import WebhookRefused, Webhooks
 
 Condition = Literal["Success", "RetriesExhausted", "EventAgeExceeded", "Stopped"]
 _CONDITIONS: dict[TaskPhase, Condition] = {
@@ -131,7 +132,7 @@ def failure_payload(status: TaskStatus) -> dict[str, Any]:
 
 class Destinations(Policy):
     def __init__(self) -> None:
-        self._http: aiohttp.ClientSession | None = None
+        self._webhooks: Webhooks | None = None
         self._nc: jetstream.Connection | None = None
         self._connecting = asyncio.Lock()
 
@@ -166,6 +167,12 @@ class Destinations(Policy):
         for attempt in range(IN_PLACE_ATTEMPTS):
             try:
                 await self._deliver(ctx, dest, record)
+                return
+            except WebhookRefused as err:
+                # Asking again cannot help; the task's log says why no record came.
+                DESTINATION_FAILURES.labels(ctx.account, ctx.function.name).inc()
+                refused = f"its webhook was not called: {err}"
+                ctx.note = f"{ctx.note}; {refused}" if ctx.note else refused
                 return
             except Exception as err:
                 DESTINATION_FAILURES.labels(ctx.account, ctx.function.name).inc()
@@ -206,15 +213,15 @@ class Destinations(Policy):
                 dest.target, data, headers={"Nats-Msg-Id": f"{ctx.account}.{task_id}{suffix}"}
             )
         else:
-            if self._http is None:
-                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+            if self._webhooks is None:
+                self._webhooks = Webhooks(ctx.plane.settings.webhook_denied_networks)
             headers = {"X-Kubetask-Task-Id": task_id, "X-Kubetask-Account": ctx.account}
-            async with self._http.post(dest.target, json=body, headers=headers) as resp:
-                if resp.status >= 300:
-                    raise DestinationUndeliverable(f"webhook answered HTTP {resp.status}")
+            status = await self._webhooks.post(dest.target, body, headers)
+            if not 200 <= status < 300:
+                raise DestinationUndeliverable(f"webhook answered HTTP {status}")
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
+        if self._webhooks is not None:
+            await self._webhooks.close()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()

@@ -684,6 +684,7 @@ class Dispatcher:
     async def _finalize(self, ctx: TaskContext, msg: Msg) -> None:
         """Terminal side effects, then ack. On failure the message comes back later and this
         runs again (the record already says how the task ended)."""
+        ending = f"task {ctx.record.phase.value}"
         try:
             for policy in self.policies:
                 await policy.on_terminal(ctx)
@@ -702,7 +703,7 @@ class Dispatcher:
                 delivered,
                 err,
             )
-        ending = f"task {ctx.record.phase.value}"
+            ending += f"; finishing it failed {delivered} times, given up: {err}"
         self._log(ctx.record, "system", f"{ctx.note}; {ending}" if ctx.note else ending, final=True)
         await msg.ack()
 
