@@ -426,18 +426,52 @@ async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> N
     assert first.wait(10) == 0
 
 
-def test_a_setting_that_does_not_parse_is_named_when_dev_cannot_start(tmp_path: Path) -> None:
+def test_a_setting_out_of_range_or_unparsable_is_named_before_anything_starts(
+    tmp_path: Path,
+) -> None:
     """It used to end in "process exited with code 1 before listening", with the reason in a
-    log file the user had to know about ("invalid literal for int()", no variable named)."""
-    env = dict(os.environ, KUBETASK_ACCOUNT_MAX_BACKLOG="lots")
-    args = ["dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
+    log file ("invalid literal for int()", no variable named); a 0 or a negative number was
+    taken as it was (no task would ever run with no node slot), and a setting read only by the
+    dispatcher had it restarted over and over."""
+    for name, value, why in (
+        ("KUBETASK_ACCOUNT_MAX_BACKLOG", "lots", "expected a whole number"),
+        ("KUBETASK_NODE_SLOTS", "0", "must be at least 1"),
+        ("KUBETASK_CONSUMER_IDLE", "-5", "must be at least 0"),
+        ("KUBETASK_AIMD_DECREASE", "1.5", "must be at most 0.99"),
+        ("KUBETASK_ACK_WAIT", "nan", "expected a finite number"),
+        ("KUBETASK_DEDICATE_BACKLOG", "0", "must be at least 1"),
+        ("KUBETASK_WEBHOOK_DENIED_NETWORKS", "10.0.0.0/33", "is not a network"),
+    ):
+        env = dict(os.environ, **{name: value})
+        args = ["dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
+        out = subprocess.run(
+            [sys.executable, "-m", "kubetask", *args, "--nats-port", "0"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 2, (name, out.stdout + out.stderr)
+        assert out.stderr.startswith(f"error: {name}"), out.stderr
+        assert why in out.stderr, out.stderr
+        assert not (tmp_path / "data").exists()  # nothing was started
+        dispatcher = subprocess.run(
+            [sys.executable, "-m", "kubetask", "dispatcher"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert dispatcher.returncode == 1 and why in dispatcher.stderr, dispatcher.stderr
+
+
+def test_a_component_that_cannot_start_has_its_last_words_shown(tmp_path: Path) -> None:
+    """The reason a component stopped is in its log; dev prints the end of it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index").write_text("a file where the gateway keeps a directory")
+    args = ["dev", "--data-dir", str(data), "--port", str(free_port())]
     out = subprocess.run(
         [sys.executable, "-m", "kubetask", *args, "--nats-port", "0"],
-        env=env, capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
     assert "kubetask dev failed to start" in out.stderr
-    assert "KUBETASK_ACCOUNT_MAX_BACKLOG='lots': expected a whole number" in out.stderr
+    assert "gateway (" in out.stderr and "index" in out.stderr.split("gateway (", 1)[1]
 
 
 async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:

@@ -337,7 +337,16 @@ def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def _settings_or_exit() -> None:
+    from .settings_check import settings_problem
+
+    problem = settings_problem()
+    if problem is not None:
+        sys.exit(f"error: {problem}")
+
+
 def cmd_gateway(args: argparse.Namespace) -> None:
+    _settings_or_exit()
     import uvicorn
 
     from .runtime import keep_private
@@ -353,6 +362,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:
+    _settings_or_exit()
     from .runtime import keep_private
 
     keep_private()

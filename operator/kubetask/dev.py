@@ -30,6 +30,7 @@ from .auth import create_token
 from .client import Client
 from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
 from .executors.parent_death import die_with_parent
+from .settings_check import settings_problem
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
 # let running attempts go on before handing them back to the queue.
@@ -142,6 +143,10 @@ def run(
     ack_wait: float | None = None,
 ) -> int:
     data_dir = data_dir.resolve()
+    problem = settings_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     for what, p in (("API", port), ("NATS", nats_port)):
         if p and port_in_use(p):
             print(

@@ -41,10 +41,12 @@ log = logging.getLogger("kubetask.queues")
 @dataclass(frozen=True)
 class RouteSettings:
     dedicate_backlog: int = field(
-        default_factory=lambda: env_int("KUBETASK_DEDICATE_BACKLOG", 10_000)
+        default_factory=lambda: env_int("KUBETASK_DEDICATE_BACKLOG", 10_000, 1)
     )
-    recycle_after: float = field(default_factory=lambda: env_float("KUBETASK_RECYCLE_AFTER", 600.0))
-    period: float = field(default_factory=lambda: env_float("KUBETASK_ROUTE_PERIOD", 5.0))
+    recycle_after: float = field(
+        default_factory=lambda: env_float("KUBETASK_RECYCLE_AFTER", 600.0, 1)
+    )
+    period: float = field(default_factory=lambda: env_float("KUBETASK_ROUTE_PERIOD", 5.0, 0.1))
 
 
 class Router:

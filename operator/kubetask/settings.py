@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from . import per_account
 from .dispatch.webhooks import DEFAULT_DENIED, Network, parse_networks
@@ -14,20 +16,43 @@ def env_str(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def env_float(name: str, default: float) -> float:
+N = TypeVar("N", int, float)
+
+
+def env_float(
+    name: str, default: float, low: float | None = None, high: float | None = None
+) -> float:
+    """`name` as a number, held to [low, high]: a setting out of range is refused at start,
+    not found out later as a hot loop, a stall or a queue that never drains."""
     raw = os.environ.get(name)
+    if not raw:
+        return default
     try:
-        return float(raw) if raw else default
+        value = float(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r}: expected a finite number")
+    return _in_range(name, raw, value, low, high)
 
 
-def env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int, low: int | None = None, high: int | None = None) -> int:
     raw = os.environ.get(name)
+    if not raw:
+        return default
     try:
-        return int(raw) if raw else default
+        value = int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r}: expected a whole number") from None
+    return _in_range(name, raw, value, low, high)
+
+
+def _in_range(name: str, raw: str, value: N, low: N | None, high: N | None) -> N:
+    if low is not None and value < low:
+        raise ValueError(f"{name}={raw!r}: must be at least {low}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}={raw!r}: must be at most {high}")
+    return value
 
 
 def env_switch(name: str, default: bool) -> bool:
@@ -79,13 +104,13 @@ class Settings:
     )
     # How long a claimed message may go without a heartbeat before JetStream hands it to another
     # dispatcher; dispatchers heartbeat at a third of it, so this bounds crash recovery time.
-    ack_wait: float = field(default_factory=lambda: env_float("KUBETASK_ACK_WAIT", 30.0))
+    ack_wait: float = field(default_factory=lambda: env_float("KUBETASK_ACK_WAIT", 30.0, 1, 3600))
     # The gateway's task index (`gateway/index.py`): a SQLite file kept across restarts, so a
     # restart replays only what changed; empty, it is kept in memory and rebuilt at each start.
     index_path: str = field(default_factory=lambda: env_str("KUBETASK_INDEX_PATH", ""))
     # Task records, logs and events are kept this long (must exceed the longest task + queue age).
     retention_seconds: float = field(
-        default_factory=lambda: env_float("KUBETASK_RETENTION_SECONDS", 7 * 86400)
+        default_factory=lambda: env_float("KUBETASK_RETENTION_SECONDS", 7 * 86400, 1)
     )
     # Accounts that keep their history for less (`history.py`): `account=seconds,...`.
     account_retention: dict[str, float] = field(
@@ -101,22 +126,22 @@ class Settings:
         default_factory=lambda: env_switch("KUBETASK_HISTORY_COMPRESSION", True)
     )
     max_payload_bytes: int = field(
-        default_factory=lambda: env_int("KUBETASK_MAX_PAYLOAD", 256 * 1024)
+        default_factory=lambda: env_int("KUBETASK_MAX_PAYLOAD", 256 * 1024, 1)
     )
     max_result_bytes: int = field(
-        default_factory=lambda: env_int("KUBETASK_MAX_RESULT", 256 * 1024)
+        default_factory=lambda: env_int("KUBETASK_MAX_RESULT", 256 * 1024, 1)
     )
     # A queue (stream) holding this many tasks refuses new ones (429) rather than drop old ones.
     queue_max_msgs: int = field(
-        default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_MSGS", 1_000_000)
+        default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_MSGS", 1_000_000, 1)
     )
     # Back-pressure per account (`gateway/throttle.py`); 0 switches a limit off. Tasks one
     # account may keep waiting in one queue, and tasks it may submit per second.
     account_max_backlog: int = field(
-        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_BACKLOG", 100_000)
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_BACKLOG", 100_000, 0)
     )
     account_max_rate: float = field(
-        default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0)
+        default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0, 0)
     )
     # Functions that may share one queue (stream): its consumer limit; past it, registering
     # another function there is a 409 (nats-server 2.15 would stop at 1,000). Each function is
@@ -125,7 +150,7 @@ class Settings:
     # state in memory walked every consumer of the stream on each acknowledgement
     # (bench/README.md, docs/decisions.md "Still costly").
     queue_max_functions: int = field(
-        default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000)
+        default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_FUNCTIONS", 10_000, 1)
     )
     # Accounts whose `auto` functions start in the stream small accounts share (`KT_QM`) rather
     # than in a stream of the account's own: names separated by commas, or `*` for all. Read
@@ -140,24 +165,30 @@ class Settings:
     executor: str = field(default_factory=lambda: env_choice("KUBETASK_EXECUTOR", EXECUTORS))
     # Copies JetStream keeps of every stream and bucket: 3 on a three-node NATS cluster (the
     # chart sets it with `nats.cluster.enabled`), so losing one server loses no task.
-    stream_replicas: int = field(default_factory=lambda: env_int("KUBETASK_STREAM_REPLICAS", 1))
+    stream_replicas: int = field(
+        default_factory=lambda: env_int("KUBETASK_STREAM_REPLICAS", 1, 1, 5)
+    )
     # A function's pull request that ends empty is followed by a longer one, up to this; once
     # one this long ends empty the function dozes: no request open, its queue subject watched
     # (`dispatch/pull.py`).
     pull_idle_expires: float = field(
-        default_factory=lambda: env_float("KUBETASK_PULL_IDLE_EXPIRES", 80.0)
+        default_factory=lambda: env_float("KUBETASK_PULL_IDLE_EXPIRES", 80.0, 1)
     )
     # nats-server removes a function's consumer once no dispatcher has asked it for tasks, and
     # none it delivered was acknowledged or kept alive, for this long; 0 keeps consumers for
     # ever. The first task after that re-creates it (`queues.revive_consumer`). Consumers of
     # the small accounts' stream are kept: their count is that stream's room.
-    consumer_idle: float = field(default_factory=lambda: env_float("KUBETASK_CONSUMER_IDLE", 120.0))
+    consumer_idle: float = field(
+        default_factory=lambda: env_float("KUBETASK_CONSUMER_IDLE", 120.0, 0)
+    )
     # A dispatcher that stops renewing its partition leases loses them after this long.
-    lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0))
+    lease_ttl: float = field(default_factory=lambda: env_float("KUBETASK_LEASE_TTL", 10.0, 1))
     # JetStream's publish de-duplication window; task-id de-duplication does not depend on it.
-    dedup_window: float = field(default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0))
+    dedup_window: float = field(
+        default_factory=lambda: env_float("KUBETASK_DEDUP_WINDOW", 120.0, 1)
+    )
     # A task still Pending this long after acceptance lost its publish; it is republished.
-    sweep_grace: float = field(default_factory=lambda: env_float("KUBETASK_SWEEP_GRACE", 10.0))
+    sweep_grace: float = field(default_factory=lambda: env_float("KUBETASK_SWEEP_GRACE", 10.0, 1))
     # Networks no webhook destination may reach (`dispatch/webhooks.py`): CIDRs separated by
     # commas, or `none`.
     webhook_denied_networks: tuple[Network, ...] = field(
@@ -174,10 +205,10 @@ class Settings:
         default_factory=lambda: parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", ""))
     )
     dispatch_fair_slots: int = field(
-        default_factory=lambda: env_int("KUBETASK_DISPATCH_FAIR_SLOTS", 32)
+        default_factory=lambda: env_int("KUBETASK_DISPATCH_FAIR_SLOTS", 32, 1)
     )
     gateway_fair_slots: int = field(
-        default_factory=lambda: env_int("KUBETASK_GATEWAY_FAIR_SLOTS", 8)
+        default_factory=lambda: env_int("KUBETASK_GATEWAY_FAIR_SLOTS", 8, 1)
     )
 
     def small_account(self, account: str) -> bool:

@@ -10,8 +10,8 @@ from ..plane import DataPlane
 from ..settings import env_float, env_int, env_str
 
 
-def _from_env(kind: Any, name: str, default: Any) -> Any:
-    return field(default_factory=lambda: kind(f"KUBETASK_{name}", default))
+def _from_env(kind: Any, name: str, default: Any, *bounds: Any) -> Any:
+    return field(default_factory=lambda: kind(f"KUBETASK_{name}", default, *bounds))
 
 
 @dataclass(frozen=True)
@@ -24,22 +24,22 @@ class OperatorConfig:
     tokens_secret: str = _from_env(env_str, "TOKENS_SECRET", "kubetask-tokens")
     # Where the Deployments it creates find their NATS passwords (`nats_auth.py`).
     nats_users_secret: str = _from_env(env_str, "NATS_USERS_SECRET", "kubetask-nats-users")
-    gateway_replicas: int = _from_env(env_int, "GATEWAY_REPLICAS", 1)
+    gateway_replicas: int = _from_env(env_int, "GATEWAY_REPLICAS", 1, 1)
     # The chart's platform settings (`config` in values.yaml), given to the gateway and the
     # dispatchers as environment; empty outside the chart.
     config_map: str = _from_env(env_str, "CONFIG_MAP", "")
     # Its content's checksum, on the pods it configures: a change rolls them.
     config_checksum: str = _from_env(env_str, "CONFIG_CHECKSUM", "")
     # Passed on to the gateway and the dispatchers: every component creates streams alike.
-    stream_replicas: int = _from_env(env_int, "STREAM_REPLICAS", 1)
+    stream_replicas: int = _from_env(env_int, "STREAM_REPLICAS", 1, 1, 5)
     # What runs `command` functions (settings.py EXECUTORS); `kubernetes` also gives the
     # dispatchers the service account that may manage Jobs and the address sidecars call.
     executor: str = _from_env(env_str, "EXECUTOR", "local")
-    dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1)
-    dispatcher_max: int = _from_env(env_int, "DISPATCHER_MAX", 10)
-    target_backlog: int = _from_env(env_int, "DISPATCHER_TARGET_BACKLOG", 100)
-    cooldown: float = _from_env(env_float, "DISPATCHER_COOLDOWN", 60.0)
-    scale_interval: float = _from_env(env_float, "SCALE_INTERVAL", 5.0)
+    dispatcher_min: int = _from_env(env_int, "DISPATCHER_MIN", 1, 1)
+    dispatcher_max: int = _from_env(env_int, "DISPATCHER_MAX", 10, 1)
+    target_backlog: int = _from_env(env_int, "DISPATCHER_TARGET_BACKLOG", 100, 1)
+    cooldown: float = _from_env(env_float, "DISPATCHER_COOLDOWN", 60.0, 0)
+    scale_interval: float = _from_env(env_float, "SCALE_INTERVAL", 5.0, 0.1)
 
 
 def plane_of(memo: Any) -> DataPlane:

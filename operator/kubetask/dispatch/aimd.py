@@ -23,20 +23,24 @@ A busy answer is not a task failure: the task goes back to its queue and spends 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..settings import env_float, env_int
 
 
 @dataclass(frozen=True)
 class AimdSettings:
-    start: int = env_int("KUBETASK_AIMD_START", 8)
-    increase: float = env_float("KUBETASK_AIMD_INCREASE", 1.0)
-    decrease: float = env_float("KUBETASK_AIMD_DECREASE", 0.5)
-    period: float = env_float("KUBETASK_AIMD_PERIOD", 0.5)
-    busy_rate: float = env_float("KUBETASK_AIMD_BUSY_RATE", 0.03)
-    busy_count: int = env_int("KUBETASK_AIMD_BUSY_COUNT", 3)
-    idle_periods: int = env_int("KUBETASK_AIMD_IDLE_PERIODS", 20)
+    start: int = field(default_factory=lambda: env_int("KUBETASK_AIMD_START", 8, 1))
+    increase: float = field(default_factory=lambda: env_float("KUBETASK_AIMD_INCREASE", 1.0, 0.01))
+    decrease: float = field(
+        default_factory=lambda: env_float("KUBETASK_AIMD_DECREASE", 0.5, 0.01, 0.99)
+    )
+    period: float = field(default_factory=lambda: env_float("KUBETASK_AIMD_PERIOD", 0.5, 0.01))
+    busy_rate: float = field(
+        default_factory=lambda: env_float("KUBETASK_AIMD_BUSY_RATE", 0.03, 0, 1)
+    )
+    busy_count: int = field(default_factory=lambda: env_int("KUBETASK_AIMD_BUSY_COUNT", 3, 1))
+    idle_periods: int = field(default_factory=lambda: env_int("KUBETASK_AIMD_IDLE_PERIODS", 20, 1))
 
 
 class Window:

@@ -52,14 +52,14 @@ def default_instances() -> int:
 @dataclass(frozen=True)
 class BudgetSettings:
     processes: int = field(
-        default_factory=lambda: env_int("KUBETASK_NODE_PROCESSES", default_processes())
+        default_factory=lambda: env_int("KUBETASK_NODE_PROCESSES", default_processes(), 1)
     )
     slots: int = field(
-        default_factory=lambda: env_int("KUBETASK_NODE_SLOTS", (os.cpu_count() or 1) * 128)
+        default_factory=lambda: env_int("KUBETASK_NODE_SLOTS", (os.cpu_count() or 1) * 128, 1)
     )
     # Warm `server` instances, all functions together (`executors/instance_budget.py`).
     instances: int = field(
-        default_factory=lambda: env_int("KUBETASK_NODE_INSTANCES", default_instances())
+        default_factory=lambda: env_int("KUBETASK_NODE_INSTANCES", default_instances(), 1)
     )
 
 

@@ -83,16 +83,16 @@ class JobSettings:
         default_factory=lambda: env_str("KUBETASK_IMAGE", "docker.io/kubetask/kubetask:dev")
     )
     # Where sidecars call this dispatcher back (its pod's address on Kubernetes).
-    port: int = field(default_factory=lambda: env_int("KUBETASK_RUNTIME_PORT", 9091))
+    port: int = field(default_factory=lambda: env_int("KUBETASK_RUNTIME_PORT", 9091, 1, 65535))
     address: str = field(default_factory=lambda: env_str("KUBETASK_RUNTIME_ADDRESS", _pod_ip()))
-    ttl: int = field(default_factory=lambda: env_int("KUBETASK_JOB_TTL_SECONDS", 600))
+    ttl: int = field(default_factory=lambda: env_int("KUBETASK_JOB_TTL_SECONDS", 600, 0))
     # A pod that has not started its function by then fails the attempt (image pulls included).
     start_timeout: float = field(
-        default_factory=lambda: env_float("KUBETASK_POD_START_TIMEOUT", 300.0)
+        default_factory=lambda: env_float("KUBETASK_POD_START_TIMEOUT", 300.0, 1)
     )
     # A sidecar heartbeats every 5 s; silent this long, its attempt is lost (node gone).
     lost_after: float = field(
-        default_factory=lambda: env_float("KUBETASK_RUNTIME_LOST_AFTER", 30.0)
+        default_factory=lambda: env_float("KUBETASK_RUNTIME_LOST_AFTER", 30.0, 1)
     )
 
 

@@ -1,0 +1,26 @@
+"""Every KUBETASK_* setting the data plane reads, checked together before a component starts.
+
+The settings are read where they are used (the AIMD window's in `dispatch/aimd.py`, the node
+budget's in `dispatch/node_budget.py`...), some only once a component is connected: a value out
+of range would otherwise be found after NATS came up, and a supervisor would restart the
+component over and over with the reason in its log.
+"""
+
+from __future__ import annotations
+
+from .dispatch.aimd import AimdSettings
+from .dispatch.node_budget import BudgetSettings
+from .queue_routes import RouteSettings
+from .settings import Settings
+
+
+def settings_problem() -> str | None:
+    """The first setting that does not parse or is out of range, named, or None."""
+    try:
+        Settings()
+        AimdSettings()
+        BudgetSettings()
+        RouteSettings()
+    except ValueError as err:
+        return str(err)
+    return None
