@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,32 @@ async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
     )  # fmt: skip
     assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
     assert (await api.http.get("/v1/tasks/never")).status_code == 404
+
+
+async def test_list_takes_times_as_a_person_types_them(api: Api, gateway_url: str) -> None:
+    """`--started-after 2026-12-01` was a 422 (the API wants a zone); a date, a time without a
+    zone (UTC) and a span ago (`2h`) are what people type."""
+    await api.function("timed", command=["true"])
+    tid = (await api.submit("timed"))["metadata"]["name"]
+    started = (await api.wait(tid))["status"]["timestamps"]["started"]
+    moment = datetime.fromisoformat(started.replace("Z", "+00:00"))
+    today = moment.date().isoformat()
+    tomorrow = (moment + timedelta(days=1)).date().isoformat()
+    no_zone = (moment - timedelta(minutes=1)).replace(tzinfo=None).isoformat(timespec="seconds")
+    for flags, found in (
+        (["--started-after", today], True),
+        (["--started-after", tomorrow], False),
+        (["--started-before", tomorrow], True),
+        (["--started-after", no_zone], True),
+        (["--started-after", "1h"], True),
+        (["--started-before", "1h"], False),
+        (["--started-after", "30d", "--started-before", "2d"], False),
+    ):
+        out = await kt(api, gateway_url, "list", "--function", "timed", *flags)
+        assert (tid in out.stdout) is found, (flags, out.stdout)
+    for bad in ("yesterday", "2026-13-01", "5y", "-1h"):
+        out = await kt(api, gateway_url, "list", f"--started-after={bad}", check=False)
+        assert out.returncode == 2 and "is not a time" in out.stderr, (bad, out.stderr)
 
 
 async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(

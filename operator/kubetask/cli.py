@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections import deque
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,30 @@ def cmd_describe(args: argparse.Namespace) -> None:
     print(f"\nlogs (last {args.tail} lines):" if lines else "\nlogs: none")
     for rec in lines:
         print(f"  {rec['ts']} [{rec['attempt']} {rec['stream']}] {rec['line']}")
+
+
+_AGO = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def point_in_time(text: str) -> str:
+    """A `--started-*` bound as the API takes it (RFC 3339, UTC) from what a person types: a
+    full time with a zone, a date or a time without one (taken as UTC, as the API's times
+    are), or a span ago (`90s`, `15m`, `2h`, `7d`)."""
+    text = text.strip()
+    unit = _AGO.get(text[-1:])
+    if unit is not None and text[:-1].isdigit():
+        moment = datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * unit)
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a time: give 2026-01-31, 2026-01-31T08:00 (UTC), "
+                "2026-01-31T08:00:00+01:00, or a span ago like 15m, 2h or 7d"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _indent(text: str) -> str:
@@ -525,8 +549,12 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--function")
     ls.add_argument("--status", help="phase, or several separated by commas")
     ls.add_argument("--prefix", help="task-id prefix")
-    ls.add_argument("--started-after", help="ISO 8601 time")
-    ls.add_argument("--started-before", help="ISO 8601 time")
+    for bound in ("after", "before"):
+        ls.add_argument(
+            f"--started-{bound}",
+            type=point_in_time,
+            help="a time (2026-01-31T08:00:00Z; a date, or no zone: UTC) or a span ago (2h, 7d)",
+        )
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--all", action="store_true", help="follow the cursor through every page")
     ls.set_defaults(func=cmd_list)
