@@ -39,7 +39,9 @@ class Dev:
         # Only the one family: a whole page holds every function's series (10,000 functions make
         # it large enough to time out while a burst keeps the dispatcher busy).
         only = {"name[]": "kubetask_tasks_succeeded_total"}
-        async with httpx.AsyncClient(timeout=60) as http:
+        scrape = (self.data / "secrets" / "metrics.token").read_text()
+        headers = {"Authorization": f"Bearer {scrape}"}
+        async with httpx.AsyncClient(timeout=60, headers=headers) as http:
             for url in self.dispatcher_metrics:
                 for line in (await http.get(url, params=only)).text.splitlines():
                     if line.startswith(want):

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,11 @@ class Kubetask:
         self.procs.append(start_nats(self.work / "js", self.nats_port, config=conf))
         tokens = self.work / "tokens.json"
         self.token = create_token(tokens, "bench", "bench")
-        env = dict(os.environ, KUBETASK_NATS_URL=self.nats_url)
+        # The dispatcher shows its per-function counters to the holder of this token only.
+        self.metrics_token = secrets.token_urlsafe(16)
+        env = dict(
+            os.environ, KUBETASK_NATS_URL=self.nats_url, KUBETASK_METRICS_TOKEN=self.metrics_token
+        )
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         log = open(self.work / "kubetask.log", "ab")
@@ -129,7 +134,10 @@ class Kubetask:
         """Tasks recorded Succeeded so far, read from the dispatcher's own counter: it is counted
         once the Succeeded record is written. Cheaper for the client than following every phase
         change in the audit stream, which would steal CPU from the system under test."""
-        async with self.session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as resp:
+        async with self.session.get(
+            f"http://127.0.0.1:{self.metrics_port}/metrics",
+            headers={"Authorization": f"Bearer {self.metrics_token}"},
+        ) as resp:
             text = await resp.text()
         for line in text.splitlines():
             if line.startswith("kubetask_tasks_succeeded_total{"):

@@ -22,6 +22,8 @@ PY = sys.executable
 TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
 # The tests' dispatcher may send no webhook here (`conftest.settings`).
 DENIED_WEBHOOK_HOST = "127.0.0.2"
+# What the tests' gateway takes for Prometheus' token (`conftest.settings`).
+METRICS_TOKEN = "scrape-secret"
 
 
 @dataclass

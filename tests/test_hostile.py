@@ -9,7 +9,10 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from harness import Api
+import httpx
+from harness import METRICS_TOKEN, Api
+from kubetask import metrics
+from kubetask.embedded import free_port
 from kubetask.plane import DataPlane
 
 BAD_IDS = [
@@ -283,6 +286,61 @@ async def test_another_accounts_token_reaches_nothing(
         "30",
     ]
     await owner.call("POST", "/v1/tasks/t1/stop", 200)
+
+
+async def test_metrics_show_an_account_only_its_own_series(
+    make_api: Callable[..., Awaitable[Api]],
+) -> None:
+    """The gateway's /metrics was open to all and labelled by account and function: any tenant
+    (or anyone who could reach the gateway) read every other tenant's names and volumes."""
+    one, two, admin = await make_api(), await make_api(), await make_api(admin=True)
+    for api in (one, two):
+        await api.function("counted", command=["true"])
+        await api.wait((await api.submit("counted"))["metadata"]["name"])
+    mine = await one.http.get("/metrics")
+    assert mine.status_code == 200
+    assert f'kubetask_tasks_submitted_total{{account="{one.account}",function="counted"}}' in (
+        mine.text
+    )
+    assert two.account not in mine.text
+    assert "process_cpu_seconds_total" in mine.text  # the platform's series stay
+    async with httpx.AsyncClient(base_url=one.http.base_url) as nobody:
+        anonymous = await nobody.get("/metrics")
+    assert anonymous.status_code == 200 and 'account="' not in anonymous.text
+    assert "# TYPE kubetask_tasks_submitted_total counter" in anonymous.text
+    forged = await one.http.get("/metrics", headers={"Authorization": "Bearer kt_forged"})
+    assert forged.status_code == 401
+    _check_error_body(forged)
+    everything = (await admin.http.get("/metrics")).text
+    assert f'account="{one.account}"' in everything and f'account="{two.account}"' in everything
+    scraped = await one.http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert f'account="{one.account}"' in scraped.text and f'account="{two.account}"' in scraped.text
+
+
+async def test_a_dispatchers_metrics_need_the_metrics_token(api: Api) -> None:
+    """A dispatcher's metrics port is reachable from tenants' code (a process beside it, a pod
+    in the cluster): without the metrics token it shows only the platform's series."""
+    await api.function("scraped", command=["true"])
+    await api.wait((await api.submit("scraped"))["metadata"]["name"])
+    port = free_port()
+    server = metrics.serve(port, "127.0.0.1", METRICS_TOKEN)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            series = f'kubetask_tasks_succeeded_total{{account="{api.account}",function="scraped"}}'
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": api.token}):
+                page = await http.get("/metrics", headers=headers)
+                assert page.status_code == 200 and 'account="' not in page.text, headers
+                assert "# TYPE kubetask_tasks_succeeded_total counter" in page.text
+            scraper = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+            full = await http.get("/metrics", headers=scraper)
+            assert series in full.text
+            only = await http.get(
+                "/metrics", headers=scraper, params={"name[]": "kubetask_tasks_succeeded_total"}
+            )
+            assert series in only.text and "process_cpu_seconds_total" not in only.text
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def test_subject_destinations_stay_in_the_accounts_namespace(

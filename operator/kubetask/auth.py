@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import grammar
+from . import grammar, private_files
 
 log = logging.getLogger("kubetask.auth")
 
@@ -166,11 +165,7 @@ def _entries_to_edit(path: Path, must_exist: bool) -> list[dict[str, Any]]:
 
 
 def _write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"tokens": entries}, indent=2))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    private_files.write(path, json.dumps({"tokens": entries}, indent=2))
 
 
 def create_token(path: Path, name: str | None, account: str | None, admin: bool = False) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import TextIO
 
 import yaml
 
-from . import nats_auth
+from . import nats_auth, private_files
 from .auth import create_token
 from .client import Client
 from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
@@ -105,9 +106,17 @@ def ensure_tokens(data_dir: Path) -> dict[str, str]:
         "token": create_token(tokens_file, "dev", "default"),
         "adminToken": create_token(tokens_file, "dev-admin", None, admin=True),
     }
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    os.chmod(cfg_path, 0o600)
+    private_files.write(cfg_path, json.dumps(cfg, indent=2))
     return cfg
+
+
+def metrics_token_file(data_dir: Path) -> Path:
+    """The 0600 file holding the token Prometheus reads every component's metrics with; made
+    on first use and kept. A file, so the token is in no process's environment."""
+    path = data_dir / "secrets" / "metrics.token"
+    if not path.exists():
+        private_files.write(path, secrets.token_urlsafe(24))
+    return path
 
 
 def hold_data_dir(data_dir: Path) -> TextIO | None:
@@ -163,6 +172,8 @@ def run(
     creds = ensure_tokens(data_dir)
     passwords = nats_auth.load_or_create(data_dir / "secrets" / "nats-users.json")
     nats_config = nats_auth.write_server_config(data_dir / "secrets" / "nats.conf", passwords)
+    scrape_path = metrics_token_file(data_dir)
+    scrape = {"KUBETASK_METRICS_TOKEN_FILE": str(scrape_path)}
     nats_port = nats_port or free_port()
     nats = Child(
         "nats-server",
@@ -189,6 +200,7 @@ def run(
             {
                 **env,
                 **nats_auth.env_for("gateway", passwords, data_dir / "secrets"),
+                **scrape,
                 "KUBETASK_INDEX_PATH": str(data_dir / "index" / "tasks.sqlite3"),
             },
             data_dir / "logs" / "gateway.log",
@@ -204,7 +216,11 @@ def run(
                     "--drain-timeout",
                     str(DRAIN_SECONDS),
                 ],
-                {**env, **nats_auth.env_for("dispatcher", passwords, data_dir / "secrets")},
+                {
+                    **env,
+                    **nats_auth.env_for("dispatcher", passwords, data_dir / "secrets"),
+                    **scrape,
+                },
                 data_dir / "logs" / f"dispatcher-{i}.log",
             )
             for i in range(dispatchers)
@@ -232,7 +248,7 @@ def run(
                 client.apply(doc)
         # Written last: a client that finds the URL finds a platform ready for it.
         cfg = dict(creds, url=url, nats=f"nats://127.0.0.1:{nats_port}")
-        client_config(data_dir).write_text(json.dumps(cfg, indent=2))
+        private_files.write(client_config(data_dir), json.dumps(cfg, indent=2))
         print(f"kubetask dev is running (data in {data_dir})", flush=True)
         print(f"  API:     {url}   (OpenAPI: {url}/docs)", flush=True)
         print(f"  token:   {creds['token']}   (account 'default')", flush=True)
@@ -244,6 +260,11 @@ def run(
         )
         dispatcher_metrics = ", ".join(f"http://127.0.0.1:{p}/metrics" for p in metrics_ports)
         print(f"  metrics: {url}/metrics (gateway), {dispatcher_metrics} (dispatchers)", flush=True)
+        print(
+            f"           every series with 'Authorization: Bearer <{scrape_path}>'; an account's"
+            " token shows its own",
+            flush=True,
+        )
         print("  The CLI in this directory picks these up; Ctrl-C stops everything.", flush=True)
     except Exception as err:
         print(f"kubetask dev failed to start: {err}", file=sys.stderr, flush=True)

@@ -1,13 +1,28 @@
 """Prometheus metrics, labelled by account and function. Each process exposes its own; a
-Prometheus scrape of the gateway and every dispatcher sums them."""
+Prometheus scrape of the gateway and every dispatcher sums them. Who may read which series is
+`exposition`'s to decide (docs/security.md, "Metrics")."""
 
 from __future__ import annotations
 
 import functools
-from typing import TypeVar
+import hmac
+import threading
+from collections.abc import Iterator
+from socketserver import ThreadingMixIn
+from typing import Any, TypeVar
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
 
 LABELS = ("account", "function")
 
@@ -86,3 +101,63 @@ def of(metric: M, account: str, function: str) -> M:
     """`metric.labels(account, function)`, remembered: the dispatcher touches four metrics per
     task, and `labels()` validates and locks each time. Label sets are never removed."""
     return metric.labels(account, function)
+
+
+class _Seen:
+    """The registry as one caller may read it: an admin all of it, an account its own series
+    and the platform's (those of no account), anyone else only the platform's. Account and
+    function names are a tenant's business: a neighbour must not learn them, or how busy they
+    are, from the gateway every tenant can reach."""
+
+    def __init__(self, source: Any, account: str | None) -> None:
+        self.source = source
+        self.account = account
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [
+                s for s in family.samples if s.labels.get("account", self.account) == self.account
+            ]
+            yield kept
+
+
+def exposition(account: str | None, admin: bool, names: list[str] | None = None) -> bytes:
+    """This process's metrics in Prometheus' text format, as the caller may see them; only the
+    series `names` when given (Prometheus' `name[]`: a page of 10,000 functions' series is
+    large)."""
+    source = REGISTRY.restricted_registry(names) if names else REGISTRY
+    return generate_latest(source if admin else _Seen(source, account))
+
+
+def is_scraper(token: str | None, authorization: str | None) -> bool:
+    """Whether `authorization` carries the metrics token (`KUBETASK_METRICS_TOKEN`), which
+    reads every series of every component, and nothing else."""
+    if not token or not authorization:
+        return False
+    return hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def serve(port: int, host: str, token: str | None) -> WSGIServer:
+    """A dispatcher's /metrics, in a thread of its own (the event loop never waits on a
+    scrape): every series with the metrics token, the platform's only without it. Tenants'
+    code can reach this port (a process beside the dispatcher, a pod in the cluster)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        admin = is_scraper(token, environ.get("HTTP_AUTHORIZATION"))
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+        return [exposition(None, admin, names)]
+
+    server = make_server(host, port, app, _Server, _Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -10,10 +10,11 @@ replies on an inbox of its own (`_INBOX_<user>.>`), so no component can read ano
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import private_files
 
 # Every queue subject of every account: submission publishes runnable tasks there.
 _QUEUES = ["kt.q.>", "kt.qf.>", "kt.qp.>", "kt.qm.>"]
@@ -130,20 +131,12 @@ def load_or_create(path: Path) -> dict[str, str]:
     missing = [u for u in PERMISSIONS if u not in stored]
     if missing:
         stored.update({u: secrets.token_urlsafe(24) for u in missing})
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(stored, indent=2))
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        private_files.write(path, json.dumps(stored, indent=2))
     return stored
 
 
 def write_server_config(path: Path, passwords: dict[str, str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(server_config(passwords))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    private_files.write(path, server_config(passwords))
     return path
 
 
@@ -155,10 +148,7 @@ def env_for(user: str, passwords: dict[str, str], secrets_dir: Path) -> dict[str
     def password_file(of: str) -> str:
         path = secrets_dir / f"{of}.password"
         if not path.exists() or path.read_text() != passwords[of]:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(passwords[of])
-            os.chmod(tmp, 0o600)
-            tmp.replace(path)
+            private_files.write(path, passwords[of])
         return str(path)
 
     env = {"KUBETASK_NATS_USER": user, "KUBETASK_NATS_PASSWORD_FILE": password_file(user)}

@@ -102,6 +102,11 @@ class Settings:
     destinations_password: str | None = field(
         default_factory=lambda: env_secret("KUBETASK_DESTINATIONS_NATS_PASSWORD"), repr=False
     )
+    # Reads every series of every component's /metrics (`metrics.py`); without it a dispatcher
+    # shows only the platform's series, and the gateway each account its own.
+    metrics_token: str | None = field(
+        default_factory=lambda: env_secret("KUBETASK_METRICS_TOKEN"), repr=False
+    )
     # How long a claimed message may go without a heartbeat before JetStream hands it to another
     # dispatcher; dispatchers heartbeat at a third of it, so this bounds crash recovery time.
     ack_wait: float = field(default_factory=lambda: env_float("KUBETASK_ACK_WAIT", 30.0, 1, 3600))

@@ -45,6 +45,8 @@ def _nats_user(cfg: OperatorConfig, component: str) -> list[dict[str, Any]]:
         {"name": "KUBETASK_NATS_USER", "value": component},
         {"name": "KUBETASK_NATS_PASSWORD", "valueFrom": secret(component)},
     ]
+    # Not a NATS user: the token that reads every series of /metrics, generated beside them.
+    env.append({"name": "KUBETASK_METRICS_TOKEN", "valueFrom": secret("metrics")})
     if component == "dispatcher":
         env += [
             {"name": "KUBETASK_DESTINATIONS_NATS_USER", "value": "destinations"},

@@ -7,8 +7,7 @@ import contextlib
 import logging
 import signal
 
-from prometheus_client import start_http_server
-
+from .. import metrics
 from ..plane import DataPlane
 from ..runtime import quiet_gc
 from ..settings import Settings
@@ -38,7 +37,7 @@ def run(
     metrics_host: str = "127.0.0.1",
 ) -> None:
     if metrics_port:
-        start_http_server(metrics_port, addr=metrics_host)
+        metrics.serve(metrics_port, metrics_host, settings.metrics_token)
     import uvloop
 
     uvloop.run(serve(settings, drain_timeout))

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp
@@ -28,6 +28,7 @@ from .. import actions, grammar, logs, names, quarantine, queues, task_events
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..cancellation import cancel_and_wait
 from ..dispatch.destinations import config_problem
+from ..metrics import exposition, is_scraper
 from ..models import (
     AccountLimits,
     AsyncConfig,
@@ -562,8 +563,20 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         response_class=Response,
         responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
     )
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def prometheus_metrics(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        names: Annotated[
+            list[str] | None, Query(alias="name[]", description="Only these series.")
+        ] = None,
+    ) -> Response:
+        """All series with the metrics token (what Prometheus scrapes with) or an admin token;
+        an account's own and the platform's with its token; without one, the platform's."""
+        if is_scraper(settings.metrics_token, authorization):
+            return Response(exposition(None, True, names), media_type=CONTENT_TYPE_LATEST)
+        who = None if authorization is None else await principal(request, authorization)
+        body = exposition(who.account if who else None, who is not None and who.admin, names)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     submit_route = SubmitRoute(app, settings, app.state.tokens, plane, lambda: state["throttle"])
     return Guard(submit_route, settings.max_payload_bytes, connected)
