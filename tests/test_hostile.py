@@ -213,13 +213,30 @@ async def test_strict_input(api: Api) -> None:
         headers={"content-type": "application/json"},
     )
     assert resp.status_code == 422, resp.text
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"content-type": content_type} if content_type else {}
-        resp = await api.http.post(
-            "/v1/tasks", content=json.dumps({"function": "f"}).encode(), headers=headers
-        )
-        assert resp.status_code == 415, resp.text
-        _check_error_body(resp)
+    for headers in (
+        {"content-type": "text/plain"},
+        {"content-type": "application/x-www-form-urlencoded"},
+        {},
+        # A body read as UTF-8 JSON as it arrives: one in another charset, or compressed, would
+        # be parsed as something it is not.
+        {"content-type": "application/json; charset=latin-1"},
+        {"content-type": 'application/json; charset="utf-16"'},
+        {"content-type": "application/json", "content-encoding": "gzip"},
+        {"content-type": "application/json", "content-encoding": "br"},
+    ):
+        for method, path in (("POST", "/v1/tasks"), ("PUT", "/v1/functions/f")):
+            body = {"function": "f"} if method == "POST" else {"spec": {"command": ["true"]}}
+            resp = await api.http.request(
+                method, path, content=json.dumps(body).encode(), headers=headers
+            )
+            assert resp.status_code == 415, (headers, resp.text)
+            _check_error_body(resp)
+    for headers in (
+        {"content-type": "application/json; charset=UTF-8"},
+        {"content-type": "application/json", "content-encoding": "identity"},
+    ):
+        resp = await api.http.post("/v1/tasks", json={"function": "f"}, headers=headers)
+        assert resp.status_code == 202, (headers, resp.text)
     body = {"metadata": {"name": "g"}, "spec": {"command": ["true"], "timeoutSeconds": True}}
     resp = await api.http.put("/v1/functions/g", json=body)
     assert resp.status_code == 422 and "timeoutSeconds" in resp.text, resp.text

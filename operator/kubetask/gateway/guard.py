@@ -1,5 +1,6 @@
 """What every request must pass before any route runs: a body size that is declared sanely and
-within the limit, a JSON content type where a body is expected (415 otherwise), and a gateway
+within the limit, a JSON content type where a body is expected, in UTF-8 and uncompressed (415
+otherwise), and a gateway
 connected to NATS (503 with `Retry-After` otherwise — answered at once rather than after a
 request timeout, since nothing can be done while NATS is away).
 
@@ -29,6 +30,15 @@ def expects_body(method: str, path: str) -> bool:
 def is_json(content_type: bytes) -> bool:
     media = content_type.split(b";", 1)[0].strip().lower()
     return media in JSON_TYPES or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+def charset(content_type: bytes) -> bytes | None:
+    """The `charset` parameter of a content type, lowercased and unquoted; None without one."""
+    for param in content_type.split(b";")[1:]:
+        name, _, value = param.partition(b"=")
+        if name.strip().lower() == b"charset":
+            return value.strip().strip(b'"').lower()
+    return None
 
 
 class Guard:
@@ -79,6 +89,7 @@ class Guard:
 
     def check(self, scope: Scope) -> ApiError | None:
         content_type: bytes | None = None
+        encoding = b"identity"
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit():
@@ -87,10 +98,25 @@ class Guard:
                     return errors.body_too_large(int(value), self.limit)
             elif name == b"content-type":
                 content_type = value
+            elif name == b"content-encoding":
+                encoding = value.strip().lower()
         path: str = scope["path"]
-        if expects_body(scope["method"], path) and not is_json(content_type or b""):
-            shown = (content_type or b"none").decode("latin-1")[:100]
-            return ApiError(415, f"content type {shown!r} is not accepted; send application/json")
+        if expects_body(scope["method"], path):
+            # A body is read as it arrives: compressed, or in another character set, it would be
+            # taken for malformed JSON at best and for other text at worst.
+            if not is_json(content_type or b""):
+                shown = (content_type or b"none").decode("latin-1")[:100]
+                return ApiError(
+                    415, f"content type {shown!r} is not accepted; send application/json"
+                )
+            if charset(content_type or b"") not in (None, b"utf-8", b"utf8"):
+                shown = (charset(content_type or b"") or b"").decode("latin-1")[:40]
+                return ApiError(415, f"charset {shown!r} is not accepted; JSON is sent as UTF-8")
+            if encoding not in (b"identity", b""):
+                shown = encoding.decode("latin-1")[:40]
+                return ApiError(
+                    415, f"content encoding {shown!r} is not accepted; send the body uncompressed"
+                )
         if path.startswith("/v1/") and not self.connected():
             return errors.unavailable("NATS is unreachable")
         return None
