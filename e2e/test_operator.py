@@ -412,11 +412,43 @@ def test_names_and_destinations_outside_the_grammar_are_refused(platform: Platfo
           function: solo
           destinationConfig: {onSuccess: {kind: subject, target: kt.ctl.stop.team-b.x}}
         """,
+        """
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: spliced}
+        spec:
+          function: solo
+          destinationConfig:
+            onSuccess: {kind: webhook, target: "http://hooks.example/a b\\r\\nHost: x"}
+        """,
+        """
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: secret-in-url}
+        spec:
+          function: solo
+          destinationConfig: {onSuccess: {kind: webhook, target: "http://u:p@hooks.example/"}}
+        """,
+        """
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: spliced-path}
+        spec: {server: {command: [srv], invokePath: "/run now"}}
+        """,
     ):
         refused = platform.cluster.kubectl(
             "apply", "-n", ACCOUNT, "-f", "-", stdin=textwrap.dedent(bad), check=False
         )
         assert refused.returncode != 0 and "Invalid" in refused.stderr, refused.stderr
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: hooked}
+        spec:
+          function: solo
+          destinationConfig:
+            onSuccess: {kind: webhook, target: "https://[fd00::1]:8443/hook?x=%20&y=1#f"}
+    """)
     platform.apply("""
         apiVersion: kubetask.io/v1alpha1
         kind: AsyncConfig
