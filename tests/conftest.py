@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from harness import DENIED_WEBHOOK_HOST, METRICS_TOKEN, Api, as_user
+from harness import DENIED_WEBHOOK_HOST, LOG_STREAMS, METRICS_TOKEN, Api, as_user
 from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
@@ -91,6 +91,7 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         # and nats-server removes their consumers 8 s later, so their next task re-creates it.
         consumer_idle=8.0,
         metrics_token=METRICS_TOKEN,
+        account_max_log_streams=LOG_STREAMS,
         # 127.0.0.2 is loopback too, so a webhook server can listen there and show it is never
         # called.
         webhook_denied_networks=(

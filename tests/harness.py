@@ -24,6 +24,8 @@ TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
 DENIED_WEBHOOK_HOST = "127.0.0.2"
 # What the tests' gateway takes for Prometheus' token (`conftest.settings`).
 METRICS_TOKEN = "scrape-secret"
+# Log reads one account may have open at once in the tests' gateway.
+LOG_STREAMS = 4
 
 
 @dataclass

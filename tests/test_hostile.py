@@ -5,12 +5,13 @@ error body, nothing changes, and the service stays healthy afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-from harness import METRICS_TOKEN, Api
+from harness import LOG_STREAMS, METRICS_TOKEN, Api
 from kubetask import metrics
 from kubetask.embedded import free_port
 from kubetask.plane import DataPlane
@@ -358,6 +359,38 @@ async def test_a_dispatchers_metrics_need_the_metrics_token(api: Api) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_one_account_cannot_hold_every_log_stream(
+    make_api: Callable[..., Awaitable[Api]],
+) -> None:
+    """Each log read holds a consumer on the log stream all accounts share: one account's
+    reads are capped (429), its neighbour's go on, and a closed read frees its place."""
+    greedy, neighbour = await make_api(), await make_api()
+    for api in (greedy, neighbour):
+        await api.function("long", command=["sleep", "30"])
+        await api.submit("long", task_id="t")
+        await api.wait("t", {"Running"})
+    for _ in range(2 * LOG_STREAMS):  # a read that ends gives its place back
+        assert (await greedy.http.get("/v1/tasks/t/logs")).status_code == 200
+    async with contextlib.AsyncExitStack() as streams:
+        for _ in range(LOG_STREAMS):
+            resp = await streams.enter_async_context(
+                greedy.http.stream("GET", "/v1/tasks/t/logs", params={"follow": "true"})
+            )
+            assert resp.status_code == 200
+        refused = await greedy.http.get("/v1/tasks/t/logs")
+        assert refused.status_code == 429 and refused.headers["Retry-After"], refused.text
+        _check_error_body(refused)
+        assert (await neighbour.http.get("/v1/tasks/t/logs")).status_code == 200
+    for _ in range(50):  # the gateway sees the streams close
+        if (await greedy.http.get("/v1/tasks/t/logs")).status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("closed log streams were never given back")
+    for api in (greedy, neighbour):
+        await api.call("POST", "/v1/tasks/t/stop", 200)
 
 
 async def test_subject_destinations_stay_in_the_accounts_namespace(

@@ -145,6 +145,10 @@ class Settings:
     account_max_backlog: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_BACKLOG", 100_000, 0)
     )
+    # Log reads (`logs`, `logs -f`) one account may have open at once (`gateway/log_streams.py`).
+    account_max_log_streams: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_LOG_STREAMS", 100, 1)
+    )
     account_max_rate: float = field(
         default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0, 0)
     )

@@ -20,6 +20,7 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp
@@ -57,6 +58,7 @@ from .guard import Guard
 from .index import Query as IndexQuery
 from .index import Summary as IndexSummary
 from .indexing import Indexer
+from .log_streams import LogStreams
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
 from .throttle import THROTTLE_FROM, Throttle
@@ -185,6 +187,7 @@ def _methods(request: Request) -> set[str]:
 
 def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     state: dict[str, Any] = {}
+    log_streams = LogStreams(settings.account_max_log_streams)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -380,13 +383,20 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         # A finished task's log ends with its final line, which may still be on its way.
         idle = 2.0 if finished else 3600.0
 
-        async def lines() -> AsyncIterator[bytes]:
-            async for record in logs.read(
-                plane().js, task.account, task.id, follow or finished, idle_timeout=idle
-            ):
-                yield json.dumps(record).encode() + b"\n"
+        release = log_streams.open(task.account)
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                async for record in logs.read(
+                    plane().js, task.account, task.id, follow or finished, idle_timeout=idle
+                ):
+                    yield json.dumps(record).encode() + b"\n"
+            finally:
+                release()
+
+        return StreamingResponse(
+            lines(), media_type="application/x-ndjson", background=BackgroundTask(release)
+        )
 
     # -- functions and async configs ------------------------------------------------------------
 
