@@ -331,6 +331,8 @@ async def test_metrics_show_an_account_only_its_own_series(
     _check_error_body(forged)
     everything = (await admin.http.get("/metrics")).text
     assert f'account="{one.account}"' in everything and f'account="{two.account}"' in everything
+    only = await admin.http.get("/metrics", params={"name[]": "kubetask_tasks_submitted_total"})
+    assert f'account="{one.account}"' in only.text and "process_cpu" not in only.text
     scraped = await one.http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert f'account="{one.account}"' in scraped.text and f'account="{two.account}"' in scraped.text
 

@@ -6,6 +6,7 @@ assignment and its reason are visible; a function pinned to a queue is never mov
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -144,3 +145,29 @@ async def test_a_function_alone_in_its_account_or_pinned_to_a_queue_stays(
         assert fn is not None and names.queue_mode(fn) is QueueMode.account, name
     await all_succeed(solo, "solo", 20)
     await all_succeed(shared, "pinned", 20)
+
+
+async def test_an_account_without_room_for_a_queue_of_its_own_keeps_a_crowding_function_shared(
+    api: Api, plane: DataPlane
+) -> None:
+    """A dedicated queue is a stream in the nats-server every account shares: the platform does
+    not give an account more of them than its quota (KUBETASK_ACCOUNT_MAX_OWN_QUEUES)."""
+    await api.function("crowd", command=["sleep", "0.05"], maxConcurrency=1)
+    await api.function("calm", command=["true"])
+    for _ in range(20):
+        await api.submit("crowd")
+    sweep = RouteSettings(dedicate_backlog=5, recycle_after=60)
+    full = dataclasses.replace(plane.settings, account_max_own_queues=0)
+    settings, plane.settings = plane.settings, full
+    try:
+        await Router(plane, sweep).sweep()
+    finally:
+        plane.settings = settings
+    await plane.registry.caught_up()  # an assignment, had there been one, is seen
+    crowd = plane.registry.function(api.account, "crowd")
+    assert crowd is not None and names.queue_mode(crowd) is QueueMode.account
+    await Router(plane, sweep).sweep()  # with room, the same sweep gives it one
+    await plane.registry.caught_up()
+    crowd = plane.registry.function(api.account, "crowd")
+    assert crowd is not None and names.queue_mode(crowd) is QueueMode.dedicated
+    await all_succeed(api, "crowd", 20)

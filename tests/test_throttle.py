@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -116,3 +117,48 @@ async def test_the_account_over_its_rate_is_throttled_and_its_neighbour_is_not(
         await asyncio.sleep(1.0)  # a neighbour's own budget, not what is left of the other's
         calm, _ = await _flood(url, neighbour, "quick", 5)
         assert calm == {202: 5}, calm
+
+
+async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    """Every function is a consumer, and every queue of a function's own a stream, in the
+    nats-server all accounts share: one account's count of either is bounded."""
+    greedy, neighbour = await make_api(), await make_api()
+    limited = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords),
+        account_max_functions=3,
+        account_max_own_queues=4,
+    )
+    spec = {"command": ["true"]}
+
+    async def put(http: httpx.AsyncClient, name: str, **extra: Any) -> httpx.Response:
+        body = {"metadata": {"name": name}, "spec": {**spec, **extra}}
+        return await http.put(f"/v1/functions/{name}", json=body)
+
+    async with (
+        gateway(limited, tokens_file) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {greedy.token}"}) as g,
+        httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {neighbour.token}"}
+        ) as n,
+    ):
+        for name in ("f1", "f2", "f3"):
+            assert (await put(g, name)).status_code == 200
+        refused = await put(g, "f4")
+        assert refused.status_code == 409, refused.text
+        assert "KUBETASK_ACCOUNT_MAX_FUNCTIONS" in refused.json()["error"]
+        assert (await put(g, "f1", maxConcurrency=5)).status_code == 200  # an update is no new one
+        assert (await put(n, "f4")).status_code == 200  # the neighbour has its own count
+        # Streams of their own: four partitions fill the quota, a dedicated queue is one more.
+        assert (await put(g, "f3", partitions=4, maxConcurrency=4)).status_code == 200
+        over = await put(g, "f2", queueMode="dedicated")
+        assert over.status_code == 409 and "KUBETASK_ACCOUNT_MAX_OWN_QUEUES" in over.text
+        assert (await put(g, "f3", partitions=3, maxConcurrency=4)).status_code == 200
+        assert (await put(g, "f2", queueMode="dedicated")).status_code == 200
+        limits = (await g.get("/v1/limits")).json()
+        assert (limits["functions"], limits["maxFunctions"]) == (3, 3)
+        assert (limits["ownQueues"], limits["maxOwnQueues"]) == (4, 4)

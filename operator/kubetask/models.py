@@ -611,6 +611,13 @@ class AccountLimits(KubeModel):
         description="How long the account's task records, audit trail and logs are kept after"
         " a task's last change."
     )
+    functions: int = Field(description="Functions the account has registered.")
+    maxFunctions: int = Field(description="Functions it may register.")
+    ownQueues: int = Field(
+        description="Streams of its functions' own (dedicated queues and partitions)."
+    )
+    maxOwnQueues: int = Field(description="Streams of their own its functions may hold.")
+    maxLogStreams: int = Field(description="Log reads (`logs -f`) it may keep open at once.")
     queues: list[QueueLoad]
 
 

@@ -192,6 +192,7 @@ class Mover:
         before = registry.function(fn.account, fn.name)
         await self._place(registry, fn)
         fn = registry.with_route(fn)
+        self._check_account(registry, fn)
         self._check_room(registry, fn)
         self._cancel_current(fn)  # before the queues are (re)configured, which it must not undo
         label = await queues.ensure_function_queue(self.js, fn, self.settings)
@@ -201,6 +202,28 @@ class Mover:
         if before is not None:
             self.start(fn, names.queues_of(before))
         return label
+
+    def _check_account(self, registry: Registry, fn: TaskFunction) -> None:
+        """Refuse a function past its account's quotas: a count of functions, and of streams
+        of their own (each a stream in nats-server, which every account shares)."""
+        use = registry.account_use(fn.account)
+        before = registry.function(fn.account, fn.name)
+        functions = use.functions + (before is None)
+        own = use.own_queues + sum(not q.shared for q in names.queues_of(fn))
+        if before is not None:
+            own -= sum(not q.shared for q in names.queues_of(before))
+        limits = self.settings
+        if functions > limits.account_max_functions:
+            raise queues.TooManyFunctions(
+                f"account {fn.account!r} already has {limits.account_max_functions} functions "
+                "(KUBETASK_ACCOUNT_MAX_FUNCTIONS); delete one first"
+            )
+        if own > limits.account_max_own_queues:
+            raise queues.TooManyFunctions(
+                f"account {fn.account!r} would hold {own} queues of its functions' own (dedicated"
+                f" or partitions), over its {limits.account_max_own_queues} "
+                "(KUBETASK_ACCOUNT_MAX_OWN_QUEUES); use fewer partitions or queueMode: auto"
+            )
 
     def _check_room(self, registry: Registry, fn: TaskFunction) -> None:
         """Refuse a function its queue's stream has no room for, counting the functions

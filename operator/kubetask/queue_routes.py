@@ -94,6 +94,9 @@ class Router:
                 await registry.unassign_queue(account, name, revision)  # stale: nothing moves
 
     async def _maybe_dedicate(self, fn: TaskFunction) -> None:
+        limit = self.plane.settings.account_max_own_queues
+        if self.plane.registry.account_use(fn.account).own_queues >= limit:
+            return  # its account holds all the streams of its own it may: it stays shared
         with contextlib.suppress(Exception):  # a consumer being replaced has no backlog yet
             waiting, _ = await queues.backlog(self.plane.js, fn)
             if waiting >= self.settings.dedicate_backlog:

@@ -12,6 +12,7 @@ changes without a restart because they read the mirror on every task.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from nats.js import JetStreamContext
@@ -37,6 +38,12 @@ class ConfigConflict(Exception):
     pass
 
 
+@dataclass
+class AccountUse:
+    functions: int = 0
+    own_queues: int = 0  # streams of its functions' own: dedicated ones and partitions
+
+
 class Registry:
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
@@ -54,6 +61,7 @@ class Registry:
         self._views_at = -1
         self._by_stream: dict[str, list[tuple[TaskFunction, names.Queue]]] = {}
         self._partitioned: list[TaskFunction] = []
+        self._by_account: dict[str, AccountUse] = {}
 
     async def start(self) -> None:
         self._fn_kv = await self.js.key_value(names.FUNCTIONS_BUCKET)
@@ -131,10 +139,15 @@ class Registry:
         if self._views_at == self.generation:
             return
         grouped: dict[str, list[tuple[TaskFunction, names.Queue]]] = {}
+        accounts: dict[str, AccountUse] = {}
         for fn in self.functions.values():
+            use = accounts.setdefault(fn.account, AccountUse())
+            use.functions += 1
             for queue in names.queues_of(fn):
                 grouped.setdefault(queue.stream, []).append((fn, queue))
+                use.own_queues += not queue.shared
         self._by_stream = grouped
+        self._by_account = accounts
         self._partitioned = [fn for fn in self.functions.values() if fn.spec.partitions > 1]
         self._views_at = self.generation
 
@@ -142,6 +155,11 @@ class Registry:
         """Every function's queues, grouped by the stream holding them."""
         self._views()
         return self._by_stream
+
+    def account_use(self, account: str) -> AccountUse:
+        """How many functions `account` has registered, and streams of their own they hold."""
+        self._views()
+        return self._by_account.get(account, AccountUse())
 
     def partitioned(self) -> list[TaskFunction]:
         """The functions split into partitions (the ones dispatchers lease)."""

@@ -145,6 +145,14 @@ class Settings:
     account_max_backlog: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_BACKLOG", 100_000, 0)
     )
+    # Functions one account may register, and streams of their own (dedicated queues and
+    # partitions) they may hold together: each is a stream in the nats-server all accounts share.
+    account_max_functions: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_FUNCTIONS", 10_000, 1)
+    )
+    account_max_own_queues: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_OWN_QUEUES", 256, 0)
+    )
     # Log reads (`logs`, `logs -f`) one account may have open at once (`gateway/log_streams.py`).
     account_max_log_streams: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_LOG_STREAMS", 100, 1)
