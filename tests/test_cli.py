@@ -231,6 +231,32 @@ async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
     assert (await asyncio.to_thread(tokens, "revoke", "no-such-token")).returncode != 0
 
 
+def test_numbers_on_the_command_line_are_held_to_their_range(tmp_path: Path) -> None:
+    """`dev --port 70000` ended in a traceback, `dev --dispatchers 0` started a platform that
+    would never run a task, and `--ack-wait 0.5` one whose dispatcher failed at every start."""
+    for args in (
+        ["dev", "--port", "70000"],
+        ["dev", "--nats-port", "-1"],
+        ["dev", "--port", "http"],
+        ["dev", "--dispatchers", "0"],
+        ["dev", "--ack-wait", "nan"],
+        ["dev", "--ack-wait", "0.5"],
+        ["gateway", "--tokens", "t.json", "--port", "65536"],
+        ["dispatcher", "--metrics-port", "99999"],
+        ["dispatcher", "--drain-timeout", "-1"],
+        ["describe", "x", "--tail=-5"],
+        ["list", "--limit", "0"],
+        ["list", "--limit", "5000"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "kubetask", *args],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert out.returncode == 2, (args, out.stderr)
+        assert "error: argument" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / ".kubetask-data").exists()  # nothing was started
+
+
 def test_the_version_is_the_installed_packages() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "kubetask", "--version"], capture_output=True, text=True, timeout=60

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -221,6 +222,39 @@ def cmd_describe(args: argparse.Namespace) -> None:
     print(f"\nlogs (last {args.tail} lines):" if lines else "\nlogs: none")
     for rec in lines:
         print(f"  {rec['ts']} [{rec['attempt']} {rec['stream']}] {rec['line']}")
+
+
+def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], or a usage error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({low} to {high})")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # NaN is in no range
+            raise argparse.ArgumentTypeError(f"{text!r} is not a time in seconds ({low} to {high})")
+        return value
+
+    return parse
+
+
+port_number = _whole(0, 65535, "a port")
+at_least_one = _whole(1, 1_000_000, "a whole number")
+line_count = _whole(0, 1_000_000, "a number of lines")
 
 
 _AGO = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -471,25 +505,33 @@ def parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="run the embedded platform (NATS, gateway, dispatcher)")
     dev.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    dev.add_argument("--port", type=int, default=8080)
-    dev.add_argument("--nats-port", type=int, default=4222)
-    dev.add_argument("--functions", "-f", help="YAML of TaskFunction/AsyncConfig objects to apply")
-    dev.add_argument("--dispatchers", type=int, default=1)
     dev.add_argument(
-        "--ack-wait", type=float, help="seconds before a silent dispatcher's task is taken over"
+        "--port", type=port_number, default=8080, help="the API's port; 0: any free one"
+    )
+    dev.add_argument(
+        "--nats-port", type=port_number, default=4222, help="NATS's port; 0: any free one"
+    )
+    dev.add_argument("--functions", "-f", help="YAML of TaskFunction/AsyncConfig objects to apply")
+    dev.add_argument("--dispatchers", type=_whole(1, 64, "a number of dispatchers"), default=1)
+    dev.add_argument(
+        "--ack-wait",
+        type=_seconds(1, 3600),
+        help="seconds before a silent dispatcher's task is taken over",
     )
     dev.set_defaults(func=cmd_dev)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway")
     gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8080)
+    gw.add_argument("--port", type=port_number, default=8080)
     gw.add_argument("--tokens", required=True, help="JSON file of hashed tokens")
     gw.set_defaults(func=cmd_gateway)
 
     dp = sub.add_parser("dispatcher", help="run a dispatcher")
-    dp.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    dp.add_argument(
+        "--metrics-port", type=port_number, help="serve Prometheus metrics on this port"
+    )
     dp.add_argument("--metrics-host", default="127.0.0.1")
-    dp.add_argument("--drain-timeout", type=float, default=30.0)
+    dp.add_argument("--drain-timeout", type=_seconds(0, 3600), default=30.0)
     dp.set_defaults(func=cmd_dispatcher)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (uses the kubeconfig)")
@@ -534,7 +576,7 @@ def parser() -> argparse.ArgumentParser:
         "describe", parents=[common], help="one task: status, what happened, its last log lines"
     )
     d.add_argument("id")
-    d.add_argument("--tail", type=int, default=20, help="how many log lines (default 20)")
+    d.add_argument("--tail", type=line_count, default=20, help="how many log lines (default 20)")
     d.set_defaults(func=cmd_describe)
 
     lg = sub.add_parser(
@@ -555,7 +597,7 @@ def parser() -> argparse.ArgumentParser:
             type=point_in_time,
             help="a time (2026-01-31T08:00:00Z; a date, or no zone: UTC) or a span ago (2h, 7d)",
         )
-    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--limit", type=_whole(1, 1000, "a page size"), default=100)
     ls.add_argument("--all", action="store_true", help="follow the cursor through every page")
     ls.set_defaults(func=cmd_list)
 

@@ -175,6 +175,7 @@ def run(
     scrape_path = metrics_token_file(data_dir)
     scrape = {"KUBETASK_METRICS_TOKEN_FILE": str(scrape_path)}
     nats_port = nats_port or free_port()
+    port = port or free_port()  # 0: any free one, as for NATS
     nats = Child(
         "nats-server",
         nats_argv(data_dir / "jetstream", nats_port, nats_config),
