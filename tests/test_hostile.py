@@ -122,6 +122,13 @@ async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
     assert (await api.http.get("/v1/functions/nul")).status_code == 404
 
 
+async def _put_destination(api: Api, when: str, kind: str, target: str) -> Any:
+    """PUT the async config `c` of function `f` with one destination."""
+    destination = {when: {"kind": kind, "target": target}}
+    body = {"metadata": {"name": "c"}, "spec": {"function": "f", "destinationConfig": destination}}
+    return await api.http.put("/v1/asyncconfigs/c", json=body)
+
+
 async def test_what_reaches_an_http_request_line_is_one_well_formed_target(api: Api) -> None:
     """A warm instance's paths and a webhook URL are written into HTTP requests: a space, CR or
     LF in them would split or rewrite the request, and the HTTP client quietly drops or quotes
@@ -159,16 +166,7 @@ async def test_what_reaches_an_http_request_line_is_one_well_formed_target(api: 
         "http://example.test/\x00",
         "javascript:alert(1)",
     ):
-        resp = await api.http.put(
-            "/v1/asyncconfigs/c",
-            json={
-                "metadata": {"name": "c"},
-                "spec": {
-                    "function": "f",
-                    "destinationConfig": {"onSuccess": {"kind": "webhook", "target": target}},
-                },
-            },
-        )
+        resp = await _put_destination(api, "onSuccess", "webhook", target)
         assert resp.status_code == 422, (target, resp.text)
         _check_error_body(resp)
     for target in ("https://example.test", "http://[::1]:8080/h?x=1&y=%2F", "http://10.0.0.1/h#f"):
@@ -420,16 +418,7 @@ async def test_subject_destinations_stay_in_the_accounts_namespace(
     ]
     for target in refused:
         for when in ("onSuccess", "onFailure"):
-            resp = await api.http.put(
-                "/v1/asyncconfigs/c",
-                json={
-                    "metadata": {"name": "c"},
-                    "spec": {
-                        "function": "f",
-                        "destinationConfig": {when: {"kind": "subject", "target": target}},
-                    },
-                },
-            )
+            resp = await _put_destination(api, when, "subject", target)
             assert resp.status_code == 422, (target, resp.text)
             _check_error_body(resp)
     # Its own namespace is accepted, and delivered to.
