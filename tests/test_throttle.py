@@ -162,3 +162,14 @@ async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
         limits = (await g.get("/v1/limits")).json()
         assert (limits["functions"], limits["maxFunctions"]) == (3, 3)
         assert (limits["ownQueues"], limits["maxOwnQueues"]) == (4, 4)
+    # Quotas lowered below what the account holds: it keeps it all and may update it, but
+    # adds nothing.
+    lowered = dataclasses.replace(limited, account_max_functions=2, account_max_own_queues=2)
+    async with (
+        gateway(lowered, tokens_file) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {greedy.token}"}) as g,
+    ):
+        assert (await put(g, "f2", queueMode="dedicated")).status_code == 200
+        assert (await put(g, "f1", maxConcurrency=7)).status_code == 200
+        assert (await put(g, "f1", queueMode="dedicated")).status_code == 409
+        assert (await put(g, "f9")).status_code == 409

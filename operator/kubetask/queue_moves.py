@@ -205,20 +205,22 @@ class Mover:
 
     def _check_account(self, registry: Registry, fn: TaskFunction) -> None:
         """Refuse a function past its account's quotas: a count of functions, and of streams
-        of their own (each a stream in nats-server, which every account shares)."""
+        of their own (each a stream in nats-server, which every account shares). Only what
+        adds to a count is refused: an account over a quota since it was lowered keeps what it
+        has, and its functions can still be updated."""
         use = registry.account_use(fn.account)
         before = registry.function(fn.account, fn.name)
-        functions = use.functions + (before is None)
-        own = use.own_queues + sum(not q.shared for q in names.queues_of(fn))
+        added = sum(not q.shared for q in names.queues_of(fn))
         if before is not None:
-            own -= sum(not q.shared for q in names.queues_of(before))
+            added -= sum(not q.shared for q in names.queues_of(before))
+        own = use.own_queues + added
         limits = self.settings
-        if functions > limits.account_max_functions:
+        if before is None and use.functions >= limits.account_max_functions:
             raise queues.TooManyFunctions(
                 f"account {fn.account!r} already has {limits.account_max_functions} functions "
                 "(KUBETASK_ACCOUNT_MAX_FUNCTIONS); delete one first"
             )
-        if own > limits.account_max_own_queues:
+        if added > 0 and own > limits.account_max_own_queues:
             raise queues.TooManyFunctions(
                 f"account {fn.account!r} would hold {own} queues of its functions' own (dedicated"
                 f" or partitions), over its {limits.account_max_own_queues} "
