@@ -240,6 +240,8 @@ def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
 
 
 def _seconds(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds in [low, high]."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -253,7 +255,6 @@ def _seconds(low: float, high: float) -> Callable[[str], float]:
 
 
 port_number = _whole(0, 65535, "a port")
-at_least_one = _whole(1, 1_000_000, "a whole number")
 line_count = _whole(0, 1_000_000, "a number of lines")
 
 
