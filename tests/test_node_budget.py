@@ -104,3 +104,19 @@ def test_workers_that_found_no_room_are_all_woken_once_nothing_runs() -> None:
     assert len(woken) == 1, woken  # room for one more: one is woken
     budget.release(process=True)
     assert sorted(woken) == list(range(10)), woken  # nothing runs: all are
+
+
+def test_a_freed_slot_wakes_no_more_process_workers_than_processes_may_start() -> None:
+    """With every process slot taken, a slot freed by a warm invocation has no room for a
+    `command` attempt: it used to wake as many workers of processes as slots were free (up to
+    190 a task with 2,000 functions turned away), each to be turned away again."""
+    budget = NodeBudget(BudgetSettings(processes=2, slots=10))
+    assert budget.try_take(process=True) and budget.try_take(process=True)
+    assert budget.try_take(process=False)
+    woken: list[int] = []
+    for i in range(50):
+        assert budget.room(process=True, wake=functools.partial(woken.append, i)) == 0
+    budget.release(process=False)
+    assert woken == [0], woken  # only the first in line looks again
+    budget.release(process=True)
+    assert woken == [0, 1], woken  # room for one process: one more is woken

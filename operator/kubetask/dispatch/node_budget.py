@@ -80,7 +80,10 @@ class NodeBudget:
         self._waiting: dict[str, deque[_Waiter]] = {}
         self._credit: dict[str, float] = {}
         self._order: deque[str] = deque()  # accounts with waiters, in turn order
-        self._starved: dict[Callable[[], None], None] = {}  # an ordered set
+        # Workers turned away, in order (ordered sets): those that would start a process apart,
+        # since a freed slot has no room for them while the processes are all taken.
+        self._starved: dict[Callable[[], None], None] = {}
+        self._starved_processes: dict[Callable[[], None], None] = {}
         # Read when scraped, so counting costs the hot path nothing.
         metrics.NODE_RUNNING.labels("all").set_function(lambda: self.running)
         metrics.NODE_RUNNING.labels("processes").set_function(lambda: self.processes)
@@ -97,7 +100,7 @@ class NodeBudget:
         if process:
             free = min(free, self.settings.processes - self.processes - waiting)
         if free <= 0:
-            self._starved[wake] = None
+            (self._starved_processes if process else self._starved)[wake] = None
             return 0
         return free
 
@@ -139,14 +142,34 @@ class NodeBudget:
         self.processes -= process
         if self._waiting:
             self._admit()
-        if self._starved:
-            # As many as there is room for; all of them once nothing runs, since a woken worker
-            # whose queue turned out empty starts nothing that would wake the next.
-            free = self.settings.slots - self.running - self.waiting()
-            count = len(self._starved) if self.running == 0 else max(1, free)
-            for wake in list(itertools.islice(self._starved, count)):
-                del self._starved[wake]
+        if self._starved or self._starved_processes:
+            self._wake_starved()
+
+    def _wake_starved(self) -> None:
+        """Wake as many turned-away workers as there is room for — all of them once nothing
+        runs, since a woken worker whose queue turned out empty starts nothing that would wake
+        the next — and at least one. A worker of processes counts against both rooms: with
+        every process slot taken, a freed slot wakes none of them (with 2,000 functions turned
+        away it woke up to 190 a task, each to be turned away again)."""
+        if self.running == 0:
+            counts = (len(self._starved_processes), len(self._starved))
+        else:
+            waiting = self.waiting()
+            slots = self.settings.slots - self.running - waiting
+            processes = min(slots, self.settings.processes - self.processes - waiting)
+            of_processes = max(0, min(processes, len(self._starved_processes)))
+            counts = (of_processes, max(0, slots - of_processes))
+        woken = 0
+        for starved, count in zip((self._starved_processes, self._starved), counts, strict=True):
+            for wake in list(itertools.islice(starved, count)):
+                del starved[wake]
                 wake()
+                woken += 1
+        if not woken:  # keep things moving: the first in line looks again
+            starved = self._starved or self._starved_processes
+            wake = next(iter(starved))
+            del starved[wake]
+            wake()
 
     def _forget(self, account: str, waiter: _Waiter) -> None:
         queue = self._waiting.get(account)
