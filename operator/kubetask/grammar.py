@@ -39,8 +39,8 @@ HTTP_PATH_MAX = 2048
 HTTP_PATH_PATTERN = r"^/[-A-Za-z0-9._~!$&'()*+,;=:@%/?]*$"
 
 # A webhook destination: http(s), a host name or address, a port, then visible ASCII only. No
-# user:password part (a secret does not belong in a spec anyone with read access sees), and no
-# space or control character, which the HTTP client would quote or drop into a different URL.
+# user:password part (deprecated by RFC 3986, and each HTTP client treats it its own way), and
+# no space or control character, which the HTTP client would quote or drop into another URL.
 WEBHOOK_PATTERN = (
     r"^https?://([A-Za-z0-9_]([-A-Za-z0-9_.]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])"
     r"(:[0-9]{1,5})?([/?#][!-~]*)?$"
