@@ -21,10 +21,10 @@ from harness import DENIED_WEBHOOK_HOST, LOG_STREAMS, METRICS_TOKEN, Api, as_use
 from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
-from kubetask.dispatch.webhooks import DEFAULT_DENIED, parse_networks
 from kubetask.embedded import free_port, start_nats
 from kubetask.gateway.app import create_app
 from kubetask.gateway.server import config
+from kubetask.networks import DEFAULT_DENIED, parse_networks
 from kubetask.plane import DataPlane
 from kubetask.settings import Settings
 

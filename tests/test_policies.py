@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 from harness import DENIED_WEBHOOK_HOST, Api, echo_script, read_lines, web_server
-from kubetask.dispatch.webhooks import WebhookRefused, Webhooks, parse_networks
+from kubetask.dispatch.webhooks import WebhookRefused, Webhooks
+from kubetask.networks import parse_networks
 from kubetask.plane import DataPlane
 from prometheus_client import REGISTRY
 

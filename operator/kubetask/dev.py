@@ -31,7 +31,6 @@ from .auth import create_token
 from .client import Client
 from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
 from .executors.parent_death import die_with_parent
-from .settings_check import settings_problem
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
 # let running attempts go on before handing them back to the queue.
@@ -151,6 +150,8 @@ def run(
     dispatchers: int,
     ack_wait: float | None = None,
 ) -> int:
+    from .settings_check import settings_problem  # the dispatcher's modules: not for every CLI call
+
     data_dir = data_dir.resolve()
     problem = settings_problem()
     if problem is not None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from . import per_account
-from .dispatch.webhooks import DEFAULT_DENIED, Network, parse_networks
 from .fairness import FairnessSettings, parse_weights
+from .networks import DEFAULT_DENIED, Network, parse_networks
 
 
 def env_str(name: str, default: str) -> str:
