@@ -24,30 +24,25 @@ def env_float(
 ) -> float:
     """`name` as a number, held to [low, high]: a setting out of range is refused at start,
     not found out later as a hot loop, a stall or a queue that never drains."""
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={raw!r}: expected a finite number")
-    return _in_range(name, raw, value, low, high)
+    return _env_number(name, default, float, "a finite number", low, high)
 
 
 def env_int(name: str, default: int, low: int | None = None, high: int | None = None) -> int:
+    return _env_number(name, default, int, "a whole number", low, high)
+
+
+def _env_number(
+    name: str, default: N, parse: type[N], kind: str, low: N | None, high: N | None
+) -> N:
     raw = os.environ.get(name)
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a whole number") from None
-    return _in_range(name, raw, value, low, high)
-
-
-def _in_range(name: str, raw: str, value: N, low: N | None, high: N | None) -> N:
+        raise ValueError(f"{name}={raw!r}: expected {kind}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r}: expected {kind}")
     if low is not None and value < low:
         raise ValueError(f"{name}={raw!r}: must be at least {low}")
     if high is not None and value > high:
