@@ -224,34 +224,27 @@ def cmd_describe(args: argparse.Namespace) -> None:
         print(f"  {rec['ts']} [{rec['attempt']} {rec['stream']}] {rec['line']}")
 
 
-def _whole(low: int, high: int, what: str) -> Callable[[str], int]:
-    """An argparse type: a whole number in [low, high], or a usage error naming the range."""
+def _bounded(kind: type[float], low: float, high: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: a finite `kind` in [low, high], or a usage error naming the range."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            value = low - 1
-        if not low <= value <= high:
+            value = math.nan
+        if not low <= value <= high:  # NaN is in no range
             raise argparse.ArgumentTypeError(f"{text!r} is not {what} ({low} to {high})")
         return value
 
     return parse
 
 
-def _seconds(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a finite number of seconds in [low, high]."""
+def _whole(low: int, high: int, what: str) -> Callable[[str], Any]:
+    return _bounded(int, low, high, what)
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not low <= value <= high:  # NaN is in no range
-            raise argparse.ArgumentTypeError(f"{text!r} is not a time in seconds ({low} to {high})")
-        return value
 
-    return parse
+def _seconds(low: float, high: float) -> Callable[[str], Any]:
+    return _bounded(float, low, high, "a time in seconds")
 
 
 port_number = _whole(0, 65535, "a port")
