@@ -17,7 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from harness import DENIED_WEBHOOK_HOST, LOG_STREAMS, METRICS_TOKEN, Api, as_user
+from harness import (
+    DENIED_WEBHOOK_HOST,
+    LOG_STREAMS,
+    METRICS_TOKEN,
+    REQUEST_TIMEOUT,
+    Api,
+    as_user,
+)
 from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
@@ -92,6 +99,7 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         consumer_idle=8.0,
         metrics_token=METRICS_TOKEN,
         account_max_log_streams=LOG_STREAMS,
+        request_timeout=REQUEST_TIMEOUT,
         # 127.0.0.2 is loopback too, so a webhook server can listen there and show it is never
         # called.
         webhook_denied_networks=(
@@ -112,7 +120,7 @@ async def gateway_url(
 ) -> AsyncIterator[str]:
     port = free_port()
     app = create_app(as_user(settings, "gateway", nats_passwords), tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, lifespan="on"))
+    server = uvicorn.Server(config(app, "127.0.0.1", port, settings.request_timeout, lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)

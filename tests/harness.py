@@ -26,6 +26,8 @@ DENIED_WEBHOOK_HOST = "127.0.0.2"
 METRICS_TOKEN = "scrape-secret"
 # Log reads one account may have open at once in the tests' gateway.
 LOG_STREAMS = 4
+# How long a request may take to reach the tests' gateway whole.
+REQUEST_TIMEOUT = 3.0
 
 
 @dataclass

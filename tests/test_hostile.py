@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-from harness import LOG_STREAMS, METRICS_TOKEN, Api
+from harness import LOG_STREAMS, METRICS_TOKEN, REQUEST_TIMEOUT, Api
 from kubetask import metrics
 from kubetask.embedded import free_port
 from kubetask.plane import DataPlane
@@ -499,6 +499,57 @@ async def test_requests_the_http_parser_refuses_get_the_error_body(gateway_url: 
         assert head.startswith(b"HTTP/1.1 400"), answer
         assert b"content-type: application/json" in head.lower(), answer
         assert "malformed HTTP request" in json.loads(body)["error"]
+
+
+async def test_a_request_that_never_arrives_whole_is_answered_408(
+    gateway_url: str, api: Api
+) -> None:
+    """A slow client holds a connection for at most the request timeout, however it trickles
+    (slowloris): headers never finished, a body shorter than its length, a byte at a time."""
+    host, port = gateway_url.removeprefix("http://").split(":")
+    auth = f"Authorization: Bearer {api.token}\r\n".encode()
+    head = b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\n" + auth
+
+    async def answer(parts: list[bytes], pause: float = 0.0) -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        started = asyncio.get_running_loop().time()
+        reading = asyncio.create_task(reader.read())
+        for part in parts:
+            if reading.done():  # the gateway gave up on this request
+                break
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(pause)
+        data = await asyncio.wait_for(reading, REQUEST_TIMEOUT + 5)
+        writer.close()
+        return data, asyncio.get_running_loop().time() - started
+
+    body = b'{"function": "echo", "payload": 1}'
+    slow = await asyncio.gather(
+        answer([head]),
+        answer([head + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"]),
+        answer([bytes([c]) for c in head], pause=0.3),
+        # Within the limit, a body sent in two halves is taken as usual.
+        answer(
+            [
+                head + b"Content-Type: application/json\r\nConnection: close\r\n",
+                b"Content-Length: %d\r\n\r\n" % len(body) + body[:10],
+                body[10:],
+            ],
+            pause=REQUEST_TIMEOUT / 4,
+        ),
+        answer([]),
+    )
+    for data, took in slow[:3]:
+        status, _, rest = data.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout", data
+        assert "did not arrive whole" in json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert REQUEST_TIMEOUT - 0.5 < took < REQUEST_TIMEOUT + 3, took
+    taken, _ = slow[3]
+    assert taken.startswith(b"HTTP/1.1 404"), taken  # `echo` is not registered: it was read
+    idle, took = slow[4]
+    assert idle == b"" and took < REQUEST_TIMEOUT + 3, (idle, took)
+    assert (await api.http.get("/healthz")).status_code == 200
 
 
 async def test_a_body_without_length_is_limited_as_it_arrives(api: Api) -> None:

@@ -409,8 +409,9 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from .settings import Settings
 
     _log_to_stderr()
-    app = create_app(Settings(), Path(args.tokens))
-    uvicorn.Server(config(app, args.host, args.port)).run()
+    settings = Settings()
+    app = create_app(settings, Path(args.tokens))
+    uvicorn.Server(config(app, args.host, args.port, settings.request_timeout)).run()
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:

@@ -125,6 +125,11 @@ class Settings:
     history_compression: bool = field(
         default_factory=lambda: env_switch("KUBETASK_HISTORY_COMPRESSION", True)
     )
+    # How long an HTTP request may take to reach the gateway whole, headers and body, from its
+    # first byte; past it the gateway answers 408 and closes (`gateway/server.py`).
+    request_timeout: float = field(
+        default_factory=lambda: env_float("KUBETASK_REQUEST_TIMEOUT", 30.0, 1, 3600)
+    )
     max_payload_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_MAX_PAYLOAD", 256 * 1024, 1)
     )

@@ -1,13 +1,19 @@
-"""How the gateway is served: uvicorn on uvloop and httptools, one response sent in one write.
+"""How the gateway is served: uvicorn on uvloop and httptools, one response sent in one write,
+and no request let to arrive for ever.
 
 uvicorn writes a response's status line and headers, then its body: two system calls and two
 TCP segments for every 202 the gateway answers, and on loopback the sender also pays for the
 receiving side of each. The writes a connection makes in one loop iteration are sent together.
+
+uvicorn also waits as long as a client likes for a request's headers and body: a client that
+opens connections and trickles a byte now and then (slowloris) holds a file descriptor and a
+request in progress each, until the gateway has none left for anybody.
 """
 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any, cast
 
 import uvicorn
@@ -46,16 +52,66 @@ class _Coalesced:
         return getattr(self._transport, name)
 
 
-class CoalescingProtocol(HttpToolsProtocol):
+class GatewayProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, request_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_timeout = request_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _Coalesced(transport)))
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.request_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        """A connection that sent nothing is closed, as an idle keep-alive one is; a request
+        begun and not finished in time is answered 408, and its route, if it is waiting for
+        the rest of the body, sees the client gone."""
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()
+            return
+        if self.headers is not None:
+            self._send_error(
+                408, f"the request did not arrive whole within {self.request_timeout:g} s"
+            )
+        else:
+            self.transport.close()
+        if cycle is not None:
+            cycle.disconnected = True
+            cycle.message_event.set()
 
     def send_400_response(self, msg: str) -> None:
         """A request the HTTP parser refused (a Content-Length that is not a number, a
         malformed request line) gets the one error body too, not uvicorn's plain text."""
-        body = ErrorBody(error=f"malformed HTTP request: {msg}").model_dump_json(exclude_none=True)
-        data = body.encode()
-        head = [STATUS_LINE[400]]
+        self._send_error(400, f"malformed HTTP request: {msg}")
+
+    def _send_error(self, status: int, error: str) -> None:
+        data = ErrorBody(error=error).model_dump_json(exclude_none=True).encode()
+        head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
         head += [
@@ -68,13 +124,19 @@ class CoalescingProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def config(app: ASGIApp, host: str, port: int, **extra: Any) -> uvicorn.Config:
+def config(
+    app: ASGIApp, host: str, port: int, request_timeout: float, **extra: Any
+) -> uvicorn.Config:
+    """`request_timeout`: how long a request may take to arrive, headers and body, from its
+    first byte (or from the connection's opening, for its first request)."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=CoalescingProtocol,
+        http=cast(
+            type[asyncio.Protocol], partial(GatewayProtocol, request_timeout=request_timeout)
+        ),
         # Nothing here uses the client's address, so X-Forwarded-* need no middleware.
         proxy_headers=False,
         access_log=False,
