@@ -31,6 +31,14 @@ def test_valid_objects_are_accepted(crds: ControlPlane) -> None:
     crds.kubectl(
         "apply", "-f", "-", stdin=_fn("ok-server", "server: {command: [srv]}\nmaxConcurrency: 3")
     )
+    podded = """
+        command: [a]
+        tolerations:
+        - {operator: Exists}
+        - {key: a, effect: NoExecute, tolerationSeconds: -5}
+        resources: {requests: {cpu: 500m, memory: 1Gi}, limits: {cpu: "1", memory: 1Gi}}
+    """
+    crds.kubectl("apply", "-f", "-", stdin=_fn("ok-podded", podded))
     crds.kubectl(
         "apply",
         "-f",
@@ -59,6 +67,24 @@ def test_valid_objects_are_accepted(crds: ControlPlane) -> None:
         ("command: [a]\ntimeoutSeconds: 86401", "spec.timeoutSeconds: Invalid value: 86401"),
         ("command: [a]\nmaxConcurrency: -1", "spec.maxConcurrency: Invalid value: -1"),
         ("command: [a]\nqueueMode: private", 'spec.queueMode: Unsupported value: "private"'),
+        (
+            "command: [a]\ntolerations: [{operator: Equal, value: x}]",
+            "a toleration without a key matches every taint",
+        ),
+        (
+            "command: [a]\ntolerations: [{key: a, operator: Exists, value: x}]",
+            "a toleration with operator Exists has no value",
+        ),
+        (
+            "command: [a]\ntolerations: [{key: a, tolerationSeconds: 5}]",
+            "tolerationSeconds needs effect NoExecute",
+        ),
+        (
+            "command: [a]\nresources: {requests: {memory: 2Gi}, limits: {memory: 1Gi}}",
+            "a resource's request may not exceed its limit",
+        ),
+        ("command: [a]\nresources: {limits: {memory: 9Ei}}", "must be below 8Ei"),
+        ("command: [a]\nresources: {limits: {memory: 1K}}", "spec.resources.limits.memory"),
     ],
 )
 def test_invalid_functions_are_rejected_naming_the_field(

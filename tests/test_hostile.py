@@ -198,6 +198,48 @@ async def test_labels_and_annotation_keys_follow_the_kubernetes_grammar(api: Api
         _check_error_body(resp)
 
 
+async def test_a_pod_kubernetes_would_refuse_is_refused_at_registration(api: Api) -> None:
+    """What a function asks of its pod follows Kubernetes' pod rules, so a function is refused
+    when it is registered, not when its first attempt's pod is (the CRD has the same rules as
+    CEL: e2e/test_crds.py)."""
+    good: list[dict[str, Any]] = [
+        {"tolerations": [{"operator": "Exists"}]},
+        {"tolerations": [{"key": "a", "effect": "NoExecute", "tolerationSeconds": -5}]},
+        {"tolerations": [{"key": "a", "operator": "Equal", "value": "b"}]},
+        {"resources": {"requests": {"memory": "1Gi", "cpu": "500m"}, "limits": {"memory": "1Gi"}}},
+        {"resources": {"requests": {"cpu": "1e3"}, "limits": {"cpu": "1001", "memory": "7Ei"}}},
+    ]
+    bad: list[dict[str, Any]] = [
+        {"tolerations": [{"operator": "Equal", "value": "x"}]},
+        {"tolerations": [{"value": "x"}]},
+        {"tolerations": [{"key": "a", "operator": "Exists", "value": "x"}]},
+        {"tolerations": [{"key": "a", "tolerationSeconds": 5}]},
+        {"tolerations": [{"key": "a", "effect": "NoSchedule", "tolerationSeconds": 5}]},
+        {"tolerations": [{"key": "a", "effect": "NoExecute", "tolerationSeconds": 2**53 + 1}]},
+        {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}},
+        {"resources": {"requests": {"cpu": "1001m"}, "limits": {"cpu": "1"}}},
+        {"resources": {"limits": {"memory": "1e999"}}},
+        {"resources": {"requests": {"memory": "8Ei"}}},
+        {"resources": {"limits": {"memory": "1K"}}},
+        {"resources": {"limits": {"memory": "1mi"}}},
+    ]
+    for extra in good:
+        resp = await api.http.put(
+            "/v1/functions/podded",
+            json={"metadata": {"name": "podded"}, "spec": {"command": ["true"], **extra}},
+        )
+        assert resp.status_code == 200, (extra, resp.text)
+    for extra in bad:
+        resp = await api.http.put(
+            "/v1/functions/podded",
+            json={"metadata": {"name": "podded"}, "spec": {"command": ["true"], **extra}},
+        )
+        assert resp.status_code == 422, (extra, resp.text)
+        _check_error_body(resp)
+    kept = (await api.http.get("/v1/functions/podded")).json()["spec"]
+    assert kept["resources"] == good[-1]["resources"], kept
+
+
 async def test_strict_input(api: Api) -> None:
     await api.function("f", command=["true"])
     for raw in (b'{"function": "f", "payload": NaN}', b'{"function": "f", "payload": [Infinity]}'):

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from . import grammar
+from . import grammar, quantities
 
 API_GROUP = "kubetask.io"
 API_VERSION = "v1alpha1"
@@ -113,14 +113,48 @@ class EnvVar(KubeModel):
 ObjectName = Annotated[
     str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 ]
-QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkKMGTPE]i?)?$"
-Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY_PATTERN)]
+Quantity = Annotated[str, Field(max_length=64, pattern=quantities.PATTERN)]
 ResourceName = Literal["cpu", "memory", "ephemeral-storage"]
+
+# The rules twice: CEL for the API server, `_sane` for the API.
+RESOURCE_RULES: list[dict[str, JsonValue]] = [
+    {
+        "rule": " && ".join(
+            f"(!has(self.{side}) || self.{side}.all(k, "
+            f"quantity(self.{side}[k]).compareTo(quantity('{quantities.MAX}')) < 0))"
+            for side in ("requests", "limits")
+        ),
+        "message": f"a resource quantity must be below {quantities.MAX}",
+    },
+    {
+        "rule": "!has(self.requests) || !has(self.limits) || self.requests.all(k, "
+        "!(k in self.limits) || "
+        "quantity(self.requests[k]).compareTo(quantity(self.limits[k])) <= 0)",
+        "message": "a resource's request may not exceed its limit",
+    },
+]
 
 
 class Resources(KubeModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": [*RESOURCE_RULES]}
+    )
+
     requests: dict[ResourceName, Quantity] = Field(default_factory=dict, max_length=3)
     limits: dict[ResourceName, Quantity] = Field(default_factory=dict, max_length=3)
+
+    @model_validator(mode="after")
+    def _sane(self) -> Resources:
+        values = {
+            side: {k: quantities.value(v) for k, v in quantity.items()}
+            for side, quantity in (("requests", self.requests), ("limits", self.limits))
+        }
+        if any(v >= quantities.MAX_VALUE for side in values.values() for v in side.values()):
+            raise ValueError(str(RESOURCE_RULES[0]["message"]))
+        limits = values["limits"]
+        if any(k in limits and v > limits[k] for k, v in values["requests"].items()):
+            raise ValueError(str(RESOURCE_RULES[1]["message"]))
+        return self
 
 
 class SourceRef(KubeModel):
@@ -150,12 +184,47 @@ class EnvFromSource(KubeModel):
         return self
 
 
+# Kubernetes' own rules for a pod's tolerations (it refuses the pod otherwise, at the first
+# attempt): the rules twice, CEL for the API server, `_as_kubernetes_would` for the API.
+TOLERATION_RULES: list[dict[str, JsonValue]] = [
+    {
+        "rule": "has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+        "message": "a toleration without a key matches every taint: its operator must be Exists",
+    },
+    {
+        "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) "
+        "|| self.value == ''",
+        "message": "a toleration with operator Exists has no value",
+    },
+    {
+        "rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "message": "tolerationSeconds needs effect NoExecute",
+    },
+]
+
+
 class Toleration(KubeModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"x-kubernetes-validations": [*TOLERATION_RULES]}
+    )
+
     key: LabelKey | None = None
     operator: Literal["Exists", "Equal"] | None = None
     value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    tolerationSeconds: Count | None = None
+    # The pod's field is an int64, but the API server reads a CRD's bounds as float64 (2^63 - 1
+    # became -2^63): the integers a float carries exactly (2^53 s is 285 million years).
+    tolerationSeconds: Count | None = Field(default=None, ge=-(2**53), le=2**53)
+
+    @model_validator(mode="after")
+    def _as_kubernetes_would(self) -> Toleration:
+        if self.key is None and self.operator != "Exists":
+            raise ValueError(str(TOLERATION_RULES[0]["message"]))
+        if self.operator == "Exists" and self.value:
+            raise ValueError(str(TOLERATION_RULES[1]["message"]))
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError(str(TOLERATION_RULES[2]["message"]))
+        return self
 
 
 class QueueMode(StrEnum):
