@@ -103,6 +103,15 @@ async def test_creations_with_bad_names_are_422(api: Api) -> None:
         resp = await api.http.put(f"/v1/functions/{bad}", json=body)
         assert resp.status_code == 422, resp.text
         _check_error_body(resp)
+    # Told in words, not as a regular expression.
+    for field, bad in (("function", "NOPE"), ("function", "a_b"), ("id", "-x")):
+        resp = await api.http.post("/v1/tasks", json={"function": "f", field: bad})
+        assert resp.status_code == 422 and resp.json()["field"] == field, resp.text
+        assert "letters, digits" in resp.json()["error"] and "^" not in resp.text, resp.text
+    dest = {"onSuccess": {"kind": "subject", "target": "kt.x"}}
+    body = {"metadata": {"name": "f"}, "spec": {"function": "f", "destinationConfig": dest}}
+    resp = await api.http.put("/v1/asyncconfigs/f", json=body)
+    assert resp.status_code == 422 and "^" not in resp.text, resp.text
 
 
 async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:

@@ -51,8 +51,41 @@ WEBHOOK_RULE = (
 )
 _WEBHOOK = re.compile(WEBHOOK_PATTERN)
 
+# Kubernetes' grammars for what a function asks of its pod and its processes.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
+# Kubernetes' resource quantities (`quantities.py`): its suffixes only, so no `K` and no `mi`.
+QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+# No NUL byte: no process can be given an argument, variable or directory holding one.
+PROCESS_TEXT_PATTERN = r"^[^\x00]*$"
+
 _NAME = re.compile(NAME_PATTERN)
 _TASK_ID = re.compile(TASK_ID_PATTERN)
+
+# What a value outside a pattern is told, in words, rather than the regular expression.
+RULES = {
+    NAME_PATTERN: NAME_RULE,
+    TASK_ID_PATTERN: TASK_ID_RULE,
+    ID_PREFIX_PATTERN: f"the start of a task id: {TASK_ID_RULE}",
+    HTTP_PATH_PATTERN: "a path starting with '/', in RFC 3986 path and query characters",
+    WEBHOOK_PATTERN: WEBHOOK_RULE,
+    LABEL_KEY_PATTERN: "a Kubernetes label key: an optional DNS prefix and '/', then up to 63 "
+    "letters, digits, '-', '_' and '.', starting and ending alphanumeric",
+    LABEL_VALUE_PATTERN: "a Kubernetes label value: up to 63 letters, digits, '-', '_' and '.', "
+    "starting and ending alphanumeric",
+    OBJECT_NAME_PATTERN: "a Kubernetes object name: lowercase letters, digits, '-' and '.'",
+    ENV_NAME_PATTERN: "letters, digits and '_', not starting with a digit",
+    IMAGE_PATTERN: "an image reference: letters, digits and . _ / : @ -",
+    PROCESS_TEXT_PATTERN: "no NUL character",
+    QUANTITY_PATTERN: "a Kubernetes quantity such as 500m, 2, 64Mi or 1e3",
+    SUBJECT_DESTINATION_PATTERN: f"a subject in the account's namespace, {DESTINATION_ROOT}."
+    "<account>.<token>[.<token>...], tokens of letters, digits, '-' and '_'",
+}
 
 
 def is_name(value: object) -> bool:

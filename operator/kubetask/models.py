@@ -71,12 +71,10 @@ LabelKey = Annotated[
     str,
     Field(
         max_length=253,
-        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$",
+        pattern=grammar.LABEL_KEY_PATTERN,
     ),
 ]
-LabelValue = Annotated[
-    str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-]
+LabelValue = Annotated[str, Field(max_length=63, pattern=grammar.LABEL_VALUE_PATTERN)]
 
 
 class ObjectMeta(KubeModel):
@@ -99,11 +97,11 @@ class TaskMeta(ObjectMeta):
 # What reaches an exec call as an argument, a variable's value or a directory: no NUL byte,
 # which no process can be given (a command holding one was accepted and then failed every
 # attempt with "could not start").
-ProcessText = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+ProcessText = Annotated[str, Field(pattern=grammar.PROCESS_TEXT_PATTERN)]
 
 
 class EnvVar(KubeModel):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    name: str = Field(min_length=1, pattern=grammar.ENV_NAME_PATTERN)
     value: ProcessText = ""
 
 
@@ -111,9 +109,9 @@ class EnvVar(KubeModel):
 # validated subset of a pod template. Everything else (volumes, host access, privileges, the
 # pod's own security context) stays the platform's to decide.
 ObjectName = Annotated[
-    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    str, Field(min_length=1, max_length=253, pattern=grammar.OBJECT_NAME_PATTERN)
 ]
-Quantity = Annotated[str, Field(max_length=64, pattern=quantities.PATTERN)]
+Quantity = Annotated[str, Field(max_length=64, pattern=grammar.QUANTITY_PATTERN)]
 ResourceName = Literal["cpu", "memory", "ephemeral-storage"]
 
 # The rules twice: CEL for the API server, `_sane` for the API.
@@ -175,7 +173,7 @@ class EnvFromSource(KubeModel):
 
     configMapRef: SourceRef | None = None
     secretRef: SourceRef | None = None
-    prefix: str | None = Field(default=None, max_length=253, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    prefix: str | None = Field(default=None, max_length=253, pattern=grammar.ENV_NAME_PATTERN)
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvFromSource:
@@ -313,7 +311,7 @@ class TaskFunctionSpec(KubeModel):
     image: str | None = Field(
         default=None,
         max_length=512,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$",
+        pattern=grammar.IMAGE_PATTERN,
         description="On Kubernetes, the image the function's container runs (default: kubetask's "
         "own); `command` runs in it unchanged. The local executor ignores it.",
     )

@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+from .grammar import QUANTITY_PATTERN
+
 # 2^63: past it Kubernetes' own int64 arithmetic on a quantity overflows.
 MAX = "8Ei"
 
-_FORM = re.compile(PATTERN)
+_FORM = re.compile(QUANTITY_PATTERN)
 _FACTORS = {
     "n": Decimal("1e-9"),
     "u": Decimal("1e-6"),

@@ -62,6 +62,8 @@ def invalid_request(err: RequestValidationError) -> JSONResponse:
     msg = first.get("msg", "invalid value")
     if first.get("type", "").startswith("string_") and loc.endswith("id"):
         msg = f"task id may use only {grammar.TASK_ID_RULE}"
+    elif first.get("type") == "string_pattern_mismatch":
+        msg = grammar.RULES.get(first.get("ctx", {}).get("pattern"), msg)
     return respond(422, ErrorBody(error=f"{loc}: {msg}" if loc else msg, field=loc or None))
 
 
