@@ -13,6 +13,7 @@ from harness import Api, all_succeed
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.fairness import Fairness, FairnessSettings, parse_weights
 from kubetask.gateway.fair_gate import FairGate
+from kubetask.gateway.query_turns import QueryTurns
 from kubetask.settings import Settings
 
 
@@ -79,6 +80,53 @@ async def test_the_gateway_gate_keeps_each_account_to_its_share_in_arrival_order
     assert order[-2:] == ["late1", "late2"]
     assert gate.shares.inflight == {}
     assert not gate._waiting
+
+
+async def test_accounts_take_turns_at_the_index_whoever_asked_first() -> None:
+    turns = QueryTurns(slots=2)
+    order: list[str] = []
+
+    async def query(account: str, tag: str) -> None:
+        async with turns.turn(account):
+            order.append(tag)
+            await asyncio.sleep(0.01)
+
+    flood = [asyncio.create_task(query("a", f"a{i}")) for i in range(20)]
+    await asyncio.sleep(0)
+    late = [asyncio.create_task(query(acct, acct)) for acct in ("b", "c")]
+    gives_up = asyncio.create_task(query("d", "d"))
+    await asyncio.sleep(0)
+    gives_up.cancel()
+    await asyncio.gather(*flood, *late, return_exceptions=True)
+    # Two of a's were running; then each waiting account's first query, b and c, before a's
+    # third: arrival order would have put them after all twenty.
+    assert order[:2] == ["a0", "a1"] and set(order[2:5]) == {"a2", "b", "c"}, order
+    assert "d" not in order and turns.busy == 0 and not turns._waiting
+
+
+async def test_a_neighbours_list_waits_for_a_turn_not_for_every_query_of_a_flood(
+    make_api: Callable[..., Awaitable[Api]],
+) -> None:
+    """The index answers on one thread: in arrival order, a neighbour's list waited for every
+    list query a flooding account had sent before it."""
+    heavy, light = await make_api(), await make_api()
+    for api in (heavy, light):
+        await api.function("f", command=["true"], maxConcurrency=64)
+    await asyncio.gather(*(heavy.submit("f", i) for i in range(1000)))
+    await light.submit("f", 0)
+    await all_succeed(heavy, "f", 1000, timeout=180)
+    answered: list[str] = []
+
+    async def listing(api: Api, tag: str) -> None:
+        await api.call("GET", "/v1/tasks", params={"limit": "1000"})
+        answered.append(tag)
+
+    flood = [asyncio.create_task(listing(heavy, "heavy")) for _ in range(40)]
+    await asyncio.sleep(0.3)  # the flood's queries have reached the index
+    await listing(light, "light")
+    await asyncio.gather(*flood)
+    before = answered.index("light")
+    assert before <= 20, f"the light account's list came after {before} of the 40"
 
 
 async def _running(api: Api) -> int:

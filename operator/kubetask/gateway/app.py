@@ -321,7 +321,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             rows, nxt = index.search(q, limit, after)
             return rows, index.stored(rows), f"{nxt[0]}/{nxt[1]}" if nxt else None
 
-        rows, stored, nxt = await indexer().run(found)
+        rows, stored, nxt = await indexer().query(scoped, found)
         items = []
         for row, kept in zip(rows, stored, strict=True):
             if kept is None:
@@ -473,7 +473,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             raise ApiError(404, f"function {name!r} not found in account {acct!r}")
         await indexer().caught_up()  # a task submitted a moment ago counts too
         unfinished = IndexQuery([acct], function=name, phases=frozenset(TaskPhase) - TERMINAL)
-        busy = await indexer().run(indexer().index.count, acct, unfinished)
+        busy = await indexer().query(acct, indexer().index.count, acct, unfinished)
         if busy:
             raise ApiError(
                 409,

@@ -29,6 +29,7 @@ from ..cancellation import cancel_and_wait
 from ..plane import DataPlane
 from ..watch import LazyMirror
 from .index import TaskIndex
+from .query_turns import QueryTurns
 
 STREAM = f"KV_{names.TASKS_BUCKET}"
 log = logging.getLogger("kubetask.gateway")
@@ -54,6 +55,7 @@ class Indexer:
         self.mirror: LazyMirror | None = None
         self.target = 0
         self._loading: asyncio.Task[None] | None = None
+        self.turns = QueryTurns()
 
     @property
     def index(self) -> TaskIndex:
@@ -65,6 +67,14 @@ class Indexer:
         """`call` on the index's thread, after everything handed to it before."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, lambda: call(*args, **kwargs))
+
+    async def query(
+        self, account: str | None, call: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """`run` for a request's query, when it is `account`'s turn (`query_turns.py`; None:
+        an admin's query over every account)."""
+        async with self.turns.turn(account or ""):
+            return await self.run(call, *args, **kwargs)
 
     async def start(self) -> None:
         info = await self.plane.js.stream_info(STREAM)

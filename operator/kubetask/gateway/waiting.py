@@ -25,7 +25,9 @@ async def ahead(indexer: Indexer, task: Task) -> int:
     if mine is None:
         return 0
     queued = Query([task.account], task.spec.function, frozenset({TaskPhase.Queued}))
-    return await indexer.run(indexer.index.count, task.account, queued, enqueued_before=mine)
+    return await indexer.query(
+        task.account, indexer.index.count, task.account, queued, enqueued_before=mine
+    )
 
 
 async def explain(plane: DataPlane, indexer: Indexer, task: Task) -> Waiting | None:
