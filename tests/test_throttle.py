@@ -33,7 +33,8 @@ def test_sample_and_hold_finds_the_heavy_sender_in_bounded_memory() -> None:
 @asynccontextmanager
 async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
     port = free_port()
-    server = uvicorn.Server(config(create_app(settings, tokens_file), "127.0.0.1", port))
+    app = create_app(settings, tokens_file)
+    server = uvicorn.Server(config(app, "127.0.0.1", port, settings.request_timeout))
     serving = asyncio.create_task(server.serve())
     try:
         while not server.started:
