@@ -10,55 +10,26 @@ waiting account. Alone, an account has every slot, so this costs a single tenant
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from .turns import Turns
 
 
-class QueryTurns:
+class QueryTurns(Turns):
     def __init__(self, slots: int = 2) -> None:
+        super().__init__()
         # Two keep the thread busy while the loop hands the next query over.
         self.slots = slots
         self.busy = 0
-        # Accounts in the order their turn comes; each with its waiting queries, oldest first.
-        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
 
-    @asynccontextmanager
-    async def turn(self, account: str) -> AsyncIterator[None]:
-        if self.busy < self.slots and not self._waiting:
-            self.busy += 1
-        else:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.setdefault(account, deque()).append(waiter)
-            try:
-                await waiter  # `_next` counted us in before waking us
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._release()
-                else:
-                    self._forget(account, waiter)
-                raise
-        try:
-            yield
-        finally:
-            self._release()
+    def _may_enter(self, account: str) -> bool:
+        return self.busy < self.slots and not self._waiting
 
-    def _release(self) -> None:
+    def _enter(self, account: str) -> None:
+        self.busy += 1
+
+    def _leave(self, account: str) -> None:
         self.busy -= 1
         while self._waiting and self.busy < self.slots:
-            account, queue = next(iter(self._waiting.items()))
-            waiter = queue.popleft()
-            del self._waiting[account]
-            if queue:
-                self._waiting[account] = queue  # its next query waits for everyone else's turn
-            if not waiter.done():
-                self.busy += 1
-                waiter.set_result(None)
-
-    def _forget(self, account: str, waiter: asyncio.Future[None]) -> None:
-        queue = self._waiting.get(account)
-        if queue is not None and waiter in queue:
-            queue.remove(waiter)
-            if not queue:
-                del self._waiting[account]
+            first = next(iter(self._waiting))
+            # To the back of the round: its next query waits for everyone else's turn.
+            self._waiting[first] = self._waiting.pop(first)
+            self._wake(first)
