@@ -11,7 +11,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 from harness import Api, all_succeed
 from kubetask.dispatch.dispatcher import Dispatcher
-from kubetask.fairness import Fairness, FairnessSettings, parse_weights
+from kubetask.fairness import (
+    DISPATCH_LEAST_PER_ACCOUNT,
+    Fairness,
+    FairnessSettings,
+    parse_weights,
+)
 from kubetask.gateway.fair_gate import FairGate
 from kubetask.gateway.query_turns import QueryTurns
 from kubetask.settings import Settings
@@ -53,6 +58,27 @@ def test_shares_follow_the_active_accounts_and_their_weights() -> None:
     off.started("a")
     off.started("b")
     assert off.share("a") is None
+
+
+def test_many_active_accounts_still_get_a_few_slots_each_in_proportion() -> None:
+    """Eight slots over twenty accounts were one attempt in flight each, and each account's
+    functions were held and released a hundred at a time; the slots grow with the accounts."""
+    shares = Fairness(FairnessSettings(slots=8, least_per_account=4, weights={"gold": 2}))
+    for i in range(19):
+        shares.started(f"plain{i}")
+    shares.started("gold")
+    assert shares.share("plain0") == 4 and shares.share("gold") == 8
+    few = Fairness(FairnessSettings(slots=32, least_per_account=4, weights={"gold": 3}))
+    few.started("gold")
+    few.started("plain")
+    assert few.share("gold") == 24 and few.share("plain") == 8  # a few accounts: as before
+
+
+def test_a_dispatcher_keeps_a_few_slots_per_account(dispatcher: Dispatcher) -> None:
+    shares = Fairness(dispatcher.fairness.settings)  # the running dispatcher's, fresh counts
+    for i in range(20):
+        shares.started(f"acct{i}")
+    assert shares.share("acct0") == DISPATCH_LEAST_PER_ACCOUNT >= 4
 
 
 async def test_the_gateway_gate_keeps_each_account_to_its_share_in_arrival_order() -> None:

@@ -231,5 +231,7 @@ class Settings:
     def small_account(self, account: str) -> bool:
         return account in self.small_accounts or "*" in self.small_accounts
 
-    def fair_share(self, slots: int) -> FairnessSettings:
-        return FairnessSettings(self.fairness, slots, weights=self.account_weights)
+    def fair_share(self, slots: int, least_per_account: int = 1) -> FairnessSettings:
+        return FairnessSettings(
+            self.fairness, slots, least_per_account=least_per_account, weights=self.account_weights
+        )

@@ -35,7 +35,7 @@ from ..executors import (
     ServerExecutor,
     WarmPodExecutor,
 )
-from ..fairness import Fairness
+from ..fairness import DISPATCH_LEAST_PER_ACCOUNT, Fairness
 from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
@@ -147,7 +147,11 @@ class Dispatcher:
         # The streams each function has workers on, so a change looks at its own workers only.
         self._streams: dict[tuple[str, str], set[str]] = {}
         self.slots: dict[tuple[str, str], Slot] = {}
-        self.fairness = Fairness(plane.settings.fair_share(plane.settings.dispatch_fair_slots))
+        self.fairness = Fairness(
+            plane.settings.fair_share(
+                plane.settings.dispatch_fair_slots, least_per_account=DISPATCH_LEAST_PER_ACCOUNT
+            )
+        )
         self.budget = NodeBudget(weight=self.fairness.weight)
         self.server: Executor = (
             WarmPodExecutor() if self.jobs else ServerExecutor(self.budget.settings.instances)
