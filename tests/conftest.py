@@ -120,7 +120,7 @@ async def gateway_url(
 ) -> AsyncIterator[str]:
     port = free_port()
     app = create_app(as_user(settings, "gateway", nats_passwords), tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, settings.request_timeout, lifespan="on"))
+    server = uvicorn.Server(config(app, "127.0.0.1", port, settings, lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)

@@ -10,12 +10,18 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
 from aiohttp import web
+from kubetask.embedded import free_port
+from kubetask.gateway.app import create_app
+from kubetask.gateway.server import config
 from kubetask.settings import Settings
 
 PY = sys.executable
@@ -214,3 +220,19 @@ async def web_server(handler: Any, host: str = "127.0.0.1") -> Any:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
+    """A gateway of its own, for a test that needs other settings than the session's."""
+    port = free_port()
+    app = create_app(settings, tokens_file)
+    server = uvicorn.Server(config(app, "127.0.0.1", port, settings))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import LOG_STREAMS, METRICS_TOKEN, REQUEST_TIMEOUT, Api
+from harness import LOG_STREAMS, METRICS_TOKEN, REQUEST_TIMEOUT, Api, as_user, gateway
 from kubetask import metrics
 from kubetask.embedded import free_port
 from kubetask.plane import DataPlane
+from kubetask.settings import Settings
 
 BAD_IDS = [
     "*",
@@ -601,6 +604,33 @@ async def test_a_request_that_never_arrives_whole_is_answered_408(
     idle, took = slow[4]
     assert idle == b"" and took < REQUEST_TIMEOUT + 3, (idle, took)
     assert (await api.http.get("/healthz")).status_code == 200
+
+
+async def test_connections_past_the_limit_are_refused_with_the_error_body(
+    api: Api, settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
+) -> None:
+    """Past its connection limit a gateway answers 503 at once rather than run out of file
+    descriptors for NATS and its index; a connection that closes makes room again."""
+    limited = dataclasses.replace(as_user(settings, "gateway", nats_passwords), max_connections=5)
+    async with gateway(limited, tokens_file) as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = [await asyncio.open_connection(host, int(port)) for _ in range(5)]
+        reader, writer = await asyncio.open_connection(host, int(port))
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in head.lower(), answer
+        refused = json.loads(body)
+        assert "connections open" in refused["error"] and refused["retryAfter"] == 1, refused
+        for _, held_writer in held[1:]:
+            held_writer.close()
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {api.token}"}
+        ) as http:
+            assert (await http.get("/v1/tasks")).status_code == 200
+        held[0][1].close()
 
 
 async def test_a_body_without_length_is_limited_as_it_arrives(api: Api) -> None:

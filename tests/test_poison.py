@@ -66,7 +66,7 @@ async def test_undecodable_record_and_message_are_quarantined(
     # A gateway starting over the bad record starts and lists.
     port = free_port()
     app = create_app(as_user(settings, "gateway", nats_passwords), tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, settings.request_timeout, lifespan="on"))
+    server = uvicorn.Server(config(app, "127.0.0.1", port, settings, lifespan="on"))
     serving = asyncio.create_task(server.serve())
     try:
         for _ in range(200):

@@ -7,17 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
-from harness import Api, as_user
-from kubetask.embedded import free_port
-from kubetask.gateway.app import create_app
-from kubetask.gateway.server import config
+from harness import Api, as_user, gateway
 from kubetask.gateway.throttle import SampleAndHold
 from kubetask.settings import Settings
 
@@ -28,21 +23,6 @@ def test_sample_and_hold_finds_the_heavy_sender_in_bounded_memory() -> None:
         counter.observe("flood" if i % 5 else f"light-{i}")
     assert abs(counter.share("flood") - 0.8) < 0.05
     assert counter.heavy() <= 50  # 2,000 distinct light senders, at most 50 held
-
-
-@asynccontextmanager
-async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
-    port = free_port()
-    app = create_app(settings, tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, settings.request_timeout))
-    serving = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def _flood(

@@ -411,7 +411,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     _log_to_stderr()
     settings = Settings()
     app = create_app(settings, Path(args.tokens))
-    uvicorn.Server(config(app, args.host, args.port, settings.request_timeout)).run()
+    uvicorn.Server(config(app, args.host, args.port, settings)).run()
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -79,6 +80,11 @@ def env_secret(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _open_file_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(
@@ -129,6 +135,14 @@ class Settings:
     # first byte; past it the gateway answers 408 and closes (`gateway/server.py`).
     request_timeout: float = field(
         default_factory=lambda: env_float("KUBETASK_REQUEST_TIMEOUT", 30.0, 1, 3600)
+    )
+    # Connections a gateway keeps open at once; past them a new one is answered 503 and closed,
+    # before the process runs out of file descriptors for NATS and its index. The default is
+    # 10,000, or half the process's open-file limit where that is lower.
+    max_connections: int = field(
+        default_factory=lambda: env_int(
+            "KUBETASK_MAX_CONNECTIONS", min(10_000, _open_file_limit() // 2), 1, 1_000_000
+        )
     )
     max_payload_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_MAX_PAYLOAD", 256 * 1024, 1)

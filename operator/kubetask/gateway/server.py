@@ -21,6 +21,8 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from ..models import ErrorBody
+from ..settings import Settings
+from .errors import RETRY_AFTER
 
 
 class _Coalesced:
@@ -53,13 +55,26 @@ class _Coalesced:
 
 
 class GatewayProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, request_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, request_timeout: float, max_connections: int, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.request_timeout = request_timeout
+        self.max_connections = max_connections
         self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _Coalesced(transport)))
+        if len(self.connections) > self.max_connections:
+            # Refused before it can hold anything but its socket: the descriptors left are
+            # what NATS, the index and the connections already open need.
+            self._send_error(
+                503,
+                f"the gateway has {self.max_connections} connections open, its limit; "
+                f"retry in {RETRY_AFTER}s",
+                retry_after=RETRY_AFTER,
+            )
+            return
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -109,11 +124,14 @@ class GatewayProtocol(HttpToolsProtocol):
         malformed request line) gets the one error body too, not uvicorn's plain text."""
         self._send_error(400, f"malformed HTTP request: {msg}")
 
-    def _send_error(self, status: int, error: str) -> None:
-        data = ErrorBody(error=error).model_dump_json(exclude_none=True).encode()
+    def _send_error(self, status: int, error: str, retry_after: int | None = None) -> None:
+        body = ErrorBody(error=error, retryAfter=retry_after)
+        data = body.model_dump_json(exclude_none=True).encode()
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
+        if retry_after is not None:
+            head.append(b"retry-after: %d\r\n" % retry_after)
         head += [
             b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(data),
@@ -124,19 +142,18 @@ class GatewayProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def config(
-    app: ASGIApp, host: str, port: int, request_timeout: float, **extra: Any
-) -> uvicorn.Config:
-    """`request_timeout`: how long a request may take to arrive, headers and body, from its
-    first byte (or from the connection's opening, for its first request)."""
+def config(app: ASGIApp, host: str, port: int, settings: Settings, **extra: Any) -> uvicorn.Config:
+    protocol = partial(
+        GatewayProtocol,
+        request_timeout=settings.request_timeout,
+        max_connections=settings.max_connections,
+    )
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=cast(
-            type[asyncio.Protocol], partial(GatewayProtocol, request_timeout=request_timeout)
-        ),
+        http=cast(type[asyncio.Protocol], protocol),
         # Nothing here uses the client's address, so X-Forwarded-* need no middleware.
         proxy_headers=False,
         access_log=False,
