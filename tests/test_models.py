@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from kubetask import nats_auth
+from kubetask import nats_auth, quantities
 from kubetask.crdgen import OUTPUTS, crds, render
 from kubetask.models import (
     Destination,
@@ -98,3 +99,20 @@ def test_a_stored_record_reads_back_the_same_and_keeps_nulls_inside_payloads() -
             stored = encode(record)
             assert b'"error"' not in stored and b'"exitCode"' not in stored  # unset: left out
             assert TaskRecord.model_validate_json(stored) == record
+
+
+def test_quantities_read_as_kubernetes_reads_them() -> None:
+    """`E` is exa, `Ei` exbi, `E3` an exponent; `K` and `mi` are no suffixes of Kubernetes."""
+    for text, value in (
+        ("500m", Decimal("0.5")),
+        ("64Mi", Decimal(64 * 2**20)),
+        ("1E", Decimal(10**18)),
+        ("1Ei", Decimal(2**60)),
+        ("1E3", Decimal(1000)),
+        ("+.5k", Decimal(500)),
+        ("1e999999", Decimal("1e999999")),
+    ):
+        assert quantities.value(text) == value, text
+    for text in ("1K", "1mi", "-1", "1e", "", "1.5.5", "1 Gi"):
+        with pytest.raises(ValueError):
+            quantities.value(text)

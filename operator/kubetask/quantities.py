@@ -38,10 +38,11 @@ def value(text: str) -> Decimal:
     match = _FORM.match(text)
     if match is None:
         raise ValueError(f"{text!r} is not a Kubernetes quantity")
-    number, suffix = text[: match.start(3)] if match.group(3) else text, match.group(3) or ""
-    if suffix[:1] in ("e", "E") and suffix[1:2] != "i" and len(suffix) > 1:
-        return Decimal(text.lstrip("+"))  # exact, however large the exponent
-    return Decimal(number.lstrip("+")) * _FACTORS[suffix]
+    suffix = match.group(3) or ""
+    number = text[: len(text) - len(suffix)].lstrip("+")
+    if suffix[:1] in ("e", "E") and suffix[1:2] not in ("", "i"):
+        return Decimal(number + suffix)  # an exponent: exact, however large
+    return Decimal(number) * _FACTORS[suffix]
 
 
 MAX_VALUE = value(MAX)
