@@ -305,7 +305,7 @@ async def test_strict_input(api: Api) -> None:
         assert resp.status_code in (404, 405), resp.text
         _check_error_body(resp)
     resp = await api.http.request("PATCH", "/v1/tasks")
-    assert set(resp.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
+    assert set(resp.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST"}
 
 
 async def test_another_accounts_token_reaches_nothing(
@@ -445,6 +445,37 @@ async def test_one_account_cannot_hold_every_log_stream(
         raise AssertionError("closed log streams were never given back")
     for api in (greedy, neighbour):
         await api.call("POST", "/v1/tasks/t/stop", 200)
+
+
+async def test_head_is_the_get_without_its_body_and_ends_a_stream_at_once(api: Api) -> None:
+    """HTTP asks every GET to answer HEAD too. A HEAD of a followed log (a task that prints
+    nothing) must not wait for the stream to end, nor keep one of the account's log reads."""
+    await api.function("quiet", command=["sleep", "30"])
+    await api.submit("quiet", task_id="q")
+    await api.wait("q", {"Running"})
+    for path in ("/healthz", "/v1/tasks", "/v1/tasks/q", "/v1/functions", "/v1/tasks/nope"):
+        got, head = await api.http.get(path), await api.http.head(path)
+        assert head.status_code == got.status_code and head.content == b"", (path, head)
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    got, head = await api.http.get("/v1/tasks/q"), await api.http.head("/v1/tasks/q")
+    assert head.headers["content-length"] == got.headers["content-length"]
+    for _ in range(3 * LOG_STREAMS):
+        head = await asyncio.wait_for(
+            api.http.head("/v1/tasks/q/logs", params={"follow": "true"}), 5
+        )
+        if head.status_code == 429:  # the read a HEAD held is given back a moment later
+            await asyncio.sleep(0.2)
+            continue
+        assert head.status_code == 200 and head.content == b"", head
+    async with contextlib.AsyncExitStack() as streams:
+        for _ in range(LOG_STREAMS):  # every read is free again
+            resp = await streams.enter_async_context(
+                api.http.stream("GET", "/v1/tasks/q/logs", params={"follow": "true"})
+            )
+            assert resp.status_code == 200
+    refused = await api.http.delete("/v1/functions")
+    assert refused.status_code == 405 and "HEAD" in refused.headers["allow"], refused.headers
+    await api.call("POST", "/v1/tasks/q/stop", 200)
 
 
 async def test_subject_destinations_stay_in_the_accounts_namespace(

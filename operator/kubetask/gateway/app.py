@@ -182,6 +182,8 @@ def _methods(request: Request) -> set[str]:
             found |= getattr(route, "methods", None) or set()
     if request.url.path == submit.PATH:
         found.add("POST")  # served in front of the router (submit.py)
+    if "GET" in found:
+        found.add("HEAD")  # served as the GET (guard.py)
     return found
 
 

@@ -10,6 +10,7 @@ headers and no task per request.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +42,35 @@ def charset(content_type: bytes) -> bytes | None:
     return None
 
 
+def headless(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """A HEAD request runs as its GET and gets the GET's status and headers only, the response
+    ended with them: a streamed answer (`logs -f`) would otherwise not end until its stream did,
+    holding one of the account's log reads. The route is told the client has gone, so it stops
+    and gives back what it holds."""
+    ended = asyncio.Event()
+
+    async def head_send(message: Message) -> None:
+        if ended.is_set():
+            return
+        await send(message)
+        if message["type"] == "http.response.start":
+            ended.set()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def head_receive() -> Message:
+        if not ended.is_set():
+            got = asyncio.ensure_future(receive())
+            end = asyncio.ensure_future(ended.wait())
+            await asyncio.wait((got, end), return_when=asyncio.FIRST_COMPLETED)
+            end.cancel()
+            if got.done():
+                return got.result()
+            got.cancel()
+        return {"type": "http.disconnect"}
+
+    return head_receive, head_send
+
+
 class Guard:
     def __init__(self, app: ASGIApp, limit: int, connected: Callable[[], bool]) -> None:
         self.app = app
@@ -50,6 +80,9 @@ class Guard:
         self.connected = connected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+            receive, send = headless(receive, send)
         if scope["type"] == "http":
             refusal = self.check(scope)
             if refusal is None and any(n == b"transfer-encoding" for n, _ in scope["headers"]):
