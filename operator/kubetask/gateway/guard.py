@@ -2,7 +2,8 @@
 within the limit, a JSON content type where a body is expected, in UTF-8 and uncompressed (415
 otherwise), and a gateway
 connected to NATS (503 with `Retry-After` otherwise — answered at once rather than after a
-request timeout, since nothing can be done while NATS is away).
+request timeout, since nothing can be done while NATS is away). A HEAD request is turned into
+its GET here (`headless`).
 
 Plain ASGI in front of everything, the submit route included, so it costs a pass over the
 headers and no task per request.
