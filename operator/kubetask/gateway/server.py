@@ -82,7 +82,10 @@ class GatewayProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
+        """A request's time counts from its first byte: the connection's idle deadline, armed
+        when it opened, starts again here."""
         super().on_message_begin()
+        self._disarm()
         self._arm()
 
     def on_message_complete(self) -> None:
