@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from harness import (
     DENIED_WEBHOOK_HOST,
     LOG_STREAMS,
@@ -24,13 +23,12 @@ from harness import (
     REQUEST_TIMEOUT,
     Api,
     as_user,
+    gateway,
 )
 from kubetask import nats_auth
 from kubetask.auth import create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.embedded import free_port, start_nats
-from kubetask.gateway.app import create_app
-from kubetask.gateway.server import config
 from kubetask.networks import DEFAULT_DENIED, parse_networks
 from kubetask.plane import DataPlane
 from kubetask.settings import Settings
@@ -118,15 +116,8 @@ def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def gateway_url(
     settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
 ) -> AsyncIterator[str]:
-    port = free_port()
-    app = create_app(as_user(settings, "gateway", nats_passwords), tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, settings, lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    async with gateway(as_user(settings, "gateway", nats_passwords), tokens_file) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -227,10 +227,13 @@ async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
     """A gateway of its own, for a test that needs other settings than the session's."""
     port = free_port()
     app = create_app(settings, tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, settings))
+    server = uvicorn.Server(config(app, "127.0.0.1", port, settings, lifespan="on"))
     serving = asyncio.create_task(server.serve())
     try:
         while not server.started:
+            if serving.done():  # it gave up starting: say why rather than wait for ever
+                await serving
+                raise AssertionError("the gateway exited before it started")
             await asyncio.sleep(0.02)
         yield f"http://127.0.0.1:{port}"
     finally:
