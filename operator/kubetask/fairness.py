@@ -33,9 +33,9 @@ from . import per_account
 
 # A dispatcher's `least_per_account`. Thirty-two slots over twenty busy accounts left each one
 # attempt in flight: its functions were held, then released all at once whenever it had
-# nothing in flight, a hundred pulls at a time, and a burst over 2,000 functions in 20 accounts
-# ran at 283 tasks/s (0.82 of one function's pace); with four each, 322 and 320 (bench/burst.py,
-# same hour). Up to eight accounts, 32 slots already give each four.
+# nothing in flight, up to a hundred pulls at once, and a burst over 2,000 functions in 20 accounts
+# ran at 283 tasks/s (0.82 of one function's pace); with four each, 302-322 in four runs
+# (bench/burst.py, same hour). Up to eight accounts, 32 slots already give each four.
 DISPATCH_LEAST_PER_ACCOUNT = 4
 
 
