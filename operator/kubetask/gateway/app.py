@@ -212,7 +212,24 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             await indexer.stop()
             await plane.close()
 
+    documented: dict[tuple[str, str], frozenset[str]] = {}
+
+    async def documented_query(request: Request) -> None:
+        """Each /v1 route takes only the query parameters its OpenAPI operation lists (HEAD is
+        its GET by now), checked once the caller is known, so a stranger gets 401 first. Probes
+        and scrapers of /healthz and /metrics are configured elsewhere and may add what they
+        like."""
+        path = getattr(request.scope.get("route"), "path", "")
+        if not path.startswith("/v1/") or not request.scope["query_string"]:
+            return
+        await principal(request, request.headers.get("authorization"))
+        if not documented:
+            documented.update(params.documented_queries(request.app.openapi()))
+        allowed = documented.get((request.method, path), frozenset())
+        params.only_documented(request.query_params.multi_items(), allowed)
+
     app = FastAPI(
+        dependencies=[Depends(documented_query)],
         title="kubetask",
         version="v1alpha1",
         description="Asynchronous tasks on NATS JetStream. "
@@ -508,6 +525,14 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         """A page of async configs in (account, name) order; `Next-Cursor` names the next page."""
         cfgs, nxt = _page(plane().registry.configs, who.scope(account), limit, cursor)
         return _page_response([c.model_dump(mode="json") for c in cfgs], nxt)
+
+    @app.get("/v1/asyncconfigs/{name}", response_model=AsyncConfig, tags=["asyncconfigs"])
+    async def get_async_config(name: NamePath, who: Who, account: AccountParam = None) -> Response:
+        acct = who.one_account(account)
+        cfg = plane().registry.configs.get((acct, params.object_name("async config", name, acct)))
+        if cfg is None:
+            raise ApiError(404, f"async config {name!r} not found in account {acct!r}")
+        return _json(cfg)
 
     @app.delete("/v1/asyncconfigs/{name}", status_code=204, tags=["asyncconfigs"])
     async def delete_async_config(

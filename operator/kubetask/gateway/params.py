@@ -7,8 +7,9 @@ is a 422, since the caller made a mistake worth telling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 from .. import grammar
 from .errors import ApiError
@@ -68,3 +69,35 @@ def time(name: str, value: str | None) -> datetime | None:
             422, f"{name}: an RFC 3339 time with a zone, e.g. 2026-01-01T00:00:00Z", field=name
         )
     return parsed
+
+
+def documented_queries(doc: Mapping[str, Any]) -> dict[tuple[str, str], frozenset[str]]:
+    """The query parameters each operation of an OpenAPI document takes, by (method, path)."""
+    return {
+        (method.upper(), path): frozenset(
+            p["name"] for p in op.get("parameters", []) if p.get("in") == "query"
+        )
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    }
+
+
+def only_documented(pairs: Iterable[tuple[str, str]], allowed: Collection[str]) -> None:
+    """A query parameter the route does not take is refused rather than ignored: a misspelt
+    filter (`?stauts=Failed`) would otherwise answer with every task. One given twice is
+    refused too, since either value would be dropped without a word."""
+    seen: set[str] = set()
+    for name, _ in pairs:
+        shown = name[:100]
+        if name not in allowed:
+            takes = ", ".join(sorted(allowed)) or "none"
+            raise ApiError(
+                422,
+                f"unknown query parameter {shown!r}; this route takes: {takes}",
+                field=f"query.{shown}",
+            )
+        if name in seen:
+            raise ApiError(
+                422, f"query parameter {shown!r} given more than once", field=f"query.{shown}"
+            )
+        seen.add(name)

@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 import pydantic_core
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,7 @@ from ..models import TaskPhase, TaskSubmission
 from ..plane import DataPlane
 from ..settings import Settings
 from ..store import TaskExists
-from . import errors
+from . import errors, params
 from .errors import ApiError
 from .fair_gate import FairGate
 from .throttle import Throttle, Throttled
@@ -101,8 +101,11 @@ class SubmitRoute:
 
     async def _submit(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
         who, raw = await self._read(scope, receive)
-        query = scope["query_string"]
-        account = parse_qs(query.decode("latin-1")).get("account", [None])[0] if query else None
+        account = None
+        if query := scope["query_string"]:
+            pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+            params.only_documented(pairs, ("account",))
+            account = pairs[0][1] if pairs else None
         acct = who.one_account(account)
         async with self.gate.turn(acct):
             return await self._accept(acct, raw)
