@@ -705,6 +705,50 @@ async def test_a_request_that_never_arrives_whole_is_answered_408(
     assert (await api.http.get("/healthz")).status_code == 200
 
 
+async def test_a_request_head_past_its_limit_is_431_and_bodies_do_not_count(
+    gateway_url: str, api: Api
+) -> None:
+    """The HTTP parser gathered a header whole in memory, so one header sent endlessly grew the
+    gateway by hundreds of megabytes until the request timeout. A head past 64 KiB is refused
+    as it arrives; bodies, even several large ones in one read, are not counted as heads."""
+    host, port = gateway_url.removeprefix("http://").split(":")
+    await api.function("f", command=["true"])
+    auth = f"Authorization: Bearer {api.token}\r\n".encode()
+
+    async def exchange(first: bytes, more: bytes = b"", times: int = 0) -> bytes:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        reading = asyncio.create_task(reader.read())
+        with contextlib.suppress(ConnectionError):
+            writer.write(first)
+            for _ in range(times):
+                if reading.done():
+                    break
+                writer.write(more)
+                await writer.drain()
+        data = await asyncio.wait_for(reading, REQUEST_TIMEOUT / 2)
+        writer.close()
+        return data
+
+    get = b"GET /v1/tasks HTTP/1.1\r\nHost: x\r\n" + auth
+    refused = await asyncio.gather(
+        exchange(get + b"X-Endless: ", b"a" * 65536, times=400),
+        exchange(get, b"X-Small: b\r\n" * 1000, times=100),
+        exchange(b"GET /v1/tasks?idPrefix=", b"a" * 65536, times=400),
+    )
+    for data in refused:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431"), data[:200]
+        assert json.loads(body)["error"] == "the request line and headers exceed 65536 bytes"
+    payload = json.dumps({"function": "f", "payload": "x" * 60_000}).encode()
+    post = b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\n" + auth
+    post += b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(payload)
+    near = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50) for i in range(1000))  # 59,890 bytes
+    last = post + near + b"Connection: close\r\n\r\n" + payload
+    pipelined = await exchange((post + b"\r\n" + payload) * 3 + last)
+    assert pipelined.count(b"HTTP/1.1 202 Accepted") == 4, pipelined.count(b"HTTP/1.1 ")
+    assert (await api.http.get("/healthz")).status_code == 200
+
+
 async def test_connections_past_the_limit_are_refused_with_the_error_body(
     api: Api, settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
 ) -> None:

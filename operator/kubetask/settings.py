@@ -144,6 +144,12 @@ class Settings:
             "KUBETASK_MAX_CONNECTIONS", min(10_000, _open_file_limit() // 2), 1, 1_000_000
         )
     )
+    # Bytes a request's line and headers may take; past them the gateway answers 431 and
+    # closes. The HTTP parser holds a header whole until it ends, so without a bound one client
+    # could send a header of gigabytes into the gateway's memory (`gateway/server.py`).
+    max_header_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_MAX_HEADER_BYTES", 64 * 1024, 1024, 1 << 24)
+    )
     max_payload_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_MAX_PAYLOAD", 256 * 1024, 1)
     )

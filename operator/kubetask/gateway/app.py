@@ -71,7 +71,7 @@ def _json(model: Any, status: int = 200) -> Response:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 409, 413, 415, 422, 429, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 409, 413, 415, 422, 429, 431, 503)
 }
 log = logging.getLogger("kubetask.gateway")
 

@@ -7,7 +7,10 @@ receiving side of each. The writes a connection makes in one loop iteration are 
 
 uvicorn also waits as long as a client likes for a request's headers and body: a client that
 opens connections and trickles a byte now and then (slowloris) holds a file descriptor and a
-request in progress each, until the gateway has none left for anybody.
+request in progress each, until the gateway has none left for anybody. Nor does it bound the
+headers: httptools gathers a header value whole before handing it over, by concatenation, so a
+header sent endlessly fills memory and keeps the event loop copying (seen: 145 MB in 30 s took
+the gateway from 93 to 313 MB).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from ..models import ErrorBody
 from ..settings import Settings
 from .errors import RETRY_AFTER
+
+LINGER = 2.0  # seconds a refused request's connection keeps reading before it is closed
 
 
 class _Coalesced:
@@ -50,18 +55,33 @@ class _Coalesced:
         self._flush()
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
 
 class GatewayProtocol(HttpToolsProtocol):
     def __init__(
-        self, *args: Any, request_timeout: float, max_connections: int, **kwargs: Any
+        self,
+        *args: Any,
+        request_timeout: float,
+        max_connections: int,
+        max_header_bytes: int,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.max_header_bytes = max_header_bytes
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_head = True  # until the current request's headers are complete
+        self._begun = False  # a request is in progress (its first byte came, its end not yet)
+        self._fresh = False  # a request began or ended in the read being parsed
+        self._head_bytes = 0
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _Coalesced(transport)))
@@ -81,15 +101,43 @@ class GatewayProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        """Counts what a request's head takes, read by read. In a read where a request ends or
+        begins, the bytes before the new request's are the previous one's, so only the line and
+        the headers the parser has handed over count there: a head may pass the limit by at most
+        one read before it is refused."""
+        if self._lingering:
+            return
+        self._fresh = False
+        super().data_received(data)
+        if not self._in_head or self.transport.is_closing():
+            return
+        if not self._fresh:
+            self._head_bytes += len(data)
+        elif self._begun:
+            self._head_bytes = len(self.url) + sum(len(n) + len(v) for n, v in self.headers)
+        else:
+            self._head_bytes = 0
+        if self._head_bytes > self.max_header_bytes:
+            self._send_error(
+                431, f"the request line and headers exceed {self.max_header_bytes} bytes"
+            )
+
     def on_message_begin(self) -> None:
         """A request's time counts from its first byte: the connection's idle deadline, armed
         when it opened, starts again here."""
         super().on_message_begin()
+        self._in_head = self._begun = self._fresh = True
         self._disarm()
         self._arm()
 
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
     def on_message_complete(self) -> None:
         self._disarm()
+        self._in_head, self._fresh, self._begun = True, True, False
         super().on_message_complete()
 
     def _arm(self) -> None:
@@ -142,7 +190,17 @@ class GatewayProtocol(HttpToolsProtocol):
             data,
         ]
         self.transport.write(b"".join(head))
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Closed for writing at once, for reading after what the client still sends has been
+        read and dropped for a moment: closing a socket with unread bytes resets the connection,
+        and the client may lose the answer that says why."""
+        self._lingering = True
+        self._disarm()
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self.loop.call_later(LINGER, self.transport.close)
 
 
 def config(app: ASGIApp, host: str, port: int, settings: Settings, **extra: Any) -> uvicorn.Config:
@@ -150,6 +208,7 @@ def config(app: ASGIApp, host: str, port: int, settings: Settings, **extra: Any)
         GatewayProtocol,
         request_timeout=settings.request_timeout,
         max_connections=settings.max_connections,
+        max_header_bytes=settings.max_header_bytes,
     )
     return uvicorn.Config(
         app,

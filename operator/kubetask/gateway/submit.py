@@ -215,6 +215,7 @@ def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, 
                     (415, "Not a JSON body"),
                     (422, "Invalid field"),
                     (429, "Over the account's backlog or rate limit, or the queue is full"),
+                    (431, "The request line and headers are over the limit; nothing was read"),
                     (503, "NATS or the queue is unavailable; nothing was accepted"),
                 )
             },
