@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from collections import Counter
 from datetime import datetime
 
@@ -153,6 +154,33 @@ async def test_finished_tasks_and_idle_queues_leave_no_reference_cycles(api: Api
         gc.set_debug(0)
         gc.garbage.clear()
     assert not {name: n for name, n in cyclic.items() if name in PER_TASK}, cyclic.most_common(20)
+
+
+async def test_an_instance_that_will_not_start_says_why_in_the_task(api: Api) -> None:
+    """Its output while starting went nowhere: the task said only `exited with code 2 before
+    ready`, and its author had no way to learn it was a missing file."""
+    said = "import sys; print('no such config: /etc/app.toml', file=sys.stderr); sys.exit(2)"
+    quiet = "import time; print('starting', flush=True); time.sleep(60)"
+    for name, command, spec in (
+        ("wontstart", ["python3", "-c", said], {}),
+        ("neverready", ["python3", "-c", quiet], {"startupTimeoutSeconds": 1}),
+    ):
+        await api.function(name, server={"command": command, **spec})
+        await api.async_config(name, function=name, maxAsyncRetryAttempts=0)
+        task = await api.submit(name)
+        done = await api.wait(task["metadata"]["name"], timeout=15)
+        assert done["status"]["phase"] == "Failed", done["status"]
+        error = done["status"]["error"]
+        logs = await api.http.get(f"/v1/tasks/{task['metadata']['name']}/logs")
+        lines = [json.loads(line) for line in logs.text.splitlines()]
+        if name == "wontstart":
+            assert error.endswith(
+                "exited with code 2 before ready; its last output: no such config: /etc/app.toml"
+            ), error
+            assert any(r["line"] == "no such config: /etc/app.toml" for r in lines), lines
+        else:
+            assert error.endswith("not ready within 1s; its last output: starting"), error
+            assert any(r["line"] == "starting" for r in lines), lines
 
 
 async def test_server_mode_non_2xx_is_a_function_error(api: Api) -> None:

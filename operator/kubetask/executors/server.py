@@ -56,6 +56,7 @@ class Instance:
     idle_since: float = 0.0
     dead: bool = False
     pump: asyncio.Task[None] | None = None
+    last_line: str = ""  # what it said last, for an error when it will not start
     http: Http1Pool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -162,6 +163,9 @@ class InstancePool:
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
         )
+        # What it says while it starts goes to the task that started it: when it will not
+        # start, that is the one place its author can read why.
+        inst.inflight.add(inv)
         inst.pump = asyncio.create_task(self._pump_output(inst))
         try:
             await self._wait_ready(inst)
@@ -175,7 +179,13 @@ class InstancePool:
         deadline = asyncio.get_running_loop().time() + self.spec.startupTimeoutSeconds
         while asyncio.get_running_loop().time() < deadline:
             if inst.proc.returncode is not None:
-                raise RuntimeError(f"instance exited with code {inst.proc.returncode} before ready")
+                if inst.pump is not None:  # its last words are still being read
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(inst.pump), 1)
+                raise RuntimeError(
+                    f"instance exited with code {inst.proc.returncode} before ready"
+                    + _said(inst)
+                )
             with contextlib.suppress(InstanceUnreachable, TimeoutError):
                 conn = await inst.http.connection()
                 answer = conn.send(probe, READINESS_BODY_LIMIT)
@@ -187,7 +197,9 @@ class InstancePool:
                 if status < 300:
                     return
             await asyncio.sleep(0.02)
-        raise RuntimeError(f"instance not ready within {self.spec.startupTimeoutSeconds:g}s")
+        raise RuntimeError(
+            f"instance not ready within {self.spec.startupTimeoutSeconds:g}s" + _said(inst)
+        )
 
     async def _pump_output(self, inst: Instance) -> None:
         """Instance output belongs to whatever it is serving; with several invocations in flight
@@ -195,6 +207,8 @@ class InstancePool:
         assert inst.proc.stdout is not None
         while line := await inst.proc.stdout.readline():
             text = line.decode("utf-8", errors="replace").rstrip("\n")
+            if text.strip():
+                inst.last_line = text
             for inv in list(inst.inflight):
                 inv.log("instance", text)
         inst.dead = True
@@ -227,6 +241,10 @@ class InstancePool:
                 break
             await asyncio.sleep(poll)
         await self.close()
+
+
+def _said(inst: Instance) -> str:
+    return f"; its last output: {inst.last_line[:300]}" if inst.last_line else ""
 
 
 def invocation_headers(inv: Invocation) -> dict[str, str]:
