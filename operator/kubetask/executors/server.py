@@ -183,8 +183,7 @@ class InstancePool:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(inst.pump), 1)
                 raise RuntimeError(
-                    f"instance exited with code {inst.proc.returncode} before ready"
-                    + _said(inst)
+                    f"instance exited with code {inst.proc.returncode} before ready" + _said(inst)
                 )
             with contextlib.suppress(InstanceUnreachable, TimeoutError):
                 conn = await inst.http.connection()
