@@ -644,6 +644,52 @@ async def test_requests_the_http_parser_refuses_get_the_error_body(gateway_url: 
         assert "malformed HTTP request" in json.loads(body)["error"]
 
 
+async def test_framing_the_parser_lets_through_is_held_to_the_body_rules(
+    gateway_url: str, api: Api
+) -> None:
+    """The HTTP parser takes `Transfer-Encoding: gzip, chunked` as chunked and hands over the
+    gzip bytes; it stops at the headers of an upgrade, so a body sent with one vanished and the
+    answer blamed the JSON; a WebSocket upgrade got a bare 403 with no error body; and a
+    Content-Length with spaces around it, which HTTP allows, was called not a number."""
+    host, port = gateway_url.removeprefix("http://").split(":")
+    await api.function("f", command=["true"])
+    auth = f"Authorization: Bearer {api.token}\r\n".encode()
+    body = b'{"function": "f"}'
+    post = b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + auth
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    cases = [
+        (post + b"Transfer-Encoding: gzip, chunked\r\n\r\n" + chunked, 415, "transfer coding"),
+        (
+            post
+            + b"Connection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body,
+            400,
+            "cannot carry a body",
+        ),
+        (
+            b"GET /v1/tasks?limit=1 HTTP/1.1\r\nHost: x\r\n" + auth + b"Connection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            200,
+            None,
+        ),
+        (post + b"Content-Length:  %d \r\n\r\n" % len(body) + body, 202, None),
+        (post + b"Transfer-Encoding: Chunked\r\n\r\n" + chunked, 202, None),
+    ]
+    for raw, status, error in cases:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(raw)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+        answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 %d" % status), (raw[:60], head, answer)
+        if error is not None:
+            assert error in answer["error"], answer
+        assert b"content-type: application/json" in head.lower(), head
+
+
 async def test_a_request_that_never_arrives_whole_is_answered_408(
     gateway_url: str, api: Api
 ) -> None:

@@ -124,16 +124,28 @@ class Guard:
     def check(self, scope: Scope) -> ApiError | None:
         content_type: bytes | None = None
         encoding = b"identity"
+        upgrade = False
         for name, value in scope["headers"]:
             if name == b"content-length":
+                value = value.strip()  # the spaces around a field's value are not part of it
                 if not value.isdigit():
                     return ApiError(400, "Content-Length is not a number")
                 if int(value) > self.max_body:
                     return errors.body_too_large(int(value), self.limit)
+            elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                # The parser takes `gzip, chunked` as chunked and hands over gzip.
+                shown = value.decode("latin-1")[:40]
+                return ApiError(
+                    415,
+                    f"transfer coding {shown!r} is not accepted; send the body as it is, "
+                    "chunked or with a Content-Length",
+                )
             elif name == b"content-type":
                 content_type = value
             elif name == b"content-encoding":
                 encoding = value.strip().lower()
+            elif name == b"connection":
+                upgrade = upgrade or b"upgrade" in value.lower()
         path: str = scope["path"]
         if expects_body(scope["method"], path):
             # A body is read as it arrives: compressed, or in another character set, it would be
@@ -146,6 +158,11 @@ class Guard:
             if charset(content_type or b"") not in (None, b"utf-8", b"utf8"):
                 shown = (charset(content_type or b"") or b"").decode("latin-1")[:40]
                 return ApiError(415, f"charset {shown!r} is not accepted; JSON is sent as UTF-8")
+            if upgrade:
+                # The parser stops at the headers of an upgrade and the body never arrives.
+                return ApiError(
+                    400, "a request asking for an upgrade cannot carry a body; no upgrade is served"
+                )
             if encoding not in (b"identity", b""):
                 shown = encoding.decode("latin-1")[:40]
                 return ApiError(

@@ -216,6 +216,9 @@ def config(app: ASGIApp, host: str, port: int, settings: Settings, **extra: Any)
         port=port,
         loop="uvloop",
         http=cast(type[asyncio.Protocol], protocol),
+        # No route is a WebSocket: an upgrade request is served as the plain request it also
+        # is, rather than refused with a bare 403 and no error body.
+        ws="none",
         # Nothing here uses the client's address, so X-Forwarded-* need no middleware.
         proxy_headers=False,
         access_log=False,
