@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
+import os
+import signal
 from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
 from harness import Api, echo_script
+from kubetask.executors.base import Lines
 
 
 async def test_command_task_succeeds_with_result_and_stage_timestamps(api: Api) -> None:
@@ -71,6 +76,73 @@ async def test_timeout_kills_the_attempt(api: Api) -> None:
     done = await api.wait(task["metadata"]["name"], timeout=10)
     assert done["status"]["phase"] == "Failed"
     assert "timed out after 0.5s" in done["status"]["error"]
+
+
+def _running(marker: str) -> list[int]:
+    """Processes whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+async def test_an_attempt_ends_with_its_process_and_what_it_left_running_ends_too(
+    api: Api,
+) -> None:
+    """A process left in the background held the attempt's output open: the task stayed
+    Running for as long as it ran, its timeout did not fire, and it ran outside every budget.
+    One that closed its output and went on was not timed at all."""
+    cases = {
+        # Background children and a grandchild, holding stdout and stderr.
+        "leaves": (["sh", "-c", "sleep 300.101 & (sleep 300.102 &); echo '\"done\"'"], 60),
+        # Closes its output and goes on: the timeout still ends it.
+        "hides": (["sh", "-c", "exec >&- 2>&-; sleep 300.103"], 1),
+        # Leaves its session, so it outlives the attempt, holding stdout: the attempt still ends.
+        "escapes": (["sh", "-c", "setsid sleep 300.104 & sleep 0.5; echo '\"done\"'"], 60),
+    }
+    try:
+        for name, (command, timeout) in cases.items():
+            await api.function(name, command=command, timeoutSeconds=timeout)
+            await api.async_config(name, function=name, maxAsyncRetryAttempts=0)
+        ids = {name: (await api.submit(name))["metadata"]["name"] for name in cases}
+        done = {name: await api.wait(ids[name], timeout=15) for name in cases}
+        assert done["leaves"]["status"]["result"] == "done", done["leaves"]["status"]
+        assert "timed out after 1s" in done["hides"]["status"]["error"], done["hides"]["status"]
+        assert done["escapes"]["status"]["result"] == "done", done["escapes"]["status"]
+        await asyncio.sleep(0.5)
+        for marker in ("300.101", "300.102", "300.103"):
+            assert _running(f"sleep\x00{marker}") == [], marker
+    finally:
+        for pid in _running("sleep\x00300.10"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_output_lines_of_any_length_are_logged_in_pieces(api: Api) -> None:
+    """A line longer than 64 KiB failed the attempt with `executor error: Separator is not
+    found, and chunk exceed the limit`, and stopped a warm instance's output for good."""
+    long_line = "import sys; sys.stderr.write('x' * 200_000 + '\\n'); print('\"ok\"')"
+    await api.function("longline", command=["python3", "-c", long_line])
+    task = await api.wait((await api.submit("longline"))["metadata"]["name"])
+    assert task["status"]["phase"] == "Succeeded", task["status"]
+    logs = await api.http.get(f"/v1/tasks/{task['metadata']['name']}/logs")
+    pieces = [r["line"] for r in map(json.loads, logs.text.splitlines()) if r["stream"] == "stderr"]
+    assert "".join(pieces) == "x" * 200_000 and len(pieces) == 4, [len(p) for p in pieces]
+    cut = Lines()
+    wide = cut.feed("€".encode() * 40_000 + b"\n")
+    assert "".join(wide) == "€" * 40_000 and "\ufffd" not in "".join(wide), [len(w) for w in wide]
+    chatty = SERVER.replace(
+        'print("instance up", flush=True)', 'print("y" * 100_000 + "\\nup", flush=True)'
+    )
+    await api.function("chatty", server={"command": api.script("chatty", chatty)})
+    first = await api.wait((await api.submit("chatty", 1))["metadata"]["name"])
+    assert first["status"]["result"]["double"] == 2, first["status"]
+    logs = await api.http.get(f"/v1/tasks/{first['metadata']['name']}/logs")
+    said = [r["line"] for r in map(json.loads, logs.text.splitlines()) if r["stream"] == "instance"]
+    assert said == ["y" * 65536, "y" * (100_000 - 65536), "up"], [len(x) for x in said]
 
 
 SERVER = """

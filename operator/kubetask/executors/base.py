@@ -96,8 +96,13 @@ class Lines:
     def feed(self, data: bytes) -> list[str]:
         self._partial += data
         lines = []
-        while (end := self._partial.find(b"\n")) >= 0 or len(self._partial) > self.MAX_LINE:
-            cut = end if end >= 0 else self.MAX_LINE
+        most = self.MAX_LINE
+        while (end := self._partial.find(b"\n", 0, most + 1)) >= 0 or len(self._partial) > most:
+            cut = end
+            if cut < 0:  # a piece of a long line, cut where no UTF-8 character is split
+                cut = most
+                while cut > most - 3 and self._partial[cut] & 0xC0 == 0x80:
+                    cut -= 1
             lines.append(bytes(self._partial[:cut]).decode("utf-8", errors="replace"))
             del self._partial[: cut + (end >= 0)]
         return lines

@@ -1,5 +1,7 @@
 """`command` mode: one process per attempt — payload on stdin, result on stdout, stderr as logs,
-exit code as outcome. The process gets its own session so stop and timeout kill its children too."""
+exit code as outcome. The process gets its own session so stop and timeout kill its children
+too, and an attempt ends when its process does: what it left running is killed with it
+(`spawn.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import signal
 from .base import (
     Execution,
     Invocation,
+    Lines,
     Outcome,
     Tail,
     base_environment,
@@ -22,6 +25,8 @@ from .parent_death import spawn_argv
 from .spawn import Child, spawn
 
 KILL_GRACE_SECONDS = 0.5
+# How long output still in flight is read after the process exited.
+OUTPUT_GRACE_SECONDS = 1.0
 
 
 class CommandExecution:
@@ -47,9 +52,13 @@ class CommandExecution:
 
     async def _pump_stderr(self) -> None:
         assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self._stderr_tail.add(line)
-            self.inv.log("stderr", line.decode("utf-8", errors="replace").rstrip("\n"))
+        lines = Lines()
+        while chunk := await self.proc.stderr.read(65536):
+            self._stderr_tail.add(chunk)
+            for line in lines.feed(chunk):
+                self.inv.log("stderr", line)
+        for line in lines.rest():
+            self.inv.log("stderr", line)
 
     async def _feed_stdin(self) -> None:
         await self.proc.feed(encode_payload(self.inv.payload))
@@ -67,15 +76,23 @@ class CommandExecution:
         )
 
     async def wait(self) -> Outcome:
+        """The timeout runs until the process exits (one that closed its output and went on
+        was not timed before), then its output is read to the end, briefly."""
         io = asyncio.gather(self._feed_stdin(), self._read_stdout(), self._pump_stderr())
         timed_out = False
         try:
-            _, (stdout, too_big), _ = await asyncio.wait_for(asyncio.shield(io), self.inv.timeout)
+            code = await asyncio.wait_for(self.proc.wait(), self.inv.timeout)
         except TimeoutError:
             timed_out = True
             await self.kill()
+            code = await self.proc.wait()
+        try:
+            _, (stdout, too_big), _ = await asyncio.wait_for(
+                asyncio.shield(io), OUTPUT_GRACE_SECONDS
+            )
+        except TimeoutError:
+            self.proc.abandon_output()  # held open by something that left its session
             _, (stdout, too_big), _ = await io
-        code = await self.proc.wait()
         if timed_out:
             return self._failed(f"timed out after {self.inv.timeout:g}s", code, timed_out=True)
         if self._killed:

@@ -25,6 +25,7 @@ from ..models import TaskFunction
 from .base import (
     Execution,
     Invocation,
+    Lines,
     Outcome,
     base_environment,
     decode_result,
@@ -183,7 +184,8 @@ class InstancePool:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(inst.pump), 1)
                 raise RuntimeError(
-                    f"instance exited with code {inst.proc.returncode} before ready" + _said(inst)
+                    f"instance exited with code {inst.proc.returncode} before ready"
+                    + _last_words(inst)
                 )
             with contextlib.suppress(InstanceUnreachable, TimeoutError):
                 conn = await inst.http.connection()
@@ -197,20 +199,26 @@ class InstancePool:
                     return
             await asyncio.sleep(0.02)
         raise RuntimeError(
-            f"instance not ready within {self.spec.startupTimeoutSeconds:g}s" + _said(inst)
+            f"instance not ready within {self.spec.startupTimeoutSeconds:g}s" + _last_words(inst)
         )
 
     async def _pump_output(self, inst: Instance) -> None:
         """Instance output belongs to whatever it is serving; with several invocations in flight
         the lines cannot be told apart, so each of them gets them."""
         assert inst.proc.stdout is not None
-        while line := await inst.proc.stdout.readline():
-            text = line.decode("utf-8", errors="replace").rstrip("\n")
+        lines = Lines()
+        while chunk := await inst.proc.stdout.read(65536):
+            self._said(inst, lines.feed(chunk))
+        self._said(inst, lines.rest())
+        inst.dead = True
+
+    @staticmethod
+    def _said(inst: Instance, lines: list[str]) -> None:
+        for text in lines:
             if text.strip():
                 inst.last_line = text
             for inv in list(inst.inflight):
                 inv.log("instance", text)
-        inst.dead = True
 
     async def reap_idle(self) -> None:
         now = asyncio.get_running_loop().time()
@@ -242,7 +250,7 @@ class InstancePool:
         await self.close()
 
 
-def _said(inst: Instance) -> str:
+def _last_words(inst: Instance) -> str:
     return f"; its last output: {inst.last_line[:300]}" if inst.last_line else ""
 
 

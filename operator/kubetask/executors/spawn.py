@@ -38,6 +38,7 @@ class Child:
     stderr: asyncio.StreamReader | None
     _stdin: int | None
     _exited: asyncio.Future[int]
+    _pipes: list[_Pipe]
 
     @property
     def returncode(self) -> int | None:
@@ -46,6 +47,12 @@ class Child:
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
+
+    def abandon_output(self) -> None:
+        """Stop reading its output, as if it had ended: for pipes still held open, after it
+        exited, by a process that left its session (and so outlived it)."""
+        for pipe in self._pipes:
+            pipe.end()
 
     async def feed(self, data: bytes) -> None:
         """Write `data` to its stdin and close it. A child that exits or closes its stdin
@@ -119,12 +126,14 @@ async def spawn(
     close(theirs)
     for fd in ours:
         os.set_blocking(fd, False)
+    pipes = [_Pipe(loop, fd) for fd in (out_r, err_r) if fd >= 0]
     return Child(
         popen.pid,
-        _reader(loop, out_r),
-        _reader(loop, err_r) if err_r >= 0 else None,
+        pipes[0].reader,
+        pipes[1].reader if len(pipes) > 1 else None,
         in_w if in_w >= 0 else None,
         _watch_exit(loop, popen),
+        pipes,
     )
 
 
@@ -145,7 +154,8 @@ def _watch_exit(
     loop: asyncio.AbstractEventLoop, popen: subprocess.Popen[bytes]
 ) -> asyncio.Future[int]:
     """A future of the exit code, reaped only by us: a pidfd becomes readable when the child
-    exits. Where there is none (Linux < 5.3) a thread waits instead."""
+    exits. Where there is none (Linux < 5.3) a thread waits instead, and what the child
+    started is not ended with it (after the reap, its group id may be someone else's)."""
     exited: asyncio.Future[int] = loop.create_future()
 
     def done(code: int) -> None:
@@ -164,30 +174,44 @@ def _watch_exit(
     def reap() -> None:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+        # Whatever it started goes with it, as a container's processes go with the container:
+        # one left holding its output would keep the attempt open, and would run outside every
+        # budget. Killed before the reap, while the exited leader still holds its group's id,
+        # so the id cannot have been given to anyone else.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGKILL)
         done(popen.wait())
 
     loop.add_reader(pidfd, reap)
     return exited
 
 
-def _reader(loop: asyncio.AbstractEventLoop, fd: int) -> asyncio.StreamReader:
+class _Pipe:
     """A stream fed from `fd` as it becomes readable; at its end the fd is closed."""
-    reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
 
-    def readable() -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self.reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
+        self._loop = loop
+        self._fd = fd
+        loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
         try:
-            data = os.read(fd, 65536)
+            data = os.read(self._fd, 65536)
         except BlockingIOError:
             return
         except OSError as err:
-            reader.set_exception(err)
+            self.reader.set_exception(err)
             data = b""
         if data:
-            reader.feed_data(data)
+            self.reader.feed_data(data)
             return
-        loop.remove_reader(fd)
-        os.close(fd)
-        reader.feed_eof()
+        self.end()
 
-    loop.add_reader(fd, readable)
-    return reader
+    def end(self) -> None:
+        if self._fd < 0:
+            return
+        self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        self.reader.feed_eof()
