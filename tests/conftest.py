@@ -18,6 +18,8 @@ import httpx
 import pytest
 from harness import (
     DENIED_WEBHOOK_HOST,
+    LOG_BURST,
+    LOG_RATE,
     LOG_STREAMS,
     METRICS_TOKEN,
     REQUEST_TIMEOUT,
@@ -98,6 +100,8 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         metrics_token=METRICS_TOKEN,
         account_max_log_streams=LOG_STREAMS,
         request_timeout=REQUEST_TIMEOUT,
+        log_rate=LOG_RATE,
+        log_burst=LOG_BURST,
         # 127.0.0.2 is loopback too, so a webhook server can listen there and show it is never
         # called.
         webhook_denied_networks=(

@@ -34,6 +34,9 @@ METRICS_TOKEN = "scrape-secret"
 LOG_STREAMS = 4
 # How long a request may take to reach the tests' gateway whole.
 REQUEST_TIMEOUT = 3.0
+# Output one attempt may log in the tests' dispatcher: characters a second, and at once.
+LOG_RATE = 128 * 1024
+LOG_BURST = 512 * 1024
 
 
 @dataclass

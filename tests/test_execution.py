@@ -145,6 +145,29 @@ async def test_output_lines_of_any_length_are_logged_in_pieces(api: Api) -> None
     assert said == ["y" * 65536, "y" * (100_000 - 65536), "up"], [len(x) for x in said]
 
 
+async def test_a_task_flooding_its_log_is_cut_to_its_budget_and_told(api: Api) -> None:
+    """2 million lines in 12 s grew a dispatcher by 500 MB of lines waiting to be published,
+    ahead of every other task's. Past its budget an attempt's lines are dropped and counted."""
+    flood = (
+        "import sys, time\n"
+        "for i in range(100_000): print('%06d' % i + '.' * 93, file=sys.stderr)\n"
+        "sys.stderr.flush(); time.sleep(1.5); print('after the flood', file=sys.stderr)"
+    )
+    await api.function("flood", command=["python3", "-c", flood])
+    task = await api.wait((await api.submit("flood"))["metadata"]["name"], timeout=30)
+    assert task["status"]["phase"] == "Succeeded", task["status"]
+    logs = await api.http.get(f"/v1/tasks/{task['metadata']['name']}/logs")
+    records = [json.loads(line) for line in logs.text.splitlines()]
+    kept = [r["line"] for r in records if r["stream"] == "stderr"]
+    told = [r["line"] for r in records if "of output dropped" in r["line"]]
+    # 512 Ki characters at once at 200 a line (with the record's), then 128 Ki a second.
+    assert 2_000 < len(kept) < 10_000, len(kept)
+    assert kept[0].startswith("000000.") and kept[-1] == "after the flood", kept[-1]
+    assert len(kept) + sum(int(t.split()[0]) for t in told) == 100_001, told
+    assert 1 <= len(told) <= 3, told  # at most one a second while the flood goes on
+    assert "log rate of 131,072 characters/s" in told[0], told
+
+
 SERVER = """
     import json, os
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

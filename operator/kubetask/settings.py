@@ -173,6 +173,14 @@ class Settings:
     account_max_own_queues: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_OWN_QUEUES", 256, 0)
     )
+    # Output one attempt may log, in characters a second and at once (`dispatch/log_budget.py`);
+    # past it lines are dropped and counted.
+    log_rate: float = field(
+        default_factory=lambda: env_float("KUBETASK_LOG_RATE", 1 << 20, 1, 1 << 30)
+    )
+    log_burst: float = field(
+        default_factory=lambda: env_float("KUBETASK_LOG_BURST", 8 << 20, 1024, 1 << 34)
+    )
     # Log reads (`logs`, `logs -f`) one account may have open at once (`gateway/log_streams.py`).
     account_max_log_streams: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_LOG_STREAMS", 100, 1)

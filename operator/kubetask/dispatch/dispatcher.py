@@ -55,6 +55,7 @@ from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
 from .leases import Leases
+from .log_budget import LogBudget
 from .max_age import MaxEventAge
 from .node_budget import NodeBudget
 from .placement import Placements
@@ -515,8 +516,14 @@ class Dispatcher:
                 started = f"attempt {attempt} started ({slot.execution.instance})"
                 self._log(rec, "system", started, attempt)
 
+        budget = LogBudget(self.plane.settings.log_rate, self.plane.settings.log_burst)
+
         def output(stream: str, text: str) -> None:
             announce()  # output follows the line that says where it runs
+            if not budget.take(text):
+                return
+            if (dropped := budget.dropped()) is not None:
+                self._log(rec, "system", dropped, attempt)
             self._log(rec, stream, text, attempt)
 
         inv = Invocation(
@@ -557,6 +564,8 @@ class Dispatcher:
                 return Outcome(False, error=f"executor error: {err}", instance=execution.instance)
         finally:
             slot.execution = None  # the execution refers back to the slot through `output`
+            if (dropped := budget.dropped(last=True)) is not None:
+                self._log(rec, "system", dropped, attempt)
             announcing.cancel()
             heartbeat.cancel()
             labels.dec()
