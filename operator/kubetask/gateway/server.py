@@ -93,6 +93,7 @@ class GatewayProtocol(HttpToolsProtocol):
                 f"the gateway has {self.max_connections} connections open, its limit; "
                 f"retry in {RETRY_AFTER}s",
                 retry_after=RETRY_AFTER,
+                linger=False,  # lingering would hold the descriptor this refusal saves
             )
             return
         self._arm()
@@ -175,7 +176,9 @@ class GatewayProtocol(HttpToolsProtocol):
         malformed request line) gets the one error body too, not uvicorn's plain text."""
         self._send_error(400, f"malformed HTTP request: {msg}")
 
-    def _send_error(self, status: int, error: str, retry_after: int | None = None) -> None:
+    def _send_error(
+        self, status: int, error: str, retry_after: int | None = None, linger: bool = True
+    ) -> None:
         body = ErrorBody(error=error, retryAfter=retry_after)
         data = body.model_dump_json(exclude_none=True).encode()
         head = [STATUS_LINE[status]]
@@ -190,7 +193,10 @@ class GatewayProtocol(HttpToolsProtocol):
             data,
         ]
         self.transport.write(b"".join(head))
-        self._linger()
+        if linger:
+            self._linger()
+        else:
+            self.transport.close()
 
     def _linger(self) -> None:
         """Closed for writing at once, for reading after what the client still sends has been
