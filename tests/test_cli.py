@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from harness import Api, kt
 from kubetask import task_events
+from kubetask.auth import issue_token, revoke_token
 from kubetask.plane import DataPlane
 
 
@@ -198,6 +199,25 @@ def _tokens(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+async def test_tokens_created_and_revoked_at_once_are_all_kept(tmp_path: Path) -> None:
+    """Two edits of the token file at once each wrote it without the other's change (or
+    failed, renaming a temporary file the other had renamed already)."""
+    path = tmp_path / "tokens.json"
+    made = await asyncio.gather(
+        *(asyncio.to_thread(issue_token, path, None, f"team-{i}") for i in range(48))
+    )
+    kept = {e["id"] for e in json.loads(path.read_text())["tokens"]}
+    assert kept == {entry["id"] for _, entry in made}
+    await asyncio.gather(
+        *(asyncio.to_thread(revoke_token, path, entry["id"]) for _, entry in made[:24]),
+        *(asyncio.to_thread(issue_token, path, None, "late") for _ in range(8)),
+    )
+    left = json.loads(path.read_text())["tokens"]
+    assert len(left) == 24 + 8 and not {e["id"] for e in left} & {e["id"] for _, e in made[:24]}
+    listed = await asyncio.to_thread(_tokens, path, "list", "-o", "json")
+    assert len(json.loads(listed.stdout)) == 32, listed.stdout + listed.stderr
 
 
 async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(

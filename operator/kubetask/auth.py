@@ -196,7 +196,8 @@ def issue_token(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "sha256": hash_token(token),
     }
-    _write_entries(path, [*_entries_to_edit(path, must_exist=False), entry])
+    with private_files.editing(path):
+        _write_entries(path, [*_entries_to_edit(path, must_exist=False), entry])
     return token, _public(entry)
 
 
@@ -213,9 +214,10 @@ def list_tokens(path: Path) -> list[dict[str, Any]]:
 def revoke_token(path: Path, key: str) -> list[dict[str, Any]]:
     """Remove the tokens whose id or name is `key`; returns what was removed. The gateway stops
     accepting them within a second (it re-reads the file when it changes)."""
-    entries = _entries_to_edit(path, must_exist=True)
-    gone = [e for e in entries if key in (e.get("id"), e.get("name"))]
-    if not gone:
-        raise TokenError(f"no token has id or name {key!r}")
-    _write_entries(path, [e for e in entries if e not in gone])
+    with private_files.editing(path):
+        entries = _entries_to_edit(path, must_exist=True)
+        gone = [e for e in entries if key in (e.get("id"), e.get("name"))]
+        if not gone:
+            raise TokenError(f"no token has id or name {key!r}")
+        _write_entries(path, [e for e in entries if e not in gone])
     return [_public(e) for e in gone]
