@@ -22,6 +22,7 @@ from kubetask.embedded import free_port, start_nats
 
 NS = "kubetask"  # where the operator runs and owns its Deployments
 ACCOUNT = "team-a"  # an account is a namespace
+MAX_PAYLOAD = 4096
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -58,6 +59,7 @@ class Platform:
             KUBETASK_DISPATCHER_TARGET_BACKLOG="10",
             KUBETASK_DISPATCHER_MAX="5",
             KUBETASK_ACK_WAIT="5",
+            KUBETASK_MAX_PAYLOAD=str(MAX_PAYLOAD),
         )
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
@@ -269,6 +271,44 @@ def test_task_applied_with_kubectl_runs_once_and_shows_its_phase(platform: Platf
     platform.apply(task_yaml)  # re-applying is not re-running
     time.sleep(2)
     assert marker.read_text() == "x"
+
+
+def test_a_task_over_the_payload_limit_fails_saying_why(platform: Platform) -> None:
+    """A kubectl-applied Task skipped the payload checks HTTP submissions get: one over the
+    limit was queued and run, and one past what NATS takes was retried by the operator for
+    ever, its object without a status."""
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: weigh}
+        spec: {command: ["true"]}
+    """)
+    eventually(lambda: (platform.get("taskfunction", "weigh") or {}).get("status", {}).get("ready"))
+    blob = json.dumps({"blob": "x" * MAX_PAYLOAD})
+    platform.apply(f"""
+        apiVersion: kubetask.io/v1alpha1
+        kind: Task
+        metadata: {{name: too-big}}
+        spec: {{function: weigh, payload: {blob}}}
+    """)
+    done = eventually(
+        lambda: (
+            (t := platform.get("task", "too-big"))
+            and t.get("status", {}).get("phase") == "Failed"
+            and t
+        ),
+        30,
+        "Failed",
+    )
+    error = done["status"]["error"]
+    assert (
+        error == f"refused: payload is {MAX_PAYLOAD + 11} bytes; the limit is {MAX_PAYLOAD} bytes"
+    )
+    assert done["status"]["attempts"] == 0
+    events = platform.cluster.kubectl(
+        "get", "events", "-n", ACCOUNT, "--field-selector", "involvedObject.name=too-big"
+    ).stdout
+    assert "Refused" in events, events
 
 
 def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> None:

@@ -12,14 +12,46 @@ message; the sweeper finds it (its queue holds nothing that old) and publishes i
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
+
+import pydantic_core
 
 from . import metrics, queues
 from .models import StageTimestamps, Task, TaskFunction, TaskMeta, TaskPhase, TaskSpec, TaskStatus
 from .plane import DataPlane
 from .states import IllegalTransition
-from .store import TaskGone, TaskRecord, Versioned, new_token, now, random_hex
+from .store import TaskExists, TaskGone, TaskRecord, Versioned, new_token, now, random_hex
+
+
+class PayloadRefused(ValueError):
+    """A payload no function is given; `status` is the HTTP answer for it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def check_payload(payload: Any, limit: int) -> None:
+    """The payload rules, for every way a client submits (HTTP, a kubectl-applied Task): finite
+    numbers only (a literal like 1e400 parses to infinity, which JSON cannot carry on to the
+    function), and at most `limit` bytes as the function will get it."""
+    if payload is None:
+        return
+    stack = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise PayloadRefused(422, "payload: numbers must be finite (this one overflows)")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    size = len(pydantic_core.to_json(payload))
+    if size > limit:
+        raise PayloadRefused(413, f"payload is {size} bytes; the limit is {limit} bytes")
 
 
 def generate_id() -> str:
@@ -54,6 +86,27 @@ async def submit(
         raise
     metrics.of(metrics.SUBMITTED, fn.account, fn.name).inc()
     return created
+
+
+async def refuse(plane: DataPlane, fn: TaskFunction, task_id: str, reason: str) -> None:
+    """Record as Failed a task refused before it was queued. Only for a kubectl-applied Task:
+    its object exists whatever is answered, and its status must say why it never ran (an HTTP
+    client is told by its answer instead). Its payload is not kept."""
+    at = now()
+    record = TaskRecord(
+        task=Task(
+            metadata=TaskMeta(name=task_id, namespace=fn.account),
+            spec=TaskSpec(function=fn.name, payload=None),
+            status=TaskStatus(
+                phase=TaskPhase.Failed,
+                error=reason,
+                timestamps=StageTimestamps(submitted=at, finished=at),
+            ),
+        ),
+        token=new_token(),
+    )
+    with contextlib.suppress(TaskExists):
+        await plane.store.create(record)
 
 
 async def publish_created(plane: DataPlane, fn: TaskFunction, created: Versioned) -> None:

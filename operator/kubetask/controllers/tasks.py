@@ -30,6 +30,12 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
     if fn is None:
         raise kopf.TemporaryError(f"function {spec['function']!r} is not registered", delay=5)
     try:
+        submission.check_payload(spec.get("payload"), plane.settings.max_payload_bytes)
+    except submission.PayloadRefused as err:
+        await submission.refuse(plane, fn, name, f"refused: {err}")
+        kopf.warn(body, reason="Refused", message=str(err))
+        return
+    try:
         await submission.submit(plane, fn, name, spec.get("payload"))
     except TaskExists:
         return  # applied before (or the operator restarted): never submitted twice

@@ -9,7 +9,6 @@ document still describes the route (`app.py` adds it from the same models).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
@@ -130,19 +129,10 @@ class SubmitRoute:
                 "register it first (kubetask functions apply -f FILE)",
                 field="function",
             )
-        if body.payload is not None:
-            if not finite(body.payload):
-                raise ApiError(
-                    422, "payload: numbers must be finite (this one overflows)", field="payload"
-                )
-            size = len(pydantic_core.to_json(body.payload))  # as the function will get it
-            if size > self.settings.max_payload_bytes:
-                raise ApiError(
-                    413,
-                    f"payload is {size} bytes; the limit is {self.settings.max_payload_bytes} "
-                    "bytes",
-                    field="payload",
-                )
+        try:
+            submission.check_payload(body.payload, self.settings.max_payload_bytes)
+        except submission.PayloadRefused as err:
+            raise ApiError(err.status, str(err), field="payload") from None
         try:
             await self.throttle.admit(fn)
         except Throttled as err:
@@ -168,22 +158,6 @@ class SubmitRoute:
         task = created.record.task
         task.status.phase = TaskPhase.Queued
         return 202, task.model_dump_json().encode()
-
-
-def finite(value: Any) -> bool:
-    """Whether a parsed JSON document holds only finite numbers: a literal like 1e400 parses
-    to infinity, which JSON cannot carry on to the function."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                return False
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True
 
 
 def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
