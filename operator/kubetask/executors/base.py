@@ -131,12 +131,14 @@ def encode_payload(payload: Any) -> bytes:
 
 
 def decode_result(raw: bytes) -> Any:
-    """JSON when the function printed JSON, else the text; None when it printed nothing."""
+    """JSON when the function printed JSON, else the text; None when it printed nothing.
+    `NaN` and `Infinity` are not JSON (Python's `json.dumps` writes them): such output is its
+    text, as printed, rather than parsed into numbers every reader would turn into null."""
     text = raw.decode("utf-8", errors="replace").strip()
     if not text:
         return None
     try:
-        return pydantic_core.from_json(text)
+        return pydantic_core.from_json(text, allow_inf_nan=False)
     except ValueError:
         return text
 
