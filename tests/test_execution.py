@@ -59,7 +59,7 @@ async def test_plain_text_stdout_is_the_result(api: Api) -> None:
     task = await api.submit("txt")
     assert (await api.wait(task["metadata"]["name"]))["status"]["result"] == "hello world"
     # Not JSON, though Python's json.dumps writes it: kept as printed, not turned into nulls.
-    await api.function("nan", command=["sh", "-c", "echo '{\"x\": NaN, \"y\": -Infinity}'"])
+    await api.function("nan", command=["sh", "-c", 'echo \'{"x": NaN, "y": -Infinity}\''])
     task = await api.wait((await api.submit("nan"))["metadata"]["name"])
     assert task["status"]["result"] == '{"x": NaN, "y": -Infinity}', task["status"]
 
