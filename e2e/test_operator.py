@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class Platform:
             KUBETASK_DISPATCHER_MAX="5",
             KUBETASK_ACK_WAIT="5",
             KUBETASK_MAX_PAYLOAD=str(MAX_PAYLOAD),
+            KUBETASK_ACCOUNT_MAX_RATE="1",
         )
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
@@ -309,6 +311,52 @@ def test_a_task_over_the_payload_limit_fails_saying_why(platform: Platform) -> N
         "get", "events", "-n", ACCOUNT, "--field-selector", "involvedObject.name=too-big"
     ).stdout
     assert "Refused" in events, events
+
+
+def test_tasks_applied_faster_than_the_account_may_submit_wait_their_turn(
+    platform: Platform,
+) -> None:
+    """kubectl-applied Tasks skipped the back-pressure HTTP submissions get: an account could
+    submit past its rate and its backlog limit through the API server. Here the account may
+    submit one task a second (`KUBETASK_ACCOUNT_MAX_RATE` above)."""
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: paced}
+        spec: {command: ["true"]}
+    """)
+    eventually(lambda: (platform.get("taskfunction", "paced") or {}).get("status", {}).get("ready"))
+    if platform.dispatcher is None:
+        platform.start_dispatcher()
+    platform.apply(
+        "\n---\n".join(
+            f"""
+        apiVersion: kubetask.io/v1alpha1
+        kind: Task
+        metadata: {{name: paced-{i}}}
+        spec: {{function: paced}}
+        """
+            for i in range(4)
+        )
+    )
+
+    def all_done() -> list[dict[str, Any]] | None:
+        tasks = [platform.get("task", f"paced-{i}") or {} for i in range(4)]
+        ok = all(t.get("status", {}).get("phase") == "Succeeded" for t in tasks)
+        return tasks if ok else None
+
+    done = eventually(all_done, 60, "all four Succeeded")
+    submitted = sorted(datetime.fromisoformat(t["status"]["timestamps"]["submitted"]) for t in done)
+    assert (submitted[-1] - submitted[0]).total_seconds() >= 2, submitted
+    events = json.loads(
+        platform.cluster.kubectl("get", "events", "-n", ACCOUNT, "-o", "json").stdout
+    )
+    throttled = [
+        e["message"]
+        for e in events["items"]
+        if e["involvedObject"]["name"].startswith("paced-") and e["reason"] == "Throttled"
+    ]
+    assert throttled and "submits more than 1 tasks a second" in throttled[0], throttled
 
 
 def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 
 from ..cancellation import cancel_and_wait
+from ..gateway.throttle import Throttle
 from ..plane import DataPlane
 from ..settings import Settings
 from . import asyncconfigs, taskfunctions, tasks, warm_pools  # noqa: F401  (registers the handlers)
@@ -25,6 +26,8 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     cfg = OperatorConfig()
     plane_settings = Settings()
     memo.plane = await DataPlane.connect(plane_settings, "kubetask-operator")
+    # kubectl-applied Tasks wait on the account's back-pressure as HTTP submissions do.
+    memo.throttle = Throttle(plane_settings, memo.plane.depth)
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)
     memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))

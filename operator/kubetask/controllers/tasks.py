@@ -1,6 +1,7 @@
 """Task: a `kubectl apply`ed Task is submitted through the same path as an HTTP submission,
-de-duplicated by its name (re-applying never runs it again); a daemon mirrors the task's state
-into `status` until it is terminal; deleting the object stops the task."""
+held to the same payload rules and the same back-pressure, de-duplicated by its name
+(re-applying never runs it again); a daemon mirrors the task's state into `status` until it is
+terminal; deleting the object stops the task."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import kopf
 
 from .. import actions, submission
+from ..gateway.throttle import Throttled
 from ..models import TaskPhase
 from ..states import TERMINAL, IllegalTransition
 from ..store import TaskExists
@@ -35,6 +37,13 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
         await submission.refuse(plane, fn, name, f"refused: {err}")
         kopf.warn(body, reason="Refused", message=str(err))
         return
+    try:
+        await memo.throttle.admit(fn)
+    except Throttled as err:
+        # Retried when the account may submit again; the object waits, unsubmitted, and its
+        # events say why (kopf posts none for a handler that will be retried).
+        kopf.info(body, reason="Throttled", message=f"{err}; submitted in {err.retry_after}s")
+        raise kopf.TemporaryError(f"throttled: {err}", delay=err.retry_after) from None
     try:
         await submission.submit(plane, fn, name, spec.get("payload"))
     except TaskExists:
