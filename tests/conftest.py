@@ -21,6 +21,7 @@ from harness import (
     LOG_BURST,
     LOG_RATE,
     LOG_STREAMS,
+    LOGS_MAX_BYTES,
     METRICS_TOKEN,
     REQUEST_TIMEOUT,
     Api,
@@ -102,6 +103,7 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         request_timeout=REQUEST_TIMEOUT,
         log_rate=LOG_RATE,
         log_burst=LOG_BURST,
+        logs_max_bytes=LOGS_MAX_BYTES,
         # 127.0.0.2 is loopback too, so a webhook server can listen there and show it is never
         # called.
         webhook_denied_networks=(

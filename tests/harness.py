@@ -37,6 +37,8 @@ REQUEST_TIMEOUT = 3.0
 # Output one attempt may log in the tests' dispatcher: characters a second, and at once.
 LOG_RATE = 128 * 1024
 LOG_BURST = 512 * 1024
+# What all tasks' logs may take on the tests' nats-server's disk.
+LOGS_MAX_BYTES = 8 << 20
 
 
 @dataclass

@@ -12,8 +12,10 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from harness import Api, echo_script
+from harness import LOGS_MAX_BYTES, Api, echo_script
+from kubetask import logs, names
 from kubetask.executors.base import Lines
+from kubetask.plane import DataPlane
 
 
 async def test_command_task_succeeds_with_result_and_stage_timestamps(api: Api) -> None:
@@ -170,6 +172,28 @@ async def test_a_task_flooding_its_log_is_cut_to_its_budget_and_told(api: Api) -
     assert len(kept) + sum(int(t.split()[0]) for t in told) == 100_001, told
     assert 1 <= len(told) <= 3, told  # at most one a second while the flood goes on
     assert "log rate of 131,072 characters/s" in told[0], told
+
+
+async def test_logs_together_stay_under_their_disk_cap_oldest_lines_first(
+    api: Api, plane: DataPlane
+) -> None:
+    """Logs had no size limit: tasks logging within their budgets, enough of them for long
+    enough, could fill the disk that records and queues need too. Past the cap (8 MiB in the
+    tests) the oldest lines go."""
+    await api.function("said", command=["sh", "-c", "echo first >&2"])
+    task = await api.wait((await api.submit("said"))["metadata"]["name"])
+    subject = names.log_subject(api.account, task["metadata"]["name"])
+    for i in range(4000):  # 16 MiB of random hex, which compression cannot make smaller
+        line = f"{i} {os.urandom(2048).hex()}"
+        await plane.nc.publish(subject, logs.encode_line(1, "stderr", line))
+    await plane.nc.flush()
+    info = await plane.js.stream_info(names.LOGS_STREAM)
+    assert info.config.max_bytes == LOGS_MAX_BYTES
+    assert info.state.bytes <= LOGS_MAX_BYTES, info.state
+    read = await api.http.get(f"/v1/tasks/{task['metadata']['name']}/logs")
+    kept = [json.loads(line)["line"] for line in read.text.splitlines()]
+    assert "first" not in kept and kept[-1].startswith("3999 "), kept[:1]
+    assert 100 < len(kept) < 4000, len(kept)
 
 
 SERVER = """

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
-from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from . import events, history, names, nats_auth, quarantine
@@ -218,6 +218,8 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
             name=names.LOGS_STREAM,
             subjects=["kt.logs.>"],
             max_age=settings.retention_seconds,
+            max_bytes=settings.logs_max_bytes,
+            discard=DiscardPolicy.OLD,
             storage=StorageType.FILE,
             **history.stream_options(settings),  # type: ignore[arg-type]
         ),

@@ -181,6 +181,11 @@ class Settings:
     log_burst: float = field(
         default_factory=lambda: env_float("KUBETASK_LOG_BURST", 8 << 20, 1024, 1 << 34)
     )
+    # Bytes all tasks' logs may take on disk together; past them the oldest lines go first, so a
+    # flood of logs never takes the space records and queues need (`jetstream.py`).
+    logs_max_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_LOGS_MAX_BYTES", 4 << 30, 1 << 20, 1 << 50)
+    )
     # Log reads (`logs`, `logs -f`) one account may have open at once (`gateway/log_streams.py`).
     account_max_log_streams: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_LOG_STREAMS", 100, 1)
