@@ -10,14 +10,16 @@ import dataclasses
 import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from harness import Api, all_succeed, kt, read_lines
 from kubetask import names
-from kubetask.models import QueueMode
+from kubetask.models import QueueAssignment, QueueMode
 from kubetask.plane import DataPlane
 from kubetask.queue_routes import Router, RouteSettings
+from kubetask.store import now
 from nats.js.errors import NotFoundError
 from prometheus_client import REGISTRY
 
@@ -171,3 +173,24 @@ async def test_an_account_without_room_for_a_queue_of_its_own_keeps_a_crowding_f
     crowd = plane.registry.function(api.account, "crowd")
     assert crowd is not None and names.queue_mode(crowd) is QueueMode.dedicated
     await all_succeed(api, "crowd", 20)
+
+
+async def test_a_route_written_just_before_its_function_is_not_taken_for_stale(
+    api: Api, plane: DataPlane
+) -> None:
+    """A small account's function gets its shared assignment written just before the function
+    itself. A sweep by another gateway in between took the route for a stale one and removed
+    it, and the function ran on its account's stream (seen once in a full run of the suite)."""
+    since = now()
+    coming = QueueAssignment(mode=QueueMode.shared, reason="registering", since=since)
+    gone = QueueAssignment(mode=QueueMode.shared, reason="left", since=since - timedelta(hours=1))
+    assert await plane.registry.assign_queue(api.account, "coming", coming)
+    assert await plane.registry.assign_queue(api.account, "gone", gone)
+    await plane.registry.caught_up()
+    try:
+        await Router(plane, RouteSettings()).sweep()
+        await plane.registry.caught_up()
+        assert (api.account, "coming") in plane.registry.routes
+        assert (api.account, "gone") not in plane.registry.routes
+    finally:
+        await plane.registry.delete_function(api.account, "coming")

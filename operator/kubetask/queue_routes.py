@@ -35,6 +35,11 @@ from .plane import DataPlane
 from .settings import env_float, env_int
 from .store import now
 
+# A small account's function gets its assignment written just before the function itself, so
+# a route without a function is stale only once it is older than a registration can take.
+# Without this, another gateway's sweep in between took the new function off the shared stream.
+REGISTERING_SECONDS = 60.0
+
 log = logging.getLogger("kubetask.queues")
 
 
@@ -87,10 +92,11 @@ class Router:
                         await self._maybe_dedicate(fn)
             elif queue.partition is None and names.routed(first.spec):  # a stream of its own
                 await self._maybe_recycle(first)
-        for (account, name), (_, revision) in list(registry.routes.items()):
+        for (account, name), (route, revision) in list(registry.routes.items()):
             current = registry.function(account, name)
-            spec = current.spec if current is not None else None
-            if spec is None or not names.routed(spec):
+            if current is None and (now() - route.since).total_seconds() < REGISTERING_SECONDS:
+                continue  # written just before its function (`queue_moves._place`)
+            if current is None or not names.routed(current.spec):
                 await registry.unassign_queue(account, name, revision)  # stale: nothing moves
 
     async def _maybe_dedicate(self, fn: TaskFunction) -> None:
