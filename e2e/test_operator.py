@@ -95,6 +95,25 @@ class Platform:
         out = self.cluster.kubectl("get", kind, name, "-n", ns, "-o", "json", check=False)
         return json.loads(out.stdout) if out.returncode == 0 else None
 
+    def ready(self, function: str) -> None:
+        """Wait until the operator marks the TaskFunction ready."""
+        eventually(
+            lambda: (self.get("taskfunction", function) or {}).get("status", {}).get("ready"),
+            30,
+            f"{function} ready",
+        )
+
+    def task_in(self, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
+        """The Task object once its status shows `phase`."""
+        found: dict[str, Any] = eventually(
+            lambda: (
+                (t := self.get("task", name)) and t.get("status", {}).get("phase") == phase and t
+            ),
+            timeout,
+            f"{name} {phase}",
+        )
+        return found
+
     def apply(self, text: str) -> None:
         self.cluster.kubectl("apply", "-n", ACCOUNT, "-f", "-", stdin=textwrap.dedent(text))
 
@@ -241,9 +260,7 @@ def test_task_applied_with_kubectl_runs_once_and_shows_its_phase(platform: Platf
         metadata: {{name: report}}
         spec: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(script))}]}}
     """)
-    eventually(
-        lambda: (platform.get("taskfunction", "report") or {}).get("status", {}).get("ready")
-    )
+    platform.ready("report")
     platform.start_dispatcher()
     task_yaml = """
         apiVersion: kubetask.io/v1alpha1
@@ -252,15 +269,7 @@ def test_task_applied_with_kubectl_runs_once_and_shows_its_phase(platform: Platf
         spec: {function: report, payload: {rows: 21}}
     """
     platform.apply(task_yaml)
-    done = eventually(
-        lambda: (
-            (t := platform.get("task", "monthly-report"))
-            and t.get("status", {}).get("phase") == "Succeeded"
-            and t
-        ),
-        60,
-        "Succeeded",
-    )
+    done = platform.task_in("monthly-report", "Succeeded", 60)
     assert done["status"]["attempts"] == 1
     assert json.loads(done["status"]["result"]) == {"rows": 42}
     assert done["status"]["timestamps"]["started"] and done["status"]["duration"]
@@ -285,7 +294,7 @@ def test_a_task_over_the_payload_limit_fails_saying_why(platform: Platform) -> N
         metadata: {name: weigh}
         spec: {command: ["true"]}
     """)
-    eventually(lambda: (platform.get("taskfunction", "weigh") or {}).get("status", {}).get("ready"))
+    platform.ready("weigh")
     blob = json.dumps({"blob": "x" * MAX_PAYLOAD})
     platform.apply(f"""
         apiVersion: kubetask.io/v1alpha1
@@ -293,15 +302,7 @@ def test_a_task_over_the_payload_limit_fails_saying_why(platform: Platform) -> N
         metadata: {{name: too-big}}
         spec: {{function: weigh, payload: {blob}}}
     """)
-    done = eventually(
-        lambda: (
-            (t := platform.get("task", "too-big"))
-            and t.get("status", {}).get("phase") == "Failed"
-            and t
-        ),
-        30,
-        "Failed",
-    )
+    done = platform.task_in("too-big", "Failed")
     error = done["status"]["error"]
     assert (
         error == f"refused: payload is {MAX_PAYLOAD + 11} bytes; the limit is {MAX_PAYLOAD} bytes"
@@ -325,7 +326,7 @@ def test_tasks_applied_faster_than_the_account_may_submit_wait_their_turn(
         metadata: {name: paced}
         spec: {command: ["true"]}
     """)
-    eventually(lambda: (platform.get("taskfunction", "paced") or {}).get("status", {}).get("ready"))
+    platform.ready("paced")
     if platform.dispatcher is None:
         platform.start_dispatcher()
     platform.apply(
@@ -447,18 +448,14 @@ def test_deleting_a_task_object_stops_the_task(platform: Platform) -> None:
         metadata: {{name: long}}
         spec: {{command: [{json.dumps(sys.executable)}, {json.dumps(str(script))}]}}
     """)
-    eventually(lambda: (platform.get("taskfunction", "long") or {}).get("status", {}).get("ready"))
+    platform.ready("long")
     platform.apply("""
         apiVersion: kubetask.io/v1alpha1
         kind: Task
         metadata: {name: long-1}
         spec: {function: long}
     """)
-    eventually(
-        lambda: (platform.get("task", "long-1") or {}).get("status", {}).get("phase") == "Running",
-        30,
-        "Running",
-    )
+    platform.task_in("long-1", "Running")
     pid = int(eventually(lambda: pidfile.exists() and pidfile.read_text(), 10, "pid"))
     platform.cluster.kubectl("delete", "task", "long-1", "-n", ACCOUNT, "--timeout=30s")
     assert (
