@@ -79,8 +79,30 @@ log = logging.getLogger("kubetask.gateway")
 async def principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
+    """The caller, for every /v1 route; then the route's query parameters are checked, so a
+    stranger gets 401 before any 422."""
     tokens: TokenBook = request.app.state.tokens
-    return tokens.from_header(authorization)
+    who = tokens.from_header(authorization)
+    if request.scope["query_string"]:
+        _documented_query(request)
+    return who
+
+
+def _documented_query(request: Request) -> None:
+    """A /v1 route takes only the query parameters its OpenAPI operation lists (HEAD is its
+    GET by now). `/healthz` and `/metrics`, which probes and scrapers configured elsewhere
+    call, are not checked."""
+    path = getattr(request.scope.get("route"), "path", "")
+    if not path.startswith("/v1/"):
+        return
+    documented: dict[tuple[str, str], frozenset[str]] | None = getattr(
+        request.app.state, "documented_queries", None
+    )
+    if documented is None:
+        documented = params.documented_queries(request.app.openapi())
+        request.app.state.documented_queries = documented
+    allowed = documented.get((request.method, path), frozenset())
+    params.only_documented(request.query_params.multi_items(), allowed)
 
 
 Who = Annotated[Principal, Depends(principal)]
@@ -212,24 +234,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             await indexer.stop()
             await plane.close()
 
-    documented: dict[tuple[str, str], frozenset[str]] = {}
-
-    async def documented_query(request: Request) -> None:
-        """Each /v1 route takes only the query parameters its OpenAPI operation lists (HEAD is
-        its GET by now), checked once the caller is known, so a stranger gets 401 first. Probes
-        and scrapers of /healthz and /metrics are configured elsewhere and may add what they
-        like."""
-        path = getattr(request.scope.get("route"), "path", "")
-        if not path.startswith("/v1/") or not request.scope["query_string"]:
-            return
-        await principal(request, request.headers.get("authorization"))
-        if not documented:
-            documented.update(params.documented_queries(request.app.openapi()))
-        allowed = documented.get((request.method, path), frozenset())
-        params.only_documented(request.query_params.multi_items(), allowed)
-
     app = FastAPI(
-        dependencies=[Depends(documented_query)],
         title="kubetask",
         version="v1alpha1",
         description="Asynchronous tasks on NATS JetStream. "
