@@ -34,7 +34,9 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
         apiVersion: kubetask.io/v1alpha1
         kind: AsyncConfig
         metadata: {{name: greet}}
-        spec: {{function: greet, maxAsyncRetryAttempts: 1}}
+        spec:
+          <<: {{function: greet, maxAsyncRetryAttempts: 3}}
+          maxAsyncRetryAttempts: 1
     """)
     )
     applied = await kt(api, gateway_url, "functions", "apply", "-f", str(fn_file))
@@ -42,6 +44,9 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
         "taskfunction/greet applied",
         "asyncconfig/greet applied",
     ]
+    # A key written beside a merge overrides the merged one; that is not a key given twice.
+    config = (await api.http.get("/v1/asyncconfigs/greet")).json()
+    assert config["spec"]["maxAsyncRetryAttempts"] == 1, config
     listing = await kt(api, gateway_url, "functions", "list")
     assert listing.stdout.split("\n")[1].split()[:3] == ["greet", api.account, "command"]
 
@@ -138,9 +143,12 @@ async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
     not_json = api.workdir / "plain.txt"
     not_json.write_text("hello\n")
     for args, said in (
-        (["-p", "{bad"], "error: the payload is not JSON (Expecting property name"),
-        (["-p", "NaN"], "error: the payload is not JSON (NaN is not JSON)"),
-        (["-p", '{"x": 1e999}'], "error: the payload is not JSON (1e999 overflows a number)"),
+        (["-p", "{bad"], "error: the payload is not JSON (key must be a string"),
+        (["-p", "NaN"], "error: the payload is not JSON (expected value at line 1 column 1 (NaN"),
+        (["-p", '{"x": 1e999}'], "error: the payload is not JSON (numbers must be finite"),
+        # Sent as parsed, the second `a` would silently replace the first.
+        (["-p", '{"a": 1, "a": 2}'], 'error: the payload is not JSON (duplicate key "a"'),
+        (["-p", '[{"a": {"b": 1, "b": 1}}]'], 'error: the payload is not JSON (duplicate key "b"'),
         (["--payload-file", str(not_json)], f"error: the payload in {not_json} is not JSON"),
     ):
         out = await kt(api, gateway_url, "submit", "takes", *args, "--id", "never", check=False)
@@ -322,6 +330,10 @@ async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
         "second": ("kind: TaskFunction\n---\n7\n", "document 2 of {} is a number"),
         "metadata": ("kind: TaskFunction\nmetadata: x\n", "metadata must be an object"),
         "yaml": ("a: [\n", "{} is not valid YAML"),
+        "twice": (
+            "kind: TaskFunction\nmetadata: {name: t}\nspec:\n  command: [cat]\n  command: [sh]\n",
+            "found the key 'command' twice",
+        ),
     }
     for name, (text, said) in cases.items():
         path = api.workdir / f"{name}.yaml"

@@ -644,6 +644,19 @@ async def test_requests_the_http_parser_refuses_get_the_error_body(gateway_url: 
         assert "malformed HTTP request" in json.loads(body)["error"]
 
 
+async def _exchange(gateway_url: str, raw: bytes) -> tuple[bytes, Any]:
+    """One request written as it is, byte for byte; its answer's head and JSON body."""
+    host, port = gateway_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
+    answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+    writer.close()
+    return head, answer
+
+
 async def test_framing_the_parser_lets_through_is_held_to_the_body_rules(
     gateway_url: str, api: Api
 ) -> None:
@@ -651,7 +664,6 @@ async def test_framing_the_parser_lets_through_is_held_to_the_body_rules(
     gzip bytes; it stops at the headers of an upgrade, so a body sent with one vanished and the
     answer blamed the JSON; a WebSocket upgrade got a bare 403 with no error body; and a
     Content-Length with spaces around it, which HTTP allows, was called not a number."""
-    host, port = gateway_url.removeprefix("http://").split(":")
     await api.function("f", command=["true"])
     auth = f"Authorization: Bearer {api.token}\r\n".encode()
     body = b'{"function": "f"}'
@@ -677,17 +689,80 @@ async def test_framing_the_parser_lets_through_is_held_to_the_body_rules(
         (post + b"Transfer-Encoding: Chunked\r\n\r\n" + chunked, 202, None),
     ]
     for raw, status, error in cases:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(raw)
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        length = int(head.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0])
-        answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
-        writer.close()
+        head, answer = await _exchange(gateway_url, raw)
         assert head.startswith(b"HTTP/1.1 %d" % status), (raw[:60], head, answer)
         if error is not None:
             assert error in answer["error"], answer
         assert b"content-type: application/json" in head.lower(), head
+
+
+async def test_a_request_that_could_mean_two_things_is_refused(gateway_url: str, api: Api) -> None:
+    """A key given twice in a JSON object, or a one-valued header given twice, was settled by
+    whichever the parser took (the last key, the first header): a proxy or policy in front
+    reading the other would see another request than the one served. Each is a 400 that says
+    what was doubled, and nothing is created."""
+    await api.function("f", command=["true"])
+    await api.function("g", command=["true"])
+    json_type = {"content-type": "application/json"}
+    for raw, key in (
+        (b'{"function": "f", "function": "g", "id": "two-1"}', "function"),
+        (b'{"function": "f", "id": "two-2", "payload": {"a": [{"b": 1, "b": 1}]}}', "b"),
+        (b'{"function": "f", "id": "two-3", "id": "two-4"}', "id"),
+    ):
+        resp = await api.http.post("/v1/tasks", content=raw, headers=json_type)
+        assert resp.status_code == 400, resp.text
+        assert f'duplicate key "{key}"' in resp.json()["error"], resp.text
+        _check_error_body(resp)
+    for n in range(1, 5):
+        assert (await api.http.get(f"/v1/tasks/two-{n}")).status_code == 404
+    for path, raw in (
+        ("/v1/functions/h", b'{"metadata": {"name": "h"}, "spec": {"command": ["true"], '
+         b'"command": ["sh"]}}'),
+        ("/v1/asyncconfigs/f", b'{"metadata": {"name": "f"}, "spec": {"function": "f", '
+         b'"maxAsyncRetryAttempts": 1, "maxAsyncRetryAttempts": 9}}'),
+    ):  # fmt: skip
+        resp = await api.http.put(path, content=raw, headers=json_type)
+        assert resp.status_code == 400 and "duplicate key" in resp.json()["error"], resp.text
+        _check_error_body(resp)
+        assert (await api.http.get(path)).status_code == 404, path
+    # The same documents without the doubled key are taken: the refusal is the key's alone.
+    resp = await api.http.post("/v1/tasks", content=b'{"function": "g", "id": "two-1"}',
+                               headers=json_type)  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    raw = b'{"metadata": {"name": "h"}, "spec": {"command": ["true"]}}'
+    assert (await api.http.put("/v1/functions/h", content=raw, headers=json_type)).is_success
+
+    auth = f"Authorization: Bearer {api.token}\r\n".encode()
+    body = b'{"function": "f"}'
+    post = b"POST /v1/tasks HTTP/1.1\r\nContent-Length: %d\r\n" % len(body)
+    once = {
+        b"Host": b"Host: x\r\n",
+        b"Authorization": auth,
+        b"Content-Type": b"Content-Type: application/json\r\n",
+        b"Content-Encoding": b"Content-Encoding: identity\r\n",
+    }
+    for doubled, line in once.items():
+        headers = b"".join(v for k, v in once.items() if k != doubled)
+        for second in (line, line.replace(b"x", b"y").replace(b"json", b"x-json")):
+            head, answer = await _exchange(
+                gateway_url, post + headers + line + second + b"\r\n" + body
+            )
+            assert head.startswith(b"HTTP/1.1 400"), (doubled, second, head, answer)
+            assert answer["error"].startswith(f"header {doubled.decode()} is given more than once")
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    te = b"Transfer-Encoding: chunked\r\n"
+    head, answer = await _exchange(
+        gateway_url, post.split(b"Content-Length")[0] + b"".join(once.values()) + te + te
+        + b"\r\n" + chunked
+    )  # fmt: skip
+    assert head.startswith(b"HTTP/1.1 400"), answer  # the parser's own refusal, or the guard's
+    get = b"GET /v1/tasks?limit=1 HTTP/1.1\r\nHost: x\r\n" + auth
+    head, answer = await _exchange(gateway_url, get + auth + b"\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and "Authorization" in answer["error"], answer
+    head, answer = await _exchange(gateway_url, get + b"\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), answer
+    head, answer = await _exchange(gateway_url, post + b"".join(once.values()) + b"\r\n" + body)
+    assert head.startswith(b"HTTP/1.1 202"), answer
 
 
 async def test_a_request_that_never_arrives_whole_is_answered_408(

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from . import strict_json
 from .client import ApiFailure, Client
 
 DEFAULT_DATA_DIR = Path(".kubetask-data")
@@ -103,17 +104,12 @@ def _payload(args: argparse.Namespace) -> Any:
     else:
         return None
 
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    def finite(literal: str) -> float:
-        value = float(literal)
-        if not math.isfinite(value):
-            raise ValueError(f"{literal} overflows a number")
-        return value
-
     try:
-        return json.loads(text, parse_constant=no_constant, parse_float=finite)
+        # The gateway's rules, so the payload sent is the one written (a key given twice would
+        # otherwise be dropped here, silently) and a refusal comes before anything is sent.
+        payload = strict_json.loads(text)
+        strict_json.check_finite(payload)
+        return payload
     except ValueError as err:
         where = f" in {args.payload_file}" if args.payload_file else ""
         sys.exit(f"error: the payload{where} is not JSON ({err}); quote a plain string: '\"text\"'")

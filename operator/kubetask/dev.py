@@ -334,13 +334,36 @@ def load_client_config(data_dir: Path) -> dict[str, str] | None:
 YAML_KINDS = {str: "string", list: "list", int: "number", float: "number", bool: "boolean"}
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """A key given twice in one mapping is an error, as in `kubectl apply`, rather than the
+    last one silently winning (the API refuses the same in JSON: `strict_json`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges; a key written beside it overrides the merged one
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool | None):
+                continue  # an unhashable key: the base class says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_objects(path: Path) -> list[dict[str, object]]:
     """The objects of a manifest (`-` for stdin), each a mapping with a mapping `metadata`;
     anything else is a `ValueError` that names the file, as `kubectl apply` would."""
     source = "stdin" if str(path) == "-" else str(path)
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text()
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
     except UnicodeDecodeError:
         raise ValueError(f"{source} is not a text (UTF-8) file") from None
     except yaml.YAMLError as err:

@@ -12,13 +12,12 @@ message; the sweeper finds it (its queue holds nothing that old) and publishes i
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any
 
 import pydantic_core
 
-from . import metrics, queues
+from . import metrics, queues, strict_json
 from .models import StageTimestamps, Task, TaskFunction, TaskMeta, TaskPhase, TaskSpec, TaskStatus
 from .plane import DataPlane
 from .states import IllegalTransition
@@ -39,16 +38,10 @@ def check_payload(payload: Any, limit: int) -> None:
     function), and at most `limit` bytes as the function will get it."""
     if payload is None:
         return
-    stack = [payload]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, float):
-            if not math.isfinite(item):
-                raise PayloadRefused(422, "payload: numbers must be finite (this one overflows)")
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+    try:
+        strict_json.check_finite(payload)
+    except strict_json.NotJson as err:
+        raise PayloadRefused(422, f"payload: {err}") from None
     size = len(pydantic_core.to_json(payload))
     if size > limit:
         raise PayloadRefused(413, f"payload is {size} bytes; the limit is {limit} bytes")

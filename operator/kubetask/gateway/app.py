@@ -58,6 +58,7 @@ from .guard import Guard
 from .index import Query as IndexQuery
 from .index import Summary as IndexSummary
 from .indexing import Indexer
+from .json_bodies import StrictJsonRoute
 from .log_streams import LogStreams
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
@@ -242,6 +243,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         lifespan=lifespan,
         responses=ERRORS,
     )
+    app.router.route_class = StrictJsonRoute
     app.state.tokens = TokenBook(tokens_file)
     generate_openapi = app.openapi
 

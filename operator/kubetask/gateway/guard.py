@@ -20,6 +20,12 @@ from . import errors
 from .errors import ApiError
 
 JSON_TYPES = (b"application/json",)
+# Headers with one value: given twice, what the request means depends on which one a reader
+# takes (Starlette the first, a proxy or this guard perhaps the last), so it is refused, as HTTP
+# requires for Host. The parser itself refuses a second Content-Length.
+SINGLE = frozenset(
+    (b"host", b"authorization", b"content-type", b"content-encoding", b"transfer-encoding")
+)
 
 
 def expects_body(method: str, path: str) -> bool:
@@ -125,7 +131,13 @@ class Guard:
         content_type: bytes | None = None
         encoding = b"identity"
         upgrade = False
+        seen: set[bytes] = set()
         for name, value in scope["headers"]:
+            if name in SINGLE:
+                if name in seen:
+                    shown = name.decode("latin-1").title()
+                    return ApiError(400, f"header {shown} is given more than once; send it once")
+                seen.add(name)
             if name == b"content-length":
                 value = value.strip()  # the spaces around a field's value are not part of it
                 if not value.isdigit():

@@ -13,12 +13,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-import pydantic_core
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import queues, submission
+from .. import queues, strict_json, submission
 from ..auth import Principal, TokenBook
 from ..models import TaskPhase, TaskSubmission
 from ..plane import DataPlane
@@ -111,10 +110,10 @@ class SubmitRoute:
 
     async def _accept(self, acct: str, raw: bytes) -> tuple[int, bytes]:
         try:
-            # Parsed first so NaN and Infinity are refused (JSON has neither; the model's own
+            # Parsed first so NaN, Infinity and keys given twice are refused (the model's own
             # parser would take them into an untyped payload).
-            doc = pydantic_core.from_json(raw, allow_inf_nan=False)
-        except ValueError as err:
+            doc = strict_json.loads(raw)
+        except strict_json.NotJson as err:
             raise ApiError(400, f"malformed JSON body: {err}") from None
         try:
             body = TaskSubmission.model_validate(doc)
