@@ -50,13 +50,12 @@ from ..registry import ConfigConflict
 from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
-from ..store import Unreadable, Versioned, decode
-from . import errors, params, submit, waiting
+from ..store import Unreadable, Versioned
+from . import errors, params, submit, task_pages, waiting
 from .errors import ApiError
 from .expiry import Expiry
 from .guard import Guard
 from .index import Query as IndexQuery
-from .index import Summary as IndexSummary
 from .indexing import Indexer
 from .json_bodies import StrictJsonRoute
 from .log_streams import LogStreams
@@ -343,21 +342,18 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         await indexer().caught_up()
         index = indexer().index
 
-        def found() -> tuple[list[IndexSummary], list[tuple[bytes, int] | None], str | None]:
-            rows, nxt = index.search(q, limit, after)
-            return rows, index.stored(rows), f"{nxt[0]}/{nxt[1]}" if nxt else None
-
-        rows, stored, nxt = await indexer().query(scoped, found)
-        items = []
-        for row, kept in zip(rows, stored, strict=True):
-            if kept is None:
-                continue
-            try:
-                items.append(decode(names.task_key(row.account, row.id), *kept).task)
-            except Unreadable as err:
-                await quarantine.keep(plane().js, quarantine.unreadable(err))
-        page = TaskList(items=items, cursor=nxt)
-        return _json(page)
+        rows, nxt = await indexer().query(scoped, index.search, q, limit, after)
+        body, unreadable = task_pages.render(
+            (
+                (names.task_key(row.account, row.id), row.record, row.revision)
+                for row in rows
+                if row.record is not None and row.revision is not None
+            ),
+            f"{nxt[0]}/{nxt[1]}" if nxt else None,
+        )
+        for err in unreadable:
+            await quarantine.keep(plane().js, quarantine.unreadable(err))
+        return Response(body, media_type=JSON)
 
     @app.post("/v1/tasks/{task_id}/stop", response_model=Task, tags=["tasks"])
     async def stop_task(task_id: TaskIdPath, who: Who, account: AccountParam = None) -> Response:

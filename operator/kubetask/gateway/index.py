@@ -121,6 +121,16 @@ class Summary:
         return cls(str(account), str(task_id), str(function), TaskPhase(str(phase)), *times)
 
 
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A task a list found: its row's key and its record as stored (None: it has none)."""
+
+    account: str
+    id: str
+    record: bytes | None
+    revision: int | None
+
+
 @dataclass(frozen=True)
 class Query:
     accounts: list[str] | None  # None: every account (admin)
@@ -264,21 +274,6 @@ class TaskIndex:
         held: int = self.db.execute(sql, (account, *args)).fetchone()[0]
         return held < NARROW_RANGE
 
-    def stored(self, rows: list[Summary]) -> list[tuple[bytes, int] | None]:
-        """The records of `rows` as stored, with their revisions (None: the row has none): one
-        query per account on the page (a page is at most 1,000 rows), not one per row."""
-        ids: dict[str, list[str]] = {}
-        for s in rows:
-            ids.setdefault(s.account, []).append(s.id)
-        kept: dict[tuple[str, str], tuple[bytes, int]] = {}
-        for account, page in ids.items():
-            marks = ",".join("?" * len(page))
-            sql = f"SELECT id, record, revision FROM tasks WHERE account = ? AND id IN ({marks})"
-            for task_id, record, revision in self.db.execute(sql, (account, *page)):
-                if record is not None:
-                    kept[(account, task_id)] = (bytes(record), int(revision))
-        return [kept.get((s.account, s.id)) for s in rows]
-
     def repairable(self) -> list[Summary]:
         """Tasks in a phase the sweeper may have to repair."""
         return list(self._select("WHERE phase IN ('Pending', 'Queued', 'Retrying')", ()))
@@ -318,12 +313,13 @@ class TaskIndex:
 
     def search(
         self, q: Query, limit: int, cursor: tuple[str, str] | None
-    ) -> tuple[list[Summary], tuple[str, str] | None]:
-        """Up to `limit` matches in (account, id) order after `cursor`, and the next cursor.
-        Accounts are searched one at a time, so each one's index is read in order."""
+    ) -> tuple[list[Found], tuple[str, str] | None]:
+        """Up to `limit` matches in (account, id) order after `cursor`, with their records as
+        stored, and the next cursor. Accounts are searched one at a time, so each one's index
+        is read in order."""
         conds, args = q.where()
         accounts = self.accounts() if q.accounts is None else sorted(q.accounts)
-        found: list[Summary] = []
+        found: list[Found] = []
         for account in accounts:
             if cursor is not None and account < cursor[0]:
                 continue
@@ -342,7 +338,11 @@ class TaskIndex:
                 params.insert(0, account)
             else:
                 sql = f"WHERE {matching} ORDER BY id LIMIT ?"
-            found += self._select(sql, (*params, limit + 1 - len(found)))
+            rows = self.db.execute(
+                f"SELECT account, id, record, revision FROM tasks {sql}",
+                (*params, limit + 1 - len(found)),
+            )
+            found += (Found(*row) for row in rows)
             if len(found) > limit:
                 last = found[limit - 1]
                 return found[:limit], (last.account, last.id)
