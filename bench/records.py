@@ -27,6 +27,8 @@ import nats
 import pydantic_core
 from devrun import Dev, running_dev
 from idle import component_pids, cpu_seconds
+from kubetask.models import Task
+from kubetask.store import TaskRecord, encode
 from noisy import Sender
 
 HERE = Path(__file__).parent
@@ -81,6 +83,11 @@ async def throughput(dev: Dev, tasks: int, tag: str) -> float:
     return tasks / (time.monotonic() - began)
 
 
+def _stamp(at: datetime) -> str:
+    """A time as the models write it."""
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 async def fill(dev: Dev, records: int, template: bytes) -> None:
     admin = json.loads((dev.data / "secrets" / "nats-users.json").read_text())["admin"]
     url = json.loads((dev.data / "client.json").read_text())["nats"]
@@ -99,9 +106,11 @@ async def fill(dev: Dev, records: int, template: bytes) -> None:
             record["task"]["spec"]["function"] = f"fn{i % 100}"
             status["phase"] = "Failed" if i % 20 == 0 else "Succeeded"
             status["timestamps"] = {
-                "submitted": at.isoformat(),
-                "started": (at + timedelta(milliseconds=3)).isoformat(),
-                "finished": (at + timedelta(milliseconds=9)).isoformat(),
+                "submitted": _stamp(at),
+                "enqueued": _stamp(at),
+                "dispatched": _stamp(at + timedelta(milliseconds=2)),
+                "started": _stamp(at + timedelta(milliseconds=3)),
+                "finished": _stamp(at + timedelta(milliseconds=9)),
             }
             acks.append(
                 js.publish(f"$KV.kt_tasks.default.{task_id}", pydantic_core.to_json(record))
@@ -172,10 +181,11 @@ async def main(args: argparse.Namespace) -> None:
             rss0 = {"nats-server": rss_mb(nats_pid), "gateway": rss_mb(gateway_pid)}
             disk0 = disk_bytes(work / "jetstream")
             template = (await http.get("/v1/tasks/at00-000000")).json()
-            nc_template = {"task": template, "token": "0" * 16}
-            nc_template["task"]["status"] = {"phase": "Succeeded", "attempts": 1}
+            # Stored as the platform stores a Succeeded task's record (`store.encode`): with its
+            # result, executor and duration, and without its None fields.
+            stored = encode(TaskRecord(task=Task.model_validate(template), token="0" * 16))
             began = time.monotonic()
-            await fill(dev, args.records, pydantic_core.to_json(nc_template))
+            await fill(dev, args.records, stored)
             filled = time.monotonic() - began
             # JetStream copying them into the audit trail is not the gateway's cost: wait for it
             # first (at a million, the catch-up measured during it exceeded five minutes).
