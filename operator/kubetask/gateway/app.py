@@ -241,6 +241,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         "Authenticate with `Authorization: Bearer <token>`.",
         lifespan=lifespan,
         responses=ERRORS,
+        # `/v1/tasks/` was redirected to `/v1/tasks` at the Host the client sent (a redirect to
+        # anywhere, for whoever sets the header), with no error body: a path is as it is named.
+        redirect_slashes=False,
     )
     app.router.route_class = StrictJsonRoute
     app.state.tokens = TokenBook(tokens_file)
