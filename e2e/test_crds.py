@@ -85,6 +85,11 @@ def test_valid_objects_are_accepted(crds: ControlPlane) -> None:
         ),
         ("command: [a]\nresources: {limits: {memory: 9Ei}}", "must be below 8Ei"),
         ("command: [a]\nresources: {limits: {memory: 1K}}", "spec.resources.limits.memory"),
+        ('command: ["", a]', "the program to run (the command's first word) may not be empty"),
+        (
+            'server: {command: [""]}',
+            'spec.server.command: Invalid value: "array": the program to run',
+        ),
     ],
 )
 def test_invalid_functions_are_rejected_naming_the_field(

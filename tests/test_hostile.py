@@ -118,14 +118,18 @@ async def test_creations_with_bad_names_are_422(api: Api) -> None:
 
 
 async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
-    """No process can be given an argument, a variable or a directory with a NUL byte in it: a
-    function that had one was accepted and then failed every attempt at its start."""
+    """No process can be given an argument, a variable or a directory with a NUL byte in it, or
+    be a program without a name: a function with either was accepted and then failed every
+    attempt at its start."""
     for spec, field in (
         ({"command": ["tr\x00ue"]}, "spec.command.0"),
         ({"command": ["true", "a\x00"]}, "spec.command.1"),
         ({"server": {"command": ["srv\x00"]}}, "spec.server.command.0"),
         ({"command": ["true"], "env": [{"name": "A", "value": "x\x00y"}]}, "spec.env.0.value"),
         ({"command": ["true"], "workingDir": "/tmp\x00"}, "spec.workingDir"),
+        # Nor be started as a program with no name.
+        ({"command": [""]}, "spec.command"),
+        ({"server": {"command": ["", "serve"]}}, "spec.server.command"),
     ):
         body = {"metadata": {"name": "nul"}, "spec": spec}
         resp = await api.http.put("/v1/functions/nul", json=body)

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AllowInfNan,
     BaseModel,
     BeforeValidator,
@@ -98,6 +99,23 @@ class TaskMeta(ObjectMeta):
 # which no process can be given (a command holding one was accepted and then failed every
 # attempt with "could not start").
 ProcessText = Annotated[str, Field(pattern=grammar.PROCESS_TEXT_PATTERN)]
+
+# A command line's first word is the program exec looks for: an empty one is never found, so a
+# function with one was accepted and then failed every attempt with "could not start".
+PROGRAM_NAMED: dict[str, JsonValue] = {
+    "rule": "size(self) == 0 || self[0] != ''",
+    "message": "the program to run (the command's first word) may not be empty",
+}
+
+
+def _program_named(command: list[str]) -> list[str]:
+    if command and not command[0]:
+        raise ValueError(PROGRAM_NAMED["message"])
+    return command
+
+
+# With `PROGRAM_NAMED` in the field's schema, for the API server.
+CommandLine = Annotated[list[ProcessText], AfterValidator(_program_named)]
 
 
 class EnvVar(KubeModel):
@@ -241,8 +259,10 @@ class QueueMode(StrEnum):
 class ServerSpec(KubeModel):
     """A warm, long-lived instance that receives invocations over HTTP and serves many tasks."""
 
-    command: list[ProcessText] = Field(
-        min_length=1, description="Starts the server; it must listen on $PORT."
+    command: CommandLine = Field(
+        min_length=1,
+        description="Starts the server; it must listen on $PORT.",
+        json_schema_extra={"x-kubernetes-validations": [PROGRAM_NAMED]},
     )
     concurrency: Count = Field(
         default=1, ge=1, le=1000, description="Invocations one instance takes at once."
@@ -297,9 +317,10 @@ class TaskFunctionSpec(KubeModel):
         },
     )
 
-    command: list[ProcessText] | None = Field(
+    command: CommandLine | None = Field(
         default=None,
         min_length=1,
+        json_schema_extra={"x-kubernetes-validations": [PROGRAM_NAMED]},
         description="Run one process per task: payload (JSON) on stdin, result on stdout, "
         "exit code 0 = success. For long batch work.",
     )
