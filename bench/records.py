@@ -132,7 +132,8 @@ async def audit_caught_up(dev: Dev, records: int) -> None:
     await asyncio.sleep(5)
 
 
-async def list_p99(http: httpx.AsyncClient, records: int) -> dict[str, float]:
+async def list_p99(http: httpx.AsyncClient, records: int) -> dict[str, tuple[float, float]]:
+    """p50 and p99 (of 100, so nearly the slowest) of each kind of list, in ms."""
     rnd = random.Random(9)
     kinds = {
         "status=Failed": lambda: {"status": "Failed"},
@@ -152,7 +153,10 @@ async def list_p99(http: httpx.AsyncClient, records: int) -> dict[str, float]:
             began = time.perf_counter()
             (await http.get("/v1/tasks", params={**make(), "limit": 100})).raise_for_status()
             samples.append(time.perf_counter() - began)
-        found[name] = statistics.quantiles(samples, n=100)[98] * 1000
+        found[name] = (
+            statistics.median(samples) * 1000,
+            statistics.quantiles(samples, n=100)[98] * 1000,
+        )
     return found
 
 
@@ -234,9 +238,9 @@ async def main(args: argparse.Namespace) -> None:
         f" of which {stopped:.2f} s stopping and kubetask dev's 0.2 s restart delay"
     )
     print(
-        "  list p99 ms (page of 100): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in lists.items())
-        + " (target < 20)"
+        "  list p50 / p99 ms (page of 100): "
+        + ", ".join(f"{k} {p50:.1f} / {p99:.1f}" for k, (p50, p99) in lists.items())
+        + " (target: p99 < 20)"
     )
     for label, rounds in (("with none", empties), ("with them", fulls)):
         print(f"  throughput {label}: " + "; ".join(map(str, rounds)))
