@@ -166,12 +166,20 @@ def test_records_that_do_not_decode_are_reported_and_the_rest_listed() -> None:
     broken_doc["task"]["status"] = "Running"  # a nested object that is not one
     unknown = _doc(good)
     unknown["task"]["status"]["colour"] = "red"  # the status takes no unknown field
+    not_a_list = _doc(good)
+    not_a_list["task"]["status"]["conditions"] = {}
     found = [
         ("a.x", b"not json", 3),
         ("a.y", pydantic_core.to_json(broken_doc), 4),
         ("a.z", pydantic_core.to_json(unknown), 5),
+        ("a.w", pydantic_core.to_json(not_a_list), 6),
         _stored(good),
     ]
     body, unreadable = task_pages.render(found, None)
-    assert [(e.key, e.revision) for e in unreadable] == [("a.x", 3), ("a.y", 4), ("a.z", 5)]
+    assert [(e.key, e.revision) for e in unreadable] == [
+        ("a.x", 3),
+        ("a.y", 4),
+        ("a.z", 5),
+        ("a.w", 6),
+    ]
     assert body == TaskList(items=[good], cursor=None).model_dump_json().encode()

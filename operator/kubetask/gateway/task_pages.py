@@ -73,32 +73,23 @@ def _nested(annotation: Any) -> Fill | None:
         inner = [a for a in args if a is not type(None)]
         return _nested(inner[0]) if len(inner) == 1 else None
     if origin is list and args:
-        return _each_of_list(_nested(args[0]))
+        return _each(list, _nested(args[0]))
     if origin is dict and len(args) == 2:
-        return _each_of_dict(_nested(args[1]))
+        return _each(dict, _nested(args[1]))
     return None
 
 
-def _each_of_list(each: Fill | None) -> Fill | None:
-    if each is None:
+def _each(container: type, fill_one: Fill | None) -> Fill | None:
+    """Fill in each model of a list, or each value of a mapping, of them."""
+    if fill_one is None:
         return None
 
     def fill(value: Any) -> Any:
-        if type(value) is not list:
-            raise _Unaccounted
-        return [each(v) for v in value]
-
-    return fill
-
-
-def _each_of_dict(each: Fill | None) -> Fill | None:
-    if each is None:
-        return None
-
-    def fill(value: Any) -> Any:
-        if type(value) is not dict:
-            raise _Unaccounted
-        return {k: each(v) for k, v in value.items()}
+        if isinstance(value, list) and container is list:
+            return [fill_one(v) for v in value]
+        if isinstance(value, dict) and container is dict:
+            return {k: fill_one(v) for k, v in value.items()}
+        raise _Unaccounted
 
     return fill
 
