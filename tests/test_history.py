@@ -5,6 +5,7 @@ them; the audit trail and logs are stored compressed; a bad retention setting is
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import httpx
@@ -89,3 +90,41 @@ async def test_a_short_retention_account_loses_its_history_and_only_it(lab: Lab)
                     break
                 assert time.monotonic() < deadline, listed
                 await asyncio.sleep(0.25)
+
+
+async def test_the_audit_trail_stays_under_its_disk_cap_oldest_revisions_first(
+    lab: Lab,  # noqa: F811
+) -> None:
+    """The audit trail had a retention age and no size limit: enough changes could fill the disk
+    that records and queues need too. Past `KUBETASK_EVENTS_MAX_BYTES` (1 MiB here) the oldest
+    revisions go; the records themselves stay."""
+    cap = 1 << 20
+    url, token, env = lab.start_nats_and_gateway("trail", KUBETASK_EVENTS_MAX_BYTES=str(cap))
+    auth = {"Authorization": f"Bearer {token}"}
+    ids = []
+    async with httpx.AsyncClient(base_url=url, headers=auth, timeout=30) as http:
+        fn = {"metadata": {"name": "f"}, "spec": {"command": ["true"]}}
+        assert (await http.put("/v1/functions/f", json=fn)).status_code == 200
+        for i in range(30):  # ~6 MB of revisions, random so that compression cannot shrink them
+            payload = {"i": i, "noise": os.urandom(50_000).hex()}
+            task = await http.post("/v1/tasks", json={"function": "f", "payload": payload})
+            assert task.status_code == 202, task.text
+            ids.append(task.json()["metadata"]["name"])
+        nc = await nats.connect(env["KUBETASK_NATS_URL"])
+        js = nc.jetstream()
+        try:
+            deadline = time.monotonic() + 20
+            while not await _count(js, "KT_EVENTS", f"kt.events.trail.{ids[-1]}"):
+                assert time.monotonic() < deadline, "the last task's trail never arrived"
+                await asyncio.sleep(0.1)
+            info = await js.stream_info("KT_EVENTS")
+            assert info.config.max_bytes == cap and info.config.discard == "old", info.config
+            assert 0 < info.state.bytes <= cap, info.state
+            assert await _count(js, "KT_EVENTS", f"kt.events.trail.{ids[0]}") == 0
+        finally:
+            await nc.close()
+        for task_id in (ids[0], ids[-1]):
+            got = await http.get(f"/v1/tasks/{task_id}")
+            assert got.status_code == 200 and got.json()["spec"]["payload"]["i"] in (0, 29)
+        assert (await http.get(f"/v1/tasks/{ids[0]}/events")).status_code == 200
+        assert len((await http.get(f"/v1/tasks/{ids[-1]}/events")).json()) >= 1

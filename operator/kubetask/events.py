@@ -8,7 +8,7 @@ with no data are deletions.
 
 from __future__ import annotations
 
-from nats.js.api import StorageType, StreamConfig, StreamSource, SubjectTransform
+from nats.js.api import DiscardPolicy, StorageType, StreamConfig, StreamSource, SubjectTransform
 
 from . import history, names
 from .settings import Settings
@@ -31,6 +31,11 @@ def stream_config(settings: Settings) -> StreamConfig:
             )
         ],
         max_age=settings.retention_seconds,
+        # A trail is history, not state: past its cap the oldest revisions go, so a flood of
+        # changes cannot take the disk that records and queues need. Nothing reads it but
+        # `describe` and `/events`, which then show a task's later changes only.
+        max_bytes=settings.events_max_bytes,
+        discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
         **history.stream_options(settings),  # type: ignore[arg-type]
     )

@@ -186,6 +186,11 @@ class Settings:
     logs_max_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_LOGS_MAX_BYTES", 4 << 30, 1 << 20, 1 << 50)
     )
+    # Bytes the audit trail (every revision of every record, `events.py`) may take on disk; past
+    # them the oldest revisions go first, for the same reason.
+    events_max_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_EVENTS_MAX_BYTES", 2 << 30, 1 << 20, 1 << 50)
+    )
     # Log reads (`logs`, `logs -f`) one account may have open at once (`gateway/log_streams.py`).
     account_max_log_streams: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_LOG_STREAMS", 100, 1)
