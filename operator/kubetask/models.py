@@ -114,8 +114,11 @@ def _program_named(command: list[str]) -> list[str]:
     return command
 
 
-# With `PROGRAM_NAMED` in the field's schema, for the API server.
-CommandLine = Annotated[list[ProcessText], AfterValidator(_program_named)]
+CommandLine = Annotated[
+    list[ProcessText],
+    AfterValidator(_program_named),
+    Field(json_schema_extra={"x-kubernetes-validations": [PROGRAM_NAMED]}),
+]
 
 
 class EnvVar(KubeModel):
@@ -262,7 +265,6 @@ class ServerSpec(KubeModel):
     command: CommandLine = Field(
         min_length=1,
         description="Starts the server; it must listen on $PORT.",
-        json_schema_extra={"x-kubernetes-validations": [PROGRAM_NAMED]},
     )
     concurrency: Count = Field(
         default=1, ge=1, le=1000, description="Invocations one instance takes at once."
@@ -320,7 +322,6 @@ class TaskFunctionSpec(KubeModel):
     command: CommandLine | None = Field(
         default=None,
         min_length=1,
-        json_schema_extra={"x-kubernetes-validations": [PROGRAM_NAMED]},
         description="Run one process per task: payload (JSON) on stdin, result on stdout, "
         "exit code 0 = success. For long batch work.",
     )
