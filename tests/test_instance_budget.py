@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from kubetask.executors.base import Invocation
+from kubetask.executors.function_users import FunctionUsers
 from kubetask.executors.server import ServerExecutor
 from kubetask.models import ObjectMeta, ServerSpec, TaskFunction, TaskFunctionSpec
 
@@ -63,7 +64,7 @@ async def test_a_full_node_stops_the_longest_idle_instance_and_waits_when_all_ar
     script = tmp_path / "server.py"
     script.write_text(textwrap.dedent(SERVER))
     a, b, c = (_fn(n, script) for n in "abc")
-    executor = ServerExecutor(max_instances=2)
+    executor = ServerExecutor(max_instances=2, users=FunctionUsers("platform"))
     try:
 
         async def run(fn: TaskFunction, payload: object) -> int:

@@ -118,6 +118,17 @@ def metrics_token_file(data_dir: Path) -> Path:
     return path
 
 
+def keep_private(data_dir: Path) -> None:
+    """The data directory's parts readable by the platform's user only: they hold every
+    account's tasks (the store, the index) and output (the logs), and secrets. The directory
+    itself may be one the user chose and shares, so its own mode is left as it is."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for part in ("logs", "index", "jetstream", "secrets"):
+        path = data_dir / part
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)
+
+
 def hold_data_dir(data_dir: Path) -> TextIO | None:
     """Lock the data directory for this process's life (the lock goes with the process, however
     it ends). A second `kubetask dev` on the same directory would start a second nats-server on
@@ -166,7 +177,7 @@ def run(
                 flush=True,
             )
             return 2
-    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    keep_private(data_dir)
     lock = hold_data_dir(data_dir)
     if lock is None:
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .dispatch.aimd import AimdSettings
 from .dispatch.node_budget import BudgetSettings
+from .executors.function_users import FunctionUsers
 from .queue_routes import RouteSettings
 from .settings import Settings
 
@@ -21,6 +22,7 @@ def settings_problem() -> str | None:
         AimdSettings()
         BudgetSettings()
         RouteSettings()
+        FunctionUsers()
     except ValueError as err:
         return str(err)
     return None

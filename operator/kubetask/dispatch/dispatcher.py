@@ -28,6 +28,7 @@ from ..executors import (
     CommandExecutor,
     Execution,
     Executor,
+    FunctionUsers,
     Invocation,
     JobExecutor,
     Outcome,
@@ -141,7 +142,8 @@ class Dispatcher:
         # Processes here, or on Kubernetes pods: a Job per attempt of a `command` function (whose
         # pods take nothing of this node's process budget), a `server` function's warm pods.
         self.jobs = plane.settings.executor == "kubernetes"
-        self.command: Executor = JobExecutor() if self.jobs else CommandExecutor()
+        self.users = FunctionUsers()
+        self.command: Executor = JobExecutor() if self.jobs else CommandExecutor(self.users)
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
         self.consumers = idle_consumers.Consumers(plane.js, plane.settings)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
@@ -155,7 +157,9 @@ class Dispatcher:
         )
         self.budget = NodeBudget(weight=self.fairness.weight)
         self.server: Executor = (
-            WarmPodExecutor() if self.jobs else ServerExecutor(self.budget.settings.instances)
+            WarmPodExecutor()
+            if self.jobs
+            else ServerExecutor(self.budget.settings.instances, self.users)
         )
         self._closing = False
         self._background: list[asyncio.Task[None]] = []
@@ -163,6 +167,8 @@ class Dispatcher:
         self.leases: Leases | None = None
 
     async def start(self) -> None:
+        if not self.jobs:
+            self.users.announce()
         kv = await self.plane.js.key_value(names.LEASES_BUCKET)
         registry = self.plane.registry
         self.leases = Leases(

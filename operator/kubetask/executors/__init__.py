@@ -2,6 +2,7 @@
 
 from .base import Execution, Executor, Invocation, Outcome, Placement
 from .command import CommandExecutor
+from .function_users import FunctionUsers
 from .kubernetes_jobs import JobExecutor
 from .server import ServerExecutor
 from .warm_pods import WarmPodExecutor
@@ -10,6 +11,7 @@ __all__ = [
     "CommandExecutor",
     "Execution",
     "Executor",
+    "FunctionUsers",
     "Invocation",
     "JobExecutor",
     "Outcome",

@@ -21,6 +21,7 @@ from .base import (
     encode_payload,
     env_for,
 )
+from .function_users import FunctionUsers
 from .parent_death import spawn_argv
 from .spawn import Child, spawn
 
@@ -119,11 +120,15 @@ class CommandExecution:
 
 
 class CommandExecutor:
+    def __init__(self, users: FunctionUsers) -> None:
+        self.users = users
+
     async def start(self, inv: Invocation) -> Execution:
         spec = inv.function.spec
         assert spec.command is not None
         env = env_for(inv, base_environment())
-        argv, preexec = spawn_argv(spec.command, env, spec.workingDir)
+        user = self.users.user_for(inv.function)
+        argv, preexec = spawn_argv(spec.command, env, spec.workingDir, user)
         proc = await spawn(argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False)
         return CommandExecution(inv, proc)
 

@@ -32,6 +32,7 @@ from .base import (
     encode_payload,
     env_for,
 )
+from .function_users import FunctionUsers
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
 from .parent_death import spawn_argv
@@ -79,10 +80,15 @@ class InstancePool:
     instance)."""
 
     def __init__(
-        self, fn: TaskFunction, budget: InstanceBudget, pools: Iterable[InstancePool]
+        self,
+        fn: TaskFunction,
+        budget: InstanceBudget,
+        pools: Iterable[InstancePool],
+        user: int | None,
     ) -> None:
         self.fn = fn
         self.budget = budget
+        self.user = user
         self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
@@ -159,7 +165,7 @@ class InstancePool:
             env.pop(key, None)
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
-        argv, preexec = spawn_argv(self.spec.command, env, cwd)
+        argv, preexec = spawn_argv(self.spec.command, env, cwd, self.user)
         proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
@@ -373,8 +379,9 @@ def _runtime(fn: TaskFunction) -> tuple[Any, ...]:
 
 
 class ServerExecutor:
-    def __init__(self, max_instances: int) -> None:
+    def __init__(self, max_instances: int, users: FunctionUsers) -> None:
         self._pools: dict[tuple[str, str], InstancePool] = {}
+        self.users = users
         self.budget = InstanceBudget(max_instances)
         self._reaper: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -388,14 +395,15 @@ class ServerExecutor:
     def pool_for(self, fn: TaskFunction) -> InstancePool:
         key = (fn.account, fn.name)
         pool = self._pools.get(key)
-        if pool is not None and _runtime(pool.fn) == _runtime(fn):
+        user = self.users.user_for(fn)
+        if pool is not None and _runtime(pool.fn) == _runtime(fn) and pool.user == user:
             pool.fn = fn  # queue mode, limits, timeout: the instances themselves are the same
         else:
             if pool is not None:
                 retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            pool = self._pools[key] = InstancePool(fn, self.budget, self._pools.values())
+            pool = self._pools[key] = InstancePool(fn, self.budget, self._pools.values(), user)
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
         return pool

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp
 
-from .. import actions, grammar, logs, names, quarantine, queues, task_events
+from .. import actions, grammar, logs, names, quarantine, queues, registrant, task_events
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..cancellation import cancel_and_wait
 from ..dispatch.destinations import config_problem
@@ -464,6 +464,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         name: NamePath, fn: TaskFunction, who: Who, account: AccountParam = None
     ) -> Response:
         check_object(who, account, name, fn.metadata)
+        registrant.mark(fn, who.admin)
         await plane().mover.register(plane().registry, fn)
         return _json(await function_status(plane().registry.with_route(fn)))
 

@@ -1,0 +1,125 @@
+"""Which operating-system user a function's processes run as on a local node.
+
+With `KUBETASK_FUNCTION_USERS=accounts` (the platform run as root), a function runs with
+the rights of whoever registered it. An admin's functions run as the platform's own user, as
+Celery's tasks run as its worker's: an admin can do anything the platform can anyway. A
+tenant's functions run as a user of their account's own, with no supplementary groups, no way
+to gain privileges (no_new_privs: setuid programs such as `sudo` give nothing) and a umask of
+077, so they cannot read the data directory (the admin token in `client.json`, every tenant's
+payloads in the JetStream store), signal the platform's processes, or read or signal another
+account's.
+
+The default, `platform`, runs every function as the platform's user, as before: a tenant's
+function can then read what the platform can. It stays the default because a user of its own
+cannot run what lives where only the platform's user may look (an interpreter under a 0700
+home directory, a script in a private temporary directory), and a platform not run as root
+cannot switch users at all. The dispatcher says which it is in its log when it starts.
+
+An account's user id is a hash of its name into [2**24, 2**31): stable across restarts and
+dispatchers without any state to share, above the ranges distributions and user namespaces
+hand out, and below 2**31 where some tools print ids as negative. Two accounts may share one
+by chance (1 in 2.1 billion for a pair; 2.3% that any two of 10,000 accounts do): the price of
+having nothing to allocate, written down in docs/security.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..models import TaskFunction
+from ..registrant import ADMIN, registered_by
+from ..settings import env_choice
+
+log = logging.getLogger(__name__)
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_PR_SET_NO_NEW_PRIVS = 38
+
+FIRST_UID = 1 << 24
+UID_SPAN = (1 << 31) - FIRST_UID
+
+MODES = ("platform", "accounts")
+
+
+def account_uid(account: str) -> int:
+    digest = hashlib.sha256(account.encode()).digest()
+    return FIRST_UID + int.from_bytes(digest[:8], "big") % UID_SPAN
+
+
+@dataclass(frozen=True)
+class FunctionUsers:
+    mode: str = field(default_factory=lambda: env_choice("KUBETASK_FUNCTION_USERS", MODES))
+
+    def __post_init__(self) -> None:
+        if self.mode == "accounts" and os.geteuid() != 0:
+            raise ValueError(
+                "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
+                "accounts' users; run the platform as root, or say platform"
+            )
+
+    def user_for(self, fn: TaskFunction) -> int | None:
+        """The user id to run `fn`'s processes as; None for the platform's own."""
+        if self.mode == "platform" or registered_by(fn) == ADMIN:
+            return None
+        return account_uid(fn.account)
+
+    def announce(self) -> None:
+        if self.mode == "accounts":
+            log.info("tenants' functions run as their accounts' users; admins' as this one")
+        else:
+            log.warning(
+                "every function runs as this process's user: a tenant's function can read "
+                "what the platform can (KUBETASK_FUNCTION_USERS=accounts, as root, gives each "
+                "account a user of its own; docs/security.md)"
+            )
+
+
+def setpriv_options(uid: int) -> list[str]:
+    return [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
+
+
+def become(uid: int) -> None:
+    """The same as `setpriv_options`, from a `preexec_fn` (where there is no setpriv)."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    os.umask(0o077)
+    _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def may_run(path: str, uid: int) -> bool:
+    """Whether `uid` (whose group id is the same and who has no other groups) may execute
+    `path`: search permission on every directory above it, execute permission on it. Asked
+    here because the kernel answers only for the asking process's user, and a function that
+    cannot start should say why rather than exit 126 from the guard."""
+    given = os.path.abspath(path)
+    real = os.path.realpath(given)
+    dirs = {*Path(given).parents, *Path(real).parents}
+    try:
+        return all(_allowed(os.stat(d), uid, 0o1) for d in dirs) and _allowed(
+            os.stat(real), uid, 0o1
+        )
+    except OSError:
+        return False
+
+
+def _allowed(st: os.stat_result, uid: int, bit: int) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid == uid:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def refused(program: str, uid: int) -> PermissionError:
+    return PermissionError(
+        errno.EACCES,
+        f"Permission denied to uid {uid}, the user this account's functions run as "
+        "(docs/security.md)",
+        program,
+    )

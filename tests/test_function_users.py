@@ -1,0 +1,188 @@
+"""A tenant's function run by `kubetask dev` as root with KUBETASK_FUNCTION_USERS=accounts: it
+runs as its account's own user and cannot reach the platform's files and processes, nor
+another account's; an admin's function runs as the platform. Each probe is a real function run
+by a real dispatcher; what it may do is asked of the kernel, from inside it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from kubetask.embedded import free_port, wait_for_port
+from kubetask.executors.function_users import account_uid
+
+KUBETASK = [sys.executable, "-m", "kubetask"]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root can switch users")
+
+# What the function may do, each answered yes or no by trying it.
+PROBE = r"""
+can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
+umask > "$SHARED/$KUBETASK_ACCOUNT-umask"
+echo secret > "$SHARED/$KUBETASK_ACCOUNT-file"
+printf '{"uid": %s, "groups": "%s", "nnp": "%s", "umask": "%s",' \
+  "$(id -u)" "$(id -G)" "$(grep NoNewPrivs /proc/self/status | tr -dc 0-9)" \
+  "$(cat "$SHARED/$KUBETASK_ACCOUNT-umask")"
+printf '"clientJson": "%s", "index": "%s", "logs": "%s", "store": "%s",' \
+  "$(can cat "$DATA/client.json")" "$(can ls "$DATA/index")" "$(can ls "$DATA/logs")" \
+  "$(can ls "$DATA/jetstream")"
+printf '"signal": "%s", "environ": "%s", "neighbour": "%s"}' \
+  "$(can kill -0 "$PLATFORM_PID")" "$(can head -c 1 "/proc/$PLATFORM_PID/environ")" \
+  "$(can cat "$SHARED/$NEIGHBOUR-file")"
+"""
+
+
+@dataclass
+class Dev:
+    url: str
+    data: Path
+    shared: Path
+    admin: str
+    pid: int
+
+    def token(self, account: str) -> str:
+        out = subprocess.run(
+            [*KUBETASK, "tokens", "create", "--file", str(self.data / "tokens.json"),
+             "--account", account],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        return out.stdout.strip().split()[-1]
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any user may enter, so only kubetask's own modes keep a function out of its
+    data directory (a pytest tmp_path is 0700, which would keep it out anyway)."""
+    root = Path(tempfile.mkdtemp(prefix="kt-users-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dev(open_dir: Path) -> Iterator[Dev]:
+    data = open_dir / "data"
+    shared = open_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    port = free_port()
+    env = dict(os.environ, KUBETASK_FUNCTION_USERS="accounts")
+    log = open(open_dir / "dev.log", "ab")
+    proc = subprocess.Popen(
+        [*KUBETASK, "dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        cfg = data / "client.json"
+        deadline = time.monotonic() + 60
+        while not (cfg.exists() and "url" in cfg.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                open_dir / "dev.log"
+            ).read_text()
+            time.sleep(0.1)
+        wait_for_port(port, proc=proc)
+        admin = json.loads(cfg.read_text())["adminToken"]
+        yield Dev(f"http://127.0.0.1:{port}", data, shared, admin, proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def _run(
+    dev: Dev, token: str, account: str, spec: dict[str, Any], forged: bool = False
+) -> dict[str, Any]:
+    """Register `spec` as function `probe` with `token` and run one task of it to the end."""
+    meta: dict[str, Any] = {"name": "probe"}
+    if forged:
+        meta["annotations"] = {"kubetask.io/registered-by": "admin"}
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        q = {"account": account}
+        deadline = time.monotonic() + 10
+        while True:  # the gateway reads a new token within a second
+            r = await http.put(
+                "/v1/functions/probe", params=q, json={"metadata": meta, "spec": spec}
+            )
+            if r.status_code != 401 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert r.status_code == 200, r.text
+        fn = r.json()
+        r = await http.post("/v1/tasks", params=q, json={"function": "probe", "payload": {}})
+        assert r.status_code == 202, r.text
+        task_id = r.json()["metadata"]["name"]
+        deadline = time.monotonic() + 60
+        while True:
+            task = (await http.get(f"/v1/tasks/{task_id}", params=q)).json()
+            if task["status"]["phase"] in ("Succeeded", "Failed"):
+                return {"function": fn, "task": task}
+            assert time.monotonic() < deadline, task
+            await asyncio.sleep(0.1)
+
+
+def _probe(dev: Dev, neighbour: str) -> dict[str, Any]:
+    env = {"DATA": str(dev.data), "SHARED": str(dev.shared), "NEIGHBOUR": neighbour}
+    env["PLATFORM_PID"] = str(dev.pid)
+    return {
+        "command": ["sh", "-c", PROBE],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+    }
+
+
+async def test_a_tenants_function_runs_as_its_account_and_reaches_nothing_else(dev: Dev) -> None:
+    a = await _run(dev, dev.token("team-a"), "team-a", _probe(dev, "team-b"), forged=True)
+    b = await _run(dev, dev.token("team-b"), "team-b", _probe(dev, "team-a"))
+    # The forged mark is replaced by the gateway's own.
+    assert a["function"]["metadata"]["annotations"]["kubetask.io/registered-by"] == "account"
+    for account, run in (("team-a", a), ("team-b", b)):
+        assert run["task"]["status"]["phase"] == "Succeeded", run["task"]["status"]
+        seen = run["task"]["status"]["result"]
+        assert seen["uid"] == account_uid(account) and seen["groups"] == str(seen["uid"])
+        assert seen["nnp"] == "1" and seen["umask"] == "0077"
+        denied = ("clientJson", "index", "logs", "store", "signal", "environ")
+        assert {k: seen[k] for k in denied} == dict.fromkeys(denied, "no"), seen
+    assert a["task"]["status"]["result"]["uid"] != b["task"]["status"]["result"]["uid"]
+    # b ran after a had written its file, and could not read it.
+    assert b["task"]["status"]["result"]["neighbour"] == "no"
+    mode = (dev.shared / "team-a-file").stat()
+    assert mode.st_uid == account_uid("team-a") and stat.S_IMODE(mode.st_mode) == 0o600
+
+
+async def test_an_admins_function_runs_as_the_platform(dev: Dev) -> None:
+    """The same probe registered by an admin reads what the platform can: the probe can see
+    access where there is some."""
+    run = await _run(dev, dev.admin, "default", _probe(dev, "nobody"))
+    assert run["function"]["metadata"]["annotations"]["kubetask.io/registered-by"] == "admin"
+    seen = run["task"]["status"]["result"]
+    assert seen["uid"] == os.geteuid()
+    assert (seen["clientJson"], seen["index"], seen["signal"], seen["environ"]) == ("yes",) * 4
+
+
+async def test_a_program_the_accounts_user_may_not_run_fails_saying_so(
+    dev: Dev, tmp_path: Path
+) -> None:
+    script = tmp_path / "private.sh"  # under pytest's 0700 directory
+    script.write_text("#!/bin/sh\necho '{}'\n")
+    script.chmod(0o755)
+    run = await _run(dev, dev.token("team-d"), "team-d", {"command": [str(script)]})
+    status = run["task"]["status"]
+    assert status["phase"] == "Failed"
+    assert f"Permission denied to uid {account_uid('team-d')}" in status["error"], status
