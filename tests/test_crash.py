@@ -504,15 +504,19 @@ async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab
         assert {t["metadata"]["name"] for t in items} == {f"q-{i}" for i in range(20)}
 
 
-def test_an_attempt_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("user", [None, 16777216 + 4242], ids=["as-itself", "as-another-user"])
+def test_an_attempt_dies_with_the_process_that_started_it(tmp_path: Path, user: int | None) -> None:
     """The dispatcher's way (`spawn_argv`): a process that started a command is killed with
-    SIGKILL, and the command goes with it."""
+    SIGKILL, and the command goes with it, also when it runs as another user (the kernel
+    disarms the death signal when a process changes users: setpriv must arm it after)."""
+    if user is not None and os.geteuid() != 0:
+        pytest.skip("only root can switch users")
     script = textwrap.dedent(
-        """
+        f"""
         import os, subprocess, sys
         from kubetask.executors.parent_death import spawn_argv
-        env = {"PATH": os.environ["PATH"]}
-        argv, preexec = spawn_argv(["sleep", "60"], env, None)
+        env = {{"PATH": os.environ["PATH"]}}
+        argv, preexec = spawn_argv(["sleep", "60"], env, None, {user})
         assert preexec is None, "setpriv is part of util-linux: expected here"
         child = subprocess.Popen(argv, env=env, start_new_session=True)
         print(child.pid, flush=True)
@@ -526,9 +530,25 @@ def test_an_attempt_dies_with_the_process_that_started_it(tmp_path: Path) -> Non
     child = int(parent.stdout.readline())
     time.sleep(0.3)
     assert _alive(child) and b"sleep" in Path(f"/proc/{child}/cmdline").read_bytes()
+    uid = user if user is not None else os.geteuid()
+    assert f"\nUid:\t{uid}\t" in Path(f"/proc/{child}/status").read_text()
     parent.kill()
     parent.wait()
     _gone_soon(child)
+
+
+def test_without_setpriv_the_fallback_becomes_the_user_too() -> None:
+    """`die_with_parent(user)`, for a machine without util-linux's setpriv."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can switch users")
+    from kubetask.executors.parent_death import die_with_parent
+
+    user = 16777216 + 4243
+    out = subprocess.run(
+        ["sh", "-c", "id -u; id -G; umask; grep NoNewPrivs /proc/self/status"],
+        preexec_fn=die_with_parent(user), capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert out.stdout.split() == [str(user), str(user), "0077", "NoNewPrivs:", "1"], out
 
 
 def test_a_guarded_command_whose_parent_is_gone_never_runs(tmp_path: Path) -> None:

@@ -74,6 +74,7 @@ def open_dir() -> Iterator[Path]:
 @pytest.fixture
 def dev(open_dir: Path) -> Iterator[Dev]:
     data = open_dir / "data"
+    data.mkdir(mode=0o755)  # as a directory a user chose, and shares, would be
     shared = open_dir / "shared"
     shared.mkdir()
     shared.chmod(0o1777)
