@@ -89,7 +89,8 @@ def become(uid: int) -> None:
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     os.umask(0o077)
-    _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 def may_run(path: str, uid: int) -> bool:
@@ -99,21 +100,20 @@ def may_run(path: str, uid: int) -> bool:
     cannot start should say why rather than exit 126 from the guard."""
     given = os.path.abspath(path)
     real = os.path.realpath(given)
-    dirs = {*Path(given).parents, *Path(real).parents}
+    dirs = {str(d) for d in (*Path(given).parents, *Path(real).parents)}
     try:
-        return all(_allowed(os.stat(d), uid, 0o1) for d in dirs) and _allowed(
-            os.stat(real), uid, 0o1
-        )
+        return all(_executable(os.stat(p), uid) for p in (*dirs, real))
     except OSError:
         return False
 
 
-def _allowed(st: os.stat_result, uid: int, bit: int) -> bool:
+def _executable(st: os.stat_result, uid: int) -> bool:
+    """Execute (search, for a directory) permission as the owner, the group or others."""
     if st.st_uid == uid:
-        return bool(st.st_mode & (bit << 6))
+        return bool(st.st_mode & 0o100)
     if st.st_gid == uid:
-        return bool(st.st_mode & (bit << 3))
-    return bool(st.st_mode & bit)
+        return bool(st.st_mode & 0o010)
+    return bool(st.st_mode & 0o001)
 
 
 def refused(program: str, uid: int) -> PermissionError:

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     PRIMARY KEY (account, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_phase ON tasks (account, phase, id);
-CREATE INDEX IF NOT EXISTS tasks_by_function ON tasks (account, function, id);
+DROP INDEX IF EXISTS tasks_by_function;
+CREATE INDEX IF NOT EXISTS tasks_by_function_phase ON tasks (account, function, phase, id);
 CREATE INDEX IF NOT EXISTS tasks_by_start ON tasks (account, started);
 CREATE INDEX IF NOT EXISTS tasks_by_write ON tasks (written, account, id);
 CREATE INDEX IF NOT EXISTS tasks_to_repair ON tasks (phase)
@@ -160,6 +161,31 @@ class Query:
             conds.append("started < ?")
             args.append(_micros(self.started_before))
         return conds, args
+
+
+def _by_column_index(
+    q: Query, matching: str, params: list[object], want: int
+) -> tuple[str, list[object]]:
+    """A page filtered by function or phase, read through the index of (function,) phase and
+    id: one walk in id order for each phase asked (every phase, for a function alone), merged.
+    Left to itself SQLite walked the whole table in id order instead (it has no statistics to
+    say a filter is selective), reading every row's record on the way; measured offline at a
+    million records, a page of: one function of 100, 2.35 → 0.75 ms; waiting tasks (Pending
+    or Queued) when none were, 927 → 0.02 ms; one function's failures, 859 ms."""
+    index = "tasks_by_function_phase" if q.function is not None else "tasks_by_phase"
+    phases = sorted(p.value for p in (q.phases if q.phases is not None else TaskPhase))
+    if len(phases) == 1:
+        sql = f"INDEXED BY {index} WHERE {matching} AND phase = ? ORDER BY id LIMIT ?"
+        return sql, [*params, phases[0], want]
+    walks, args = [], []
+    for phase in phases:
+        walks.append(
+            f"SELECT * FROM (SELECT id FROM tasks INDEXED BY {index}"
+            f" WHERE {matching} AND phase = ? ORDER BY id LIMIT ?)"
+        )
+        args += [*params, phase, want]
+    ids = " UNION ALL ".join(walks)
+    return f"WHERE account = ? AND id IN ({ids}) ORDER BY id LIMIT ?", [params[0], *args, want]
 
 
 def _stamp(value: str | None) -> datetime | None:
@@ -329,19 +355,20 @@ class TaskIndex:
                 where.append("id > ?")
                 params.append(cursor[1])
             matching = " AND ".join(where)
+            want = limit + 1 - len(found)
             if self._narrow(account, q):  # the page's ids from the range's index, then rows
                 ids = (
                     "SELECT id FROM tasks INDEXED BY tasks_by_start"
                     f" WHERE {matching} ORDER BY id LIMIT ?"
                 )
                 sql = f"WHERE account = ? AND id IN ({ids}) ORDER BY id"
-                params.insert(0, account)
+                params = [account, *params, want]
+            elif not q.id_prefix and (q.function is not None or q.phases is not None):
+                sql, params = _by_column_index(q, matching, params, want)
             else:
                 sql = f"WHERE {matching} ORDER BY id LIMIT ?"
-            rows = self.db.execute(
-                f"SELECT account, id, record, revision FROM tasks {sql}",
-                (*params, limit + 1 - len(found)),
-            )
+                params.append(want)
+            rows = self.db.execute(f"SELECT account, id, record, revision FROM tasks {sql}", params)
             found += (Found(*row) for row in rows)
             if len(found) > limit:
                 last = found[limit - 1]
