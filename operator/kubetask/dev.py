@@ -30,6 +30,7 @@ from . import nats_auth, private_files
 from .auth import create_token
 from .client import Client
 from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
+from .executors.function_users import FunctionUsers
 from .executors.parent_death import die_with_parent
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
@@ -278,6 +279,7 @@ def run(
             " token shows its own",
             flush=True,
         )
+        print(f"  users:   {FunctionUsers().describe()}", flush=True)
         print("  The CLI in this directory picks these up; Ctrl-C stops everything.", flush=True)
     except Exception as err:
         print(f"kubetask dev failed to start: {err}", file=sys.stderr, flush=True)

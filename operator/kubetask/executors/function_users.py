@@ -68,15 +68,19 @@ class FunctionUsers:
             return None
         return account_uid(fn.account)
 
-    def announce(self) -> None:
+    def describe(self) -> str:
         if self.mode == "accounts":
-            log.info("tenants' functions run as their accounts' users; admins' as this one")
-        else:
-            log.warning(
-                "every function runs as this process's user: a tenant's function can read "
-                "what the platform can (KUBETASK_FUNCTION_USERS=accounts, as root, gives each "
-                "account a user of its own; docs/security.md)"
-            )
+            return "a tenant's functions run as their account's own user, an admin's as this one"
+        who = "root" if os.geteuid() == 0 else "this platform's user"
+        return (
+            f"every function runs as {who}, and can read what the platform can "
+            "(KUBETASK_FUNCTION_USERS=accounts, as root, gives each account a user of its "
+            "own: docs/security.md)"
+        )
+
+    def announce(self) -> None:
+        """Said once by each dispatcher at start."""
+        log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
 
 
 def setpriv_options(uid: int) -> list[str]:
