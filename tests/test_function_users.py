@@ -25,6 +25,7 @@ from kubetask.embedded import free_port, wait_for_port
 from kubetask.executors.function_users import account_uid
 
 KUBETASK = [sys.executable, "-m", "kubetask"]
+MAX_PROCESSES = 40
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root can switch users")
 
 # What the function may do, each answered yes or no by trying it.
@@ -79,7 +80,11 @@ def dev(open_dir: Path) -> Iterator[Dev]:
     shared.mkdir()
     shared.chmod(0o1777)
     port = free_port()
-    env = dict(os.environ, KUBETASK_FUNCTION_USERS="accounts")
+    env = dict(
+        os.environ,
+        KUBETASK_FUNCTION_USERS="accounts",
+        KUBETASK_ACCOUNT_MAX_PROCESSES=str(MAX_PROCESSES),
+    )
     log = open(open_dir / "dev.log", "ab")
     proc = subprocess.Popen(
         [*KUBETASK, "dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0"],
@@ -187,3 +192,27 @@ async def test_a_program_the_accounts_user_may_not_run_fails_saying_so(
     status = run["task"]["status"]
     assert status["phase"] == "Failed"
     assert f"Permission denied to uid {account_uid('team-d')}" in status["error"], status
+
+
+# Starts 100 sleeps, then counts its account user's processes (itself included) with builtins
+# only: at the cap, it could not start a `grep`.
+FORK_BOMB = r"""
+me=$(id -u)
+for i in $(seq 1 100); do sleep 30 & done 2>/dev/null
+mine=0
+for f in /proc/[0-9]*/status; do
+  while IFS= read -r line; do
+    case "$line" in Uid:*) set -- $line; [ "$2" = "$me" ] && mine=$((mine + 1)); break;; esac
+  done < "$f"
+done 2>/dev/null
+printf '{"processes": %s}' "$mine"
+"""
+
+
+async def test_an_accounts_processes_are_capped(dev: Dev) -> None:
+    """A fork bomb in one account stops at the account's cap (KUBETASK_ACCOUNT_MAX_PROCESSES),
+    counted over all of that account's processes; the platform's user has none."""
+    run = await _run(dev, dev.token("team-e"), "team-e", {"command": ["sh", "-c", FORK_BOMB]})
+    status = run["task"]["status"]
+    assert status["phase"] == "Succeeded", status
+    assert MAX_PROCESSES - 5 <= status["result"]["processes"] <= MAX_PROCESSES, status

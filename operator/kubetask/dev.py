@@ -122,12 +122,15 @@ def metrics_token_file(data_dir: Path) -> Path:
 def keep_private(data_dir: Path) -> None:
     """The data directory's parts readable by the platform's user only: they hold every
     account's tasks (the store, the index) and output (the logs), and secrets. The directory
-    itself may be one the user chose and shares, so its own mode is left as it is."""
+    itself may be one the user chose and shares, so its own mode is left as it is. A part that
+    is not a directory is left for the component that needs it to say so."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for part in ("logs", "index", "jetstream", "secrets"):
         path = data_dir / part
-        path.mkdir(mode=0o700, exist_ok=True)
-        path.chmod(0o700)
+        if not path.exists():
+            path.mkdir(mode=0o700)
+        if path.is_dir():
+            path.chmod(0o700)
 
 
 def hold_data_dir(data_dir: Path) -> TextIO | None:
