@@ -514,9 +514,11 @@ def test_an_attempt_dies_with_the_process_that_started_it(tmp_path: Path, user: 
     script = textwrap.dedent(
         f"""
         import os, subprocess, sys
+        from kubetask.executors.function_users import RunAs
         from kubetask.executors.parent_death import spawn_argv
         env = {{"PATH": os.environ["PATH"]}}
-        argv, preexec = spawn_argv(["sleep", "60"], env, None, {user})
+        user = {user}
+        argv, preexec = spawn_argv(["sleep", "60"], env, None, user and RunAs(user, 64))
         assert preexec is None, "setpriv is part of util-linux: expected here"
         child = subprocess.Popen(argv, env=env, start_new_session=True)
         print(child.pid, flush=True)
@@ -541,14 +543,15 @@ def test_without_setpriv_the_fallback_becomes_the_user_too() -> None:
     """`die_with_parent(user)`, for a machine without util-linux's setpriv."""
     if os.geteuid() != 0:
         pytest.skip("only root can switch users")
+    from kubetask.executors.function_users import RunAs
     from kubetask.executors.parent_death import die_with_parent
 
     user = 16777216 + 4243
     out = subprocess.run(
-        ["sh", "-c", "id -u; id -G; umask; grep NoNewPrivs /proc/self/status"],
-        preexec_fn=die_with_parent(user), capture_output=True, text=True, timeout=10,
+        ["sh", "-c", "id -u; id -G; umask; grep NoNewPrivs /proc/self/status; { ulimit -u || ulimit -p; } 2>/dev/null"],
+        preexec_fn=die_with_parent(RunAs(user, 64)), capture_output=True, text=True, timeout=10,
     )  # fmt: skip
-    assert out.stdout.split() == [str(user), str(user), "0077", "NoNewPrivs:", "1"], out
+    assert out.stdout.split() == [str(user), str(user), "0077", "NoNewPrivs:", "1", "64"], out
 
 
 def test_a_guarded_command_whose_parent_is_gone_never_runs(tmp_path: Path) -> None:

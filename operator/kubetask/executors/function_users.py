@@ -29,12 +29,13 @@ import errno
 import hashlib
 import logging
 import os
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models import TaskFunction
 from ..registrant import ADMIN, registered_by
-from ..settings import env_choice
+from ..settings import env_choice, env_int
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -52,8 +53,42 @@ def account_uid(account: str) -> int:
 
 
 @dataclass(frozen=True)
+class RunAs:
+    """An account's user, and the most processes (threads included) it may have at once: the
+    kernel counts them per user (RLIMIT_NPROC), so the cap covers every function of the
+    account, and a fork bomb in one stops there instead of taking the machine's process table.
+    Root is exempt from the count, which is why only an account's own user can be capped."""
+
+    uid: int
+    max_processes: int
+
+    def setpriv_options(self) -> list[str]:
+        uid = self.uid
+        return [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
+
+    def shell_prelude(self) -> str:
+        """Run first by the guard's shell, as the account's user: `ulimit -u` is bash's flag
+        for processes, `-p` dash's; a shell that takes neither starts nothing."""
+        n = self.max_processes
+        return f"umask 077; {{ ulimit -u {n} || ulimit -p {n}; }} 2>/dev/null || exit 125; "
+
+    def become(self) -> None:
+        """The same, from a `preexec_fn` (where there is no setpriv)."""
+        resource.setrlimit(resource.RLIMIT_NPROC, (self.max_processes, self.max_processes))
+        os.setgroups([])
+        os.setresgid(self.uid, self.uid, self.uid)
+        os.setresuid(self.uid, self.uid, self.uid)
+        os.umask(0o077)
+        if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+@dataclass(frozen=True)
 class FunctionUsers:
     mode: str = field(default_factory=lambda: env_choice("KUBETASK_FUNCTION_USERS", MODES))
+    max_processes: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_PROCESSES", 4096, low=1)
+    )
 
     def __post_init__(self) -> None:
         if self.mode == "accounts" and os.geteuid() != 0:
@@ -62,11 +97,11 @@ class FunctionUsers:
                 "accounts' users; run the platform as root, or say platform"
             )
 
-    def user_for(self, fn: TaskFunction) -> int | None:
-        """The user id to run `fn`'s processes as; None for the platform's own."""
+    def user_for(self, fn: TaskFunction) -> RunAs | None:
+        """The user to run `fn`'s processes as; None for the platform's own."""
         if self.mode == "platform" or registered_by(fn) == ADMIN:
             return None
-        return account_uid(fn.account)
+        return RunAs(account_uid(fn.account), self.max_processes)
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -81,20 +116,6 @@ class FunctionUsers:
     def announce(self) -> None:
         """Said once by each dispatcher at start."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
-
-
-def setpriv_options(uid: int) -> list[str]:
-    return [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
-
-
-def become(uid: int) -> None:
-    """The same as `setpriv_options`, from a `preexec_fn` (where there is no setpriv)."""
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    os.umask(0o077)
-    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 def may_run(path: str, uid: int) -> bool:

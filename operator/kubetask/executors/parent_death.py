@@ -34,7 +34,7 @@ _SH = shutil.which("sh")
 _GUARD = '[ "$PPID" = "$0" ] || kill -KILL $$; exec "$@"'
 
 
-def die_with_parent(user: int | None = None) -> Callable[[], None]:
+def die_with_parent(user: function_users.RunAs | None = None) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
     forked it is already gone; with `user`, first becomes that user (the kernel disarms the
     signal when the user changes)."""
@@ -42,7 +42,7 @@ def die_with_parent(user: int | None = None) -> Callable[[], None]:
 
     def arm() -> None:
         if user is not None:
-            function_users.become(user)
+            user.become()
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -51,10 +51,13 @@ def die_with_parent(user: int | None = None) -> Callable[[], None]:
 
 
 def spawn_argv(
-    command: Sequence[str], env: dict[str, str], cwd: str | None, user: int | None = None
+    command: Sequence[str],
+    env: dict[str, str],
+    cwd: str | None,
+    user: function_users.RunAs | None = None,
 ) -> tuple[list[str], Callable[[], None] | None]:
     """What to pass to `spawn` for `command`: (argv, preexec_fn); with `user`, the command
-    runs as that user id (`function_users.py`).
+    runs as that user (`function_users.py`).
 
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
@@ -62,29 +65,31 @@ def spawn_argv(
     if _SETPRIV is None or _SH is None:
         return list(command), die_with_parent(user)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
-    become = [] if user is None else function_users.setpriv_options(user)
-    guard = _GUARD if user is None else f"umask 077; {_GUARD}"
+    become = [] if user is None else user.setpriv_options()
+    guard = _GUARD if user is None else user.shell_prelude() + _GUARD
     argv = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", guard, str(os.getpid())]
     return [*argv, *command], None
 
 
-def _check_runnable(program: str, path: str, cwd: str | None, user: int | None) -> None:
+def _check_runnable(
+    program: str, path: str, cwd: str | None, user: function_users.RunAs | None
+) -> None:
     def runnable(full: str) -> bool:
         if user is None:
             return os.access(full, os.X_OK)
-        return function_users.may_run(full, user)
+        return function_users.may_run(full, user.uid)
 
     if "/" not in program:
         if shutil.which(program, path=path) is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
         places = (os.path.join(d, program) for d in path.split(os.pathsep) if d)
         if user is not None and not any(os.path.isfile(p) and runnable(p) for p in places):
-            raise function_users.refused(program, user)
+            raise function_users.refused(program, user.uid)
         return
     full = os.path.join(cwd or os.getcwd(), program)
     if not os.path.isfile(full):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
     if not runnable(full):
         if user is not None:
-            raise function_users.refused(program, user)
+            raise function_users.refused(program, user.uid)
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)

@@ -32,7 +32,7 @@ from .base import (
     encode_payload,
     env_for,
 )
-from .function_users import FunctionUsers
+from .function_users import FunctionUsers, RunAs
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
 from .parent_death import spawn_argv
@@ -84,7 +84,7 @@ class InstancePool:
         fn: TaskFunction,
         budget: InstanceBudget,
         pools: Iterable[InstancePool],
-        user: int | None,
+        user: RunAs | None,
     ) -> None:
         self.fn = fn
         self.budget = budget
