@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
-from kubetask.executors.function_users import account_uid
+from kubetask.executors.function_users import account_uid, may_run
 
 KUBETASK = [sys.executable, "-m", "kubetask"]
 MAX_PROCESSES = 40
@@ -217,3 +217,46 @@ async def test_an_accounts_processes_are_capped(dev: Dev) -> None:
     status = run["task"]["status"]
     assert status["phase"] == "Succeeded", status.get("error")
     assert MAX_PROCESSES - 5 <= status["result"]["processes"] <= MAX_PROCESSES, status
+
+
+# A warm instance that answers each invocation with the user it runs as.
+WHOAMI_SERVER = """
+import json, os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, body):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._reply(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._reply(json.dumps({"uid": os.getuid()}).encode())
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"""
+
+
+async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None:
+    python = next(
+        (p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, account_uid("team-g"))),
+        None,
+    )
+    assert python is not None, "no Python the account's user may run on this machine"
+    script = dev.shared / "whoami_server.py"
+    script.write_text(WHOAMI_SERVER)
+    script.chmod(0o644)
+    spec = {"server": {"command": [python, str(script)], "concurrency": 2}}
+    run = await _run(dev, dev.token("team-g"), "team-g", spec)
+    assert run["task"]["status"]["result"] == {"uid": account_uid("team-g")}, run["task"]
+    # Registered again by an admin, the function's instances are the platform's.
+    run = await _run(dev, dev.admin, "team-g", spec)
+    assert run["task"]["status"]["result"] == {"uid": os.geteuid()}, run["task"]
