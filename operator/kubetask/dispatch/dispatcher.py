@@ -40,6 +40,7 @@ from ..fairness import DISPATCH_LEAST_PER_ACCOUNT, Fairness
 from ..logs import LogWriter
 from ..models import ExecutorRef, TaskFunction, TaskPhase
 from ..plane import DataPlane
+from ..registrant import registered_by
 from ..states import TERMINAL, WAITING, IllegalTransition
 from ..store import (
     Mutation,
@@ -113,6 +114,12 @@ class Slot:
 
 # A worker consumes one queue of one function: (account, function, stream).
 WorkerKey = tuple[str, str, str]
+
+
+def _runs_differently(old: TaskFunction, new: TaskFunction) -> bool:
+    """What its attempts are started from: the spec, and whose rights they run with (an admin
+    registering a tenant's function again changes only that)."""
+    return old.spec != new.spec or registered_by(old) != registered_by(new)
 
 
 @dataclass
@@ -207,7 +214,7 @@ class Dispatcher:
         streams = self._streams.setdefault((account, name), set())
         for stream in list(streams):
             worker = self.workers[(account, name, stream)]
-            if fn is None or stream not in wanted or worker.fn.spec != fn.spec:
+            if fn is None or stream not in wanted or _runs_differently(worker.fn, fn):
                 if worker.task is not None:
                     worker.task.cancel()
                 del self.workers[(account, name, stream)]
