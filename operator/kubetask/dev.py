@@ -119,7 +119,7 @@ def metrics_token_file(data_dir: Path) -> Path:
     return path
 
 
-def keep_private(data_dir: Path) -> None:
+def restrict_data_dir(data_dir: Path) -> None:
     """The data directory's parts readable by the platform's user only: they hold every
     account's tasks (the store, the index) and output (the logs), and secrets. The directory
     itself may be one the user chose and shares, so its own mode is left as it is. A part that
@@ -181,7 +181,7 @@ def run(
                 flush=True,
             )
             return 2
-    keep_private(data_dir)
+    restrict_data_dir(data_dir)
     lock = hold_data_dir(data_dir)
     if lock is None:
         return 2
