@@ -71,6 +71,12 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
     assert gone.stdout.strip() == "cli-1: deleted"
     missing = await kt(api, gateway_url, "get", "cli-1", check=False)
     assert "HTTP 404" in missing.stderr
+    # An id no route can hold was answered with a bare "Not Found".
+    for command in ("get", "logs", "delete"):
+        for odd in ("../x", "a/b", ""):
+            out = await kt(api, gateway_url, command, odd, check=False)
+            assert out.returncode == 1 and "HTTP 404: no such path" in out.stderr, out.stderr
+            assert "never holds a '/'" in out.stderr, out.stderr
 
 
 async def test_describe_shows_every_attempt_and_the_last_log_lines(

@@ -178,6 +178,8 @@ ACCOUNT_QUERY = {
 async def _render(request: Request, err: Exception) -> Response:
     if isinstance(err, HTTPException) and err.status_code == 405:
         err.headers = {"Allow": ", ".join(sorted(_methods(request)))}
+    if isinstance(err, HTTPException) and err.status_code == 404 and err.detail == "Not Found":
+        err.detail = errors.no_such_path(request.url.path)
     response = errors.render(err)
     if response is None:
         log.error("unhandled error", exc_info=err)

@@ -77,6 +77,16 @@ def framework_error(err: HTTPException) -> JSONResponse:
     return response
 
 
+def no_such_path(path: str) -> str:
+    """Said for a path no route has, most often an id with a `/` in it (`kubetask get ../x`):
+    Starlette's bare "Not Found" read as if a task of that name were missing."""
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    return (
+        f"no such path {shown!r} (a name or task id is never empty and never holds a '/'); "
+        "the API is described at /openapi.json"
+    )
+
+
 def unauthenticated(err: Unauthenticated) -> JSONResponse:
     return api_error(ApiError(401, str(err)))
 
