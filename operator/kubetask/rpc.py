@@ -40,6 +40,7 @@ class Requester:
         self._pending: dict[str, tuple[asyncio.Future[Msg], float]] = {}
         self._batches: dict[str, list[Msg]] = {}  # replies of a batch get, before its end
         self._sweeper: asyncio.Task[None] | None = None
+        self._waiting = asyncio.Event()  # set while a request waits: an idle sweeper sleeps
 
     async def start(self) -> None:
         self._prefix = self.nc.new_inbox() + "."
@@ -62,6 +63,8 @@ class Requester:
         reply = self._prefix + str(self._count)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
+        if not self._pending:
+            self._waiting.set()
         self._pending[reply] = (future, loop.time() + self.timeout)
         if batch is not None:
             self._batches[reply] = batch
@@ -84,6 +87,11 @@ class Requester:
     async def _expire_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if not self._pending:
+                # Ticking twice a second while nothing waited was a good part of what an idle
+                # gateway or dispatcher cost (bench/idle.py).
+                self._waiting.clear()
+                await self._waiting.wait()
             await asyncio.sleep(min(self.timeout / 4, 0.5))
             now = loop.time()
             # Cut off from NATS, nothing pending will be answered: fail it now, not at its
