@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 from aiohttp import web
 from kubetask.embedded import free_port
 from kubetask.gateway.app import create_app
-from kubetask.gateway.server import config
+from kubetask.gateway.server import Server, config
 from kubetask.settings import Settings
 
 PY = sys.executable
@@ -232,7 +231,7 @@ async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
     """A gateway of its own, for a test that needs other settings than the session's."""
     port = free_port()
     app = create_app(settings, tokens_file)
-    server = uvicorn.Server(config(app, "127.0.0.1", port, settings, lifespan="on"))
+    server = Server(config(app, "127.0.0.1", port, settings, lifespan="on"))
     serving = asyncio.create_task(server.serve())
     try:
         while not server.started:

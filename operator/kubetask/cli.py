@@ -395,19 +395,17 @@ def _settings_or_exit() -> None:
 
 def cmd_gateway(args: argparse.Namespace) -> None:
     _settings_or_exit()
-    import uvicorn
-
     from .runtime import keep_private
 
     keep_private()
     from .gateway.app import create_app
-    from .gateway.server import config
+    from .gateway.server import Server, config
     from .settings import Settings
 
     _log_to_stderr()
     settings = Settings()
     app = create_app(settings, Path(args.tokens))
-    uvicorn.Server(config(app, args.host, args.port, settings)).run()
+    Server(config(app, args.host, args.port, settings)).run()
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:
