@@ -159,5 +159,9 @@ def serve(port: int, host: str, token: str | None) -> WSGIServer:
         return [exposition(None, admin, names)]
 
     server = make_server(host, port, app, _Server, _Quiet)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    # The poll interval only bounds how long `shutdown()` waits, and nothing calls it (the
+    # thread dies with the process); the default half second woke an idle dispatcher twice a
+    # second for nothing.
+    forever = functools.partial(server.serve_forever, poll_interval=3600)
+    threading.Thread(target=forever, name="metrics", daemon=True).start()
     return server
