@@ -188,9 +188,10 @@ async def _render(request: Request, err: Exception) -> Response:
 
 
 async def keep_poison_forever(plane: DataPlane, indexer: Indexer) -> None:
-    """Quarantine what the index could not read, shortly after it met it."""
+    """Quarantine what the index could not read, once it has met it."""
     while True:
-        await asyncio.sleep(0.5)
+        await indexer.poison_found.wait()
+        indexer.poison_found.clear()
         while indexer.index.poisoned:
             await quarantine.keep(plane.js, indexer.index.poisoned.pop(0))
 

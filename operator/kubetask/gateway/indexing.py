@@ -56,6 +56,7 @@ class Indexer:
         self.target = 0
         self._loading: asyncio.Task[None] | None = None
         self.turns = QueryTurns()
+        self.poison_found = asyncio.Event()  # a record the index could not read awaits quarantine
 
     @property
     def index(self) -> TaskIndex:
@@ -119,6 +120,8 @@ class Indexer:
     async def _settle(self, commit_at: int | None) -> None:
         changes, self._changes = self._changes, []
         await self.run(self._apply, changes, commit_at)
+        if self.index.poisoned:
+            self.poison_found.set()
 
     def _apply(self, changes: list[tuple[str, bytes | None, int]], commit_at: int | None) -> None:
         for key, value, revision in changes:
