@@ -26,7 +26,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def component_pids(dev_pid: int) -> dict[str, list[int]]:
-    """The processes of one `kubetask dev` by component (nats-server, gateway, dispatcher)."""
+    """The processes `kubetask dev` started, by component (nats-server, gateway, dispatcher);
+    the supervisor itself is `dev_pid`."""
     found: dict[str, list[int]] = {"nats-server": [], "gateway": [], "dispatcher": []}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -95,7 +96,7 @@ async def main(args: argparse.Namespace) -> None:
                 flush=True,
             )
             await asyncio.sleep(args.settle)
-            pids = component_pids(dev.pid)
+            pids = {"supervisor": [dev.pid], **component_pids(dev.pid)}
             before = {n: sum(cpu_seconds(p) for p in ps) for n, ps in pids.items()}
             await asyncio.sleep(args.seconds)
             after = {n: sum(cpu_seconds(p) for p in ps) for n, ps in pids.items()}
