@@ -1,4 +1,6 @@
-"""The task index's mirror reads the bucket lazily, in batches, and ends up equal to it."""
+"""The task index's mirror reads the bucket lazily, in batches, and ends up equal to it; the
+small buckets' mirrors follow every change, and find their way back when their consumer is
+lost."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections.abc import AsyncIterator
 from kubetask.jetstream import connect
 from kubetask.rpc import Requester
 from kubetask.settings import Settings
-from kubetask.watch import LazyMirror
+from kubetask.watch import BucketMirror, LazyMirror
 from nats.js.api import ConsumerInfo, KeyValueConfig
 from nats.js.client import JetStreamContext
 
@@ -105,4 +107,57 @@ async def test_lazy_mirror_ends_when_the_last_messages_are_gone_before_it_reads_
         await mirror.stop()
         await js.delete_key_value("mirrorttl")
         await rpc.close()
+        await nc.close()
+
+
+async def test_a_followed_bucket_loads_whole_follows_changes_and_survives_losing_its_consumer(
+    settings: Settings,
+) -> None:
+    """The start-up load is larger than nats-server sends without a flow-control answer (it
+    stalls unless each is answered); then writes and deletes arrive as they happen; a consumer
+    deleted behind the mirror's back (as a nats-server restart loses it) is replaced once its
+    heartbeats stop, reading on from the last revision applied, nothing skipped or applied
+    twice."""
+    nc = await connect(settings, "mirror-test")
+    js = nc.jetstream()
+    kv = await js.create_key_value(KeyValueConfig(bucket="followtest", history=1))
+    seen: dict[str, bytes] = {}
+    applied: list[str] = []
+
+    def apply(key: str, value: bytes | None, _revision: int) -> None:
+        applied.append(key)
+        if value is None:
+            seen.pop(key, None)
+        else:
+            seen[key] = value
+
+    big = b"x" * 60_000
+    mirror = BucketMirror(kv, apply, heartbeat=0.5)
+    try:
+        await asyncio.gather(*(kv.put(f"acct.k{i}", big) for i in range(1_200)))  # 72 MB
+        await kv.put("acct.k0", b"latest")
+        await asyncio.wait_for(mirror.start(), 60)
+        assert len(seen) == 1_200 and seen["acct.k0"] == b"latest"
+        assert len(applied) == 1_200, "each key once: its latest value"
+
+        applied.clear()
+        await kv.put("acct.k1", b"v2")
+        await kv.delete("acct.k2")
+        await mirror.caught_up()
+        assert applied == ["acct.k1", "acct.k2"] and "acct.k2" not in seen
+
+        applied.clear()
+        await js.delete_consumer("KV_followtest", mirror._consumer)
+        await kv.put("acct.k3", b"while-lost")
+        await kv.put("acct.new", b"new")
+        await mirror.caught_up(timeout=10)
+        assert applied == ["acct.k3", "acct.new"], applied
+        assert seen["acct.k3"] == b"while-lost" and seen["acct.new"] == b"new"
+
+        await mirror.stop()
+        names = [c.name async for c in _consumers(js, "KV_followtest")]
+        assert names == [], "a stopped mirror leaves no consumer behind"
+    finally:
+        await mirror.stop()
+        await js.delete_key_value("followtest")
         await nc.close()

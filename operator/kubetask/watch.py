@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple, cast
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.api import Header
+from nats.js.kv import KeyValue
 
 from .cancellation import cancel_and_wait
+from .jetstream import Connection
 from .rpc import STATUS, Requester
 from .store import kv_deleted
 
@@ -30,41 +34,151 @@ FETCH_EXPIRES = 1.0
 APPLY_CHUNK = 256
 # An abandoned mirror's consumer (its gateway killed) goes away after this long unused.
 CONSUMER_IDLE = 300.0
+# How often nats-server tells a following mirror that nothing changed; two missed mean its
+# consumer is gone.
+HEARTBEAT = 5.0
+LAST_CONSUMER = Header.LAST_CONSUMER.value
+
+log = logging.getLogger("kubetask.watch")
 
 # (key, value or None when deleted, revision)
 Apply = Callable[[str, bytes | None, int], None]
 
 
 class BucketMirror:
-    def __init__(self, kv: KeyValue, apply: Apply) -> None:
+    """Follow a small bucket's every change through an ordered push consumer of its own.
+
+    nats-py's watcher keeps a task per watch that looks for a flow-control answer to send four
+    times a second, forever: with three buckets in a gateway and four in a dispatcher, most of
+    what an idle component cost (bench/idle.py). Here messages are applied in the connection's
+    read loop (`subscribe_direct`), so when a flow-control request arrives everything before it
+    has been applied, and it is answered at once. A gap in the consumer's sequence, a heartbeat
+    that says messages were missed, or heartbeats that stop (nats-server restarted, the
+    consumer lost) start a new consumer after the last revision applied."""
+
+    def __init__(self, kv: KeyValue, apply: Apply, heartbeat: float = HEARTBEAT) -> None:
         self.kv = kv
         self._apply = apply
-        self._task: asyncio.Task[None] | None = None
+        self.heartbeat = heartbeat
         self.last_revision = 0
         self._advanced = asyncio.Event()
+        self._inbox: Subscription | None = None
+        self._deliver = ""
+        self._consumer = ""
+        self._delivered = 0  # the consumer's sequence of the last message applied
+        self._heard = 0.0  # loop time of the last message or heartbeat
+        self._loaded: asyncio.Future[None] | None = None
+        self._restart = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._answers: set[asyncio.Task[None]] = set()
+
+    @property
+    def _nc(self) -> Connection:
+        return cast(Connection, self.kv._js._nc)  # every component connects through one
+
+    @property
+    def _stream(self) -> str:
+        return str(self.kv._stream)
+
+    @property
+    def _prefix(self) -> str:
+        return str(self.kv._pre)
 
     async def start(self) -> None:
         """Return once every value present at start-up has been applied."""
-        watcher = await self.kv.watchall()
-        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._loaded = loop.create_future()
+        self._deliver = self._nc.new_inbox()
+        self._inbox = await self._nc.subscribe_direct(self._deliver, self._on_message)
+        await self._follow()
+        self._nc.on_reconnect.add(self._restart.set)  # nats-server may have lost the consumer
+        self._task = asyncio.create_task(self._keep_following(), name=f"mirror-{self._stream}")
+        await self._loaded
 
-        async def run() -> None:
-            async for entry in watcher:
-                if entry is None:
-                    if not loaded.done():
-                        loaded.set_result(None)
-                    continue
-                deleted = entry.operation in (KV_DEL, KV_PURGE)
-                self._apply(entry.key, None if deleted else entry.value, entry.revision or 0)
-                self.last_revision = max(self.last_revision, entry.revision or 0)
-                self._advanced.set()
-                self._advanced = asyncio.Event()
-                if not loaded.done() and entry.delta == 0:
-                    loaded.set_result(None)
+    async def _follow(self) -> None:
+        """A new consumer: every key's latest value at first, then what came after the last
+        revision applied."""
+        old, self._consumer = self._consumer, f"kt_watch_{secrets.token_hex(8)}"
+        self._delivered = 0
+        self._heard = asyncio.get_running_loop().time()
+        config: dict[str, object] = {
+            "name": self._consumer,
+            "deliver_subject": self._deliver,
+            "filter_subject": f"{self._prefix}>",
+            "ack_policy": "none",
+            "flow_control": True,
+            "idle_heartbeat": int(self.heartbeat * 1e9),
+            "mem_storage": True,
+            "num_replicas": 1,
+            "inactive_threshold": int(CONSUMER_IDLE * 1e9),
+        }
+        if self.last_revision:
+            config.update(deliver_policy="by_start_sequence", opt_start_seq=self.last_revision + 1)
+        else:
+            config["deliver_policy"] = "last_per_subject"
+        created = await self._nc.request(
+            f"$JS.API.CONSUMER.CREATE.{self._stream}.{self._consumer}",
+            json.dumps({"stream_name": self._stream, "config": config}).encode(),
+            timeout=10,
+        )
+        info = json.loads(created.data)
+        if "error" in info:
+            raise RuntimeError(f"watching {self._stream}: {info['error']}")
+        if info.get("num_pending", 0) == 0:
+            self._mark_loaded()
+        if old:
+            await self._delete(old)
 
-        self._task = asyncio.create_task(run(), name=f"mirror-{self.kv._name}")
-        self._watcher = watcher
-        await loaded
+    def _on_message(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        if STATUS in headers:
+            self._heard = asyncio.get_running_loop().time()
+            if msg.reply:  # a flow-control request: everything before it is applied
+                answer = asyncio.create_task(self._nc.publish(msg.reply, b""))
+                self._answers.add(answer)
+                answer.add_done_callback(self._answers.discard)
+            elif headers.get(LAST_CONSUMER, str(self._delivered)) != str(self._delivered):
+                self._restart.set()  # a heartbeat of a consumer that sent more than we saw
+            return
+        consumer, stream_seq, consumer_seq, pending = delivery(msg.reply)
+        if consumer != self._consumer:
+            return  # a consumer given up on delivered it
+        if consumer_seq != self._delivered + 1:
+            self._restart.set()  # one was lost on the way: read on anew from the last applied
+            return
+        self._delivered = consumer_seq
+        self._heard = asyncio.get_running_loop().time()
+        if stream_seq > self.last_revision:
+            value = None if kv_deleted(headers) else msg.data
+            self._apply(msg.subject[len(self._prefix) :], value, stream_seq)
+            self.last_revision = stream_seq
+            self._advanced.set()
+            self._advanced = asyncio.Event()
+        if pending == 0:
+            self._mark_loaded()
+
+    def _mark_loaded(self) -> None:
+        if self._loaded is not None and not self._loaded.done():
+            self._loaded.set_result(None)
+
+    async def _keep_following(self) -> None:
+        """A new consumer when messages were lost, or when nothing, not even a heartbeat, came
+        for two heartbeats' time."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._restart.wait(), 2 * self.heartbeat)
+            if not self._restart.is_set() and loop.time() - self._heard < 2 * self.heartbeat:
+                continue
+            self._restart.clear()
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # NATS away: try again after the next wait
+                log.warning("following %s again failed: %s", self._stream, err)
+                self._restart.set()
+                await asyncio.sleep(1)
 
     async def caught_up(self, timeout: float = 5.0) -> None:
         """Wait until every write acknowledged before this call is mirrored (read-your-writes)."""
@@ -79,20 +193,37 @@ class BucketMirror:
                 await asyncio.wait_for(self._advanced.wait(), remaining)
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._watcher.stop()  # type: ignore[no-untyped-call]
+        self._nc.on_reconnect.discard(self._restart.set)
         await cancel_and_wait(self._task)
+        if self._inbox is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.unsubscribe_direct(self._inbox)
+        if self._consumer:
+            await self._delete(self._consumer)
+
+    async def _delete(self, consumer: str) -> None:
+        """Best effort: one left behind goes away after CONSUMER_IDLE."""
+        with contextlib.suppress(Exception):
+            await self._nc.request(
+                f"$JS.API.CONSUMER.DELETE.{self._stream}.{consumer}", b"", timeout=2
+            )
 
 
-def ack_subject(reply: str) -> tuple[int, int]:
-    """(stream sequence, messages pending) of a message a consumer delivered, from its ack
-    subject: `$JS.ACK.<stream>.<consumer>.<delivered>.<seq>.<cseq>.<time>.<pending>`, or with a
-    domain and an account hash after `ACK` (and maybe a token at the end). Cheaper than
-    nats-py's `Msg.metadata`, which builds three objects per message."""
+class Delivery(NamedTuple):
+    consumer: str
+    stream_seq: int
+    consumer_seq: int
+    pending: int
+
+
+def delivery(reply: str) -> Delivery:
+    """What a consumer's message says of itself in its ack subject:
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<seq>.<cseq>.<time>.<pending>`, or with a domain
+    and an account hash after `ACK` (and maybe a token at the end). Cheaper than nats-py's
+    `Msg.metadata`, which builds three objects per message."""
     tokens = reply.split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    return int(tokens[7]), int(tokens[10])
+    at = 3 if len(tokens) == 9 else 5
+    return Delivery(tokens[at], int(tokens[at + 2]), int(tokens[at + 3]), int(tokens[at + 5]))
 
 
 class ConsumerLost(Exception):
@@ -213,7 +344,7 @@ class LazyMirror:
         if status is not None and status not in ("404", "408"):  # 404 ran out, 408 found none
             self._consumer = None  # gone (503: nobody answers), deleted (409): read on anew
             raise ConsumerLost(status)
-        pending = ack_subject(msgs[-1].reply)[1] if msgs else 0
+        pending = delivery(msgs[-1].reply).pending if msgs else 0
         return msgs, pending, status is not None
 
     def _on_message(self, msg: Msg) -> None:
@@ -250,7 +381,7 @@ class LazyMirror:
         return name
 
     def _apply_stored(self, msg: Msg) -> None:
-        revision = ack_subject(msg.reply)[0]
+        revision = delivery(msg.reply).stream_seq
         if revision <= self.last_revision:
             return  # delivered again after a new consumer started where the last one was
         value = None if kv_deleted(msg.headers or {}) else msg.data
