@@ -159,9 +159,9 @@ def serve(port: int, host: str, token: str | None) -> WSGIServer:
         return [exposition(None, admin, names)]
 
     server = make_server(host, port, app, _Server, _Quiet)
-    # The poll interval only bounds how long `shutdown()` waits, and nothing calls it (the
-    # thread dies with the process); the default half second woke an idle dispatcher twice a
-    # second for nothing.
-    forever = functools.partial(server.serve_forever, poll_interval=3600)
+    # The poll interval only bounds how long `shutdown()` waits (a dispatcher never calls it:
+    # the thread dies with the process; tests do); the default half second woke an idle
+    # dispatcher twice a second for nothing.
+    forever = functools.partial(server.serve_forever, poll_interval=5)
     threading.Thread(target=forever, name="metrics", daemon=True).start()
     return server
