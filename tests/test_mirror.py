@@ -15,6 +15,21 @@ from nats.js.api import ConsumerInfo, KeyValueConfig
 from nats.js.client import JetStreamContext
 
 
+class Mirrored:
+    """What a mirror applied: each key's value now, and the keys in the order applied."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, bytes] = {}
+        self.applied: list[str] = []
+
+    def apply(self, key: str, value: bytes | None, _revision: int) -> None:
+        self.applied.append(key)
+        if value is None:
+            self.seen.pop(key, None)
+        else:
+            self.seen[key] = value
+
+
 async def _consumers(js: JetStreamContext, stream: str) -> AsyncIterator[ConsumerInfo]:
     for info in await js.consumers_info(stream):
         yield info
@@ -28,15 +43,8 @@ async def test_lazy_mirror_applies_latest_values_and_deletions_across_batches(
     kv = await js.create_key_value(KeyValueConfig(bucket="mirrortest", history=1, direct=True))
     rpc = Requester(nc, timeout=5)
     await rpc.start()
-    seen: dict[str, bytes] = {}
-    applied: list[str] = []
-
-    def apply(key: str, value: bytes | None, _revision: int) -> None:
-        applied.append(key)
-        if value is None:
-            seen.pop(key, None)
-        else:
-            seen[key] = value
+    mirrored = Mirrored()
+    seen, applied, apply = mirrored.seen, mirrored.applied, mirrored.apply
 
     try:
         for i in range(7):
@@ -121,15 +129,8 @@ async def test_a_followed_bucket_loads_whole_follows_changes_and_survives_losing
     nc = await connect(settings, "mirror-test")
     js = nc.jetstream()
     kv = await js.create_key_value(KeyValueConfig(bucket="followtest", history=1))
-    seen: dict[str, bytes] = {}
-    applied: list[str] = []
-
-    def apply(key: str, value: bytes | None, _revision: int) -> None:
-        applied.append(key)
-        if value is None:
-            seen.pop(key, None)
-        else:
-            seen[key] = value
+    mirrored = Mirrored()
+    seen, applied, apply = mirrored.seen, mirrored.applied, mirrored.apply
 
     big = b"x" * 60_000
     mirror = BucketMirror(kv, apply, heartbeat=0.5)
