@@ -260,3 +260,34 @@ async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None
     # Registered again by an admin, the function's instances are the platform's.
     run = await _run(dev, dev.admin, "team-g", spec)
     assert run["task"]["status"]["result"] == {"uid": os.geteuid()}, run["task"]
+
+
+async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the_switch(
+    dev: Dev,
+) -> None:
+    """`setpriv` runs as root until it switches users, and its loader read the function's
+    environment: a tenant's `LD_PRELOAD` of a library it wrote ran as root. Every process whose
+    loader reads `LD_DEBUG_OUTPUT` writes a file there as its user: only the account's may
+    appear. The function still has its variables, values intact."""
+    out = dev.shared / "ld"
+    odd = 'a "quoted" $HOME `x` value\\'
+    spec = {
+        "command": [
+            "sh",
+            "-c",
+            'printf \'{"out": "%s", "odd": "%s"}\' "$LD_DEBUG_OUTPUT" "${#ODD}"',
+        ],
+        "env": [
+            {"name": "LD_DEBUG", "value": "files"},
+            {"name": "LD_DEBUG_OUTPUT", "value": str(out)},
+            {"name": "ODD", "value": odd},
+            {"name": "PPID", "value": "1"},
+        ],
+    }
+    run = await _run(dev, dev.token("team-h"), "team-h", spec)
+    status = run["task"]["status"]
+    written = {p.name: p.stat().st_uid for p in dev.shared.glob("ld.*")}
+    assert written, "the function's own loader wrote nothing: LD_DEBUG_OUTPUT did not reach it"
+    assert set(written.values()) == {account_uid("team-h")}, written
+    assert status["phase"] == "Succeeded", status.get("error")
+    assert status["result"] == {"out": str(out), "odd": str(len(odd))}

@@ -20,8 +20,8 @@ def open_fds() -> int:
 
 
 async def run(command: list[str], payload: bytes) -> tuple[int, bytes, bytes]:
-    argv, preexec = spawn_argv(command, ENV, None)
-    child = await spawn(argv, ENV, None, preexec, stdin=True, stderr_to_stdout=False)
+    argv, preexec, env = spawn_argv(command, ENV, None)
+    child = await spawn(argv, env, None, preexec, stdin=True, stderr_to_stdout=False)
     assert child.stderr is not None
     _, out, err = await asyncio.gather(
         child.feed(payload), child.stdout.read(), child.stderr.read()
@@ -44,8 +44,8 @@ async def test_exit_codes_signals_and_a_child_that_reads_nothing() -> None:
     assert code == 3 and out == b"partial\n"
     code, _, _ = await run(["sh", "-c", "kill -TERM $$"], b"")
     assert code == -15
-    argv, preexec = spawn_argv(["sh", "-c", "echo both 1>&2; echo out"], ENV, None)
-    child = await spawn(argv, ENV, None, preexec, stdin=False, stderr_to_stdout=True)
+    argv, preexec, env = spawn_argv(["sh", "-c", "echo both 1>&2; echo out"], ENV, None)
+    child = await spawn(argv, env, None, preexec, stdin=False, stderr_to_stdout=True)
     assert child.stderr is None and child.returncode is None
     assert sorted((await child.stdout.read()).split()) == [b"both", b"out"]
     assert await child.wait() == 0 and child.returncode == 0

@@ -128,7 +128,7 @@ class CommandExecutor:
         assert spec.command is not None
         env = env_for(inv, base_environment())
         user = self.users.user_for(inv.function)
-        argv, preexec = spawn_argv(spec.command, env, spec.workingDir, user)
+        argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user)
         proc = await spawn(argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False)
         return CommandExecution(inv, proc)
 

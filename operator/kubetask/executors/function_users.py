@@ -45,6 +45,8 @@ FIRST_UID = 1 << 24
 UID_SPAN = (1 << 31) - FIRST_UID
 
 MODES = ("platform", "accounts")
+# What a variable of a tenant's function is called while it crosses from root to its user.
+HELD = "KT_HELD_"
 
 
 def account_uid(account: str) -> int:
@@ -65,6 +67,23 @@ class RunAs:
     def setpriv_options(self) -> list[str]:
         uid = self.uid
         return [f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
+
+    def hand_over(self, env: dict[str, str]) -> tuple[dict[str, str], str]:
+        """The environment to start `setpriv` with, and the shell that gives the function its
+        own back once it runs as this user.
+
+        `setpriv` runs as root until it switches users, and is an ordinary program: its loader
+        honours `LD_PRELOAD`, `LD_LIBRARY_PATH`, `LD_DEBUG_OUTPUT`, `GLIBC_TUNABLES`..., and
+        its locale `LOCPATH`, `GCONV_PATH`... A tenant sets its function's environment, so a
+        tenant's `LD_PRELOAD` of a library it wrote in /tmp ran as root (seen: the loader wrote
+        `LD_DEBUG_OUTPUT`'s file as root). Rather than list what a loader or a locale might
+        read, every variable crosses the switch under a name nothing reads (`KT_HELD_<name>`),
+        and the shell, as the account's user, exports it under its own name, by reference to the
+        held one: the script holds names, which the grammar keeps to identifiers, never values
+        (they would show in the process list)."""
+        held = {HELD + name: value for name, value in env.items()}
+        restore = "".join(f'export {name}="${HELD}{name}"; unset {HELD}{name}; ' for name in env)
+        return held, restore
 
     def shell_prelude(self) -> str:
         """Run first by the guard's shell, as the account's user: `ulimit -u` is bash's flag

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from . import function_users
 
@@ -31,7 +32,16 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _SETPRIV = shutil.which("setpriv")
 _SH = shutil.which("sh")
 # Run by `sh -c` with the expected parent's pid as $0 and the command as "$@".
-_GUARD = '[ "$PPID" = "$0" ] || kill -KILL $$; exec "$@"'
+_CHECK = '[ "$PPID" = "$0" ] || kill -KILL $$; '
+_EXEC = 'exec "$@"'
+
+
+class Launch(NamedTuple):
+    """What to pass to `spawn`."""
+
+    argv: list[str]
+    preexec: Callable[[], None] | None
+    env: dict[str, str]
 
 
 def die_with_parent(user: function_users.RunAs | None = None) -> Callable[[], None]:
@@ -55,20 +65,27 @@ def spawn_argv(
     env: dict[str, str],
     cwd: str | None,
     user: function_users.RunAs | None = None,
-) -> tuple[list[str], Callable[[], None] | None]:
-    """What to pass to `spawn` for `command`: (argv, preexec_fn); with `user`, the command
-    runs as that user (`function_users.py`).
+) -> Launch:
+    """What to pass to `spawn` for `command` with `env`; with `user`, the command runs as that
+    user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`).
 
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
     exit code of the guard."""
     if _SETPRIV is None or _SH is None:
-        return list(command), die_with_parent(user)
+        # The user is switched in the forked child before the exec that applies `env`.
+        return Launch(list(command), die_with_parent(user), env)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
-    become = [] if user is None else user.setpriv_options()
-    guard = _GUARD if user is None else user.shell_prelude() + _GUARD
-    argv = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", guard, str(os.getpid())]
-    return [*argv, *command], None
+    parent = str(os.getpid())
+    if user is None:
+        guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", _CHECK + _EXEC, parent]
+        return Launch([*guard, *command], None, env)
+    held, restore = user.hand_over(env)
+    # Restored after the parent check: a variable named PPID must not answer it.
+    script = user.shell_prelude() + _CHECK + restore + _EXEC
+    become = user.setpriv_options()
+    guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
+    return Launch([*guard, *command], None, held)
 
 
 def _check_runnable(

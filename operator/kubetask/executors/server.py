@@ -165,7 +165,7 @@ class InstancePool:
             env.pop(key, None)
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
-        argv, preexec = spawn_argv(self.spec.command, env, cwd, self.user)
+        argv, preexec, env = spawn_argv(self.spec.command, env, cwd, self.user)
         proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
