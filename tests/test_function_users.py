@@ -192,6 +192,19 @@ async def test_a_program_the_accounts_user_may_not_run_fails_saying_so(
     status = run["task"]["status"]
     assert status["phase"] == "Failed"
     assert f"Permission denied to uid {account_uid('team-d')}" in status["error"], status
+    # Looked up as root, a missing file beside it answered "No such file": whether a path
+    # exists where the account's user cannot look was one error message away.
+    errors = []
+    for spec in (
+        {"command": [str(tmp_path / "missing.sh")]},
+        {"command": ["private.sh"], "env": [{"name": "PATH", "value": str(tmp_path)}]},
+        {"command": ["missing.sh"], "env": [{"name": "PATH", "value": str(tmp_path)}]},
+    ):
+        run = await _run(dev, dev.token("team-d"), "team-d", spec)
+        assert run["task"]["status"]["phase"] == "Failed"
+        errors.append(run["task"]["status"]["error"].replace("missing", "private"))
+    assert errors[0] == status["error"], errors
+    assert errors[1] == errors[2], errors
 
 
 # A shell starts 100 sleeps (it exits at the first fork refused; they stay), then this one counts

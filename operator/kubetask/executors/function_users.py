@@ -151,6 +151,16 @@ def may_run(path: str, uid: int) -> bool:
         return False
 
 
+def may_search(directory: str, uid: int) -> bool:
+    """Whether `uid` may reach into `directory`: search permission on it and every directory
+    above it. What is below one it may not search is neither there nor missing to it."""
+    given = Path(os.path.abspath(directory))
+    try:
+        return all(_executable(os.stat(p), uid) for p in (given, *given.parents))
+    except OSError:
+        return False
+
+
 def _executable(st: os.stat_result, uid: int) -> bool:
     """Execute (search, for a directory) permission as the owner, the group or others."""
     if st.st_uid == uid:

@@ -96,6 +96,16 @@ def _check_runnable(
             return os.access(full, os.X_OK)
         return function_users.may_run(full, user.uid)
 
+    if user is not None:
+        # Looked up as root, a path the account's user cannot reach into would answer whether
+        # something exists there: such a place is neither searched nor reported.
+        path = os.pathsep.join(
+            d for d in path.split(os.pathsep) if d and function_users.may_search(d, user.uid)
+        )
+        if "/" in program:
+            where = os.path.dirname(os.path.join(cwd or os.getcwd(), program))
+            if not function_users.may_search(where, user.uid):
+                raise function_users.refused(program, user.uid)
     if "/" not in program:
         if shutil.which(program, path=path) is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
