@@ -182,7 +182,7 @@ class BucketMirror:
 
     async def caught_up(self, timeout: float = 5.0) -> None:
         """Wait until every write acknowledged before this call is mirrored (read-your-writes)."""
-        info = await self.kv._js.stream_info(self.kv._stream)
+        info = await self.kv._js.stream_info(self._stream)
         target = info.state.last_seq
         deadline = asyncio.get_running_loop().time() + timeout
         while self.last_revision < target:

@@ -79,8 +79,9 @@ class RunAs:
         `LD_DEBUG_OUTPUT`'s file as root). Rather than list what a loader or a locale might
         read, every variable crosses the switch under a name nothing reads (`KT_HELD_<name>`),
         and the shell, as the account's user, exports it under its own name, by reference to the
-        held one: the script holds names, which the grammar keeps to identifiers, never values
-        (they would show in the process list)."""
+        held one: the script holds names, never values (they would show in the process list).
+        The names are identifiers: the grammar's for a function's own variables, a fixed list
+        for those the platform passes on (`base.base_environment`)."""
         held = {HELD + name: value for name, value in env.items()}
         restore = "".join(f'export {name}="${HELD}{name}"; unset {HELD}{name}; ' for name in env)
         return held, restore
@@ -144,9 +145,10 @@ def may_run(path: str, uid: int) -> bool:
     cannot start should say why rather than exit 126 from the guard."""
     given = os.path.abspath(path)
     real = os.path.realpath(given)
-    dirs = {str(d) for d in (*Path(given).parents, *Path(real).parents)}
+    if not (may_search(os.path.dirname(given), uid) and may_search(os.path.dirname(real), uid)):
+        return False
     try:
-        return all(_executable(os.stat(p), uid) for p in (*dirs, real))
+        return _executable(os.stat(real), uid)
     except OSError:
         return False
 
