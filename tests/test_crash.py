@@ -426,6 +426,24 @@ async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> N
     assert first.wait(10) == 0
 
 
+async def test_nats_server_gets_the_go_runtimes_variables_and_nothing_else(lab: Lab) -> None:
+    """GOGC and GOMEMLIMIT are how an operator trades nats-server's memory for its CPU (a
+    million records' heap, collected less often); it was started with PATH alone. What else
+    the shell holds (a token, a password) still stays out of its environment."""
+    data = lab.root / "data"
+    env = dict(os.environ, GOGC="150", GOMEMLIMIT="3GiB", KUBETASK_CANARY="not-for-nats")
+    args = ["dev", "--data-dir", str(data), "--nats-port", "0", "--port", str(free_port())]
+    dev = lab.spawn(*args, env=env, log="dev.log")
+    await _client_config(lab, dev, data, "dev.log")
+    [nats_pid] = pids_running(str(data / "jetstream").encode())
+    environ = await asyncio.to_thread(Path(f"/proc/{nats_pid}/environ").read_bytes)
+    seen = dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry)
+    assert seen.get(b"GOGC") == b"150" and seen.get(b"GOMEMLIMIT") == b"3GiB", seen
+    assert set(seen) <= {b"PATH", b"GOGC", b"GOMEMLIMIT", b"GOMAXPROCS", b"GODEBUG"}, seen
+    dev.send_signal(signal.SIGINT)
+    assert dev.wait(10) == 0
+
+
 def test_a_setting_out_of_range_or_unparsable_is_named_before_anything_starts(
     tmp_path: Path,
 ) -> None:

@@ -31,7 +31,7 @@ import yaml
 from . import nats_auth, private_files
 from .auth import create_token
 from .client import Client
-from .embedded import free_port, nats_argv, port_in_use, wait_for_port, wait_until_ready
+from .embedded import free_port, nats_argv, nats_env, port_in_use, wait_for_port, wait_until_ready
 from .executors.function_users import FunctionUsers
 from .executors.parent_death import die_with_parent
 
@@ -197,7 +197,7 @@ def run(
     nats = Child(
         "nats-server",
         nats_argv(data_dir / "jetstream", nats_port, nats_config),
-        {"PATH": os.environ.get("PATH", "")},
+        nats_env(),
         data_dir / "logs" / "nats.log",
     )
     nats.start()

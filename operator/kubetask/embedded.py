@@ -97,6 +97,19 @@ def nats_argv(store_dir: Path, port: int, config: Path | None = None) -> list[st
     return [*argv, "-c", str(config)] if config is not None else argv
 
 
+# The Go runtime's own knobs, for an operator who trades nats-server's memory for its CPU (a
+# heap of many records is collected less often with a larger GOGC) or wants its GC traced.
+GO_RUNTIME_VARIABLES = ("GOGC", "GOMEMLIMIT", "GOMAXPROCS", "GODEBUG")
+
+
+def nats_env() -> dict[str, str]:
+    """nats-server gets PATH and the Go runtime's variables, nothing else of the caller's
+    environment (in which kubetask's own secrets may be)."""
+    env = {"PATH": os.environ.get("PATH", "")}
+    env.update({k: os.environ[k] for k in GO_RUNTIME_VARIABLES if k in os.environ})
+    return env
+
+
 def start_nats(
     store_dir: Path,
     port: int,
@@ -110,7 +123,7 @@ def start_nats(
         stdout=out,
         stderr=subprocess.STDOUT,
         preexec_fn=die_with_parent() if tie_to_parent else None,
-        env={"PATH": os.environ.get("PATH", "")},
+        env=nats_env(),
     )
     wait_for_port(port, proc=proc)
     return proc
