@@ -44,6 +44,35 @@ async def test_waiting_accounts_get_slots_in_proportion_to_their_weights() -> No
     assert budget.room(process=False, wake=lambda: None) == 0
 
 
+async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for_one() -> None:
+    """Every process slot taken and another account's attempts waiting for one: an attempt
+    that needs only a slot starts at once, not at the next release (up to a neighbour's
+    whole attempt later). Within one account, attempts still start in the order they came."""
+    budget = NodeBudget(BudgetSettings(processes=1, slots=4))
+    assert budget.try_take(process=True)
+    busy = [asyncio.create_task(budget.wait("busy", process=True)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not budget.try_take(process=False), "try_take never jumps a queue"
+    await asyncio.wait_for(budget.wait("calm", process=False), timeout=1)
+    await asyncio.wait_for(budget.wait("calm", process=False), timeout=1)
+    assert (budget.running, budget.processes) == (3, 1)
+    behind_its_own = asyncio.create_task(budget.wait("busy", process=False))
+    await asyncio.sleep(0)
+    assert not behind_its_own.done()
+    late = asyncio.create_task(budget.wait("calm", process=False))
+    await asyncio.sleep(0)
+    assert late.done() and budget.running == 4
+    left = asyncio.create_task(budget.wait("calm", process=False))  # no slot at all now
+    await asyncio.sleep(0.05)
+    assert not left.done() and not any(b.done() for b in busy)
+    budget.release(process=True)  # busy's first waiter gets the process slot, in turn
+    await asyncio.sleep(0)
+    assert sum(b.done() for b in busy) == 1 and not left.done()
+    for w in [*busy, behind_its_own, left]:
+        w.cancel()
+    await asyncio.gather(*busy, behind_its_own, left, return_exceptions=True)
+
+
 def _sleeping_children() -> int:
     """Executor processes of this test process's dispatcher (`sleep 0.05`) alive now."""
     me, count = os.getpid(), 0

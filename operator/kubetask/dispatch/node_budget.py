@@ -128,6 +128,12 @@ class NodeBudget:
             if account not in self._order:
                 self._order.append(account)
         self._waiting[account].append(waiter)
+        # Those already waiting have no room (each release admits whoever fits), but this one
+        # may fit where they do not: an attempt without a process while theirs wait for one.
+        # It used to wait for the next release: while a neighbour's 64 two-second attempts held
+        # every process slot, a warm function's task waited up to two seconds for a free slot
+        # (bench/busy_neighbour.py).
+        self._admit()
         try:
             await waiter.future  # `_admit` took the slot for us
         except asyncio.CancelledError:
