@@ -24,7 +24,12 @@ from devrun import running_dev
 from kubetask.auth import create_token
 from noisy import PY, Sender, flood, pct, server_function, starts, steady
 
-noisy.STAGES = (("submitted", "enqueued"), ("enqueued", "dispatched"), ("dispatched", "started"))
+noisy.STAGES = (
+    ("submitted", "enqueued"),
+    ("enqueued", "dispatched"),
+    ("dispatched", "started"),
+    ("started", "finished"),  # how long the no-op took where it ran
+)
 
 
 def burning_function(seconds: float, burners: int) -> dict[str, object]:

@@ -131,6 +131,8 @@ async def starts(
                     submitted = datetime.fromisoformat(ts["submitted"])
                     lat.append((datetime.fromisoformat(ts["started"]) - submitted).total_seconds())
                     for a, b in STAGES if stages is not None else ():
+                        if not (ts.get(a) and ts.get(b)):  # a stage not reached yet
+                            continue
                         gap = datetime.fromisoformat(ts[b]) - datetime.fromisoformat(ts[a])
                         stages.setdefault(f"{a}->{b}", []).append(gap.total_seconds())
             cursor = page["cursor"]
