@@ -130,9 +130,9 @@ class NodeBudget:
         self._waiting[account].append(waiter)
         # Those already waiting have no room (each release admits whoever fits), but this one
         # may fit where they do not: an attempt without a process while theirs wait for one.
-        # It used to wait for the next release: while a neighbour's 64 two-second attempts held
-        # every process slot, a warm function's task waited up to two seconds for a free slot
-        # (bench/busy_neighbour.py).
+        # It waited for the next release instead, up to a whole attempt of the neighbour's
+        # holding every process slot (read in the code while chasing bench/busy_neighbour.py's
+        # delays, which mostly have another cause: docs/decisions.md, "Fair sharing").
         self._admit()
         try:
             await waiter.future  # `_admit` took the slot for us
