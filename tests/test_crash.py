@@ -444,6 +444,22 @@ async def test_nats_server_gets_the_go_runtimes_variables_and_nothing_else(lab: 
     assert dev.wait(10) == 0
 
 
+def test_a_memory_limit_nats_server_would_die_of_is_named_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """Go stops a program at once on a malformed GOMEMLIMIT; once passed through, `kubetask dev`
+    ended in a traceback ("process exited with code 2 before listening")."""
+    for value in ("3GB", "-1", "lots"):
+        args = ["dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
+        out = subprocess.run(
+            [sys.executable, "-m", "kubetask", *args, "--nats-port", "0"],
+            env=dict(os.environ, GOMEMLIMIT=value), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert out.stderr.startswith(f"error: GOMEMLIMIT={value!r}: expected"), out.stderr
+        assert not (tmp_path / "data").exists()
+
+
 def test_a_setting_out_of_range_or_unparsable_is_named_before_anything_starts(
     tmp_path: Path,
 ) -> None:

@@ -31,7 +31,15 @@ import yaml
 from . import nats_auth, private_files
 from .auth import create_token
 from .client import Client
-from .embedded import free_port, nats_argv, nats_env, port_in_use, wait_for_port, wait_until_ready
+from .embedded import (
+    free_port,
+    go_runtime_problem,
+    nats_argv,
+    nats_env,
+    port_in_use,
+    wait_for_port,
+    wait_until_ready,
+)
 from .executors.function_users import FunctionUsers
 from .executors.parent_death import die_with_parent
 
@@ -170,7 +178,7 @@ def run(
     from .settings_check import settings_problem  # the dispatcher's modules: not for every CLI call
 
     data_dir = data_dir.resolve()
-    problem = settings_problem()
+    problem = settings_problem() or go_runtime_problem()
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -202,7 +210,13 @@ def run(
     )
     nats.start()
     assert nats.proc is not None
-    wait_for_port(nats_port, proc=nats.proc)
+    try:
+        wait_for_port(nats_port, proc=nats.proc)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"kubetask dev failed to start: nats-server: {err}", file=sys.stderr, flush=True)
+        print(f"  nats-server ({nats.log}):", *nats.last_lines(3), sep="\n    ", file=sys.stderr)
+        _shutdown([], nats)
+        return 1
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, KUBETASK_NATS_URL=f"nats://127.0.0.1:{nats_port}")
     for name in list(env):  # whatever the shell had: each child gets its own below

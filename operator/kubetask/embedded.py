@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -100,6 +101,23 @@ def nats_argv(store_dir: Path, port: int, config: Path | None = None) -> list[st
 # The Go runtime's own knobs, for an operator who trades nats-server's memory for its CPU (a
 # heap of many records is collected less often with a larger GOGC) or wants its GC traced.
 GO_RUNTIME_VARIABLES = ("GOGC", "GOMEMLIMIT", "GOMAXPROCS", "GODEBUG")
+
+
+# Go's grammar (runtime/debug.SetMemoryLimit): bytes, or a number with one of these units, or
+# "off". Anything else stops nats-server at once ("fatal error: malformed GOMEMLIMIT").
+_MEMORY_LIMIT = re.compile(r"(?:[0-9]+(?:B|KiB|MiB|GiB|TiB)?|off)")
+
+
+def go_runtime_problem() -> str | None:
+    """What would stop nats-server before it starts, named (Go ignores the other variables'
+    malformed values)."""
+    limit = os.environ.get("GOMEMLIMIT")
+    if limit is not None and not _MEMORY_LIMIT.fullmatch(limit):
+        return (
+            f"GOMEMLIMIT={limit!r}: expected a number of bytes, optionally with a unit of B,"
+            " KiB, MiB, GiB or TiB (e.g. 3GiB), or 'off'; nats-server would not start"
+        )
+    return None
 
 
 def nats_env() -> dict[str, str]:
