@@ -281,18 +281,22 @@ async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the
     """`setpriv` runs as root until it switches users, and its loader read the function's
     environment: a tenant's `LD_PRELOAD` of a library it wrote ran as root. Every process whose
     loader reads `LD_DEBUG_OUTPUT` writes a file there as its user: only the account's may
-    appear. The function still has its variables, values intact."""
+    appear. The function still has its variables, values intact, even one named as another is
+    while it crosses."""
     out = dev.shared / "ld"
     odd = 'a "quoted" $HOME `x` value\\'
     spec = {
         "command": [
             "sh",
             "-c",
-            'printf \'{"out": "%s", "odd": "%s"}\' "$LD_DEBUG_OUTPUT" "${#ODD}"',
+            'printf \'{"out": "%s", "odd": "%s", "mine": "%s"}\' "$LD_DEBUG_OUTPUT" "${#ODD}"'
+            ' "$KT_HELD_ODD"',
         ],
         "env": [
             {"name": "LD_DEBUG", "value": "files"},
             {"name": "LD_DEBUG_OUTPUT", "value": str(out)},
+            # Named as ODD is while it crosses the switch, and given first.
+            {"name": "KT_HELD_ODD", "value": "mine"},
             {"name": "ODD", "value": odd},
             {"name": "PPID", "value": "1"},
         ],
@@ -303,4 +307,4 @@ async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the
     assert written, "the function's own loader wrote nothing: LD_DEBUG_OUTPUT did not reach it"
     assert set(written.values()) == {account_uid("team-h")}, written
     assert status["phase"] == "Succeeded", status.get("error")
-    assert status["result"] == {"out": str(out), "odd": str(len(odd))}
+    assert status["result"] == {"out": str(out), "odd": str(len(odd)), "mine": "mine"}

@@ -83,7 +83,11 @@ class RunAs:
         The names are identifiers: the grammar's for a function's own variables, a fixed list
         for those the platform passes on (`base.base_environment`)."""
         held = {HELD + name: value for name, value in env.items()}
-        restore = "".join(f'export {name}="${HELD}{name}"; unset {HELD}{name}; ' for name in env)
+        # Shortest first: a variable of the tenant's named `KT_HELD_X` is written only after X
+        # has been read from the held `KT_HELD_X`, which it would otherwise overwrite.
+        restore = "".join(
+            f'export {name}="${HELD}{name}"; unset {HELD}{name}; ' for name in sorted(env, key=len)
+        )
         return held, restore
 
     def shell_prelude(self) -> str:
