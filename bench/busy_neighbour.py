@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,4 +101,4 @@ if __name__ == "__main__":
     ap.add_argument("--tasks", type=int, default=400)
     ap.add_argument("--quick", choices=("server", "command"), default="server")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for kubetask dev")
-    sys.exit(asyncio.run(main(ap.parse_args())))
+    asyncio.run(main(ap.parse_args()))
