@@ -20,27 +20,36 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import httpx
 import nats
 import pydantic_core
 from devrun import Dev, running_dev
-from idle import component_pids, cpu_seconds
+from idle import TICKS, component_pids, cpu_seconds
 from kubetask.models import Task
 from kubetask.store import TaskRecord, encode
 from noisy import Sender
 
 HERE = Path(__file__).parent
+T = TypeVar("T")
 SPACING = timedelta(milliseconds=600)  # a million tasks: just under a week, 1.7 a second
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+class Rss:
+    """A process's resident memory, MB: all of it, and the part that is files mapped into it
+    (the gateway reads its index through a map: those pages are the file's page cache, there
+    with or without the map, and the kernel drops them under pressure)."""
+
+    def __init__(self, pid: int) -> None:
+        kb = {}
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "RssFile:")):
+                kb[line.split(":")[0]] = int(line.split()[1])
+        self.total, self.mapped = kb["VmRSS"] / 1024, kb["RssFile"] / 1024
 
 
 def disk_bytes(root: Path) -> int:
@@ -137,6 +146,33 @@ async def audit_caught_up(dev: Dev, records: int) -> None:
     await asyncio.sleep(5)
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others while this VM's cores wanted it (all cores)."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8]) / TICKS
+
+
+class Busy(Generic[T]):
+    """What a coroutine returned, each process's CPU while it ran and the time stolen from
+    the machine's cores by its hypervisor (cores)."""
+
+    def __init__(self, result: T, cores: dict[str, float]) -> None:
+        self.result, self.cores = result, cores
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v * 100:.0f}%" for k, v in self.cores.items() if v >= 0.005)
+
+
+async def busy(pids: dict[str, int], work: Awaitable[T]) -> Busy[T]:
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    stolen = stolen_seconds()
+    began = time.monotonic()
+    result = await work
+    wall = time.monotonic() - began
+    cores = {k: (cpu_seconds(p) - before[k]) / wall for k, p in pids.items()}
+    cores["stolen"] = (stolen_seconds() - stolen) / wall
+    return Busy(result, cores)
+
+
 async def list_p99(
     http: httpx.AsyncClient, records: int, samples: int
 ) -> dict[str, tuple[float, float, float]]:
@@ -202,7 +238,7 @@ async def main(args: argparse.Namespace) -> None:
             await throughput(dev, args.tasks, "at00")
             pids = component_pids(dev.pid)
             nats_pid, gateway_pid = pids["nats-server"][0], pids["gateway"][0]
-            rss0 = {"nats-server": rss_mb(nats_pid), "gateway": rss_mb(gateway_pid)}
+            rss0 = {"nats-server": Rss(nats_pid), "gateway": Rss(gateway_pid)}
             disk0 = disk_bytes(work / "full" / "jetstream")
             template = (await http.get("/v1/tasks/at00-000000")).json()
             # Stored as the platform stores a Succeeded task's record (`store.encode`): with its
@@ -219,10 +255,18 @@ async def main(args: argparse.Namespace) -> None:
                 await http.get("/v1/tasks", params={"limit": 1}, timeout=None)
             ).raise_for_status()  # catches up
             indexed = time.monotonic() - began
-            rss = {"nats-server": rss_mb(nats_pid), "gateway": rss_mb(gateway_pid)}
+            rss = {"nats-server": Rss(nats_pid), "gateway": Rss(gateway_pid)}
             disk = disk_bytes(work / "full" / "jetstream")
             index = disk_bytes(work / "full" / "index")
-            lists = await list_p99(http, args.records, args.list_samples)
+            everyone = {
+                f"{side} {name}": pid
+                for side, d in (("full", dev), ("empty", empty))
+                for name, ps in component_pids(d.pid).items()
+                for pid in ps
+            }
+            quiet = await busy(everyone, asyncio.sleep(5))
+            during = await busy(everyone, list_p99(http, args.records, args.list_samples))
+            lists = during.result
             empties: list[Round] = []
             fulls: list[Round] = []
             for r in range(args.rounds):
@@ -249,8 +293,12 @@ async def main(args: argparse.Namespace) -> None:
         f"{n} retained records (written in {filled:.0f} s; the running gateway's first list after them, catching up, took {indexed:.1f} s):"
     )
     for name in rss:
+        was, now = rss0[name], rss[name]
         print(
-            f"  {name} RSS {rss0[name]:.0f} -> {rss[name]:.0f} MB: {(rss[name] - rss0[name]) * 2**20 / n:.0f} B per record"
+            f"  {name} RSS {was.total:.0f} -> {now.total:.0f} MB, of it mapped files"
+            f" {was.mapped:.0f} -> {now.mapped:.0f}: {(now.total - was.total) * 2**20 / n:.0f} B"
+            f" per record, {(now.total - now.mapped - was.total + was.mapped) * 2**20 / n:.0f}"
+            " besides the mapped files"
         )
     print(
         f"  JetStream disk {(disk - disk0) / n:.0f} B per record (bucket + audit trail); gateway index {index / n:.0f} B per record"
@@ -266,6 +314,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         + " (target: p99 < 20)"
     )
+    print(f"  CPU of a core: 5 s before the lists {quiet or 'none'}; during them {during}")
     for label, rounds in (("with none", empties), ("with them", fulls)):
         print(f"  throughput {label}: " + "; ".join(map(str, rounds)))
     empty_rate = statistics.median(r.rate for r in empties)
