@@ -45,10 +45,11 @@ async def test_waiting_accounts_get_slots_in_proportion_to_their_weights() -> No
 
 
 async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for_one() -> None:
-    """Every process slot taken and another account's attempts waiting for one: an attempt
-    that needs only a slot starts at once, not at the next release (up to a neighbour's
-    whole attempt later). Within one account, attempts still start in the order they came."""
-    budget = NodeBudget(BudgetSettings(processes=1, slots=4))
+    """Every process slot taken and attempts waiting for one, another account's or its own: an
+    attempt that needs only a slot starts at once, not at the next release (up to a whole
+    attempt later). Those waiting for a process start in the order they came when one frees,
+    ahead of a slot-only attempt that came after them."""
+    budget = NodeBudget(BudgetSettings(processes=1, slots=5))
     assert budget.try_take(process=True)
     busy = [asyncio.create_task(budget.wait("busy", process=True)) for _ in range(3)]
     await asyncio.sleep(0)
@@ -56,21 +57,25 @@ async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for
     await asyncio.wait_for(budget.wait("calm", process=False), timeout=1)
     await asyncio.wait_for(budget.wait("calm", process=False), timeout=1)
     assert (budget.running, budget.processes) == (3, 1)
-    behind_its_own = asyncio.create_task(budget.wait("busy", process=False))
-    await asyncio.sleep(0)
-    assert not behind_its_own.done()
+    await asyncio.wait_for(budget.wait("busy", process=False), timeout=1)  # behind its own
+    assert (budget.running, budget.processes) == (4, 1) and not any(b.done() for b in busy)
     late = asyncio.create_task(budget.wait("calm", process=False))
     await asyncio.sleep(0)
-    assert late.done() and budget.running == 4
-    left = asyncio.create_task(budget.wait("calm", process=False))  # no slot at all now
+    assert late.done() and budget.running == 5
+    left = asyncio.create_task(budget.wait("busy", process=False))  # no slot at all now
     await asyncio.sleep(0.05)
     assert not left.done() and not any(b.done() for b in busy)
-    budget.release(process=True)  # busy's first waiter gets the process slot, in turn
+    budget.release(process=True)  # busy's oldest waiter gets it, not the later slot-only one
     await asyncio.sleep(0)
-    assert sum(b.done() for b in busy) == 1 and not left.done()
-    for w in [*busy, behind_its_own, left]:
+    assert [b.done() for b in busy] == [True, False, False] and not left.done()
+    budget.release(process=False)  # a slot but no process: the slot-only one
+    await asyncio.sleep(0)
+    assert left.done() and not any(b.done() for b in busy[1:])
+    assert (budget.running, budget.processes, budget.waiting()) == (5, 1, 2)
+    for w in busy:
         w.cancel()
-    await asyncio.gather(*busy, behind_its_own, left, return_exceptions=True)
+    await asyncio.gather(*busy, return_exceptions=True)
+    assert budget.waiting() == 0 and (budget.running, budget.processes) == (5, 1)
 
 
 def _sleeping_children() -> int:

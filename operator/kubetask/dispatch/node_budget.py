@@ -67,6 +67,39 @@ class BudgetSettings:
 class _Waiter:
     future: asyncio.Future[None]
     process: bool
+    arrived: int
+
+
+class _Lanes:
+    """An account's waiters: those that would start a process, and those that need only a
+    slot, each in arrival order. The older head that fits goes first, so an account's warm
+    task is not held behind its own `command` attempts waiting for a process slot (it was,
+    while the account had one queue); one waiting for a process still goes ahead of every
+    later one once a process slot frees, since the release that frees it also frees a slot."""
+
+    def __init__(self) -> None:
+        self.process: deque[_Waiter] = deque()
+        self.plain: deque[_Waiter] = deque()
+
+    def __len__(self) -> int:
+        return len(self.process) + len(self.plain)
+
+    def add(self, waiter: _Waiter) -> None:
+        (self.process if waiter.process else self.plain).append(waiter)
+
+    def remove(self, waiter: _Waiter) -> bool:
+        lane = self.process if waiter.process else self.plain
+        if waiter in lane:
+            lane.remove(waiter)
+            return True
+        return False
+
+    def first_fitting(self, fits: Callable[[bool], bool]) -> _Waiter | None:
+        """Take out and return the oldest waiter that fits, if any does."""
+        heads = [lane for lane in (self.process, self.plain) if lane and fits(lane[0].process)]
+        if not heads:
+            return None
+        return min(heads, key=lambda lane: lane[0].arrived).popleft()
 
 
 class NodeBudget:
@@ -77,7 +110,8 @@ class NodeBudget:
         self._weight = weight or (lambda _: 1.0)
         self.running = 0
         self.processes = 0
-        self._waiting: dict[str, deque[_Waiter]] = {}
+        self._waiting: dict[str, _Lanes] = {}
+        self._arrivals = itertools.count()
         self._credit: dict[str, float] = {}
         self._order: deque[str] = deque()  # accounts with waiters, in turn order
         # Workers turned away, in order (ordered sets): those that would start a process apart,
@@ -122,12 +156,12 @@ class NodeBudget:
 
     async def wait(self, account: str, process: bool) -> None:
         """Wait for a slot, in the account's turn; it is taken when this returns."""
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), process)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), process, next(self._arrivals))
         if account not in self._waiting:
-            self._waiting[account] = deque()
+            self._waiting[account] = _Lanes()
             if account not in self._order:
                 self._order.append(account)
-        self._waiting[account].append(waiter)
+        self._waiting[account].add(waiter)
         # Those already waiting have no room (each release admits whoever fits), but this one
         # may fit where they do not: an attempt without a process while theirs wait for one.
         # It waited for the next release instead, up to a whole attempt of the neighbour's
@@ -178,26 +212,25 @@ class NodeBudget:
             wake()
 
     def _forget(self, account: str, waiter: _Waiter) -> None:
-        queue = self._waiting.get(account)
-        if queue is not None and waiter in queue:
-            queue.remove(waiter)
-            if not queue:
-                del self._waiting[account]
+        lanes = self._waiting.get(account)
+        if lanes is not None and lanes.remove(waiter) and not lanes:
+            del self._waiting[account]
 
     def _admit(self) -> None:
         """Deficit round robin over the accounts that wait: the account at the head of the turn
         order gets its weight in credit, is admitted while it has credit and a slot fits, then
-        goes to the back. An account whose next task does not fit (no process slot) is passed
-        over for this pass, so it cannot block others that need only a slot."""
+        goes to the back. An account none of whose waiters fits (they all need a process slot)
+        is passed over for this pass, so it cannot block others that need only a slot."""
         passed = 0
         while self._order and passed < len(self._order):
             account = self._order[0]
-            queue = self._waiting.get(account)
-            if not queue:
+            lanes = self._waiting.get(account)
+            if not lanes:
                 self._order.popleft()
                 self._credit.pop(account, None)
                 continue
-            if not self._fits(queue[0].process):
+            waiter = lanes.first_fitting(self._fits)
+            if waiter is None:
                 self._order.rotate(-1)
                 passed += 1
                 continue
@@ -205,12 +238,11 @@ class NodeBudget:
             credit = self._credit.get(account, 0.0)
             if credit < 1:
                 credit += self._weight(account)
-            waiter = queue.popleft()
             self._credit[account] = credit - 1
             if not waiter.future.done():
                 self._take(waiter.process)
                 waiter.future.set_result(None)
-            if not queue:
+            if not lanes:
                 del self._waiting[account]
             if credit - 1 < 1:
                 self._order.rotate(-1)
