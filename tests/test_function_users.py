@@ -22,9 +22,11 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
+from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.function_users import account_uid, may_run
 
 KUBETASK = [sys.executable, "-m", "kubetask"]
+HOME = os.environ.get("HOME")  # the platform's, which `kubetask dev` is started with here
 MAX_PROCESSES = 40
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="only root can switch users")
 
@@ -252,7 +254,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self._reply(json.dumps({"uid": os.getuid()}).encode())
+        self._reply(json.dumps({"uid": os.getuid(), "home": os.environ.get("HOME")}).encode())
 
 HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 """
@@ -269,10 +271,12 @@ async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None
     script.chmod(0o644)
     spec = {"server": {"command": [python, str(script)], "concurrency": 2}}
     run = await _run(dev, dev.token("team-g"), "team-g", spec)
-    assert run["task"]["status"]["result"] == {"uid": account_uid("team-g")}, run["task"]
+    seen = run["task"]["status"]["result"]
+    assert seen["uid"] == account_uid("team-g"), run["task"]
+    assert os.stat(seen["home"]).st_uid == account_uid("team-g"), "its account's home"
     # Registered again by an admin, the function's instances are the platform's.
     run = await _run(dev, dev.admin, "team-g", spec)
-    assert run["task"]["status"]["result"] == {"uid": os.geteuid()}, run["task"]
+    assert run["task"]["status"]["result"] == {"uid": os.geteuid(), "home": HOME}, run["task"]
 
 
 async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the_switch(
@@ -308,3 +312,55 @@ async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the
     assert set(written.values()) == {account_uid("team-h")}, written
     assert status["phase"] == "Succeeded", status.get("error")
     assert status["result"] == {"out": str(out), "odd": str(len(odd)), "mine": "mine"}
+
+
+HOMES = r"""
+can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
+echo mine > "$TMPDIR/scratch"
+printf '{"home": "%s", "tmpdir": "%s", "owner": "%s", "writable": "%s",' \
+  "$HOME" "$TMPDIR" "$(stat -c '%u %a' "$HOME")" "$(can touch "$HOME/.probe")"
+printf '"neighbourList": "%s", "neighbourRead": "%s"}' \
+  "$(can ls "$NEIGHBOUR_HOME")" "$(can cat "$NEIGHBOUR_HOME/scratch")"
+"""
+
+
+def _homes(neighbour_home: str, **env: str) -> dict[str, Any]:
+    env = {"NEIGHBOUR_HOME": neighbour_home, **env}
+    return {
+        "command": ["sh", "-c", HOMES],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+    }
+
+
+async def test_a_tenants_function_has_a_home_and_temporary_directory_of_its_own(dev: Dev) -> None:
+    """HOME and TMPDIR of a tenant's function are a directory only its account's user may enter
+    (they were root's HOME, which it may not enter, and the /tmp every account shares); a
+    neighbour's function can neither list it nor read what was left there. One the function
+    sets itself is kept; an admin's function keeps the platform's."""
+    a = (await _run(dev, dev.token("team-a"), "team-a", _homes("/nowhere")))["task"]["status"]
+    assert a["phase"] == "Succeeded", a
+    a = a["result"]
+    assert a["home"] == a["tmpdir"] and a["home"] != HOME and a["writable"] == "yes", a
+    assert a["owner"] == f"{account_uid('team-a')} 700", a
+    b = await _run(dev, dev.token("team-b"), "team-b", _homes(a["home"]))
+    b = b["task"]["status"]["result"]
+    assert b["home"] != a["home"] and b["owner"] == f"{account_uid('team-b')} 700", b
+    assert (b["neighbourList"], b["neighbourRead"]) == ("no", "no"), b
+    left = Path(a["home"], "scratch").read_text()  # noqa: ASYNC240 (a small file)
+    assert left == "mine\n", "b looked after a wrote it"
+    again = await _run(dev, dev.token("team-a"), "team-a", _homes("/nowhere"))
+    assert again["task"]["status"]["result"]["home"] == a["home"], "kept while it runs"
+    own = await _run(dev, dev.token("team-a"), "team-a", _homes("/", TMPDIR=str(dev.shared)))
+    assert own["task"]["status"]["result"]["tmpdir"] == str(dev.shared)
+    admin = await _run(dev, dev.admin, "default", _homes("/nowhere"))
+    assert admin["task"]["status"]["result"]["home"] == HOME
+
+
+def test_the_homes_go_away_with_their_dispatcher() -> None:
+    homes = AccountHomes()
+    home = Path(homes.environment(account_uid("team-a"))["HOME"])
+    assert (
+        home.stat().st_uid == account_uid("team-a") and home.parent.stat().st_mode & 0o777 == 0o711
+    )
+    homes.close()
+    assert not home.parent.exists()

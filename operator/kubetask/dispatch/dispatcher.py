@@ -784,6 +784,7 @@ class Dispatcher:
         await self.placements.close()
         await self.command.close()
         await self.server.close()
+        self.users.close()  # the accounts' scratch homes, once nothing runs in them
         for policy in self.policies:
             closer = getattr(policy, "close", None)
             if closer is not None:

@@ -16,7 +16,6 @@ from .base import (
     Lines,
     Outcome,
     Tail,
-    base_environment,
     decode_result,
     encode_payload,
     env_for,
@@ -126,8 +125,8 @@ class CommandExecutor:
     async def start(self, inv: Invocation) -> Execution:
         spec = inv.function.spec
         assert spec.command is not None
-        env = env_for(inv, base_environment())
         user = self.users.user_for(inv.function)
+        env = env_for(inv, self.users.environment(user))
         argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user)
         proc = await spawn(argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False)
         return CommandExecution(inv, proc)

@@ -36,6 +36,8 @@ from pathlib import Path
 from ..models import TaskFunction
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int
+from .account_homes import AccountHomes
+from .base import base_environment
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -113,6 +115,7 @@ class FunctionUsers:
     max_processes: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_PROCESSES", 4096, low=1)
     )
+    homes: AccountHomes = field(default_factory=AccountHomes, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode == "accounts" and os.geteuid() != 0:
@@ -126,6 +129,18 @@ class FunctionUsers:
         if self.mode == "platform" or registered_by(fn) == ADMIN:
             return None
         return RunAs(account_uid(fn.account), self.max_processes)
+
+    def environment(self, user: RunAs | None) -> dict[str, str]:
+        """What a function's environment starts from: the platform's few variables, and for
+        one run as its account's user, that account's own HOME and TMPDIR
+        (`account_homes.py`)."""
+        base = base_environment()
+        if user is not None:
+            base.update(self.homes.environment(user.uid))
+        return base
+
+    def close(self) -> None:
+        self.homes.close()
 
     def describe(self) -> str:
         if self.mode == "accounts":

@@ -27,7 +27,6 @@ from .base import (
     Invocation,
     Lines,
     Outcome,
-    base_environment,
     decode_result,
     encode_payload,
     env_for,
@@ -85,10 +84,12 @@ class InstancePool:
         budget: InstanceBudget,
         pools: Iterable[InstancePool],
         user: RunAs | None,
+        environment: dict[str, str],
     ) -> None:
         self.fn = fn
         self.budget = budget
         self.user = user
+        self.environment = environment  # what its instances' environments start from
         self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
@@ -160,7 +161,7 @@ class InstancePool:
     async def _spawn(self, inv: Invocation) -> Instance:
         self._seq += 1
         port = _free_port()
-        env = env_for(inv, base_environment())
+        env = env_for(inv, self.environment)
         for key in ("KUBETASK_TASK_ID", "KUBETASK_ATTEMPT"):
             env.pop(key, None)
         env["PORT"] = str(port)
@@ -403,7 +404,9 @@ class ServerExecutor:
                 retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            pool = self._pools[key] = InstancePool(fn, self.budget, self._pools.values(), user)
+            environment = self.users.environment(user)
+            pool = InstancePool(fn, self.budget, self._pools.values(), user, environment)
+            self._pools[key] = pool
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
         return pool
