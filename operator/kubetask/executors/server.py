@@ -400,11 +400,11 @@ class ServerExecutor:
         if pool is not None and _runtime(pool.fn) == _runtime(fn) and pool.user == user:
             pool.fn = fn  # queue mode, limits, timeout: the instances themselves are the same
         else:
+            environment = self.users.environment(user)  # may fail: before the old pool goes
             if pool is not None:
                 retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            environment = self.users.environment(user)
             pool = InstancePool(fn, self.budget, self._pools.values(), user, environment)
             self._pools[key] = pool
         if self._reaper is None:
