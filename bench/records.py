@@ -178,8 +178,8 @@ async def list_p99(
 ) -> dict[str, tuple[float, float, float, float]]:
     """p50, p99 and the slowest of `samples` lists of each kind, in ms, and the CPU time the
     hypervisor took from the machine meanwhile, in cores (a p99 of twice the quiet one came
-    with 5-24% of a core stolen in each 5-s window where it did, 2026-12-03). (It took 100, whose "p99" is the second
-    slowest: one hiccup of the machine's decided it.)"""
+    with 5-24% of a core stolen in each 5-s window where it did, 2026-12-03). (It took 100,
+    whose "p99" is the second slowest: one hiccup of the machine's decided it.)"""
     rnd = random.Random(9)
     kinds = {
         "status=Failed": lambda: {"status": "Failed"},
@@ -263,10 +263,10 @@ async def main(args: argparse.Namespace) -> None:
             disk = disk_bytes(work / "full" / "jetstream")
             index = disk_bytes(work / "full" / "index")
             everyone = {
-                f"{side} {name}": pid
+                f"{side} {name}" + (f"-{i}" if len(ps) > 1 else ""): pid
                 for side, d in (("full", dev), ("empty", empty))
                 for name, ps in component_pids(d.pid).items()
-                for pid in ps
+                for i, pid in enumerate(ps)
             }
             quiet = await busy(everyone, asyncio.sleep(5))
             during = await busy(everyone, list_p99(http, args.records, args.list_samples))
