@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -354,9 +355,15 @@ async def test_a_tenants_function_has_a_home_and_temporary_directory_of_its_own(
     assert own["task"]["status"]["result"]["tmpdir"] == str(dev.shared)
     admin = await _run(dev, dev.admin, "default", _homes("/nowhere"))
     assert admin["task"]["status"]["result"]["home"] == (HOME or ""), "unset: printed empty"
+    # They are scratch: a dispatcher that stops removes them.
+    os.kill(dev.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(a["home"]).parent.exists():
+        assert time.monotonic() < deadline, "the homes outlived their dispatcher"
+        await asyncio.sleep(0.1)
 
 
-def test_the_homes_go_away_with_their_dispatcher() -> None:
+def test_account_homes_are_reachable_by_their_user_only_and_removed_on_close() -> None:
     homes = AccountHomes()
     home = Path(homes.environment(account_uid("team-a"))["HOME"])
     assert (

@@ -1,10 +1,10 @@
 """A directory of its own for each account's user, given to its functions as HOME and TMPDIR.
 
 Why: a tenant's function run as its account's user (`function_users.py`) inherited the
-platform's HOME (root's, which that user may not enter: pip, git and every tool that keeps a
-cache or a configuration there failed) and no TMPDIR, so its temporary files went to /tmp,
-which every account shares: a tenant could create, before a neighbour's function did, a name
-that function was about to use, or leave files there for it to read. Now each account's
+platform's HOME (root's, which that user may not enter: nothing could be written there, so
+no tool could keep a cache or a configuration) and no TMPDIR, so its temporary files went to
+/tmp, which every account shares: a tenant could create, before a neighbour's function did, a
+name that function was about to use, or leave files there for it to read. Now each account's
 functions get a directory that only its user (and root) may enter, the same for all of them
 while the dispatcher runs, as a warm Lambda keeps its /tmp between invocations. A function
 that sets HOME or TMPDIR in its own environment keeps its own.
