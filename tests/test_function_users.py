@@ -371,3 +371,62 @@ def test_account_homes_are_reachable_by_their_user_only_and_removed_on_close() -
     )
     homes.close()
     assert not home.parent.exists()
+
+
+def _dispatcher_pid(dev: Dev) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == dev.pid and b"dispatcher" in argv:
+            return int(proc.name)
+    return None
+
+
+async def test_the_homes_a_killed_dispatcher_left_are_removed_by_the_next(dev: Dev) -> None:
+    """A dispatcher killed with SIGKILL cannot remove the homes it made, with what tenants left
+    in them; the one started after it removes them when it makes its own."""
+    token = dev.token("team-a")
+    first = (await _run(dev, token, "team-a", _homes("/nowhere")))["task"]["status"]["result"]
+    left = Path(first["home"]).parent
+    killed = _dispatcher_pid(dev)
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while _dispatcher_pid(dev) in (None, killed):
+        assert time.monotonic() < deadline, "kubetask dev did not restart its dispatcher"
+        await asyncio.sleep(0.1)
+    assert left.exists(), "nothing could have removed it yet"
+    second = (await _run(dev, token, "team-a", _homes("/nowhere")))["task"]["status"]["result"]
+    made = Path(second["home"])
+    assert made.parent != left and made.is_dir()  # noqa: ASYNC240 (one stat)
+    assert not left.exists(), "the killed dispatcher's homes were left behind"
+
+
+def test_only_homes_whose_dispatcher_is_gone_are_removed() -> None:
+    """Another dispatcher's homes stay while it runs, whatever the order they were made in, and
+    a directory a user made under the same name is not the platform's to remove."""
+    live = AccountHomes()
+    kept = Path(live.environment(account_uid("team-a"))["HOME"]).parent
+    foreign = Path(tempfile.mkdtemp(prefix="kubetask-homes-"))
+    (foreign / ".dispatcher").touch()
+    os.chown(foreign, account_uid("team-d"), account_uid("team-d"))
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal\n"
+         "from kubetask.executors.account_homes import AccountHomes\n"
+         f"print(AccountHomes().environment({account_uid('team-b')})['HOME'], flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    abandoned = Path(killed.stdout.strip()).parent
+    assert abandoned.is_dir() and kept.is_dir()
+    later = AccountHomes()
+    later.environment(account_uid("team-c"))
+    assert not abandoned.exists() and kept.is_dir() and foreign.is_dir()
+    live.close()
+    later.close()
+    shutil.rmtree(foreign)
