@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
+from kubetask.executors.account_cpu import cpu_hierarchy
 from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.function_users import account_uid, may_run
 
@@ -87,6 +88,7 @@ def dev(open_dir: Path) -> Iterator[Dev]:
         os.environ,
         KUBETASK_FUNCTION_USERS="accounts",
         KUBETASK_ACCOUNT_MAX_PROCESSES=str(MAX_PROCESSES),
+        KUBETASK_ACCOUNT_WEIGHTS="team-a=2",
     )
     log = open(open_dir / "dev.log", "ab")
     proc = subprocess.Popen(
@@ -255,7 +257,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self._reply(json.dumps({"uid": os.getuid(), "home": os.environ.get("HOME")}).encode())
+        cpu = [g for g in open("/proc/self/cgroup") if "cpu" in g.split(":")[1].split(",")]
+        seen = {"uid": os.getuid(), "home": os.environ.get("HOME")}
+        seen["cgroup"] = cpu[0].split(":", 2)[2].strip()
+        self._reply(json.dumps(seen).encode())
 
 HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 """
@@ -275,9 +280,12 @@ async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None
     seen = run["task"]["status"]["result"]
     assert seen["uid"] == account_uid("team-g"), run["task"]
     assert os.stat(seen["home"]).st_uid == account_uid("team-g"), "its account's home"
+    assert seen["cgroup"].endswith("/kubetask/team-g"), seen
     # Registered again by an admin, the function's instances are the platform's.
     run = await _run(dev, dev.admin, "team-g", spec)
-    assert run["task"]["status"]["result"] == {"uid": os.geteuid(), "home": HOME}, run["task"]
+    seen = run["task"]["status"]["result"]
+    assert (seen["uid"], seen["home"]) == (os.geteuid(), HOME), run["task"]
+    assert seen["cgroup"].endswith("/kubetask/team-g"), "still the account's CPU"
 
 
 async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the_switch(
@@ -430,3 +438,58 @@ def test_only_homes_whose_dispatcher_is_gone_are_removed() -> None:
     live.close()
     later.close()
     shutil.rmtree(foreign)
+
+
+# Where the function's processes are in the cpu hierarchy, and what it can change there.
+CPU = r"""
+can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
+cpu='$2 ~ /(^|,)cpu(,|$)/ {print $3}'
+printf '{"own": "%s", "child": "%s", "leave": "%s", "join": "%s", "weigh": "%s"}' \
+  "$(awk -F: "$cpu" /proc/$$/cgroup)" "$(awk -F: "$cpu" /proc/self/cgroup)" \
+  "$(can sh -c "echo \$\$ > $CPU_ROOT/cgroup.procs")" \
+  "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-b/cgroup.procs")" \
+  "$(can sh -c "echo 262144 > $CPU_ROOT/kubetask/team-a/cpu.shares")"
+"""
+
+
+def _cpu_root() -> Path | None:
+    """This process's group of the cpu hierarchy: the dispatcher's, whose child it starts."""
+    return cpu_hierarchy(
+        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
+    )
+
+
+async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev: Dev) -> None:
+    """Every process of an account's functions, and whatever they start, is in the account's
+    cpu cgroup, weighted by the account's weight; a tenant can neither leave it, nor join a
+    neighbour's, nor change its weight. An admin's function in the account is there too."""
+    root = _cpu_root()
+    assert root is not None, "this machine mounts the cgroup v1 cpu controller"
+    spec = {"command": ["sh", "-c", CPU], "env": [{"name": "CPU_ROOT", "value": str(root)}]}
+    b = (await _run(dev, dev.token("team-b"), "team-b", spec))["task"]["status"]
+    assert b["phase"] == "Succeeded", b
+    assert b["result"]["own"].endswith("/kubetask/team-b"), b["result"]
+    a = (await _run(dev, dev.token("team-a"), "team-a", spec))["task"]["status"]
+    seen = a["result"]
+    assert seen["own"].endswith("/kubetask/team-a") and seen["child"] == seen["own"], seen
+    assert (seen["leave"], seen["join"], seen["weigh"]) == ("no", "no", "no"), seen
+    shares = {
+        account: (root / "kubetask" / account / "cpu.shares").read_text().strip()
+        for account in ("team-a", "team-b")
+    }
+    assert shares == {"team-a": "2048", "team-b": "1024"}, "1024 for each unit of weight"
+    admin = (await _run(dev, dev.admin, "team-b", spec))["task"]["status"]["result"]
+    assert admin["own"].endswith("/kubetask/team-b"), admin
+
+
+def test_the_cpu_hierarchy_is_found_where_the_host_mounts_it() -> None:
+    mounts = (
+        "30 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+        "31 25 0:27 /kubepods/pod1 /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+    )
+    own = "5:memory:/kubepods/pod1\n3:cpu,cpuacct:/kubepods/pod1/box\n0::/\n"
+    assert cpu_hierarchy(mounts, own) == Path("/sys/fs/cgroup/cpu,cpuacct/box")
+    plain = "32 25 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+    assert cpu_hierarchy(plain, "1:cpu:/\n") == Path("/sys/fs/cgroup/cpu")
+    unified = "33 25 0:29 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    assert cpu_hierarchy(unified, "0::/user.slice\n") is None

@@ -127,7 +127,8 @@ class CommandExecutor:
         assert spec.command is not None
         user = self.users.user_for(inv.function)
         env = env_for(inv, self.users.environment(user))
-        argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user)
+        cgroup = self.users.cpu_group(inv.function, user)
+        argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user, cgroup)
         proc = await spawn(argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False)
         return CommandExecution(inv, proc)
 

@@ -33,9 +33,11 @@ import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fairness import parse_weights
 from ..models import TaskFunction
 from ..registrant import ADMIN, registered_by
-from ..settings import env_choice, env_int
+from ..settings import env_choice, env_int, env_str, env_switch
+from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
 from .base import base_environment
 
@@ -116,6 +118,14 @@ class FunctionUsers:
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_PROCESSES", 4096, low=1)
     )
     homes: AccountHomes = field(default_factory=AccountHomes, compare=False, repr=False)
+    cpu: AccountCpu = field(
+        default_factory=lambda: AccountCpu(
+            parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", "")),
+            env_switch("KUBETASK_ACCOUNT_CPU", True),
+        ),
+        compare=False,
+        repr=False,
+    )
 
     def __post_init__(self) -> None:
         if self.mode == "accounts" and os.geteuid() != 0:
@@ -139,8 +149,13 @@ class FunctionUsers:
             base.update(self.homes.environment(user.uid))
         return base
 
+    def cpu_group(self, fn: TaskFunction, user: RunAs | None) -> str | None:
+        """The `cgroup.procs` file `fn`'s processes go in (`account_cpu.py`), or None."""
+        return self.cpu.procs(fn.account, None if user is None else user.uid)
+
     def close(self) -> None:
         self.homes.close()
+        self.cpu.close()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -155,6 +170,11 @@ class FunctionUsers:
     def announce(self) -> None:
         """Said once by each dispatcher at start."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
+        why_not = self.cpu.why_not()
+        if why_not is None:
+            log.info("functions' processes share the cores by account (a cpu cgroup each)")
+        else:
+            log.warning("functions' processes share the cores per process: %s", why_not)
 
 
 def may_run(path: str, uid: int) -> bool:

@@ -17,9 +17,11 @@ Two ways to set it:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import shlex
 import shutil
 import signal
 from collections.abc import Callable, Sequence
@@ -44,13 +46,19 @@ class Launch(NamedTuple):
     env: dict[str, str]
 
 
-def die_with_parent(user: function_users.RunAs | None = None) -> Callable[[], None]:
+def die_with_parent(
+    user: function_users.RunAs | None = None, cgroup: str | None = None
+) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
-    forked it is already gone; with `user`, first becomes that user (the kernel disarms the
-    signal when the user changes)."""
+    forked it is already gone; with `cgroup` (a `cgroup.procs` file), first joins that group,
+    and with `user`, then becomes that user (the kernel disarms the signal when the user
+    changes)."""
     parent = os.getpid()
 
     def arm() -> None:
+        if cgroup is not None:
+            with contextlib.suppress(OSError), open(cgroup, "w") as procs:
+                procs.write(str(os.getpid()))
         if user is not None:
             user.become()
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -65,24 +73,30 @@ def spawn_argv(
     env: dict[str, str],
     cwd: str | None,
     user: function_users.RunAs | None = None,
+    cgroup: str | None = None,
 ) -> Launch:
     """What to pass to `spawn` for `command` with `env`; with `user`, the command runs as that
-    user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`).
+    user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`);
+    with `cgroup`, a `cgroup.procs` file, the guard's shell puts itself in that group before
+    the command runs, so all it starts is born there (`account_cpu.py`).
 
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
     exit code of the guard."""
     if _SETPRIV is None or _SH is None:
         # The user is switched in the forked child before the exec that applies `env`.
-        return Launch(list(command), die_with_parent(user), env)
+        return Launch(list(command), die_with_parent(user, cgroup), env)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
     parent = str(os.getpid())
+    # A group that went away meanwhile leaves the process where it is, as without groups.
+    place = "" if cgroup is None else f"{{ echo $$ > {shlex.quote(cgroup)}; }} 2>/dev/null; "
     if user is None:
-        guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", _CHECK + _EXEC, parent]
+        script = place + _CHECK + _EXEC
+        guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", script, parent]
         return Launch([*guard, *command], None, env)
     held, restore = user.hand_over(env)
     # Restored after the parent check: a variable named PPID must not answer it.
-    script = user.shell_prelude() + _CHECK + restore + _EXEC
+    script = user.shell_prelude() + place + _CHECK + restore + _EXEC
     become = user.setpriv_options()
     guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
     return Launch([*guard, *command], None, held)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -85,11 +86,13 @@ class InstancePool:
         pools: Iterable[InstancePool],
         user: RunAs | None,
         environment: dict[str, str],
+        cgroup: Callable[[], str | None],
     ) -> None:
         self.fn = fn
         self.budget = budget
         self.user = user
         self.environment = environment  # what its instances' environments start from
+        self.cgroup = cgroup  # the cgroup.procs file its instances join (`account_cpu.py`)
         self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
@@ -166,7 +169,7 @@ class InstancePool:
             env.pop(key, None)
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
-        argv, preexec, env = spawn_argv(self.spec.command, env, cwd, self.user)
+        argv, preexec, env = spawn_argv(self.spec.command, env, cwd, self.user, self.cgroup())
         proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
@@ -405,7 +408,8 @@ class ServerExecutor:
                 retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            pool = InstancePool(fn, self.budget, self._pools.values(), user, environment)
+            cgroup = functools.partial(self.users.cpu_group, fn, user)
+            pool = InstancePool(fn, self.budget, self._pools.values(), user, environment, cgroup)
             self._pools[key] = pool
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())

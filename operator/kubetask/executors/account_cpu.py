@@ -1,0 +1,135 @@
+"""A CPU cgroup for each account, so the kernel shares the cores by account, not by process.
+
+Why: the kernel gives each runnable process its turn, so an account running 64 CPU-bound
+attempts left a neighbour's one warm instance about 1/65 of the cores: a no-op took 80 ms (p99
+284) instead of 3, and the neighbour's next tasks waited seconds to be dispatched
+(`bench/busy_neighbour.py`, 2026-12-02). With every process of an account's functions in a
+group of its own, each account with work competes as one entity, weighted by its
+`KUBETASK_ACCOUNT_WEIGHTS` weight (`cpu.shares` 1024 per unit), whatever number of processes it
+runs; the platform's own processes stay where they are, each weighing what a whole account
+does, so tenants' work cannot crowd out the dispatcher that must start and stop it. The
+groups only weigh: an account alone may still use every core.
+
+Where: under the dispatcher's own group of the cgroup v1 `cpu` hierarchy, in
+`kubetask/<account>` (account names are DNS labels, so one path component). A process is
+placed by the shell that starts it, before the function runs, so whatever it forks is born
+inside (`parent_death.py`). For a function run as its account's user, that user is given
+write access to its group's `cgroup.procs` and nothing else: the kernel lets a process move only
+processes of its own user, and only into a group whose `cgroup.procs` it may write, so a
+tenant can neither leave its group, nor change its weight, nor move anyone else.
+
+Not everywhere: the dispatcher must be root, and the host must mount the v1 `cpu` controller
+(as this project's test machines do). Under cgroup v2 alone a group can only be made where
+the dispatcher's own has been delegated to it, which is not done here; the dispatcher says in
+its log which it is, and without groups the cores are shared per process, as before. On
+Kubernetes each attempt and instance is a pod with a CPU request of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHARES_PER_WEIGHT = 1024
+# The kernel's range for cpu.shares.
+MIN_SHARES, MAX_SHARES = 2, 262144
+
+
+def cpu_hierarchy(mountinfo: str, cgroups: str) -> Path | None:
+    """Where this process's group of the v1 `cpu` controller is, from /proc/self/mountinfo
+    and /proc/self/cgroup; None without one."""
+    mount = None
+    for line in mountinfo.splitlines():
+        fields = line.split(" - ", 1)
+        if len(fields) != 2:
+            continue
+        kind, _, options = [*fields[1].split(" "), "", ""][:3]
+        if kind == "cgroup" and "cpu" in options.split(","):
+            root, point = line.split(" ")[3:5]
+            mount = (root, point)
+            break
+    if mount is None:
+        return None
+    for line in cgroups.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            root, point = mount
+            inside = path[len(root) :] if path.startswith(root) and root != "/" else path
+            return Path(point) / inside.lstrip("/")
+    return None
+
+
+class AccountCpu:
+    def __init__(self, weights: dict[str, float], enabled: bool = True) -> None:
+        self.weights = weights
+        self.enabled = enabled
+        self._base: Path | None = None
+        self._why_not: str | None = None
+        self._groups: dict[str, Path] = {}
+        self._owners: dict[str, int] = {}
+
+    def why_not(self) -> str | None:
+        """Why accounts' processes are not grouped; None if they are."""
+        self._open()
+        return self._why_not
+
+    def _open(self) -> Path | None:
+        if self._base is not None or self._why_not is not None:
+            return self._base
+        if not self.enabled:
+            self._why_not = "KUBETASK_ACCOUNT_CPU=off"
+        elif os.geteuid() != 0:
+            self._why_not = "only root can make cgroups"
+        else:
+            try:
+                own = cpu_hierarchy(
+                    Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
+                )
+                if own is None:
+                    self._why_not = "no cgroup v1 cpu controller is mounted"
+                else:
+                    base = own / "kubetask"
+                    base.mkdir(exist_ok=True)
+                    self._base = base
+            except OSError as err:
+                self._why_not = f"cannot make a cpu cgroup: {err}"
+        return self._base
+
+    def procs(self, account: str, uid: int | None) -> str | None:
+        """The `cgroup.procs` file of `account`'s group, made on first use; with `uid`, one that
+        user may write. None where there are no groups."""
+        base = self._open()
+        if base is None:
+            return None
+        group = self._groups.get(account)
+        if group is None or not group.is_dir():  # another dispatcher on the host may remove it
+            group = base / account
+            try:
+                group.mkdir(exist_ok=True)
+                shares = int(SHARES_PER_WEIGHT * self.weights.get(account, 1.0))
+                (group / "cpu.shares").write_text(str(min(MAX_SHARES, max(MIN_SHARES, shares))))
+            except OSError as err:
+                log.warning(
+                    "account %s: no cpu cgroup (%s); its processes share the host's", account, err
+                )
+                return None
+            self._groups[account] = group
+            self._owners.pop(account, None)
+        procs = group / "cgroup.procs"
+        if uid is not None and self._owners.get(account) != uid:
+            os.chown(procs, uid, uid)
+            self._owners[account] = uid
+        return str(procs)
+
+    def close(self) -> None:
+        """Remove the groups nothing runs in any more (a neighbour dispatcher's still do)."""
+        for group in self._groups.values():
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+        self._groups.clear()
+        self._owners.clear()
