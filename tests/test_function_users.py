@@ -478,6 +478,8 @@ async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev
         for account in ("team-a", "team-b")
     }
     assert shares == {"team-a": "2048", "team-b": "1024"}, "1024 for each unit of weight"
+    all_accounts = (root / "kubetask" / "cpu.shares").read_text().strip()
+    assert all_accounts == str(1024 * (os.cpu_count() or 1)), "1024 a core, as the kubelet's"
     admin = (await _run(dev, dev.admin, "team-b", spec))["task"]["status"]["result"]
     assert admin["own"].endswith("/kubetask/team-b"), admin
 

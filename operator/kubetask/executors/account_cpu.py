@@ -6,9 +6,10 @@ attempts left a neighbour's one warm instance about 1/65 of the cores: a no-op t
 (`bench/busy_neighbour.py`, 2026-12-02). With every process of an account's functions in a
 group of its own, each account with work competes as one entity, weighted by its
 `KUBETASK_ACCOUNT_WEIGHTS` weight (`cpu.shares` 1024 per unit), whatever number of processes it
-runs; the platform's own processes stay where they are, each weighing what a whole account
-does, so tenants' work cannot crowd out the dispatcher that must start and stop it. The
-groups only weigh: an account alone may still use every core.
+runs. The accounts' groups sit in one `kubetask` group weighing 1024 per core, as the kubelet
+weighs the group of all its pods, against 1024 for each busy thread of the platform's own
+processes, which stay where they are: tenants' work cannot crowd out the dispatcher that must
+start and stop it. The groups only weigh: an account alone may still use every core.
 
 Where: under the dispatcher's own group of the cgroup v1 `cpu` hierarchy, in
 `kubetask/<account>` (account names are DNS labels, so one path component). A process is
@@ -93,6 +94,8 @@ class AccountCpu:
                 else:
                     base = own / "kubetask"
                     base.mkdir(exist_ok=True)
+                    shares = SHARES_PER_WEIGHT * (os.cpu_count() or 1)
+                    (base / "cpu.shares").write_text(str(min(MAX_SHARES, shares)))
                     self._base = base
             except OSError as err:
                 self._why_not = f"cannot make a cpu cgroup: {err}"
