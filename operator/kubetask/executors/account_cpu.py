@@ -71,6 +71,7 @@ class AccountCpu:
         self._why_not: str | None = None
         self._groups: dict[str, Path] = {}
         self._owners: dict[str, int] = {}
+        self._failed: set[str] = set()
 
     def why_not(self) -> str | None:
         """Why accounts' processes are not grouped; None if they are."""
@@ -115,15 +116,19 @@ class AccountCpu:
                 shares = int(SHARES_PER_WEIGHT * self.weights.get(account, 1.0))
                 (group / "cpu.shares").write_text(str(min(MAX_SHARES, max(MIN_SHARES, shares))))
             except OSError as err:
-                log.warning(
-                    "account %s: no cpu cgroup (%s); its processes share the host's", account, err
-                )
+                if account not in self._failed:  # said once, not at every spawn
+                    self._failed.add(account)
+                    log.warning("account %s: no cpu cgroup (%s), shared per process", account, err)
                 return None
+            self._failed.discard(account)
             self._groups[account] = group
             self._owners.pop(account, None)
         procs = group / "cgroup.procs"
         if uid is not None and self._owners.get(account) != uid:
-            os.chown(procs, uid, uid)
+            try:
+                os.chown(procs, uid, uid)
+            except OSError:
+                return None  # removed meanwhile: made again at the next spawn
             self._owners[account] = uid
         return str(procs)
 
