@@ -20,8 +20,9 @@ processes of its own user, and only into a group whose `cgroup.procs` it may wri
 tenant can neither leave its group, nor change its weight, nor move anyone else.
 
 Not everywhere: the dispatcher must be root, and the host must mount the v1 `cpu` controller
-(as this project's test machines do). Under cgroup v2 alone a group can only be made where
-the dispatcher's own has been delegated to it, which is not done here; the dispatcher says in
+(as this project's test machines do). Under cgroup v2 alone, by its rules (not tried here:
+no machine of this project has only v2), a group can only be made where the dispatcher's own
+has been delegated to it, which is not done here; the dispatcher says in
 its log which it is, and without groups the cores are shared per process, as before. On
 Kubernetes each attempt and instance is a pod with a CPU request of its own.
 """
