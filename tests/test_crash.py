@@ -444,6 +444,47 @@ async def test_nats_server_gets_the_go_runtimes_variables_and_nothing_else(lab: 
     assert dev.wait(10) == 0
 
 
+def _policies(pid: int) -> set[int]:
+    """The scheduling policies of all of `pid`'s threads."""
+    return {os.sched_getscheduler(int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
+@pytest.mark.parametrize("switch", ["", "off"])
+async def test_nats_server_alone_runs_under_sched_batch(lab: Lab, switch: str) -> None:
+    """Under SCHED_BATCH a woken nats-server no longer preempts the gateway or a dispatcher in
+    the middle of a task (`sched_batch.py`); they, and the functions they start, keep the
+    default policy so that they still preempt a tenant's CPU-bound code. Set before the exec,
+    so every one of Go's threads has it; `KUBETASK_DEV_NATS_BATCH=off` leaves it out."""
+    data = lab.root / "data"
+    env = dict(os.environ, KUBETASK_DEV_NATS_BATCH=switch)
+    args = ["dev", "--data-dir", str(data), "--nats-port", "0", "--port", str(free_port())]
+    dev = lab.spawn(*args, env=env, log="dev.log")
+    await _client_config(lab, dev, data, "dev.log")
+    [nats_pid] = pids_running(str(data / "jetstream").encode())
+    children = Path(f"/proc/{dev.pid}/task/{dev.pid}/children").read_text().split()
+    others = [int(pid) for pid in children if int(pid) != nats_pid]
+    assert len(others) == 2, children  # the gateway and one dispatcher
+    expected = os.SCHED_OTHER if switch == "off" else os.SCHED_BATCH
+    assert _policies(nats_pid) == {expected}
+    for pid in others:
+        assert _policies(pid) == {os.SCHED_OTHER}, pid
+    assert "SCHED_BATCH refused" not in (lab.root / "dev.log").read_text()
+    dev.send_signal(signal.SIGINT)
+    assert dev.wait(10) == 0
+
+
+def test_a_bad_sched_batch_switch_is_named_before_anything_starts(tmp_path: Path) -> None:
+    args = ["dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetask", *args, "--nats-port", "0"],
+        env=dict(os.environ, KUBETASK_DEV_NATS_BATCH="sometimes"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("error: KUBETASK_DEV_NATS_BATCH='sometimes': expected on or off")
+    assert not (tmp_path / "data").exists()
+
+
 def test_a_memory_limit_nats_server_would_die_of_is_named_before_anything_starts(
     tmp_path: Path,
 ) -> None:

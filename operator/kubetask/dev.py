@@ -28,7 +28,7 @@ from typing import TextIO
 
 import yaml
 
-from . import nats_auth, private_files
+from . import nats_auth, private_files, sched_batch
 from .auth import create_token
 from .client import Client
 from .embedded import (
@@ -55,17 +55,25 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     log: Path
+    batch: bool = False  # under SCHED_BATCH (`sched_batch.py`)
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
 
     def start(self) -> None:
+        arm = die_with_parent()
+
+        def preexec() -> None:
+            if self.batch:
+                sched_batch.enter()
+            arm()
+
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent(),
+                preexec_fn=preexec,
             )
 
     def running(self) -> bool:
@@ -179,6 +187,10 @@ def run(
 
     data_dir = data_dir.resolve()
     problem = settings_problem() or go_runtime_problem()
+    try:
+        batch = sched_batch.wanted()
+    except ValueError as err:
+        batch, problem = False, problem or str(err)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -207,9 +219,16 @@ def run(
         nats_argv(data_dir / "jetstream", nats_port, nats_config),
         nats_env(),
         data_dir / "logs" / "nats.log",
+        batch=batch,
     )
     nats.start()
     assert nats.proc is not None
+    if batch and not sched_batch.holds(nats.proc.pid):
+        print(
+            "note: nats-server runs under the default scheduling policy (SCHED_BATCH refused)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         wait_for_port(nats_port, proc=nats.proc)
     except (RuntimeError, TimeoutError) as err:
