@@ -461,7 +461,8 @@ async def test_nats_server_alone_runs_under_sched_batch(lab: Lab, switch: str) -
     dev = lab.spawn(*args, env=env, log="dev.log")
     await _client_config(lab, dev, data, "dev.log")
     [nats_pid] = pids_running(str(data / "jetstream").encode())
-    children = Path(f"/proc/{dev.pid}/task/{dev.pid}/children").read_text().split()
+    children_file = Path(f"/proc/{dev.pid}/task/{dev.pid}/children")
+    children = (await asyncio.to_thread(children_file.read_text)).split()
     others = [int(pid) for pid in children if int(pid) != nats_pid]
     assert len(others) == 2, children  # the gateway and one dispatcher
     expected = os.SCHED_OTHER if switch == "off" else os.SCHED_BATCH
