@@ -461,9 +461,14 @@ async def test_nats_server_alone_runs_under_sched_batch(lab: Lab, switch: str) -
     so every one of Go's threads has it; `KUBETASK_DEV_NATS_BATCH=off` leaves it out."""
     data = lab.root / "data"
     env = dict(os.environ, KUBETASK_DEV_NATS_BATCH=switch)
-    args = ["dev", "--data-dir", str(data), "--nats-port", "0", "--port", str(free_port())]
-    dev = lab.spawn(*args, env=env, log="dev.log")
-    await _client_config(lab, dev, data, "dev.log")
+    fn_file = lab.root / "fns.yaml"
+    policy = [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"]
+    function = {"kind": "TaskFunction", "metadata": {"name": "policy"}, "spec": {"command": policy}}
+    fn_file.write_text(json.dumps({"apiVersion": "kubetask.io/v1alpha1", **function}))
+    port = free_port()
+    args = ["dev", "--data-dir", str(data), "--nats-port", "0", "--port", str(port)]
+    dev = lab.spawn(*args, "-f", str(fn_file), env=env, log="dev.log")
+    cfg = json.loads((await _client_config(lab, dev, data, "dev.log")).read_text())
     [nats_pid] = pids_running(str(data / "jetstream").encode())
     children_file = Path(f"/proc/{dev.pid}/task/{dev.pid}/children")
     children = (await asyncio.to_thread(children_file.read_text)).split()
@@ -473,6 +478,15 @@ async def test_nats_server_alone_runs_under_sched_batch(lab: Lab, switch: str) -
     assert _policies(nats_pid) == {expected}
     for pid in others:
         assert _policies(pid) == {os.SCHED_OTHER}, pid
+    auth = {"Authorization": f"Bearer {cfg['token']}"}
+    async with httpx.AsyncClient(base_url=cfg["url"], headers=auth, timeout=30) as http:
+        resp = await http.post("/v1/tasks", json={"function": "policy", "id": "p"})
+        assert resp.status_code == 202, resp.text
+        deadline = time.monotonic() + 30
+        while (task := (await http.get("/v1/tasks/p")).json())["status"]["phase"] != "Succeeded":
+            assert time.monotonic() < deadline, task
+            await asyncio.sleep(0.1)
+    assert task["status"]["result"] == os.SCHED_OTHER, "a function runs under the default"
     assert "SCHED_BATCH refused" not in (lab.root / "dev.log").read_text()
     dev.send_signal(signal.SIGINT)
     assert dev.wait(10) == 0
