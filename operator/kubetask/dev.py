@@ -223,7 +223,7 @@ def run(
     )
     nats.start()
     assert nats.proc is not None
-    if batch and not sched_batch.holds(nats.proc.pid):
+    if batch and nats.running() and not sched_batch.holds(nats.proc.pid):  # gone: said below
         print(
             "note: nats-server runs under the default scheduling policy (SCHED_BATCH refused)",
             file=sys.stderr,

@@ -18,7 +18,8 @@ anywhere else.
 
 The policy is per thread and inherited by the threads a thread starts, so it is set in the
 forked child before nats-server is executed, and all of Go's threads have it. Only Linux has
-it; where it is refused (a seccomp profile), `kubetask dev` says so and goes on.
+it; where it is refused, `kubetask dev` says so and goes on (not seen: nothing here refuses
+a process its own non-real-time policy).
 `KUBETASK_DEV_NATS_BATCH=off` leaves nats-server under the default policy. On Kubernetes
 nats-server is a pod of its own and keeps the default.
 """
