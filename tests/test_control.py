@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 from harness import Api, read_lines
+from kubetask import actions, submission
+from kubetask.models import TaskPhase
+from kubetask.plane import DataPlane
+from kubetask.store import TaskRecord, new_token
 
 
 def _alive(pid: int) -> bool:
@@ -75,6 +79,35 @@ async def test_stop_a_queued_task_never_runs_it(api: Api) -> None:
     await api.wait(first["metadata"]["name"])
     await asyncio.sleep(0.5)
     assert read_lines(ran) == ["first"]
+
+
+async def test_a_resume_answers_the_task_as_it_is_after_a_quicker_writer(
+    api: Api, plane: DataPlane
+) -> None:
+    """A resume publishes the task's message, then marks it Queued; a dispatcher may claim it
+    (or a user stop it) in between. The answer was then the record from before the publish,
+    Pending, a phase the task had already left (seen as a flaky `test_pause_then_resume`).
+    Here the quicker writer is a stop, made between the two steps for certain."""
+    await api.function("held", command=["sleep", "30"], maxConcurrency=1)
+    running = (await api.submit("held", 0))["metadata"]["name"]
+    task_id = (await api.submit("held", 1))["metadata"]["name"]
+    await api.wait(running, {"Running"})
+    await api.call("POST", f"/v1/tasks/{task_id}/pause", 200)
+    fn = plane.registry.function(api.account, "held")
+    assert fn is not None
+    paused = await plane.store.get(api.account, task_id)
+    assert paused is not None and paused.record.phase is TaskPhase.Paused
+
+    def to_pending(r: TaskRecord) -> TaskRecord:  # resume's first step
+        r.task.status.phase = TaskPhase.Pending
+        r.token = new_token()
+        return r
+
+    pending = await plane.store.transition(api.account, task_id, to_pending, paused)
+    await actions.stop(plane, pending)
+    answered = await submission.enqueue(plane, fn, pending)
+    assert answered.record.phase is TaskPhase.Stopped
+    await api.call("POST", f"/v1/tasks/{running}/stop", 200)
 
 
 async def test_pause_then_resume(api: Api) -> None:

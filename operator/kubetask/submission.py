@@ -111,7 +111,8 @@ async def publish_created(plane: DataPlane, fn: TaskFunction, created: Versioned
 
 async def enqueue(plane: DataPlane, fn: TaskFunction, current: Versioned) -> Versioned:
     """Publish a Pending (resumed) record's message and mark it Queued; the dispatcher may already
-    have claimed it, which is fine. A crash in between leaves it Pending for the sweeper."""
+    have claimed it, which is fine, and then the record as it is now is returned, not the
+    Pending one. A crash in between leaves it Pending for the sweeper."""
     rec = current.record
     await queues.enqueue(plane.rpc, fn, queues.QueuedRef(rec.task.account, rec.task.id, rec.token))
 
@@ -122,6 +123,9 @@ async def enqueue(plane: DataPlane, fn: TaskFunction, current: Versioned) -> Ver
         r.task.status.timestamps.enqueued = r.task.status.timestamps.enqueued or now()
         return r
 
-    with contextlib.suppress(IllegalTransition, TaskGone):
+    try:
         return await plane.store.transition(rec.task.account, rec.task.id, queued, current)
-    return current
+    except IllegalTransition:
+        return await plane.store.get(rec.task.account, rec.task.id) or current
+    except TaskGone:
+        return current
