@@ -26,7 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import nats
-from kubetask import nats_auth
+from kubetask import nats_auth, sched_batch
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
 from kubetask.executors.http1 import Http1Pool
@@ -67,10 +67,13 @@ class Kubetask:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     async def start(self) -> None:
-        # NATS with the platform's users and permissions, as `kubetask dev` and the chart run it.
+        # NATS with the platform's users and permissions, as `kubetask dev` and the chart run
+        # it, and under `kubetask dev`'s scheduling policy (KUBETASK_DEV_NATS_BATCH=off: not).
         self.passwords = nats_auth.load_or_create(self.work / "secrets" / "nats-users.json")
         conf = nats_auth.write_server_config(self.work / "secrets" / "nats.conf", self.passwords)
-        self.procs.append(start_nats(self.work / "js", self.nats_port, config=conf))
+        batch = sched_batch.wanted()
+        self.procs.append(start_nats(self.work / "js", self.nats_port, config=conf, batch=batch))
+        assert not batch or sched_batch.holds(self.procs[0].pid), "SCHED_BATCH refused"
         tokens = self.work / "tokens.json"
         self.token = create_token(tokens, "bench", "bench")
         # The dispatcher shows its per-function counters to the holder of this token only.
@@ -392,7 +395,8 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kubetask-bench-"))
     print(
         f"2-core machine: {os.cpu_count()} cpus; {args.tasks} no-op tasks per system and round, "
-        f"{args.rounds} rounds; work in {work}"
+        f"{args.rounds} rounds; work in {work}; nats-server under "
+        f"{'SCHED_BATCH' if sched_batch.wanted() else 'the default policy'}"
     )
 
     kt = Kubetask(work)

@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from . import sched_batch
 from .executors.parent_death import die_with_parent
 
 
@@ -134,13 +135,23 @@ def start_nats(
     log_file: Path | None = None,
     tie_to_parent: bool = True,
     config: Path | None = None,
+    batch: bool = False,
 ) -> subprocess.Popen[bytes]:
+    """`batch`: under SCHED_BATCH, as `kubetask dev` runs it (`sched_batch.py`)."""
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    arm = die_with_parent() if tie_to_parent else None
+
+    def preexec() -> None:
+        if batch:
+            sched_batch.enter()
+        if arm is not None:
+            arm()
+
     proc = subprocess.Popen(
         nats_argv(store_dir, port, config),
         stdout=out,
         stderr=subprocess.STDOUT,
-        preexec_fn=die_with_parent() if tie_to_parent else None,
+        preexec_fn=preexec if batch or arm is not None else None,
         env=nats_env(),
     )
     wait_for_port(port, proc=proc)
