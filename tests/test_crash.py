@@ -492,6 +492,18 @@ async def test_nats_server_alone_runs_under_sched_batch(lab: Lab, switch: str) -
     assert dev.wait(10) == 0
 
 
+@pytest.mark.parametrize("batch", [True, False])
+def test_start_nats_runs_it_under_sched_batch_when_asked(tmp_path: Path, batch: bool) -> None:
+    """`start_nats(batch=True)` is how the throughput benchmark runs nats-server as `kubetask
+    dev` does; without it, the default policy."""
+    server = start_nats(tmp_path / "js", free_port(), batch=batch)
+    try:
+        assert _policies(server.pid) == {os.SCHED_BATCH if batch else os.SCHED_OTHER}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def test_a_bad_sched_batch_switch_is_named_before_anything_starts(tmp_path: Path) -> None:
     args = ["dev", "--data-dir", str(tmp_path / "data"), "--port", str(free_port())]
     out = subprocess.run(
