@@ -93,6 +93,8 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         dedup_window=1.0,
         max_payload_bytes=64 * 1024,
         max_result_bytes=64 * 1024,
+        # Four of the largest payloads fill a page of `GET /v1/tasks`; a few hundred small tasks.
+        page_max_bytes=256 * 1024,
         # Functions doze after one empty 5 s pull, so every test's idle functions go through
         # the doze and must be woken by their next task.
         pull_idle_expires=5.0,

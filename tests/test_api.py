@@ -10,6 +10,7 @@ import pytest
 from harness import Api
 from kubetask import names
 from kubetask.plane import DataPlane
+from kubetask.settings import Settings
 from nats.js.errors import KeyNotFoundError
 
 
@@ -89,6 +90,34 @@ async def test_list_pages_with_a_cursor(api: Api) -> None:
             break
     assert seen == [f"page-{i}" for i in range(7)]
     assert pages == 3
+
+
+async def test_a_page_of_large_tasks_ends_at_its_byte_budget(api: Api, settings: Settings) -> None:
+    """One tenant's list of its largest tasks cannot make the gateway hold a page of
+    hundreds of megabytes: a page ends at `KUBETASK_PAGE_MAX_BYTES` of records (here 256 KiB,
+    four 60 KB payloads), with a cursor to the rest, whatever `limit` asks."""
+    await api.function("wide", command=["true"])
+    payload = "w" * 60_000
+    for i in range(10):
+        await api.submit("wide", payload=payload, task_id=f"wide-{i}")
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        pages += 1
+        params = {"limit": 1000, "idPrefix": "wide-", **({"cursor": cursor} if cursor else {})}
+        resp = await api.http.get("/v1/tasks", params=params)
+        assert resp.status_code == 200, resp.text
+        assert len(resp.content) < settings.page_max_bytes + 16_000, len(resp.content)
+        page = resp.json()
+        assert page["items"], page
+        assert all(t["spec"]["payload"] == payload for t in page["items"])
+        seen += [t["metadata"]["name"] for t in page["items"]]
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"wide-{i}" for i in range(10)]
+    assert pages >= 3  # at most four such tasks a page
 
 
 async def test_bad_input_gets_a_clear_4xx(api: Api) -> None:

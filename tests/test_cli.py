@@ -193,6 +193,32 @@ async def test_list_takes_times_as_a_person_types_them(api: Api, gateway_url: st
         assert out.returncode == 2 and "is not a time" in out.stderr, (bad, out.stderr)
 
 
+async def test_list_gives_as_many_as_asked_across_short_pages_and_goes_on_from_a_cursor(
+    api: Api, gateway_url: str
+) -> None:
+    """A page of large tasks ends at the gateway's byte budget before `limit` (four of these
+    a page here); `list --limit N` still shows N, and the cursor it prints for the rest is one
+    `--cursor` takes."""
+    await api.function("wide", command=["true"])
+    for i in range(10):
+        await api.submit("wide", payload="w" * 60_000, task_id=f"wide-{i}")
+
+    def ids(out: subprocess.CompletedProcess[str]) -> list[str]:
+        return [t["metadata"]["name"] for t in json.loads(out.stdout)]
+
+    listed = await kt(api, gateway_url, "list", "--prefix", "wide-", "--limit", "9", "-o", "json")
+    assert ids(listed) == [f"wide-{i}" for i in range(9)]
+    table = await kt(api, gateway_url, "list", "--prefix", "wide-", "--limit", "2")
+    assert f"pass --cursor {api.account}/wide-1" in table.stderr, table.stderr
+    rest = await kt(
+        api, gateway_url, "list", "--prefix", "wide-", "--cursor", f"{api.account}/wide-1",
+        "--all", "-o", "json",
+    )  # fmt: skip
+    assert ids(rest) == [f"wide-{i}" for i in range(2, 10)]
+    bad = await kt(api, gateway_url, "list", "--cursor", "no-slash", check=False)
+    assert bad.returncode == 1 and "HTTP 422: malformed cursor" in bad.stderr, bad.stderr
+
+
 async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(
     api: Api, plane: DataPlane
 ) -> None:

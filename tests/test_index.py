@@ -96,6 +96,45 @@ def test_every_filter_and_cursor_agrees_with_a_plain_filter(tmp_path: Path) -> N
     index.close()
 
 
+def test_a_page_holds_no_more_record_bytes_than_asked_and_one_record_at_least(
+    tmp_path: Path,
+) -> None:
+    """A page is built whole in the gateway's memory, so besides `limit` it is bounded in
+    bytes: it ends before the record that would take it past `max_bytes`, unless that record
+    is its first, and the pages together are still every match, once, in order."""
+    rows = _rows(600, seed=3)
+    rnd = random.Random(5)
+    sizes = {(s.account, s.id): rnd.choice([10, 900, 5_000, 40_000, 120_000]) for s in rows}
+    index = TaskIndex(tmp_path / "index.sqlite3")
+    for s in rows:
+        index.db.execute(UPSERT, s.row(b"r" * sizes[s.account, s.id], 1))
+    index.commit()
+    for _ in range(60):
+        q = Query(
+            accounts=rnd.choice([None, ["a"], ["b", "c"]]),
+            phases=rnd.choice([None, frozenset({TaskPhase.Queued, TaskPhase.Failed})]),
+            id_prefix=rnd.choice(["", "trace"]),
+        )
+        expected = sorted((s.account, s.id) for s in rows if _matches(q, s))
+        limit, max_bytes = rnd.choice([3, 50, 1000]), rnd.choice([1, 50_000, 300_000])
+        got: list[tuple[str, str]] = []
+        cursor = None
+        while True:
+            page, cursor = index.search(q, limit, cursor, max_bytes)
+            keys = [(f.account, f.id) for f in page]
+            held = sum(sizes[k] for k in keys)
+            assert 0 < len(page) <= limit or (not page and not expected)
+            assert held <= max_bytes or len(page) == 1, (held, max_bytes, len(page))
+            got += keys
+            if cursor is None:
+                break
+            if len(page) < limit:  # ended for its size: the next match would not have fitted
+                following = expected[len(got)]
+                assert held + sizes[following] > max_bytes
+        assert got == expected, q
+    index.close()
+
+
 def test_a_kept_index_resumes_and_a_foreign_one_starts_over(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     index = TaskIndex(path)

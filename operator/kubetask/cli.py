@@ -286,12 +286,13 @@ def cmd_list(args: argparse.Namespace) -> None:
         "limit": args.limit,
     }
     items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
+    cursor = args.cursor
+    while True:  # a page of large tasks may end before --limit (KUBETASK_PAGE_MAX_BYTES)
+        filters["limit"] = args.limit if args.all else args.limit - len(items)
         page = client.list(**filters, cursor=cursor)
         items.extend(page["items"])
         cursor = page.get("cursor")
-        if not cursor or not args.all:
+        if not cursor or not (args.all or len(items) < args.limit):
             break
     _print_tasks(items, args.output)
     if cursor and args.output != "json":
@@ -588,6 +589,7 @@ def parser() -> argparse.ArgumentParser:
         )
     ls.add_argument("--limit", type=_whole(1, 1000, "a page size"), default=100)
     ls.add_argument("--all", action="store_true", help="follow the cursor through every page")
+    ls.add_argument("--cursor", help="go on from where a list ended (it prints its cursor)")
     ls.set_defaults(func=cmd_list)
 
     for action in ("stop", "pause", "resume", "delete"):

@@ -156,6 +156,10 @@ class Settings:
     max_result_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_MAX_RESULT", 256 * 1024, 1)
     )
+    # A page of `GET /v1/tasks` ends before the record that would take it past this (`index.py`).
+    page_max_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_PAGE_MAX_BYTES", 4 * 1024 * 1024, 1)
+    )
     # A queue (stream) holding this many tasks refuses new ones (429) rather than drop old ones.
     queue_max_msgs: int = field(
         default_factory=lambda: env_int("KUBETASK_QUEUE_MAX_MSGS", 1_000_000, 1)

@@ -324,6 +324,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         cursor: Annotated[str | None, Query(json_schema_extra={"pattern": CURSOR})] = None,
     ) -> Response:
+        """Tasks in id order, at most `limit` a page and at most `KUBETASK_PAGE_MAX_BYTES`
+        (4 MiB) of records (one task at least, whatever its size), so a page may hold fewer
+        than `limit` while more follow: follow `cursor` until it is null."""
         scoped = who.scope(account)
         phases = None
         if status:
@@ -348,7 +351,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         await indexer().caught_up()
         index = indexer().index
 
-        rows, nxt = await indexer().query(scoped, index.search, q, limit, after)
+        rows, nxt = await indexer().query(
+            scoped, index.search, q, limit, after, settings.page_max_bytes
+        )
         body, unreadable = task_pages.render(
             (
                 (names.task_key(row.account, row.id), row.record, row.revision)

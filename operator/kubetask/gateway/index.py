@@ -347,14 +347,19 @@ class TaskIndex:
         return found
 
     def search(
-        self, q: Query, limit: int, cursor: tuple[str, str] | None
+        self, q: Query, limit: int, cursor: tuple[str, str] | None, max_bytes: int | None = None
     ) -> tuple[list[Found], tuple[str, str] | None]:
         """Up to `limit` matches in (account, id) order after `cursor`, with their records as
         stored, and the next cursor. Accounts are searched one at a time, so each one's index
-        is read in order."""
+        is read in order. With `max_bytes`, a page also ends before the record that would take
+        its records past that many bytes (it holds one, whatever its size): a page is read and
+        rendered whole in the gateway's memory, and a thousand tasks with the largest payloads
+        and results allowed are ~0.5 GB, so a few lists of one tenant's tasks could take the
+        gateway every tenant shares out of memory."""
         conds, args = q.where()
         accounts = self.accounts() if q.accounts is None else sorted(q.accounts)
         found: list[Found] = []
+        size = 0
         for account in accounts:
             if cursor is not None and account < cursor[0]:
                 continue
@@ -378,8 +383,10 @@ class TaskIndex:
                 sql = f"WHERE {matching} ORDER BY id LIMIT ?"
                 params.append(want)
             rows = self.db.execute(f"SELECT account, id, record, revision FROM tasks {sql}", params)
-            found += (Found(*row) for row in rows)
-            if len(found) > limit:
-                last = found[limit - 1]
-                return found[:limit], (last.account, last.id)
+            for row in rows:  # read row by row: what a full page does not take is not read
+                grown = size + len(row[2] or b"")
+                if len(found) == limit or (found and max_bytes is not None and grown > max_bytes):
+                    return found, (found[-1].account, found[-1].id)
+                found.append(Found(*row))
+                size = grown
         return found, None
