@@ -154,3 +154,63 @@ async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
         assert (await put(g, "f1", maxConcurrency=7)).status_code == 200
         assert (await put(g, "f1", queueMode="dedicated")).status_code == 409
         assert (await put(g, "f9")).status_code == 409
+
+
+async def test_an_account_may_store_only_so_many_bytes_and_configs_and_its_neighbour_is_unaffected(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    """Every process keeps every account's functions and AsyncConfigs in memory: one account's
+    bytes of them are bounded (a 250 KB environment fits in a request body), and so is its
+    number of AsyncConfigs (one may name a function that does not exist yet), which was not."""
+    greedy, neighbour = await make_api(), await make_api()
+    limited = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords),
+        account_max_functions=3,
+        account_max_registered_bytes=100_000,
+    )
+
+    def fn(name: str, env_bytes: int) -> dict[str, Any]:
+        env = [{"name": "BIG", "value": "b" * env_bytes}]
+        return {"metadata": {"name": name}, "spec": {"command": ["true"], "env": env}}
+
+    def cfg(name: str, note: int = 0) -> dict[str, Any]:
+        meta = {"name": name, "annotations": {"note": "n" * note}}
+        return {"metadata": meta, "spec": {"function": name}}
+
+    async with (
+        gateway(limited, tokens_file) as url,
+        httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {greedy.token}"}) as g,
+        httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {neighbour.token}"}
+        ) as n,
+    ):
+        assert (await g.put("/v1/functions/a", json=fn("a", 40_000))).status_code == 200
+        assert (await g.put("/v1/functions/b", json=fn("b", 40_000))).status_code == 200
+        over = await g.put("/v1/functions/c", json=fn("c", 40_000))
+        assert over.status_code == 409, over.text
+        assert "KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES" in over.json()["error"]
+        assert (await g.get("/v1/functions/c")).status_code == 404, "not registered half-way"
+        grown = await g.put("/v1/functions/a", json=fn("a", 65_000))
+        assert grown.status_code == 409, grown.text
+        assert (await g.put("/v1/functions/a", json=fn("a", 10_000))).status_code == 200
+        assert (await g.put("/v1/functions/c", json=fn("c", 40_000))).status_code == 200
+        assert (await n.put("/v1/functions/c", json=fn("c", 90_000))).status_code == 200
+        limits = (await g.get("/v1/limits")).json()
+        assert 90_000 < limits["registeredBytes"] <= 100_000, limits
+        assert limits["maxRegisteredBytes"] == 100_000
+        # AsyncConfigs count against the same bytes, and an account keeps at most as many as
+        # it may have functions.
+        big = await g.put("/v1/asyncconfigs/a", json=cfg("a", note=20_000))
+        assert big.status_code == 409 and "REGISTERED_BYTES" in big.text, big.text
+        for name in ("a", "b", "x"):
+            assert (await g.put(f"/v1/asyncconfigs/{name}", json=cfg(name))).status_code == 200
+        fourth = await g.put("/v1/asyncconfigs/y", json=cfg("y"))
+        assert fourth.status_code == 409, fourth.text
+        assert "KUBETASK_ACCOUNT_MAX_FUNCTIONS" in fourth.json()["error"]
+        assert (await g.put("/v1/asyncconfigs/x", json=cfg("x", note=10))).status_code == 200
+        assert (await n.put("/v1/asyncconfigs/y", json=cfg("y"))).status_code == 200
+        assert (await g.delete("/v1/functions/c")).status_code == 204  # room again
+        assert (await g.put("/v1/functions/d", json=fn("d", 30_000))).status_code == 200

@@ -707,6 +707,8 @@ class AccountLimits(KubeModel):
     )
     maxOwnQueues: int = Field(description="Streams of their own its functions may hold.")
     maxLogStreams: int = Field(description="Log reads (`logs -f`) it may keep open at once.")
+    registeredBytes: int = Field(description="Bytes its functions and AsyncConfigs take stored.")
+    maxRegisteredBytes: int = Field(description="Bytes they may take.")
     queues: list[QueueLoad]
 
 

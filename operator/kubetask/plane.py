@@ -38,7 +38,7 @@ class DataPlane:
         rpc = Requester(nc, timeout=10)
         await rpc.start()
         store = TaskStore(await js.key_value(names.TASKS_BUCKET), rpc, Retention(settings))
-        registry = Registry(js)
+        registry = Registry(js, settings)
         await registry.start()
         depth = QueueDepth(rpc, settings.queue_max_msgs)
         return cls(nc, js, rpc, settings, store, registry, depth, Mover(js, settings))

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from . import names, queues
+from . import names, queues, quotas
 from .models import QueueAssignment, QueueMode, TaskFunction
 from .registry import Registry
 from .settings import Settings
@@ -220,6 +220,8 @@ class Mover:
                 f"account {fn.account!r} already has {limits.account_max_functions} functions "
                 "(KUBETASK_ACCOUNT_MAX_FUNCTIONS); delete one first"
             )
+        data = registry.encode(fn)
+        quotas.check_bytes(registry, "function", fn.account, fn.name, data)
         if added > 0 and own > limits.account_max_own_queues:
             raise queues.TooManyFunctions(
                 f"account {fn.account!r} would hold {own} queues of its functions' own (dedicated"

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from . import names, quarantine
+from . import names, quarantine, quotas
 from .models import (
     DEFAULT_ASYNC_CONFIG,
     AsyncConfig,
@@ -45,8 +45,13 @@ class AccountUse:
 
 
 class Registry:
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(self, js: JetStreamContext, limits: quotas.Limits) -> None:
         self.js = js
+        self.limits = limits
+        # Bytes stored per (kind, account, name) and per account: every process keeps every
+        # account's registrations in memory, so what one account may store is bounded.
+        self._sizes: dict[tuple[str, str, str], int] = {}
+        self._account_bytes: dict[str, int] = {}
         self.functions: dict[tuple[str, str], TaskFunction] = {}
         # As registered (no status); `functions` holds them with their queue assignment.
         self._registered: dict[tuple[str, str], TaskFunction] = {}
@@ -104,8 +109,26 @@ class Registry:
             self._poisoned(key, value, revision, err)
             return None
 
+    def _count(self, kind: str, account: str, name: str, value: bytes | None) -> None:
+        size = len(value or b"")
+        before = self._sizes.pop((kind, account, name), 0)
+        if size:
+            self._sizes[(kind, account, name)] = size
+        self._account_bytes[account] = self._account_bytes.get(account, 0) + size - before
+
+    def stored_bytes(self, account: str, kind: str | None = None, name: str = "") -> int:
+        """Bytes `account`'s registrations take as stored; with `kind` ("function" or
+        "config"), those of one object."""
+        if kind is None:
+            return self._account_bytes.get(account, 0)
+        return self._sizes.get((kind, account, name), 0)
+
+    def config_count(self, account: str) -> int:
+        return sum(acct == account for acct, _ in self.configs)
+
     def _apply_function(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
+        self._count("function", account, name, value)
         fn = self._decode(TaskFunction, key, value, revision)
         if fn is None:
             self._registered.pop((account, name), None)
@@ -206,6 +229,7 @@ class Registry:
 
     def _apply_config(self, key: str, value: bytes | None, revision: int) -> None:
         account, name = names.split_key(key)
+        self._count("config", account, name, value)
         cfg = self._decode(AsyncConfig, key, value, revision)
         if cfg is None:
             self.configs.pop((account, name), None)
@@ -221,9 +245,13 @@ class Registry:
         found = self._by_function.get((account, function))
         return found if found is not None else DEFAULT_ASYNC_CONFIG
 
+    @staticmethod
+    def encode(obj: TaskFunction | AsyncConfig) -> bytes:
+        """An object as stored: without its status, which is the platform's to report."""
+        return obj.model_copy(update={"status": None}).model_dump_json().encode()
+
     async def put_function(self, fn: TaskFunction) -> None:
-        data = fn.model_copy(update={"status": None}).model_dump_json().encode()
-        await self._fn_kv.put(names.object_key(fn.account, fn.name), data)
+        await self._fn_kv.put(names.object_key(fn.account, fn.name), self.encode(fn))
 
     async def delete_function(self, account: str, name: str) -> bool:
         """Unregister a function, and forget where the platform had put its queue."""
@@ -241,7 +269,8 @@ class Registry:
                     f"function {cfg.spec.function!r} already has AsyncConfig {name!r}; "
                     "update that one or delete it first"
                 )
-        data = cfg.model_copy(update={"status": None}).model_dump_json().encode()
+        data = self.encode(cfg)
+        quotas.check_config(self, cfg.account, cfg.metadata.name, data)
         await self._cfg_kv.put(names.object_key(cfg.account, cfg.metadata.name), data)
 
     async def delete_async_config(self, account: str, name: str) -> bool:

@@ -177,6 +177,10 @@ class Settings:
     account_max_own_queues: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_OWN_QUEUES", 256, 0)
     )
+    # Bytes an account's functions and AsyncConfigs may take as stored (`quotas.py`).
+    account_max_registered_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES", 16 << 20, 1)
+    )
     # Output one attempt may log, in characters a second and at once (`dispatch/log_budget.py`);
     # past it lines are dropped and counted.
     log_rate: float = field(

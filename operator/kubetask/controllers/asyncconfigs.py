@@ -9,6 +9,7 @@ import kopf
 
 from ..dispatch.destinations import config_problem
 from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
+from ..quotas import OverQuota
 from ..registry import ConfigConflict
 from .context import condition, plane_of, set_status
 
@@ -46,10 +47,11 @@ async def reconcile(
         raise kopf.PermanentError(f"invalid spec: {err}") from err
     try:
         await plane.registry.put_async_config(cfg)
-    except ConfigConflict as err:
+    except (ConfigConflict, OverQuota) as err:
+        reason = "Conflict" if isinstance(err, ConfigConflict) else "OverQuota"
         patch.status.update(
             ready=False,
-            conditions=condition("False", "Conflict", str(err), status.get("conditions")),
+            conditions=condition("False", reason, str(err), status.get("conditions")),
         )
         raise kopf.TemporaryError(str(err), delay=30) from err
     bound = plane.registry.function(namespace, cfg.spec.function) is not None

@@ -8,7 +8,7 @@ from typing import Any
 
 import kopf
 
-from .. import names, queues
+from .. import names, queues, quotas
 from ..models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from .context import condition, plane_of, set_status
 
@@ -48,11 +48,10 @@ async def reconcile(
     changed = plane.registry.function(namespace, name) != plane.registry.with_route(fn)
     try:
         stream = await plane.mover.register(plane.registry, fn)
-    except queues.TooManyFunctions as err:
+    except (queues.TooManyFunctions, quotas.OverQuota) as err:
+        reason = "TooManyFunctions" if isinstance(err, queues.TooManyFunctions) else "OverQuota"
         patch.status["ready"] = False
-        patch.status["conditions"] = condition(
-            "False", "TooManyFunctions", str(err), status.get("conditions")
-        )
+        patch.status["conditions"] = condition("False", reason, str(err), status.get("conditions"))
         raise kopf.TemporaryError(str(err), delay=60) from err
     if changed:
         kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")

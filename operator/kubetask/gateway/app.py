@@ -601,6 +601,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             ownQueues=use.own_queues,
             maxOwnQueues=settings.account_max_own_queues,
             maxLogStreams=settings.account_max_log_streams,
+            registeredBytes=plane().registry.stored_bytes(acct),
+            maxRegisteredBytes=settings.account_max_registered_bytes,
             queues=[loads[q] for q in sorted(loads)],
         )
         return _json(limits)

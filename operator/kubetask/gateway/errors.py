@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .. import grammar, jetstream, queues
+from .. import grammar, jetstream, queues, quotas
 from ..auth import OutOfScope, Unauthenticated
 from ..models import ErrorBody
 from ..states import IllegalTransition
@@ -123,6 +123,6 @@ def render(err: Exception) -> JSONResponse | None:
         return framework_error(err)
     if isinstance(err, UNAVAILABLE):
         return api_error(unavailable(f"NATS is unavailable ({type(err).__name__})"))
-    if isinstance(err, queues.TooManyFunctions):
+    if isinstance(err, (queues.TooManyFunctions, quotas.OverQuota)):
         return api_error(ApiError(409, str(err)))
     return None
