@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -145,15 +145,26 @@ PageCursor = Annotated[
 
 
 def _page(
-    objects: Mapping[tuple[str, str], Paged], scoped: str | None, limit: int, cursor: str | None
+    objects: Mapping[tuple[str, str], Paged],
+    scoped: str | None,
+    limit: int,
+    cursor: str | None,
+    size: Callable[[tuple[str, str]], int],
+    max_bytes: int,
 ) -> tuple[list[Paged], str | None]:
     """Up to `limit` objects after `cursor` in (account, name) order (of `scoped`'s account, or
-    of all), and the cursor of the next page if there is one."""
+    of all), and the cursor of the next page if there is one. Like a page of tasks, it ends
+    before the object that would take it past `max_bytes` as stored (one at least): an admin's
+    page spans accounts, each of which may store 16 MiB of them."""
     after = params.name_cursor(cursor)
     keys = sorted(k for k in objects if scoped in (None, k[0]) and (after is None or k > after))
-    more = len(keys) > limit
-    keys = keys[:limit]
-    return [objects[k] for k in keys], "/".join(keys[-1]) if more else None
+    taken, held = 0, 0
+    for key in keys:
+        held += size(key)
+        if taken == limit or (taken and held > max_bytes):
+            return [objects[k] for k in keys[:taken]], "/".join(keys[taken - 1])
+        taken += 1
+    return [objects[k] for k in keys], None
 
 
 def _page_response(items: list[Any], next_cursor: str | None) -> Response:
@@ -481,7 +492,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         who: Who, account: AccountParam = None, limit: PageLimit = 500, cursor: PageCursor = None
     ) -> Response:
         """A page of functions in (account, name) order; `Next-Cursor` names the next page."""
-        fns, nxt = _page(plane().registry.functions, who.scope(account), limit, cursor)
+        registry = plane().registry
+        fns, nxt = _page(
+            registry.functions,
+            who.scope(account),
+            limit,
+            cursor,
+            lambda key: registry.stored_bytes(key[0], "function", key[1]),
+            settings.page_max_bytes,
+        )
         gate = asyncio.Semaphore(32)  # each status reads its queue's consumer
 
         async def status(fn: TaskFunction) -> TaskFunction:
@@ -538,7 +557,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         who: Who, account: AccountParam = None, limit: PageLimit = 500, cursor: PageCursor = None
     ) -> Response:
         """A page of async configs in (account, name) order; `Next-Cursor` names the next page."""
-        cfgs, nxt = _page(plane().registry.configs, who.scope(account), limit, cursor)
+        registry = plane().registry
+        cfgs, nxt = _page(
+            registry.configs,
+            who.scope(account),
+            limit,
+            cursor,
+            lambda key: registry.stored_bytes(key[0], "config", key[1]),
+            settings.page_max_bytes,
+        )
         return _page_response([c.model_dump(mode="json") for c in cfgs], nxt)
 
     @app.get("/v1/asyncconfigs/{name}", response_model=AsyncConfig, tags=["asyncconfigs"])
