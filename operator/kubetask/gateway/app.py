@@ -491,7 +491,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def list_functions(
         who: Who, account: AccountParam = None, limit: PageLimit = 500, cursor: PageCursor = None
     ) -> Response:
-        """A page of functions in (account, name) order; `Next-Cursor` names the next page."""
+        """A page of functions in (account, name) order, at most `limit` and at most
+        `KUBETASK_PAGE_MAX_BYTES` of them as stored (one at least); `Next-Cursor` names the next
+        page."""
         registry = plane().registry
         fns, nxt = _page(
             registry.functions,
@@ -556,7 +558,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def list_async_configs(
         who: Who, account: AccountParam = None, limit: PageLimit = 500, cursor: PageCursor = None
     ) -> Response:
-        """A page of async configs in (account, name) order; `Next-Cursor` names the next page."""
+        """A page of async configs in (account, name) order, at most `limit` and at most
+        `KUBETASK_PAGE_MAX_BYTES` of them as stored (one at least); `Next-Cursor` names the next
+        page."""
         registry = plane().registry
         cfgs, nxt = _page(
             registry.configs,
