@@ -46,7 +46,7 @@ from ..models import (
 )
 from ..plane import DataPlane
 from ..queue_routes import Router
-from ..registry import ConfigConflict
+from ..registry import ConfigConflict, Registry
 from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
@@ -167,6 +167,10 @@ def _page(
     return [objects[k] for k in keys], None
 
 
+def _stored_size(registry: Registry, kind: str) -> Callable[[tuple[str, str]], int]:
+    return lambda key: registry.stored_bytes(key[0], kind, key[1])
+
+
 def _page_response(items: list[Any], next_cursor: str | None) -> Response:
     headers = {"Next-Cursor": next_cursor} if next_cursor else None
     return Response(json.dumps(items), media_type=JSON, headers=headers)
@@ -226,6 +230,7 @@ def _methods(request: Request) -> set[str]:
 def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     state: dict[str, Any] = {}
     log_streams = LogStreams(settings.account_max_log_streams)
+    max_bytes = settings.page_max_bytes  # of a page of tasks, functions or configs
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -362,9 +367,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         await indexer().caught_up()
         index = indexer().index
 
-        rows, nxt = await indexer().query(
-            scoped, index.search, q, limit, after, settings.page_max_bytes
-        )
+        rows, nxt = await indexer().query(scoped, index.search, q, limit, after, max_bytes)
         body, unreadable = task_pages.render(
             (
                 (names.task_key(row.account, row.id), row.record, row.revision)
@@ -495,14 +498,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         `KUBETASK_PAGE_MAX_BYTES` of them as stored (one at least); `Next-Cursor` names the next
         page."""
         registry = plane().registry
-        fns, nxt = _page(
-            registry.functions,
-            who.scope(account),
-            limit,
-            cursor,
-            lambda key: registry.stored_bytes(key[0], "function", key[1]),
-            settings.page_max_bytes,
-        )
+        size = _stored_size(registry, "function")
+        fns, nxt = _page(registry.functions, who.scope(account), limit, cursor, size, max_bytes)
         gate = asyncio.Semaphore(32)  # each status reads its queue's consumer
 
         async def status(fn: TaskFunction) -> TaskFunction:
@@ -562,14 +559,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         `KUBETASK_PAGE_MAX_BYTES` of them as stored (one at least); `Next-Cursor` names the next
         page."""
         registry = plane().registry
-        cfgs, nxt = _page(
-            registry.configs,
-            who.scope(account),
-            limit,
-            cursor,
-            lambda key: registry.stored_bytes(key[0], "config", key[1]),
-            settings.page_max_bytes,
-        )
+        size = _stored_size(registry, "config")
+        cfgs, nxt = _page(registry.configs, who.scope(account), limit, cursor, size, max_bytes)
         return _page_response([c.model_dump(mode="json") for c in cfgs], nxt)
 
     @app.get("/v1/asyncconfigs/{name}", response_model=AsyncConfig, tags=["asyncconfigs"])
