@@ -18,12 +18,15 @@ from typing import Any
 import nats
 import pytest
 from controlplane import ControlPlane
-from kubetask import nats_auth
+from kubetask import names, nats_auth
 from kubetask.embedded import free_port, start_nats
+from nats.js.errors import KeyNotFoundError
 
 NS = "kubetask"  # where the operator runs and owns its Deployments
 ACCOUNT = "team-a"  # an account is a namespace
 MAX_PAYLOAD = 4096
+# The account's functions here take a few KB; one of 160 KB passes it alone.
+MAX_REGISTERED_BYTES = 150_000
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -62,6 +65,7 @@ class Platform:
             KUBETASK_ACK_WAIT="5",
             KUBETASK_MAX_PAYLOAD=str(MAX_PAYLOAD),
             KUBETASK_ACCOUNT_MAX_RATE="1",
+            KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES=str(MAX_REGISTERED_BYTES),
         )
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
@@ -434,6 +438,47 @@ def test_async_config_is_bound_and_reaches_the_dispatchers_registry(platform: Pl
     )
     assert orphan["status"]["ready"] is False
     assert orphan["status"]["conditions"][0]["reason"] == "FunctionMissing"
+
+
+def test_a_function_past_its_accounts_registered_bytes_says_so_and_is_not_registered(
+    platform: Platform,
+) -> None:
+    """Every process mirrors every account's functions, so an account's are bounded in bytes
+    (`quotas.py`; `MAX_REGISTERED_BYTES` above): the operator says why in the object's
+    condition, as the API says 409, and stores nothing. `kubectl create`, since `apply` would
+    copy the 160 KB environment into an annotation the API server caps at 256 KiB in all."""
+    fat = {
+        "apiVersion": "kubetask.io/v1alpha1",
+        "kind": "TaskFunction",
+        "metadata": {"name": "fat"},
+        "spec": {"command": ["true"], "env": [{"name": "BIG", "value": "f" * 160_000}]},
+    }
+    platform.cluster.kubectl("create", "-n", ACCOUNT, "-f", "-", stdin=json.dumps(fat))
+    fn = eventually(
+        lambda: (
+            (f := platform.get("taskfunction", "fat"))
+            and f.get("status", {}).get("conditions")
+            and f
+        ),
+        30,
+        "a condition",
+    )
+    [cond] = fn["status"]["conditions"]
+    assert fn["status"]["ready"] is False and cond["reason"] == "OverQuota", cond
+    assert "KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES" in cond["message"], cond
+
+    async def stored(js: Any) -> bool:
+        kv = await js.key_value(names.FUNCTIONS_BUCKET)
+        try:
+            await kv.get(f"{ACCOUNT}.fat")
+        except KeyNotFoundError:
+            return False
+        return True
+
+    assert not platform.js(stored)
+    platform.cluster.kubectl(
+        "delete", "taskfunction", "fat", "-n", ACCOUNT, "--wait=true", "--timeout=60s"
+    )
 
 
 def test_deleting_a_task_object_stops_the_task(platform: Platform) -> None:
