@@ -445,8 +445,7 @@ def test_a_function_past_its_accounts_registered_bytes_says_so_and_is_not_regist
 ) -> None:
     """Every process mirrors every account's functions, so an account's are bounded in bytes
     (`quotas.py`; `MAX_REGISTERED_BYTES` above): the operator says why in the object's
-    condition, as the API says 409, and stores nothing. `kubectl create`, since `apply` would
-    copy the 160 KB environment into an annotation the API server caps at 256 KiB in all."""
+    condition, as the API says 409, and stores nothing."""
     fat = {
         "apiVersion": "kubetask.io/v1alpha1",
         "kind": "TaskFunction",

@@ -283,7 +283,6 @@ def cmd_list(args: argparse.Namespace) -> None:
         "idPrefix": args.prefix,
         "startedAfter": args.started_after,
         "startedBefore": args.started_before,
-        "limit": args.limit,
     }
     items: list[dict[str, Any]] = []
     cursor = args.cursor

@@ -60,20 +60,13 @@ class Child:
     restarts: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        arm = die_with_parent()
-
-        def preexec() -> None:
-            if self.batch:
-                sched_batch.enter()
-            arm()
-
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=preexec,
+                preexec_fn=sched_batch.preexec(self.batch, die_with_parent()),
             )
 
     def running(self) -> bool:

@@ -140,18 +140,11 @@ def start_nats(
     """`batch`: under SCHED_BATCH, as `kubetask dev` runs it (`sched_batch.py`)."""
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     arm = die_with_parent() if tie_to_parent else None
-
-    def preexec() -> None:
-        if batch:
-            sched_batch.enter()
-        if arm is not None:
-            arm()
-
     proc = subprocess.Popen(
         nats_argv(store_dir, port, config),
         stdout=out,
         stderr=subprocess.STDOUT,
-        preexec_fn=preexec if batch or arm is not None else None,
+        preexec_fn=sched_batch.preexec(batch, arm),
         env=nats_env(),
     )
     wait_for_port(port, proc=proc)

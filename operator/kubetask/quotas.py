@@ -6,11 +6,12 @@ A request body may be 256 KiB, and nothing bounded a function's command lines an
 an AsyncConfig's annotations below that, nor the number of AsyncConfigs (one may name a function
 that does not exist yet). Two hundred functions of 250 KB raised the gateway's and the
 dispatcher's memory by ~50 MB each and nats-server's by 68 MB; at the 10,000 functions an
-account may register, that is ~2.5 GB in every process, from one tenant. Hence
-`KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES` (16 MiB: ten thousand ordinary functions take ~6 MB),
-and as many AsyncConfigs as functions (`KUBETASK_ACCOUNT_MAX_FUNCTIONS`; a function takes one).
-As for the other quotas, only what grows is refused: an account over a quota since it was
-lowered keeps what it has, and may update an object so long as it does not grow.
+account may register, that would be ~2.5 GB in every process (extrapolated), from one tenant.
+Hence `KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES` (16 MiB: an ordinary function is 470-600 bytes
+stored, ten thousand of them ~6 MB), and as many AsyncConfigs as functions
+(`KUBETASK_ACCOUNT_MAX_FUNCTIONS`; a function takes one). As for the other quotas, only what
+grows is refused: an account over a quota since it was lowered keeps what it has, and may update
+an object so long as it does not grow.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class OverQuota(Exception):
 
 
 def check_bytes(registry: Registry, kind: str, account: str, name: str, data: bytes) -> None:
-    before = registry.stored_bytes(account, kind, name)
-    total = registry.stored_bytes(account) - before + len(data)
+    before = registry.object_bytes(kind, account, name)
+    total = registry.account_bytes(account) - before + len(data)
     limit = registry.limits.account_max_registered_bytes
     if len(data) > before and total > limit:
         raise OverQuota(
@@ -47,7 +48,7 @@ def check_bytes(registry: Registry, kind: str, account: str, name: str, data: by
 
 def check_config(registry: Registry, account: str, name: str, data: bytes) -> None:
     limit = registry.limits.account_max_functions
-    new = registry.stored_bytes(account, "config", name) == 0
+    new = registry.object_bytes("config", account, name) == 0
     if new and registry.config_count(account) >= limit:
         raise OverQuota(
             f"account {account!r} already has {limit} AsyncConfigs, as many as it may have "

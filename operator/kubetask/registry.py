@@ -116,11 +116,12 @@ class Registry:
             self._sizes[(kind, account, name)] = size
         self._account_bytes[account] = self._account_bytes.get(account, 0) + size - before
 
-    def stored_bytes(self, account: str, kind: str | None = None, name: str = "") -> int:
-        """Bytes `account`'s registrations take as stored; with `kind` ("function" or
-        "config"), those of one object."""
-        if kind is None:
-            return self._account_bytes.get(account, 0)
+    def account_bytes(self, account: str) -> int:
+        """Bytes `account`'s functions and AsyncConfigs take as stored."""
+        return self._account_bytes.get(account, 0)
+
+    def object_bytes(self, kind: str, account: str, name: str) -> int:
+        """Bytes one object ("function" or "config") takes as stored; 0 if there is none."""
         return self._sizes.get((kind, account, name), 0)
 
     def config_count(self, account: str) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 SWITCH = "KUBETASK_DEV_NATS_BATCH"
 
@@ -44,6 +45,20 @@ def enter() -> None:
     cannot be reported from there; `holds` tells the parent afterwards."""
     with contextlib.suppress(OSError):
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+def preexec(batch: bool, then: Callable[[], None] | None) -> Callable[[], None] | None:
+    """The `preexec_fn` of a child that is under SCHED_BATCH if `batch`, then runs `then` (the
+    parent's death signal, say); None when there is nothing to do."""
+    if not batch:
+        return then
+
+    def enter_then() -> None:
+        enter()
+        if then is not None:
+            then()
+
+    return enter_then
 
 
 def holds(pid: int) -> bool:

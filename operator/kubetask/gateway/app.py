@@ -168,7 +168,7 @@ def _page(
 
 
 def _stored_size(registry: Registry, kind: str) -> Callable[[tuple[str, str]], int]:
-    return lambda key: registry.stored_bytes(key[0], kind, key[1])
+    return lambda key: registry.object_bytes(kind, *key)
 
 
 def _page_response(items: list[Any], next_cursor: str | None) -> Response:
@@ -623,7 +623,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             ownQueues=use.own_queues,
             maxOwnQueues=settings.account_max_own_queues,
             maxLogStreams=settings.account_max_log_streams,
-            registeredBytes=plane().registry.stored_bytes(acct),
+            registeredBytes=plane().registry.account_bytes(acct),
             maxRegisteredBytes=settings.account_max_registered_bytes,
             queues=[loads[q] for q in sorted(loads)],
         )
