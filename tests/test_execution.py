@@ -380,3 +380,31 @@ async def test_server_mode_keeps_connections_and_enforces_timeout_stop_and_resul
     stopped = await api.wait(tid)
     assert stopped["status"]["phase"] == "Stopped"
     assert loop.time() - asked < 2
+
+
+async def test_a_log_read_without_follow_returns_every_line_written_so_far(api: Api) -> None:
+    """A new consumer may have sent lines before it answers how many it holds; counting only
+    those it had not sent yet ended such a read early, with some lines or none."""
+    gate = api.workdir / "talker-gate"
+    body = (
+        "import os, sys, time\n"
+        "for i in range(200): print(f'line {i}', file=sys.stderr)\n"
+        "sys.stderr.flush()\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.05)\n"
+    )
+    await api.function("talker", command=api.script("talker", body))
+    task_id = (await api.submit("talker"))["metadata"]["name"]
+    try:
+        for _ in range(100):
+            read = await api.http.get(f"/v1/tasks/{task_id}/logs")
+            said = [json.loads(line)["line"] for line in read.text.splitlines()]
+            if "line 199" in said:
+                break
+            await asyncio.sleep(0.1)
+        for _ in range(10):  # running, so read without waiting for a final line
+            read = await api.http.get(f"/v1/tasks/{task_id}/logs")
+            said = [json.loads(line)["line"] for line in read.text.splitlines()]
+            assert [s for s in said if s.startswith("line ")] == [f"line {i}" for i in range(200)]
+    finally:
+        gate.write_text("")
+    assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
-from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import ConsumerInfo, DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from . import events, history, names, nats_auth, quarantine
@@ -227,3 +227,10 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     )
     await ensure_stream(js, events.stream_config(settings), settings)
     await ensure_stream(js, quarantine.stream_config(settings.retention_seconds), settings)
+
+
+def to_deliver(info: ConsumerInfo) -> int:
+    """What a new consumer has to deliver in all: what it has not sent yet, and what it had
+    sent (on its way to the client, or in its buffer) by the time it answered."""
+    sent = info.delivered.consumer_seq if info.delivered else 0
+    return int(info.num_pending or 0) + int(sent or 0)

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from . import names
+from . import jetstream, names
 from .cancellation import cancel_and_wait
 
 
@@ -76,8 +76,7 @@ async def read(
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
     try:
-        info = await sub.consumer_info()
-        remaining = int(info.num_pending or 0)
+        remaining = jetstream.to_deliver(await sub.consumer_info())
         while follow or remaining > 0:
             try:
                 msg = await sub.next_msg(timeout=idle_timeout)
