@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
-from . import names
+from . import jetstream, names
 from .models import TaskEvent
 from .store import TaskRecord
 
@@ -24,14 +25,25 @@ MAX_EVENTS = 1000
 # KT_EVENTS sources the task bucket asynchronously: a trail read just after a change may not
 # hold it yet. Reading waits this long at most for the record as stored now to arrive.
 SOURCING_WAIT = 3.0
+# While it waits, how often it asks whether KT_EVENTS has taken the revision at all.
+SOURCED_EVERY = 0.2
+# The header JetStream puts on a sourced message: `<stream> <sequence there> ...`.
+SOURCE_HEADER = "Nats-Stream-Source"
 
 
 async def read(
-    js: JetStreamContext, account: str, task_id: str, latest: bytes | None = None
+    js: JetStreamContext,
+    account: str,
+    task_id: str,
+    latest: bytes | None = None,
+    revision: int | None = None,
 ) -> list[TaskEvent]:
     """Oldest first, through one ordered consumer on the task's subject alone. With `latest`
-    (the record as stored now) it goes on waiting, up to SOURCING_WAIT, until the trail holds
-    it, so a user never sees a story without its end."""
+    (the record as stored now, at `revision` of the task bucket) it goes on waiting, up to
+    SOURCING_WAIT, until the trail holds it, so a user never sees a story without its end;
+    but not once KT_EVENTS has taken that revision and the trail still lacks it: its oldest
+    revisions were dropped (the stream's cap, the account's quota), and waiting would only
+    make every read of an old task's trail take SOURCING_WAIT."""
     sub = await js.subscribe(
         names.event_subject(account, task_id),
         stream=names.EVENTS_STREAM,
@@ -42,10 +54,16 @@ async def read(
     deadline = loop.time() + SOURCING_WAIT
     kept: deque[TaskEvent] = deque(maxlen=MAX_EVENTS)
     seen = latest is None
+    got = 0
     try:
-        remaining = int((await sub.consumer_info()).num_pending or 0)
+        remaining = jetstream.to_deliver(await sub.consumer_info())
         while remaining > 0 or not seen:
-            wait = 5.0 if remaining > 0 else deadline - loop.time()
+            if remaining == 0 and revision is not None and await _taken(js, revision):
+                # Whatever of this task's it took before that answer is counted here.
+                remaining = jetstream.to_deliver(await sub.consumer_info()) - got
+                if remaining == 0:
+                    break
+            wait = 5.0 if remaining > 0 else min(deadline - loop.time(), SOURCED_EVERY)
             if wait <= 0:
                 break
             try:
@@ -53,14 +71,26 @@ async def read(
             except nats_errors.TimeoutError:
                 if remaining > 0:
                     raise
-                break
+                continue
             remaining = int(msg.metadata.num_pending)
+            got += 1
             kept.append(_event(msg.data, msg.metadata.timestamp))
             seen = seen or msg.data == latest
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     return list(kept)
+
+
+async def _taken(js: JetStreamContext, revision: int) -> bool:
+    """Whether KT_EVENTS has taken the task bucket's revisions up to `revision`: it takes them
+    in order, so its newest message says how far it got."""
+    try:
+        newest = await js.get_msg(names.EVENTS_STREAM, subject="kt.events.>")
+    except NotFoundError:
+        return False
+    source = (newest.headers or {}).get(SOURCE_HEADER, "").split()
+    return len(source) > 1 and source[1].isdigit() and int(source[1]) >= revision
 
 
 def _event(data: bytes, stored: datetime | None) -> TaskEvent:

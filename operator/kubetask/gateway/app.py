@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -50,7 +51,7 @@ from ..registry import ConfigConflict, Registry
 from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
-from ..store import Unreadable, Versioned
+from ..store import Unreadable, Versioned, now
 from . import errors, params, submit, task_pages, waiting
 from .errors import ApiError
 from .expiry import Expiry
@@ -64,6 +65,9 @@ from .sweeper import sweep_forever
 from .throttle import THROTTLE_FROM, Throttle
 
 JSON = "application/json"
+# How long after its task finished a log's final line can still be on its way (published
+# without waiting, `logs.LogWriter`), with room for clocks apart between hosts.
+FINAL_LINE_SETTLES = timedelta(seconds=10)
 
 
 def _json(model: Any, status: int = 200) -> Response:
@@ -413,7 +417,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         attempt (kept as long as the record; the newest 1,000)."""
         current = await load_task(who, account, task_id)
         task = current.record.task
-        return await task_events.read(plane().js, task.account, task.id, current.raw)
+        return await task_events.read(
+            plane().js, task.account, task.id, current.raw, current.revision
+        )
 
     @app.get(
         "/v1/tasks/{task_id}/logs",
@@ -427,7 +433,11 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         task = current.record.task
 
         finished = task.status.phase in TERMINAL
-        # A finished task's log ends with its final line, which may still be on its way.
+        # A finished task's log ends with its final line, which may still be on its way for a
+        # moment; long after, a log without it lost it (its account's quota, the stream's cap)
+        # and is read as it is, not waited on.
+        ended = task.status.timestamps.finished
+        settled = finished and ended is not None and now() - ended > FINAL_LINE_SETTLES
         idle = 2.0 if finished else 3600.0
 
         release = log_streams.open(task.account)
@@ -435,7 +445,11 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         async def lines() -> AsyncIterator[bytes]:
             try:
                 async for record in logs.read(
-                    plane().js, task.account, task.id, follow or finished, idle_timeout=idle
+                    plane().js,
+                    task.account,
+                    task.id,
+                    (follow or finished) and not settled,
+                    idle_timeout=idle,
                 ):
                     yield json.dumps(record).encode() + b"\n"
             finally:
