@@ -25,6 +25,8 @@ from nats.js.api import StoreCompression, StreamConfig
 from .settings import Settings
 
 TTL = "Nats-TTL"
+# What the header adds to a message as stored, about.
+TTL_HEADER_BYTES = 32
 
 
 class Retention:

@@ -17,6 +17,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from . import jetstream, names
 from .cancellation import cancel_and_wait
+from .history import TTL_HEADER_BYTES
+from .usage_reports import Tally
 
 
 def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> bytes:
@@ -32,19 +34,25 @@ def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> by
 
 
 class LogWriter:
-    """Fire-and-forget publishing from synchronous callbacks (executor output pumps)."""
+    """Fire-and-forget publishing from synchronous callbacks (executor output pumps). What it
+    wrote per account is reported, so each account's lines are kept to its quota
+    (`usage_reports.py`)."""
 
     def __init__(self, nc: Client, headers: Callable[[str], dict[str, str] | None]) -> None:
         self.nc = nc
         self._headers = headers  # per account: its history's TTL (`history.py`)
         self._queue: asyncio.Queue[tuple[str, bytes, dict[str, str] | None]] = asyncio.Queue()
         self._task = asyncio.create_task(self._drain())
+        self.tally = Tally(nc, names.LOG_USAGE_SUBJECT)
 
     def line(
         self, account: str, task_id: str, attempt: int, stream: str, text: str, final: bool = False
     ) -> None:
         data = encode_line(attempt, stream, text, final)
-        self._queue.put_nowait((names.log_subject(account, task_id), data, self._headers(account)))
+        subject = names.log_subject(account, task_id)
+        headers = self._headers(account)
+        self.tally.add(account, len(subject) + len(data) + (TTL_HEADER_BYTES if headers else 0))
+        self._queue.put_nowait((subject, data, headers))
 
     async def _drain(self) -> None:
         while True:
@@ -56,6 +64,7 @@ class LogWriter:
     async def close(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), 5)
+        await self.tally.close()
         with contextlib.suppress(Exception):
             await self.nc.flush(timeout=2)
         await cancel_and_wait(self._task)

@@ -56,6 +56,12 @@ QUEUE_MOVES = Counter(
     "Times the platform moved an `auto` function's queue, by where to (dedicated, account).",
     [*LABELS, "to"],
 )
+HISTORY_QUOTA_PURGES = Counter(
+    "kubetask_history_quota_purges_total",
+    "Times an account's oldest log lines (KT_LOGS) or audit revisions (KT_EVENTS) were purged "
+    "to keep it within its quota (gateway/history_quota.py).",
+    ["account", "stream"],
+)
 NODE_RUNNING = Gauge(
     "kubetask_node_running",
     "Attempts this dispatcher runs now, all or processes only (dispatch/node_budget.py).",

@@ -707,6 +707,13 @@ class AccountLimits(KubeModel):
     )
     maxOwnQueues: int = Field(description="Streams of their own its functions may hold.")
     maxLogStreams: int = Field(description="Log reads (`logs -f`) it may keep open at once.")
+    maxLogBytes: int = Field(
+        description="Bytes of log lines it may keep, as written; past them its oldest go first."
+    )
+    maxEventsBytes: int = Field(
+        description="Bytes of audit trail (record revisions) it may keep, as written; past "
+        "them its oldest revisions go first."
+    )
     registeredBytes: int = Field(description="Bytes its functions and AsyncConfigs take stored.")
     maxRegisteredBytes: int = Field(description="Bytes they may take.")
     queues: list[QueueLoad]

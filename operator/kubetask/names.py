@@ -20,6 +20,10 @@ LEASES_BUCKET = "kt_leases"
 LOGS_STREAM = "KT_LOGS"
 EVENTS_STREAM = "KT_EVENTS"
 STOP_SUBJECT_PREFIX = "kt.ctl.stop"
+# What the dispatchers wrote per account lately, heard by the gateways (`gateway/log_quota.py`).
+USAGE_PREFIX = "kt.usage"
+LOG_USAGE_SUBJECT = f"{USAGE_PREFIX}.logs"
+EVENTS_USAGE_SUBJECT = f"{USAGE_PREFIX}.events"
 
 
 # The stream small accounts share (`QueueMode.shared`): each function a subject of its own,
@@ -145,6 +149,14 @@ def split_key(key: str) -> tuple[str, str]:
 
 def log_subject(account: str, task_id: str) -> str:
     return f"kt.logs.{account}.{task_id}"
+
+
+def account_logs(account: str) -> str:
+    return f"kt.logs.{account}.>"
+
+
+def account_events(account: str) -> str:
+    return f"kt.events.{account}.>"
 
 
 def event_subject(account: str, task_id: str) -> str:

@@ -9,12 +9,13 @@ replies on an inbox of its own (`_INBOX_<user>.>`), so no component can read ano
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import private_files
+from . import names, private_files
 
 # Every queue subject of every account: submission publishes runnable tasks there.
 _QUEUES = ["kt.q.>", "kt.qf.>", "kt.qp.>", "kt.qm.>"]
@@ -41,13 +42,17 @@ _PLATFORM_API = Permissions(
         *_QUEUES,
         "kt.ctl.stop.>",
         "kt.quarantine.>",
+        # What it wrote to the audit trail per account (`usage_reports.py`).
+        f"{names.USAGE_PREFIX}.>",
     ],
 )
 
 PERMISSIONS: dict[str, Permissions] = {
     # The HTTP API: records, queues, registry, stream and consumer management, stop requests,
     # and moving a function's backlog when its queue changes (`queue_moves.py`, hence acks).
-    "gateway": _PLATFORM_API,
+    # It also hears what every component wrote per account to the history streams, to keep
+    # each account to its quota there (`gateway/history_quota.py`).
+    "gateway": dataclasses.replace(_PLATFORM_API, subscribe=[f"{names.USAGE_PREFIX}.>"]),
     # Runs tasks: claims and finishes records, acks queue messages, schedules retries, writes
     # logs, hears stop requests. It may not delete or purge streams, nor touch the registry.
     "dispatcher": Permissions(
@@ -63,6 +68,7 @@ PERMISSIONS: dict[str, Permissions] = {
             "kt.qms.>",
             "$KV.kt_leases.>",
             "kt.logs.>",
+            f"{names.USAGE_PREFIX}.>",
             "kt.quarantine.>",
         ],
         # Queue subjects: a dozing pull watches its function's for the next task (`pull.py`).

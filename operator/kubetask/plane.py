@@ -14,6 +14,7 @@ from .registry import Registry
 from .rpc import Requester
 from .settings import Settings
 from .store import TaskStore
+from .usage_reports import Tally
 
 
 @dataclass
@@ -37,7 +38,8 @@ class DataPlane:
         await jetstream.ensure_platform(js, settings)
         rpc = Requester(nc, timeout=10)
         await rpc.start()
-        store = TaskStore(await js.key_value(names.TASKS_BUCKET), rpc, Retention(settings))
+        kv = await js.key_value(names.TASKS_BUCKET)
+        store = TaskStore(kv, rpc, Retention(settings), Tally(nc, names.EVENTS_USAGE_SUBJECT))
         registry = Registry(js, settings)
         await registry.start()
         depth = QueueDepth(rpc, settings.queue_max_msgs)
@@ -46,6 +48,7 @@ class DataPlane:
     async def close(self) -> None:
         await self.mover.close()
         await self.registry.stop()
+        await self.store.tally.close()
         await self.rpc.close()
         if not self.nc.is_closed:
             await self.nc.flush()

@@ -194,6 +194,15 @@ class Settings:
     logs_max_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_LOGS_MAX_BYTES", 4 << 30, 1 << 20, 1 << 50)
     )
+    # Bytes of log lines, and of audit trail, one account may keep as written (before
+    # compression); past them its own oldest go first (`gateway/history_quota.py`), so one
+    # tenant cannot push the others' history out of the streams all accounts share.
+    account_max_log_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_LOG_BYTES", 1 << 30, 64 << 10)
+    )
+    account_max_events_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_EVENTS_BYTES", 1 << 30, 64 << 10)
+    )
     # Bytes the audit trail (every revision of every record, `events.py`) may take on disk; past
     # them the oldest revisions go first, for the same reason.
     events_max_bytes: int = field(

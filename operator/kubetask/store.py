@@ -18,12 +18,16 @@ from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 from pydantic import BaseModel
 
 from . import names
-from .history import Retention
+from .history import TTL_HEADER_BYTES, Retention
 from .models import Task, TaskPhase
 from .rpc import WRONG_LAST_SEQUENCE, Requester
 from .states import IllegalTransition, allowed
+from .usage_reports import Tally
 
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+# What a record's revision in the audit trail adds to its data and twice its key (in the
+# subject, and in the header naming its source that JetStream adds), measured.
+EVENT_SUBJECT_AND_HEADERS = 153
 
 
 def now() -> datetime:
@@ -117,25 +121,30 @@ class TaskStore:
     """Reads and writes go through `rpc.Requester` (the hot path: a few per task); `kv` serves
     deletes."""
 
-    def __init__(self, kv: KeyValue, rpc: Requester, retention: Retention) -> None:
+    def __init__(self, kv: KeyValue, rpc: Requester, retention: Retention, tally: Tally) -> None:
         self.kv = kv
         self.rpc = rpc
         self.retention = retention
+        self.tally = tally  # each write is a revision in the audit trail (`events.py`)
         self._stream = f"KV_{names.TASKS_BUCKET}"
         self._prefix = f"$KV.{names.TASKS_BUCKET}."
 
     async def _write(self, key: str, data: bytes, last: int) -> int:
         """Write `data` if the key's revision is still `last` (0: the key has no value)."""
+        account = key.partition(".")[0]
         try:
             headers = {EXPECTED_LAST: str(last)}
-            ttl = self.retention.headers(key.partition(".")[0])
+            ttl = self.retention.headers(account)
             if ttl is not None:  # the account keeps its history for less than the default
                 headers.update(ttl)
-            return await self.rpc.publish(self._prefix + key, data, headers)
+            revision = await self.rpc.publish(self._prefix + key, data, headers)
         except APIError as err:
             if err.err_code in WRONG_LAST_SEQUENCE:
                 raise KeyWrongLastSequenceError(err.description) from None
             raise
+        stored = EVENT_SUBJECT_AND_HEADERS + 2 * len(key) + len(data)
+        self.tally.add(account, stored + (TTL_HEADER_BYTES if ttl is not None else 0))
+        return revision
 
     async def _latest(self, key: str) -> tuple[bytes, int, bool] | None:
         """(value, revision, deleted) of the key's last entry; deletions leave a marker."""

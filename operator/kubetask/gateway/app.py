@@ -56,6 +56,7 @@ from . import errors, params, submit, task_pages, waiting
 from .errors import ApiError
 from .expiry import Expiry
 from .guard import Guard
+from .history_quota import HistoryQuota
 from .index import Query as IndexQuery
 from .indexing import Indexer
 from .json_bodies import StrictJsonRoute
@@ -248,12 +249,16 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         )
         routing = asyncio.create_task(Router(plane).run())
         expiring = asyncio.create_task(Expiry(plane, indexer).forever())
+        quotas = [
+            asyncio.create_task(quota.run())
+            for quota in (HistoryQuota.of_logs(plane), HistoryQuota.of_events(plane))
+        ]
         quiet_gc()
         state.update(plane=plane, indexer=indexer, throttle=Throttle(settings, plane.depth))
         try:
             yield
         finally:
-            await cancel_and_wait(sweeper, poison, resuming, routing, expiring)
+            await cancel_and_wait(sweeper, poison, resuming, routing, expiring, *quotas)
             await indexer.stop()
             await plane.close()
 
@@ -637,6 +642,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             ownQueues=use.own_queues,
             maxOwnQueues=settings.account_max_own_queues,
             maxLogStreams=settings.account_max_log_streams,
+            maxLogBytes=settings.account_max_log_bytes,
+            maxEventsBytes=settings.account_max_events_bytes,
             registeredBytes=plane().registry.account_bytes(acct),
             maxRegisteredBytes=settings.account_max_registered_bytes,
             queues=[loads[q] for q in sorted(loads)],
