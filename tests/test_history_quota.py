@@ -5,6 +5,7 @@ tenant's history out (`gateway/history_quota.py`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import random
@@ -13,7 +14,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+import nats
 from harness import Api, as_user, gateway
+from kubetask import names
 from kubetask.gateway.history_quota import CHUNKS, Usage, parse_report
 from kubetask.settings import Settings
 from kubetask.task_events import SOURCING_WAIT
@@ -171,3 +174,41 @@ async def test_a_tenant_churning_through_tasks_keeps_its_quota_of_audit_trail(
         assert await trail(busy, tasks[0]) == []
         assert time.monotonic() - started < SOURCING_WAIT, time.monotonic() - started
         assert await trail(quiet, neighbour) == ["Queued", "Running", "Succeeded"]
+
+
+async def test_only_platform_components_report_and_only_gateways_hear(
+    nats_url: str, nats_passwords: dict[str, str]
+) -> None:
+    """A report makes a gateway purge an account's history: whoever could publish one could
+    have another tenant's logs deleted, and whoever could hear them would learn every
+    account's activity."""
+    refused: list[str] = []
+
+    async def connect(user: str) -> nats.NATS:
+        async def error(err: Exception) -> None:
+            refused.append(f"{user}: {err}")
+
+        return await nats.connect(
+            nats_url, user=user, password=nats_passwords[user], error_cb=error
+        )
+
+    gateway_nc, dispatcher_nc, destinations_nc = [
+        await connect(user) for user in ("gateway", "dispatcher", "destinations")
+    ]
+    try:
+        heard = await gateway_nc.subscribe(names.LOG_USAGE_SUBJECT)
+        await dispatcher_nc.subscribe(names.LOG_USAGE_SUBJECT)
+        await gateway_nc.flush()
+        for nc, account in ((destinations_nc, "forged"), (dispatcher_nc, "reported")):
+            await nc.publish(names.LOG_USAGE_SUBJECT, json.dumps({account: [1, 100]}).encode())
+            await nc.flush()
+        msg = await heard.next_msg(timeout=5)
+        assert parse_report(msg.data) == {"reported": (1, 100)}
+        with contextlib.suppress(nats.errors.TimeoutError):
+            assert (await heard.next_msg(timeout=0.5)) is None, "heard a second report"
+        await asyncio.sleep(0.2)
+        assert any(r.startswith("destinations:") and "publish" in r.lower() for r in refused)
+        assert any(r.startswith("dispatcher:") and "subscri" in r.lower() for r in refused)
+    finally:
+        for nc in (gateway_nc, dispatcher_nc, destinations_nc):
+            await nc.close()
