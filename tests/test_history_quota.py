@@ -34,16 +34,17 @@ def test_usage_keeps_the_newest_lines_that_fit_and_forgets_what_expired() -> Non
             usage.add(*reports[-1], now=float(now))
             before = usage.bytes
             keep = usage.keep()
-            assert usage.bytes <= quota, (usage.bytes, quota)
-            assert usage.lines == sum(c.lines for c in usage.chunks) >= 1
+            # Purged once over by a chunk, and then to the quota.
+            assert usage.bytes <= (quota if keep else quota + quota // CHUNKS), usage.bytes
+            assert usage.messages == sum(c.messages for c in usage.chunks) >= 1
             assert usage.bytes == sum(c.bytes for c in usage.chunks)
             if keep is None:
                 assert usage.bytes == before
                 if not purged:
-                    assert usage.lines == sum(r[0] for r in reports)
+                    assert usage.messages == sum(r[0] for r in reports)
                 continue
             purged = True
-            assert keep == usage.lines
+            assert keep == usage.messages
             # It purges no more than the excess, to within one line of the oldest chunk.
             assert usage.bytes >= quota - 400, (usage.bytes, before, quota)
             fits, newest = 0, 0
@@ -53,9 +54,9 @@ def test_usage_keeps_the_newest_lines_that_fit_and_forgets_what_expired() -> Non
                 fits, newest = fits + nbytes, newest + lines
             # Lines are counted exactly but for the oldest chunk's share, taken from its bytes.
             assert abs(keep - newest) <= (quota // CHUNKS + 20 * 400) // 31 + 20, (keep, newest)
-        before = usage.lines
+        before = usage.messages
         usage.expire(before=1e9)
-        assert usage.lines == usage.bytes == 0 and not usage.chunks and before > 0
+        assert usage.messages == usage.bytes == 0 and not usage.chunks and before > 0
 
 
 def test_one_report_over_the_quota_keeps_its_share_that_fits() -> None:
@@ -63,7 +64,9 @@ def test_one_report_over_the_quota_keeps_its_share_that_fits() -> None:
     usage.add(1000, 1_000_000, now=0.0)
     assert usage.keep() == 100 and usage.bytes == 100_000
     usage.add(1, 1000, now=1.0)
-    assert usage.keep() == 100 and usage.bytes == 100_000  # one old line for the new one
+    assert usage.keep() is None  # over, but by less than a chunk (3,125 bytes)
+    usage.add(3, 3000, now=1.5)
+    assert usage.keep() == 100 and usage.bytes == 100_000  # four old lines for the new ones
     usage.add(1, 500_000, now=2.0)
     assert usage.keep() == 1 and usage.bytes == 100_000  # a line larger than the quota
 

@@ -21,6 +21,8 @@ from .cancellation import cancel_and_wait
 # What nats-server stores for a message besides its subject, headers and data.
 STORED_OVERHEAD = 30
 REPORT_EVERY = 1.0
+# Accounts in one report message: ~60 bytes each.
+PER_REPORT = 2000
 
 
 class Tally:
@@ -44,11 +46,12 @@ class Tally:
             await self.report()
 
     async def report(self) -> None:
-        if not self._written:
-            return
-        written, self._written = self._written, {}
-        with contextlib.suppress(Exception):
-            await self.nc.publish(self.subject, pydantic_core.to_json(written))
+        """In messages of at most `PER_REPORT` accounts, well within NATS' 1 MB payload."""
+        written, self._written = list(self._written.items()), {}
+        for at in range(0, len(written), PER_REPORT):
+            part = dict(written[at : at + PER_REPORT])
+            with contextlib.suppress(Exception):
+                await self.nc.publish(self.subject, pydantic_core.to_json(part))
 
     async def close(self) -> None:
         """Stop reporting, after saying what is left to say."""

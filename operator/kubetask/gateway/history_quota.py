@@ -42,7 +42,7 @@ FORGET_EVERY = 60.0
 
 @dataclass
 class Chunk:
-    lines: int  # messages: log lines, or revisions of records
+    messages: int  # log lines, or revisions of records
     bytes: int
     newest: float  # when its newest message was heard
 
@@ -53,18 +53,18 @@ class Usage:
     def __init__(self, quota: int) -> None:
         self.quota = quota
         self.chunks: deque[Chunk] = deque()
-        self.lines = 0
+        self.messages = 0
         self.bytes = 0
 
-    def add(self, lines: int, nbytes: int, now: float) -> None:
+    def add(self, messages: int, nbytes: int, now: float) -> None:
         last = self.chunks[-1] if self.chunks else None
         if last is not None and last.bytes < self.quota // CHUNKS:
-            last.lines += lines
+            last.messages += messages
             last.bytes += nbytes
             last.newest = now
         else:
-            self.chunks.append(Chunk(lines, nbytes, now))
-        self.lines += lines
+            self.chunks.append(Chunk(messages, nbytes, now))
+        self.messages += messages
         self.bytes += nbytes
 
     def expire(self, before: float) -> None:
@@ -73,9 +73,11 @@ class Usage:
             self._drop_oldest()
 
     def keep(self) -> int | None:
-        """The newest messages that fit in the quota, when the account is over it (then they
-        are all that is counted from now on); None when it is within it."""
-        if self.bytes <= self.quota:
+        """The newest messages that fit in the quota, once the account is over it by a chunk
+        (then they are all that is counted from now on); None before. A purge costs nats-server
+        a walk over the account's subjects, so an account writing on at its quota is purged
+        once per chunk it writes, not after every report."""
+        if self.bytes <= self.quota + self.quota // CHUNKS:
             return None
         while self.bytes - self.quota >= self.chunks[0].bytes and len(self.chunks) > 1:
             self._drop_oldest()
@@ -83,18 +85,18 @@ class Usage:
         if excess > 0:
             # Within a chunk messages are taken to be of one size: the share over the quota goes.
             oldest = self.chunks[0]
-            gone = min(-(-oldest.lines * excess // oldest.bytes), oldest.lines - 1)
-            freed = min(-(-oldest.bytes * gone // oldest.lines), oldest.bytes)
-            freed = max(freed, excess if gone == oldest.lines - 1 else 0)
-            oldest.lines -= gone
+            gone = min(-(-oldest.messages * excess // oldest.bytes), oldest.messages - 1)
+            freed = min(-(-oldest.bytes * gone // oldest.messages), oldest.bytes)
+            freed = max(freed, excess if gone == oldest.messages - 1 else 0)
+            oldest.messages -= gone
             oldest.bytes -= freed
-            self.lines -= gone
+            self.messages -= gone
             self.bytes -= freed
-        return self.lines
+        return self.messages
 
     def _drop_oldest(self) -> None:
         oldest = self.chunks.popleft()
-        self.lines -= oldest.lines
+        self.messages -= oldest.messages
         self.bytes -= oldest.bytes
 
 
@@ -107,7 +109,7 @@ def parse_report(data: bytes) -> dict[str, tuple[int, int]]:
     except ValueError:
         report = None
     if not isinstance(report, dict):
-        log.warning("a log usage report that is not a JSON object was ignored")
+        log.warning("a usage report that is not a JSON object was ignored")
         return {}
     counts: dict[str, tuple[int, int]] = {}
     for account, value in report.items():
@@ -119,7 +121,7 @@ def parse_report(data: bytes) -> dict[str, tuple[int, int]]:
         ):
             counts[account] = (value[0], value[1])
         else:
-            log.warning("a log usage entry for %r was ignored: %r", account[:64], value)
+            log.warning("a usage entry for %r was ignored: %r", account[:64], value)
     return counts
 
 
