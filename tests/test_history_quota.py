@@ -18,8 +18,10 @@ import nats
 from harness import Api, as_user, gateway
 from kubetask import names
 from kubetask.gateway.history_quota import CHUNKS, Usage, parse_report
+from kubetask.plane import DataPlane
 from kubetask.settings import Settings
 from kubetask.task_events import SOURCING_WAIT
+from kubetask.usage_reports import PER_REPORT, STORED_OVERHEAD, Tally
 
 
 def test_usage_keeps_the_newest_lines_that_fit_and_forgets_what_expired() -> None:
@@ -215,3 +217,27 @@ async def test_only_platform_components_report_and_only_gateways_hear(
     finally:
         for nc in (gateway_nc, dispatcher_nc, destinations_nc):
             await nc.close()
+
+
+async def test_a_report_of_many_accounts_is_split_to_fit_a_nats_message(plane: DataPlane) -> None:
+    """10,000 accounts in one report (~600 KB) would come near NATS' 1 MB payload limit, and
+    a refused publish is a report lost; more would always be."""
+    subject = "kt.usage.test-split"
+    heard = await plane.nc.subscribe(subject)
+    tally = Tally(plane.nc, subject, every=3600)
+    try:
+        for i in range(2 * PER_REPORT + 5):
+            tally.add(f"account-{i}", 100)
+        tally.add("account-0", 50)
+        await tally.report()
+        got: dict[str, tuple[int, int]] = {}
+        for _ in range(3):
+            got.update(parse_report((await heard.next_msg(timeout=5)).data))
+        assert len(got) == 2 * PER_REPORT + 5
+        assert got["account-0"] == (2, 150 + 2 * STORED_OVERHEAD)
+        await tally.report()  # nothing new: nothing said
+        with contextlib.suppress(nats.errors.TimeoutError):
+            assert (await heard.next_msg(timeout=0.3)) is None
+    finally:
+        await tally.close()
+        await heard.unsubscribe()
