@@ -20,7 +20,8 @@ LEASES_BUCKET = "kt_leases"
 LOGS_STREAM = "KT_LOGS"
 EVENTS_STREAM = "KT_EVENTS"
 STOP_SUBJECT_PREFIX = "kt.ctl.stop"
-# What the dispatchers wrote per account lately, heard by the gateways (`gateway/log_quota.py`).
+# What each component wrote per account to the history streams, heard by the gateways
+# (`usage_reports.py`, `gateway/history_quota.py`).
 USAGE_PREFIX = "kt.usage"
 LOG_USAGE_SUBJECT = f"{USAGE_PREFIX}.logs"
 EVENTS_USAGE_SUBJECT = f"{USAGE_PREFIX}.events"
