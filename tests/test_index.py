@@ -135,6 +135,51 @@ def test_a_page_holds_no_more_record_bytes_than_asked_and_one_record_at_least(
     index.close()
 
 
+def test_each_accounts_records_and_bytes_are_counted_as_rows_come_and_go(
+    tmp_path: Path,
+) -> None:
+    """The record quota (`gateway/record_quota.py`) reads these totals; they must agree with
+    the rows after any mix of inserts, updates of a record's size and deletes, across a
+    restart, and for an index written before the totals existed."""
+    rnd = random.Random(11)
+    rows = _rows(400, seed=7)
+    stored: dict[tuple[str, str], int] = {}
+    index = TaskIndex(tmp_path / "index.sqlite3")
+    index.resume("stream-1", 10_000)
+
+    def expected() -> dict[str, tuple[int, int]]:
+        totals: dict[str, tuple[int, int]] = {}
+        for (account, _), size in stored.items():
+            records, nbytes = totals.get(account, (0, 0))
+            totals[account] = (records + 1, nbytes + size)
+        return totals
+
+    for _ in range(3000):
+        s = rnd.choice(rows)
+        if rnd.random() < 0.25:
+            index.drop(s.account, s.id)
+            stored.pop((s.account, s.id), None)
+        else:
+            size = rnd.randrange(1, 5000)
+            index.db.execute(UPSERT, s.row(b"r" * size, 1))
+            stored[s.account, s.id] = size
+    assert index.usage() == expected()
+    index.commit(3000)
+    index.close()
+    index = TaskIndex(tmp_path / "index.sqlite3")
+    assert index.resume("stream-1", 10_000) == 3000
+    assert index.usage() == expected()
+    # An index from before the totals: rows it never counted are counted at resume.
+    index.db.execute("DELETE FROM usage")
+    index.db.execute("DELETE FROM meta WHERE key = 'usage'")
+    index.commit()
+    index.close()
+    index = TaskIndex(tmp_path / "index.sqlite3")
+    assert index.resume("stream-1", 10_000) == 3000
+    assert index.usage() == expected() != {}
+    index.close()
+
+
 def test_a_kept_index_resumes_and_a_foreign_one_starts_over(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     index = TaskIndex(path)

@@ -214,3 +214,57 @@ async def test_an_account_may_store_only_so_many_bytes_and_configs_and_its_neigh
         assert (await n.put("/v1/asyncconfigs/y", json=cfg("y"))).status_code == 200
         assert (await g.delete("/v1/functions/c")).status_code == 204  # room again
         assert (await g.put("/v1/functions/d", json=fn("d", 30_000))).status_code == 200
+
+
+async def test_an_account_may_keep_only_so_many_bytes_of_records_and_its_neighbour_is_not_refused(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    """Records stay for the retention after their tasks end, in the store every account
+    writes to: one account's are bounded in bytes (`gateway/record_quota.py`), and deleting
+    tasks makes room again."""
+    hoarder, neighbour = await make_api(), await make_api()
+    quota = 64 << 10
+    limited = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords), account_max_record_bytes=quota
+    )
+    for api in (hoarder, neighbour):
+        await api.function("keep", command=["true"], maxConcurrency=8)
+    payload = {"blob": "p" * 4000}
+    async with _clients(limited, tokens_file, hoarder, neighbour) as (h, n):
+        accepted: list[str] = []
+        refused = None
+        for _ in range(200):  # ~4.5 KB a record: the quota holds ~15
+            resp = await h.post("/v1/tasks", json={"function": "keep", "payload": payload})
+            if resp.status_code == 429:
+                refused = resp
+                break
+            assert resp.status_code == 202, resp.text
+            accepted.append(resp.json()["metadata"]["name"])
+            await asyncio.sleep(0.05)
+        # 15 fill it; those counted both by the index and as created lately may end it early.
+        assert refused is not None and 7 <= len(accepted) <= 16, len(accepted)
+        body = refused.json()
+        assert "KUBETASK_ACCOUNT_MAX_RECORD_BYTES" in body["error"], body
+        assert body["retryAfter"] >= 1 and refused.headers["retry-after"] == str(body["retryAfter"])
+        neighbours = await n.post("/v1/tasks", json={"function": "keep", "payload": payload})
+        assert neighbours.status_code == 202, neighbours.text
+        for _ in range(50):  # counted within a second or two of their writes
+            limits = (await h.get("/v1/limits")).json()
+            if limits["records"] == len(accepted):
+                break
+            await asyncio.sleep(0.1)
+        assert limits["records"] == len(accepted) and limits["maxRecordBytes"] == quota
+        assert quota // 2 <= limits["recordBytes"] < quota + 5000, limits
+        for task_id in accepted:
+            await hoarder.wait(task_id)
+            assert (await h.delete(f"/v1/tasks/{task_id}")).status_code == 204
+        for _ in range(50):  # counted again within a second or two
+            resp = await h.post("/v1/tasks", json={"function": "keep", "payload": payload})
+            if resp.status_code == 202:
+                break
+            assert resp.status_code == 429, resp.text
+            await asyncio.sleep(0.1)
+        assert resp.status_code == 202, resp.text

@@ -707,6 +707,11 @@ class AccountLimits(KubeModel):
     )
     maxOwnQueues: int = Field(description="Streams of their own its functions may hold.")
     maxLogStreams: int = Field(description="Log reads (`logs -f`) it may keep open at once.")
+    records: int = Field(description="Task records it keeps (until deleted or expired).")
+    recordBytes: int = Field(description="Bytes they take as stored, payloads and results in.")
+    maxRecordBytes: int = Field(
+        description="Bytes its records may take; past them submissions are refused (429)."
+    )
     maxLogBytes: int = Field(
         description="Bytes of log lines it may keep, as written; past them its oldest go first."
     )

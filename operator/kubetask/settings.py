@@ -194,6 +194,12 @@ class Settings:
     logs_max_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_LOGS_MAX_BYTES", 4 << 30, 1 << 20, 1 << 50)
     )
+    # Bytes of task records one account may keep as stored; past them its submissions are
+    # refused (`gateway/record_quota.py`), so one tenant cannot fill the store every account
+    # writes to.
+    account_max_record_bytes: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_RECORD_BYTES", 1 << 30, 64 << 10)
+    )
     # Bytes of log lines, and of audit trail, one account may keep as written (before
     # compression); past them its own oldest go first (`gateway/history_quota.py`), so one
     # tenant cannot push the others' history out of the streams all accounts share.

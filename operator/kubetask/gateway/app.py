@@ -61,6 +61,7 @@ from .index import Query as IndexQuery
 from .indexing import Indexer
 from .json_bodies import StrictJsonRoute
 from .log_streams import LogStreams
+from .record_quota import RecordQuota
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
 from .throttle import THROTTLE_FROM, Throttle
@@ -254,7 +255,12 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             for quota in (HistoryQuota.of_logs(plane), HistoryQuota.of_events(plane))
         ]
         quiet_gc()
-        state.update(plane=plane, indexer=indexer, throttle=Throttle(settings, plane.depth))
+        state.update(
+            plane=plane,
+            indexer=indexer,
+            throttle=Throttle(settings, plane.depth),
+            records=RecordQuota(settings.account_max_record_bytes, indexer),
+        )
         try:
             yield
         finally:
@@ -629,6 +635,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             if owner == acct:
                 queue, waiting, drain = plane().depth.known(fn)
                 loads[queue] = QueueLoad(queue=queue, waiting=waiting, drainPerSecond=drain)
+        records_held, record_bytes = state["records"].held(acct)
         limits = AccountLimits(
             account=acct,
             maxBacklog=settings.account_max_backlog,
@@ -642,6 +649,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             ownQueues=use.own_queues,
             maxOwnQueues=settings.account_max_own_queues,
             maxLogStreams=settings.account_max_log_streams,
+            records=records_held,
+            recordBytes=record_bytes,
+            maxRecordBytes=settings.account_max_record_bytes,
             maxLogBytes=settings.account_max_log_bytes,
             maxEventsBytes=settings.account_max_events_bytes,
             registeredBytes=plane().registry.account_bytes(acct),
@@ -682,5 +692,12 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         body = exposition(who.account if who else None, who is not None and who.admin, names)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    submit_route = SubmitRoute(app, settings, app.state.tokens, plane, lambda: state["throttle"])
+    submit_route = SubmitRoute(
+        app,
+        settings,
+        app.state.tokens,
+        plane,
+        lambda: state["throttle"],
+        lambda: state["records"],
+    )
     return Guard(submit_route, settings.max_payload_bytes, connected)

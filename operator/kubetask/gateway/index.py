@@ -53,6 +53,26 @@ CREATE INDEX IF NOT EXISTS tasks_by_start ON tasks (account, started);
 CREATE INDEX IF NOT EXISTS tasks_by_write ON tasks (written, account, id);
 CREATE INDEX IF NOT EXISTS tasks_to_repair ON tasks (phase)
     WHERE phase IN ('Pending', 'Queued', 'Retrying');
+CREATE TABLE IF NOT EXISTS usage (
+    account TEXT PRIMARY KEY,
+    records INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS usage_of_insert AFTER INSERT ON tasks BEGIN
+    INSERT INTO usage VALUES (new.account, 1, coalesce(length(new.record), 0))
+    ON CONFLICT (account) DO UPDATE
+    SET records = records + 1, bytes = bytes + coalesce(length(new.record), 0);
+END;
+CREATE TRIGGER IF NOT EXISTS usage_of_update AFTER UPDATE OF record ON tasks BEGIN
+    UPDATE usage
+    SET bytes = bytes + coalesce(length(new.record), 0) - coalesce(length(old.record), 0)
+    WHERE account = new.account;
+END;
+CREATE TRIGGER IF NOT EXISTS usage_of_delete AFTER DELETE ON tasks BEGIN
+    UPDATE usage
+    SET records = records - 1, bytes = bytes - coalesce(length(old.record), 0)
+    WHERE account = old.account;
+END;
 """
 
 COLUMNS = "account, id, function, phase, submitted, enqueued, started, next_attempt, finished"
@@ -254,9 +274,21 @@ class TaskIndex:
         if not same:
             self.db.execute("DELETE FROM tasks")
             applied = 0
+        if meta.get("usage") != "1" or not same:
+            # An index from before the usage table had rows it never counted.
+            self.db.execute("DELETE FROM usage")
+            self.db.execute(
+                "INSERT INTO usage SELECT account, count(*), sum(coalesce(length(record), 0))"
+                " FROM tasks GROUP BY account"
+            )
         self.db.executemany(
             "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-            [("schema", SCHEMA_VERSION), ("stream", stream_created), ("applied", str(applied))],
+            [
+                ("schema", SCHEMA_VERSION),
+                ("stream", stream_created),
+                ("applied", str(applied)),
+                ("usage", "1"),
+            ],
         )
         self.db.commit()
         return applied
@@ -286,6 +318,11 @@ class TaskIndex:
     def close(self) -> None:
         self.db.commit()
         self.db.close()
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """Each account's records and their bytes as stored (kept by the triggers above)."""
+        rows = self.db.execute("SELECT account, records, bytes FROM usage WHERE records > 0")
+        return {account: (records, nbytes) for account, records, nbytes in rows}
 
     def _select(self, sql: str, args: Iterable[object]) -> Iterator[Summary]:
         for row in self.db.execute(f"SELECT {COLUMNS} FROM tasks {sql}", tuple(args)):

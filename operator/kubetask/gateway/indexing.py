@@ -42,6 +42,8 @@ PASS_EVERY = 1.0
 # time put a light account's submit->start p99 at 12-17 ms under a neighbour's flood, 500 at
 # 9 ms (bench/noisy.py; a connection of the mirror's own measured no better).
 FETCH = 500
+# How often each account's records are counted again: one small query over the accounts.
+USAGE_EVERY = 1.0
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -57,6 +59,10 @@ class Indexer:
         self._loading: asyncio.Task[None] | None = None
         self.turns = QueryTurns()
         self.poison_found = asyncio.Event()  # a record the index could not read awaits quarantine
+        # Each account's records and bytes as stored, read every USAGE_EVERY once loaded
+        # (`record_quota.py`).
+        self.usage: dict[str, tuple[int, int]] = {}
+        self._counting: asyncio.Task[None] | None = None
 
     @property
     def index(self) -> TaskIndex:
@@ -98,6 +104,7 @@ class Indexer:
             self.plane.settings.index_path or "in memory",
         )
         self._loading = asyncio.create_task(self._load(self.mirror, applied), name="index-load")
+        self._counting = asyncio.create_task(self._count_forever(), name="index-usage")
 
     async def _load(self, mirror: LazyMirror, applied: int) -> None:
         began = time.monotonic()
@@ -116,6 +123,13 @@ class Indexer:
             mirror.last_revision,
             time.monotonic() - began,
         )
+
+    async def _count_forever(self) -> None:
+        assert self._loading is not None
+        await asyncio.shield(self._loading)
+        while True:
+            self.usage = await self.run(self.index.usage)
+            await asyncio.sleep(USAGE_EVERY)
 
     async def _settle(self, commit_at: int | None) -> None:
         changes, self._changes = self._changes, []
@@ -144,7 +158,7 @@ class Indexer:
         await self.mirror.caught_up()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._loading)
+        await cancel_and_wait(self._counting, self._loading)
         if self.mirror is not None:
             await self.mirror.stop()
         if self._index is not None:

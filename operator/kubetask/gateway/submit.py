@@ -26,6 +26,7 @@ from ..store import TaskExists
 from . import errors, params
 from .errors import ApiError
 from .fair_gate import FairGate
+from .record_quota import RecordQuota
 from .throttle import Throttle, Throttled
 
 PATH = "/v1/tasks"
@@ -41,9 +42,11 @@ class SubmitRoute:
         tokens: TokenBook,
         plane: Callable[[], DataPlane],
         throttle: Callable[[], Throttle],
+        records: Callable[[], RecordQuota],
     ) -> None:
         self.app = app
         self._throttle = throttle
+        self._records = records
         self.settings = settings
         self.tokens = tokens
         self.plane = plane
@@ -76,6 +79,10 @@ class SubmitRoute:
     @property
     def throttle(self) -> Throttle:
         return self._throttle()
+
+    @property
+    def records(self) -> RecordQuota:
+        return self._records()
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[Principal, bytes]:
         """The caller (checked before the body is read) and the body, refused when too large
@@ -133,6 +140,7 @@ class SubmitRoute:
         except submission.PayloadRefused as err:
             raise ApiError(err.status, str(err), field="payload") from None
         try:
+            self.records.admit(acct)
             await self.throttle.admit(fn)
         except Throttled as err:
             raise ApiError(
@@ -154,6 +162,7 @@ class SubmitRoute:
             raise ApiError(
                 503, f"queue of {acct}/{fn.name} is unavailable ({err}); not accepted, retry later"
             ) from None
+        self.records.created(acct, len(created.raw))
         task = created.record.task
         task.status.phase = TaskPhase.Queued
         return 202, task.model_dump_json().encode()
@@ -187,7 +196,10 @@ def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, 
                     (413, "Payload too large"),
                     (415, "Not a JSON body"),
                     (422, "Invalid field"),
-                    (429, "Over the account's backlog or rate limit, or the queue is full"),
+                    (
+                        429,
+                        "Over the account's backlog, rate or record quota, or the queue is full",
+                    ),
                     (431, "The request line and headers are over the limit; nothing was read"),
                     (503, "NATS or the queue is unavailable; nothing was accepted"),
                 )

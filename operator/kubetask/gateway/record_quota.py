@@ -1,0 +1,92 @@
+"""Each account's share of the task bucket: `KUBETASK_ACCOUNT_MAX_RECORD_BYTES` of task records
+as stored (payloads and results in them), past which its submissions are refused with `429`.
+
+Records are kept for the retention (`KUBETASK_RETENTION_SECONDS`, a week by default) after a
+task's last change, in the one task bucket every account writes to. Nothing bounded what one
+account kept there: submitting as fast as its rate allowed, with the largest payloads and
+results, it could fill the JetStream store, and then every account's submissions and every
+task's progress failed. Records are state, not history, so unlike the logs
+(`history_quota.py`) the oldest are not dropped to make room; they leave when their tasks are
+deleted (`DELETE /v1/tasks/{id}`) or expire.
+
+Counted by the gateway's task index: SQLite triggers keep each account's records and bytes as
+records are applied (`index.py`), read every second (`indexing.py`), so a check costs a dict
+lookup. The index applies records about a second after they are written, so the records this
+gateway created in the last `LAG` seconds are added to the count: without them an account
+flooding at 20 submissions a second went to twice its quota before the count caught up (and
+at the gateway's full speed it would have gone far past). Counted twice for a moment rather
+than not at all, so an account near its quota may be refused a little early. Until the index
+has caught up the counts are partial, and nothing is refused on them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .indexing import Indexer
+from .throttle import Throttled
+
+# A record leaves when deleted or expired, neither of which a retry brings sooner.
+RETRY_AFTER = 60
+
+
+# Seconds from a record's write to its being in the count: the index's pass and the count's.
+LAG = 3.0
+
+
+class _Recent:
+    """Records created lately and their bytes, with their sum kept as they come and go."""
+
+    def __init__(self) -> None:
+        self.created: deque[tuple[float, int]] = deque()
+        self.bytes = 0
+
+    def add(self, at: float, nbytes: int) -> None:
+        self.created.append((at, nbytes))
+        self.bytes += nbytes
+
+    def since(self, at: float) -> int:
+        while self.created and self.created[0][0] < at:
+            self.bytes -= self.created.popleft()[1]
+        return self.bytes
+
+
+class RecordQuota:
+    def __init__(self, limit: int, indexer: Indexer) -> None:
+        self.limit = limit
+        self.indexer = indexer
+        # Records created lately, per account: an account's entry goes at its next submission
+        # once they are counted, so there is at most one per account.
+        self._recent: dict[str, _Recent] = {}
+
+    def held(self, account: str) -> tuple[int, int]:
+        """The account's records and their bytes, as of the last count."""
+        return self.indexer.usage.get(account, (0, 0))
+
+    def created(self, account: str, nbytes: int) -> None:
+        recent = self._recent.get(account)
+        if recent is None:
+            recent = self._recent[account] = _Recent()
+        recent.add(time.monotonic(), nbytes)
+
+    def _recent_bytes(self, account: str) -> int:
+        recent = self._recent.get(account)
+        if recent is None:
+            return 0
+        nbytes = recent.since(time.monotonic() - LAG)
+        if not recent.created:
+            del self._recent[account]
+        return nbytes
+
+    def admit(self, account: str) -> None:
+        """Raises Throttled when the account's records take its quota."""
+        records, nbytes = self.held(account)
+        nbytes += self._recent_bytes(account)
+        if nbytes >= self.limit and self.indexer.loaded:
+            raise Throttled(
+                f"account {account!r} keeps {records} task records taking {nbytes} bytes, its "
+                f"quota (KUBETASK_ACCOUNT_MAX_RECORD_BYTES={self.limit}); delete finished tasks "
+                "(DELETE /v1/tasks/{id}) or wait for them to expire",
+                RETRY_AFTER,
+            )
