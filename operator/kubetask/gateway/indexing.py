@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -128,7 +129,10 @@ class Indexer:
         assert self._loading is not None
         await asyncio.shield(self._loading)
         while True:
-            self.usage = await self.run(self.index.usage)
+            try:
+                self.usage = await self.run(self.index.usage)
+            except sqlite3.Error as err:  # stale for a second rather than for good
+                log.warning("counting each account's records failed: %s", err)
             await asyncio.sleep(USAGE_EVERY)
 
     async def _settle(self, commit_at: int | None) -> None:
