@@ -70,23 +70,25 @@ class RecordQuota:
             recent = self._recent[account] = _Recent()
         recent.add(time.monotonic(), nbytes)
 
-    def _recent_bytes(self, account: str) -> int:
+    def _lately(self, account: str) -> tuple[int, int]:
+        """Records created in the last LAG seconds and their bytes."""
         recent = self._recent.get(account)
         if recent is None:
-            return 0
+            return 0, 0
         nbytes = recent.since(time.monotonic() - LAG)
         if not recent.created:
             del self._recent[account]
-        return nbytes
+        return len(recent.created), nbytes
 
     def admit(self, account: str) -> None:
         """Raises Throttled when the account's records take its quota."""
-        records, nbytes = self.held(account)
-        nbytes += self._recent_bytes(account)
+        counted, counted_bytes = self.held(account)
+        lately, lately_bytes = self._lately(account)
+        records, nbytes = counted + lately, counted_bytes + lately_bytes
         if nbytes >= self.limit and self.indexer.loaded:
             raise Throttled(
-                f"account {account!r} keeps {records} task records taking {nbytes} bytes, its "
-                f"quota (KUBETASK_ACCOUNT_MAX_RECORD_BYTES={self.limit}); delete finished tasks "
-                "(DELETE /v1/tasks/{id}) or wait for them to expire",
+                f"account {account!r} keeps about {records} task records taking {nbytes} "
+                f"bytes, its quota (KUBETASK_ACCOUNT_MAX_RECORD_BYTES={self.limit}); delete "
+                "finished tasks (DELETE /v1/tasks/{id}) or wait for them to expire",
                 RETRY_AFTER,
             )
