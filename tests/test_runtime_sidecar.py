@@ -310,10 +310,16 @@ async def warm_pod(kt_runtime: str, tmp_path: Path) -> AsyncIterator[tuple[str, 
     try:
         yield f"http://127.0.0.1:{proxy_port}", flag, installed
     finally:
+        # `serve` passes a stop on to the server's process group and exits after it; killed
+        # outright, it left the server running (three of them outlived a test run).
         for p in (proxy, app):
             if p.returncode is None:
-                p.kill()
-                await p.wait()
+                p.terminate()
+                try:
+                    await asyncio.wait_for(p.wait(), 10)
+                except TimeoutError:
+                    p.kill()
+                    await p.wait()
 
 
 async def test_the_proxy_holds_the_function_to_its_concurrency_and_its_dispatchers(
