@@ -460,6 +460,28 @@ async def test_metrics_show_an_account_only_its_own_series(
     assert f'account="{one.account}"' in scraped.text and f'account="{two.account}"' in scraped.text
 
 
+async def test_a_deleted_functions_series_go_with_it(api: Api) -> None:
+    """Series were never dropped: registering and deleting functions under new names grew
+    every process's memory and every scrape without bound, from one account."""
+
+    async def series() -> list[str]:
+        page = (await api.http.get("/metrics")).text
+        return [line for line in page.splitlines() if f'account="{api.account}"' in line]
+
+    for i in range(20):
+        await api.function(f"churn-{i}", command=["true"])
+        await api.wait((await api.submit(f"churn-{i}"))["metadata"]["name"])
+    assert any('function="churn-19"' in line for line in await series())
+    for i in range(20):
+        await api.call("DELETE", f"/v1/functions/churn-{i}", 204)
+    for _ in range(100):  # every process hears of the deletions from the registry's bucket
+        left = [line for line in await series() if 'function="churn-' in line]
+        if not left:
+            break
+        await asyncio.sleep(0.1)
+    assert left == []
+
+
 async def test_a_dispatchers_metrics_need_the_metrics_token(api: Api) -> None:
     """A dispatcher's metrics port is reachable from tenants' code (a process beside it, a pod
     in the cluster): without the metrics token it shows only the platform's series."""

@@ -4,6 +4,7 @@ Prometheus scrape of the gateway and every dispatcher sums them. Who may read wh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hmac
 import threading
@@ -23,6 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
+
+from .models import QueueMode
 
 LABELS = ("account", "function")
 
@@ -102,11 +105,52 @@ DESTINATION_FAILURES = Counter(
 M = TypeVar("M", bound=MetricWrapperBase)
 
 
-@functools.cache
+# The metrics labelled by account and function alone.
+_PER_FUNCTION = (
+    SUBMITTED,
+    SUCCEEDED,
+    FAILED,
+    STOPPED,
+    RETRIED,
+    EXPIRED_DROPPED,
+    RUNNING,
+    BACKLOG,
+    WINDOW,
+    DEDICATED,
+    BUSY,
+    SUBMIT_TO_START,
+    EXECUTION,
+    DESTINATION_FAILURES,
+)
+
+# Each function's series, by metric: `of` hands them out, `forget` drops them.
+_children: dict[tuple[str, str], dict[int, Any]] = {}
+
+
 def of(metric: M, account: str, function: str) -> M:
     """`metric.labels(account, function)`, remembered: the dispatcher touches four metrics per
-    task, and `labels()` validates and locks each time. Label sets are never removed."""
-    return metric.labels(account, function)
+    task, and `labels()` validates and locks each time."""
+    mine = _children.get((account, function))
+    if mine is None:
+        mine = _children[(account, function)] = {}
+    child = mine.get(id(metric))
+    if child is None:
+        child = mine[id(metric)] = metric.labels(account, function)
+    return child
+
+
+def forget(account: str, function: str) -> None:
+    """Drop a deleted function's series from this process. Kept, they were never freed: an
+    account registering and deleting functions under new names grew every gateway's and
+    dispatcher's memory, and every scrape, without bound. One removal per metric, not a scan
+    of every series (`remove_by_labels` walks them all)."""
+    _children.pop((account, function), None)
+    for metric in _PER_FUNCTION:
+        with contextlib.suppress(KeyError):
+            metric.remove(account, function)
+    for mode in QueueMode:
+        with contextlib.suppress(KeyError):
+            QUEUE_MOVES.remove(account, function, mode.value)
 
 
 class _Seen:

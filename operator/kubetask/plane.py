@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 
-from . import jetstream, names
+from . import jetstream, metrics, names
 from .history import Retention
+from .models import TaskFunction
 from .queue_moves import Mover
 from .queues import QueueDepth
 from .registry import Registry
@@ -41,6 +42,7 @@ class DataPlane:
         kv = await js.key_value(names.TASKS_BUCKET)
         store = TaskStore(kv, rpc, Retention(settings), Tally(nc, names.EVENTS_USAGE_SUBJECT))
         registry = Registry(js, settings)
+        registry.on_function_change(_forget_deleted)
         await registry.start()
         depth = QueueDepth(rpc, settings.queue_max_msgs)
         return cls(nc, js, rpc, settings, store, registry, depth, Mover(js, settings))
@@ -53,3 +55,9 @@ class DataPlane:
         if not self.nc.is_closed:
             await self.nc.flush()
             await self.nc.close()
+
+
+def _forget_deleted(account: str, name: str, fn: TaskFunction | None) -> None:
+    """A deleted function's metrics series go with it, in every process."""
+    if fn is None:
+        metrics.forget(account, name)
