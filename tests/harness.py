@@ -243,3 +243,17 @@ async def gateway(settings: Settings, tokens_file: Path) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await serving
+
+
+@asynccontextmanager
+async def gateway_clients(
+    settings: Settings, tokens_file: Path, *apis: Api
+) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """A gateway with `settings`, and a client of it for each account."""
+    async with gateway(settings, tokens_file) as url, contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {a.token}"})
+            )
+            for a in apis
+        ]

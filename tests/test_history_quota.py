@@ -13,9 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 import nats
-from harness import Api, as_user, gateway
+from harness import Api, as_user, gateway_clients
 from kubetask import names
 from kubetask.gateway.history_quota import CHUNKS, Usage, parse_report
 from kubetask.plane import DataPlane
@@ -103,11 +102,8 @@ async def test_a_tenant_printing_fast_keeps_its_quota_and_its_neighbours_keep_th
     # 1,000 lines for the loud account's tasks; 100 (~33 KB, within the quota) for the quiet.
     for api, lines_each in ((loud, "1000"), (quiet, "100")):
         await api.function("printer", command=["python3", "-c", printer, lines_each])
-    async with gateway(keeping, tokens_file) as url:
-        async with httpx.AsyncClient(
-            base_url=url, headers={"Authorization": f"Bearer {loud.token}"}
-        ) as http:
-            limits = (await http.get("/v1/limits")).json()
+    async with gateway_clients(keeping, tokens_file, loud) as (http,):
+        limits = (await http.get("/v1/limits")).json()
         assert limits["maxLogBytes"] == quota, limits
         quiet_task = (await quiet.submit("printer"))["metadata"]["name"]
         await quiet.wait(quiet_task)
@@ -148,11 +144,8 @@ async def test_a_tenant_churning_through_tasks_keeps_its_quota_of_audit_trail(
     )
     for api in (busy, quiet):
         await api.function("quick", command=["true"], maxConcurrency=8)
-    async with gateway(keeping, tokens_file) as url:
-        async with httpx.AsyncClient(
-            base_url=url, headers={"Authorization": f"Bearer {busy.token}"}
-        ) as http:
-            assert (await http.get("/v1/limits")).json()["maxEventsBytes"] == quota
+    async with gateway_clients(keeping, tokens_file, busy) as (http,):
+        assert (await http.get("/v1/limits")).json()["maxEventsBytes"] == quota
         neighbour = (await quiet.submit("quick"))["metadata"]["name"]
         await quiet.wait(neighbour)
         # Three revisions each (created, running, succeeded): ~250 KB of trail.

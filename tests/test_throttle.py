@@ -5,16 +5,15 @@ bounded memory."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Api, as_user, gateway
+from harness import Api, as_user, gateway, gateway_clients
 from kubetask.gateway.throttle import SampleAndHold
 from kubetask.settings import Settings
 
@@ -102,20 +101,6 @@ async def test_the_account_over_its_rate_is_throttled_and_its_neighbour_is_not(
         assert calm == {202: 5}, calm
 
 
-@contextlib.asynccontextmanager
-async def _clients(
-    limited: Settings, tokens_file: Path, *apis: Api
-) -> AsyncIterator[list[httpx.AsyncClient]]:
-    """A gateway with `limited` settings, and a client of it for each account."""
-    async with gateway(limited, tokens_file) as url, contextlib.AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(
-                httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {a.token}"})
-            )
-            for a in apis
-        ]
-
-
 async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
     make_api: Callable[..., Awaitable[Api]],
     settings: Settings,
@@ -136,7 +121,7 @@ async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
         body = {"metadata": {"name": name}, "spec": {**spec, **extra}}
         return await http.put(f"/v1/functions/{name}", json=body)
 
-    async with _clients(limited, tokens_file, greedy, neighbour) as (g, n):
+    async with gateway_clients(limited, tokens_file, greedy, neighbour) as (g, n):
         for name in ("f1", "f2", "f3"):
             assert (await put(g, name)).status_code == 200
         refused = await put(g, "f4")
@@ -156,7 +141,7 @@ async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
     # Quotas lowered below what the account holds: it keeps it all and may update it, but
     # adds nothing.
     lowered = dataclasses.replace(limited, account_max_functions=2, account_max_own_queues=2)
-    async with _clients(lowered, tokens_file, greedy) as (g,):
+    async with gateway_clients(lowered, tokens_file, greedy) as (g,):
         assert (await put(g, "f2", queueMode="dedicated")).status_code == 200
         assert (await put(g, "f1", maxConcurrency=7)).status_code == 200
         assert (await put(g, "f1", queueMode="dedicated")).status_code == 409
@@ -187,7 +172,7 @@ async def test_an_account_may_store_only_so_many_bytes_and_configs_and_its_neigh
         meta = {"name": name, "annotations": {"note": "n" * note}}
         return {"metadata": meta, "spec": {"function": name}}
 
-    async with _clients(limited, tokens_file, greedy, neighbour) as (g, n):
+    async with gateway_clients(limited, tokens_file, greedy, neighbour) as (g, n):
         assert (await g.put("/v1/functions/a", json=fn("a", 40_000))).status_code == 200
         assert (await g.put("/v1/functions/b", json=fn("b", 40_000))).status_code == 200
         over = await g.put("/v1/functions/c", json=fn("c", 40_000))
@@ -234,7 +219,7 @@ async def test_an_account_may_keep_only_so_many_bytes_of_records_and_its_neighbo
     for api in (hoarder, neighbour):
         await api.function("keep", command=["true"], maxConcurrency=8)
     payload = {"blob": "p" * 4000}
-    async with _clients(limited, tokens_file, hoarder, neighbour) as (h, n):
+    async with gateway_clients(limited, tokens_file, hoarder, neighbour) as (h, n):
         accepted: list[str] = []
         refused = None
         for _ in range(200):  # ~4.5 KB a record: the quota holds ~15
