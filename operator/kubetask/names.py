@@ -160,6 +160,10 @@ def account_events(account: str) -> str:
     return f"kt.events.{account}.>"
 
 
+# Every account's audit trail (KT_EVENTS' subjects, made by `events.py`'s transform).
+ALL_EVENTS = "kt.events.>"
+
+
 def event_subject(account: str, task_id: str) -> str:
     return f"kt.events.{account}.{task_id}"
 

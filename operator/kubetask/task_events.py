@@ -86,7 +86,7 @@ async def _taken(js: JetStreamContext, revision: int) -> bool:
     """Whether KT_EVENTS has taken the task bucket's revisions up to `revision`: it takes them
     in order, so its newest message says how far it got."""
     try:
-        newest = await js.get_msg(names.EVENTS_STREAM, subject="kt.events.>")
+        newest = await js.get_msg(names.EVENTS_STREAM, subject=names.ALL_EVENTS)
     except NotFoundError:
         return False
     source = (newest.headers or {}).get(SOURCE_HEADER, "").split()
