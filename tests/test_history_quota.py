@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nats
 from harness import Api, as_user, gateway_clients
-from kubetask import names
-from kubetask.gateway.history_quota import CHUNKS, Usage, parse_report
+from kubetask import names, usage_reports
+from kubetask.gateway.history_quota import CHUNKS, Usage
 from kubetask.plane import DataPlane
 from kubetask.settings import Settings
 from kubetask.task_events import SOURCING_WAIT
@@ -81,8 +81,8 @@ def test_a_report_is_read_entry_by_entry() -> None:
         "team-d": [0, 10],
         "team-e": [1],
     }
-    assert parse_report(json.dumps(report).encode()) == {"team-a": (3, 900)}
-    assert parse_report(b"[1, 2]") == {} and parse_report(b"\xff") == {}
+    assert usage_reports.parse(json.dumps(report).encode()) == {"team-a": (3, 900)}
+    assert usage_reports.parse(b"[1, 2]") == {} and usage_reports.parse(b"\xff") == {}
 
 
 async def test_a_tenant_printing_fast_keeps_its_quota_and_its_neighbours_keep_their_logs(
@@ -201,7 +201,7 @@ async def test_only_platform_components_report_and_only_gateways_hear(
             await nc.publish(names.LOG_USAGE_SUBJECT, json.dumps({account: [1, 100]}).encode())
             await nc.flush()
         msg = await heard.next_msg(timeout=5)
-        assert parse_report(msg.data) == {"reported": (1, 100)}
+        assert usage_reports.parse(msg.data) == {"reported": (1, 100)}
         with contextlib.suppress(nats.errors.TimeoutError):
             assert (await heard.next_msg(timeout=0.5)) is None, "heard a second report"
         await asyncio.sleep(0.2)
@@ -225,7 +225,7 @@ async def test_a_report_of_many_accounts_is_split_to_fit_a_nats_message(plane: D
         await tally.report()
         got: dict[str, tuple[int, int]] = {}
         for _ in range(3):
-            got.update(parse_report((await heard.next_msg(timeout=5)).data))
+            got.update(usage_reports.parse((await heard.next_msg(timeout=5)).data))
         assert len(got) == 2 * PER_REPORT + 5
         assert got["account-0"] == (2, 150 + 2 * STORED_OVERHEAD)
         await tally.report()  # nothing new: nothing said

@@ -20,7 +20,6 @@ nothing after the purge of one that heard everything.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
-from .. import grammar, metrics, names
+from .. import metrics, names, usage_reports
 from ..plane import DataPlane
 
 log = logging.getLogger("kubetask.history_quota")
@@ -100,31 +99,6 @@ class Usage:
         self.bytes -= oldest.bytes
 
 
-def parse_report(data: bytes) -> dict[str, tuple[int, int]]:
-    """`{account: [messages, bytes]}`, both at least 1; entries that are not are left out.
-    Only platform components may publish reports, so one would be a bug, not an attack:
-    logged, not fatal."""
-    try:
-        report = json.loads(data)
-    except ValueError:
-        report = None
-    if not isinstance(report, dict):
-        log.warning("a usage report that is not a JSON object was ignored")
-        return {}
-    counts: dict[str, tuple[int, int]] = {}
-    for account, value in report.items():
-        if (
-            grammar.is_name(account)
-            and isinstance(value, list)
-            and len(value) == 2
-            and all(type(v) is int and v >= 1 for v in value)
-        ):
-            counts[account] = (value[0], value[1])
-        else:
-            log.warning("a usage entry for %r was ignored: %r", account[:64], value)
-    return counts
-
-
 class HistoryQuota:
     def __init__(
         self,
@@ -166,7 +140,7 @@ class HistoryQuota:
             await sub.unsubscribe()
 
     async def heard(self, msg: Msg, now: float) -> None:
-        for account, (count, nbytes) in parse_report(msg.data).items():
+        for account, (count, nbytes) in usage_reports.parse(msg.data).items():
             usage = self.usage.get(account)
             if usage is None:
                 usage = self.usage[account] = Usage(self.quota)
