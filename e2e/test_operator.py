@@ -27,6 +27,9 @@ ACCOUNT = "team-a"  # an account is a namespace
 MAX_PAYLOAD = 4096
 # The account's functions here take a few KB; one of 160 KB passes it alone.
 MAX_REGISTERED_BYTES = 150_000
+# About sixteen records of a payload near MAX_PAYLOAD (the least the setting takes); held to
+# only while a gateway counts.
+MAX_RECORD_BYTES = 64 << 10
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -66,6 +69,7 @@ class Platform:
             KUBETASK_MAX_PAYLOAD=str(MAX_PAYLOAD),
             KUBETASK_ACCOUNT_MAX_RATE="1",
             KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES=str(MAX_REGISTERED_BYTES),
+            KUBETASK_ACCOUNT_MAX_RECORD_BYTES=str(MAX_RECORD_BYTES),
         )
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
@@ -88,6 +92,14 @@ class Platform:
 
     def start_dispatcher(self) -> None:
         self.dispatcher = self._spawn("dispatcher", log="dispatcher.log")
+
+    def spawn_gateway(self) -> subprocess.Popen[bytes]:
+        """A gateway that no client calls: it counts each account's records for the operator."""
+        tokens = self.root / "tokens.json"
+        tokens.write_text('{"tokens": []}')
+        return self._spawn(
+            "gateway", "--port", str(free_port()), "--tokens", str(tokens), log="gateway.log"
+        )
 
     def stop(self) -> None:
         for proc in (self.operator, self.dispatcher, self.nats):
@@ -362,6 +374,77 @@ def test_tasks_applied_faster_than_the_account_may_submit_wait_their_turn(
         if e["involvedObject"]["name"].startswith("paced-") and e["reason"] == "Throttled"
     ]
     assert throttled and "submits more than 1 tasks a second" in throttled[0], throttled
+
+
+def test_tasks_applied_past_the_accounts_record_quota_wait_and_its_neighbour_does_not(
+    platform: Platform,
+) -> None:
+    """kubectl-applied Tasks were counted against the record quota but not held to it: an
+    account could keep records past `KUBETASK_ACCOUNT_MAX_RECORD_BYTES` through the API server.
+    The operator hears the gateways' counts (`record_reports.py`); here a gateway runs."""
+    hoarder = "team-q"
+    platform.cluster.kubectl("create", "namespace", hoarder)
+    gateway = platform.spawn_gateway()
+    try:
+        fn = """
+            apiVersion: kubetask.io/v1alpha1
+            kind: TaskFunction
+            metadata: {name: keep}
+            spec: {command: ["true"]}
+        """
+        for ns in (hoarder, ACCOUNT):
+            platform.cluster.kubectl("apply", "-n", ns, "-f", "-", stdin=textwrap.dedent(fn))
+            eventually(
+                lambda ns=ns: (
+                    (platform.get("taskfunction", "keep", ns) or {}).get("status", {}).get("ready")
+                ),
+                30,
+                f"keep ready in {ns}",
+            )
+        if platform.dispatcher is None:
+            platform.start_dispatcher()
+        blob = json.dumps({"blob": "q" * (MAX_PAYLOAD - 100)})
+        count = 22  # ~4.2 KB a record: the quota holds ~16
+        tasks = "\n---\n".join(
+            f"""
+            apiVersion: kubetask.io/v1alpha1
+            kind: Task
+            metadata: {{name: hoard-{i}}}
+            spec: {{function: keep, payload: {blob}}}
+            """
+            for i in range(count)
+        )
+        platform.cluster.kubectl("apply", "-n", hoarder, "-f", "-", stdin=textwrap.dedent(tasks))
+
+        def refusals() -> list[str]:
+            events = json.loads(
+                platform.cluster.kubectl("get", "events", "-n", hoarder, "-o", "json").stdout
+            )
+            return [
+                e["message"]
+                for e in events["items"]
+                if e["reason"] == "Throttled"
+                and "KUBETASK_ACCOUNT_MAX_RECORD_BYTES" in e["message"]
+            ]
+
+        eventually(refusals, 60, "a Task held back by the record quota")
+
+        def submitted() -> int:
+            out = platform.cluster.kubectl("get", "tasks", "-n", hoarder, "-o", "json").stdout
+            return sum(1 for t in json.loads(out)["items"] if t.get("status", {}).get("phase"))
+
+        time.sleep(3)  # what was let through before the refusal has its status by now
+        assert 8 <= submitted() < count, submitted()
+        platform.apply("""
+            apiVersion: kubetask.io/v1alpha1
+            kind: Task
+            metadata: {name: neighbour-1}
+            spec: {function: keep}
+        """)
+        platform.task_in("neighbour-1", "Succeeded", 60)
+    finally:
+        gateway.terminate()
+        gateway.wait(30)
 
 
 def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> None:

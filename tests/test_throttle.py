@@ -5,16 +5,24 @@ bounded memory."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import re
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
+import pytest
 from harness import Api, as_user, gateway, gateway_clients
-from kubetask.gateway.throttle import SampleAndHold
+from kubetask.cancellation import cancel_and_wait
+from kubetask.gateway.record_quota import RecordQuota
+from kubetask.gateway.throttle import SampleAndHold, Throttled
+from kubetask.record_reports import FRESH, Heard
 from kubetask.settings import Settings
 
 
@@ -247,13 +255,64 @@ async def test_an_account_may_keep_only_so_many_bytes_of_records_and_its_neighbo
             await asyncio.sleep(0.1)
         assert limits["records"] == len(accepted) and limits["maxRecordBytes"] == quota
         assert quota // 2 <= limits["recordBytes"] < quota + 5000, limits
-        for task_id in accepted:
-            await hoarder.wait(task_id)
-            assert (await h.delete(f"/v1/tasks/{task_id}")).status_code == 204
-        for _ in range(50):  # counted again within a second or two
-            resp = await h.post("/v1/tasks", json={"function": "keep", "payload": payload})
-            if resp.status_code == 202:
-                break
-            assert resp.status_code == 429, resp.text
-            await asyncio.sleep(0.1)
-        assert resp.status_code == 202, resp.text
+        async with _operator_hearing(settings.nats_url, nats_passwords) as heard:
+            # The operator hears the count (`record_reports.py`) of the account near its
+            # quota, not of its neighbour, far below it.
+            for _ in range(50):
+                if heard.usage.get(hoarder.account, (0, 0))[0] == len(accepted):
+                    break
+                await asyncio.sleep(0.1)
+            assert heard.loaded
+            assert heard.usage[hoarder.account] == (limits["records"], limits["recordBytes"])
+            assert neighbour.account not in heard.usage
+            for task_id in accepted:
+                await hoarder.wait(task_id)
+                assert (await h.delete(f"/v1/tasks/{task_id}")).status_code == 204
+            for _ in range(50):  # counted again within a second or two
+                resp = await h.post("/v1/tasks", json={"function": "keep", "payload": payload})
+                if resp.status_code == 202:
+                    break
+                assert resp.status_code == 429, resp.text
+                await asyncio.sleep(0.1)
+            assert resp.status_code == 202, resp.text
+            for _ in range(100):  # and the operator no longer hears of it
+                if hoarder.account not in heard.usage:
+                    break
+                await asyncio.sleep(0.1)
+            assert heard.loaded and hoarder.account not in heard.usage, heard.usage
+
+
+@contextlib.asynccontextmanager
+async def _operator_hearing(url: str, passwords: dict[str, str]) -> AsyncIterator[Heard]:
+    nc = await nats.connect(url, user="operator", password=passwords["operator"])
+    heard = Heard()
+    hearing = asyncio.create_task(heard.run(nc))
+    try:
+        yield heard
+    finally:
+        await cancel_and_wait(hearing)
+        await nc.close()
+
+
+def test_the_operators_counts_are_those_said_lately() -> None:
+    """An account the gateways stop saying is no longer near its quota, and with no report
+    at all (no gateway counting) nothing is refused."""
+    heard = Heard()
+    assert not heard.loaded
+    long_ago = time.monotonic() - 10 * FRESH
+    heard.take(json.dumps({"team-a": [3, 900], "team-b": [1, 10]}).encode(), long_ago)
+    heard.take(json.dumps({"team-a": [4, 1200]}).encode(), long_ago + FRESH - 1)
+    assert heard.usage == {"team-a": (4, 1200), "team-b": (1, 10)}
+    heard.take(b"{}", long_ago + FRESH + 0.5)
+    assert heard.usage == {"team-a": (4, 1200)}
+    heard.take(json.dumps({"team-a": [4, 1200]}).encode(), long_ago + 2 * FRESH)
+    quota = RecordQuota(1000, heard)
+    assert not heard.loaded  # the last report was 8 FRESH ago: no gateway is counting
+    quota.admit("team-a")
+    heard.take(json.dumps({"team-a": [4, 1200]}).encode(), time.monotonic())
+    with pytest.raises(Throttled, match="KUBETASK_ACCOUNT_MAX_RECORD_BYTES"):
+        quota.admit("team-a")
+    quota.admit("team-b")
+    quota.created("team-b", 1000)  # created here, not yet said by any gateway
+    with pytest.raises(Throttled):
+        quota.admit("team-b")

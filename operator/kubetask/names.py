@@ -25,6 +25,9 @@ STOP_SUBJECT_PREFIX = "kt.ctl.stop"
 USAGE_PREFIX = "kt.usage"
 LOG_USAGE_SUBJECT = f"{USAGE_PREFIX}.logs"
 EVENTS_USAGE_SUBJECT = f"{USAGE_PREFIX}.events"
+# Each account's task records as the gateways count them, heard by the operator
+# (`record_reports.py`).
+RECORD_USAGE_SUBJECT = f"{USAGE_PREFIX}.records"
 
 
 # The stream small accounts share (`QueueMode.shared`): each function a subject of its own,

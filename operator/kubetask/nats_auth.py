@@ -79,8 +79,9 @@ PERMISSIONS: dict[str, Permissions] = {
     # one API call that says whether a stream captures the subject).
     "destinations": Permissions(publish=["out.>", "$JS.API.STREAM.NAMES"]),
     # The Kubernetes operator: what the gateway may, since it registers functions and submits
-    # and stops Tasks on users' behalf.
-    "operator": _PLATFORM_API,
+    # and stops Tasks on users' behalf; it hears the gateways' counts of each account's
+    # records, to hold kubectl-applied Tasks to the record quota (`record_reports.py`).
+    "operator": dataclasses.replace(_PLATFORM_API, subscribe=[names.RECORD_USAGE_SUBJECT]),
     # People and tests: everything (kept in the data directory, given to no component).
     "admin": Permissions(publish=[">"], subscribe=[">"]),
 }

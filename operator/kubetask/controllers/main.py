@@ -9,8 +9,10 @@ from typing import Any
 import kopf
 
 from ..cancellation import cancel_and_wait
+from ..gateway.record_quota import LAG, RecordQuota
 from ..gateway.throttle import Throttle
 from ..plane import DataPlane
+from ..record_reports import REPORT_EVERY, Heard
 from ..settings import Settings
 from . import asyncconfigs, taskfunctions, tasks, warm_pools  # noqa: F401  (registers the handlers)
 from .context import OperatorConfig
@@ -28,6 +30,12 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     memo.plane = await DataPlane.connect(plane_settings, "kubetask-operator")
     # kubectl-applied Tasks wait on the account's back-pressure as HTTP submissions do.
     memo.throttle = Throttle(plane_settings, memo.plane.depth)
+    # And to the record quota, with the counts the gateways say, a report later than theirs.
+    heard = Heard()
+    memo.hearing = asyncio.create_task(heard.run(memo.plane.nc))
+    memo.records = RecordQuota(
+        plane_settings.account_max_record_bytes, heard, lag=LAG + REPORT_EVERY
+    )
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)
     memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))
@@ -38,7 +46,7 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    await cancel_and_wait(memo.scaler, memo.warm)
+    await cancel_and_wait(memo.scaler, memo.warm, memo.hearing)
     await memo.plane.close()
 
 

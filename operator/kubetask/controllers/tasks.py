@@ -38,6 +38,7 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
         kopf.warn(body, reason="Refused", message=str(err))
         return
     try:
+        memo.records.admit(fn.account)
         await memo.throttle.admit(fn)
     except Throttled as err:
         # Retried when the account may submit again; the object waits, unsubmitted, and its
@@ -45,9 +46,10 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
         kopf.info(body, reason="Throttled", message=f"{err}; submitted in {err.retry_after}s")
         raise kopf.TemporaryError(f"throttled: {err}", delay=err.retry_after) from None
     try:
-        await submission.submit(plane, fn, name, spec.get("payload"))
+        created = await submission.submit(plane, fn, name, spec.get("payload"))
     except TaskExists:
         return  # applied before (or the operator restarted): never submitted twice
+    memo.records.created(fn.account, len(created.raw))
     kopf.info(body, reason="Submitted", message=f"queued for function {fn.name}")
 
 

@@ -26,7 +26,17 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp
 
-from .. import actions, grammar, logs, names, quarantine, queues, registrant, task_events
+from .. import (
+    actions,
+    grammar,
+    logs,
+    names,
+    quarantine,
+    queues,
+    record_reports,
+    registrant,
+    task_events,
+)
 from ..auth import OutOfScope, Principal, TokenBook, Unauthenticated
 from ..cancellation import cancel_and_wait
 from ..dispatch.destinations import config_problem
@@ -254,6 +264,11 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             asyncio.create_task(quota.run())
             for quota in (HistoryQuota.of_logs(plane), HistoryQuota.of_events(plane))
         ]
+        quotas.append(
+            asyncio.create_task(
+                record_reports.report_forever(plane.nc, indexer, settings.account_max_record_bytes)
+            )
+        )
         quiet_gc()
         state.update(
             plane=plane,

@@ -17,6 +17,9 @@ flooding at 20 submissions a second went to twice its quota before the count cau
 at the gateway's full speed it would have gone far past). Counted twice for a moment rather
 than not at all, so an account near its quota may be refused a little early. Until the index
 has caught up the counts are partial, and nothing is refused on them.
+
+The operator holds kubectl-applied Tasks to the same quota with the counts the gateways say
+(`record_reports.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .indexing import Indexer
+from ..record_reports import Counts
 from .throttle import Throttled
 
 # A record leaves when deleted or expired, neither of which a retry brings sooner.
@@ -53,16 +56,17 @@ class _Recent:
 
 
 class RecordQuota:
-    def __init__(self, limit: int, indexer: Indexer) -> None:
+    def __init__(self, limit: int, counts: Counts, lag: float = LAG) -> None:
         self.limit = limit
-        self.indexer = indexer
+        self.counts = counts
+        self.lag = lag
         # Records created lately, per account: an account's entry goes at its next submission
         # once they are counted, so there is at most one per account.
         self._recent: dict[str, _Recent] = {}
 
     def held(self, account: str) -> tuple[int, int]:
         """The account's records and their bytes, as of the last count."""
-        return self.indexer.usage.get(account, (0, 0))
+        return self.counts.usage.get(account, (0, 0))
 
     def created(self, account: str, nbytes: int) -> None:
         recent = self._recent.get(account)
@@ -71,11 +75,11 @@ class RecordQuota:
         recent.add(time.monotonic(), nbytes)
 
     def _lately(self, account: str) -> tuple[int, int]:
-        """Records created in the last LAG seconds and their bytes."""
+        """Records created in the last `lag` seconds and their bytes."""
         recent = self._recent.get(account)
         if recent is None:
             return 0, 0
-        nbytes = recent.since(time.monotonic() - LAG)
+        nbytes = recent.since(time.monotonic() - self.lag)
         if not recent.created:
             del self._recent[account]
         return len(recent.created), nbytes
@@ -85,10 +89,11 @@ class RecordQuota:
         counted, counted_bytes = self.held(account)
         lately, lately_bytes = self._lately(account)
         records, nbytes = counted + lately, counted_bytes + lately_bytes
-        if nbytes >= self.limit and self.indexer.loaded:
+        if nbytes >= self.limit and self.counts.loaded:
             raise Throttled(
                 f"account {account!r} keeps about {records} task records taking {nbytes} "
                 f"bytes, its quota (KUBETASK_ACCOUNT_MAX_RECORD_BYTES={self.limit}); delete "
-                "finished tasks (DELETE /v1/tasks/{id}) or wait for them to expire",
+                "finished tasks (DELETE /v1/tasks/{id}, or kubectl delete task) or wait for "
+                "them to expire",
                 RETRY_AFTER,
             )
