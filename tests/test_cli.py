@@ -148,6 +148,9 @@ async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
     await api.function("takes", command=["true"])
     not_json = api.workdir / "plain.txt"
     not_json.write_text("hello\n")
+    not_text = api.workdir / "payload.bin"
+    not_text.write_bytes(b"\xff\xfe{}")
+    missing = api.workdir / "missing.json"
     for args, said in (
         (["-p", "{bad"], "error: the payload is not JSON (key must be a string"),
         (["-p", "NaN"], "error: the payload is not JSON (expected value at line 1 column 1 (NaN"),
@@ -156,6 +159,10 @@ async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
         (["-p", '{"a": 1, "a": 2}'], 'error: the payload is not JSON (duplicate key "a"'),
         (["-p", '[{"a": {"b": 1, "b": 1}}]'], 'error: the payload is not JSON (duplicate key "b"'),
         (["--payload-file", str(not_json)], f"error: the payload in {not_json} is not JSON"),
+        # Said as errors, not as Python's exceptions.
+        (["--payload-file", str(not_text)], f"error: the payload in {not_text} is not text"),
+        (["--payload-file", str(missing)], f"error: cannot read the payload from {missing}: No"),
+        (["--payload-file", str(api.workdir)], "error: cannot read the payload from"),
     ):
         out = await kt(api, gateway_url, "submit", "takes", *args, "--id", "never", check=False)
         assert out.returncode == 1 and out.stderr.startswith(said), (args, out.stderr)

@@ -97,8 +97,16 @@ def _print_tasks(tasks: list[dict[str, Any]], output: str) -> None:
 
 
 def _payload(args: argparse.Namespace) -> Any:
+    where = ""
     if args.payload_file:
-        text = sys.stdin.read() if args.payload_file == "-" else Path(args.payload_file).read_text()
+        source = "stdin" if args.payload_file == "-" else args.payload_file
+        where = f" in {source}"
+        try:
+            text = sys.stdin.read() if source == "stdin" else Path(source).read_text()
+        except UnicodeDecodeError:
+            sys.exit(f"error: the payload{where} is not text (UTF-8); a payload is JSON")
+        except OSError as err:
+            sys.exit(f"error: cannot read the payload from {source}: {err.strerror or err}")
     elif args.payload is not None:
         text = args.payload
     else:
@@ -111,7 +119,6 @@ def _payload(args: argparse.Namespace) -> Any:
         strict_json.check_finite(payload)
         return payload
     except ValueError as err:
-        where = f" in {args.payload_file}" if args.payload_file else ""
         sys.exit(f"error: the payload{where} is not JSON ({err}); quote a plain string: '\"text\"'")
 
 
