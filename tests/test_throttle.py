@@ -19,9 +19,12 @@ import httpx
 import nats
 import pytest
 from harness import Api, as_user, gateway, gateway_clients
+from kubetask import names
 from kubetask.cancellation import cancel_and_wait
 from kubetask.gateway.record_quota import RecordQuota
 from kubetask.gateway.throttle import SampleAndHold, Throttled
+from kubetask.plane import DataPlane
+from kubetask.queues import QueueDepth
 from kubetask.record_reports import FRESH, Heard
 from kubetask.settings import Settings
 
@@ -316,3 +319,30 @@ def test_the_operators_counts_are_those_said_lately() -> None:
     quota.created("team-b", 1000)  # created here, not yet said by any gateway
     with pytest.raises(Throttled):
         quota.admit("team-b")
+
+
+async def test_a_queue_not_submitted_to_for_a_while_is_forgotten(
+    api: Api, plane: DataPlane
+) -> None:
+    """Admission kept each queue's depth and drain rate for ever: a function's own queue comes
+    and goes with it, so registering, submitting to and deleting functions in a loop grew
+    every gateway by an entry each."""
+    for name in ("first", "second"):
+        await api.function(name, command=["true"], queueMode="dedicated")
+    fns = []
+    for name in ("first", "second"):
+        for _ in range(100):
+            if (fn := plane.registry.function(api.account, name)) is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert fn is not None
+        fns.append(fn)
+    depth = QueueDepth(plane.rpc, 1000, ttl=0, forget_after=0.5)
+    await depth.admit(fns[0])
+    assert depth.known(fns[0])[1] == 1
+    await asyncio.sleep(0.6)
+    await depth.admit(fns[1])
+    assert list(depth._known) == [names.queue_label(fns[1])]
+    assert depth.known(fns[0])[1] == 0  # read again when next asked
+    await depth.admit(fns[0])
+    assert depth.known(fns[0])[1] == 1

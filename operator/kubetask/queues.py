@@ -176,13 +176,19 @@ async def remove_function_queue(js: JetStreamContext, fn: TaskFunction) -> None:
         await remove_queue(js, queue)
 
 
+# How long an unread queue's depth and drain rate are kept (a read costs one API call).
+FORGET_AFTER = 600.0
+
+
 class QueueDepth:
     """Admission control: how many messages a stream holds, re-read at most every `ttl` seconds
     and counted up locally in between, so checking costs nothing on the hot path. In the stream
     small accounts share, each account's part is counted on its own (its subjects), so one
     account's backlog throttles that account only."""
 
-    def __init__(self, rpc: Requester, limit: int, ttl: float = 0.5) -> None:
+    def __init__(
+        self, rpc: Requester, limit: int, ttl: float = 0.5, forget_after: float = FORGET_AFTER
+    ) -> None:
         self.rpc = rpc
         self.limit = limit
         self.ttl = ttl
@@ -190,6 +196,11 @@ class QueueDepth:
         # Tasks leaving each queue per second (an average over recent reads): what a throttled
         # client is told to wait for.
         self.drain: dict[str, float] = {}
+        # Queues not submitted to for `forget_after` are forgotten, looked for once in a while:
+        # a queue of its own comes and goes with its function, and a tenant registering,
+        # submitting to and deleting functions in a loop grew every gateway by one entry each.
+        self.forget_after = forget_after
+        self._forgot = time.monotonic()
 
     def known(self, fn: TaskFunction) -> tuple[str, int, float]:
         """(queue, tasks waiting as last read and counted since, drain rate), from memory; a
@@ -213,7 +224,17 @@ class QueueDepth:
                 self.drain[key] = 0.5 * self.drain.get(key, left) + 0.5 * left
             read_at, depth = now, stored
             self._known[key] = (read_at, depth)
+        if now - self._forgot > self.forget_after / 10:
+            self._forget(now)
         return label, read_at, depth
+
+    def _forget(self, now: float) -> None:
+        self._forgot = now
+        for key in [
+            k for k, (read_at, _) in self._known.items() if read_at < now - self.forget_after
+        ]:
+            del self._known[key]
+            self.drain.pop(key, None)
 
     async def _stored(self, queue: names.Queue, account: str) -> int:
         request = b""
