@@ -22,7 +22,7 @@ from harness import Api, as_user, gateway, gateway_clients
 from kubetask import names
 from kubetask.cancellation import cancel_and_wait
 from kubetask.gateway.record_quota import RecordQuota
-from kubetask.gateway.throttle import SampleAndHold, Throttled
+from kubetask.gateway.throttle import SampleAndHold, Throttle, Throttled
 from kubetask.plane import DataPlane
 from kubetask.queues import QueueDepth
 from kubetask.record_reports import FRESH, Heard
@@ -322,11 +322,11 @@ def test_the_operators_counts_are_those_said_lately() -> None:
 
 
 async def test_a_queue_not_submitted_to_for_a_while_is_forgotten(
-    api: Api, plane: DataPlane
+    api: Api, plane: DataPlane, settings: Settings
 ) -> None:
-    """Admission kept each queue's depth and drain rate for ever: a function's own queue comes
-    and goes with it, so registering, submitting to and deleting functions in a loop grew
-    every gateway by an entry each."""
+    """Admission kept each queue's depth, drain rate and senders for ever: a function's own
+    queue comes and goes with it, so registering, submitting to and deleting functions in a
+    loop grew every gateway by two entries each."""
     for name in ("first", "second"):
         await api.function(name, command=["true"], queueMode="dedicated")
     fns = []
@@ -338,11 +338,17 @@ async def test_a_queue_not_submitted_to_for_a_while_is_forgotten(
         assert fn is not None
         fns.append(fn)
     depth = QueueDepth(plane.rpc, 1000, ttl=0, forget_after=0.5)
-    await depth.admit(fns[0])
+    throttle = Throttle(settings, depth, forget_after=0.5)  # and who sends to each queue
+    for fn in fns:
+        await throttle.admit(fn)
+        await depth.admit(fn)
     assert depth.known(fns[0])[1] == 1
     await asyncio.sleep(0.6)
+    await throttle.admit(fns[1])
     await depth.admit(fns[1])
     assert list(depth._known) == [names.queue_label(fns[1])]
+    assert list(throttle._senders) == [f"{names.queue_label(fns[1])}/{api.account}"]
     assert depth.known(fns[0])[1] == 0  # read again when next asked
+    await throttle.admit(fns[0])
     await depth.admit(fns[0])
-    assert depth.known(fns[0])[1] == 1
+    assert depth.known(fns[0])[1] == 1 and len(throttle._senders) == 2

@@ -19,6 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from .. import queues
 from ..models import TaskFunction
 from ..queues import QueueDepth
 from ..settings import Settings
@@ -50,9 +51,10 @@ class SampleAndHold:
         self._total = 0
         self._last_total = 0
         self._started = time.monotonic()
+        self.seen = self._started  # the last observation
 
     def observe(self, key: str) -> None:
-        now = time.monotonic()
+        now = self.seen = time.monotonic()
         if now - self._started >= self.window:
             self._last, self._last_total = self._held, self._total
             self._held, self._total, self._started = {}, 0, now
@@ -80,12 +82,17 @@ class Bucket:
 
 
 class Throttle:
-    def __init__(self, settings: Settings, depth: QueueDepth) -> None:
+    def __init__(
+        self, settings: Settings, depth: QueueDepth, forget_after: float = queues.FORGET_AFTER
+    ) -> None:
         self.max_backlog = settings.account_max_backlog
         self.max_rate = settings.account_max_rate
         self.depth = depth
         self._buckets: dict[str, Bucket] = {}
+        # Per queue; one not submitted to for `forget_after` is forgotten, as its depth is.
         self._senders: dict[str, SampleAndHold] = {}
+        self.forget_after = forget_after
+        self._forgot = time.monotonic()
 
     async def admit(self, fn: TaskFunction) -> None:
         """Raise `Throttled` when this submission must wait; otherwise count it. The depth is
@@ -117,6 +124,8 @@ class Throttle:
         # Per account too: small accounts share one stream, each throttled on its own part.
         senders = self._senders.setdefault(f"{queue}/{fn.account}", SampleAndHold())
         senders.observe(fn.name)
+        if senders.seen - self._forgot > self.forget_after / 10:
+            self._forget(senders.seen)
         start = THROTTLE_FROM * self.max_backlog
         if depth < start:
             return
@@ -135,6 +144,11 @@ class Throttle:
                 f"{self.max_backlog}); {fn.name!r} sends {share:.0%} of them",
                 _seconds(wait),
             )
+
+    def _forget(self, now: float) -> None:
+        self._forgot = now
+        for key in [k for k, s in self._senders.items() if s.seen < now - self.forget_after]:
+            del self._senders[key]
 
 
 def _seconds(wait: float) -> int:
