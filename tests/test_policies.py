@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp import web
 from harness import DENIED_WEBHOOK_HOST, Api, echo_script, read_lines, web_server
-from kubetask.dispatch.webhooks import WebhookRefused, Webhooks
+from kubetask.dispatch.webhooks import DELIVERIES_PER_ACCOUNT, WebhookRefused, Webhooks
 from kubetask.networks import parse_networks
 from kubetask.plane import DataPlane
 from prometheus_client import REGISTRY
@@ -225,13 +229,118 @@ async def test_a_name_that_resolves_only_into_denied_networks_is_refused() -> No
         open_ = Webhooks(())
         try:
             with pytest.raises(WebhookRefused):
-                await guarded.post(f"http://localhost:{port}/a", {}, {})
+                await guarded.post("team-a", f"http://localhost:{port}/a", {}, {})
             assert calls == []
-            assert await open_.post(f"http://localhost:{port}/b", {}, {}) == 204
+            assert await open_.post("team-a", f"http://localhost:{port}/b", {}, {}) == 204
             assert calls == ["/b"]
         finally:
             await guarded.close()
             await open_.close()
+
+
+@contextlib.asynccontextmanager
+async def _silent_server() -> AsyncIterator[tuple[str, list[socket.socket]]]:
+    """A real server that takes connections and never answers: a tenant's webhook that hangs."""
+    taken: list[socket.socket] = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def take() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            taken.append(conn)
+
+    accepting = asyncio.create_task(take())
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    finally:
+        accepting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await accepting
+        for conn in [*taken, listener]:
+            conn.close()
+
+
+async def test_webhooks_that_never_answer_hold_only_their_own_accounts_deliveries() -> None:
+    """The connection pool held 100 connections for every account together: one account's
+    webhooks that never answer took them all, and every other account's deliveries waited
+    for one until they timed out. Real servers both."""
+    answered: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        answered.append(request.path)
+        return web.Response(status=204)
+
+    webhooks = Webhooks((), timeout=8)
+    try:
+        async with _silent_server() as (silent, taken), web_server(hook) as url:
+            hanging = [
+                asyncio.create_task(webhooks.post("hoarder", f"{silent}/{i}", {}, {}))
+                for i in range(150)
+            ]
+            for _ in range(100):  # as many as it may have in flight are connected
+                if len(taken) >= DELIVERIES_PER_ACCOUNT:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            started = asyncio.get_running_loop().time()
+            for i in range(5):
+                assert await webhooks.post("neighbour", f"{url}/{i}", {}, {}) == 204
+            assert asyncio.get_running_loop().time() - started < 4, "waited on the hoarder"
+            assert answered == [f"/{i}" for i in range(5)]
+            assert len(taken) == DELIVERIES_PER_ACCOUNT, len(taken)  # the hoarder's, at most
+            for task in hanging:
+                task.cancel()
+            await asyncio.gather(*hanging, return_exceptions=True)
+    finally:
+        await webhooks.close()
+
+
+async def test_a_webhook_name_that_takes_long_to_resolve_holds_only_its_own_account(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Webhook hosts were resolved on threads every lookup in the process shares: one
+    account's webhooks behind a slow name server (a name each, since lookups of one name are
+    shared) held every account's deliveries. A name server that slow cannot be set up here
+    without changing the machine's resolver, so those lookups are faked: each blocks its
+    thread for 6 s, as `getaddrinfo` does waiting on such a server."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".slow-dns.test"):
+            time.sleep(6)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    answered: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        answered.append(request.path)
+        return web.Response(status=204)
+
+    webhooks = Webhooks((), timeout=10)
+    loop = asyncio.get_running_loop()
+    try:
+        async with web_server(hook) as url:
+            port = url.rsplit(":", 1)[1]
+            stuck = [
+                asyncio.create_task(webhooks.post("slow", f"http://h{i}.slow-dns.test/", {}, {}))
+                for i in range(40)
+            ]
+            await asyncio.sleep(0.3)
+            started = loop.time()
+            assert await webhooks.post("neighbour", f"http://localhost:{port}/n", {}, {}) == 204
+            assert loop.time() - started < 3, "waited on the slow account's lookups"
+            assert answered == ["/n"]
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+    finally:
+        await webhooks.close()
 
 
 def _expired(account: str, function: str) -> float:

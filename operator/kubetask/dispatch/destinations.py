@@ -216,7 +216,7 @@ class Destinations(Policy):
             if self._webhooks is None:
                 self._webhooks = Webhooks(ctx.plane.settings.webhook_denied_networks)
             headers = {"X-Kubetask-Task-Id": task_id, "X-Kubetask-Account": ctx.account}
-            status = await self._webhooks.post(dest.target, body, headers)
+            status = await self._webhooks.post(ctx.account, dest.target, body, headers)
             if not 200 <= status < 300:
                 raise DestinationUndeliverable(f"webhook answered HTTP {status}")
 

@@ -8,19 +8,41 @@ metadata services, which answer credentials to anyone who asks). The address is 
 name resolution, on the very addresses connected to, so a name that resolves (or re-resolves)
 to a denied address is refused too; redirects are not followed, since a redirect could point
 anywhere after the check. An answer other than 2xx, a redirect included, is a failed delivery.
+
+A tenant also chooses how long its webhooks take, to resolve and to answer, so what delivery
+shares is held per account. Names are resolved on threads of their own, at most
+`LOOKUPS_PER_ACCOUNT` of an account's at once: they were resolved by the event loop's
+`getaddrinfo`, on uvloop (the dispatcher's loop) four libuv threads that every lookup in the
+process shares (NATS' reconnections too), so one account's webhooks behind a slow name server
+held every account's deliveries (a neighbour's waited 4.7 s behind 40 lookups of names this
+machine's resolver does not know). An account has at most `DELIVERIES_PER_ACCOUNT` deliveries
+in flight per dispatcher, and the connection pool has no limit of its own: its default of 100
+connections, filled by one account's webhooks that never answer, made every other account's
+deliveries wait until they timed out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 from ..networks import Network, denied
+
+LOOKUPS_PER_ACCOUNT = 2
+DELIVERIES_PER_ACCOUNT = 32
+# Threads resolving webhook hosts, shared by the accounts (each holding at most its share).
+RESOLVER_THREADS = 16
+
+# The account a delivery is for, as its host is resolved (aiohttp calls the resolver).
+_account: ContextVar[str] = ContextVar("webhook_account", default="")
 
 
 class WebhookRefused(Exception):
@@ -28,23 +50,82 @@ class WebhookRefused(Exception):
 
 
 class _GuardedResolver(AbstractResolver):
-    """Resolves as usual, then drops the addresses in denied networks."""
+    """Resolves on threads of its own, each account a few at a time, then drops the addresses in
+    denied networks."""
 
     def __init__(self, networks: tuple[Network, ...]) -> None:
-        self._inner = DefaultResolver()
         self._networks = networks
+        self._threads = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="webhook-dns")
+        self._turns: dict[str, asyncio.Semaphore] = {}
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        found = await self._inner.resolve(host, port, family)
+        found = await self._lookup(host, port, family)
         allowed = [r for r in found if denied(r["host"], self._networks) is None]
         if not allowed:
             raise WebhookRefused(f"{host} resolves only to addresses in denied networks")
         return allowed
 
+    async def _lookup(
+        self, host: str, port: int, family: socket.AddressFamily
+    ) -> list[ResolveResult]:
+        account = _account.get()
+        turn = self._turns.get(account)
+        if turn is None:
+            turn = self._turns[account] = asyncio.Semaphore(LOOKUPS_PER_ACCOUNT)
+        await turn.acquire()
+        loop = asyncio.get_running_loop()
+
+        def release(_: Future[list[ResolveResult]]) -> None:
+            # When the thread is done, not when the delivery gives up waiting on it: a lookup
+            # that never ends keeps its account's turn, not another account's thread.
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(turn.release)
+
+        try:
+            looking = self._threads.submit(_addresses, host, port, family)
+        except BaseException:
+            turn.release()
+            raise
+        looking.add_done_callback(release)
+        return await asyncio.wrap_future(looking)
+
     async def close(self) -> None:
-        await self._inner.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _addresses(host: str, port: int, family: socket.AddressFamily) -> list[ResolveResult]:
+    """What aiohttp's threaded resolver makes of `getaddrinfo`."""
+    numeric = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+    found: list[ResolveResult] = []
+    infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+    for fam, _, proto, _, address in infos:
+        if fam == socket.AF_INET6:
+            if len(address) < 3:
+                continue  # IPv6 not supported by this Python
+            if address[3]:  # scoped (link-local): the scope goes into the host
+                resolved, service = socket.getnameinfo(
+                    address[:4], socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+                )
+                resolved_port = int(service)
+            else:
+                resolved, resolved_port = str(address[0]), int(address[1])
+        elif fam == socket.AF_INET:
+            resolved, resolved_port = str(address[0]), int(address[1])
+        else:
+            continue
+        found.append(
+            ResolveResult(
+                hostname=host,
+                host=resolved,
+                port=resolved_port,
+                family=fam,
+                proto=proto,
+                flags=numeric,
+            )
+        )
+    return found
 
 
 class Webhooks:
@@ -52,8 +133,10 @@ class Webhooks:
         self._networks = networks
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._resolver = _GuardedResolver(networks)  # aiohttp closes only a resolver it made
+        self._deliveries: dict[str, asyncio.Semaphore] = {}
 
-    async def post(self, url: str, body: Any, headers: dict[str, str]) -> int:
+    async def post(self, account: str, url: str, body: Any, headers: dict[str, str]) -> int:
         """The answer's status; raises WebhookRefused before connecting to a denied address."""
         # An address written in the URL is connected to without resolution, so it is checked
         # here; names are checked by the resolver.
@@ -63,14 +146,23 @@ class Webhooks:
             raise WebhookRefused(f"{host} is in a denied network ({net})")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=_GuardedResolver(self._networks)),
+                connector=aiohttp.TCPConnector(resolver=self._resolver, limit=0),
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             )
-        async with self._session.post(
-            url, json=body, headers=headers, allow_redirects=False
-        ) as resp:
-            return resp.status
+        turn = self._deliveries.get(account)
+        if turn is None:
+            turn = self._deliveries[account] = asyncio.Semaphore(DELIVERIES_PER_ACCOUNT)
+        async with turn:
+            for_account = _account.set(account)
+            try:
+                async with self._session.post(
+                    url, json=body, headers=headers, allow_redirects=False
+                ) as resp:
+                    return resp.status
+            finally:
+                _account.reset(for_account)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        await self._resolver.close()
