@@ -101,20 +101,15 @@ def _addresses(host: str, port: int, family: socket.AddressFamily) -> list[Resol
     found: list[ResolveResult] = []
     infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
     for fam, _, proto, _, address in infos:
-        if fam == socket.AF_INET6:
-            if len(address) < 3:
-                continue  # IPv6 not supported by this Python
-            if address[3]:  # scoped (link-local): the scope goes into the host
-                resolved, service = socket.getnameinfo(
-                    address[:4], socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
-                )
-                resolved_port = int(service)
-            else:
-                resolved, resolved_port = str(address[0]), int(address[1])
-        elif fam == socket.AF_INET:
-            resolved, resolved_port = str(address[0]), int(address[1])
-        else:
+        if fam not in (socket.AF_INET, socket.AF_INET6):
             continue
+        resolved, resolved_port = str(address[0]), int(address[1])
+        if fam == socket.AF_INET6 and len(address) == 4 and address[3]:
+            # A scoped (link-local) address: the scope goes into the host.
+            resolved, service = socket.getnameinfo(
+                address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
+            )
+            resolved_port = int(service)
         found.append(
             ResolveResult(
                 hostname=host,
