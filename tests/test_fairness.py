@@ -1,15 +1,18 @@
 """Fair sharing across accounts: weights are validated settings; while accounts compete, each
 keeps at most its weighted share of a dispatcher's attempts in flight (end to end, with real
-tasks) and of a gateway's submissions in progress; alone, an account is not limited at all."""
+tasks) and of a gateway's requests in progress; alone, an account is not limited at all."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Api, all_succeed
+from kubetask.auth import TokenBook, create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.fairness import (
     DISPATCH_LEAST_PER_ACCOUNT,
@@ -17,9 +20,10 @@ from kubetask.fairness import (
     FairnessSettings,
     parse_weights,
 )
-from kubetask.gateway.fair_gate import FairGate
+from kubetask.gateway.fair_gate import FairGate, GatedRequests
 from kubetask.gateway.query_turns import QueryTurns
 from kubetask.settings import Settings
+from starlette.types import Receive, Scope, Send
 
 
 def test_weights_are_names_and_positive_numbers() -> None:
@@ -160,6 +164,56 @@ async def test_a_neighbours_list_waits_for_a_turn_not_for_every_query_of_a_flood
     # In arrival order it waited for about all of them; with turns, for those in progress and
     # the answers already on their way out.
     assert waited <= pending // 4, f"the light list waited for {waited} of the {pending} left"
+
+
+async def test_every_request_of_an_account_takes_its_turn_at_the_gateway(
+    tokens_file: Path,
+) -> None:
+    """Only submissions took turns: an account reading as fast as it could kept any number of
+    reads in progress, and each step of a neighbour's request waited behind all of them. The
+    gated app here is a stand-in that holds each request until released, so what is in
+    progress can be counted; the tokens are real."""
+    heavy, light = (create_token(tokens_file, a, a) for a in ("gate-heavy", "gate-light"))
+    admin = create_token(tokens_file, "gate-admin", None, admin=True)
+    gate = FairGate(FairnessSettings(slots=4))
+    inside: list[str] = []
+    release = asyncio.Event()
+
+    async def held(scope: Scope, receive: Receive, send: Send) -> None:
+        inside.append(scope["path"])
+        await release.wait()
+
+    gated = GatedRequests(held, gate, TokenBook(tokens_file))
+
+    def request(token: str | None, path: str) -> asyncio.Task[None]:
+        headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
+        scope = {"type": "http", "method": "GET", "path": path, "headers": headers}
+        return asyncio.create_task(gated(scope, _never_called, _never_called))
+
+    flood = [request(heavy, f"/heavy/{i}") for i in range(6)]
+    await asyncio.sleep(0.01)
+    assert len(inside) == 6, "alone, an account is not held back"
+    calm = request(light, "/light")
+    await asyncio.sleep(0.01)
+    assert inside[-1] == "/light", "a neighbour gets in while the other reads"
+    late = [request(heavy, f"/late/{i}") for i in range(3)]
+    others = [
+        request(heavy, "/v1/tasks/t/logs"),  # log reads are bounded on their own
+        request(admin, "/admin"),
+        request(None, "/anonymous"),  # refused by its route
+        request("kt_not-a-token", "/forged"),
+    ]
+    await asyncio.sleep(0.01)
+    assert not any(p.startswith("/late") for p in inside), "heavy is over its share of 2"
+    assert set(inside[-4:]) == {"/v1/tasks/t/logs", "/admin", "/anonymous", "/forged"}
+    release.set()
+    await asyncio.gather(*flood, calm, *late, *others)
+    assert inside[-3:] == [f"/late/{i}" for i in range(3)]
+    assert gate.shares.inflight == {} and not gate._waiting
+
+
+async def _never_called(*_: object) -> Any:
+    raise AssertionError("the stand-in app neither receives nor sends")
 
 
 async def _running(api: Api) -> int:

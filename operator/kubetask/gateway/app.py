@@ -65,6 +65,7 @@ from ..store import Unreadable, Versioned, now
 from . import errors, params, submit, task_pages, waiting
 from .errors import ApiError
 from .expiry import Expiry
+from .fair_gate import FairGate, GatedRequests
 from .guard import Guard
 from .history_quota import HistoryQuota
 from .index import Query as IndexQuery
@@ -707,12 +708,14 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         body = exposition(who.account if who else None, who is not None and who.admin, names)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    gate = FairGate(settings.fair_share(settings.gateway_fair_slots))
     submit_route = SubmitRoute(
-        app,
+        GatedRequests(app, gate, app.state.tokens),
         settings,
         app.state.tokens,
         plane,
         lambda: state["throttle"],
         lambda: state["records"],
+        gate,
     )
     return Guard(submit_route, settings.max_payload_bytes, connected)

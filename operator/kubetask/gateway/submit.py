@@ -43,6 +43,7 @@ class SubmitRoute:
         plane: Callable[[], DataPlane],
         throttle: Callable[[], Throttle],
         records: Callable[[], RecordQuota],
+        gate: FairGate,
     ) -> None:
         self.app = app
         self._throttle = throttle
@@ -52,7 +53,7 @@ class SubmitRoute:
         self.plane = plane
         # The limit applies to the payload; leave room for the envelope around it.
         self.max_body = settings.max_payload_bytes + 64 * 1024
-        self.gate = FairGate(settings.fair_share(settings.gateway_fair_slots))
+        self.gate = gate  # shared with every other request (`fair_gate.py`)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
