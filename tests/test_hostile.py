@@ -14,10 +14,11 @@ from typing import Any
 
 import httpx
 from harness import LOG_STREAMS, METRICS_TOKEN, REQUEST_TIMEOUT, Api, as_user, gateway
-from kubetask import metrics
+from kubetask import metrics, names
 from kubetask.embedded import free_port
 from kubetask.plane import DataPlane
 from kubetask.settings import Settings
+from nats.js.errors import BadRequestError
 
 BAD_IDS = [
     "*",
@@ -538,6 +539,64 @@ async def test_one_account_cannot_hold_every_log_stream(
         raise AssertionError("closed log streams were never given back")
     for api in (greedy, neighbour):
         await api.call("POST", "/v1/tasks/t/stop", 200)
+
+
+async def test_reading_trails_and_logs_fast_leaves_their_streams_readable(
+    make_api: Callable[..., Awaitable[Api]], plane: DataPlane
+) -> None:
+    """Each read of a trail or a log is a consumer on the stream every account shares, and
+    nats-server kept each for 5 s after its read; a stream takes at most 1,000: one account
+    reading a few hundred a second filled it, and every account's reads were a 500."""
+    reader, neighbour = await make_api(), await make_api()
+    for api in (reader, neighbour):
+        await api.function("chatty", command=["sh", "-c", "echo one >&2; echo two >&2"])
+        await api.wait((await api.submit("chatty", task_id="t"))["metadata"]["name"])
+    statuses: dict[int, int] = {}
+
+    async def read(path: str, times: int) -> None:
+        for _ in range(times):
+            resp = await reader.http.get(path)
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+
+    await asyncio.gather(
+        *(read("/v1/tasks/t/events", 100) for _ in range(12)),
+        *(read("/v1/tasks/t/logs", 100) for _ in range(LOG_STREAMS)),
+    )
+    assert statuses == {200: 1200 + 100 * LOG_STREAMS}, statuses
+    assert len(await neighbour.call("GET", "/v1/tasks/t/events", 200)) == 3
+    logs = (await neighbour.http.get("/v1/tasks/t/logs")).text
+    assert "one" in logs and "two" in logs, logs
+    for stream in (names.EVENTS_STREAM, names.LOGS_STREAM):  # none left behind
+        assert (await plane.js.stream_info(stream)).state.consumer_count <= 2
+
+
+async def test_a_stream_with_no_room_for_another_reader_is_a_503(
+    api: Api, plane: DataPlane
+) -> None:
+    """Filled for real (nats-server allows a stream 1,000 consumers): the read is refused
+    with the error body and a Retry-After, not cut or a 500, and works once there is room."""
+    await api.function("chatty", command=["sh", "-c", "echo one"])
+    await api.wait((await api.submit("chatty", task_id="t"))["metadata"]["name"])
+    held: list[tuple[str, Any]] = []
+    try:
+        for stream, subject in (
+            (names.EVENTS_STREAM, names.event_subject(api.account, "t")),
+            (names.LOGS_STREAM, names.log_subject(api.account, "t")),
+        ):
+            with contextlib.suppress(BadRequestError):
+                while True:
+                    held.append((stream, await plane.js.subscribe(subject, stream=stream)))
+        for path in ("/v1/tasks/t/events", "/v1/tasks/t/logs"):
+            refused = await api.http.get(path)
+            assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
+            _check_error_body(refused)
+            assert "retry" in refused.json()["error"]
+    finally:
+        for stream, sub in held:
+            consumer = sub._consumer
+            await sub.unsubscribe()
+            await plane.js.delete_consumer(stream, consumer)
+    assert len(await api.call("GET", "/v1/tasks/t/events", 200)) == 3
 
 
 async def test_head_is_the_get_without_its_body_and_ends_a_stream_at_once(api: Api) -> None:

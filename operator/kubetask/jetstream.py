@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from nats import errors as nats_errors
 from nats.aio.client import Client
@@ -14,7 +15,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
-from nats.js.api import ConsumerInfo, DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, NotFoundError
 
 from . import events, history, names, nats_auth, quarantine
@@ -227,6 +236,47 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
     )
     await ensure_stream(js, events.stream_config(settings), settings)
     await ensure_stream(js, quarantine.stream_config(settings.retention_seconds), settings)
+
+
+# nats-server's code for a stream at its most consumers (1,000 for any stream in 2.15).
+MAX_CONSUMERS_CODE = 10026
+# How long nats-server keeps a reader's consumer once nothing listens: one whose delete was
+# lost (its read was cancelled) goes within this.
+READER_IDLE = 2.0
+
+
+class ReadersExhausted(Exception):
+    """The stream has as many consumers as nats-server allows: nothing was read; retry."""
+
+
+@contextlib.asynccontextmanager
+async def subject_reader(
+    js: JetStreamContext, stream: str, subject: str
+) -> AsyncIterator[JetStreamContext.PushSubscription]:
+    """One ordered consumer on `subject`, from its oldest message, deleted when done.
+
+    nats-server kept an unsubscribed reader's consumer for 5 s, and a stream takes at most
+    1,000 consumers: one account reading trails or logs as fast as it could (~500 reads a
+    second) filled KT_EVENTS, and every account's reads failed (500) until they expired."""
+    try:
+        sub = await js.subscribe(
+            subject,
+            stream=stream,
+            ordered_consumer=True,
+            inactive_threshold=READER_IDLE,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+    except BadRequestError as err:
+        if err.err_code == MAX_CONSUMERS_CODE:
+            raise ReadersExhausted(f"{stream} is being read by as many as it allows") from err
+        raise
+    try:
+        yield sub
+    finally:
+        with contextlib.suppress(Exception):
+            consumer = sub._consumer  # the current one: an ordered reader may have replaced it
+            await sub.unsubscribe()
+            await js.delete_consumer(stream, consumer)
 
 
 def to_deliver(info: ConsumerInfo) -> int:

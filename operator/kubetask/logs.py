@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
 
 import pydantic_core
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from . import jetstream, names
 from .cancellation import cancel_and_wait
@@ -70,32 +70,30 @@ class LogWriter:
         await cancel_and_wait(self._task)
 
 
-async def read(
-    js: JetStreamContext, account: str, task_id: str, follow: bool, idle_timeout: float = 3600
+def reader(
+    js: JetStreamContext, account: str, task_id: str
+) -> AbstractAsyncContextManager[JetStreamContext.PushSubscription]:
+    """A task's log, to read with `records`; opened before a response starts, so that a stream
+    with no room for another reader is a 503, not a cut answer."""
+    return jetstream.subject_reader(js, names.LOGS_STREAM, names.log_subject(account, task_id))
+
+
+async def records(
+    sub: JetStreamContext.PushSubscription, follow: bool, idle_timeout: float = 3600
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield log records oldest first; with `follow`, keep yielding until the final line.
 
     Lines are published without waiting, so a task can be recorded as finished a moment before
     its last lines are stored: for a finished task pass `follow` with a short `idle_timeout`.
     """
-    sub = await js.subscribe(
-        names.log_subject(account, task_id),
-        stream=names.LOGS_STREAM,
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
-    try:
-        remaining = jetstream.to_deliver(await sub.consumer_info())
-        while follow or remaining > 0:
-            try:
-                msg = await sub.next_msg(timeout=idle_timeout)
-            except TimeoutError:
-                return
-            remaining = int(msg.metadata.num_pending)
-            record = json.loads(msg.data)
-            yield record
-            if follow and record.get("final"):
-                return
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+    remaining = jetstream.to_deliver(await sub.consumer_info())
+    while follow or remaining > 0:
+        try:
+            msg = await sub.next_msg(timeout=idle_timeout)
+        except TimeoutError:
+            return
+        remaining = int(msg.metadata.num_pending)
+        record = json.loads(msg.data)
+        yield record
+        if follow and record.get("final"):
+            return

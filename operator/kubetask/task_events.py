@@ -4,13 +4,11 @@ describe`): each revision of its record in KT_EVENTS (`events.py`), reduced to w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from datetime import UTC, datetime
 
 from nats import errors as nats_errors
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from . import jetstream, names
@@ -44,18 +42,13 @@ async def read(
     but not once KT_EVENTS has taken that revision and the trail still lacks it: its oldest
     revisions were dropped (the stream's cap, the account's quota), and waiting would only
     make every read of an old task's trail take SOURCING_WAIT."""
-    sub = await js.subscribe(
-        names.event_subject(account, task_id),
-        stream=names.EVENTS_STREAM,
-        ordered_consumer=True,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-    )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SOURCING_WAIT
     kept: deque[TaskEvent] = deque(maxlen=MAX_EVENTS)
     seen = latest is None
     got = 0
-    try:
+    subject = names.event_subject(account, task_id)
+    async with jetstream.subject_reader(js, names.EVENTS_STREAM, subject) as sub:
         remaining = jetstream.to_deliver(await sub.consumer_info())
         while remaining > 0 or not seen:
             if remaining == 0 and revision is not None and await _taken(js, revision):
@@ -76,9 +69,6 @@ async def read(
             got += 1
             kept.append(_event(msg.data, msg.metadata.timestamp))
             seen = seen or msg.data == latest
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
     return list(kept)
 
 

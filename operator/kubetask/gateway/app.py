@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -468,18 +468,20 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         idle = 2.0 if finished else 3600.0
 
         release = log_streams.open(task.account)
+        reading = AsyncExitStack()
+        try:
+            sub = await reading.enter_async_context(logs.reader(plane().js, task.account, task.id))
+        except BaseException:
+            release()
+            raise
 
         async def lines() -> AsyncIterator[bytes]:
             try:
-                async for record in logs.read(
-                    plane().js,
-                    task.account,
-                    task.id,
-                    (follow or finished) and not settled,
-                    idle_timeout=idle,
-                ):
+                wait = (follow or finished) and not settled
+                async for record in logs.records(sub, wait, idle_timeout=idle):
                     yield json.dumps(record).encode() + b"\n"
             finally:
+                await reading.aclose()
                 release()
 
         return StreamingResponse(
