@@ -273,9 +273,10 @@ async def subject_reader(
     try:
         yield sub
     finally:
+        consumer = sub._consumer  # the current one: an ordered reader may have replaced it
         with contextlib.suppress(Exception):
-            consumer = sub._consumer  # the current one: an ordered reader may have replaced it
             await sub.unsubscribe()
+        with contextlib.suppress(Exception):
             await js.delete_consumer(stream, consumer)
 
 

@@ -475,17 +475,22 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             release()
             raise
 
+        async def done() -> None:
+            """After the last line, or after the answer if its lines never began (a client
+            gone first): the reader holds a consumer on the stream every account shares."""
+            await reading.aclose()
+            release()
+
         async def lines() -> AsyncIterator[bytes]:
             try:
                 wait = (follow or finished) and not settled
                 async for record in logs.records(sub, wait, idle_timeout=idle):
                     yield json.dumps(record).encode() + b"\n"
             finally:
-                await reading.aclose()
-                release()
+                await done()
 
         return StreamingResponse(
-            lines(), media_type="application/x-ndjson", background=BackgroundTask(release)
+            lines(), media_type="application/x-ndjson", background=BackgroundTask(done)
         )
 
     # -- functions and async configs ------------------------------------------------------------
