@@ -7,7 +7,8 @@ submits the Tasks applied with kubectl, has no index, and without the count an a
 Tasks kept records past its quota. Only the accounts holding at least `NEAR` of the quota are
 said, so a report is empty on nearly every platform; the operator adds what it created itself
 since (as a gateway adds its own), so an account below that would have to create the rest of
-its quota within seconds, past its rate limit, to go over.
+its quota within seconds to go over (as many Tasks as `KUBETASK_ACCOUNT_MAX_RATE`, when set,
+lets the operator submit in that time).
 
 A report is `{account: [records, bytes]}` on a core subject (`usage_reports.py`'s format),
 also sent when empty: it says a gateway is counting. With no report for `FRESH` seconds (no
