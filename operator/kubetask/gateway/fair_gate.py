@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..auth import TokenBook
+from ..auth import TokenBook, Unauthenticated
 from ..fairness import Fairness, FairnessSettings
+from .guard import authorization
 from .turns import Turns
 
 
@@ -67,10 +68,8 @@ class GatedRequests:
     def _account(self, scope: Scope) -> str | None:
         if scope["path"].endswith("/logs"):
             return None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                if value[:7].lower() != b"bearer ":
-                    return None
-                who = self.tokens.authenticate(value[7:].decode("latin-1").strip())
-                return None if who is None or who.admin else who.account
-        return None
+        try:
+            who = self.tokens.from_header(authorization(scope))
+        except Unauthenticated:
+            return None
+        return None if who.admin else who.account

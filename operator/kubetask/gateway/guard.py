@@ -28,6 +28,14 @@ SINGLE = frozenset(
 )
 
 
+def authorization(scope: Scope) -> str | None:
+    """The request's `Authorization` header (one at most: `Guard` refuses two)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
+
+
 def expects_body(method: str, path: str) -> bool:
     """The routes whose request body is a JSON document."""
     return (method == "POST" and path == "/v1/tasks") or (

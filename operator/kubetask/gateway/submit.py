@@ -26,6 +26,7 @@ from ..store import TaskExists
 from . import errors, params
 from .errors import ApiError
 from .fair_gate import FairGate
+from .guard import authorization
 from .record_quota import RecordQuota
 from .throttle import Throttle, Throttled
 
@@ -88,11 +89,7 @@ class SubmitRoute:
     async def _read(self, scope: Scope, receive: Receive) -> tuple[Principal, bytes]:
         """The caller (checked before the body is read) and the body, refused when too large
         (a declared Content-Length was checked by `guard.Guard`; this counts what arrives)."""
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-        who = self.tokens.from_header(authorization)
+        who = self.tokens.from_header(authorization(scope))
         chunks = []
         size = 0
         while True:
