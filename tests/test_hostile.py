@@ -545,7 +545,7 @@ async def test_reading_trails_and_logs_fast_leaves_their_streams_readable(
     make_api: Callable[..., Awaitable[Api]], plane: DataPlane
 ) -> None:
     """Each read of a trail or a log is a consumer on the stream every account shares, and
-    nats-server kept each for 5 s after its read; a stream takes at most 1,000: one account
+    nats-server kept each for seconds after its read; a stream takes at most 1,000: one account
     reading a few hundred a second filled it, and every account's reads were a 500."""
     reader, neighbour = await make_api(), await make_api()
     for api in (reader, neighbour):

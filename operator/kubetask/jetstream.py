@@ -255,7 +255,7 @@ async def subject_reader(
 ) -> AsyncIterator[JetStreamContext.PushSubscription]:
     """One ordered consumer on `subject`, from its oldest message, deleted when done.
 
-    nats-server kept an unsubscribed reader's consumer for 5 s, and a stream takes at most
+    nats-server kept an unsubscribed reader's consumer for seconds, and a stream takes at most
     1,000 consumers: one account reading trails or logs as fast as it could (~500 reads a
     second) filled KT_EVENTS, and every account's reads failed (500) until they expired."""
     try:

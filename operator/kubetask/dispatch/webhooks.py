@@ -12,10 +12,10 @@ anywhere after the check. An answer other than 2xx, a redirect included, is a fa
 A tenant also chooses how long its webhooks take, to resolve and to answer, so what delivery
 shares is held per account. Names are resolved on threads of their own, at most
 `LOOKUPS_PER_ACCOUNT` of an account's at once: they were resolved by the event loop's
-`getaddrinfo`, on uvloop (the dispatcher's loop) four libuv threads that every lookup in the
-process shares (NATS' reconnections too), so one account's webhooks behind a slow name server
-held every account's deliveries (a neighbour's waited 4.7 s behind 40 lookups of names this
-machine's resolver does not know). An account has at most `DELIVERIES_PER_ACCOUNT` deliveries
+`getaddrinfo`, on uvloop (the dispatcher's loop) libuv's thread pool, which every lookup in
+the process shares, so one account's webhooks behind a slow name server held every account's
+deliveries (a neighbour's waited 4.7 s behind 40 lookups of names this machine's resolver
+does not know). An account has at most `DELIVERIES_PER_ACCOUNT` deliveries
 in flight per dispatcher, and the connection pool has no limit of its own: its default of 100
 connections, filled by one account's webhooks that never answer, made every other account's
 deliveries wait until they timed out.
@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
+from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
@@ -56,7 +58,9 @@ class _GuardedResolver(AbstractResolver):
     def __init__(self, networks: tuple[Network, ...]) -> None:
         self._networks = networks
         self._threads = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="webhook-dns")
-        self._turns: dict[str, asyncio.Semaphore] = {}
+        self._turns: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            functools.partial(asyncio.Semaphore, LOOKUPS_PER_ACCOUNT)
+        )
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -70,10 +74,7 @@ class _GuardedResolver(AbstractResolver):
     async def _lookup(
         self, host: str, port: int, family: socket.AddressFamily
     ) -> list[ResolveResult]:
-        account = _account.get()
-        turn = self._turns.get(account)
-        if turn is None:
-            turn = self._turns[account] = asyncio.Semaphore(LOOKUPS_PER_ACCOUNT)
+        turn = self._turns[_account.get()]
         await turn.acquire()
         loop = asyncio.get_running_loop()
 
@@ -129,7 +130,9 @@ class Webhooks:
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
         self._resolver = _GuardedResolver(networks)  # aiohttp closes only a resolver it made
-        self._deliveries: dict[str, asyncio.Semaphore] = {}
+        self._deliveries: defaultdict[str, asyncio.Semaphore] = defaultdict(
+            functools.partial(asyncio.Semaphore, DELIVERIES_PER_ACCOUNT)
+        )
 
     async def post(self, account: str, url: str, body: Any, headers: dict[str, str]) -> int:
         """The answer's status; raises WebhookRefused before connecting to a denied address."""
@@ -144,10 +147,7 @@ class Webhooks:
                 connector=aiohttp.TCPConnector(resolver=self._resolver, limit=0),
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             )
-        turn = self._deliveries.get(account)
-        if turn is None:
-            turn = self._deliveries[account] = asyncio.Semaphore(DELIVERIES_PER_ACCOUNT)
-        async with turn:
+        async with self._deliveries[account]:
             for_account = _account.set(account)
             try:
                 async with self._session.post(
