@@ -263,19 +263,25 @@ def point_in_time(text: str) -> str:
     are), or a span ago (`90s`, `15m`, `2h`, `7d`)."""
     text = text.strip()
     unit = _AGO.get(text[-1:])
-    if unit is not None and text[:-1].isdigit():
-        moment = datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * unit)
-    else:
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a time: give 2026-01-31, 2026-01-31T08:00 (UTC), "
-                "2026-01-31T08:00:00+01:00, or a span ago like 15m, 2h or 7d"
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    try:
+        if unit is not None and text[:-1].isdigit():
+            moment = datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * unit)
+        else:
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not a time: give 2026-01-31, 2026-01-31T08:00 (UTC), "
+                    "2026-01-31T08:00:00+01:00, or a span ago like 15m, 2h or 7d"
+                ) from None
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time between the years 1 and 9999 (UTC)"
+        ) from None
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _indent(text: str) -> str:
