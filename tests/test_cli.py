@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
@@ -323,6 +326,43 @@ def test_numbers_on_the_command_line_are_held_to_their_range(tmp_path: Path) -> 
         assert out.returncode == 2, (args, out.stderr)
         assert "error: argument" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / ".kubetask-data").exists()  # nothing was started
+
+
+def test_an_address_or_a_token_that_cannot_be_the_apis_is_an_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """`--url http://[::1` ended in httpx's traceback, a non-ASCII token in "'ascii' codec
+    can't encode", and a URL reaching some other web server printed its HTML page as the
+    error. Another server is run for real here: a directory served by Python's."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "tasks").write_text("<html>not an API</html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    elsewhere = f"http://127.0.0.1:{other.server_address[1]}"
+    try:
+        for url, token, args, said in (
+            ("http://[::1", "kt_x", ["get", "x"], "is not the API's URL"),
+            ("localhost:8080", "kt_x", ["get", "x"], "is not the API's URL"),
+            ("ftp://example.com", "kt_x", ["get", "x"], "is not the API's URL"),
+            ("http://127.0.0.1:99999", "kt_x", ["get", "x"], "its port is not 1 to 65535"),
+            (elsewhere, "kt_\u00e9", ["get", "x"], "the token holds characters"),
+            (elsewhere, "kt_x y", ["list"], "the token holds characters"),
+            (elsewhere, "kt_x", ["get", "x"], "HTTP 404: this is not the kubetask API"),
+            (elsewhere, "kt_x", ["list"], "HTTP 200: this is not the kubetask API"),
+            (elsewhere, "kt_x", ["functions", "list"], "HTTP 404: this is not the kubetask API"),
+            (elsewhere, "kt_x", ["logs", "x"], "HTTP 404: this is not the kubetask API"),
+        ):
+            out = subprocess.run(
+                [sys.executable, "-m", "kubetask", *args, "--url", url, "--token", token],
+                capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            )  # fmt: skip
+            assert out.returncode == 1, (url, args, out.stderr)
+            assert out.stderr.startswith("error: ") and said in out.stderr, (url, out.stderr)
+            assert "Traceback" not in out.stderr and "<html>" not in out.stderr, out.stderr
+            assert "kt_x" not in out.stderr  # the token is a secret
+    finally:
+        other.shutdown()
 
 
 def test_the_version_is_the_installed_packages() -> None:

@@ -18,10 +18,50 @@ def segment(value: str) -> str:
 
 class ApiFailure(Exception):
     def __init__(self, status: int, body: Any) -> None:
-        message = body.get("error") if isinstance(body, dict) else str(body)
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            message = body["error"]
+        else:  # every answer of the API's has the error body: this is some other server
+            message = "this is not the kubetask API (its errors have a JSON body with 'error')"
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.body = body
+
+
+def _checked_url(url: str) -> httpx.URL:
+    """The API's address, refused here with what is wrong rather than as a traceback from
+    deep in httpx, or as a connection refused on a port that cannot exist."""
+    try:
+        parsed = httpx.URL(url)
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as err:
+        raise ValueError(f"{url!r} is not the API's URL ({err})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not the API's URL: give http(s)://host[:port]")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{url!r} is not the API's URL: its port is not 1 to 65535")
+    return parsed
+
+
+def _checked_token(token: str) -> str:
+    """A token goes into a header, which holds visible ASCII only; the token itself is never
+    echoed (it is a secret)."""
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ValueError("the token holds characters no kubetask token has (spaces, non-ASCII)")
+    return token
+
+
+def _answer(resp: httpx.Response) -> Any:
+    """The body of a success; an ApiFailure for an error, or for an answer that is not JSON
+    (another server at that address), which the commands could not read."""
+    if resp.status_code == 204:
+        return None
+    try:
+        body = resp.json()
+    except ValueError:
+        raise ApiFailure(resp.status_code, resp.text) from None
+    if resp.status_code >= 400:
+        raise ApiFailure(resp.status_code, body)
+    return body
 
 
 class Client:
@@ -30,7 +70,9 @@ class Client:
     ) -> None:
         self.account = account
         self.http = httpx.Client(
-            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=timeout
+            base_url=str(_checked_url(url.rstrip("/"))),
+            headers={"Authorization": f"Bearer {_checked_token(token)}"},
+            timeout=timeout,
         )
 
     def _params(self, **extra: Any) -> dict[str, Any]:
@@ -40,16 +82,7 @@ class Client:
         return params
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        resp = self.http.request(method, path, **kwargs)
-        if resp.status_code == 204:
-            return None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = resp.text
-        if resp.status_code >= 400:
-            raise ApiFailure(resp.status_code, body)
-        return body
+        return _answer(self.http.request(method, path, **kwargs))
 
     def submit(self, function: str, payload: Any = None, task_id: str | None = None) -> Any:
         body: dict[str, Any] = {"function": function, "payload": payload}
@@ -78,11 +111,7 @@ class Client:
         ) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                try:
-                    body = resp.json()
-                except ValueError:
-                    body = resp.text
-                raise ApiFailure(resp.status_code, body)
+                _answer(resp)
             for line in resp.iter_lines():
                 if line:
                     yield json.loads(line)
@@ -114,9 +143,7 @@ class Client:
         cursor = None
         while True:
             resp = self.http.get(path, params=self._params(cursor=cursor, limit=1000))
-            if resp.status_code >= 400:
-                raise ApiFailure(resp.status_code, resp.json())
-            found += resp.json()
+            found += _answer(resp)
             cursor = resp.headers.get("Next-Cursor")
             if not cursor:
                 return found
