@@ -414,6 +414,19 @@ async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
             "kind: TaskFunction\nmetadata: {name: t}\nspec:\n  command: [cat]\n  command: [sh]\n",
             "found the key 'command' twice",
         ),
+        "laughs": (  # nine levels of nine aliases: 9^8 strings, 389 MB of JSON
+            "a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n"
+                for a, b in zip("abcdefg", "bcdefgh", strict=True)
+            )
+            + "kind: TaskFunction\nmetadata: {name: laughs}\nspec: {command: [true], env: {X: *h}}\n",
+            "document 1 of {} holds over 100,000 values once its YAML aliases are written out",
+        ),
+        "loop": (
+            "kind: TaskFunction\nmetadata: {name: loop}\nspec: &s {command: [true], env: {X: *s}}\n",
+            "document 1 of {} holds itself (a YAML alias loop)",
+        ),
     }
     for name, (text, said) in cases.items():
         path = api.workdir / f"{name}.yaml"
@@ -421,6 +434,8 @@ async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
         out = await kt(api, gateway_url, "functions", "apply", "-f", str(path), check=False)
         assert out.returncode == 1 and said.format(path) in out.stderr, (name, out.stderr)
         assert "Traceback" not in out.stderr
+    for name in ("laughs", "loop"):
+        assert (await api.http.get(f"/v1/functions/{name}")).status_code == 404
     binary = api.workdir / "binary.yaml"
     binary.write_bytes(bytes(range(128, 256)))
     out = await kt(api, gateway_url, "functions", "apply", "-f", str(binary), check=False)
