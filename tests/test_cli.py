@@ -238,7 +238,7 @@ async def test_a_trail_whose_latest_revision_never_arrives_is_returned_as_it_is(
     await api.function("told", command=["true"])
     await api.submit("told", task_id="told-1")
     await api.wait("told-1")
-    trail = await task_events.read(plane.js, api.account, "told-1", latest=b"never written")
+    trail = await task_events.read(plane.nc, api.account, "told-1", latest=b"never written")
     assert [e.phase for e in trail][-1] == "Succeeded"
 
 

@@ -37,5 +37,6 @@ def stream_config(settings: Settings) -> StreamConfig:
         max_bytes=settings.events_max_bytes,
         discard=DiscardPolicy.OLD,
         storage=StorageType.FILE,
+        allow_direct=True,  # read without consumers: `direct_reads.py`
         **history.stream_options(settings),  # type: ignore[arg-type]
     )

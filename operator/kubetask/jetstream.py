@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from nats import errors as nats_errors
 from nats.aio.client import Client
@@ -16,9 +15,6 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
 from nats.js.api import (
-    ConsumerConfig,
-    ConsumerInfo,
-    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     StorageType,
@@ -225,63 +221,15 @@ async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:
         js,
         StreamConfig(
             name=names.LOGS_STREAM,
-            subjects=["kt.logs.>"],
+            subjects=[names.ALL_LOGS],
             max_age=settings.retention_seconds,
             max_bytes=settings.logs_max_bytes,
             discard=DiscardPolicy.OLD,
             storage=StorageType.FILE,
+            allow_direct=True,  # read without consumers: `direct_reads.py`
             **history.stream_options(settings),  # type: ignore[arg-type]
         ),
         settings,
     )
     await ensure_stream(js, events.stream_config(settings), settings)
     await ensure_stream(js, quarantine.stream_config(settings.retention_seconds), settings)
-
-
-# nats-server's code for a stream at its most consumers (1,000 for any stream in 2.15).
-MAX_CONSUMERS_CODE = 10026
-# How long nats-server keeps a reader's consumer once nothing listens: one whose delete was
-# lost (its read was cancelled) goes within this.
-READER_IDLE = 2.0
-
-
-class ReadersExhausted(Exception):
-    """The stream has as many consumers as nats-server allows: nothing was read; retry."""
-
-
-@contextlib.asynccontextmanager
-async def subject_reader(
-    js: JetStreamContext, stream: str, subject: str
-) -> AsyncIterator[JetStreamContext.PushSubscription]:
-    """One ordered consumer on `subject`, from its oldest message, deleted when done.
-
-    nats-server kept an unsubscribed reader's consumer for seconds, and a stream takes at most
-    1,000 consumers: one account reading trails or logs as fast as it could (~500 reads a
-    second) filled KT_EVENTS, and every account's reads failed (500) until they expired."""
-    try:
-        sub = await js.subscribe(
-            subject,
-            stream=stream,
-            ordered_consumer=True,
-            inactive_threshold=READER_IDLE,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-    except BadRequestError as err:
-        if err.err_code == MAX_CONSUMERS_CODE:
-            raise ReadersExhausted(f"{stream} is being read by as many as it allows") from err
-        raise
-    try:
-        yield sub
-    finally:
-        consumer = sub._consumer  # the current one: an ordered reader may have replaced it
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        with contextlib.suppress(Exception):
-            await js.delete_consumer(stream, consumer)
-
-
-def to_deliver(info: ConsumerInfo) -> int:
-    """What a new consumer has to deliver in all: what it has not sent yet, and what it had
-    sent (on its way to the client, or in its buffer) by the time it answered."""
-    sent = info.delivered.consumer_seq if info.delivered else 0
-    return int(info.num_pending or 0) + int(sent or 0)

@@ -6,19 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pydantic_core
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 
-from . import jetstream, names
+from . import direct_reads, names
 from .cancellation import cancel_and_wait
 from .history import TTL_HEADER_BYTES
 from .usage_reports import Tally
+
+# A follower reads again this soon after a wake that found nothing new, and this often when it
+# hears nothing at all (a wake lost, e.g. in a reconnection).
+RECHECK = 0.05
+FALLBACK_POLL = 1.0
 
 
 def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> bytes:
@@ -70,30 +73,49 @@ class LogWriter:
         await cancel_and_wait(self._task)
 
 
-def reader(
-    js: JetStreamContext, account: str, task_id: str
-) -> AbstractAsyncContextManager[JetStreamContext.PushSubscription]:
-    """A task's log, to read with `records`; opened before a response starts, so that a stream
-    with no room for another reader is a 503, not a cut answer."""
-    return jetstream.subject_reader(js, names.LOGS_STREAM, names.log_subject(account, task_id))
-
-
 async def records(
-    sub: JetStreamContext.PushSubscription, follow: bool, idle_timeout: float = 3600
-) -> AsyncIterator[dict[str, Any]]:
-    """Yield log records oldest first; with `follow`, keep yielding until the final line.
+    nc: Client, account: str, task_id: str, follow: bool, idle_timeout: float = 3600
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Yield log records oldest first, by direct gets (`direct_reads.py`); with `follow`, keep
+    yielding until the final line, or until no line came for `idle_timeout`.
 
     Lines are published without waiting, so a task can be recorded as finished a moment before
     its last lines are stored: for a finished task pass `follow` with a short `idle_timeout`.
     """
-    remaining = jetstream.to_deliver(await sub.consumer_info())
-    while follow or remaining > 0:
-        try:
-            msg = await sub.next_msg(timeout=idle_timeout)
-        except TimeoutError:
-            return
-        remaining = int(msg.metadata.num_pending)
-        record = json.loads(msg.data)
-        yield record
-        if follow and record.get("final"):
-            return
+    subject = names.log_subject(account, task_id)
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        # Heard before the first read, so no line stored after that read goes unnoticed.
+        heard = (
+            await stack.enter_async_context(direct_reads.wakeups(nc, subject)) if follow else None
+        )
+        last = 0
+        quiet_since = loop.time()
+        woke = False
+        while True:
+            if heard is not None:
+                heard.clear()
+            batch = await direct_reads.after(nc, names.LOGS_STREAM, subject, last)
+            for msg in batch.messages:
+                last = msg.sequence
+                record = json.loads(msg.data)
+                yield record
+                if follow and record.get("final"):
+                    return
+            if batch.messages:
+                quiet_since = loop.time()
+            if batch.pending:
+                continue
+            if heard is None:
+                return
+            left = quiet_since + idle_timeout - loop.time()
+            if left <= 0:
+                return
+            # A wake that found nothing: the stream may store the line a moment after it was
+            # heard, so look again soon; otherwise wait to hear one, looking now and then.
+            wait = RECHECK if woke and not batch.messages else FALLBACK_POLL
+            try:
+                await asyncio.wait_for(heard.wait(), min(wait, left))
+                woke = True
+            except TimeoutError:
+                woke = False

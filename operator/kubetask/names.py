@@ -151,6 +151,10 @@ def split_key(key: str) -> tuple[str, str]:
     return account, rest
 
 
+# Every account's log lines (KT_LOGS' subjects).
+ALL_LOGS = "kt.logs.>"
+
+
 def log_subject(account: str, task_id: str) -> str:
     return f"kt.logs.{account}.{task_id}"
 

@@ -52,7 +52,11 @@ PERMISSIONS: dict[str, Permissions] = {
     # and moving a function's backlog when its queue changes (`queue_moves.py`, hence acks).
     # It also hears what every component wrote per account to the history streams, to keep
     # each account to its quota there (`gateway/history_quota.py`).
-    "gateway": dataclasses.replace(_PLATFORM_API, subscribe=[f"{names.USAGE_PREFIX}.>"]),
+    # It hears log lines as they are written, to follow a task's log without polling its
+    # stream (`direct_reads.wakeups`).
+    "gateway": dataclasses.replace(
+        _PLATFORM_API, subscribe=[f"{names.USAGE_PREFIX}.>", names.ALL_LOGS]
+    ),
     # Runs tasks: claims and finishes records, acks queue messages, schedules retries, writes
     # logs, hears stop requests. It may not delete or purge streams, nor touch the registry.
     "dispatcher": Permissions(
@@ -67,7 +71,7 @@ PERMISSIONS: dict[str, Permissions] = {
             "kt.qps.>",
             "kt.qms.>",
             "$KV.kt_leases.>",
-            "kt.logs.>",
+            names.ALL_LOGS,
             f"{names.USAGE_PREFIX}.>",
             "kt.quarantine.>",
         ],

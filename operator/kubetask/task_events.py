@@ -7,11 +7,10 @@ import asyncio
 from collections import deque
 from datetime import UTC, datetime
 
-from nats import errors as nats_errors
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from . import jetstream, names
+from . import direct_reads, names
 from .models import TaskEvent
 from .store import TaskRecord
 
@@ -30,13 +29,13 @@ SOURCE_HEADER = "Nats-Stream-Source"
 
 
 async def read(
-    js: JetStreamContext,
+    nc: Client,
     account: str,
     task_id: str,
     latest: bytes | None = None,
     revision: int | None = None,
 ) -> list[TaskEvent]:
-    """Oldest first, through one ordered consumer on the task's subject alone. With `latest`
+    """Oldest first, by direct gets of the task's subject (`direct_reads.py`). With `latest`
     (the record as stored now, at `revision` of the task bucket) it goes on waiting, up to
     SOURCING_WAIT, until the trail holds it, so a user never sees a story without its end;
     but not once KT_EVENTS has taken that revision and the trail still lacks it: its oldest
@@ -46,37 +45,34 @@ async def read(
     deadline = loop.time() + SOURCING_WAIT
     kept: deque[TaskEvent] = deque(maxlen=MAX_EVENTS)
     seen = latest is None
-    got = 0
+    last = 0
+    taken = False
     subject = names.event_subject(account, task_id)
-    async with jetstream.subject_reader(js, names.EVENTS_STREAM, subject) as sub:
-        remaining = jetstream.to_deliver(await sub.consumer_info())
-        while remaining > 0 or not seen:
-            if remaining == 0 and revision is not None and await _taken(js, revision):
-                # Whatever of this task's it took before that answer is counted here.
-                remaining = jetstream.to_deliver(await sub.consumer_info()) - got
-                if remaining == 0:
-                    break
-            wait = 5.0 if remaining > 0 else min(deadline - loop.time(), SOURCED_EVERY)
-            if wait <= 0:
-                break
-            try:
-                msg = await sub.next_msg(timeout=wait)
-            except nats_errors.TimeoutError:
-                if remaining > 0:
-                    raise
-                continue
-            remaining = int(msg.metadata.num_pending)
-            got += 1
-            kept.append(_event(msg.data, msg.metadata.timestamp))
+    while True:
+        batch = await direct_reads.after(nc, names.EVENTS_STREAM, subject, last)
+        for msg in batch.messages:
+            kept.append(_event(msg.data, msg.time))
             seen = seen or msg.data == latest
+            last = msg.sequence
+        if batch.pending:
+            continue
+        if seen or taken:
+            break
+        if revision is not None and await _taken(nc, revision):
+            taken = True  # one more read: whatever of this task's it took before that answer
+            continue
+        wait = min(deadline - loop.time(), SOURCED_EVERY)
+        if wait <= 0:
+            break
+        await asyncio.sleep(wait)
     return list(kept)
 
 
-async def _taken(js: JetStreamContext, revision: int) -> bool:
+async def _taken(nc: Client, revision: int) -> bool:
     """Whether KT_EVENTS has taken the task bucket's revisions up to `revision`: it takes them
     in order, so its newest message says how far it got."""
     try:
-        newest = await js.get_msg(names.EVENTS_STREAM, subject=names.ALL_EVENTS)
+        newest = await nc.jetstream().get_msg(names.EVENTS_STREAM, subject=names.ALL_EVENTS)
     except NotFoundError:
         return False
     source = (newest.headers or {}).get(SOURCE_HEADER, "").split()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -445,7 +445,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         current = await load_task(who, account, task_id)
         task = current.record.task
         return await task_events.read(
-            plane().js, task.account, task.id, current.raw, current.revision
+            plane().nc, task.account, task.id, current.raw, current.revision
         )
 
     @app.get(
@@ -468,29 +468,21 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         idle = 2.0 if finished else 3600.0
 
         release = log_streams.open(task.account)
-        reading = AsyncExitStack()
-        try:
-            sub = await reading.enter_async_context(logs.reader(plane().js, task.account, task.id))
-        except BaseException:
-            release()
-            raise
-
-        async def done() -> None:
-            """After the last line, or after the answer if its lines never began (a client
-            gone first): the reader holds a consumer on the stream every account shares."""
-            await reading.aclose()
-            release()
 
         async def lines() -> AsyncIterator[bytes]:
             try:
                 wait = (follow or finished) and not settled
-                async for record in logs.records(sub, wait, idle_timeout=idle):
-                    yield json.dumps(record).encode() + b"\n"
+                records = logs.records(plane().nc, task.account, task.id, wait, idle_timeout=idle)
+                async with aclosing(records):
+                    async for record in records:
+                        yield json.dumps(record).encode() + b"\n"
             finally:
-                await done()
+                release()
 
+        # The release again after the answer: its lines may never have begun (a client gone
+        # first, a HEAD).
         return StreamingResponse(
-            lines(), media_type="application/x-ndjson", background=BackgroundTask(done)
+            lines(), media_type="application/x-ndjson", background=BackgroundTask(release)
         )
 
     # -- functions and async configs ------------------------------------------------------------

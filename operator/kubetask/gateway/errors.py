@@ -121,8 +121,6 @@ def render(err: Exception) -> JSONResponse | None:
         return illegal_transition(err)
     if isinstance(err, HTTPException):
         return framework_error(err)
-    if isinstance(err, jetstream.ReadersExhausted):
-        return api_error(ApiError(503, f"{err}; nothing was read, retry in {RETRY_AFTER}s"))
     if isinstance(err, UNAVAILABLE):
         return api_error(unavailable(f"NATS is unavailable ({type(err).__name__})"))
     if isinstance(err, (queues.TooManyFunctions, quotas.OverQuota)):
