@@ -434,7 +434,9 @@ def test_tasks_applied_past_the_accounts_record_quota_wait_and_its_neighbour_doe
             return sum(1 for t in json.loads(out)["items"] if t.get("status", {}).get("phase"))
 
         time.sleep(3)  # what was let through before the refusal has its status by now
-        assert 8 <= submitted() < count, submitted()
+        # Until a gateway says the account is near its quota, the operator takes it as
+        # holding half (`record_reports.NEAR`): ~8 Tasks may go before the first refusal.
+        assert 6 <= submitted() < count, submitted()
         platform.apply("""
             apiVersion: kubetask.io/v1alpha1
             kind: Task

@@ -25,7 +25,7 @@ from kubetask.gateway.record_quota import RecordQuota
 from kubetask.gateway.throttle import SampleAndHold, Throttle, Throttled
 from kubetask.plane import DataPlane
 from kubetask.queues import QueueDepth
-from kubetask.record_reports import FRESH, Heard
+from kubetask.record_reports import FRESH, NEAR, Heard
 from kubetask.settings import Settings
 
 
@@ -319,6 +319,29 @@ def test_the_operators_counts_are_those_said_lately() -> None:
     quota.created("team-b", 1000)  # created here, not yet said by any gateway
     with pytest.raises(Throttled):
         quota.admit("team-b")
+
+
+def test_the_operator_takes_an_account_it_does_not_hear_of_as_near_its_quota() -> None:
+    """The gateways say only the accounts holding half their quota or more: the operator took
+    any other as holding nothing, so one applying Tasks of 90% of its quota within the
+    report's lag went past it. It now counts such an account at half."""
+    heard = Heard()
+    heard.take(b"{}", time.monotonic())  # a gateway is counting: nobody is near
+    quota = RecordQuota(1000, heard, unlisted_bytes=int(1000 * NEAR))
+    for _ in range(4):
+        quota.admit("team-c")
+        quota.created("team-c", 100)
+    quota.admit("team-c")  # 400 created, up to 500 held besides: 900 < 1000
+    quota.created("team-c", 100)
+    with pytest.raises(Throttled, match="may hold up to 500 bytes of records besides"):
+        quota.admit("team-c")
+    heard.take(json.dumps({"team-c": [3, 550]}).encode(), time.monotonic())
+    quota.admit("team-d")  # a neighbour is not held to it
+    with pytest.raises(Throttled, match="keeps about 8 task records taking 1050 bytes"):
+        quota.admit("team-c")  # said now: 550 counted, 500 created lately
+    gateway = RecordQuota(1000, heard)  # a gateway's index lists every account
+    gateway.created("team-e", 900)
+    gateway.admit("team-e")
 
 
 async def test_a_queue_not_submitted_to_for_a_while_is_forgotten(

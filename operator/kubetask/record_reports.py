@@ -5,10 +5,10 @@ which holds kubectl-applied Tasks to the record quota HTTP submissions are held 
 Only a gateway counts the records (SQLite triggers on its task index); the operator, which
 submits the Tasks applied with kubectl, has no index, and without the count an account applying
 Tasks kept records past its quota. Only the accounts holding at least `NEAR` of the quota are
-said, so a report is empty on nearly every platform; the operator adds what it created itself
-since (as a gateway adds its own), so an account below that would have to create the rest of
-its quota within seconds to go over (as many Tasks as `KUBETASK_ACCOUNT_MAX_RATE`, when set,
-lets the operator submit in that time).
+said, so a report is empty on nearly every platform; the operator takes an account it does not
+hear of as holding just that much, and adds what it created itself since (as a gateway adds
+its own). Before, it took such an account as holding nothing, and one applying the other half
+of its quota within those seconds went past it.
 
 A report is `{account: [records, bytes]}` on a core subject (`usage_reports.py`'s format),
 also sent when empty: it says a gateway is counting. With no report for `FRESH` seconds (no

@@ -12,7 +12,7 @@ from ..cancellation import cancel_and_wait
 from ..gateway.record_quota import LAG, RecordQuota
 from ..gateway.throttle import Throttle
 from ..plane import DataPlane
-from ..record_reports import REPORT_EVERY, Heard
+from ..record_reports import NEAR, REPORT_EVERY, Heard
 from ..settings import Settings
 from . import asyncconfigs, taskfunctions, tasks, warm_pools  # noqa: F401  (registers the handlers)
 from .context import OperatorConfig
@@ -33,8 +33,9 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     # And to the record quota, with the counts the gateways say, a report later than theirs.
     heard = Heard()
     memo.hearing = asyncio.create_task(heard.run(memo.plane.nc))
+    limit = plane_settings.account_max_record_bytes
     memo.records = RecordQuota(
-        plane_settings.account_max_record_bytes, heard, lag=LAG + REPORT_EVERY
+        limit, heard, lag=LAG + REPORT_EVERY, unlisted_bytes=int(limit * NEAR)
     )
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)

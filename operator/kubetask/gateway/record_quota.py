@@ -56,10 +56,16 @@ class _Recent:
 
 
 class RecordQuota:
-    def __init__(self, limit: int, counts: Counts, lag: float = LAG) -> None:
+    def __init__(
+        self, limit: int, counts: Counts, lag: float = LAG, unlisted_bytes: int = 0
+    ) -> None:
+        """`unlisted_bytes`: what an account the counts do not list may hold. A gateway's
+        index lists every account (0); the operator hears only the accounts near their quota
+        (`record_reports.NEAR`), so an account it does not hear of may hold up to that."""
         self.limit = limit
         self.counts = counts
         self.lag = lag
+        self.unlisted_bytes = unlisted_bytes
         # Records created lately, per account: an account's entry goes at its next submission
         # once they are counted, so there is at most one per account.
         self._recent: dict[str, _Recent] = {}
@@ -86,14 +92,23 @@ class RecordQuota:
 
     def admit(self, account: str) -> None:
         """Raises Throttled when the account's records take its quota."""
-        counted, counted_bytes = self.held(account)
+        said = self.counts.usage.get(account)
+        counted, counted_bytes = said or (0, self.unlisted_bytes)
         lately, lately_bytes = self._lately(account)
         records, nbytes = counted + lately, counted_bytes + lately_bytes
-        if nbytes >= self.limit and self.counts.loaded:
-            raise Throttled(
-                f"account {account!r} keeps about {records} task records taking {nbytes} "
-                f"bytes, its quota (KUBETASK_ACCOUNT_MAX_RECORD_BYTES={self.limit}); delete "
-                "finished tasks (DELETE /v1/tasks/{id}, or kubectl delete task) or wait for "
-                "them to expire",
-                RETRY_AFTER,
+        if nbytes < self.limit or not self.counts.loaded:
+            return
+        if said is None and self.unlisted_bytes:
+            held = (
+                f"has created {lately} task records taking {lately_bytes} bytes in the last "
+                f"{self.lag:g} s, and may hold up to {self.unlisted_bytes} bytes of records "
+                "besides: together"
             )
+        else:
+            held = f"keeps about {records} task records taking {nbytes} bytes,"
+        raise Throttled(
+            f"account {account!r} {held} its quota (KUBETASK_ACCOUNT_MAX_RECORD_BYTES="
+            f"{self.limit}); delete finished tasks (DELETE /v1/tasks/{{id}}, or kubectl delete "
+            "task) or wait for them to expire",
+            RETRY_AFTER,
+        )
