@@ -978,12 +978,17 @@ async def test_a_request_head_past_its_limit_is_431_and_bodies_do_not_count(
 async def test_connections_past_the_limit_are_refused_with_the_error_body(
     api: Api, settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
 ) -> None:
-    """Past its connection limit a gateway answers 503 at once rather than run out of file
-    descriptors for NATS and its index; a connection that closes makes room again."""
+    """Past its connection limit, every connection busy (a request on each, arriving), a
+    gateway answers 503 at once rather than run out of file descriptors for NATS and its
+    index; a connection that closes makes room again."""
     limited = dataclasses.replace(as_user(settings, "gateway", nats_passwords), max_connections=5)
     async with gateway(limited, tokens_file) as url:
         host, port = url.removeprefix("http://").split(":")
         held = [await asyncio.open_connection(host, int(port)) for _ in range(5)]
+        for _, held_writer in held:
+            held_writer.write(b"GET /healthz HTTP/1.1\r\n")  # begun, not finished
+            await held_writer.drain()
+        await asyncio.sleep(0.1)
         reader, writer = await asyncio.open_connection(host, int(port))
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
@@ -1000,6 +1005,53 @@ async def test_connections_past_the_limit_are_refused_with_the_error_body(
         ) as http:
             assert (await http.get("/v1/tasks")).status_code == 200
         held[0][1].close()
+
+
+async def test_one_holder_of_every_connection_gives_an_idle_one_to_a_newcomer(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    """One account keeping the gateway's connections open (a request on each, then kept
+    alive) made every other account's connection a 503. At the limit, the holder of the most
+    now gives up an idle one; a connection busy with a request is never the one closed."""
+    hog, neighbour = await make_api(), await make_api()
+    limited = dataclasses.replace(as_user(settings, "gateway", nats_passwords), max_connections=6)
+    async with gateway(limited, tokens_file) as url:
+        host, port = url.removeprefix("http://").split(":")
+        request = (
+            f"GET /v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {hog.token}\r\n\r\n"
+        ).encode()
+        hogged = []
+        for _ in range(5):  # idle after one request each
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split()[0]))
+            hogged.append((reader, writer))
+        busy_reader, busy = await asyncio.open_connection(host, int(port))
+        busy.write(request[:20])  # a request arriving: not idle
+        await busy.drain()
+        await asyncio.sleep(0.1)
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(2):  # each newcomer, kept, takes the place of one of the hog's
+                http = await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=url, headers={"Authorization": f"Bearer {neighbour.token}"}
+                    )
+                )
+                assert (await http.get("/v1/tasks")).status_code == 200
+            busy.write(request[20:])
+            assert (await busy_reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.2)
+            # Closed at once, well before the 5 s keep-alive would close them too.
+            closed = [reader for reader, _ in hogged if reader.at_eof()]
+            assert len(closed) == 2, len(closed)
+        for _, writer in hogged:
+            writer.close()
+        busy.close()
 
 
 async def test_a_body_without_length_is_limited_as_it_arrives(api: Api) -> None:

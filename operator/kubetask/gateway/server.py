@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from ..models import ErrorBody
 from ..settings import Settings
+from .connection_holders import Holders
 from .errors import RETRY_AFTER
 
 LINGER = 2.0  # seconds a refused request's connection keeps reading before it is closed
@@ -72,12 +73,14 @@ class GatewayProtocol(HttpToolsProtocol):
         request_timeout: float,
         max_connections: int,
         max_header_bytes: int,
+        holders: Holders,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self.max_header_bytes = max_header_bytes
+        self.holders = holders
         self._deadline: asyncio.TimerHandle | None = None
         self._in_head = True  # until the current request's headers are complete
         self._begun = False  # a request is in progress (its first byte came, its end not yet)
@@ -87,7 +90,7 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, _Coalesced(transport)))
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections and not self.holders.make_room():
             # Refused before it can hold anything but its socket: the descriptors left are
             # what NATS, the index and the connections already open need.
             self._send_error(
@@ -98,11 +101,27 @@ class GatewayProtocol(HttpToolsProtocol):
                 linger=False,  # lingering would hold the descriptor this refusal saves
             )
             return
+        self.holders.hold(self, None)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.holders.drop(self)
         super().connection_lost(exc)
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: none in progress, none begun, none waiting behind."""
+        return (
+            not self._begun
+            and not self.pipeline
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.transport.is_closing()
+        )
+
+    def give_up(self) -> None:
+        self._disarm()
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Counts what a request's head takes, read by read. In a read where a request ends or
@@ -136,6 +155,8 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        credential = next((v for n, v in self.headers if n == b"authorization"), None)
+        self.holders.hold(self, credential)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -217,6 +238,7 @@ def config(app: ASGIApp, host: str, port: int, settings: Settings, **extra: Any)
         request_timeout=settings.request_timeout,
         max_connections=settings.max_connections,
         max_header_bytes=settings.max_header_bytes,
+        holders=Holders(),
     )
     return uvicorn.Config(
         app,
