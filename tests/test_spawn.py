@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 from kubetask.executors.parent_death import spawn_argv
-from kubetask.executors.spawn import spawn
+from kubetask.executors.spawn import STREAM_LIMIT, spawn
 
 ENV = {"PATH": os.environ["PATH"]}
 ECHO = "import sys; data = sys.stdin.buffer.read(); sys.stderr.write('got\\n'); sys.stdout.buffer.write(data[::-1])"
@@ -27,6 +28,25 @@ async def run(command: list[str], payload: bytes) -> tuple[int, bytes, bytes]:
         child.feed(payload), child.stdout.read(), child.stderr.read()
     )
     return await child.wait(), out, err
+
+
+async def test_a_child_printing_faster_than_it_is_read_waits_on_its_pipe() -> None:
+    """Its pipe was read whatever its stream held: a task printing as fast as it could grew
+    the dispatcher's memory without end, and each read of the stream moved all it held."""
+    argv, preexec, env = spawn_argv(["yes", "y" * 60], ENV, None)
+    child = await spawn(argv, env, None, preexec, stdin=False, stderr_to_stdout=True)
+    try:
+        await asyncio.sleep(0.5)  # nothing read: `yes` could have printed hundreds of MB
+        held = len(child.stdout._buffer)
+        assert 0 < held <= 2 * STREAM_LIMIT + 65536, held
+        read = 0
+        while read < 10 * held:  # and reading goes on where it stopped
+            read += len(await child.stdout.read(65536))
+        assert len(child.stdout._buffer) <= 2 * STREAM_LIMIT + 65536
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.abandon_output()
+        assert await child.wait() == -signal.SIGKILL
 
 
 async def test_many_children_at_once_each_get_their_payload_back() -> None:

@@ -23,7 +23,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 # As asyncio's own subprocess streams: a longer line than this is an error for `readline`.
 STREAM_LIMIT = 2**16
@@ -187,13 +187,32 @@ def _watch_exit(
 
 
 class _Pipe:
-    """A stream fed from `fd` as it becomes readable; at its end the fd is closed."""
+    """A stream fed from `fd` as it becomes readable; at its end the fd is closed.
+
+    It stops reading while its stream holds more than twice STREAM_LIMIT unread (the stream
+    pauses it as it would a transport), so a child printing faster than its output is used
+    waits on its pipe. Before, the pipe was read whatever the stream held: a task printing as
+    fast as it could grew the dispatcher's memory without end, and each read of the stream
+    moved all it held, which kept the dispatcher's core busy for seconds at a time and made
+    every account's tasks wait to start."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         self.reader = asyncio.StreamReader(limit=STREAM_LIMIT, loop=loop)
         self._loop = loop
         self._fd = fd
+        self._paused = False
+        self.reader.set_transport(cast(asyncio.ReadTransport, self))
         loop.add_reader(fd, self._readable)
+
+    def pause_reading(self) -> None:
+        if self._fd >= 0 and not self._paused:
+            self._paused = True
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if self._fd >= 0 and self._paused:
+            self._paused = False
+            self._loop.add_reader(self._fd, self._readable)
 
     def _readable(self) -> None:
         try:
