@@ -9,11 +9,16 @@ import json
 import os
 import signal
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from harness import LOGS_MAX_BYTES, Api, echo_script
 from kubetask import logs, names
+from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.dispatch.log_budget import RECORD_OVERHEAD
+from kubetask.dispatch.log_pacing import LogPacing
 from kubetask.executors.base import Lines
 from kubetask.plane import DataPlane
 
@@ -172,6 +177,38 @@ async def test_a_task_flooding_its_log_is_cut_to_its_budget_and_told(api: Api) -
     assert len(kept) + sum(int(t.split()[0]) for t in told) == 100_001, told
     assert 1 <= len(told) <= 3, told  # at most one a second while the flood goes on
     assert "log rate of 131,072 characters/s" in told[0], told
+
+
+async def test_an_accounts_output_is_read_at_its_pace_and_its_neighbours_at_once(
+    make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher, monkeypatch: Any
+) -> None:
+    """Sixteen attempts of one account printing as fast as they could kept the dispatcher's
+    core busy, and another account's tasks waited 200 ms to 2 s to start (2 ms alone). Past
+    its account's pace a task's output is not read for a while; its writes wait, and no line
+    is lost. The session's pace is set out of the way; this test sets one of its own."""
+    rate, burst = 64 * 1024, 16 * 1024
+    monkeypatch.setattr(dispatcher, "log_pacing", LogPacing(rate, burst))
+    loud, quiet = await make_api(), await make_api()
+    printing = "import sys\nfor i in range({n}): print('%06d' % i + '.' * 94, file=sys.stderr)"
+    await loud.function("loud", command=["python3", "-c", printing.format(n=500)])
+    await quiet.function("quiet", command=["python3", "-c", printing.format(n=20)])
+    ids = [(await loud.submit("loud"))["metadata"]["name"] for _ in range(2)]
+    await loud.wait(ids[0], {"Running"})
+    said = await quiet.wait((await quiet.submit("quiet"))["metadata"]["name"])
+    done = [await loud.wait(i) for i in ids]
+    # 1,000 lines of 101 bytes, each counted with RECORD_OVERHEAD: past the burst, at the rate.
+    cost = 1000 * (101 + RECORD_OVERHEAD)
+    stamps = [t["status"]["timestamps"] for t in done]
+    first = min(datetime.fromisoformat(s["started"]) for s in stamps)
+    last = max(datetime.fromisoformat(s["finished"]) for s in stamps)
+    assert (last - first).total_seconds() >= (cost - burst) / rate * 0.95, (first, last)
+    assert datetime.fromisoformat(said["status"]["timestamps"]["finished"]) < last
+    for api, task, lines in ((loud, done[0], 500), (quiet, said, 20)):
+        log = await api.http.get(f"/v1/tasks/{task['metadata']['name']}/logs")
+        kept = [
+            r["line"] for r in map(json.loads, log.text.splitlines()) if r["stream"] == "stderr"
+        ]
+        assert kept == [f"{i:06d}" + "." * 94 for i in range(lines)], len(kept)
 
 
 async def test_logs_together_stay_under_their_disk_cap_oldest_lines_first(

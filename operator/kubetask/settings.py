@@ -189,6 +189,14 @@ class Settings:
     log_burst: float = field(
         default_factory=lambda: env_float("KUBETASK_LOG_BURST", 8 << 20, 1024, 1 << 34)
     )
+    # Output of one account's tasks a dispatcher reads, a second and at once, counted as above
+    # (`dispatch/log_pacing.py`); past it their output waits to be read.
+    account_log_rate: float = field(
+        default_factory=lambda: env_float("KUBETASK_ACCOUNT_LOG_RATE", 256 << 10, 1, 1 << 30)
+    )
+    account_log_burst: float = field(
+        default_factory=lambda: env_float("KUBETASK_ACCOUNT_LOG_BURST", 512 << 10, 1024, 1 << 34)
+    )
     # Bytes all tasks' logs may take on disk together; past them the oldest lines go first, so a
     # flood of logs never takes the space records and queues need (`jetstream.py`).
     logs_max_bytes: int = field(

@@ -58,6 +58,7 @@ from .aimd import Window
 from .destinations import Destinations
 from .leases import Leases
 from .log_budget import LogBudget
+from .log_pacing import LogPacing
 from .max_age import MaxEventAge
 from .node_budget import NodeBudget
 from .placement import Placements
@@ -163,6 +164,8 @@ class Dispatcher:
             )
         )
         self.budget = NodeBudget(weight=self.fairness.weight)
+        settings = self.plane.settings
+        self.log_pacing = LogPacing(settings.account_log_rate, settings.account_log_burst)
         self.server: Executor = (
             WarmPodExecutor()
             if self.jobs
@@ -550,6 +553,7 @@ class Dispatcher:
             log=output,
             # Only pods are learnt after the start: local attempts need no callback each.
             placed=functools.partial(self._placed, ctx, attempt) if self.jobs else None,
+            pace=functools.partial(self.log_pacing.take, ctx.account),
         )
         executor: Executor = self.command if fn.spec.command is not None else self.server
         labels = metrics.of(metrics.RUNNING, ctx.account, fn.name)

@@ -164,4 +164,6 @@ class RuntimeServer:
                 attempt.apply(body)
             except BadFrames as err:
                 raise web.HTTPBadRequest(text=str(err)) from None
+            if attempt.inv.pace is not None:  # the pod's next frames wait for this answer
+                await attempt.inv.pace(body)
         return web.Response(status=204)

@@ -218,6 +218,9 @@ class InstancePool:
         assert inst.proc.stdout is not None
         lines = Lines()
         while chunk := await inst.proc.stdout.read(65536):
+            pace = next((i.pace for i in inst.inflight if i.pace is not None), None)
+            if pace is not None:  # an instance serves one function: one account's pace
+                await pace(chunk)
             self._said(inst, lines.feed(chunk))
         self._said(inst, lines.rest())
         inst.dead = True

@@ -1,0 +1,68 @@
+"""How fast a dispatcher reads one account's output: `KUBETASK_ACCOUNT_LOG_RATE` a second, up to
+`KUBETASK_ACCOUNT_LOG_BURST` at once, counted as the attempt's budget counts (characters, plus
+`RECORD_OVERHEAD` a line).
+
+Each attempt's budget (`log_budget.py`) drops what it prints past its rate, but the dispatcher
+reads and splits every line before it can drop one: sixteen attempts of one account printing as
+fast as they could kept the dispatcher's core busy, and another account's tasks waited 200 ms
+to 2 s to start instead of 2 ms. Past its account's rate a task's output is not read for a
+while: its writes wait, as under Docker's default (blocking) log mode, the dispatcher spends
+nothing on it meanwhile, and nothing is dropped for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .log_budget import RECORD_OVERHEAD
+
+# Buckets of accounts that printed nothing lately are dropped once there are more than this.
+KEPT = 64
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float
+
+
+class LogPacing:
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+
+    @staticmethod
+    def cost(output: bytes) -> int:
+        return len(output) + RECORD_OVERHEAD * output.count(b"\n")
+
+    async def take(self, account: str, output: bytes) -> None:
+        """Returns once the account may have `output` read: at once within its burst, else
+        after its share of the time. Several of its tasks taking at once each wait for what
+        all of them took before, so together they are read at the rate."""
+        now = self._clock()
+        bucket = self._buckets.get(account)
+        if bucket is None:
+            if len(self._buckets) >= KEPT:
+                self._forget(now)
+            bucket = self._buckets[account] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+        bucket.at = now
+        bucket.tokens -= self.cost(output)
+        if bucket.tokens < 0:
+            await asyncio.sleep(-bucket.tokens / self.rate)
+
+    def _forget(self, now: float) -> None:
+        full = [
+            account
+            for account, b in self._buckets.items()
+            if b.tokens + (now - b.at) * self.rate >= self.burst
+        ]
+        for account in full:
+            del self._buckets[account]
