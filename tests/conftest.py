@@ -109,6 +109,7 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         # with a pace of its own (`test_execution.py`).
         account_log_rate=float(1 << 30),
         account_log_burst=float(1 << 34),
+        dispatcher_log_rate=float(1 << 34),
         logs_max_bytes=LOGS_MAX_BYTES,
         # 127.0.0.2 is loopback too, so a webhook server can listen there and show it is never
         # called.

@@ -197,6 +197,10 @@ class Settings:
     account_log_burst: float = field(
         default_factory=lambda: env_float("KUBETASK_ACCOUNT_LOG_BURST", 512 << 10, 1024, 1 << 34)
     )
+    # And of every account's together, shared equally by those printing.
+    dispatcher_log_rate: float = field(
+        default_factory=lambda: env_float("KUBETASK_DISPATCHER_LOG_RATE", 1 << 20, 1, 1 << 34)
+    )
     # Bytes all tasks' logs may take on disk together; past them the oldest lines go first, so a
     # flood of logs never takes the space records and queues need (`jetstream.py`).
     logs_max_bytes: int = field(

@@ -165,7 +165,9 @@ class Dispatcher:
         )
         self.budget = NodeBudget(weight=self.fairness.weight)
         settings = self.plane.settings
-        self.log_pacing = LogPacing(settings.account_log_rate, settings.account_log_burst)
+        self.log_pacing = LogPacing(
+            settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
+        )
         self.server: Executor = (
             WarmPodExecutor()
             if self.jobs

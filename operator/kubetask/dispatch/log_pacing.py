@@ -1,6 +1,7 @@
 """How fast a dispatcher reads one account's output: `KUBETASK_ACCOUNT_LOG_RATE` a second, up to
-`KUBETASK_ACCOUNT_LOG_BURST` at once, counted as the attempt's budget counts (characters, plus
-`RECORD_OVERHEAD` a line).
+`KUBETASK_ACCOUNT_LOG_BURST` at once, and every account's together at most
+`KUBETASK_DISPATCHER_LOG_RATE`, shared equally by the accounts printing; counted as the
+attempt's budget counts (characters, plus `RECORD_OVERHEAD` a line).
 
 Each attempt's budget (`log_budget.py`) drops what it prints past its rate, but the dispatcher
 reads and splits every line before it can drop one: sixteen attempts of one account printing as
@@ -21,6 +22,8 @@ from .log_budget import RECORD_OVERHEAD
 
 # Buckets of accounts that printed nothing lately are dropped once there are more than this.
 KEPT = 64
+# An account printed within this many seconds, or still owes its bucket, shares the total.
+ACTIVE = 1.0
 
 
 @dataclass
@@ -31,10 +34,18 @@ class _Bucket:
 
 class LogPacing:
     def __init__(
-        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: float,
+        total: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`total`: what the dispatcher reads of every account together, shared equally by
+        the accounts printing (those that printed in the last ACTIVE seconds); each gets at
+        most `rate`. Without it, N accounts printing as fast as they could took N paces."""
         self.rate = rate
         self.burst = burst
+        self.total = total if total is not None else float("inf")
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 
@@ -52,11 +63,18 @@ class LogPacing:
             if len(self._buckets) >= KEPT:
                 self._forget(now)
             bucket = self._buckets[account] = _Bucket(self.burst, now)
-        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+        rate = self._share(now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * rate)
         bucket.at = now
         bucket.tokens -= self.cost(output)
         if bucket.tokens < 0:
-            await asyncio.sleep(-bucket.tokens / self.rate)
+            await asyncio.sleep(-bucket.tokens / rate)
+
+    def _share(self, now: float) -> float:
+        if self.total >= self.rate * len(self._buckets):
+            return self.rate  # all of them together could not pass the total
+        printing = sum(1 for b in self._buckets.values() if now - b.at < ACTIVE or b.tokens < 0)
+        return min(self.rate, self.total / max(printing, 1))
 
     def _forget(self, now: float) -> None:
         full = [
