@@ -49,6 +49,23 @@ async def test_a_child_printing_faster_than_it_is_read_waits_on_its_pipe() -> No
         assert await child.wait() == -signal.SIGKILL
 
 
+async def test_output_abandoned_after_its_child_exited_still_gives_what_its_pipe_held() -> None:
+    """Output read slowly (an account's pace) may still be in the pipe when its child exits;
+    abandoning it after the grace closed the pipe with its last 64 KiB, last lines among them."""
+    script = "import sys\nfor _ in range(3000): sys.stdout.write('.' * 99 + chr(10))\nprint('last')"
+    argv, preexec, env = spawn_argv([sys.executable, "-c", script], ENV, None)
+    child = await spawn(argv, env, None, preexec, stdin=False, stderr_to_stdout=True)
+    got = bytearray()
+    exited = asyncio.ensure_future(child.wait())
+    while not exited.done():  # slowly: the child waits on its pipe until its last write
+        got += await child.stdout.read(16384)
+        await asyncio.sleep(0.01)
+    assert await exited == 0
+    child.abandon_output()
+    got += await child.stdout.read()
+    assert got.endswith(b"last\n") and len(got) == 3000 * 100 + 5, len(got)
+
+
 async def test_many_children_at_once_each_get_their_payload_back() -> None:
     before = open_fds()
     payloads = [os.urandom(200_000 + i) for i in range(40)]  # more than a pipe's 64 KiB

@@ -27,6 +27,8 @@ from typing import Any, cast
 
 # As asyncio's own subprocess streams: a longer line than this is an error for `readline`.
 STREAM_LIMIT = 2**16
+# What an abandoned pipe may still hand over: a full pipe's worth, with room.
+ABANDON_DRAIN = 2**20
 
 
 @dataclass(eq=False)
@@ -50,9 +52,11 @@ class Child:
 
     def abandon_output(self) -> None:
         """Stop reading its output, as if it had ended: for pipes still held open, after it
-        exited, by a process that left its session (and so outlived it)."""
+        exited, by a process that left its session (and so outlived it). What the pipes hold
+        already (up to ABANDON_DRAIN each) is still read: output read slowly (an account's
+        pace, `dispatch/log_pacing.py`) may still be waiting there, its last lines among it."""
         for pipe in self._pipes:
-            pipe.end()
+            pipe.end(drain=ABANDON_DRAIN)
 
     async def feed(self, data: bytes) -> None:
         """Write `data` to its stdin and close it. A child that exits or closes its stdin
@@ -227,10 +231,21 @@ class _Pipe:
             return
         self.end()
 
-    def end(self) -> None:
+    def end(self, drain: int = 0) -> None:
+        """Closes the pipe, once what it holds, up to `drain` bytes, is taken into the stream."""
         if self._fd < 0:
             return
         self._loop.remove_reader(self._fd)
+        taken = 0
+        while taken < drain:
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError:  # BlockingIOError: nothing more is there now
+                break
+            if not data:
+                break
+            self.reader.feed_data(data)
+            taken += len(data)
         os.close(self._fd)
         self._fd = -1
         self.reader.feed_eof()
