@@ -179,6 +179,18 @@ async def test_a_task_flooding_its_log_is_cut_to_its_budget_and_told(api: Api) -
     assert "log rate of 131,072 characters/s" in told[0], told
 
 
+async def test_a_result_past_its_limit_ends_the_attempt_at_once(api: Api) -> None:
+    """A result past `max_result_bytes` fails the attempt whatever comes next, but the
+    process was read to its end: `yes` kept its dispatcher reading until its timeout."""
+    await api.function("endless", command=["yes", "y" * 60], timeoutSeconds=20)
+    await api.async_config("endless", function="endless", maxAsyncRetryAttempts=0)
+    task = await api.wait((await api.submit("endless"))["metadata"]["name"], timeout=40)
+    assert task["status"]["phase"] == "Failed", task["status"]
+    error = task["status"]["error"].split("\n")
+    assert error[0] == f"result exceeds {64 * 1024} bytes", error[:3]
+    assert "y" * 60 in error  # what it printed last, as evidence
+
+
 async def test_an_accounts_output_is_read_at_its_pace_and_its_neighbours_at_once(
     make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher, monkeypatch: Any
 ) -> None:

@@ -35,10 +35,15 @@ class CommandExecution:
         self.proc = proc
         self.instance: str | None = f"pid-{proc.pid}"
         self._killed = False
+        self._ending = False  # its process group is being ended
         self._stdout_tail = Tail()
         self._stderr_tail = Tail()
 
     async def _read_stdout(self) -> tuple[bytes, bool]:
+        """The result, or that it is too big: then the process is ended at once, since the
+        attempt has failed whatever it prints next. Before, it was read to its end: a task
+        printing without end kept its dispatcher reading (and other accounts' tasks waiting
+        to start) until its timeout."""
         assert self.proc.stdout is not None
         limit = self.inv.max_result_bytes
         chunks: list[bytes] = []
@@ -48,6 +53,8 @@ class CommandExecution:
             size += len(chunk)
             if size <= limit:
                 chunks.append(chunk)
+            elif not self._ending:
+                await self._end_group()
         return b"".join(chunks), size > limit
 
     async def _pump_stderr(self) -> None:
@@ -107,8 +114,12 @@ class CommandExecution:
         return Outcome(True, result=decode_result(stdout), exit_code=0, instance=self.instance)
 
     async def kill(self) -> None:
-        """SIGTERM to the whole process group, SIGKILL after a short grace."""
         self._killed = True
+        await self._end_group()
+
+    async def _end_group(self) -> None:
+        """SIGTERM to the whole process group, SIGKILL after a short grace."""
+        self._ending = True
         if self.proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):
