@@ -166,6 +166,8 @@ async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
         (["--payload-file", str(not_text)], f"error: the payload in {not_text} is not text"),
         (["--payload-file", str(missing)], f"error: cannot read the payload from {missing}: No"),
         (["--payload-file", str(api.workdir)], "error: cannot read the payload from"),
+        # A file without end filled the CLI's memory until something killed it.
+        (["--payload-file", "/dev/zero"], "error: the payload in /dev/zero is too large"),
     ):
         out = await kt(api, gateway_url, "submit", "takes", *args, "--id", "never", check=False)
         assert out.returncode == 1 and out.stderr.startswith(said), (args, out.stderr)
@@ -436,6 +438,9 @@ async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
         assert "Traceback" not in out.stderr
     for name in ("laughs", "loop"):
         assert (await api.http.get(f"/v1/functions/{name}")).status_code == 404
+    endless = await kt(api, gateway_url, "functions", "apply", "-f", "/dev/zero", check=False)
+    assert endless.returncode == 1, endless.stderr
+    assert endless.stderr == "error: /dev/zero holds more than 64 MiB; nothing was sent\n"
     binary = api.workdir / "binary.yaml"
     binary.write_bytes(bytes(range(128, 256)))
     out = await kt(api, gateway_url, "functions", "apply", "-f", str(binary), check=False)

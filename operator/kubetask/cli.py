@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from . import strict_json
+from . import strict_json, text_files
 from .client import ApiFailure, Client
 
 DEFAULT_DATA_DIR = Path(".kubetask-data")
@@ -102,9 +102,11 @@ def _payload(args: argparse.Namespace) -> Any:
         source = "stdin" if args.payload_file == "-" else args.payload_file
         where = f" in {source}"
         try:
-            text = sys.stdin.read() if source == "stdin" else Path(source).read_text()
+            text = text_files.read(args.payload_file)
         except UnicodeDecodeError:
             sys.exit(f"error: the payload{where} is not text (UTF-8); a payload is JSON")
+        except text_files.TooLarge as err:
+            sys.exit(f"error: the payload{where} is too large: {err}")
         except OSError as err:
             sys.exit(f"error: cannot read the payload from {source}: {err.strerror or err}")
     elif args.payload is not None:

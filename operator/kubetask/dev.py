@@ -28,7 +28,7 @@ from typing import TextIO
 
 import yaml
 
-from . import nats_auth, private_files, sched_batch
+from . import nats_auth, private_files, sched_batch, text_files
 from .auth import create_token
 from .client import Client
 from .embedded import (
@@ -462,7 +462,7 @@ def read_objects(path: Path) -> list[dict[str, object]]:
     anything else is a `ValueError` that names the file, as `kubectl apply` would."""
     source = "stdin" if str(path) == "-" else str(path)
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+        text = text_files.read(str(path))
         docs = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
     except UnicodeDecodeError:
         raise ValueError(f"{source} is not a text (UTF-8) file") from None
