@@ -123,6 +123,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
                 an_image_that_is_not_there_fails_the_attempt_at_once(cluster, api)
+                a_result_past_its_limit_ends_the_pod_at_once(api)
                 a_server_function_scales_from_zero_to_its_demand_and_back(cluster, api)
                 a_changed_config_rolls_the_gateway(cluster, api, ns, release)
             if nats_pods > 1:
@@ -348,6 +349,29 @@ def a_deleted_executor_pod_costs_one_attempt(cluster: ControlPlane, api: httpx.C
     assert done["status"]["executor"]["pod"] != pod["metadata"]["name"]
     logs = api.get(f"/v1/tasks/{task_id}/logs").text
     assert "stopped (deleted or evicted)" in logs, logs
+
+
+def a_result_past_its_limit_ends_the_pod_at_once(api: httpx.Client) -> None:
+    """A pod printing its result without end was read until its timeout (here 600 s, past
+    `finish`'s 90 s): the attempt has failed once the result passes its limit, and its pod is
+    deleted then."""
+    for kind, spec in (
+        ("functions", {"command": ["yes", "y" * 60], "timeoutSeconds": 600}),
+        ("asyncconfigs", {"function": "endless", "maxAsyncRetryAttempts": 0}),
+    ):
+        made = api.put(
+            f"/v1/{kind}/endless",
+            json={
+                "apiVersion": "kubetask.io/v1alpha1",
+                "kind": "TaskFunction" if kind == "functions" else "AsyncConfig",
+                "metadata": {"name": "endless", "namespace": "team-a"},
+                "spec": spec,
+            },
+        )
+        assert made.status_code == 200, made.text
+    done = finish(api, submit(api, "endless"))
+    assert done["status"]["phase"] == "Failed", done["status"]
+    assert done["status"]["error"].startswith("result exceeds "), done["status"]["error"][:200]
 
 
 def an_image_that_is_not_there_fails_the_attempt_at_once(

@@ -183,11 +183,15 @@ class JobExecution:
                 )
         end_by = loop.time() + self.inv.timeout
         while not a.exited.done():
-            await self._until(min(end_by - loop.time(), settings.lost_after / 3), a.exited)
+            wait = min(end_by - loop.time(), settings.lost_after / 3)
+            await self._until(wait, a.exited, a.overflowed)
             if self._stopped.done():
                 return self._failed("stopped", killed=True)
             if a.exited.done():
                 break
+            if a.overflowed.done():  # failed whatever it prints next: not read to its end
+                await self._ex.delete(self.inv.account, self.name, self._pod())
+                return self._failed(f"result exceeds {self.inv.max_result_bytes} bytes")
             if loop.time() >= end_by:
                 await self._ex.delete(self.inv.account, self.name, self._pod())
                 return self._failed(f"timed out after {self.inv.timeout:g}s", timed_out=True)

@@ -15,6 +15,7 @@ restarted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
@@ -29,6 +30,10 @@ from .pod_template import FUNCTION_CONTAINER
 # A Kubernetes object name (DNS-1123 subdomain): pods and nodes.
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 MAX_BODY = 4 << 20
+# The longest a frames request is held for its account's pace (`dispatch/log_pacing.py`): the
+# sidecar gives up on an answer after 30 s and then takes the dispatcher for lost. What is not
+# waited for here stays owed, and the next request waits for it.
+PACED_AT_MOST = 10.0
 
 
 class RuntimeAttempt:
@@ -43,6 +48,8 @@ class RuntimeAttempt:
         self.contact = loop.time()
         self.stdout = bytearray()
         self.too_big = False
+        # Set once the result passes its limit: the attempt has failed, and its pod is ended.
+        self.overflowed: asyncio.Future[None] = loop.create_future()
         self.stdout_tail = Tail()
         self.stderr_tail = Tail()
         self._lines = Lines()
@@ -72,6 +79,8 @@ class RuntimeAttempt:
                     self.stdout += data
                 else:
                     self.too_big = True
+                    if not self.overflowed.done():
+                        self.overflowed.set_result(None)
             elif kind == STDERR:
                 self.stderr_tail.add(data)
                 self._log(self._lines.feed(data))
@@ -165,5 +174,6 @@ class RuntimeServer:
             except BadFrames as err:
                 raise web.HTTPBadRequest(text=str(err)) from None
             if attempt.inv.pace is not None:  # the pod's next frames wait for this answer
-                await attempt.inv.pace(body)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(attempt.inv.pace(body), PACED_AT_MOST)
         return web.Response(status=204)
