@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "e2e"))
 
 from controlplane import ControlPlane, binaries  # noqa: E402
+from figures import pct  # noqa: E402
 from kubetask.auth import hash_token  # noqa: E402
 from node import CHART_VALUES, Node, host_ip, images  # noqa: E402
 
@@ -51,11 +52,6 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args): pass
 http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 """
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def server_fn(name: str, concurrency: int, instances: int, idle: float) -> dict[str, Any]:

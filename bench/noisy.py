@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 from devrun import Dev, running_dev
+from figures import pct
 from kubetask.auth import create_token
 from kubetask.executors.http1 import Http1Pool
 
@@ -51,11 +52,6 @@ def idle_function(name: str, account: str) -> dict[str, object]:
         "metadata": {"name": name, "namespace": account},
         "spec": {"command": ["true"], "maxConcurrency": 4},
     }
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Sender:

@@ -16,14 +16,10 @@ from pathlib import Path
 
 import httpx
 from devrun import running_dev
+from figures import each_way, pct
 from kubetask.auth import create_token
 
 UNPACED = {"KUBETASK_ACCOUNT_LOG_RATE": str(1 << 30), "KUBETASK_DISPATCHER_LOG_RATE": str(1 << 34)}
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def function(name: str, command: list[str]) -> dict[str, object]:
@@ -92,13 +88,8 @@ async def main(args: argparse.Namespace) -> None:
         f"{args.tasks} tasks of {args.accounts} account(s) print `yes` to {args.stream} for 12 s;"
         f" B submits every 100 ms, {args.submissions} submissions measured"
     )
-    ratios = {}
-    for paced in (True, False):
-        alone99, busy99 = await one_run(args, paced)
-        ratios[paced] = busy99 / alone99
-    print(
-        "  B's p99 with the flood / alone:",
-        ", ".join(f"{'paced' if k else 'unpaced'} {v:.1f}" for k, v in ratios.items()),
+    await each_way(
+        lambda paced: one_run(args, paced), ("paced", "unpaced"), "B's p99 with the flood / alone"
     )
 
 

@@ -20,13 +20,9 @@ from pathlib import Path
 
 import httpx
 from devrun import running_dev
+from figures import each_way, pct
 from kubetask.auth import create_token
 from kubetask.executors.http1 import Http1Pool
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def submissions(port: int, token: str, n: int, every: float) -> list[float]:
@@ -118,13 +114,10 @@ async def main(args: argparse.Namespace) -> None:
         f"A reads one task, {args.concurrency} at a time (nice 19); B submits every"
         f" {args.every * 1e3:.0f} ms, {args.submissions} submissions measured"
     )
-    ratios = {}
-    for fairness in (True, False):
-        alone99, busy99 = await one_run(args, fairness)
-        ratios[fairness] = busy99 / alone99
-    print(
-        "  B's submit p99 with A reading / alone:",
-        ", ".join(f"fairness {'on' if k else 'off'} {v:.1f}" for k, v in ratios.items()),
+    await each_way(
+        lambda fairness: one_run(args, fairness),
+        ("fairness on", "fairness off"),
+        "B's submit p99 with A reading / alone",
     )
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 import nats
+from figures import pct
 from kubetask import nats_auth, sched_batch
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
@@ -52,11 +53,6 @@ def children(pid: int) -> list[int]:
         with contextlib.suppress(FileNotFoundError):
             found += [int(c) for c in (task / "children").read_text().split()]
     return found
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class Kubetask:
