@@ -352,11 +352,11 @@ def a_deleted_executor_pod_costs_one_attempt(cluster: ControlPlane, api: httpx.C
 
 
 def a_result_past_its_limit_ends_the_pod_at_once(api: httpx.Client) -> None:
-    """A pod printing its result without end was read until its timeout (here 600 s, past
-    `finish`'s 90 s): the attempt has failed once the result passes its limit, and its pod is
-    deleted then."""
+    """A pod whose result passed its limit ran on until its timeout (here 600 s, past
+    `finish`'s 90 s): the attempt has failed then, and its pod is deleted at once."""
+    endless = "import sys, time; print('y' * 300_000, flush=True); time.sleep(600)"
     for kind, spec in (
-        ("functions", {"command": ["yes", "y" * 60], "timeoutSeconds": 600}),
+        ("functions", {"command": ["python3", "-c", endless], "timeoutSeconds": 600}),
         ("asyncconfigs", {"function": "endless", "maxAsyncRetryAttempts": 0}),
     ):
         made = api.put(

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -22,8 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from kubetask.dispatch.log_pacing import LogPacing
-from kubetask.executors import runtime_server
 from kubetask.executors.base import Invocation
 from kubetask.executors.frames import (
     ANSWER,
@@ -235,29 +230,6 @@ async def test_a_token_reaches_its_own_attempt_only_and_bad_frames_are_refused(
             )  # fmt: skip
             assert sent.status_code == 204
     assert bytes(mine.stdout) == b"hi" and not theirs.placed.done()
-
-
-async def test_a_frames_answer_is_held_for_the_accounts_pace_but_never_past_the_sidecars_wait(
-    server: RuntimeServer, monkeypatch: Any
-) -> None:
-    """A pod's output is read at its account's pace by holding the answer to its frames; held
-    past 30 s, the sidecar gave up on the dispatcher (`lost its pod: no word from its sidecar`).
-    Here 64 KiB of stderr at a pace of 1 KiB/s would hold it about a minute."""
-    monkeypatch.setattr(runtime_server, "PACED_AT_MOST", 0.3)
-    lines: list[tuple[str, str]] = []
-    pacing = LogPacing(rate=1024, burst=1024)
-    inv = dataclasses.replace(invocation(lines), pace=functools.partial(pacing.take, "team-a"))
-    attempt = server.open(inv)
-    body = b"E" + struct.pack(">I", 65536) + b"x" * 65535 + b"\n"
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as http:
-        for seq in ("s-1", "s-2"):  # each held, neither past the bound
-            sent = await http.post(
-                "/v1/run/frames", content=body,
-                headers={"Authorization": f"Bearer {attempt.token}", "X-Kubetask-Seq": seq},
-            )  # fmt: skip
-            assert sent.status_code == 204
-    assert lines == [("stderr", "x" * 65535)] * 2
-    assert pacing._buckets["team-a"].tokens < -100_000  # still owed: the next request waits
 
 
 async def test_output_beyond_the_result_limit_is_kept_as_a_tail_only(

@@ -15,7 +15,6 @@ restarted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import secrets
@@ -30,10 +29,6 @@ from .pod_template import FUNCTION_CONTAINER
 # A Kubernetes object name (DNS-1123 subdomain): pods and nodes.
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 MAX_BODY = 4 << 20
-# The longest a frames request is held for its account's pace (`dispatch/log_pacing.py`): the
-# sidecar gives up on an answer after 30 s and then takes the dispatcher for lost. What is not
-# waited for here stays owed, and the next request waits for it.
-PACED_AT_MOST = 10.0
 
 
 class RuntimeAttempt:
@@ -173,7 +168,4 @@ class RuntimeServer:
                 attempt.apply(body)
             except BadFrames as err:
                 raise web.HTTPBadRequest(text=str(err)) from None
-            if attempt.inv.pace is not None:  # the pod's next frames wait for this answer
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(attempt.inv.pace(body), PACED_AT_MOST)
         return web.Response(status=204)
