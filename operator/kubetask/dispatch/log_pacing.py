@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from .log_budget import RECORD_OVERHEAD
@@ -38,7 +37,6 @@ class LogPacing:
         rate: float,
         burst: float,
         total: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`total`: what the dispatcher reads of every account together, shared equally by
         the accounts printing (those that printed in the last ACTIVE seconds); each gets at
@@ -46,7 +44,6 @@ class LogPacing:
         self.rate = rate
         self.burst = burst
         self.total = total if total is not None else float("inf")
-        self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
 
     @staticmethod
@@ -57,7 +54,7 @@ class LogPacing:
         """Returns once the account may have `output` read: at once within its burst, else
         after its share of the time. Several of its tasks taking at once each wait for what
         all of them took before, so together they are read at the rate."""
-        now = self._clock()
+        now = time.monotonic()
         bucket = self._buckets.get(account)
         if bucket is None:
             if len(self._buckets) >= KEPT:
