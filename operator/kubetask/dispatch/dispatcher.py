@@ -555,7 +555,7 @@ class Dispatcher:
             log=output,
             # Only pods are learnt after the start: local attempts need no callback each.
             placed=functools.partial(self._placed, ctx, attempt) if self.jobs else None,
-            pace=functools.partial(self.log_pacing.take, ctx.account),
+            pace=functools.partial(self.log_pacing.delay, ctx.account),
         )
         executor: Executor = self.command if fn.spec.command is not None else self.server
         labels = metrics.of(metrics.RUNNING, ctx.account, fn.name)

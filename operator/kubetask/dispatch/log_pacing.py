@@ -8,12 +8,14 @@ reads and splits every line before it can drop one: sixteen attempts of one acco
 fast as they could kept the dispatcher's core busy, and another account's tasks waited 200 ms
 to 2 s to start instead of 2 ms. Past its account's rate a task's output is not read for a
 while: its writes wait, as under Docker's default (blocking) log mode, the dispatcher spends
-nothing on it meanwhile, and nothing is dropped for it.
+nothing on it meanwhile, and nothing is dropped for it. Read so: local processes and server
+instances, pods (their sidecars wait for the answer to their frames), and warm pods (their
+answers are not read for a while; a warm server serves every invocation in flight, so its
+proxy drops and counts what it cannot hold rather than make it wait).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -50,10 +52,12 @@ class LogPacing:
     def cost(output: bytes) -> int:
         return len(output) + RECORD_OVERHEAD * output.count(b"\n")
 
-    async def take(self, account: str, output: bytes) -> None:
-        """Returns once the account may have `output` read: at once within its burst, else
-        after its share of the time. Several of its tasks taking at once each wait for what
-        all of them took before, so together they are read at the rate."""
+    def delay(self, account: str, output: bytes) -> float:
+        """Takes `output` as read; returns the seconds to read nothing more of the account's
+        output: none within its burst, else its share of the time. Several of its tasks taking
+        at once each wait for what all of them took before, so together they are read at the
+        rate. A number rather than a wait, so that a reader in a protocol callback can stop its
+        transport for that long (`warm_pods.py`)."""
         now = time.monotonic()
         bucket = self._buckets.get(account)
         if bucket is None:
@@ -64,8 +68,7 @@ class LogPacing:
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * rate)
         bucket.at = now
         bucket.tokens -= self.cost(output)
-        if bucket.tokens < 0:
-            await asyncio.sleep(-bucket.tokens / rate)
+        return max(0.0, -bucket.tokens / rate)
 
     def _share(self, now: float) -> float:
         if self.total >= self.rate * len(self._buckets):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,9 +36,9 @@ class Invocation:
     log: LogLine
     # Told where the attempt runs when that is learnt after it started (a pod's name and node).
     placed: Callable[[Placement], None] | None = None
-    # Awaited before output is read on, so one account's output is read at its pace
-    # (`dispatch/log_pacing.py`).
-    pace: Callable[[bytes], Awaitable[None]] | None = None
+    # Told of output as it is read; answers the seconds to read no more of it, so that one
+    # account's output is read at its pace (`dispatch/log_pacing.py`).
+    pace: Callable[[bytes], float] | None = None
 
 
 @dataclass

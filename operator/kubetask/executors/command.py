@@ -61,8 +61,8 @@ class CommandExecution:
         assert self.proc.stderr is not None
         lines = Lines()
         while chunk := await self.proc.stderr.read(65536):
-            if self.inv.pace is not None:
-                await self.inv.pace(chunk)
+            if self.inv.pace is not None and (wait := self.inv.pace(chunk)) > 0:
+                await asyncio.sleep(wait)
             self._stderr_tail.add(chunk)
             for line in lines.feed(chunk):
                 self.inv.log("stderr", line)

@@ -219,8 +219,8 @@ class InstancePool:
         lines = Lines()
         while chunk := await inst.proc.stdout.read(65536):
             pace = next((i.pace for i in inst.inflight if i.pace is not None), None)
-            if pace is not None:  # an instance serves one function: one account's pace
-                await pace(chunk)
+            if pace is not None and (wait := pace(chunk)) > 0:  # one function: one account
+                await asyncio.sleep(wait)
             self._said(inst, lines.feed(chunk))
         self._said(inst, lines.rest())
         inst.dead = True
