@@ -124,6 +124,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
                 an_image_that_is_not_there_fails_the_attempt_at_once(cluster, api)
                 a_result_past_its_limit_ends_the_pod_at_once(api)
+                a_pod_printing_past_its_pace_waits_and_loses_nothing(api)
                 a_server_function_scales_from_zero_to_its_demand_and_back(cluster, api)
                 a_changed_config_rolls_the_gateway(cluster, api, ns, release)
             if nats_pods > 1:
@@ -372,6 +373,23 @@ def a_result_past_its_limit_ends_the_pod_at_once(api: httpx.Client) -> None:
     done = finish(api, submit(api, "endless"))
     assert done["status"]["phase"] == "Failed", done["status"]
     assert done["status"]["error"].startswith("result exceeds "), done["status"]["error"][:200]
+
+
+def a_pod_printing_past_its_pace_waits_and_loses_nothing(api: httpx.Client) -> None:
+    """5 MB of stderr at once, read at the account's pace (256 KiB/s): the sidecar sent all it
+    gathered while an answer was held, past the 4 MiB a request may hold, and the attempt was
+    lost. The sidecar now stops reading, and the function's writes wait."""
+    flood = (
+        "import sys; [print('line', i, 'x' * 990, file=sys.stderr) for i in range(5000)]; "
+        "print(5000)"
+    )
+    function(api, "flood", ["python3", "-c", flood])
+    task_id = submit(api, "flood")
+    done = finish(api, task_id)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["result"] == 5000
+    logs = api.get(f"/v1/tasks/{task_id}/logs").text
+    assert "line 4999 " in logs and "dropped" not in logs, logs[-500:]
 
 
 def an_image_that_is_not_there_fails_the_attempt_at_once(

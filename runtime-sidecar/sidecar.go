@@ -31,8 +31,13 @@ const (
 	socketName = "runtime.sock"
 	flushEvery = 50 * time.Millisecond
 	flushBytes = 256 << 10
-	beatEvery  = 5 * time.Second
-	retryFor   = 60 * time.Second // a dispatcher briefly unreachable is waited for this long
+	// The most output held for the dispatcher: past it the entry's socket is not read, so the
+	// function's own writes wait. The dispatcher holds its answers to read an account's output
+	// at its pace (`dispatch/log_pacing.py`), and refuses a request past 4 MiB; what piled up
+	// unbounded meanwhile went in one request, was refused, and the attempt was lost.
+	holdBytes = 1 << 20
+	beatEvery = 5 * time.Second
+	retryFor  = 60 * time.Second // a dispatcher briefly unreachable is waited for this long
 )
 
 // errAbandoned: the dispatcher no longer knows the attempt (stopped, timed out, or the
@@ -167,12 +172,14 @@ func runSidecar(dir string) int {
 }
 
 // forward relays the entry's frames to the dispatcher until the exit frame has been delivered.
+// A request carries at most holdBytes and one frame of at most flushBytes.
 func forward(r *reporter, conn net.Conn) error {
 	var (
 		mu      sync.Mutex
 		pending bytes.Buffer
 		ended   bool
 	)
+	room := sync.NewCond(&mu)
 	_ = writeFrame(&pending, frameRunning, nil)
 	wake := make(chan struct{}, 1)
 	read := make(chan error, 1)
@@ -184,7 +191,16 @@ func forward(r *reporter, conn net.Conn) error {
 				return
 			}
 			mu.Lock()
-			_ = writeFrame(&pending, f.kind, f.data)
+			for data := f.data; ; {
+				for pending.Len() >= holdBytes {
+					room.Wait()
+				}
+				n := min(len(data), flushBytes) // output may be cut anywhere; nothing else is this long
+				_ = writeFrame(&pending, f.kind, data[:n])
+				if data = data[n:]; len(data) == 0 {
+					break
+				}
+			}
 			full := pending.Len() >= flushBytes
 			mu.Unlock()
 			if f.kind == frameExit {
@@ -220,6 +236,7 @@ func forward(r *reporter, conn net.Conn) error {
 		mu.Lock()
 		body := append([]byte(nil), pending.Bytes()...)
 		pending.Reset()
+		room.Signal()
 		mu.Unlock()
 		// Once the dispatcher is lost, the entry is still drained to its end: this container
 		// exiting early would only be restarted by the kubelet.

@@ -29,6 +29,11 @@ from .pod_template import FUNCTION_CONTAINER
 # A Kubernetes object name (DNS-1123 subdomain): pods and nodes.
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 MAX_BODY = 4 << 20
+# The longest a frames request is held for its account's pace (`dispatch/log_pacing.py`): the
+# sidecar gives up on an answer after 30 s and then takes the dispatcher for lost. What is not
+# waited for here stays owed, and the next request waits for it. Meanwhile the sidecar holds at
+# most 1 MiB more, then stops reading, and the function's writes wait.
+PACED_AT_MOST = 10.0
 
 
 class RuntimeAttempt:
@@ -60,10 +65,12 @@ class RuntimeAttempt:
         self._last_seq = seq
         return False
 
-    def apply(self, body: bytes) -> None:
+    def apply(self, body: bytes) -> bytes:
+        """Returns the log output (stderr) the body held, to be paced."""
         reader = FrameReader()
         frames = reader.feed(body)
         reader.finish()
+        log = bytearray()
         for kind, data in frames:
             if kind == RUNNING:
                 if not self.running.done():
@@ -77,6 +84,7 @@ class RuntimeAttempt:
                     if not self.overflowed.done():
                         self.overflowed.set_result(None)
             elif kind == STDERR:
+                log += data
                 self.stderr_tail.add(data)
                 self._log(self._lines.feed(data))
             elif kind == TERMINATED:
@@ -89,6 +97,7 @@ class RuntimeAttempt:
                     self.exited.set_result(CODE.unpack(data)[0])
             else:
                 raise BadFrames(f"unknown frame kind {kind}")
+        return bytes(log)
 
     def _log(self, lines: list[str]) -> None:
         for line in lines:
@@ -165,7 +174,9 @@ class RuntimeServer:
         body = await request.read()
         if not attempt.seen(request.headers.get("X-Kubetask-Seq")):
             try:
-                attempt.apply(body)
+                log = attempt.apply(body)
             except BadFrames as err:
                 raise web.HTTPBadRequest(text=str(err)) from None
+            if log and attempt.inv.pace is not None:  # the pod's next frames wait for this answer
+                await asyncio.sleep(min(attempt.inv.pace(log), PACED_AT_MOST))
         return web.Response(status=204)
