@@ -32,7 +32,9 @@ from kubetask.executors.frames import (
     BadFrames,
     FrameReader,
 )
+from kubetask.executors.http1 import Http1Pool
 from kubetask.executors.runtime_server import RuntimeAttempt, RuntimeServer
+from kubetask.executors.warm_pods import WarmExecution, WarmPod, WarmPool
 from kubetask.models import TaskFunction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +285,9 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         print("working on", self.headers["X-Kubetask-Task-Id"], flush=True)
+        for i in range(body.get("lines", 0)):
+            print("line", i, "x" * 990)
+        sys.stdout.flush()
         time.sleep(body["sleep"])
         out = json.dumps({"task": self.headers["X-Kubetask-Task-Id"]}).encode()
         self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers()
@@ -397,6 +402,47 @@ async def test_the_proxy_holds_the_function_to_its_concurrency_and_its_dispatche
         big = await http.post("/invoke", json={"sleep": 0, "pad": "x" * 200_000}, headers=auth)
         (*_, (kind, answer)) = FrameReader().feed(big.content)
         assert kind == ANSWER and CODE.unpack_from(answer)[0] == 200, answer[:200]
+
+
+async def test_a_warm_pods_output_is_read_at_its_accounts_pace(
+    warm_pod: tuple[str, Path, str],
+) -> None:
+    """A warm pod's output comes in its answer, and was read as fast as it came: a server
+    printing without end kept its dispatcher's core busy, as processes did before they were
+    paced. Past its account's pace the answer is not read for a while. Here 2.2 MB as counted,
+    at 1 MiB/s past a burst of 256 KiB; what the proxy could not hold meanwhile it drops and
+    says so."""
+    url, flag, _ = warm_pod
+    flag.touch()
+    fn = TaskFunction.model_validate(
+        {"metadata": {"name": "f", "namespace": "team-a"}, "spec": {"server": {"command": ["x"]}}}
+    )
+    pod = WarmPod("f-pod", "127.0.0.1", None, "secret-token", ready=True, kubelet_ready=True)
+    pod.http = Http1Pool(int(url.rsplit(":", 1)[1]))
+    pod.inflight = 1
+    lines: list[tuple[str, str]] = []
+    pacing = LogPacing(rate=1 << 20, burst=256 << 10)
+    inv = dataclasses.replace(
+        invocation(lines, payload={"sleep": 0, "lines": 2000}),
+        function=fn, pace=functools.partial(pacing.delay, "team-a"),
+    )  # fmt: skip
+    for _ in range(200):  # the proxy is starting
+        with contextlib.suppress(httpx.TransportError):
+            async with httpx.AsyncClient(base_url=url) as http:
+                if (await http.get("/ready")).status_code == 200:
+                    break
+        await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    outcome = await WarmExecution(WarmPool(fn), pod, inv).wait()
+    took = loop.time() - started
+    assert outcome.ok and outcome.result == {"task": "t1"}, outcome
+    said = [text for _, text in lines if text.startswith("line ")]
+    assert len(said) == 2000 or any("not kept" in text for _, text in lines), lines[-1:]
+    # Each chunk read waits for its cost; the last one's wait may be after the answer.
+    read = sum(LogPacing.cost(text.encode() + b"\n") for _, text in lines)
+    assert took >= (read - (256 << 10) * 2) / (1 << 20), (took, read)
+    assert read > 1 << 20  # enough read for the bound to mean something
 
 
 async def test_a_draining_pod_finishes_what_it_serves_and_takes_nothing_new(

@@ -33,6 +33,7 @@ class _Connection(asyncio.Protocol):
         self._limit = 0
         self._headers_done = False
         self._on_chunk: Callable[[int, bytes], None] | None = None
+        self._resuming: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -114,6 +115,24 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.abort()
+
+    def pause(self, seconds: float) -> None:
+        """Reads nothing more for `seconds` (or until a longer pause asked for ends): the
+        peer's writes wait, and the process reading pays nothing meanwhile."""
+        if self.transport is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        if self._resuming is None or until > self._resuming.when():
+            if self._resuming is not None:
+                self._resuming.cancel()
+            self.transport.pause_reading()
+            self._resuming = loop.call_at(until, self._resume)
+
+    def _resume(self) -> None:
+        self._resuming = None
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def cancel(self, answer: asyncio.Future[tuple[int, bytes]]) -> None:
         """Abandon the request that `answer` waits for, if it still does (the connection may

@@ -228,12 +228,16 @@ class WarmExecution:
 
         def chunk(status: int, data: bytes) -> None:
             """An accepted invocation is answered in frames: what the server printed while it
-            ran (its task's log, as it comes), then the server's status and body."""
+            ran (its task's log, as it comes), then the server's status and body. Past its
+            account's pace the answer is not read for a while; the proxy holds 1,024 frames
+            an invocation meanwhile and drops (and counts) what comes past them."""
             if status != 200:
                 refusal.extend(data[: 4096 - len(refusal)])
                 return
+            printed = bytearray()
             for kind, frame in frames.feed(data):
                 if kind in (STDOUT, STDERR):
+                    printed += frame
                     said = (out if kind == STDOUT else err).feed(frame)
                 elif kind == ANSWER and len(frame) >= CODE.size:
                     said = out.rest() + err.rest()
@@ -242,6 +246,10 @@ class WarmExecution:
                     said = []
                 for line in said:
                     self.inv.log("instance", line)
+            if printed and self.inv.pace is not None:
+                wait = self.inv.pace(bytes(printed))
+                if wait > 0 and not found:
+                    conn.pause(wait)
 
         try:
             conn = await http.connection()
