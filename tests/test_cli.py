@@ -447,6 +447,41 @@ async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
     assert out.returncode == 1 and "is not a text (UTF-8) file" in out.stderr, out.stderr
 
 
+async def test_yaml_values_json_cannot_hold_are_refused_and_dates_stay_strings(
+    api: Api, gateway_url: str
+) -> None:
+    """YAML holds what JSON cannot. An unquoted date was a `TypeError` traceback; `kubectl`
+    reads it as the string written, and so does the CLI. The rest is refused, saying where,
+    and nothing is sent."""
+    head = "kind: TaskFunction\nmetadata: {name: %s}\n"
+    cases = {
+        "nan": ("spec: {command: [true], timeoutSeconds: .nan}", "spec.timeoutSeconds is nan"),
+        "inf": ("spec: {command: [true], timeoutSeconds: -.inf}", "spec.timeoutSeconds is -inf"),
+        "binary": ("spec: {command: [!!binary aGk=]}", "spec.command[0] is binary (!!binary)"),
+        "set": ("spec: !!set {a, b}", "spec is a set (!!set)"),
+        "key": ("spec: {? !!binary aGk= : 1}", "a key in spec is binary (!!binary)"),
+        "stamp": ("spec: {command: [!!timestamp 2001-12-14]}", "spec.command[0] is a date"),
+        "deep": ("spec: {command: [true], x: %s}" % ("[" * 2000 + "]" * 2000), "too deeply"),
+    }
+    for name, (spec, said) in cases.items():
+        path = api.workdir / f"{name}.yaml"
+        path.write_text(head % name + spec + "\n")
+        out = await kt(api, gateway_url, "functions", "apply", "-f", str(path), check=False)
+        assert out.returncode == 1 and said in out.stderr, (name, out.stderr)
+        assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+        assert (await api.http.get(f"/v1/functions/{name}")).status_code == 404
+    dated = api.workdir / "dated.yaml"
+    dated.write_text(
+        "kind: TaskFunction\nmetadata:\n  name: dated\n  labels: {since: 2001-12-14}\n"
+        "spec: {command: [sh], env: [{name: AT, value: 2001-12-14t21:59:43.10-05:00}]}\n"
+    )
+    out = await kt(api, gateway_url, "functions", "apply", "-f", str(dated), check=False)
+    assert out.returncode == 0, out.stderr
+    got = (await api.http.get("/v1/functions/dated")).json()
+    assert got["metadata"]["labels"] == {"since": "2001-12-14"}
+    assert got["spec"]["env"] == [{"name": "AT", "value": "2001-12-14t21:59:43.10-05:00"}]
+
+
 async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -> None:
     """`kubetask login` goes where the attempt runs; a local process (`kubetask dev`) or a
     finished task has no pod to enter, and says so instead of guessing."""

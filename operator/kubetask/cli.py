@@ -333,7 +333,7 @@ def cmd_logs(args: argparse.Namespace) -> None:
 def cmd_functions(args: argparse.Namespace) -> None:
     client = _client(args)
     if args.fn_command == "apply":
-        from .dev import read_objects
+        from .manifests import read_objects
 
         for doc in read_objects(Path(args.file)):
             obj = client.apply(doc)

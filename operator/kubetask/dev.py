@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import yaml
-
-from . import nats_auth, private_files, sched_batch, text_files
+from . import nats_auth, private_files, sched_batch
 from .auth import create_token
 from .client import Client
 from .embedded import (
@@ -42,6 +40,7 @@ from .embedded import (
 )
 from .executors.function_users import FunctionUsers
 from .executors.parent_death import die_with_parent
+from .manifests import read_objects
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
 # let running attempts go on before handing them back to the queue.
@@ -184,6 +183,10 @@ def run(
         batch = sched_batch.wanted()
     except ValueError as err:
         batch, problem = False, problem or str(err)
+    try:  # a manifest that cannot be read is said before anything starts
+        manifests = read_objects(functions) if functions is not None else []
+    except ValueError as err:
+        problem = problem or str(err)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
@@ -287,9 +290,9 @@ def run(
                 f"  waiting for the gateway ({waited:.0f} s: {why})", flush=True
             ),
         )
-        if functions is not None:
+        if manifests:
             client = Client(url, creds["adminToken"])
-            for doc in read_objects(functions):
+            for doc in manifests:
                 client.apply(doc)
         # Written last: a client that finds the URL finds a platform ready for it.
         cfg = dict(creds, url=url, nats=f"nats://127.0.0.1:{nats_port}")
@@ -395,89 +398,3 @@ def load_client_config(data_dir: Path) -> dict[str, str] | None:
         return None
     loaded: dict[str, str] = json.loads(path.read_text())
     return loaded
-
-
-YAML_KINDS = {str: "string", list: "list", int: "number", float: "number", bool: "boolean"}
-
-
-class _ManifestLoader(yaml.SafeLoader):
-    """A key given twice in one mapping is an error, as in `kubectl apply`, rather than the
-    last one silently winning (the API refuses the same in JSON: `strict_json`)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` merges; a key written beside it overrides the merged one
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, str | int | float | bool | None):
-                continue  # an unhashable key: the base class says so
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found the key {key!r} twice",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-MANIFEST_MAX_VALUES = 100_000
-
-
-def _expanded_values(doc: object, source: str, index: int) -> int:
-    """How many values a document holds once its YAML aliases are written out, as JSON writes
-    them: nine levels of nine aliases (a "billion laughs") load as a few objects, then took
-    the CLI 12 s and 1.2 GB to send as 389 MB. Each shared object is counted once per use,
-    but walked once."""
-    sizes: dict[int, int] = {}
-    walking: set[int] = set()
-
-    def size(value: object) -> int:
-        if not isinstance(value, dict | list):
-            return 1
-        key = id(value)
-        if key in sizes:
-            return sizes[key]
-        if key in walking:
-            raise ValueError(f"document {index} of {source} holds itself (a YAML alias loop)")
-        walking.add(key)
-        children = value.values() if isinstance(value, dict) else value
-        total = 1 + sum(size(child) for child in children)
-        walking.discard(key)
-        if total > MANIFEST_MAX_VALUES:
-            raise ValueError(
-                f"document {index} of {source} holds over {MANIFEST_MAX_VALUES:,} values"
-                " once its YAML aliases are written out"
-            )
-        sizes[key] = total
-        return total
-
-    return size(doc)
-
-
-def read_objects(path: Path) -> list[dict[str, object]]:
-    """The objects of a manifest (`-` for stdin), each a mapping with a mapping `metadata`;
-    anything else is a `ValueError` that names the file, as `kubectl apply` would."""
-    source = "stdin" if str(path) == "-" else str(path)
-    try:
-        text = text_files.read(str(path))
-        docs = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
-    except UnicodeDecodeError:
-        raise ValueError(f"{source} is not a text (UTF-8) file") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{source} is not valid YAML: {err}") from None
-    if not docs:
-        raise ValueError(f"{source} holds no objects to apply")
-    for i, doc in enumerate(docs, 1):
-        if not isinstance(doc, dict):
-            what = YAML_KINDS.get(type(doc), type(doc).__name__)
-            raise ValueError(
-                f"document {i} of {source} is a {what}, not an object"
-                " (a TaskFunction or an AsyncConfig)"
-            )
-        if not isinstance(doc.get("metadata", {}), dict):
-            raise ValueError(f"document {i} of {source}: metadata must be an object")
-        _expanded_values(doc, source, i)
-    return docs
