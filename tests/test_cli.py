@@ -7,6 +7,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -480,6 +481,30 @@ async def test_yaml_values_json_cannot_hold_are_refused_and_dates_stay_strings(
     got = (await api.http.get("/v1/functions/dated")).json()
     assert got["metadata"]["labels"] == {"since": "2001-12-14"}
     assert got["spec"]["env"] == [{"name": "AT", "value": "2001-12-14t21:59:43.10-05:00"}]
+
+
+async def test_what_others_wrote_is_shown_not_obeyed_by_the_terminal(
+    api: Api, gateway_url: str
+) -> None:
+    """A task's output and error reach whoever reads them, an admin included: an escape
+    sequence in them retitled the terminal, cleared it or moved the cursor, a CR overwrote a
+    line, a bidi override reordered it. The CLI shows them as escapes; JSON keeps them."""
+    said = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\rover\u202ex\x9b1m\ttab"
+    script = f"import sys; sys.stderr.write({said!r} + '\\n'); sys.exit(3)"
+    await api.function("loud", command=["python3", "-c", script])
+    await api.async_config("loud", function="loud", maxAsyncRetryAttempts=0)
+    task_id = (await api.submit("loud"))["metadata"]["name"]
+    await api.wait(task_id)
+    shown = "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mred\\x0dover\\u202ex\\x9b1m\ttab"
+    for args in (("describe", task_id), ("logs", task_id), ("get", task_id), ("list",)):
+        out = (await kt(api, gateway_url, *args)).stdout
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", out), (args, out)
+        if args[0] in ("describe", "logs"):
+            assert shown in out, (args, out)
+    described = json.loads((await kt(api, gateway_url, "describe", task_id, "-o", "json")).stdout)
+    assert said in [r["line"] for r in described["logs"]]
+    missing = await kt(api, gateway_url, "get", "a\x1b[2Jb", check=False)
+    assert missing.returncode == 1 and "a\\x1b[2Jb" in missing.stderr, missing.stderr
 
 
 async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -> None:

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
 
 import httpx
 
 from . import strict_json, text_files
 from .client import ApiFailure, Client
+from .terminal import InertStream
 
 DEFAULT_DATA_DIR = Path(".kubetask-data")
 
@@ -638,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if trailing is not None:
         args.command = [*args.command, *trailing]
+    if args.func not in (cmd_dev, cmd_gateway, cmd_dispatcher, cmd_operator):
+        sys.stdout = cast(TextIO, InertStream(sys.stdout))
+        sys.stderr = cast(TextIO, InertStream(sys.stderr))
     try:
         args.func(args)
         sys.stdout.flush()
