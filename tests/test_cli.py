@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import Api, kt
+from harness import Api, kt, tasks_of
 from kubetask import task_events
 from kubetask.auth import issue_token, revoke_token
 from kubetask.plane import DataPlane
@@ -178,6 +178,10 @@ async def test_a_payload_that_is_not_json_is_refused_before_anything_is_sent(
     )  # fmt: skip
     assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
     assert (await api.http.get("/v1/tasks/never")).status_code == 404
+    # An empty id (`--id "$TRACE_ID"`, unset) was dropped, and the task got a random one.
+    empty = await kt(api, gateway_url, "submit", "takes", "--id", "", check=False)
+    assert empty.returncode == 1 and "error: HTTP 422: id: task id" in empty.stderr, empty.stderr
+    assert await tasks_of(api, "takes") == []
 
 
 async def test_list_takes_times_as_a_person_types_them(api: Api, gateway_url: str) -> None:
@@ -442,6 +446,10 @@ async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
     endless = await kt(api, gateway_url, "functions", "apply", "-f", "/dev/zero", check=False)
     assert endless.returncode == 1, endless.stderr
     assert endless.stderr == "error: /dev/zero holds more than 64 MiB; nothing was sent\n"
+    directory = await kt(
+        api, gateway_url, "functions", "apply", "-f", str(api.workdir), check=False
+    )
+    assert directory.stderr == f"error: cannot read {api.workdir}: Is a directory\n"
     binary = api.workdir / "binary.yaml"
     binary.write_bytes(bytes(range(128, 256)))
     out = await kt(api, gateway_url, "functions", "apply", "-f", str(binary), check=False)

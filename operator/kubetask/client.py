@@ -86,7 +86,7 @@ class Client:
 
     def submit(self, function: str, payload: Any = None, task_id: str | None = None) -> Any:
         body: dict[str, Any] = {"function": function, "payload": payload}
-        if task_id:
+        if task_id is not None:  # an empty one is the API's to refuse, not to replace
             body["id"] = task_id
         return self._call("POST", "/v1/tasks", json=body, params=self._params())
 

@@ -114,6 +114,8 @@ def read_objects(path: Path) -> list[dict[str, object]]:
         docs = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]
     except UnicodeDecodeError:
         raise ValueError(f"{source} is not a text (UTF-8) file") from None
+    except OSError as err:
+        raise ValueError(f"cannot read {source}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{source} is not valid YAML: {err}") from None
     except RecursionError:
