@@ -101,11 +101,13 @@ def _running(marker: str) -> list[int]:
 
 
 async def test_an_attempt_ends_with_its_process_and_what_it_left_running_ends_too(
-    api: Api,
+    api: Api, dispatcher: Dispatcher
 ) -> None:
     """A process left in the background held the attempt's output open: the task stayed
     Running for as long as it ran, its timeout did not fire, and it ran outside every budget.
-    One that closed its output and went on was not timed at all."""
+    One that closed its output and went on was not timed at all. One that left its session
+    outlived the attempt; where the dispatcher makes cgroups (root, cgroup v1 `cpu`: this
+    project's CI) it is found in the attempt's group and ends too."""
     cases = {
         # Background children and a grandchild, holding stdout and stderr.
         "leaves": (["sh", "-c", "sleep 300.101 & (sleep 300.102 &); echo '\"done\"'"], 60),
@@ -124,10 +126,58 @@ async def test_an_attempt_ends_with_its_process_and_what_it_left_running_ends_to
         assert "timed out after 1s" in done["hides"]["status"]["error"], done["hides"]["status"]
         assert done["escapes"]["status"]["result"] == "done", done["escapes"]["status"]
         await asyncio.sleep(0.5)
-        for marker in ("300.101", "300.102", "300.103"):
+        grouped = dispatcher.users.cpu.why_not() is None
+        for marker in ("300.101", "300.102", "300.103", *(["300.104"] if grouped else [])):
             assert _running(f"sleep\x00{marker}") == [], marker
     finally:
         for pid in _running("sleep\x00300.10"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+DAEMON_SERVER = """
+    import os, subprocess, time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    subprocess.Popen(["setsid", "sleep", "300.105"], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            time.sleep(60)
+
+    HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+async def test_what_a_warm_instance_left_running_ends_with_it(
+    api: Api, dispatcher: Dispatcher
+) -> None:
+    """A warm instance that started a process in a session of its own (a daemon) left it
+    running once the instance ended. Where the dispatcher makes cgroups, the instance's group
+    ends with it. Here the instance is ended by stopping the one task it serves."""
+    assert dispatcher.users.cpu.why_not() is None, "this project's machines make cgroups"
+    await api.function("daemon", server={"command": api.script("daemon", DAEMON_SERVER)})
+    task_id = (await api.submit("daemon"))["metadata"]["name"]
+    await api.wait(task_id, {"Running"})
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not _running("sleep\x00300.105"):
+            assert asyncio.get_running_loop().time() < deadline, "the instance started no daemon"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # serving its task
+        await api.call("POST", f"/v1/tasks/{task_id}/stop", 200)
+        await api.wait(task_id)
+        deadline = asyncio.get_running_loop().time() + 5
+        while _running("sleep\x00300.105"):
+            assert asyncio.get_running_loop().time() < deadline, "the daemon outlived it"
+            await asyncio.sleep(0.1)
+    finally:
+        for pid in _running("sleep\x00300.105"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

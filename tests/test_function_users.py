@@ -6,8 +6,10 @@ by a real dispatcher; what it may do is asked of the kernel, from inside it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -23,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
-from kubetask.executors.account_cpu import cpu_hierarchy
+from kubetask.executors.account_cpu import AccountCpu, cpu_hierarchy
 from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.function_users import account_uid, may_run
 
@@ -280,12 +282,12 @@ async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None
     seen = run["task"]["status"]["result"]
     assert seen["uid"] == account_uid("team-g"), run["task"]
     assert os.stat(seen["home"]).st_uid == account_uid("team-g"), "its account's home"
-    assert seen["cgroup"].endswith("/kubetask/team-g"), seen
+    assert re.search("/kubetask/team-g/p[0-9]+-[0-9]+$", seen["cgroup"]), seen
     # Registered again by an admin, the function's instances are the platform's.
     run = await _run(dev, dev.admin, "team-g", spec)
     seen = run["task"]["status"]["result"]
     assert (seen["uid"], seen["home"]) == (os.geteuid(), HOME), run["task"]
-    assert seen["cgroup"].endswith("/kubetask/team-g"), "still the account's CPU"
+    assert "/kubetask/team-g/" in seen["cgroup"], "still the account's CPU"
 
 
 async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the_switch(
@@ -444,8 +446,10 @@ def test_only_homes_whose_dispatcher_is_gone_are_removed() -> None:
 CPU = r"""
 can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
 cpu='$2 ~ /(^|,)cpu(,|$)/ {print $3}'
-printf '{"own": "%s", "child": "%s", "stay": "%s", "leave": "%s", "join": "%s", "weigh": "%s"}' \
-  "$(awk -F: "$cpu" /proc/$$/cgroup)" "$(awk -F: "$cpu" /proc/self/cgroup)" \
+own=$(awk -F: "$cpu" /proc/$$/cgroup)
+printf '{"own": "%s", "child": "%s", "stay": "%s", "up": "%s", "leave": "%s", "join": "%s", "weigh": "%s"}' \
+  "$own" "$(awk -F: "$cpu" /proc/self/cgroup)" \
+  "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-a/${own##*/}/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-a/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-b/cgroup.procs")" \
@@ -461,21 +465,23 @@ def _cpu_root() -> Path | None:
 
 
 async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev: Dev) -> None:
-    """Every process of an account's functions, and whatever they start, is in the account's
-    cpu cgroup, weighted by the account's weight; a tenant can neither leave it, nor join a
-    neighbour's, nor change its weight. An admin's function in the account is there too."""
+    """Every process of an account's functions, and whatever they start, is in its attempt's
+    cpu cgroup inside the account's, weighted by the account's weight; a tenant can neither
+    leave it for its account's or the dispatcher's, nor join a neighbour's, nor change its
+    weight. An admin's function in the account is there too."""
     root = _cpu_root()
     assert root is not None, "this machine mounts the cgroup v1 cpu controller"
     spec = {"command": ["sh", "-c", CPU], "env": [{"name": "CPU_ROOT", "value": str(root)}]}
     b = (await _run(dev, dev.token("team-b"), "team-b", spec))["task"]["status"]
     assert b["phase"] == "Succeeded", b
-    assert b["result"]["own"].endswith("/kubetask/team-b"), b["result"]
+    assert re.search("/kubetask/team-b/p[0-9]+-[0-9]+$", b["result"]["own"]), b["result"]
     a = (await _run(dev, dev.token("team-a"), "team-a", spec))["task"]["status"]
     seen = a["result"]
-    assert seen["own"].endswith("/kubetask/team-a") and seen["child"] == seen["own"], seen
+    assert re.search("/kubetask/team-a/p[0-9]+-[0-9]+$", seen["own"]), seen
+    assert seen["child"] == seen["own"], seen
     # It may place its own processes in its own group (so the paths are right), no more.
     assert seen["stay"] == "yes", seen
-    assert (seen["leave"], seen["join"], seen["weigh"]) == ("no", "no", "no"), seen
+    assert (seen["up"], seen["leave"], seen["join"], seen["weigh"]) == ("no",) * 4, seen
     shares = {
         account: (root / "kubetask" / account / "cpu.shares").read_text().strip()
         for account in ("team-a", "team-b")
@@ -484,7 +490,37 @@ async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev
     all_accounts = (root / "kubetask" / "cpu.shares").read_text().strip()
     assert all_accounts == str(1024 * (os.cpu_count() or 1)), "1024 a core, as the kubelet's"
     admin = (await _run(dev, dev.admin, "team-b", spec))["task"]["status"]["result"]
-    assert admin["own"].endswith("/kubetask/team-b"), admin
+    assert re.search("/kubetask/team-b/p[0-9]+-[0-9]+$", admin["own"]), admin
+    # Each attempt's group is gone with it.
+    assert not list((root / "kubetask" / "team-a").glob("p*")), "groups left behind"
+
+
+def test_the_groups_a_killed_dispatcher_left_are_ended_by_the_next() -> None:
+    """A dispatcher killed outright leaves its attempts' groups, and whatever escaped into
+    them runs on. The next dispatcher on the host ends the groups named for a process that
+    no longer runs, and only those."""
+    root = _cpu_root()
+    assert root is not None, "this machine mounts the cgroup v1 cpu controller"
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its number names a dispatcher that is gone
+    account = root / "kubetask" / "team-orphans"
+    orphan, live = account / f"p{gone.pid}-0", account / f"p{os.getpid()}-999"
+    for group in (orphan, live):
+        group.mkdir(parents=True)
+    daemons = [subprocess.Popen(["sleep", "300.107"], start_new_session=True) for _ in range(2)]
+    try:
+        for group, daemon in zip((orphan, live), daemons, strict=True):
+            (group / "cgroup.procs").write_text(str(daemon.pid))
+        assert AccountCpu({}).why_not() is None
+        assert daemons[0].wait(timeout=5) == -signal.SIGKILL and not orphan.exists()
+        assert daemons[1].poll() is None and live.is_dir(), "a running dispatcher's is kept"
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+            daemon.wait()
+        for group in (orphan, live, account):
+            with contextlib.suppress(OSError):
+                group.rmdir()
 
 
 def test_the_cpu_hierarchy_is_found_where_the_host_mounts_it() -> None:

@@ -1,7 +1,8 @@
 """`command` mode: one process per attempt — payload on stdin, result on stdout, stderr as logs,
 exit code as outcome. The process gets its own session so stop and timeout kill its children
 too, and an attempt ends when its process does: what it left running is killed with it
-(`spawn.py`)."""
+(`spawn.py`), and where the dispatcher makes cgroups, so is what left the session
+(`account_cpu.Group`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import contextlib
 import os
 import signal
 
+from .account_cpu import Group
 from .base import (
     Execution,
     Invocation,
@@ -30,9 +32,10 @@ OUTPUT_GRACE_SECONDS = 1.0
 
 
 class CommandExecution:
-    def __init__(self, inv: Invocation, proc: Child) -> None:
+    def __init__(self, inv: Invocation, proc: Child, group: Group | None = None) -> None:
         self.inv = inv
         self.proc = proc
+        self.group = group
         self.instance: str | None = f"pid-{proc.pid}"
         self._killed = False
         self._ending = False  # its process group is being ended
@@ -95,6 +98,8 @@ class CommandExecution:
             timed_out = True
             await self.kill()
             code = await self.proc.wait()
+        if self.group is not None:  # what left the session, and holds the output open
+            await self.group.end()
         try:
             _, (stdout, too_big), _ = await asyncio.wait_for(
                 asyncio.shield(io), OUTPUT_GRACE_SECONDS
@@ -140,10 +145,18 @@ class CommandExecutor:
         assert spec.command is not None
         user = self.users.user_for(inv.function)
         env = env_for(inv, self.users.environment(user))
-        cgroup = self.users.cpu_group(inv.function, user)
-        argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user, cgroup)
-        proc = await spawn(argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False)
-        return CommandExecution(inv, proc)
+        group = self.users.cpu_group(inv.function, user)
+        procs = None if group is None else group.procs
+        try:
+            argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user, procs)
+            proc = await spawn(
+                argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False
+            )
+        except BaseException:
+            if group is not None:
+                await group.end()
+            raise
+        return CommandExecution(inv, proc, group)
 
     async def close(self) -> None:
         return None

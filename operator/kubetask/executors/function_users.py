@@ -37,7 +37,7 @@ from ..fairness import parse_weights
 from ..models import TaskFunction
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
-from .account_cpu import AccountCpu
+from .account_cpu import AccountCpu, Group
 from .account_homes import AccountHomes
 from .base import base_environment
 
@@ -149,9 +149,9 @@ class FunctionUsers:
             base.update(self.homes.environment(user.uid))
         return base
 
-    def cpu_group(self, fn: TaskFunction, user: RunAs | None) -> str | None:
-        """The `cgroup.procs` file `fn`'s processes go in (`account_cpu.py`), or None."""
-        return self.cpu.procs(fn.account, None if user is None else user.uid)
+    def cpu_group(self, fn: TaskFunction, user: RunAs | None) -> Group | None:
+        """A new group for one attempt or instance of `fn` (`account_cpu.py`), or None."""
+        return self.cpu.group(fn.account, None if user is None else user.uid)
 
     def close(self) -> None:
         self.homes.close()

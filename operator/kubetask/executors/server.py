@@ -23,6 +23,7 @@ from typing import Any
 
 from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
+from .account_cpu import Group
 from .base import (
     Execution,
     Invocation,
@@ -54,6 +55,7 @@ class Instance:
     port: int
     proc: Child
     capacity: int
+    group: Group | None = None  # its cgroup (`account_cpu.py`): what it started ends with it
     inflight: set[Invocation] = field(default_factory=set)
     idle_since: float = 0.0
     dead: bool = False
@@ -67,11 +69,13 @@ class Instance:
     async def terminate(self) -> None:
         self.dead = True
         self.http.close()
-        if self.proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        await self.proc.wait()
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        group, self.group = self.group, None
+        if group is not None:
+            await group.end()
 
 
 class InstancePool:
@@ -86,13 +90,13 @@ class InstancePool:
         pools: Iterable[InstancePool],
         user: RunAs | None,
         environment: dict[str, str],
-        cgroup: Callable[[], str | None],
+        cgroup: Callable[[], Group | None],
     ) -> None:
         self.fn = fn
         self.budget = budget
         self.user = user
         self.environment = environment  # what its instances' environments start from
-        self.cgroup = cgroup  # the cgroup.procs file its instances join (`account_cpu.py`)
+        self.cgroup = cgroup  # a new group for each instance (`account_cpu.py`)
         self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
@@ -157,6 +161,8 @@ class InstancePool:
             self.budget.changed()
         if inst.dead:
             self.instances = [i for i in self.instances if i is not inst]
+            if not inst.inflight:  # what it left running goes with it
+                await inst.terminate()
         if self._waiting:
             async with self._changed:
                 self._changed.notify_all()
@@ -169,10 +175,17 @@ class InstancePool:
             env.pop(key, None)
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
-        argv, preexec, env = spawn_argv(self.spec.command, env, cwd, self.user, self.cgroup())
-        proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
+        group = self.cgroup()
+        procs = None if group is None else group.procs
+        try:
+            argv, preexec, env = spawn_argv(self.spec.command, env, cwd, self.user, procs)
+            proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
+        except BaseException:
+            if group is not None:
+                await group.end()
+            raise
         inst = Instance(
-            f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency
+            f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency, group
         )
         # What it says while it starts goes to the task that started it: when it will not
         # start, that is the one place its author can read why.
