@@ -498,7 +498,7 @@ async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev
 def test_the_groups_a_killed_dispatcher_left_are_ended_by_the_next() -> None:
     """A dispatcher killed outright leaves its attempts' groups, and whatever escaped into
     them runs on. The next dispatcher on the host ends the groups named for a process that
-    no longer runs, and only those."""
+    no longer runs, and only those, and removes the accounts' groups left empty."""
     root = _cpu_root()
     assert root is not None, "this machine mounts the cgroup v1 cpu controller"
     gone = subprocess.Popen(["true"])
@@ -507,6 +507,8 @@ def test_the_groups_a_killed_dispatcher_left_are_ended_by_the_next() -> None:
     orphan, live = account / f"p{gone.pid}-0", account / f"p{os.getpid()}-999"
     for group in (orphan, live):
         group.mkdir(parents=True)
+    empty = root / "kubetask" / "team-left-empty"
+    empty.mkdir()
     daemons = [subprocess.Popen(["sleep", "300.107"], start_new_session=True) for _ in range(2)]
     try:
         for group, daemon in zip((orphan, live), daemons, strict=True):
@@ -514,6 +516,7 @@ def test_the_groups_a_killed_dispatcher_left_are_ended_by_the_next() -> None:
         assert AccountCpu({}).why_not() is None
         assert daemons[0].wait(timeout=5) == -signal.SIGKILL and not orphan.exists()
         assert daemons[1].poll() is None and live.is_dir(), "a running dispatcher's is kept"
+        assert not empty.exists()
     finally:
         for daemon in daemons:
             daemon.kill()

@@ -139,7 +139,9 @@ _GROUP_NAME = re.compile(r"p([0-9]+)-[0-9]+")
 
 def _end_orphans(base: Path) -> None:
     """Ends the groups of dispatchers no longer running: what escaped into them would run on
-    for ever, outside every budget."""
+    for ever, outside every budget. Then removes the accounts' groups left empty (the kernel
+    refuses to remove one with groups or processes in it); a dispatcher finding its account's
+    gone makes it again."""
     for group in base.glob("*/p*-*"):
         named = _GROUP_NAME.fullmatch(group.name)
         if named is None or not group.is_dir():
@@ -152,6 +154,10 @@ def _end_orphans(base: Path) -> None:
         except PermissionError:
             continue
         Group(group).end_now()
+    for account in base.iterdir():
+        if account.is_dir():
+            with contextlib.suppress(OSError):
+                account.rmdir()
 
 
 class AccountCpu:
