@@ -61,6 +61,43 @@ async def test_task_sees_its_id_attempt_and_function_env(api: Api) -> None:
     }
 
 
+async def test_a_functions_processes_are_the_oom_killers_first_choice(api: Api) -> None:
+    """Out of memory, the kernel kills the process that scores highest: a tenant's processes,
+    each smaller than nats-server or the dispatcher, could have had one of those killed. A
+    function's processes, and what they start, score the most a process may."""
+    await api.function(
+        "scored",
+        command=["sh", "-c", "cat /proc/self/oom_score_adj; (cat /proc/self/oom_score_adj)"],
+    )
+    await api.function("srvscore", server={"command": api.script("srvscore", OOM_SERVER)})
+    # The command and the process it starts; the warm instance.
+    for name, scores in (("scored", ["1000", "1000"]), ("srvscore", ["1000"])):
+        task = await api.wait((await api.submit(name))["metadata"]["name"])
+        assert task["status"]["phase"] == "Succeeded", task["status"]
+        assert str(task["status"]["result"]).split() == scores, task["status"]
+    assert open("/proc/self/oom_score_adj").read().strip() != "1000", "not the platform's"
+
+
+OOM_SERVER = """
+    import os
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            out = open("/proc/self/oom_score_adj").read().strip().encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
 async def test_plain_text_stdout_is_the_result(api: Api) -> None:
     await api.function("txt", command=["sh", "-c", "echo hello world"])
     task = await api.submit("txt")

@@ -447,13 +447,14 @@ CPU = r"""
 can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
 cpu='$2 ~ /(^|,)cpu(,|$)/ {print $3}'
 own=$(awk -F: "$cpu" /proc/$$/cgroup)
-printf '{"own": "%s", "child": "%s", "stay": "%s", "up": "%s", "leave": "%s", "join": "%s", "weigh": "%s"}' \
+printf '{"own": "%s", "child": "%s", "stay": "%s", "up": "%s", "leave": "%s", "join": "%s", "weigh": "%s", "oom": "%s"}' \
   "$own" "$(awk -F: "$cpu" /proc/self/cgroup)" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-a/${own##*/}/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-a/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-b/cgroup.procs")" \
-  "$(can sh -c "echo 262144 > $CPU_ROOT/kubetask/team-a/cpu.shares")"
+  "$(can sh -c "echo 262144 > $CPU_ROOT/kubetask/team-a/cpu.shares")" \
+  "$(cat /proc/self/oom_score_adj)"
 """
 
 
@@ -482,6 +483,7 @@ async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev
     # It may place its own processes in its own group (so the paths are right), no more.
     assert seen["stay"] == "yes", seen
     assert (seen["up"], seen["leave"], seen["join"], seen["weigh"]) == ("no",) * 4, seen
+    assert seen["oom"] == "1000", "the OOM killer's first choice, before the platform"
     shares = {
         account: (root / "kubetask" / account / "cpu.shares").read_text().strip()
         for account in ("team-a", "team-b")

@@ -36,6 +36,12 @@ _SH = shutil.which("sh")
 # Run by `sh -c` with the expected parent's pid as $0 and the command as "$@".
 _CHECK = '[ "$PPID" = "$0" ] || kill -KILL $$; '
 _EXEC = 'exec "$@"'
+# A function's processes are the first the kernel's OOM killer takes (any process may raise its
+# own score; children inherit it). Without it a tenant's processes, each smaller than
+# nats-server or the dispatcher, could together have one of those killed instead.
+FIRST_TO_GO = 1000
+_OOM_SCORE = "/proc/self/oom_score_adj"
+_FIRST = f"{{ echo {FIRST_TO_GO} > {_OOM_SCORE}; }} 2>/dev/null; "
 
 
 class Launch(NamedTuple):
@@ -47,18 +53,23 @@ class Launch(NamedTuple):
 
 
 def die_with_parent(
-    user: function_users.RunAs | None = None, cgroup: str | None = None
+    user: function_users.RunAs | None = None,
+    cgroup: str | None = None,
+    first_to_go: bool = False,
 ) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
     forked it is already gone; with `cgroup` (a `cgroup.procs` file), first joins that group,
-    and with `user`, then becomes that user (the kernel disarms the signal when the user
-    changes)."""
+    with `first_to_go`, makes it the OOM killer's first choice (`FIRST_TO_GO`), and with
+    `user`, then becomes that user (the kernel disarms the signal when the user changes)."""
     parent = os.getpid()
 
     def arm() -> None:
         if cgroup is not None:
             with contextlib.suppress(OSError), open(cgroup, "w") as procs:
                 procs.write(str(os.getpid()))
+        if first_to_go:
+            with contextlib.suppress(OSError), open(_OOM_SCORE, "w") as score:
+                score.write(str(FIRST_TO_GO))
         if user is not None:
             user.become()
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -78,25 +89,26 @@ def spawn_argv(
     """What to pass to `spawn` for `command` with `env`; with `user`, the command runs as that
     user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`);
     with `cgroup`, a `cgroup.procs` file, the guard's shell puts itself in that group before
-    the command runs, so all it starts is born there (`account_cpu.py`).
+    the command runs, so all it starts is born there (`account_cpu.py`). The command is the
+    OOM killer's first choice (`FIRST_TO_GO`).
 
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
     exit code of the guard."""
     if _SETPRIV is None or _SH is None:
         # The user is switched in the forked child before the exec that applies `env`.
-        return Launch(list(command), die_with_parent(user, cgroup), env)
+        return Launch(list(command), die_with_parent(user, cgroup, first_to_go=True), env)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
     parent = str(os.getpid())
     # A group that went away meanwhile leaves the process where it is, as without groups.
     place = "" if cgroup is None else f"{{ echo $$ > {shlex.quote(cgroup)}; }} 2>/dev/null; "
     if user is None:
-        script = place + _CHECK + _EXEC
+        script = place + _FIRST + _CHECK + _EXEC
         guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", script, parent]
         return Launch([*guard, *command], None, env)
     held, restore = user.hand_over(env)
     # Restored after the parent check: a variable named PPID must not answer it.
-    script = user.shell_prelude() + place + _CHECK + restore + _EXEC
+    script = user.shell_prelude() + place + _FIRST + _CHECK + restore + _EXEC
     become = user.setpriv_options()
     guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
     return Launch([*guard, *command], None, held)
