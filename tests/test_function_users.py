@@ -25,8 +25,9 @@ from typing import Any
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
-from kubetask.executors.account_cpu import AccountCpu, cpu_hierarchy
+from kubetask.executors.account_cpu import AccountCpu
 from kubetask.executors.account_homes import AccountHomes
+from kubetask.executors.cgroups import own_group
 from kubetask.executors.function_users import account_uid, may_run
 
 KUBETASK = [sys.executable, "-m", "kubetask"]
@@ -460,8 +461,8 @@ printf '{"own": "%s", "child": "%s", "stay": "%s", "up": "%s", "leave": "%s", "j
 
 def _cpu_root() -> Path | None:
     """This process's group of the cpu hierarchy: the dispatcher's, whose child it starts."""
-    return cpu_hierarchy(
-        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text()
+    return own_group(
+        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text(), "cpu"
     )
 
 
@@ -534,8 +535,8 @@ def test_the_cpu_hierarchy_is_found_where_the_host_mounts_it() -> None:
         "31 25 0:27 /kubepods/pod1 /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
     )
     own = "5:memory:/kubepods/pod1\n3:cpu,cpuacct:/kubepods/pod1/box\n0::/\n"
-    assert cpu_hierarchy(mounts, own) == Path("/sys/fs/cgroup/cpu,cpuacct/box")
+    assert own_group(mounts, own, "cpu") == Path("/sys/fs/cgroup/cpu,cpuacct/box")
     plain = "32 25 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
-    assert cpu_hierarchy(plain, "1:cpu:/\n") == Path("/sys/fs/cgroup/cpu")
+    assert own_group(plain, "1:cpu:/\n", "cpu") == Path("/sys/fs/cgroup/cpu")
     unified = "33 25 0:29 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
-    assert cpu_hierarchy(unified, "0::/user.slice\n") is None
+    assert own_group(unified, "0::/user.slice\n", "cpu") is None

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 
-from .account_cpu import Group
 from .base import (
     Execution,
     Invocation,
@@ -22,6 +21,7 @@ from .base import (
     encode_payload,
     env_for,
 )
+from .cgroups import Group
 from .function_users import FunctionUsers
 from .parent_death import spawn_argv
 from .spawn import Child, spawn

@@ -37,9 +37,10 @@ from ..fairness import parse_weights
 from ..models import TaskFunction
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
-from .account_cpu import AccountCpu, Group
+from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
 from .base import base_environment
+from .cgroups import Group
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)

@@ -23,7 +23,6 @@ from typing import Any
 
 from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
-from .account_cpu import Group
 from .base import (
     Execution,
     Invocation,
@@ -33,6 +32,7 @@ from .base import (
     encode_payload,
     env_for,
 )
+from .cgroups import Group
 from .function_users import FunctionUsers, RunAs
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
