@@ -98,6 +98,32 @@ OOM_SERVER = """
 """
 
 
+async def test_a_functions_memory_limit_holds_on_one_host_too(
+    api: Api, dispatcher: Dispatcher
+) -> None:
+    """`resources.limits.memory` held on Kubernetes only: on one host a task could take all
+    the memory there was. Past its limit the kernel kills it in its cgroup, and the attempt
+    fails saying so; within it, it runs as before."""
+    assert dispatcher.users.memory.why_not() is None, "this project's machines make cgroups"
+    grab = "import sys; b = bytearray(int(sys.argv[1]) << 20); b[::4096] = b'x' * len(b[::4096]); print(len(b) >> 20)"
+    for name, size, limit in (("hog", 300, "64Mi"), ("fits", 8, "128Mi")):
+        await api.function(
+            name,
+            command=["python3", "-c", grab, str(size)],
+            resources={"limits": {"memory": limit}},
+        )
+        await api.async_config(name, function=name, maxAsyncRetryAttempts=0)
+    hog = await api.wait((await api.submit("hog"))["metadata"]["name"])
+    assert hog["status"]["phase"] == "Failed", hog["status"]
+    assert hog["status"]["error"].startswith(
+        "out of memory: over its limit of 64Mi (resources.limits.memory)"
+    ), hog["status"]["error"]
+    fits = await api.wait((await api.submit("fits"))["metadata"]["name"])
+    assert (fits["status"]["phase"], fits["status"]["result"]) == ("Succeeded", 8), fits["status"]
+    groups = dispatcher.users.memory._accounts[api.account]
+    assert not list(groups.glob("p*")), "each attempt's group is gone with it"
+
+
 async def test_plain_text_stdout_is_the_result(api: Api) -> None:
     await api.function("txt", command=["sh", "-c", "echo hello world"])
     task = await api.submit("txt")

@@ -448,21 +448,23 @@ CPU = r"""
 can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
 cpu='$2 ~ /(^|,)cpu(,|$)/ {print $3}'
 own=$(awk -F: "$cpu" /proc/$$/cgroup)
-printf '{"own": "%s", "child": "%s", "stay": "%s", "up": "%s", "leave": "%s", "join": "%s", "weigh": "%s", "oom": "%s"}' \
+mem=$(awk -F: '$2 ~ /(^|,)memory(,|$)/ {print $3}' /proc/$$/cgroup)
+printf '{"own": "%s", "child": "%s", "stay": "%s", "up": "%s", "leave": "%s", "join": "%s", "weigh": "%s", "oom": "%s", "mem": "%s", "raise": "%s"}' \
   "$own" "$(awk -F: "$cpu" /proc/self/cgroup)" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-a/${own##*/}/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-a/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/cgroup.procs")" \
   "$(can sh -c "echo \$\$ > $CPU_ROOT/kubetask/team-b/cgroup.procs")" \
   "$(can sh -c "echo 262144 > $CPU_ROOT/kubetask/team-a/cpu.shares")" \
-  "$(cat /proc/self/oom_score_adj)"
+  "$(cat /proc/self/oom_score_adj)" "$mem" \
+  "$(can sh -c "echo 9999999999 > $MEM_ROOT/kubetask/team-a/${mem##*/}/memory.limit_in_bytes")"
 """
 
 
-def _cpu_root() -> Path | None:
-    """This process's group of the cpu hierarchy: the dispatcher's, whose child it starts."""
+def _own_group(controller: str) -> Path | None:
+    """This process's group of a hierarchy: the dispatcher's, whose child it starts."""
     return own_group(
-        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text(), "cpu"
+        Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text(), controller
     )
 
 
@@ -471,9 +473,18 @@ async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev
     cpu cgroup inside the account's, weighted by the account's weight; a tenant can neither
     leave it for its account's or the dispatcher's, nor join a neighbour's, nor change its
     weight. An admin's function in the account is there too."""
-    root = _cpu_root()
+    root = _own_group("cpu")
     assert root is not None, "this machine mounts the cgroup v1 cpu controller"
-    spec = {"command": ["sh", "-c", CPU], "env": [{"name": "CPU_ROOT", "value": str(root)}]}
+    memory = _own_group("memory")
+    assert memory is not None, "this machine mounts the cgroup v1 memory controller"
+    spec = {
+        "command": ["sh", "-c", CPU],
+        "env": [
+            {"name": "CPU_ROOT", "value": str(root)},
+            {"name": "MEM_ROOT", "value": str(memory)},
+        ],
+        "resources": {"limits": {"memory": "256Mi"}},
+    }
     b = (await _run(dev, dev.token("team-b"), "team-b", spec))["task"]["status"]
     assert b["phase"] == "Succeeded", b
     assert re.search("/kubetask/team-b/p[0-9]+-[0-9]+$", b["result"]["own"]), b["result"]
@@ -485,6 +496,9 @@ async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev
     assert seen["stay"] == "yes", seen
     assert (seen["up"], seen["leave"], seen["join"], seen["weigh"]) == ("no",) * 4, seen
     assert seen["oom"] == "1000", "the OOM killer's first choice, before the platform"
+    # Held to its memory limit in a group of its own, which it cannot raise.
+    assert re.search("/kubetask/team-a/p[0-9]+-[0-9]+$", seen["mem"]), seen
+    assert seen["raise"] == "no", seen
     shares = {
         account: (root / "kubetask" / account / "cpu.shares").read_text().strip()
         for account in ("team-a", "team-b")
@@ -502,7 +516,7 @@ def test_the_groups_a_killed_dispatcher_left_are_ended_by_the_next() -> None:
     """A dispatcher killed outright leaves its attempts' groups, and whatever escaped into
     them runs on. The next dispatcher on the host ends the groups named for a process that
     no longer runs, and only those, and removes the accounts' groups left empty."""
-    root = _cpu_root()
+    root = _own_group("cpu")
     assert root is not None, "this machine mounts the cgroup v1 cpu controller"
     gone = subprocess.Popen(["true"])
     gone.wait()  # its number names a dispatcher that is gone

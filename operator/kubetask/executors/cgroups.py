@@ -138,6 +138,11 @@ def end_orphans(base: Path) -> None:
                 account.rmdir()
 
 
+async def end_groups(groups: list[Group]) -> None:
+    for group in groups:
+        await group.end()
+
+
 _names = itertools.count()
 
 

@@ -2,7 +2,7 @@
 exit code as outcome. The process gets its own session so stop and timeout kill its children
 too, and an attempt ends when its process does: what it left running is killed with it
 (`spawn.py`), and where the dispatcher makes cgroups, so is what left the session
-(`account_cpu.Group`)."""
+(`cgroups.py`). Past its memory limit there, it fails as out of memory (`attempt_memory.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 
+from .attempt_memory import oom_killed, out_of_memory
 from .base import (
     Execution,
     Invocation,
@@ -21,7 +22,7 @@ from .base import (
     encode_payload,
     env_for,
 )
-from .cgroups import Group
+from .cgroups import Group, end_groups
 from .function_users import FunctionUsers
 from .parent_death import spawn_argv
 from .spawn import Child, spawn
@@ -32,10 +33,10 @@ OUTPUT_GRACE_SECONDS = 1.0
 
 
 class CommandExecution:
-    def __init__(self, inv: Invocation, proc: Child, group: Group | None = None) -> None:
+    def __init__(self, inv: Invocation, proc: Child, groups: list[Group]) -> None:
         self.inv = inv
         self.proc = proc
-        self.group = group
+        self.groups = groups
         self.instance: str | None = f"pid-{proc.pid}"
         self._killed = False
         self._ending = False  # its process group is being ended
@@ -98,8 +99,8 @@ class CommandExecution:
             timed_out = True
             await self.kill()
             code = await self.proc.wait()
-        if self.group is not None:  # what left the session, and holds the output open
-            await self.group.end()
+        killed_for_memory = any(oom_killed(g) for g in self.groups)
+        await end_groups(self.groups)  # what left the session, and holds the output open
         try:
             _, (stdout, too_big), _ = await asyncio.wait_for(
                 asyncio.shield(io), OUTPUT_GRACE_SECONDS
@@ -113,6 +114,8 @@ class CommandExecution:
             return self._failed("stopped", code, killed=True)
         if too_big:
             return self._failed(f"result exceeds {self.inv.max_result_bytes} bytes", code)
+        if killed_for_memory:
+            return self._failed(out_of_memory(self.inv.function), code)
         if code != 0:
             reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             return self._failed(reason, code)
@@ -145,18 +148,17 @@ class CommandExecutor:
         assert spec.command is not None
         user = self.users.user_for(inv.function)
         env = env_for(inv, self.users.environment(user))
-        group = self.users.cpu_group(inv.function, user)
-        procs = None if group is None else group.procs
+        groups = self.users.cgroups(inv.function, user)
+        procs = [g.procs for g in groups]
         try:
             argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user, procs)
             proc = await spawn(
                 argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False
             )
         except BaseException:
-            if group is not None:
-                await group.end()
+            await end_groups(groups)
             raise
-        return CommandExecution(inv, proc, group)
+        return CommandExecution(inv, proc, groups)
 
     async def close(self) -> None:
         return None

@@ -54,17 +54,17 @@ class Launch(NamedTuple):
 
 def die_with_parent(
     user: function_users.RunAs | None = None,
-    cgroup: str | None = None,
+    cgroups: Sequence[str] = (),
     first_to_go: bool = False,
 ) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
-    forked it is already gone; with `cgroup` (a `cgroup.procs` file), first joins that group,
+    forked it is already gone; with `cgroups` (`cgroup.procs` files), first joins those groups,
     with `first_to_go`, makes it the OOM killer's first choice (`FIRST_TO_GO`), and with
     `user`, then becomes that user (the kernel disarms the signal when the user changes)."""
     parent = os.getpid()
 
     def arm() -> None:
-        if cgroup is not None:
+        for cgroup in cgroups:
             with contextlib.suppress(OSError), open(cgroup, "w") as procs:
                 procs.write(str(os.getpid()))
         if first_to_go:
@@ -84,12 +84,12 @@ def spawn_argv(
     env: dict[str, str],
     cwd: str | None,
     user: function_users.RunAs | None = None,
-    cgroup: str | None = None,
+    cgroups: Sequence[str] = (),
 ) -> Launch:
     """What to pass to `spawn` for `command` with `env`; with `user`, the command runs as that
     user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`);
-    with `cgroup`, a `cgroup.procs` file, the guard's shell puts itself in that group before
-    the command runs, so all it starts is born there (`account_cpu.py`). The command is the
+    with `cgroups`, `cgroup.procs` files, the guard's shell puts itself in those groups before
+    the command runs, so all it starts is born there (`cgroups.py`). The command is the
     OOM killer's first choice (`FIRST_TO_GO`).
 
     The command is looked up first as exec would (the environment's PATH, or relative to
@@ -97,11 +97,11 @@ def spawn_argv(
     exit code of the guard."""
     if _SETPRIV is None or _SH is None:
         # The user is switched in the forked child before the exec that applies `env`.
-        return Launch(list(command), die_with_parent(user, cgroup, first_to_go=True), env)
+        return Launch(list(command), die_with_parent(user, cgroups, first_to_go=True), env)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
     parent = str(os.getpid())
     # A group that went away meanwhile leaves the process where it is, as without groups.
-    place = "" if cgroup is None else f"{{ echo $$ > {shlex.quote(cgroup)}; }} 2>/dev/null; "
+    place = "".join(f"{{ echo $$ > {shlex.quote(c)}; }} 2>/dev/null; " for c in cgroups)
     if user is None:
         script = place + _FIRST + _CHECK + _EXEC
         guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", script, parent]

@@ -32,7 +32,7 @@ from .base import (
     encode_payload,
     env_for,
 )
-from .cgroups import Group
+from .cgroups import Group, end_groups
 from .function_users import FunctionUsers, RunAs
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
@@ -55,7 +55,8 @@ class Instance:
     port: int
     proc: Child
     capacity: int
-    group: Group | None = None  # its cgroup (`account_cpu.py`): what it started ends with it
+    # Its cgroups (`cgroups.py`): what it started ends with it.
+    groups: list[Group] = field(default_factory=list)
     inflight: set[Invocation] = field(default_factory=set)
     idle_since: float = 0.0
     dead: bool = False
@@ -73,9 +74,8 @@ class Instance:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
-        group, self.group = self.group, None
-        if group is not None:
-            await group.end()
+        groups, self.groups = self.groups, []
+        await end_groups(groups)
 
 
 class InstancePool:
@@ -90,13 +90,13 @@ class InstancePool:
         pools: Iterable[InstancePool],
         user: RunAs | None,
         environment: dict[str, str],
-        cgroup: Callable[[], Group | None],
+        cgroups: Callable[[], list[Group]],
     ) -> None:
         self.fn = fn
         self.budget = budget
         self.user = user
         self.environment = environment  # what its instances' environments start from
-        self.cgroup = cgroup  # a new group for each instance (`account_cpu.py`)
+        self.cgroups = cgroups  # new groups for each instance (`cgroups.py`)
         self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
@@ -175,17 +175,17 @@ class InstancePool:
             env.pop(key, None)
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
-        group = self.cgroup()
-        procs = None if group is None else group.procs
+        groups = self.cgroups()
         try:
-            argv, preexec, env = spawn_argv(self.spec.command, env, cwd, self.user, procs)
+            argv, preexec, env = spawn_argv(
+                self.spec.command, env, cwd, self.user, [g.procs for g in groups]
+            )
             proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
         except BaseException:
-            if group is not None:
-                await group.end()
+            await end_groups(groups)
             raise
         inst = Instance(
-            f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency, group
+            f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency, groups
         )
         # What it says while it starts goes to the task that started it: when it will not
         # start, that is the one place its author can read why.
@@ -424,8 +424,8 @@ class ServerExecutor:
                 retired = asyncio.create_task(pool.retire())
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
-            cgroup = functools.partial(self.users.cpu_group, fn, user)
-            pool = InstancePool(fn, self.budget, self._pools.values(), user, environment, cgroup)
+            cgroups = functools.partial(self.users.cgroups, fn, user)
+            pool = InstancePool(fn, self.budget, self._pools.values(), user, environment, cgroups)
             self._pools[key] = pool
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
