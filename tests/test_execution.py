@@ -98,6 +98,26 @@ OOM_SERVER = """
 """
 
 
+GREEDY_SERVER = """
+    import json, os
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            size = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            held = bytearray(size << 20)
+            held[::4096] = b"x" * len(held[::4096])
+            self.send_response(200)
+            self.end_headers()
+
+    HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
 async def test_a_functions_memory_limit_holds_on_one_host_too(
     api: Api, dispatcher: Dispatcher
 ) -> None:
@@ -120,6 +140,12 @@ async def test_a_functions_memory_limit_holds_on_one_host_too(
     ), hog["status"]["error"]
     fits = await api.wait((await api.submit("fits"))["metadata"]["name"])
     assert (fits["status"]["phase"], fits["status"]["result"]) == ("Succeeded", 8), fits["status"]
+    # A warm instance taking too much while it serves: the task says why it failed.
+    server = {"command": api.script("greedy", GREEDY_SERVER)}
+    await api.function("greedy", server=server, resources={"limits": {"memory": "64Mi"}})
+    await api.async_config("greedy", function="greedy", maxAsyncRetryAttempts=0)
+    greedy = await api.wait((await api.submit("greedy", 300))["metadata"]["name"])
+    assert greedy["status"]["error"].startswith("out of memory: over its limit of 64Mi"), greedy
     groups = dispatcher.users.memory._accounts[api.account]
     assert not list(groups.glob("p*")), "each attempt's group is gone with it"
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
+from .attempt_memory import oom_killed, out_of_memory
 from .base import (
     Execution,
     Invocation,
@@ -374,6 +375,8 @@ class ServerExecution:
         if cut is not None:
             return cut
         self.inst.dead = True
+        if any(oom_killed(g) for g in self.inst.groups):  # its memory limit (`attempt_memory`)
+            return Outcome(False, error=out_of_memory(self.inv.function), instance=self.instance)
         return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
 
     def _interrupt(self, reason: str) -> None:
