@@ -231,13 +231,39 @@ printf '{"processes": %s}' "$mine"
 """
 
 
+# The same, counted by the account's `pids` group, whose count it reads with builtins only.
+FORK_BOMB_AS_ROOT = r"""
+sh -c 'for i in $(seq 1 100); do sleep 30 & done' 2>/dev/null
+read n < "$PIDS_ROOT/kubetask/team-e/pids.current"
+printf '{"processes": %s}' "$n"
+"""
+
+
 async def test_an_accounts_processes_are_capped(dev: Dev) -> None:
     """A fork bomb in one account stops at the account's cap (KUBETASK_ACCOUNT_MAX_PROCESSES),
-    counted over all of that account's processes; the platform's user has none."""
+    counted over all of that account's processes; the platform's user has none. An admin's
+    function runs as root, which the per-user limit does not bind: its fork bomb had no cap,
+    and could take every process the host allows. The account's `pids` group caps it too, and
+    the sleeps it left end with its attempt."""
     run = await _run(dev, dev.token("team-e"), "team-e", {"command": ["sh", "-c", FORK_BOMB]})
     status = run["task"]["status"]
     assert status["phase"] == "Succeeded", status.get("error")
     assert MAX_PROCESSES - 5 <= status["result"]["processes"] <= MAX_PROCESSES, status
+    pids = _own_group("pids")
+    assert pids is not None, "this machine mounts the cgroup v1 pids controller"
+    spec = {
+        "command": ["sh", "-c", FORK_BOMB_AS_ROOT],
+        "env": [{"name": "PIDS_ROOT", "value": str(pids)}],
+    }
+    run = await _run(dev, dev.admin, "team-e", spec)
+    status = run["task"]["status"]
+    assert status["phase"] == "Succeeded", status.get("error")
+    assert MAX_PROCESSES - 5 <= status["result"]["processes"] <= MAX_PROCESSES, status
+    # Killed, they count until their new parent (the host's init) has reaped them.
+    deadline = time.monotonic() + 10
+    while (pids / "kubetask" / "team-e" / "pids.current").read_text().strip() != "0":
+        assert time.monotonic() < deadline, "the sleeps it left outlived its attempt"
+        await asyncio.sleep(0.1)
 
 
 # A warm instance that answers each invocation with the user it runs as.

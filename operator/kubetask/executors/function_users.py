@@ -39,6 +39,7 @@ from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
+from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory, memory_limit
 from .base import base_environment
 from .cgroups import Group
@@ -129,8 +130,10 @@ class FunctionUsers:
         repr=False,
     )
     memory: AttemptMemory = field(default_factory=AttemptMemory, compare=False, repr=False)
+    pids: AccountPids = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -154,18 +157,20 @@ class FunctionUsers:
 
     def cgroups(self, fn: TaskFunction, user: RunAs | None) -> list[Group]:
         """New groups for one attempt or instance of `fn`: its account's CPU share
-        (`account_cpu.py`) and, when it sets one, its memory limit (`attempt_memory.py`);
-        none where there are no groups."""
+        (`account_cpu.py`) and process cap (`account_pids.py`) and, when it sets one, its
+        memory limit (`attempt_memory.py`); none where there are no groups."""
         uid = None if user is None else user.uid
         cpu = self.cpu.group(fn.account, uid)
+        pids = self.pids.group(fn.account, uid)
         limit = memory_limit(fn)
         memory = None if limit is None else self.memory.limited(fn.account, uid, limit)
-        return [g for g in (cpu, memory) if g is not None]
+        return [g for g in (cpu, pids, memory) if g is not None]
 
     def close(self) -> None:
         self.homes.close()
         self.cpu.close()
         self.memory.close()
+        self.pids.close()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -185,6 +190,9 @@ class FunctionUsers:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")
         else:
             log.warning("functions' processes share the cores per process: %s", why_not)
+        why_not = self.pids.why_not()
+        if why_not is not None:
+            log.warning("an account's processes are capped per user only: %s", why_not)
         why_not = self.memory.why_not()
         if why_not is not None:
             log.warning("functions' memory limits are not applied on this host: %s", why_not)
