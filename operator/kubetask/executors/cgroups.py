@@ -1,5 +1,5 @@
 """What the dispatcher's cgroups have in common, whichever controller (`account_cpu.py`,
-`attempt_memory.py`): each attempt and warm instance gets a group of its own inside its
+`account_pids.py`, `attempt_memory.py`): each attempt and warm instance gets a group of its own inside its
 account's, `kubetask/<account>/p<dispatcher pid>-<n>` under the dispatcher's own group of that
 hierarchy, joined by the shell that starts its process before the function runs
 (`parent_death.py`), so whatever it forks is born inside, and ended with it.
