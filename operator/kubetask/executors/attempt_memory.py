@@ -26,18 +26,20 @@ from ..models import TaskFunction
 from .cgroups import Group, Hierarchy
 
 
+def _written(fn: TaskFunction) -> str | None:
+    resources = fn.spec.resources
+    return None if resources is None else resources.limits.get("memory")
+
+
 def memory_limit(fn: TaskFunction) -> int | None:
     """`resources.limits.memory` in bytes, if set."""
-    resources = fn.spec.resources
-    limit = None if resources is None else resources.limits.get("memory")
+    limit = _written(fn)
     return None if limit is None else max(1, int(quantities.value(limit)))
 
 
 def out_of_memory(fn: TaskFunction) -> str:
-    """The error of an attempt the kernel killed for its limit."""
-    resources = fn.spec.resources
-    limit = None if resources is None else resources.limits.get("memory")
-    return f"out of memory: over its limit of {limit} (resources.limits.memory)"
+    """The error of an attempt the kernel killed for its limit, which it names as written."""
+    return f"out of memory: over its limit of {_written(fn)} (resources.limits.memory)"
 
 
 class AttemptMemory(Hierarchy):

@@ -1,8 +1,8 @@
 """What the dispatcher's cgroups have in common, whichever controller (`account_cpu.py`,
-`account_pids.py`, `attempt_memory.py`): each attempt and warm instance gets a group of its own inside its
-account's, `kubetask/<account>/p<dispatcher pid>-<n>` under the dispatcher's own group of that
-hierarchy, joined by the shell that starts its process before the function runs
-(`parent_death.py`), so whatever it forks is born inside, and ended with it.
+`account_pids.py`, `attempt_memory.py`): each attempt and warm instance gets a group of its
+own inside its account's, `kubetask/<account>/p<dispatcher pid>-<n>` under the dispatcher's
+own group of that hierarchy, joined by the shell that starts its process before the function
+runs (`parent_death.py`), so whatever it forks is born inside, and ended with it.
 
 Ending a group kills everything still in it and removes it: a process that left its session
 (`setsid`, a daemon) outlived its attempt, as it cannot on Kubernetes, where the pod ends it. A
