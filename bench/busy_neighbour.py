@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import noisy
 from devrun import running_dev
+from figures import summary
 from kubetask.auth import create_token
 from noisy import PY, Sender, flood, pct, server_function, starts, steady
 
@@ -50,10 +51,6 @@ def quick_function(kind: str) -> dict[str, object]:
         "metadata": {"name": "quick", "namespace": "calm"},
         "spec": {"command": ["true"], "maxConcurrency": 16},
     }
-
-
-def summary(latencies: list[float]) -> str:
-    return f"p50 {pct(latencies, 0.5) * 1000:.1f} / p99 {pct(latencies, 0.99) * 1000:.1f} ms"
 
 
 async def main(args: argparse.Namespace) -> None:

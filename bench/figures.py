@@ -10,6 +10,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def summary(seconds: list[float]) -> str:
+    """Latencies in seconds, as the benchmarks print them."""
+    return f"p50 {pct(seconds, 0.5) * 1000:.1f} / p99 {pct(seconds, 0.99) * 1000:.1f} ms"
+
+
 async def each_way(
     run: Callable[[bool], Awaitable[tuple[float, float]]], names: tuple[str, str], what: str
 ) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 from devrun import running_dev
-from figures import each_way, pct
+from figures import each_way, pct, summary
 from kubetask.auth import create_token
 
 UNPACED = {"KUBETASK_ACCOUNT_LOG_RATE": str(1 << 30), "KUBETASK_DISPATCHER_LOG_RATE": str(1 << 34)}
@@ -32,7 +32,7 @@ def function(name: str, command: list[str]) -> dict[str, object]:
 
 
 async def starts(calm: httpx.AsyncClient, n: int) -> list[float]:
-    """Milliseconds from each of `n` submissions (one every 100 ms) to its task's start."""
+    """Seconds from each of `n` submissions (one every 100 ms) to its task's start."""
     ids = []
     for _ in range(n):
         ids.append((await calm.post("/v1/tasks", json={"function": "tick"})).json())
@@ -46,7 +46,7 @@ async def starts(calm: httpx.AsyncClient, n: int) -> list[float]:
             started, submitted = (
                 datetime.fromisoformat(stamps[k]) for k in ("started", "submitted")
             )
-            waited.append((started - submitted).total_seconds() * 1000)
+            waited.append((started - submitted).total_seconds())
     return waited
 
 
@@ -76,9 +76,8 @@ async def one_run(args: argparse.Namespace, paced: bool) -> tuple[float, float]:
         for client in clients.values():
             await client.aclose()
         print(
-            f"  {'paced  ' if paced else 'unpaced'}: B's submit-to-start alone p50"
-            f" {pct(alone, 0.5):.1f} ms p99 {pct(alone, 0.99):.1f} ms; with the flood p50"
-            f" {pct(busy, 0.5):.1f} ms p99 {pct(busy, 0.99):.1f} ms"
+            f"  {'paced  ' if paced else 'unpaced'}: B's submit-to-start alone {summary(alone)};"
+            f" with the flood {summary(busy)}"
         )
         return pct(alone, 0.99), pct(busy, 0.99)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 from devrun import running_dev
-from figures import each_way, pct
+from figures import each_way, pct, summary
 from kubetask.auth import create_token
 from kubetask.executors.http1 import Http1Pool
 
@@ -101,9 +101,8 @@ async def one_run(args: argparse.Namespace, fairness: bool) -> tuple[float, floa
         out, _ = flood.communicate(timeout=seconds + 30)
         reads = json.loads(out.strip().splitlines()[-1])
         print(
-            f"  fairness {'on ' if fairness else 'off'}: B's submit alone p50"
-            f" {pct(alone, 0.5) * 1e3:.1f} ms p99 {pct(alone, 0.99) * 1e3:.1f} ms; with A reading"
-            f" p50 {pct(busy, 0.5) * 1e3:.1f} ms p99 {pct(busy, 0.99) * 1e3:.1f} ms;"
+            f"  fairness {'on ' if fairness else 'off'}: B's submit alone {summary(alone)};"
+            f" with A reading {summary(busy)};"
             f" A's reads {sum(reads.values()) / seconds:.0f}/s {reads}"
         )
         return pct(alone, 0.99), pct(busy, 0.99)

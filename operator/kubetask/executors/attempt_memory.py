@@ -19,7 +19,6 @@ says so in its log; a function that sets none runs without a memory group.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from .. import quantities
 from ..models import TaskFunction
@@ -42,10 +41,21 @@ def out_of_memory(fn: TaskFunction) -> str:
     return f"out of memory: over its limit of {_written(fn)} (resources.limits.memory)"
 
 
+class MemoryGroup(Group):
+    def killed_for_memory(self) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.path / "memory.oom_control").read_text().splitlines():
+                name, _, count = line.partition(" ")
+                if name == "oom_kill":
+                    return int(count) > 0
+            return int((self.path / "memory.failcnt").read_text()) > 0  # kernels before 4.13
+        return False
+
+
 class AttemptMemory(Hierarchy):
     controller = "memory"
 
-    def limited(self, account: str, uid: int | None, limit: int) -> Group | None:
+    def limited(self, account: str, uid: int | None, limit: int) -> MemoryGroup | None:
         """A new group of `account` holding its processes to `limit` bytes; None where there
         are no groups."""
         group = self.group(account, uid)
@@ -60,15 +70,4 @@ class AttemptMemory(Hierarchy):
             with contextlib.suppress(OSError):
                 group.path.rmdir()
             return None
-        return group
-
-
-def oom_killed(group: Group) -> bool:
-    """Whether the kernel killed a process of the group for its limit; read before it ends."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(group.path / "memory.oom_control").read_text().splitlines():
-            name, _, count = line.partition(" ")
-            if name == "oom_kill":
-                return int(count) > 0
-        return int((group.path / "memory.failcnt").read_text()) > 0
-    return False
+        return MemoryGroup(group.path)

@@ -67,6 +67,11 @@ class Group:
         self.path = path
         self.procs = str(path / "cgroup.procs")  # what its first process joins
 
+    def killed_for_memory(self) -> bool:
+        """Whether the kernel killed a process of the group for its memory limit (only a
+        `memory` group has one: `attempt_memory.py`); read before the group ends."""
+        return False
+
     async def end(self) -> int:
         """Kills whatever still runs in the group, and removes it; returns how many were
         killed. A killed process leaves the group at once (a zombie is not listed)."""

@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 
-from .attempt_memory import oom_killed, out_of_memory
+from .attempt_memory import out_of_memory
 from .base import (
     Execution,
     Invocation,
@@ -24,8 +24,8 @@ from .base import (
 )
 from .cgroups import Group, end_groups
 from .function_users import FunctionUsers
-from .parent_death import spawn_argv
-from .spawn import Child, spawn
+from .parent_death import start_function
+from .spawn import Child
 
 KILL_GRACE_SECONDS = 0.5
 # How long output still in flight is read after the process exited.
@@ -99,7 +99,7 @@ class CommandExecution:
             timed_out = True
             await self.kill()
             code = await self.proc.wait()
-        killed_for_memory = any(oom_killed(g) for g in self.groups)
+        killed_for_memory = any(g.killed_for_memory() for g in self.groups)
         await end_groups(self.groups)  # what left the session, and holds the output open
         try:
             _, (stdout, too_big), _ = await asyncio.wait_for(
@@ -149,15 +149,9 @@ class CommandExecutor:
         user = self.users.user_for(inv.function)
         env = env_for(inv, self.users.environment(user))
         groups = self.users.cgroups(inv.function, user)
-        procs = [g.procs for g in groups]
-        try:
-            argv, preexec, env = spawn_argv(spec.command, env, spec.workingDir, user, procs)
-            proc = await spawn(
-                argv, env, spec.workingDir, preexec, stdin=True, stderr_to_stdout=False
-            )
-        except BaseException:
-            await end_groups(groups)
-            raise
+        proc = await start_function(
+            spec.command, env, spec.workingDir, user, groups, stdin=True, stderr_to_stdout=False
+        )
         return CommandExecution(inv, proc, groups)
 
     async def close(self) -> None:

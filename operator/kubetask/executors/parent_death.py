@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from . import function_users
+from .cgroups import Group, end_groups
+from .spawn import Child, spawn
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -112,6 +114,26 @@ def spawn_argv(
     become = user.setpriv_options()
     guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
     return Launch([*guard, *command], None, held)
+
+
+async def start_function(
+    command: Sequence[str],
+    env: dict[str, str],
+    cwd: str | None,
+    user: function_users.RunAs | None,
+    groups: list[Group],
+    *,
+    stdin: bool,
+    stderr_to_stdout: bool,
+) -> Child:
+    """A function's process (an attempt's or a warm instance's) started in `groups`
+    (`spawn_argv`); if it cannot start, its groups are ended before the error goes on."""
+    try:
+        argv, preexec, env = spawn_argv(command, env, cwd, user, [g.procs for g in groups])
+        return await spawn(argv, env, cwd, preexec, stdin=stdin, stderr_to_stdout=stderr_to_stdout)
+    except BaseException:
+        await end_groups(groups)
+        raise
 
 
 def _check_runnable(

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
-from .attempt_memory import oom_killed, out_of_memory
+from .attempt_memory import out_of_memory
 from .base import (
     Execution,
     Invocation,
@@ -37,8 +37,8 @@ from .cgroups import Group, end_groups
 from .function_users import FunctionUsers, RunAs
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
-from .parent_death import spawn_argv
-from .spawn import Child, spawn
+from .parent_death import start_function
+from .spawn import Child
 
 # Readiness answers are read up to this size; their body is not used.
 READINESS_BODY_LIMIT = 64 * 1024
@@ -177,14 +177,9 @@ class InstancePool:
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
         groups = self.cgroups()
-        try:
-            argv, preexec, env = spawn_argv(
-                self.spec.command, env, cwd, self.user, [g.procs for g in groups]
-            )
-            proc = await spawn(argv, env, cwd, preexec, stdin=False, stderr_to_stdout=True)
-        except BaseException:
-            await end_groups(groups)
-            raise
+        proc = await start_function(
+            self.spec.command, env, cwd, self.user, groups, stdin=False, stderr_to_stdout=True
+        )
         inst = Instance(
             f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency, groups
         )
@@ -375,7 +370,7 @@ class ServerExecution:
         if cut is not None:
             return cut
         self.inst.dead = True
-        if any(oom_killed(g) for g in self.inst.groups):  # its memory limit (`attempt_memory`)
+        if any(g.killed_for_memory() for g in self.inst.groups):
             return Outcome(False, error=out_of_memory(self.inv.function), instance=self.instance)
         return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
 
