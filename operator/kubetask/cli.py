@@ -100,7 +100,7 @@ def _print_tasks(tasks: list[dict[str, Any]], output: str) -> None:
 def _payload(args: argparse.Namespace) -> Any:
     where = ""
     if args.payload_file:
-        source = "stdin" if args.payload_file == "-" else args.payload_file
+        source = text_files.named(args.payload_file)
         where = f" in {source}"
         try:
             text = text_files.read(args.payload_file)

@@ -108,7 +108,7 @@ def _checked(doc: object, source: str, index: int) -> int:
 
 def read_objects(path: Path) -> list[dict[str, object]]:
     """The objects of a manifest (`-` for stdin), each a mapping with a mapping `metadata`."""
-    source = "stdin" if str(path) == "-" else str(path)
+    source = text_files.named(str(path))
     try:
         text = text_files.read(str(path))
         docs = [d for d in yaml.load_all(text, Loader=_ManifestLoader) if d is not None]

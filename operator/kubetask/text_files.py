@@ -15,6 +15,11 @@ class TooLarge(ValueError):
     pass
 
 
+def named(source: str) -> str:
+    """How an error names `source`."""
+    return "stdin" if source == "-" else source
+
+
 def read(source: str, limit: int = MAX_BYTES) -> str:
     """The text of `source` (a path, or `-` for stdin), decoded as UTF-8. Raises OSError when
     it cannot be read, UnicodeDecodeError when it is not text, TooLarge past `limit` bytes."""
@@ -24,6 +29,5 @@ def read(source: str, limit: int = MAX_BYTES) -> str:
         with Path(source).open("rb") as file:
             data = file.read(limit + 1)
     if len(data) > limit:
-        name = "stdin" if source == "-" else source
-        raise TooLarge(f"{name} holds more than {limit >> 20} MiB; nothing was sent")
+        raise TooLarge(f"{named(source)} holds more than {limit >> 20} MiB; nothing was sent")
     return data.decode()
