@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from kubetask.executors.account_cpu import AccountCpu
 from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.cgroups import own_group
 from kubetask.executors.function_users import account_uid, may_run
+from kubetask.executors.instance_ports import InstancePorts, listeners
 
 KUBETASK = [sys.executable, "-m", "kubetask"]
 HOME = os.environ.get("HOME")  # the platform's, which `kubetask dev` is started with here
@@ -287,11 +291,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         cpu = [g for g in open("/proc/self/cgroup") if "cpu" in g.split(":")[1].split(",")]
-        seen = {"uid": os.getuid(), "home": os.environ.get("HOME")}
+        seen = {"uid": os.getuid(), "home": os.environ.get("HOME"), "port": os.environ["PORT"]}
         seen["cgroup"] = cpu[0].split(":", 2)[2].strip()
         self._reply(json.dumps(seen).encode())
 
-HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+HTTPServer((os.environ.get("BIND", "127.0.0.1"), int(os.environ["PORT"])), Handler).serve_forever()
 """
 
 
@@ -315,6 +319,155 @@ async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None
     seen = run["task"]["status"]["result"]
     assert (seen["uid"], seen["home"]) == (os.geteuid(), HOME), run["task"]
     assert "/kubetask/team-g/" in seen["cgroup"], "still the account's CPU"
+
+
+# Whether the function can open a connection to $TARGET's port, at each of the addresses.
+CONNECT = """
+import os, socket
+answers = []
+for host in ["127.0.0.1", *os.environ["ADDRESSES"].split()]:
+    try:
+        socket.create_connection((host, int(os.environ["TARGET"])), timeout=5).close()
+        answers.append("connected")
+    except OSError as err:
+        answers.append(type(err).__name__)
+print(" ".join(answers))
+"""
+
+
+async def _connects(dev: Dev, token: str, account: str, python: str, port: str) -> set[str]:
+    found = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    addresses = " ".join(a for a in found if "." in a)  # IPv4, as the instance listens
+    spec = {
+        "command": [python, "-c", CONNECT],
+        "env": [{"name": "TARGET", "value": port}, {"name": "ADDRESSES", "value": addresses}],
+    }
+    task = (await _run(dev, token, account, spec))["task"]
+    assert task["status"]["phase"] == "Succeeded", task
+    return set(task["status"]["result"].split())
+
+
+def _python(*accounts: str) -> str:
+    """A Python interpreter the accounts' users may run."""
+    return next(
+        p
+        for p in ("/usr/bin/python3", "/bin/python3")
+        if all(may_run(p, account_uid(a)) for a in accounts)
+    )
+
+
+def _rules() -> str:
+    return subprocess.run(
+        ["iptables", "-w", "-S", "KUBETASK-INSTANCES"], capture_output=True, text=True
+    ).stdout
+
+
+async def test_a_warm_instances_port_takes_only_the_platform_and_its_own_account(
+    dev: Dev,
+) -> None:
+    """Any process of the host may connect to a loopback port: another account's function
+    could invoke an instance outside the platform. The firewall refuses it."""
+    python = _python("team-h", "team-i")
+    script = dev.shared / "whoami_server.py"
+    script.write_text(WHOAMI_SERVER)
+    script.chmod(0o644)
+    spec = {
+        "server": {"command": [python, str(script)], "idleSeconds": 600},
+        "env": [{"name": "BIND", "value": "0.0.0.0"}],  # every address of the host
+    }
+    owner, neighbour = dev.token("team-h"), dev.token("team-i")
+    seen = (await _run(dev, owner, "team-h", spec))["task"]["status"]["result"]
+    port = seen["port"]
+    assert listeners(int(port)) == {account_uid("team-h")}
+    assert await _connects(dev, neighbour, "team-i", python, port) == {"ConnectionRefusedError"}
+    assert await _connects(dev, owner, "team-h", python, port) == {"connected"}
+    socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()  # the platform's user
+    assert f"--dport {port} " in _rules()
+    # An admin's instance is the platform's, closed to every tenant.
+    seen = (await _run(dev, dev.admin, "team-j", spec))["task"]["status"]["result"]
+    assert seen["uid"] == os.geteuid()
+    refused = await _connects(dev, owner, "team-h", python, seen["port"])
+    assert refused == {"ConnectionRefusedError"}
+    # Its rules go with the instances (here, with the dispatcher that started them).
+    os.kill(dev.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while f"--dport {port} " in _rules():
+        assert time.monotonic() < deadline, _rules()
+        await asyncio.sleep(0.2)
+
+
+def test_the_port_rules_a_killed_dispatcher_left_are_removed_by_the_next() -> None:
+    """A stale rule opens nothing, but it would refuse the next instance given that port."""
+    assert InstancePorts(True).why_not() is None  # its chains are there
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid, port in ((gone.pid, 1), (os.getpid(), 2)):
+        subprocess.run(
+            ["iptables", "-w", "-A", "KUBETASK-INSTANCES", "-p", "tcp", "--dport", str(port),
+             "-m", "comment", "--comment", f"kubetask p{pid}", "-j", "REJECT"],
+            check=True,
+        )  # fmt: skip
+    try:
+        assert InstancePorts(True).why_not() is None
+        assert "--dport 1 " not in _rules(), "its dispatcher is gone"
+        assert "--dport 2 " in _rules(), "its dispatcher runs"
+    finally:
+        subprocess.run(
+            ["iptables", "-w", "-D", "KUBETASK-INSTANCES", "-p", "tcp", "--dport", "2",
+             "-m", "comment", "--comment", f"kubetask p{os.getpid()}", "-j", "REJECT"],
+            check=True,
+        )  # fmt: skip
+
+
+# An instance that never listens on its port: whoever does first is sent its work.
+NOT_LISTENING = 'echo "$PORT" >> "$SHARED/ports"; exec sleep 600'
+
+
+async def test_an_instance_whose_port_another_user_took_is_not_sent_work(dev: Dev) -> None:
+    """The port an instance is given was free when chosen; another user's process listening
+    on it first would be sent the account's payloads."""
+    ports = dev.shared / "ports"
+    ports.touch()
+    ports.chmod(0o666)
+    taken: list[http.server.HTTPServer] = []
+    stop = threading.Event()
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+    def squat() -> None:  # another user (root, here) listening on each port as it is given
+        while not stop.is_set():
+            for port in ports.read_text().split()[len(taken) :]:
+                server = http.server.ThreadingHTTPServer(("127.0.0.1", int(port)), Answer)
+                threading.Thread(target=server.serve_forever, daemon=True).start()
+                taken.append(server)
+            time.sleep(0.01)
+
+    squatter = threading.Thread(target=squat, daemon=True)
+    squatter.start()
+    try:
+        spec = {
+            "server": {"command": ["sh", "-c", NOT_LISTENING], "startupTimeoutSeconds": 20},
+            "env": [{"name": "SHARED", "value": str(dev.shared)}],
+        }
+        task = (await _run(dev, dev.token("team-k"), "team-k", spec))["task"]
+    finally:
+        stop.set()
+        squatter.join()
+        for server in taken:
+            server.shutdown()
+            server.server_close()
+    assert taken, "no instance was started"
+    assert task["status"]["phase"] == "Failed", task
+    assert "was taken by another user's process (uid 0)" in task["status"]["error"], task
 
 
 async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the_switch(

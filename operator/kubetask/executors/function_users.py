@@ -43,6 +43,7 @@ from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory, memory_limit
 from .base import base_environment
 from .cgroups import Group
+from .instance_ports import InstancePorts
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -131,9 +132,11 @@ class FunctionUsers:
     )
     memory: AttemptMemory = field(default_factory=AttemptMemory, compare=False, repr=False)
     pids: AccountPids = field(init=False, compare=False, repr=False)
+    ports: InstancePorts = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
+        object.__setattr__(self, "ports", InstancePorts(self.mode == "accounts"))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -196,6 +199,9 @@ class FunctionUsers:
         why_not = self.memory.why_not()
         if why_not is not None:
             log.warning("functions' memory limits are not applied on this host: %s", why_not)
+        why_not = self.ports.why_not()
+        if why_not is not None:
+            log.warning("warm instances' ports are open to every user of the host: %s", why_not)
 
 
 def may_run(path: str, uid: int) -> bool:

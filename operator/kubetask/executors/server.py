@@ -37,6 +37,7 @@ from .cgroups import Group, end_groups
 from .function_users import FunctionUsers, RunAs
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
+from .instance_ports import InstancePorts, PortRules, listeners
 from .parent_death import start_function
 from .spawn import Child
 
@@ -58,6 +59,8 @@ class Instance:
     capacity: int
     # Its cgroups (`cgroups.py`): what it started ends with it.
     groups: list[Group] = field(default_factory=list)
+    # What closes its port to other users (`instance_ports.py`), removed once it is gone.
+    rules: PortRules | None = None
     inflight: set[Invocation] = field(default_factory=set)
     idle_since: float = 0.0
     dead: bool = False
@@ -77,6 +80,9 @@ class Instance:
             await self.proc.wait()
         groups, self.groups = self.groups, []
         await end_groups(groups)
+        rules, self.rules = self.rules, None
+        if rules is not None:
+            await rules.remove()
 
 
 class InstancePool:
@@ -92,12 +98,14 @@ class InstancePool:
         user: RunAs | None,
         environment: dict[str, str],
         cgroups: Callable[[], list[Group]],
+        ports: InstancePorts,
     ) -> None:
         self.fn = fn
         self.budget = budget
         self.user = user
         self.environment = environment  # what its instances' environments start from
         self.cgroups = cgroups  # new groups for each instance (`cgroups.py`)
+        self.ports = ports
         self._pools = pools  # every function's, for room in the node's budget
         self.instances: list[Instance] = []
         self._changed = asyncio.Condition()
@@ -176,12 +184,23 @@ class InstancePool:
             env.pop(key, None)
         env["PORT"] = str(port)
         cwd = self.fn.spec.workingDir
+        rules = await self.ports.guard(port, self._uid())
         groups = self.cgroups()
-        proc = await start_function(
-            self.spec.command, env, cwd, self.user, groups, stdin=False, stderr_to_stdout=True
-        )
+        try:
+            proc = await start_function(
+                self.spec.command, env, cwd, self.user, groups, stdin=False, stderr_to_stdout=True
+            )
+        except BaseException:
+            if rules is not None:
+                await rules.remove()
+            raise
         inst = Instance(
-            f"{self.fn.name}-{self._seq}-pid{proc.pid}", port, proc, self.spec.concurrency, groups
+            f"{self.fn.name}-{self._seq}-pid{proc.pid}",
+            port,
+            proc,
+            self.spec.concurrency,
+            groups,
+            rules,
         )
         # What it says while it starts goes to the task that started it: when it will not
         # start, that is the one place its author can read why.
@@ -215,11 +234,26 @@ class InstancePool:
                     conn.cancel(answer)
                     raise
                 if status < 300:
+                    self._own_port(inst)
                     return
             await asyncio.sleep(0.02)
         raise RuntimeError(
             f"instance not ready within {self.spec.startupTimeoutSeconds:g}s" + _last_words(inst)
         )
+
+    def _uid(self) -> int:
+        return os.geteuid() if self.user is None else self.user.uid
+
+    def _own_port(self, inst: Instance) -> None:
+        """The port an instance was given was free when chosen, and another user's process
+        could have listened on it first: it would then be sent the account's payloads. Once
+        its readiness is answered, only the instance's user may listen there."""
+        others = listeners(inst.port) - {self._uid()}
+        if others:
+            raise RuntimeError(
+                f"port {inst.port} was taken by another user's process (uid "
+                f"{', '.join(map(str, sorted(others)))}) before the instance listened on it"
+            )
 
     async def _pump_output(self, inst: Instance) -> None:
         """Instance output belongs to whatever it is serving; with several invocations in flight
@@ -423,7 +457,15 @@ class ServerExecutor:
                 self._retiring.add(retired)
                 retired.add_done_callback(self._retiring.discard)
             cgroups = functools.partial(self.users.cgroups, fn, user)
-            pool = InstancePool(fn, self.budget, self._pools.values(), user, environment, cgroups)
+            pool = InstancePool(
+                fn,
+                self.budget,
+                self._pools.values(),
+                user,
+                environment,
+                cgroups,
+                self.users.ports,
+            )
             self._pools[key] = pool
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
