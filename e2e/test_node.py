@@ -21,6 +21,7 @@ import pytest
 from controlplane import ControlPlane, binaries
 from kubetask import names
 from kubetask.auth import hash_token
+from kubetask.executors.pod_template import PROXY_PORT
 from node import CHART_VALUES, Node, host_ip, images
 
 CHART = str(Path(__file__).resolve().parents[1] / "charts" / "kubetask")
@@ -119,6 +120,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 names.account_stream("team-a"): nats_pods,
             }
             if nats_pods == 1:
+                function_pods_take_connections_on_the_proxy_port_only(cluster)
                 a_function_applied_with_kubectl_runs_as_a_job(cluster, api)
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
@@ -138,6 +140,35 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 chart_runs(cluster, ns, nats_pods)  # the deleted server is back and ready
     finally:
         cluster.run("helm", "uninstall", release, "--namespace", ns, check=False)
+
+
+def function_pods_take_connections_on_the_proxy_port_only(cluster: ControlPlane) -> None:
+    """The account's NetworkPolicy, made once it has a function and brought back in line when
+    edited. Stored only: this node's bridge plugin enforces no policy, so whether a pod is
+    refused is not tested here."""
+    proxy_only = [{"ports": [{"protocol": "TCP", "port": PROXY_PORT}]}]
+
+    def ingress() -> Any:
+        got = cluster.kubectl(
+            "get", "networkpolicy", "kubetask-functions", "-n", "team-a", "-o", "json",
+            check=False,
+        )  # fmt: skip
+        return got.returncode == 0 and json.loads(got.stdout)["spec"].get("ingress")
+
+    assert eventually(ingress, 30, "the account's network policy") == proxy_only
+    spec = json.loads(
+        cluster.kubectl("get", "networkpolicy", "kubetask-functions", "-n", "team-a",
+                        "-o", "json").stdout
+    )["spec"]  # fmt: skip
+    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["podSelector"] == {
+        "matchExpressions": [{"key": "kubetask.io/function", "operator": "Exists"}]
+    }
+    cluster.kubectl(
+        "patch", "networkpolicy", "kubetask-functions", "-n", "team-a", "--type=merge",
+        "-p", json.dumps({"spec": {"ingress": [{}]}}),  # every connection
+    )  # fmt: skip
+    eventually(lambda: ingress() == proxy_only, 30, "the policy to be brought back in line")
 
 
 def job_pods(

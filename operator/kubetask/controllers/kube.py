@@ -40,23 +40,23 @@ async def apply_deployment(namespace: Any, body: dict[str, Any]) -> None:
         api = client.ApiClient()
         desired = body["spec"]["template"]
         actual = api.sanitize_for_serialization(current.spec.template)  # type: ignore[no-untyped-call]
-        if _differs(desired, actual):
+        if differs(desired, actual):
             apps.patch_namespaced_deployment(name, namespace, {"spec": {"template": desired}})
 
     await asyncio.to_thread(call)
 
 
-def _differs(desired: Any, actual: Any) -> bool:
+def differs(desired: Any, actual: Any) -> bool:
     """Whether `desired` sets anything `actual` lacks (server-side defaults are ignored)."""
     if isinstance(desired, dict):
         return not isinstance(actual, dict) or any(
-            _differs(v, actual.get(k)) for k, v in desired.items()
+            differs(v, actual.get(k)) for k, v in desired.items()
         )
     if isinstance(desired, list):
         return (
             not isinstance(actual, list)
             or len(desired) != len(actual)
-            or any(_differs(d, a) for d, a in zip(desired, actual, strict=False))
+            or any(differs(d, a) for d, a in zip(desired, actual, strict=False))
         )
     return bool(desired != actual)
 

@@ -14,7 +14,7 @@ from ..gateway.throttle import Throttle
 from ..plane import DataPlane
 from ..record_reports import NEAR, REPORT_EVERY, Heard
 from ..settings import Settings
-from . import asyncconfigs, taskfunctions, tasks, warm_pools  # noqa: F401  (registers the handlers)
+from . import asyncconfigs, network_policies, taskfunctions, tasks, warm_pools  # noqa: F401  (registers the handlers)
 from .context import OperatorConfig
 from .deployments import ensure_deployments, scale_forever
 
@@ -40,14 +40,15 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)
     memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))
-    memo.warm = None
-    if cfg.executor == "kubernetes":  # `server` functions run in warm pods
+    memo.warm = memo.policies = None
+    if cfg.executor == "kubernetes":  # functions run in pods of their accounts' namespaces
         memo.warm = asyncio.create_task(warm_pools.keep_forever(cfg, memo.plane))
+        memo.policies = asyncio.create_task(network_policies.keep_forever(memo.plane))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    await cancel_and_wait(memo.scaler, memo.warm, memo.hearing)
+    await cancel_and_wait(memo.scaler, memo.warm, memo.policies, memo.hearing)
     await memo.plane.close()
 
 
