@@ -11,6 +11,7 @@ names an account, no service links.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -125,7 +126,13 @@ def warm_labels(fn: TaskFunction) -> dict[str, str]:
 
 
 def warm_name(fn: TaskFunction) -> str:
-    return f"kt-{fn.name}"[:63].rstrip("-")
+    """Its Deployment's name, a DNS label. A function's name may be 63 characters, and cut to
+    fit, two names alike in their first 60 made one Deployment: one function's tasks were sent
+    to the other's pods, or found none. Past the limit the name ends in a hash of it."""
+    name = f"kt-{fn.name}"
+    if len(name) <= 63:
+        return name
+    return f"{name[:50].rstrip('-')}-{hashlib.sha256(fn.name.encode()).hexdigest()[:12]}"
 
 
 def warm_deployment(
