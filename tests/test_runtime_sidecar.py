@@ -439,9 +439,11 @@ async def test_a_warm_pods_output_is_read_at_its_accounts_pace(
     assert outcome.ok and outcome.result == {"task": "t1"}, outcome
     said = [text for _, text in lines if text.startswith("line ")]
     assert len(said) == 2000 or any("not kept" in text for _, text in lines), lines[-1:]
-    # Each chunk read waits for its cost; the last one's wait may be after the answer.
+    # Each chunk read waits for its cost; the last one's wait may be after the answer, and the
+    # loop's timers end a pause to the millisecond, a little early at times (seen: 1.594 s
+    # against 1.599), so 10% is allowed. Read as fast as it came, it took 0.02 s.
     read = sum(LogPacing.cost(text.encode() + b"\n") for _, text in lines)
-    assert took >= (read - (256 << 10) * 2) / (1 << 20), (took, read)
+    assert took >= 0.9 * (read - (256 << 10) * 2) / (1 << 20), (took, read)
     assert read > 1 << 20  # enough read for the bound to mean something
 
 
