@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The parts of a Kubernetes node that Debian packages: containerd, runc, the CNI plugins, the
-# iptables and conntrack kube-proxy drives, and mmdebstrap, which builds the images' root
-# filesystems without Docker. Installs only what is missing; needs root (as CI runs).
+# iptables and conntrack kube-proxy drives, the ipset kube-router's firewall drives, and
+# mmdebstrap, which builds the images' root filesystems without Docker. Installs only what is
+# missing; needs root (as CI runs).
 set -euo pipefail
 
-want=(containerd runc containernetworking-plugins iptables conntrack mmdebstrap)
+want=(containerd runc containernetworking-plugins iptables conntrack ipset mmdebstrap)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

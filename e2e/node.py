@@ -1,7 +1,8 @@
 """A real Kubernetes node beside the e2e control plane: containerd with runc and the bridge CNI
 plugin (Debian's packages, `install-node-packages.sh`), the kubelet and kube-proxy built from
-the same Go module as kube-apiserver (`build-control-plane.sh`), and kubetask's images built
-without Docker (`build_images.py`) and imported, never pulled.
+the same Go module as kube-apiserver (`build-control-plane.sh`), kube-router's firewall
+enforcing NetworkPolicies (`build-network-policy.sh`), and kubetask's images built without
+Docker (`build_images.py`) and imported, never pulled.
 
 What this VM needs, found by trying (the facts the executors issue lists): cgroup v1 with the
 cgroupfs driver and no QoS cgroups, no negative oom_score_adj (containerd's
@@ -56,6 +57,14 @@ CHART_VALUES = [
 ]  # fmt: skip
 
 
+def network_policy_binary() -> Path:
+    """kube-router, built (or found in the cache)."""
+    out = subprocess.run(
+        ["bash", str(HERE / "build-network-policy.sh")], check=True, capture_output=True, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
 def images() -> Path:
     """The OCI archive of kubetask's images (built or found in the cache)."""
     subprocess.run(["bash", str(HERE / "install-node-packages.sh")], check=True)
@@ -104,6 +113,8 @@ class Node:
             if time.monotonic() > deadline:
                 raise RuntimeError((self.root / "kubelet.log").read_text()[-4000:])
             time.sleep(1)
+        self._start_network_policies()  # it looks its node up once, at start
+        time.sleep(1)
         for proc in self.procs:
             if proc.poll() is not None:
                 name = Path(str(proc.args[0])).name
@@ -249,6 +260,27 @@ class Node:
             ],
         )
 
+    def _start_network_policies(self) -> None:
+        """A network plugin that enforces NetworkPolicies, as Calico or Cilium would: the bridge
+        plugin stores them and lets everything through. kube-router's firewall only; pods'
+        routes stay the bridge's and Services kube-proxy's. The bridge's traffic passes the
+        host's iptables (`br_netfilter`), where kube-router filters it."""
+        self._spawn(
+            "kube-router",
+            [
+                str(network_policy_binary()),
+                f"--kubeconfig={self.cluster.kubeconfig}",
+                "--hostname-override=localhost",
+                "--run-firewall=true",
+                "--run-router=false",
+                "--run-service-proxy=false",
+                "--enable-cni=false",
+                "--enable-pod-egress=false",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--health-port=0",
+            ],
+        )
+
     def ready(self) -> bool:
         out = self.cluster.kubectl("get", "node", "localhost", "-o", "json", check=False)
         if out.returncode != 0:
@@ -269,6 +301,8 @@ class Node:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
         subprocess.run([str(self.cluster.bin / "kube-proxy"), "--cleanup"], capture_output=True)
+        # Its chains name this run's pod addresses, which the next run's pods get again.
+        subprocess.run([str(network_policy_binary()), "--cleanup-config"], capture_output=True)
 
     def _kill_shims(self) -> None:
         parents: dict[int, int] = {}

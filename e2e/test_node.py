@@ -1,4 +1,5 @@
-"""On a real node (`node.py`: kubelet, containerd, runc, bridge CNI, kube-proxy, CoreDNS):
+"""On a real node (`node.py`: kubelet, containerd, runc, bridge CNI, kube-proxy, CoreDNS,
+kube-router's NetworkPolicy firewall):
 kubetask's image, built without Docker, runs as a pod that `kubectl logs` and `kubectl exec`
 reach, and `helm install` brings every pod of the chart to Running and Ready — after which a
 task submitted through the gateway's Service runs and succeeds."""
@@ -21,7 +22,7 @@ import pytest
 from controlplane import ControlPlane, binaries
 from kubetask import names
 from kubetask.auth import hash_token
-from kubetask.executors.pod_template import PROXY_PORT
+from kubetask.executors.pod_template import APP_PORT, FUNCTION_CONTAINER, PROXY_PORT
 from node import CHART_VALUES, Node, host_ip, images
 
 CHART = str(Path(__file__).resolve().parents[1] / "charts" / "kubetask")
@@ -121,6 +122,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
             }
             if nats_pods == 1:
                 function_pods_take_connections_on_the_proxy_port_only(cluster)
+                a_neighbour_reaches_a_function_pod_on_its_proxy_port_only(cluster, api)
                 a_function_applied_with_kubectl_runs_as_a_job(cluster, api)
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
@@ -144,8 +146,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
 
 def function_pods_take_connections_on_the_proxy_port_only(cluster: ControlPlane) -> None:
     """The account's NetworkPolicy, made once it has a function and brought back in line when
-    edited. Stored only: this node's bridge plugin enforces no policy, so whether a pod is
-    refused is not tested here."""
+    edited (what it lets through: the next step)."""
     proxy_only = [{"ports": [{"protocol": "TCP", "port": PROXY_PORT}]}]
 
     def ingress() -> Any:
@@ -169,6 +170,65 @@ def function_pods_take_connections_on_the_proxy_port_only(cluster: ControlPlane)
         "-p", json.dumps({"spec": {"ingress": [{}]}}),  # every connection
     )  # fmt: skip
     eventually(lambda: ingress() == proxy_only, 30, "the policy to be brought back in line")
+
+
+# Prints how a TCP connection to argv[1]:argv[2] went, within 3 s.
+CONNECT = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()
+    print("connected")
+except socket.timeout:
+    print("timed out")
+except OSError as err:
+    print(type(err).__name__)
+"""
+
+
+def a_neighbour_reaches_a_function_pod_on_its_proxy_port_only(
+    cluster: ControlPlane, api: httpx.Client
+) -> None:
+    """Enforced (this node's kube-router): a warm pod whose server binds every address, as most
+    frameworks in a container do, answers on its own pod address from inside, but a pod of
+    another namespace reaches only the proxy (whose token guards invocations), not the server."""
+    made = api.put(
+        "/v1/functions/open",
+        json={
+            "apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
+            "metadata": {"name": "open", "namespace": "team-a"},
+            "spec": {
+                "server": {"command": ["python3", "-c", SERVER], "concurrency": 1, "maxInstances": 1},
+                "env": [{"name": "BIND", "value": "0.0.0.0"}],
+            },
+        },
+    )  # fmt: skip
+    assert made.status_code == 200, made.text
+    cluster.kubectl(
+        "run", "neighbour", "-n", "default", "--image=docker.io/kubetask/kubetask:dev",
+        "--image-pull-policy=Never", "--restart=Never", "--command", "--", "sleep", "600",
+    )  # fmt: skip
+    try:
+        assert finish(api, submit(api, "open"))["status"]["phase"] == "Succeeded"
+        (pod,) = pods(cluster, "team-a", "kubetask.io/function=open")  # idle, not yet stopped
+        address, name = pod["status"]["podIP"], pod["metadata"]["name"]
+        eventually(
+            lambda: ready(pods(cluster, "default", "run=neighbour")[0]), 60, "the neighbour Ready"
+        )
+
+        def connect(where: list[str], port: int) -> str:
+            argv = ["exec", *where, "--", "python3", "-c", CONNECT, address, str(port)]
+            return str(cluster.kubectl(*argv).stdout.strip())
+
+        inside = ["-n", "team-a", name, "-c", FUNCTION_CONTAINER]
+        assert connect(inside, APP_PORT) == "connected"  # the server is there, on every address
+        neighbour = ["-n", "default", "neighbour"]
+        assert connect(neighbour, PROXY_PORT) == "connected"
+        # The network plugin applies the policy to a new pod within moments, not at once.
+        eventually(lambda: connect(neighbour, APP_PORT) != "connected", 30, "the server refused")
+    finally:
+        cluster.kubectl("delete", "pod", "neighbour", "-n", "default", "--grace-period=0",
+                        "--force", check=False)  # fmt: skip
+        assert api.delete("/v1/functions/open").status_code == 204
 
 
 def job_pods(
@@ -469,7 +529,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers()
         self.wfile.write(out)
     def log_message(self, *args): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+bind = os.environ.get("BIND", "127.0.0.1")
+http.server.ThreadingHTTPServer((bind, int(os.environ["PORT"])), H).serve_forever()
 """
 
 
