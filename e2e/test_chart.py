@@ -86,3 +86,21 @@ def test_config_takes_only_kubetask_settings(cluster: ControlPlane) -> None:
         "--set", "config.KUBETASK_ACCOUNT_MAX_BACKLOG=500",
     )  # fmt: skip
     assert yaml.safe_load(made.stdout)["data"] == {"KUBETASK_ACCOUNT_MAX_BACKLOG": "500"}
+
+
+def test_a_token_for_a_reserved_namespace_is_refused(cluster: ControlPlane) -> None:
+    """Accounts are namespaces: a token for the release's own namespace (its NATS passwords and
+    the operator's service account) or a `kube-` one is refused before anything is installed."""
+    for account in ("kt-home", "kube-system"):
+        entry = {"name": "t", "account": account, "admin": False, "sha256": "ab" * 32}
+        refused = cluster.run(
+            "helm", "template", "x", CHART, *KUBE, "--namespace", "kt-home",
+            "--set-json", f"auth.tokens={json.dumps([entry])}", check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0 and "is reserved" in refused.stderr, refused.stderr
+    fine = {"name": "t", "account": "team-a", "admin": False, "sha256": "ab" * 32}
+    admin = {"name": "a", "admin": True, "sha256": "cd" * 32}
+    cluster.run(
+        "helm", "template", "x", CHART, *KUBE, "--namespace", "kt-home",
+        "--set-json", f"auth.tokens={json.dumps([fine, admin])}",
+    )  # fmt: skip

@@ -123,6 +123,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
             if nats_pods == 1:
                 function_pods_take_connections_on_the_proxy_port_only(cluster)
                 a_neighbour_reaches_a_function_pod_on_its_proxy_port_only(cluster, api)
+                no_function_runs_in_the_platforms_namespace(cluster, ns, release)
                 a_function_applied_with_kubectl_runs_as_a_job(cluster, api)
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
@@ -229,6 +230,59 @@ def a_neighbour_reaches_a_function_pod_on_its_proxy_port_only(
         cluster.kubectl("delete", "pod", "neighbour", "-n", "default", "--grace-period=0",
                         "--force", check=False)  # fmt: skip
         assert api.delete("/v1/functions/open").status_code == 204
+
+
+def no_function_runs_in_the_platforms_namespace(
+    cluster: ControlPlane, ns: str, release: str
+) -> None:
+    """Functions applied in the platform's own namespace (an admin's slip: a token for it would
+    do the same) asking for its NATS passwords and the operator's service account: every
+    attempt fails saying why, and no Job, warm Deployment or NetworkPolicy is made there."""
+    cluster.kubectl(
+        "apply", "-n", ns, "-f", "-",
+        stdin=f"""apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {{name: intruder}}
+spec:
+  command: [sh, -c, env]
+  envFrom: [{{secretRef: {{name: {release}-kubetask-nats-users}}}}]
+  serviceAccountName: {release}-kubetask-operator
+---
+apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {{name: intruder-warm}}
+spec:
+  server: {{command: [python3, -m, http.server]}}
+---
+apiVersion: kubetask.io/v1alpha1
+kind: Task
+metadata: {{name: intrude}}
+spec: {{function: intruder}}
+---
+apiVersion: kubetask.io/v1alpha1
+kind: Task
+metadata: {{name: intrude-warm}}
+spec: {{function: intruder-warm}}
+""",
+    )  # fmt: skip
+
+    def ended(task: str) -> dict[str, Any] | None:
+        got = cluster.kubectl("get", "task", task, "-n", ns, "-o", "json", check=False)
+        status = json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    for task in ("intrude", "intrude-warm"):
+        status = eventually(lambda: ended(task), 90, f"task {task} to end")  # noqa: B023
+        assert status["phase"] == "Failed", status
+        assert "is the platform's own namespace" in status["error"], status
+    time.sleep(6)  # the operator's warm pods and policies passes (1 s, 5 s) have been by
+    for kind, selector in (
+        ("jobs", "kubetask.io/function"), ("deployments", "kubetask.io/warm=true"),
+        ("networkpolicies", "kubetask.io/policy"),
+    ):  # fmt: skip
+        made = cluster.kubectl("get", kind, "-n", ns, "-l", selector, "-o", "name").stdout
+        assert not made.strip(), made
+    cluster.kubectl("delete", "-n", ns, "tasks,taskfunctions", "--all", "--wait=false")
 
 
 def job_pods(

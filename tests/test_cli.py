@@ -405,6 +405,18 @@ def test_a_token_file_that_is_missing_or_broken_is_an_error_and_is_left_alone(
         assert len(json.loads(empty.read_text())["tokens"]) == 1
 
 
+def test_a_token_for_a_kubernetes_system_namespace_is_refused(tmp_path: Path) -> None:
+    """Accounts are namespaces, and a function's pods may read their namespace's Secrets and
+    act as its service accounts: `kube-system`'s are the cluster's controllers'."""
+    path = tmp_path / "tokens.json"
+    for account in ("kube-system", "kube-public", "kube-node-lease", "kube-x"):
+        said = _tokens(path, "create", "--account", account)
+        assert said.returncode == 1 and "is reserved" in said.stderr, said.stderr
+        assert "Traceback" not in said.stderr
+    assert not path.exists()
+    assert _tokens(path, "create", "--account", "kubex").returncode == 0  # only the prefix
+
+
 async def test_a_manifest_that_is_not_a_list_of_objects_is_an_error(
     api: Api, gateway_url: str
 ) -> None:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import grammar, private_files
+from . import grammar, private_files, reserved_namespaces
 
 log = logging.getLogger("kubetask.auth")
 
@@ -187,6 +187,11 @@ def issue_token(
             raise TokenError("say whose token this is: --account NAME, or --admin")
         if not grammar.is_name(account):
             raise TokenError(f"account {account!r} is not a valid name: {grammar.NAME_RULE}")
+        if reserved_namespaces.is_system(account):
+            raise TokenError(
+                f"account {account!r} is reserved: names starting"
+                f" {reserved_namespaces.SYSTEM_PREFIX!r} are Kubernetes' system namespaces"
+            )
     token = "kt_" + secrets.token_urlsafe(24)
     entry: dict[str, Any] = {
         "id": "tok_" + secrets.token_hex(6),

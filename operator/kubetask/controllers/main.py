@@ -43,7 +43,9 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     memo.warm = memo.policies = None
     if cfg.executor == "kubernetes":  # functions run in pods of their accounts' namespaces
         memo.warm = asyncio.create_task(warm_pools.keep_forever(cfg, memo.plane))
-        memo.policies = asyncio.create_task(network_policies.keep_forever(memo.plane))
+        memo.policies = asyncio.create_task(
+            network_policies.keep_forever(memo.plane, cfg.namespace)
+        )
 
 
 @kopf.on.cleanup()

@@ -27,7 +27,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from .. import kube_client
+from .. import kube_client, reserved_namespaces
 from ..executors.pod_template import PROXY_PORT
 from ..plane import DataPlane
 from .kube import differs
@@ -95,10 +95,16 @@ def _apply(accounts: set[str], warned: set[str]) -> None:
                 log.warning("account %s: no network policy (%s)", account, err.reason)
 
 
-async def keep_forever(plane: DataPlane) -> None:
+async def keep_forever(plane: DataPlane, platform: str) -> None:
+    """`platform`: the platform's namespace, which like Kubernetes' own gets no policy: no
+    function's pod runs there (`reserved_namespaces.py`)."""
     warned: set[str] = set()
     while True:
-        accounts = {fn.account for fn in list(plane.registry.functions.values())}
+        accounts = {
+            fn.account
+            for fn in list(plane.registry.functions.values())
+            if reserved_namespaces.refusal(fn.account, platform) is None
+        }
         try:
             await asyncio.to_thread(_apply, accounts, warned)
         except Exception:

@@ -27,7 +27,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from .. import kube_client, queues
+from .. import kube_client, queues, reserved_namespaces
 from ..executors.pod_template import PROXY_TOKEN, SIDECAR_CONTAINER, warm_deployment, warm_name
 from ..models import TaskFunction
 from ..plane import DataPlane
@@ -106,6 +106,7 @@ class WarmPools:
         self.cfg = cfg
         self.plane = plane
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.refused: set[tuple[str, str]] = set()
 
     async def pass_once(self) -> None:
         seen = await _deployments()
@@ -113,7 +114,7 @@ class WarmPools:
         servers = {
             (fn.account, warm_name(fn)): fn
             for fn in list(self.plane.registry.functions.values())
-            if fn.spec.server is not None
+            if fn.spec.server is not None and self._allowed(fn)
         }
         for key, fn in servers.items():
             try:
@@ -125,6 +126,14 @@ class WarmPools:
                 log.info("deleting warm pods of %s/%s: no such server function", namespace, name)
                 await _delete(namespace, name)
                 self.pools.pop((namespace, name), None)
+
+    def _allowed(self, fn: TaskFunction) -> bool:
+        """No warm pods in a reserved namespace (`reserved_namespaces.py`); said once."""
+        why = reserved_namespaces.refusal(fn.account, self.cfg.namespace)
+        if why is not None and (fn.account, fn.name) not in self.refused:
+            self.refused.add((fn.account, fn.name))
+            log.warning("no warm pods for %s/%s: %s", fn.account, fn.name, why)
+        return why is None
 
     async def _keep(
         self, key: tuple[str, str], fn: TaskFunction, found: Seen | None, now: float

@@ -52,7 +52,7 @@ from ..store import (
     new_token,
     now,
 )
-from . import backlog_gauge, idle_consumers
+from . import backlog_gauge, idle_consumers, pod_identity
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -151,7 +151,11 @@ class Dispatcher:
         # pods take nothing of this node's process budget), a `server` function's warm pods.
         self.jobs = plane.settings.executor == "kubernetes"
         self.users = FunctionUsers()
-        self.command: Executor = JobExecutor() if self.jobs else CommandExecutor(self.users)
+        # On Kubernetes no pod is made in the platform's namespace (`reserved_namespaces.py`).
+        platform = pod_identity.namespace()
+        self.command: Executor = (
+            JobExecutor(platform=platform) if self.jobs else CommandExecutor(self.users)
+        )
         self.logs = LogWriter(plane.nc, plane.store.retention.headers)
         self.consumers = idle_consumers.Consumers(plane.js, plane.settings)
         self.workers: dict[WorkerKey, FunctionWorker] = {}
@@ -169,7 +173,7 @@ class Dispatcher:
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
         )
         self.server: Executor = (
-            WarmPodExecutor()
+            WarmPodExecutor(platform)
             if self.jobs
             else ServerExecutor(self.budget.settings.instances, self.users)
         )

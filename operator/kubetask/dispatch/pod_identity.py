@@ -17,6 +17,11 @@ POD_ENV = {
 }
 
 
+def namespace() -> str | None:
+    """The dispatcher's own namespace on Kubernetes: the platform's (`reserved_namespaces.py`)."""
+    return os.environ.get(POD_ENV["namespace"]) or None
+
+
 def executor_ref(dispatcher_id: str, host: str) -> ExecutorRef:
     found = {field: os.environ.get(name) or None for field, name in POD_ENV.items()}
     return ExecutorRef(backend="local", dispatcher=dispatcher_id, host=host, **found)

@@ -29,7 +29,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from .. import kube_client
+from .. import kube_client, reserved_namespaces
 from ..models import TaskFunction
 from ..settings import env_float, env_int, env_str
 from .base import Execution, Invocation, Outcome, decode_result, env_for
@@ -223,8 +223,10 @@ class JobExecution:
 
 
 class JobExecutor:
-    def __init__(self, settings: JobSettings | None = None) -> None:
+    def __init__(self, settings: JobSettings | None = None, platform: str | None = None) -> None:
+        """`platform`: the platform's namespace, where no Job is made."""
         self.settings = settings or JobSettings()
+        self.platform = platform
         self.runtime = RuntimeServer("0.0.0.0", self.settings.port)
         self._owners: dict[tuple[str, str], tuple[float, dict[str, Any] | None]] = {}
 
@@ -233,6 +235,7 @@ class JobExecutor:
         return f"http://{self.settings.address}:{self.runtime.port}"
 
     async def start(self, inv: Invocation) -> Execution:
+        reserved_namespaces.check(inv.account, self.platform)
         await self.runtime.start()
         attempt = self.runtime.open(inv, job_name(inv))
         try:

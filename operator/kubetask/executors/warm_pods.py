@@ -22,7 +22,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from .. import kube_client
+from .. import kube_client, reserved_namespaces
 from ..models import TaskFunction
 from .base import Execution, Invocation, Lines, Outcome, Placement, encode_payload
 from .frames import ANSWER, CODE, STDERR, STDOUT, FrameReader
@@ -289,8 +289,10 @@ class WarmExecution:
 
 
 class WarmPodExecutor:
-    def __init__(self) -> None:
+    def __init__(self, platform: str | None = None) -> None:
+        """`platform`: the platform's namespace, where no warm pod is woken or asked."""
         self._pools: dict[tuple[str, str], WarmPool] = {}
+        self.platform = platform
 
     def pool_for(self, fn: TaskFunction) -> WarmPool:
         pool = self._pools.get((fn.account, fn.name))
@@ -300,6 +302,7 @@ class WarmPodExecutor:
         return pool
 
     async def start(self, inv: Invocation) -> Execution:
+        reserved_namespaces.check(inv.account, self.platform)
         pool = self.pool_for(inv.function)
         return WarmExecution(pool, await pool.acquire(), inv)
 
