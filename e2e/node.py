@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,41 @@ def network_policy_binary() -> Path:
         ["bash", str(HERE / "build-network-policy.sh")], check=True, capture_output=True, text=True
     )
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+# kube-router's firewall: its chains, and the jumps to them from the built-in ones.
+KUBE_ROUTER_RULES = re.compile(r"KUBE-(ROUTER|POD-FW|NWPLCY)-|kube-router netpol")
+KUBE_ROUTER_SETS = ("KUBE-SRC-", "KUBE-DST-", "kube-router-")
+
+
+def _iptables_without(table: str, drop: Callable[[str], bool]) -> None:
+    dump = subprocess.run(
+        ["iptables-save", "-t", table], check=True, capture_output=True, text=True
+    ).stdout.splitlines()
+    kept = [line for line in dump if not drop(line)]
+    if len(kept) < len(dump):  # the whole table at once, without the dropped chains
+        subprocess.run(["iptables-restore", "-w"], input="\n".join(kept) + "\n", text=True,
+                       check=True, capture_output=True)  # fmt: skip
+
+
+def _forget_network_rules() -> None:
+    """What the node's network leaves in the host's iptables that no tool of its own takes
+    back. kube-router's firewall, which names this run's pod addresses (the next run's pods get
+    them again): its `--cleanup-config` crashes in v2.1.0, and would flush the host's IPVS
+    tables besides. The bridge plugin's masquerade chain of each pod, removed by the plugin
+    only when the pod is torn down, which a node killed at the end of its tests never does:
+    1,054 rules were left after some dozens of runs."""
+    _iptables_without("filter", lambda line: bool(KUBE_ROUTER_RULES.search(line)))
+    sets = subprocess.run(["ipset", "list", "-n"], capture_output=True, text=True).stdout.split()
+    for name in sets:
+        if name.startswith(KUBE_ROUTER_SETS):
+            subprocess.run(["ipset", "destroy", name], capture_output=True)
+    nat = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    ours = {c for line in nat.splitlines() if "kubetask-e2e" in line
+            for c in re.findall(r"CNI-[0-9a-f]+", line)}  # fmt: skip
+    if ours:
+        named = re.compile(rf"\b({'|'.join(ours)})\b")
+        _iptables_without("nat", lambda line: bool(named.search(line)))
 
 
 def images() -> Path:
@@ -301,8 +338,7 @@ class Node:
             subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
         subprocess.run([str(self.cluster.bin / "kube-proxy"), "--cleanup"], capture_output=True)
-        # Its chains name this run's pod addresses, which the next run's pods get again.
-        subprocess.run([str(network_policy_binary()), "--cleanup-config"], capture_output=True)
+        _forget_network_rules()
 
     def _kill_shims(self) -> None:
         parents: dict[int, int] = {}
