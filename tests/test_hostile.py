@@ -237,6 +237,8 @@ async def test_a_pod_kubernetes_would_refuse_is_refused_at_registration(api: Api
         {"resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}},
         {"resources": {"requests": {"cpu": "1001m"}, "limits": {"cpu": "1"}}},
         {"resources": {"limits": {"memory": "1e999"}}},
+        {"resources": {"limits": {"memory": "1e99999999999999999999"}}},  # was a 500
+        {"resources": {"requests": {"cpu": "99039198335350046035.935E0993621502102836"}}},
         {"resources": {"requests": {"memory": "8Ei"}}},
         {"resources": {"limits": {"memory": "1K"}}},
         {"resources": {"limits": {"memory": "1mi"}}},

@@ -113,6 +113,7 @@ def test_quantities_read_as_kubernetes_reads_them() -> None:
         ("1e999999", Decimal("1e999999")),
     ):
         assert quantities.value(text) == value, text
-    for text in ("1K", "1mi", "-1", "1e", "", "1.5.5", "1 Gi"):
+    for text in ("1K", "1mi", "-1", "1e", "", "1.5.5", "1 Gi", "1e99999999999999999999",
+                 "1e-99999999999999999999", "9.5E+1000000000000000000"):  # fmt: skip
         with pytest.raises(ValueError):
             quantities.value(text)

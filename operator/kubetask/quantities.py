@@ -10,7 +10,7 @@ refused.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Decimal, DecimalException
 
 from .grammar import QUANTITY_PATTERN
 
@@ -40,9 +40,12 @@ def value(text: str) -> Decimal:
         raise ValueError(f"{text!r} is not a Kubernetes quantity")
     suffix = match.group(3) or ""
     number = text[: len(text) - len(suffix)].lstrip("+")
-    if suffix[:1] in ("e", "E") and suffix[1:2] not in ("", "i"):
-        return Decimal(number + suffix)  # an exponent: exact, however large
-    return Decimal(number) * _FACTORS[suffix]
+    try:
+        if suffix[:1] in ("e", "E") and suffix[1:2] not in ("", "i"):
+            return Decimal(number + suffix)  # an exponent: exact, up to 10^(10^18)
+        return Decimal(number) * _FACTORS[suffix]
+    except DecimalException:  # past Decimal's exponents: was a 500 at registration
+        raise ValueError(f"{text!r} is out of any range a quantity may have") from None
 
 
 MAX_VALUE = value(MAX)
