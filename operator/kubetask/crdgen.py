@@ -29,7 +29,9 @@ from .models import (
 
 # `anyOf` at an object's top level restates a CEL rule for the OpenAPI document; the CRD has the
 # rule itself (a structural schema may not constrain types inside `anyOf`).
-_DROP = {"title", "$defs"}
+# `prefixItems` has no place in a structural schema; where a model says it, a CEL rule says
+# the same (`models.CommandLine`).
+_DROP = {"title", "$defs", "prefixItems"}
 
 
 def _convert(node: Any, defs: dict[str, Any]) -> Any:

@@ -117,7 +117,17 @@ def _program_named(command: list[str]) -> list[str]:
 CommandLine = Annotated[
     list[ProcessText],
     AfterValidator(_program_named),
-    Field(json_schema_extra={"x-kubernetes-validations": [PROGRAM_NAMED]}),
+    # Said twice for two readers: `prefixItems` for the API's JSON Schema (a client generating
+    # requests from it sent `[""]`), the CEL rule for the CRD, whose schemas cannot hold it.
+    # The first word is not checked by `items` once `prefixItems` names it, so it says all.
+    Field(
+        json_schema_extra={
+            "prefixItems": [
+                {"type": "string", "minLength": 1, "pattern": grammar.PROCESS_TEXT_PATTERN}
+            ],
+            "x-kubernetes-validations": [PROGRAM_NAMED],
+        }
+    ),
 ]
 
 
