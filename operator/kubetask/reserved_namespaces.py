@@ -6,9 +6,10 @@ platform's own namespace those are the NATS users' passwords, the tokens and the
 cluster-wide role; in Kubernetes' own (names starting `kube-`, which Kubernetes reserves for
 its system namespaces) they are the cluster's controllers'. A token for such an account is an
 admin's slip, not a grant of all that: on Kubernetes the dispatchers create no pod there (the
-attempt fails saying why) and the operator no warm Deployment or NetworkPolicy, and
-`kubetask tokens create` refuses a `kube-` account at once. The platform's namespace is known
-on the cluster only (the downward API), so a token for it is refused when it is used.
+attempt fails saying why) and the operator no warm Deployment or NetworkPolicy. Up front,
+`kubetask tokens create` refuses a `kube-` account and the chart both kinds in `auth.tokens`;
+the platform's namespace is known on the cluster only (the downward API, the operator's
+`KUBETASK_NAMESPACE`), so a token for it made elsewhere works until a function would run.
 """
 
 from __future__ import annotations
