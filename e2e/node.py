@@ -151,7 +151,7 @@ class Node:
                 raise RuntimeError((self.root / "kubelet.log").read_text()[-4000:])
             time.sleep(1)
         self._start_network_policies()  # it looks its node up once, at start
-        time.sleep(1)
+        time.sleep(1)  # one that cannot start has exited by then (below)
         for proc in self.procs:
             if proc.poll() is not None:
                 name = Path(str(proc.args[0])).name
