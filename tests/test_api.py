@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -270,6 +271,23 @@ async def test_admin_spans_accounts(make_api: Callable[..., Awaitable[Api]]) -> 
     assert got["metadata"]["namespace"] == tenant.account
     everyone = await admin.call("GET", "/v1/tasks", 200, params={"idPrefix": "adm-"})
     assert tenant.account in {t["metadata"]["namespace"] for t in everyone["items"]}
+
+
+async def test_the_docs_page_runs_no_code_but_the_pinned_release(api: Api) -> None:
+    """`/docs` is where users type their tokens: every script and stylesheet it loads from
+    elsewhere names one release and carries its hash, so a changed file is never run. FastAPI's
+    own pages loaded `swagger-ui-dist@5` (whatever that is today) and ReDoc's `redoc@2`."""
+    page = await api.http.get("/docs", headers={"Authorization": ""})
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    loaded = re.findall(r"<(?:script|link)\b[^>]*>", page.text)
+    external = [tag for tag in loaded if re.search(r'(src|href)="https?://', tag)]
+    assert len(external) == 2, loaded  # Swagger UI's script and stylesheet
+    for tag in external:
+        assert re.search(r'integrity="sha384-[A-Za-z0-9+/]{64}"', tag), tag
+        assert re.search(r"@\d+\.\d+\.\d+/", tag), tag  # an exact version
+        assert 'crossorigin="anonymous"' in tag, tag
+    assert '"/openapi.json"' in page.text
+    assert (await api.http.get("/redoc")).status_code == 404
 
 
 async def test_openapi_and_metrics_are_served(api: Api) -> None:

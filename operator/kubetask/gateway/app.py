@@ -62,7 +62,7 @@ from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Unreadable, Versioned, now
-from . import errors, params, submit, task_pages, waiting
+from . import api_docs, errors, params, submit, task_pages, waiting
 from .errors import ApiError
 from .expiry import Expiry
 from .fair_gate import FairGate, GatedRequests
@@ -294,6 +294,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         # `/v1/tasks/` was redirected to `/v1/tasks` at the Host the client sent (a redirect to
         # anywhere, for whoever sets the header), with no error body: a path is as it is named.
         redirect_slashes=False,
+        # FastAPI's pages load a floating version of their code from a CDN (`api_docs.py`).
+        docs_url=None,
+        redoc_url=None,
     )
     app.router.route_class = StrictJsonRoute
     app.state.tokens = TokenBook(tokens_file)
@@ -674,6 +677,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             queues=[loads[q] for q in sorted(loads)],
         )
         return _json(limits)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return api_docs.page(app.title, app.openapi_url or "/openapi.json")
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
