@@ -236,16 +236,19 @@ def no_function_runs_in_the_platforms_namespace(
     cluster: ControlPlane, ns: str, release: str
 ) -> None:
     """Functions applied in the platform's own namespace (an admin's slip: a token for it would
-    do the same) asking for its NATS passwords and the operator's service account: every
-    attempt fails saying why, and no Job, warm Deployment or NetworkPolicy is made there."""
-    cluster.kubectl(
-        "apply", "-n", ns, "-f", "-",
-        stdin=f"""apiVersion: kubetask.io/v1alpha1
+    do the same) asking for its NATS passwords and the operator's service account, and in
+    Kubernetes' `kube-public`: every attempt fails saying why, and no Job, warm Deployment or
+    NetworkPolicy is made there."""
+    for where, why in ((ns, "is the platform's own namespace"),
+                       ("kube-public", "is a Kubernetes system namespace")):  # fmt: skip
+        cluster.kubectl(
+            "apply", "-n", where, "-f", "-",
+            stdin=f"""apiVersion: kubetask.io/v1alpha1
 kind: TaskFunction
 metadata: {{name: intruder}}
 spec:
   command: [sh, -c, env]
-  envFrom: [{{secretRef: {{name: {release}-kubetask-nats-users}}}}]
+  envFrom: [{{secretRef: {{name: {release}-kubetask-nats-users, optional: true}}}}]
   serviceAccountName: {release}-kubetask-operator
 ---
 apiVersion: kubetask.io/v1alpha1
@@ -264,25 +267,25 @@ kind: Task
 metadata: {{name: intrude-warm}}
 spec: {{function: intruder-warm}}
 """,
-    )  # fmt: skip
+        )  # fmt: skip
 
-    def ended(task: str) -> dict[str, Any] | None:
-        got = cluster.kubectl("get", "task", task, "-n", ns, "-o", "json", check=False)
-        status = json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
+        def ended(task: str) -> dict[str, Any] | None:
+            got = cluster.kubectl("get", "task", task, "-n", where, "-o", "json", check=False)  # noqa: B023
+            status = json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    for task in ("intrude", "intrude-warm"):
-        status = eventually(lambda: ended(task), 90, f"task {task} to end")  # noqa: B023
-        assert status["phase"] == "Failed", status
-        assert "is the platform's own namespace" in status["error"], status
-    time.sleep(6)  # the operator's warm pods and policies passes (1 s, 5 s) have been by
-    for kind, selector in (
-        ("jobs", "kubetask.io/function"), ("deployments", "kubetask.io/warm=true"),
-        ("networkpolicies", "kubetask.io/policy"),
-    ):  # fmt: skip
-        made = cluster.kubectl("get", kind, "-n", ns, "-l", selector, "-o", "name").stdout
-        assert not made.strip(), made
-    cluster.kubectl("delete", "-n", ns, "tasks,taskfunctions", "--all", "--wait=false")
+        for task in ("intrude", "intrude-warm"):
+            status = eventually(lambda: ended(task), 90, f"task {task} to end")  # noqa: B023
+            assert status["phase"] == "Failed", status
+            assert why in status["error"], status
+        time.sleep(6)  # the operator's warm pods and policies passes (1 s, 5 s) have been by
+        for kind, selector in (
+            ("jobs", "kubetask.io/function"), ("deployments", "kubetask.io/warm=true"),
+            ("networkpolicies", "kubetask.io/policy"),
+        ):  # fmt: skip
+            made = cluster.kubectl("get", kind, "-n", where, "-l", selector, "-o", "name").stdout
+            assert not made.strip(), made
+        cluster.kubectl("delete", "-n", where, "tasks,taskfunctions", "--all", "--wait=false")
 
 
 def job_pods(
