@@ -192,18 +192,11 @@ def a_neighbour_reaches_a_function_pod_on_its_proxy_port_only(
     """Enforced (this node's kube-router): a warm pod whose server binds every address, as most
     frameworks in a container do, answers on its own pod address from inside, but a pod of
     another namespace reaches only the proxy (whose token guards invocations), not the server."""
-    made = api.put(
-        "/v1/functions/open",
-        json={
-            "apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
-            "metadata": {"name": "open", "namespace": "team-a"},
-            "spec": {
-                "server": {"command": ["python3", "-c", SERVER], "concurrency": 1, "maxInstances": 1},
-                "env": [{"name": "BIND", "value": "0.0.0.0"}],
-            },
-        },
+    function(
+        api, "open",
+        server={"command": ["python3", "-c", SERVER], "concurrency": 1, "maxInstances": 1},
+        env=[{"name": "BIND", "value": "0.0.0.0"}],
     )  # fmt: skip
-    assert made.status_code == 200, made.text
     cluster.kubectl(
         "run", "neighbour", "-n", "default", "--image=docker.io/kubetask/kubetask:dev",
         "--image-pull-policy=Never", "--restart=Never", "--command", "--", "sleep", "600",
@@ -608,18 +601,11 @@ def a_server_function_scales_from_zero_to_its_demand_and_back(
     idle; pods taken away while their tasks run finish those tasks first (none lost, none run
     twice: every task ends Succeeded at its first attempt). Nine running tasks on pods of four
     slots each: every pod serves some when two of them are taken away."""
-    made = api.put(
-        "/v1/functions/warm",
-        json={
-            "apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction",
-            "metadata": {"name": "warm", "namespace": "team-a"},
-            "spec": {
-                "server": {"command": ["python3", "-c", SERVER], "concurrency": 4, "maxInstances": 3, "idleSeconds": 5},
-                "maxConcurrency": 12, "timeoutSeconds": 60,
-            },
-        },
+    function(
+        api, "warm",
+        server={"command": ["python3", "-c", SERVER], "concurrency": 4, "maxInstances": 3, "idleSeconds": 5},
+        maxConcurrency=12, timeoutSeconds=60,
     )  # fmt: skip
-    assert made.status_code == 200, made.text
     eventually(lambda: warm_replicas(cluster) == (0, 0), 60, "the warm Deployment at zero")
     first = submit(api, "warm", {"sleep": 0})
     assert finish(api, first)["status"]["phase"] == "Succeeded"
@@ -737,14 +723,15 @@ def chart_runs(cluster: ControlPlane, ns: str, nats_pods: int) -> None:
     assert {p["status"]["phase"] for p in running} == {"Running"}
 
 
-def function(api: httpx.Client, name: str, command: list[str]) -> None:
+def function(api: httpx.Client, name: str, command: list[str] | None = None, **spec: Any) -> None:
+    """A function of team-a's: `command`, or whatever `spec` says (a `server`, say)."""
     made = api.put(
         f"/v1/functions/{name}",
         json={
             "apiVersion": "kubetask.io/v1alpha1",
             "kind": "TaskFunction",
             "metadata": {"name": name, "namespace": "team-a"},
-            "spec": {"command": command},
+            "spec": spec if command is None else {"command": command, **spec},
         },
     )
     assert made.status_code == 200, made.text
