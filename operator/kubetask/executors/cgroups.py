@@ -28,6 +28,8 @@ import signal
 import time
 from pathlib import Path
 
+from .orphans import owner_gone
+
 log = logging.getLogger(__name__)
 
 # How many times an ending group is emptied before it is left to be removed later: each round
@@ -127,14 +129,7 @@ def end_orphans(base: Path) -> None:
     gone makes it again."""
     for group in base.glob("*/p*-*"):
         named = _GROUP_NAME.fullmatch(group.name)
-        if named is None or not group.is_dir():
-            continue
-        try:
-            os.kill(int(named.group(1)), 0)
-            continue  # its dispatcher runs (or the number went to another process)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if named is None or not group.is_dir() or not owner_gone(int(named.group(1))):
             continue
         Group(group).end_now()
     for account in base.iterdir():

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .orphans import owner_gone
+
 log = logging.getLogger(__name__)
 
 CHAIN = "KUBETASK-INSTANCES"  # from OUTPUT: connections made on the host
@@ -153,12 +155,7 @@ def _end_orphans(family: str) -> None:
             owner = _OWNER.search(rule)
             if owner is None or not rule.startswith("-A "):
                 continue
-            try:
-                os.kill(int(owner.group(1)), 0)
-                continue  # its dispatcher runs (or the number went to another process)
-            except ProcessLookupError:
-                pass
-            except PermissionError:
+            if not owner_gone(int(owner.group(1))):
                 continue
             subprocess.run([family, "-w", "-D", *shlex.split(rule[3:])], capture_output=True)
 
