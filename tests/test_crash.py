@@ -580,6 +580,52 @@ def test_a_component_that_cannot_start_has_its_last_words_shown(tmp_path: Path) 
     assert "gateway (" in out.stderr and "index" in out.stderr.split("gateway (", 1)[1]
 
 
+async def test_a_dispatcher_killed_while_dev_starts_is_restarted(lab: Lab) -> None:
+    """Killed while dev still waits for the gateway, before its supervisor sleeps on SIGCHLD:
+    dev used to sleep on without it, and every task stayed queued."""
+    data = lab.root / "data"
+    port = free_port()
+    dev = lab.spawn(
+        "dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0",
+        env=dict(os.environ), log="dev.log",
+    )  # fmt: skip
+    needle = b"--metrics-port"
+    deadline = time.monotonic() + 30
+    while not (mine := [p for p in pids_running(needle) if _parent(p) == dev.pid]):
+        assert time.monotonic() < deadline and dev.poll() is None, (
+            lab.root / "dev.log"
+        ).read_text()
+        await asyncio.sleep(0.01)
+    os.kill(mine[0], signal.SIGKILL)
+    written = (data / "client.json").read_text() if (data / "client.json").exists() else ""
+    assert "url" not in written, "dev was up already: nothing tested"
+    cfg = json.loads((await _client_config(lab, dev, data, "dev.log")).read_text())
+    spec = {"command": [sys.executable, "-c", "print(1)"]}
+    async with httpx.AsyncClient(
+        base_url=cfg["url"], headers={"Authorization": f"Bearer {cfg['adminToken']}"}, timeout=10
+    ) as http:
+        r = await http.put("/v1/functions/one", json={"metadata": {"name": "one"}, "spec": spec})
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/tasks", json={"function": "one"})
+        assert r.status_code == 202, r.text
+        task = r.json()["metadata"]["name"]
+        deadline = time.monotonic() + 30
+        while (phase := (await http.get(f"/v1/tasks/{task}")).json()["status"]["phase"]) != (
+            "Succeeded"
+        ):
+            assert time.monotonic() < deadline, (phase, (lab.root / "dev.log").read_text())
+            await asyncio.sleep(0.1)
+    assert "dispatcher-0 exited with code -9" in (lab.root / "dev.log").read_text()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:
     url, token, env = lab.start_nats_and_gateway("full", KUBETASK_QUEUE_MAX_MSGS="20")
     async with httpx.AsyncClient(

@@ -335,9 +335,9 @@ def run(
     wake = _wake_on_signals()
     everyone = [nats, *children]
     pending: dict[str, float] = {}  # child name -> when to restart it
+    # Each pass looks before it sleeps: a child that died before SIGCHLD woke anything (while
+    # the gateway was awaited) is restarted too, not waited for forever.
     while not stopping:
-        until = min(pending.values(), default=None)
-        _sleep(wake, None if until is None else max(0.0, until - time.monotonic()))
         now = time.monotonic()
         for child in everyone:
             if stopping or child.running():
@@ -361,6 +361,8 @@ def run(
                 del pending[child.name]
                 child.start()
                 print(f"{child.name} restarted", file=sys.stderr, flush=True)
+        until = min(pending.values(), default=None)
+        _sleep(wake, None if until is None else max(0.0, until - time.monotonic()))
     print("shutting down...", flush=True)
     _shutdown(children, nats)
     return 0
