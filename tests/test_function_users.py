@@ -184,6 +184,68 @@ async def test_a_tenants_function_runs_as_its_account_and_reaches_nothing_else(d
     assert mode.st_uid == account_uid("team-a") and stat.S_IMODE(mode.st_mode) == 0o600
 
 
+# What a function finds in /proc: whether a word it is given appears in any process's command
+# line, whether the platform's process is listed, and whether its own child is.
+PROC_SCAN = r"""
+sleep 30 & child=$!
+found=no
+for f in /proc/[0-9]*/cmdline; do
+  if tr '\0' ' ' < "$f" 2>/dev/null | grep -q "$WORD"; then found=yes; fi
+done
+printf '{"word": "%s", "platform": "%s", "child": "%s", "uids": "%s"}' "$found" \
+  "$([ -e "/proc/$PLATFORM_PID" ] && echo yes || echo no)" \
+  "$([ -e "/proc/$child" ] && echo yes || echo no)" \
+  "$(cat /proc/[0-9]*/status 2>/dev/null | awk '/^Uid:/ {print $2}' | sort -u | tr '\n' ' ')"
+kill $child
+"""
+
+
+async def test_a_tenants_function_sees_no_other_users_processes(dev: Dev) -> None:
+    """Another account's running function, with a secret in its command line, and the
+    platform's processes are not in a tenant's /proc; its own are."""
+    word = "neighbours-secret-4711"
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {dev.token('team-b')}"}, timeout=30
+    ) as http:
+        q = {"account": "team-b"}
+        spec = {"command": ["sh", "-c", f"sleep 60 # {word}"]}
+        deadline = time.monotonic() + 10
+        while (
+            r := await http.put(
+                "/v1/functions/sleeper",
+                params=q,
+                json={"metadata": {"name": "sleeper"}, "spec": spec},
+            )
+        ).status_code == 401 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # the gateway reads a new token within a second
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/tasks", params=q, json={"function": "sleeper", "payload": {}})
+        assert r.status_code == 202, r.text
+        sleeper = r.json()["metadata"]["name"]
+        deadline = time.monotonic() + 30
+        while (await http.get(f"/v1/tasks/{sleeper}", params=q)).json()["status"][
+            "phase"
+        ] != "Running":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        for account, token in (("team-a", dev.token("team-a")), ("default", dev.admin)):
+            env = {"WORD": word, "PLATFORM_PID": str(dev.pid)}
+            scan = {
+                "command": ["sh", "-c", PROC_SCAN],
+                "env": [{"name": k, "value": v} for k, v in env.items()],
+            }
+            run = await _run(dev, token, account, scan)
+            assert run["task"]["status"]["phase"] == "Succeeded", run["task"]["status"]
+            seen = run["task"]["status"]["result"]
+            if account == "team-a":
+                assert seen["child"] == "yes", seen
+                assert (seen["word"], seen["platform"]) == ("no", "no"), seen
+                assert seen["uids"].split() == [str(account_uid("team-a"))], seen
+            else:  # an admin's function runs as the platform, and sees what it sees
+                assert (seen["word"], seen["platform"], seen["child"]) == ("yes",) * 3, seen
+        await http.post(f"/v1/tasks/{sleeper}/stop", params=q)
+
+
 async def test_an_admins_function_runs_as_the_platform(dev: Dev) -> None:
     """The same probe registered by an admin reads what the platform can: the probe can see
     access where there is some."""

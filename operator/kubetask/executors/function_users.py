@@ -43,11 +43,13 @@ from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory, memory_limit
 from .base import base_environment
 from .cgroups import Group
+from .hidden_processes import HiddenProcesses
 from .instance_ports import InstancePorts
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWNS = 0x00020000
 
 FIRST_UID = 1 << 24
 UID_SPAN = (1 << 31) - FIRST_UID
@@ -67,10 +69,13 @@ class RunAs:
     """An account's user, and the most processes (threads included) it may have at once: the
     kernel counts them per user (RLIMIT_NPROC), so the cap covers every function of the
     account, and a fork bomb in one stops there instead of taking the machine's process table.
-    Root is exempt from the count, which is why only an account's own user can be capped."""
+    Root is exempt from the count, which is why only an account's own user can be capped.
+    `namespace`, where there is one, is the descriptor of the mount namespace its processes
+    enter first, where /proc shows no other user's (`hidden_processes.py`)."""
 
     uid: int
     max_processes: int
+    namespace: int | None = None
 
     def setpriv_options(self) -> list[str]:
         uid = self.uid
@@ -106,6 +111,12 @@ class RunAs:
 
     def become(self) -> None:
         """The same, from a `preexec_fn` (where there is no setpriv)."""
+        if self.namespace is not None:
+            here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+            if _libc.setns(self.namespace, _CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNS) failed")
+            os.fchdir(here)  # entering a mount namespace moves to its root
+            os.close(here)
         resource.setrlimit(resource.RLIMIT_NPROC, (self.max_processes, self.max_processes))
         os.setgroups([])
         os.setresgid(self.uid, self.uid, self.uid)
@@ -133,10 +144,12 @@ class FunctionUsers:
     memory: AttemptMemory = field(default_factory=AttemptMemory, compare=False, repr=False)
     pids: AccountPids = field(init=False, compare=False, repr=False)
     ports: InstancePorts = field(init=False, compare=False, repr=False)
+    processes: HiddenProcesses = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
         object.__setattr__(self, "ports", InstancePorts(self.mode == "accounts"))
+        object.__setattr__(self, "processes", HiddenProcesses(self.mode == "accounts"))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -147,7 +160,7 @@ class FunctionUsers:
         """The user to run `fn`'s processes as; None for the platform's own."""
         if self.mode == "platform" or registered_by(fn) == ADMIN:
             return None
-        return RunAs(account_uid(fn.account), self.max_processes)
+        return RunAs(account_uid(fn.account), self.max_processes, self.processes.namespace())
 
     def environment(self, user: RunAs | None) -> dict[str, str]:
         """What a function's environment starts from: the platform's few variables, and for
@@ -174,6 +187,7 @@ class FunctionUsers:
         self.cpu.close()
         self.memory.close()
         self.pids.close()
+        self.processes.close()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -202,6 +216,9 @@ class FunctionUsers:
         why_not = self.ports.why_not()
         if why_not is not None:
             log.warning("warm instances' ports are open to every user of the host: %s", why_not)
+        why_not = self.processes.why_not()
+        if why_not is not None:
+            log.warning("tenants' functions see every process of the host: %s", why_not)
 
 
 def may_run(path: str, uid: int) -> bool:

@@ -27,7 +27,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import function_users
+from . import function_users, hidden_processes
 from .cgroups import Group, end_groups
 from .spawn import Child, spawn
 
@@ -52,6 +52,7 @@ class Launch(NamedTuple):
     argv: list[str]
     preexec: Callable[[], None] | None
     env: dict[str, str]
+    keep_fds: tuple[int, ...] = ()
 
 
 def die_with_parent(
@@ -98,7 +99,8 @@ def spawn_argv(
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
     exit code of the guard."""
     if _SETPRIV is None or _SH is None:
-        # The user is switched in the forked child before the exec that applies `env`.
+        # The user is switched, and its namespace entered, in the forked child before the exec
+        # that applies `env`.
         return Launch(list(command), die_with_parent(user, cgroups, first_to_go=True), env)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
     parent = str(os.getpid())
@@ -113,7 +115,10 @@ def spawn_argv(
     script = user.shell_prelude() + place + _FIRST + _CHECK + restore + _EXEC
     become = user.setpriv_options()
     guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
-    return Launch([*guard, *command], None, held)
+    if user.namespace is None:
+        return Launch([*guard, *command], None, held)
+    enter = hidden_processes.enter(user.namespace)
+    return Launch([*enter, *guard, *command], None, held, (user.namespace,))
 
 
 async def start_function(
@@ -129,8 +134,16 @@ async def start_function(
     """A function's process (an attempt's or a warm instance's) started in `groups`
     (`spawn_argv`); if it cannot start, its groups are ended before the error goes on."""
     try:
-        argv, preexec, env = spawn_argv(command, env, cwd, user, [g.procs for g in groups])
-        return await spawn(argv, env, cwd, preexec, stdin=stdin, stderr_to_stdout=stderr_to_stdout)
+        launch = spawn_argv(command, env, cwd, user, [g.procs for g in groups])
+        return await spawn(
+            launch.argv,
+            launch.env,
+            cwd,
+            launch.preexec,
+            stdin=stdin,
+            stderr_to_stdout=stderr_to_stdout,
+            keep_fds=launch.keep_fds,
+        )
     except BaseException:
         await end_groups(groups)
         raise

@@ -90,10 +90,12 @@ async def spawn(
     preexec: Callable[[], None] | None,
     stdin: bool,
     stderr_to_stdout: bool,
+    keep_fds: Sequence[int] = (),
 ) -> Child:
     """Start `argv` in a session of its own with stdout (and stderr, or stderr folded into
     stdout) piped to the loop and, with `stdin`, a pipe to write to; otherwise stdin is
-    /dev/null. Raises what exec raised (FileNotFoundError, PermissionError, ...)."""
+    /dev/null; of the loop's other descriptors it gets `keep_fds` only. Raises what exec
+    raised (FileNotFoundError, PermissionError, ...)."""
     loop = asyncio.get_running_loop()
     in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, -1)
     out_r, out_w = os.pipe()
@@ -111,6 +113,7 @@ async def spawn(
             cwd=cwd,
             start_new_session=True,
             preexec_fn=preexec,
+            pass_fds=tuple(keep_fds),
         )
 
     def close(fds: list[int]) -> None:
