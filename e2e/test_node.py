@@ -125,6 +125,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 a_neighbour_reaches_a_function_pod_on_its_proxy_port_only(cluster, api)
                 no_function_runs_in_the_platforms_namespace(cluster, ns, release)
                 a_function_applied_with_kubectl_runs_as_a_job(cluster, api)
+                a_function_cannot_write_raw_frames(api)
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
                 an_image_that_is_not_there_fails_the_attempt_at_once(cluster, api)
@@ -491,6 +492,27 @@ def a_deleted_executor_pod_costs_one_attempt(cluster: ControlPlane, api: httpx.C
     assert done["status"]["executor"]["pod"] != pod["metadata"]["name"]
     logs = api.get(f"/v1/tasks/{task_id}/logs").text
     assert "stopped (deleted or evicted)" in logs, logs
+
+
+# Run as root in its container (the image names no user), as most images' functions are.
+RAW_FRAMES = """
+import json, os, socket
+try:
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
+    raw = "opened"
+except PermissionError:
+    raw = "refused"
+print(json.dumps({"uid": os.getuid(), "raw": raw}))
+"""
+
+
+def a_function_cannot_write_raw_frames(api: httpx.Client) -> None:
+    """A raw packet socket on the pod's interface is how a tenant would forge a neighbour's
+    ARP or DNS answers on the node's bridge (`pod_template.function_container`)."""
+    function(api, "frames", ["python3", "-c", RAW_FRAMES])
+    done = finish(api, submit(api, "frames"))
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["result"] == {"uid": 0, "raw": "refused"}, done["status"]["result"]
 
 
 def a_result_past_its_limit_ends_the_pod_at_once(api: httpx.Client) -> None:

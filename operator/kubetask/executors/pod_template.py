@@ -5,8 +5,8 @@ platform injects (`runtime-sidecar/`).
 What a function may set is the validated subset in `TaskFunctionSpec` (image, pull policy,
 resources, env/envFrom, working directory, service account, node selector, tolerations).
 Everything else is the platform's: no host namespaces, volumes or privileges, no privilege
-escalation, the runtime's default seccomp profile, no service-account token unless the function
-names an account, no service links.
+escalation, no raw sockets, the runtime's default seccomp profile, no service-account token
+unless the function names an account, no service links.
 """
 
 from __future__ import annotations
@@ -74,7 +74,15 @@ def function_container(
         "command": [f"{RUNTIME_DIR}/bin/kt-runtime", "entry", "--", *command],
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "volumeMounts": [{"name": RUNTIME_VOLUME, "mountPath": RUNTIME_DIR}],
-        "securityContext": {"allowPrivilegeEscalation": False},
+        # The function's image keeps its user (root, often) and the runtime's other default
+        # capabilities, which images that chown or switch users at start need. Not NET_RAW:
+        # with it a process writes any frame it likes on the node's bridge, every pod's, so a
+        # tenant could answer ARP and DNS for a neighbour's pod or the cluster's resolver and
+        # take its traffic, around every NetworkPolicy.
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["NET_RAW"]},
+        },
     }
     if spec.workingDir:
         container["workingDir"] = spec.workingDir
