@@ -44,6 +44,7 @@ def test_helm_install_creates_every_object(
             "ConfigMap",
             "ConfigMap",
             "Deployment",
+            "NetworkPolicy",  # who reaches the NATS servers
             "Role",
             "RoleBinding",
             "Secret",
