@@ -99,16 +99,21 @@ class HiddenProcesses:
             stderr=subprocess.PIPE,
         )
         assert holder.stdin is not None and holder.stdout is not None
+        opened: OSError | None = None
         try:
             ready, _, _ = select.select([holder.stdout], [], [], _TIMEOUT)
             if ready and holder.stdout.readline() == b"ready\n":
+                # Still our unreaped child, blocked on its stdin: the pid is its own.
                 self._fd = os.open(f"/proc/{holder.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-                return None
+        except OSError as err:
+            opened = err
         finally:
             try:  # closes its stdin: it ends
-                _, err = holder.communicate(timeout=_TIMEOUT)
+                _, err_out = holder.communicate(timeout=_TIMEOUT)
             except subprocess.TimeoutExpired:
                 holder.kill()
-                _, err = holder.communicate()
-        said = err.decode(errors="replace").strip() or f"exit status {holder.returncode}"
-        return f"could not mount a /proc of their own: {said}"
+                _, err_out = holder.communicate()
+        if self._fd is not None:
+            return None
+        said = err_out.decode(errors="replace").strip() or f"exit status {holder.returncode}"
+        return f"could not mount a /proc of their own: {opened or said}"
