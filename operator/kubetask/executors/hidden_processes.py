@@ -38,6 +38,7 @@ import shutil
 import subprocess
 
 OPTIONS = "hidepid=invisible,nosuid,nodev,noexec"
+_NSENTER = shutil.which("nsenter")  # looked up once, not on every spawn
 _FIRST_KERNEL = (5, 8)
 # How long making the namespace may take before the dispatcher goes on without it.
 _TIMEOUT = 10.0
@@ -47,9 +48,8 @@ def enter(fd: int) -> list[str]:
     """`nsenter`'s command line, to put before the rest of an argv: the process enters the
     namespace `fd` (a descriptor it inherits) and keeps the working directory it was started
     in, which entering a mount namespace would reset to its root."""
-    nsenter = shutil.which("nsenter")
-    assert nsenter is not None, "checked when the namespace was made"
-    return [nsenter, f"--mount=/proc/self/fd/{fd}", "--wd=.", "--"]
+    assert _NSENTER is not None, "checked when the namespace was made"
+    return [_NSENTER, f"--mount=/proc/self/fd/{fd}", "--wd=.", "--"]
 
 
 class HiddenProcesses:
@@ -84,7 +84,7 @@ class HiddenProcesses:
                 f"Linux {platform.release()} gives every mount of /proc the same options "
                 "(5.8 is the first that does not)"
             )
-        tools = {t: shutil.which(t) for t in ("unshare", "nsenter", "mount", "sh")}
+        tools = {t: shutil.which(t) for t in ("unshare", "mount", "sh")} | {"nsenter": _NSENTER}
         missing = [t for t, path in tools.items() if path is None]
         if missing:
             return f"no {', '.join(missing)} on this host's PATH (util-linux)"
