@@ -695,8 +695,8 @@ def test_without_setpriv_the_fallback_becomes_the_user_too() -> None:
     """`die_with_parent(user)`, for a machine without util-linux's setpriv."""
     if os.geteuid() != 0:
         pytest.skip("only root can switch users")
+    from kubetask.executors.account_namespaces import AccountNamespaces
     from kubetask.executors.function_users import RunAs
-    from kubetask.executors.hidden_processes import HiddenProcesses
     from kubetask.executors.parent_death import die_with_parent
 
     user = 16777216 + 4243
@@ -705,17 +705,18 @@ def test_without_setpriv_the_fallback_becomes_the_user_too() -> None:
         preexec_fn=die_with_parent(RunAs(user, 64)), capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert out.stdout.split() == [str(user), str(user), "0077", "NoNewPrivs:", "1", "64"], out
-    # With the namespace of hidden processes (`hidden_processes.py`): entered, and the working
-    # directory kept.
-    processes = HiddenProcesses(True)
-    assert processes.why_not() is None
+    # In its account's namespace (`account_namespaces.py`): entered, the working directory
+    # kept, /proc showing its own processes only, /tmp its own.
+    namespaces = AccountNamespaces(True, 1 << 20)
+    assert namespaces.why_not_hidden() is None and namespaces.why_not_scratch() is None
+    script = "pwd; cat /proc/[0-9]*/status | awk '/^Uid:/ {print $2}' | sort -u; stat -c %u /tmp"
     out = subprocess.run(
-        ["sh", "-c", "pwd; cat /proc/[0-9]*/status | awk '/^Uid:/ {print $2}' | sort -u"],
-        preexec_fn=die_with_parent(RunAs(user, 64, processes.namespace())), cwd="/usr",
-        capture_output=True, text=True, timeout=10,
+        ["sh", "-c", script],
+        preexec_fn=die_with_parent(RunAs(user, 64), namespace=namespaces.get_now(user)),
+        cwd="/usr", capture_output=True, text=True, timeout=10,
     )  # fmt: skip
-    processes.close()
-    assert out.stdout.split() == ["/usr", str(user)], out
+    namespaces.close()
+    assert out.stdout.split() == ["/usr", str(user), str(user)], out
 
 
 def test_a_guarded_command_whose_parent_is_gone_never_runs(tmp_path: Path) -> None:

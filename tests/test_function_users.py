@@ -76,15 +76,17 @@ class Dev:
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory any user may enter, so only kubetask's own modes keep a function out of its
-    data directory (a pytest tmp_path is 0700, which would keep it out anyway)."""
-    root = Path(tempfile.mkdtemp(prefix="kt-users-"))
+    data directory (a pytest tmp_path is 0700, which would keep it out anyway). Not under
+    /tmp, where a tenant's function finds its account's own (`account_scratch.py`)."""
+    root = Path(tempfile.mkdtemp(prefix="kt-users-", dir="/var/lib"))
     root.chmod(0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def dev(open_dir: Path) -> Iterator[Dev]:
+def dev(open_dir: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
+    """`kubetask dev` in accounts mode; `request.param`, if given, more of its environment."""
     data = open_dir / "data"
     data.mkdir(mode=0o755)  # as a directory a user chose, and shares, would be
     shared = open_dir / "shared"
@@ -96,6 +98,7 @@ def dev(open_dir: Path) -> Iterator[Dev]:
         KUBETASK_FUNCTION_USERS="accounts",
         KUBETASK_ACCOUNT_MAX_PROCESSES=str(MAX_PROCESSES),
         KUBETASK_ACCOUNT_WEIGHTS="team-a=2",
+        **getattr(request, "param", {}),
     )
     log = open(open_dir / "dev.log", "ab")
     proc = subprocess.Popen(
@@ -353,7 +356,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         cpu = [g for g in open("/proc/self/cgroup") if "cpu" in g.split(":")[1].split(",")]
-        seen = {"uid": os.getuid(), "home": os.environ.get("HOME"), "port": os.environ["PORT"]}
+        home = os.environ.get("HOME")
+        seen = {"uid": os.getuid(), "home": home, "port": os.environ["PORT"]}
+        seen["homeOwner"] = os.stat(home).st_uid if home else None
         seen["cgroup"] = cpu[0].split(":", 2)[2].strip()
         self._reply(json.dumps(seen).encode())
 
@@ -374,7 +379,7 @@ async def test_a_tenants_warm_instance_runs_as_its_account_too(dev: Dev) -> None
     run = await _run(dev, dev.token("team-g"), "team-g", spec)
     seen = run["task"]["status"]["result"]
     assert seen["uid"] == account_uid("team-g"), run["task"]
-    assert os.stat(seen["home"]).st_uid == account_uid("team-g"), "its account's home"
+    assert (seen["home"], seen["homeOwner"]) == ("/tmp", account_uid("team-g")), "its own"
     assert re.search("/kubetask/team-g/p[0-9]+-[0-9]+$", seen["cgroup"]), seen
     # Registered again by an admin, the function's instances are the platform's.
     run = await _run(dev, dev.admin, "team-g", spec)
@@ -567,6 +572,128 @@ async def test_the_loaders_variables_reach_the_function_not_the_root_side_of_the
     assert status["result"] == {"out": str(out), "odd": str(len(odd)), "mine": "mine"}
 
 
+# What a tenant's function finds in /tmp and may write there, /var/tmp and /dev/shm included.
+SCRATCH = r"""
+can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
+before=$(cat "/tmp/$MARK" 2>/dev/null)
+echo "$KUBETASK_ACCOUNT" > "/tmp/$MARK"
+dd if=/dev/zero of=/dev/shm/fill bs=64k count="$BLOCKS" 2>/dev/null; shm=$?
+dd if=/dev/zero of=/var/tmp/fill bs=64k count="$BLOCKS" 2>/dev/null; var=$?
+printf '{"home": "%s", "tmpdir": "%s", "owner": "%s", "before": "%s", "shm": %s, "var": %s,' \
+  "$HOME" "$TMPDIR" "$(stat -c '%u %a' /tmp)" "$before" "$shm" "$var"
+printf '"used": %s, "listed": "%s", "host": "%s"}' \
+  "$(du -sk /tmp | cut -f1)" "$(ls /tmp | tr '\n' ' ')" "$(can cat "$HOST_FILE")"
+rm -f /dev/shm/fill /var/tmp/fill
+"""
+SCRATCH_SIZE = 4 << 20
+
+
+def _scratch(host_file: Path, blocks: int) -> dict[str, Any]:
+    env = {"HOST_FILE": str(host_file), "BLOCKS": str(blocks), "MARK": host_file.name + "-mark"}
+    return {
+        "command": ["sh", "-c", SCRATCH],
+        "env": [{"name": k, "value": v} for k, v in env.items()],
+    }
+
+
+@pytest.mark.parametrize("dev", [{"KUBETASK_ACCOUNT_SCRATCH": "4Mi"}], indirect=True)
+async def test_a_tenants_function_has_a_tmp_of_its_own_of_bounded_size(dev: Dev) -> None:
+    """A tenant's /tmp, /var/tmp and /dev/shm are one tmpfs of its account's: it cannot fill
+    the host's disk or memory past its size, a neighbour neither sees it nor loses any of its
+    own to it, and the host's /tmp is out of its sight. HOME and TMPDIR are there; what it
+    writes stays for the account's next attempt. An admin's function keeps the host's."""
+    fd, name = tempfile.mkstemp(prefix="kt-host-")
+    os.write(fd, b"the host's\n")
+    os.close(fd)
+    os.chmod(name, 0o644)  # any user could read it, were it in sight
+    host_file = Path(name)
+    try:
+        flood = 2 * SCRATCH_SIZE // 65536  # each write alone is twice the size
+        a = await _run(dev, dev.token("team-a"), "team-a", _scratch(host_file, flood))
+        a = a["task"]["status"]
+        assert a["phase"] == "Succeeded", a
+        a = a["result"]
+        assert (a["home"], a["tmpdir"], a["before"]) == ("/tmp", "/tmp", ""), a
+        assert a["owner"] == f"{account_uid('team-a')} 700", a
+        assert a["shm"] != 0 and a["var"] != 0, "a write past the size must fail"
+        assert SCRATCH_SIZE // 2048 < a["used"] <= SCRATCH_SIZE // 1024, a
+        listed = ["fill", host_file.name + "-mark"]
+        assert a["listed"].split() == listed, "one tmpfs: /dev/shm's file is in /tmp"
+        assert a["host"] == "no", a
+        b = await _run(dev, dev.token("team-b"), "team-b", _scratch(host_file, 16))
+        b = b["task"]["status"]["result"]
+        assert b["before"] == "" and b["owner"] == f"{account_uid('team-b')} 700", b
+        assert (b["shm"], b["var"]) == (0, 0), "b's own size is whole"
+        again = await _run(dev, dev.token("team-a"), "team-a", _scratch(host_file, 1))
+        assert again["task"]["status"]["result"]["before"] == "team-a", "kept while it runs"
+        admin = (await _run(dev, dev.admin, "default", _scratch(host_file, 1)))["task"]
+        assert admin["status"]["result"]["home"] == (HOME or ""), "unset: printed empty"
+        assert admin["status"]["result"]["host"] == "yes", admin
+    finally:
+        os.unlink(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name + "-mark")  # the admin's, in the host's /tmp
+
+
+async def test_a_tenants_program_under_the_hosts_tmp_is_not_found_saying_why(dev: Dev) -> None:
+    """A command under the host's /tmp is not where a tenant's function looks: the attempt
+    fails saying so, not with a bare "No such file". An admin's runs."""
+    where = tempfile.mkdtemp(prefix="kt-program-")
+    script = os.path.join(where, "run.sh")
+    try:
+        os.chmod(where, 0o755)
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\necho '{}'\n")
+        os.chmod(script, 0o755)
+        run = await _run(dev, dev.token("team-d"), "team-d", {"command": [script]})
+        status = run["task"]["status"]
+        assert status["phase"] == "Failed", status
+        assert "does not see the host's /tmp" in status["error"], status
+        admin = await _run(dev, dev.admin, "default", {"command": [script]})
+        assert admin["task"]["status"]["phase"] == "Succeeded", admin["task"]["status"]
+    finally:
+        shutil.rmtree(where)
+
+
+async def test_an_idle_accounts_namespace_is_let_go_and_its_tmp_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each account has a namespace of its own, kept while it is used; one not handed out for
+    IDLE_SECONDS is let go, and what its /tmp held with it (memory an idle account keeps no
+    longer). Real namespaces, with IDLE_SECONDS made short."""
+    from kubetask.executors import account_namespaces
+
+    namespaces = account_namespaces.AccountNamespaces(True, SCRATCH_SIZE)
+    a, b = account_uid("team-a"), account_uid("team-b")
+
+    def sh(fd: int, script: str) -> str:
+        out = subprocess.run(
+            [*account_namespaces.enter(fd), "sh", "-c", script],
+            pass_fds=(fd,), capture_output=True, text=True, check=True, timeout=10,
+        )  # fmt: skip
+        return out.stdout.strip()
+
+    try:
+        first = await namespaces.get(a)
+        assert first is not None and await namespaces.get(a) == first
+        sh(first, "echo kept > /tmp/mark")
+        other = await namespaces.get(b)
+        assert other is not None and other != first
+        assert sh(other, "stat -c %u /tmp; ls /tmp") == str(b), "b's /tmp is not a's"
+        monkeypatch.setattr(account_namespaces, "IDLE_SECONDS", 0.5)
+        await asyncio.sleep(0.3)
+        assert await namespaces.get(a) == first  # used again: stamped
+        await asyncio.sleep(0.6)
+        second = await namespaces.get(a)
+        assert second is not None
+        assert sh(second, "ls /tmp") == "", "a new namespace, a new /tmp"
+    finally:
+        namespaces.close()
+
+
+ON_DISK = {"KUBETASK_ACCOUNT_SCRATCH": "0"}
+
+
 HOMES = r"""
 can() { if "$@" >/dev/null 2>&1; then printf yes; else printf no; fi; }
 echo mine > "$TMPDIR/scratch"
@@ -585,11 +712,13 @@ def _homes(neighbour_home: str, **env: str) -> dict[str, Any]:
     }
 
 
-async def test_a_tenants_function_has_a_home_and_temporary_directory_of_its_own(dev: Dev) -> None:
-    """HOME and TMPDIR of a tenant's function are a directory only its account's user may enter
-    (they were root's HOME, which it may not enter, and the /tmp every account shares); a
-    neighbour's function can neither list it nor read what was left there. One the function
-    sets itself is kept; an admin's function keeps the platform's."""
+@pytest.mark.parametrize("dev", [ON_DISK], indirect=True)
+async def test_without_a_tmp_of_its_own_a_tenant_has_a_home_on_the_hosts(dev: Dev) -> None:
+    """With `KUBETASK_ACCOUNT_SCRATCH=0`, HOME and TMPDIR of a tenant's function are a
+    directory of the host's only its account's user may enter (they were root's HOME, which
+    it may not enter, and the /tmp every account shares); a neighbour's function can neither
+    list it nor read what was left there. One the function sets itself is kept; an admin's
+    function keeps the platform's."""
     a = (await _run(dev, dev.token("team-a"), "team-a", _homes("/nowhere")))["task"]["status"]
     assert a["phase"] == "Succeeded", a
     a = a["result"]
@@ -637,6 +766,7 @@ def _dispatcher_pid(dev: Dev) -> int | None:
     return None
 
 
+@pytest.mark.parametrize("dev", [ON_DISK], indirect=True)
 async def test_the_homes_a_killed_dispatcher_left_are_removed_by_the_next(dev: Dev) -> None:
     """A dispatcher killed with SIGKILL cannot remove the homes it made, with what tenants left
     in them; the one started after it removes them when it makes its own."""

@@ -37,13 +37,14 @@ from ..fairness import parse_weights
 from ..models import TaskFunction
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
+from . import account_scratch
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
+from .account_namespaces import AccountNamespaces
 from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory, memory_limit
 from .base import base_environment
 from .cgroups import Group
-from .hidden_processes import HiddenProcesses
 from .instance_ports import InstancePorts
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,18 @@ class RunAs:
     kernel counts them per user (RLIMIT_NPROC), so the cap covers every function of the
     account, and a fork bomb in one stops there instead of taking the machine's process table.
     Root is exempt from the count, which is why only an account's own user can be capped.
-    `namespace`, where there is one, is the descriptor of the mount namespace its processes
-    enter first, where /proc shows no other user's (`hidden_processes.py`)."""
+    `namespaces`, where there are any, hold the mount namespace its processes enter first
+    (`account_namespaces.py`)."""
 
     uid: int
     max_processes: int
-    namespace: int | None = None
+    namespaces: AccountNamespaces | None = field(default=None, compare=False, repr=False)
+
+    def unreachable(self) -> tuple[str, ...]:
+        """The host's directories its processes find something else at: their own /tmp."""
+        if self.namespaces is None or not self.namespaces.scratch():
+            return ()
+        return account_scratch.shadowed()
 
     def setpriv_options(self) -> list[str]:
         uid = self.uid
@@ -109,11 +116,12 @@ class RunAs:
         n = self.max_processes
         return f"umask 077; {{ ulimit -u {n} || ulimit -p {n}; }} 2>/dev/null || exit 125; "
 
-    def become(self) -> None:
-        """The same, from a `preexec_fn` (where there is no setpriv)."""
-        if self.namespace is not None:
+    def become(self, namespace: int | None) -> None:
+        """The same, from a `preexec_fn` (where there is no setpriv), entering `namespace`
+        first where there is one."""
+        if namespace is not None:
             here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-            if _libc.setns(self.namespace, _CLONE_NEWNS) != 0:
+            if _libc.setns(namespace, _CLONE_NEWNS) != 0:
                 raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNS) failed")
             os.fchdir(here)  # entering a mount namespace moves to its root
             os.close(here)
@@ -144,12 +152,14 @@ class FunctionUsers:
     memory: AttemptMemory = field(default_factory=AttemptMemory, compare=False, repr=False)
     pids: AccountPids = field(init=False, compare=False, repr=False)
     ports: InstancePorts = field(init=False, compare=False, repr=False)
-    processes: HiddenProcesses = field(init=False, compare=False, repr=False)
+    namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
         object.__setattr__(self, "ports", InstancePorts(self.mode == "accounts"))
-        object.__setattr__(self, "processes", HiddenProcesses(self.mode == "accounts"))
+        accounts = self.mode == "accounts"
+        namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
+        object.__setattr__(self, "namespaces", namespaces)
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -160,14 +170,16 @@ class FunctionUsers:
         """The user to run `fn`'s processes as; None for the platform's own."""
         if self.mode == "platform" or registered_by(fn) == ADMIN:
             return None
-        return RunAs(account_uid(fn.account), self.max_processes, self.processes.namespace())
+        return RunAs(account_uid(fn.account), self.max_processes, self.namespaces)
 
     def environment(self, user: RunAs | None) -> dict[str, str]:
         """What a function's environment starts from: the platform's few variables, and for
-        one run as its account's user, that account's own HOME and TMPDIR
-        (`account_homes.py`)."""
+        one run as its account's user, that account's own HOME and TMPDIR: its /tmp
+        (`account_scratch.py`), else a directory on the host's (`account_homes.py`)."""
         base = base_environment()
-        if user is not None:
+        if user is not None and self.namespaces.scratch():
+            base.update(account_scratch.ENVIRONMENT)
+        elif user is not None:
             base.update(self.homes.environment(user.uid))
         return base
 
@@ -187,7 +199,7 @@ class FunctionUsers:
         self.cpu.close()
         self.memory.close()
         self.pids.close()
-        self.processes.close()
+        self.namespaces.close()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -216,9 +228,13 @@ class FunctionUsers:
         why_not = self.ports.why_not()
         if why_not is not None:
             log.warning("warm instances' ports are open to every user of the host: %s", why_not)
-        why_not = self.processes.why_not()
-        if why_not is not None:
-            log.warning("tenants' functions see every process of the host: %s", why_not)
+        if self.mode == "accounts":
+            why_not = self.namespaces.why_not_hidden()
+            if why_not is not None:
+                log.warning("tenants' functions see every process of the host: %s", why_not)
+            why_not = self.namespaces.why_not_scratch()
+            if why_not is not None:
+                log.warning("tenants' functions share the host's /tmp and disk: %s", why_not)
 
 
 def may_run(path: str, uid: int) -> bool:

@@ -27,7 +27,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import function_users, hidden_processes
+from . import account_namespaces, account_scratch, function_users
 from .cgroups import Group, end_groups
 from .spawn import Child, spawn
 
@@ -59,11 +59,13 @@ def die_with_parent(
     user: function_users.RunAs | None = None,
     cgroups: Sequence[str] = (),
     first_to_go: bool = False,
+    namespace: int | None = None,
 ) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
     forked it is already gone; with `cgroups` (`cgroup.procs` files), first joins those groups,
     with `first_to_go`, makes it the OOM killer's first choice (`FIRST_TO_GO`), and with
-    `user`, then becomes that user (the kernel disarms the signal when the user changes)."""
+    `user`, then enters its account's `namespace` and becomes that user (the kernel disarms
+    the signal when the user changes)."""
     parent = os.getpid()
 
     def arm() -> None:
@@ -74,7 +76,7 @@ def die_with_parent(
             with contextlib.suppress(OSError), open(_OOM_SCORE, "w") as score:
                 score.write(str(FIRST_TO_GO))
         if user is not None:
-            user.become()
+            user.become(namespace)
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -88,12 +90,14 @@ def spawn_argv(
     cwd: str | None,
     user: function_users.RunAs | None = None,
     cgroups: Sequence[str] = (),
+    namespace: int | None = None,
 ) -> Launch:
     """What to pass to `spawn` for `command` with `env`; with `user`, the command runs as that
     user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`);
     with `cgroups`, `cgroup.procs` files, the guard's shell puts itself in those groups before
     the command runs, so all it starts is born there (`cgroups.py`). The command is the
-    OOM killer's first choice (`FIRST_TO_GO`).
+    OOM killer's first choice (`FIRST_TO_GO`). With `namespace`, the descriptor of the user's
+    account's mount namespace (`account_namespaces.py`), it runs there.
 
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
@@ -101,7 +105,8 @@ def spawn_argv(
     if _SETPRIV is None or _SH is None:
         # The user is switched, and its namespace entered, in the forked child before the exec
         # that applies `env`.
-        return Launch(list(command), die_with_parent(user, cgroups, first_to_go=True), env)
+        arm = die_with_parent(user, cgroups, first_to_go=True, namespace=namespace)
+        return Launch(list(command), arm, env)
     _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
     parent = str(os.getpid())
     # A group that went away meanwhile leaves the process where it is, as without groups.
@@ -115,10 +120,10 @@ def spawn_argv(
     script = user.shell_prelude() + place + _FIRST + _CHECK + restore + _EXEC
     become = user.setpriv_options()
     guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
-    if user.namespace is None:
+    if namespace is None:
         return Launch([*guard, *command], None, held)
-    enter = hidden_processes.enter(user.namespace)
-    return Launch([*enter, *guard, *command], None, held, (user.namespace,))
+    enter = account_namespaces.enter(namespace)
+    return Launch([*enter, *guard, *command], None, held, (namespace,))
 
 
 async def start_function(
@@ -134,7 +139,10 @@ async def start_function(
     """A function's process (an attempt's or a warm instance's) started in `groups`
     (`spawn_argv`); if it cannot start, its groups are ended before the error goes on."""
     try:
-        launch = spawn_argv(command, env, cwd, user, [g.procs for g in groups])
+        namespace = None
+        if user is not None and user.namespaces is not None:
+            namespace = await user.namespaces.get(user.uid)
+        launch = spawn_argv(command, env, cwd, user, [g.procs for g in groups], namespace)
         return await spawn(
             launch.argv,
             launch.env,
@@ -159,14 +167,28 @@ def _check_runnable(
 
     if user is not None:
         # Looked up as root, a path the account's user cannot reach into would answer whether
-        # something exists there: such a place is neither searched nor reported.
+        # something exists there: such a place is neither searched nor reported. Nor is the
+        # host's /tmp, which its processes do not see (their own is there: `account_scratch`).
+        elsewhere = user.unreachable()
         path = os.pathsep.join(
-            d for d in path.split(os.pathsep) if d and function_users.may_search(d, user.uid)
+            d
+            for d in path.split(os.pathsep)
+            if d
+            and function_users.may_search(d, user.uid)
+            and not account_scratch.under(d, elsewhere)
         )
         if "/" in program:
             where = os.path.dirname(os.path.join(cwd or os.getcwd(), program))
             if not function_users.may_search(where, user.uid):
                 raise function_users.refused(program, user.uid)
+            if program.startswith("/") and account_scratch.under(program, elsewhere):
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"No such file in this account's own {account_scratch.ROOT}: a tenant's "
+                    f"function does not see the host's {', '.join(elsewhere)} "
+                    "(docs/security.md)",
+                    program,
+                )
     if "/" not in program:
         if shutil.which(program, path=path) is None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
