@@ -839,6 +839,90 @@ def _own_group(controller: str) -> Path | None:
     )
 
 
+GRAB = (
+    "import sys, time; b = bytearray(int(sys.argv[1]) << 20); b[::4096] = b'x' * len(b[::4096]);"
+    " time.sleep(float(sys.argv[2])); print(len(b) >> 20)"
+)
+
+
+async def _start(dev: Dev, token: str, account: str, name: str, spec: dict[str, Any]) -> str:
+    """Registers `spec` as `name` (no retries) and submits one task of it, not waiting."""
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        q = {"account": account}
+        deadline = time.monotonic() + 10
+        while (
+            r := await http.put(
+                f"/v1/functions/{name}", params=q, json={"metadata": {"name": name}, "spec": spec}
+            )
+        ).status_code == 401 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # the gateway reads a new token within a second
+        assert r.status_code == 200, r.text
+        config = {
+            "metadata": {"name": name},
+            "spec": {"function": name, "maxAsyncRetryAttempts": 0},
+        }
+        r = await http.put(f"/v1/asyncconfigs/{name}", params=q, json=config)
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/tasks", params=q, json={"function": name, "payload": {}})
+        assert r.status_code == 202, r.text
+        return str(r.json()["metadata"]["name"])
+
+
+async def _ended(dev: Dev, token: str, account: str, task_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        deadline = time.monotonic() + 60
+        while True:
+            r = await http.get(f"/v1/tasks/{task_id}", params={"account": account})
+            status: dict[str, Any] = r.json()["status"]
+            if status["phase"] in ("Succeeded", "Failed"):
+                return status
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("dev", [{"KUBETASK_ACCOUNT_MAX_MEMORY": "96Mi"}], indirect=True)
+async def test_an_accounts_functions_together_hold_at_most_its_memory(dev: Dev) -> None:
+    """`KUBETASK_ACCOUNT_MAX_MEMORY` bounds all of an account's functions on the host together,
+    its /tmp included: two attempts of 60 MiB at once do not both fit, while a neighbour's 60
+    MiB at the same time does; what /tmp holds counts after its attempt ended; a function's
+    own, lower limit is still named as the one it went over."""
+    python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
+    a, b = dev.token("team-a"), dev.token("team-b")
+
+    def grab(mib: int, hold: float, limit: str | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"command": [python, "-c", GRAB, str(mib), str(hold)]}
+        if limit is not None:
+            spec["resources"] = {"limits": {"memory": limit}}
+        return spec
+
+    over = "out of memory: its account's functions are over their limit of 100663296 bytes"
+    started = [
+        ("team-a", a, await _start(dev, a, "team-a", "first", grab(60, 3))),
+        ("team-a", a, await _start(dev, a, "team-a", "second", grab(60, 3))),
+        ("team-b", b, await _start(dev, b, "team-b", "neighbour", grab(60, 3))),
+    ]
+    first, second, neighbour = [await _ended(dev, t, acct, i) for acct, t, i in started]
+    assert neighbour["phase"] == "Succeeded", neighbour
+    phases = sorted((first["phase"], second["phase"]))
+    assert phases == ["Failed", "Succeeded"], (first, second)
+    failed = first if first["phase"] == "Failed" else second
+    assert failed["error"].startswith(over), failed
+    # What an attempt left in /tmp is the account's memory once it has ended.
+    fill = {"command": ["sh", "-c", "dd if=/dev/zero of=/tmp/fill bs=1M count=70 && echo 1"]}
+    filled = await _ended(dev, a, "team-a", await _start(dev, a, "team-a", "fill", fill))
+    assert filled["phase"] == "Succeeded", filled
+    after = await _ended(dev, a, "team-a", await _start(dev, a, "team-a", "after", grab(40, 0)))
+    assert after["phase"] == "Failed" and after["error"].startswith(over), after
+    # A function's own limit, lower than what the account has left, is the one it went over.
+    own = grab(40, 0, limit="16Mi")
+    own_status = await _ended(dev, b, "team-b", await _start(dev, b, "team-b", "own", own))
+    assert own_status["error"].startswith("out of memory: over its limit of 16Mi"), own_status
+
+
 async def test_each_accounts_processes_share_the_cores_as_one_weighted_group(dev: Dev) -> None:
     """Every process of an account's functions, and whatever they start, is in its attempt's
     cpu cgroup inside the account's, weighted by the account's weight; a tenant can neither

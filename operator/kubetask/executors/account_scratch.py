@@ -48,8 +48,8 @@ def size_setting() -> int:
         size = int(quantities.value(raw))
     except ValueError:
         raise ValueError(f"{SETTING}={raw!r}: expected a size such as 512Mi, or 0") from None
-    if size < SMALLEST:
-        raise ValueError(f"{SETTING}={raw!r}: must be at least 1Mi, or 0 for none")
+    if not SMALLEST <= size <= quantities.MAX_VALUE:
+        raise ValueError(f"{SETTING}={raw!r}: must be from 1Mi to {quantities.MAX}, or 0 for none")
     return size
 
 

@@ -69,10 +69,10 @@ class Group:
         self.path = path
         self.procs = str(path / "cgroup.procs")  # what its first process joins
 
-    def killed_for_memory(self) -> bool:
-        """Whether the kernel killed a process of the group for its memory limit (only a
-        `memory` group has one: `attempt_memory.py`); read before the group ends."""
-        return False
+    def out_of_memory(self) -> str | None:
+        """Why the kernel killed a process of the group for memory, None if it did not (only
+        a `memory` group can say: `attempt_memory.py`); read before the group ends."""
+        return None
 
     async def end(self) -> int:
         """Kills whatever still runs in the group, and removes it; returns how many were

@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 
-from .attempt_memory import out_of_memory
 from .base import (
     Execution,
     Invocation,
@@ -99,7 +98,7 @@ class CommandExecution:
             timed_out = True
             await self.kill()
             code = await self.proc.wait()
-        killed_for_memory = any(g.killed_for_memory() for g in self.groups)
+        out_of_memory = next((why for g in self.groups if (why := g.out_of_memory())), None)
         await end_groups(self.groups)  # what left the session, and holds the output open
         try:
             _, (stdout, too_big), _ = await asyncio.wait_for(
@@ -114,8 +113,8 @@ class CommandExecution:
             return self._failed("stopped", code, killed=True)
         if too_big:
             return self._failed(f"result exceeds {self.inv.max_result_bytes} bytes", code)
-        if killed_for_memory:
-            return self._failed(out_of_memory(self.inv.function), code)
+        if out_of_memory:
+            return self._failed(out_of_memory, code)
         if code != 0:
             reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             return self._failed(reason, code)

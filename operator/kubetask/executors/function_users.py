@@ -40,9 +40,10 @@ from ..settings import env_choice, env_int, env_str, env_switch
 from . import account_scratch
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
+from .account_memory import limit_setting
 from .account_namespaces import AccountNamespaces
 from .account_pids import AccountPids
-from .attempt_memory import AttemptMemory, memory_limit
+from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
 from .instance_ports import InstancePorts
@@ -149,7 +150,9 @@ class FunctionUsers:
         compare=False,
         repr=False,
     )
-    memory: AttemptMemory = field(default_factory=AttemptMemory, compare=False, repr=False)
+    memory: AttemptMemory = field(
+        default_factory=lambda: AttemptMemory(limit_setting()), compare=False, repr=False
+    )
     pids: AccountPids = field(init=False, compare=False, repr=False)
     ports: InstancePorts = field(init=False, compare=False, repr=False)
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
@@ -185,13 +188,13 @@ class FunctionUsers:
 
     def cgroups(self, fn: TaskFunction, user: RunAs | None) -> list[Group]:
         """New groups for one attempt or instance of `fn`: its account's CPU share
-        (`account_cpu.py`) and process cap (`account_pids.py`) and, when it sets one, its
-        memory limit (`attempt_memory.py`); none where there are no groups."""
+        (`account_cpu.py`) and process cap (`account_pids.py`) and, when it or its account has
+        one, its memory limit (`attempt_memory.py`, `account_memory.py`); none where there are
+        no groups."""
         uid = None if user is None else user.uid
         cpu = self.cpu.group(fn.account, uid)
         pids = self.pids.group(fn.account, uid)
-        limit = memory_limit(fn)
-        memory = None if limit is None else self.memory.limited(fn.account, uid, limit)
+        memory = self.memory.limited(fn, uid)
         return [g for g in (cpu, pids, memory) if g is not None]
 
     def close(self) -> None:
@@ -225,6 +228,9 @@ class FunctionUsers:
         why_not = self.memory.why_not()
         if why_not is not None:
             log.warning("functions' memory limits are not applied on this host: %s", why_not)
+        elif self.memory.account_limit is not None:
+            limit = self.memory.account_limit
+            log.info("an account's functions hold at most %d bytes of memory together", limit)
         why_not = self.ports.why_not()
         if why_not is not None:
             log.warning("warm instances' ports are open to every user of the host: %s", why_not)

@@ -23,7 +23,6 @@ from typing import Any
 
 from ..cancellation import cancel_and_wait
 from ..models import TaskFunction
-from .attempt_memory import out_of_memory
 from .base import (
     Execution,
     Invocation,
@@ -404,8 +403,9 @@ class ServerExecution:
         if cut is not None:
             return cut
         self.inst.dead = True
-        if any(g.killed_for_memory() for g in self.inst.groups):
-            return Outcome(False, error=out_of_memory(self.inv.function), instance=self.instance)
+        out_of_memory = next((why for g in self.inst.groups if (why := g.out_of_memory())), None)
+        if out_of_memory:
+            return Outcome(False, error=out_of_memory, instance=self.instance)
         return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
 
     def _interrupt(self, reason: str) -> None:
