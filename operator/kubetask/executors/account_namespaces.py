@@ -3,7 +3,7 @@
 
 Why one per account, not one per attempt: a namespace and its mounts cost about five times the
 exec that enters one (measured 2026-12-04, 9 to 10 ms against 1 to 2), and every function of an
-account shares its /tmp while the dispatcher runs, as a warm Lambda keeps its own.
+account shares its /tmp while its namespace lives, as a warm Lambda keeps its own.
 
 How: a holder process is made with `unshare`, mounts what the account needs, and waits while
 the dispatcher opens its namespace; then it is let go. A tenant's process enters by that

@@ -63,7 +63,7 @@ class MemoryGroup(Group):
             killed = own
         if not killed:
             return None
-        # The kernel counts a limit reached on the group whose limit it is.
+        # Killed at its own limit, or at its account's: its peak tells (`_reached`).
         if own or self._account_limit is None:
             return out_of_memory(self._fn)
         return over_it(self._account_limit)
