@@ -24,25 +24,19 @@ instance to listen on that port.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import re
-import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .orphans import owner_gone
+from .firewall import FAMILIES, chain, end_orphans, mark, restore, said
 
 log = logging.getLogger(__name__)
 
 CHAIN = "KUBETASK-INSTANCES"  # from OUTPUT: connections made on the host
 FROM_OUTSIDE = "KUBETASK-INSTANCES-IN"  # from INPUT: connections from elsewhere
-FAMILIES = ("iptables", "ip6tables")
-_OWNER = re.compile(r'--comment "?kubetask p([0-9]+)"?')
 
 
 def listeners(port: int) -> set[int]:
@@ -72,22 +66,21 @@ class PortRules:
         who = f"-m owner ! --uid-owner {os.geteuid()}"
         if self.uid != os.geteuid():
             who += f" -m owner ! --uid-owner {self.uid}"
-        mark = f'-m comment --comment "kubetask p{os.getpid()}"'
         tcp = f"-p tcp --syn --dport {self.port}"
         return (
             "*filter\n"
-            f"{verb} {CHAIN} {tcp} -m addrtype --dst-type LOCAL {who} {mark}"
+            f"{verb} {CHAIN} {tcp} -m addrtype --dst-type LOCAL {who} {mark()}"
             " -j REJECT --reject-with tcp-reset\n"
-            f"{verb} {FROM_OUTSIDE} {tcp} ! -i lo {mark} -j DROP\n"
+            f"{verb} {FROM_OUTSIDE} {tcp} ! -i lo {mark()} -j DROP\n"
             "COMMIT\n"
         )
 
     async def remove(self) -> None:
         """Once its instance is gone."""
         try:
-            await _restore(self.families, self.lines("-D"))
+            await restore(self.families, self.lines("-D"))
         except (OSError, subprocess.CalledProcessError) as err:
-            log.warning("port %d: its rules stay (%s)", self.port, _said(err))
+            log.warning("port %d: its rules stay (%s)", self.port, said(err))
 
 
 class InstancePorts:
@@ -112,14 +105,15 @@ class InstancePorts:
             try:
                 if shutil.which(family + "-restore") is None:
                     raise FileNotFoundError(f"no {family}-restore on this host")
-                _chains(family)
-                _end_orphans(family)
+                chain(family, CHAIN, "OUTPUT")
+                chain(family, FROM_OUTSIDE, "INPUT")
+                end_orphans(family, (CHAIN, FROM_OUTSIDE))
                 self._families.append(family)
             except (OSError, subprocess.CalledProcessError) as err:
                 if family == FAMILIES[0]:
-                    self._why_not = f"cannot add firewall rules: {_said(err)}"
+                    self._why_not = f"cannot add firewall rules: {said(err)}"
                     return False
-                log.warning("%s: %s; IPv6 ports stay open", family, _said(err))
+                log.warning("%s: %s; IPv6 ports stay open", family, said(err))
         return True
 
     async def guard(self, port: int, uid: int) -> PortRules | None:
@@ -130,53 +124,7 @@ class InstancePorts:
             return None
         rules = PortRules(port, uid, tuple(self._families))
         try:
-            await _restore(self._families, rules.lines("-A"))
+            await restore(self._families, rules.lines("-A"))
         except (OSError, subprocess.CalledProcessError) as err:
-            raise RuntimeError(f"cannot close port {port} to other users: {_said(err)}") from err
+            raise RuntimeError(f"cannot close port {port} to other users: {said(err)}") from err
         return rules
-
-
-def _run(*argv: str) -> str:
-    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
-
-
-def _chains(family: str) -> None:
-    """Our chains, each jumped to first from its built-in one; made once per host, kept."""
-    for chain, hook in ((CHAIN, "OUTPUT"), (FROM_OUTSIDE, "INPUT")):
-        if subprocess.run([family, "-w", "-n", "-L", chain], capture_output=True).returncode:
-            _run(family, "-w", "-N", chain)
-        if subprocess.run([family, "-w", "-C", hook, "-j", chain], capture_output=True).returncode:
-            _run(family, "-w", "-I", hook, "-j", chain)
-
-
-def _end_orphans(family: str) -> None:
-    for chain in (CHAIN, FROM_OUTSIDE):
-        for rule in _run(family, "-w", "-S", chain).splitlines():
-            owner = _OWNER.search(rule)
-            if owner is None or not rule.startswith("-A "):
-                continue
-            if not owner_gone(int(owner.group(1))):
-                continue
-            subprocess.run([family, "-w", "-D", *shlex.split(rule[3:])], capture_output=True)
-
-
-async def _restore(families: Sequence[str], lines: str) -> None:
-    for family in families:
-        program = family + "-restore"
-        proc = await asyncio.create_subprocess_exec(
-            program,
-            "-w",
-            "--noflush",
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        _, err = await proc.communicate(lines.encode())
-        if proc.returncode:
-            raise subprocess.CalledProcessError(proc.returncode, program, stderr=err.decode())
-
-
-def _said(err: BaseException) -> str:
-    if isinstance(err, subprocess.CalledProcessError) and err.stderr:
-        return str(err.stderr).strip().splitlines()[-1]
-    return str(err)

@@ -1,0 +1,79 @@
+"""What the dispatcher's firewall rules have in common (`instance_ports.py`,
+`platform_ports.py`): chains of kubetask's own, each jumped to first from a built-in one, rules
+written with `iptables-restore --noflush`, and a comment naming the dispatcher process that
+added each, so the next dispatcher on the host removes those of one killed outright."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+
+from .orphans import owner_gone
+
+FAMILIES = ("iptables", "ip6tables")
+_OWNER = re.compile(r'--comment "?kubetask p([0-9]+)"?')
+
+
+def mark() -> str:
+    """The match that names this process as a rule's owner."""
+    return f'-m comment --comment "kubetask p{os.getpid()}"'
+
+
+def run(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def chain(family: str, name: str, hook: str) -> None:
+    """Our chain `name`, jumped to first from `hook`; made once per host, kept."""
+    if subprocess.run([family, "-w", "-n", "-L", name], capture_output=True).returncode:
+        run(family, "-w", "-N", name)
+    if subprocess.run([family, "-w", "-C", hook, "-j", name], capture_output=True).returncode:
+        run(family, "-w", "-I", hook, "-j", name)
+
+
+def end_orphans(family: str, chains: Sequence[str]) -> None:
+    """Removes the rules of dispatchers no longer running."""
+    for name in chains:
+        for rule in run(family, "-w", "-S", name).splitlines():
+            owner = _OWNER.search(rule)
+            if owner is None or not rule.startswith("-A "):
+                continue
+            if not owner_gone(int(owner.group(1))):
+                continue
+            subprocess.run([family, "-w", "-D", *shlex.split(rule[3:])], capture_output=True)
+
+
+async def restore(families: Sequence[str], lines: str) -> None:
+    for family in families:
+        program = family + "-restore"
+        proc = await asyncio.create_subprocess_exec(
+            program,
+            "-w",
+            "--noflush",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await proc.communicate(lines.encode())
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, program, stderr=err.decode())
+
+
+def restore_now(families: Sequence[str], lines: str) -> None:
+    """`restore`, for code that is not on the event loop."""
+    for family in families:
+        program = family + "-restore"
+        subprocess.run(
+            [program, "-w", "--noflush"],
+            input=lines, check=True, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+
+def said(err: BaseException) -> str:
+    if isinstance(err, subprocess.CalledProcessError) and err.stderr:
+        return str(err.stderr).strip().splitlines()[-1]
+    return str(err)
