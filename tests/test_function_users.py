@@ -429,6 +429,76 @@ def _rules() -> str:
     ).stdout
 
 
+# Listens on each port it is given, answering "tenant" to whoever connects, for 20 s.
+SQUATTER = """
+import socket, sys, time
+held = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen()
+    s.settimeout(0.05)
+    held.append(s)
+deadline = time.time() + 20
+while time.time() < deadline:
+    for s in held:
+        try:
+            c, _ = s.accept()
+        except socket.timeout:
+            continue
+        c.sendall(b"tenant")
+        c.close()
+print("{}")
+"""
+PLATFORMS = free_port()
+
+
+def _answer(port: int) -> str:
+    """What a connection to `port` on this host reads, or why it got nothing."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+            return c.recv(16).decode() or "closed"
+    except OSError as err:
+        return type(err).__name__
+
+
+@pytest.mark.parametrize("dev", [{"KUBETASK_PLATFORM_PORTS": str(PLATFORMS)}], indirect=True)
+async def test_a_tenant_listening_on_a_platform_port_answers_nobody(dev: Dev) -> None:
+    """A tenant's function that took a port of the platform's (free while its server restarts)
+    never opens a connection there, from this host or elsewhere; on a port of its own it does.
+    The rule goes with its dispatcher."""
+    other = free_port()
+    python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
+    token = dev.token("team-a")
+    spec = {"command": [python, "-c", SQUATTER, str(PLATFORMS), str(other)]}
+    task_id = await _start(dev, token, "team-a", "squatter", spec)
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        q = {"account": "team-a"}
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(_answer, other) != "tenant":
+            assert time.monotonic() < deadline, "the function never listened"
+            await asyncio.sleep(0.1)
+        # Its answer to the connection's first packet is rejected: the connection never opens.
+        assert await asyncio.to_thread(_answer, PLATFORMS) == "TimeoutError"
+        assert listeners(PLATFORMS) == {account_uid("team-a")}, "it does hold the port"
+        await http.post(f"/v1/tasks/{task_id}/stop", params=q)
+    rules = subprocess.run(["iptables", "-w", "-S", "KUBETASK-PLATFORM"], capture_output=True)
+    assert str(PLATFORMS) in rules.stdout.decode(), rules
+    os.kill(dev.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while (
+        str(PLATFORMS)
+        in subprocess.run(
+            ["iptables", "-w", "-S", "KUBETASK-PLATFORM"], capture_output=True, text=True
+        ).stdout
+    ):
+        assert time.monotonic() < deadline, "the rule outlived its dispatcher"
+        await asyncio.sleep(0.1)
+
+
 async def test_a_warm_instances_port_takes_only_the_platform_and_its_own_account(
     dev: Dev,
 ) -> None:

@@ -241,6 +241,10 @@ def run(
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
     exe = [sys.executable, "-m", "kubetask"]
     metrics_ports = [free_port() for _ in range(dispatchers)]
+    # No tenant's function may answer on these (`executors/platform_ports.py`).
+    own = [str(p) for p in (port, *metrics_ports)]
+    given = env.get("KUBETASK_PLATFORM_PORTS", "")
+    env["KUBETASK_PLATFORM_PORTS"] = ",".join(filter(None, [given, *own]))
     children = [
         Child(
             "gateway",

@@ -141,8 +141,16 @@ class FunctionWorker:
 
 
 class Dispatcher:
-    def __init__(self, plane: DataPlane, policies: list[Policy] | None = None) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        policies: list[Policy] | None = None,
+        own_ports: tuple[int, ...] = (),
+    ) -> None:
+        """`own_ports`: where this process listens (its metrics), which no tenant's function
+        may answer on (`platform_ports.py`)."""
         self.plane = plane
+        self.own_ports = own_ports
         self.policies = policies if policies is not None else default_policies()
         self.host = socket.gethostname()
         self.id = f"{self.host}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -184,7 +192,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         if not self.jobs:
-            self.users.announce()
+            self.users.announce(self.plane.settings.nats_url, self.own_ports)
         kv = await self.plane.js.key_value(names.LEASES_BUCKET)
         registry = self.plane.registry
         self.leases = Leases(

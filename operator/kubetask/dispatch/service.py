@@ -14,9 +14,9 @@ from ..settings import Settings
 from .dispatcher import Dispatcher
 
 
-async def serve(settings: Settings, drain_timeout: float) -> None:
+async def serve(settings: Settings, drain_timeout: float, own_ports: tuple[int, ...]) -> None:
     plane = await DataPlane.connect(settings, "kubetask-dispatcher")
-    dispatcher = Dispatcher(plane)
+    dispatcher = Dispatcher(plane, own_ports=own_ports)
     await dispatcher.start()
     quiet_gc()
     stop = asyncio.Event()
@@ -40,4 +40,4 @@ def run(
         metrics.serve(metrics_port, metrics_host, settings.metrics_token)
     import uvloop
 
-    uvloop.run(serve(settings, drain_timeout))
+    uvloop.run(serve(settings, drain_timeout, (metrics_port,) if metrics_port else ()))

@@ -47,6 +47,8 @@ from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
 from .instance_ports import InstancePorts
+from .platform_ports import SETTING as PLATFORM_PORTS
+from .platform_ports import PlatformPorts, local_nats_ports, parse
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -156,6 +158,11 @@ class FunctionUsers:
     pids: AccountPids = field(init=False, compare=False, repr=False)
     ports: InstancePorts = field(init=False, compare=False, repr=False)
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
+    # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
+    platform_ports: tuple[int, ...] = field(
+        default_factory=lambda: parse(env_str(PLATFORM_PORTS, "")), compare=False
+    )
+    guarded: PlatformPorts = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
@@ -163,6 +170,8 @@ class FunctionUsers:
         accounts = self.mode == "accounts"
         namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
         object.__setattr__(self, "namespaces", namespaces)
+        last_uid = FIRST_UID + UID_SPAN - 1
+        object.__setattr__(self, "guarded", PlatformPorts(accounts, FIRST_UID, last_uid))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -203,6 +212,7 @@ class FunctionUsers:
         self.memory.close()
         self.pids.close()
         self.namespaces.close()
+        self.guarded.open()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -214,9 +224,16 @@ class FunctionUsers:
             "own: docs/security.md)"
         )
 
-    def announce(self) -> None:
-        """Said once by each dispatcher at start."""
+    def announce(self, nats_url: str, own_ports: tuple[int, ...] = ()) -> None:
+        """Said once by each dispatcher at start, before any function runs; closes the
+        platform's ports on this host (NATS's, where `nats_url` names this host, `own_ports`
+        and `KUBETASK_PLATFORM_PORTS`) to tenants' sockets."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
+        if self.mode == "accounts":
+            ports = local_nats_ports(nats_url) + own_ports + self.platform_ports
+            why_not = self.guarded.close(tuple(sorted(set(ports))))
+            if why_not is not None:
+                log.warning("tenants' functions may listen on the platform's ports: %s", why_not)
         why_not = self.cpu.why_not()
         if why_not is None:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")

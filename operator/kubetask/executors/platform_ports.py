@@ -1,0 +1,110 @@
+"""A tenant's function cannot answer on the platform's ports: a socket of an account's user
+may not send from them.
+
+Why: with `KUBETASK_FUNCTION_USERS=accounts` a tenant's function may listen on any free port of
+the host, and the platform's are free for as long as one of its servers restarts (`kubetask
+dev` restarts one that died). A function waiting for that moment would be the NATS server
+every component logs in to with its password, or the gateway every client sends its token to.
+The kernel lets a process bind any port above 1024, whatever its user, and a new server finds
+its port taken rather than its clients finding the wrong server.
+
+How: one rule per address family rejects a packet sent from any of the platform's ports by a
+socket whose owner is an account's user (`function_users.FIRST_UID` and above: `-m owner`):
+the answer to a connection's first packet included, so a connection to a tenant listening
+there never opens, from this host or another (its client waits out its connect timeout, as
+for a host that does not answer: the kernel has no owner to match on the way in). The ports: NATS's, where its
+URL names this host, and those `KUBETASK_PLATFORM_PORTS` lists (`kubetask dev` sets it to its
+gateway's and dispatchers' metrics ports; a platform run otherwise lists its own). Added when
+the dispatcher starts, before any function runs, and removed when it stops; those of a
+dispatcher killed outright, by the next (`firewall.py`). A tenant that took a port first still
+keeps the platform's server from starting there until its function ends: the platform's
+server says the port is in use rather than serving from the wrong one.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from urllib.parse import urlsplit
+
+from .firewall import FAMILIES, chain, end_orphans, mark, restore_now, said
+
+log = logging.getLogger(__name__)
+
+CHAIN = "KUBETASK-PLATFORM"  # from OUTPUT: what a socket of this host sends
+SETTING = "KUBETASK_PLATFORM_PORTS"
+_LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
+# iptables' multiport match takes at most 15 ports.
+_PER_RULE = 15
+
+
+def parse(raw: str) -> tuple[int, ...]:
+    """`KUBETASK_PLATFORM_PORTS`: ports separated by commas."""
+    ports = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or not 0 < int(part) < 65536:
+            raise ValueError(f"{SETTING}={raw!r}: expected ports from 1 to 65535, by commas")
+        ports.append(int(part))
+    return tuple(sorted(set(ports)))
+
+
+def local_nats_ports(nats_url: str) -> tuple[int, ...]:
+    """The ports of the NATS servers `nats_url` names on this host."""
+    ports = set()
+    for url in nats_url.split(","):
+        try:
+            where = urlsplit(url.strip() if "://" in url else f"nats://{url.strip()}")
+            if where.hostname in _LOCAL or where.hostname is None:
+                ports.add(where.port or 4222)
+        except ValueError:
+            continue  # the connection refuses it, saying why
+    return tuple(sorted(ports))
+
+
+class PlatformPorts:
+    def __init__(self, enabled: bool, first_uid: int, last_uid: int) -> None:
+        self._enabled = enabled
+        self._tenants = f"{first_uid}-{last_uid}"
+        self._lines: str | None = None
+        self._families: list[str] = []
+
+    def close(self, ports: tuple[int, ...]) -> str | None:
+        """Closes `ports` to tenants' sockets; why not, where they are left open."""
+        if not self._enabled:
+            return "only with KUBETASK_FUNCTION_USERS=accounts"
+        if not ports:
+            return None
+        rules = [
+            f"-A {CHAIN} -p tcp -m multiport --sports {','.join(map(str, group))} "
+            f"-m owner --uid-owner {self._tenants} {mark()} -j REJECT --reject-with tcp-reset"
+            for group in (ports[i : i + _PER_RULE] for i in range(0, len(ports), _PER_RULE))
+        ]
+        lines = "*filter\n" + "\n".join(rules) + "\nCOMMIT\n"
+        for family in FAMILIES:
+            try:
+                if shutil.which(family + "-restore") is None:
+                    raise FileNotFoundError(f"no {family}-restore on this host")
+                chain(family, CHAIN, "OUTPUT")
+                end_orphans(family, (CHAIN,))
+                restore_now([family], lines)
+                self._families.append(family)
+            except (OSError, subprocess.CalledProcessError) as err:
+                if family == FAMILIES[0]:
+                    return f"cannot add firewall rules: {said(err)}"
+                log.warning("%s: %s; the platform's IPv6 ports stay open", family, said(err))
+        self._lines = lines
+        return None
+
+    def open(self) -> None:
+        """Removes this dispatcher's rules, when it stops."""
+        if self._lines is None:
+            return
+        try:
+            restore_now(self._families, self._lines.replace(f"-A {CHAIN} ", f"-D {CHAIN} "))
+        except (OSError, subprocess.CalledProcessError) as err:
+            log.warning("the platform's ports: rules stay (%s)", said(err))
+        self._lines = None
