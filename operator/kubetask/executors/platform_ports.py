@@ -12,9 +12,10 @@ How: one rule per address family rejects a packet sent from any of the platform'
 socket whose owner is an account's user (`function_users.FIRST_UID` and above: `-m owner`):
 the answer to a connection's first packet included, so a connection to a tenant listening
 there never opens, from this host or another (its client waits out its connect timeout, as
-for a host that does not answer: the kernel has no owner to match on the way in). The ports: NATS's, where its
-URL names this host, and those `KUBETASK_PLATFORM_PORTS` lists (`kubetask dev` sets it to its
-gateway's and dispatchers' metrics ports; a platform run otherwise lists its own). Added when
+for a host that does not answer: the kernel has no owner to match on the way in). The ports:
+NATS's, where its URL names this host, the dispatcher's metrics port, and those
+`KUBETASK_PLATFORM_PORTS` lists (`kubetask dev` adds its gateway's and dispatchers' metrics
+ports; a platform run otherwise lists its own). Added when
 the dispatcher starts, before any function runs, and removed when it stops; those of a
 dispatcher killed outright, by the next (`firewall.py`). A tenant that took a port first still
 keeps the platform's server from starting there until its function ends: the platform's
