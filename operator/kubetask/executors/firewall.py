@@ -6,13 +6,17 @@ added each, so the next dispatcher on the host removes those of one killed outri
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .orphans import owner_gone
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("iptables", "ip6tables")
 _OWNER = re.compile(r'--comment "?kubetask p([0-9]+)"?')
@@ -77,3 +81,42 @@ def said(err: BaseException) -> str:
     if isinstance(err, subprocess.CalledProcessError) and err.stderr:
         return str(err.stderr).strip().splitlines()[-1]
     return str(err)
+
+
+class HostRules:
+    """Rules this dispatcher keeps in chain `name` (jumped to from `hook`) for as long as it
+    runs: added once at start, removed when it stops, and by the next dispatcher if it is
+    killed outright. `rules(family)` gives a family's rules, without `-A chain`."""
+
+    def __init__(self, name: str, hook: str, rules: Callable[[str], list[str]]) -> None:
+        self._name = name
+        self._hook = hook
+        self._rules = rules
+        self._added: dict[str, str] = {}  # family -> what was restored
+
+    def add(self) -> str | None:
+        """Adds the rules; why not, where IPv4's could not be (IPv6's are warned about)."""
+        for family in FAMILIES:
+            rules = self._rules(family)
+            lines = "*filter\n" + "".join(f"-A {self._name} {r} {mark()}\n" for r in rules)
+            try:
+                if shutil.which(family + "-restore") is None:
+                    raise FileNotFoundError(f"no {family}-restore on this host")
+                chain(family, self._name, self._hook)
+                end_orphans(family, (self._name,))
+                if rules:
+                    restore_now([family], lines + "COMMIT\n")
+                    self._added[family] = lines + "COMMIT\n"
+            except (OSError, subprocess.CalledProcessError) as err:
+                if family == FAMILIES[0]:
+                    return f"cannot add firewall rules: {said(err)}"
+                log.warning("%s: %s (%s)", family, said(err), self._name)
+        return None
+
+    def remove(self) -> None:
+        for family, lines in self._added.items():
+            try:
+                restore_now([family], lines.replace(f"-A {self._name} ", f"-D {self._name} "))
+            except (OSError, subprocess.CalledProcessError) as err:
+                log.warning("%s: its rules stay (%s)", self._name, said(err))
+        self._added.clear()

@@ -24,14 +24,9 @@ server says the port is in use rather than serving from the wrong one.
 
 from __future__ import annotations
 
-import logging
-import shutil
-import subprocess
 from urllib.parse import urlsplit
 
-from .firewall import FAMILIES, chain, end_orphans, mark, restore_now, said
-
-log = logging.getLogger(__name__)
+from .firewall import HostRules
 
 CHAIN = "KUBETASK-PLATFORM"  # from OUTPUT: what a socket of this host sends
 SETTING = "KUBETASK_PLATFORM_PORTS"
@@ -70,42 +65,21 @@ class PlatformPorts:
     def __init__(self, enabled: bool, first_uid: int, last_uid: int) -> None:
         self._enabled = enabled
         self._tenants = f"{first_uid}-{last_uid}"
-        self._lines: str | None = None
-        self._families: list[str] = []
+        self._rules: HostRules | None = None
 
     def close(self, ports: tuple[int, ...]) -> str | None:
         """Closes `ports` to tenants' sockets; why not, where they are left open."""
         if not self._enabled:
             return "only with KUBETASK_FUNCTION_USERS=accounts"
-        if not ports:
-            return None
         rules = [
-            f"-A {CHAIN} -p tcp -m multiport --sports {','.join(map(str, group))} "
-            f"-m owner --uid-owner {self._tenants} {mark()} -j REJECT --reject-with tcp-reset"
+            f"-p tcp -m multiport --sports {','.join(map(str, group))} "
+            f"-m owner --uid-owner {self._tenants} -j REJECT --reject-with tcp-reset"
             for group in (ports[i : i + _PER_RULE] for i in range(0, len(ports), _PER_RULE))
         ]
-        lines = "*filter\n" + "\n".join(rules) + "\nCOMMIT\n"
-        for family in FAMILIES:
-            try:
-                if shutil.which(family + "-restore") is None:
-                    raise FileNotFoundError(f"no {family}-restore on this host")
-                chain(family, CHAIN, "OUTPUT")
-                end_orphans(family, (CHAIN,))
-                restore_now([family], lines)
-                self._families.append(family)
-            except (OSError, subprocess.CalledProcessError) as err:
-                if family == FAMILIES[0]:
-                    return f"cannot add firewall rules: {said(err)}"
-                log.warning("%s: %s; the platform's IPv6 ports stay open", family, said(err))
-        self._lines = lines
-        return None
+        self._rules = HostRules(CHAIN, "OUTPUT", lambda _family: rules)
+        return self._rules.add()
 
     def open(self) -> None:
         """Removes this dispatcher's rules, when it stops."""
-        if self._lines is None:
-            return
-        try:
-            restore_now(self._families, self._lines.replace(f"-A {CHAIN} ", f"-D {CHAIN} "))
-        except (OSError, subprocess.CalledProcessError) as err:
-            log.warning("the platform's ports: rules stay (%s)", said(err))
-        self._lines = None
+        if self._rules is not None:
+            self._rules.remove()
