@@ -429,6 +429,66 @@ def _rules() -> str:
     ).stdout
 
 
+# Connects to each host:port it is given, and says what it read or why it could not.
+DIALLER = """
+import json, socket, sys
+seen = {}
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=3) as c:
+            seen[target] = c.recv(16).decode()
+    except OSError as err:
+        seen[target] = type(err).__name__
+print(json.dumps(seen))
+"""
+
+
+@contextlib.contextmanager
+def _answering(host: str, word: bytes) -> Iterator[int]:
+    """A server of the platform's user on `host` that answers `word` to each connection."""
+    server = socket.create_server((host, 0))
+    server.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.sendall(word)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "dev", [{"KUBETASK_FUNCTION_DENIED_NETWORKS": "127.0.0.2/32"}], indirect=True
+)
+async def test_a_tenants_function_cannot_connect_to_a_denied_network(dev: Dev) -> None:
+    """The networks no tenant's function may reach (by default the clouds' metadata service,
+    which hands out the machine's credentials): its connection there is refused at once, and
+    one elsewhere is not; an admin's function, run as the platform, reaches both."""
+    python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
+    with _answering("127.0.0.2", b"denied") as denied, _answering("127.0.0.1", b"open") as open_:
+        targets = [f"127.0.0.2:{denied}", f"127.0.0.1:{open_}"]
+        spec = {"command": [python, "-c", DIALLER, *targets]}
+        tenant = await _run(dev, dev.token("team-a"), "team-a", spec)
+        admin = await _run(dev, dev.admin, "default", spec)
+    refused, reached = targets
+    seen = tenant["task"]["status"]["result"]
+    assert seen == {refused: "ConnectionRefusedError", reached: "open"}, tenant["task"]
+    assert admin["task"]["status"]["result"] == {refused: "denied", reached: "open"}
+
+
 # Listens on each port it is given, answering "tenant" to whoever connects, for 20 s.
 SQUATTER = """
 import socket, sys, time
@@ -487,6 +547,8 @@ async def test_a_tenant_listening_on_a_platform_port_answers_nobody(dev: Dev) ->
         await http.post(f"/v1/tasks/{task_id}/stop", params=q)
     rules = subprocess.run(["iptables", "-w", "-S", "KUBETASK-PLATFORM"], capture_output=True)
     assert str(PLATFORMS) in rules.stdout.decode(), rules
+    egress = subprocess.run(["iptables", "-w", "-S", "KUBETASK-EGRESS"], capture_output=True)
+    assert "169.254.0.0/16" in egress.stdout.decode(), "the metadata service, by default"
     os.kill(dev.pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while (

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..fairness import parse_weights
 from ..models import TaskFunction
+from ..networks import DEFAULT_DENIED, Network, parse_networks
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
 from . import account_scratch
@@ -46,6 +47,8 @@ from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
+from .function_egress import SETTING as DENIED_NETWORKS
+from .function_egress import FunctionEgress
 from .instance_ports import InstancePorts
 from .platform_ports import SETTING as PLATFORM_PORTS
 from .platform_ports import PlatformPorts, local_nats_ports, parse
@@ -163,6 +166,14 @@ class FunctionUsers:
         default_factory=lambda: parse(env_str(PLATFORM_PORTS, "")), compare=False
     )
     guarded: PlatformPorts = field(init=False, compare=False, repr=False)
+    # Where no tenant's function may connect (`function_egress.py`).
+    denied_networks: tuple[Network, ...] = field(
+        default_factory=lambda: parse_networks(
+            DENIED_NETWORKS, env_str(DENIED_NETWORKS, DEFAULT_DENIED)
+        ),
+        compare=False,
+    )
+    egress: FunctionEgress = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
@@ -172,6 +183,7 @@ class FunctionUsers:
         object.__setattr__(self, "namespaces", namespaces)
         last_uid = FIRST_UID + UID_SPAN - 1
         object.__setattr__(self, "guarded", PlatformPorts(accounts, FIRST_UID, last_uid))
+        object.__setattr__(self, "egress", FunctionEgress(accounts, FIRST_UID, last_uid))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -213,6 +225,7 @@ class FunctionUsers:
         self.pids.close()
         self.namespaces.close()
         self.guarded.open()
+        self.egress.open()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -227,13 +240,16 @@ class FunctionUsers:
     def announce(self, nats_url: str, own_ports: tuple[int, ...] = ()) -> None:
         """Said once by each dispatcher at start, before any function runs; closes the
         platform's ports on this host (NATS's, where `nats_url` names this host, `own_ports`
-        and `KUBETASK_PLATFORM_PORTS`) to tenants' sockets."""
+        and `KUBETASK_PLATFORM_PORTS`) and the denied networks to tenants' sockets."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
             ports = local_nats_ports(nats_url) + own_ports + self.platform_ports
             why_not = self.guarded.close(tuple(sorted(set(ports))))
             if why_not is not None:
                 log.warning("tenants' functions may listen on the platform's ports: %s", why_not)
+            why_not = self.egress.close(self.denied_networks)
+            if why_not is not None:
+                log.warning("tenants' functions may reach %s: %s", DENIED_NETWORKS, why_not)
         why_not = self.cpu.why_not()
         if why_not is None:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")
