@@ -128,6 +128,7 @@ def test_helm_install_runs_every_pod_and_tasks_succeed(
                 no_function_runs_in_the_platforms_namespace(cluster, ns, release)
                 a_function_applied_with_kubectl_runs_as_a_job(cluster, api)
                 a_function_cannot_write_raw_frames(api)
+                a_function_cannot_reach_the_metadata_service(cluster, api)
                 logs_in_to_the_pod_running_a_task(cluster, api, ns, base, token, release)
                 a_deleted_executor_pod_costs_one_attempt(cluster, api)
                 an_image_that_is_not_there_fails_the_attempt_at_once(cluster, api)
@@ -213,7 +214,7 @@ def function_pods_take_connections_on_the_proxy_port_only(cluster: ControlPlane)
         cluster.kubectl("get", "networkpolicy", "kubetask-functions", "-n", "team-a",
                         "-o", "json").stdout
     )["spec"]  # fmt: skip
-    assert spec["policyTypes"] == ["Ingress"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]  # what egress lets: a later step
     assert spec["podSelector"] == {
         "matchExpressions": [{"key": "kubetask.io/function", "operator": "Exists"}]
     }
@@ -554,6 +555,58 @@ except PermissionError:
     raw = "refused"
 print(json.dumps({"uid": os.getuid(), "raw": raw}))
 """
+
+
+# Every second for 20 s, how a connection to each of argv[1:] (host:port) went, within 1 s.
+DIAL_REPEATEDLY = """
+import json, socket, sys, time
+seen = {t: [] for t in sys.argv[1:]}
+for _ in range(20):
+    for target in seen:
+        host, port = target.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            seen[target].append("connected")
+        except OSError as err:
+            seen[target].append(type(err).__name__)
+    time.sleep(1)
+print(json.dumps(seen))
+"""
+METADATA_LIKE = "169.254.77.77"  # link-local, as the clouds' metadata service is
+
+
+def a_function_cannot_reach_the_metadata_service(cluster: ControlPlane, api: httpx.Client) -> None:
+    """A function pod's egress is closed to the denied networks (by default link-local, where
+    the clouds' metadata service hands out the node's credentials), and open elsewhere: an
+    address of the host's in 169.254.0.0/16, which a pod no policy selects reaches, and the
+    host's own."""
+    subprocess.run(["ip", "addr", "add", f"{METADATA_LIKE}/32", "dev", "lo"], check=True)
+    server = socket.create_server(("0.0.0.0", 0))
+    port = server.getsockname()[1]
+    server.listen(64)
+    cluster.kubectl(
+        "run", "unselected", "-n", "default", "--image=docker.io/kubetask/kubetask:dev",
+        "--image-pull-policy=Never", "--restart=Never", "--command", "--", "sleep", "600",
+    )  # fmt: skip
+    try:
+        targets = [f"{METADATA_LIKE}:{port}", f"{host_ip()}:{port}"]
+        function(api, "metadata", ["python3", "-c", DIAL_REPEATEDLY, *targets])
+        done = finish(api, submit(api, "metadata"))
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        denied, host = (done["status"]["result"][t] for t in targets)
+        assert host[-1] == "connected", host
+        # The network plugin applies the policy to a new pod within moments, not at once.
+        blocked = [i for i, outcome in enumerate(denied) if outcome != "connected"]
+        assert blocked and "connected" not in denied[blocked[0] :], denied
+        eventually(lambda: ready(pods(cluster, "default", "run=unselected")[0]), 60, "a pod Ready")
+        argv = ["exec", "-n", "default", "unselected", "--", "python3", "-c", CONNECT]
+        reached = cluster.kubectl(*argv, METADATA_LIKE, str(port)).stdout.strip()
+        assert reached == "connected", "the address is reachable: the policy is what refuses"
+    finally:
+        cluster.kubectl("delete", "pod", "unselected", "-n", "default", "--grace-period=0",
+                        "--force", check=False)  # fmt: skip
+        server.close()
+        subprocess.run(["ip", "addr", "del", f"{METADATA_LIKE}/32", "dev", "lo"], check=False)
 
 
 def a_function_cannot_write_raw_frames(api: httpx.Client) -> None:

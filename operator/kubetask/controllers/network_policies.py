@@ -11,6 +11,10 @@ command listens on is as reachable. The policy selects every pod of a function
 reach the proxies there, the kubelet's probes and `kubectl exec` (`kubetask login`) do not go
 through it.
 
+The same policy lets the pods connect anywhere but the networks no function may reach
+(`executors/function_egress.py`: by default the clouds' metadata service, which hands out the
+node's credentials).
+
 A NetworkPolicy is enforced by the cluster's network plugin (Calico, Cilium, Antrea...); one
 without support (flannel alone, the reference `bridge` plugin) stores it and lets everything
 through, as Kubernetes documents. Policies allow together: one of the cluster's that lets more
@@ -28,7 +32,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from .. import kube_client, reserved_namespaces
+from ..executors.function_egress import denied_networks
 from ..executors.pod_template import PROXY_PORT
+from ..networks import Network
 from ..plane import DataPlane
 from .kube import differs
 
@@ -39,8 +45,10 @@ LABEL = "kubetask.io/policy"
 INTERVAL = 5.0
 
 
-def policy(account: str) -> dict[str, Any]:
-    return {
+def policy(account: str, denied: tuple[Network, ...] = ()) -> dict[str, Any]:
+    """With `denied` networks, the pods may connect anywhere else (`function_egress.py`): to
+    every pod of the cluster, and to every address outside those networks."""
+    body: dict[str, Any] = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {
@@ -56,6 +64,16 @@ def policy(account: str) -> dict[str, Any]:
             "ingress": [{"ports": [{"protocol": "TCP", "port": PROXY_PORT}]}],
         },
     }
+    if denied:
+        blocks = [
+            {"ipBlock": {"cidr": whole, "except": [str(n) for n in denied if n.version == v]}}
+            for v, whole in ((4, "0.0.0.0/0"), (6, "::/0"))
+        ]
+        body["spec"]["policyTypes"].append("Egress")
+        # Whether an ipBlock matches pods' own addresses is the plugin's choice: they are let
+        # through by name, so a pod reaches the cluster's DNS and services wherever it runs.
+        body["spec"]["egress"] = [{"to": [{"namespaceSelector": {}}, *blocks]}]
+    return body
 
 
 def _existing() -> dict[str, Any]:
@@ -78,8 +96,9 @@ def _apply(accounts: set[str], warned: set[str]) -> None:
     registered over HTTP for an account whose namespace does not exist yet)."""
     existing = _existing()
     net = client.NetworkingV1Api()
+    denied = denied_networks()
     for account in sorted(accounts):
-        body = policy(account)
+        body = policy(account, denied)
         have = existing.get(account)
         try:
             if have is None:

@@ -11,7 +11,8 @@ what a socket of an account's user sends there (`-m owner`, the account user ids
 fails at once (connection refused), a datagram is dropped with an ICMP error. The networks are
 `KUBETASK_FUNCTION_DENIED_NETWORKS` (CIDRs separated by commas, or `none`), by default the
 webhooks' (link-local, and the clouds' other metadata addresses). Added when the dispatcher
-starts, before any function runs, removed when it stops (`firewall.py`). An admin's function
+starts, before any function runs, removed when it stops (`firewall.py`). On Kubernetes the
+operator keeps function pods from them with their account's NetworkPolicy. An admin's function
 runs as the platform's user and is not held to them, as the platform itself is not; nor is
 any function where every function runs as the platform's user (the default), since a rule
 cannot tell it from the platform.
@@ -19,11 +20,18 @@ cannot tell it from the platform.
 
 from __future__ import annotations
 
-from ..networks import Network
+from ..networks import DEFAULT_DENIED, Network, parse_networks
+from ..settings import env_str
 from .firewall import HostRules
 
 CHAIN = "KUBETASK-EGRESS"  # from OUTPUT
 SETTING = "KUBETASK_FUNCTION_DENIED_NETWORKS"
+
+
+def denied_networks() -> tuple[Network, ...]:
+    """`KUBETASK_FUNCTION_DENIED_NETWORKS`, read by the dispatchers (rules on one host) and the
+    operator (each account's NetworkPolicy: `controllers/network_policies.py`)."""
+    return parse_networks(SETTING, env_str(SETTING, DEFAULT_DENIED))
 
 
 class FunctionEgress:

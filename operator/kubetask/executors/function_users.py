@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..fairness import parse_weights
 from ..models import TaskFunction
-from ..networks import DEFAULT_DENIED, Network, parse_networks
+from ..networks import Network
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
 from . import account_scratch
@@ -48,7 +48,7 @@ from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
 from .function_egress import SETTING as DENIED_NETWORKS
-from .function_egress import FunctionEgress
+from .function_egress import FunctionEgress, denied_networks
 from .instance_ports import InstancePorts
 from .platform_ports import SETTING as PLATFORM_PORTS
 from .platform_ports import PlatformPorts, local_nats_ports, parse
@@ -167,12 +167,7 @@ class FunctionUsers:
     )
     guarded: PlatformPorts = field(init=False, compare=False, repr=False)
     # Where no tenant's function may connect (`function_egress.py`).
-    denied_networks: tuple[Network, ...] = field(
-        default_factory=lambda: parse_networks(
-            DENIED_NETWORKS, env_str(DENIED_NETWORKS, DEFAULT_DENIED)
-        ),
-        compare=False,
-    )
+    denied_networks: tuple[Network, ...] = field(default_factory=denied_networks, compare=False)
     egress: FunctionEgress = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
