@@ -234,8 +234,9 @@ class FunctionUsers:
 
     def announce(self, nats_url: str, own_ports: tuple[int, ...] = ()) -> None:
         """Said once by each dispatcher at start, before any function runs; closes the
-        platform's ports on this host (NATS's, where `nats_url` names this host, `own_ports`
-        and `KUBETASK_PLATFORM_PORTS`) and the denied networks to tenants' sockets."""
+        platform's ports on this host (NATS's, where `nats_url` names a loopback address,
+        `own_ports` and `KUBETASK_PLATFORM_PORTS`) and the denied networks to tenants'
+        sockets."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
             ports = local_nats_ports(nats_url) + own_ports + self.platform_ports

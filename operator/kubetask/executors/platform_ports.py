@@ -13,7 +13,7 @@ socket whose owner is an account's user (`function_users.FIRST_UID` and above: `
 the answer to a connection's first packet included, so a connection to a tenant listening
 there never opens, from this host or another (its client waits out its connect timeout, as
 for a host that does not answer: the kernel has no owner to match on the way in). The ports:
-NATS's, where its URL names this host, the dispatcher's metrics port, and those
+NATS's, where its URL names a loopback address, the dispatcher's metrics port, and those
 `KUBETASK_PLATFORM_PORTS` lists (`kubetask dev` adds its gateway's and dispatchers' metrics
 ports; a platform run otherwise lists its own). Added when
 the dispatcher starts, before any function runs, and removed when it stops; those of a
