@@ -34,29 +34,15 @@ def denied_networks() -> tuple[Network, ...]:
     return parse_networks(SETTING, env_str(SETTING, DEFAULT_DENIED))
 
 
-class FunctionEgress:
-    def __init__(self, enabled: bool, first_uid: int, last_uid: int) -> None:
-        self._enabled = enabled
-        self._tenants = f"{first_uid}-{last_uid}"
-        self._rules: HostRules | None = None
+def rules(networks: tuple[Network, ...], tenants: str) -> HostRules:
+    """The rules that keep the users `tenants` (a uid range) from sending to `networks`."""
 
-    def close(self, networks: tuple[Network, ...]) -> str | None:
-        """Closes `networks` to tenants' sockets; why not, where they are left open."""
-        if not self._enabled:
-            return "only with KUBETASK_FUNCTION_USERS=accounts"
+    def family_rules(family: str) -> list[str]:
+        version = 4 if family == "iptables" else 6
+        return [
+            f"-d {net} -m owner --uid-owner {tenants} -j REJECT"
+            for net in networks
+            if net.version == version
+        ]
 
-        def rules(family: str) -> list[str]:
-            version = 4 if family == "iptables" else 6
-            return [
-                f"-d {net} -m owner --uid-owner {self._tenants} -j REJECT"
-                for net in networks
-                if net.version == version
-            ]
-
-        self._rules = HostRules(CHAIN, "OUTPUT", rules)
-        return self._rules.add()
-
-    def open(self) -> None:
-        """Removes this dispatcher's rules, when it stops."""
-        if self._rules is not None:
-            self._rules.remove()
+    return HostRules(CHAIN, "OUTPUT", family_rules)

@@ -38,7 +38,7 @@ from ..models import TaskFunction
 from ..networks import Network
 from ..registrant import ADMIN, registered_by
 from ..settings import env_choice, env_int, env_str, env_switch
-from . import account_scratch
+from . import account_scratch, function_egress, platform_ports
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
 from .account_memory import limit_setting
@@ -47,11 +47,12 @@ from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
+from .firewall import HostRules
 from .function_egress import SETTING as DENIED_NETWORKS
-from .function_egress import FunctionEgress, denied_networks
+from .function_egress import denied_networks
 from .instance_ports import InstancePorts
 from .platform_ports import SETTING as PLATFORM_PORTS
-from .platform_ports import PlatformPorts, local_nats_ports, parse
+from .platform_ports import local_nats_ports, parse
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -165,10 +166,10 @@ class FunctionUsers:
     platform_ports: tuple[int, ...] = field(
         default_factory=lambda: parse(env_str(PLATFORM_PORTS, "")), compare=False
     )
-    guarded: PlatformPorts = field(init=False, compare=False, repr=False)
     # Where no tenant's function may connect (`function_egress.py`).
     denied_networks: tuple[Network, ...] = field(default_factory=denied_networks, compare=False)
-    egress: FunctionEgress = field(init=False, compare=False, repr=False)
+    # The firewall rules added at start (accounts mode), removed by `close`.
+    rules: list[HostRules] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
@@ -176,9 +177,6 @@ class FunctionUsers:
         accounts = self.mode == "accounts"
         namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
         object.__setattr__(self, "namespaces", namespaces)
-        last_uid = FIRST_UID + UID_SPAN - 1
-        object.__setattr__(self, "guarded", PlatformPorts(accounts, FIRST_UID, last_uid))
-        object.__setattr__(self, "egress", FunctionEgress(accounts, FIRST_UID, last_uid))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -219,8 +217,9 @@ class FunctionUsers:
         self.memory.close()
         self.pids.close()
         self.namespaces.close()
-        self.guarded.open()
-        self.egress.open()
+        for rules in self.rules:
+            rules.remove()
+        self.rules.clear()
 
     def describe(self) -> str:
         if self.mode == "accounts":
@@ -239,13 +238,17 @@ class FunctionUsers:
         sockets."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
-            ports = local_nats_ports(nats_url) + own_ports + self.platform_ports
-            why_not = self.guarded.close(tuple(sorted(set(ports))))
-            if why_not is not None:
-                log.warning("tenants' functions may listen on the platform's ports: %s", why_not)
-            why_not = self.egress.close(self.denied_networks)
-            if why_not is not None:
-                log.warning("tenants' functions may reach %s: %s", DENIED_NETWORKS, why_not)
+            tenants = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"
+            ports = tuple(sorted({*local_nats_ports(nats_url), *own_ports, *self.platform_ports}))
+            egress = function_egress.rules(self.denied_networks, tenants)
+            for rules, open_to in (
+                (platform_ports.rules(ports, tenants), "may listen on the platform's ports"),
+                (egress, f"may reach {DENIED_NETWORKS}"),
+            ):
+                self.rules.append(rules)
+                why_not = rules.add()
+                if why_not is not None:
+                    log.warning("tenants' functions %s: %s", open_to, why_not)
         why_not = self.cpu.why_not()
         if why_not is None:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")

@@ -61,25 +61,11 @@ def local_nats_ports(nats_url: str) -> tuple[int, ...]:
     return tuple(sorted(ports))
 
 
-class PlatformPorts:
-    def __init__(self, enabled: bool, first_uid: int, last_uid: int) -> None:
-        self._enabled = enabled
-        self._tenants = f"{first_uid}-{last_uid}"
-        self._rules: HostRules | None = None
-
-    def close(self, ports: tuple[int, ...]) -> str | None:
-        """Closes `ports` to tenants' sockets; why not, where they are left open."""
-        if not self._enabled:
-            return "only with KUBETASK_FUNCTION_USERS=accounts"
-        rules = [
-            f"-p tcp -m multiport --sports {','.join(map(str, group))} "
-            f"-m owner --uid-owner {self._tenants} -j REJECT --reject-with tcp-reset"
-            for group in (ports[i : i + _PER_RULE] for i in range(0, len(ports), _PER_RULE))
-        ]
-        self._rules = HostRules(CHAIN, "OUTPUT", lambda _family: rules)
-        return self._rules.add()
-
-    def open(self) -> None:
-        """Removes this dispatcher's rules, when it stops."""
-        if self._rules is not None:
-            self._rules.remove()
+def rules(ports: tuple[int, ...], tenants: str) -> HostRules:
+    """The rules that keep the users `tenants` (a uid range) from sending from `ports`."""
+    closed = [
+        f"-p tcp -m multiport --sports {','.join(map(str, group))} "
+        f"-m owner --uid-owner {tenants} -j REJECT --reject-with tcp-reset"
+        for group in (ports[i : i + _PER_RULE] for i in range(0, len(ports), _PER_RULE))
+    ]
+    return HostRules(CHAIN, "OUTPUT", lambda _family: closed)
