@@ -91,12 +91,11 @@ def _existing() -> dict[str, Any]:
     }
 
 
-def _apply(accounts: set[str], warned: set[str]) -> None:
+def _apply(accounts: set[str], warned: set[str], denied: tuple[Network, ...]) -> None:
     """`warned`: accounts whose policy could not be made, said once (a function may be
     registered over HTTP for an account whose namespace does not exist yet)."""
     existing = _existing()
     net = client.NetworkingV1Api()
-    denied = denied_networks()
     for account in sorted(accounts):
         body = policy(account, denied)
         have = existing.get(account)
@@ -118,6 +117,7 @@ async def keep_forever(plane: DataPlane, platform: str) -> None:
     """`platform`: the platform's namespace, which like Kubernetes' own gets no policy: no
     function's pod runs there (`reserved_namespaces.py`)."""
     warned: set[str] = set()
+    denied = denied_networks()  # a setting: read once
     while True:
         accounts = {
             fn.account
@@ -125,7 +125,7 @@ async def keep_forever(plane: DataPlane, platform: str) -> None:
             if reserved_namespaces.refusal(fn.account, platform) is None
         }
         try:
-            await asyncio.to_thread(_apply, accounts, warned)
+            await asyncio.to_thread(_apply, accounts, warned, denied)
         except Exception:
             log.exception("network policies pass failed")
         await asyncio.sleep(INTERVAL)

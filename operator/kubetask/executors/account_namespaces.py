@@ -62,6 +62,8 @@ class AccountNamespaces:
         self._enabled = enabled
         self._scratch = scratch
         self._hide = False
+        # The host's directories its /tmp stands at, looked up once with the host.
+        self.shadowed: tuple[str, ...] = ()
         self._checked = False
         self._why_not: str | None = None
         self._held: dict[int, _Held] = {}
@@ -148,6 +150,7 @@ class AccountNamespaces:
         if missing:
             self._why_not = f"no {', '.join(missing)} on this host's PATH (util-linux)"
             return
+        self.shadowed = account_scratch.shadowed() if self._scratch else ()
         fd, why = self._make(_PROBE_UID)
         if fd is None:
             self._why_not = f"could not make a mount namespace: {why}"
@@ -157,7 +160,7 @@ class AccountNamespaces:
     def _make(self, uid: int) -> tuple[int | None, str]:
         steps = [hidden_processes.MOUNT] if self._hide else []
         if self._scratch:
-            steps += account_scratch.mounts(uid, self._scratch)
+            steps += account_scratch.mounts(uid, self._scratch, self.shadowed)
         # The holder mounts in a namespace of its own, says so, and waits on its stdin while
         # the namespace is opened through it; then it is let go.
         script = " && ".join([*steps, "echo ready", "read _"])

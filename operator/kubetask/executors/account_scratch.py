@@ -58,12 +58,13 @@ def shadowed() -> tuple[str, ...]:
     return (ROOT, *(d for d in ALSO if _every_user_writes(d)))
 
 
-def mounts(uid: int, size: int) -> list[str]:
-    """Shell commands that make, in a fresh mount namespace, the account's /tmp for `uid`."""
+def mounts(uid: int, size: int, places: tuple[str, ...]) -> list[str]:
+    """Shell commands that make, in a fresh mount namespace, the account's /tmp for `uid`, seen
+    at each of `places` (`shadowed()`)."""
     inodes = max(1024, size // BYTES_PER_INODE)
     options = f"size={size},nr_inodes={inodes},mode=0700,uid={uid},gid={uid},nosuid,nodev"
     steps = [f"mount -t tmpfs -o {options} kubetask-scratch {ROOT}"]
-    steps += [f"mount --bind {ROOT} {shlex.quote(d)}" for d in shadowed()[1:]]
+    steps += [f"mount --bind {ROOT} {shlex.quote(d)}" for d in places if d != ROOT]
     return steps
 
 

@@ -138,6 +138,12 @@ def end_orphans(base: Path) -> None:
                 account.rmdir()
 
 
+def out_of_memory(groups: list[Group]) -> str | None:
+    """Why the kernel killed a process of an attempt's or instance's `groups` for memory, if
+    it did; read before they end."""
+    return next((why for g in groups if (why := g.out_of_memory())), None)
+
+
 async def end_groups(groups: list[Group]) -> None:
     for group in groups:
         await group.end()

@@ -22,6 +22,7 @@ from .base import (
     env_for,
 )
 from .cgroups import Group, end_groups
+from .cgroups import out_of_memory as groups_out_of_memory
 from .function_users import FunctionUsers
 from .parent_death import start_function
 from .spawn import Child
@@ -98,7 +99,7 @@ class CommandExecution:
             timed_out = True
             await self.kill()
             code = await self.proc.wait()
-        out_of_memory = next((why for g in self.groups if (why := g.out_of_memory())), None)
+        out_of_memory = groups_out_of_memory(self.groups)
         await end_groups(self.groups)  # what left the session, and holds the output open
         try:
             _, (stdout, too_big), _ = await asyncio.wait_for(

@@ -89,7 +89,7 @@ class RunAs:
         """The host's directories its processes find something else at: their own /tmp."""
         if self.namespaces is None or not self.namespaces.scratch():
             return ()
-        return account_scratch.shadowed()
+        return self.namespaces.shadowed
 
     def setpriv_options(self) -> list[str]:
         uid = self.uid
@@ -254,25 +254,24 @@ class FunctionUsers:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")
         else:
             log.warning("functions' processes share the cores per process: %s", why_not)
-        why_not = self.pids.why_not()
-        if why_not is not None:
-            log.warning("an account's processes are capped per user only: %s", why_not)
-        why_not = self.memory.why_not()
-        if why_not is not None:
-            log.warning("functions' memory limits are not applied on this host: %s", why_not)
-        elif self.memory.account_limit is not None:
+        if self.memory.why_not() is None and self.memory.account_limit is not None:
             limit = self.memory.account_limit
             log.info("an account's functions hold at most %d bytes of memory together", limit)
-        why_not = self.ports.why_not()
-        if why_not is not None:
-            log.warning("warm instances' ports are open to every user of the host: %s", why_not)
+        # What is not isolated on this host, and why.
+        gaps = [
+            (self.pids.why_not, "an account's processes are capped per user only"),
+            (self.memory.why_not, "functions' memory limits are not applied on this host"),
+            (self.ports.why_not, "warm instances' ports are open to every user of the host"),
+        ]
         if self.mode == "accounts":
-            why_not = self.namespaces.why_not_hidden()
-            if why_not is not None:
-                log.warning("tenants' functions see every process of the host: %s", why_not)
-            why_not = self.namespaces.why_not_scratch()
-            if why_not is not None:
-                log.warning("tenants' functions share the host's /tmp and disk: %s", why_not)
+            ns = self.namespaces
+            gaps += [
+                (ns.why_not_hidden, "tenants' functions see every process of the host"),
+                (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
+            ]
+        for why_not_of, gap in gaps:
+            if (why := why_not_of()) is not None:
+                log.warning("%s: %s", gap, why)
 
 
 def may_run(path: str, uid: int) -> bool:

@@ -33,6 +33,7 @@ from .base import (
     env_for,
 )
 from .cgroups import Group, end_groups
+from .cgroups import out_of_memory as groups_out_of_memory
 from .function_users import FunctionUsers, RunAs
 from .http1 import Http1Pool, InstanceUnreachable
 from .instance_budget import InstanceBudget
@@ -403,7 +404,7 @@ class ServerExecution:
         if cut is not None:
             return cut
         self.inst.dead = True
-        out_of_memory = next((why for g in self.inst.groups if (why := g.out_of_memory())), None)
+        out_of_memory = groups_out_of_memory(self.inst.groups)
         if out_of_memory:
             return Outcome(False, error=out_of_memory, instance=self.instance)
         return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
