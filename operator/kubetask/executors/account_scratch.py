@@ -1,11 +1,12 @@
 """Each account's functions write to a /tmp of their own, of a bounded size, held in memory.
 
 Why: run as its account's user, a tenant's function could still write wherever every user
-may: /tmp and /var/tmp, on the disk that holds the JetStream store, and /dev/shm, a tmpfs as
-large as half the host's memory. One tenant filling the disk failed every account's
-submissions; filling /dev/shm took memory no OOM kill gives back (what a tmpfs holds outlives
-the process that wrote it). Its home (`account_homes.py`) was on the same disk, unbounded. And
-/tmp was shared: a tenant could create first a name a neighbour's function was about to use.
+may: /tmp and /var/tmp, on the disk that holds the JetStream store, and /dev/shm, a tmpfs
+sized from the host's memory (half of it by default; all of it on this project's test
+machine). One tenant filling the disk failed every account's submissions; filling /dev/shm
+took memory no OOM kill gives back (what a tmpfs holds outlives the process that wrote it).
+Its home (`account_homes.py`) was on the same disk, unbounded. And /tmp was shared: a tenant
+could create first a name a neighbour's function was about to use.
 
 How: in its account's mount namespace (`account_namespaces.py`), /tmp is a tmpfs of
 `KUBETASK_ACCOUNT_SCRATCH` bytes (512Mi, Lambda's default for its /tmp), owned by the account's
