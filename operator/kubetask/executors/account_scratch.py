@@ -3,7 +3,7 @@
 Why: run as its account's user, a tenant's function could still write wherever every user
 may: /tmp and /var/tmp, on the disk that holds the JetStream store, and /dev/shm, a tmpfs
 sized from the host's memory (half of it by default; all of it on this project's test
-machine). One tenant filling the disk failed every account's submissions; filling /dev/shm
+machine). One tenant filling the disk would fail every account's submissions; filling /dev/shm
 took memory no OOM kill gives back (what a tmpfs holds outlives the process that wrote it).
 Its home (`account_homes.py`) was on the same disk, unbounded. And /tmp was shared: a tenant
 could create first a name a neighbour's function was about to use.
