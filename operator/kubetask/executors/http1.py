@@ -33,7 +33,10 @@ class _Connection(asyncio.Protocol):
         self._limit = 0
         self._headers_done = False
         self._on_chunk: Callable[[int, bytes], None] | None = None
-        self._resuming: asyncio.TimerHandle | None = None
+        # Not a TimerHandle: uvloop's call_at for a time already past returns a plain Handle,
+        # which has no `when()` (seen failing a paced read now and then), so the time is kept.
+        self._resuming: asyncio.Handle | None = None
+        self._resume_at = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -48,7 +51,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as err:
-            self._fail(InstanceUnreachable(f"malformed HTTP answer: {err}"))
+            # A callback's own exception is the cause; the parser's message only names the hook.
+            cause = err.__context__ or err
+            self._fail(
+                InstanceUnreachable(f"malformed HTTP answer: {type(cause).__name__}: {cause}")
+            )
             self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -123,9 +130,10 @@ class _Connection(asyncio.Protocol):
             return
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
-        if self._resuming is None or until > self._resuming.when():
+        if self._resuming is None or until > self._resume_at:
             if self._resuming is not None:
                 self._resuming.cancel()
+            self._resume_at = until
             self.transport.pause_reading()
             self._resuming = loop.call_at(until, self._resume)
 
