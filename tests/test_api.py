@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from harness import Api
@@ -315,6 +316,91 @@ async def test_openapi_and_metrics_are_served(api: Api) -> None:
     ):
         assert name in text
     assert f'kubetask_tasks_succeeded_total{{account="{api.account}",function="m"}} 1.0' in text
+
+
+async def test_an_accepted_task_says_where_it_is_read(api: Api) -> None:
+    """202 with `Location`, as an asynchronous API answers: the caller polls there."""
+    await api.function("located", command=["true"])
+    resp = await api.http.post("/v1/tasks", json={"function": "located", "id": "here-1"})
+    assert resp.status_code == 202
+    assert resp.headers["location"] == f"/v1/tasks/here-1?account={api.account}"
+    got = await api.call("GET", resp.headers["location"], 200)
+    assert got["metadata"]["name"] == "here-1"
+    again = await api.http.post("/v1/tasks", json={"function": "located", "id": "here-1"})
+    assert again.status_code == 409 and "location" not in again.headers
+
+
+def _pointer(document: Any, expression: str) -> Any:
+    """`$response.body#/items/0/metadata/name` against an answer's body."""
+    assert expression.startswith("$response.body#/"), expression
+    for part in expression.split("#/", 1)[1].split("/"):
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    return document
+
+
+async def test_every_link_in_the_document_leads_from_a_real_answer_to_its_operation(
+    api: Api,
+) -> None:
+    """The document's links say how an answer's ids feed the next call: each is followed here
+    from a real answer (its source operation called), and the operation it names answers for
+    the object it was led to, not 404 (a link to a renamed route, or a wrong pointer, would)."""
+    doc = (await api.http.get("/openapi.json")).json()
+    routes = {
+        op["operationId"]: (method.upper(), path)
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    }
+    await api.function("linked", command=["sleep", "30"])
+    await api.submit("linked")
+    sources = {
+        ("post", "/v1/tasks"): {"json": {"function": "linked"}},
+        ("get", "/v1/tasks"): {},
+        ("get", "/v1/functions"): {},
+        ("put", "/v1/functions/{name}"): {
+            "json": {"metadata": {"name": "linked"}, "spec": {"command": ["sleep", "30"]}}
+        },
+        ("put", "/v1/asyncconfigs/{name}"): {
+            "json": {"metadata": {"name": "linked"}, "spec": {"function": "linked"}}
+        },
+    }
+    followed = set()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for status, answer_doc in op["responses"].items():
+                for name, link in answer_doc.get("links", {}).items():
+                    url = path.replace("{name}", "linked")
+                    answer = await api.call(
+                        method.upper(), url, int(status), **sources[(method, path)]
+                    )
+                    target_method, target_path = routes[link["operationId"]]
+                    params, query = {}, {}
+                    for key, expression in link["parameters"].items():
+                        where, param = key.split(".")
+                        value = _pointer(answer, expression)
+                        (params if where == "path" else query)[param] = value
+                    assert query.get("account") == api.account, (name, query)
+                    body = {}
+                    for field, expression in link.get("requestBody", {}).items():
+                        if isinstance(expression, dict):
+                            body[field] = {k: _pointer(answer, e) for k, e in expression.items()}
+                        else:
+                            body[field] = _pointer(answer, expression)
+                    if target_method == "PUT":
+                        body = {**body, "spec": {**body["spec"], "maxAsyncRetryAttempts": 1}}
+                    got = await api.http.request(
+                        target_method,
+                        target_path.format(**params),
+                        params=query,
+                        **({"json": body} if body else {}),
+                    )
+                    # The task may have ended or been stopped by a link followed before.
+                    assert got.status_code in (200, 202, 204, 409), (
+                        name,
+                        got.status_code,
+                        got.text,
+                    )
+                    followed.add((method, path, name))
+    assert len(followed) == 22, sorted(followed)  # every one the document has
 
 
 async def test_function_with_unfinished_tasks_cannot_be_deleted(api: Api) -> None:

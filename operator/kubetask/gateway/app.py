@@ -62,7 +62,7 @@ from ..runtime import quiet_gc
 from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Unreadable, Versioned, now
-from . import api_docs, errors, params, submit, task_pages, waiting
+from . import api_docs, errors, openapi_links, params, submit, task_pages, waiting
 from .errors import ApiError
 from .expiry import Expiry
 from .fair_gate import FairGate, GatedRequests
@@ -313,6 +313,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
                 components[model.__name__] = schema
             operation = submit.openapi_operation(REFS, [ACCOUNT_QUERY])
             doc["paths"].setdefault(submit.PATH, {})["post"] = operation
+            openapi_links.add(doc)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -61,7 +61,7 @@ class SubmitRoute:
             await self.app(scope, receive, send)
             return
         try:
-            status, body = await self._submit(scope, receive)
+            body, location = await self._submit(scope, receive)
         except Exception as err:
             response = errors.render(err)
             if response is None:
@@ -72,8 +72,12 @@ class SubmitRoute:
         await send(
             {
                 "type": "http.response.start",
-                "status": status,
-                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())],
+                "status": 202,
+                "headers": [
+                    *_JSON_HEADERS,
+                    (b"content-length", str(len(body)).encode()),
+                    (b"location", location),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -102,7 +106,9 @@ class SubmitRoute:
             if not message.get("more_body", False):
                 return who, b"".join(chunks)
 
-    async def _submit(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+    async def _submit(self, scope: Scope, receive: Receive) -> tuple[bytes, bytes]:
+        """The accepted task, and where it is read from (its id and account went through the
+        names' grammar, so neither can break out of the header)."""
         who, raw = await self._read(scope, receive)
         account = None
         if query := scope["query_string"]:
@@ -113,7 +119,7 @@ class SubmitRoute:
         async with self.gate.turn(acct):
             return await self._accept(acct, raw)
 
-    async def _accept(self, acct: str, raw: bytes) -> tuple[int, bytes]:
+    async def _accept(self, acct: str, raw: bytes) -> tuple[bytes, bytes]:
         try:
             # Parsed first so NaN, Infinity and keys given twice are refused (the model's own
             # parser would take them into an untyped payload).
@@ -163,7 +169,7 @@ class SubmitRoute:
         self.records.created(acct, len(created.raw))
         task = created.record.task
         task.status.phase = TaskPhase.Queued
-        return 202, task.model_dump_json().encode()
+        return task.model_dump_json().encode(), f"{PATH}/{task.id}?account={acct}".encode()
 
 
 def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
@@ -181,6 +187,12 @@ def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, 
         "responses": {
             "202": {
                 "description": "Accepted: queued, with its id",
+                "headers": {
+                    "Location": {
+                        "description": "Where the task is read: `/v1/tasks/{id}?account=...`",
+                        "schema": {"type": "string"},
+                    }
+                },
                 "content": {"application/json": {"schema": {"$ref": f"{refs}Task"}}},
             },
             **{
