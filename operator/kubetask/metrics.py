@@ -28,31 +28,53 @@ from prometheus_client.metrics_core import Metric
 from .models import QueueMode
 
 LABELS = ("account", "function")
+M = TypeVar("M", bound=MetricWrapperBase)
+# Every metric labelled by account and function alone, marked where it is made: `forget` drops
+# a deleted function's series from each, and a list kept apart from the metrics could miss one.
+_PER_FUNCTION: list[MetricWrapperBase] = []
 
-SUBMITTED = Counter("kubetask_tasks_submitted_total", "Tasks accepted by the gateway.", LABELS)
-SUCCEEDED = Counter("kubetask_tasks_succeeded_total", "Tasks that ended Succeeded.", LABELS)
-FAILED = Counter("kubetask_tasks_failed_total", "Tasks that ended Failed.", LABELS)
-STOPPED = Counter("kubetask_tasks_stopped_total", "Tasks stopped by a user.", LABELS)
-RETRIED = Counter(
-    "kubetask_tasks_retried_total", "Failed attempts that were scheduled again.", LABELS
+
+def _per_function(metric: M) -> M:
+    _PER_FUNCTION.append(metric)
+    return metric
+
+
+SUBMITTED = _per_function(
+    Counter("kubetask_tasks_submitted_total", "Tasks accepted by the gateway.", LABELS)
+)
+SUCCEEDED = _per_function(
+    Counter("kubetask_tasks_succeeded_total", "Tasks that ended Succeeded.", LABELS)
+)
+FAILED = _per_function(Counter("kubetask_tasks_failed_total", "Tasks that ended Failed.", LABELS))
+STOPPED = _per_function(Counter("kubetask_tasks_stopped_total", "Tasks stopped by a user.", LABELS))
+RETRIED = _per_function(
+    Counter("kubetask_tasks_retried_total", "Failed attempts that were scheduled again.", LABELS)
 )
 # Named as in the seeds (Function Compute's metric) so dashboards built for it carry over.
-EXPIRED_DROPPED = Counter(
-    "AsyncEventExpiredDropped",
-    "Tasks dropped unrun because they waited longer than maxAsyncEventAgeInSeconds.",
-    LABELS,
+EXPIRED_DROPPED = _per_function(
+    Counter(
+        "AsyncEventExpiredDropped",
+        "Tasks dropped unrun because they waited longer than maxAsyncEventAgeInSeconds.",
+        LABELS,
+    )
 )
-RUNNING = Gauge("kubetask_tasks_running", "Attempts running in this dispatcher.", LABELS)
-BACKLOG = Gauge("kubetask_backlog", "Tasks waiting in the function's queue.", LABELS)
-WINDOW = Gauge(
-    "kubetask_dispatch_window",
-    "Tasks of the function this dispatcher may keep in flight (AIMD, dispatch/aimd.py).",
-    LABELS,
+RUNNING = _per_function(
+    Gauge("kubetask_tasks_running", "Attempts running in this dispatcher.", LABELS)
 )
-DEDICATED = Gauge(
-    "kubetask_queue_dedicated",
-    "1 while the platform has given an `auto` function a queue of its own (queue_routes.py).",
-    LABELS,
+BACKLOG = _per_function(Gauge("kubetask_backlog", "Tasks waiting in the function's queue.", LABELS))
+WINDOW = _per_function(
+    Gauge(
+        "kubetask_dispatch_window",
+        "Tasks of the function this dispatcher may keep in flight (AIMD, dispatch/aimd.py).",
+        LABELS,
+    )
+)
+DEDICATED = _per_function(
+    Gauge(
+        "kubetask_queue_dedicated",
+        "1 while the platform has given an `auto` function a queue of its own (queue_routes.py).",
+        LABELS,
+    )
 )
 QUEUE_MOVES = Counter(
     "kubetask_queue_assignments_total",
@@ -78,50 +100,54 @@ LEASES_HELD = Gauge(
     "kubetask_partition_leases_held",
     "Partitions of partitioned functions this dispatcher holds the lease of (dispatch/leases.py).",
 )
-BUSY = Counter(
-    "kubetask_executor_busy_total",
-    "Attempts an executor answered busy (429/503): handed back, no attempt spent.",
-    LABELS,
+BUSY = _per_function(
+    Counter(
+        "kubetask_executor_busy_total",
+        "Attempts an executor answered busy (429/503): handed back, no attempt spent.",
+        LABELS,
+    )
 )
-SUBMIT_TO_START = Histogram(
-    "kubetask_submit_to_start_seconds",
-    "From submission to the start of the first attempt.",
-    LABELS,
-    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+SUBMIT_TO_START = _per_function(
+    Histogram(
+        "kubetask_submit_to_start_seconds",
+        "From submission to the start of the first attempt.",
+        LABELS,
+        buckets=(
+            0.001,
+            0.002,
+            0.005,
+            0.01,
+            0.025,
+            0.05,
+            0.1,
+            0.25,
+            0.5,
+            1,
+            2.5,
+            5,
+            10,
+            30,
+            60,
+            300,
+        ),
+    )
 )
-EXECUTION = Histogram(
-    "kubetask_execution_duration_seconds",
-    "Duration of one attempt.",
-    LABELS,
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 86400),
+EXECUTION = _per_function(
+    Histogram(
+        "kubetask_execution_duration_seconds",
+        "Duration of one attempt.",
+        LABELS,
+        buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 86400),
+    )
 )
-DESTINATION_FAILURES = Counter(
-    "kubetask_destination_delivery_failures_total",
-    "Destination deliveries that were retried.",
-    LABELS,
+DESTINATION_FAILURES = _per_function(
+    Counter(
+        "kubetask_destination_delivery_failures_total",
+        "Destination deliveries that were retried.",
+        LABELS,
+    )
 )
 
-
-M = TypeVar("M", bound=MetricWrapperBase)
-
-
-# The metrics labelled by account and function alone.
-_PER_FUNCTION = (
-    SUBMITTED,
-    SUCCEEDED,
-    FAILED,
-    STOPPED,
-    RETRIED,
-    EXPIRED_DROPPED,
-    RUNNING,
-    BACKLOG,
-    WINDOW,
-    DEDICATED,
-    BUSY,
-    SUBMIT_TO_START,
-    EXECUTION,
-    DESTINATION_FAILURES,
-)
 
 # Each function's series, by metric: `of` hands them out, `forget` drops them.
 _children: dict[tuple[str, str], dict[int, Any]] = {}
