@@ -237,6 +237,53 @@ async def test_a_token_reaches_its_own_attempt_only_and_bad_frames_are_refused(
     assert bytes(mine.stdout) == b"hi" and not theirs.placed.done()
 
 
+async def test_one_address_holds_a_bounded_share_of_the_endpoints_connections() -> None:
+    """A tenant's pod can reach the runtime endpoint, which kept a connection that sent nothing
+    for as long as it stayed open: connections without end would have spent the dispatcher's
+    memory and descriptors. Past its share an address's new connection is closed at once;
+    another address is served meanwhile, and a connection given up makes room again."""
+    server = RuntimeServer("0.0.0.0", 0, per_peer=4)
+    await server.start()
+    attempt = server.open(invocation([], payload={"for": "the neighbour"}))
+    where = b'{"pod": "p", "namespace": "team-a"}'
+    start = (
+        b"POST /v1/run/start HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+    ) % (attempt.token.encode(), len(where), where)
+
+    async def ask(source: str) -> bytes:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, local_addr=(source, 0)
+        )
+        writer.write(start)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    try:
+        held = [
+            await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.3", 0))
+            for _ in range(4)
+        ]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, local_addr=("127.0.0.3", 0)
+        )
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # closed, nothing said
+        writer.close()
+        assert b'{"for":"the neighbour"}' in await ask("127.0.0.4")
+        held[0][1].close()
+        for _ in range(50):  # until the endpoint has seen it go
+            answer = await ask("127.0.0.3")
+            if answer:
+                break
+            await asyncio.sleep(0.05)
+        assert b'{"for":"the neighbour"}' in answer
+        for _, w in held[1:]:
+            w.close()
+    finally:
+        await server.close()
+
+
 async def test_a_pod_printing_past_its_pace_is_made_to_wait_and_loses_nothing(
     kt_runtime: str, server: RuntimeServer, tmp_path: Path
 ) -> None:

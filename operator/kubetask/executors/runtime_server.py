@@ -25,6 +25,7 @@ from aiohttp import web
 from .base import Invocation, Lines, Placement, Tail, encode_payload
 from .frames import CODE, EXIT, RUNNING, STDERR, STDOUT, TERMINATED, BadFrames, FrameReader
 from .pod_template import FUNCTION_CONTAINER
+from .runtime_connections import PER_PEER, PeerLimit
 
 # A Kubernetes object name (DNS-1123 subdomain): pods and nodes.
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -105,11 +106,13 @@ class RuntimeAttempt:
 
 
 class RuntimeServer:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, per_peer: int = PER_PEER) -> None:
         self.host = host
         self.port = port
+        self.per_peer = per_peer
         self._attempts: dict[str, RuntimeAttempt] = {}
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -123,7 +126,9 @@ class RuntimeServer:
             await runner.setup()
             sock = socket.create_server((self.host, self.port), reuse_port=False)
             self.port = sock.getsockname()[1]  # the one chosen, when asked for any
-            await web.SockSite(runner, sock).start()
+            assert runner.server is not None
+            limit = PeerLimit(runner.server, self.per_peer)  # `runtime_connections.py`
+            self._server = await asyncio.get_running_loop().create_server(limit, sock=sock)
             self._runner = runner
 
     def open(self, inv: Invocation, job: str | None = None) -> RuntimeAttempt:
@@ -139,6 +144,9 @@ class RuntimeServer:
         self._attempts.pop(attempt.token, None)
 
     async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
