@@ -512,6 +512,45 @@ async def test_a_dispatchers_metrics_need_the_metrics_token(api: Api) -> None:
         server.server_close()
 
 
+async def test_a_dispatchers_metrics_port_holds_a_bounded_share_of_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection to a dispatcher's metrics port is a thread, and one that sent nothing
+    was kept for good: tenants' code (which can reach the port) could have run the
+    dispatcher out of threads. Past its share an address's new connection is closed at once,
+    another address is served meanwhile, and idle ones are closed after a while."""
+    monkeypatch.setattr(metrics._Quiet, "timeout", 3.0)
+    port = free_port()
+    server = metrics.serve(port, "0.0.0.0", METRICS_TOKEN)
+
+    async def scrape(source: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        page = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return page
+
+    try:
+        held = [
+            await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+            for _ in range(metrics.METRICS_PER_PEER)
+        ]
+        for _ in range(100):  # the server's thread takes them in (its listen backlog is 5)
+            if server.shares.held["127.0.0.3"] == metrics.METRICS_PER_PEER:
+                break
+            await asyncio.sleep(0.05)
+        assert await scrape("127.0.0.3") == b""  # closed, nothing said
+        assert b"process_cpu_seconds_total" in await scrape("127.0.0.4")
+        for reader, _ in held:  # sent nothing for three seconds: each is closed
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert b"process_cpu_seconds_total" in await scrape("127.0.0.3")
+        for _, writer in held:
+            writer.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 async def test_one_account_cannot_hold_every_log_stream(
     make_api: Callable[..., Awaitable[Api]],
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import sys
 import threading
 from collections.abc import Iterator
 from socketserver import ThreadingMixIn
@@ -26,6 +27,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 
 from .models import QueueMode
+from .peer_shares import PeerShares
 
 LABELS = ("account", "function")
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -214,11 +216,44 @@ def is_scraper(token: str | None, authorization: str | None) -> bool:
     return hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode())
 
 
+# A dispatcher's metrics port is reachable by tenants' code, and each connection is a thread
+# of the dispatcher's (`peer_shares.py`): one address holds at most this many, and one that
+# sends or reads nothing for REQUEST_SECONDS is closed. Prometheus scrapes one at a time.
+METRICS_PER_PEER = 8
+REQUEST_SECONDS = 10.0
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.shares = PeerShares(METRICS_PER_PEER, "metrics port")
+        self.admitted: dict[Any, str] = {}
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        peer = str(client_address[0])
+        if not self.shares.admit(peer):
+            return False
+        self.admitted[request] = peer
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        peer = self.admitted.pop(request, None)
+        if peer is not None:
+            self.shares.release(peer)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away or sent nothing in time is the client's business; the
+        default printed a traceback to stderr for each."""
+        if not isinstance(sys.exception(), OSError):
+            super().handle_error(request, client_address)
+
 
 class _Quiet(WSGIRequestHandler):
+    timeout = REQUEST_SECONDS
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 

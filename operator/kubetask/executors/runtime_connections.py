@@ -1,12 +1,8 @@
-"""How many connections one address may hold open to a dispatcher's runtime endpoint.
-
-The endpoint (`runtime_server.py`) must be reachable from every function pod, and aiohttp
-keeps a connection that never sends a request for as long as its peer likes (seen: 90 s and
-counting, with nothing sent or half a request line). One tenant's pod opening connections
-without end would have spent the dispatcher's memory and descriptors, and with them every other
-tenant's attempts on it. A sidecar sends one request at a time; `PER_PEER` allows many more.
-Past it, a new connection from that address is closed as soon as it is made, before anything
-is read from it.
+"""How many connections one address may hold open to a dispatcher's runtime endpoint
+(`runtime_server.py`), which every function pod can reach (why: `peer_shares.py`). aiohttp kept
+a connection that sent nothing, or half a request line, open for as long as its peer liked
+(seen: still open after 90 s). A sidecar sends one request at a time; `PER_PEER` allows many
+more.
 
 Pods have addresses of their own (no function pod runs on the host's network: `pod_template.py`),
 so one pod cannot use up another's share. Behind a network plugin that masqueraded pod-to-pod
@@ -16,12 +12,11 @@ traffic, every pod of a node would share one address and this one limit.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import Counter
 from collections.abc import Callable
 
+from ..peer_shares import PeerShares
+
 PER_PEER = 32
-log = logging.getLogger("kubetask.executors")
 
 
 class PeerLimit:
@@ -29,31 +24,10 @@ class PeerLimit:
 
     def __init__(self, factory: Callable[[], asyncio.Protocol], per_peer: int = PER_PEER) -> None:
         self.factory = factory
-        self.per_peer = per_peer
-        self.held: Counter[str] = Counter()
-        self._warned: set[str] = set()
+        self.shares = PeerShares(per_peer, "runtime endpoint")
 
     def __call__(self) -> asyncio.Protocol:
         return _Counted(self)
-
-    def admit(self, peer: str) -> bool:
-        if self.held[peer] >= self.per_peer:
-            if peer not in self._warned:
-                self._warned.add(peer)
-                log.warning(
-                    "%s holds %d connections to the runtime endpoint; closing its new ones",
-                    peer,
-                    self.per_peer,
-                )
-            return False
-        self.held[peer] += 1
-        return True
-
-    def release(self, peer: str) -> None:
-        self.held[peer] -= 1
-        if self.held[peer] <= 0:
-            del self.held[peer]
-            self._warned.discard(peer)
 
 
 class _Counted(asyncio.Protocol):
@@ -65,7 +39,7 @@ class _Counted(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         address = transport.get_extra_info("peername")
         peer = str(address[0]) if isinstance(address, tuple) else str(address)
-        if not self.limit.admit(peer):
+        if not self.limit.shares.admit(peer):
             transport.close()  # nothing read, nothing to write: it goes at once
             return
         self.peer = peer
@@ -89,5 +63,5 @@ class _Counted(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is not None and self.peer is not None:
-            self.limit.release(self.peer)
+            self.limit.shares.release(self.peer)
             self.inner.connection_lost(exc)
