@@ -100,7 +100,14 @@ func runProxy(dir string) int {
 	mux.HandleFunc("POST /invoke", p.invoke)
 	mux.HandleFunc("GET /ready", p.ready)
 	mux.HandleFunc("POST /drain", p.drain)
-	server := &http.Server{Addr: ":" + envOr("KUBETASK_PROXY_PORT", "8079"), Handler: mux}
+	// A connection that has not sent its request's head within 10 s is closed: one that sent
+	// nothing was kept for good (`peers.go`).
+	server := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	ln, err := net.Listen("tcp", ":"+envOr("KUBETASK_PROXY_PORT", "8079"))
+	if err != nil {
+		log.Print(err)
+		return 1
+	}
 	stops := make(chan os.Signal, 1)
 	signal.Notify(stops, syscall.SIGTERM, syscall.SIGINT)
 	go func() {
@@ -109,7 +116,7 @@ func runProxy(dir string) int {
 		p.waitIdle(time.Now().Add(10 * time.Second))
 		_ = server.Shutdown(context.Background())
 	}()
-	if err := server.ListenAndServe(); err != nil && err != http.ErrServerClosed {
+	if err := server.Serve(limitPeers(ln, concurrency+peerSpare)); err != nil && err != http.ErrServerClosed {
 		log.Print(err)
 		return 1
 	}

@@ -546,6 +546,51 @@ async def test_a_pause_of_no_time_then_a_longer_one_both_hold() -> None:
         assert loop.time() - started >= 0.25
 
 
+async def test_a_warm_pods_proxy_holds_a_bounded_share_of_connections_per_address(
+    warm_pod: tuple[str, Path, str],
+) -> None:
+    """Any pod of the cluster can reach a warm pod's proxy port, and Go's server kept whatever
+    connections it was given: another tenant's pod could have held the proxy's memory until
+    the function was unreachable. One address holds at most its concurrency (2) + 16; past
+    that a new connection is closed at once, and another address is still served."""
+    url, flag, _ = warm_pod
+    flag.touch()
+    port = int(url.rsplit(":", 1)[1])
+
+    async def ready(source: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return answer
+
+    for _ in range(200):  # the proxy is starting
+        with contextlib.suppress(OSError):
+            if (await ready("127.0.0.4")).startswith(b"HTTP/1.1 200"):
+                break
+        await asyncio.sleep(0.05)
+    held = [
+        await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+        for _ in range(2 + 16)
+    ]
+    try:
+        for writer in [w for _, w in held[:1]]:  # one of them in use: a request answered
+            writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(held[0][0].readline(), 5)).startswith(b"HTTP/1.1 200")
+        assert await ready("127.0.0.3") == b""  # closed, nothing said
+        assert (await ready("127.0.0.4")).startswith(b"HTTP/1.1 200")
+        held.pop()[1].close()
+        for _ in range(50):  # until the proxy has seen it go
+            answer = await ready("127.0.0.3")
+            if answer:
+                break
+            await asyncio.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in held:
+            writer.close()
+
+
 async def test_a_draining_pod_finishes_what_it_serves_and_takes_nothing_new(
     warm_pod: tuple[str, Path, str],
 ) -> None:
