@@ -257,3 +257,17 @@ async def gateway_clients(
             )
             for a in apis
         ]
+
+
+async def from_address(source: str, port: int, request: bytes = b"") -> bytes:
+    """What 127.0.0.1:`port` answers a connection from loopback address `source` (sending
+    `request`) before it closes: b"" from an endpoint that closed it unread (a reset, when
+    the request had arrived)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()

@@ -14,7 +14,15 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import LOG_STREAMS, METRICS_TOKEN, REQUEST_TIMEOUT, Api, as_user, gateway
+from harness import (
+    LOG_STREAMS,
+    METRICS_TOKEN,
+    REQUEST_TIMEOUT,
+    Api,
+    as_user,
+    from_address,
+    gateway,
+)
 from kubetask import metrics, names
 from kubetask.embedded import free_port
 from kubetask.plane import DataPlane
@@ -523,12 +531,8 @@ async def test_a_dispatchers_metrics_port_holds_a_bounded_share_of_connections(
     port = free_port()
     server = metrics.serve(port, "0.0.0.0", METRICS_TOKEN)
 
-    async def scrape(source: str) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        page = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        return page
+    def scrape(source: str) -> Awaitable[bytes]:
+        return from_address(source, port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
 
     try:
         held = [

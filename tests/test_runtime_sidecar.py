@@ -15,12 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from harness import from_address
 from kubetask.dispatch.log_pacing import LogPacing
 from kubetask.executors.base import Invocation
 from kubetask.executors.frames import (
@@ -251,14 +252,8 @@ async def test_one_address_holds_a_bounded_share_of_the_endpoints_connections() 
         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
     ) % (attempt.token.encode(), len(where), where)
 
-    async def ask(source: str) -> bytes:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", server.port, local_addr=(source, 0)
-        )
-        writer.write(start)
-        answer = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        return answer
+    def ask(source: str) -> Awaitable[bytes]:
+        return from_address(source, server.port, start)
 
     try:
         held = [
@@ -557,12 +552,9 @@ async def test_a_warm_pods_proxy_holds_a_bounded_share_of_connections_per_addres
     flag.touch()
     port = int(url.rsplit(":", 1)[1])
 
-    async def ready(source: str) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
-        writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = await asyncio.wait_for(reader.read(), 5)
-        writer.close()
-        return answer
+    def ready(source: str) -> Awaitable[bytes]:
+        request = b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        return from_address(source, port, request)
 
     for _ in range(200):  # the proxy is starting
         with contextlib.suppress(OSError):
