@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -527,7 +528,8 @@ def _answer(port: int) -> str:
 async def test_a_tenant_listening_on_a_platform_port_answers_nobody(dev: Dev) -> None:
     """A tenant's function that took a port of the platform's (free while its server restarts)
     never opens a connection there, from this host or elsewhere; on a port of its own it does.
-    The rule goes with its dispatcher."""
+    It cannot connect to NATS either (it has no credentials there, and a flood of connections
+    could fill NATS's). The rules go with their dispatcher."""
     other = free_port()
     python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
     token = dev.token("team-a")
@@ -545,6 +547,10 @@ async def test_a_tenant_listening_on_a_platform_port_answers_nobody(dev: Dev) ->
         assert await asyncio.to_thread(_answer, PLATFORMS) == "TimeoutError"
         assert listeners(PLATFORMS) == {account_uid("team-a")}, "it does hold the port"
         await http.post(f"/v1/tasks/{task_id}/stop", params=q)
+    # Nor may it connect to NATS, on any of the host's addresses; the platform's user may.
+    nats = str(urlsplit(json.loads((dev.data / "client.json").read_text())["nats"]).port)
+    assert await _connects(dev, token, "team-a", python, nats) == {"ConnectionRefusedError"}
+    assert "connected" in await _connects(dev, dev.admin, "team-a", python, nats)  # 127.0.0.1
     rules = subprocess.run(["iptables", "-w", "-S", "KUBETASK-PLATFORM"], capture_output=True)
     assert str(PLATFORMS) in rules.stdout.decode(), rules
     egress = subprocess.run(["iptables", "-w", "-S", "KUBETASK-EGRESS"], capture_output=True)

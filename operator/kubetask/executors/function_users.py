@@ -239,10 +239,14 @@ class FunctionUsers:
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
             tenants = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"
-            ports = tuple(sorted({*local_nats_ports(nats_url), *own_ports, *self.platform_ports}))
+            nats = local_nats_ports(nats_url)
+            ports = tuple(sorted({*nats, *own_ports, *self.platform_ports}))
             egress = function_egress.rules(self.denied_networks, tenants)
             for rules, open_to in (
-                (platform_ports.rules(ports, tenants), "may listen on the platform's ports"),
+                (
+                    platform_ports.rules(ports, tenants, nats),
+                    "may listen on the platform's ports and connect to NATS",
+                ),
                 (egress, f"may reach {DENIED_NETWORKS}"),
             ):
                 self.rules.append(rules)

@@ -20,6 +20,11 @@ the dispatcher starts, before any function runs, and removed when it stops; thos
 dispatcher killed outright, by the next (`firewall.py`). A tenant that took a port first still
 keeps the platform's server from starting there until its function ends: the platform's
 server says the port is in use rather than serving from the wrong one.
+
+Nor may an account's user connect to NATS on this host (a reset at once). A function holds no
+NATS credentials and has nothing to say there, and NATS takes 64K connections in all: a
+tenant's processes (each allowed as many descriptors as its dispatcher) opening connections
+without end would have kept a restarted component of the platform from getting one.
 """
 
 from __future__ import annotations
@@ -61,11 +66,16 @@ def local_nats_ports(nats_url: str) -> tuple[int, ...]:
     return tuple(sorted(ports))
 
 
-def rules(ports: tuple[int, ...], tenants: str) -> HostRules:
-    """The rules that keep the users `tenants` (a uid range) from sending from `ports`."""
+def rules(ports: tuple[int, ...], tenants: str, nats: tuple[int, ...] = ()) -> HostRules:
+    """The rules that keep the users `tenants` (a uid range) from sending from `ports`, and
+    from connecting to `nats` on any address of this host."""
     closed = [
-        f"-p tcp -m multiport --sports {','.join(map(str, group))} "
+        f"-p tcp -m multiport --{direction} {','.join(map(str, group))} {where}"
         f"-m owner --uid-owner {tenants} -j REJECT --reject-with tcp-reset"
-        for group in (ports[i : i + _PER_RULE] for i in range(0, len(ports), _PER_RULE))
+        for direction, listed, where in (
+            ("sports", ports, ""),
+            ("dports", nats, "-m addrtype --dst-type LOCAL "),
+        )
+        for group in (listed[i : i + _PER_RULE] for i in range(0, len(listed), _PER_RULE))
     ]
     return HostRules(CHAIN, "OUTPUT", lambda _family: closed)
