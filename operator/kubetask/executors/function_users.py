@@ -234,8 +234,8 @@ class FunctionUsers:
     def announce(self, nats_url: str, own_ports: tuple[int, ...] = ()) -> None:
         """Said once by each dispatcher at start, before any function runs; closes the
         platform's ports on this host (NATS's, where `nats_url` names a loopback address,
-        `own_ports` and `KUBETASK_PLATFORM_PORTS`) and the denied networks to tenants'
-        sockets."""
+        `own_ports` and `KUBETASK_PLATFORM_PORTS`) to tenants' listening sockets, and NATS
+        and the denied networks to their connections."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
             tenants = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"
