@@ -478,7 +478,7 @@ async def test_a_tenants_function_cannot_connect_to_a_denied_network(dev: Dev) -
     """The networks no tenant's function may reach (by default the clouds' metadata service,
     which hands out the machine's credentials): its connection there is refused at once, and
     one elsewhere is not; an admin's function, run as the platform, reaches both."""
-    python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
+    python = _python("team-a")
     with _answering("127.0.0.2", b"denied") as denied, _answering("127.0.0.1", b"open") as open_:
         targets = [f"127.0.0.2:{denied}", f"127.0.0.1:{open_}"]
         spec = {"command": [python, "-c", DIALLER, *targets]}
@@ -531,7 +531,7 @@ async def test_a_tenant_listening_on_a_platform_port_answers_nobody(dev: Dev) ->
     It cannot connect to NATS either (it has no credentials there, and a flood of connections
     could fill NATS's). The rules go with their dispatcher."""
     other = free_port()
-    python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
+    python = _python("team-a")
     token = dev.token("team-a")
     spec = {"command": [python, "-c", SQUATTER, str(PLATFORMS), str(other)]}
     task_id = await _start(dev, token, "team-a", "squatter", spec)
@@ -1028,7 +1028,7 @@ async def test_an_accounts_functions_together_hold_at_most_its_memory(dev: Dev) 
     its /tmp included: two attempts of 60 MiB at once do not both fit, while a neighbour's 60
     MiB at the same time does; what /tmp holds counts after its attempt ended; a function's
     own, lower limit is still named as the one it went over."""
-    python = next(p for p in ("/usr/bin/python3", "/bin/python3") if may_run(p, 1 << 24))
+    python = _python("team-a", "team-b")
     a, b = dev.token("team-a"), dev.token("team-b")
 
     def grab(mib: int, hold: float, limit: str | None = None) -> dict[str, Any]:
