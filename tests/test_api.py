@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -160,7 +161,7 @@ async def test_bad_input_gets_a_clear_4xx(api: Api) -> None:
         (
             dict(content=b"x" * 200_000, headers={"content-type": "application/json"}),
             413,
-            "payloads are limited",
+            "a request body may be at most 131072 bytes (a task's payload at most 65536)",
         ),
         (dict(json={"function": "f", "id": "has space"}), 422, "task id may use only letters"),
         (dict(json={"function": "f", "id": "a.b"}), 422, "task id may use only letters"),
@@ -203,6 +204,35 @@ async def test_bad_input_gets_a_clear_4xx(api: Api) -> None:
     assert resp.status_code == 422 and "kind" in resp.json()["error"]
     assert (await api.http.get("/v1/tasks", params={"status": "Done"})).status_code == 422
     assert (await api.http.get("/v1/tasks/none-such")).status_code == 404
+
+
+async def test_a_body_over_its_bound_is_told_that_bound(api: Api) -> None:
+    """A function's body, which holds no payload, may pass the payload limit (64 KiB here) by
+    the envelope's room (64 KiB); past that, the 413 names the bound it was held to, whether
+    the body declared its length or arrived without one."""
+
+    def function(annotation: int) -> bytes:
+        return json.dumps(
+            {
+                "apiVersion": "kubetask.io/v1alpha1",
+                "kind": "TaskFunction",
+                "metadata": {"name": "big", "annotations": {"a": "x" * annotation}},
+                "spec": {"command": ["true"]},
+            }
+        ).encode()
+
+    headers = {"content-type": "application/json"}
+    ok = await api.http.put("/v1/functions/big", content=function(100_000), headers=headers)
+    assert ok.status_code == 200, ok.text
+
+    async def streamed(body: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 16_384):
+            yield body[i : i + 16_384]
+
+    told = "a request body may be at most 131072 bytes (a task's payload at most 65536)"
+    for content in (function(140_000), streamed(function(140_000))):
+        resp = await api.http.put("/v1/functions/big", content=content, headers=headers)
+        assert resp.status_code == 413 and told in resp.json()["error"], resp.text
 
 
 async def test_authentication_is_required(api: Api) -> None:

@@ -190,7 +190,8 @@ def _stored_size(registry: Registry, kind: str) -> Callable[[tuple[str, str]], i
 
 def _page_response(items: list[Any], next_cursor: str | None) -> Response:
     headers = {"Next-Cursor": next_cursor} if next_cursor else None
-    return Response(json.dumps(items), media_type=JSON, headers=headers)
+    # Compact, as every other answer (pydantic's JSON): a page may hold 16 MiB of objects.
+    return Response(json.dumps(items, separators=(",", ":")), media_type=JSON, headers=headers)
 
 
 ACCOUNT_HELP = "Account to act on; tenants may omit it (their own)."

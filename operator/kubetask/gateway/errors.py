@@ -103,8 +103,14 @@ def internal_error(_: BaseException) -> JSONResponse:
     return respond(500, ErrorBody(error="internal error; it is logged"))
 
 
-def body_too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"request body is {size} bytes; payloads are limited to {limit} bytes")
+def body_too_large(size: int, body_limit: int, payload_limit: int) -> ApiError:
+    """Names the bound a body was held to: a function's or config's body, which has no payload,
+    may pass the payload limit by the envelope's room, and was told the payload's alone."""
+    return ApiError(
+        413,
+        f"request body is {size} bytes; a request body may be at most {body_limit} bytes"
+        f" (a task's payload at most {payload_limit})",
+    )
 
 
 def render(err: Exception) -> JSONResponse | None:

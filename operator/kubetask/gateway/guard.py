@@ -119,7 +119,7 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return receive, errors.body_too_large(size, self.limit)
+                return receive, errors.body_too_large(size, self.max_body, self.limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -151,7 +151,7 @@ class Guard:
                 if not value.isdigit():
                     return ApiError(400, "Content-Length is not a number")
                 if int(value) > self.max_body:
-                    return errors.body_too_large(int(value), self.limit)
+                    return errors.body_too_large(int(value), self.max_body, self.limit)
             elif name == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 # The parser takes `gzip, chunked` as chunked and hands over gzip.
                 shown = value.decode("latin-1")[:40]

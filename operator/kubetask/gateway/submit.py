@@ -101,7 +101,7 @@ class SubmitRoute:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise errors.body_too_large(size, self.settings.max_payload_bytes)
+                raise errors.body_too_large(size, self.max_body, self.settings.max_payload_bytes)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return who, b"".join(chunks)
