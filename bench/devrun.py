@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +49,21 @@ class Dev:
         return int(total)
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of `pid`, from /proc (Linux)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with suppress(FileNotFoundError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 @asynccontextmanager
-async def running_dev(data: Path, **env: str) -> AsyncIterator[Dev]:
-    """Start `kubetask dev` in `data` with extra KUBETASK_* variables; Ctrl-C it afterwards."""
+async def running_dev(data: Path, *flags: str, **env: str) -> AsyncIterator[Dev]:
+    """Start `kubetask dev` in `data` with extra flags and KUBETASK_* variables; Ctrl-C it
+    afterwards."""
     port = free_port()
-    argv = ["dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0"]
+    argv = ["dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0", *flags]
     out = data / "dev.out"
     with open(out, "wb") as sink:
         dev = subprocess.Popen(

@@ -1,0 +1,198 @@
+"""Tasks submitted while `kill -9` hits the platform's processes at random: afterwards every
+accepted task must have reached a terminal state (or still be waiting its turn), once, with
+the attempts its retry policy allows.
+
+`kubetask dev` with two dispatchers; four submitters post a mix (a quick command, a warm
+server, a one-second command, a command that always fails with two retries) at ~100 tasks/s
+each for `--seconds`, while every 1.5-4 s nats-server, the gateway or a dispatcher is killed
+(`kubetask dev` restarts it). A submission answered 202 (or 409: an earlier try got in) is
+accepted; one that got no answer (the gateway was down) may or may not exist, and must have
+ended too if it does. Prints what was accepted, refused and killed, then each function's
+outcomes by phase and attempts, and any task that did not end. Asserts nothing.
+
+Run: .venv/bin/python bench/chaos.py [--seconds 120] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from devrun import Dev, children, running_dev
+
+HERE = Path(__file__).resolve().parent
+TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
+RETRIES = 2  # of the failing function
+
+
+def functions() -> list[tuple[str, dict[str, object]]]:
+    """Each function with its spec, and how a task of it should end."""
+    sh = ["sh", "-c"]
+    return [
+        ("quick", {"command": [*sh, "cat >/dev/null; echo '{\"ok\": 1}'"], "maxConcurrency": 8}),
+        (
+            "warm",
+            {
+                "server": {
+                    "command": [sys.executable, str(HERE / "noop_server.py")],
+                    "concurrency": 8,
+                    "maxInstances": 2,
+                },
+                "maxConcurrency": 16,
+            },
+        ),
+        ("slow", {"command": [*sh, "cat >/dev/null; sleep 1"], "maxConcurrency": 8}),
+        ("failing", {"command": [*sh, "exit 3"]}),
+    ]
+
+
+def expected(function: str, phase: str, attempts: int) -> bool:
+    if function == "failing":
+        return phase == "Failed" and attempts == RETRIES + 1
+    return phase == "Succeeded"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""
+
+
+def component(command: str) -> str | None:
+    for name, mark in (
+        ("nats", "nats-server"),
+        ("gateway", " gateway "),
+        ("dispatcher", " dispatcher "),
+    ):
+        if mark in command:
+            return name
+    return None
+
+
+async def setup(http: httpx.AsyncClient) -> None:
+    for name, spec in functions():
+        body = {"apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction"}
+        body |= {"metadata": {"name": name}, "spec": {"timeoutSeconds": 30, **spec}}
+        (await http.put(f"/v1/functions/{name}", json=body)).raise_for_status()
+    config = {
+        "apiVersion": "kubetask.io/v1alpha1",
+        "kind": "AsyncConfig",
+        "metadata": {"name": "failing"},
+        "spec": {
+            "function": "failing",
+            "maxAsyncRetryAttempts": RETRIES,
+            "retryBackoff": {"initialSeconds": 1, "multiplier": 2},
+        },
+    }
+    (await http.put("/v1/asyncconfigs/failing", json=config)).raise_for_status()
+
+
+async def run(args: argparse.Namespace, dev: Dev, http: httpx.AsyncClient) -> None:
+    rng = random.Random(args.seed)
+    mix = ["quick", "quick", "warm", "warm", "warm", "failing"] * 4 + ["slow"]
+    accepted: dict[str, str] = {}
+    unanswered: set[str] = set()
+    refused: Counter[int] = Counter()
+    kills: Counter[str] = Counter()
+    stop = time.monotonic() + args.seconds
+
+    async def submitter(k: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            function, task_id = rng.choice(mix), f"c{args.seed}-{k}-{i}"
+            i += 1
+            try:
+                body = {"function": function, "id": task_id, "payload": {"n": i}}
+                status = (await http.post("/v1/tasks", json=body)).status_code
+            except httpx.HTTPError:
+                unanswered.add(task_id)
+                await asyncio.sleep(0.2)
+                continue
+            if status in (202, 409):
+                accepted[task_id] = function
+            else:
+                refused[status] += 1
+            await asyncio.sleep(0.01)
+
+    async def killer() -> None:
+        while time.monotonic() < stop - 5:
+            await asyncio.sleep(rng.uniform(1.5, 4))
+            found = [(p, component(cmdline(p))) for p in children(dev.pid)]
+            targets = [(p, name) for p, name in found if name is not None]
+            if targets:
+                pid, name = rng.choice(targets)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills[name] += 1
+                except ProcessLookupError:
+                    pass
+
+    await asyncio.gather(*(submitter(k) for k in range(4)), killer())
+    print(
+        f"accepted {len(accepted)}, refused {dict(refused)}, unanswered {len(unanswered)};"
+        f" killed {dict(kills)}"
+    )
+    await settle(args, http, accepted, unanswered)
+
+
+async def settle(
+    args: argparse.Namespace,
+    http: httpx.AsyncClient,
+    accepted: dict[str, str],
+    unanswered: set[str],
+) -> None:
+    """Wait for every accepted task (and every unanswered one that exists) to end, then tally."""
+    waiting = set(accepted) | unanswered
+    seen: dict[str, tuple[str, str, int]] = {}
+    deadline = time.monotonic() + args.wait
+    while waiting and time.monotonic() < deadline:
+        for task_id in list(waiting):
+            resp = await http.get(f"/v1/tasks/{task_id}")
+            if resp.status_code == 404 and task_id in unanswered:
+                waiting.discard(task_id)  # never accepted
+                continue
+            if resp.status_code != 200:  # a restarted nats-server still loading: ask again
+                continue
+            task = resp.json()
+            status = task["status"]
+            seen[task_id] = (task["spec"]["function"], status["phase"], status["attempts"])
+            if status["phase"] in TERMINAL:
+                waiting.discard(task_id)
+        if waiting:
+            await asyncio.sleep(2)
+    outcomes = Counter(seen.values())
+    for (function, phase, attempts), n in sorted(outcomes.items()):
+        mark = "" if expected(function, phase, attempts) else "   <- not as its policy says"
+        print(f"  {function:8} {phase:10} {attempts} attempt(s): {n}{mark}")
+    late = {t: seen.get(t, ("?", "never read", 0))[1] for t in waiting}
+    print(f"not ended after {args.wait:g} s: {len(late)} {dict(Counter(late.values()))}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kt-chaos-"))
+    flags = ("--dispatchers", "2", "--ack-wait", str(args.ack_wait))
+    async with running_dev(work, *flags) as dev:
+        headers = {"Authorization": f"Bearer {dev.token}"}
+        async with httpx.AsyncClient(base_url=dev.url, headers=headers, timeout=10) as http:
+            await setup(http)
+            await run(args, dev, http)
+    print(f"(kubetask dev's log: {work / 'dev.out'})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ack-wait", type=float, default=5, help="kubetask dev --ack-wait")
+    ap.add_argument("--wait", type=float, default=240, help="how long tasks may take to end")
+    asyncio.run(main(ap.parse_args()))
