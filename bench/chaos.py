@@ -2,7 +2,8 @@
 accepted task must have reached a terminal state (or still be waiting its turn), once, with
 the attempts its retry policy allows.
 
-`kubetask dev` with two dispatchers; four submitters post a mix (a quick command, a warm
+`kubetask dev` with two dispatchers (and whatever KUBETASK_* variables it is run with, e.g.
+KUBETASK_FUNCTION_USERS=accounts as root); four submitters post a mix (a quick command, a warm
 server, a one-second command, a command that always fails with two retries) at ~100 tasks/s
 each for `--seconds`, while every 1.5-4 s nats-server, the gateway or a dispatcher is killed
 (`kubetask dev` restarts it). A submission answered 202 (or 409: an earlier try got in) is
@@ -20,7 +21,6 @@ import asyncio
 import os
 import random
 import signal
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -43,7 +43,10 @@ def functions() -> list[tuple[str, dict[str, object]]]:
             "warm",
             {
                 "server": {
-                    "command": [sys.executable, str(HERE / "noop_server.py")],
+                    # The standard library's server, on the host's python3: with
+                    # KUBETASK_FUNCTION_USERS=accounts an account's user runs it, and may not
+                    # reach every interpreter (one under /root, a venv's packages).
+                    "command": ["python3", str(HERE.parent / "examples" / "warm_server.py")],
                     "concurrency": 8,
                     "maxInstances": 2,
                 },
@@ -157,7 +160,10 @@ async def settle(
     deadline = time.monotonic() + args.wait
     while waiting and time.monotonic() < deadline:
         for task_id in list(waiting):
-            resp = await http.get(f"/v1/tasks/{task_id}")
+            try:
+                resp = await http.get(f"/v1/tasks/{task_id}")
+            except httpx.HTTPError:  # the gateway killed last is not back yet
+                break
             if resp.status_code == 404 and task_id in unanswered:
                 waiting.discard(task_id)  # never accepted
                 continue
