@@ -10,6 +10,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -32,9 +35,20 @@ def _nats_pid(store: Path) -> int | None:
     return pids[0] if pids else None
 
 
-async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: Path) -> None:
+@dataclass
+class Dev:
+    proc: asyncio.subprocess.Process
+    data: Path
+    port: int
+    token: str
+    log: Path
+
+
+@asynccontextmanager
+async def _dev(tmp_path: Path, functions: str) -> AsyncIterator[Dev]:
+    """`kubetask dev` with `functions` applied; killed at the end if the test left it running."""
     data = tmp_path / "data"
-    (tmp_path / "fns.yaml").write_text(FUNCTIONS)
+    (tmp_path / "fns.yaml").write_text(functions)
     port = free_port()
     args = ["dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0"]
     log = open(tmp_path / "dev.log", "ab")
@@ -56,6 +70,16 @@ async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: P
             assert time.monotonic() < deadline, (tmp_path / "dev.log").read_text()
             await asyncio.sleep(0.1)
         token = json.loads(cfg.read_text())["token"]
+        yield Dev(dev, data, port, token, tmp_path / "dev.log")
+    finally:
+        if dev.returncode is None:
+            dev.kill()
+            await dev.wait()
+
+
+async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: Path) -> None:
+    async with _dev(tmp_path, FUNCTIONS) as d:
+        data, port, token, dev = d.data, d.port, d.token, d.proc
         first_nats = _nats_pid(data / "jetstream")
         assert first_nats is not None
         accepted: list[str] = []
@@ -103,7 +127,56 @@ async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: P
         assert time.monotonic() - stop < 3.0, "Ctrl-C took too long"
         with pytest.raises(OSError):
             wait_for_port(port, timeout=0.2)
-    finally:
-        if dev.returncode is None:
-            dev.kill()
-            await dev.wait()
+
+
+async def test_attempts_that_end_while_nats_restarts_are_recorded_once(tmp_path: Path) -> None:
+    """Each attempt notes its run, waits for a go-ahead, then ends; nats-server is killed just
+    before the go-ahead, so every attempt ends while it is away. Each outcome is recorded when
+    NATS is back: one attempt a task, one run. (Before: every task ran twice, its first,
+    finished attempt taken for lost.)"""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    functions = f"""
+apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {{name: gated}}
+spec:
+  command: ["sh", "-c", "cat >/dev/null; echo run >> {runs}/$KUBETASK_TASK_ID;
+    while [ ! -e {runs}/go ]; do sleep 0.01; done; echo done"]
+  maxConcurrency: 8
+"""
+    tasks = [f"gated-{i}" for i in range(6)]
+    async with _dev(tmp_path, functions) as d:
+        headers = {"Authorization": f"Bearer {d.token}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=5
+        ) as http:
+            for task_id in tasks:
+                resp = await http.post("/v1/tasks", json={"function": "gated", "id": task_id})
+                assert resp.status_code == 202, resp.text
+            deadline = time.monotonic() + 30
+            while not all((runs / t).exists() for t in tasks):
+                assert time.monotonic() < deadline, list(runs.iterdir())
+                await asyncio.sleep(0.05)
+            nats = _nats_pid(d.data / "jetstream")
+            assert nats is not None
+            os.kill(nats, signal.SIGKILL)
+            (runs / "go").touch()
+            deadline = time.monotonic() + 60
+            ended: dict[str, dict[str, object]] = {}
+            while len(ended) < len(tasks):
+                assert time.monotonic() < deadline, ended
+                await asyncio.sleep(0.2)
+                for task_id in tasks:
+                    try:
+                        resp = await http.get(f"/v1/tasks/{task_id}")
+                    except httpx.HTTPError:
+                        break  # NATS or the gateway on its way back
+                    status = resp.json().get("status", {}) if resp.status_code == 200 else {}
+                    if status.get("phase") in ("Succeeded", "Failed", "Stopped", "Expired"):
+                        ended[task_id] = status
+        assert "nats-server restarted" in d.log.read_text()
+        assert {t: (s["phase"], s["attempts"]) for t, s in ended.items()} == {
+            t: ("Succeeded", 1) for t in tasks
+        }
+        assert {t: (runs / t).read_text().count("run") for t in tasks} == {t: 1 for t in tasks}

@@ -52,7 +52,7 @@ from ..store import (
     new_token,
     now,
 )
-from . import backlog_gauge, idle_consumers, pod_identity
+from . import backlog_gauge, idle_consumers, outcome_patience, pod_identity
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -170,6 +170,8 @@ class Dispatcher:
         # The streams each function has workers on, so a change looks at its own workers only.
         self._streams: dict[tuple[str, str], set[str]] = {}
         self.slots: dict[tuple[str, str], Slot] = {}
+        # Tasks whose attempt ended while NATS was away, their outcome not yet recorded.
+        self.unrecorded: set[tuple[str, str]] = set()
         self.fairness = Fairness(
             plane.settings.fair_share(
                 plane.settings.dispatch_fair_slots, least_per_account=DISPATCH_LEAST_PER_ACCOUNT
@@ -420,6 +422,13 @@ class Dispatcher:
         if phase in (TaskPhase.Running, TaskPhase.Stopping) and record.claimSeq != seq:
             await msg.ack()  # a duplicate of the message another dispatcher is working on
             return
+        here = (ref.account, ref.task_id)
+        if phase in (TaskPhase.Running, TaskPhase.Stopping) and (
+            here in self.slots or here in self.unrecorded
+        ):
+            # Delivered again while its attempt runs or ends here (a hand-back that reached the
+            # server late): nothing was lost, and the attempt acks the message when it ends.
+            return
         if phase is TaskPhase.Stopping:  # its dispatcher died while stopping it
             await self._end(ctx, msg, current, TaskPhase.Stopped, "stopped")
             return
@@ -511,7 +520,40 @@ class Dispatcher:
                 raise
         finally:
             self.slots.pop(key, None)
-        await self._record_outcome(ctx, msg, claimed, outcome, slot)
+        worker = self.workers.get((ctx.account, ctx.function.name, msg.metadata.stream))
+        if worker is not None:
+            worker.window.done(outcome.busy)
+        try:
+            await self._record_outcome(ctx, msg, claimed, outcome, slot)
+        except jetstream.UNAVAILABLE:
+            await self._record_when_nats_is_back(ctx, msg, claimed, outcome, slot)
+
+    async def _record_when_nats_is_back(
+        self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, slot: Slot
+    ) -> None:
+        """The attempt ended while NATS was away: its outcome is recorded once NATS is back,
+        on the record as stored then (`outcome_patience.py`)."""
+        seq = int(msg.metadata.sequence.stream)
+        attempt = claimed.record.task.status.attempts
+
+        async def record() -> None:
+            current = await self.plane.store.get(ctx.account, ctx.task_id)
+            if current is None:
+                await msg.ack()  # deleted meanwhile
+                return
+            claim = outcome_patience.claim_of(current.record, seq, attempt)
+            if claim is outcome_patience.Claim.OURS:
+                await self._record_outcome(ctx, msg, current, outcome, slot)
+            elif claim is outcome_patience.Claim.WRITTEN:
+                await msg.nak(delay=0.5)  # the next delivery finishes what the write began
+
+        heartbeat = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
+        self.unrecorded.add((ctx.account, ctx.task_id))
+        try:
+            await outcome_patience.keep_trying(record, self.plane.settings.ack_wait / 2)
+        finally:
+            self.unrecorded.discard((ctx.account, ctx.task_id))
+            heartbeat.cancel()
 
     def _claim(self, token: str, seq: int, ctx: TaskContext) -> Mutation:
         def claim(r: TaskRecord) -> TaskRecord:
@@ -607,9 +649,6 @@ class Dispatcher:
     async def _record_outcome(
         self, ctx: TaskContext, msg: Msg, claimed: Versioned, outcome: Outcome, slot: Slot
     ) -> None:
-        worker = self.workers.get((ctx.account, ctx.function.name, msg.metadata.stream))
-        if worker is not None:
-            worker.window.done(outcome.busy)
         if outcome.busy and not slot.stop_requested:
             await self._handed_back(ctx, msg, claimed, outcome)
             return
