@@ -1,4 +1,4 @@
-"""Tasks submitted while `kill -9` hits the platform's processes at random: afterwards every
+"""Tasks submitted while `kill -9` and SIGSTOP hit the platform's processes at random: afterwards every
 accepted task must have reached a terminal state (or still be waiting its turn), once, with
 the attempts its retry policy allows.
 
@@ -6,9 +6,10 @@ the attempts its retry policy allows.
 KUBETASK_FUNCTION_USERS=accounts as root); four submitters post a mix (a quick command, a warm
 server, a one-second command, a command that always fails with two retries) at ~100 tasks/s
 each for `--seconds`, while every 1.5-4 s nats-server, the gateway or a dispatcher is killed
-(`kubetask dev` restarts it). A submission answered 202 (or 409: an earlier try got in) is
+(`kubetask dev` restarts it) or, a `--freezes` share of the time, stopped for 2-10 s and then
+let go on (it comes back to find its work taken over). A submission answered 202 (or 409: an earlier try got in) is
 accepted; one that got no answer (the gateway was down) may or may not exist, and must have
-ended too if it does. Prints what was accepted, refused and killed, then each function's
+ended too if it does. Prints what was accepted, refused, killed and stopped, then each function's
 outcomes by phase and attempts, and any task that did not end. Asserts nothing.
 
 Run: .venv/bin/python bench/chaos.py [--seconds 120] [--seed 1]
@@ -127,23 +128,42 @@ async def run(args: argparse.Namespace, dev: Dev, http: httpx.AsyncClient) -> No
                 refused[status] += 1
             await asyncio.sleep(0.01)
 
-    async def killer() -> None:
-        while time.monotonic() < stop - 5:
+    async def freeze(pid: int, seconds: float) -> None:
+        """SIGSTOP, then SIGCONT: a process that stalls (a VM paused, a long collection) and
+        comes back to find its work taken over."""
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(seconds)
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+    frozen: list[asyncio.Task[None]] = []
+
+    async def faults() -> None:
+        while time.monotonic() < stop - 15:
             await asyncio.sleep(rng.uniform(1.5, 4))
             found = [(p, component(cmdline(p))) for p in children(dev.pid)]
             targets = [(p, name) for p, name in found if name is not None]
-            if targets:
-                pid, name = rng.choice(targets)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    kills[name] += 1
-                except ProcessLookupError:
-                    pass
+            if not targets:
+                continue
+            pid, name = rng.choice(targets)
+            if rng.random() < args.freezes:
+                frozen.append(asyncio.create_task(freeze(pid, rng.uniform(2, 10))))
+                froze[name] += 1
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                kills[name] += 1
+            except ProcessLookupError:
+                pass
 
-    await asyncio.gather(*(submitter(k) for k in range(4)), killer())
+    froze: Counter[str] = Counter()
+    await asyncio.gather(*(submitter(k) for k in range(4)), faults())
+    await asyncio.gather(*frozen)
     print(
         f"accepted {len(accepted)}, refused {dict(refused)}, unanswered {len(unanswered)};"
-        f" killed {dict(kills)}"
+        f" killed {dict(kills)}, frozen {dict(froze)}"
     )
     await settle(args, http, accepted, unanswered)
 
@@ -200,5 +220,8 @@ if __name__ == "__main__":
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--ack-wait", type=float, default=5, help="kubetask dev --ack-wait")
+    ap.add_argument(
+        "--freezes", type=float, default=0.3, help="the share of faults that stop, not kill"
+    )
     ap.add_argument("--wait", type=float, default=240, help="how long tasks may take to end")
     asyncio.run(main(ap.parse_args()))
