@@ -36,7 +36,7 @@ RETRIES = 2  # of the failing function
 
 
 def functions() -> list[tuple[str, dict[str, object]]]:
-    """Each function with its spec, and how a task of it should end."""
+    """Each function's name and spec (how a task of it should end: `expected`)."""
     sh = ["sh", "-c"]
     return [
         ("quick", {"command": [*sh, "cat >/dev/null; echo '{\"ok\": 1}'"], "maxConcurrency": 8}),
