@@ -14,13 +14,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from harness import LOGS_MAX_BYTES, Api, echo_script
 from kubetask import logs, names
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.log_budget import RECORD_OVERHEAD
 from kubetask.dispatch.log_pacing import LogPacing
 from kubetask.executors.base import Lines
+from kubetask.models import TaskFunction
 from kubetask.plane import DataPlane
+from nats.aio.msg import Msg
 
 
 async def test_command_task_succeeds_with_result_and_stage_timestamps(api: Api) -> None:
@@ -596,3 +599,37 @@ async def test_a_log_read_without_follow_returns_every_line_written_so_far(api: 
     finally:
         gate.write_text("")
     assert (await api.wait(task_id))["status"]["phase"] == "Succeeded"
+
+
+async def test_a_task_delivered_again_while_it_runs_here_is_not_taken_for_lost(
+    api: Api, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-back that reaches nats-server late (sent once NATS is back, by a dispatcher that
+    could not record an outcome) delivers a message again while its attempt runs. The
+    dispatcher running it leaves that delivery to the attempt: one attempt, not "attempt 1
+    lost" and a second run. A late hand-back cannot be timed for real, so the test sends it
+    itself, on the running attempt's own delivery."""
+    argv, gate = api.gated("held")
+    await api.function("held", command=argv)
+    delivered: list[Msg] = []
+    handle = dispatcher._handle
+
+    async def noting(fn: TaskFunction, msg: Msg) -> None:
+        if fn.account == api.account:
+            delivered.append(msg)
+        await handle(fn, msg)
+
+    monkeypatch.setattr(dispatcher, "_handle", noting)
+    await api.submit("held", task_id="held-0")
+    await api.wait("held-0", {"Running"})
+    reply = delivered[0].reply  # the message comes back at once, to this dispatcher
+    await dispatcher.plane.nc.publish(reply, b"-NAK")
+    for _ in range(100):
+        if len(delivered) > 1:
+            break
+        await asyncio.sleep(0.05)
+    assert len(delivered) == 2, "the message was not delivered again"
+    gate.touch()
+    task = await api.wait("held-0")
+    assert (task["status"]["phase"], task["status"]["attempts"]) == ("Succeeded", 1), task
+    assert "lost" not in (await api.http.get("/v1/tasks/held-0/logs")).text

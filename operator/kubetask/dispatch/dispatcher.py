@@ -405,6 +405,13 @@ class Dispatcher:
         if current.record.token != ref.token:
             await msg.ack()  # a stale copy superseded by a retry/resume
             return
+        here = (ref.account, ref.task_id)
+        if here in self.slots or here in self.unrecorded:
+            # Delivered again while its attempt starts, runs or ends here (a hand-back that
+            # reached the server late). Whatever record came with it, nothing was lost: the
+            # attempt acks the message when it ends. Taking it up would also have replaced
+            # the running attempt's slot.
+            return
         record = current.record
         phase = record.phase
         ctx = TaskContext(
@@ -421,13 +428,6 @@ class Dispatcher:
             return
         if phase in (TaskPhase.Running, TaskPhase.Stopping) and record.claimSeq != seq:
             await msg.ack()  # a duplicate of the message another dispatcher is working on
-            return
-        here = (ref.account, ref.task_id)
-        if phase in (TaskPhase.Running, TaskPhase.Stopping) and (
-            here in self.slots or here in self.unrecorded
-        ):
-            # Delivered again while its attempt runs or ends here (a hand-back that reached the
-            # server late): nothing was lost, and the attempt acks the message when it ends.
             return
         if phase is TaskPhase.Stopping:  # its dispatcher died while stopping it
             await self._end(ctx, msg, current, TaskPhase.Stopped, "stopped")
