@@ -566,8 +566,7 @@ async def test_a_warm_pods_proxy_holds_a_bounded_share_of_connections_per_addres
         for _ in range(2 + 16)
     ]
     try:
-        for writer in [w for _, w in held[:1]]:  # one of them in use: a request answered
-            writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        held[0][1].write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")  # one of them in use
         assert (await asyncio.wait_for(held[0][0].readline(), 5)).startswith(b"HTTP/1.1 200")
         assert await ready("127.0.0.3") == b""  # closed, nothing said
         assert (await ready("127.0.0.4")).startswith(b"HTTP/1.1 200")
