@@ -10,7 +10,8 @@ each for `--seconds`, while every 1.5-4 s nats-server, the gateway or a dispatch
 let go on (it comes back to find its work taken over). A submission answered 202 (or 409: an earlier try got in) is
 accepted; one that got no answer (the gateway was down) may or may not exist, and must have
 ended too if it does. Prints what was accepted, refused, killed and stopped, then each function's
-outcomes by phase and attempts, and any task that did not end. Asserts nothing.
+outcomes by phase and attempts, any task that did not end, and any that ran more often than its
+attempts say (the commands note each run). Asserts nothing.
 
 Run: .venv/bin/python bench/chaos.py [--seconds 120] [--seed 1]
 """
@@ -35,11 +36,13 @@ TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
 RETRIES = 2  # of the failing function
 
 
-def functions() -> list[tuple[str, dict[str, object]]]:
-    """Each function's name and spec (how a task of it should end: `expected`)."""
+def functions(runs: Path) -> list[tuple[str, dict[str, object]]]:
+    """Each function's name and spec (how a task of it should end: `expected`). The commands
+    note each run of a task in `runs`, to be held against its attempts."""
     sh = ["sh", "-c"]
+    note = f"cat >/dev/null; echo run >> {runs}/$KUBETASK_TASK_ID"
     return [
-        ("quick", {"command": [*sh, "cat >/dev/null; echo '{\"ok\": 1}'"], "maxConcurrency": 8}),
+        ("quick", {"command": [*sh, f"{note}; echo '{{\"ok\": 1}}'"], "maxConcurrency": 8}),
         (
             "warm",
             {
@@ -54,7 +57,7 @@ def functions() -> list[tuple[str, dict[str, object]]]:
                 "maxConcurrency": 16,
             },
         ),
-        ("slow", {"command": [*sh, "cat >/dev/null; sleep 1"], "maxConcurrency": 8}),
+        ("slow", {"command": [*sh, f"{note}; sleep 1"], "maxConcurrency": 8}),
         ("failing", {"command": [*sh, "exit 3"]}),
     ]
 
@@ -83,8 +86,8 @@ def component(command: str) -> str | None:
     return None
 
 
-async def setup(http: httpx.AsyncClient) -> None:
-    for name, spec in functions():
+async def setup(http: httpx.AsyncClient, runs: Path) -> None:
+    for name, spec in functions(runs):
         body = {"apiVersion": "kubetask.io/v1alpha1", "kind": "TaskFunction"}
         body |= {"metadata": {"name": name}, "spec": {"timeoutSeconds": 30, **spec}}
         (await http.put(f"/v1/functions/{name}", json=body)).raise_for_status()
@@ -101,7 +104,7 @@ async def setup(http: httpx.AsyncClient) -> None:
     (await http.put("/v1/asyncconfigs/failing", json=config)).raise_for_status()
 
 
-async def run(args: argparse.Namespace, dev: Dev, http: httpx.AsyncClient) -> None:
+async def run(args: argparse.Namespace, dev: Dev, http: httpx.AsyncClient, runs: Path) -> None:
     rng = random.Random(args.seed)
     mix = ["quick", "quick", "warm", "warm", "warm", "failing"] * 4 + ["slow"]
     accepted: dict[str, str] = {}
@@ -165,7 +168,7 @@ async def run(args: argparse.Namespace, dev: Dev, http: httpx.AsyncClient) -> No
         f"accepted {len(accepted)}, refused {dict(refused)}, unanswered {len(unanswered)};"
         f" killed {dict(kills)}, frozen {dict(froze)}"
     )
-    await settle(args, http, accepted, unanswered)
+    await settle(args, http, accepted, unanswered, runs)
 
 
 async def settle(
@@ -173,6 +176,7 @@ async def settle(
     http: httpx.AsyncClient,
     accepted: dict[str, str],
     unanswered: set[str],
+    runs: Path,
 ) -> None:
     """Wait for every accepted task (and every unanswered one that exists) to end, then tally."""
     waiting = set(accepted) | unanswered
@@ -202,16 +206,33 @@ async def settle(
         print(f"  {function:8} {phase:10} {attempts} attempt(s): {n}{mark}")
     late = {t: seen.get(t, ("?", "never read", 0))[1] for t in waiting}
     print(f"not ended after {args.wait:g} s: {len(late)} {dict(Counter(late.values()))}")
+    # A run is noted when its command starts, so an attempt lost before that has none; a run
+    # beyond the attempts counted is one the platform did not know it started.
+    extra = {}
+    unrun: Counter[str] = Counter()
+    for task_id, (function, _, attempts) in seen.items():
+        if function not in ("quick", "slow"):
+            continue
+        ledger = runs / task_id
+        ran = ledger.read_text().count("run") if ledger.exists() else 0
+        if ran > attempts:
+            extra[task_id] = (function, attempts, ran)
+        unrun[function] += attempts - ran if ran < attempts else 0
+    print(f"attempts of which no run was noted (lost before the command started): {dict(unrun)}")
+    print(f"tasks that ran more often than their attempts: {len(extra)} {list(extra.items())[:5]}")
 
 
 async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="kt-chaos-"))
+    runs = args.runs_dir or Path(tempfile.mkdtemp(prefix="kt-chaos-runs-"))
+    runs.mkdir(parents=True, exist_ok=True)
+    runs.chmod(0o1777)  # written by accounts' users too
     flags = ("--dispatchers", "2", "--ack-wait", str(args.ack_wait))
     async with running_dev(work, *flags) as dev:
         headers = {"Authorization": f"Bearer {dev.token}"}
         async with httpx.AsyncClient(base_url=dev.url, headers=headers, timeout=10) as http:
-            await setup(http)
-            await run(args, dev, http)
+            await setup(http, runs)
+            await run(args, dev, http, runs)
     print(f"(kubetask dev's log: {work / 'dev.out'})")
 
 
@@ -224,4 +245,10 @@ if __name__ == "__main__":
         "--freezes", type=float, default=0.3, help="the share of faults that stop, not kill"
     )
     ap.add_argument("--wait", type=float, default=240, help="how long tasks may take to end")
+    ap.add_argument(
+        "--runs-dir",
+        type=Path,
+        help="where functions note their runs; outside /tmp with KUBETASK_FUNCTION_USERS=accounts"
+        " (an account's /tmp is its own)",
+    )
     asyncio.run(main(ap.parse_args()))
