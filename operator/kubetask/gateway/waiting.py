@@ -64,18 +64,25 @@ async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, position: int) ->
     if running is not None and running >= limit:
         return (
             f"function {fn.name!r} is at its maxConcurrency ({running} of {limit} running); "
-            f"{position - 1} of its tasks are ahead"
+            f"{_ahead(position)}"
         )
     if position > 1 and running is not None:
         return (
-            f"{position - 1} of its function's tasks are ahead of it; {running} of at most "
+            f"{_ahead(position)}; {running} of at most "
             f"{limit} run now: below maxConcurrency, dispatchers hold back when executors "
             "answer busy (the dispatch window) and, while other accounts have work, keep each "
             "account to its fair share"
         )
     if position > 1:
-        return f"{position - 1} of its function's tasks are ahead of it"
+        return _ahead(position)
     return "next in line: a dispatcher takes it as soon as one has a free slot"
+
+
+def _ahead(position: int) -> str:
+    n = position - 1
+    if n == 0:
+        return "none of its function's tasks is ahead of it"
+    return f"{n} of its function's tasks {'is' if n == 1 else 'are'} ahead of it"
 
 
 def _throttle_note(plane: DataPlane, fn: TaskFunction) -> str:
