@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -321,6 +322,8 @@ def test_numbers_on_the_command_line_are_held_to_their_range(tmp_path: Path) -> 
         ["dev", "--ack-wait", "0.5"],
         ["gateway", "--tokens", "t.json", "--port", "65536"],
         ["dispatcher", "--metrics-port", "99999"],
+        ["gateway", "--tokens", "t.json", "--listen-fd", "-1"],
+        ["dispatcher", "--metrics-fd", "three"],
         ["dispatcher", "--drain-timeout", "-1"],
         ["describe", "x", "--tail=-5"],
         ["list", "--limit", "0"],
@@ -333,6 +336,27 @@ def test_numbers_on_the_command_line_are_held_to_their_range(tmp_path: Path) -> 
         assert out.returncode == 2, (args, out.stderr)
         assert "error: argument" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / ".kubetask-data").exists()  # nothing was started
+
+
+def test_a_descriptor_to_serve_on_must_be_a_listening_socket(tmp_path: Path) -> None:
+    """`--listen-fd` and `--metrics-fd` (how `kubetask dev` hands its held ports over) say what
+    is wrong with a descriptor at once, rather than serving on nothing."""
+    (tmp_path / "t.json").write_text("{}")
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, never listening
+        for args, fd, said in (
+            (["gateway", "--tokens", "t.json", "--listen-fd"], 0, "is not a socket"),
+            (["dispatcher", "--metrics-fd"], 77, "is not a socket"),
+            (["gateway", "--tokens", "t.json", "--listen-fd"], bound.fileno(), "not a listening"),
+            (["dispatcher", "--metrics-fd"], bound.fileno(), "not a listening TCP socket"),
+        ):
+            out = subprocess.run(
+                [sys.executable, "-m", "kubetask", *args, str(fd)],
+                capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                stdin=subprocess.DEVNULL, pass_fds=(bound.fileno(),),
+            )  # fmt: skip
+            assert out.returncode == 2, (args, fd, out.stderr)
+            assert said in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
 def test_an_address_or_a_token_that_cannot_be_the_apis_is_an_error_not_a_traceback(

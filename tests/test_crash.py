@@ -589,7 +589,7 @@ async def test_a_dispatcher_killed_while_dev_starts_is_restarted(lab: Lab) -> No
         "dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0",
         env=dict(os.environ), log="dev.log",
     )  # fmt: skip
-    needle = b"--metrics-port"
+    needle = b"\0dispatcher\0"
     deadline = time.monotonic() + 30
     while not (mine := [p for p in pids_running(needle) if _parent(p) == dev.pid]):
         assert time.monotonic() < deadline and dev.poll() is None, (

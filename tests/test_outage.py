@@ -5,9 +5,13 @@ accepted task completes, and Ctrl-C then stops the whole platform in under three
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
+import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -180,3 +184,69 @@ spec:
             t: ("Succeeded", 1) for t in tasks
         }
         assert {t: (runs / t).read_text().count("run") for t in tasks} == {t: 1 for t in tasks}
+
+
+def _children(parent: int, mark: bytes) -> list[int]:
+    """The processes `parent` started whose command line holds `mark`."""
+    return [
+        pid
+        for pid in pids_running(mark)
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent)
+    ]
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie: its sockets are closed either way."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _taken(port: int) -> bool:
+    """Whether binding `port` on loopback fails because something holds it."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as err:
+            assert err.errno == errno.EADDRINUSE, err
+            return True
+        return False
+
+
+async def test_ports_stay_held_while_the_gateway_and_a_dispatcher_restart(
+    tmp_path: Path,
+) -> None:
+    """`kubetask dev` holds the API port and each dispatcher's metrics port across their
+    servers' restarts: nothing else (a tenant's function included) can take them in between,
+    and a request sent while the gateway is down is answered by the next one rather than
+    refused. (Before: the ports were free until the restarted process listened again, and the
+    request was refused.)"""
+    async with _dev(tmp_path, FUNCTIONS) as d:
+        said = d.log.read_text()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/metrics \(dispatchers\)", said)
+        assert found is not None, said
+        metrics_port = int(found.group(1))
+        headers = {"Authorization": f"Bearer {d.token}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=30
+        ) as http:
+            for what, port in (("gateway", d.port), ("dispatcher", metrics_port)):
+                [pid] = _children(d.proc.pid, f"\0{what}\0".encode())
+                os.kill(pid, signal.SIGKILL)
+                while not _exited(pid):
+                    await asyncio.sleep(0.01)
+                assert _taken(port), f"{what}'s port {port} was free while it restarted"
+                if what == "gateway":
+                    resp = await http.post("/v1/tasks", json={"function": "quick"})
+                    assert resp.status_code == 202, resp.text
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    resp = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+                    if resp.status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the dispatcher's metrics never came back"
+                await asyncio.sleep(0.1)
+        assert d.log.read_text().count("restarted") >= 2

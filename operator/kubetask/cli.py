@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -255,6 +256,7 @@ def _seconds(low: float, high: float) -> Callable[[str], Any]:
 
 port_number = _whole(0, 65535, "a port")
 line_count = _whole(0, 1_000_000, "a number of lines")
+descriptor = _whole(0, 1 << 20, "a file descriptor")
 
 
 _AGO = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -420,8 +422,9 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     _log_to_stderr()
     settings = Settings()
+    sockets = [_adopted(args.listen_fd)] if args.listen_fd is not None else None
     app = create_app(settings, Path(args.tokens))
-    Server(config(app, args.host, args.port, settings)).run()
+    Server(config(app, args.host, args.port, settings)).run(sockets=sockets)
 
 
 def cmd_dispatcher(args: argparse.Namespace) -> None:
@@ -433,7 +436,19 @@ def cmd_dispatcher(args: argparse.Namespace) -> None:
     from .settings import Settings
 
     _log_to_stderr()
-    run(Settings(), args.metrics_port, args.drain_timeout, args.metrics_host)
+    held = _adopted(args.metrics_fd) if args.metrics_fd is not None else None
+    port = held.getsockname()[1] if held is not None else args.metrics_port
+    run(Settings(), port, args.drain_timeout, args.metrics_host, held)
+
+
+def _adopted(fd: int) -> socket.socket:
+    from .held_sockets import adopt
+
+    try:
+        return adopt(fd)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_operator(args: argparse.Namespace) -> None:
@@ -529,6 +544,12 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=port_number, default=8080)
     gw.add_argument("--tokens", required=True, help="JSON file of hashed tokens")
+    gw.add_argument(
+        "--listen-fd",
+        type=descriptor,
+        help="serve on this inherited listening socket instead of binding --host/--port"
+        " (how kubetask dev keeps the port across restarts)",
+    )
     gw.set_defaults(func=cmd_gateway)
 
     dp = sub.add_parser("dispatcher", help="run a dispatcher")
@@ -536,6 +557,11 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port", type=port_number, help="serve Prometheus metrics on this port"
     )
     dp.add_argument("--metrics-host", default="127.0.0.1")
+    dp.add_argument(
+        "--metrics-fd",
+        type=descriptor,
+        help="serve metrics on this inherited listening socket (as kubetask dev does)",
+    )
     dp.add_argument("--drain-timeout", type=_seconds(0, 3600), default=30.0)
     dp.set_defaults(func=cmd_dispatcher)
 

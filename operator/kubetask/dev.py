@@ -13,6 +13,7 @@ then NATS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from . import nats_auth, private_files, sched_batch
+from . import held_sockets, nats_auth, private_files, sched_batch
 from .auth import create_token
 from .client import Client
 from .embedded import (
@@ -55,6 +56,7 @@ class Child:
     env: dict[str, str]
     log: Path
     batch: bool = False  # under SCHED_BATCH (`sched_batch.py`)
+    keeps: tuple[int, ...] = ()  # listening sockets each incarnation inherits (`held_sockets.py`)
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
 
@@ -65,6 +67,7 @@ class Child:
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                pass_fds=self.keeps,
                 preexec_fn=sched_batch.preexec(self.batch, die_with_parent()),
             )
 
@@ -99,6 +102,14 @@ def stop_all(children: list[Child], timeout: float) -> None:
         child.signal(signal.SIGKILL)
         if child.proc is not None:
             child.proc.wait()
+
+
+def _in_use(port: int, what: str, flag: str, err: OSError | None = None) -> str:
+    if err is None or err.errno == errno.EADDRINUSE:
+        problem = f"port {port} for the {what} is in use (another kubetask dev?)"
+    else:
+        problem = f"cannot listen on port {port} for the {what}: {err.strerror}"
+    return f"error: {problem}; choose another with {flag}"
 
 
 def client_config(data_dir: Path) -> Path:
@@ -190,15 +201,17 @@ def run(
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
-    for what, p in (("API", port), ("NATS", nats_port)):
-        if p and port_in_use(p):
-            print(
-                f"error: port {p} for the {what} is in use (another kubetask dev?); "
-                f"choose another with --{'port' if what == 'API' else 'nats-port'}",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 2
+    if nats_port and port_in_use(nats_port):
+        print(_in_use(nats_port, "NATS", "--nats-port"), file=sys.stderr, flush=True)
+        return 2
+    try:  # held for as long as this runs (`held_sockets.py`); 0: any free port
+        api = held_sockets.hold("127.0.0.1", port)
+    except OSError as err:
+        print(_in_use(port, "API", "--port", err), file=sys.stderr, flush=True)
+        return 2
+    port = api.getsockname()[1]
+    metrics_sockets = [held_sockets.hold("127.0.0.1", 0) for _ in range(dispatchers)]
+    metrics_ports = [s.getsockname()[1] for s in metrics_sockets]
     restrict_data_dir(data_dir)
     lock = hold_data_dir(data_dir)
     if lock is None:
@@ -209,7 +222,6 @@ def run(
     scrape_path = metrics_token_file(data_dir)
     scrape = {"KUBETASK_METRICS_TOKEN_FILE": str(scrape_path)}
     nats_port = nats_port or free_port()
-    port = port or free_port()  # 0: any free one, as for NATS
     nats = Child(
         "nats-server",
         nats_argv(data_dir / "jetstream", nats_port, nats_config),
@@ -240,7 +252,6 @@ def run(
     if ack_wait is not None:
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
     exe = [sys.executable, "-m", "kubetask"]
-    metrics_ports = [free_port() for _ in range(dispatchers)]
     # No tenant's function may answer on these (`executors/platform_ports.py`).
     own = [str(p) for p in (port, *metrics_ports)]
     given = env.get("KUBETASK_PLATFORM_PORTS", "")
@@ -248,7 +259,12 @@ def run(
     children = [
         Child(
             "gateway",
-            [*exe, "gateway", "--port", str(port), "--tokens", str(data_dir / "tokens.json")],
+            [
+                *exe,
+                "gateway",
+                *("--port", str(port), "--listen-fd", str(api.fileno())),
+                *("--tokens", str(data_dir / "tokens.json")),
+            ],
             {
                 **env,
                 **nats_auth.env_for("gateway", passwords, data_dir / "secrets"),
@@ -256,6 +272,7 @@ def run(
                 "KUBETASK_INDEX_PATH": str(data_dir / "index" / "tasks.sqlite3"),
             },
             data_dir / "logs" / "gateway.log",
+            keeps=(api.fileno(),),
         ),
         *[
             Child(
@@ -263,8 +280,8 @@ def run(
                 [
                     *exe,
                     "dispatcher",
-                    "--metrics-port",
-                    str(metrics_ports[i]),
+                    "--metrics-fd",
+                    str(metrics_sockets[i].fileno()),
                     "--drain-timeout",
                     str(DRAIN_SECONDS),
                 ],
@@ -274,6 +291,7 @@ def run(
                     **scrape,
                 },
                 data_dir / "logs" / f"dispatcher-{i}.log",
+                keeps=(metrics_sockets[i].fileno(),),
             )
             for i in range(dispatchers)
         ],
@@ -283,10 +301,9 @@ def run(
     try:
         gateway_proc = children[0].proc
         assert gateway_proc is not None
-        # The gateway listens at once, but is ready only once its task index has caught up with
-        # the records (quick when it kept its index, longer the first time on many records), so
-        # readiness has no fixed limit; a gateway that dies is reported at once.
-        wait_for_port(port, timeout=60, proc=gateway_proc)
+        # The gateway is ready only once its task index has caught up with the records (quick
+        # when it kept its index, longer the first time on many records), so readiness has no
+        # fixed limit; a gateway that dies is reported at once.
         wait_until_ready(
             url,
             gateway_proc,

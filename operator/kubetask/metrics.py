@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hmac
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -258,10 +259,11 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def serve(port: int, host: str, token: str | None) -> WSGIServer:
+def serve(port: int, host: str, token: str | None, sock: socket.socket | None = None) -> WSGIServer:
     """A dispatcher's /metrics, in a thread of its own (the event loop never waits on a
     scrape): every series with the metrics token, the platform's only without it. Tenants'
-    code can reach this port (a process beside the dispatcher, a pod in the cluster)."""
+    code can reach this port (a process beside the dispatcher, a pod in the cluster). On
+    `sock`, a listening socket `kubetask dev` holds (`held_sockets.py`), if given."""
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         admin = is_scraper(token, environ.get("HTTP_AUTHORIZATION"))
@@ -269,10 +271,23 @@ def serve(port: int, host: str, token: str | None) -> WSGIServer:
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
         return [exposition(None, admin, names)]
 
-    server = make_server(host, port, app, _Server, _Quiet)
+    server = make_server(host, port, app, _Server, _Quiet) if sock is None else _on(sock, app)
     # The poll interval only bounds how long `shutdown()` waits (a dispatcher never calls it:
     # the thread dies with the process; tests do); the default half second woke an idle
     # dispatcher twice a second for nothing.
     forever = functools.partial(server.serve_forever, poll_interval=5)
     threading.Thread(target=forever, name="metrics", daemon=True).start()
+    return server
+
+
+def _on(sock: socket.socket, app: Any) -> WSGIServer:
+    """`make_server` on a socket that is already listening: everything it does but the bind."""
+    host, port = sock.getsockname()[:2]
+    server = _Server((host, port), _Quiet, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_name, server.server_port = str(host), int(port)
+    server.setup_environ()
+    server.server_activate()
+    server.set_app(app)
     return server

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 from .. import metrics
 from ..plane import DataPlane
@@ -35,9 +36,12 @@ def run(
     metrics_port: int | None,
     drain_timeout: float,
     metrics_host: str = "127.0.0.1",
+    metrics_socket: socket.socket | None = None,
 ) -> None:
+    """With `metrics_socket` (a listening socket held by `kubetask dev`), metrics are served
+    there, on `metrics_port`."""
     if metrics_port:
-        metrics.serve(metrics_port, metrics_host, settings.metrics_token)
+        metrics.serve(metrics_port, metrics_host, settings.metrics_token, metrics_socket)
     import uvloop
 
     uvloop.run(serve(settings, drain_timeout, (metrics_port,) if metrics_port else ()))
