@@ -7,11 +7,12 @@ KUBETASK_FUNCTION_USERS=accounts as root); four submitters post a mix (a quick c
 server, a one-second command, a command that always fails with two retries) at ~100 tasks/s
 each for `--seconds`, while every 1.5-4 s nats-server, the gateway or a dispatcher is killed
 (`kubetask dev` restarts it) or, a `--freezes` share of the time, stopped for 2-10 s and then
-let go on (it comes back to find its work taken over). A submission answered 202 (or 409: an earlier try got in) is
-accepted; one that got no answer (the gateway was down) may or may not exist, and must have
-ended too if it does. Prints what was accepted, refused, killed and stopped, then each function's
-outcomes by phase and attempts, any task that did not end, and any that ran more often than its
-attempts say (the commands note each run). Asserts nothing.
+let go on (it comes back to find its work taken over). A submission answered 202 (or 409: an
+earlier try got in) is accepted; one that got no answer (in progress at a gateway that was
+killed) may or may not exist, and must have ended too if it does. Prints what was accepted,
+refused, killed and stopped, then each function's outcomes by phase and attempts, any task
+that did not end, and any that ran more often than its attempts say (the commands note each
+run). Asserts nothing.
 
 Run: .venv/bin/python bench/chaos.py [--seconds 120] [--seed 1]
 """
