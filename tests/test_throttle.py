@@ -112,6 +112,73 @@ async def test_the_account_over_its_rate_is_throttled_and_its_neighbour_is_not(
         assert calm == {202: 5}, calm
 
 
+async def test_an_account_with_limits_of_its_own_is_held_to_them_not_to_the_default(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+) -> None:
+    """A paid tier without a rate limit and a tight account with less than the default, beside
+    an account held to the default (`KUBETASK_ACCOUNT_RATE_LIMITS`, `_BACKLOG_LIMITS`); each
+    sees its own limits in `GET /v1/limits`."""
+    usual, paid, tight = await make_api(), await make_api(), await make_api()
+    for api in (usual, paid, tight):
+        await api.function("quick", command=["true"])
+    limited = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords),
+        account_max_rate=5,
+        account_rate_limits={paid.account: 0.0, tight.account: 2.0},
+        account_backlog_limits={tight.account: 1000.0},
+    )
+    async with gateway(limited, tokens_file) as url:
+        (as_usual, _), (as_paid, _), (as_tight, _) = await asyncio.gather(
+            *(_flood(url, api, "quick", 30) for api in (usual, paid, tight))
+        )
+        assert as_paid == {202: 30}, as_paid
+        assert 5 <= as_usual[202] <= 15 and as_usual[429] >= 15, as_usual
+        assert 2 <= as_tight[202] <= 6 and as_tight[429] >= 24, as_tight
+        seen = {}
+        for api in (usual, paid, tight):
+            async with httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {api.token}"}
+            ) as http:
+                limits = (await http.get("/v1/limits")).json()
+            seen[api.account] = (limits["maxRate"], limits["maxBacklog"], limits["throttleFrom"])
+        assert seen == {
+            usual.account: (
+                5.0,
+                settings.account_max_backlog,
+                int(0.8 * settings.account_max_backlog),
+            ),
+            paid.account: (
+                0.0,
+                settings.account_max_backlog,
+                int(0.8 * settings.account_max_backlog),
+            ),
+            tight.account: (2.0, 1000, 800),
+        }
+
+
+def test_limits_of_ones_own_are_account_names_and_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable, bad in (
+        ("KUBETASK_ACCOUNT_RATE_LIMITS", "gold=lots"),
+        ("KUBETASK_ACCOUNT_RATE_LIMITS", "gold=-1"),
+        ("KUBETASK_ACCOUNT_RATE_LIMITS", "Gold=3"),
+        ("KUBETASK_ACCOUNT_BACKLOG_LIMITS", "gold=1.5"),
+        ("KUBETASK_ACCOUNT_BACKLOG_LIMITS", "gold"),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(variable, bad)
+            with pytest.raises(ValueError, match=variable):
+                Settings()
+    monkeypatch.setenv("KUBETASK_ACCOUNT_MAX_RATE", "5")
+    monkeypatch.setenv("KUBETASK_ACCOUNT_RATE_LIMITS", "gold=0, free=0.5")
+    monkeypatch.setenv("KUBETASK_ACCOUNT_BACKLOG_LIMITS", "gold=0,batch=5000000")
+    ours = Settings()
+    assert [ours.rate_limit(a) for a in ("gold", "free", "other")] == [0.0, 0.5, 5.0]
+    assert [ours.backlog_limit(a) for a in ("gold", "batch", "other")] == [0, 5_000_000, 100_000]
+
+
 async def test_an_account_past_its_quotas_is_refused_and_its_neighbour_is_not(
     make_api: Callable[..., Awaitable[Api]],
     settings: Settings,

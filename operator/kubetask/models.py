@@ -695,12 +695,18 @@ class AccountLimits(KubeModel):
     """`GET /v1/limits`: an account's back-pressure limits and how close it is to them."""
 
     account: str
-    maxBacklog: int = Field(description="Tasks that may wait in one queue; 0 = no limit.")
+    maxBacklog: int = Field(
+        description="Tasks that may wait in one queue (the account's own limit if it has one, "
+        "else the platform's); 0 = no limit."
+    )
     throttleFrom: int = Field(
         description="From this backlog, the functions sending most are refused (429) with "
         "rising probability; at maxBacklog, every submission to the queue is."
     )
-    maxRate: float = Field(description="Submissions per second; 0 = no limit.")
+    maxRate: float = Field(
+        description="Submissions per second (the account's own limit if it has one, else the "
+        "platform's); 0 = no limit."
+    )
     weight: float = Field(
         description="The account's weight in fair sharing: while accounts compete for a "
         "dispatcher or a gateway, each gets a share of it in proportion to its weight."

@@ -1,13 +1,16 @@
-"""Settings given per account as `account=value,...` (weights, retention): one grammar, one
-error message naming the variable and the first bad entry."""
+"""Settings given per account as `account=value,...` (weights, retention, back-pressure
+limits): one grammar, one error message naming the variable and the first bad entry."""
 
 from __future__ import annotations
 
 from . import grammar
 
 
-def parse(variable: str, text: str, high: float, what: str) -> dict[str, float]:
-    """`account=value,...` with each value above 0 and at most `high`; raises ValueError."""
+def parse(
+    variable: str, text: str, high: float, what: str, *, zero: bool = False, whole: bool = False
+) -> dict[str, float]:
+    """`account=value,...` with each value above 0 (or 0 itself, with `zero`), at most `high`,
+    and a whole number with `whole`; raises ValueError."""
     values: dict[str, float] = {}
     for entry in filter(None, (e.strip() for e in text.split(","))):
         account, sep, raw = entry.partition("=")
@@ -15,10 +18,12 @@ def parse(variable: str, text: str, high: float, what: str) -> dict[str, float]:
             value = float(raw)
         except ValueError:
             value = -1.0
-        if not sep or not grammar.is_name(account.strip()) or not 0 < value <= high:
+        fits = (0 <= value if zero else 0 < value) and value <= high
+        if not sep or not grammar.is_name(account.strip()) or not fits or (whole and value % 1):
+            least = "0 or more" if zero else "above 0"
             raise ValueError(
                 f"{variable} entry {entry!r}: expected <account>=<{what}>, an account name and"
-                f" a {what} above 0 and at most {high:g}"
+                f" a {'whole ' if whole else ''}number {least} and at most {high:g}"
             )
         values[account.strip()] = value
     return values

@@ -233,6 +233,27 @@ class Settings:
     account_max_rate: float = field(
         default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0, 0)
     )
+    # Accounts whose back-pressure limits are their own rather than the two above (a paid tier,
+    # a known batch account): `account=limit,...`, 0 lifting that limit for the account.
+    account_backlog_limits: dict[str, float] = field(
+        default_factory=lambda: per_account.parse(
+            "KUBETASK_ACCOUNT_BACKLOG_LIMITS",
+            env_str("KUBETASK_ACCOUNT_BACKLOG_LIMITS", ""),
+            1e12,
+            "number of tasks",
+            zero=True,
+            whole=True,
+        )
+    )
+    account_rate_limits: dict[str, float] = field(
+        default_factory=lambda: per_account.parse(
+            "KUBETASK_ACCOUNT_RATE_LIMITS",
+            env_str("KUBETASK_ACCOUNT_RATE_LIMITS", ""),
+            1e9,
+            "tasks a second",
+            zero=True,
+        )
+    )
     # Functions that may share one queue (stream): its consumer limit; past it, registering
     # another function there is a 409 (nats-server 2.15 would stop at 1,000). Each function is
     # a durable consumer, and a burst across 10,000 of them in one account's stream ran at a
@@ -303,6 +324,14 @@ class Settings:
 
     def small_account(self, account: str) -> bool:
         return account in self.small_accounts or "*" in self.small_accounts
+
+    def backlog_limit(self, account: str) -> int:
+        """Tasks `account` may keep waiting in a queue; 0: no limit."""
+        return int(self.account_backlog_limits.get(account, self.account_max_backlog))
+
+    def rate_limit(self, account: str) -> float:
+        """Tasks `account` may submit a second; 0: no limit."""
+        return self.account_rate_limits.get(account, self.account_max_rate)
 
     def fair_share(self, slots: int, least_per_account: int = 1) -> FairnessSettings:
         return FairnessSettings(

@@ -658,9 +658,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         records_held, record_bytes = state["records"].held(acct)
         limits = AccountLimits(
             account=acct,
-            maxBacklog=settings.account_max_backlog,
-            throttleFrom=int(THROTTLE_FROM * settings.account_max_backlog),
-            maxRate=settings.account_max_rate,
+            maxBacklog=settings.backlog_limit(acct),
+            throttleFrom=int(THROTTLE_FROM * settings.backlog_limit(acct)),
+            maxRate=settings.rate_limit(acct),
             weight=settings.account_weights.get(acct, 1.0),
             fairness=settings.fairness,
             retentionSeconds=plane().store.retention.seconds(acct),

@@ -1,6 +1,8 @@
-"""Back-pressure at the gateway: an account may keep at most `account_max_backlog` tasks waiting
-in a queue and submit at most `account_max_rate` tasks a second; past them it gets `429` with a
-`Retry-After` computed from what it asks for, and its neighbours are not touched.
+"""Back-pressure at the gateway: an account may keep at most its backlog limit of tasks waiting
+in a queue and submit at most its rate limit of tasks a second (`KUBETASK_ACCOUNT_MAX_BACKLOG`
+and `_MAX_RATE`, or its own in `KUBETASK_ACCOUNT_BACKLOG_LIMITS` and `_RATE_LIMITS`); past them
+it gets `429` with a `Retry-After` computed from what it asks for, and its neighbours are not
+touched.
 
 Backlog: between `THROTTLE_FROM` of the limit and the limit, submissions are refused with a
 probability that rises to 1 — but only for the *heavy* objects (the functions sending most of
@@ -85,8 +87,7 @@ class Throttle:
     def __init__(
         self, settings: Settings, depth: QueueDepth, forget_after: float = queues.FORGET_AFTER
     ) -> None:
-        self.max_backlog = settings.account_max_backlog
-        self.max_rate = settings.account_max_rate
+        self.settings = settings
         self.depth = depth
         self._buckets: dict[str, Bucket] = {}
         # Per queue; one not submitted to for `forget_after` is forgotten, as its depth is.
@@ -99,41 +100,43 @@ class Throttle:
         refreshed first: refusals never reach `QueueDepth.admit`, which would otherwise be the
         only reader, and a drained queue would stay refused."""
         self._rate(fn.account)
-        if self.max_backlog > 0:
+        limit = self.settings.backlog_limit(fn.account)
+        if limit > 0:
             await self.depth.refresh(fn)
-            self._backlog(fn)
+            self._backlog(fn, limit)
 
     def _rate(self, account: str) -> None:
-        if self.max_rate <= 0:
+        rate = self.settings.rate_limit(account)
+        if rate <= 0:
             return
         now = time.monotonic()
-        burst = max(1.0, self.max_rate)
+        burst = max(1.0, rate)
         bucket = self._buckets.setdefault(account, Bucket(burst, now))
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * self.max_rate)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
         bucket.at = now
         if bucket.tokens < 1:
-            wait = (1 - bucket.tokens) / self.max_rate
+            wait = (1 - bucket.tokens) / rate
             raise Throttled(
-                f"account {account!r} submits more than {self.max_rate:g} tasks a second",
+                f"account {account!r} submits more than {rate:g} tasks a second",
                 _seconds(wait),
             )
         bucket.tokens -= 1
 
-    def _backlog(self, fn: TaskFunction) -> None:
+    def _backlog(self, fn: TaskFunction, limit: int) -> None:
         queue, depth, drain = self.depth.known(fn)
         # Per account too: small accounts share one stream, each throttled on its own part.
         senders = self._senders.setdefault(f"{queue}/{fn.account}", SampleAndHold())
         senders.observe(fn.name)
         if senders.seen - self._forgot > self.forget_after / 10:
             self._forget(senders.seen)
-        start = THROTTLE_FROM * self.max_backlog
+        start = THROTTLE_FROM * limit
         if depth < start:
             return
-        over = min(1.0, (depth - start) / max(1.0, self.max_backlog - start))
+        over = min(1.0, (depth - start) / max(1.0, limit - start))
         fair = 1.0 / senders.heavy()
         share = senders.share(fn.name)
         # At the limit everyone waits; below it, only objects sending more than their share.
-        if depth >= self.max_backlog:
+        if depth >= limit:
             chance = 1.0
         else:
             chance = over * max(0.0, 1 - fair / share) if share else 0.0
@@ -141,7 +144,7 @@ class Throttle:
             wait = (depth - start + 1) / drain if drain > 0 else MAX_RETRY_AFTER
             raise Throttled(
                 f"{depth} tasks of account {fn.account!r} wait in {queue} (limit "
-                f"{self.max_backlog}); {fn.name!r} sends {share:.0%} of them",
+                f"{limit}); {fn.name!r} sends {share:.0%} of them",
                 _seconds(wait),
             )
 

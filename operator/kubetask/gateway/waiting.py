@@ -87,7 +87,7 @@ def _ahead(position: int) -> str:
 
 def _throttle_note(plane: DataPlane, fn: TaskFunction) -> str:
     """Whether the account's submissions to this queue are being throttled (429) right now."""
-    limit = plane.settings.account_max_backlog
+    limit = plane.settings.backlog_limit(fn.account)
     queue, depth, _ = plane.depth.known(fn)
     if limit <= 0 or depth < THROTTLE_FROM * limit:
         return ""
