@@ -84,6 +84,26 @@ async def test_cli_end_to_end(api: Api, gateway_url: str) -> None:
             assert "never holds a '/'" in out.stderr, out.stderr
 
 
+async def test_limits_shows_the_accounts_own_limits_and_use(api: Api, gateway_url: str) -> None:
+    await api.function("held", command=["sleep", "30"], maxConcurrency=1)
+    for _ in range(3):
+        assert (await api.http.post("/v1/tasks", json={"function": "held"})).status_code == 202
+    as_json = json.loads((await kt(api, gateway_url, "limits", "-o", "json")).stdout)
+    assert as_json["account"] == api.account and as_json["functions"] == 1, as_json
+    table = (await kt(api, gateway_url, "limits")).stdout
+    assert table.startswith(f"account {api.account}: weight 1 (fair sharing on)"), table
+    cells = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:11]]
+    rows = {label: rest for label, *rest in cells}
+    assert rows["functions"] == ["1", "10,000"], table
+    assert rows["submissions a second"] == ["-", "none"], table
+    waiting = rows["tasks waiting in its fullest queue"]
+    assert waiting[1].startswith(f"{as_json['maxBacklog']:,} (its heaviest"), table
+    assert int(waiting[0]) == max(q["waiting"] for q in as_json["queues"]), table
+    queues = table.split("\n\n", 1)[1].splitlines()
+    assert queues[0].split() == ["QUEUE", "WAITING", "DRAINED", "A", "SECOND"], table
+    assert [q["queue"] for q in as_json["queues"]] == [line.split()[0] for line in queues[1:]]
+
+
 async def test_describe_shows_every_attempt_and_the_last_log_lines(
     api: Api, gateway_url: str
 ) -> None:

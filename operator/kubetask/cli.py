@@ -378,6 +378,56 @@ def cmd_functions(args: argparse.Namespace) -> None:
             print(line)
 
 
+def cmd_limits(args: argparse.Namespace) -> None:
+    got = _client(args).limits()
+    if args.output == "json":
+        print(json.dumps(got, indent=2))
+        return
+    print(
+        f"account {got['account']}: weight {got['weight']:g}"
+        f" (fair sharing {'on' if got['fairness'] else 'off'}),"
+        f" history kept {_span(got['retentionSeconds'])}"
+    )
+    throttle = f" (its heaviest senders refused from {got['throttleFrom']:,})"
+    fullest = max((q["waiting"] for q in got["queues"]), default=0)
+    rows = [
+        ["tasks waiting in its fullest queue", f"{fullest:,}", _limit(got["maxBacklog"], throttle)],
+        ["submissions a second", "-", _limit(got["maxRate"])],
+        ["functions", f"{got['functions']:,}", f"{got['maxFunctions']:,}"],
+        ["queues of its functions' own", f"{got['ownQueues']:,}", f"{got['maxOwnQueues']:,}"],
+        ["functions and configs stored", _bytes(got["registeredBytes"]),
+         _bytes(got["maxRegisteredBytes"])],
+        ["task records stored", f"{got['records']:,}, {_bytes(got['recordBytes'])}",
+         _bytes(got["maxRecordBytes"])],
+        ["log lines kept", "-", _bytes(got["maxLogBytes"])],
+        ["audit trail kept", "-", _bytes(got["maxEventsBytes"])],
+        ["log reads open at once", "-", f"{got['maxLogStreams']:,}"],
+    ]  # fmt: skip
+    print(_table(rows, ["", "USED", "LIMIT"]))
+    queues = [[q["queue"], f"{q['waiting']:,}", f"{q['drainPerSecond']:g}"] for q in got["queues"]]
+    if queues:
+        print()
+        print(_table(queues, ["QUEUE", "WAITING", "DRAINED A SECOND"]))
+
+
+def _limit(value: float, note: str = "") -> str:
+    return f"{value:,g}{note}" if value else "none"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def _span(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def cmd_dev(args: argparse.Namespace) -> None:
     from .dev import run
     from .runtime import keep_private
@@ -637,6 +687,11 @@ def parser() -> argparse.ArgumentParser:
         a = sub.add_parser(action, parents=[common], help=f"{action} a task")
         a.add_argument("id")
         a.set_defaults(func=cmd_action)
+
+    lim = sub.add_parser(
+        "limits", parents=[common], help="the account's back-pressure limits, quotas and queues"
+    )
+    lim.set_defaults(func=cmd_limits)
 
     lg = sub.add_parser("logs", parents=[common], help="print a task's logs")
     lg.add_argument("id")

@@ -96,6 +96,9 @@ class Client:
     def list(self, **filters: Any) -> Any:
         return self._call("GET", "/v1/tasks", params=self._params(**filters))
 
+    def limits(self) -> Any:
+        return self._call("GET", "/v1/limits", params=self._params())
+
     def events(self, task_id: str) -> Any:
         return self._call("GET", f"/v1/tasks/{segment(task_id)}/events", params=self._params())
 
