@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -271,3 +273,46 @@ async def from_address(source: str, port: int, request: bytes = b"") -> bytes:
         return b""
     finally:
         writer.close()
+
+
+@dataclass
+class Dev:
+    proc: asyncio.subprocess.Process
+    data: Path
+    port: int
+    token: str
+    log: Path
+
+
+@asynccontextmanager
+async def running_dev(tmp_path: Path, functions: str, *flags: str) -> AsyncIterator[Dev]:
+    """`kubetask dev` (with `flags`) and `functions` applied; killed at the end if the test left
+    it running."""
+    data = tmp_path / "data"
+    (tmp_path / "fns.yaml").write_text(functions)
+    port = free_port()
+    args = ["dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0", *flags]
+    log = open(tmp_path / "dev.log", "ab")
+    dev = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kubetask",
+        *args,
+        "-f",
+        str(tmp_path / "fns.yaml"),
+        stdout=log,
+        stderr=log,
+        env=dict(os.environ, KUBETASK_SWEEP_GRACE="2"),
+    )
+    try:
+        cfg = data / "client.json"
+        deadline = time.monotonic() + 60
+        while not (cfg.exists() and "url" in cfg.read_text()):
+            assert time.monotonic() < deadline, (tmp_path / "dev.log").read_text()
+            await asyncio.sleep(0.1)
+        token = json.loads(cfg.read_text())["token"]
+        yield Dev(dev, data, port, token, tmp_path / "dev.log")
+    finally:
+        if dev.returncode is None:
+            dev.kill()
+            await dev.wait()

@@ -7,22 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import re
 import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from harness import pids_running
-from kubetask.embedded import free_port, wait_for_port
+from harness import pids_running, running_dev
+from kubetask.embedded import wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,50 +34,8 @@ def _nats_pid(store: Path) -> int | None:
     return pids[0] if pids else None
 
 
-@dataclass
-class Dev:
-    proc: asyncio.subprocess.Process
-    data: Path
-    port: int
-    token: str
-    log: Path
-
-
-@asynccontextmanager
-async def _dev(tmp_path: Path, functions: str) -> AsyncIterator[Dev]:
-    """`kubetask dev` with `functions` applied; killed at the end if the test left it running."""
-    data = tmp_path / "data"
-    (tmp_path / "fns.yaml").write_text(functions)
-    port = free_port()
-    args = ["dev", "--data-dir", str(data), "--port", str(port), "--nats-port", "0"]
-    log = open(tmp_path / "dev.log", "ab")
-    dev = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kubetask",
-        *args,
-        "-f",
-        str(tmp_path / "fns.yaml"),
-        stdout=log,
-        stderr=log,
-        env=dict(os.environ, KUBETASK_SWEEP_GRACE="2"),
-    )
-    try:
-        cfg = data / "client.json"
-        deadline = time.monotonic() + 60
-        while not (cfg.exists() and "url" in cfg.read_text()):
-            assert time.monotonic() < deadline, (tmp_path / "dev.log").read_text()
-            await asyncio.sleep(0.1)
-        token = json.loads(cfg.read_text())["token"]
-        yield Dev(dev, data, port, token, tmp_path / "dev.log")
-    finally:
-        if dev.returncode is None:
-            dev.kill()
-            await dev.wait()
-
-
 async def test_nats_killed_under_load_comes_back_and_nothing_is_lost(tmp_path: Path) -> None:
-    async with _dev(tmp_path, FUNCTIONS) as d:
+    async with running_dev(tmp_path, FUNCTIONS) as d:
         data, port, token, dev = d.data, d.port, d.token, d.proc
         first_nats = _nats_pid(data / "jetstream")
         assert first_nats is not None
@@ -150,7 +103,7 @@ spec:
   maxConcurrency: 8
 """
     tasks = [f"gated-{i}" for i in range(6)]
-    async with _dev(tmp_path, functions) as d:
+    async with running_dev(tmp_path, functions) as d:
         headers = {"Authorization": f"Bearer {d.token}"}
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=5
@@ -223,7 +176,7 @@ async def test_ports_stay_held_while_the_gateway_and_a_dispatcher_restart(
     and a request sent while the gateway is down is answered by the next one rather than
     refused. (Before: the ports were free until the restarted process listened again, and the
     request was refused.)"""
-    async with _dev(tmp_path, FUNCTIONS) as d:
+    async with running_dev(tmp_path, FUNCTIONS) as d:
         said = d.log.read_text()
         found = re.search(r"http://127\.0\.0\.1:(\d+)/metrics \(dispatchers\)", said)
         assert found is not None, said

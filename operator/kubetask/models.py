@@ -364,6 +364,14 @@ class TaskFunctionSpec(KubeModel):
         description="Per-attempt limit, from 1 ms up to 24 h.",
     )
     maxConcurrency: Count = Field(default=10, ge=1, le=10000, description="Across all dispatchers.")
+    maxStartsPerSecond: Number | None = Field(
+        default=None,
+        gt=0,
+        le=1_000_000,
+        description="At most this many of its tasks started a second (in bursts of up to a "
+        "second's worth), for a function calling something with a rate limit of its own; the "
+        "others wait Queued. Split evenly over the dispatchers consuming it.",
+    )
     queueMode: QueueMode = QueueMode.auto
     partitions: Count = Field(
         default=1,

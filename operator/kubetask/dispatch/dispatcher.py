@@ -66,6 +66,7 @@ from .pod_identity import executor_ref
 from .policy import Policy, Retry, TaskContext
 from .pull import Pull
 from .retries import Retries
+from .start_rate import StartRate
 
 log = logging.getLogger("kubetask.dispatcher")
 
@@ -284,6 +285,7 @@ class Dispatcher:
         window = worker.window
         gauge = metrics.of(metrics.WINDOW, fn.account, fn.name)
         process = self._local_process(fn)
+        rate = self._start_rate(fn, worker.queue)
 
         def free() -> int:
             window.judge(len(worker.inflight))
@@ -294,12 +296,16 @@ class Dispatcher:
             fair = self.fairness.free(fn.account, worker.wake)
             if fair is not None:
                 allowed = min(allowed, fair)
+            if rate is not None and allowed > 0:
+                allowed = min(allowed, rate.room(worker.wake))
             if allowed <= 0:
                 return 0
             return min(allowed, self.budget.room(process, worker.wake))
 
         def deliver(msg: Msg) -> None:
             self.fairness.started(fn.account)
+            if rate is not None:
+                rate.take()
             if self._closing:  # delivered while the pull was being stopped: hand it back
                 t = asyncio.create_task(msg.nak())
             else:
@@ -321,7 +327,20 @@ class Dispatcher:
             await worker.pull.start(dozing)
             await asyncio.Future()  # messages arrive on the pull's callback until cancelled
         finally:
+            if rate is not None:
+                rate.close()
             await worker.pull.stop()
+
+    def _start_rate(self, fn: TaskFunction, queue: names.Queue) -> StartRate | None:
+        """The function's `maxStartsPerSecond` as this worker's share (`start_rate.py`)."""
+        per_second = fn.spec.maxStartsPerSecond
+        if per_second is None:
+            return None
+        if queue.partition is not None:
+            partitions = fn.spec.partitions
+            return StartRate(per_second, lambda: partitions)
+        leases = self.leases
+        return StartRate(per_second, lambda: leases.dispatchers() if leases is not None else 1)
 
     def _rouse(self, account: str, name: str, stream: str) -> None:
         """The backlog gauge found tasks in a function's queue that no publish announced."""

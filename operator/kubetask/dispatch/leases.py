@@ -106,6 +106,10 @@ class Leases:
             {k for k, at in self.seen.items() if k[:2] == "m." and at > alive} | {self.me}
         )
 
+    def dispatchers(self) -> int:
+        """The dispatchers alive now, this one included."""
+        return len(self._members())
+
     def wanted(self) -> set[str]:
         """The partitions this dispatcher should hold, given the members alive now."""
         members = self._members()

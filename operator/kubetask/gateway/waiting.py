@@ -53,7 +53,14 @@ async def explain(plane: DataPlane, indexer: Indexer, task: Task) -> Waiting | N
 
 
 async def _held_by(plane: DataPlane, fn: TaskFunction, position: int) -> str:
-    return await _dispatch_reason(plane, fn, position) + _throttle_note(plane, fn)
+    return await _dispatch_reason(plane, fn, position) + _pace_note(fn) + _throttle_note(plane, fn)
+
+
+def _pace_note(fn: TaskFunction) -> str:
+    rate = fn.spec.maxStartsPerSecond
+    if rate is None:
+        return ""
+    return f"; its tasks start at most {rate:g} a second (maxStartsPerSecond)"
 
 
 async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, position: int) -> str:
