@@ -3,6 +3,8 @@ limits): one grammar, one error message naming the variable and the first bad en
 
 from __future__ import annotations
 
+import os
+
 from . import grammar
 
 
@@ -27,6 +29,13 @@ def parse(
             )
         values[account.strip()] = value
     return values
+
+
+def from_env(
+    variable: str, high: float, what: str, *, zero: bool = False, whole: bool = False
+) -> dict[str, float]:
+    """`parse` of the environment variable `variable` (unset: no account has its own)."""
+    return parse(variable, os.environ.get(variable, ""), high, what, zero=zero, whole=whole)
 
 
 def parse_accounts(variable: str, text: str) -> frozenset[str]:

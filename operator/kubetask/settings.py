@@ -120,11 +120,8 @@ class Settings:
     )
     # Accounts that keep their history for less (`history.py`): `account=seconds,...`.
     account_retention: dict[str, float] = field(
-        default_factory=lambda: per_account.parse(
-            "KUBETASK_ACCOUNT_RETENTION",
-            env_str("KUBETASK_ACCOUNT_RETENTION", ""),
-            10 * 365 * 86400,
-            "seconds",
+        default_factory=lambda: per_account.from_env(
+            "KUBETASK_ACCOUNT_RETENTION", 10 * 365 * 86400, "seconds"
         )
     )
     # Records, audit trail and logs stored S2-compressed.
@@ -236,22 +233,13 @@ class Settings:
     # Accounts whose back-pressure limits are their own rather than the two above (a paid tier,
     # a known batch account): `account=limit,...`, 0 lifting that limit for the account.
     account_backlog_limits: dict[str, float] = field(
-        default_factory=lambda: per_account.parse(
-            "KUBETASK_ACCOUNT_BACKLOG_LIMITS",
-            env_str("KUBETASK_ACCOUNT_BACKLOG_LIMITS", ""),
-            1e12,
-            "number of tasks",
-            zero=True,
-            whole=True,
+        default_factory=lambda: per_account.from_env(
+            "KUBETASK_ACCOUNT_BACKLOG_LIMITS", 1e12, "number of tasks", zero=True, whole=True
         )
     )
     account_rate_limits: dict[str, float] = field(
-        default_factory=lambda: per_account.parse(
-            "KUBETASK_ACCOUNT_RATE_LIMITS",
-            env_str("KUBETASK_ACCOUNT_RATE_LIMITS", ""),
-            1e9,
-            "tasks a second",
-            zero=True,
+        default_factory=lambda: per_account.from_env(
+            "KUBETASK_ACCOUNT_RATE_LIMITS", 1e9, "tasks a second", zero=True
         )
     )
     # Functions that may share one queue (stream): its consumer limit; past it, registering
