@@ -411,7 +411,9 @@ def cmd_limits(args: argparse.Namespace) -> None:
 
 
 def _limit(value: float, note: str = "") -> str:
-    return f"{value:,g}{note}" if value else "none"
+    if not value:
+        return "none"
+    return f"{int(value):,}{note}" if float(value).is_integer() else f"{value:g}{note}"
 
 
 def _bytes(n: int) -> str:
