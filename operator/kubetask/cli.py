@@ -50,11 +50,15 @@ def _ago(stamp: str | None) -> str:
     if not stamp:
         return "-"
     then = datetime.fromisoformat(stamp)
-    secs = (datetime.now(then.tzinfo) - then).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= size:
-            return f"{int(secs // size)}{unit}"
-    return f"{int(secs)}s"
+    return _span((datetime.now(then.tzinfo) - then).total_seconds())
+
+
+def _span(seconds: float, exact: bool = False) -> str:
+    """In its largest unit (those `--started-after 2h` takes): whole (`3h` for 3 h 40 min), or
+    `exact` (`1.5d`)."""
+    largest = sorted(_AGO.items(), key=lambda unit: unit[1], reverse=True)
+    unit, size = next(((u, n) for u, n in largest if seconds >= n), ("s", 1))
+    return f"{seconds / size:g}{unit}" if exact else f"{int(seconds // size)}{unit}"
 
 
 def _duration(task: dict[str, Any]) -> str:
@@ -386,7 +390,7 @@ def cmd_limits(args: argparse.Namespace) -> None:
     print(
         f"account {got['account']}: weight {got['weight']:g}"
         f" (fair sharing {'on' if got['fairness'] else 'off'}),"
-        f" history kept {_span(got['retentionSeconds'])}"
+        f" history kept {_span(got['retentionSeconds'], exact=True)}"
     )
     throttle = f" (its heaviest senders refused from {got['throttleFrom']:,})"
     fullest = max((q["waiting"] for q in got["queues"]), default=0)
@@ -421,13 +425,6 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n} B"
-
-
-def _span(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
