@@ -152,6 +152,25 @@ def as_user(settings: Settings, user: str, passwords: dict[str, str]) -> Setting
     return dataclasses.replace(settings, nats_user=user, nats_password=passwords[user], **extra)
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after the command name (state, parent, ...); None once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def parent_of(pid: int) -> int | None:
+    fields = _stat(pid)
+    return None if fields is None else int(fields[1])
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie: its descriptors (sockets) are closed either way."""
+    fields = _stat(pid)
+    return fields is None or fields[0] == "Z"
+
+
 def pids_running(needle: bytes) -> list[int]:
     """Processes whose command line contains `needle` (from /proc)."""
     pids = []

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from harness import pids_running
+from harness import parent_of, pids_running
 from kubetask.auth import create_token
 from kubetask.embedded import free_port, start_nats, wait_for_port
 
@@ -591,7 +591,7 @@ async def test_a_dispatcher_killed_while_dev_starts_is_restarted(lab: Lab) -> No
     )  # fmt: skip
     needle = b"\0dispatcher\0"
     deadline = time.monotonic() + 30
-    while not (mine := [p for p in pids_running(needle) if _parent(p) == dev.pid]):
+    while not (mine := [p for p in pids_running(needle) if parent_of(p) == dev.pid]):
         assert time.monotonic() < deadline and dev.poll() is None, (
             lab.root / "dev.log"
         ).read_text()
@@ -616,14 +616,6 @@ async def test_a_dispatcher_killed_while_dev_starts_is_restarted(lab: Lab) -> No
             assert time.monotonic() < deadline, (phase, (lab.root / "dev.log").read_text())
             await asyncio.sleep(0.1)
     assert "dispatcher-0 exited with code -9" in (lab.root / "dev.log").read_text()
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab) -> None:

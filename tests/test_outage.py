@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import pids_running, running_dev
+from harness import exited, parent_of, pids_running, running_dev
 from kubetask.embedded import wait_for_port
 
 pytestmark = pytest.mark.slow
@@ -139,23 +139,6 @@ spec:
         assert {t: (runs / t).read_text().count("run") for t in tasks} == {t: 1 for t in tasks}
 
 
-def _children(parent: int, mark: bytes) -> list[int]:
-    """The processes `parent` started whose command line holds `mark`."""
-    return [
-        pid
-        for pid in pids_running(mark)
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent)
-    ]
-
-
-def _exited(pid: int) -> bool:
-    """Whether `pid` is gone or a zombie: its sockets are closed either way."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 def _taken(port: int) -> bool:
     """Whether binding `port` on loopback fails because something holds it."""
     with socket.socket() as s:
@@ -186,9 +169,10 @@ async def test_ports_stay_held_while_the_gateway_and_a_dispatcher_restart(
             base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=30
         ) as http:
             for what, port in (("gateway", d.port), ("dispatcher", metrics_port)):
-                [pid] = _children(d.proc.pid, f"\0{what}\0".encode())
+                mark = f"\0{what}\0".encode()
+                [pid] = [p for p in pids_running(mark) if parent_of(p) == d.proc.pid]
                 os.kill(pid, signal.SIGKILL)
-                while not _exited(pid):
+                while not exited(pid):
                     await asyncio.sleep(0.01)
                 assert _taken(port), f"{what}'s port {port} was free while it restarted"
                 if what == "gateway":
