@@ -4,6 +4,7 @@ Queued (and saying why), as Celery's `rate_limit` paces a task that calls a rate
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,21 @@ async def test_a_functions_tasks_start_no_faster_than_its_max_starts_per_second(
     for first in starts:
         within = [s for s in starts if 0 <= (s - first).total_seconds() < 1.0]
         assert len(within) <= 8, (first, starts)  # the burst and a second's refill at most
+
+
+async def test_the_rate_holds_for_a_burst_after_an_idle_spell(api: Api) -> None:
+    """The request a dispatcher leaves open for an idle function delivers a burst's first task
+    long after it was opened: that wait must not count as time the bucket refilled after the
+    task took its token. (It did: the first two started at once.)"""
+    await api.function("steady", command=["true"], maxStartsPerSecond=1, maxConcurrency=50)
+    await asyncio.sleep(2)
+    ids = [f"steady-{i}" for i in range(3)]
+    for task_id in ids:
+        await api.submit("steady", task_id=task_id)
+    done = [await api.wait(task_id) for task_id in ids]
+    starts = sorted(datetime.fromisoformat(d["status"]["timestamps"]["started"]) for d in done)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.8, starts  # one a second, the first at once
 
 
 async def test_max_starts_per_second_is_a_positive_number(api: Api) -> None:

@@ -26,13 +26,19 @@ class StartRate:
         self._at = time.monotonic()
         self._wake: asyncio.TimerHandle | None = None
 
-    def room(self, wake: Callable[[], None]) -> int:
-        """Tasks that may start now; with none, `wake` is called when the next may."""
+    def _level(self, now: float) -> tuple[float, float]:
+        """The tokens at `now`, and the rate they refill at."""
         rate = self.per_second / max(1, self.share())
         burst = max(1.0, rate)
+        if self._tokens is None:
+            return burst, rate
+        return min(burst, self._tokens + (now - self._at) * rate), rate
+
+    def room(self, wake: Callable[[], None]) -> int:
+        """Tasks that may start now; with none, `wake` is called when the next may."""
         now = time.monotonic()
-        tokens = burst if self._tokens is None else self._tokens + (now - self._at) * rate
-        self._tokens, self._at = min(burst, tokens), now
+        self._tokens, rate = self._level(now)
+        self._at = now
         if self._tokens >= 1:
             return int(self._tokens)
         if self._wake is None or self._wake.cancelled():
@@ -45,9 +51,13 @@ class StartRate:
         wake()
 
     def take(self) -> None:
-        """A task was delivered to be started."""
-        if self._tokens is not None:
-            self._tokens -= 1
+        """A task was delivered to be started. The bucket is brought up to now first, so the
+        time a request stood open before it delivered is not refilled again after the token is
+        spent: it was, and at 0.5 a second two tasks of a burst after an idle spell started at
+        once, and tasks sent one a second each started at once."""
+        now = time.monotonic()
+        level, _ = self._level(now)
+        self._tokens, self._at = level - 1, now
 
     def close(self) -> None:
         if self._wake is not None:
