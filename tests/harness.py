@@ -304,9 +304,11 @@ class Dev:
 
 
 @asynccontextmanager
-async def running_dev(tmp_path: Path, functions: str, *flags: str) -> AsyncIterator[Dev]:
-    """`kubetask dev` (with `flags`) and `functions` applied; killed at the end if the test left
-    it running."""
+async def running_dev(
+    tmp_path: Path, functions: str, *flags: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Dev]:
+    """`kubetask dev` (with `flags`, and `env` added to its environment) and `functions`
+    applied; killed at the end if the test left it running."""
     data = tmp_path / "data"
     (tmp_path / "fns.yaml").write_text(functions)
     port = free_port()
@@ -321,7 +323,7 @@ async def running_dev(tmp_path: Path, functions: str, *flags: str) -> AsyncItera
         str(tmp_path / "fns.yaml"),
         stdout=log,
         stderr=log,
-        env=dict(os.environ, KUBETASK_SWEEP_GRACE="2"),
+        env={**os.environ, "KUBETASK_SWEEP_GRACE": "2", **(env or {})},
     )
     try:
         cfg = data / "client.json"

@@ -3,9 +3,15 @@ many are ahead of it, and why."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-from harness import Api
+import httpx
+from harness import Api, exited, parent_of, pids_running, running_dev
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.fairness import Fairness, FairnessSettings
 
@@ -48,9 +54,91 @@ async def test_a_task_held_below_max_concurrency_says_by_what(
         waiting = (await busy.get("b-2"))["status"]["waiting"]
         assert waiting["position"] == 2, waiting
         assert "1 of at most 4 run now" in waiting["reason"], waiting
-        assert "fair share" in waiting["reason"], waiting
+        said = f"held back by dispatcher {dispatcher.id}: account {busy.account!r} has 1 attempt "
+        assert said + "in flight there, its fair share" in waiting["reason"], waiting
     finally:
         dispatcher.fairness = saved
         for api, ids in ((busy, ["b-0", "b-1", "b-2"]), (other, ["other-0"])):
             for task_id in ids:
                 await api.call("POST", f"/v1/tasks/{task_id}/stop")
+
+
+async def test_a_task_held_by_the_dispatch_window_says_so(api: Api, dispatcher: Dispatcher) -> None:
+    """A window starts at KUBETASK_AIMD_START (8) and grows only as attempts end: with eight
+    long attempts running, the ninth of a function allowed twenty waits for the window."""
+    await api.function("wide", command=["sleep", "30"], maxConcurrency=20)
+    ids = [f"wide-{i}" for i in range(10)]
+    for task_id in ids:
+        await api.submit("wide", task_id=task_id)
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            phases = [(await api.get(t))["status"]["phase"] for t in ids]
+            if phases.count("Running") == 8:
+                break
+            assert asyncio.get_running_loop().time() < deadline, phases
+            await asyncio.sleep(0.1)
+        queued = ids[phases.index("Queued")]
+        reason = (await api.get(queued))["status"]["waiting"]["reason"]
+        assert "8 of at most 20 run now" in reason, reason
+        assert f"dispatcher {dispatcher.id}: its dispatch window" in reason, reason
+        assert "(8 running of 8;" in reason, reason
+    finally:
+        for task_id in ids:
+            await api.call("POST", f"/v1/tasks/{task_id}/stop")
+
+
+FUNCTIONS = """
+apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {name: long}
+spec: {command: ["sleep", "60"], maxConcurrency: 10}
+"""
+
+
+async def test_a_task_says_when_the_node_or_no_dispatcher_holds_it(tmp_path: Path) -> None:
+    """Under `kubetask dev` with two attempt slots: the third task waits for a slot, then for a
+    dispatcher that is stopped (SIGSTOP: it still listens, but does not answer), then for one
+    that is gone (killed while `kubetask dev` was stopped, so not restarted yet)."""
+    async with running_dev(tmp_path, FUNCTIONS, env={"KUBETASK_NODE_SLOTS": "2"}) as d:
+        headers = {"Authorization": f"Bearer {d.token}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=10
+        ) as http:
+
+            async def reason(task_id: str) -> str:
+                said: str = (await http.get(f"/v1/tasks/{task_id}")).json()["status"]["waiting"][
+                    "reason"
+                ]
+                return said
+
+            for i in range(3):
+                resp = await http.post("/v1/tasks", json={"function": "long", "id": f"n-{i}"})
+                assert resp.status_code == 202, resp.text
+            deadline = time.monotonic() + 30
+            while (await http.get("/v1/tasks/n-1")).json()["status"]["phase"] != "Running":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            said = await reason("n-2")
+            assert "of at most 10 run now" in said, said
+            assert "all 2 of its attempt slots are taken (KUBETASK_NODE_SLOTS)" in said, said
+
+            [dispatcher] = [
+                p for p in pids_running(b"\0dispatcher\0") if parent_of(p) == d.proc.pid
+            ]
+            os.kill(dispatcher, signal.SIGSTOP)
+            try:
+                said = await reason("n-2")
+            finally:
+                os.kill(dispatcher, signal.SIGCONT)
+            assert "no dispatcher answered within 0.5 s" in said, said
+
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                os.kill(dispatcher, signal.SIGKILL)
+                while not exited(dispatcher):
+                    await asyncio.sleep(0.01)
+                said = await reason("n-2")
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)
+            assert "no dispatcher is running to take it" in said, said

@@ -28,6 +28,9 @@ EVENTS_USAGE_SUBJECT = f"{USAGE_PREFIX}.events"
 # Each account's task records as the gateways count them, heard by the operator
 # (`record_reports.py`).
 RECORD_USAGE_SUBJECT = f"{USAGE_PREFIX}.records"
+# What holds a function's queued tasks back, asked of every dispatcher by a gateway explaining
+# why a task waits (`holds.py`, `dispatch/hold_answers.py`).
+HOLDS_PREFIX = "kt.holds"
 
 
 # The stream small accounts share (`QueueMode.shared`): each function a subject of its own,
@@ -173,6 +176,10 @@ ALL_EVENTS = "kt.events.>"
 
 def event_subject(account: str, task_id: str) -> str:
     return f"kt.events.{account}.{task_id}"
+
+
+def holds_subject(account: str, function: str) -> str:
+    return f"{HOLDS_PREFIX}.{account}.{function}"
 
 
 def stop_subject(account: str, task_id: str) -> str:

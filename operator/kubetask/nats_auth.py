@@ -29,6 +29,9 @@ class Permissions:
     publish: list[str]
     subscribe: list[str] = field(default_factory=list)
     deny_publish: list[str] = field(default_factory=list)
+    # May answer each message it received with a reply subject, once and within a few seconds,
+    # and publish to no other inbox.
+    answers: bool = False
 
 
 # What registers functions, submits and stops tasks on users' behalf: the gateway and the operator.
@@ -54,8 +57,11 @@ PERMISSIONS: dict[str, Permissions] = {
     # each account to its quota there (`gateway/history_quota.py`).
     # It hears log lines as they are written, to follow a task's log without polling its
     # stream (`direct_reads.wakeups`).
+    # It asks the dispatchers what holds a waiting task back (`holds.py`).
     "gateway": dataclasses.replace(
-        _PLATFORM_API, subscribe=[f"{names.USAGE_PREFIX}.>", names.ALL_LOGS]
+        _PLATFORM_API,
+        publish=[*_PLATFORM_API.publish, f"{names.HOLDS_PREFIX}.>"],
+        subscribe=[f"{names.USAGE_PREFIX}.>", names.ALL_LOGS],
     ),
     # Runs tasks: claims and finishes records, acks queue messages, schedules retries, writes
     # logs, hears stop requests. It may not delete or purge streams, nor touch the registry.
@@ -76,8 +82,10 @@ PERMISSIONS: dict[str, Permissions] = {
             "kt.quarantine.>",
         ],
         # Queue subjects: a dozing pull watches its function's for the next task (`pull.py`).
-        subscribe=["kt.ctl.stop.>", *_QUEUES],
+        # A gateway's questions about what holds a function's tasks back, which it answers.
+        subscribe=["kt.ctl.stop.>", *_QUEUES, f"{names.HOLDS_PREFIX}.>"],
         deny_publish=["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>"],
+        answers=True,
     ),
     # Delivers subject destinations: the accounts' `out.` namespaces and nothing else (plus the
     # one API call that says whether a stream captures the subject).
@@ -103,11 +111,10 @@ def user_entry(user: str, password: str) -> dict[str, object]:
     subscribe = (
         perms.subscribe if user == "admin" else [*perms.subscribe, inbox_prefix(user) + ".>"]
     )
-    return {
-        "user": user,
-        "password": password,
-        "permissions": {"publish": publish, "subscribe": {"allow": subscribe}},
-    }
+    permissions: dict[str, object] = {"publish": publish, "subscribe": {"allow": subscribe}}
+    if perms.answers:
+        permissions["allow_responses"] = {"max": 1, "expires": "5s"}
+    return {"user": user, "password": password, "permissions": permissions}
 
 
 def password_variable(user: str) -> str:

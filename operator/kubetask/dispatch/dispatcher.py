@@ -52,7 +52,7 @@ from ..store import (
     new_token,
     now,
 )
-from . import backlog_gauge, idle_consumers, outcome_patience, pod_identity
+from . import backlog_gauge, hold_answers, idle_consumers, outcome_patience, pod_identity
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -132,6 +132,8 @@ class FunctionWorker:
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     pull: Pull | None = None
     window: Window = field(init=False)
+    rate: StartRate | None = None
+    process: bool = False  # its attempts are processes here, in the node's process budget
 
     def __post_init__(self) -> None:
         self.window = Window(self.fn.spec.maxConcurrency)
@@ -206,6 +208,7 @@ class Dispatcher:
         for (account, name), fn in list(registry.functions.items()):
             self._sync(account, name, fn)
         await self.plane.nc.subscribe(f"{names.STOP_SUBJECT_PREFIX}.>", cb=self._on_stop)
+        await hold_answers.listen(self)
         self._background.append(
             asyncio.create_task(backlog_gauge.collect_forever(self.plane, self._rouse))
         )
@@ -284,8 +287,8 @@ class Dispatcher:
                 await asyncio.sleep(1)
         window = worker.window
         gauge = metrics.of(metrics.WINDOW, fn.account, fn.name)
-        process = self._local_process(fn)
-        rate = self._start_rate(fn, worker.queue)
+        process = worker.process = self._local_process(fn)
+        rate = worker.rate = self._start_rate(fn, worker.queue)
 
         def free() -> int:
             window.judge(len(worker.inflight))
@@ -839,6 +842,10 @@ class Dispatcher:
         slot.stop_requested = True
         if slot.execution is not None:
             await slot.execution.kill()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     async def close(self, drain_timeout: float = 30.0) -> None:
         """Stop taking work, let running attempts finish for a while, then stop the rest and

@@ -46,6 +46,10 @@ class StartRate:
             self._wake = loop.call_later((1 - self._tokens) / rate, self._woken, wake)
         return 0
 
+    def spent(self) -> bool:
+        """Whether no task may start now, read without refilling or waking anything."""
+        return self._tokens is not None and self._level(time.monotonic())[0] < 1
+
     def _woken(self, wake: Callable[[], None]) -> None:
         self._wake = None
         wake()

@@ -1,6 +1,7 @@
 """ "Why is my task waiting?": for a task that waits, its queue, about how many of its function's
 tasks are ahead of it, and the reason it is held — worked out when the task is read (one
-consumer-info request and a pass over the account's index), never stored, so it costs nothing
+consumer-info request, a pass over the account's index and, below the function's
+maxConcurrency, a question to the dispatchers: `holds.py`), never stored, so it costs nothing
 on the hot path.
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-from .. import names, queues
+from .. import holds, names, queues
 from ..models import Task, TaskFunction, TaskPhase, Waiting
 from ..plane import DataPlane
 from .index import Query
@@ -48,12 +49,16 @@ async def explain(plane: DataPlane, indexer: Indexer, task: Task) -> Waiting | N
     if phase is TaskPhase.Pending:
         return Waiting(queue=queue, reason="on its way back into the queue")
     position = await ahead(indexer, task) + 1
-    reason = await _held_by(plane, fn, position)
+    reason = await _held_by(plane, fn, queue, position)
     return Waiting(queue=queue, partition=partition, position=position, reason=reason)
 
 
-async def _held_by(plane: DataPlane, fn: TaskFunction, position: int) -> str:
-    return await _dispatch_reason(plane, fn, position) + _pace_note(fn) + _throttle_note(plane, fn)
+async def _held_by(plane: DataPlane, fn: TaskFunction, stream: str, position: int) -> str:
+    return (
+        await _dispatch_reason(plane, fn, stream, position)
+        + _pace_note(fn)
+        + _throttle_note(plane, fn)
+    )
 
 
 def _pace_note(fn: TaskFunction) -> str:
@@ -63,7 +68,7 @@ def _pace_note(fn: TaskFunction) -> str:
     return f"; its tasks start at most {rate:g} a second (maxStartsPerSecond)"
 
 
-async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, position: int) -> str:
+async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, stream: str, position: int) -> str:
     running = None
     with contextlib.suppress(Exception):
         running = (await queues.backlog(plane.js, fn))[1]
@@ -73,16 +78,42 @@ async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, position: int) ->
             f"function {fn.name!r} is at its maxConcurrency ({running} of {limit} running); "
             f"{_ahead(position)}"
         )
-    if position > 1 and running is not None:
+    said = [_ahead(position) if position > 1 else "next in line"]
+    if running is not None:
+        said.append(f"{running} of at most {limit} run now")
+    said.append(_dispatchers_say(await holds.ask(plane.nc, fn.account, fn.name, stream), fn))
+    return "; ".join(said)
+
+
+def _dispatchers_say(answers: holds.Answers, fn: TaskFunction) -> str:
+    if answers.nobody:
+        return "no dispatcher is running to take it"
+    if not answers.views:
         return (
-            f"{_ahead(position)}; {running} of at most "
-            f"{limit} run now: below maxConcurrency, dispatchers hold back when executors "
-            "answer busy (the dispatch window) and, while other accounts have work, keep each "
-            "account to its fair share"
+            f"no dispatcher answered within {holds.ANSWER_WITHIN:g} s: none is running, or "
+            "each is stopped or cut off from NATS"
         )
-    if position > 1:
-        return _ahead(position)
-    return "next in line: a dispatcher takes it as soon as one has a free slot"
+    taking = [v for v in answers.views if v.consumes]
+    if not taking:
+        said = f"none of the {len(answers.views)} dispatchers that answered takes its queue yet"
+    else:
+        free = [v.dispatcher for v in taking if not v.holds(fn.account)]
+        held = [f"dispatcher {v.dispatcher}: {', '.join(v.holds(fn.account))}" for v in taking]
+        if free:
+            who = (
+                f"dispatchers {', '.join(free)} have"
+                if len(free) > 1
+                else f"dispatcher {free[0]} has"
+            )
+            said = f"{who} room for it, so it should start within moments"
+        else:
+            said = "held back by " + "; ".join(held)
+    if answers.silent:
+        said += (
+            f" ({answers.silent} of {answers.expected} dispatchers did not answer within "
+            f"{holds.ANSWER_WITHIN:g} s)"
+        )
+    return said
 
 
 def _ahead(position: int) -> str:

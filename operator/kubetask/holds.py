@@ -1,0 +1,119 @@
+"""What holds a queued task back, as the dispatchers see it ("why is my task waiting?").
+
+Below its function's `maxConcurrency` a task can wait for reasons only a dispatcher knows: its
+dispatch window (AIMD), its account's fair share there, the function's start rate, the node's
+slots, or no dispatcher running at all. The gateway cannot see those, so when a waiting task is
+read it asks every dispatcher at once (`kt.holds.<account>.<function>`, the task's queue as the
+body) and each answers with its own view (`dispatch/hold_answers.py`). Asked only when a single
+waiting task is read: nothing is kept or sent on the hot path.
+
+Each answer carries how many dispatchers its sender sees alive (the lease bucket's members),
+so the gateway stops waiting as soon as all have answered; with none listening nats-server says
+so at once; one that is stopped or cut off is waited for `ANSWER_WITHIN` seconds, then left out
+and counted as silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+import pydantic
+from nats.aio.msg import Msg
+
+from . import names
+from .jetstream import Connection
+from .rpc import NO_RESPONDERS, STATUS
+
+ANSWER_WITHIN = 0.5
+
+
+class View(pydantic.BaseModel):
+    """One dispatcher's view of one of a function's queues."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    dispatcher: str
+    dispatchers: int = pydantic.Field(default=1, ge=1)  # alive as it sees them, itself included
+    consumes: bool  # it pulls from this queue (every dispatcher, or a partition's lessee)
+    closing: bool = False
+    running: int = 0  # the function's attempts from this queue in flight there
+    window: int = 0  # what its dispatch window lets it have in flight
+    account_running: int = 0
+    account_share: int | None = None  # None: no share applies (the account alone, fairness off)
+    paced: bool = False  # the function's maxStartsPerSecond allows no start right now
+    slots: int = 0
+    slots_taken: int = 0
+    processes: int | None = None  # None: the function's attempts start no process there
+    processes_taken: int = 0
+    queued: int = 0  # attempts there waiting for a slot, every account's
+
+    def holds(self, account: str) -> list[str]:
+        """What keeps this dispatcher from taking another of the function's tasks; empty when
+        nothing does."""
+        if self.closing:
+            return ["it is shutting down"]
+        said = []
+        if self.running >= self.window:
+            said.append(
+                f"its dispatch window for the function is full ({self.running} running of "
+                f"{self.window}; the window grows while executors keep up and shrinks when they "
+                "answer busy)"
+            )
+        if self.account_share is not None and self.account_running >= self.account_share:
+            said.append(
+                f"account {account!r} has {self.account_running} "
+                f"attempt{'' if self.account_running == 1 else 's'} in flight there, its fair "
+                "share while other accounts have work (KUBETASK_ACCOUNT_WEIGHTS)"
+            )
+        if self.paced:
+            said.append("the function's maxStartsPerSecond allows no more starts this moment")
+        if self.slots_taken + self.queued >= self.slots:
+            said.append(f"all {self.slots} of its attempt slots are taken (KUBETASK_NODE_SLOTS)")
+        if self.processes is not None and self.processes_taken + self.queued >= self.processes:
+            said.append(
+                f"all {self.processes} of its command processes are running "
+                "(KUBETASK_NODE_PROCESSES)"
+            )
+        return said
+
+
+@dataclass
+class Answers:
+    views: list[View] = field(default_factory=list)
+    nobody: bool = False  # nats-server said that no dispatcher listens
+    expected: int = 0  # the most dispatchers any answer said are alive
+
+    @property
+    def silent(self) -> int:
+        return max(0, self.expected - len(self.views))
+
+
+async def ask(nc: Connection, account: str, function: str, stream: str) -> Answers:
+    answers = Answers()
+    done = asyncio.Event()
+
+    def heard(msg: Msg) -> None:
+        if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS:
+            answers.nobody = True
+            done.set()
+            return
+        try:
+            view = View.model_validate_json(msg.data)
+        except pydantic.ValidationError:
+            return
+        answers.views.append(view)
+        answers.expected = max(answers.expected, view.dispatchers)
+        if len(answers.views) >= answers.expected:
+            done.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe_direct(inbox, heard)
+    try:
+        await nc.publish(names.holds_subject(account, function), stream.encode(), reply=inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), ANSWER_WITHIN)
+    finally:
+        await nc.unsubscribe_direct(sub)
+    return answers
