@@ -203,6 +203,41 @@ async def test_logs_after_the_fact_and_followed_live(api: Api) -> None:
     assert [json.loads(x) for x in after.text.splitlines()] == records
 
 
+async def test_following_the_log_of_a_waiting_task_ends_when_it_is_stopped(api: Api) -> None:
+    """A task stopped before it ran is ended by the gateway, which closes its log with the final
+    line a dispatcher would write: a follower then ends. (The gateway's NATS user could not
+    publish log lines, the line was refused, and `logs -f` waited for an hour.)"""
+    import json
+
+    await api.function("one", command=["sleep", "30"], maxConcurrency=1)
+    await api.submit("one", task_id="ahead")
+    await api.wait("ahead", {"Running"})
+    for task_id in ("queued", "paused"):
+        await api.submit("one", task_id=task_id)
+    await api.call("POST", "/v1/tasks/paused/pause", 200)
+    try:
+        for task_id in ("queued", "paused"):
+            followed: list[str] = []
+
+            async def follow(task_id: str = task_id, into: list[str] = followed) -> None:
+                path = f"/v1/tasks/{task_id}/logs"
+                async with api.http.stream("GET", path, params={"follow": "true"}) as resp:
+                    assert resp.status_code == 200
+                    async for line in resp.aiter_lines():
+                        if line:
+                            into.append(line)
+
+            reading = asyncio.create_task(follow())
+            await asyncio.sleep(0.5)  # the follower is waiting for lines
+            assert not reading.done()
+            await api.call("POST", f"/v1/tasks/{task_id}/stop", 200)
+            await asyncio.wait_for(reading, 10)
+            [last] = [json.loads(x) for x in followed]
+            assert last["final"] is True and last["line"] == "task Stopped", last
+    finally:
+        await api.call("POST", "/v1/tasks/ahead/stop")
+
+
 async def test_a_quick_attempt_is_told_in_one_line_a_slow_one_is_announced(api: Api) -> None:
     import json
 

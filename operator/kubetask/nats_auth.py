@@ -44,6 +44,8 @@ _PLATFORM_API = Permissions(
         *_REGISTRY,
         *_QUEUES,
         "kt.ctl.stop.>",
+        # The final line of a task it ended before it ran (`actions.stop`).
+        names.ALL_LOGS,
         "kt.quarantine.>",
         # What it wrote to the audit trail per account (`usage_reports.py`).
         f"{names.USAGE_PREFIX}.>",
