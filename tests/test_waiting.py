@@ -14,6 +14,9 @@ import httpx
 from harness import Api, exited, parent_of, pids_running, running_dev
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.fairness import Fairness, FairnessSettings
+from kubetask.gateway.queue_looks import FRESH_FOR, LOOKS_BURST
+from kubetask.plane import DataPlane
+from nats.aio.msg import Msg
 
 
 async def test_a_waiting_task_says_why(api: Api) -> None:
@@ -126,6 +129,7 @@ async def test_a_task_says_when_the_node_or_no_dispatcher_holds_it(tmp_path: Pat
             [dispatcher] = [
                 p for p in pids_running(b"\0dispatcher\0") if parent_of(p) == d.proc.pid
             ]
+            await asyncio.sleep(FRESH_FOR)  # the reads above share a look until then
             os.kill(dispatcher, signal.SIGSTOP)
             try:
                 said = await reason("n-2")
@@ -138,7 +142,46 @@ async def test_a_task_says_when_the_node_or_no_dispatcher_holds_it(tmp_path: Pat
                 os.kill(dispatcher, signal.SIGKILL)
                 while not exited(dispatcher):
                     await asyncio.sleep(0.01)
+                await asyncio.sleep(FRESH_FOR)
                 said = await reason("n-2")
             finally:
                 os.kill(d.proc.pid, signal.SIGCONT)
             assert "no dispatcher is running to take it" in said, said
+
+
+async def test_reads_of_waiting_tasks_share_the_dispatchers_answers(
+    api: Api, plane: DataPlane
+) -> None:
+    """However often a tenant reads its waiting tasks, each queue is put to the dispatchers at
+    most once per FRESH_FOR, and an account's looks at many queues are bounded too: the
+    questions are counted on the wire (an admin subscription to the subject)."""
+    asked: list[str] = []
+
+    async def note(msg: Msg) -> None:
+        asked.append(msg.subject)
+
+    sub = await plane.nc.subscribe(f"kt.holds.{api.account}.>", cb=note)
+    fns = [f"one-{i}" for i in range(int(LOOKS_BURST) + 5)]
+    try:
+        for fn in fns:  # one start a minute: the first task runs, the second waits below
+            await api.function(fn, command=["true"], maxStartsPerSecond=1 / 60)
+            await api.submit(fn, task_id=f"{fn}-run")
+            await api.submit(fn, task_id=f"{fn}-wait")
+        await api.wait(f"{fns[-1]}-run")
+        await asyncio.sleep(FRESH_FOR)
+        asked.clear()
+        reads = await asyncio.gather(*(api.get(f"{fns[0]}-wait") for _ in range(40)))
+        await plane.nc.flush()
+        assert len(asked) == 1, asked  # forty reads, one question
+        assert all(r["status"]["waiting"] == reads[0]["status"]["waiting"] for r in reads)
+        assert (
+            "maxStartsPerSecond allows no more starts" in reads[0]["status"]["waiting"]["reason"]
+        ), reads[0]
+        said = [(await api.get(f"{fn}-wait"))["status"]["waiting"]["reason"] for fn in fns[1:]]
+        await plane.nc.flush()
+        assert len(asked) < len(fns), asked
+        assert "dispatchers not asked: its account asked too often" in said[-1], said
+    finally:
+        await sub.unsubscribe()
+        for fn in fns:
+            await api.call("POST", f"/v1/tasks/{fn}-wait/stop")

@@ -84,6 +84,7 @@ class Answers:
     views: list[View] = field(default_factory=list)
     nobody: bool = False  # nats-server said that no dispatcher listens
     expected: int = 0  # the most dispatchers any answer said are alive
+    error: str | None = None  # the question could not be put
 
     @property
     def silent(self) -> int:
@@ -109,11 +110,18 @@ async def ask(nc: Connection, account: str, function: str, stream: str) -> Answe
             done.set()
 
     inbox = nc.new_inbox()
-    sub = await nc.subscribe_direct(inbox, heard)
+    try:
+        sub = await nc.subscribe_direct(inbox, heard)
+    except Exception as err:  # cut off from NATS
+        answers.error = str(err) or type(err).__name__
+        return answers
     try:
         await nc.publish(names.holds_subject(account, function), stream.encode(), reply=inbox)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), ANSWER_WITHIN)
+    except Exception as err:
+        answers.error = str(err) or type(err).__name__
     finally:
-        await nc.unsubscribe_direct(sub)
+        with contextlib.suppress(Exception):
+            await nc.unsubscribe_direct(sub)
     return answers

@@ -72,6 +72,7 @@ from .index import Query as IndexQuery
 from .indexing import Indexer
 from .json_bodies import StrictJsonRoute
 from .log_streams import LogStreams
+from .queue_looks import QueueLooks
 from .record_quota import RecordQuota
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
@@ -277,6 +278,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             indexer=indexer,
             throttle=Throttle(settings, plane.depth),
             records=RecordQuota(settings.account_max_record_bytes, indexer),
+            looks=QueueLooks(plane),
         )
         try:
             yield
@@ -353,7 +355,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         task = (await load_task(who, account, task_id)).record.task
         if task.status.phase in waiting.WAITING:
             await indexer().caught_up()
-            task.status.waiting = await waiting.explain(plane(), indexer(), task)
+            task.status.waiting = await waiting.explain(plane(), indexer(), state["looks"], task)
         return _json(task)
 
     @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])

@@ -7,13 +7,12 @@ on the hot path.
 
 from __future__ import annotations
 
-import contextlib
-
-from .. import holds, names, queues
+from .. import holds, names
 from ..models import Task, TaskFunction, TaskPhase, Waiting
 from ..plane import DataPlane
 from .index import Query
 from .indexing import Indexer
+from .queue_looks import QueueLooks
 from .throttle import THROTTLE_FROM
 
 WAITING = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying, TaskPhase.Paused})
@@ -31,7 +30,9 @@ async def ahead(indexer: Indexer, task: Task) -> int:
     )
 
 
-async def explain(plane: DataPlane, indexer: Indexer, task: Task) -> Waiting | None:
+async def explain(
+    plane: DataPlane, indexer: Indexer, looks: QueueLooks, task: Task
+) -> Waiting | None:
     phase = task.status.phase
     if phase not in WAITING:
         return None
@@ -49,13 +50,15 @@ async def explain(plane: DataPlane, indexer: Indexer, task: Task) -> Waiting | N
     if phase is TaskPhase.Pending:
         return Waiting(queue=queue, reason="on its way back into the queue")
     position = await ahead(indexer, task) + 1
-    reason = await _held_by(plane, fn, queue, position)
+    reason = await _held_by(plane, looks, fn, queue, position)
     return Waiting(queue=queue, partition=partition, position=position, reason=reason)
 
 
-async def _held_by(plane: DataPlane, fn: TaskFunction, stream: str, position: int) -> str:
+async def _held_by(
+    plane: DataPlane, looks: QueueLooks, fn: TaskFunction, stream: str, position: int
+) -> str:
     return (
-        await _dispatch_reason(plane, fn, stream, position)
+        await _dispatch_reason(looks, fn, stream, position)
         + _pace_note(fn)
         + _throttle_note(plane, fn)
     )
@@ -68,11 +71,9 @@ def _pace_note(fn: TaskFunction) -> str:
     return f"; its tasks start at most {rate:g} a second (maxStartsPerSecond)"
 
 
-async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, stream: str, position: int) -> str:
-    running = None
-    with contextlib.suppress(Exception):
-        running = (await queues.backlog(plane.js, fn))[1]
-    limit = fn.spec.maxConcurrency
+async def _dispatch_reason(looks: QueueLooks, fn: TaskFunction, stream: str, position: int) -> str:
+    look = await looks.of(fn, stream)
+    running, limit = look.running, fn.spec.maxConcurrency
     if running is not None and running >= limit:
         return (
             f"function {fn.name!r} is at its maxConcurrency ({running} of {limit} running); "
@@ -81,11 +82,16 @@ async def _dispatch_reason(plane: DataPlane, fn: TaskFunction, stream: str, posi
     said = [_ahead(position) if position > 1 else "next in line"]
     if running is not None:
         said.append(f"{running} of at most {limit} run now")
-    said.append(_dispatchers_say(await holds.ask(plane.nc, fn.account, fn.name, stream), fn))
+    if look.answers is None:
+        said.append("dispatchers not asked: its account asked too often this second")
+    else:
+        said.append(_dispatchers_say(look.answers, fn))
     return "; ".join(said)
 
 
 def _dispatchers_say(answers: holds.Answers, fn: TaskFunction) -> str:
+    if answers.error is not None:
+        return f"could not ask the dispatchers: {answers.error}"
     if answers.nobody:
         return "no dispatcher is running to take it"
     if not answers.views:
