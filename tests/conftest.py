@@ -81,6 +81,27 @@ def nats_url(
     proc.wait(10)
 
 
+@pytest.fixture(autouse=True)
+def no_permission_violations(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every component connects with only the subjects it needs, so a publish or subscription
+    nats-server refuses is a component doing something its user was not given: a lost write
+    (a task's final log line was once refused this way, and its followers hung). nats-server
+    logs each refusal; a test during which one appears fails, naming it, unless it is marked
+    as making them on purpose."""
+    if "nats_url" not in request.fixturenames or request.node.get_closest_marker("refused"):
+        yield
+        return
+    log: Path = request.getfixturevalue("nats_log")
+    start = log.stat().st_size if log.exists() else 0
+    yield
+    with open(log, "rb") as f:
+        f.seek(start)
+        refused = [
+            line for line in f.read().decode(errors="replace").splitlines() if "Violation" in line
+        ]
+    assert not refused, "nats-server refused a component:\n" + "\n".join(refused[:5])
+
+
 @pytest.fixture(scope="session")
 def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
     """Admin settings, for tests that look behind the API."""
