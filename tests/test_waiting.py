@@ -185,3 +185,55 @@ async def test_reads_of_waiting_tasks_share_the_dispatchers_answers(
         await sub.unsubscribe()
         for fn in fns:
             await api.call("POST", f"/v1/tasks/{fn}-wait/stop")
+
+
+PARTITIONED = """
+apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {name: split}
+spec: {command: ["true"], partitions: 2}
+"""
+
+
+async def test_a_task_in_a_partition_whose_dispatcher_is_stopped_says_so(tmp_path: Path) -> None:
+    """Two dispatchers, one partition each; one is stopped (SIGSTOP), so its lease stands until
+    it expires: that partition's tasks wait, and their reason says no dispatcher that answered
+    holds the partition, and that one did not answer."""
+    async with running_dev(tmp_path, PARTITIONED, "--dispatchers", "2") as d:
+        headers = {"Authorization": f"Bearer {d.token}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=10
+        ) as http:
+            # Both hold their partition once each has run a task.
+            deadline = time.monotonic() + 30
+            ran: set[str] = set()
+            while len(ran) < 2:
+                assert time.monotonic() < deadline, ran
+                resp = await http.post("/v1/tasks", json={"function": "split"})
+                task_id = resp.json()["metadata"]["name"]
+                while (task := (await http.get(f"/v1/tasks/{task_id}")).json())["status"][
+                    "phase"
+                ] != "Succeeded":
+                    await asyncio.sleep(0.05)
+                ran.add(task["status"]["executor"]["dispatcher"])
+            mine = [p for p in pids_running(b"\0dispatcher\0") if parent_of(p) == d.proc.pid]
+            stopped = mine[0]
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                ids = []
+                for _ in range(8):
+                    resp = await http.post("/v1/tasks", json={"function": "split"})
+                    ids.append(resp.json()["metadata"]["name"])
+                await asyncio.sleep(2)
+                waiting = [
+                    t["status"]["waiting"]
+                    for t in [(await http.get(f"/v1/tasks/{i}")).json() for i in ids]
+                    if t["status"]["phase"] == "Queued"
+                ]
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+    assert waiting, "every task ran: none went to the stopped dispatcher's partition"
+    said = waiting[0]["reason"]
+    assert waiting[0]["partition"] is not None, waiting[0]
+    assert f"holds partition {waiting[0]['partition']}'s lease yet" in said, said
+    assert "(1 of 2 dispatchers did not answer within 0.5 s)" in said, said

@@ -50,15 +50,15 @@ async def explain(
     if phase is TaskPhase.Pending:
         return Waiting(queue=queue, reason="on its way back into the queue")
     position = await ahead(indexer, task) + 1
-    reason = await _held_by(plane, looks, fn, queue, position)
+    reason = await _held_by(plane, looks, fn, home, position)
     return Waiting(queue=queue, partition=partition, position=position, reason=reason)
 
 
 async def _held_by(
-    plane: DataPlane, looks: QueueLooks, fn: TaskFunction, stream: str, position: int
+    plane: DataPlane, looks: QueueLooks, fn: TaskFunction, home: names.Queue, position: int
 ) -> str:
     return (
-        await _dispatch_reason(looks, fn, stream, position)
+        await _dispatch_reason(plane, looks, fn, home, position)
         + _pace_note(fn)
         + _throttle_note(plane, fn)
     )
@@ -71,8 +71,10 @@ def _pace_note(fn: TaskFunction) -> str:
     return f"; its tasks start at most {rate:g} a second (maxStartsPerSecond)"
 
 
-async def _dispatch_reason(looks: QueueLooks, fn: TaskFunction, stream: str, position: int) -> str:
-    look = await looks.of(fn, stream)
+async def _dispatch_reason(
+    plane: DataPlane, looks: QueueLooks, fn: TaskFunction, home: names.Queue, position: int
+) -> str:
+    look = await looks.of(fn, home.stream)
     running, limit = look.running, fn.spec.maxConcurrency
     if running is not None and running >= limit:
         return (
@@ -85,11 +87,13 @@ async def _dispatch_reason(looks: QueueLooks, fn: TaskFunction, stream: str, pos
     if look.answers is None:
         said.append("dispatchers not asked: its account asked too often this second")
     else:
-        said.append(_dispatchers_say(look.answers, fn))
+        said.append(_dispatchers_say(look.answers, fn, home, plane.settings.lease_ttl))
     return "; ".join(said)
 
 
-def _dispatchers_say(answers: holds.Answers, fn: TaskFunction) -> str:
+def _dispatchers_say(
+    answers: holds.Answers, fn: TaskFunction, home: names.Queue, lease_ttl: float
+) -> str:
     if answers.error is not None:
         return f"could not ask the dispatchers: {answers.error}"
     if answers.nobody:
@@ -100,8 +104,17 @@ def _dispatchers_say(answers: holds.Answers, fn: TaskFunction) -> str:
             "each is stopped or cut off from NATS"
         )
     taking = [v for v in answers.views if v.consumes]
-    if not taking:
-        said = f"none of the {len(answers.views)} dispatchers that answered takes its queue yet"
+    if not taking and home.partition is not None:
+        said = (
+            f"none of the {len(answers.views)} dispatchers that answered holds partition "
+            f"{home.partition}'s lease yet: one takes it within about {lease_ttl:g} s "
+            "(KUBETASK_LEASE_TTL)"
+        )
+    elif not taking:
+        said = (
+            f"none of the {len(answers.views)} dispatchers that answered consumes its queue "
+            "yet: each starts as it hears of the function"
+        )
     else:
         free = [v.dispatcher for v in taking if not v.holds(fn.account)]
         held = [f"dispatcher {v.dispatcher}: {', '.join(v.holds(fn.account))}" for v in taking]
