@@ -6,11 +6,12 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 from harness import Api, read_lines
 from kubetask import actions, submission
 from kubetask.models import TaskPhase
 from kubetask.plane import DataPlane
-from kubetask.store import TaskRecord, new_token
+from kubetask.store import TaskRecord, new_token, now
 
 
 def _alive(pid: int) -> bool:
@@ -234,6 +235,47 @@ async def test_following_the_log_of_a_waiting_task_ends_when_it_is_stopped(api: 
             await asyncio.wait_for(reading, 10)
             [last] = [json.loads(x) for x in followed]
             assert last["final"] is True and last["line"] == "task Stopped", last
+    finally:
+        await api.call("POST", "/v1/tasks/ahead/stop")
+
+
+async def test_a_follower_ends_when_its_task_ended_without_a_final_line(
+    api: Api, plane: DataPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A final line can be lost (a writer refused by nats-server, as the gateway's were, or a
+    history quota); a follower that hears nothing for a while then asks the record, and ends
+    once its task has been over long enough. The loss is made here by ending a queued task
+    through the store directly, with no line, as such a writer would have."""
+    from datetime import timedelta
+
+    from kubetask import logs
+    from kubetask.gateway import app
+
+    monkeypatch.setattr(logs, "ENDED_CHECK", 0.5)
+    monkeypatch.setattr(app, "FINAL_LINE_SETTLES", timedelta(seconds=0.2))
+    await api.function("one", command=["sleep", "30"], maxConcurrency=1)
+    await api.submit("one", task_id="ahead")
+    await api.wait("ahead", {"Running"})
+    await api.submit("one", task_id="lost")
+    followed: list[str] = []
+
+    async def follow() -> None:
+        async with api.http.stream("GET", "/v1/tasks/lost/logs", params={"follow": "true"}) as r:
+            followed.extend([line async for line in r.aiter_lines() if line])
+
+    try:
+        reading = asyncio.create_task(follow())
+        await asyncio.sleep(1)
+        assert not reading.done()  # the task waits: its log is followed
+
+        def stopped(r: TaskRecord) -> TaskRecord:
+            r.task.status.phase = TaskPhase.Stopped
+            r.task.status.timestamps.finished = now()
+            return r
+
+        await plane.store.transition(api.account, "lost", stopped)
+        await asyncio.wait_for(reading, 10)
+        assert followed == []
     finally:
         await api.call("POST", "/v1/tasks/ahead/stop")
 

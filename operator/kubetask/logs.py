@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +22,10 @@ from .usage_reports import Tally
 # hears nothing at all (a wake lost, e.g. in a reconnection).
 RECHECK = 0.05
 FALLBACK_POLL = 1.0
+# A follower that heard nothing for this long asks whether the task ended meanwhile: a final
+# line that was never stored (a writer refused, a history quota) must not hold it for its
+# whole idle timeout.
+ENDED_CHECK = 15.0
 
 
 def encode_line(attempt: int, stream: str, text: str, final: bool = False) -> bytes:
@@ -74,10 +78,17 @@ class LogWriter:
 
 
 async def records(
-    nc: Client, account: str, task_id: str, follow: bool, idle_timeout: float = 3600
+    nc: Client,
+    account: str,
+    task_id: str,
+    follow: bool,
+    idle_timeout: float = 3600,
+    ended: Callable[[], Awaitable[bool]] | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Yield log records oldest first, by direct gets (`direct_reads.py`); with `follow`, keep
-    yielding until the final line, or until no line came for `idle_timeout`.
+    yielding until the final line, until no line came for `idle_timeout`, or until `ended`
+    says, after ENDED_CHECK without a line, that the task ended long enough ago that its final
+    line would have been stored by now.
 
     Lines are published without waiting, so a task can be recorded as finished a moment before
     its last lines are stored: for a finished task pass `follow` with a short `idle_timeout`.
@@ -91,6 +102,7 @@ async def records(
         )
         last = 0
         quiet_since = loop.time()
+        ask_at = quiet_since + ENDED_CHECK
         woke = False
         while True:
             if heard is not None:
@@ -104,10 +116,15 @@ async def records(
                     return
             if batch.messages:
                 quiet_since = loop.time()
+                ask_at = quiet_since + ENDED_CHECK
             if batch.pending:
                 continue
             if heard is None:
                 return
+            if ended is not None and loop.time() >= ask_at:
+                ask_at = loop.time() + ENDED_CHECK
+                if await ended():
+                    return
             left = quiet_since + idle_timeout - loop.time()
             if left <= 0:
                 return

@@ -476,10 +476,25 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
         release = log_streams.open(task.account)
 
+        async def gone_quiet() -> bool:
+            """Whether the task ended long enough ago that its final line, had it been stored,
+            would have been read by now (deleted counts as ended)."""
+            try:
+                latest = await plane().store.get(task.account, task.id)
+            except Exception:
+                return False
+            if latest is None:
+                return True
+            status = latest.record.task.status
+            at = status.timestamps.finished
+            return status.phase in TERMINAL and at is not None and now() - at > FINAL_LINE_SETTLES
+
         async def lines() -> AsyncIterator[bytes]:
             try:
                 wait = (follow or finished) and not settled
-                records = logs.records(plane().nc, task.account, task.id, wait, idle_timeout=idle)
+                records = logs.records(
+                    plane().nc, task.account, task.id, wait, idle_timeout=idle, ended=gone_quiet
+                )
                 async with aclosing(records):
                     async for record in records:
                         yield json.dumps(record).encode() + b"\n"
