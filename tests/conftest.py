@@ -27,6 +27,7 @@ from harness import (
     Api,
     as_user,
     gateway,
+    refusals,
 )
 from kubetask import nats_auth
 from kubetask.auth import create_token
@@ -94,11 +95,7 @@ def no_permission_violations(request: pytest.FixtureRequest) -> Iterator[None]:
     log: Path = request.getfixturevalue("nats_log")
     start = log.stat().st_size if log.exists() else 0
     yield
-    with open(log, "rb") as f:
-        f.seek(start)
-        refused = [
-            line for line in f.read().decode(errors="replace").splitlines() if "Violation" in line
-        ]
+    refused = refusals(log, start)
     assert not refused, "nats-server refused a component:\n" + "\n".join(refused[:5])
 
 

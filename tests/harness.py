@@ -294,6 +294,17 @@ async def from_address(source: str, port: int, request: bytes = b"") -> bytes:
         writer.close()
 
 
+def refusals(nats_log: Path, start: int = 0) -> list[str]:
+    """The permissions violations nats-server logged after byte `start` of its log: a
+    component publishing or subscribing where its user may not, i.e. a lost write."""
+    if not nats_log.exists():
+        return []
+    with open(nats_log, "rb") as f:
+        f.seek(start)
+        said = f.read().decode(errors="replace")
+    return [line for line in said.splitlines() if "Violation" in line]
+
+
 @dataclass
 class Dev:
     proc: asyncio.subprocess.Process
@@ -333,6 +344,8 @@ async def running_dev(
             await asyncio.sleep(0.1)
         token = json.loads(cfg.read_text())["token"]
         yield Dev(dev, data, port, token, tmp_path / "dev.log")
+        refused = refusals(data / "logs" / "nats.log")
+        assert not refused, "nats-server refused a component:\n" + "\n".join(refused[:5])
     finally:
         if dev.returncode is None:
             dev.kill()
