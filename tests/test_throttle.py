@@ -442,3 +442,18 @@ async def test_a_queue_not_submitted_to_for_a_while_is_forgotten(
     await throttle.admit(fns[0])
     await depth.admit(fns[0])
     assert depth.known(fns[0])[1] == 1 and len(throttle._senders) == 2
+
+
+async def test_the_limits_show_a_queue_as_it_is_not_as_last_counted(api: Api) -> None:
+    """Between reads of a queue's depth the gateway counts submissions up; `GET /v1/limits`
+    reads the depth again, so a queue whose tasks all ran shows none waiting (it showed every
+    task submitted since the last read)."""
+    await api.function("quick", command=["true"])
+    ids = [(await api.submit("quick"))["metadata"]["name"] for _ in range(6)]
+    for task_id in ids:
+        await api.wait(task_id)
+    await asyncio.sleep(0.6)  # past the depth's TTL: the next look reads it
+    limits = await api.call("GET", "/v1/limits", 200)
+    assert [(q["queue"], q["waiting"]) for q in limits["queues"]] == [(f"KT_Q_{api.account}", 0)], (
+        limits
+    )

@@ -8,6 +8,7 @@ its own account, and asking for another account's objects answers 404 as if they
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -668,10 +669,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         acct = who.one_account(account)
         use = plane().registry.account_use(acct)
         loads: dict[str, QueueLoad] = {}
-        for (owner, _), fn in plane().registry.functions.items():
-            if owner == acct:
-                queue, waiting, drain = plane().depth.known(fn)
-                loads[queue] = QueueLoad(queue=queue, waiting=waiting, drainPerSecond=drain)
+        for (owner, _), fn in list(plane().registry.functions.items()):
+            if owner != acct or names.queue_label(fn) in loads:
+                continue
+            # Read again unless read within the depth's TTL: what was last read plus the
+            # submissions counted since would still show tasks that ran meanwhile.
+            with contextlib.suppress(*errors.UNAVAILABLE):
+                await plane().depth.refresh(fn)
+            queue, waiting, drain = plane().depth.known(fn)
+            loads[queue] = QueueLoad(queue=queue, waiting=waiting, drainPerSecond=drain)
         records_held, record_bytes = state["records"].held(acct)
         limits = AccountLimits(
             account=acct,
