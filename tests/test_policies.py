@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 from harness import DENIED_WEBHOOK_HOST, Api, echo_script, read_lines, web_server
-from kubetask.dispatch.webhooks import DELIVERIES_PER_ACCOUNT, WebhookRefused, Webhooks
+from kubetask.dispatch.webhooks import (
+    DELIVERIES_PER_ACCOUNT,
+    WebhookFailed,
+    WebhookRefused,
+    Webhooks,
+)
 from kubetask.networks import parse_networks
 from kubetask.plane import DataPlane
 from prometheus_client import REGISTRY
@@ -262,6 +267,55 @@ async def _silent_server() -> AsyncIterator[tuple[str, list[socket.socket]]]:
             await accepting
         for conn in [*taken, listener]:
             conn.close()
+
+
+async def test_a_failed_webhook_says_why_without_quoting_what_the_far_end_sent() -> None:
+    """A webhook's error reaches its task's log. aiohttp's quoted an answer that was not HTTP,
+    so a webhook pointed at a port inside the platform read back the greeting of whatever
+    listened there (nats-server's INFO line, with its version, id and key). Real servers: one
+    that greets in another protocol, one that closes at once, a closed port, a silent one."""
+    greeting = b'INFO {"server_id":"SECRET-ID","version":"2.10"}\r\n'
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        await writer.drain()
+        await reader.read(1)
+        writer.close()
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    greeter = await asyncio.start_server(greet, "127.0.0.1", 0)
+    closer = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    webhooks = Webhooks((), timeout=1)
+    said = {}
+    try:
+        async with _silent_server() as (silent, _):
+            targets = {
+                "greeting": f"http://127.0.0.1:{greeter.sockets[0].getsockname()[1]}/",
+                "hang-up": f"http://127.0.0.1:{closer.sockets[0].getsockname()[1]}/",
+                "closed": f"http://127.0.0.1:{closed.getsockname()[1]}/",
+                "silent": f"{silent}/",
+            }
+            for what, url in targets.items():
+                with pytest.raises(WebhookFailed) as failed:
+                    await webhooks.post("acct", url, {}, {})
+                said[what] = str(failed.value)
+    finally:
+        await webhooks.close()
+        for server in (greeter, closer):
+            server.close()
+        closed.close()
+    assert not any("SECRET" in s or "INFO" in s for s in said.values()), said
+    hung_up = said.pop("hang-up")  # uvloop says a reset, asyncio's loop a closed connection
+    assert hung_up.startswith("the connection was closed before an answer"), hung_up
+    assert said == {
+        "greeting": "the answer was not well-formed HTTP",
+        "closed": "cannot connect: Connection refused",
+        "silent": "no answer within 1 s",
+    }, said
 
 
 async def test_webhooks_that_never_answer_hold_only_their_own_accounts_deliveries() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import socket
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +50,33 @@ _account: ContextVar[str] = ContextVar("webhook_account", default="")
 
 class WebhookRefused(Exception):
     """The webhook's address is in a denied network: no connection was made."""
+
+
+class WebhookFailed(Exception):
+    """The delivery failed, said without a byte of what the far end sent: the error reaches the
+    task's log, and aiohttp's own quotes an answer that is not HTTP, so a webhook pointed at
+    any port inside the platform's network read back that service's greeting (nats-server's
+    INFO, with its version, id and key)."""
+
+
+def _os_said(err: OSError) -> str:
+    """This host's words for what went wrong, never the far end's."""
+    return os.strerror(err.errno) if err.errno else type(err).__name__
+
+
+def _failure(err: BaseException, timeout: float) -> WebhookFailed:
+    if isinstance(err, TimeoutError):
+        return WebhookFailed(f"no answer within {timeout:g} s")
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return WebhookFailed(f"cannot connect: {_os_said(err.os_error)}")
+    if isinstance(err, aiohttp.ServerDisconnectedError):
+        return WebhookFailed("the connection was closed before an answer")
+    if isinstance(err, aiohttp.ClientOSError):
+        why = f" ({os.strerror(err.errno)})" if err.errno else ""
+        return WebhookFailed(f"the connection was closed before an answer{why}")
+    if isinstance(err, aiohttp.ClientResponseError):
+        return WebhookFailed("the answer was not well-formed HTTP")
+    return WebhookFailed(f"delivery failed ({type(err).__name__})")
 
 
 class _GuardedResolver(AbstractResolver):
@@ -135,7 +163,8 @@ class Webhooks:
         )
 
     async def post(self, account: str, url: str, body: Any, headers: dict[str, str]) -> int:
-        """The answer's status; raises WebhookRefused before connecting to a denied address."""
+        """The answer's status; raises WebhookRefused before connecting to a denied address,
+        WebhookFailed when no answer came."""
         # An address written in the URL is connected to without resolution, so it is checked
         # here; names are checked by the resolver.
         host = urlsplit(url).hostname or ""
@@ -154,6 +183,8 @@ class Webhooks:
                     url, json=body, headers=headers, allow_redirects=False
                 ) as resp:
                     return resp.status
+            except (aiohttp.ClientError, TimeoutError) as err:
+                raise _failure(err, self._timeout) from None
             finally:
                 _account.reset(for_account)
 
