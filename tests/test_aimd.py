@@ -147,3 +147,19 @@ async def test_busy_answers_spend_no_attempt_and_shrink_the_window(api: Api) -> 
     await asyncio.sleep(0)
     window = REGISTRY.get_sample_value("kubetask_dispatch_window", labels)
     assert window is not None and window < 16, window
+
+
+async def test_a_command_functions_long_tasks_run_up_to_its_max_concurrency_at_once(
+    api: Api,
+) -> None:
+    """Only a warm instance can answer busy; a command's process cannot. The window grew only as
+    tasks ended, so a command function allowed twenty ran eight thirty-second tasks at once and
+    the other twelve waited for them: its window now is its maxConcurrency."""
+    await api.function("long", command=["sleep", "30"], maxConcurrency=20)
+    ids = [(await api.submit("long"))["metadata"]["name"] for _ in range(20)]
+    try:
+        for task_id in ids:
+            await api.wait(task_id, {"Running"}, timeout=15)
+    finally:
+        for task_id in ids:
+            await api.call("POST", f"/v1/tasks/{task_id}/stop")

@@ -66,10 +66,36 @@ async def test_a_task_held_below_max_concurrency_says_by_what(
                 await api.call("POST", f"/v1/tasks/{task_id}/stop")
 
 
+SLOW_SERVER = """
+    import os, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(30)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
 async def test_a_task_held_by_the_dispatch_window_says_so(api: Api, dispatcher: Dispatcher) -> None:
-    """A window starts at KUBETASK_AIMD_START (8) and grows only as attempts end: with eight
-    long attempts running, the ninth of a function allowed twenty waits for the window."""
-    await api.function("wide", command=["sleep", "30"], maxConcurrency=20)
+    """A warm instance's window starts at KUBETASK_AIMD_START (8) and grows only as its answers
+    come: with eight long requests in flight, the ninth of a function allowed twenty waits for
+    the window."""
+    server = {"command": api.script("slow", SLOW_SERVER), "concurrency": 20, "maxInstances": 1}
+    await api.function("wide", server=server, maxConcurrency=20)
     ids = [f"wide-{i}" for i in range(10)]
     for task_id in ids:
         await api.submit("wide", task_id=task_id)

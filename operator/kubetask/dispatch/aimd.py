@@ -17,6 +17,11 @@ function's `maxConcurrency` are not flooded with work they answer "busy" to.
 - **shrink when idle**: after `idle_periods` periods without work it falls back toward `start`,
   so a function waking up probes again instead of flooding with yesterday's window.
 
+Only an executor that can answer busy needs a window: a warm instance (HTTP 429/503). A
+command's process cannot push back, so for a command function the window is its
+`maxConcurrency` from the start (`probing=False`): probing grew it only as tasks ended, and a
+function allowed twenty ran eight thirty-second tasks at once while twelve waited.
+
 A busy answer is not a task failure: the task goes back to its queue and spends no attempt.
 """
 
@@ -44,10 +49,13 @@ class AimdSettings:
 
 
 class Window:
-    def __init__(self, limit: int, settings: AimdSettings | None = None) -> None:
+    def __init__(
+        self, limit: int, settings: AimdSettings | None = None, probing: bool = True
+    ) -> None:
         self.settings = settings or AimdSettings()
         self.limit = limit
-        self.size = float(min(limit, self.settings.start))
+        self.start = min(limit, self.settings.start) if probing else limit
+        self.size = float(self.start)
         self.threshold = float(limit)
         self._busy = 0
         self._answered = 0
@@ -87,8 +95,8 @@ class Window:
             # Counted in elapsed periods, not in calls: a dozing worker asks rarely, and a
             # window that only shrank per call kept yesterday's size after an hour's idle.
             self._idle += 1 + int((now - self._period_end) / s.period)
-            while self._idle >= s.idle_periods and self.size > s.start:
-                self.size = max(float(s.start), self.size * s.decrease)
+            while self._idle >= s.idle_periods and self.size > self.start:
+                self.size = max(float(self.start), self.size * s.decrease)
                 self.threshold = float(self.limit)
                 self._idle -= s.idle_periods
         self._busy = self._answered = 0

@@ -136,7 +136,8 @@ class FunctionWorker:
     process: bool = False  # its attempts are processes here, in the node's process budget
 
     def __post_init__(self) -> None:
-        self.window = Window(self.fn.spec.maxConcurrency)
+        # Only a warm instance can answer busy (`aimd.py`).
+        self.window = Window(self.fn.spec.maxConcurrency, probing=self.fn.spec.server is not None)
 
     def wake(self) -> None:
         if self.pull is not None:
