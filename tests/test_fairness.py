@@ -272,3 +272,33 @@ async def test_functions_held_back_by_their_accounts_share_are_woken_when_it_fre
                 await all_succeed(api, f"sib{f}", 5, timeout=60)
     finally:
         dispatcher.fairness = saved
+
+
+async def test_a_pull_opened_while_alone_brings_no_more_than_a_share_once_a_neighbour_wakes(
+    make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher
+) -> None:
+    """A pull request stays open until filled. One opened while its account was alone was
+    sized by the function's window (up to its maxConcurrency) and, filled after a neighbour
+    woke, ran 40 long tasks where the share was 16. Each request now asks for at most the
+    share the account would have were one more account active; alone again, it still gets
+    all it may run."""
+    alone, neighbour = await make_api(), await make_api()
+    saved = dispatcher.fairness
+    dispatcher.fairness = Fairness(FairnessSettings(slots=8))  # two accounts: four each
+    ids: list[str] = []
+    try:
+        await alone.function("job", command=["sleep", "30"], maxConcurrency=40)
+        await neighbour.function("tick", command=["sleep", "30"])
+        await asyncio.sleep(0.5)  # the job's request is open, sized while its account was alone
+        await neighbour.submit("tick", task_id="n")
+        await neighbour.wait("n", {"Running"})
+        ids = [(await alone.submit("job"))["metadata"]["name"] for _ in range(40)]
+        await asyncio.sleep(2)
+        assert await _running(alone) <= 4
+        await neighbour.call("POST", "/v1/tasks/n/stop", 200)
+        for task_id in ids:  # alone again (after 2 s): every task it may run, runs
+            await alone.wait(task_id, {"Running"}, timeout=20)
+    finally:
+        dispatcher.fairness = saved
+        for task_id in ids:
+            await alone.call("POST", f"/v1/tasks/{task_id}/stop")

@@ -95,7 +95,22 @@ class Fairness:
         others = [a for a in self.active() if a != account]
         if not others:
             return None
-        total = self.weight(account) + sum(self.weight(a) for a in others)
+        return self._share(account, sum(self.weight(a) for a in others))
+
+    def most_at_once(self, account: str) -> int | None:
+        """The most one pull of `account`'s may ask for (None: any number): its share were one
+        more account active. A request stays open until filled, so one sized while the account
+        was alone (by its dispatch window: up to its maxConcurrency) was later filled whole
+        after a neighbour woke, far past the share: 40 of 40 long tasks ran where the share
+        was 16. With this, what such a request brings is at most a share."""
+        if not self.settings.enabled:
+            return None
+        return self._share(
+            account, 1.0 + sum(self.weight(a) for a in self.active() if a != account)
+        )
+
+    def _share(self, account: str, others: float) -> int:
+        total = self.weight(account) + others
         slots = max(self.settings.slots, int(self.settings.least_per_account * total))
         return max(1, int(slots * self.weight(account) / total))
 

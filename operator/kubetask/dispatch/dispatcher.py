@@ -297,9 +297,12 @@ class Dispatcher:
             if self._closing:
                 return 0
             allowed = window.allowed() - len(worker.inflight)
-            fair = self.fairness.free(fn.account, worker.wake)
-            if fair is not None:
-                allowed = min(allowed, fair)
+            for fair in (
+                self.fairness.free(fn.account, worker.wake),
+                self.fairness.most_at_once(fn.account),
+            ):
+                if fair is not None:
+                    allowed = min(allowed, fair)
             if rate is not None and allowed > 0:
                 allowed = min(allowed, rate.room(worker.wake))
             if allowed <= 0:
