@@ -119,6 +119,32 @@ class Api:
         return [PY, str(path)]
 
 
+# A warm instance answering each invocation after its payload's number of seconds.
+SLOW_SERVER = """
+    import json, os, time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            seconds = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(seconds)
+            out = json.dumps({"pid": os.getpid()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
 def read_lines(path: Path) -> list[str]:
     with contextlib.suppress(FileNotFoundError):
         return path.read_text().splitlines()

@@ -9,35 +9,11 @@ import dataclasses
 import time
 
 import pytest
-from harness import Api
+from harness import SLOW_SERVER, Api
 from kubetask import names, queue_moves, queues
 from kubetask.models import ObjectMeta, QueueMode, TaskFunction, TaskFunctionSpec
 from kubetask.plane import DataPlane
 from nats.js.errors import NotFoundError
-
-SLOW_SERVER = """
-    import json, os, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            seconds = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            time.sleep(seconds)
-            out = json.dumps({"pid": os.getpid()}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
 
 
 @pytest.mark.parametrize("runtime", ["server", "command"])

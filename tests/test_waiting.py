@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-from harness import Api, exited, parent_of, pids_running, running_dev
+from harness import SLOW_SERVER, Api, exited, parent_of, pids_running, running_dev
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.fairness import Fairness, FairnessSettings
 from kubetask.gateway.queue_looks import FRESH_FOR, LOOKS_BURST
@@ -66,30 +66,6 @@ async def test_a_task_held_below_max_concurrency_says_by_what(
                 await api.call("POST", f"/v1/tasks/{task_id}/stop")
 
 
-SLOW_SERVER = """
-    import os, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            time.sleep(30)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
-
-
 async def test_a_task_held_by_the_dispatch_window_says_so(api: Api, dispatcher: Dispatcher) -> None:
     """A warm instance's window starts at KUBETASK_AIMD_START (8) and grows only as its answers
     come: with eight long requests in flight, the ninth of a function allowed twenty waits for
@@ -98,7 +74,7 @@ async def test_a_task_held_by_the_dispatch_window_says_so(api: Api, dispatcher: 
     await api.function("wide", server=server, maxConcurrency=20)
     ids = [f"wide-{i}" for i in range(10)]
     for task_id in ids:
-        await api.submit("wide", task_id=task_id)
+        await api.submit("wide", 30, task_id=task_id)
     try:
         deadline = asyncio.get_running_loop().time() + 30
         while True:
