@@ -16,39 +16,41 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from ..token_bucket import TokenBucket
+
 
 class StartRate:
     def __init__(self, per_second: float, share: Callable[[], int]) -> None:
         """`share`: how many dispatchers (or partitions) split `per_second` right now."""
         self.per_second = per_second
         self.share = share
-        self._tokens: float | None = None
-        self._at = time.monotonic()
+        self._bucket: TokenBucket | None = None  # full until first asked
         self._wake: asyncio.TimerHandle | None = None
 
-    def _level(self, now: float) -> tuple[float, float]:
-        """The tokens at `now`, and the rate they refill at."""
+    def _current(self, now: float) -> TokenBucket:
+        """The bucket at this worker's share of the rate as it is now."""
         rate = self.per_second / max(1, self.share())
-        burst = max(1.0, rate)
-        if self._tokens is None:
-            return burst, rate
-        return min(burst, self._tokens + (now - self._at) * rate), rate
+        if self._bucket is None:
+            self._bucket = TokenBucket(rate, max(1.0, rate), now)
+        self._bucket.rate, self._bucket.burst = rate, max(1.0, rate)
+        return self._bucket
 
     def room(self, wake: Callable[[], None]) -> int:
         """Tasks that may start now; with none, `wake` is called when the next may."""
         now = time.monotonic()
-        self._tokens, rate = self._level(now)
-        self._at = now
-        if self._tokens >= 1:
-            return int(self._tokens)
+        bucket = self._current(now)
+        tokens = bucket.refill(now)
+        if tokens >= 1:
+            return int(tokens)
         if self._wake is None or self._wake.cancelled():
             loop = asyncio.get_running_loop()
-            self._wake = loop.call_later((1 - self._tokens) / rate, self._woken, wake)
+            self._wake = loop.call_later(bucket.until(), self._woken, wake)
         return 0
 
     def spent(self) -> bool:
         """Whether no task may start now, read without refilling or waking anything."""
-        return self._tokens is not None and self._level(time.monotonic())[0] < 1
+        now = time.monotonic()
+        return self._bucket is not None and self._current(now).level(now) < 1
 
     def _woken(self, wake: Callable[[], None]) -> None:
         self._wake = None
@@ -60,8 +62,9 @@ class StartRate:
         spent: it was, and at 0.5 a second two tasks of a burst after an idle spell started at
         once, and tasks sent one a second each started at once."""
         now = time.monotonic()
-        level, _ = self._level(now)
-        self._tokens, self._at = level - 1, now
+        bucket = self._current(now)
+        bucket.refill(now)
+        bucket.tokens -= 1
 
     def close(self) -> None:
         if self._wake is not None:

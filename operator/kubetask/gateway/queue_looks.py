@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from .. import holds, queues
 from ..models import TaskFunction
 from ..plane import DataPlane
+from ..token_bucket import TokenBucket
 
 FRESH_FOR = 0.5
 LOOKS_PER_SECOND = 10.0
@@ -42,7 +43,7 @@ class QueueLooks:
         self._plane = plane
         self._seen: dict[Key, tuple[float, Look]] = {}
         self._looking: dict[Key, asyncio.Task[Look]] = {}
-        self._allowance: dict[str, tuple[float, float]] = {}  # account -> (looks left, when)
+        self._allowance: dict[str, TokenBucket] = {}  # looks each account may start
 
     async def of(self, fn: TaskFunction, stream: str) -> Look:
         key = (fn.account, fn.name, stream)
@@ -76,15 +77,14 @@ class QueueLooks:
         return None
 
     def _allowed(self, account: str, now: float) -> bool:
-        left, at = self._allowance.get(account, (LOOKS_BURST, now))
-        left = min(LOOKS_BURST, left + (now - at) * LOOKS_PER_SECOND)
-        if left < 1:
-            self._allowance[account] = (left, now)
+        bucket = self._allowance.get(account)
+        if bucket is None:
+            bucket = self._allowance[account] = TokenBucket(LOOKS_PER_SECOND, LOOKS_BURST, now)
+        if bucket.refill(now) < 1:
             return False
-        self._allowance[account] = (left - 1, now)
-        if len(self._allowance) > REMEMBERED:
-            full = now - LOOKS_BURST / LOOKS_PER_SECOND  # refilled since: as good as new
-            self._allowance = {a: v for a, v in self._allowance.items() if v[1] > full}
+        bucket.tokens -= 1
+        if len(self._allowance) > REMEMBERED:  # a full bucket is as good as none
+            self._allowance = {a: b for a, b in self._allowance.items() if b.level(now) < b.burst}
         return True
 
     def _remember(self, key: Key, look: Look) -> None:

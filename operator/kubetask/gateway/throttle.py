@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 
 from .. import queues
 from ..models import TaskFunction
 from ..queues import QueueDepth
 from ..settings import Settings
+from ..token_bucket import TokenBucket
 
 THROTTLE_FROM = 0.8
 MAX_RETRY_AFTER = 300
@@ -77,19 +77,13 @@ class SampleAndHold:
         return max(1, len(self._held.keys() | self._last.keys()))
 
 
-@dataclass
-class Bucket:
-    tokens: float
-    at: float
-
-
 class Throttle:
     def __init__(
         self, settings: Settings, depth: QueueDepth, forget_after: float = queues.FORGET_AFTER
     ) -> None:
         self.settings = settings
         self.depth = depth
-        self._buckets: dict[str, Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         # Per queue; one not submitted to for `forget_after` is forgotten, as its depth is.
         self._senders: dict[str, SampleAndHold] = {}
         self.forget_after = forget_after
@@ -110,15 +104,13 @@ class Throttle:
         if rate <= 0:
             return
         now = time.monotonic()
-        burst = max(1.0, rate)
-        bucket = self._buckets.setdefault(account, Bucket(burst, now))
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
-        bucket.at = now
-        if bucket.tokens < 1:
-            wait = (1 - bucket.tokens) / rate
+        bucket = self._buckets.get(account)
+        if bucket is None:
+            bucket = self._buckets[account] = TokenBucket(rate, max(1.0, rate), now)
+        if bucket.refill(now) < 1:
             raise Throttled(
                 f"account {account!r} submits more than {rate:g} tasks a second",
-                _seconds(wait),
+                _seconds(bucket.until()),
             )
         bucket.tokens -= 1
 

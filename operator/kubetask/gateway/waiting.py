@@ -116,8 +116,9 @@ def _dispatchers_say(
             "yet: each starts as it hears of the function"
         )
     else:
-        free = [v.dispatcher for v in taking if not v.holds(fn.account)]
-        held = [f"dispatcher {v.dispatcher}: {', '.join(v.holds(fn.account))}" for v in taking]
+        holding = {v.dispatcher: v.holds(fn.account) for v in taking}
+        free = [who for who, what in holding.items() if not what]
+        held = [f"dispatcher {who}: {', '.join(what)}" for who, what in holding.items()]
         if free:
             who = (
                 f"dispatchers {', '.join(free)} have"
