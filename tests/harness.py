@@ -339,6 +339,14 @@ class Dev:
     token: str
     log: Path
 
+    def http(self, timeout: float = 10) -> httpx.AsyncClient:
+        """A client of its API with the account token (use as a context manager)."""
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=timeout,
+        )
+
 
 @asynccontextmanager
 async def running_dev(

@@ -104,10 +104,7 @@ spec:
 """
     tasks = [f"gated-{i}" for i in range(6)]
     async with running_dev(tmp_path, functions) as d:
-        headers = {"Authorization": f"Bearer {d.token}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=5
-        ) as http:
+        async with d.http(timeout=5) as http:
             for task_id in tasks:
                 resp = await http.post("/v1/tasks", json={"function": "gated", "id": task_id})
                 assert resp.status_code == 202, resp.text
@@ -164,10 +161,7 @@ async def test_ports_stay_held_while_the_gateway_and_a_dispatcher_restart(
         found = re.search(r"http://127\.0\.0\.1:(\d+)/metrics \(dispatchers\)", said)
         assert found is not None, said
         metrics_port = int(found.group(1))
-        headers = {"Authorization": f"Bearer {d.token}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=30
-        ) as http:
+        async with d.http(timeout=30) as http:
             for what, port in (("gateway", d.port), ("dispatcher", metrics_port)):
                 mark = f"\0{what}\0".encode()
                 [pid] = [p for p in pids_running(mark) if parent_of(p) == d.proc.pid]

@@ -10,7 +10,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 from harness import Api, running_dev
 
 
@@ -70,10 +69,7 @@ metadata: {name: paced}
 spec: {command: ["true"], maxStartsPerSecond: 4, maxConcurrency: 50}
 """
     async with running_dev(tmp_path, functions, "--dispatchers", "2") as d:
-        headers = {"Authorization": f"Bearer {d.token}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=10
-        ) as http:
+        async with d.http(timeout=10) as http:
             ids = [f"split-{i:02d}" for i in range(20)]
             for task_id in ids:
                 resp = await http.post("/v1/tasks", json={"function": "paced", "id": task_id})

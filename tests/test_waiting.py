@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
 from harness import SLOW_SERVER, Api, exited, parent_of, pids_running, running_dev
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.fairness import Fairness, FairnessSettings
@@ -106,10 +105,7 @@ async def test_a_task_says_when_the_node_or_no_dispatcher_holds_it(tmp_path: Pat
     dispatcher that is stopped (SIGSTOP: it still listens, but does not answer), then for one
     that is gone (killed while `kubetask dev` was stopped, so not restarted yet)."""
     async with running_dev(tmp_path, FUNCTIONS, env={"KUBETASK_NODE_SLOTS": "2"}) as d:
-        headers = {"Authorization": f"Bearer {d.token}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=10
-        ) as http:
+        async with d.http(timeout=10) as http:
 
             async def reason(task_id: str) -> str:
                 said: str = (await http.get(f"/v1/tasks/{task_id}")).json()["status"]["waiting"][
@@ -202,10 +198,7 @@ async def test_a_task_in_a_partition_whose_dispatcher_is_stopped_says_so(tmp_pat
     it expires: that partition's tasks wait, and their reason says no dispatcher that answered
     holds the partition, and that one did not answer."""
     async with running_dev(tmp_path, PARTITIONED, "--dispatchers", "2") as d:
-        headers = {"Authorization": f"Bearer {d.token}"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{d.port}", headers=headers, timeout=10
-        ) as http:
+        async with d.http(timeout=10) as http:
             # Both hold their partition once each has run a task.
             deadline = time.monotonic() + 30
             ran: set[str] = set()
