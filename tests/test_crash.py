@@ -407,21 +407,32 @@ async def test_kill_9_whole_dev_then_restart_loses_nothing(lab: Lab) -> None:
 
 async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> None:
     """It used to start a second nats-server on the same JetStream store and point the CLI's
-    client.json at itself. (That the lock goes with a killed dev is the restart above.)"""
+    client.json at itself. The same command twice (the same ports too) is told about the
+    directory, not about a port in use. (That the lock goes with a killed dev is the restart
+    above.)"""
     data = lab.root / "data"
-    args = ["dev", "--data-dir", str(data), "--nats-port", "0"]
-    first = lab.spawn(*args, "--port", str(free_port()), env=dict(os.environ), log="dev1.log")
+    args = ["dev", "--data-dir", str(data), "--nats-port", str(free_port())]
+    args += ["--port", str(free_port())]
+    first = lab.spawn(*args, env=dict(os.environ), log="dev1.log")
     cfg_file = await _client_config(lab, first, data, "dev1.log")
     written = cfg_file.read_text()
     second = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "kubetask", *args, "--port", str(free_port())],
+        [sys.executable, "-m", "kubetask", *args],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert second.returncode == 2, second.stdout + second.stderr
     assert f"{data} is in use by another kubetask dev (pid {first.pid})" in second.stderr
     assert cfg_file.read_text() == written
     assert len(pids_running(str(data / "jetstream").encode())) == 1  # the first's nats-server
+    elsewhere = [str(lab.root / "other") if a == str(data) else a for a in args]
+    third = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "kubetask", *elsewhere],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert third.returncode == 2, third.stdout + third.stderr
+    assert f"port {args[4]} for the NATS is in use" in third.stderr
     first.send_signal(signal.SIGINT)
     assert first.wait(10) == 0
 

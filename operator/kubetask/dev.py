@@ -201,6 +201,11 @@ def run(
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
+    # Before the ports: a second dev on this directory holds them too, and is what to name.
+    restrict_data_dir(data_dir)
+    lock = hold_data_dir(data_dir)
+    if lock is None:
+        return 2
     if nats_port and port_in_use(nats_port):
         print(_in_use(nats_port, "NATS", "--nats-port"), file=sys.stderr, flush=True)
         return 2
@@ -212,10 +217,6 @@ def run(
     port = api.getsockname()[1]
     metrics_sockets = [held_sockets.hold("127.0.0.1", 0) for _ in range(dispatchers)]
     metrics_ports = [s.getsockname()[1] for s in metrics_sockets]
-    restrict_data_dir(data_dir)
-    lock = hold_data_dir(data_dir)
-    if lock is None:
-        return 2
     creds = ensure_tokens(data_dir)
     passwords = nats_auth.load_or_create(data_dir / "secrets" / "nats-users.json")
     nats_config = nats_auth.write_server_config(data_dir / "secrets" / "nats.conf", passwords)
