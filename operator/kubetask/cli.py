@@ -408,7 +408,9 @@ def cmd_limits(args: argparse.Namespace) -> None:
         ["log reads open at once", "-", f"{got['maxLogStreams']:,}"],
     ]  # fmt: skip
     print(_table(rows, ["", "USED", "LIMIT"]))
-    queues = [[q["queue"], f"{q['waiting']:,}", f"{q['drainPerSecond']:g}"] for q in got["queues"]]
+    queues = [
+        [q["queue"], f"{q['waiting']:,}", f"{q['drainPerSecond']:.3g}"] for q in got["queues"]
+    ]
     if queues:
         print()
         print(_table(queues, ["QUEUE", "WAITING", "DRAINED A SECOND"]))
