@@ -593,3 +593,20 @@ async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -
     assert over.returncode != 0 and "is Succeeded: only a running task has a pod" in over.stderr
     missing = await kt(api, gateway_url, "login", "no-such-task", check=False)
     assert missing.returncode != 0 and "HTTP 404" in missing.stderr
+
+
+async def test_get_names_an_exit_code_only_when_the_attempt_had_one(
+    api: Api, gateway_url: str
+) -> None:
+    """A command that never started has no exit code; `get` said "exit code None"."""
+    await api.function("exits", command=["sh", "-c", "echo broke >&2; exit 3"])
+    await api.function("absent", command=[str(api.workdir / "no-such-program")])
+    for fn in ("exits", "absent"):
+        await api.async_config(fn, function=fn, maxAsyncRetryAttempts=0)
+        await api.submit(fn, task_id=f"code-{fn}")
+        await api.wait(f"code-{fn}")
+    exited = (await kt(api, gateway_url, "get", "code-exits")).stdout
+    assert "error (exit code 3):\nexited with code 3" in exited, exited
+    never = (await kt(api, gateway_url, "get", "code-absent")).stdout
+    assert "None" not in never, never
+    assert "\nerror:\ncould not start: " in never, never

@@ -164,7 +164,8 @@ def _print_details(task: dict[str, Any]) -> None:
     if status.get("result") is not None:
         print(f"result: {json.dumps(status['result'])[:2000]}")
     if status.get("error"):
-        print(f"error (exit code {status.get('exitCode')}):\n{status['error']}")
+        code = status.get("exitCode")
+        print(f"error{'' if code is None else f' (exit code {code})'}:\n{status['error']}")
 
 
 def _executor(ex: dict[str, Any]) -> str:
