@@ -504,6 +504,42 @@ async def test_an_instance_that_will_not_start_says_why_in_the_task(api: Api) ->
             assert any(r["line"] == "starting" for r in lines), lines
 
 
+CRASHING_SERVER = """
+    import json, os, signal, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            how = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            print(f"cannot serve {how}", file=sys.stderr, flush=True)
+            if how == "exit":
+                os._exit(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+async def test_an_instance_that_dies_serving_a_task_says_how_in_the_task(api: Api) -> None:
+    """It said "instance unreachable: connection closed", as for a network fault, and its
+    author had to find out elsewhere that the server had crashed."""
+    await api.function("crashes", server={"command": api.script("crash", CRASHING_SERVER)})
+    await api.async_config("crashes", function="crashes", maxAsyncRetryAttempts=0)
+    for how, said in (("exit", "exited with code 3"), ("kill", "killed by signal 9")):
+        task = await api.submit("crashes", how)
+        done = await api.wait(task["metadata"]["name"], timeout=15)
+        assert done["status"]["phase"] == "Failed", done["status"]
+        expected = f"instance {said} while serving it; its last output: cannot serve {how}"
+        assert done["status"]["error"] == expected, done["status"]
+
+
 async def test_server_mode_non_2xx_is_a_function_error(api: Api) -> None:
     await api.function("warmfail", server={"command": api.script("srv2", SERVER)})
     await api.async_config("warmfail", function="warmfail", maxAsyncRetryAttempts=0)

@@ -43,6 +43,8 @@ from .spawn import Child
 
 # Readiness answers are read up to this size; their body is not used.
 READINESS_BODY_LIMIT = 64 * 1024
+# How long an instance that dropped an invocation's connection is given to be seen exiting.
+EXIT_GRACE = 0.5
 
 
 def _free_port() -> int:
@@ -306,6 +308,19 @@ class InstancePool:
         await self.close()
 
 
+async def _ending(inst: Instance) -> str | None:
+    """How the instance ended, if closing the connection was its exit (a crash, `os._exit`):
+    "connection closed" alone sent its author looking in the wrong place. None if it lives on."""
+    try:
+        code = await asyncio.wait_for(inst.proc.wait(), EXIT_GRACE)
+    except TimeoutError:
+        return None
+    if inst.pump is not None:  # its last words are still being read
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(inst.pump), EXIT_GRACE)
+    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
 def _last_words(inst: Instance) -> str:
     return f"; its last output: {inst.last_line[:300]}" if inst.last_line else ""
 
@@ -407,6 +422,10 @@ class ServerExecution:
         out_of_memory = groups_out_of_memory(self.inst.groups)
         if out_of_memory:
             return Outcome(False, error=out_of_memory, instance=self.instance)
+        ended = await _ending(self.inst)
+        if ended is not None:
+            error = f"instance {ended} while serving it{_last_words(self.inst)}"
+            return Outcome(False, error=error, instance=self.instance)
         return Outcome(False, error=f"instance unreachable: {err}", instance=self.instance)
 
     def _interrupt(self, reason: str) -> None:
