@@ -122,6 +122,26 @@ async def test_retry_backoff_is_waited_out(api: Api) -> None:
     assert done["status"]["attempts"] == 2
 
 
+async def test_a_paused_retry_shows_no_next_attempt_and_resumes_at_once(api: Api) -> None:
+    """A task paused while it waited out its backoff kept its `nextAttemptAt`, so `get` showed
+    a next attempt that pausing had cancelled; resuming queues it at once."""
+    await api.function("pausedretry", command=["false"])
+    await api.async_config(
+        "pausedretry", function="pausedretry", maxAsyncRetryAttempts=1,
+        retryBackoff={"initialSeconds": 600},
+    )  # fmt: skip
+    task_id = (await api.submit("pausedretry"))["metadata"]["name"]
+    retrying = await api.wait(task_id, {"Retrying", "Failed"})
+    assert retrying["status"]["nextAttemptAt"] is not None, retrying["status"]
+    paused = await api.call("POST", f"/v1/tasks/{task_id}/pause", 200)
+    assert paused["status"]["nextAttemptAt"] is None, paused["status"]
+    status = (await api.get(task_id))["status"]
+    assert status["nextAttemptAt"] is None and status["waiting"]["reason"].startswith("paused")
+    await api.call("POST", f"/v1/tasks/{task_id}/resume", 200)
+    done = await api.wait(task_id, timeout=15)
+    assert done["status"]["phase"] == "Failed" and done["status"]["attempts"] == 2
+
+
 async def test_on_success_chains_into_a_second_function_with_the_result(api: Api) -> None:
     await api.function("second", command=echo_script(api))
     await api.function("first", command=["sh", "-c", "echo '{\"value\": 99}'"])

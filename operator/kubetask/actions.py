@@ -50,6 +50,7 @@ async def pause(plane: DataPlane, current: Versioned) -> Versioned:
         if r.phase not in PAUSABLE:
             raise IllegalTransition(r.phase, TaskPhase.Paused, "pause the task")
         r.task.status.phase = TaskPhase.Paused
+        r.task.status.nextAttemptAt = None  # a resume queues it at once, backoff or not
         return r
 
     task = current.record.task
