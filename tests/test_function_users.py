@@ -601,6 +601,79 @@ async def test_a_warm_instances_port_takes_only_the_platform_and_its_own_account
         await asyncio.sleep(0.2)
 
 
+async def _hooked(dev: Dev, token: str, account: str, url: str) -> tuple[str, str]:
+    """A task of a function whose success goes to the webhook `url`, once it has Succeeded;
+    its id and its log as far as it has come a few seconds later."""
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as http:
+        q = {"account": account}
+        meta = {"name": "hooked"}
+        spec = {
+            "function": "hooked",
+            "destinationConfig": {"onSuccess": {"kind": "webhook", "target": url}},
+        }
+        for path, body in (
+            ("/v1/functions/hooked", {"metadata": meta, "spec": {"command": ["true"]}}),
+            ("/v1/asyncconfigs/hooked", {"metadata": meta, "spec": spec}),
+        ):
+            deadline = time.monotonic() + 10
+            while (r := await http.put(path, params=q, json=body)).status_code == 401:
+                assert time.monotonic() < deadline, r.text  # a new token: read within 1 s
+                await asyncio.sleep(0.2)
+            assert r.status_code == 200, r.text
+        r = await http.post("/v1/tasks", params=q, json={"function": "hooked"})
+        assert r.status_code == 202, r.text
+        task_id = r.json()["metadata"]["name"]
+        deadline = time.monotonic() + 60
+        while (await http.get(f"/v1/tasks/{task_id}", params=q)).json()["status"][
+            "phase"
+        ] != "Succeeded":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(3)  # a webhook refused is tried 4 times within ~2 s
+        logs = await http.get(f"/v1/tasks/{task_id}/logs", params=q)
+        return task_id, logs.text
+
+
+async def test_a_webhook_cannot_invoke_a_warm_instance_on_this_host(dev: Dev) -> None:
+    """The dispatcher may connect to every instance's port, and a webhook is the dispatcher
+    connecting where a tenant says: another account's webhook at an instance's port invoked
+    it with that account's payload (seen). A webhook elsewhere on this host still arrives."""
+    python = _python("team-k")
+    script = dev.shared / "whoami_server.py"
+    script.write_text(WHOAMI_SERVER)
+    script.chmod(0o644)
+    spec = {"server": {"command": [python, str(script)], "idleSeconds": 600}}
+    port = (await _run(dev, dev.token("team-k"), "team-k", spec))["task"]["status"]["result"]
+    port = port["port"]
+    neighbour = dev.token("team-l")
+    task_id, log = await _hooked(dev, neighbour, "team-l", f"http://127.0.0.1:{port}/invoke")
+    assert "task Succeeded" not in log, log  # not delivered, so not finished
+    said = (dev.data / "logs" / "dispatcher-0.log").read_text()
+    assert f"finishing team-l/{task_id} failed" in said and "Connection refused" in said, said
+    got: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+        task_id, log = await _hooked(dev, neighbour, "team-l", url)
+    finally:
+        receiver.shutdown()
+    assert "task Succeeded" in log, log
+    assert [json.loads(body)["requestContext"]["requestId"] for body in got] == [task_id]
+
+
 def test_the_port_rules_a_killed_dispatcher_left_are_removed_by_the_next() -> None:
     """A stale rule opens nothing, but it would refuse the next instance given that port."""
     assert InstancePorts(True).why_not() is None  # its chains are there

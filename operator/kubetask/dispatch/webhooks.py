@@ -19,6 +19,10 @@ does not know). An account has at most `DELIVERIES_PER_ACCOUNT` deliveries
 in flight per dispatcher, and the connection pool has no limit of its own: its default of 100
 connections, filled by one account's webhooks that never answer, made every other account's
 deliveries wait until they timed out.
+
+Its connections are marked (`SO_MARK`) so the host's firewall can tell them from the
+dispatcher's own: a webhook at a warm instance's port on this host is refused
+(`executors/instance_ports.py`), since it would invoke that instance, another account's too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from ..executors.instance_ports import WEBHOOK_MARK
 from ..networks import Network, denied
 
 LOOKUPS_PER_ACCOUNT = 2
@@ -152,6 +157,16 @@ def _addresses(host: str, port: int, family: socket.AddressFamily) -> list[Resol
     return found
 
 
+def marked_socket(addr: tuple[Any, ...]) -> socket.socket:
+    """A socket for a webhook connection, marked where the dispatcher may mark (CAP_NET_ADMIN,
+    which the firewall that looks at the mark needs as well)."""
+    family, kind, proto = addr[:3]
+    sock = socket.socket(family, kind, proto)
+    with contextlib.suppress(PermissionError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, WEBHOOK_MARK)
+    return sock
+
+
 class Webhooks:
     def __init__(self, networks: tuple[Network, ...], timeout: float = 10) -> None:
         self._networks = networks
@@ -173,7 +188,9 @@ class Webhooks:
             raise WebhookRefused(f"{host} is in a denied network ({net})")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=self._resolver, limit=0),
+                connector=aiohttp.TCPConnector(
+                    resolver=self._resolver, limit=0, socket_factory=marked_socket
+                ),
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             )
         async with self._deliveries[account]:

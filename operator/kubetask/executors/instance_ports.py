@@ -17,6 +17,12 @@ Only a tenant's user can be told from the platform's, so this holds with
 the platform's user, which may do anything the dispatcher does. An admin's instance (run as the
 platform's user) is closed to every tenant.
 
+The platform's user may connect, for the dispatcher's invocations; but a webhook is the
+platform's user connecting where a tenant said, and a webhook naming another account's
+instance port (`http://127.0.0.1:<port>/invoke`) invoked that instance with the tenant's
+payload (seen). Webhook sockets carry `WEBHOOK_MARK` (`SO_MARK`, `dispatch/webhooks.py`),
+and a third rule refuses a marked connection to the port, whoever made it.
+
 A rule names its dispatcher's process in its comment, and a dispatcher starting removes those
 of dispatchers no longer running: a stale rule opens nothing, but it would refuse the next
 instance to listen on that port.
@@ -37,6 +43,9 @@ log = logging.getLogger(__name__)
 
 CHAIN = "KUBETASK-INSTANCES"  # from OUTPUT: connections made on the host
 FROM_OUTSIDE = "KUBETASK-INSTANCES-IN"  # from INPUT: connections from elsewhere
+# The socket mark of the dispatcher's webhook connections: a bit kube-proxy, Calico's default
+# mask and Cilium leave alone on a host running the local executor.
+WEBHOOK_MARK = 0x20000000
 
 
 def listeners(port: int) -> set[int]:
@@ -70,6 +79,9 @@ class PortRules:
         return (
             "*filter\n"
             f"{verb} {CHAIN} {tcp} -m addrtype --dst-type LOCAL {who} {mark()}"
+            " -j REJECT --reject-with tcp-reset\n"
+            f"{verb} {CHAIN} {tcp} -m addrtype --dst-type LOCAL"
+            f" -m mark --mark {WEBHOOK_MARK:#x}/{WEBHOOK_MARK:#x} {mark()}"
             " -j REJECT --reject-with tcp-reset\n"
             f"{verb} {FROM_OUTSIDE} {tcp} ! -i lo {mark()} -j DROP\n"
             "COMMIT\n"
