@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from harness import DENIED_WEBHOOK_HOST, Api, echo_script, read_lines, web_server
+from kubetask.dispatch.destination_chains import DEPTH
 from kubetask.dispatch.webhooks import (
     DELIVERIES_PER_ACCOUNT,
     WebhookFailed,
@@ -159,6 +160,92 @@ async def test_on_success_chains_into_a_second_function_with_the_result(api: Api
     assert record["requestPayload"] == {"in": 1}
     assert record["requestContext"]["condition"] == "Success"
     assert record["requestContext"]["approximateInvokeCount"] == 1
+
+
+async def _final_line(api: Api, task_id: str, timeout: float = 30) -> str:
+    """The last line of a finished task's log, once the dispatcher has written it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        logs = await api.http.get(f"/v1/tasks/{task_id}/logs")
+        lines = [json.loads(line) for line in logs.text.splitlines()] if logs.is_success else []
+        if lines and lines[-1].get("final"):
+            return str(lines[-1]["line"])
+        assert asyncio.get_running_loop().time() < deadline, logs.text
+        await asyncio.sleep(0.1)
+
+
+async def test_a_loop_of_destinations_ends_after_sixteen_and_says_so(api: Api) -> None:
+    """A function whose failure goes to itself made a task of each failure until the derived
+    id, cut to 128 characters, happened to come back to itself (12 tasks from a short id),
+    and nothing said why it stopped."""
+    await api.function("selfloop", command=["false"])
+    await api.async_config(
+        "selfloop", function="selfloop", maxAsyncRetryAttempts=0,
+        destinationConfig={"onFailure": {"kind": "function", "target": "selfloop"}},
+    )  # fmt: skip
+    await api.submit("selfloop", {"n": 0}, task_id="loop")
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        page = await api.call("GET", "/v1/tasks", params={"function": "selfloop", "limit": 100})
+        ended = [t for t in page["items"] if t["status"]["phase"] == "Failed"]
+        if len(ended) == len(page["items"]) == 17:
+            break
+        assert asyncio.get_running_loop().time() < deadline, [t["metadata"] for t in ended]
+        await asyncio.sleep(0.2)
+    depths = sorted(int(t["metadata"]["annotations"].get(DEPTH, 0)) for t in ended)
+    assert depths == list(range(17)), depths
+    last = next(t for t in ended if t["metadata"]["annotations"].get(DEPTH) == "16")
+    said = await _final_line(api, last["metadata"]["name"])
+    assert said.endswith(
+        "its record was not sent to function selfloop: the task is the last of 16 destinations"
+        " in a row (a loop?); task Failed"
+    ), said
+    await asyncio.sleep(1)
+    page = await api.call("GET", "/v1/tasks", params={"function": "selfloop", "limit": 100})
+    assert len(page["items"]) == 17
+
+
+async def test_a_pipeline_of_destinations_carries_a_long_id_to_its_end(api: Api) -> None:
+    """Once a derived id had been cut to 128 characters the next was the same id, so the third
+    function of a pipeline never got a task for an id of 117 characters or more."""
+    await api.function("stage3", command=echo_script(api))
+    for name, then in (("stage2", "stage3"), ("stage1", "stage2")):
+        await api.function(name, command=echo_script(api))
+        await api.async_config(
+            name, function=name,
+            destinationConfig={"onSuccess": {"kind": "function", "target": then}},
+        )  # fmt: skip
+    first = "t" * 120
+    await api.submit("stage1", {"in": 1}, task_id=first)
+    deadline = asyncio.get_running_loop().time() + 30
+    while not (page := await api.call("GET", "/v1/tasks", params={"function": "stage3"}))["items"]:
+        assert asyncio.get_running_loop().time() < deadline, "stage3 got no task"
+        await asyncio.sleep(0.1)
+    last = await api.wait(page["items"][0]["metadata"]["name"])
+    record = last["status"]["result"]["echo"]
+    assert record["requestPayload"]["requestPayload"] == {"in": 1}, record
+    ids = [first, record["requestContext"]["requestId"], last["metadata"]["name"]]
+    assert len(set(ids)) == 3 and all(len(i) <= 128 for i in ids), ids
+
+
+async def test_a_destination_task_id_taken_by_another_task_is_said(api: Api) -> None:
+    await api.function("taker", command=["true"])
+    await api.function("giver", command=["true"])
+    await api.async_config(
+        "giver", function="giver",
+        destinationConfig={"onSuccess": {"kind": "function", "target": "taker"}},
+    )  # fmt: skip
+    await api.submit("taker", task_id="mine-on-success")  # the client's own
+    await api.submit("giver", task_id="mine")
+    said = await _final_line(api, "mine")
+    assert said.endswith(
+        "its record was not sent to function taker: task id mine-on-success is another task's;"
+        " task Succeeded"
+    ), said
+    # A delivery that made its task is not said to be taken.
+    await api.submit("giver", task_id="again")
+    assert (await _final_line(api, "again")).endswith("task Succeeded")
+    assert (await api.wait("again-on-success"))["spec"]["function"] == "taker"
 
 
 async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:

@@ -53,7 +53,11 @@ def generate_id() -> str:
 
 
 async def submit(
-    plane: DataPlane, fn: TaskFunction, task_id: str | None, payload: Any
+    plane: DataPlane,
+    fn: TaskFunction,
+    task_id: str | None,
+    payload: Any,
+    annotations: dict[str, str] | None = None,
 ) -> Versioned:
     """Enqueue and record; raises `store.TaskExists` for a known id and `queues.QueueFull` when
     the queue refuses (nothing was accepted then, so the client may simply try again)."""
@@ -61,7 +65,9 @@ async def submit(
     submitted = now()
     record = TaskRecord(
         task=Task(
-            metadata=TaskMeta(name=task_id or generate_id(), namespace=fn.account),
+            metadata=TaskMeta(
+                name=task_id or generate_id(), namespace=fn.account, annotations=annotations or {}
+            ),
             spec=TaskSpec(function=fn.name, payload=payload),
             status=TaskStatus(
                 phase=TaskPhase.Queued,

@@ -5,7 +5,8 @@ place; if it still fails the whole terminal step is retried later through JetStr
 so a destination that is down for a while still gets the record once it is back.
 
 - function: submitted as a new task of that function with the record as payload, under a
-  derived id, so a repeated delivery is de-duplicated like any submission.
+  derived id, so a repeated delivery is de-duplicated like any submission; a chain of them
+  ends after `destination_chains.MAX_DEPTH` (`destination_chains.py`).
 - subject: published with a Nats-Msg-Id into the stream that captures the subject (or, when no
   stream does, as a plain NATS message — at most once, to whoever is subscribed then). Only
   subjects in the account's own namespace (`out.<account>.…`, `grammar.py`) are accepted, and
@@ -39,6 +40,7 @@ from ..models import (
 )
 from ..plane import DataPlane
 from ..store import TaskExists, now
+from . import destination_chains
 from .policy import Policy, TaskContext
 from .webhooks import WebhookRefused, Webhooks
 
@@ -171,8 +173,7 @@ class Destinations(Policy):
             except WebhookRefused as err:
                 # Asking again cannot help; the task's log says why no record came.
                 DESTINATION_FAILURES.labels(ctx.account, ctx.function.name).inc()
-                refused = f"its webhook was not called: {err}"
-                ctx.note = f"{ctx.note}; {refused}" if ctx.note else refused
+                self._say(ctx, f"its webhook was not called: {err}")
                 return
             except Exception as err:
                 DESTINATION_FAILURES.labels(ctx.account, ctx.function.name).inc()
@@ -190,13 +191,9 @@ class Destinations(Policy):
         task_id = ctx.task_id
         suffix = "-on-success" if record.requestContext.condition == "Success" else "-on-failure"
         if dest.kind is DestinationKind.function:
-            fn = ctx.plane.registry.function(ctx.account, dest.target)
-            if fn is None:
-                raise DestinationUndeliverable(f"function {dest.target!r} is not registered")
-            try:
-                await submission.submit(ctx.plane, fn, task_id[: 128 - len(suffix)] + suffix, body)
-            except TaskExists:
-                pass
+            await self._submit(
+                ctx, dest.target, destination_chains.chained_id(task_id, suffix), body
+            )
         elif dest.kind is DestinationKind.subject:
             problem = target_problem(ctx.account, dest)
             if problem is not None:  # stored before the rule existed, or written around the API
@@ -219,6 +216,29 @@ class Destinations(Policy):
             status = await self._webhooks.post(ctx.account, dest.target, body, headers)
             if not 200 <= status < 300:
                 raise DestinationUndeliverable(f"webhook answered HTTP {status}")
+
+    async def _submit(self, ctx: TaskContext, target: str, task_id: str, body: Any) -> None:
+        fn = ctx.plane.registry.function(ctx.account, target)
+        if fn is None:
+            raise DestinationUndeliverable(f"function {target!r} is not registered")
+        source = ctx.record.task
+        if destination_chains.depth(source) >= destination_chains.MAX_DEPTH:
+            deep = destination_chains.MAX_DEPTH
+            self._say(ctx, f"its record was not sent to function {target}: the task is the "
+                      f"last of {deep} destinations in a row (a loop?)")  # fmt: skip
+            return
+        annotations = destination_chains.annotate(source)
+        try:
+            await submission.submit(ctx.plane, fn, task_id, body, annotations)
+        except TaskExists as taken:
+            if not destination_chains.carries(taken.existing.record.task, source, target):
+                self._say(ctx, f"its record was not sent to function {target}: task id "
+                          f"{task_id} is another task's")  # fmt: skip
+
+    @staticmethod
+    def _say(ctx: TaskContext, what: str) -> None:
+        """Into the task's final log line."""
+        ctx.note = f"{ctx.note}; {what}" if ctx.note else what
 
     async def close(self) -> None:
         if self._webhooks is not None:
