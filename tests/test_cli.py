@@ -96,6 +96,7 @@ async def test_limits_shows_the_accounts_own_limits_and_use(api: Api, gateway_ur
     rows = {label: rest for label, *rest in cells}
     assert rows["functions"] == ["1", "10,000"], table
     assert rows["submissions a second"] == ["-", "none"], table
+    assert rows["log reads open at once"] == ["0", f"{as_json['maxLogStreams']:,}"], table
     waiting = rows["tasks waiting in its fullest queue"]
     assert waiting[1].startswith(f"{as_json['maxBacklog']:,} (its heaviest"), table
     assert int(waiting[0]) == max(q["waiting"] for q in as_json["queues"]), table

@@ -578,12 +578,16 @@ async def test_one_account_cannot_hold_every_log_stream(
         assert refused.status_code == 429 and refused.headers["Retry-After"], refused.text
         _check_error_body(refused)
         assert (await neighbour.http.get("/v1/tasks/t/logs")).status_code == 200
+        limits = (await greedy.http.get("/v1/limits")).json()
+        assert (limits["logStreams"], limits["maxLogStreams"]) == (LOG_STREAMS, LOG_STREAMS)
+        assert (await neighbour.http.get("/v1/limits")).json()["logStreams"] == 0
     for _ in range(50):  # the gateway sees the streams close
         if (await greedy.http.get("/v1/tasks/t/logs")).status_code == 200:
             break
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("closed log streams were never given back")
+    assert (await greedy.http.get("/v1/limits")).json()["logStreams"] == 0
     for api in (greedy, neighbour):
         await api.call("POST", "/v1/tasks/t/stop", 200)
 

@@ -406,7 +406,7 @@ def cmd_limits(args: argparse.Namespace) -> None:
          _bytes(got["maxRecordBytes"])],
         ["log lines kept", "-", _bytes(got["maxLogBytes"])],
         ["audit trail kept", "-", _bytes(got["maxEventsBytes"])],
-        ["log reads open at once", "-", f"{got['maxLogStreams']:,}"],
+        ["log reads open at once", f"{got['logStreams']:,}", f"{got['maxLogStreams']:,}"],
     ]  # fmt: skip
     print(_table(rows, ["", "USED", "LIMIT"]))
     queues = [

@@ -730,7 +730,13 @@ class AccountLimits(KubeModel):
         description="Streams of its functions' own (dedicated queues and partitions)."
     )
     maxOwnQueues: int = Field(description="Streams of their own its functions may hold.")
-    maxLogStreams: int = Field(description="Log reads (`logs -f`) it may keep open at once.")
+    logStreams: int = Field(
+        description="Log reads it has open on the gateway that answered, where the limit is "
+        "kept (each gateway keeps its own)."
+    )
+    maxLogStreams: int = Field(
+        description="Log reads (`logs -f`) it may keep open at once on one gateway."
+    )
     records: int = Field(description="Task records it keeps (until deleted or expired).")
     recordBytes: int = Field(description="Bytes they take as stored, payloads and results in.")
     maxRecordBytes: int = Field(

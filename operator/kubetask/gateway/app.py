@@ -691,6 +691,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             maxFunctions=settings.account_max_functions,
             ownQueues=use.own_queues,
             maxOwnQueues=settings.account_max_own_queues,
+            logStreams=log_streams.held(acct),
             maxLogStreams=settings.account_max_log_streams,
             records=records_held,
             recordBytes=record_bytes,

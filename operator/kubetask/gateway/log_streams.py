@@ -40,3 +40,7 @@ class LogStreams:
                     del self._open[account]
 
         return release
+
+    def held(self, account: str) -> int:
+        """How many of `account`'s reads are open here."""
+        return self._open[account]
