@@ -129,3 +129,28 @@ def test_every_dispatcher_gets_an_even_share_of_each_functions_partitions() -> N
         for fn in fns:
             shares = [owners[(me, f"p.acct.{fn.name}")] for me in ids]
             assert max(shares) - min(shares) <= 1, (fn.spec.partitions, shares)
+
+
+async def test_a_queued_tasks_position_counts_its_own_partition_only(api: Api) -> None:
+    """The other partitions are consumed beside a task's, not before it: counting their tasks
+    put a task 8th in line where 3 were ahead of it."""
+    argv, gate = api.gated("held")
+    await api.function("lined", command=argv, partitions=2, maxConcurrency=2)
+    busy = {names.partition_of(f"busy{i}", 2): f"busy{i}" for i in range(20)}
+    assert len(busy) == 2
+    try:
+        for task_id in busy.values():  # one running in each partition
+            await api.submit("lined", task_id=task_id)
+        for task_id in busy.values():
+            await api.wait(task_id, {"Running"})
+        ids = [f"q{i:02d}" for i in range(10)]
+        for task_id in ids:
+            await api.submit("lined", task_id=task_id)
+        for n, task_id in enumerate(ids):
+            mine = names.partition_of(task_id, 2)
+            before = sum(names.partition_of(other, 2) == mine for other in ids[:n])
+            waiting = (await api.get(task_id))["status"]["waiting"]
+            assert (waiting["partition"], waiting["position"]) == (mine, before + 1), waiting
+    finally:
+        gate.write_text("open")
+    await all_succeed(api, "lined", 12)

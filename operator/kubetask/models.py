@@ -600,7 +600,9 @@ class Waiting(KubeModel):
         default=None, description="Which of its function's partitions, when it has several."
     )
     position: Count | None = Field(
-        default=None, description="About how many of its function's tasks are ahead, plus one."
+        default=None,
+        description="About how many of its function's tasks are ahead of it in its queue (its "
+        "partition, for a partitioned function), plus one.",
     )
     reason: str
 

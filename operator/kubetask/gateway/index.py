@@ -241,6 +241,8 @@ class TaskIndex:
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(":memory:" if path is None else str(path))
+        # For a partitioned function's tasks ahead of one in its partition (`waiting.py`).
+        self.db.create_function("partition_of", 2, names.partition_of, deterministic=True)
         # A cache of the task stream: a commit need not reach the disk (a crash of the machine
         # at worst replays changes again), but the file must never be torn.
         self.db.execute("PRAGMA journal_mode = WAL")
@@ -371,11 +373,21 @@ class TaskIndex:
             last = page[-1]
             after = (_micros(last.written()), last.account, last.id)
 
-    def count(self, account: str, q: Query, enqueued_before: datetime | None = None) -> int:
+    def count(
+        self,
+        account: str,
+        q: Query,
+        enqueued_before: datetime | None = None,
+        partition: tuple[int, int] | None = None,
+    ) -> int:
+        """With `partition` (which, of how many), only the tasks whose ids fall in it."""
         conds, args = q.where()
         if enqueued_before is not None:
             conds.append("enqueued < ?")
             args.append(_micros(enqueued_before))
+        if partition is not None:
+            conds.append("partition_of(id, ?) = ?")
+            args.extend((partition[1], partition[0]))
         where = " AND ".join(["account = ?", *conds])
         found = self.db.execute(f"SELECT count(*) FROM tasks WHERE {where}", (account, *args))
         return int(found.fetchone()[0])
