@@ -406,7 +406,7 @@ def cmd_limits(args: argparse.Namespace) -> None:
          _bytes(got["maxRecordBytes"])],
         ["log lines kept", "-", _bytes(got["maxLogBytes"])],
         ["audit trail kept", "-", _bytes(got["maxEventsBytes"])],
-        ["log reads open at once", f"{got['logStreams']:,}", f"{got['maxLogStreams']:,}"],
+        ["log reads open at once", _count(got.get("logStreams")), f"{got['maxLogStreams']:,}"],
     ]  # fmt: skip
     print(_table(rows, ["", "USED", "LIMIT"]))
     queues = [
@@ -415,6 +415,11 @@ def cmd_limits(args: argparse.Namespace) -> None:
     if queues:
         print()
         print(_table(queues, ["QUEUE", "WAITING", "DRAINED A SECOND"]))
+
+
+def _count(value: int | None) -> str:
+    """A figure an older gateway does not give: '-' rather than a traceback."""
+    return "-" if value is None else f"{value:,}"
 
 
 def _limit(value: float, note: str = "") -> str:
