@@ -329,6 +329,15 @@ async def test_tokens_need_a_scope_and_can_be_listed_and_revoked(
         resp = await http.get("/v1/tasks")
         assert resp.status_code == 401 and resp.json()["error"] == "invalid token"
     assert (await asyncio.to_thread(tokens, "revoke", "no-such-token")).returncode != 0
+    # Options before the key as well: `revoke --file F KEY` was refused as an extra argument.
+    again = await asyncio.to_thread(tokens, "create", "--account", api.account, "--name", "two")
+    assert again.returncode == 0, again.stderr
+    typed = ["tokens", "revoke", "--file", str(tokens_file), "two"]
+    revoked = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "kubetask", *typed],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
 
 
 def test_numbers_on_the_command_line_are_held_to_their_range(tmp_path: Path) -> None:

@@ -536,8 +536,6 @@ def cmd_tokens(args: argparse.Namespace) -> None:
             ]
             print(_table(rows, ["ID", "NAME", "SCOPE", "CREATED"]))
         else:
-            if not args.key:
-                sys.exit("error: say which token to revoke: kubetask tokens revoke ID-OR-NAME")
             for entry in revoke_token(path, args.key):
                 print(f"revoked {entry.get('id') or '-'} ({entry.get('name')}, {_whose(entry)})")
     except TokenError as err:
@@ -627,14 +625,20 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--all-namespaces", "-A", action="store_true")
     op.set_defaults(func=cmd_operator)
 
+    # One parser per action, so options and the key may come in any order (one parser taking
+    # the action and the key as two positionals refused `revoke --file F KEY`).
+    token_file = argparse.ArgumentParser(add_help=False)
+    token_file.add_argument("--file", required=True, help="the token file the gateway reads")
     tok = sub.add_parser("tokens", help="create, list or revoke API tokens")
-    tok.add_argument("action", choices=["create", "list", "revoke"])
-    tok.add_argument("key", nargs="?", help="revoke: the token's id or name")
-    tok.add_argument("--file", required=True, help="the token file the gateway reads")
-    tok.add_argument("--account", help="create: the one account the token acts on")
-    tok.add_argument("--name", help="create: a name to find it by (default: the account)")
-    tok.add_argument("--admin", action="store_true", help="create: a token for every account")
-    tok.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    actions = tok.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", parents=[token_file], help="create a token")
+    create.add_argument("--account", help="the one account the token acts on")
+    create.add_argument("--name", help="a name to find it by (default: the account)")
+    create.add_argument("--admin", action="store_true", help="a token for every account")
+    listing = actions.add_parser("list", parents=[token_file], help="list the tokens")
+    listing.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    revoke = actions.add_parser("revoke", parents=[token_file], help="revoke a token")
+    revoke.add_argument("key", help="the token's id or name")
     tok.set_defaults(func=cmd_tokens)
 
     nc = sub.add_parser(
