@@ -620,3 +620,39 @@ async def test_get_names_an_exit_code_only_when_the_attempt_had_one(
     never = (await kt(api, gateway_url, "get", "code-absent")).stdout
     assert "None" not in never, never
     assert "\nerror:\ncould not start: " in never, never
+
+
+async def test_functions_delete_takes_a_manifest_and_its_configs_go_too(
+    api: Api, gateway_url: str
+) -> None:
+    """Deleting a function by name left its AsyncConfig, which the CLI could not delete at all;
+    `delete -f` removes what a manifest applied, configs first, as `kubectl delete -f` does."""
+    manifest = api.workdir / "gone.yaml"
+    manifest.write_text(
+        textwrap.dedent("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: gone}
+        spec: {command: ["true"]}
+        ---
+        apiVersion: kubetask.io/v1alpha1
+        kind: AsyncConfig
+        metadata: {name: gone-config}
+        spec: {function: gone, maxAsyncRetryAttempts: 0}
+    """)
+    )
+    await kt(api, gateway_url, "functions", "apply", "-f", str(manifest))
+    deleted = await kt(api, gateway_url, "functions", "delete", "-f", str(manifest))
+    assert deleted.stdout.splitlines() == [
+        "asyncconfig/gone-config deleted",
+        "taskfunction/gone deleted",
+    ], deleted.stdout + deleted.stderr
+    for path in ("/v1/functions/gone", "/v1/asyncconfigs/gone-config"):
+        assert (await api.http.get(path)).status_code == 404
+    again = await kt(api, gateway_url, "functions", "delete", "-f", str(manifest), check=False)
+    assert again.returncode == 1 and again.stdout == "", again.stdout
+    assert again.stderr.count("HTTP 404") == 2, again.stderr
+    both = await kt(
+        api, gateway_url, "functions", "delete", "gone", "-f", str(manifest), check=False
+    )
+    assert both.returncode == 1 and "not both" in both.stderr, both.stderr

@@ -338,6 +338,33 @@ def cmd_logs(args: argparse.Namespace) -> None:
             print(f"{rec['ts']} [{rec['attempt']} {rec['stream']}] {rec['line']}", flush=True)
 
 
+def _delete_functions(client: Client, args: argparse.Namespace) -> None:
+    """A function by name, or every object a manifest names: its AsyncConfigs first, which
+    would otherwise outlive their functions. One not found is said, and the others still go."""
+    from .manifests import read_objects
+
+    if (args.name is None) == (args.file is None):
+        sys.exit("error: name a function, or give a manifest with -f (not both)")
+    if args.name is not None:
+        client.delete_function(args.name)
+        print(f"taskfunction/{args.name} deleted")
+        return
+    docs = read_objects(Path(args.file))
+    failed = False
+    for doc in sorted(docs, key=lambda d: d.get("kind") != "AsyncConfig"):
+        try:
+            path, _ = client.object_path(doc, "delete")
+            what = f"{str(doc['kind']).lower()}/{path.rsplit('/', 1)[1]}"
+            client.delete_object(doc)
+        except ApiFailure as err:
+            print(f"error: {what}: {err}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{what} deleted")
+    if failed:
+        sys.exit(1)
+
+
 def cmd_functions(args: argparse.Namespace) -> None:
     client = _client(args)
     if args.fn_command == "apply":
@@ -347,8 +374,7 @@ def cmd_functions(args: argparse.Namespace) -> None:
             obj = client.apply(doc)
             print(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied")
     elif args.fn_command == "delete":
-        client.delete_function(args.name)
-        print(f"taskfunction/{args.name} deleted")
+        _delete_functions(client, args)
     else:
         fns = client.functions()
         if args.output == "json":
@@ -715,7 +741,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-f", "--file", required=True)
     fsub.add_parser("list", parents=[common])
     fd = fsub.add_parser("delete", parents=[common])
-    fd.add_argument("name")
+    fd.add_argument("name", nargs="?", help="a function")
+    fd.add_argument("-f", "--file", help="every TaskFunction and AsyncConfig in this manifest")
     fn.set_defaults(func=cmd_functions)
     return p
 

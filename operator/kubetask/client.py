@@ -120,22 +120,27 @@ class Client:
                     yield json.loads(line)
 
     def apply(self, obj: dict[str, Any]) -> Any:
+        path, params = self.object_path(obj, "apply")
+        return self._call("PUT", path, json=obj, params=params)
+
+    def delete_object(self, obj: dict[str, Any]) -> None:
+        """The TaskFunction or AsyncConfig a manifest names, as `kubectl delete -f` does."""
+        path, params = self.object_path(obj, "delete")
+        self._call("DELETE", path, params=params)
+
+    def object_path(self, obj: dict[str, Any], verb: str) -> tuple[str, dict[str, str]]:
         kind = obj.get("kind")
         paths = {"TaskFunction": "functions", "AsyncConfig": "asyncconfigs"}
         if kind not in paths:
-            raise ValueError(f"cannot apply kind {kind!r}; expected TaskFunction or AsyncConfig")
+            raise ValueError(f"cannot {verb} kind {kind!r}; expected TaskFunction or AsyncConfig")
         meta = obj.setdefault("metadata", {})
         if self.account and "namespace" not in meta:
             meta["namespace"] = self.account
         name = meta.get("name")
         if not name:
             raise ValueError(f"{kind} without metadata.name")
-        return self._call(
-            "PUT",
-            f"/v1/{paths[kind]}/{segment(str(name))}",
-            json=obj,
-            params=self._params(account=meta.get("namespace")),
-        )
+        params = self._params(account=meta.get("namespace"))
+        return f"/v1/{paths[kind]}/{segment(str(name))}", params
 
     def functions(self) -> Any:
         return self._every_page("/v1/functions")
