@@ -55,6 +55,8 @@ async def test_list_filters_alone_and_combined(api: Api) -> None:
         "traceA-bad-1",
         "traceB-held",
     ]
+    # As people type it (a 422 before): phases are told apart by their letters, not their case.
+    assert await _ids(api, status="running, failed") == await _ids(api, status="Running,Failed")
     assert await _ids(api, function="ok") == [
         "traceA-ok-0",
         "traceA-ok-1",

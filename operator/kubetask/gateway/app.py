@@ -385,9 +385,10 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         scoped = who.scope(account)
         phases = None
         if status:
+            by_name = {p.value.lower(): p for p in TaskPhase}  # `succeeded`, as people type it
             try:
-                phases = frozenset(TaskPhase(s.strip()) for s in status.split(","))
-            except ValueError:
+                phases = frozenset(by_name[s.strip().lower()] for s in status.split(","))
+            except KeyError:
                 raise ApiError(
                     422,
                     f"unknown status in {status!r}; use one of "
