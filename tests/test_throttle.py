@@ -47,6 +47,25 @@ async def _flood(
     return Counter(r.status_code for r in answers), answers
 
 
+async def _throttled(url: str, api: Api) -> dict[tuple[str, str], float]:
+    """The account's refusals as its own token reads them from the gateway's metrics: (function,
+    reason) -> count. Refusals were counted nowhere; an operator could not tell who got them."""
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {api.token}"}
+    ) as http:
+        return _counted_refusals((await http.get("/metrics")).text, api)
+
+
+def _counted_refusals(text: str, api: Api) -> dict[tuple[str, str], float]:
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("kubetask_submissions_throttled_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            assert labels["account"] == api.account, line
+            found[labels["function"], labels["reason"]] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
 async def test_the_account_over_its_backlog_is_throttled_and_its_neighbour_is_not(
     make_api: Callable[..., Awaitable[Api]],
     settings: Settings,
@@ -65,6 +84,8 @@ async def test_the_account_over_its_backlog_is_throttled_and_its_neighbour_is_no
         )
         assert calm == {202: 12}, calm
         assert flooded[429] > 0 and flooded[202] >= 16, flooded
+        assert await _throttled(url, heavy) == {("held", "backlog"): flooded[429]}
+        assert await _throttled(url, neighbour) == {}
         refused = [r for r in answers if r.status_code == 429]
         for resp in refused:
             body = resp.json()
@@ -107,6 +128,7 @@ async def test_the_account_over_its_rate_is_throttled_and_its_neighbour_is_not(
         flooded, answers = await _flood(url, fast, "quick", 30)
         assert flooded[429] >= 15 and flooded[202] >= 5, flooded
         assert all(int(r.headers["retry-after"]) >= 1 for r in answers if r.status_code == 429)
+        assert await _throttled(url, fast) == {("quick", "rate"): flooded[429]}
         await asyncio.sleep(1.0)  # a neighbour's own budget, not what is left of the other's
         calm, _ = await _flood(url, neighbour, "quick", 5)
         assert calm == {202: 5}, calm
@@ -318,6 +340,8 @@ async def test_an_account_may_keep_only_so_many_bytes_of_records_and_its_neighbo
         assert body["retryAfter"] >= 1 and refused.headers["retry-after"] == str(body["retryAfter"])
         neighbours = await n.post("/v1/tasks", json={"function": "keep", "payload": payload})
         assert neighbours.status_code == 202, neighbours.text
+        counted = _counted_refusals((await h.get("/metrics")).text, hoarder)
+        assert counted == {("keep", "records"): 1}, counted
         for _ in range(50):  # counted within a second or two of their writes
             limits = (await h.get("/v1/limits")).json()
             if limits["records"] == len(accepted):

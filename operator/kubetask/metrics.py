@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from socketserver import ThreadingMixIn
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -83,6 +83,13 @@ QUEUE_MOVES = Counter(
     "kubetask_queue_assignments_total",
     "Times the platform moved an `auto` function's queue, by where to (dedicated, account).",
     [*LABELS, "to"],
+)
+ThrottleReason = Literal["rate", "backlog", "records", "queue-full"]
+THROTTLED = Counter(
+    "kubetask_submissions_throttled_total",
+    "Submissions refused with 429, by why: rate (the account's submission rate), backlog (its "
+    "queue's backlog, its heaviest senders first), records (its record quota), queue-full.",
+    [*LABELS, "reason"],
 )
 HISTORY_QUOTA_PURGES = Counter(
     "kubetask_history_quota_purges_total",
@@ -180,6 +187,9 @@ def forget(account: str, function: str) -> None:
     for mode in QueueMode:
         with contextlib.suppress(KeyError):
             QUEUE_MOVES.remove(account, function, mode.value)
+    for reason in get_args(ThrottleReason):
+        with contextlib.suppress(KeyError):
+            THROTTLED.remove(account, function, reason)
 
 
 class _Seen:

@@ -111,4 +111,5 @@ class RecordQuota:
             f"{self.limit}); delete finished tasks (DELETE /v1/tasks/{{id}}, or kubectl delete "
             "task) or wait for them to expire",
             RETRY_AFTER,
+            "records",
         )

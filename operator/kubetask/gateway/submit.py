@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import queues, strict_json, submission
+from .. import metrics, queues, strict_json, submission
 from ..auth import Principal, TokenBook
 from ..models import TaskPhase, TaskSubmission
 from ..plane import DataPlane
@@ -147,6 +147,7 @@ class SubmitRoute:
             self.records.admit(acct)
             await self.throttle.admit(fn)
         except Throttled as err:
+            metrics.THROTTLED.labels(acct, fn.name, err.reason).inc()
             raise ApiError(
                 429, f"{err}; retry later", extra={"retryAfter": err.retry_after}
             ) from None
@@ -161,6 +162,7 @@ class SubmitRoute:
                 extra={"task": existing.model_dump(mode="json")},
             ) from None
         except queues.QueueFull as err:
+            metrics.THROTTLED.labels(acct, fn.name, "queue-full").inc()
             raise ApiError(429, f"queue of {acct}/{fn.name} is full ({err}); retry later") from None
         except queues.QueueUnavailable as err:
             raise ApiError(

@@ -20,7 +20,7 @@ import math
 import random
 import time
 
-from .. import queues
+from .. import metrics, queues
 from ..models import TaskFunction
 from ..queues import QueueDepth
 from ..settings import Settings
@@ -32,9 +32,10 @@ _chance = random.Random()
 
 
 class Throttled(Exception):
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, reason: metrics.ThrottleReason) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason  # the metric's label
 
 
 class SampleAndHold:
@@ -111,6 +112,7 @@ class Throttle:
             raise Throttled(
                 f"account {account!r} submits more than {rate:g} tasks a second",
                 _seconds(bucket.until()),
+                "rate",
             )
         bucket.tokens -= 1
 
@@ -138,6 +140,7 @@ class Throttle:
                 f"{depth} tasks of account {fn.account!r} wait in {queue} (limit "
                 f"{limit}); {fn.name!r} sends {share:.0%} of them",
                 _seconds(wait),
+                "backlog",
             )
 
     def _forget(self, now: float) -> None:
