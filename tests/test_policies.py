@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from harness import DENIED_WEBHOOK_HOST, Api, echo_script, read_lines, web_server
+from harness import DENIED_WEBHOOK_HOST, Api, echo_script, kt, read_lines, web_server
 from kubetask.dispatch.destination_chains import DEPTH
 from kubetask.dispatch.webhooks import (
     DELIVERIES_PER_ACCOUNT,
@@ -205,7 +205,9 @@ async def test_a_loop_of_destinations_ends_after_sixteen_and_says_so(api: Api) -
     assert len(page["items"]) == 17
 
 
-async def test_a_pipeline_of_destinations_carries_a_long_id_to_its_end(api: Api) -> None:
+async def test_a_pipeline_of_destinations_carries_a_long_id_to_its_end(
+    api: Api, gateway_url: str
+) -> None:
     """Once a derived id had been cut to 128 characters the next was the same id, so the third
     function of a pipeline never got a task for an id of 117 characters or more."""
     await api.function("stage3", command=echo_script(api))
@@ -226,6 +228,8 @@ async def test_a_pipeline_of_destinations_carries_a_long_id_to_its_end(api: Api)
     assert record["requestPayload"]["requestPayload"] == {"in": 1}, record
     ids = [first, record["requestContext"]["requestId"], last["metadata"]["name"]]
     assert len(set(ids)) == 3 and all(len(i) <= 128 for i in ids), ids
+    shown = (await kt(api, gateway_url, "get", ids[2])).stdout
+    assert f"record of: task {ids[1]}, delivered to this function (destination 2 of" in shown
 
 
 async def test_a_destination_task_id_taken_by_another_task_is_said(api: Api) -> None:

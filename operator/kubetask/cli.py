@@ -24,6 +24,7 @@ import httpx
 
 from . import strict_json, text_files
 from .client import ApiFailure, Client
+from .dispatch import destination_chains
 from .terminal import InertStream
 
 DEFAULT_DATA_DIR = Path(".kubetask-data")
@@ -161,6 +162,12 @@ def _print_details(task: dict[str, Any]) -> None:
         print(f"waiting in {w['queue']}{part}{place}: {w['reason']}")
     if status.get("executor"):
         print(f"executor: {_executor(status['executor'])}")
+    notes = task["metadata"].get("annotations") or {}
+    if notes.get(destination_chains.SOURCE):
+        print(
+            f"record of: task {notes[destination_chains.SOURCE]}, delivered to this function"
+            f" (destination {notes.get(destination_chains.DEPTH, '?')} of its chain)"
+        )
     if status.get("result") is not None:
         print(f"result: {json.dumps(status['result'])[:2000]}")
     if status.get("error"):

@@ -17,9 +17,12 @@ Each destination task carries its depth and the task it came from in its annotat
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 from .. import grammar
-from ..models import Task
+
+if TYPE_CHECKING:  # the CLI reads the annotations' names without loading the models
+    from ..models import Task
 
 MAX_DEPTH = 16
 DEPTH = "kubetask.io/destination-depth"
