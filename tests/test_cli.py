@@ -368,6 +368,23 @@ def test_numbers_on_the_command_line_are_held_to_their_range(tmp_path: Path) -> 
     assert not (tmp_path / ".kubetask-data").exists()  # nothing was started
 
 
+def test_a_data_directory_that_cannot_be_one_is_said_at_once(tmp_path: Path) -> None:
+    """A file, or a path under nothing, given as `--data-dir` ended in a bare errno line."""
+    (tmp_path / "a-file").write_text("")
+    for data, why in (
+        (tmp_path / "a-file", "it is not a directory"),
+        (Path("/proc/kubetask-nowhere"), "No such file or directory"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "kubetask", "dev", "--data-dir", str(data), "--nats-port", "0",
+             "--port", "0"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        said = f"error: cannot use {data} as the data directory: {why}; choose another with"
+        assert said in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_a_descriptor_to_serve_on_must_be_a_listening_socket(tmp_path: Path) -> None:
     """`--listen-fd` and `--metrics-fd` (how `kubetask dev` hands its held ports over) say what
     is wrong with a descriptor at once, rather than serving on nothing."""

@@ -202,7 +202,18 @@ def run(
         print(f"error: {problem}", file=sys.stderr, flush=True)
         return 2
     # Before the ports: a second dev on this directory holds them too, and is what to name.
-    restrict_data_dir(data_dir)
+    try:
+        restrict_data_dir(data_dir)
+    except OSError as err:  # a file there, no permission, a read-only file system
+        why = "it is not a directory" if data_dir.is_file() else err.strerror
+        elsewhere = err.filename and err.filename != str(data_dir)
+        print(
+            f"error: cannot use {data_dir} as the data directory: {why}"
+            f"{f' ({err.filename})' if elsewhere else ''}; choose another with --data-dir",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 2
     lock = hold_data_dir(data_dir)
     if lock is None:
         return 2
