@@ -119,30 +119,46 @@ class Api:
         return [PY, str(path)]
 
 
+def warm_server(post: str, head: str = "import json, os", serving: str = "") -> str:
+    """A warm instance's program (for `Api.script`): ready on any GET, `post` the body of its
+    `do_POST`, `head` its imports and globals, `serving` what it does before it serves. The
+    tests' servers differ in how they answer an invocation and in nothing else."""
+    return "\n".join(
+        [
+            textwrap.dedent(head).strip(),
+            "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer",
+            "",
+            "class H(BaseHTTPRequestHandler):",
+            "    def log_message(self, *a):",
+            "        pass",
+            "",
+            "    def do_GET(self):",
+            "        self.send_response(200)",
+            "        self.end_headers()",
+            "",
+            "    def do_POST(self):",
+            textwrap.indent(textwrap.dedent(post).strip(), " " * 8),
+            "",
+            textwrap.dedent(serving).strip(),
+            'ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()',
+            "",
+        ]
+    )
+
+
 # A warm instance answering each invocation after its payload's number of seconds.
-SLOW_SERVER = """
-    import json, os, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            seconds = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            time.sleep(seconds)
-            out = json.dumps({"pid": os.getpid()}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
+SLOW_SERVER = warm_server(
+    """
+    seconds = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    time.sleep(seconds)
+    out = json.dumps({"pid": os.getpid()}).encode()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(out)))
+    self.end_headers()
+    self.wfile.write(out)
+    """,
+    head="import json, os, time",
+)
 
 
 def read_lines(path: Path) -> list[str]:

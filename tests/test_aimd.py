@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from harness import Api
+from harness import Api, warm_server
 from kubetask.dispatch.aimd import AimdSettings, Window
 from prometheus_client import REGISTRY
 
@@ -97,39 +97,29 @@ def test_a_window_idle_for_long_falls_back_however_rarely_it_is_asked() -> None:
     assert window.allowed() == SETTINGS.start
 
 
-PICKY_SERVER = """
+PICKY_SERVER = warm_server(
+    """
+    self.rfile.read(int(self.headers["Content-Length"]))
+    if not busy.acquire(blocking=False):
+        self.send_response(429)
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        self.wfile.write(b"busy")
+        return
+    try:
+        time.sleep(0.05)
+    finally:
+        busy.release()
+    self.send_response(200)
+    self.send_header("Content-Length", "2")
+    self.end_headers()
+    self.wfile.write(b"{}")
+    """,
+    head="""
     import json, os, threading, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     busy = threading.Semaphore(2)  # what this server can really take at once
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if not busy.acquire(blocking=False):
-                self.send_response(429)
-                self.send_header("Content-Length", "4")
-                self.end_headers()
-                self.wfile.write(b"busy")
-                return
-            try:
-                time.sleep(0.05)
-            finally:
-                busy.release()
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
+    """,
+)
 
 
 async def test_busy_answers_spend_no_attempt_and_shrink_the_window(api: Api) -> None:

@@ -416,22 +416,21 @@ async def test_a_second_dev_on_the_same_data_directory_is_refused(lab: Lab) -> N
     first = lab.spawn(*args, env=dict(os.environ), log="dev1.log")
     cfg_file = await _client_config(lab, first, data, "dev1.log")
     written = cfg_file.read_text()
-    second = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "kubetask", *args],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert second.returncode == 2, second.stdout + second.stderr
+
+    async def refused(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "kubetask", *argv],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stdout + out.stderr
+        return out
+
+    second = await refused(args)
     assert f"{data} is in use by another kubetask dev (pid {first.pid})" in second.stderr
     assert cfg_file.read_text() == written
     assert len(pids_running(str(data / "jetstream").encode())) == 1  # the first's nats-server
-    elsewhere = [str(lab.root / "other") if a == str(data) else a for a in args]
-    third = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "kubetask", *elsewhere],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert third.returncode == 2, third.stdout + third.stderr
+    third = await refused([str(lab.root / "other") if a == str(data) else a for a in args])
     assert f"port {args[4]} for the NATS is in use" in third.stderr
     first.send_signal(signal.SIGINT)
     assert first.wait(10) == 0

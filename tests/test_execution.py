@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import LOGS_MAX_BYTES, Api, echo_script
+from harness import LOGS_MAX_BYTES, Api, echo_script, warm_server
 from kubetask import logs, names
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.log_budget import RECORD_OVERHEAD
@@ -394,35 +394,23 @@ async def test_logs_together_stay_under_their_disk_cap_oldest_lines_first(
     assert 100 < len(kept) < 4000, len(kept)
 
 
-SERVER = """
-    import json, os
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if body == "fail":
-                self.send_response(500)
-                self.end_headers()
-                self.wfile.write(b"bad input")
-                return
-            out = json.dumps({"pid": os.getpid(), "task": self.headers["X-Kubetask-Task-Id"],
-                              "double": body * 2}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-    print("instance up", flush=True)
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
+SERVER = warm_server(
+    """
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    if body == "fail":
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b"bad input")
+        return
+    out = json.dumps({"pid": os.getpid(), "task": self.headers["X-Kubetask-Task-Id"],
+                      "double": body * 2}).encode()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(out)))
+    self.end_headers()
+    self.wfile.write(out)
+    """,
+    serving='print("instance up", flush=True)',
+)
 
 
 async def test_server_mode_reuses_a_warm_instance(api: Api) -> None:
@@ -504,27 +492,16 @@ async def test_an_instance_that_will_not_start_says_why_in_the_task(api: Api) ->
             assert any(r["line"] == "starting" for r in lines), lines
 
 
-CRASHING_SERVER = """
-    import json, os, signal, sys
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            how = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            print(f"cannot serve {how}", file=sys.stderr, flush=True)
-            if how == "exit":
-                os._exit(3)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
+CRASHING_SERVER = warm_server(
+    """
+    how = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    print(f"cannot serve {how}", file=sys.stderr, flush=True)
+    if how == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """,
+    head="import json, os, signal, sys",
+)
 
 
 async def test_an_instance_that_dies_serving_a_task_says_how_in_the_task(api: Api) -> None:

@@ -127,6 +127,16 @@ def dev(open_dir: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
         log.close()
 
 
+async def _put(http: httpx.AsyncClient, path: str, q: dict[str, str], body: dict[str, Any]) -> Any:
+    """PUT `body`, with a token made a moment ago: the gateway reads new ones within 1 s."""
+    deadline = time.monotonic() + 10
+    while (r := await http.put(path, params=q, json=body)).status_code == 401:
+        assert time.monotonic() < deadline, r.text
+        await asyncio.sleep(0.2)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 async def _run(
     dev: Dev, token: str, account: str, spec: dict[str, Any], forged: bool = False
 ) -> dict[str, Any]:
@@ -138,16 +148,7 @@ async def _run(
         base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
     ) as http:
         q = {"account": account}
-        deadline = time.monotonic() + 10
-        while True:  # the gateway reads a new token within a second
-            r = await http.put(
-                "/v1/functions/probe", params=q, json={"metadata": meta, "spec": spec}
-            )
-            if r.status_code != 401 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        assert r.status_code == 200, r.text
-        fn = r.json()
+        fn = await _put(http, "/v1/functions/probe", q, {"metadata": meta, "spec": spec})
         r = await http.post("/v1/tasks", params=q, json={"function": "probe", "payload": {}})
         assert r.status_code == 202, r.text
         task_id = r.json()["metadata"]["name"]
@@ -602,38 +603,21 @@ async def test_a_warm_instances_port_takes_only_the_platform_and_its_own_account
 
 
 async def _hooked(dev: Dev, token: str, account: str, url: str) -> tuple[str, str]:
-    """A task of a function whose success goes to the webhook `url`, once it has Succeeded;
-    its id and its log as far as it has come a few seconds later."""
+    """A task of a function (`probe`) whose success goes to the webhook `url`, once it has
+    Succeeded; its id and its log as far as it has come a few seconds later."""
     async with httpx.AsyncClient(
         base_url=dev.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
     ) as http:
         q = {"account": account}
-        meta = {"name": "hooked"}
-        spec = {
-            "function": "hooked",
-            "destinationConfig": {"onSuccess": {"kind": "webhook", "target": url}},
-        }
-        for path, body in (
-            ("/v1/functions/hooked", {"metadata": meta, "spec": {"command": ["true"]}}),
-            ("/v1/asyncconfigs/hooked", {"metadata": meta, "spec": spec}),
-        ):
-            deadline = time.monotonic() + 10
-            while (r := await http.put(path, params=q, json=body)).status_code == 401:
-                assert time.monotonic() < deadline, r.text  # a new token: read within 1 s
-                await asyncio.sleep(0.2)
-            assert r.status_code == 200, r.text
-        r = await http.post("/v1/tasks", params=q, json={"function": "hooked"})
-        assert r.status_code == 202, r.text
-        task_id = r.json()["metadata"]["name"]
-        deadline = time.monotonic() + 60
-        while (await http.get(f"/v1/tasks/{task_id}", params=q)).json()["status"][
-            "phase"
-        ] != "Succeeded":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        hook = {"onSuccess": {"kind": "webhook", "target": url}}
+        config = {"function": "probe", "destinationConfig": hook}
+        await _put(http, "/v1/asyncconfigs/probe", q, {"metadata": {"name": "probe"},
+                                                      "spec": config})  # fmt: skip
+        task = (await _run(dev, token, account, {"command": ["true"]}))["task"]
+        assert task["status"]["phase"] == "Succeeded", task["status"]
         await asyncio.sleep(3)  # a webhook refused is tried 4 times within ~2 s
-        logs = await http.get(f"/v1/tasks/{task_id}/logs", params=q)
-        return task_id, logs.text
+        logs = await http.get(f"/v1/tasks/{task['metadata']['name']}/logs", params=q)
+        return task["metadata"]["name"], logs.text
 
 
 async def test_a_webhook_cannot_invoke_a_warm_instance_on_this_host(dev: Dev) -> None:

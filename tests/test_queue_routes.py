@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from harness import Api, all_succeed, kt, read_lines
+from harness import Api, all_succeed, kt, read_lines, warm_server
 from kubetask import names
 from kubetask.models import QueueAssignment, QueueMode
 from kubetask.plane import DataPlane
@@ -25,30 +25,19 @@ from prometheus_client import REGISTRY
 
 # Answers each invocation after `seconds` (its payload's "s"), noting its payload's "n" in a file
 # first, so a task run twice shows up twice.
-RECORDING_SERVER = """
-    import json, os, sys, time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with open(sys.argv[1], "a") as f:
-                f.write(f"{body['n']}\\n")
-            time.sleep(body["s"])
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-    ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"""
+RECORDING_SERVER = warm_server(
+    """
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{body['n']}\\n")
+    time.sleep(body["s"])
+    self.send_response(200)
+    self.send_header("Content-Length", "2")
+    self.end_headers()
+    self.wfile.write(b"{}")
+    """,
+    head="import json, os, sys, time",
+)
 
 
 async def _gone(probe: Callable[[], Awaitable[Any]]) -> bool:
