@@ -176,7 +176,7 @@ async def _final_line(api: Api, task_id: str, timeout: float = 30) -> str:
 
 async def test_a_loop_of_destinations_ends_after_sixteen_and_says_so(api: Api) -> None:
     """A function whose failure goes to itself made a task of each failure until the derived
-    id, cut to 128 characters, happened to come back to itself (12 tasks from a short id),
+    id, cut to 128 characters, happened to come back to itself (13 tasks from `l1`),
     and nothing said why it stopped."""
     await api.function("selfloop", command=["false"])
     await api.async_config(

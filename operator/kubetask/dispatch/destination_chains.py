@@ -9,7 +9,7 @@ without a word for a task id of 117 characters or more. Past the limit, the id n
 start of the finished task's, a digest of all of it and the suffix: distinct at every hop.
 
 That cut was also all that ended a loop (a function whose failure goes to itself, or A to B to
-A), after about ten hops for a short id. A chain now ends after `MAX_DEPTH` destination tasks,
+A), after 12 hops for a two-character id. A chain now ends after `MAX_DEPTH` destination tasks,
 Lambda's bound for a recursive loop, and the last task's log says its record was not sent.
 Each destination task carries its depth and the task it came from in its annotations.
 """
