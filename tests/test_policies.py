@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from harness import DENIED_WEBHOOK_HOST, Api, echo_script, kt, read_lines, web_server
+from kubetask.dispatch import destination_chains
 from kubetask.dispatch.destination_chains import DEPTH
 from kubetask.dispatch.webhooks import (
     DELIVERIES_PER_ACCOUNT,
@@ -20,6 +21,7 @@ from kubetask.dispatch.webhooks import (
     WebhookRefused,
     Webhooks,
 )
+from kubetask.models import Task, TaskMeta, TaskSpec
 from kubetask.networks import parse_networks
 from kubetask.plane import DataPlane
 from prometheus_client import REGISTRY
@@ -203,6 +205,16 @@ async def test_a_loop_of_destinations_ends_after_sixteen_and_says_so(api: Api) -
     await asyncio.sleep(1)
     page = await api.call("GET", "/v1/tasks", params={"function": "selfloop", "limit": 100})
     assert len(page["items"]) == 17
+
+
+def test_a_depth_annotation_that_is_not_a_count_counts_as_none() -> None:
+    """A Task applied with kubectl carries whatever annotations its author wrote; `²` passed
+    `isdigit` and then failed `int`, in the dispatcher's terminal step."""
+    for raw, expected in (("²", 0), ("١٢", 0), ("-1", 0), ("abc", 0), ("", 0), ("007", 7)):
+        task = Task(
+            metadata=TaskMeta(name="t", annotations={DEPTH: raw}), spec=TaskSpec(function="f")
+        )
+        assert destination_chains.depth(task) == expected, raw
 
 
 async def test_a_pipeline_of_destinations_carries_a_long_id_to_its_end(

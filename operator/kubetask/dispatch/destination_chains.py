@@ -41,9 +41,11 @@ def chained_id(task_id: str, suffix: str) -> str:
 
 
 def depth(task: Task) -> int:
-    """How many destination deliveries made this task: 0 for one a client submitted."""
+    """How many destination deliveries made this task: 0 for one a client submitted. A Task
+    applied with kubectl may carry any annotation: what is not a count counts as 0 (`isdigit`
+    alone took `²`, which `int` refuses)."""
     raw = task.metadata.annotations.get(DEPTH, "0")
-    return int(raw) if raw.isdigit() else 0
+    return int(raw) if raw.isascii() and raw.isdigit() else 0
 
 
 def annotate(task: Task) -> dict[str, str]:
