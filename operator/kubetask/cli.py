@@ -281,7 +281,7 @@ def point_in_time(text: str) -> str:
     text = text.strip()
     unit = _AGO.get(text[-1:])
     try:
-        if unit is not None and text[:-1].isdigit():
+        if unit is not None and text[:-1].isascii() and text[:-1].isdigit():
             moment = datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * unit)
         else:
             try:
