@@ -165,7 +165,9 @@ async def test_reads_of_waiting_tasks_share_the_dispatchers_answers(
         asked.append(msg.subject)
 
     sub = await plane.nc.subscribe(f"kt.holds.{api.account}.>", cb=note)
-    fns = [f"one-{i}" for i in range(int(LOOKS_BURST) + 5)]
+    # More queues than a burst, read at once below: read one after another, a loaded machine
+    # took long enough over them for the allowance to refill, and the last was asked after all.
+    fns = [f"one-{i}" for i in range(int(LOOKS_BURST) + 10)]
     try:
         for fn in fns:  # one start a minute: the first task runs, the second waits below
             await api.function(fn, command=["true"], maxStartsPerSecond=1 / 60)
@@ -181,10 +183,14 @@ async def test_reads_of_waiting_tasks_share_the_dispatchers_answers(
         assert (
             "maxStartsPerSecond allows no more starts" in reads[0]["status"]["waiting"]["reason"]
         ), reads[0]
-        said = [(await api.get(f"{fn}-wait"))["status"]["waiting"]["reason"] for fn in fns[1:]]
+        said = [
+            r["status"]["waiting"]["reason"]
+            for r in await asyncio.gather(*(api.get(f"{fn}-wait") for fn in fns[1:]))
+        ]
         await plane.nc.flush()
         assert len(asked) < len(fns), asked
-        assert "dispatchers not asked: its account asked too often" in said[-1], said
+        held = [s for s in said if "dispatchers not asked: its account asked too often" in s]
+        assert len(held) == len(fns) - len(asked), said
     finally:
         await sub.unsubscribe()
         for fn in fns:
