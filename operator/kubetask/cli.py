@@ -359,10 +359,10 @@ def _delete_functions(client: Client, args: argparse.Namespace) -> None:
     docs = read_objects(Path(args.file))
     failed = False
     for doc in sorted(docs, key=lambda d: d.get("kind") != "AsyncConfig"):
-        path, _ = client.object_path(doc, "delete")
+        path, params = client.object_path(doc, "delete")
         what = f"{str(doc['kind']).lower()}/{path.rsplit('/', 1)[1]}"
         try:
-            client.delete_object(doc)
+            client.delete(path, params)
         except ApiFailure as err:
             print(f"error: {what}: {err}", file=sys.stderr)
             failed = True

@@ -123,9 +123,8 @@ class Client:
         path, params = self.object_path(obj, "apply")
         return self._call("PUT", path, json=obj, params=params)
 
-    def delete_object(self, obj: dict[str, Any]) -> None:
-        """The TaskFunction or AsyncConfig a manifest names, as `kubectl delete -f` does."""
-        path, params = self.object_path(obj, "delete")
+    def delete(self, path: str, params: dict[str, str]) -> None:
+        """What `object_path` named, as `kubectl delete -f` deletes what a manifest names."""
         self._call("DELETE", path, params=params)
 
     def object_path(self, obj: dict[str, Any], verb: str) -> tuple[str, dict[str, str]]:

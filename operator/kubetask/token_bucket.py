@@ -22,6 +22,13 @@ class TokenBucket:
         self.tokens, self.at = self.level(now), now
         return self.tokens
 
+    def take(self, now: float) -> bool:
+        """Spend a token if the bucket holds one at `now`; whether it did."""
+        if self.refill(now) < 1:
+            return False
+        self.tokens -= 1
+        return True
+
     def until(self, tokens: float = 1.0) -> float:
         """Seconds until the bucket holds `tokens`, as of its last refill."""
         return max(0.0, (tokens - self.tokens) / self.rate)

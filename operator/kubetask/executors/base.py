@@ -146,6 +146,11 @@ def decode_result(raw: bytes) -> Any:
         return text
 
 
+def how_it_ended(returncode: int) -> str:
+    """A local process's end as a person reads it (Popen's code: negative for a signal)."""
+    return f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}"
+
+
 # The dispatcher's own environment (NATS credentials, tokens) is not handed to user code.
 _INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
 

@@ -20,6 +20,7 @@ from .base import (
     decode_result,
     encode_payload,
     env_for,
+    how_it_ended,
 )
 from .cgroups import Group, end_groups
 from .cgroups import out_of_memory as groups_out_of_memory
@@ -117,8 +118,7 @@ class CommandExecution:
         if out_of_memory:
             return self._failed(out_of_memory, code)
         if code != 0:
-            reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            return self._failed(reason, code)
+            return self._failed(how_it_ended(code), code)
         return Outcome(True, result=decode_result(stdout), exit_code=0, instance=self.instance)
 
     async def kill(self) -> None:

@@ -31,6 +31,7 @@ from .base import (
     decode_result,
     encode_payload,
     env_for,
+    how_it_ended,
 )
 from .cgroups import Group, end_groups
 from .cgroups import out_of_memory as groups_out_of_memory
@@ -220,9 +221,7 @@ class InstancePool:
         deadline = asyncio.get_running_loop().time() + self.spec.startupTimeoutSeconds
         while asyncio.get_running_loop().time() < deadline:
             if inst.proc.returncode is not None:
-                if inst.pump is not None:  # its last words are still being read
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(inst.pump), 1)
+                await _hear_out(inst, 1)
                 raise RuntimeError(
                     f"instance exited with code {inst.proc.returncode} before ready"
                     + _last_words(inst)
@@ -315,10 +314,16 @@ async def _ending(inst: Instance) -> str | None:
         code = await asyncio.wait_for(inst.proc.wait(), EXIT_GRACE)
     except TimeoutError:
         return None
-    if inst.pump is not None:  # its last words are still being read
+    await _hear_out(inst, EXIT_GRACE)
+    return how_it_ended(code)
+
+
+async def _hear_out(inst: Instance, patience: float) -> None:
+    """Let the reader of an instance that exited take in its last words, for `patience` at
+    most (what it left running may hold its output open)."""
+    if inst.pump is not None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(inst.pump), EXIT_GRACE)
-    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            await asyncio.wait_for(asyncio.shield(inst.pump), patience)
 
 
 def _last_words(inst: Instance) -> str:

@@ -80,9 +80,8 @@ class QueueLooks:
         bucket = self._allowance.get(account)
         if bucket is None:
             bucket = self._allowance[account] = TokenBucket(LOOKS_PER_SECOND, LOOKS_BURST, now)
-        if bucket.refill(now) < 1:
+        if not bucket.take(now):
             return False
-        bucket.tokens -= 1
         if len(self._allowance) > REMEMBERED:  # a full bucket is as good as none
             self._allowance = {a: b for a, b in self._allowance.items() if b.level(now) < b.burst}
         return True

@@ -108,13 +108,12 @@ class Throttle:
         bucket = self._buckets.get(account)
         if bucket is None:
             bucket = self._buckets[account] = TokenBucket(rate, max(1.0, rate), now)
-        if bucket.refill(now) < 1:
+        if not bucket.take(now):
             raise Throttled(
                 f"account {account!r} submits more than {rate:g} tasks a second",
                 _seconds(bucket.until()),
                 "rate",
             )
-        bucket.tokens -= 1
 
     def _backlog(self, fn: TaskFunction, limit: int) -> None:
         queue, depth, drain = self.depth.known(fn)

@@ -18,7 +18,7 @@ from .throttle import THROTTLE_FROM
 WAITING = frozenset({TaskPhase.Pending, TaskPhase.Queued, TaskPhase.Retrying, TaskPhase.Paused})
 
 
-async def ahead(indexer: Indexer, task: Task, home: names.Queue, queues: int) -> int:
+async def ahead(indexer: Indexer, task: Task, home: names.Queue, partitions: int) -> int:
     """Queued tasks of the same function enqueued before this one in the same queue (messages
     leave a queue in order, retries and resumes aside, so this is the task's place give or take
     a few). A partitioned function's other partitions are consumed beside this one, not first:
@@ -27,7 +27,7 @@ async def ahead(indexer: Indexer, task: Task, home: names.Queue, queues: int) ->
     if mine is None:
         return 0
     queued = Query([task.account], task.spec.function, frozenset({TaskPhase.Queued}))
-    partition = (home.partition, queues) if home.partition is not None else None
+    partition = (home.partition, partitions) if home.partition is not None else None
     return await indexer.query(
         task.account, indexer.index.count, task.account, queued, mine, partition
     )
@@ -52,7 +52,7 @@ async def explain(
         return Waiting(queue=queue, reason=f"waiting out its retry backoff until {when}")
     if phase is TaskPhase.Pending:
         return Waiting(queue=queue, reason="on its way back into the queue")
-    position = await ahead(indexer, task, home, len(names.queues_of(fn))) + 1
+    position = await ahead(indexer, task, home, fn.spec.partitions) + 1
     reason = await _held_by(plane, looks, fn, home, position)
     return Waiting(queue=queue, partition=partition, position=position, reason=reason)
 
