@@ -266,6 +266,8 @@ def _seconds(low: float, high: float) -> Callable[[str], Any]:
     return _bounded(float, low, high, "a time in seconds")
 
 
+# The most tasks the API returns on one page (`GET /v1/tasks?limit=`).
+PAGE_MOST = 1000
 port_number = _whole(0, 65535, "a port")
 line_count = _whole(0, 1_000_000, "a number of lines")
 descriptor = _whole(0, 1 << 20, "a file descriptor")
@@ -316,15 +318,17 @@ def cmd_list(args: argparse.Namespace) -> None:
     }
     items: list[dict[str, Any]] = []
     cursor = args.cursor
-    while True:  # a page of large tasks may end before --limit (KUBETASK_PAGE_MAX_BYTES)
-        filters["limit"] = args.limit if args.all else args.limit - len(items)
+    # Pages end at the API's page size and before a page of large tasks would pass
+    # KUBETASK_PAGE_MAX_BYTES, so --limit (the tasks wanted) takes as many pages as it needs.
+    while True:
+        filters["limit"] = PAGE_MOST if args.all else min(PAGE_MOST, args.limit - len(items))
         page = client.list(**filters, cursor=cursor)
         items.extend(page["items"])
         cursor = page.get("cursor")
         if not cursor or not (args.all or len(items) < args.limit):
             break
     _print_tasks(items, args.output)
-    if cursor and args.output != "json":
+    if cursor:  # on stderr, so that -o json stays one document
         print(f"(more: --all, or pass --cursor {cursor})", file=sys.stderr)
 
 
@@ -722,7 +726,12 @@ def parser() -> argparse.ArgumentParser:
             type=point_in_time,
             help="a time (2026-01-31T08:00:00Z; a date, or no zone: UTC) or a span ago (2h, 7d)",
         )
-    ls.add_argument("--limit", type=_whole(1, 1000, "a page size"), default=100)
+    ls.add_argument(
+        "--limit",
+        type=_whole(1, 1 << 31, "a number of tasks"),
+        default=100,
+        help="at most this many tasks (default 100), read a page of up to 1000 at a time",
+    )
     ls.add_argument("--all", action="store_true", help="follow the cursor through every page")
     ls.add_argument("--cursor", help="go on from where a list ended (it prints its cursor)")
     ls.set_defaults(func=cmd_list)
