@@ -649,10 +649,12 @@ async def test_login_needs_a_running_task_in_a_pod(api: Api, gateway_url: str) -
 async def test_get_names_an_exit_code_only_when_the_attempt_had_one(
     api: Api, gateway_url: str
 ) -> None:
-    """A command that never started has no exit code; `get` said "exit code None"."""
+    """A command that never started has no exit code; `get` said "exit code None". One killed
+    by a signal was shown with Popen's negative code: "exit code -9"."""
     await api.function("exits", command=["sh", "-c", "echo broke >&2; exit 3"])
     await api.function("absent", command=[str(api.workdir / "no-such-program")])
-    for fn in ("exits", "absent"):
+    await api.function("shot", command=["sh", "-c", "kill -9 $$"])
+    for fn in ("exits", "absent", "shot"):
         await api.async_config(fn, function=fn, maxAsyncRetryAttempts=0)
         await api.submit(fn, task_id=f"code-{fn}")
         await api.wait(f"code-{fn}")
@@ -661,6 +663,8 @@ async def test_get_names_an_exit_code_only_when_the_attempt_had_one(
     never = (await kt(api, gateway_url, "get", "code-absent")).stdout
     assert "None" not in never, never
     assert "\nerror:\ncould not start: " in never, never
+    shot = (await kt(api, gateway_url, "get", "code-shot")).stdout
+    assert "error (killed by signal 9):\nkilled by signal 9" in shot, shot
 
 
 async def test_functions_delete_takes_a_manifest_and_its_configs_go_too(

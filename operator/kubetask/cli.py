@@ -172,7 +172,10 @@ def _print_details(task: dict[str, Any]) -> None:
         print(f"result: {json.dumps(status['result'])[:2000]}")
     if status.get("error"):
         code = status.get("exitCode")
-        print(f"error{'' if code is None else f' (exit code {code})'}:\n{status['error']}")
+        how = "" if code is None else f" (exit code {code})"
+        if code is not None and code < 0:  # a local process's end by a signal, as Popen says it
+            how = f" (killed by signal {-code})"
+        print(f"error{how}:\n{status['error']}")
 
 
 def _executor(ex: dict[str, Any]) -> str:
