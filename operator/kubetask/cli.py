@@ -596,6 +596,21 @@ def cmd_nats_config(args: argparse.Namespace) -> None:
     print(out)
 
 
+def cmd_settings(args: argparse.Namespace) -> None:
+    from .settings_reference import markdown, read_all, rows
+
+    try:
+        known = read_all()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if args.markdown:
+        print(markdown(known), end="")
+        return
+    print(_table([list(r) for r in rows(known)], ["VARIABLE", "SET HERE", "DEFAULT"]))
+    print("\nwhat each does: docs/settings.md (kubetask settings --markdown)")
+
+
 def cmd_crds(args: argparse.Namespace) -> None:
     from .crdgen import OUTPUTS, write_crds
 
@@ -686,6 +701,14 @@ def parser() -> argparse.ArgumentParser:
     )
     nc.add_argument("--out", help="file (default: the chart's files/nats-authorization.conf)")
     nc.set_defaults(func=cmd_nats_config)
+
+    st = sub.add_parser(
+        "settings", help="every KUBETASK_* setting: its value in this environment and default"
+    )
+    st.add_argument(
+        "--markdown", action="store_true", help="the whole reference (docs/settings.md)"
+    )
+    st.set_defaults(func=cmd_settings)
 
     crds = sub.add_parser("crds", help="generate the CRD manifests from the models")
     crds.add_argument("action", choices=["generate"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from . import grammar
+from .known_settings import note
 
 
 def parse(
@@ -35,11 +36,13 @@ def from_env(
     variable: str, high: float, what: str, *, zero: bool = False, whole: bool = False
 ) -> dict[str, float]:
     """`parse` of the environment variable `variable` (unset: no account has its own)."""
+    note(variable, "", f"account=<{what}>,... (a {'whole ' if whole else ''}number each)")
     return parse(variable, os.environ.get(variable, ""), high, what, zero=zero, whole=whole)
 
 
 def parse_accounts(variable: str, text: str) -> frozenset[str]:
     """`account,...`, or `*` for every account; raises ValueError."""
+    note(variable, "", "account names separated by commas, or *")
     accounts = frozenset(filter(None, (e.strip() for e in text.split(","))))
     for account in accounts:
         if account != "*" and not grammar.is_name(account):

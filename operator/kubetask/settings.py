@@ -10,10 +10,12 @@ from typing import TypeVar
 
 from . import per_account
 from .fairness import FairnessSettings, parse_weights
+from .known_settings import note
 from .networks import DEFAULT_DENIED, Network, parse_networks
 
 
-def env_str(name: str, default: str) -> str:
+def env_str(name: str, default: str, takes: str = "text") -> str:
+    note(name, default, takes)
     return os.environ.get(name) or default
 
 
@@ -25,7 +27,7 @@ def env_float(
 ) -> float:
     """`name` as a number, held to [low, high]: a setting out of range is refused at start,
     not found out later as a hot loop, a stall or a queue that never drains."""
-    return _env_number(name, default, float, "a finite number", low, high)
+    return _env_number(name, default, float, "a number", low, high)
 
 
 def env_int(name: str, default: int, low: int | None = None, high: int | None = None) -> int:
@@ -35,6 +37,10 @@ def env_int(name: str, default: int, low: int | None = None, high: int | None = 
 def _env_number(
     name: str, default: N, parse: type[N], kind: str, low: N | None, high: N | None
 ) -> N:
+    span = f"from {low} to {high}" if low is not None and high is not None else ""
+    span = span or (f"at least {low}" if low is not None else f"at most {high}" if high else "")
+    note(name, default, ", ".join(filter(None, (kind, span))))
+    kind = "a finite number" if parse is float else kind
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -52,6 +58,7 @@ def _env_number(
 
 
 def env_switch(name: str, default: bool) -> bool:
+    note(name, default, "on or off")
     raw = (os.environ.get(name) or "").strip().lower()
     if not raw:
         return default
@@ -61,10 +68,13 @@ def env_switch(name: str, default: bool) -> bool:
 
 
 EXECUTORS = ("local", "kubernetes")
+NETWORKS = "CIDRs separated by commas, or none"
+WEIGHTS = "account=<weight>,... (a number each)"
 
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str:
     """One of `choices`, the first by default."""
+    note(name, choices[0], "one of " + ", ".join(choices))
     raw = (os.environ.get(name) or choices[0]).strip().lower()
     if raw not in choices:
         raise ValueError(f"{name}={raw!r}: expected one of {', '.join(choices)}")
@@ -73,6 +83,7 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
 
 def env_secret(name: str) -> str | None:
     """A secret from `NAME`, or from the file named by `NAME_FILE` (a mounted Secret)."""
+    note(name, None, f"a secret, or the file holding it named by {name}_FILE")
     path = os.environ.get(name + "_FILE")
     if path:
         with open(path) as f:
@@ -88,17 +99,21 @@ def _open_file_limit() -> int:
 @dataclass(frozen=True)
 class Settings:
     nats_url: str = field(
-        default_factory=lambda: env_str("KUBETASK_NATS_URL", "nats://127.0.0.1:4222")
+        default_factory=lambda: env_str("KUBETASK_NATS_URL", "nats://127.0.0.1:4222", "a NATS URL")
     )
     # This component's NATS user (`nats_auth.PERMISSIONS`); none when NATS has no users.
-    nats_user: str | None = field(default_factory=lambda: os.environ.get("KUBETASK_NATS_USER"))
+    nats_user: str | None = field(
+        default_factory=lambda: env_str("KUBETASK_NATS_USER", "", "a NATS user") or None
+    )
     nats_password: str | None = field(
         default_factory=lambda: env_secret("KUBETASK_NATS_PASSWORD"), repr=False
     )
     # The user subject destinations are published as (dispatchers only): it may publish nowhere
     # but the accounts' `out.` namespaces.
     destinations_user: str | None = field(
-        default_factory=lambda: os.environ.get("KUBETASK_DESTINATIONS_NATS_USER")
+        default_factory=lambda: (
+            env_str("KUBETASK_DESTINATIONS_NATS_USER", "", "a NATS user") or None
+        )
     )
     destinations_password: str | None = field(
         default_factory=lambda: env_secret("KUBETASK_DESTINATIONS_NATS_PASSWORD"), repr=False
@@ -113,7 +128,9 @@ class Settings:
     ack_wait: float = field(default_factory=lambda: env_float("KUBETASK_ACK_WAIT", 30.0, 1, 3600))
     # The gateway's task index (`gateway/index.py`): a SQLite file kept across restarts, so a
     # restart replays only what changed; empty, it is kept in memory and rebuilt at each start.
-    index_path: str = field(default_factory=lambda: env_str("KUBETASK_INDEX_PATH", ""))
+    index_path: str = field(
+        default_factory=lambda: env_str("KUBETASK_INDEX_PATH", "", "a file; empty: in memory")
+    )
     # Task records, logs and events are kept this long (must exceed the longest task + queue age).
     retention_seconds: float = field(
         default_factory=lambda: env_float("KUBETASK_RETENTION_SECONDS", 7 * 86400, 1)
@@ -256,7 +273,7 @@ class Settings:
     # when a function is registered; the placement is recorded with the function's route.
     small_accounts: frozenset[str] = field(
         default_factory=lambda: per_account.parse_accounts(
-            "KUBETASK_SMALL_ACCOUNTS", env_str("KUBETASK_SMALL_ACCOUNTS", "")
+            "KUBETASK_SMALL_ACCOUNTS", os.environ.get("KUBETASK_SMALL_ACCOUNTS", "")
         )
     )
     # What runs `command` functions: `local` processes beside the dispatcher, or `kubernetes`,
@@ -293,7 +310,7 @@ class Settings:
     webhook_denied_networks: tuple[Network, ...] = field(
         default_factory=lambda: parse_networks(
             "KUBETASK_WEBHOOK_DENIED_NETWORKS",
-            env_str("KUBETASK_WEBHOOK_DENIED_NETWORKS", DEFAULT_DENIED),
+            env_str("KUBETASK_WEBHOOK_DENIED_NETWORKS", DEFAULT_DENIED, NETWORKS),
         )
     )
     # Fair sharing across accounts (`fairness.py`): while several accounts have work, each keeps
@@ -301,7 +318,7 @@ class Settings:
     # many submissions in progress in a gateway.
     fairness: bool = field(default_factory=lambda: env_switch("KUBETASK_FAIRNESS", True))
     account_weights: dict[str, float] = field(
-        default_factory=lambda: parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", ""))
+        default_factory=lambda: parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", "", WEIGHTS))
     )
     dispatch_fair_slots: int = field(
         default_factory=lambda: env_int("KUBETASK_DISPATCH_FAIR_SLOTS", 32, 1)

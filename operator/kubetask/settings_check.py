@@ -8,21 +8,13 @@ component over and over with the reason in its log.
 
 from __future__ import annotations
 
-from .dispatch.aimd import AimdSettings
-from .dispatch.node_budget import BudgetSettings
-from .executors.function_users import FunctionUsers
-from .queue_routes import RouteSettings
-from .settings import Settings
+from .settings_reference import read_all
 
 
 def settings_problem() -> str | None:
     """The first setting that does not parse or is out of range, named, or None."""
     try:
-        Settings()
-        AimdSettings()
-        BudgetSettings()
-        RouteSettings()
-        FunctionUsers()
+        read_all()
     except ValueError as err:
         return str(err)
     return None

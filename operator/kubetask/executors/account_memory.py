@@ -21,12 +21,14 @@ import os
 from pathlib import Path
 
 from .. import quantities
+from ..known_settings import note
 
 SETTING = "KUBETASK_ACCOUNT_MAX_MEMORY"
 
 
 def limit_setting(meminfo: str | None = None) -> int | None:
     """The most bytes an account's functions may hold on this host; None for no limit."""
+    note(SETTING, "0", "a size such as 8Gi, a share of the host's memory such as 50%, or 0")
     raw = (os.environ.get(SETTING) or "0").strip()
     if raw in ("0", "off"):
         return None

@@ -29,6 +29,7 @@ import shlex
 import stat
 
 from .. import quantities
+from ..known_settings import note
 
 SETTING = "KUBETASK_ACCOUNT_SCRATCH"
 DEFAULT = "512Mi"
@@ -42,6 +43,7 @@ BYTES_PER_INODE = 8192
 
 def size_setting() -> int:
     """The size of each account's /tmp in bytes, 0 for none (a Kubernetes quantity)."""
+    note(SETTING, DEFAULT, "a size such as 512Mi, or 0")
     raw = (os.environ.get(SETTING) or DEFAULT).strip()
     if raw in ("0", "off"):
         return 0

@@ -21,7 +21,7 @@ cannot tell it from the platform.
 from __future__ import annotations
 
 from ..networks import DEFAULT_DENIED, Network, parse_networks
-from ..settings import env_str
+from ..settings import NETWORKS, env_str
 from .firewall import HostRules
 
 CHAIN = "KUBETASK-EGRESS"  # from OUTPUT
@@ -31,7 +31,7 @@ SETTING = "KUBETASK_FUNCTION_DENIED_NETWORKS"
 def denied_networks() -> tuple[Network, ...]:
     """`KUBETASK_FUNCTION_DENIED_NETWORKS`, read by the dispatchers (rules on one host) and the
     operator (each account's NetworkPolicy: `controllers/network_policies.py`)."""
-    return parse_networks(SETTING, env_str(SETTING, DEFAULT_DENIED))
+    return parse_networks(SETTING, env_str(SETTING, DEFAULT_DENIED, NETWORKS))
 
 
 def rules(networks: tuple[Network, ...], tenants: str) -> HostRules:

@@ -37,7 +37,7 @@ from ..fairness import parse_weights
 from ..models import TaskFunction
 from ..networks import Network
 from ..registrant import ADMIN, registered_by
-from ..settings import env_choice, env_int, env_str, env_switch
+from ..settings import WEIGHTS, env_choice, env_int, env_str, env_switch
 from . import account_scratch, function_egress, platform_ports
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
@@ -150,7 +150,7 @@ class FunctionUsers:
     homes: AccountHomes = field(default_factory=AccountHomes, compare=False, repr=False)
     cpu: AccountCpu = field(
         default_factory=lambda: AccountCpu(
-            parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", "")),
+            parse_weights(env_str("KUBETASK_ACCOUNT_WEIGHTS", "", WEIGHTS)),
             env_switch("KUBETASK_ACCOUNT_CPU", True),
         ),
         compare=False,
@@ -164,7 +164,10 @@ class FunctionUsers:
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
     # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
     platform_ports: tuple[int, ...] = field(
-        default_factory=lambda: parse(env_str(PLATFORM_PORTS, "")), compare=False
+        default_factory=lambda: parse(
+            env_str(PLATFORM_PORTS, "", "port numbers separated by commas")
+        ),
+        compare=False,
     )
     # Where no tenant's function may connect (`function_egress.py`).
     denied_networks: tuple[Network, ...] = field(default_factory=denied_networks, compare=False)

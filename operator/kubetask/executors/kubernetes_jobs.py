@@ -80,11 +80,16 @@ def _pod_ip() -> str:
 class JobSettings:
     # The image of the sidecar, and of a function that names none.
     image: str = field(
-        default_factory=lambda: env_str("KUBETASK_IMAGE", "docker.io/kubetask/kubetask:dev")
+        default_factory=lambda: env_str(
+            "KUBETASK_IMAGE", "docker.io/kubetask/kubetask:dev", "an image"
+        )
     )
     # Where sidecars call this dispatcher back (its pod's address on Kubernetes).
     port: int = field(default_factory=lambda: env_int("KUBETASK_RUNTIME_PORT", 9091, 1, 65535))
-    address: str = field(default_factory=lambda: env_str("KUBETASK_RUNTIME_ADDRESS", _pod_ip()))
+    # Empty: the pod's IP, looked up when first needed (reading the settings asks no DNS).
+    address: str = field(
+        default_factory=lambda: env_str("KUBETASK_RUNTIME_ADDRESS", "", "an address")
+    )
     ttl: int = field(default_factory=lambda: env_int("KUBETASK_JOB_TTL_SECONDS", 600, 0))
     # A pod that has not started its function by then fails the attempt (image pulls included).
     start_timeout: float = field(
@@ -232,7 +237,7 @@ class JobExecutor:
 
     @property
     def url(self) -> str:
-        return f"http://{self.settings.address}:{self.runtime.port}"
+        return f"http://{self.settings.address or _pod_ip()}:{self.runtime.port}"
 
     async def start(self, inv: Invocation) -> Execution:
         reserved_namespaces.check(inv.account, self.platform)
