@@ -658,6 +658,101 @@ async def test_a_webhook_cannot_invoke_a_warm_instance_on_this_host(dev: Dev) ->
     assert [json.loads(body)["requestContext"]["requestId"] for body in got] == [task_id]
 
 
+# Answers "mine" on TCP and UDP at the ports given, until told to stop.
+LISTENER = """
+import os, socket, time
+tcp = socket.create_server(("127.0.0.1", int(os.environ["TCP"])))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", int(os.environ["UDP"])))
+tcp.settimeout(0.05)
+udp.settimeout(0.05)
+open(os.environ["READY"], "w").close()
+end = time.monotonic() + 90
+while time.monotonic() < end and not os.path.exists(os.environ["DONE"]):
+    try:
+        conn, _ = tcp.accept()
+        conn.sendall(b"mine")
+        conn.close()
+    except OSError:
+        pass
+    try:
+        _, peer = udp.recvfrom(16)
+        udp.sendto(b"mine", peer)
+    except OSError:
+        pass
+"""
+# Asks the listener over TCP and UDP, and says what it answered, or why nothing came.
+ASKER = """
+import json, os, socket
+seen = {}
+try:
+    with socket.create_connection(("127.0.0.1", int(os.environ["TCP"])), timeout=2) as c:
+        seen["tcp"] = c.recv(16).decode()
+except OSError as err:
+    seen["tcp"] = type(err).__name__
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(2)
+try:
+    u.sendto(b"hi", ("127.0.0.1", int(os.environ["UDP"])))
+    seen["udp"] = u.recv(16).decode()
+except OSError as err:
+    seen["udp"] = type(err).__name__
+print(json.dumps(seen))
+"""
+
+
+def _accounts_rules() -> str:
+    return "".join(
+        subprocess.run(["iptables", "-w", "-S", c], capture_output=True, text=True).stdout
+        for c in ("KUBETASK-ACCOUNTS-OPENED", "KUBETASK-ACCOUNTS-ANSWERS")
+    )
+
+
+async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(dev: Dev) -> None:
+    """A function listening on 127.0.0.1 for its own use (a database for the length of a job)
+    answered another account's function, over TCP and UDP (seen: `account_connections.py`).
+    Its own account and the platform are still answered."""
+    python = _python("team-p", "team-q")
+    ports = [{"name": "TCP", "value": str(free_port())}, {"name": "UDP", "value": "0"}]
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    ports[1]["value"] = str(probe.getsockname()[1])
+    probe.close()
+    ready, done = dev.shared / "listening", dev.shared / "done"
+    flags = [{"name": "READY", "value": str(ready)}, {"name": "DONE", "value": str(done)}]
+    owner, neighbour = dev.token("team-p"), dev.token("team-q")
+    async with httpx.AsyncClient(
+        base_url=dev.url, headers={"Authorization": f"Bearer {owner}"}, timeout=30
+    ) as http:
+        q = {"account": "team-p"}
+        spec = {"command": [python, "-c", LISTENER], "env": ports + flags, "timeoutSeconds": 120}
+        await _put(http, "/v1/functions/listener", q, {"metadata": {"name": "listener"},
+                                                       "spec": spec})  # fmt: skip
+        r = await http.post("/v1/tasks", params=q, json={"function": "listener"})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the listener never listened"
+            await asyncio.sleep(0.1)
+        asker = {"command": [python, "-c", ASKER], "env": ports}
+        try:
+            other = (await _run(dev, neighbour, "team-q", asker))["task"]["status"]["result"]
+            own = (await _run(dev, owner, "team-p", asker))["task"]["status"]["result"]
+            with socket.create_connection(("127.0.0.1", int(ports[0]["value"])), timeout=5) as c:
+                platform = c.recv(16)
+        finally:
+            done.touch()
+    assert other == {"tcp": "TimeoutError", "udp": "TimeoutError"}, other
+    assert own == {"tcp": "mine", "udp": "mine"}, own
+    assert platform == b"mine"
+    assert f"--uid-owner {account_uid('team-q')} " in _accounts_rules()
+    os.kill(dev.pid, signal.SIGTERM)  # its dispatcher's rules go with it
+    deadline = time.monotonic() + 30
+    while f"--uid-owner {account_uid('team-q')} " in _accounts_rules():
+        assert time.monotonic() < deadline, _accounts_rules()
+        await asyncio.sleep(0.2)
+
+
 def test_the_port_rules_a_killed_dispatcher_left_are_removed_by_the_next() -> None:
     """A stale rule opens nothing, but it would refuse the next instance given that port."""
     assert InstancePorts(True).why_not() is None  # its chains are there

@@ -31,11 +31,15 @@ def run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
 
 
-def chain(family: str, name: str, hook: str) -> None:
-    """Our chain `name`, jumped to first from `hook`; made once per host, kept."""
+def chain(family: str, name: str, hook: str | None = None) -> None:
+    """Our chain `name`, jumped to first from `hook` if given (else from our own rules); made
+    once per host, kept."""
     if subprocess.run([family, "-w", "-n", "-L", name], capture_output=True).returncode:
         run(family, "-w", "-N", name)
-    if subprocess.run([family, "-w", "-C", hook, "-j", name], capture_output=True).returncode:
+    if (
+        hook is not None
+        and subprocess.run([family, "-w", "-C", hook, "-j", name], capture_output=True).returncode
+    ):
         run(family, "-w", "-I", hook, "-j", name)
 
 

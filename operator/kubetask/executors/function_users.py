@@ -39,6 +39,7 @@ from ..networks import Network
 from ..registrant import ADMIN, registered_by
 from ..settings import WEIGHTS, env_choice, env_int, env_str, env_switch
 from . import account_scratch, function_egress, platform_ports
+from .account_connections import AccountConnections
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
 from .account_memory import limit_setting
@@ -61,6 +62,7 @@ _CLONE_NEWNS = 0x00020000
 
 FIRST_UID = 1 << 24
 UID_SPAN = (1 << 31) - FIRST_UID
+TENANTS = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"  # as `iptables -m owner` takes them
 
 MODES = ("platform", "accounts")
 # What a variable of a tenant's function is called while it crosses from root to its user.
@@ -79,11 +81,13 @@ class RunAs:
     account, and a fork bomb in one stops there instead of taking the machine's process table.
     Root is exempt from the count, which is why only an account's own user can be capped.
     `namespaces`, where there are any, hold the mount namespace its processes enter first
-    (`account_namespaces.py`)."""
+    (`account_namespaces.py`); `connections`, the rules that keep other accounts from its
+    sockets (`account_connections.py`)."""
 
     uid: int
     max_processes: int
     namespaces: AccountNamespaces | None = field(default=None, compare=False, repr=False)
+    connections: AccountConnections | None = field(default=None, compare=False, repr=False)
 
     def unreachable(self) -> tuple[str, ...]:
         """The host's directories its processes find something else at: their own /tmp."""
@@ -162,6 +166,7 @@ class FunctionUsers:
     pids: AccountPids = field(init=False, compare=False, repr=False)
     ports: InstancePorts = field(init=False, compare=False, repr=False)
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
+    connections: AccountConnections = field(init=False, compare=False, repr=False)
     # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
     platform_ports: tuple[int, ...] = field(
         default_factory=lambda: parse(
@@ -180,6 +185,7 @@ class FunctionUsers:
         accounts = self.mode == "accounts"
         namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
         object.__setattr__(self, "namespaces", namespaces)
+        object.__setattr__(self, "connections", AccountConnections(accounts, TENANTS))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -190,7 +196,8 @@ class FunctionUsers:
         """The user to run `fn`'s processes as; None for the platform's own."""
         if self.mode == "platform" or registered_by(fn) == ADMIN:
             return None
-        return RunAs(account_uid(fn.account), self.max_processes, self.namespaces)
+        uid = account_uid(fn.account)
+        return RunAs(uid, self.max_processes, self.namespaces, self.connections)
 
     def environment(self, user: RunAs | None) -> dict[str, str]:
         """What a function's environment starts from: the platform's few variables, and for
@@ -220,6 +227,7 @@ class FunctionUsers:
         self.memory.close()
         self.pids.close()
         self.namespaces.close()
+        self.connections.close()
         for rules in self.rules:
             rules.remove()
         self.rules.clear()
@@ -241,7 +249,7 @@ class FunctionUsers:
         and the denied networks to their connections."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
-            tenants = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"
+            tenants = TENANTS
             nats = local_nats_ports(nats_url)
             ports = tuple(sorted({*nats, *own_ports, *self.platform_ports}))
             egress = function_egress.rules(self.denied_networks, tenants)
@@ -273,6 +281,10 @@ class FunctionUsers:
         if self.mode == "accounts":
             ns = self.namespaces
             gaps += [
+                (
+                    self.connections.why_not,
+                    "tenants' functions answer other accounts' connections",
+                ),
                 (ns.why_not_hidden, "tenants' functions see every process of the host"),
                 (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
             ]

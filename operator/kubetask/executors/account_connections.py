@@ -1,0 +1,148 @@
+"""A connection one account's function opens, on this host, to a socket of another account's
+function is never answered.
+
+Why: with `KUBETASK_FUNCTION_USERS=accounts` each account's functions run as a user of its own,
+but the kernel lets any process connect to any port of the host, whatever its user. A function
+that listens on a port for its own use (a database for the length of a job, a helper server,
+a metrics agent over UDP) answered another account's function: seen, team-b's function read
+what team-a's function, listening on 127.0.0.1, sent it, over TCP and over UDP. Warm instances'
+ports were closed to other accounts (`instance_ports.py`); what a function opened itself was
+not. A network namespace per account would close it too, and take the functions' network with
+it (a bridge, addresses, NAT and a resolver per account to give it back).
+
+How: the firewall remembers which account opened a connection and refuses another account's
+answer to it. The first packet a tenant's socket sends on a connection no one marked marks it
+(`CONNMARK`) with the account's user id and `OPENED_BY_A_TENANT`; a packet a tenant's socket
+sends in answer (`--ctdir REPLY`) on a connection marked by another account is rejected. So a
+TCP connection never opens (the listener's SYN-ACK does not leave; the client waits out its
+connect timeout, as at a host that does not answer) and a UDP datagram gets no answer. A
+datagram still reaches its socket: the kernel knows the sending socket's owner, not the
+receiving one's, on the way in. Connections the platform opens (the dispatcher invoking an
+instance), and those from other hosts, carry no mark and are answered; a tenant's connections
+to the platform (the gateway's API) and to its own account's sockets are answered.
+
+Two rules per account and address family, added before the account's first process starts on
+this dispatcher, in chains entered only by a tenant's first packet of a connection or by a
+tenant's answer on a connection a tenant opened: other traffic passes two rules. Each rule
+names its dispatcher in its comment (`firewall.py`), so a dispatcher starting removes those of
+one killed outright. A connection another program marked first is left alone, as is every
+connection in `platform` mode, where every function is the platform's user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+
+from .firewall import FAMILIES, chain, end_orphans, mark, restore, restore_now, said
+
+log = logging.getLogger(__name__)
+
+CHAIN = "KUBETASK-ACCOUNTS"  # from OUTPUT
+OPENED = "KUBETASK-ACCOUNTS-OPENED"  # per account: mark what it opens
+ANSWERS = "KUBETASK-ACCOUNTS-ANSWERS"  # per account: refuse its answers to another's
+# The conntrack mark's bit that says a tenant's socket opened the connection; the rest of the
+# mark is its account's user id, which is below 2**31 (`function_users.account_uid`).
+OPENED_BY_A_TENANT = 0x80000000
+
+
+def opened_by(uid: int) -> str:
+    return f"{uid | OPENED_BY_A_TENANT:#x}"
+
+
+class AccountConnections:
+    def __init__(self, enabled: bool, tenants: str) -> None:
+        """`tenants`: the account users' id range (`first-last`)."""
+        self.enabled = enabled
+        self.tenants = tenants
+        self._why_not: str | None = None
+        self._families: list[str] = []  # those whose chains are there
+        self._added: dict[int, asyncio.Future[None]] = {}  # by account user id
+
+    def why_not(self) -> str | None:
+        """Why accounts' functions answer each other's connections; None if they do not."""
+        self._open()
+        return self._why_not
+
+    def _guards(self, verb: str) -> str:
+        tenant = f"-m owner --uid-owner {self.tenants}"
+        flag = f"{OPENED_BY_A_TENANT:#x}"
+        return (
+            f"{verb} {CHAIN} -m conntrack --ctstate NEW -m connmark --mark 0 {tenant} {mark()}"
+            f" -j {OPENED}\n"
+            f"{verb} {CHAIN} -m conntrack --ctdir REPLY -m connmark --mark {flag}/{flag} {tenant}"
+            f" {mark()} -j {ANSWERS}\n"
+        )
+
+    def _account(self, verb: str, uid: int) -> str:
+        own = f"-m owner --uid-owner {uid}"
+        return (
+            f"{verb} {OPENED} {own} {mark()} -j CONNMARK --set-mark {opened_by(uid)}\n"
+            f"{verb} {ANSWERS} {own} -m connmark ! --mark {opened_by(uid)} {mark()} -j REJECT\n"
+        )
+
+    def _open(self) -> bool:
+        """IPv4 is needed; IPv6 is used where the host has it."""
+        if self._families or self._why_not is not None:
+            return bool(self._families)
+        if not self.enabled:
+            self._why_not = "only with KUBETASK_FUNCTION_USERS=accounts"
+            return False
+        for family in FAMILIES:
+            try:
+                if shutil.which(family + "-restore") is None:
+                    raise FileNotFoundError(f"no {family}-restore on this host")
+                chain(family, OPENED)
+                chain(family, ANSWERS)
+                chain(family, CHAIN, "OUTPUT")
+                end_orphans(family, (CHAIN, OPENED, ANSWERS))
+                restore_now([family], "*filter\n" + self._guards("-A") + "COMMIT\n")
+                self._families.append(family)
+            except (OSError, subprocess.CalledProcessError) as err:
+                if family == FAMILIES[0]:
+                    self._why_not = f"cannot add firewall rules: {said(err)}"
+                    return False
+                log.warning("%s: %s; IPv6 connections stay open", family, said(err))
+        return True
+
+    async def admit(self, uid: int) -> None:
+        """Before the first process of the account whose user is `uid` starts: its rules.
+        An account's function is not started open where they could not be added."""
+        if not self._open():
+            return
+        adding = self._added.get(uid)
+        if adding is None:
+            adding = self._added[uid] = asyncio.ensure_future(self._add(uid))
+
+            def forget_failed(done: asyncio.Future[None]) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    self._added.pop(uid, None)  # the account's next process tries again
+
+            adding.add_done_callback(forget_failed)
+        await asyncio.shield(adding)
+
+    async def _add(self, uid: int) -> None:
+        try:
+            await restore(self._families, "*filter\n" + self._account("-A", uid) + "COMMIT\n")
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise RuntimeError(
+                f"cannot close it to other accounts' connections: {said(err)}"
+            ) from err
+
+    def close(self) -> None:
+        """Removes this dispatcher's rules: its accounts', then the guards."""
+        if not self._families:
+            return
+        accounts = [
+            uid
+            for uid, f in self._added.items()
+            if f.done() and not f.cancelled() and f.exception() is None
+        ]
+        lines = "".join(self._account("-D", uid) for uid in accounts) + self._guards("-D")
+        try:
+            restore_now(self._families, "*filter\n" + lines + "COMMIT\n")
+        except (OSError, subprocess.CalledProcessError) as err:
+            log.warning("%s: its rules stay (%s)", CHAIN, said(err))
+        self._added.clear()
