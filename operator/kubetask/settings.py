@@ -27,20 +27,18 @@ def env_float(
 ) -> float:
     """`name` as a number, held to [low, high]: a setting out of range is refused at start,
     not found out later as a hot loop, a stall or a queue that never drains."""
-    return _env_number(name, default, float, "a number", low, high)
+    return _env_number(name, default, float, low, high)
 
 
 def env_int(name: str, default: int, low: int | None = None, high: int | None = None) -> int:
-    return _env_number(name, default, int, "a whole number", low, high)
+    return _env_number(name, default, int, low, high)
 
 
-def _env_number(
-    name: str, default: N, parse: type[N], kind: str, low: N | None, high: N | None
-) -> N:
+def _env_number(name: str, default: N, parse: type[N], low: N | None, high: N | None) -> N:
+    kind = "a whole number" if parse is int else "a finite number"
     span = f"from {low} to {high}" if low is not None and high is not None else ""
     span = span or (f"at least {low}" if low is not None else f"at most {high}" if high else "")
-    note(name, default, ", ".join(filter(None, (kind, span))))
-    kind = "a finite number" if parse is float else kind
+    note(name, default, ", ".join(filter(None, (kind.replace("finite ", ""), span))))
     raw = os.environ.get(name)
     if not raw:
         return default
