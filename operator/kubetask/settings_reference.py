@@ -307,7 +307,9 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
         [
             (
                 "KUBETASK_IMAGE",
-                "The image of the runtime sidecar, and of a function that names none.",
+                "The image of the runtime sidecar, and of a function that names none; to the "
+                "operator, the image of the gateways and dispatchers it makes (`kubetask:dev` "
+                "there by default). The chart sets both to its image.",
             ),
             (
                 "KUBETASK_RUNTIME_ADDRESS",
@@ -325,6 +327,42 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Seconds without a sidecar's heartbeat after which its attempt is lost (its "
                 "node gone).",
             ),
+        ],
+    ),
+    (
+        "The operator (set by the Helm chart)",
+        [
+            ("KUBETASK_NAMESPACE", "The namespace of the platform's own Deployments."),
+            ("KUBETASK_RELEASE", "The Helm release the objects it makes belong to."),
+            ("KUBETASK_TOKENS_SECRET", "The Secret holding the API tokens."),
+            (
+                "KUBETASK_NATS_USERS_SECRET",
+                "The Secret holding the NATS passwords of the Deployments it makes.",
+            ),
+            ("KUBETASK_GATEWAY_REPLICAS", "Gateways it runs."),
+            (
+                "KUBETASK_CONFIG_MAP",
+                "The ConfigMap of the chart's platform settings, given to gateways and "
+                "dispatchers as their environment; empty outside the chart.",
+            ),
+            (
+                "KUBETASK_CONFIG_CHECKSUM",
+                "Its content's checksum, put on the pods it configures so that a change rolls "
+                "them.",
+            ),
+            ("KUBETASK_DISPATCHER_MIN", "Dispatchers it keeps at least."),
+            ("KUBETASK_DISPATCHER_MAX", "Dispatchers it runs at most."),
+            (
+                "KUBETASK_DISPATCHER_TARGET_BACKLOG",
+                "Tasks waiting or running per dispatcher it scales toward (and never fewer "
+                "dispatchers than partitions with work).",
+            ),
+            (
+                "KUBETASK_DISPATCHER_COOLDOWN",
+                "Seconds after the last change before the dispatchers are scaled down (up is "
+                "at once).",
+            ),
+            ("KUBETASK_SCALE_INTERVAL", "Seconds between two looks at the backlog for scaling."),
         ],
     ),
     (
@@ -401,6 +439,7 @@ def read_all() -> dict[str, Known]:
     """Read every setting, as the components do, so that each reader notes its own; raises
     ValueError naming the first that does not parse or is out of range."""
     from . import sched_batch
+    from .controllers.context import OperatorConfig
     from .dispatch.aimd import AimdSettings
     from .dispatch.node_budget import BudgetSettings
     from .executors import account_scratch
@@ -409,6 +448,7 @@ def read_all() -> dict[str, Known]:
     from .queue_routes import RouteSettings
     from .settings import Settings
 
+    OperatorConfig()  # first: where it reads a setting a component reads too, theirs is said
     Settings()
     AimdSettings()
     BudgetSettings()
