@@ -647,6 +647,9 @@ async def test_full_queue_refuses_new_tasks_and_keeps_the_accepted_ones(lab: Lab
         assert codes == [202] * 20 + [429] * 10
         refused = await http.post("/v1/tasks", json={"function": "work"})
         assert "is full" in refused.json()["error"]
+        metrics = (await http.get("/metrics")).text
+        series = 'kubetask_submissions_throttled_total{account="full",function="work",'
+        assert series + 'reason="queue-full"} 11.0' in metrics, metrics
         lab.spawn("dispatcher", env=env, log="d.log")
         deadline = time.monotonic() + 30
         while True:
