@@ -675,7 +675,7 @@ def test_an_attempt_dies_with_the_process_that_started_it(tmp_path: Path, user: 
         from kubetask.executors.parent_death import spawn_argv
         env = {{"PATH": os.environ["PATH"]}}
         user = {user}
-        argv, preexec, env, _ = spawn_argv(["sleep", "60"], env, None, user and RunAs(user, 64))
+        argv, preexec, env, *_ = spawn_argv(["sleep", "60"], env, None, user and RunAs(user, 64))
         assert preexec is None, "setpriv is part of util-linux: expected here"
         child = subprocess.Popen(argv, env=env, start_new_session=True)
         print(child.pid, flush=True)
@@ -731,11 +731,11 @@ def test_a_guarded_command_whose_parent_is_gone_never_runs(tmp_path: Path) -> No
 
     marker = tmp_path / "ran"
     env = {"PATH": os.environ["PATH"]}
-    argv, _, env, _ = spawn_argv(["touch", str(marker)], env, None)
+    argv, _, env, *_ = spawn_argv(["touch", str(marker)], env, None)
     argv[argv.index(str(os.getpid()))] = "1"  # "started by" a process that is not its parent
     assert subprocess.run(argv, env=env, timeout=10).returncode == -signal.SIGKILL
     assert not marker.exists()
-    argv, _, env, _ = spawn_argv(["touch", str(marker)], env, None)
+    argv, _, env, *_ = spawn_argv(["touch", str(marker)], env, None)
     assert subprocess.run(argv, env=env, timeout=10).returncode == 0 and marker.exists()
 
 
@@ -755,7 +755,7 @@ def test_a_command_that_cannot_run_fails_to_start_as_exec_would(tmp_path: Path) 
         with pytest.raises(error):
             spawn_argv(command, env, str(tmp_path))
     script.chmod(0o755)
-    argv, _, env, _ = spawn_argv(["./not-executable.sh"], env, str(tmp_path))
+    argv, _, env, *_ = spawn_argv(["./not-executable.sh"], env, str(tmp_path))
     out = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=10)
     assert out.stdout == "hi\n"
 

@@ -658,6 +658,13 @@ async def test_a_webhook_cannot_invoke_a_warm_instance_on_this_host(dev: Dev) ->
     assert [json.loads(body)["requestContext"]["requestId"] for body in got] == [task_id]
 
 
+# Writes its marker where it is, makes a directory next to it, and says where it is.
+WHERE = """
+import json, os, sys
+open(sys.argv[1], "w").write("x" * 1000)
+os.makedirs(sys.argv[1] + "-dir", exist_ok=True)
+print(json.dumps({"cwd": os.getcwd()}))
+"""
 # Answers "mine" on TCP and UDP at the ports given, until told to stop.
 LISTENER = """
 import os, socket, time
@@ -923,6 +930,40 @@ async def test_a_tenants_function_has_a_tmp_of_its_own_of_bounded_size(dev: Dev)
         os.unlink(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name + "-mark")  # the admin's, in the host's /tmp
+
+
+async def test_a_working_directory_is_entered_as_the_account_and_in_its_namespace(
+    dev: Dev, open_dir: Path
+) -> None:
+    """The dispatcher entered a function's `workingDir` as root, before the switch to the
+    account's user: `workingDir: /tmp` wrote to the host's /tmp, past the account's own
+    bounded one, and a directory under one the account may not enter was listed and read
+    (both seen)."""
+    python = _python("team-r")
+    token = dev.token("team-r")
+    marker = f"kt-wd-{os.getpid()}"
+    spec = {
+        "command": [python, "-c", WHERE, marker],
+        "workingDir": "/tmp",
+    }
+    task = (await _run(dev, token, "team-r", spec))["task"]
+    assert task["status"]["phase"] == "Succeeded", task["status"]
+    assert task["status"]["result"]["cwd"] == "/tmp", task["status"]["result"]
+    assert not (Path("/tmp") / marker).exists(), "written to the host's /tmp"
+    again = await _run(dev, token, "team-r", {**spec, "workingDir": f"/tmp/{marker}-dir"})
+    assert again["task"]["status"]["result"]["cwd"] == f"/tmp/{marker}-dir", again["task"]
+    private = open_dir / "private"
+    (private / "inner").mkdir(parents=True)
+    private.chmod(0o700)
+    (private / "inner").chmod(0o755)
+    (private / "inner" / "secret.txt").write_text("the platform's\n")
+    (private / "inner" / "secret.txt").chmod(0o644)
+    spec = {"command": ["cat", "secret.txt"], "workingDir": str(private / "inner")}
+    task = (await _run(dev, token, "team-r", spec))["task"]
+    assert task["status"]["phase"] == "Failed", task["status"]
+    assert "the platform's" not in json.dumps(task), task
+    assert "could not start" in task["status"]["error"], task["status"]
+    assert "Permission denied to uid" in task["status"]["error"], task["status"]
 
 
 async def test_a_tenants_program_under_the_hosts_tmp_is_not_found_saying_why(dev: Dev) -> None:

@@ -21,7 +21,7 @@ def open_fds() -> int:
 
 
 async def run(command: list[str], payload: bytes) -> tuple[int, bytes, bytes]:
-    argv, preexec, env, _ = spawn_argv(command, ENV, None)
+    argv, preexec, env, *_ = spawn_argv(command, ENV, None)
     child = await spawn(argv, env, None, preexec, stdin=True, stderr_to_stdout=False)
     assert child.stderr is not None
     _, out, err = await asyncio.gather(
@@ -33,7 +33,7 @@ async def run(command: list[str], payload: bytes) -> tuple[int, bytes, bytes]:
 async def test_a_child_printing_faster_than_it_is_read_waits_on_its_pipe() -> None:
     """Its pipe was read whatever its stream held: a task printing as fast as it could grew
     the dispatcher's memory without end, and each read of the stream moved all it held."""
-    argv, preexec, env, _ = spawn_argv(["yes", "y" * 60], ENV, None)
+    argv, preexec, env, *_ = spawn_argv(["yes", "y" * 60], ENV, None)
     child = await spawn(argv, env, None, preexec, stdin=False, stderr_to_stdout=True)
     try:
         await asyncio.sleep(0.5)  # nothing read: `yes` could have printed hundreds of MB
@@ -53,7 +53,7 @@ async def test_output_abandoned_after_its_child_exited_still_gives_what_its_pipe
     """Output read slowly (an account's pace) may still be in the pipe when its child exits;
     abandoning it after the grace closed the pipe with its last 64 KiB, last lines among them."""
     script = "import sys\nfor _ in range(3000): sys.stdout.write('.' * 99 + chr(10))\nprint('last')"
-    argv, preexec, env, _ = spawn_argv([sys.executable, "-c", script], ENV, None)
+    argv, preexec, env, *_ = spawn_argv([sys.executable, "-c", script], ENV, None)
     child = await spawn(argv, env, None, preexec, stdin=False, stderr_to_stdout=True)
     got = bytearray()
     exited = asyncio.ensure_future(child.wait())
@@ -81,7 +81,7 @@ async def test_exit_codes_signals_and_a_child_that_reads_nothing() -> None:
     assert code == 3 and out == b"partial\n"
     code, _, _ = await run(["sh", "-c", "kill -TERM $$"], b"")
     assert code == -15
-    argv, preexec, env, _ = spawn_argv(["sh", "-c", "echo both 1>&2; echo out"], ENV, None)
+    argv, preexec, env, *_ = spawn_argv(["sh", "-c", "echo both 1>&2; echo out"], ENV, None)
     child = await spawn(argv, env, None, preexec, stdin=False, stderr_to_stdout=True)
     assert child.stderr is None and child.returncode is None
     assert sorted((await child.stdout.read()).split()) == [b"both", b"out"]

@@ -38,6 +38,10 @@ _SH = shutil.which("sh")
 # Run by `sh -c` with the expected parent's pid as $0 and the command as "$@".
 _CHECK = '[ "$PPID" = "$0" ] || kill -KILL $$; '
 _EXEC = 'exec "$@"'
+# A tenant's process enters its working directory as its account's user, in its account's
+# mount namespace (`working_directory`); the directory is in this variable, never in the script.
+_WD = "KT_WD"
+_ENTER = f'cd -- "${_WD}" || exit 126; unset {_WD}; '
 # A function's processes are the first the kernel's OOM killer takes (any process may raise its
 # own score; children inherit it). Without it a tenant's processes, each smaller than
 # nats-server or the dispatcher, could together have one of those killed instead.
@@ -53,6 +57,7 @@ class Launch(NamedTuple):
     preexec: Callable[[], None] | None
     env: dict[str, str]
     keep_fds: tuple[int, ...] = ()
+    cwd: str | None = None
 
 
 def die_with_parent(
@@ -60,12 +65,13 @@ def die_with_parent(
     cgroups: Sequence[str] = (),
     first_to_go: bool = False,
     namespace: int | None = None,
+    directory: str | None = None,
 ) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
     forked it is already gone; with `cgroups` (`cgroup.procs` files), first joins those groups,
     with `first_to_go`, makes it the OOM killer's first choice (`FIRST_TO_GO`), and with
-    `user`, then enters its account's `namespace` and becomes that user (the kernel disarms
-    the signal when the user changes)."""
+    `user`, then enters its account's `namespace`, becomes that user (the kernel disarms
+    the signal when the user changes) and, as that user, enters `directory`."""
     parent = os.getpid()
 
     def arm() -> None:
@@ -77,6 +83,8 @@ def die_with_parent(
                 score.write(str(FIRST_TO_GO))
         if user is not None:
             user.become(namespace)
+            if directory is not None:
+                os.chdir(directory)
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -102,28 +110,33 @@ def spawn_argv(
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
     exit code of the guard."""
+    directory = None
+    if user is not None:
+        # The launcher starts at the root; the tenant's process enters its directory itself.
+        directory, cwd = working_directory(cwd, user, env.get("HOME")), "/"
     if _SETPRIV is None or _SH is None:
         # The user is switched, and its namespace entered, in the forked child before the exec
         # that applies `env`.
-        arm = die_with_parent(user, cgroups, first_to_go=True, namespace=namespace)
-        return Launch(list(command), arm, env)
-    _check_runnable(command[0], env.get("PATH", os.defpath), cwd, user)
+        arm = die_with_parent(user, cgroups, True, namespace, directory)
+        return Launch(list(command), arm, env, cwd=cwd)
+    _check_runnable(command[0], env.get("PATH", os.defpath), directory or cwd, user)
     parent = str(os.getpid())
     # A group that went away meanwhile leaves the process where it is, as without groups.
     place = "".join(f"{{ echo $$ > {shlex.quote(c)}; }} 2>/dev/null; " for c in cgroups)
     if user is None:
         script = place + _FIRST + _CHECK + _EXEC
         guard = [_SETPRIV, "--pdeathsig", "KILL", "--", _SH, "-c", script, parent]
-        return Launch([*guard, *command], None, env)
+        return Launch([*guard, *command], None, env, cwd=cwd)
     held, restore = user.hand_over(env)
+    held[_WD] = str(directory)
     # Restored after the parent check: a variable named PPID must not answer it.
-    script = user.shell_prelude() + place + _FIRST + _CHECK + restore + _EXEC
+    script = user.shell_prelude() + place + _FIRST + _CHECK + _ENTER + restore + _EXEC
     become = user.setpriv_options()
     guard = [_SETPRIV, "--pdeathsig", "KILL", *become, "--", _SH, "-c", script, parent]
     if namespace is None:
-        return Launch([*guard, *command], None, held)
+        return Launch([*guard, *command], None, held, cwd=cwd)
     enter = account_namespaces.enter(namespace)
-    return Launch([*enter, *guard, *command], None, held, (namespace,))
+    return Launch([*enter, *guard, *command], None, held, (namespace,), cwd)
 
 
 async def start_function(
@@ -148,7 +161,7 @@ async def start_function(
         return await spawn(
             launch.argv,
             launch.env,
-            cwd,
+            launch.cwd,
             launch.preexec,
             stdin=stdin,
             stderr_to_stdout=stderr_to_stdout,
@@ -157,6 +170,35 @@ async def start_function(
     except BaseException:
         await end_groups(groups)
         raise
+
+
+def working_directory(given: str | None, user: function_users.RunAs, home: str | None) -> str:
+    """Where a tenant's process starts: its function's `workingDir`, else the dispatcher's own
+    directory where the account's user may reach it, else the account's home.
+
+    The dispatcher (root) used to enter the directory before the user switch, and the function
+    kept it: `workingDir: /root/.pyenv` listed and read what lies under a directory no tenant
+    may enter (seen), and `workingDir: /tmp` wrote 10 MB to the host's /tmp, on the disk the
+    queues are on, past the account's own bounded /tmp (`account_scratch.py`; seen). Now the
+    process enters it itself, as the account's user in the account's mount namespace
+    (`_ENTER`), where the kernel decides as for any path it opens. What the dispatcher can
+    tell first it says here, as `could not start`, without saying whether something exists
+    where the user may not look."""
+    elsewhere = user.unreachable()
+    if given is None:
+        here = os.getcwd()
+        reachable = function_users.may_search(here, user.uid)
+        return here if reachable and not account_scratch.under(here, elsewhere) else home or "/"
+    path = os.path.join(os.getcwd(), given)
+    if account_scratch.under(path, elsewhere):
+        return path  # in the account's own /tmp, which only its processes see
+    if not function_users.may_search(os.path.dirname(path), user.uid):
+        raise function_users.refused(given, user.uid)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(errno.ENOENT, "No such directory", given)
+    if not function_users.may_search(path, user.uid):
+        raise function_users.refused(given, user.uid)
+    return path
 
 
 def _check_runnable(
