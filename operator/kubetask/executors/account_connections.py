@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import subprocess
 
-from .firewall import FAMILIES, chain, end_orphans, mark, restore, restore_now, said
+from .firewall import Chains, chain, end_orphans, mark, restore, restore_now, said
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +51,16 @@ def opened_by(uid: int) -> str:
     return f"{uid | OPENED_BY_A_TENANT:#x}"
 
 
-class AccountConnections:
+class AccountConnections(Chains):
+    """`why_not`: why accounts' functions answer each other's connections; None if they do not."""
+
+    stays_open = "IPv6 connections stay open"
+
     def __init__(self, enabled: bool, tenants: str) -> None:
         """`tenants`: the account users' id range (`first-last`)."""
-        self.enabled = enabled
+        super().__init__(enabled)
         self.tenants = tenants
-        self._why_not: str | None = None
-        self._families: list[str] = []  # those whose chains are there
         self._added: dict[int, asyncio.Future[None]] = {}  # by account user id
-
-    def why_not(self) -> str | None:
-        """Why accounts' functions answer each other's connections; None if they do not."""
-        self._open()
-        return self._why_not
 
     def _guards(self, verb: str) -> str:
         tenant = f"-m owner --uid-owner {self.tenants}"
@@ -83,29 +79,12 @@ class AccountConnections:
             f"{verb} {ANSWERS} {own} -m connmark ! --mark {opened_by(uid)} {mark()} -j REJECT\n"
         )
 
-    def _open(self) -> bool:
-        """IPv4 is needed; IPv6 is used where the host has it."""
-        if self._families or self._why_not is not None:
-            return bool(self._families)
-        if not self.enabled:
-            self._why_not = "only with KUBETASK_FUNCTION_USERS=accounts"
-            return False
-        for family in FAMILIES:
-            try:
-                if shutil.which(family + "-restore") is None:
-                    raise FileNotFoundError(f"no {family}-restore on this host")
-                chain(family, OPENED)
-                chain(family, ANSWERS)
-                chain(family, CHAIN, "OUTPUT")
-                end_orphans(family, (CHAIN, OPENED, ANSWERS))
-                restore_now([family], "*filter\n" + self._guards("-A") + "COMMIT\n")
-                self._families.append(family)
-            except (OSError, subprocess.CalledProcessError) as err:
-                if family == FAMILIES[0]:
-                    self._why_not = f"cannot add firewall rules: {said(err)}"
-                    return False
-                log.warning("%s: %s; IPv6 connections stay open", family, said(err))
-        return True
+    def _make(self, family: str) -> None:
+        chain(family, OPENED)
+        chain(family, ANSWERS)
+        chain(family, CHAIN, "OUTPUT")
+        end_orphans(family, (CHAIN, OPENED, ANSWERS))
+        restore_now([family], "*filter\n" + self._guards("-A") + "COMMIT\n")
 
     async def admit(self, uid: int) -> None:
         """Before the first process of the account whose user is `uid` starts: its rules.

@@ -81,10 +81,58 @@ def restore_now(families: Sequence[str], lines: str) -> None:
         )  # fmt: skip
 
 
+def prepare(each: Callable[[str], None], stays_open: str) -> tuple[list[str], str | None]:
+    """Runs `each(family)` for every address family: the families it succeeded for, and why
+    not where IPv4's failed (then none is used). IPv6 is used where the host has it; its
+    failure is warned about, `stays_open` saying what that leaves."""
+    done: list[str] = []
+    for family in FAMILIES:
+        try:
+            if shutil.which(family + "-restore") is None:
+                raise FileNotFoundError(f"no {family}-restore on this host")
+            each(family)
+            done.append(family)
+        except (OSError, subprocess.CalledProcessError) as err:
+            if family == FAMILIES[0]:
+                return [], f"cannot add firewall rules: {said(err)}"
+            log.warning("%s: %s; %s", family, said(err), stays_open)
+    return done, None
+
+
 def said(err: BaseException) -> str:
     if isinstance(err, subprocess.CalledProcessError) and err.stderr:
         return str(err.stderr).strip().splitlines()[-1]
     return str(err)
+
+
+class Chains:
+    """Chains of ours, made on first use where this host's firewall may be changed and only
+    with `KUBETASK_FUNCTION_USERS=accounts` (a rule can tell a tenant from the platform only
+    then); `why_not` says why they are not there."""
+
+    stays_open = "IPv6 stays open"  # what IPv6's chains missing leaves
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._why_not: str | None = None
+        self._families: list[str] = []  # those whose chains are there
+
+    def why_not(self) -> str | None:
+        self._open()
+        return self._why_not
+
+    def _open(self) -> bool:
+        if self._families or self._why_not is not None:
+            return bool(self._families)
+        if not self.enabled:
+            self._why_not = "only with KUBETASK_FUNCTION_USERS=accounts"
+            return False
+        self._families, self._why_not = prepare(self._make, self.stays_open)
+        return bool(self._families)
+
+    def _make(self, family: str) -> None:
+        """Makes the chains of `family`."""
+        raise NotImplementedError
 
 
 class HostRules:
@@ -100,22 +148,17 @@ class HostRules:
 
     def add(self) -> str | None:
         """Adds the rules; why not, where IPv4's could not be (IPv6's are warned about)."""
-        for family in FAMILIES:
+
+        def each(family: str) -> None:
             rules = self._rules(family)
             lines = "*filter\n" + "".join(f"-A {self._name} {r} {mark()}\n" for r in rules)
-            try:
-                if shutil.which(family + "-restore") is None:
-                    raise FileNotFoundError(f"no {family}-restore on this host")
-                chain(family, self._name, self._hook)
-                end_orphans(family, (self._name,))
-                if rules:
-                    restore_now([family], lines + "COMMIT\n")
-                    self._added[family] = lines + "COMMIT\n"
-            except (OSError, subprocess.CalledProcessError) as err:
-                if family == FAMILIES[0]:
-                    return f"cannot add firewall rules: {said(err)}"
-                log.warning("%s: %s (%s)", family, said(err), self._name)
-        return None
+            chain(family, self._name, self._hook)
+            end_orphans(family, (self._name,))
+            if rules:
+                restore_now([family], lines + "COMMIT\n")
+                self._added[family] = lines + "COMMIT\n"
+
+        return prepare(each, f"its IPv6 rules are not there ({self._name})")[1]
 
     def remove(self) -> None:
         for family, lines in self._added.items():

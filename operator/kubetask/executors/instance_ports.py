@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .firewall import FAMILIES, chain, end_orphans, mark, restore, said
+from .firewall import Chains, chain, end_orphans, mark, restore, said
 
 log = logging.getLogger(__name__)
 
@@ -95,38 +94,15 @@ class PortRules:
             log.warning("port %d: its rules stay (%s)", self.port, said(err))
 
 
-class InstancePorts:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._why_not: str | None = None
-        self._families: list[str] = []  # those whose chains are there
+class InstancePorts(Chains):
+    """`why_not`: why instances' ports are not closed to other users; None if they are."""
 
-    def why_not(self) -> str | None:
-        """Why instances' ports are not closed to other users; None if they are."""
-        self._open()
-        return self._why_not
+    stays_open = "IPv6 ports stay open"
 
-    def _open(self) -> bool:
-        """IPv4 is needed; IPv6 is used where the host has it."""
-        if self._families or self._why_not is not None:
-            return bool(self._families)
-        if not self.enabled:
-            self._why_not = "only with KUBETASK_FUNCTION_USERS=accounts"
-            return False
-        for family in FAMILIES:
-            try:
-                if shutil.which(family + "-restore") is None:
-                    raise FileNotFoundError(f"no {family}-restore on this host")
-                chain(family, CHAIN, "OUTPUT")
-                chain(family, FROM_OUTSIDE, "INPUT")
-                end_orphans(family, (CHAIN, FROM_OUTSIDE))
-                self._families.append(family)
-            except (OSError, subprocess.CalledProcessError) as err:
-                if family == FAMILIES[0]:
-                    self._why_not = f"cannot add firewall rules: {said(err)}"
-                    return False
-                log.warning("%s: %s; IPv6 ports stay open", family, said(err))
-        return True
+    def _make(self, family: str) -> None:
+        chain(family, CHAIN, "OUTPUT")
+        chain(family, FROM_OUTSIDE, "INPUT")
+        end_orphans(family, (CHAIN, FROM_OUTSIDE))
 
     async def guard(self, port: int, uid: int) -> PortRules | None:
         """Closes `port` to all but the platform's user and `uid` before an instance listens
