@@ -310,6 +310,23 @@ printf '{"processes": %s}' "$n"
 """
 
 
+async def test_a_tenant_cannot_look_at_other_accounts_cgroups(dev: Dev) -> None:
+    """Every user may read a cgroup hierarchy: a tenant's function listed the names of the
+    accounts running on the host and read another account's process count (seen)."""
+    if _own_group("pids") is None:
+        pytest.skip("no cgroup v1 pids controller here")
+    python = _python("team-u", "team-v")
+    first = await _run(dev, dev.token("team-u"), "team-u", {"command": ["true"]})
+    assert first["task"]["status"]["phase"] == "Succeeded", first["task"]["status"]
+    spec = {"command": [python, "-c", CGROUP_SNOOP, "team-u"]}
+    seen = (await _run(dev, dev.token("team-v"), "team-v", spec))["task"]["status"]["result"]
+    assert seen == {
+        "base": "kubetask",
+        "accounts": "PermissionError",
+        "neighbour": "PermissionError",
+    }, seen
+
+
 async def test_an_accounts_processes_are_capped(dev: Dev) -> None:
     """A fork bomb in one account stops at the account's cap (KUBETASK_ACCOUNT_MAX_PROCESSES),
     counted over all of that account's processes; the platform's user has none. An admin's
@@ -658,6 +675,32 @@ async def test_a_webhook_cannot_invoke_a_warm_instance_on_this_host(dev: Dev) ->
     assert [json.loads(body)["requestContext"]["requestId"] for body in got] == [task_id]
 
 
+# Finds its own `pids` cgroup, then tries to list the accounts' groups above it and to read
+# another account's.
+CGROUP_SNOOP = """
+import json, os, sys
+path = next(
+    p for _, c, p in (line.split(":", 2) for line in open("/proc/self/cgroup").read().splitlines())
+    if "pids" in c.split(",")
+)
+for line in open("/proc/self/mountinfo"):
+    pre, post = line.split(" - ", 1)
+    kind, _, options = post.split()[:3]
+    if kind == "cgroup" and "pids" in options.split(","):
+        root, point = pre.split()[3:5]
+inside = path[len(root):] if root != "/" and path.startswith(root) else path
+base = os.path.dirname(os.path.dirname(point + inside))
+seen = {"base": os.path.basename(base)}
+for what, look in (
+    ("accounts", lambda: os.listdir(base)),
+    ("neighbour", lambda: open(os.path.join(base, sys.argv[1], "pids.current")).read()),
+):
+    try:
+        seen[what] = look()
+    except OSError as err:
+        seen[what] = type(err).__name__
+print(json.dumps(seen))
+"""
 # Writes its marker where it is, makes a directory next to it, and says where it is.
 WHERE = """
 import json, os, sys

@@ -14,6 +14,13 @@ of a hierarchy: the kernel lets a process move only processes of its own user, a
 group whose `cgroup.procs` it may write, so a tenant can neither leave its account's groups,
 nor change their limits, nor move anyone else. Only cgroup v1 is handled (see
 `account_cpu.py`).
+
+Nor may it look at another account's: every user of a host may read a cgroup hierarchy, and a
+tenant's function listed `kubetask/` (the names of the accounts running on the host, which are
+a tenant's business) and read another account's `pids.current` and `tasks` (seen). So
+`kubetask/` may be passed through but not listed (`0711`), and an account's group only by its
+own user's group (`0710`, the account's user's group id is its user id), which is all its
+processes need to join their groups.
 """
 
 from __future__ import annotations
@@ -181,6 +188,7 @@ class Hierarchy:
         self._why_not: str | None = None
         self._accounts: dict[str, Path] = {}
         self._failed: set[str] = set()
+        self._reachable: set[str] = set()  # accounts whose group only their user may enter
 
     def configure_base(self, base: Path) -> None:
         """Called once the dispatcher's `kubetask` group exists."""
@@ -212,6 +220,7 @@ class Hierarchy:
                 else:
                     base = own / "kubetask"
                     base.mkdir(exist_ok=True)
+                    base.chmod(0o711)
                     self.configure_base(base)
                     self._base = base
                     end_orphans(base)
@@ -237,7 +246,18 @@ class Hierarchy:
                     log.warning("account %s: no %s cgroup (%s)", account, self.controller, err)
                 return None
             self._failed.discard(account)
+            self._reachable.discard(account)  # made again: opened to its user again below
             self._accounts[account] = parent
+        if uid is not None and account not in self._reachable:
+            try:
+                os.chown(parent, 0, uid)
+                parent.chmod(0o710)
+            except OSError as err:
+                log.warning(
+                    "account %s: its %s cgroup stays open (%s)", account, self.controller, err
+                )
+            else:
+                self._reachable.add(account)
         return new_group(parent, uid)
 
     def close(self) -> None:
@@ -247,3 +267,4 @@ class Hierarchy:
             with contextlib.suppress(OSError):
                 group.rmdir()
         self._accounts.clear()
+        self._reachable.clear()
