@@ -222,10 +222,11 @@ def _check_runnable(
             and not account_scratch.under(d, elsewhere)
         )
         if "/" in program:
-            where = os.path.dirname(os.path.join(cwd or os.getcwd(), program))
-            if not function_users.may_search(where, user.uid):
+            full = os.path.join(cwd or os.getcwd(), program)
+            if not function_users.may_search(os.path.dirname(full), user.uid):
                 raise function_users.refused(program, user.uid)
-            if program.startswith("/") and account_scratch.under(program, elsewhere):
+            # Relative to a working directory in its account's own /tmp, as well as absolute.
+            if account_scratch.under(full, elsewhere):
                 raise FileNotFoundError(
                     errno.ENOENT,
                     f"No such file in this account's own {account_scratch.ROOT}: a tenant's "
