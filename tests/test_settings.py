@@ -43,7 +43,7 @@ def test_every_setting_read_is_in_the_reference_and_nothing_else() -> None:
     named = set()
     for source in PACKAGE.rglob("*.py"):
         named |= set(re.findall(r"\"(KUBETASK_[A-Z_]+)\"", source.read_text()))
-    secrets = {f"{name}_FILE" for name, k in known.items() if k.takes.startswith("a secret")}
+    secrets = {f"{name}_FILE" for name, k in known.items() if k.secret}
     assert named - set(known) - secrets - HANDED_ON == set()
 
 

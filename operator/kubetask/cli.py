@@ -174,7 +174,10 @@ def _print_details(task: dict[str, Any]) -> None:
         code = status.get("exitCode")
         how = "" if code is None else f" (exit code {code})"
         if code is not None and code < 0:  # a local process's end by a signal, as Popen says it
-            how = f" (killed by signal {-code})"
+            # Imported only here: the executors package loads the Kubernetes client (0.4 s).
+            from .executors.base import how_it_ended
+
+            how = f" ({how_it_ended(code)})"
         print(f"error{how}:\n{status['error']}")
 
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 class Known:
     default: str  # as one would write it in the variable; "" for none
     takes: str  # the values it takes, in words
+    secret: bool = False  # its value is never shown; `<NAME>_FILE` may name a file holding it
 
 
 KNOWN: dict[str, Known] = {}
 
 
-def note(name: str, default: object, takes: str) -> None:
-    KNOWN[name] = Known(_written(default), takes)
+def note(name: str, default: object, takes: str, secret: bool = False) -> None:
+    KNOWN[name] = Known(_written(default), takes, secret)
 
 
 def _written(value: object) -> str:

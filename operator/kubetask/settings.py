@@ -35,10 +35,11 @@ def env_int(name: str, default: int, low: int | None = None, high: int | None = 
 
 
 def _env_number(name: str, default: N, parse: type[N], low: N | None, high: N | None) -> N:
-    kind = "a whole number" if parse is int else "a finite number"
+    whole = parse is int
     span = f"from {low} to {high}" if low is not None and high is not None else ""
     span = span or (f"at least {low}" if low is not None else f"at most {high}" if high else "")
-    note(name, default, ", ".join(filter(None, (kind.replace("finite ", ""), span))))
+    note(name, default, ", ".join(filter(None, ("a whole number" if whole else "a number", span))))
+    kind = "a whole number" if whole else "a finite number"
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -81,7 +82,7 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
 
 def env_secret(name: str) -> str | None:
     """A secret from `NAME`, or from the file named by `NAME_FILE` (a mounted Secret)."""
-    note(name, None, f"a secret, or the file holding it named by {name}_FILE")
+    note(name, None, f"a secret, or the file holding it named by {name}_FILE", secret=True)
     path = os.environ.get(name + "_FILE")
     if path:
         with open(path) as f:

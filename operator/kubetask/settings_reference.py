@@ -432,7 +432,6 @@ IN_WORDS = {
     "KUBETASK_MAX_CONNECTIONS": "10000",
     "KUBETASK_RUNTIME_ADDRESS": "the pod's IP",
 }
-SECRET = "a secret"
 
 
 def read_all() -> dict[str, Known]:
@@ -473,7 +472,7 @@ def rows(known: dict[str, Known]) -> list[tuple[str, str, str]]:
             value = os.environ.get(name) or (
                 "(from a file)" if os.environ.get(name + "_FILE") else ""
             )
-            if value and known[name].takes.startswith(SECRET):
+            if value and known[name].secret:
                 value = "(set)"
             out.append((name, value or "-", _default(name, known[name]) or "-"))
     return out
