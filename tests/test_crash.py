@@ -710,18 +710,26 @@ def test_without_setpriv_the_fallback_becomes_the_user_too() -> None:
         preexec_fn=die_with_parent(RunAs(user, 64)), capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert out.stdout.split() == [str(user), str(user), "0077", "NoNewPrivs:", "1", "64"], out
-    # In its account's namespace (`account_namespaces.py`): entered, the working directory
-    # kept, /proc showing its own processes only, /tmp its own.
+    # In its account's namespaces (`account_namespaces.py`): entered, the working directory
+    # kept, /proc showing its own processes only, /tmp its own, and none of the host's IPC
+    # objects (the host holds one meanwhile).
     namespaces = AccountNamespaces(True, 1 << 20)
     assert namespaces.why_not_hidden() is None and namespaces.why_not_scratch() is None
-    script = "pwd; cat /proc/[0-9]*/status | awk '/^Uid:/ {print $2}' | sort -u; stat -c %u /tmp"
-    out = subprocess.run(
-        ["sh", "-c", script],
-        preexec_fn=die_with_parent(RunAs(user, 64), namespace=namespaces.get_now(user)),
-        cwd="/usr", capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
-    namespaces.close()
-    assert out.stdout.split() == ["/usr", str(user), str(user)], out
+    script = (
+        "pwd; cat /proc/[0-9]*/status | awk '/^Uid:/ {print $2}' | sort -u; stat -c %u /tmp; "
+        "tail -n +2 /proc/sysvipc/shm | wc -l"
+    )
+    host = subprocess.run(["ipcmk", "-M", "4096"], capture_output=True, text=True, check=True)
+    try:
+        out = subprocess.run(
+            ["sh", "-c", script],
+            preexec_fn=die_with_parent(RunAs(user, 64), namespace=namespaces.get_now(user)),
+            cwd="/usr", capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    finally:
+        namespaces.close()
+        subprocess.run(["ipcrm", "-m", host.stdout.split()[-1]], check=True)
+    assert out.stdout.split() == ["/usr", str(user), str(user), "0"], out
 
 
 def test_a_guarded_command_whose_parent_is_gone_never_runs(tmp_path: Path) -> None:

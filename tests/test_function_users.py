@@ -327,6 +327,28 @@ async def test_a_tenant_cannot_look_at_other_accounts_cgroups(dev: Dev) -> None:
     }, seen
 
 
+async def test_a_tenants_ipc_objects_are_its_accounts_own(dev: Dev) -> None:
+    """System V IPC objects were the host's: a tenant's function listed another account's
+    shared memory segments, found its key taken (`Permission denied`), and its segments
+    outlived its attempt (seen). Each account now has an IPC namespace of its own."""
+    python = _python("team-w", "team-x")
+    key = 0x6B740000 + os.getpid() % 0x10000
+    spec = {"command": [python, "-c", SYSV_SHM, str(key)]}
+    made = (await _run(dev, dev.token("team-w"), "team-w", spec))["task"]["status"]
+    assert made["result"] == {"made": True, "keys": [key]}, made
+    assert key not in _shm_keys(), "the host holds what a tenant made"
+    seen = (await _run(dev, dev.token("team-x"), "team-x", spec))["task"]["status"]
+    assert seen["result"] == {"made": True, "keys": [key]}, seen
+    # Its account's next attempt finds what the first left, as it finds its /tmp.
+    again = (await _run(dev, dev.token("team-w"), "team-w", spec))["task"]["status"]
+    assert again["result"] == {"made": False, "keys": [key]}, again
+
+
+def _shm_keys() -> list[int]:
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+    return [int(line.split()[0]) for line in lines]
+
+
 async def test_an_accounts_processes_are_capped(dev: Dev) -> None:
     """A fork bomb in one account stops at the account's cap (KUBETASK_ACCOUNT_MAX_PROCESSES),
     counted over all of that account's processes; the platform's user has none. An admin's
@@ -701,6 +723,18 @@ for what, look in (
         seen[what] = type(err).__name__
 print(json.dumps(seen))
 """
+# Makes a System V shared memory segment with the key it is given, if none has it yet, and
+# lists the keys of the segments it can see.
+SYSV_SHM = """
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+key = int(sys.argv[1])
+made = libc.shmget(key, 4096, 0o1000 | 0o2000 | 0o600) >= 0
+if not made and ctypes.get_errno() != 17:  # EEXIST: an earlier attempt's
+    sys.exit(os.strerror(ctypes.get_errno()))
+lines = open("/proc/sysvipc/shm").read().splitlines()[1:]
+print(json.dumps({"made": made, "keys": [int(line.split()[0]) for line in lines]}))
+"""
 # Writes its marker where it is, makes a directory next to it, and says where it is.
 WHERE = """
 import json, os, sys
@@ -1040,20 +1074,24 @@ async def test_an_idle_accounts_namespace_is_let_go_and_its_tmp_with_it(
     namespaces = account_namespaces.AccountNamespaces(True, SCRATCH_SIZE)
     a, b = account_uid("team-a"), account_uid("team-b")
 
-    def sh(fd: int, script: str) -> str:
+    def sh(namespace: account_namespaces.AccountNamespace, script: str) -> str:
         out = subprocess.run(
-            [*account_namespaces.enter(fd), "sh", "-c", script],
-            pass_fds=(fd,), capture_output=True, text=True, check=True, timeout=10,
+            [*account_namespaces.enter(namespace), "sh", "-c", script],
+            pass_fds=tuple(namespace), capture_output=True, text=True, check=True, timeout=10,
         )  # fmt: skip
         return out.stdout.strip()
+
+    segments = "tail -n +2 /proc/sysvipc/shm | wc -l"
 
     try:
         first = await namespaces.get(a)
         assert first is not None and await namespaces.get(a) == first
-        sh(first, "echo kept > /tmp/mark")
+        sh(first, "echo kept > /tmp/mark; ipcmk -M 4096")
+        assert sh(first, segments) == "1"
         other = await namespaces.get(b)
         assert other is not None and other != first
         assert sh(other, "stat -c %u /tmp; ls /tmp") == str(b), "b's /tmp is not a's"
+        assert sh(other, segments) == "0", "b's IPC objects are not a's"
         monkeypatch.setattr(account_namespaces, "IDLE_SECONDS", 0.5)
         await asyncio.sleep(0.3)
         assert await namespaces.get(a) == first  # used again: stamped
@@ -1061,6 +1099,7 @@ async def test_an_idle_accounts_namespace_is_let_go_and_its_tmp_with_it(
         second = await namespaces.get(a)
         assert second is not None
         assert sh(second, "ls /tmp") == "", "a new namespace, a new /tmp"
+        assert sh(second, segments) == "0", "and no IPC objects"
     finally:
         namespaces.close()
 

@@ -1,5 +1,14 @@
 """A mount namespace for each account's functions, where /proc shows only their own processes
-(`hidden_processes.py`) and /tmp is their own (`account_scratch.py`).
+(`hidden_processes.py`) and /tmp is their own (`account_scratch.py`), and an IPC namespace, where
+the System V shared memory, semaphores and message queues and the POSIX message queues they
+make and find are their own.
+
+Why IPC too: those objects are the host's otherwise. A tenant's function listed another
+account's shared memory segments (their keys, sizes, owner and creator's pid in
+`/proc/sysvipc/shm`), took a key first so that a neighbour's `shmget` of it failed with
+`Permission denied`, and left segments that outlived its attempt with no end (seen
+2026-12-05); a few thousand of them (`kernel.shmmni`) would have failed every `shmget` of the
+host. In an IPC namespace of the account's own, what it makes ends when the namespace does.
 
 Why one per account, not one per attempt: a namespace and its mounts cost about five times the
 exec that enters one (measured 2026-12-04, 9 to 10 ms against 1 to 2), and every function of an
@@ -16,8 +25,8 @@ handed out for `IDLE_SECONDS` is let go, and with it, once its last process ends
 /tmp held: memory an account that stopped running does not keep. Its next attempt gets a new
 one. Nothing is left to sweep after a `kill -9`.
 
-A function's process inherits the descriptor (passed to `nsenter`, which cannot close it):
-without CAP_SYS_ADMIN nothing can be done with it but look.
+A function's process inherits the descriptors (passed to `nsenter`, which cannot close them):
+without CAP_SYS_ADMIN nothing can be done with them but look.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import account_scratch, hidden_processes
 
@@ -41,17 +51,35 @@ IDLE_SECONDS = 600.0
 _PROBE_UID = 65534
 
 
-def enter(fd: int) -> list[str]:
+class AccountNamespace(NamedTuple):
+    """Descriptors of an account's namespaces, which its processes inherit to enter them."""
+
+    mount: int
+    ipc: int
+
+
+def enter(namespace: AccountNamespace) -> list[str]:
     """`nsenter`'s command line, to put before the rest of an argv: the process enters the
-    namespace `fd` (a descriptor it inherits) and keeps the working directory it was started
-    in, which entering a mount namespace would reset to its root."""
+    account's namespaces (descriptors it inherits) and keeps the working directory it was
+    started in, which entering a mount namespace would reset to its root."""
     assert _NSENTER is not None, "checked when the namespace was made"
-    return [_NSENTER, f"--mount=/proc/self/fd/{fd}", "--wd=.", "--"]
+    return [
+        _NSENTER,
+        f"--mount=/proc/self/fd/{namespace.mount}",
+        f"--ipc=/proc/self/fd/{namespace.ipc}",
+        "--wd=.",
+        "--",
+    ]
+
+
+def _close(namespace: AccountNamespace) -> None:
+    for fd in namespace:
+        os.close(fd)
 
 
 @dataclass
 class _Held:
-    fd: int
+    namespace: AccountNamespace
     used: float
 
 
@@ -84,11 +112,17 @@ class AccountNamespaces:
             return self._why_not
         return None if self._scratch else f"{account_scratch.SETTING}=0"
 
+    def why_not_ipc(self) -> str | None:
+        """Why tenants' functions share the host's IPC objects; None where each account has
+        its own."""
+        self._check()
+        return self._why_not
+
     def scratch(self) -> bool:
         return self.why_not_scratch() is None
 
-    async def get(self, uid: int) -> int | None:
-        """The descriptor of the namespace `uid`'s processes enter, made on first use; None
+    async def get(self, uid: int) -> AccountNamespace | None:
+        """The namespaces `uid`'s processes enter, made on first use; None
         where there are none. Raises OSError where one could not be made (the host could at
         start): run without it, a tenant's function would have the host's /tmp as its home."""
         self._check()
@@ -101,27 +135,27 @@ class AccountNamespaces:
         if held is None:
             held = await asyncio.to_thread(self._made, uid)
         held.used = now
-        return held.fd
+        return held.namespace
 
-    def get_now(self, uid: int) -> int | None:
+    def get_now(self, uid: int) -> AccountNamespace | None:
         """`get`, for code that is not on the event loop."""
         self._check()
-        return None if self._why_not is not None else self._made(uid).fd
+        return None if self._why_not is not None else self._made(uid).namespace
 
     def close(self) -> None:
         with self._making:
             for held in self._held.values():
-                os.close(held.fd)
+                _close(held.namespace)
             self._held.clear()
 
     def _made(self, uid: int) -> _Held:
         with self._making:
             held = self._held.get(uid)
             if held is None:
-                fd, why = self._make(uid)
-                if fd is None:
-                    raise OSError(f"could not make the mount namespace of uid {uid}: {why}")
-                held = self._held[uid] = _Held(fd, time.monotonic())
+                namespace, why = self._make(uid)
+                if namespace is None:
+                    raise OSError(f"could not make the namespaces of uid {uid}: {why}")
+                held = self._held[uid] = _Held(namespace, time.monotonic())
             return held
 
     def _sweep(self, now: float) -> None:
@@ -131,7 +165,7 @@ class AccountNamespaces:
         for uid, held in list(self._held.items()):
             if now - held.used > IDLE_SECONDS:
                 del self._held[uid]
-                os.close(held.fd)
+                _close(held.namespace)
 
     def _check(self) -> None:
         """Once: whether this host can make them, by making one."""
@@ -142,22 +176,19 @@ class AccountNamespaces:
             self._why_not = "functions run as the platform's user"
             return
         self._hide = hidden_processes.why_not() is None
-        if not self._hide and not self._scratch:
-            self._why_not = "nothing to make them for"
-            return
         tools = {t: shutil.which(t) for t in ("unshare", "mount", "sh")} | {"nsenter": _NSENTER}
         missing = [t for t, path in tools.items() if path is None]
         if missing:
             self._why_not = f"no {', '.join(missing)} on this host's PATH (util-linux)"
             return
         self.shadowed = account_scratch.shadowed() if self._scratch else ()
-        fd, why = self._make(_PROBE_UID)
-        if fd is None:
-            self._why_not = f"could not make a mount namespace: {why}"
+        namespace, why = self._make(_PROBE_UID)
+        if namespace is None:
+            self._why_not = f"could not make mount and IPC namespaces: {why}"
         else:
-            os.close(fd)
+            _close(namespace)
 
-    def _make(self, uid: int) -> tuple[int | None, str]:
+    def _make(self, uid: int) -> tuple[AccountNamespace | None, str]:
         steps = [hidden_processes.MOUNT] if self._hide else []
         if self._scratch:
             steps += account_scratch.mounts(uid, self._scratch, self.shadowed)
@@ -165,21 +196,25 @@ class AccountNamespaces:
         # the namespace is opened through it; then it is let go.
         script = " && ".join([*steps, "echo ready", "read _"])
         holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script],
+            ["unshare", "--mount", "--ipc", "--propagation", "slave", "--", "sh", "-c", script],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         assert holder.stdin is not None and holder.stdout is not None
-        fd: int | None = None
+        fds: list[int] = []
         opened: OSError | None = None
         try:
             ready, _, _ = select.select([holder.stdout], [], [], _TIMEOUT)
             if ready and holder.stdout.readline() == b"ready\n":
                 # Still our unreaped child, blocked on its stdin: the pid is its own.
-                fd = os.open(f"/proc/{holder.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+                for kind in ("mnt", "ipc"):
+                    fds.append(os.open(f"/proc/{holder.pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC))
         except OSError as err:
             opened = err
+            for fd in fds:
+                os.close(fd)
+            fds = []
         finally:
             try:  # closes its stdin: it ends
                 _, err_out = holder.communicate(timeout=_TIMEOUT)
@@ -187,4 +222,4 @@ class AccountNamespaces:
                 holder.kill()
                 _, err_out = holder.communicate()
         said = err_out.decode(errors="replace").strip() or f"exit status {holder.returncode}"
-        return fd, str(opened or said)
+        return (AccountNamespace(*fds) if fds else None), str(opened or said)

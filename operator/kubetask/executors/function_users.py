@@ -43,7 +43,7 @@ from .account_connections import AccountConnections
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
 from .account_memory import limit_setting
-from .account_namespaces import AccountNamespaces
+from .account_namespaces import AccountNamespace, AccountNamespaces
 from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory
 from .base import base_environment
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _PR_SET_NO_NEW_PRIVS = 38
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
 
 FIRST_UID = 1 << 24
 UID_SPAN = (1 << 31) - FIRST_UID
@@ -80,7 +81,7 @@ class RunAs:
     kernel counts them per user (RLIMIT_NPROC), so the cap covers every function of the
     account, and a fork bomb in one stops there instead of taking the machine's process table.
     Root is exempt from the count, which is why only an account's own user can be capped.
-    `namespaces`, where there are any, hold the mount namespace its processes enter first
+    `namespaces`, where there are any, hold the namespaces its processes enter first
     (`account_namespaces.py`); `connections`, the rules that keep other accounts from its
     sockets (`account_connections.py`)."""
 
@@ -127,12 +128,14 @@ class RunAs:
         n = self.max_processes
         return f"umask 077; {{ ulimit -u {n} || ulimit -p {n}; }} 2>/dev/null || exit 125; "
 
-    def become(self, namespace: int | None) -> None:
-        """The same, from a `preexec_fn` (where there is no setpriv), entering `namespace`
-        first where there is one."""
+    def become(self, namespace: AccountNamespace | None) -> None:
+        """The same, from a `preexec_fn` (where there is no setpriv), entering the account's
+        `namespace` first where there is one."""
         if namespace is not None:
+            if _libc.setns(namespace.ipc, _CLONE_NEWIPC) != 0:
+                raise OSError(ctypes.get_errno(), "setns(CLONE_NEWIPC) failed")
             here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-            if _libc.setns(namespace, _CLONE_NEWNS) != 0:
+            if _libc.setns(namespace.mount, _CLONE_NEWNS) != 0:
                 raise OSError(ctypes.get_errno(), "setns(CLONE_NEWNS) failed")
             os.fchdir(here)  # entering a mount namespace moves to its root
             os.close(here)
@@ -287,6 +290,7 @@ class FunctionUsers:
                 ),
                 (ns.why_not_hidden, "tenants' functions see every process of the host"),
                 (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
+                (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
             ]
         for why_not_of, gap in gaps:
             if (why := why_not_of()) is not None:

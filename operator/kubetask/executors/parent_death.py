@@ -64,7 +64,7 @@ def die_with_parent(
     user: function_users.RunAs | None = None,
     cgroups: Sequence[str] = (),
     first_to_go: bool = False,
-    namespace: int | None = None,
+    namespace: account_namespaces.AccountNamespace | None = None,
     directory: str | None = None,
 ) -> Callable[[], None]:
     """A `preexec_fn` that arms the death signal, then kills the child if the parent that
@@ -98,14 +98,14 @@ def spawn_argv(
     cwd: str | None,
     user: function_users.RunAs | None = None,
     cgroups: Sequence[str] = (),
-    namespace: int | None = None,
+    namespace: account_namespaces.AccountNamespace | None = None,
 ) -> Launch:
     """What to pass to `spawn` for `command` with `env`; with `user`, the command runs as that
     user (`function_users.py`), and `env` reaches it only once it does (`RunAs.hand_over`);
     with `cgroups`, `cgroup.procs` files, the guard's shell puts itself in those groups before
     the command runs, so all it starts is born there (`cgroups.py`). The command is the
-    OOM killer's first choice (`FIRST_TO_GO`). With `namespace`, the descriptor of the user's
-    account's mount namespace (`account_namespaces.py`), it runs there.
+    OOM killer's first choice (`FIRST_TO_GO`). With `namespace`, the descriptors of the user's
+    account's namespaces (`account_namespaces.py`), it runs there.
 
     The command is looked up first as exec would (the environment's PATH, or relative to
     `cwd`), so a missing or unrunnable one fails here with the same error as before, not as an
@@ -136,7 +136,7 @@ def spawn_argv(
     if namespace is None:
         return Launch([*guard, *command], None, held, cwd=cwd)
     enter = account_namespaces.enter(namespace)
-    return Launch([*enter, *guard, *command], None, held, (namespace,), cwd)
+    return Launch([*enter, *guard, *command], None, held, tuple(namespace), cwd)
 
 
 async def start_function(
