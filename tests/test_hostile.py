@@ -127,11 +127,15 @@ async def test_creations_with_bad_names_are_422(api: Api) -> None:
     assert resp.status_code == 422 and "^" not in resp.text, resp.text
 
 
-async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
-    """No process can be given an argument, a variable or a directory with a NUL byte in it, or
-    be a program without a name: a function with either was accepted and then failed every
-    attempt at its start."""
-    for spec, field in (
+async def test_what_would_reach_exec_is_what_exec_takes(
+    api: Api, settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
+) -> None:
+    """No process can be given an argument, a variable or a directory with a NUL byte in it, be
+    a program without a name, or be given an argument, a variable or a path longer than the
+    kernel takes (counted in bytes, as it counts): a function with any of these was accepted
+    and then failed every attempt at its start (`Argument list too long`)."""
+    arg, var, path = 131_071, 131_007, 4_095  # the kernel's bounds, without the NUL
+    refused: list[tuple[dict[str, Any], str]] = [
         ({"command": ["tr\x00ue"]}, "spec.command.0"),
         ({"command": ["true", "a\x00"]}, "spec.command.1"),
         ({"server": {"command": ["srv\x00"]}}, "spec.server.command.0"),
@@ -140,12 +144,44 @@ async def test_what_would_reach_exec_holds_no_nul_byte(api: Api) -> None:
         # Nor be started as a program with no name.
         ({"command": [""]}, "spec.command"),
         ({"server": {"command": ["", "serve"]}}, "spec.server.command"),
+        # Nor be given more than the kernel takes.
+        ({"command": ["echo", "a" * (arg + 1)]}, "spec.command.1"),
+        ({"command": ["echo", "\u20ac" * (arg // 3 + 1)]}, "spec.command.1"),
+        ({"command": ["/" + "a" * path]}, "spec.command"),
+        ({"server": {"command": ["/" + "\u00e9" * (path // 2 + 1)]}}, "spec.server.command"),
+        ({"command": ["true"], "env": [{"name": "A", "value": "b" * (var - 1)}]}, "spec.env.0"),
+        ({"command": ["true"], "env": [{"name": "A" * var, "value": ""}]}, "spec.env.0"),
+        ({"command": ["true"], "workingDir": "/" + "d" * path}, "spec.workingDir"),
+    ]
+    # A body as large as the default allows: the tests' gateway takes a quarter of it.
+    roomy = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords), max_payload_bytes=256 * 1024
+    )
+    async with (
+        gateway(roomy, tokens_file) as url,
+        httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {api.token}"}, timeout=30
+        ) as http,
     ):
-        body = {"metadata": {"name": "nul"}, "spec": spec}
-        resp = await api.http.put("/v1/functions/nul", json=body)
-        assert resp.status_code == 422 and resp.json()["field"] == field, resp.text
-        _check_error_body(resp)
-    assert (await api.http.get("/v1/functions/nul")).status_code == 404
+        for spec, field in refused:
+            body = {"metadata": {"name": "nul"}, "spec": spec}
+            resp = await http.put("/v1/functions/nul", json=body)
+            assert resp.status_code == 422 and resp.json()["field"] == field, resp.text[:300]
+            _check_error_body(resp)
+        assert (await http.get("/v1/functions/nul")).status_code == 404
+        # At the bounds, what is accepted starts.
+        spec = {
+            "command": ["sh", "-c", 'echo "${#1} ${#B}"', "sh", "a" * arg],
+            "env": [{"name": "B", "value": "b" * (var - 2)}],
+        }
+        resp = await http.put(
+            "/v1/functions/longest", json={"metadata": {"name": "longest"}, "spec": spec}
+        )
+        assert resp.status_code == 200, resp.text[:300]
+    await api.submit("longest", task_id="longest-1")
+    task = await api.wait("longest-1")
+    assert task["status"]["phase"] == "Succeeded", task["status"]
+    assert str(task["status"]["result"]).split() == [str(arg), str(var - 2)], task["status"]
 
 
 async def _put_destination(api: Api, when: str, kind: str, target: str) -> Any:

@@ -63,6 +63,15 @@ IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
 QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
 # No NUL byte: no process can be given an argument, variable or directory holding one.
 PROCESS_TEXT_PATTERN = r"^[^\x00]*$"
+# The kernel's bounds on what exec is given, in bytes without the closing NUL: one argument, or
+# one variable as `NAME=value`, is at most MAX_ARG_STRLEN (32 pages), and a path (the program,
+# the working directory) at most PATH_MAX. Past either, every attempt failed to start
+# (`Argument list too long`, `File name too long`). A variable is held to less than an
+# argument: a tenant's crosses the user switch under a longer name (`KT_HELD_<name>`,
+# `executors/function_users.py`).
+ARGUMENT_MAX_BYTES = 131_071
+VARIABLE_MAX_BYTES = ARGUMENT_MAX_BYTES - 64
+PATH_MAX_BYTES = 4_095
 
 _NAME = re.compile(NAME_PATTERN)
 _TASK_ID = re.compile(TASK_ID_PATTERN)

@@ -95,22 +95,55 @@ class TaskMeta(ObjectMeta):
     name: TaskId
 
 
-# What reaches an exec call as an argument, a variable's value or a directory: no NUL byte,
-# which no process can be given (a command holding one was accepted and then failed every
-# attempt with "could not start").
-ProcessText = Annotated[str, Field(pattern=grammar.PROCESS_TEXT_PATTERN)]
+def utf8_bytes(value: str) -> int:
+    return len(value.encode(errors="surrogatepass"))
 
-# A command line's first word is the program exec looks for: an empty one is never found, so a
-# function with one was accepted and then failed every attempt with "could not start".
+
+def _at_most(limit: int, what: str) -> Any:
+    """The kernel counts bytes; a schema's maxLength counts characters, so it can only be the
+    outer bound (a character is up to four bytes), and this says the rest."""
+
+    def check(value: str) -> str:
+        if (size := utf8_bytes(value)) > limit:
+            raise ValueError(f"{what} may be at most {limit:,} bytes (UTF-8), not {size:,}")
+        return value
+
+    return AfterValidator(check)
+
+
+# What reaches an exec call as an argument, a variable's value or a directory: no NUL byte,
+# which no process can be given, and no longer than the kernel takes (`grammar`); a command
+# past either was accepted and then failed every attempt with "could not start".
+ProcessText = Annotated[
+    str,
+    Field(max_length=grammar.ARGUMENT_MAX_BYTES, pattern=grammar.PROCESS_TEXT_PATTERN),
+    _at_most(grammar.ARGUMENT_MAX_BYTES, "an argument"),
+]
+ProcessPath = Annotated[
+    str,
+    Field(max_length=grammar.PATH_MAX_BYTES, pattern=grammar.PROCESS_TEXT_PATTERN),
+    _at_most(grammar.PATH_MAX_BYTES, "a path"),
+]
+
+# A command line's first word is the program exec looks for: an empty one is never found, and
+# one longer than a path is never opened, so a function with either was accepted and then
+# failed every attempt with "could not start".
 PROGRAM_NAMED: dict[str, JsonValue] = {
     "rule": "size(self) == 0 || self[0] != ''",
     "message": "the program to run (the command's first word) may not be empty",
+}
+PROGRAM_A_PATH: dict[str, JsonValue] = {
+    "rule": f"size(self) == 0 || size(self[0]) <= {grammar.PATH_MAX_BYTES}",
+    "message": f"the program to run (the command's first word) is a path: at most "
+    f"{grammar.PATH_MAX_BYTES:,} bytes",
 }
 
 
 def _program_named(command: list[str]) -> list[str]:
     if command and not command[0]:
         raise ValueError(PROGRAM_NAMED["message"])
+    if command and (size := utf8_bytes(command[0])) > grammar.PATH_MAX_BYTES:
+        raise ValueError(f"{PROGRAM_A_PATH['message']} (UTF-8), not {size:,}")
     return command
 
 
@@ -123,17 +156,46 @@ CommandLine = Annotated[
     Field(
         json_schema_extra={
             "prefixItems": [
-                {"type": "string", "minLength": 1, "pattern": grammar.PROCESS_TEXT_PATTERN}
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": grammar.PATH_MAX_BYTES,
+                    "pattern": grammar.PROCESS_TEXT_PATTERN,
+                }
             ],
-            "x-kubernetes-validations": [PROGRAM_NAMED],
+            "x-kubernetes-validations": [PROGRAM_NAMED, PROGRAM_A_PATH],
         }
     ),
 ]
 
 
+# Said twice: CEL for the API server, `_fits` for the API (and, counting bytes where CEL counts
+# characters, for the operator).
+VARIABLE_FITS: dict[str, JsonValue] = {
+    "rule": "size(self.name) + 1 + (has(self.value) ? size(self.value) : 0) <= "
+    f"{grammar.VARIABLE_MAX_BYTES}",
+    "message": f"a variable, as NAME=value, may be at most {grammar.VARIABLE_MAX_BYTES:,} bytes",
+}
+
+
 class EnvVar(KubeModel):
-    name: str = Field(min_length=1, pattern=grammar.ENV_NAME_PATTERN)
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={"x-kubernetes-validations": [VARIABLE_FITS]},
+    )
+
+    name: str = Field(
+        min_length=1, max_length=grammar.VARIABLE_MAX_BYTES, pattern=grammar.ENV_NAME_PATTERN
+    )
     value: ProcessText = ""
+
+    @model_validator(mode="after")
+    def _fits(self) -> EnvVar:
+        size = len(self.name) + 1 + utf8_bytes(self.value)
+        if size > grammar.VARIABLE_MAX_BYTES:
+            raise ValueError(f"{VARIABLE_FITS['message']} (UTF-8), not {size:,}")
+        return self
 
 
 # What a function may ask of the pod it runs in on Kubernetes (`executors/pod_template.py`): a
@@ -339,7 +401,7 @@ class TaskFunctionSpec(KubeModel):
         default=None, description="Warm server mode, for short tasks."
     )
     env: list[EnvVar] = Field(default_factory=list)
-    workingDir: ProcessText | None = None
+    workingDir: ProcessPath | None = None
     image: str | None = Field(
         default=None,
         max_length=512,
