@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
-from harness import DENIED_WEBHOOK_HOST, Api, echo_script, kt, read_lines, web_server
+from harness import (
+    DENIED_WEBHOOK_HOST,
+    Api,
+    as_user,
+    echo_script,
+    gateway,
+    kt,
+    read_lines,
+    web_server,
+)
 from kubetask.dispatch import destination_chains
 from kubetask.dispatch.destination_chains import DEPTH
 from kubetask.dispatch.webhooks import (
@@ -24,6 +37,7 @@ from kubetask.dispatch.webhooks import (
 from kubetask.models import Task, TaskMeta, TaskSpec
 from kubetask.networks import parse_networks
 from kubetask.plane import DataPlane
+from kubetask.settings import Settings
 from prometheus_client import REGISTRY
 
 
@@ -286,24 +300,51 @@ async def test_webhook_destination_is_retried_until_delivered(api: Api) -> None:
         assert len(calls) == 3  # delivered once it succeeded, not again
 
 
-async def test_a_webhook_in_a_denied_network_is_never_called_and_the_log_says_so(
-    api: Api,
+async def test_a_webhook_in_a_denied_network_is_refused_or_never_called(
+    api: Api, settings: Settings, tokens_file: Path, nats_passwords: dict[str, str]
 ) -> None:
-    """The tests' dispatcher denies DENIED_WEBHOOK_HOST, as a real one denies the clouds'
-    metadata addresses: the task still ends as it ran, and its log names the refusal."""
+    """The tests' gateway and dispatcher deny DENIED_WEBHOOK_HOST, as real ones deny the
+    clouds' metadata addresses. Written as an address, in any form the resolver reads as
+    one, the webhook is refused when it is registered (it would never be called). One
+    registered before its network was denied (here: through a gateway that denies none) is
+    refused at each delivery: the task still ends as it ran, and its log names the refusal."""
     calls: list[str] = []
 
     async def hook(request: web.Request) -> web.Response:
         calls.append(request.path)
         return web.Response(status=200)
 
+    host = ipaddress.IPv4Address(DENIED_WEBHOOK_HOST)
     async with web_server(hook, DENIED_WEBHOOK_HOST) as url:
         await api.function("guarded", command=["true"])
-        await api.async_config(
-            "guarded",
-            function="guarded",
-            destinationConfig={"onSuccess": {"kind": "webhook", "target": f"{url}/hook"}},
+        port = url.rsplit(":", 1)[1]
+        for written in (str(host), str(int(host)), hex(int(host)), f"[::ffff:{host}]"):
+            target = f"http://{written}:{port}/hook"
+            hook_spec = {"onSuccess": {"kind": "webhook", "target": target}}
+            refused = await api.async_config(
+                "guarded", expect=422, function="guarded", destinationConfig=hook_spec
+            )
+            assert "denied network" in refused["error"], refused
+        open_to_all = dataclasses.replace(
+            as_user(settings, "gateway", nats_passwords), webhook_denied_networks=()
         )
+        async with (
+            gateway(open_to_all, tokens_file) as other,
+            httpx.AsyncClient(
+                base_url=other, headers={"Authorization": f"Bearer {api.token}"}
+            ) as http,
+        ):
+            body = {
+                "metadata": {"name": "guarded"},
+                "spec": {
+                    "function": "guarded",
+                    "destinationConfig": {
+                        "onSuccess": {"kind": "webhook", "target": f"{url}/hook"}
+                    },
+                },
+            }
+            resp = await http.put("/v1/asyncconfigs/guarded", json=body)
+            assert resp.status_code == 200, resp.text
         tid = (await api.submit("guarded"))["metadata"]["name"]
         assert (await api.wait(tid))["status"]["phase"] == "Succeeded"
         log = ""

@@ -7,6 +7,7 @@ import an HTTP client.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -28,11 +29,28 @@ def parse_networks(name: str, raw: str) -> tuple[Network, ...]:
     return tuple(networks)
 
 
-def denied(address: str, networks: tuple[Network, ...]) -> Network | None:
-    """The denied network `address` is in, seen through an IPv4-mapped IPv6 form too."""
+def address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` is written as, None for a name. IPv4 in every form the resolver
+    takes as one (`inet_aton`'s: `2852039166`, `0xa9fea9fe`, `0251.254.43518`), which
+    `ipaddress` does not: each of those is 169.254.169.254."""
+    host = host.split("%", 1)[0]
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        return ipaddress.ip_address(host)
     except ValueError:
+        pass
+    if not host or not host[0].isdigit():
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def denied(host: str, networks: tuple[Network, ...]) -> Network | None:
+    """The denied network the address `host` is written as is in, seen through an
+    IPv4-mapped IPv6 form too; None for a name."""
+    ip = address(host)
+    if ip is None:
         return None
     mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
     for net in networks:

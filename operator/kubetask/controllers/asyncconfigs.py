@@ -35,7 +35,7 @@ async def reconcile(
             metadata=ObjectMeta(name=name, namespace=namespace),
             spec=AsyncConfigSpec.model_validate(dict(spec)),
         )
-        problem = config_problem(cfg)
+        problem = config_problem(cfg, denied_networks=plane.settings.webhook_denied_networks)
         if problem is not None:
             raise ValueError(problem)
     except ValueError as err:

@@ -21,6 +21,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -38,6 +39,7 @@ from ..models import (
     TaskPhase,
     TaskStatus,
 )
+from ..networks import Network, denied
 from ..plane import DataPlane
 from ..store import TaskExists, now
 from . import destination_chains
@@ -67,11 +69,15 @@ def target_problem(account: str, dest: Destination) -> str | None:
 
 
 def config_problem(
-    cfg: AsyncConfig, function: Callable[[str, str], TaskFunction | None] | None = None
+    cfg: AsyncConfig,
+    function: Callable[[str, str], TaskFunction | None] | None = None,
+    denied_networks: tuple[Network, ...] = (),
 ) -> str | None:
     """Why an AsyncConfig's destinations are refused (422 in the API, a condition on
     Kubernetes); None when they are acceptable. With `function`, a destination function must
-    also be registered (the API's rule; on Kubernetes it may come later)."""
+    also be registered (the API's rule; on Kubernetes it may come later). A webhook written
+    as an address in `denied_networks` would never be called (`webhooks.py` refuses it at
+    each delivery), so it is refused now; a name is resolved only at delivery."""
     dests = cfg.spec.destinationConfig
     for dest in (dests.onSuccess, dests.onFailure):
         if dest is None:
@@ -79,6 +85,14 @@ def config_problem(
         problem = target_problem(cfg.account, dest)
         if problem is not None:
             return problem
+        if dest.kind is DestinationKind.webhook:
+            host = urlsplit(dest.target).hostname or ""
+            net = denied(host, denied_networks)
+            if net is not None:
+                return (
+                    f"webhook destination {dest.target!r}: {host} is in a denied network "
+                    f"({net}, KUBETASK_WEBHOOK_DENIED_NETWORKS); it would never be called"
+                )
         if (
             function is not None
             and dest.kind is DestinationKind.function

@@ -605,7 +605,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         name: NamePath, cfg: AsyncConfig, who: Who, account: AccountParam = None
     ) -> Response:
         check_object(who, account, name, cfg.metadata)
-        problem = config_problem(cfg, plane().registry.function)
+        problem = config_problem(cfg, plane().registry.function, settings.webhook_denied_networks)
         if problem is not None:
             raise ApiError(422, problem, field="spec.destinationConfig")
         try:
