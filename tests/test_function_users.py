@@ -530,6 +530,61 @@ async def test_a_tenants_function_cannot_connect_to_a_denied_network(dev: Dev) -
     assert admin["task"]["status"]["result"] == {refused: "denied", reached: "open"}
 
 
+# Sends a datagram to each of as many loopback addresses as it is told (each a connection the
+# host's table tracks for 30 s), then connects to the host:port it is given; says what passed.
+FLOOD = """
+import json, socket, sys
+count, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+seen = {"sent": 0, "refused": 0}
+for i in range(count):
+    try:
+        udp.sendto(b"x", (f"127.9.{i // 250}.{i % 250 + 1}", 9))
+        seen["sent"] += 1
+    except PermissionError:
+        seen["refused"] += 1
+try:
+    socket.create_connection((host, port), timeout=3).close()
+    seen["tcp"] = "open"
+except OSError as err:
+    seen["tcp"] = type(err).__name__
+print(json.dumps(seen))
+"""
+CONNECTIONS = 64
+
+
+@pytest.mark.parametrize(
+    "dev", [{"KUBETASK_ACCOUNT_MAX_CONNECTIONS": str(CONNECTIONS)}], indirect=True
+)
+async def test_an_accounts_connections_are_capped_and_its_neighbours_are_not(dev: Dev) -> None:
+    """The host tracks every connection in one table, and a full table drops every new
+    connection of the host, the platform's too: one process filled it in about a second
+    (seen). An account's functions hold at most KUBETASK_ACCOUNT_MAX_CONNECTIONS of it; past
+    that theirs are refused, and a neighbour's and the platform's are not."""
+    python = _python("team-y", "team-z")
+    host, port = dev.url.removeprefix("http://").split(":")
+    spec = {"command": [python, "-c", FLOOD, str(CONNECTIONS * 3), host, port]}
+    flooded = (await _run(dev, dev.token("team-y"), "team-y", spec))["task"]["status"]
+    seen = flooded["result"]
+    assert CONNECTIONS - 8 <= seen["sent"] <= CONNECTIONS, flooded
+    assert seen["refused"] == CONNECTIONS * 3 - seen["sent"], flooded
+    assert seen["tcp"] == "ConnectionRefusedError", flooded
+    spec = {"command": [python, "-c", FLOOD, "1", host, port]}
+    neighbour = (await _run(dev, dev.token("team-z"), "team-z", spec))["task"]["status"]
+    assert neighbour["result"] == {"sent": 1, "refused": 0, "tcp": "open"}, neighbour
+
+    def rules() -> str:
+        each = ["iptables", "-w", "-S", "KUBETASK-ACCOUNTS-CAP-EACH"]
+        return subprocess.run(each, capture_output=True, text=True).stdout
+
+    assert f"--uid-owner {account_uid('team-y')} " in rules()
+    os.kill(dev.pid, signal.SIGTERM)  # its dispatcher's rules go with it
+    deadline = time.monotonic() + 30
+    while f"--uid-owner {account_uid('team-y')} " in rules():
+        assert time.monotonic() < deadline, rules()
+        await asyncio.sleep(0.2)
+
+
 # Listens on each port it is given, answering "tenant" to whoever connects, for 20 s.
 SQUATTER = """
 import socket, sys, time

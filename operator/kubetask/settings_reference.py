@@ -277,6 +277,12 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Processes an account's functions hold at once on a host.",
             ),
             (
+                "KUBETASK_ACCOUNT_MAX_CONNECTIONS",
+                "Connections an account's functions hold open at once on a host (accounts "
+                "mode: the host's connection tracking table, which full drops every new "
+                "connection of the host); 0: no cap.",
+            ),
+            (
                 "KUBETASK_ACCOUNT_MAX_MEMORY",
                 "Memory an account's functions hold together on a host, their `/tmp` in; 0: "
                 "no limit.",
@@ -430,6 +436,7 @@ IN_WORDS = {
     "KUBETASK_NODE_PROCESSES": "32 per core",
     "KUBETASK_NODE_INSTANCES": "8 per core",
     "KUBETASK_MAX_CONNECTIONS": "10000",
+    "KUBETASK_ACCOUNT_MAX_CONNECTIONS": "a sixteenth of the host's nf_conntrack_max",
     "KUBETASK_RUNTIME_ADDRESS": "the pod's IP",
 }
 

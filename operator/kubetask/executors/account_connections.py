@@ -31,13 +31,7 @@ connection in `platform` mode, where every function is the platform's user.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import subprocess
-
-from .firewall import Chains, chain, end_orphans, mark, restore, restore_now, said
-
-log = logging.getLogger(__name__)
+from .firewall import AccountRules, chain, end_orphans, mark, restore_now
 
 CHAIN = "KUBETASK-ACCOUNTS"  # from OUTPUT
 OPENED = "KUBETASK-ACCOUNTS-OPENED"  # per account: mark what it opens
@@ -51,16 +45,17 @@ def opened_by(uid: int) -> str:
     return f"{uid | OPENED_BY_A_TENANT:#x}"
 
 
-class AccountConnections(Chains):
+class AccountConnections(AccountRules):
     """`why_not`: why accounts' functions answer each other's connections; None if they do not."""
 
     stays_open = "IPv6 connections stay open"
+    chain_name = CHAIN
+    purpose = "close it to other accounts' connections"
 
     def __init__(self, enabled: bool, tenants: str) -> None:
         """`tenants`: the account users' id range (`first-last`)."""
         super().__init__(enabled)
         self.tenants = tenants
-        self._added: dict[int, asyncio.Future[None]] = {}  # by account user id
 
     def _guards(self, verb: str) -> str:
         tenant = f"-m owner --uid-owner {self.tenants}"
@@ -85,43 +80,3 @@ class AccountConnections(Chains):
         chain(family, CHAIN, "OUTPUT")
         end_orphans(family, (CHAIN, OPENED, ANSWERS))
         restore_now([family], "*filter\n" + self._guards("-A") + "COMMIT\n")
-
-    async def admit(self, uid: int) -> None:
-        """Before the first process of the account whose user is `uid` starts: its rules.
-        An account's function is not started open where they could not be added."""
-        if not self._open():
-            return
-        adding = self._added.get(uid)
-        if adding is None:
-            adding = self._added[uid] = asyncio.ensure_future(self._add(uid))
-
-            def forget_failed(done: asyncio.Future[None]) -> None:
-                if done.cancelled() or done.exception() is not None:
-                    self._added.pop(uid, None)  # the account's next process tries again
-
-            adding.add_done_callback(forget_failed)
-        await asyncio.shield(adding)
-
-    async def _add(self, uid: int) -> None:
-        try:
-            await restore(self._families, "*filter\n" + self._account("-A", uid) + "COMMIT\n")
-        except (OSError, subprocess.CalledProcessError) as err:
-            raise RuntimeError(
-                f"cannot close it to other accounts' connections: {said(err)}"
-            ) from err
-
-    def close(self) -> None:
-        """Removes this dispatcher's rules: its accounts', then the guards."""
-        if not self._families:
-            return
-        accounts = [
-            uid
-            for uid, f in self._added.items()
-            if f.done() and not f.cancelled() and f.exception() is None
-        ]
-        lines = "".join(self._account("-D", uid) for uid in accounts) + self._guards("-D")
-        try:
-            restore_now(self._families, "*filter\n" + lines + "COMMIT\n")
-        except (OSError, subprocess.CalledProcessError) as err:
-            log.warning("%s: its rules stay (%s)", CHAIN, said(err))
-        self._added.clear()

@@ -135,6 +135,66 @@ class Chains:
         raise NotImplementedError
 
 
+class AccountRules(Chains):
+    """Chains with rules of each account's: the guards that enter the chains, added with them,
+    and an account's own, added before its first process starts on this dispatcher (`admit`)
+    and removed when the dispatcher stops (`close`)."""
+
+    chain_name = ""  # what a warning about its rules names
+    purpose = ""  # what adding an account's rules does, for an error: "cannot <purpose>"
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__(enabled)
+        self._added: dict[int, asyncio.Future[None]] = {}  # by account user id
+
+    def _guards(self, verb: str) -> str:
+        """The rules, with `verb` (`-A`, `-D`), that enter the chains."""
+        raise NotImplementedError
+
+    def _account(self, verb: str, uid: int) -> str:
+        """The rules, with `verb`, of the account whose user is `uid`."""
+        raise NotImplementedError
+
+    async def admit(self, uid: int) -> None:
+        """Before the first process of the account whose user is `uid` starts: its rules.
+        An account's function is not started without them where they could not be added."""
+        if not self._open():
+            return
+        adding = self._added.get(uid)
+        if adding is None:
+            # One future per account: two first spawns at once do not add the rules twice.
+            adding = self._added[uid] = asyncio.ensure_future(self._add(uid))
+
+            def forget_failed(done: asyncio.Future[None]) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    self._added.pop(uid, None)  # the account's next process tries again
+
+            adding.add_done_callback(forget_failed)
+        await asyncio.shield(adding)
+
+    async def _add(self, uid: int) -> None:
+        try:
+            await restore(self._families, "*filter\n" + self._account("-A", uid) + "COMMIT\n")
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise RuntimeError(f"cannot {self.purpose}: {said(err)}") from err
+
+    def close(self) -> None:
+        """Removes this dispatcher's rules: its accounts', then the guards."""
+        if not self._families:
+            return
+        accounts = [
+            uid
+            for uid, f in self._added.items()
+            if f.done() and not f.cancelled() and f.exception() is None
+        ]
+        lines = "".join(self._account("-D", uid) for uid in accounts) + self._guards("-D")
+        try:
+            restore_now(self._families, "*filter\n" + lines + "COMMIT\n")
+        except (OSError, subprocess.CalledProcessError) as err:
+            log.warning("%s: its rules stay (%s)", self.chain_name, said(err))
+        self._added.clear()
+
+
 class HostRules:
     """Rules this dispatcher keeps in chain `name` (jumped to from `hook`) for as long as it
     runs: added once at start, removed when it stops, and by the next dispatcher if it is

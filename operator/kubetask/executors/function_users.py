@@ -39,6 +39,7 @@ from ..networks import Network
 from ..registrant import ADMIN, registered_by
 from ..settings import WEIGHTS, env_choice, env_int, env_str, env_switch
 from . import account_scratch, function_egress, platform_ports
+from .account_connection_cap import AccountConnectionCap, most_setting
 from .account_connections import AccountConnections
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
@@ -48,7 +49,7 @@ from .account_pids import AccountPids
 from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
-from .firewall import HostRules
+from .firewall import AccountRules, HostRules
 from .function_egress import SETTING as DENIED_NETWORKS
 from .function_egress import denied_networks
 from .instance_ports import InstancePorts
@@ -82,13 +83,13 @@ class RunAs:
     account, and a fork bomb in one stops there instead of taking the machine's process table.
     Root is exempt from the count, which is why only an account's own user can be capped.
     `namespaces`, where there are any, hold the namespaces its processes enter first
-    (`account_namespaces.py`); `connections`, the rules that keep other accounts from its
-    sockets (`account_connections.py`)."""
+    (`account_namespaces.py`); `firewall`, the rules its account's connections are held to
+    (`account_connections.py`, `account_connection_cap.py`)."""
 
     uid: int
     max_processes: int
     namespaces: AccountNamespaces | None = field(default=None, compare=False, repr=False)
-    connections: AccountConnections | None = field(default=None, compare=False, repr=False)
+    firewall: tuple[AccountRules, ...] = field(default=(), compare=False, repr=False)
 
     def unreachable(self) -> tuple[str, ...]:
         """The host's directories its processes find something else at: their own /tmp."""
@@ -170,6 +171,7 @@ class FunctionUsers:
     ports: InstancePorts = field(init=False, compare=False, repr=False)
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
     connections: AccountConnections = field(init=False, compare=False, repr=False)
+    connection_cap: AccountConnectionCap = field(init=False, compare=False, repr=False)
     # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
     platform_ports: tuple[int, ...] = field(
         default_factory=lambda: parse(
@@ -189,6 +191,8 @@ class FunctionUsers:
         namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
         object.__setattr__(self, "namespaces", namespaces)
         object.__setattr__(self, "connections", AccountConnections(accounts, TENANTS))
+        cap = AccountConnectionCap(accounts, TENANTS, most_setting())
+        object.__setattr__(self, "connection_cap", cap)
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -200,7 +204,8 @@ class FunctionUsers:
         if self.mode == "platform" or registered_by(fn) == ADMIN:
             return None
         uid = account_uid(fn.account)
-        return RunAs(uid, self.max_processes, self.namespaces, self.connections)
+        firewall = (self.connections, self.connection_cap)
+        return RunAs(uid, self.max_processes, self.namespaces, firewall)
 
     def environment(self, user: RunAs | None) -> dict[str, str]:
         """What a function's environment starts from: the platform's few variables, and for
@@ -231,6 +236,7 @@ class FunctionUsers:
         self.pids.close()
         self.namespaces.close()
         self.connections.close()
+        self.connection_cap.close()
         for rules in self.rules:
             rules.remove()
         self.rules.clear()
@@ -291,6 +297,10 @@ class FunctionUsers:
                 (ns.why_not_hidden, "tenants' functions see every process of the host"),
                 (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
                 (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
+                (
+                    self.connection_cap.why_not,
+                    "an account's functions may fill the host's connection tracking table",
+                ),
             ]
         for why_not_of, gap in gaps:
             if (why := why_not_of()) is not None:

@@ -155,8 +155,9 @@ async def start_function(
         namespace = None
         if user is not None and user.namespaces is not None:
             namespace = await user.namespaces.get(user.uid)
-        if user is not None and user.connections is not None:
-            await user.connections.admit(user.uid)
+        if user is not None:
+            for rules in user.firewall:
+                await rules.admit(user.uid)
         launch = spawn_argv(command, env, cwd, user, [g.procs for g in groups], namespace)
         return await spawn(
             launch.argv,
