@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
+from kubetask.executors import account_scopes
 from kubetask.executors.account_cpu import AccountCpu
 from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.cgroups import own_group
@@ -797,30 +798,37 @@ open(sys.argv[1], "w").write("x" * 1000)
 os.makedirs(sys.argv[1] + "-dir", exist_ok=True)
 print(json.dumps({"cwd": os.getcwd()}))
 """
-# Answers "mine" on TCP and UDP at the ports given, until told to stop.
+# Answers "mine" on TCP and UDP at the ports given, and on the abstract Unix socket named, until
+# told to stop.
 LISTENER = """
 import os, socket, time
 tcp = socket.create_server(("127.0.0.1", int(os.environ["TCP"])))
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 udp.bind(("127.0.0.1", int(os.environ["UDP"])))
+unix = socket.socket(socket.AF_UNIX)
+unix.bind("\\0" + os.environ["UNIX"])
+unix.listen()
 tcp.settimeout(0.05)
 udp.settimeout(0.05)
+unix.settimeout(0.05)
 open(os.environ["READY"], "w").close()
 end = time.monotonic() + 90
 while time.monotonic() < end and not os.path.exists(os.environ["DONE"]):
-    try:
-        conn, _ = tcp.accept()
-        conn.sendall(b"mine")
-        conn.close()
-    except OSError:
-        pass
+    for server in (tcp, unix):
+        try:
+            conn, _ = server.accept()
+            conn.sendall(b"mine")
+            conn.close()
+        except OSError:
+            pass
     try:
         _, peer = udp.recvfrom(16)
         udp.sendto(b"mine", peer)
     except OSError:
         pass
 """
-# Asks the listener over TCP and UDP, and says what it answered, or why nothing came.
+# Asks the listener over TCP, UDP and an abstract Unix socket, and says what it answered, or
+# why nothing came.
 ASKER = """
 import json, os, socket
 seen = {}
@@ -836,6 +844,13 @@ try:
     seen["udp"] = u.recv(16).decode()
 except OSError as err:
     seen["udp"] = type(err).__name__
+try:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(2)
+        c.connect("\\0" + os.environ["UNIX"])
+        seen["unix"] = c.recv(16).decode()
+except OSError as err:
+    seen["unix"] = type(err).__name__
 print(json.dumps(seen))
 """
 
@@ -849,10 +864,15 @@ def _accounts_rules() -> str:
 
 async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(dev: Dev) -> None:
     """A function listening on 127.0.0.1 for its own use (a database for the length of a job)
-    answered another account's function, over TCP and UDP (seen: `account_connections.py`).
+    answered another account's function, over TCP and UDP (seen: `account_connections.py`),
+    and on an abstract Unix socket, which no file mode guards (seen: `account_scopes.py`).
     Its own account and the platform are still answered."""
     python = _python("team-p", "team-q")
-    ports = [{"name": "TCP", "value": str(free_port())}, {"name": "UDP", "value": "0"}]
+    ports = [
+        {"name": "TCP", "value": str(free_port())},
+        {"name": "UDP", "value": "0"},
+        {"name": "UNIX", "value": f"kubetask-test-{os.getpid()}"},
+    ]
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.1", 0))
     ports[1]["value"] = str(probe.getsockname()[1])
@@ -879,11 +899,17 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
             own = (await _run(dev, owner, "team-p", asker))["task"]["status"]["result"]
             with socket.create_connection(("127.0.0.1", int(ports[0]["value"])), timeout=5) as c:
                 platform = c.recv(16)
+            with socket.socket(socket.AF_UNIX) as c:
+                c.connect("\0" + ports[2]["value"])
+                platform += c.recv(16)
         finally:
             done.touch()
-    assert other == {"tcp": "TimeoutError", "udp": "TimeoutError"}, other
-    assert own == {"tcp": "mine", "udp": "mine"}, own
-    assert platform == b"mine"
+    # Where the kernel has no Landlock scopes (before 6.12) the dispatcher warns, and the
+    # abstract socket stays open (`account_scopes.py`).
+    unix = "PermissionError" if account_scopes.why_not() is None else "mine"
+    assert other == {"tcp": "TimeoutError", "udp": "TimeoutError", "unix": unix}, other
+    assert own == {"tcp": "mine", "udp": "mine", "unix": "mine"}, own
+    assert platform == b"minemine"
     assert f"--uid-owner {account_uid('team-q')} " in _accounts_rules()
     os.kill(dev.pid, signal.SIGTERM)  # its dispatcher's rules go with it
     deadline = time.monotonic() + 30
@@ -1157,6 +1183,45 @@ async def test_an_idle_accounts_namespace_is_let_go_and_its_tmp_with_it(
         assert sh(second, segments) == "0", "and no IPC objects"
     finally:
         namespaces.close()
+
+
+async def test_an_idle_accounts_scope_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each account's processes start from a thread of its own, in a Landlock domain of its own
+    (`account_scopes.py`), kept while the account is used and let go with its namespace's idle
+    time. Real threads and domains, with IDLE_SECONDS made short."""
+    if account_scopes.why_not() is not None:
+        pytest.skip(f"no Landlock scopes here: {account_scopes.why_not()}")
+    from kubetask.executors import account_namespaces
+
+    scopes = account_scopes.AccountScopes(True)
+    a, b = account_uid("team-a"), account_uid("team-b")
+    listen = "import socket, time; s = socket.socket(socket.AF_UNIX); s.bind(b'\\0kt-scope'); s.listen(); time.sleep(5)"
+    ask = "import socket; socket.socket(socket.AF_UNIX).connect(b'\\0kt-scope')"
+
+    def run(uid: int, code: str) -> subprocess.Popen[bytes]:
+        starter = scopes.starter(uid)
+        assert starter is not None
+        argv = [sys.executable, "-S", "-c", code]
+        return starter.submit(subprocess.Popen, argv, stderr=subprocess.PIPE).result()
+
+    try:
+        first = scopes.starter(a)
+        assert first is not None and scopes.starter(a) is first
+        assert scopes.starter(b) is not first
+        listener = run(a, listen)
+        await asyncio.sleep(0.3)
+        assert run(a, ask).wait(10) == 0, "its own account's socket"
+        assert run(b, ask).wait(10) != 0, "another account's socket"
+        monkeypatch.setattr(account_namespaces, "IDLE_SECONDS", 0.5)
+        await asyncio.sleep(0.3)
+        assert scopes.starter(a) is first  # used again: stamped
+        await asyncio.sleep(0.6)
+        assert scopes.starter(a) is not first, "let go: a new thread, a new domain"
+        assert run(a, ask).wait(10) != 0, "a socket of the domain before is not its own"
+        listener.kill()
+        listener.wait()
+    finally:
+        scopes.close()
 
 
 ON_DISK = {"KUBETASK_ACCOUNT_SCRATCH": "0"}

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -91,11 +92,13 @@ async def spawn(
     stdin: bool,
     stderr_to_stdout: bool,
     keep_fds: Sequence[int] = (),
+    starter: Executor | None = None,
 ) -> Child:
     """Start `argv` in a session of its own with stdout (and stderr, or stderr folded into
     stdout) piped to the loop and, with `stdin`, a pipe to write to; otherwise stdin is
-    /dev/null; of the loop's other descriptors it gets `keep_fds` only. Raises what exec
-    raised (FileNotFoundError, PermissionError, ...)."""
+    /dev/null; of the loop's other descriptors it gets `keep_fds` only; started from a thread
+    of `starter` where given (`account_scopes.py`), else of the loop's pool. Raises what
+    exec raised (FileNotFoundError, PermissionError, ...)."""
     loop = asyncio.get_running_loop()
     in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, -1)
     out_r, out_w = os.pipe()
@@ -120,7 +123,7 @@ async def spawn(
         for fd in fds:
             os.close(fd)
 
-    starting = loop.run_in_executor(None, start)
+    starting = loop.run_in_executor(starter, start)
     try:
         popen = await asyncio.shield(starting)
     except asyncio.CancelledError:
