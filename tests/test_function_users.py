@@ -573,17 +573,7 @@ async def test_an_accounts_connections_are_capped_and_its_neighbours_are_not(dev
     spec = {"command": [python, "-c", FLOOD, "1", host, port]}
     neighbour = (await _run(dev, dev.token("team-z"), "team-z", spec))["task"]["status"]
     assert neighbour["result"] == {"sent": 1, "refused": 0, "tcp": "open"}, neighbour
-
-    def rules() -> str:
-        each = ["iptables", "-w", "-S", "KUBETASK-ACCOUNTS-CAP-EACH"]
-        return subprocess.run(each, capture_output=True, text=True).stdout
-
-    assert f"--uid-owner {account_uid('team-y')} " in rules()
-    os.kill(dev.pid, signal.SIGTERM)  # its dispatcher's rules go with it
-    deadline = time.monotonic() + 30
-    while f"--uid-owner {account_uid('team-y')} " in rules():
-        assert time.monotonic() < deadline, rules()
-        await asyncio.sleep(0.2)
+    await _rules_leave_with_their_dispatcher(dev, "team-y", ("KUBETASK-ACCOUNTS-CAP-EACH",))
 
 
 # Listens on each port it is given, answering "tenant" to whoever connects, for 20 s.
@@ -855,11 +845,23 @@ print(json.dumps(seen))
 """
 
 
-def _accounts_rules() -> str:
-    return "".join(
-        subprocess.run(["iptables", "-w", "-S", c], capture_output=True, text=True).stdout
-        for c in ("KUBETASK-ACCOUNTS-OPENED", "KUBETASK-ACCOUNTS-ANSWERS")
-    )
+async def _rules_leave_with_their_dispatcher(
+    dev: Dev, account: str, chains: tuple[str, ...]
+) -> None:
+    """The account's rules are in `chains`, and go when its dispatcher stops."""
+
+    def rules() -> str:
+        return "".join(
+            subprocess.run(["iptables", "-w", "-S", c], capture_output=True, text=True).stdout
+            for c in chains
+        )
+
+    assert f"--uid-owner {account_uid(account)} " in rules()
+    os.kill(dev.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while f"--uid-owner {account_uid(account)} " in rules():
+        assert time.monotonic() < deadline, rules()
+        await asyncio.sleep(0.2)
 
 
 async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(dev: Dev) -> None:
@@ -910,12 +912,8 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
     assert other == {"tcp": "TimeoutError", "udp": "TimeoutError", "unix": unix}, other
     assert own == {"tcp": "mine", "udp": "mine", "unix": "mine"}, own
     assert platform == b"minemine"
-    assert f"--uid-owner {account_uid('team-q')} " in _accounts_rules()
-    os.kill(dev.pid, signal.SIGTERM)  # its dispatcher's rules go with it
-    deadline = time.monotonic() + 30
-    while f"--uid-owner {account_uid('team-q')} " in _accounts_rules():
-        assert time.monotonic() < deadline, _accounts_rules()
-        await asyncio.sleep(0.2)
+    chains = ("KUBETASK-ACCOUNTS-OPENED", "KUBETASK-ACCOUNTS-ANSWERS")
+    await _rules_leave_with_their_dispatcher(dev, "team-q", chains)
 
 
 def test_the_port_rules_a_killed_dispatcher_left_are_removed_by_the_next() -> None:
