@@ -99,7 +99,7 @@ def utf8_bytes(value: str) -> int:
     return len(value.encode(errors="surrogatepass"))
 
 
-def _at_most(limit: int, what: str) -> Any:
+def _at_most(limit: int, what: str) -> AfterValidator:
     """The kernel counts bytes; a schema's maxLength counts characters, so it can only be the
     outer bound (a character is up to four bytes), and this says the rest."""
 
