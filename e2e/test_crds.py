@@ -90,6 +90,14 @@ def test_valid_objects_are_accepted(crds: ControlPlane) -> None:
             'server: {command: [""]}',
             'spec.server.command: Invalid value: "array": the program to run',
         ),
+        # No longer than the kernel takes (`grammar.py`): an argument, a path, a variable.
+        (f"command: [echo, {'a' * 131_072}]", "spec.command[1]: Too long"),
+        (f"command: [/{'a' * 4_095}]", "is a path: at most 4,095 bytes"),
+        (f"command: [a]\nworkingDir: /{'d' * 4_095}", "spec.workingDir: Too long"),
+        (
+            f"command: [a]\nenv: [{{name: A, value: {'b' * 131_006}}}]",
+            "a variable, as NAME=value, may be at most 131,007 bytes",
+        ),
     ],
 )
 def test_invalid_functions_are_rejected_naming_the_field(

@@ -535,7 +535,11 @@ def test_a_function_past_its_accounts_registered_bytes_says_so_and_is_not_regist
         "apiVersion": "kubetask.io/v1alpha1",
         "kind": "TaskFunction",
         "metadata": {"name": "fat"},
-        "spec": {"command": ["true"], "env": [{"name": "BIG", "value": "f" * 160_000}]},
+        # Two variables: one is at most 131,007 bytes (`grammar.VARIABLE_MAX_BYTES`).
+        "spec": {
+            "command": ["true"],
+            "env": [{"name": f"BIG{i}", "value": "f" * 80_000} for i in range(2)],
+        },
     }
     platform.cluster.kubectl("create", "-n", ACCOUNT, "-f", "-", stdin=json.dumps(fat))
     fn = eventually(

@@ -5,7 +5,9 @@ No 5xx, every response (status, content type, body) as the document says, 405s t
 methods the path has. One exception, said here rather than hidden: schemathesis counts a 422 on
 a schema-valid request as a failure, but two rules cannot be written in a schema — a PUT whose
 URL name differs from `metadata.name`, and a destination outside the caller's account — so
-for the PUT routes 422 is an expected answer to "valid" input.
+for the PUT routes 422 is an expected answer to "valid" input. And an invalid request may be
+refused as 413 before its schema is read: one string a character past its `maxLength` (an
+argument's is 131,071) makes a body larger than the gateway takes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from harness import Api
 CONFIG = """
 [checks.positive_data_acceptance]
 expected-statuses = ["2xx", "401", "403", "404", "409", "429"]
+
+[checks.negative_data_rejection]
+expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
 
 [[operations]]
 include-method = "PUT"
