@@ -110,6 +110,9 @@ def settings(nats_url: str, nats_passwords: dict[str, str]) -> Settings:
         sweep_grace=2.0,
         dedup_window=1.0,
         max_payload_bytes=64 * 1024,
+        # Tests register functions as fast as they like; the change rate is tested with a
+        # gateway of its own (`test_throttle.py`).
+        account_max_changes=0.0,
         max_result_bytes=64 * 1024,
         # Four of the largest payloads fill a page of `GET /v1/tasks`; a few hundred small tasks.
         page_max_bytes=256 * 1024,

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from harness import Api, as_user, gateway, gateway_clients
+from harness import Api, as_user, gateway, gateway_clients, kt
 from kubetask import names
 from kubetask.cancellation import cancel_and_wait
 from kubetask.gateway.record_quota import RecordQuota
@@ -483,3 +483,60 @@ async def test_the_limits_show_a_queue_as_it_is_not_as_last_counted(api: Api) ->
     assert [(q["queue"], q["waiting"]) for q in limits["queues"]] == [(f"KT_Q_{api.account}", 0)], (
         limits
     )
+
+
+async def test_an_account_past_its_change_rate_waits_and_its_neighbour_does_not(
+    make_api: Callable[..., Awaitable[Api]],
+    settings: Settings,
+    tokens_file: Path,
+    nats_passwords: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Changes of an account's functions and AsyncConfigs are bounded per second
+    (`gateway/change_rate.py`): one re-registering as fast as it could slowed every
+    neighbour's tasks. Past its burst, a change is a 429 with Retry-After and nothing changes;
+    a neighbour's and an admin's changes go on; the CLI applies a manifest longer than the
+    burst whole, waiting as told."""
+    churner, neighbour, admin = await make_api(), await make_api(), await make_api(admin=True)
+    limited = dataclasses.replace(
+        as_user(settings, "gateway", nats_passwords),
+        account_max_changes=2.0,
+        account_changes_burst=3,
+    )
+
+    def fn(name: str) -> dict[str, Any]:
+        return {"metadata": {"name": name}, "spec": {"command": ["true"]}}
+
+    async with gateway_clients(limited, tokens_file, churner, neighbour, admin) as (c, n, a):
+        for name in ("f1", "f2", "f3"):
+            assert (await c.put(f"/v1/functions/{name}", json=fn(name))).status_code == 200
+        refused = await c.put("/v1/functions/f4", json=fn("f4"))
+        assert refused.status_code == 429, refused.text
+        body = refused.json()
+        assert "KUBETASK_ACCOUNT_MAX_CHANGES" in body["error"], body
+        assert body["retryAfter"] >= 1 and refused.headers["retry-after"] == str(body["retryAfter"])
+        assert (await c.get("/v1/functions/f4")).status_code == 404, "nothing was changed"
+        assert (await c.delete("/v1/functions/f1")).status_code == 429
+        assert (await n.put("/v1/functions/g1", json=fn("g1"))).status_code == 200
+        on_behalf = await a.put(
+            "/v1/functions/f5", params={"account": churner.account}, json=fn("f5")
+        )
+        assert on_behalf.status_code == 200, on_behalf.text
+        limits = (await c.get("/v1/limits")).json()
+        assert (limits["maxChanges"], limits["changesBurst"]) == (2.0, 3), limits
+        scraped = (await c.get("/metrics")).text
+        assert f'kubetask_changes_throttled_total{{account="{churner.account}"}} 2.0' in scraped
+        await asyncio.sleep(body["retryAfter"])
+        assert (await c.put("/v1/functions/f4", json=fn("f4"))).status_code == 200
+        url = str(c.base_url)
+        manifest = tmp_path / "many.yaml"
+        manifest.write_text(
+            "".join(
+                f"---\nkind: TaskFunction\napiVersion: kubetask.io/v1alpha1\n"
+                f"metadata: {{name: m{i}}}\nspec: {{command: ['true']}}\n"
+                for i in range(7)
+            )
+        )
+        applied = await kt(churner, url, "functions", "apply", "-f", str(manifest))
+        assert applied.stdout.count(" applied") == 7, applied
+        assert "throttled: PUT /v1/functions/" in applied.stderr, applied.stderr

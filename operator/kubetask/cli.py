@@ -44,7 +44,9 @@ def _client(args: argparse.Namespace) -> Client:
             "error: no API to talk to: start `kubetask dev` (here, or say its --data-dir),"
             " or set KUBETASK_URL and KUBETASK_TOKEN"
         )
-    return Client(url, token, account=args.account)
+    return Client(
+        url, token, account=args.account, notice=lambda said: print(said, file=sys.stderr)
+    )
 
 
 def _ago(stamp: str | None) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +15,11 @@ def segment(value: str) -> str:
     """One path segment, whatever the user typed: `/`, `?`, `%` and dots cannot change the
     route (the server answers 404 for a name outside its grammar)."""
     return quote(value, safe="").replace(".", "%2E")
+
+
+# How often a change past the account's change rate is asked again, and the longest wait taken.
+CHANGE_RETRIES = 10
+CHANGE_WAIT_MOST = 60
 
 
 class ApiFailure(Exception):
@@ -66,9 +72,16 @@ def _answer(resp: httpx.Response) -> Any:
 
 class Client:
     def __init__(
-        self, url: str, token: str, account: str | None = None, timeout: float = 30
+        self,
+        url: str,
+        token: str,
+        account: str | None = None,
+        timeout: float = 30,
+        notice: Callable[[str], None] = lambda _: None,
     ) -> None:
+        """`notice`: told what the client does that the caller did not ask for (waiting)."""
         self.account = account
+        self.notice = notice
         self.http = httpx.Client(
             base_url=str(_checked_url(url.rstrip("/"))),
             headers={"Authorization": f"Bearer {_checked_token(token)}"},
@@ -83,6 +96,19 @@ class Client:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         return _answer(self.http.request(method, path, **kwargs))
+
+    def _change(self, method: str, path: str, **kwargs: Any) -> Any:
+        """A change of a function or AsyncConfig: where the account is past its change rate
+        (`429`, nothing changed), asked again after the `Retry-After` the API gave, as
+        `kubectl apply` does, so a manifest longer than the burst is applied whole."""
+        for _ in range(CHANGE_RETRIES):
+            resp = self.http.request(method, path, **kwargs)
+            wait = resp.headers.get("Retry-After", "")
+            if resp.status_code != 429 or not wait.isdigit() or int(wait) > CHANGE_WAIT_MOST:
+                break
+            self.notice(f"throttled: {method} {path} again in {wait}s")
+            time.sleep(int(wait))
+        return _answer(resp)
 
     def submit(self, function: str, payload: Any = None, task_id: str | None = None) -> Any:
         body: dict[str, Any] = {"function": function, "payload": payload}
@@ -121,11 +147,11 @@ class Client:
 
     def apply(self, obj: dict[str, Any]) -> Any:
         path, params = self.object_path(obj, "apply")
-        return self._call("PUT", path, json=obj, params=params)
+        return self._change("PUT", path, json=obj, params=params)
 
     def delete(self, path: str, params: dict[str, str]) -> None:
         """What `object_path` named, as `kubectl delete -f` deletes what a manifest names."""
-        self._call("DELETE", path, params=params)
+        self._change("DELETE", path, params=params)
 
     def object_path(self, obj: dict[str, Any], verb: str) -> tuple[str, dict[str, str]]:
         kind = obj.get("kind")
@@ -156,4 +182,4 @@ class Client:
                 return found
 
     def delete_function(self, name: str) -> Any:
-        return self._call("DELETE", f"/v1/functions/{segment(name)}", params=self._params())
+        return self._change("DELETE", f"/v1/functions/{segment(name)}", params=self._params())

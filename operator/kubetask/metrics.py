@@ -91,6 +91,12 @@ THROTTLED = Counter(
     "queue's backlog, its heaviest senders first), records (its record quota), queue-full.",
     [*LABELS, "reason"],
 )
+CHANGES_THROTTLED = Counter(
+    "kubetask_changes_throttled_total",
+    "Changes of an account's functions and AsyncConfigs refused with 429: past its change rate "
+    "(KUBETASK_ACCOUNT_MAX_CHANGES, gateway/change_rate.py).",
+    ["account"],
+)
 HISTORY_QUOTA_PURGES = Counter(
     "kubetask_history_quota_purges_total",
     "Times an account's oldest log lines (KT_LOGS) or audit revisions (KT_EVENTS) were purged "

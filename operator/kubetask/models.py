@@ -779,6 +779,11 @@ class AccountLimits(KubeModel):
         description="Submissions per second (the account's own limit if it has one, else the "
         "platform's); 0 = no limit."
     )
+    maxChanges: float = Field(
+        description="Changes (PUT, DELETE) of its functions and AsyncConfigs per second, past "
+        "a burst of changesBurst (429 beyond); 0 = no limit. Admins are not counted."
+    )
+    changesBurst: int = Field(description="Changes it may make at once.")
     weight: float = Field(
         description="The account's weight in fair sharing: while accounts compete for a "
         "dispatcher or a gateway, each gets a share of it in proportion to its weight."

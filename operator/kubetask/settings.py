@@ -246,6 +246,14 @@ class Settings:
     account_max_rate: float = field(
         default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_RATE", 0.0, 0)
     )
+    # Changes of an account's functions and AsyncConfigs a second, and at once
+    # (`gateway/change_rate.py`); 0: no limit.
+    account_max_changes: float = field(
+        default_factory=lambda: env_float("KUBETASK_ACCOUNT_MAX_CHANGES", 20.0, 0)
+    )
+    account_changes_burst: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_CHANGES_BURST", 200, 1)
+    )
     # Accounts whose back-pressure limits are their own rather than the two above (a paid tier,
     # a known batch account): `account=limit,...`, 0 lifting that limit for the account.
     account_backlog_limits: dict[str, float] = field(

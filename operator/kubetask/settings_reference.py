@@ -96,6 +96,15 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Tasks an account may submit a second (`429` past it). 0: no limit.",
             ),
             (
+                "KUBETASK_ACCOUNT_MAX_CHANGES",
+                "Changes (PUT, DELETE) an account may make to its functions and AsyncConfigs a "
+                "second, at each gateway (`429` past it; admins are not counted). 0: no limit.",
+            ),
+            (
+                "KUBETASK_ACCOUNT_CHANGES_BURST",
+                "How many of those changes an account may make at once.",
+            ),
+            (
                 "KUBETASK_ACCOUNT_BACKLOG_LIMITS",
                 "Accounts with a backlog limit of their own (a batch account); 0 lifts it.",
             ),

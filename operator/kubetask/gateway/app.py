@@ -64,6 +64,7 @@ from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Unreadable, Versioned, now
 from . import api_docs, errors, openapi_links, params, submit, task_pages, waiting
+from .change_rate import ChangeRate
 from .errors import ApiError
 from .expiry import Expiry
 from .fair_gate import FairGate, GatedRequests
@@ -250,6 +251,7 @@ def _methods(request: Request) -> set[str]:
 def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     state: dict[str, Any] = {}
     log_streams = LogStreams(settings.account_max_log_streams)
+    change_rate = ChangeRate(settings.account_max_changes, settings.account_changes_burst)
     max_bytes = settings.page_max_bytes  # of a page of tasks, functions or configs
 
     @asynccontextmanager
@@ -511,6 +513,11 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     # -- functions and async configs ------------------------------------------------------------
 
+    def changing(who: Who, account: str) -> None:
+        """A tenant's change of its registrations counts against its change rate."""
+        if not who.admin:
+            change_rate.take(account)
+
     def check_object(who: Who, account: str | None, name: str, meta: ObjectMeta) -> str:
         """Resolve the object's account (the caller's when the YAML names none) and check it."""
         acct = who.one_account(account or meta.namespace)
@@ -549,8 +556,9 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def put_function(
         name: NamePath, fn: TaskFunction, who: Who, account: AccountParam = None
     ) -> Response:
-        check_object(who, account, name, fn.metadata)
+        acct = check_object(who, account, name, fn.metadata)
         registrant.mark(fn, who.admin)
+        changing(who, acct)
         await plane().mover.register(plane().registry, fn)
         return _json(await function_status(plane().registry.with_route(fn)))
 
@@ -596,6 +604,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
                 f"function {name!r} still has {busy} unfinished tasks; "
                 "stop them or let them finish first",
             )
+        changing(who, acct)
         await plane().registry.delete_function(acct, name)
         await queues.remove_function_queue(plane().js, fn)
         return Response(status_code=204)
@@ -604,10 +613,11 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     async def put_async_config(
         name: NamePath, cfg: AsyncConfig, who: Who, account: AccountParam = None
     ) -> Response:
-        check_object(who, account, name, cfg.metadata)
+        acct = check_object(who, account, name, cfg.metadata)
         problem = config_problem(cfg, plane().registry.function, settings.webhook_denied_networks)
         if problem is not None:
             raise ApiError(422, problem, field="spec.destinationConfig")
+        changing(who, acct)
         try:
             await plane().registry.put_async_config(cfg)
         except ConfigConflict as err:
@@ -641,6 +651,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
     ) -> Response:
         acct = who.one_account(account)
         params.object_name("async config", name, acct)
+        changing(who, acct)
         if not await plane().registry.delete_async_config(acct, name):
             raise ApiError(404, f"async config {name!r} not found in account {acct!r}")
         return Response(status_code=204)
@@ -685,6 +696,8 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             maxBacklog=settings.backlog_limit(acct),
             throttleFrom=int(THROTTLE_FROM * settings.backlog_limit(acct)),
             maxRate=settings.rate_limit(acct),
+            maxChanges=settings.account_max_changes,
+            changesBurst=settings.account_changes_burst,
             weight=settings.account_weights.get(acct, 1.0),
             fairness=settings.fairness,
             retentionSeconds=plane().store.retention.seconds(acct),
