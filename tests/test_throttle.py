@@ -320,6 +320,14 @@ async def test_an_account_may_keep_only_so_many_bytes_of_records_and_its_neighbo
         await api.function("keep", command=["true"], maxConcurrency=8)
     payload = {"blob": "p" * 4000}
     async with gateway_clients(limited, tokens_file, hoarder, neighbour) as (h, n):
+        # Nothing is refused on the counts of an index still catching up (`record_quota.py`):
+        # late in a full run the bucket holds every earlier test's records (20 passed once).
+        for _ in range(600):
+            if (await h.get("/healthz")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the gateway's index did not catch up within 60 s")
         accepted: list[str] = []
         refused = None
         for _ in range(200):  # ~4.5 KB a record: the quota holds ~15
@@ -498,37 +506,37 @@ async def test_an_account_past_its_change_rate_waits_and_its_neighbour_does_not(
     a neighbour's and an admin's changes go on; the CLI applies a manifest longer than the
     burst whole, waiting as told."""
     churner, neighbour, admin = await make_api(), await make_api(), await make_api(admin=True)
-    limited = dataclasses.replace(
-        as_user(settings, "gateway", nats_passwords),
-        account_max_changes=2.0,
-        account_changes_burst=3,
-    )
+    gateway_settings = as_user(settings, "gateway", nats_passwords)
 
     def fn(name: str) -> dict[str, Any]:
         return {"metadata": {"name": name}, "spec": {"command": ["true"]}}
 
-    async with gateway_clients(limited, tokens_file, churner, neighbour, admin) as (c, n, a):
+    # A token every 5 s: none comes back while the refusals below are asked, however slow.
+    slow = dataclasses.replace(gateway_settings, account_max_changes=0.2, account_changes_burst=3)
+    async with gateway_clients(slow, tokens_file, churner, neighbour, admin) as (c, n, a):
         for name in ("f1", "f2", "f3"):
             assert (await c.put(f"/v1/functions/{name}", json=fn(name))).status_code == 200
         refused = await c.put("/v1/functions/f4", json=fn("f4"))
+        assert (await c.delete("/v1/functions/f1")).status_code == 429
         assert refused.status_code == 429, refused.text
         body = refused.json()
         assert "KUBETASK_ACCOUNT_MAX_CHANGES" in body["error"], body
         assert body["retryAfter"] >= 1 and refused.headers["retry-after"] == str(body["retryAfter"])
         assert (await c.get("/v1/functions/f4")).status_code == 404, "nothing was changed"
-        assert (await c.delete("/v1/functions/f1")).status_code == 429
+        assert (await c.get("/v1/functions/f1")).status_code == 200, "nothing was deleted"
         assert (await n.put("/v1/functions/g1", json=fn("g1"))).status_code == 200
         on_behalf = await a.put(
             "/v1/functions/f5", params={"account": churner.account}, json=fn("f5")
         )
         assert on_behalf.status_code == 200, on_behalf.text
         limits = (await c.get("/v1/limits")).json()
-        assert (limits["maxChanges"], limits["changesBurst"]) == (2.0, 3), limits
+        assert (limits["maxChanges"], limits["changesBurst"]) == (0.2, 3), limits
         scraped = (await c.get("/metrics")).text
         assert f'kubetask_changes_throttled_total{{account="{churner.account}"}} 2.0' in scraped
         await asyncio.sleep(body["retryAfter"])
         assert (await c.put("/v1/functions/f4", json=fn("f4"))).status_code == 200
-        url = str(c.base_url)
+    quick = dataclasses.replace(gateway_settings, account_max_changes=5.0, account_changes_burst=3)
+    async with gateway(quick, tokens_file) as url:
         manifest = tmp_path / "many.yaml"
         manifest.write_text(
             "".join(
