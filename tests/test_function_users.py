@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http.server
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
-from kubetask.executors import account_scopes
+from kubetask.executors import abstract_socket_scope, account_threads, user_namespace_filter
 from kubetask.executors.account_cpu import AccountCpu
 from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.cgroups import own_group
@@ -343,6 +345,78 @@ async def test_a_tenants_ipc_objects_are_its_accounts_own(dev: Dev) -> None:
     # Its account's next attempt finds what the first left, as it finds its /tmp.
     again = (await _run(dev, dev.token("team-w"), "team-w", spec))["task"]["status"]
     assert again["result"] == {"made": False, "keys": [key]}, again
+
+
+async def test_a_tenant_cannot_make_a_user_namespace(dev: Dev) -> None:
+    """In a user namespace of its own, a tenant's function was uid 0 with every capability
+    (`unshare -Urn`, seen), kernel code otherwise root's alone. `user_namespace_filter.py`
+    refuses it on each path the kernel has: unshare, clone and clone3. The function still
+    starts threads and processes (the C library falls back from clone3 to clone). An admin's
+    function, run as the platform, is not filtered."""
+    if user_namespace_filter.why_not() is not None:
+        pytest.skip(f"no filter here: {user_namespace_filter.why_not()}")
+    python = _python("team-u")
+    spec = {"command": [python, "-c", USER_NAMESPACES]}
+    tenant = (await _run(dev, dev.token("team-u"), "team-u", spec))["task"]["status"]
+    refused = os.strerror(errno.EPERM)
+    assert tenant["result"] == {
+        "unshare": refused,
+        "clone": refused,
+        "clone3": os.strerror(errno.ENOSYS),
+        "unshareCommand": 1,
+        "mountNamespace": refused,  # no capability for one without a user namespace
+        "thread": "ran",
+        "pipeline": "through",
+    }, tenant
+    admin = (await _run(dev, dev.admin, "team-u", spec))["task"]["status"]
+    assert admin["result"]["unshare"] == "made", admin
+
+
+def test_user_namespaces_are_refused_on_the_accounts_thread_unless_allowed(tmp_path: Path) -> None:
+    """`KUBETASK_ACCOUNT_USER_NAMESPACES=on` leaves them allowed; otherwise a process started
+    from the account's thread cannot make one, even as root, while the platform's threads
+    still can."""
+    if user_namespace_filter.why_not() is not None:
+        pytest.skip(f"no filter here: {user_namespace_filter.why_not()}")
+    programs = [["unshare", "--user", "--map-root-user", "true"]]
+    if os.uname().machine == "x86_64":  # the 32-bit ABI has numbers of its own
+        compat = tmp_path / "unshare-i386"
+        compat.write_bytes(_i386_unshare_newuser())
+        compat.chmod(0o755)
+        programs.append([str(compat)])
+    for allowed, code in ((False, errno.EPERM), (True, 0)):
+        threads = account_threads.AccountThreads(True, user_namespaces=allowed)
+        assert (threads.why_not_filter() is None) is not allowed
+        try:
+            starter = threads.starter(account_uid("team-u"))
+            assert starter is not None  # Landlock's scope alone would make one; so does this
+            for argv in programs:
+                run = starter.submit(subprocess.run, argv, capture_output=True, text=True)
+                assert run.result().returncode == code, (argv, run.result().stderr)
+        finally:
+            threads.close()
+    for argv in programs:
+        assert subprocess.run(argv).returncode == 0, "the platform's own threads are not filtered"
+
+
+def _i386_unshare_newuser() -> bytes:
+    """A 32-bit x86 program that calls unshare(CLONE_NEWUSER) through `int 0x80` and exits with
+    its errno (0: made). Written out here so no 32-bit toolchain is needed."""
+    code = bytes.fromhex(
+        "b836010000"  # mov eax, 310: unshare
+        "bb00000010"  # mov ebx, CLONE_NEWUSER
+        "cd80"  # int 0x80
+        "f7d8"  # neg eax: the errno
+        "89c3"  # mov ebx, eax
+        "b801000000"  # mov eax, 1: exit
+        "cd80"  # int 0x80
+    )
+    base, start = 0x08048000, 52 + 32  # after the ELF header and one program header
+    size = start + len(code)
+    header = b"\x7fELF\x01\x01\x01" + bytes(9)
+    header += struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, base + start, 52, 0, 0, 52, 32, 1, 0, 0, 0)
+    segment = struct.pack("<IIIIIIII", 1, 0, base, base, size, size, 5, 0x1000)
+    return header + segment + code
 
 
 def _shm_keys() -> list[int]:
@@ -781,6 +855,34 @@ if not made and ctypes.get_errno() != 17:  # EEXIST: an earlier attempt's
 lines = open("/proc/sysvipc/shm").read().splitlines()[1:]
 print(json.dumps({"made": made, "keys": [int(line.split()[0]) for line in lines]}))
 """
+# Tries each way to a user namespace, and says what each answered; then that threads and
+# processes still start.
+USER_NAMESPACES = """
+import ctypes, json, os, platform, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+UNSHARE, CLONE, CLONE3 = {"x86_64": (272, 56, 435), "aarch64": (97, 220, 435)}[platform.machine()]
+NEWUSER, NEWNS, SIGCHLD = 0x10000000, 0x00020000, 17
+def answer(made):
+    return "made" if made else os.strerror(ctypes.get_errno())
+seen = {}
+pid = libc.syscall(CLONE, NEWUSER | SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    os._exit(0)
+if pid > 0:
+    os.waitpid(pid, 0)
+seen["clone"] = answer(pid > 0)
+seen["clone3"] = answer(libc.syscall(CLONE3, None, 0) >= 0)
+seen["unshareCommand"] = subprocess.run(["unshare", "--user", "true"], stderr=subprocess.DEVNULL).returncode
+seen["mountNamespace"] = answer(libc.syscall(UNSHARE, NEWNS) == 0)
+ran = []
+t = threading.Thread(target=ran.append, args=("ran",))
+t.start()
+t.join()
+seen["thread"] = ran[0]
+seen["pipeline"] = subprocess.run("echo through | cat", shell=True, capture_output=True, text=True).stdout.strip()
+seen["unshare"] = answer(libc.syscall(UNSHARE, NEWUSER) == 0)  # last: it would change who we are
+print(json.dumps(seen))
+"""
 # Writes its marker where it is, makes a directory next to it, and says where it is.
 WHERE = """
 import json, os, sys
@@ -867,7 +969,7 @@ async def _rules_leave_with_their_dispatcher(
 async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(dev: Dev) -> None:
     """A function listening on 127.0.0.1 for its own use (a database for the length of a job)
     answered another account's function, over TCP and UDP (seen: `account_connections.py`),
-    and on an abstract Unix socket, which no file mode guards (seen: `account_scopes.py`).
+    and on an abstract Unix socket, which no file mode guards (seen: `abstract_socket_scope.py`).
     Its own account and the platform are still answered."""
     python = _python("team-p", "team-q")
     ports = [
@@ -907,8 +1009,8 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
         finally:
             done.touch()
     # Where the kernel has no Landlock scopes (before 6.12) the dispatcher warns, and the
-    # abstract socket stays open (`account_scopes.py`).
-    unix = "PermissionError" if account_scopes.why_not() is None else "mine"
+    # abstract socket stays open (`abstract_socket_scope.py`).
+    unix = "PermissionError" if abstract_socket_scope.why_not() is None else "mine"
     assert other == {"tcp": "TimeoutError", "udp": "TimeoutError", "unix": unix}, other
     assert own == {"tcp": "mine", "udp": "mine", "unix": "mine"}, own
     assert platform == b"minemine"
@@ -1183,15 +1285,15 @@ async def test_an_idle_accounts_namespace_is_let_go_and_its_tmp_with_it(
         namespaces.close()
 
 
-async def test_an_idle_accounts_scope_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_idle_accounts_thread_is_let_go(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each account's processes start from a thread of its own, in a Landlock domain of its own
-    (`account_scopes.py`), kept while the account is used and let go with its namespace's idle
+    (`account_threads.py`), kept while the account is used and let go with its namespace's idle
     time. Real threads and domains, with IDLE_SECONDS made short."""
-    if account_scopes.why_not() is not None:
-        pytest.skip(f"no Landlock scopes here: {account_scopes.why_not()}")
+    if abstract_socket_scope.why_not() is not None:
+        pytest.skip(f"no Landlock scopes here: {abstract_socket_scope.why_not()}")
     from kubetask.executors import account_namespaces
 
-    scopes = account_scopes.AccountScopes(True)
+    scopes = account_threads.AccountThreads(True)
     a, b = account_uid("team-a"), account_uid("team-b")
     listen = "import socket, time; s = socket.socket(socket.AF_UNIX); s.bind(b'\\0kt-scope'); s.listen(); time.sleep(5)"
     ask = "import socket; socket.socket(socket.AF_UNIX).connect(b'\\0kt-scope')"

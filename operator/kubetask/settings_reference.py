@@ -301,6 +301,11 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Size of each account's own `/tmp` (accounts mode); 0 keeps the host's.",
             ),
             (
+                "KUBETASK_ACCOUNT_USER_NAMESPACES",
+                "Tenants' functions may make user namespaces (accounts mode; off: a seccomp "
+                "filter refuses them, as Docker's default profile does).",
+            ),
+            (
                 "KUBETASK_ACCOUNT_CPU",
                 "Each account's function processes in a CPU group of its own, weighted as the "
                 "account (as root, with a v1 `cpu` controller).",

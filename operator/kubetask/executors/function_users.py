@@ -46,7 +46,7 @@ from .account_homes import AccountHomes
 from .account_memory import limit_setting
 from .account_namespaces import AccountNamespace, AccountNamespaces
 from .account_pids import AccountPids
-from .account_scopes import AccountScopes
+from .account_threads import AccountThreads
 from .attempt_memory import AttemptMemory
 from .base import base_environment
 from .cgroups import Group
@@ -85,14 +85,14 @@ class RunAs:
     Root is exempt from the count, which is why only an account's own user can be capped.
     `namespaces`, where there are any, hold the namespaces its processes enter first
     (`account_namespaces.py`); `firewall`, the rules its account's connections are held to
-    (`account_connections.py`, `account_connection_cap.py`); `scopes`, the thread its
-    processes are started from (`account_scopes.py`)."""
+    (`account_connections.py`, `account_connection_cap.py`); `threads`, the thread its
+    processes are started from (`account_threads.py`)."""
 
     uid: int
     max_processes: int
     namespaces: AccountNamespaces | None = field(default=None, compare=False, repr=False)
     firewall: tuple[AccountRules, ...] = field(default=(), compare=False, repr=False)
-    scopes: AccountScopes | None = field(default=None, compare=False, repr=False)
+    threads: AccountThreads | None = field(default=None, compare=False, repr=False)
 
     def unreachable(self) -> tuple[str, ...]:
         """The host's directories its processes find something else at: their own /tmp."""
@@ -175,7 +175,7 @@ class FunctionUsers:
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
     connections: AccountConnections = field(init=False, compare=False, repr=False)
     connection_cap: AccountConnectionCap = field(init=False, compare=False, repr=False)
-    scopes: AccountScopes = field(init=False, compare=False, repr=False)
+    threads: AccountThreads = field(init=False, compare=False, repr=False)
     # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
     platform_ports: tuple[int, ...] = field(
         default_factory=lambda: parse(
@@ -197,7 +197,8 @@ class FunctionUsers:
         object.__setattr__(self, "connections", AccountConnections(accounts, TENANTS))
         cap = AccountConnectionCap(accounts, TENANTS, most_setting())
         object.__setattr__(self, "connection_cap", cap)
-        object.__setattr__(self, "scopes", AccountScopes(accounts))
+        user_namespaces = env_switch("KUBETASK_ACCOUNT_USER_NAMESPACES", False)
+        object.__setattr__(self, "threads", AccountThreads(accounts, user_namespaces))
         if self.mode == "accounts" and os.geteuid() != 0:
             raise ValueError(
                 "KUBETASK_FUNCTION_USERS=accounts: only root can run functions as their "
@@ -210,7 +211,7 @@ class FunctionUsers:
             return None
         uid = account_uid(fn.account)
         firewall = (self.connections, self.connection_cap)
-        return RunAs(uid, self.max_processes, self.namespaces, firewall, self.scopes)
+        return RunAs(uid, self.max_processes, self.namespaces, firewall, self.threads)
 
     def environment(self, user: RunAs | None) -> dict[str, str]:
         """What a function's environment starts from: the platform's few variables, and for
@@ -242,7 +243,7 @@ class FunctionUsers:
         self.namespaces.close()
         self.connections.close()
         self.connection_cap.close()
-        self.scopes.close()
+        self.threads.close()
         for rules in self.rules:
             rules.remove()
         self.rules.clear()
@@ -303,7 +304,8 @@ class FunctionUsers:
                 (ns.why_not_hidden, "tenants' functions see every process of the host"),
                 (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
                 (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
-                (self.scopes.why_not, "tenants' functions reach any abstract Unix socket"),
+                (self.threads.why_not_scope, "tenants' functions reach any abstract Unix socket"),
+                (self.threads.why_not_filter, "tenants' functions may make user namespaces"),
                 (
                     self.connection_cap.why_not,
                     "an account's functions may fill the host's connection tracking table",

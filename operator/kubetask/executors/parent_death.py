@@ -167,7 +167,9 @@ async def start_function(
             stdin=stdin,
             stderr_to_stdout=stderr_to_stdout,
             keep_fds=launch.keep_fds,
-            starter=None if user is None or user.scopes is None else user.scopes.starter(user.uid),
+            starter=None
+            if user is None or user.threads is None
+            else user.threads.starter(user.uid),
         )
     except BaseException:
         await end_groups(groups)

@@ -97,7 +97,7 @@ async def spawn(
     """Start `argv` in a session of its own with stdout (and stderr, or stderr folded into
     stdout) piped to the loop and, with `stdin`, a pipe to write to; otherwise stdin is
     /dev/null; of the loop's other descriptors it gets `keep_fds` only; started from a thread
-    of `starter` where given (`account_scopes.py`), else of the loop's pool. Raises what
+    of `starter` where given (`account_threads.py`), else of the loop's pool. Raises what
     exec raised (FileNotFoundError, PermissionError, ...)."""
     loop = asyncio.get_running_loop()
     in_r, in_w = os.pipe() if stdin else (subprocess.DEVNULL, -1)

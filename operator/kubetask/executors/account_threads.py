@@ -1,0 +1,98 @@
+"""The thread each account's processes are started from, restricted in what it, and so every
+process it starts, may do.
+
+Why a thread: a Landlock domain and a seccomp filter belong to a thread, and every process the
+thread starts inherits them, through exec and the switch to the account's user, with no way to
+take them off. Restricting the dispatcher's own threads would restrict the platform; restricting
+each spawned child would add work to every start. Each account has a thread of its own,
+restricted once when it starts, and `spawn.py` starts the account's processes on it, as it
+starts the others on the loop's pool. Nothing is added per spawn.
+
+What it is restricted to:
+- `abstract_socket_scope.py`: no connecting to another account's abstract Unix sockets;
+- `user_namespace_filter.py`: no user namespaces.
+
+A thread not used for `IDLE_SECONDS` (its account's namespace's idle time) is let go. The
+account's next process gets a new Landlock domain, and cannot reach a socket that a process
+started before then listens on, as after a restart.
+
+Where the kernel has neither (before Linux 6.12, and without seccomp), the dispatcher warns at
+start and starts processes as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import abstract_socket_scope, account_namespaces, user_namespace_filter
+
+
+@dataclass
+class _Held:
+    thread: ThreadPoolExecutor
+    used: float
+
+
+class AccountThreads:
+    """The thread each account's processes are started from."""
+
+    def __init__(self, enabled: bool, user_namespaces: bool = False) -> None:
+        """`enabled`: tenants' functions run as users of their own (accounts mode);
+        `user_namespaces`: they may make user namespaces."""
+        off = "functions run as the platform's user"
+        self._why_not_scope = abstract_socket_scope.why_not() if enabled else off
+        self._why_not_filter = user_namespace_filter.why_not(user_namespaces) if enabled else off
+        self._restrictions: list[Callable[[], None]] = []
+        if self._why_not_scope is None:
+            self._restrictions.append(abstract_socket_scope.restrict_this_thread)
+        if self._why_not_filter is None:
+            self._restrictions.append(user_namespace_filter.filter_this_thread)
+        self._threads: dict[int, _Held] = {}  # by account user id
+        self._lock = threading.Lock()
+        self._swept = time.monotonic()
+
+    def why_not_scope(self) -> str | None:
+        """Why an account's processes may reach others' abstract sockets; None: they may not."""
+        return self._why_not_scope
+
+    def why_not_filter(self) -> str | None:
+        """Why an account's processes may make user namespaces; None: they may not."""
+        return self._why_not_filter
+
+    def _restrict(self) -> None:
+        for restrict in self._restrictions:
+            restrict()
+
+    def starter(self, uid: int) -> Executor | None:
+        """Where to start a process of the account whose user is `uid`; None: anywhere."""
+        if not self._restrictions:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept > account_namespaces.IDLE_SECONDS / 10:
+                self._sweep(now)
+            held = self._threads.get(uid)
+            if held is None:
+                thread = ThreadPoolExecutor(
+                    1, f"kubetask-account-{uid}", initializer=self._restrict
+                )
+                held = self._threads[uid] = _Held(thread, now)
+            held.used = now
+            return held.thread
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for uid, held in list(self._threads.items()):
+            if now - held.used > account_namespaces.IDLE_SECONDS:
+                del self._threads[uid]
+                held.thread.shutdown(wait=False)
+
+    def close(self) -> None:
+        with self._lock:
+            for held in self._threads.values():
+                held.thread.shutdown(wait=False)
+            self._threads.clear()

@@ -1,0 +1,151 @@
+"""A seccomp filter that keeps a tenant's processes from making user namespaces.
+
+Why: in a user namespace of its own a process is uid 0 with every capability, and reaches
+kernel code that is otherwise root's alone: mounting file systems of several kinds, making
+network devices, netfilter tables. Much of the kernel's privilege-escalation history went
+through there, which is why Docker's default seccomp profile refuses it. With
+`KUBETASK_FUNCTION_USERS=accounts`, a tenant's function ran `unshare -Urn` and was root with
+full capabilities in it (seen 2026-12-05). Nothing an account needs to run its code needs one.
+
+How: a seccomp filter belongs to a thread, as a Landlock domain does, and every process the
+thread starts inherits it, through exec and the switch to the account's user, with no way to
+take it off. It is installed on the account's thread (`account_threads.py`). The filter answers
+EPERM to `unshare` and `clone` with CLONE_NEWUSER among their flags. `clone3` passes its flags
+in memory a filter cannot read, so it is answered ENOSYS, on which the C library falls back to
+`clone` (glibc and musl do; Docker's profile relies on the same). Every other call is allowed.
+The filter knows the native ABI's numbers and, on x86-64, the 32-bit and x32 ones; a call
+through an ABI it has no numbers for is answered ENOSYS, so no ABI is a way around it.
+
+`KUBETASK_ACCOUNT_USER_NAMESPACES=on` leaves tenants' user namespaces allowed (rootless
+container builds and browsers' sandboxes make them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+from typing import NamedTuple
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_GET_SECCOMP = 21
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_CLONE_NEWUSER = 0x10000000
+_X32_BIT = 0x40000000
+
+# Offsets in struct seccomp_data: the call's number, the ABI, then six 64-bit arguments, the
+# first's low half first (every ABI here is little-endian).
+_NR = 0
+_ARCH = 4
+_FIRST_ARGUMENT = 16
+
+_LOAD = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JUMP_IF_EQUAL = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JUMP_IF_ANY_BIT = 0x45  # BPF_JMP | BPF_JSET | BPF_K
+_RETURN = 0x06  # BPF_RET | BPF_K
+_ALLOW = 0x7FFF0000
+_ERRNO = 0x00050000
+
+
+class _Abi(NamedTuple):
+    """An ABI's audit value and the numbers of its three calls that make namespaces."""
+
+    audit: int
+    unshare: int
+    clone: int
+    clone3: int
+
+
+_X86_64 = _Abi(0xC000003E, 272, 56, 435)
+_X32 = _Abi(0xC000003E, _X32_BIT | 272, _X32_BIT | 56, _X32_BIT | 435)
+_I386 = _Abi(0x40000003, 310, 120, 435)
+_AARCH64 = _Abi(0xC00000B7, 97, 220, 435)
+_ARM = _Abi(0x40000028, 337, 120, 435)
+_ABIS = {"x86_64": (_X86_64, _X32, _I386), "aarch64": (_AARCH64, _ARM)}
+
+
+class _Instruction(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Instruction))]
+
+
+def why_not(allowed: bool = False) -> str | None:
+    """Why tenants' processes may make user namespaces here; None where they may not."""
+    if allowed:
+        return "KUBETASK_ACCOUNT_USER_NAMESPACES=on"
+    if platform.machine() not in _ABIS:
+        return f"no system call numbers for {platform.machine()} here"
+    if _libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) < 0:
+        return f"no seccomp on this kernel ({errno.errorcode.get(ctypes.get_errno(), '?')})"
+    return None
+
+
+def program(machine: str) -> list[tuple[int, int, int, int]]:
+    """The filter for `machine`'s ABIs, as (code, jump if true, jump if false, value)."""
+    abis = _ABIS[machine]
+    audits = list(dict.fromkeys(abi.audit for abi in abis))
+    steps: list[_Step] = [(_LOAD, None, None, _ARCH)]
+    steps += [(_JUMP_IF_EQUAL, f"abi {audit}", None, audit) for audit in audits]
+    steps.append((_RETURN, None, None, _ERRNO | errno.ENOSYS))  # an ABI without numbers here
+    for audit in audits:
+        steps += [f"abi {audit}", (_LOAD, None, None, _NR)]
+        for abi in abis:
+            if abi.audit == audit:
+                steps += [(_JUMP_IF_EQUAL, "flags", None, nr) for nr in (abi.unshare, abi.clone)]
+                steps.append((_JUMP_IF_EQUAL, "unknown", None, abi.clone3))
+        steps.append((_RETURN, None, None, _ALLOW))
+    steps += [
+        "unknown",
+        (_RETURN, None, None, _ERRNO | errno.ENOSYS),
+        "flags",
+        (_LOAD, None, None, _FIRST_ARGUMENT),
+        (_JUMP_IF_ANY_BIT, "refuse", None, _CLONE_NEWUSER),
+        (_RETURN, None, None, _ALLOW),
+        "refuse",
+        (_RETURN, None, None, _ERRNO | errno.EPERM),
+    ]
+    return _assemble(steps)
+
+
+# An instruction whose jumps name labels (None: the next instruction), or a label.
+_Step = tuple[int, str | None, str | None, int] | str
+
+
+def _assemble(steps: list[_Step]) -> list[tuple[int, int, int, int]]:
+    """Turns labels into the forward offsets classic BPF jumps take."""
+    at: dict[str, int] = {}
+    count = 0
+    for step in steps:
+        if isinstance(step, str):
+            at[step] = count
+        else:
+            count += 1
+    out: list[tuple[int, int, int, int]] = []
+    for step in steps:
+        if isinstance(step, str):
+            continue
+        code, yes, no, value = step
+        here = len(out) + 1
+        out.append(
+            (code, 0 if yes is None else at[yes] - here, 0 if no is None else at[no] - here, value)
+        )
+    return out
+
+
+def filter_this_thread() -> None:
+    """Installs the filter on the calling thread, and so on all it starts from now on. Needs
+    no_new_privs or CAP_SYS_ADMIN: the dispatcher runs as root in accounts mode."""
+    steps = program(platform.machine())
+    instructions = (_Instruction * len(steps))(*(_Instruction(*s) for s in steps))
+    prog = _Program(len(steps), instructions)
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "installing the seccomp filter failed")
