@@ -30,6 +30,10 @@ MAX_REGISTERED_BYTES = 150_000
 # About sixteen records of a payload near MAX_PAYLOAD (the least the setting takes); held to
 # only while a gateway counts.
 MAX_RECORD_BYTES = 64 << 10
+# An account's registrations change at most this often, this many at once; no other test
+# changes more than a few of team-a's.
+MAX_CHANGES = 1
+CHANGES_BURST = 6
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -70,6 +74,8 @@ class Platform:
             KUBETASK_ACCOUNT_MAX_RATE="1",
             KUBETASK_ACCOUNT_MAX_REGISTERED_BYTES=str(MAX_REGISTERED_BYTES),
             KUBETASK_ACCOUNT_MAX_RECORD_BYTES=str(MAX_RECORD_BYTES),
+            KUBETASK_ACCOUNT_MAX_CHANGES=str(MAX_CHANGES),
+            KUBETASK_ACCOUNT_CHANGES_BURST=str(CHANGES_BURST),
         )
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen[bytes]:
@@ -447,6 +453,79 @@ def test_tasks_applied_past_the_accounts_record_quota_wait_and_its_neighbour_doe
     finally:
         gateway.terminate()
         gateway.wait(30)
+
+
+def test_taskfunctions_changed_faster_than_the_account_may_are_applied_in_turn(
+    platform: Platform,
+) -> None:
+    """kubectl-applied TaskFunctions and AsyncConfigs skipped the change rate PUTs are held to
+    (`gateway/change_rate.py`): each change gives the function new workers in every dispatcher,
+    and one account re-registering as fast as it could slowed its neighbours' tasks. Past the
+    rate the operator applies a change later, never drops it, and says why in the object's
+    events; a neighbour's change is not held."""
+    churn = "team-churn"
+    platform.cluster.kubectl("create", "namespace", churn)
+
+    def functions(value: str) -> str:
+        return "\n---\n".join(
+            f"""
+            apiVersion: kubetask.io/v1alpha1
+            kind: TaskFunction
+            metadata: {{name: churn-{i}}}
+            spec: {{command: ["true"], env: [{{name: V, value: "{value}"}}]}}
+            """
+            for i in range(CHANGES_BURST + 4)
+        )
+
+    def stored(value: str) -> Callable[[Any], Any]:
+        async def check(js: Any) -> bool:
+            kv = await js.key_value(names.FUNCTIONS_BUCKET)
+            for i in range(CHANGES_BURST + 4):
+                try:
+                    fn = json.loads((await kv.get(f"{churn}.churn-{i}")).value)
+                except KeyNotFoundError:
+                    return False
+                if fn["spec"]["env"] != [{"name": "V", "value": value}]:
+                    return False
+            return True
+
+        return check
+
+    def throttled(ns: str) -> list[str]:
+        events = json.loads(
+            platform.cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout
+        )
+        return [e["message"] for e in events["items"] if e["reason"] == "Throttled"]
+
+    platform.cluster.kubectl("apply", "-n", churn, "-f", "-", stdin=textwrap.dedent(functions("1")))
+    platform.apply("""
+        apiVersion: kubetask.io/v1alpha1
+        kind: TaskFunction
+        metadata: {name: calm}
+        spec: {command: ["true"]}
+    """)
+    platform.ready("calm")  # while team-churn's wait their turn
+    eventually(lambda: platform.js(stored("1")), 60, "every function registered")
+    # Changed again at once: past the rate again, and the last change is the one that stays.
+    platform.cluster.kubectl("apply", "-n", churn, "-f", "-", stdin=textwrap.dedent(functions("2")))
+    eventually(lambda: platform.js(stored("2")), 60, "every change applied")
+    messages = throttled(churn)
+    assert messages and "KUBETASK_ACCOUNT_MAX_CHANGES" in messages[0], messages
+    assert not [m for m in throttled(ACCOUNT) if "KUBETASK_ACCOUNT_MAX_CHANGES" in m]
+
+    def caught_up() -> bool:
+        for i in range(CHANGES_BURST + 4):
+            fn = platform.get("taskfunction", f"churn-{i}", churn) or {}
+            observed = fn.get("status", {}).get("observedGeneration")
+            if observed != fn.get("metadata", {}).get("generation"):
+                return False
+        return True
+
+    eventually(caught_up, 30, "each object's status caught up with its last change")
+    # Deletions are changes too: they go in turn, and each ends.
+    platform.cluster.kubectl(
+        "delete", "taskfunctions", "--all", "-n", churn, "--wait=true", "--timeout=120s"
+    )
 
 
 def test_operator_restart_changes_nothing_that_was_right(platform: Platform) -> None:

@@ -98,7 +98,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
             (
                 "KUBETASK_ACCOUNT_MAX_CHANGES",
                 "Changes (PUT, DELETE) an account may make to its functions and AsyncConfigs a "
-                "second, at each gateway (`429` past it; admins are not counted). 0: no limit.",
+                "second, at each gateway (`429` past it; admins are not counted) and at the "
+                "operator (kubectl changes past it are applied in turn). 0: no limit.",
             ),
             (
                 "KUBETASK_ACCOUNT_CHANGES_BURST",

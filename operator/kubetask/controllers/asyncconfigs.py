@@ -11,7 +11,7 @@ from ..dispatch.destinations import config_problem
 from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
 from ..quotas import OverQuota
 from ..registry import ConfigConflict
-from .context import condition, plane_of, set_status
+from .context import condition, pace_change, plane_of, set_status
 
 RESOURCE = ("kubetask.io", "v1alpha1", "asyncconfigs")
 
@@ -27,6 +27,8 @@ async def reconcile(
     status: Any,
     memo: Any,
     patch: kopf.Patch,
+    body: Any,
+    reason: str,
     **_: Any,
 ) -> None:
     plane = plane_of(memo)
@@ -45,13 +47,16 @@ async def reconcile(
             conditions=condition("False", "InvalidSpec", str(err), status.get("conditions")),
         )
         raise kopf.PermanentError(f"invalid spec: {err}") from err
+    stored = plane.registry.configs.get((namespace, name))
+    if (stored is None or stored.spec != cfg.spec) and reason != kopf.Reason.RESUME:
+        pace_change(memo, body, namespace)
     try:
         await plane.registry.put_async_config(cfg)
     except (ConfigConflict, OverQuota) as err:
-        reason = "Conflict" if isinstance(err, ConfigConflict) else "OverQuota"
+        why = "Conflict" if isinstance(err, ConfigConflict) else "OverQuota"
         patch.status.update(
             ready=False,
-            conditions=condition("False", reason, str(err), status.get("conditions")),
+            conditions=condition("False", why, str(err), status.get("conditions")),
         )
         raise kopf.TemporaryError(str(err), delay=30) from err
     bound = plane.registry.function(namespace, cfg.spec.function) is not None
@@ -79,5 +84,8 @@ async def reconcile(
 
 
 @kopf.on.delete(*RESOURCE)
-async def remove(name: str, namespace: Any, memo: Any, **_: Any) -> None:
-    await plane_of(memo).registry.delete_async_config(namespace, name)
+async def remove(name: str, namespace: Any, memo: Any, body: Any, **_: Any) -> None:
+    registry = plane_of(memo).registry
+    if (namespace, name) in registry.configs:
+        pace_change(memo, body, namespace)
+    await registry.delete_async_config(namespace, name)

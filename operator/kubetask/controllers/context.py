@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
+
+from ..gateway.change_rate import ChangesThrottled
 from ..plane import DataPlane
 from ..settings import env_float, env_int, env_str
 
@@ -78,3 +81,15 @@ def condition(
             "lastTransitionTime": now,
         }
     ]
+
+
+def pace_change(memo: Any, body: Any, account: str) -> None:
+    """Counts a change of `account`'s registrations against its change rate
+    (`gateway/change_rate.py`). Past it the handler is retried when the account may change
+    again, the object's events say why, and its `observedGeneration` stays behind until then:
+    the API server has taken the object, so it is applied later rather than refused."""
+    try:
+        memo.changes.take(account)
+    except ChangesThrottled as err:
+        kopf.info(body, reason="Throttled", message=f"{err}; applied in {err.retry_after}s")
+        raise kopf.TemporaryError(f"throttled: {err}", delay=err.retry_after) from None

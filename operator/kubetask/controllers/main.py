@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 
 from ..cancellation import cancel_and_wait
+from ..gateway.change_rate import ChangeRate
 from ..gateway.record_quota import LAG, RecordQuota
 from ..gateway.throttle import Throttle
 from ..plane import DataPlane
@@ -30,6 +31,10 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     memo.plane = await DataPlane.connect(plane_settings, "kubetask-operator")
     # kubectl-applied Tasks wait on the account's back-pressure as HTTP submissions do.
     memo.throttle = Throttle(plane_settings, memo.plane.depth)
+    # kubectl-applied TaskFunctions and AsyncConfigs change as often as PUTs may.
+    memo.changes = ChangeRate(
+        plane_settings.account_max_changes, plane_settings.account_changes_burst
+    )
     # And to the record quota, with the counts the gateways say, a report later than theirs.
     heard = Heard()
     memo.hearing = asyncio.create_task(heard.run(memo.plane.nc))

@@ -10,7 +10,7 @@ import kopf
 
 from .. import names, queues, quotas
 from ..models import ObjectMeta, TaskFunction, TaskFunctionSpec
-from .context import condition, plane_of, set_status
+from .context import condition, pace_change, plane_of, set_status
 
 RESOURCE = ("kubetask.io", "v1alpha1", "taskfunctions")
 
@@ -34,6 +34,7 @@ async def reconcile(
     memo: Any,
     patch: kopf.Patch,
     body: Any,
+    reason: str,
     **_: Any,
 ) -> None:
     plane = plane_of(memo)
@@ -46,12 +47,14 @@ async def reconcile(
         )
         raise kopf.PermanentError(f"invalid spec: {err}") from err
     changed = plane.registry.function(namespace, name) != plane.registry.with_route(fn)
+    if changed and reason != kopf.Reason.RESUME:  # an operator's restart changes nothing
+        pace_change(memo, body, namespace)
     try:
         stream = await plane.mover.register(plane.registry, fn)
     except (queues.TooManyFunctions, quotas.OverQuota) as err:
-        reason = "TooManyFunctions" if isinstance(err, queues.TooManyFunctions) else "OverQuota"
+        why = "TooManyFunctions" if isinstance(err, queues.TooManyFunctions) else "OverQuota"
         patch.status["ready"] = False
-        patch.status["conditions"] = condition("False", reason, str(err), status.get("conditions"))
+        patch.status["conditions"] = condition("False", why, str(err), status.get("conditions"))
         raise kopf.TemporaryError(str(err), delay=60) from err
     if changed:
         kopf.info(body, reason="Registered", message=f"queue {stream} ready; dispatchers notified")
@@ -101,5 +104,7 @@ async def remove(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
     if waiting or running:
         kopf.info(body, reason="Draining", message=f"{waiting} waiting, {running} running")
         raise kopf.TemporaryError(f"waiting for {waiting + running} tasks to finish", delay=5)
+    if plane.registry.function(namespace, name) is not None:
+        pace_change(memo, body, namespace)
     await plane.registry.delete_function(namespace, name)
     await queues.remove_function_queue(plane.js, fn)

@@ -64,7 +64,7 @@ from ..settings import Settings
 from ..states import TERMINAL, IllegalTransition
 from ..store import Unreadable, Versioned, now
 from . import api_docs, errors, openapi_links, params, submit, task_pages, waiting
-from .change_rate import ChangeRate
+from .change_rate import ChangeRate, ChangesThrottled
 from .errors import ApiError
 from .expiry import Expiry
 from .fair_gate import FairGate, GatedRequests
@@ -515,8 +515,16 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
 
     def changing(who: Who, account: str) -> None:
         """A tenant's change of its registrations counts against its change rate."""
-        if not who.admin:
+        if who.admin:
+            return
+        try:
             change_rate.take(account)
+        except ChangesThrottled as err:
+            raise ApiError(
+                429,
+                f"{err}; nothing was changed, retry in {err.retry_after}s",
+                extra={"retryAfter": err.retry_after},
+            ) from None
 
     def check_object(who: Who, account: str | None, name: str, meta: ObjectMeta) -> str:
         """Resolve the object's account (the caller's when the YAML names none) and check it."""

@@ -12,6 +12,10 @@ bounds its control plane the same way, per account (15 requests a second for mos
 
 An admin's changes are not counted: the platform's operator is not a tenant. Each gateway
 keeps its own buckets, so with N gateways an account may change N times as much.
+
+The operator holds kubectl-applied TaskFunctions and AsyncConfigs to the same rate with buckets
+of its own (`controllers/taskfunctions.py`): the API server has already taken the object, so a
+change past the rate is applied later, when the account may change again, rather than refused.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ import time
 
 from .. import metrics
 from ..token_bucket import TokenBucket
-from .errors import ApiError
 
 SETTING = "KUBETASK_ACCOUNT_MAX_CHANGES"
 # Past this many accounts remembered, those whose bucket is full again are let go.
 REMEMBERED = 4096
+
+
+class ChangesThrottled(Exception):
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ChangeRate:
@@ -36,7 +45,7 @@ class ChangeRate:
         self._buckets: dict[str, TokenBucket] = {}
 
     def take(self, account: str) -> None:
-        """Count one change of `account`'s; raises a 429 ApiError where it must wait."""
+        """Count one change of `account`'s; raises ChangesThrottled where it must wait."""
         if self.rate <= 0:
             return
         now = time.monotonic()
@@ -46,12 +55,10 @@ class ChangeRate:
         if not bucket.take(now):
             metrics.CHANGES_THROTTLED.labels(account).inc()
             wait = max(1, math.ceil(bucket.until()))
-            raise ApiError(
-                429,
+            raise ChangesThrottled(
                 f"account {account!r} may change its functions and AsyncConfigs {self.rate:g} "
-                f"times a second, {self.burst} at once ({SETTING}); nothing was changed, "
-                f"retry in {wait}s",
-                extra={"retryAfter": wait},
+                f"times a second, {self.burst} at once ({SETTING})",
+                wait,
             )
         if len(self._buckets) > REMEMBERED:  # a full bucket is as good as none
             self._buckets = {a: b for a, b in self._buckets.items() if b.level(now) < b.burst}
