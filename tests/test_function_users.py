@@ -561,9 +561,9 @@ print(json.dumps(seen))
 
 
 @contextlib.contextmanager
-def _answering(host: str, word: bytes) -> Iterator[int]:
+def _answering(host: str, word: bytes, port: int = 0) -> Iterator[int]:
     """A server of the platform's user on `host` that answers `word` to each connection."""
-    server = socket.create_server((host, 0))
+    server = socket.create_server((host, port))
     server.settimeout(0.1)
     done = threading.Event()
 
@@ -586,15 +586,25 @@ def _answering(host: str, word: bytes) -> Iterator[int]:
         server.close()
 
 
+# A port of the host's that tenants' functions may reach (`host_services.py`), chosen at
+# collection: the dispatcher's rules are made when it starts.
+HOST_PORT = free_port()
+
+
 @pytest.mark.parametrize(
-    "dev", [{"KUBETASK_FUNCTION_DENIED_NETWORKS": "127.0.0.2/32"}], indirect=True
-)
+    "dev",
+    [{"KUBETASK_FUNCTION_DENIED_NETWORKS": "127.0.0.2/32", "KUBETASK_FUNCTION_HOST_PORTS": str(HOST_PORT)}],
+    indirect=True,
+)  # fmt: skip
 async def test_a_tenants_function_cannot_connect_to_a_denied_network(dev: Dev) -> None:
     """The networks no tenant's function may reach (by default the clouds' metadata service,
     which hands out the machine's credentials): its connection there is refused at once, and
     one elsewhere is not; an admin's function, run as the platform, reaches both."""
     python = _python("team-a")
-    with _answering("127.0.0.2", b"denied") as denied, _answering("127.0.0.1", b"open") as open_:
+    with (
+        _answering("127.0.0.2", b"denied", HOST_PORT) as denied,
+        _answering("127.0.0.1", b"open", HOST_PORT) as open_,
+    ):
         targets = [f"127.0.0.2:{denied}", f"127.0.0.1:{open_}"]
         spec = {"command": [python, "-c", DIALLER, *targets]}
         tenant = await _run(dev, dev.token("team-a"), "team-a", spec)
@@ -603,6 +613,102 @@ async def test_a_tenants_function_cannot_connect_to_a_denied_network(dev: Dev) -
     seen = tenant["task"]["status"]["result"]
     assert seen == {refused: "ConnectionRefusedError", reached: "open"}, tenant["task"]
     assert admin["task"]["status"]["result"] == {refused: "denied", reached: "open"}
+
+
+# Connects over TCP to each port on 127.0.0.1 it is given, sends a datagram to the UDP one,
+# and asks the gateway whether it is up; says what each answered.
+HOST_ASKER = """
+import json, os, socket, sys, urllib.request
+seen = {}
+for port in sys.argv[1:]:
+    try:
+        with socket.create_connection(("127.0.0.1", int(port)), timeout=3) as c:
+            seen[port] = c.recv(16).decode()
+    except OSError as err:
+        seen[port] = type(err).__name__
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(3)
+try:
+    u.sendto(b"hi", ("127.0.0.1", int(os.environ["UDP"])))
+    seen["udp"] = u.recv(16).decode()
+except OSError as err:
+    seen["udp"] = type(err).__name__
+with urllib.request.urlopen(os.environ["GATEWAY"] + "/healthz", timeout=10) as r:
+    seen["gateway"] = r.status
+print(json.dumps(seen))
+"""
+
+
+@contextlib.contextmanager
+def _udp_answering(word: bytes) -> Iterator[int]:
+    """A UDP socket of the platform's user on 127.0.0.1 that answers `word` to each datagram."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                _, peer = server.recvfrom(16)
+            except TimeoutError:
+                continue
+            with contextlib.suppress(PermissionError):  # an answer the firewall refused
+                server.sendto(word, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+
+
+@pytest.mark.parametrize("dev", [{"KUBETASK_FUNCTION_HOST_PORTS": str(HOST_PORT)}], indirect=True)
+async def test_the_hosts_own_servers_answer_a_tenant_only_on_the_ports_listed(dev: Dev) -> None:
+    """A root-owned server on 127.0.0.1 answered a tenant's function (seen: a listing of the
+    host's /tmp), as would a Redis or a Docker API open to localhost alone. Now the host's
+    servers answer a tenant only on `KUBETASK_FUNCTION_HOST_PORTS` and the platform's ports
+    (`host_services.py`); the gateway still answers. An admin's function, run as the platform,
+    reaches every one."""
+    python = _python("team-h")
+    with (
+        _answering("127.0.0.1", b"listed", HOST_PORT) as listed,
+        _answering("127.0.0.1", b"private") as private,
+        _udp_answering(b"private") as udp,
+    ):
+        spec = {
+            "command": [python, "-c", HOST_ASKER, str(listed), str(private)],
+            "env": [{"name": "UDP", "value": str(udp)}, {"name": "GATEWAY", "value": dev.url}],
+        }
+        tenant = (await _run(dev, dev.token("team-h"), "team-h", spec))["task"]["status"]
+        admin = (await _run(dev, dev.admin, "team-h", spec))["task"]["status"]
+    assert tenant["result"] == {
+        str(listed): "listed",
+        str(private): "TimeoutError",
+        "udp": "TimeoutError",
+        "gateway": 200,
+    }, tenant
+    assert admin["result"] == {
+        str(listed): "listed",
+        str(private): "private",
+        "udp": "private",
+        "gateway": 200,
+    }, admin
+
+    # The rules go with their dispatcher.
+    def rules() -> str:
+        argv = ["iptables", "-w", "-S", "KUBETASK-HOST-SERVICES"]
+        return subprocess.run(argv, capture_output=True, text=True).stdout
+
+    assert "-j REJECT" in rules()
+    os.kill(dev.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while "-j REJECT" in rules():
+        assert time.monotonic() < deadline, rules()
+        await asyncio.sleep(0.2)
 
 
 # Sends a datagram to each of as many loopback addresses as it is told (each a connection the

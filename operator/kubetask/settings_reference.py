@@ -318,8 +318,14 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
             ),
             (
                 "KUBETASK_PLATFORM_PORTS",
-                "Ports of the platform's servers on the host besides NATS's, gateway's and "
-                "metrics': no tenant's function may listen there.",
+                "Ports of the platform's servers on the host besides NATS's and the "
+                "dispatcher's metrics' (`kubetask dev` adds its gateway's): no tenant's "
+                "function may listen there, and tenants' functions may connect there.",
+            ),
+            (
+                "KUBETASK_FUNCTION_HOST_PORTS",
+                "Ports of the host's own servers (not the platform's) that answer tenants' "
+                "functions (accounts mode); the others do not.",
             ),
         ],
     ),

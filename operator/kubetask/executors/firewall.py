@@ -44,9 +44,10 @@ def chain(family: str, name: str, hook: str | None = None) -> None:
 
 
 def end_orphans(family: str, chains: Sequence[str]) -> None:
-    """Removes the rules of dispatchers no longer running."""
+    """Removes the rules of dispatchers no longer running, last first: a chain's earlier rules
+    may let packets through before its later ones refuse, and must not go before them."""
     for name in chains:
-        for rule in run(family, "-w", "-S", name).splitlines():
+        for rule in reversed(run(family, "-w", "-S", name).splitlines()):
             owner = _OWNER.search(rule)
             if owner is None or not rule.startswith("-A "):
                 continue

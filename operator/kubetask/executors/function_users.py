@@ -38,7 +38,7 @@ from ..models import TaskFunction
 from ..networks import Network
 from ..registrant import ADMIN, registered_by
 from ..settings import WEIGHTS, env_choice, env_int, env_str, env_switch
-from . import account_scratch, function_egress, platform_ports
+from . import account_scratch, function_egress, host_services, platform_ports
 from .account_connection_cap import AccountConnectionCap, most_setting
 from .account_connections import AccountConnections
 from .account_cpu import AccountCpu
@@ -183,6 +183,16 @@ class FunctionUsers:
         ),
         compare=False,
     )
+    # The host's own servers' ports tenants' functions may reach (`host_services.py`).
+    host_ports: tuple[int, ...] = field(
+        default_factory=lambda: parse(
+            env_str(
+                host_services.SETTING, host_services.DEFAULT, "port numbers separated by commas"
+            ),
+            host_services.SETTING,
+        ),
+        compare=False,
+    )
     # Where no tenant's function may connect (`function_egress.py`).
     denied_networks: tuple[Network, ...] = field(default_factory=denied_networks, compare=False)
     # The firewall rules added at start (accounts mode), removed by `close`.
@@ -261,20 +271,22 @@ class FunctionUsers:
     def announce(self, nats_url: str, own_ports: tuple[int, ...] = ()) -> None:
         """Said once by each dispatcher at start, before any function runs; closes the
         platform's ports on this host (NATS's, where `nats_url` names a loopback address,
-        `own_ports` and `KUBETASK_PLATFORM_PORTS`) to tenants' listening sockets, and NATS
-        and the denied networks to their connections."""
+        `own_ports` and `KUBETASK_PLATFORM_PORTS`) to tenants' listening sockets, NATS and
+        the denied networks to their connections, and the host's other servers to them."""
         log.log(logging.INFO if self.mode == "accounts" else logging.WARNING, self.describe())
         if self.mode == "accounts":
             tenants = TENANTS
             nats = local_nats_ports(nats_url)
             ports = tuple(sorted({*nats, *own_ports, *self.platform_ports}))
             egress = function_egress.rules(self.denied_networks, tenants)
+            reachable = tuple(sorted({*own_ports, *self.platform_ports, *self.host_ports}))
             for rules, open_to in (
                 (
                     platform_ports.rules(ports, tenants, nats),
                     "may listen on the platform's ports and connect to NATS",
                 ),
                 (egress, f"may reach {DENIED_NETWORKS}"),
+                (host_services.rules(reachable, tenants), "reach every server of this host"),
             ):
                 self.rules.append(rules)
                 why_not = rules.add()

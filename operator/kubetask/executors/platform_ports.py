@@ -40,15 +40,15 @@ _LOCAL = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "")
 _PER_RULE = 15
 
 
-def parse(raw: str) -> tuple[int, ...]:
-    """`KUBETASK_PLATFORM_PORTS`: ports separated by commas."""
+def parse(raw: str, setting: str = SETTING) -> tuple[int, ...]:
+    """`KUBETASK_PLATFORM_PORTS` (or `setting`): ports separated by commas."""
     ports = []
     for part in raw.split(","):
         part = part.strip()
         if not part:
             continue
         if not part.isdigit() or not 0 < int(part) < 65536:
-            raise ValueError(f"{SETTING}={raw!r}: expected ports from 1 to 65535, by commas")
+            raise ValueError(f"{setting}={raw!r}: expected ports from 1 to 65535, by commas")
         ports.append(int(part))
     return tuple(sorted(set(ports)))
 
