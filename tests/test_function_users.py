@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import http.server
 import json
@@ -31,7 +32,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from kubetask.embedded import free_port, wait_for_port
-from kubetask.executors import abstract_socket_scope, account_threads, user_namespace_filter
+from kubetask.executors import (
+    abstract_socket_scope,
+    account_keyring,
+    account_threads,
+    user_namespace_filter,
+)
 from kubetask.executors.account_cpu import AccountCpu
 from kubetask.executors.account_homes import AccountHomes
 from kubetask.executors.cgroups import own_group
@@ -417,6 +423,43 @@ def _i386_unshare_newuser() -> bytes:
     header += struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, base + start, 52, 0, 0, 52, 32, 1, 0, 0, 0)
     segment = struct.pack("<IIIIIIII", 1, 0, base, base, size, size, 5, 0x1000)
     return header + segment + code
+
+
+@pytest.fixture
+def session_keyring() -> int:
+    """Puts this test's process, and so the `kubetask dev` it starts next, in a session keyring
+    of its own, as systemd starts a service (`KeyringMode=private`), with a key of the
+    platform's in it. Credentials are a thread's: fixtures and the dev fixture run on this one."""
+    if (why := account_keyring.why_not()) is not None:
+        pytest.skip(f"no keyrings here: {why}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    keyctl = {"x86_64": 250, "aarch64": 219}[os.uname().machine]
+    assert libc.syscall(keyctl, 1, b"kubetask-test-service") > 0, os.strerror(ctypes.get_errno())
+    add_key = {"x86_64": 248, "aarch64": 217}[os.uname().machine]
+    key = libc.syscall(add_key, b"user", b"note-platform", b"platform", 8, -3)
+    assert key > 0, os.strerror(ctypes.get_errno())
+    return int(key)
+
+
+async def test_a_tenant_holds_its_accounts_keyring_not_the_platforms(
+    session_keyring: int, dev: Dev
+) -> None:
+    """Every tenant's function held the dispatcher's session keyring, inherited through the
+    switch of user: team-b read a key team-a had added there (seen), and the platform's keys in
+    it were theirs. Each account's processes now have one of their own (`account_keyring.py`),
+    which its account's later functions share."""
+    python = _python("team-k", "team-l")
+
+    def spec(*args: str) -> dict[str, Any]:
+        return {"command": [python, "-c", KEYRINGS, *args]}
+
+    planted = await _run(dev, dev.token("team-k"), "team-k", spec("plant", "team-k"))
+    assert planted["task"]["status"]["result"]["planted"] > 0, planted["task"]
+    look = spec("look", "team-k", "platform")
+    other = (await _run(dev, dev.token("team-l"), "team-l", look))["task"]["status"]["result"]
+    own = (await _run(dev, dev.token("team-k"), "team-k", look))["task"]["status"]["result"]
+    assert other == {"team-k": "ENOKEY", "platform": "ENOKEY"}, other
+    assert own == {"team-k": "hello", "platform": "ENOKEY"}, own
 
 
 def _shm_keys() -> list[int]:
@@ -987,6 +1030,28 @@ t.join()
 seen["thread"] = ran[0]
 seen["pipeline"] = subprocess.run("echo through | cat", shell=True, capture_output=True, text=True).stdout.strip()
 seen["unshare"] = answer(libc.syscall(UNSHARE, NEWUSER) == 0)  # last: it would change who we are
+print(json.dumps(seen))
+"""
+# Adds a key named after its account to its session keyring ("plant ACCOUNT"), or looks for
+# the keys named ("look NAME...") and says what each held.
+KEYRINGS = """
+import ctypes, errno, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ADD_KEY, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+SEARCH, READ, SESSION = 10, 11, -3
+if sys.argv[1] == "plant":
+    name = b"note-" + sys.argv[2].encode()
+    print(json.dumps({"planted": libc.syscall(ADD_KEY, b"user", name, b"hello", 5, SESSION)}))
+    sys.exit()
+seen = {}
+for name in sys.argv[2:]:
+    key = libc.syscall(KEYCTL, SEARCH, SESSION, b"user", b"note-" + name.encode(), 0)
+    if key < 0:
+        seen[name] = errno.errorcode[ctypes.get_errno()]
+        continue
+    buf = ctypes.create_string_buffer(64)
+    n = libc.syscall(KEYCTL, READ, key, buf, 64)
+    seen[name] = buf.raw[:n].decode() if n >= 0 else errno.errorcode[ctypes.get_errno()]
 print(json.dumps(seen))
 """
 # Writes its marker where it is, makes a directory next to it, and says where it is.

@@ -8,16 +8,17 @@ each spawned child would add work to every start. Each account has a thread of i
 restricted once when it starts, and `spawn.py` starts the account's processes on it, as it
 starts the others on the loop's pool. Nothing is added per spawn.
 
-What it is restricted to:
+What it is restricted to, or given:
 - `abstract_socket_scope.py`: no connecting to another account's abstract Unix sockets;
-- `user_namespace_filter.py`: no user namespaces.
+- `user_namespace_filter.py`: no user namespaces;
+- `account_keyring.py`: a session keyring of the account's own, not the platform's.
 
 A thread not used for `IDLE_SECONDS` (its account's namespace's idle time) is let go. The
 account's next process gets a new Landlock domain, and cannot reach a socket that a process
 started before then listens on, as after a restart.
 
-Where the kernel has neither (before Linux 6.12, and without seccomp), the dispatcher warns at
-start and starts processes as before.
+Where the kernel lacks one (Landlock's scopes came in Linux 6.12), the dispatcher warns at start,
+and without all three starts processes as before.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import abstract_socket_scope, account_namespaces, user_namespace_filter
+from . import abstract_socket_scope, account_keyring, account_namespaces, user_namespace_filter
 
 
 @dataclass
@@ -46,11 +47,14 @@ class AccountThreads:
         off = "functions run as the platform's user"
         self._why_not_scope = abstract_socket_scope.why_not() if enabled else off
         self._why_not_filter = user_namespace_filter.why_not(user_namespaces) if enabled else off
+        self._why_not_keyring = account_keyring.why_not() if enabled else off
         self._restrictions: list[Callable[[], None]] = []
         if self._why_not_scope is None:
             self._restrictions.append(abstract_socket_scope.restrict_this_thread)
         if self._why_not_filter is None:
             self._restrictions.append(user_namespace_filter.filter_this_thread)
+        if self._why_not_keyring is None:
+            self._restrictions.append(account_keyring.join_new_session_keyring)
         self._threads: dict[int, _Held] = {}  # by account user id
         self._lock = threading.Lock()
         self._swept = time.monotonic()
@@ -62,6 +66,10 @@ class AccountThreads:
     def why_not_filter(self) -> str | None:
         """Why an account's processes may make user namespaces; None: they may not."""
         return self._why_not_filter
+
+    def why_not_keyring(self) -> str | None:
+        """Why an account's processes hold the platform's session keyring; None: they do not."""
+        return self._why_not_keyring
 
     def _restrict(self) -> None:
         for restrict in self._restrictions:

@@ -318,6 +318,7 @@ class FunctionUsers:
                 (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
                 (self.threads.why_not_scope, "tenants' functions reach any abstract Unix socket"),
                 (self.threads.why_not_filter, "tenants' functions may make user namespaces"),
+                (self.threads.why_not_keyring, "tenants' functions share the platform's keyring"),
                 (
                     self.connection_cap.why_not,
                     "an account's functions may fill the host's connection tracking table",
