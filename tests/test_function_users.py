@@ -35,6 +35,7 @@ from kubetask.embedded import free_port, wait_for_port
 from kubetask.executors import (
     abstract_socket_scope,
     account_keyring,
+    account_terminals,
     account_threads,
     user_namespace_filter,
 )
@@ -460,6 +461,21 @@ async def test_a_tenant_holds_its_accounts_keyring_not_the_platforms(
     own = (await _run(dev, dev.token("team-k"), "team-k", look))["task"]["status"]["result"]
     assert other == {"team-k": "ENOKEY", "platform": "ENOKEY"}, other
     assert own == {"team-k": "hello", "platform": "ENOKEY"}, own
+
+
+async def test_an_accounts_terminals_are_its_own_and_bounded(dev: Dev) -> None:
+    """A tenant's process opened the host's pseudo-terminals from `/dev/ptmx` (300 seen), and
+    could have opened all of `kernel.pty.max`, leaving none for an administrator's `ssh`; it
+    also listed the host's in `/dev/pts`. Each account now has a devpts instance of its own of
+    `account_terminals.MOST` (`account_terminals.py`)."""
+    python = _python("team-t")
+    spec = {"command": [python, "-c", TERMINALS, str(account_terminals.MOST + 44)]}
+    status = (await _run(dev, dev.token("team-t"), "team-t", spec))["task"]["status"]
+    assert status["result"] == {
+        "opened": account_terminals.MOST,
+        "stopped": "No space left on device",
+        "listed": account_terminals.MOST + 1,  # and its ptmx
+    }, status
 
 
 def _shm_keys() -> list[int]:
@@ -1053,6 +1069,18 @@ for name in sys.argv[2:]:
     n = libc.syscall(KEYCTL, READ, key, buf, 64)
     seen[name] = buf.raw[:n].decode() if n >= 0 else errno.errorcode[ctypes.get_errno()]
 print(json.dumps(seen))
+"""
+# Opens as many pseudo-terminals as it is told, or until refused; says how many, why it stopped,
+# and how many entries its /dev/pts lists while it holds them.
+TERMINALS = """
+import json, os, sys
+held, why = [], None
+try:
+    for _ in range(int(sys.argv[1])):
+        held.append(os.openpty())
+except OSError as err:
+    why = err.strerror
+print(json.dumps({"opened": len(held), "stopped": why, "listed": len(os.listdir("/dev/pts"))}))
 """
 # Writes its marker where it is, makes a directory next to it, and says where it is.
 WHERE = """

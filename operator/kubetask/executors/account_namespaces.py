@@ -1,5 +1,6 @@
 """A mount namespace for each account's functions, where /proc shows only their own processes
-(`hidden_processes.py`) and /tmp is their own (`account_scratch.py`), and an IPC namespace, where
+(`hidden_processes.py`), /tmp is their own (`account_scratch.py`) and so are their terminals
+(`account_terminals.py`), and an IPC namespace, where
 the System V shared memory, semaphores and message queues and the POSIX message queues they
 make and find are their own.
 
@@ -41,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from . import account_scratch, hidden_processes
+from . import account_scratch, account_terminals, hidden_processes
 
 _NSENTER = shutil.which("nsenter")  # looked up once, not on every spawn
 # How long making a namespace may take before it is given up.
@@ -90,6 +91,8 @@ class AccountNamespaces:
         self._enabled = enabled
         self._scratch = scratch
         self._hide = False
+        self._terminals = False
+        self._why_not_terminals: str | None = None
         # The host's directories its /tmp stands at, looked up once with the host.
         self.shadowed: tuple[str, ...] = ()
         self._checked = False
@@ -117,6 +120,12 @@ class AccountNamespaces:
         its own."""
         self._check()
         return self._why_not
+
+    def why_not_terminals(self) -> str | None:
+        """Why tenants' functions open the host's terminals; None where each account has its
+        own."""
+        self._check()
+        return self._why_not or self._why_not_terminals
 
     def scratch(self) -> bool:
         return self.why_not_scratch() is None
@@ -182,7 +191,14 @@ class AccountNamespaces:
             self._why_not = f"no {', '.join(missing)} on this host's PATH (util-linux)"
             return
         self.shadowed = account_scratch.shadowed() if self._scratch else ()
-        namespace, why = self._make(_PROBE_UID)
+        # Terminals of its own are tried first, and left out where devpts takes no new
+        # instance (a container may not mount one), rather than losing the namespace.
+        self._terminals = True
+        namespace, why_terminals = self._make(_PROBE_UID)
+        if namespace is None:
+            self._terminals = False
+            self._why_not_terminals = f"could not mount a devpts instance: {why_terminals}"
+            namespace, why = self._make(_PROBE_UID)
         if namespace is None:
             self._why_not = f"could not make mount and IPC namespaces: {why}"
         else:
@@ -190,6 +206,8 @@ class AccountNamespaces:
 
     def _make(self, uid: int) -> tuple[AccountNamespace | None, str]:
         steps = [hidden_processes.MOUNT] if self._hide else []
+        if self._terminals:
+            steps += account_terminals.MOUNTS
         if self._scratch:
             steps += account_scratch.mounts(uid, self._scratch, self.shadowed)
         # The holder mounts in a namespace of its own, says so, and waits on its stdin while
