@@ -37,7 +37,7 @@ from kubetask.executors import (
     account_keyring,
     account_terminals,
     account_threads,
-    user_namespace_filter,
+    system_call_filter,
 )
 from kubetask.executors.account_cpu import AccountCpu
 from kubetask.executors.account_homes import AccountHomes
@@ -354,14 +354,18 @@ async def test_a_tenants_ipc_objects_are_its_accounts_own(dev: Dev) -> None:
     assert again["result"] == {"made": False, "keys": [key]}, again
 
 
-async def test_a_tenant_cannot_make_a_user_namespace(dev: Dev) -> None:
+async def test_a_tenant_cannot_make_a_user_namespace_nor_use_kernel_aio_or_io_uring(
+    dev: Dev,
+) -> None:
     """In a user namespace of its own, a tenant's function was uid 0 with every capability
-    (`unshare -Urn`, seen), kernel code otherwise root's alone. `user_namespace_filter.py`
-    refuses it on each path the kernel has: unshare, clone and clone3. The function still
-    starts threads and processes (the C library falls back from clone3 to clone). An admin's
-    function, run as the platform, is not filtered."""
-    if user_namespace_filter.why_not() is not None:
-        pytest.skip(f"no filter here: {user_namespace_filter.why_not()}")
+    (`unshare -Urn`, seen), kernel code otherwise root's alone; one `io_setup` took most of
+    the host's AIO pool, which has no count per user (seen). `system_call_filter.py` refuses
+    a user namespace on each path the kernel has (unshare, clone and clone3), and kernel AIO
+    and io_uring as not implemented. The function still starts threads and processes (the C
+    library falls back from clone3 to clone). An admin's function, run as the platform, is
+    not filtered."""
+    if system_call_filter.why_not() is not None:
+        pytest.skip(f"no filter here: {system_call_filter.why_not()}")
     python = _python("team-u")
     spec = {"command": [python, "-c", USER_NAMESPACES]}
     tenant = (await _run(dev, dev.token("team-u"), "team-u", spec))["task"]["status"]
@@ -370,21 +374,24 @@ async def test_a_tenant_cannot_make_a_user_namespace(dev: Dev) -> None:
         "unshare": refused,
         "clone": refused,
         "clone3": os.strerror(errno.ENOSYS),
+        "ioSetup": os.strerror(errno.ENOSYS),
+        "ioUring": os.strerror(errno.ENOSYS),
         "unshareCommand": 1,
         "mountNamespace": refused,  # no capability for one without a user namespace
         "thread": "ran",
         "pipeline": "through",
     }, tenant
-    admin = (await _run(dev, dev.admin, "team-u", spec))["task"]["status"]
-    assert admin["result"]["unshare"] == "made", admin
+    admin = (await _run(dev, dev.admin, "team-u", spec))["task"]["status"]["result"]
+    assert (admin["unshare"], admin["ioSetup"], admin["ioUring"]) == ("made",) * 3, admin
 
 
 def test_user_namespaces_are_refused_on_the_accounts_thread_unless_allowed(tmp_path: Path) -> None:
-    """`KUBETASK_ACCOUNT_USER_NAMESPACES=on` leaves them allowed; otherwise a process started
-    from the account's thread cannot make one, even as root, while the platform's threads
-    still can."""
-    if user_namespace_filter.why_not() is not None:
-        pytest.skip(f"no filter here: {user_namespace_filter.why_not()}")
+    """`KUBETASK_ACCOUNT_USER_NAMESPACES=on` leaves them allowed, and kernel AIO still refused;
+    otherwise a process started from the account's thread cannot make one, even as root,
+    while the platform's threads still can."""
+    if system_call_filter.why_not() is not None:
+        pytest.skip(f"no filter here: {system_call_filter.why_not()}")
+    io_setup = [sys.executable, "-c", IO_SETUP]
     programs = [["unshare", "--user", "--map-root-user", "true"]]
     if os.uname().machine == "x86_64":  # the 32-bit ABI has numbers of its own
         compat = tmp_path / "unshare-i386"
@@ -393,17 +400,31 @@ def test_user_namespaces_are_refused_on_the_accounts_thread_unless_allowed(tmp_p
         programs.append([str(compat)])
     for allowed, code in ((False, errno.EPERM), (True, 0)):
         threads = account_threads.AccountThreads(True, user_namespaces=allowed)
-        assert (threads.why_not_filter() is None) is not allowed
+        assert threads.why_not_filter() is None
         try:
             starter = threads.starter(account_uid("team-u"))
             assert starter is not None  # Landlock's scope alone would make one; so does this
             for argv in programs:
                 run = starter.submit(subprocess.run, argv, capture_output=True, text=True)
                 assert run.result().returncode == code, (argv, run.result().stderr)
+            run = starter.submit(subprocess.run, io_setup, capture_output=True, text=True)
+            assert run.result().returncode == errno.ENOSYS, run.result().stderr
         finally:
             threads.close()
-    for argv in programs:
+    for argv in [*programs, io_setup]:
         assert subprocess.run(argv).returncode == 0, "the platform's own threads are not filtered"
+
+
+# Exits with io_setup's errno (0: made, and let go).
+IO_SETUP = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+number, destroy = {"x86_64": (206, 207), "aarch64": (0, 1)}[os.uname().machine]
+context = ctypes.c_ulong(0)
+if libc.syscall(number, 8, ctypes.byref(context)) != 0:
+    sys.exit(ctypes.get_errno())
+libc.syscall(destroy, context)
+"""
 
 
 def _i386_unshare_newuser() -> bytes:
@@ -1045,6 +1066,16 @@ t.start()
 t.join()
 seen["thread"] = ran[0]
 seen["pipeline"] = subprocess.run("echo through | cat", shell=True, capture_output=True, text=True).stdout.strip()
+IO_SETUP, IO_DESTROY, IO_URING_SETUP = {"x86_64": (206, 207, 425), "aarch64": (0, 1, 425)}[platform.machine()]
+context = ctypes.c_ulong(0)
+made = libc.syscall(IO_SETUP, 8, ctypes.byref(context)) == 0
+seen["ioSetup"] = answer(made)
+if made:
+    libc.syscall(IO_DESTROY, context)
+ring = libc.syscall(IO_URING_SETUP, 8, ctypes.create_string_buffer(120))
+seen["ioUring"] = answer(ring >= 0)
+if ring >= 0:
+    os.close(ring)
 seen["unshare"] = answer(libc.syscall(UNSHARE, NEWUSER) == 0)  # last: it would change who we are
 print(json.dumps(seen))
 """

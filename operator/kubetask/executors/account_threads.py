@@ -10,7 +10,7 @@ starts the others on the loop's pool. Nothing is added per spawn.
 
 What it is restricted to, or given:
 - `abstract_socket_scope.py`: no connecting to another account's abstract Unix sockets;
-- `user_namespace_filter.py`: no user namespaces;
+- `system_call_filter.py`: no user namespaces, kernel AIO or io_uring;
 - `account_keyring.py`: a session keyring of the account's own, not the platform's.
 
 A thread not used for `IDLE_SECONDS` (its account's namespace's idle time) is let go. The
@@ -23,13 +23,14 @@ and without all three starts processes as before.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from . import abstract_socket_scope, account_keyring, account_namespaces, user_namespace_filter
+from . import abstract_socket_scope, account_keyring, account_namespaces, system_call_filter
 
 
 @dataclass
@@ -43,16 +44,18 @@ class AccountThreads:
 
     def __init__(self, enabled: bool, user_namespaces: bool = False) -> None:
         """`enabled`: tenants' functions run as users of their own (accounts mode);
-        `user_namespaces`: they may make user namespaces."""
+        `user_namespaces`: they may make user namespaces (the rest of the filter holds)."""
         off = "functions run as the platform's user"
         self._why_not_scope = abstract_socket_scope.why_not() if enabled else off
-        self._why_not_filter = user_namespace_filter.why_not(user_namespaces) if enabled else off
+        self._why_not_filter = system_call_filter.why_not() if enabled else off
         self._why_not_keyring = account_keyring.why_not() if enabled else off
         self._restrictions: list[Callable[[], None]] = []
         if self._why_not_scope is None:
             self._restrictions.append(abstract_socket_scope.restrict_this_thread)
         if self._why_not_filter is None:
-            self._restrictions.append(user_namespace_filter.filter_this_thread)
+            self._restrictions.append(
+                functools.partial(system_call_filter.filter_this_thread, user_namespaces)
+            )
         if self._why_not_keyring is None:
             self._restrictions.append(account_keyring.join_new_session_keyring)
         self._threads: dict[int, _Held] = {}  # by account user id
@@ -64,7 +67,7 @@ class AccountThreads:
         return self._why_not_scope
 
     def why_not_filter(self) -> str | None:
-        """Why an account's processes may make user namespaces; None: they may not."""
+        """Why an account's processes are not held to `system_call_filter.py`; None: they are."""
         return self._why_not_filter
 
     def why_not_keyring(self) -> str | None:

@@ -318,7 +318,10 @@ class FunctionUsers:
                 (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
                 (ns.why_not_terminals, "tenants' functions open the host's terminals"),
                 (self.threads.why_not_scope, "tenants' functions reach any abstract Unix socket"),
-                (self.threads.why_not_filter, "tenants' functions may make user namespaces"),
+                (
+                    self.threads.why_not_filter,
+                    "tenants' functions may make user namespaces and use kernel AIO and io_uring",
+                ),
                 (self.threads.why_not_keyring, "tenants' functions share the platform's keyring"),
                 (
                     self.connection_cap.why_not,

@@ -1,20 +1,31 @@
-"""A seccomp filter that keeps a tenant's processes from making user namespaces.
+"""A seccomp filter on a tenant's processes: no user namespaces, no kernel AIO, no io_uring.
 
-Why: in a user namespace of its own a process is uid 0 with every capability, and reaches
+Why user namespaces: in one of its own a process is uid 0 with every capability, and reaches
 kernel code that is otherwise root's alone: mounting file systems of several kinds, making
 network devices, netfilter tables. Much of the kernel's privilege-escalation history went
 through there, which is why Docker's default seccomp profile refuses it. With
 `KUBETASK_FUNCTION_USERS=accounts`, a tenant's function ran `unshare -Urn` and was root with
 full capabilities in it (seen 2026-12-05). Nothing an account needs to run its code needs one.
 
+Why kernel AIO: its contexts come from one pool for the whole host (`fs.aio-max-nr`, 65,536),
+with no count per user. One unprivileged process's `io_setup(60000)` took 60,000 of it, and the
+next asked for failed with EAGAIN (seen 2026-12-05): one call from a tenant, and no database
+on the host could start its native AIO. Programs that use it fall back to threads when the
+call is not implemented (libaio's users do, as glibc's POSIX AIO never uses it).
+
+Why io_uring: a large part of the kernel's recent exploits went through it (Google counted
+60% of those submitted to its 2022 bounty), and it too is optional: libuv and the other
+runtimes that use it fall back to threads when `io_uring_setup` is not implemented.
+
 How: a seccomp filter belongs to a thread, as a Landlock domain does, and every process the
 thread starts inherits it, through exec and the switch to the account's user, with no way to
-take it off. It is installed on the account's thread (`account_threads.py`). The filter answers
-EPERM to `unshare` and `clone` with CLONE_NEWUSER among their flags. `clone3` passes its flags
-in memory a filter cannot read, so it is answered ENOSYS, on which the C library falls back to
-`clone` (glibc and musl do; Docker's profile relies on the same). Every other call is allowed.
-The filter knows the native ABI's numbers and, on x86-64, the 32-bit and x32 ones; a call
-through an ABI it has no numbers for is answered ENOSYS, so no ABI is a way around it.
+take it off. It is installed on the account's thread (`account_threads.py`). The filter
+answers EPERM to `unshare` and `clone` with CLONE_NEWUSER among their flags. `clone3` passes
+its flags in memory a filter cannot read, so it is answered ENOSYS, on which the C library
+falls back to `clone` (glibc and musl do; Docker's profile relies on the same). `io_setup`
+and `io_uring_setup` are answered ENOSYS. Every other call is allowed. The filter knows the
+native ABI's numbers and, on x86-64 and arm64, the 32-bit ones; a call through an ABI it has
+no numbers for (x32, where the kernel has it) is answered ENOSYS, so no ABI is a way around.
 
 `KUBETASK_ACCOUNT_USER_NAMESPACES=on` leaves tenants' user namespaces allowed (rootless
 container builds and browsers' sandboxes make them).
@@ -49,20 +60,20 @@ _ERRNO = 0x00050000
 
 
 class _Abi(NamedTuple):
-    """An ABI's audit value and the numbers of its three calls that make namespaces."""
+    """An ABI's audit value and the numbers of the calls the filter looks at."""
 
     audit: int
     unshare: int
     clone: int
     clone3: int
+    io_setup: int
+    io_uring_setup: int
 
 
-_X86_64 = _Abi(0xC000003E, 272, 56, 435)
-_X32 = _Abi(0xC000003E, _X32_BIT | 272, _X32_BIT | 56, _X32_BIT | 435)
-_I386 = _Abi(0x40000003, 310, 120, 435)
-_AARCH64 = _Abi(0xC00000B7, 97, 220, 435)
-_ARM = _Abi(0x40000028, 337, 120, 435)
-_ABIS = {"x86_64": (_X86_64, _X32, _I386), "aarch64": (_AARCH64, _ARM)}
+_ABIS = {
+    "x86_64": (_Abi(0xC000003E, 272, 56, 435, 206, 425), _Abi(0x40000003, 310, 120, 435, 245, 425)),
+    "aarch64": (_Abi(0xC00000B7, 97, 220, 435, 0, 425), _Abi(0x40000028, 337, 120, 435, 243, 425)),
+}
 
 
 class _Instruction(ctypes.Structure):
@@ -78,10 +89,8 @@ class _Program(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Instruction))]
 
 
-def why_not(allowed: bool = False) -> str | None:
-    """Why tenants' processes may make user namespaces here; None where they may not."""
-    if allowed:
-        return "KUBETASK_ACCOUNT_USER_NAMESPACES=on"
+def why_not() -> str | None:
+    """Why tenants' processes cannot be filtered here; None where they can."""
     if platform.machine() not in _ABIS:
         return f"no system call numbers for {platform.machine()} here"
     if _libc.prctl(_PR_GET_SECCOMP, 0, 0, 0, 0) < 0:
@@ -89,19 +98,21 @@ def why_not(allowed: bool = False) -> str | None:
     return None
 
 
-def program(machine: str) -> list[tuple[int, int, int, int]]:
-    """The filter for `machine`'s ABIs, as (code, jump if true, jump if false, value)."""
-    abis = _ABIS[machine]
-    audits = list(dict.fromkeys(abi.audit for abi in abis))
+def program(machine: str, user_namespaces: bool = False) -> list[tuple[int, int, int, int]]:
+    """The filter for `machine`'s ABIs, as (code, jump if true, jump if false, value);
+    `user_namespaces`: they are allowed."""
     steps: list[_Step] = [(_LOAD, None, None, _ARCH)]
-    steps += [(_JUMP_IF_EQUAL, f"abi {audit}", None, audit) for audit in audits]
+    steps += [(_JUMP_IF_EQUAL, f"abi {abi.audit}", None, abi.audit) for abi in _ABIS[machine]]
     steps.append((_RETURN, None, None, _ERRNO | errno.ENOSYS))  # an ABI without numbers here
-    for audit in audits:
-        steps += [f"abi {audit}", (_LOAD, None, None, _NR)]
-        for abi in abis:
-            if abi.audit == audit:
-                steps += [(_JUMP_IF_EQUAL, "flags", None, nr) for nr in (abi.unshare, abi.clone)]
-                steps.append((_JUMP_IF_EQUAL, "unknown", None, abi.clone3))
+    for abi in _ABIS[machine]:
+        steps += [f"abi {abi.audit}", (_LOAD, None, None, _NR)]
+        if abi.audit == 0xC000003E:  # x32's calls come as x86-64's with this bit set
+            steps.append((_JUMP_IF_ANY_BIT, "unknown", None, _X32_BIT))
+        unknown = [abi.io_setup, abi.io_uring_setup]
+        if not user_namespaces:
+            steps += [(_JUMP_IF_EQUAL, "flags", None, nr) for nr in (abi.unshare, abi.clone)]
+            unknown.append(abi.clone3)
+        steps += [(_JUMP_IF_EQUAL, "unknown", None, nr) for nr in unknown]
         steps.append((_RETURN, None, None, _ALLOW))
     steps += [
         "unknown",
@@ -141,10 +152,10 @@ def _assemble(steps: list[_Step]) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def filter_this_thread() -> None:
+def filter_this_thread(user_namespaces: bool = False) -> None:
     """Installs the filter on the calling thread, and so on all it starts from now on. Needs
     no_new_privs or CAP_SYS_ADMIN: the dispatcher runs as root in accounts mode."""
-    steps = program(platform.machine())
+    steps = program(platform.machine(), user_namespaces)
     instructions = (_Instruction * len(steps))(*(_Instruction(*s) for s in steps))
     prog = _Program(len(steps), instructions)
     if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
