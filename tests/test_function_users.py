@@ -320,6 +320,55 @@ printf '{"processes": %s}' "$n"
 """
 
 
+# Holds as many sleeps as its account may, says so in a file, and waits to be told to end.
+HOLD_PROCESSES = r"""
+sh -c 'for i in $(seq 1 100); do sleep 60 & done' 2>/dev/null
+read n < "$PIDS_ROOT/kubetask/$KUBETASK_ACCOUNT/pids.current"
+echo "$n" > "$SHARED/held"
+while [ ! -e "$SHARED/done" ]; do sleep 0.1; done
+"""
+ALL_PROCESSES = MAX_PROCESSES + 20
+
+
+@pytest.mark.parametrize(
+    "dev", [{"KUBETASK_FUNCTIONS_MAX_PROCESSES": str(ALL_PROCESSES)}], indirect=True
+)
+async def test_all_accounts_processes_together_are_capped(dev: Dev) -> None:
+    """Each account's cap alone did not bound them together: with `kernel.pid_max` 32,768,
+    eight accounts at 4,096 would hold every process id of the host. The host's `kubetask`
+    group caps them all (`KUBETASK_FUNCTIONS_MAX_PROCESSES`): while one account holds its
+    40, another's fork bomb gets what is left of the 60."""
+    pids = _own_group("pids")
+    if pids is None:
+        pytest.skip("no cgroup v1 pids controller here")
+    env = [{"name": "PIDS_ROOT", "value": str(pids)}, {"name": "SHARED", "value": str(dev.shared)}]
+    holder = await _start(
+        dev,
+        dev.token("team-p"),
+        "team-p",
+        "hold",
+        {"command": ["sh", "-c", HOLD_PROCESSES], "env": env},
+    )
+    held = dev.shared / "held"
+    deadline = time.monotonic() + 30
+    while not held.exists() or not held.read_text().strip():
+        assert time.monotonic() < deadline, "the holder never held"
+        await asyncio.sleep(0.1)
+    try:
+        first = int(held.read_text())
+        assert MAX_PROCESSES - 5 <= first <= MAX_PROCESSES, first
+        run = await _run(dev, dev.token("team-q"), "team-q", {"command": ["sh", "-c", FORK_BOMB]})
+        status = run["task"]["status"]
+        assert status["phase"] == "Succeeded", status.get("error")
+        second = status["result"]["processes"]
+        assert second <= ALL_PROCESSES - first, (first, second)
+        assert second >= ALL_PROCESSES - first - 5, "the rest was its to take"
+        assert (pids / "kubetask" / "pids.max").read_text().strip() == str(ALL_PROCESSES)
+    finally:
+        (dev.shared / "done").touch()
+    assert (await _ended(dev, dev.token("team-p"), "team-p", holder))["phase"] == "Succeeded"
+
+
 async def test_a_tenant_cannot_look_at_other_accounts_cgroups(dev: Dev) -> None:
     """Every user may read a cgroup hierarchy: a tenant's function listed the names of the
     accounts running on the host and read another account's process count (seen)."""

@@ -287,6 +287,12 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Processes an account's functions hold at once on a host.",
             ),
             (
+                "KUBETASK_FUNCTIONS_MAX_PROCESSES",
+                "Processes all functions hold together on a host (as root, the v1 `pids` "
+                "group over the accounts'); a share is of the smaller of `kernel.pid_max` and "
+                "`kernel.threads-max`. 0: no cap.",
+            ),
+            (
                 "KUBETASK_ACCOUNT_MAX_CONNECTIONS",
                 "Connections an account's functions hold open at once on a host (accounts "
                 "mode: the host's connection tracking table, which full drops every new "

@@ -38,7 +38,7 @@ from ..models import TaskFunction
 from ..networks import Network
 from ..registrant import ADMIN, registered_by
 from ..settings import WEIGHTS, env_choice, env_int, env_str, env_switch
-from . import account_scratch, function_egress, host_services, platform_ports
+from . import account_pids, account_scratch, function_egress, host_services, platform_ports
 from .account_connection_cap import AccountConnectionCap, most_setting
 from .account_connections import AccountConnections
 from .account_cpu import AccountCpu
@@ -199,7 +199,8 @@ class FunctionUsers:
     rules: list[HostRules] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pids", AccountPids(self.max_processes))  # frozen
+        pids = AccountPids(self.max_processes, account_pids.all_setting())
+        object.__setattr__(self, "pids", pids)  # frozen
         object.__setattr__(self, "ports", InstancePorts(self.mode == "accounts"))
         accounts = self.mode == "accounts"
         namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
