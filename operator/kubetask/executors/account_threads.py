@@ -1,12 +1,13 @@
 """The thread each account's processes are started from, restricted in what it, and so every
 process it starts, may do.
 
-Why a thread: a Landlock domain and a seccomp filter belong to a thread, and every process the
-thread starts inherits them, through exec and the switch to the account's user, with no way to
-take them off. Restricting the dispatcher's own threads would restrict the platform; restricting
-each spawned child would add work to every start. Each account has a thread of its own,
-restricted once when it starts, and `spawn.py` starts the account's processes on it, as it
-starts the others on the loop's pool. Nothing is added per spawn.
+Why a thread: a Landlock domain, a seccomp filter and a session keyring belong to a thread, and
+every process the thread starts inherits them, through exec and the switch to the account's
+user; the first two can never be taken off. Restricting the dispatcher's own threads would
+restrict the platform; restricting each spawned child would add work to every start. Each
+account has a thread of its own, restricted once when it starts, and `spawn.py` starts the
+account's processes on it, as it starts the others on the loop's pool. Nothing is added per
+spawn.
 
 What it is restricted to, or given:
 - `abstract_socket_scope.py`: no connecting to another account's abstract Unix sockets;

@@ -8,7 +8,7 @@ host that is also something else, such servers are often open to localhost alone
 localhost is taken to be trusted: a Redis or a Docker API without a password, a kubelet's
 read-only port, a metrics agent. A function in a pod, or in Lambda, has no way to them.
 
-How: `account_connections.py` marks every connection a tenant's socket opens. One rule per
+How: `account_connections.py` marks every connection a tenant's socket opens. A rule per
 protocol and address family rejects an answer on such a connection from a socket of this host
 whose owner is not an account's user (root's or a system user's: the host's servers), unless
 it answers from one of the ports tenants may reach: the platform's (the gateway's API, the
