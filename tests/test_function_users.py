@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -691,20 +691,16 @@ print(json.dumps(seen))
 
 
 @contextlib.contextmanager
-def _answering(host: str, word: bytes, port: int = 0) -> Iterator[int]:
-    """A server of the platform's user on `host` that answers `word` to each connection."""
-    server = socket.create_server((host, port))
+def _serving(server: socket.socket, answer: Callable[[], None]) -> Iterator[int]:
+    """Runs `answer` on a thread, for each request to `server`, until the block ends; yields
+    the server's port."""
     server.settimeout(0.1)
     done = threading.Event()
 
     def serve() -> None:
         while not done.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            conn.sendall(word)
-            conn.close()
+            with contextlib.suppress(TimeoutError):
+                answer()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -714,6 +710,20 @@ def _answering(host: str, word: bytes, port: int = 0) -> Iterator[int]:
         done.set()
         thread.join()
         server.close()
+
+
+@contextlib.contextmanager
+def _answering(host: str, word: bytes, port: int = 0) -> Iterator[int]:
+    """A server of the platform's user on `host` that answers `word` to each connection."""
+    server = socket.create_server((host, port))
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.sendall(word)
+        conn.close()
+
+    with _serving(server, answer) as bound:
+        yield bound
 
 
 # A port of the host's that tenants' functions may reach (`host_services.py`), chosen at
@@ -774,26 +784,14 @@ def _udp_answering(word: bytes) -> Iterator[int]:
     """A UDP socket of the platform's user on 127.0.0.1 that answers `word` to each datagram."""
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    done = threading.Event()
 
-    def serve() -> None:
-        while not done.is_set():
-            try:
-                _, peer = server.recvfrom(16)
-            except TimeoutError:
-                continue
-            with contextlib.suppress(PermissionError):  # an answer the firewall refused
-                server.sendto(word, peer)
+    def answer() -> None:
+        _, peer = server.recvfrom(16)
+        with contextlib.suppress(PermissionError):  # an answer the firewall refused
+            server.sendto(word, peer)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        done.set()
-        thread.join()
-        server.close()
+    with _serving(server, answer) as bound:
+        yield bound
 
 
 @pytest.mark.parametrize("dev", [{"KUBETASK_FUNCTION_HOST_PORTS": str(HOST_PORT)}], indirect=True)
