@@ -404,16 +404,15 @@ async def test_a_tenants_ipc_objects_are_its_accounts_own(dev: Dev) -> None:
     assert again["result"] == {"made": False, "keys": [key]}, again
 
 
-async def test_a_tenant_cannot_make_a_user_namespace_nor_use_kernel_aio_or_io_uring(
-    dev: Dev,
-) -> None:
+async def test_the_system_call_filter_holds_a_tenant_and_not_an_admin(dev: Dev) -> None:
     """In a user namespace of its own, a tenant's function was uid 0 with every capability
     (`unshare -Urn`, seen), kernel code otherwise root's alone; one `io_setup` took most of
     the host's AIO pool, which has no count per user (seen). `system_call_filter.py` refuses
-    a user namespace on each path the kernel has (unshare, clone and clone3), and kernel AIO
-    and io_uring as not implemented. The function still starts threads and processes (the C
-    library falls back from clone3 to clone). An admin's function, run as the platform, is
-    not filtered."""
+    a user namespace on each path the kernel has (unshare, clone and clone3), kernel AIO
+    and io_uring as not implemented, and BPF, perf events and userfaultfd (the last two were
+    made) as not permitted. The function still starts threads and processes (the C library
+    falls back from clone3 to clone). An admin's function, run as the platform, is not
+    filtered."""
     if system_call_filter.why_not() is not None:
         pytest.skip(f"no filter here: {system_call_filter.why_not()}")
     python = _python("team-u")
@@ -426,13 +425,17 @@ async def test_a_tenant_cannot_make_a_user_namespace_nor_use_kernel_aio_or_io_ur
         "clone3": os.strerror(errno.ENOSYS),
         "ioSetup": os.strerror(errno.ENOSYS),
         "ioUring": os.strerror(errno.ENOSYS),
+        "bpf": refused,
+        "perf": refused,
+        "userfaultfd": refused,
         "unshareCommand": 1,
         "mountNamespace": refused,  # no capability for one without a user namespace
         "thread": "ran",
         "pipeline": "through",
     }, tenant
     admin = (await _run(dev, dev.admin, "team-u", spec))["task"]["status"]["result"]
-    assert (admin["unshare"], admin["ioSetup"], admin["ioUring"]) == ("made",) * 3, admin
+    made = ("unshare", "ioSetup", "ioUring", "bpf", "perf", "userfaultfd")
+    assert {admin[call] for call in made} == {"made"}, admin
 
 
 def test_user_namespaces_are_refused_on_the_accounts_thread_unless_allowed(tmp_path: Path) -> None:
@@ -1124,6 +1127,24 @@ ring = libc.syscall(IO_URING_SETUP, 8, ctypes.create_string_buffer(120))
 seen["ioUring"] = answer(ring >= 0)
 if ring >= 0:
     os.close(ring)
+BPF, PERF, USERFAULTFD = {"x86_64": (321, 298, 323), "aarch64": (280, 241, 282)}[platform.machine()]
+program = ctypes.create_string_buffer(bytes.fromhex("b700000000000000" "9500000000000000"))
+licence = ctypes.create_string_buffer(b"GPL")
+load = ctypes.create_string_buffer(128)  # BPF_PROG_LOAD of a socket filter returning 0
+ctypes.memmove(load, ctypes.byref((ctypes.c_uint32 * 2)(1, 2)), 8)
+ctypes.memmove(ctypes.addressof(load) + 8, ctypes.byref((ctypes.c_uint64 * 2)(ctypes.addressof(program), ctypes.addressof(licence))), 16)
+loaded = libc.syscall(BPF, 5, load, 128)
+seen["bpf"] = answer(loaded >= 0)
+event = ctypes.create_string_buffer(128)  # a software clock of its own, in user mode only
+ctypes.memmove(event, ctypes.byref((ctypes.c_uint32 * 2)(1, 128)), 8)
+ctypes.memmove(ctypes.addressof(event) + 40, ctypes.byref(ctypes.c_uint64(0x60)), 8)  # exclude_kernel, _hv
+perf = libc.syscall(PERF, event, 0, -1, -1, 0)
+seen["perf"] = answer(perf >= 0)
+faults = libc.syscall(USERFAULTFD, 1)  # UFFD_USER_MODE_ONLY
+seen["userfaultfd"] = answer(faults >= 0)
+for fd in (loaded, perf, faults):
+    if fd >= 0:
+        os.close(fd)
 seen["unshare"] = answer(libc.syscall(UNSHARE, NEWUSER) == 0)  # last: it would change who we are
 print(json.dumps(seen))
 """

@@ -1,4 +1,5 @@
-"""A seccomp filter on a tenant's processes: no user namespaces, no kernel AIO, no io_uring.
+"""A seccomp filter on a tenant's processes: no user namespaces, no kernel AIO, no io_uring,
+no BPF, perf events or userfaultfd.
 
 Why user namespaces: in one of its own a process is uid 0 with every capability, and reaches
 kernel code that is otherwise root's alone: mounting file systems of several kinds, making
@@ -17,15 +18,24 @@ Why io_uring: a large part of the kernel's recent exploits went through it (Goog
 60% of those submitted to its 2022 bounty), and it too is optional: libuv and the other
 runtimes that use it fall back to threads when `io_uring_setup` is not implemented.
 
+Why BPF, perf events and userfaultfd: each is kernel surface that exploits have used and a
+task has no need of, reachable without privileges where the host's sysctls allow it
+(`kernel.unprivileged_bpf_disabled`, `kernel.perf_event_paranoid`,
+`vm.unprivileged_userfaultfd`; a tenant's `perf_event_open` and `userfaultfd` were made on
+this project's test machine, seen 2026-12-05). Docker's default profile refuses all three;
+here they are refused whatever the host's sysctls say.
+
 How: a seccomp filter belongs to a thread, as a Landlock domain does, and every process the
 thread starts inherits it, through exec and the switch to the account's user, with no way to
 take it off. It is installed on the account's thread (`account_threads.py`). The filter
 answers EPERM to `unshare` and `clone` with CLONE_NEWUSER among their flags. `clone3` passes
 its flags in memory a filter cannot read, so it is answered ENOSYS, on which the C library
 falls back to `clone` (glibc and musl do; Docker's profile relies on the same). `io_setup`
-and `io_uring_setup` are answered ENOSYS. Every other call is allowed. The filter knows the
-native ABI's numbers and, on x86-64 and arm64, the 32-bit ones; a call through an ABI it has
-no numbers for (x32, where the kernel has it) is answered ENOSYS, so no ABI is a way around.
+and `io_uring_setup` are answered ENOSYS; `bpf`, `perf_event_open` and `userfaultfd` EPERM,
+as an unprivileged caller gets where the host's sysctls close them. Every other call is
+allowed. The filter knows the native ABI's numbers and, on x86-64 and arm64, the 32-bit ones;
+a call through an ABI it has no numbers for (x32, where the kernel has it) is answered ENOSYS,
+so no ABI is a way around.
 
 `KUBETASK_ACCOUNT_USER_NAMESPACES=on` leaves tenants' user namespaces allowed (rootless
 container builds and browsers' sandboxes make them).
@@ -68,11 +78,20 @@ class _Abi(NamedTuple):
     clone3: int
     io_setup: int
     io_uring_setup: int
+    bpf: int
+    perf_event_open: int
+    userfaultfd: int
 
 
 _ABIS = {
-    "x86_64": (_Abi(0xC000003E, 272, 56, 435, 206, 425), _Abi(0x40000003, 310, 120, 435, 245, 425)),
-    "aarch64": (_Abi(0xC00000B7, 97, 220, 435, 0, 425), _Abi(0x40000028, 337, 120, 435, 243, 425)),
+    "x86_64": (
+        _Abi(0xC000003E, 272, 56, 435, 206, 425, 321, 298, 323),
+        _Abi(0x40000003, 310, 120, 435, 245, 425, 357, 336, 374),  # i386
+    ),
+    "aarch64": (
+        _Abi(0xC00000B7, 97, 220, 435, 0, 425, 280, 241, 282),
+        _Abi(0x40000028, 337, 120, 435, 243, 425, 386, 364, 388),  # arm
+    ),
 }
 
 
@@ -113,6 +132,8 @@ def program(machine: str, user_namespaces: bool = False) -> list[tuple[int, int,
             steps += [(_JUMP_IF_EQUAL, "flags", None, nr) for nr in (abi.unshare, abi.clone)]
             unknown.append(abi.clone3)
         steps += [(_JUMP_IF_EQUAL, "unknown", None, nr) for nr in unknown]
+        refused = [abi.bpf, abi.perf_event_open, abi.userfaultfd]
+        steps += [(_JUMP_IF_EQUAL, "refuse", None, nr) for nr in refused]
         steps.append((_RETURN, None, None, _ALLOW))
     steps += [
         "unknown",
