@@ -14,7 +14,7 @@ An admin's changes are not counted: the platform's operator is not a tenant. Eac
 keeps its own buckets, so with N gateways an account may change N times as much.
 
 The operator holds kubectl-applied TaskFunctions and AsyncConfigs to the same rate with buckets
-of its own (`controllers/taskfunctions.py`): the API server has already taken the object, so a
+of its own (`controllers/context.py`): the API server has already taken the object, so a
 change past the rate is applied later, when the account may change again, rather than refused.
 """
 
