@@ -56,6 +56,17 @@ def _env_number(name: str, default: N, parse: type[N], low: N | None, high: N | 
     return value
 
 
+def share_of(raw: str, whole: int) -> int | None:
+    """`raw` read as a share of `whole` such as `50%`; None where it is not written as one.
+    Raises ValueError for a share outside (0, 100]."""
+    if not raw.endswith("%"):
+        return None
+    share = float(raw[:-1])
+    if not 0 < share <= 100:
+        raise ValueError(raw)
+    return int(whole * share / 100)
+
+
 def env_switch(name: str, default: bool) -> bool:
     note(name, default, "on or off")
     raw = (os.environ.get(name) or "").strip().lower()

@@ -2,8 +2,9 @@
 
 Why: a process's session keyring is inherited through fork and exec and kept through a change
 of user, and every process holding it may read, search and add to it (a keyring's "possessor"
-rights). Run as a systemd service, the platform has one (`KeyringMode=private` is the default
-for system services), so every tenant's function held the dispatcher's: with
+rights). Run as a systemd service, the platform has one: systemd gives each system service a
+session keyring of its own (since its 2016 change "core: run each system service with a fresh
+session keyring"), so every tenant's function held the dispatcher's: with
 `KUBETASK_FUNCTION_USERS=accounts`, team-b's function read a key team-a's function had added
 there (seen 2026-12-05, with the platform started in a session keyring of its own as systemd
 starts it), and any key of the platform's in it was theirs to read.

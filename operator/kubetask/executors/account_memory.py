@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .. import quantities
 from ..known_settings import note
+from ..settings import share_of
 
 SETTING = "KUBETASK_ACCOUNT_MAX_MEMORY"
 
@@ -34,10 +35,7 @@ def limit_setting(meminfo: str | None = None) -> int | None:
         return None
     try:
         if raw.endswith("%"):
-            share = float(raw[:-1])
-            if not 0 < share <= 100:
-                raise ValueError(raw)
-            return int(_host_memory(meminfo) * share / 100)
+            return share_of(raw, _host_memory(meminfo))
         size = int(quantities.value(raw))
     except ValueError:
         raise ValueError(

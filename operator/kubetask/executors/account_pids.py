@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from ..known_settings import note
+from ..settings import share_of
 from .cgroups import Hierarchy
 
 SETTING = "KUBETASK_FUNCTIONS_MAX_PROCESSES"
@@ -36,11 +37,9 @@ def all_setting() -> int:
     note(SETTING, DEFAULT, "a number of processes, a share such as 75% of the host's, or 0")
     raw = (os.environ.get(SETTING) or DEFAULT).strip()
     try:
-        if raw.endswith("%"):
-            share = float(raw[:-1])
-            if not 0 < share <= 100:
-                raise ValueError
-            return max(1, int(host_processes() * share / 100))
+        shared = share_of(raw, host_processes())
+        if shared is not None:
+            return max(1, shared)
         value = int(raw)
         if value < 0:
             raise ValueError

@@ -14,16 +14,16 @@ next asked for failed with EAGAIN (seen 2026-12-05): one call from a tenant, and
 on the host could start its native AIO. Programs that use it fall back to threads when the
 call is not implemented (libaio's users do, as glibc's POSIX AIO never uses it).
 
-Why io_uring: a large part of the kernel's recent exploits went through it (Google counted
-60% of those submitted to its 2022 bounty), and it too is optional: libuv and the other
-runtimes that use it fall back to threads when `io_uring_setup` is not implemented.
+Why io_uring: it is a large body of kernel code reachable without privileges, and optional:
+libuv and the other runtimes that use it fall back to threads when `io_uring_setup` is not
+implemented.
 
 Why BPF, perf events and userfaultfd: each is kernel surface that exploits have used and a
 task has no need of, reachable without privileges where the host's sysctls allow it
 (`kernel.unprivileged_bpf_disabled`, `kernel.perf_event_paranoid`,
 `vm.unprivileged_userfaultfd`; a tenant's `perf_event_open` and `userfaultfd` were made on
-this project's test machine, seen 2026-12-05). Docker's default profile refuses all three;
-here they are refused whatever the host's sysctls say.
+this project's test machine, seen 2026-12-05). Here they are refused whatever the host's
+sysctls say.
 
 How: a seccomp filter belongs to a thread, as a Landlock domain does, and every process the
 thread starts inherits it, through exec and the switch to the account's user, with no way to
