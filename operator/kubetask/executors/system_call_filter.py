@@ -11,12 +11,11 @@ full capabilities in it (seen 2026-12-05). Nothing an account needs to run its c
 Why kernel AIO: its contexts come from one pool for the whole host (`fs.aio-max-nr`, 65,536),
 with no count per user. One unprivileged process's `io_setup(60000)` took 60,000 of it, and the
 next asked for failed with EAGAIN (seen 2026-12-05): one call from a tenant, and no database
-on the host could start its native AIO. Programs that use it fall back to threads when the
-call is not implemented (libaio's users do, as glibc's POSIX AIO never uses it).
+on the host could start its native AIO. A program that uses it can fall back to threads
+when the call is not implemented (glibc's POSIX AIO never uses it).
 
 Why io_uring: it is a large body of kernel code reachable without privileges, and optional:
-libuv and the other runtimes that use it fall back to threads when `io_uring_setup` is not
-implemented.
+a runtime that uses it can fall back to threads when `io_uring_setup` is not implemented.
 
 Why BPF, perf events and userfaultfd: each is kernel surface that exploits have used and a
 task has no need of, reachable without privileges where the host's sysctls allow it
@@ -29,9 +28,9 @@ How: a seccomp filter belongs to a thread, as a Landlock domain does, and every 
 thread starts inherits it, through exec and the switch to the account's user, with no way to
 take it off. It is installed on the account's thread (`account_threads.py`). The filter
 answers EPERM to `unshare` and `clone` with CLONE_NEWUSER among their flags. `clone3` passes
-its flags in memory a filter cannot read, so it is answered ENOSYS, on which the C library
-falls back to `clone` (glibc and musl do; Docker's profile relies on the same). `io_setup`
-and `io_uring_setup` are answered ENOSYS; `bpf`, `perf_event_open` and `userfaultfd` EPERM,
+its flags in memory a filter cannot read, so it is answered ENOSYS, on which glibc falls
+back to `clone` (threads and subprocesses started under the filter here). `io_setup` and
+`io_uring_setup` are answered ENOSYS; `bpf`, `perf_event_open` and `userfaultfd` EPERM,
 as an unprivileged caller gets where the host's sysctls close them. Every other call is
 allowed. The filter knows the native ABI's numbers and, on x86-64 and arm64, the 32-bit ones;
 a call through an ABI it has no numbers for (x32, where the kernel has it) is answered ENOSYS,
