@@ -14,6 +14,7 @@ import pytest
 from harness import Api, all_succeed
 from kubetask.auth import TokenBook, create_token
 from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.dispatch.node_budget import BudgetSettings, NodeBudget
 from kubetask.fairness import (
     DISPATCH_LEAST_PER_ACCOUNT,
     Fairness,
@@ -210,6 +211,75 @@ async def test_every_request_of_an_account_takes_its_turn_at_the_gateway(
     await asyncio.gather(*flood, calm, *late, *others)
     assert inside[-3:] == [f"/late/{i}" for i in range(3)]
     assert gate.shares.inflight == {} and not gate._waiting
+
+
+async def test_long_jobs_lend_their_share_and_the_node_keeps_room_for_a_neighbour(
+    make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher
+) -> None:
+    """An attempt counts against its account's share only for its first seconds: account A's
+    long jobs ran at its share (four here) the whole time a neighbour ticked along with one
+    short task at a time, leaving the node idle. Now A runs all the node lets it, and the node
+    keeps two processes for the neighbour, whose tasks still start at once; once the neighbour
+    goes quiet, A may take those too."""
+    long, tick = await make_api(), await make_api()
+    saved = dispatcher.fairness, dispatcher.budget
+    dispatcher.fairness = Fairness(FairnessSettings(slots=8, lend_after=0.5))  # four each
+    dispatcher.budget = NodeBudget(
+        BudgetSettings(processes=12, slots=64),
+        active=lambda: dispatcher.fairness.active(),
+        least=2,
+        recheck=0.2,
+    )
+    jobs: list[str] = []
+    ticks: list[str] = []
+    ticking = True
+
+    async def tick_along() -> None:
+        while ticking:
+            ticks.append((await tick.submit("tick"))["metadata"]["name"])
+            await tick.wait(ticks[-1], timeout=5)  # a process was there for it at once
+            await asyncio.sleep(0.2)
+
+    try:
+        await tick.function("tick", command=["true"])
+        await long.function("job", command=["sleep", "60"], maxConcurrency=20)
+        ticker = asyncio.create_task(tick_along())
+        await tick.wait(await _first(ticks), timeout=5)
+        jobs = [(await long.submit("job"))["metadata"]["name"] for _ in range(20)]
+        most = 0
+        for _ in range(40):
+            most = max(most, await _running(long))
+            await asyncio.sleep(0.1)
+            assert not ticker.done(), ticker  # a tick waited past its 5 s (or failed)
+        assert most == 10, most  # 12 processes, 2 kept for the neighbour: not its share of 4
+        waiting = [(await long.get(j))["status"]["waiting"] for j in jobs]
+        reasons = [w["reason"] for w in waiting if w is not None]
+        assert len(reasons) == 10, waiting
+        assert "kept for other accounts' next tasks" in reasons[0], reasons[0]
+        ticking = False
+        await ticker
+        running = most
+        for _ in range(60):  # the neighbour is idle after 2 s: its two may be taken
+            running = await _running(long)
+            if running == 12:
+                break
+            await asyncio.sleep(0.1)
+        assert running == 12, running
+    finally:
+        ticking = False
+        for task_id in jobs:
+            await long.call("POST", f"/v1/tasks/{task_id}/stop")
+        for task_id in jobs:
+            await long.wait(task_id)
+        dispatcher.fairness, dispatcher.budget = saved
+    phases = {(await tick.get(t))["status"]["phase"] for t in ticks}
+    assert phases == {"Succeeded"} and len(ticks) > 10, (phases, len(ticks))
+
+
+async def _first(items: list[str]) -> str:
+    while not items:
+        await asyncio.sleep(0.01)
+    return items[0]
 
 
 async def _never_called(*_: object) -> Any:

@@ -20,7 +20,7 @@ async def test_waiting_accounts_get_slots_in_proportion_to_their_weights() -> No
     budget = NodeBudget(
         BudgetSettings(processes=1, slots=1), weight=lambda a: 3.0 if a == "gold" else 1.0
     )
-    assert budget.try_take(process=True)
+    assert budget.try_take("held", process=True)
     admitted: list[str] = []
 
     async def task(account: str) -> None:
@@ -29,11 +29,11 @@ async def test_waiting_accounts_get_slots_in_proportion_to_their_weights() -> No
 
     waiters = [asyncio.create_task(task(a)) for a in ["plain"] * 8 + ["gold"] * 8]
     await asyncio.sleep(0)
-    assert not budget.try_take(process=False), "a free slot goes to those already waiting"
+    assert not budget.try_take("held", process=False), "a free slot goes to those already waiting"
     woken: list[int] = []
-    budget.room(process=True, wake=lambda: woken.append(1))  # a worker that found no room
+    budget.room("held", process=True, wake=lambda: woken.append(1))  # a worker that found no room
     for _ in range(8):
-        budget.release(process=True)
+        budget.release("held", process=True)
         await asyncio.sleep(0)
     assert Counter(admitted) == {"gold": 6, "plain": 2}, admitted
     assert woken, "a worker that found no room is woken when a slot frees"
@@ -41,7 +41,7 @@ async def test_waiting_accounts_get_slots_in_proportion_to_their_weights() -> No
         w.cancel()
     await asyncio.gather(*waiters, return_exceptions=True)
     assert budget.running == 1 and budget.processes == 1
-    assert budget.room(process=False, wake=lambda: None) == 0
+    assert budget.room("held", process=False, wake=lambda: None) == 0
 
 
 async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for_one() -> None:
@@ -50,10 +50,10 @@ async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for
     attempt later). Those waiting for a process start in the order they came when one frees,
     ahead of a slot-only attempt that came after them."""
     budget = NodeBudget(BudgetSettings(processes=1, slots=5))
-    assert budget.try_take(process=True)
+    assert budget.try_take("held", process=True)
     busy = [asyncio.create_task(budget.wait("busy", process=True)) for _ in range(3)]
     await asyncio.sleep(0)
-    assert not budget.try_take(process=False), "try_take never jumps a queue"
+    assert not budget.try_take("held", process=False), "try_take never jumps a queue"
     await asyncio.wait_for(budget.wait("calm", process=False), timeout=1)
     await asyncio.wait_for(budget.wait("calm", process=False), timeout=1)
     assert (budget.running, budget.processes) == (3, 1)
@@ -65,10 +65,12 @@ async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for
     left = asyncio.create_task(budget.wait("busy", process=False))  # no slot at all now
     await asyncio.sleep(0.05)
     assert not left.done() and not any(b.done() for b in busy)
-    budget.release(process=True)  # busy's oldest waiter gets it, not the later slot-only one
+    budget.release(
+        "held", process=True
+    )  # busy's oldest waiter gets it, not the later slot-only one
     await asyncio.sleep(0)
     assert [b.done() for b in busy] == [True, False, False] and not left.done()
-    budget.release(process=False)  # a slot but no process: the slot-only one
+    budget.release("calm", process=False)  # a slot but no process: the slot-only one
     await asyncio.sleep(0)
     assert left.done() and not any(b.done() for b in busy[1:])
     assert (budget.running, budget.processes, budget.waiting()) == (5, 1, 2)
@@ -76,6 +78,40 @@ async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for
         w.cancel()
     await asyncio.gather(*busy, return_exceptions=True)
     assert budget.waiting() == 0 and (budget.running, budget.processes) == (5, 1)
+
+
+async def test_a_few_slots_stay_kept_for_each_other_active_account() -> None:
+    """Long attempts lend their place in the fair share back (`share_lending.py`), so the node
+    budget is what keeps one account's long jobs from taking every process ahead of a
+    neighbour's next task: while both are active, `least` of each (at most an account's weighted
+    part of the node) stay free for the one not holding them."""
+    active = {"long", "tick"}
+    budget = NodeBudget(
+        BudgetSettings(processes=6, slots=8), active=lambda: sorted(active), least=2, recheck=0.1
+    )
+    taken = 0
+    while budget.try_take("long", process=True):
+        taken += 1
+    assert taken == 4, taken  # two of the six processes are kept for "tick"
+    woken: list[int] = []
+    assert budget.room("long", process=True, wake=lambda: woken.append(1)) == 0
+    assert budget.room("long", process=False, wake=lambda: None) == 2  # slots: 8 - 4 - 2 kept
+    assert budget.try_take("tick", process=True) and budget.try_take("tick", process=True)
+    assert not budget.try_take("tick", process=True)  # its kept two, not "long"'s processes
+    budget.release("tick", process=True)
+    assert not budget.try_take("long", process=True)  # "tick" holds one: one is still kept
+    active.discard("tick")  # the neighbour went quiet: nothing frees, yet "long" may go on
+    await asyncio.sleep(0.3)
+    assert woken, "a worker held back by what was kept is woken when that may have changed"
+    assert budget.try_take("long", process=True)
+    # Three active accounts on a node of four: each keeps what its weight's part allows (one),
+    # never so much that nobody may start.
+    small = NodeBudget(
+        BudgetSettings(processes=4, slots=4), active=lambda: ["a", "b", "c"], least=4
+    )
+    assert small.try_take("a", process=True) and small.try_take("a", process=True)
+    assert not small.try_take("a", process=True)
+    assert small.try_take("b", process=True) and small.try_take("c", process=True)
 
 
 def _sleeping_children() -> int:
@@ -130,13 +166,13 @@ def test_workers_that_found_no_room_are_all_woken_once_nothing_runs() -> None:
     """A woken worker whose queue is empty starts nothing, so it wakes nobody in turn: were
     only a few woken per freed slot, the rest could wait for ever with their tasks queued."""
     budget = NodeBudget(BudgetSettings(processes=2, slots=2))
-    assert budget.try_take(process=True) and budget.try_take(process=True)
+    assert budget.try_take("held", process=True) and budget.try_take("held", process=True)
     woken: list[int] = []
     for i in range(10):
-        budget.room(process=True, wake=functools.partial(woken.append, i))
-    budget.release(process=True)
+        budget.room("held", process=True, wake=functools.partial(woken.append, i))
+    budget.release("held", process=True)
     assert len(woken) == 1, woken  # room for one more: one is woken
-    budget.release(process=True)
+    budget.release("held", process=True)
     assert sorted(woken) == list(range(10)), woken  # nothing runs: all are
 
 
@@ -145,12 +181,12 @@ def test_a_freed_slot_wakes_no_more_process_workers_than_processes_may_start() -
     `command` attempt: it used to wake as many workers of processes as slots were free (up to
     190 a task with 2,000 functions turned away), each to be turned away again."""
     budget = NodeBudget(BudgetSettings(processes=2, slots=10))
-    assert budget.try_take(process=True) and budget.try_take(process=True)
-    assert budget.try_take(process=False)
+    assert budget.try_take("held", process=True) and budget.try_take("held", process=True)
+    assert budget.try_take("held", process=False)
     woken: list[int] = []
     for i in range(50):
-        assert budget.room(process=True, wake=functools.partial(woken.append, i)) == 0
-    budget.release(process=False)
+        assert budget.room("held", process=True, wake=functools.partial(woken.append, i)) == 0
+    budget.release("held", process=False)
     assert woken == [0], woken  # only the first in line looks again
-    budget.release(process=True)
+    budget.release("held", process=True)
     assert woken == [0, 1], woken  # room for one process: one more is woken

@@ -56,8 +56,10 @@ async def test_a_task_held_below_max_concurrency_says_by_what(
         waiting = (await busy.get("b-2"))["status"]["waiting"]
         assert waiting["position"] == 2, waiting
         assert "1 of at most 4 run now" in waiting["reason"], waiting
-        said = f"held back by dispatcher {dispatcher.id}: account {busy.account!r} has 1 attempt "
-        assert said + "in flight there, its fair share" in waiting["reason"], waiting
+        said = f"held back by dispatcher {dispatcher.id}: account {busy.account!r} has 1 recently "
+        assert said + "started attempt in flight there, its fair share" in waiting["reason"], (
+            waiting
+        )
     finally:
         dispatcher.fairness = saved
         for api, ids in ((busy, ["b-0", "b-1", "b-2"]), (other, ["other-0"])):

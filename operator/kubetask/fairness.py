@@ -53,6 +53,9 @@ class FairnessSettings:
     # at the default weight of 1), so even the lightest keeps a few in flight.
     least_per_account: int = 1
     weights: dict[str, float] = field(default_factory=dict)
+    # Seconds after which an attempt's place is lent back (`dispatch/share_lending.py`); None:
+    # it counts until it ends (a gateway's requests).
+    lend_after: float | None = None
 
 
 class Fairness:

@@ -40,7 +40,7 @@ class View(pydantic.BaseModel):
     closing: bool = False
     running: int = 0  # the function's attempts from this queue in flight there
     window: int = 0  # what its dispatch window lets it have in flight
-    account_running: int = 0
+    account_running: int = 0  # its account's attempts there that count against its share
     account_share: int | None = None  # None: no share applies (the account alone, fairness off)
     paced: bool = False  # the function's maxStartsPerSecond allows no start right now
     slots: int = 0
@@ -48,6 +48,9 @@ class View(pydantic.BaseModel):
     processes: int | None = None  # None: the function's attempts start no process there
     processes_taken: int = 0
     queued: int = 0  # attempts there waiting for a slot, every account's
+    # Slots and processes there kept free for other active accounts (`node_budget.py`).
+    slots_kept: int = 0
+    processes_kept: int = 0
 
     def holds(self, account: str) -> list[str]:
         """What keeps this dispatcher from taking another of the function's tasks; empty when
@@ -63,20 +66,40 @@ class View(pydantic.BaseModel):
             )
         if self.account_share is not None and self.account_running >= self.account_share:
             said.append(
-                f"account {account!r} has {self.account_running} "
+                f"account {account!r} has {self.account_running} recently started "
                 f"attempt{'' if self.account_running == 1 else 's'} in flight there, its fair "
-                "share while other accounts have work (KUBETASK_ACCOUNT_WEIGHTS)"
+                "share while other accounts have work (KUBETASK_ACCOUNT_WEIGHTS; an attempt "
+                "counts for its first KUBETASK_DISPATCH_LEND_AFTER seconds)"
             )
         if self.paced:
             said.append("the function's maxStartsPerSecond allows no more starts this moment")
         if self.slots_taken + self.queued >= self.slots:
             said.append(f"all {self.slots} of its attempt slots are taken (KUBETASK_NODE_SLOTS)")
-        if self.processes is not None and self.processes_taken + self.queued >= self.processes:
-            said.append(
-                f"all {self.processes} of its command processes are running "
-                "(KUBETASK_NODE_PROCESSES)"
-            )
+        elif self.slots_taken + self.queued + self.slots_kept >= self.slots:
+            said.append(_kept(self.slots_kept, "attempt slots", self.slots, "KUBETASK_NODE_SLOTS"))
+        if self.processes is not None:
+            if self.processes_taken + self.queued >= self.processes:
+                said.append(
+                    f"all {self.processes} of its command processes are running "
+                    "(KUBETASK_NODE_PROCESSES)"
+                )
+            elif self.processes_taken + self.queued + self.processes_kept >= self.processes:
+                said.append(
+                    _kept(
+                        self.processes_kept,
+                        "command processes",
+                        self.processes,
+                        "KUBETASK_NODE_PROCESSES",
+                    )
+                )
         return said
+
+
+def _kept(kept: int, what: str, of: int, setting: str) -> str:
+    return (
+        f"the rest of its {of} {what} ({setting}) are taken but {kept}, kept for other "
+        "accounts' next tasks while they have work"
+    )
 
 
 @dataclass

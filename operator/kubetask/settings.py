@@ -341,6 +341,11 @@ class Settings:
     dispatch_fair_slots: int = field(
         default_factory=lambda: env_int("KUBETASK_DISPATCH_FAIR_SLOTS", 32, 1)
     )
+    # An attempt counts against its account's share in a dispatcher for this many seconds at
+    # most (`dispatch/share_lending.py`).
+    dispatch_lend_after: float = field(
+        default_factory=lambda: env_float("KUBETASK_DISPATCH_LEND_AFTER", 1.0, 0.05, 3600.0)
+    )
     gateway_fair_slots: int = field(
         default_factory=lambda: env_int("KUBETASK_GATEWAY_FAIR_SLOTS", 8, 1)
     )
@@ -356,7 +361,13 @@ class Settings:
         """Tasks `account` may submit a second; 0: no limit."""
         return self.account_rate_limits.get(account, self.account_max_rate)
 
-    def fair_share(self, slots: int, least_per_account: int = 1) -> FairnessSettings:
+    def fair_share(
+        self, slots: int, least_per_account: int = 1, lend_after: float | None = None
+    ) -> FairnessSettings:
         return FairnessSettings(
-            self.fairness, slots, least_per_account=least_per_account, weights=self.account_weights
+            self.fairness,
+            slots,
+            least_per_account=least_per_account,
+            weights=self.account_weights,
+            lend_after=lend_after,
         )

@@ -162,6 +162,12 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "(at least four per unit of weight).",
             ),
             (
+                "KUBETASK_DISPATCH_LEND_AFTER",
+                "Seconds an attempt counts against its account's share; after that its place "
+                "is lent back, so long jobs are not held to the share, while a few slots and "
+                "processes of the node stay kept for every other active account.",
+            ),
+            (
                 "KUBETASK_GATEWAY_FAIR_SLOTS",
                 "Requests a gateway works on at once, shared the same way; the rest of an "
                 "account's wait their turn in arrival order.",

@@ -66,6 +66,7 @@ from .pod_identity import executor_ref
 from .policy import Policy, Retry, TaskContext
 from .pull import Pull
 from .retries import Retries
+from .share_lending import Counted
 from .start_rate import StartRate
 
 log = logging.getLogger("kubetask.dispatcher")
@@ -178,10 +179,17 @@ class Dispatcher:
         self.unrecorded: set[tuple[str, str]] = set()
         self.fairness = Fairness(
             plane.settings.fair_share(
-                plane.settings.dispatch_fair_slots, least_per_account=DISPATCH_LEAST_PER_ACCOUNT
+                plane.settings.dispatch_fair_slots,
+                least_per_account=DISPATCH_LEAST_PER_ACCOUNT,
+                lend_after=plane.settings.dispatch_lend_after,
             )
         )
-        self.budget = NodeBudget(weight=self.fairness.weight)
+        # Looked up on each call, so a test that puts in a Fairness of its own is followed.
+        self.budget = NodeBudget(
+            weight=lambda account: self.fairness.weight(account),
+            active=lambda: self.fairness.active() if self.fairness.settings.enabled else [],
+            least=DISPATCH_LEAST_PER_ACCOUNT,
+        )
         settings = self.plane.settings
         self.log_pacing = LogPacing(
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
@@ -307,10 +315,10 @@ class Dispatcher:
                 allowed = min(allowed, rate.room(worker.wake))
             if allowed <= 0:
                 return 0
-            return min(allowed, self.budget.room(process, worker.wake))
+            return min(allowed, self.budget.room(fn.account, process, worker.wake))
 
         def deliver(msg: Msg) -> None:
-            self.fairness.started(fn.account)
+            counted = Counted(self.fairness, fn.account)
             if rate is not None:
                 rate.take()
             if self._closing:  # delivered while the pull was being stopped: hand it back
@@ -318,7 +326,7 @@ class Dispatcher:
             else:
                 t = asyncio.create_task(self._handle_cut_off(fn, msg))
             worker.inflight.add(t)
-            t.add_done_callback(functools.partial(self._done, worker.inflight, key))
+            t.add_done_callback(functools.partial(self._done, worker.inflight, key, counted))
 
         worker.pull = Pull(
             self.plane.nc,
@@ -356,10 +364,14 @@ class Dispatcher:
             worker.pull.rouse()
 
     def _done(
-        self, inflight: set[asyncio.Task[None]], key: WorkerKey, task: asyncio.Task[None]
+        self,
+        inflight: set[asyncio.Task[None]],
+        key: WorkerKey,
+        counted: Counted,
+        task: asyncio.Task[None],
     ) -> None:
         inflight.discard(task)
-        self.fairness.finished(key[0])
+        counted.end()
         worker = self.workers.get(key)  # the queue's current worker: it has a slot free
         if worker is not None and worker.pull is not None:
             worker.pull.wake()
@@ -498,10 +510,11 @@ class Dispatcher:
         """Claim and run the task within the node's budget; a task that waits for a slot stays
         Queued, its message kept alive meanwhile."""
         process = self._local_process(ctx.function)
-        if not self.budget.try_take(process):
+        budget = self.budget
+        if not budget.try_take(ctx.account, process):
             waiting = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
             try:
-                await self.budget.wait(ctx.account, process)
+                await budget.wait(ctx.account, process)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await msg.nak()  # shutting down: the next dispatcher takes it
@@ -511,7 +524,7 @@ class Dispatcher:
         try:
             await self._claim_and_run(ctx, msg, current, seq, reread)
         finally:
-            self.budget.release(process)
+            budget.release(ctx.account, process)
 
     async def _claim_and_run(
         self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int, reread: bool

@@ -31,6 +31,7 @@ def view(dispatcher: Dispatcher, account: str, function: str, stream: str) -> Vi
     if worker is None:
         return View(consumes=False, **seen)
     fairness, budget = dispatcher.fairness, dispatcher.budget
+    slots_kept, processes_kept = budget.kept(account)
     return View(
         consumes=True,
         running=len(worker.inflight),
@@ -43,6 +44,8 @@ def view(dispatcher: Dispatcher, account: str, function: str, stream: str) -> Vi
         processes=budget.settings.processes if worker.process else None,
         processes_taken=budget.processes,
         queued=budget.waiting(),
+        slots_kept=slots_kept,
+        processes_kept=processes_kept if worker.process else 0,
         **seen,
     )
 

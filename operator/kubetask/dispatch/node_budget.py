@@ -13,12 +13,20 @@ kept alive by heartbeats, its record still Queued) until a slot frees. Waiters a
 round robin over accounts, in proportion to their weights, so the budget is shared with the
 same fairness as the rest of the dispatcher. Workers that found no room are woken as slots
 free, a few at a time.
+
+An attempt's account lends its place in the fair share back once the attempt has run a while
+(`share_lending.py`), so one account's long jobs could otherwise fill the node and hold a
+neighbour's next task for a job's length. So while several accounts are active, a few slots
+and processes (`least` per unit of weight, at most the account's weighted part of the node)
+are kept for each that does not hold that many, and nobody else takes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -104,12 +112,24 @@ class _Lanes:
 
 class NodeBudget:
     def __init__(
-        self, settings: BudgetSettings | None = None, weight: Callable[[str], float] | None = None
+        self,
+        settings: BudgetSettings | None = None,
+        weight: Callable[[str], float] | None = None,
+        active: Callable[[], list[str]] | None = None,
+        least: int = 0,
+        recheck: float = 1.0,
     ) -> None:
+        """`active`: the accounts that have work here now, for whom `least` slots are kept."""
         self.settings = settings or BudgetSettings()
         self._weight = weight or (lambda _: 1.0)
+        self._active = active or (lambda: [])
+        self._least = least
+        self._recheck_after = recheck
+        self._recheck: asyncio.TimerHandle | None = None
         self.running = 0
         self.processes = 0
+        self._running_by: dict[str, int] = {}
+        self._processes_by: dict[str, int] = {}
         self._waiting: dict[str, _Lanes] = {}
         self._arrivals = itertools.count()
         self._credit: dict[str, float] = {}
@@ -126,32 +146,74 @@ class NodeBudget:
     def waiting(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    def room(self, process: bool, wake: Callable[[], None]) -> int:
+    def kept(self, account: str) -> tuple[int, int]:
+        """Slots and processes kept free for the other active accounts' next attempts."""
+        if not self._least:
+            return 0, 0
+        active = self._active()
+        if not active or active == [account]:
+            return 0, 0
+        total = sum(map(self._weight, active))
+        if account not in active:
+            total += self._weight(account)
+        slots = processes = 0
+        for other in active:
+            if other != account:
+                weight = self._weight(other)
+                least = math.ceil(self._least * weight)
+                slots += max(
+                    0,
+                    min(least, int(self.settings.slots * weight / total))
+                    - self._running_by.get(other, 0),
+                )
+                processes += max(
+                    0,
+                    min(least, int(self.settings.processes * weight / total))
+                    - self._processes_by.get(other, 0),
+                )
+        return slots, processes
+
+    def room(self, account: str, process: bool, wake: Callable[[], None]) -> int:
         """How many more attempts a worker may pull now; with none, `wake` is called once some
-        slot frees."""
+        slot frees, or once what is kept for other accounts may have changed."""
         waiting = self.waiting() if self._waiting else 0
-        free = self.settings.slots - self.running - waiting
+        kept_slots, kept_processes = self.kept(account)
+        free = self.settings.slots - self.running - waiting - kept_slots
         if process:
-            free = min(free, self.settings.processes - self.processes - waiting)
+            free = min(free, self.settings.processes - self.processes - waiting - kept_processes)
         if free <= 0:
             (self._starved_processes if process else self._starved)[wake] = None
+            if (kept_slots or kept_processes) and self._recheck is None:
+                # A neighbour going quiet frees what was kept for it, and no release says so.
+                self._recheck = asyncio.get_running_loop().call_later(
+                    self._recheck_after, self._rechecked
+                )
             return 0
         return free
 
-    def _fits(self, process: bool) -> bool:
-        if self.running >= self.settings.slots:
-            return False
-        return not process or self.processes < self.settings.processes
+    def _rechecked(self) -> None:
+        self._recheck = None
+        if self._starved or self._starved_processes:
+            self._wake_starved()
 
-    def _take(self, process: bool) -> None:
+    def _fits(self, account: str, process: bool) -> bool:
+        kept_slots, kept_processes = self.kept(account)
+        if self.running + kept_slots >= self.settings.slots:
+            return False
+        return not process or self.processes + kept_processes < self.settings.processes
+
+    def _take(self, account: str, process: bool) -> None:
         self.running += 1
-        self.processes += process
+        self._running_by[account] = self._running_by.get(account, 0) + 1
+        if process:
+            self.processes += 1
+            self._processes_by[account] = self._processes_by.get(account, 0) + 1
 
-    def try_take(self, process: bool) -> bool:
+    def try_take(self, account: str, process: bool) -> bool:
         """Take a slot if one is free and nobody waits for it (the usual case: no wait)."""
-        if self._waiting or not self._fits(process):
+        if self._waiting or not self._fits(account, process):
             return False
-        self._take(process)
+        self._take(account, process)
         return True
 
     async def wait(self, account: str, process: bool) -> None:
@@ -172,14 +234,17 @@ class NodeBudget:
             await waiter.future  # `_admit` took the slot for us
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
-                self.release(process)
+                self.release(account, process)
             else:
                 self._forget(account, waiter)
             raise
 
-    def release(self, process: bool) -> None:
+    def release(self, account: str, process: bool) -> None:
         self.running -= 1
-        self.processes -= process
+        _count_down(self._running_by, account)
+        if process:
+            self.processes -= 1
+            _count_down(self._processes_by, account)
         if self._waiting:
             self._admit()
         if self._starved or self._starved_processes:
@@ -229,7 +294,7 @@ class NodeBudget:
                 self._order.popleft()
                 self._credit.pop(account, None)
                 continue
-            waiter = lanes.first_fitting(self._fits)
+            waiter = lanes.first_fitting(functools.partial(self._fits, account))
             if waiter is None:
                 self._order.rotate(-1)
                 passed += 1
@@ -240,9 +305,17 @@ class NodeBudget:
                 credit += self._weight(account)
             self._credit[account] = credit - 1
             if not waiter.future.done():
-                self._take(waiter.process)
+                self._take(account, waiter.process)
                 waiter.future.set_result(None)
             if not lanes:
                 del self._waiting[account]
             if credit - 1 < 1:
                 self._order.rotate(-1)
+
+
+def _count_down(counts: dict[str, int], account: str) -> None:
+    left = counts.get(account, 0) - 1
+    if left > 0:
+        counts[account] = left
+    else:
+        counts.pop(account, None)
