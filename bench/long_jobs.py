@@ -1,0 +1,94 @@
+"""Long jobs beside a light neighbour: account A submits `--jobs` command tasks sleeping
+`--job-seconds` (maxConcurrency 64) while account B submits a short command task every 0.2 s.
+Prints how many of A's jobs ran at once at most, when A's last job ended, and B's submit->start
+p50/p99, with attempts lent back after 1 s (the default) and with them counted until they end
+(`KUBETASK_DISPATCH_LEND_AFTER=3600`, as before lending), in the same run.
+
+Prints figures; asserts nothing. Run: .venv/bin/python bench/long_jobs.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from devrun import running_dev
+from figures import pct
+from kubetask.auth import create_token
+from noisy import Sender, starts, steady
+
+
+def command_function(name: str, account: str, command: list[str], most: int) -> dict[str, object]:
+    return {
+        "apiVersion": "kubetask.io/v1alpha1",
+        "kind": "TaskFunction",
+        "metadata": {"name": name, "namespace": account},
+        "spec": {"command": command, "maxConcurrency": most},
+    }
+
+
+async def running(http: httpx.AsyncClient, account: str) -> int:
+    params = {"account": account, "status": "Running", "limit": "1000"}
+    return len((await http.get("/v1/tasks", params=params)).json()["items"])
+
+
+async def one_run(args: argparse.Namespace, lend_after: str) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kt-long-"))
+    async with running_dev(work, KUBETASK_DISPATCH_LEND_AFTER=lend_after) as dev:
+        tokens = {a: create_token(work / "tokens.json", a, a) for a in ("jobs", "tick")}
+        admin = {"Authorization": f"Bearer {dev.admin_token}"}
+        async with httpx.AsyncClient(base_url=dev.url, headers=admin, timeout=60) as h:
+            sleep = ["sleep", str(args.job_seconds)]
+            for body in (
+                command_function("job", "jobs", sleep, 64),
+                command_function("tick", "tick", ["true"], 4),
+            ):
+                meta = body["metadata"]
+                assert isinstance(meta, dict)
+                (await h.put(f"/v1/functions/{meta['name']}", json=body)).raise_for_status()
+            a, b = Sender(dev, tokens["jobs"], "job"), Sender(dev, tokens["tick"], "tick")
+            t0 = time.monotonic()
+            ticking = asyncio.create_task(steady(b, "tick-", t0 + args.seconds, 0.2))
+            await asyncio.sleep(2)
+            for i in range(args.jobs):
+                await a.submit(f"job-{i:04d}")
+            most, last_end = 0, None
+            while time.monotonic() < t0 + args.seconds or last_end is None:
+                now = await running(h, "jobs")
+                most = max(most, now)
+                params = {"account": "jobs", "status": "Succeeded", "limit": "1000"}
+                done = len((await h.get("/v1/tasks", params=params)).json()["items"])
+                if done >= args.jobs and last_end is None:
+                    last_end = time.monotonic() - t0 - 2
+                await asyncio.sleep(0.5)
+            ticks = await ticking
+            lat = await starts(h, "tick-", ticks)
+            print(
+                f"  KUBETASK_DISPATCH_LEND_AFTER={lend_after}: A ran {most} of its {args.jobs}"
+                f" jobs at once at most, all done {last_end:.1f}s after submitting;"
+                f" B's submit->start p50 {pct(lat, 0.5) * 1e3:.1f} ms"
+                f" p99 {pct(lat, 0.99) * 1e3:.1f} ms ({len(lat)} tasks)"
+            )
+            for c in (a, b):
+                c.pool.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(
+        f"A: {args.jobs} jobs of {args.job_seconds} s (maxConcurrency 64); B: `true` every 0.2 s"
+        f" for {args.seconds} s"
+    )
+    for lend_after in ("1", "3600"):
+        await one_run(args, lend_after)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=40)
+    ap.add_argument("--job-seconds", type=float, default=10)
+    ap.add_argument("--seconds", type=float, default=30)
+    asyncio.run(main(ap.parse_args()))
