@@ -114,6 +114,36 @@ async def test_a_few_slots_stay_kept_for_each_other_active_account() -> None:
     assert small.try_take("b", process=True) and small.try_take("c", process=True)
 
 
+def test_where_accounts_share_a_node_one_holding_it_leaves_a_few_for_whoever_comes_next() -> None:
+    """An account alone is held to no share, so its long jobs took every process and another
+    account's first task waited for one of them to end. Where functions of more than one
+    account run, an account holding `least` leaves `least` (at most a quarter of the node) free
+    for the next one; a node serving one account keeps nothing back."""
+    shared = False
+    budget = NodeBudget(
+        BudgetSettings(processes=16, slots=64),
+        active=lambda: ["long"],
+        shared=lambda: shared,
+        least=2,
+    )
+    taken = 0
+    while budget.try_take("long", process=True):
+        taken += 1
+    assert taken == 16
+    for _ in range(taken):
+        budget.release("long", process=True)
+    shared = True
+    taken = 0
+    while budget.try_take("long", process=True):
+        taken += 1
+    assert taken == 14, taken
+    assert budget.kept("long") == (2, 2)
+    assert budget.try_take("next", process=True) and budget.try_take("next", process=True)
+    assert not budget.try_take("next", process=True)
+    tiny = NodeBudget(BudgetSettings(processes=3, slots=3), shared=lambda: True, least=2)
+    assert all(tiny.try_take("long", process=True) for _ in range(3))  # a quarter of 3 is 0
+
+
 def _sleeping_children() -> int:
     """Executor processes of this test process's dispatcher (`sleep 0.05`) alive now."""
     me, count = os.getpid(), 0

@@ -188,8 +188,10 @@ class Dispatcher:
         self.budget = NodeBudget(
             weight=lambda account: self.fairness.weight(account),
             active=lambda: self.fairness.active() if self.fairness.settings.enabled else [],
+            shared=lambda: self.fairness.settings.enabled and self.shared(),
             least=DISPATCH_LEAST_PER_ACCOUNT,
         )
+        self._shared_known: bool | None = None
         settings = self.plane.settings
         self.log_pacing = LogPacing(
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
@@ -235,10 +237,19 @@ class Dispatcher:
         for fn in list(self.plane.registry.partitioned()):
             self._sync(fn.account, fn.name, fn)
 
+    def shared(self) -> bool:
+        """Functions of more than one account run here (known until the functions change)."""
+        if self._shared_known is None:
+            accounts = (account for account, _ in self._streams)
+            first = next(accounts, None)
+            self._shared_known = any(account != first for account in accounts)
+        return self._shared_known
+
     def _sync(self, account: str, name: str, fn: TaskFunction | None) -> None:
         """Run a worker for each of the function's queues this dispatcher consumes, and no
         other. A changed function gets new workers (its queues or limits may have moved);
         attempts the old ones started run on to the end, counted against the new ones' slots."""
+        self._shared_known = None
         wanted = {}
         if fn is not None and not self._closing:
             wanted = {q.stream: q for q in names.queues_of(fn) if self._consumes(fn, q)}

@@ -14,11 +14,14 @@ round robin over accounts, in proportion to their weights, so the budget is shar
 same fairness as the rest of the dispatcher. Workers that found no room are woken as slots
 free, a few at a time.
 
-An attempt's account lends its place in the fair share back once the attempt has run a while
-(`share_lending.py`), so one account's long jobs could otherwise fill the node and hold a
-neighbour's next task for a job's length. So while several accounts are active, a few slots
-and processes (`least` per unit of weight, at most the account's weighted part of the node)
-are kept for each that does not hold that many, and nobody else takes them.
+One account's long jobs could otherwise fill the node and hold a neighbour's next task for a
+job's length: an account alone is not held to a share, and long attempts lend their place in it
+back (`share_lending.py`). So while several accounts are active, a few slots and processes
+(`least` per unit of weight, at most the account's weighted part of the node) are kept for each
+that does not hold that many, and nobody else takes them; and where more than one account has
+functions, an account already holding `least` leaves `least` free (at most a quarter of the
+node) for whoever comes next, so a tenant's first task after a quiet spell does not wait for a
+neighbour's jobs to end either. A node serving one account keeps nothing back.
 """
 
 from __future__ import annotations
@@ -116,13 +119,16 @@ class NodeBudget:
         settings: BudgetSettings | None = None,
         weight: Callable[[str], float] | None = None,
         active: Callable[[], list[str]] | None = None,
+        shared: Callable[[], bool] | None = None,
         least: int = 0,
         recheck: float = 1.0,
     ) -> None:
-        """`active`: the accounts that have work here now, for whom `least` slots are kept."""
+        """`active`: the accounts that have work here now, for whom `least` slots are kept;
+        `shared`: whether more than one account may bring work here."""
         self.settings = settings or BudgetSettings()
         self._weight = weight or (lambda _: 1.0)
         self._active = active or (lambda: [])
+        self._shared = shared or (lambda: False)
         self._least = least
         self._recheck_after = recheck
         self._recheck: asyncio.TimerHandle | None = None
@@ -147,7 +153,16 @@ class NodeBudget:
         return sum(len(q) for q in self._waiting.values())
 
     def kept(self, account: str) -> tuple[int, int]:
-        """Slots and processes kept free for the other active accounts' next attempts."""
+        """Slots and processes `account` must leave free for other accounts' next attempts."""
+        slots, processes = self._kept_for_active(account)
+        if self._least and self._shared():
+            if self._running_by.get(account, 0) >= self._least:
+                slots = max(slots, min(self._least, self.settings.slots // 4))
+            if self._processes_by.get(account, 0) >= self._least:
+                processes = max(processes, min(self._least, self.settings.processes // 4))
+        return slots, processes
+
+    def _kept_for_active(self, account: str) -> tuple[int, int]:
         if not self._least:
             return 0, 0
         active = self._active()
@@ -183,7 +198,7 @@ class NodeBudget:
             free = min(free, self.settings.processes - self.processes - waiting - kept_processes)
         if free <= 0:
             (self._starved_processes if process else self._starved)[wake] = None
-            if (kept_slots or kept_processes) and self._recheck is None:
+            if self._recheck is None and any(self._kept_for_active(account)):
                 # A neighbour going quiet frees what was kept for it, and no release says so.
                 self._recheck = asyncio.get_running_loop().call_later(
                     self._recheck_after, self._rechecked
