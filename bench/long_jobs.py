@@ -4,6 +4,10 @@ Prints how many of A's jobs ran at once at most, when A's last job ended, and B'
 p50/p99, with attempts lent back after 1 s (the default) and with them counted until they end
 (`KUBETASK_DISPATCH_LEND_AFTER=3600`, as before lending), in the same run.
 
+Then a neighbour arriving at a full node: A alone submits `--fill` jobs (maxConcurrency as
+many) until its running count stops growing, then B submits one task; B's submit->start, with
+fairness on (the node keeps a few processes for whoever comes next) and off.
+
 Prints figures; asserts nothing. Run: .venv/bin/python bench/long_jobs.py
 """
 
@@ -77,6 +81,39 @@ async def one_run(args: argparse.Namespace, lend_after: str) -> None:
                 c.pool.close()
 
 
+async def arrival_run(args: argparse.Namespace, fairness: str) -> None:
+    work = Path(tempfile.mkdtemp(prefix="kt-long-"))
+    async with running_dev(work, KUBETASK_FAIRNESS=fairness) as dev:
+        tokens = {a: create_token(work / "tokens.json", a, a) for a in ("jobs", "tick")}
+        admin = {"Authorization": f"Bearer {dev.admin_token}"}
+        async with httpx.AsyncClient(base_url=dev.url, headers=admin, timeout=60) as h:
+            sleep = ["sleep", str(args.fill_seconds)]
+            for body in (
+                command_function("job", "jobs", sleep, args.fill),
+                command_function("tick", "tick", ["true"], 4),
+            ):
+                meta = body["metadata"]
+                assert isinstance(meta, dict)
+                (await h.put(f"/v1/functions/{meta['name']}", json=body)).raise_for_status()
+            a, b = Sender(dev, tokens["jobs"], "job"), Sender(dev, tokens["tick"], "tick")
+            for i in range(args.fill):
+                await a.submit(f"job-{i:04d}")
+            held, same = 0, 0
+            while same < 4:
+                await asyncio.sleep(0.5)
+                now = await running(h, "jobs")
+                same = same + 1 if now == held else 0
+                held = now
+            await b.submit("arrival")
+            lat = await starts(h, "arrival", 1)
+            print(
+                f"  KUBETASK_FAIRNESS={fairness}: A holds {held} jobs at once;"
+                f" B's first task started {lat[0] * 1e3:.1f} ms after its submission"
+            )
+            for c in (a, b):
+                c.pool.close()
+
+
 async def main(args: argparse.Namespace) -> None:
     print(
         f"A: {args.jobs} jobs of {args.job_seconds} s (maxConcurrency 64); B: `true` every 0.2 s"
@@ -84,6 +121,9 @@ async def main(args: argparse.Namespace) -> None:
     )
     for lend_after in ("1", "3600"):
         await one_run(args, lend_after)
+    print(f"A alone: {args.fill} jobs of {args.fill_seconds} s; then B submits one `true`")
+    for fairness in ("on", "off"):
+        await arrival_run(args, fairness)
 
 
 if __name__ == "__main__":
@@ -91,4 +131,6 @@ if __name__ == "__main__":
     ap.add_argument("--jobs", type=int, default=40)
     ap.add_argument("--job-seconds", type=float, default=10)
     ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--fill", type=int, default=100)
+    ap.add_argument("--fill-seconds", type=float, default=30)
     asyncio.run(main(ap.parse_args()))
