@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
 from controlplane import ControlPlane
@@ -34,6 +35,7 @@ MAX_RECORD_BYTES = 64 << 10
 # changes more than a few of team-a's.
 MAX_CHANGES = 1
 CHANGES_BURST = 6
+SCRAPE_TOKEN = "e2e-metrics-token"
 
 
 def eventually(check: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
@@ -60,8 +62,10 @@ class Platform:
         self.nats_url = f"nats://127.0.0.1:{port}"
         self.operator: subprocess.Popen[bytes] | None = None
         self.dispatcher: subprocess.Popen[bytes] | None = None
+        self.metrics_port = free_port()
         self.env = dict(
             cluster.env(),
+            KUBETASK_METRICS_TOKEN=SCRAPE_TOKEN,
             KUBETASK_NATS_URL=self.nats_url,
             KUBETASK_NAMESPACE=NS,
             KUBETASK_RELEASE="kt",
@@ -89,7 +93,25 @@ class Platform:
         )
 
     def start_operator(self) -> None:
-        self.operator = self._spawn("operator", "--all-namespaces", log="operator.log")
+        self.operator = self._spawn(
+            "operator",
+            "--all-namespaces",
+            "--metrics-port",
+            str(self.metrics_port),
+            log="operator.log",
+        )
+
+    def scrape(self, token: str | None = SCRAPE_TOKEN) -> dict[str, float]:
+        """The operator's /metrics: `name{label="value",...}` to value."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        text = httpx.get(url, headers=headers, timeout=10).text
+        series = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                series[name] = float(value)
+        return series
 
     def stop_operator(self) -> None:
         assert self.operator is not None
@@ -239,12 +261,16 @@ def test_dispatcher_replicas_follow_the_backlog_up_and_down(platform: Platform) 
     platform.js(inject)
     replicas = lambda: platform.get("deployment", "kt-dispatcher", NS)["spec"]["replicas"]  # noqa: E731
     eventually(lambda: replicas() == 5, 30, "scale up to 5 (45 pending, 10 per replica, max 5)")
+    seen = platform.scrape()
+    assert seen["kubetask_operator_dispatchers_wanted"] == 5, seen
+    assert seen["kubetask_operator_backlog"] >= 45, seen
 
     async def drain(js: Any) -> None:
         await js.purge_stream("KT_Q_team-a", subject="kt.q.team-a.bulk")
 
     platform.js(drain)
     eventually(lambda: replicas() == 1, 30, "scale back down to the minimum")
+    assert platform.scrape()["kubetask_operator_dispatchers_wanted"] == 1
 
 
 def test_taskfunction_deletion_waits_until_its_queue_is_drained(platform: Platform) -> None:
@@ -380,6 +406,13 @@ def test_tasks_applied_faster_than_the_account_may_submit_wait_their_turn(
         if e["involvedObject"]["name"].startswith("paced-") and e["reason"] == "Throttled"
     ]
     assert throttled and "submits more than 1 tasks a second" in throttled[0], throttled
+    seen = platform.scrape()
+    refused = (
+        'kubetask_submissions_throttled_total{account="team-a",function="paced",reason="rate"}'
+    )
+    assert seen.get(refused, 0) >= 1, seen
+    assert seen.get('kubetask_operator_handled_total{kind="Task",outcome="retried"}', 0) >= 1
+    assert seen.get('kubetask_operator_handled_total{kind="Task",outcome="done"}', 0) >= 4
 
 
 def test_tasks_applied_past_the_accounts_record_quota_wait_and_its_neighbour_does_not(
@@ -512,6 +545,14 @@ def test_taskfunctions_changed_faster_than_the_account_may_are_applied_in_turn(
     messages = throttled(churn)
     assert messages and "KUBETASK_ACCOUNT_MAX_CHANGES" in messages[0], messages
     assert not [m for m in throttled(ACCOUNT) if "KUBETASK_ACCOUNT_MAX_CHANGES" in m]
+    seen = platform.scrape()
+    assert seen.get(f'kubetask_changes_throttled_total{{account="{churn}"}}', 0) >= 1, seen
+    assert seen.get('kubetask_operator_handled_total{kind="TaskFunction",outcome="retried"}', 0)
+    # Without the metrics token (the operator's port is reachable from tenants' pods), no
+    # account's series: the platform's only.
+    anonymous = platform.scrape(token=None)
+    assert "kubetask_operator_dispatchers_wanted" in anonymous
+    assert not [name for name in anonymous if "account=" in name], anonymous
 
     def caught_up() -> bool:
         for i in range(CHANGES_BURST + 4):

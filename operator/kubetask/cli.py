@@ -558,7 +558,7 @@ def cmd_operator(args: argparse.Namespace) -> None:
     from .runtime import keep_private
 
     keep_private()
-    run(args.namespace or [], args.all_namespaces)
+    run(args.namespace or [], args.all_namespaces, args.metrics_port, args.metrics_host)
 
 
 def cmd_tokens(args: argparse.Namespace) -> None:
@@ -683,6 +683,10 @@ def parser() -> argparse.ArgumentParser:
     op = sub.add_parser("operator", help="run the Kubernetes operator (uses the kubeconfig)")
     op.add_argument("--namespace", "-n", action="append", help="watch only these (repeatable)")
     op.add_argument("--all-namespaces", "-A", action="store_true")
+    op.add_argument(
+        "--metrics-port", type=port_number, help="serve Prometheus metrics on this port"
+    )
+    op.add_argument("--metrics-host", default="127.0.0.1")
     op.set_defaults(func=cmd_operator)
 
     # One parser per action, so options and the key may come in any order (one parser taking

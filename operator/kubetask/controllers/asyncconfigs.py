@@ -12,6 +12,7 @@ from ..models import AsyncConfig, AsyncConfigSpec, ObjectMeta
 from ..quotas import OverQuota
 from ..registry import ConfigConflict
 from .context import condition, pace_change, plane_of, set_status
+from .handled import handled
 
 RESOURCE = ("kubetask.io", "v1alpha1", "asyncconfigs")
 
@@ -19,6 +20,7 @@ RESOURCE = ("kubetask.io", "v1alpha1", "asyncconfigs")
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
+@handled("AsyncConfig")
 async def reconcile(
     name: str,
     namespace: Any,
@@ -84,6 +86,7 @@ async def reconcile(
 
 
 @kopf.on.delete(*RESOURCE)
+@handled("AsyncConfig")
 async def remove(name: str, namespace: Any, memo: Any, body: Any, **_: Any) -> None:
     registry = plane_of(memo).registry
     if (namespace, name) in registry.configs:

@@ -19,6 +19,7 @@ from .. import names as kt_names
 from .. import queues
 from ..dispatch.pod_identity import POD_ENV
 from ..plane import DataPlane
+from . import operator_metrics
 from .context import OperatorConfig
 from .kube import apply_deployment, get_replicas, set_replicas
 
@@ -192,6 +193,8 @@ async def scale_forever(cfg: OperatorConfig, plane: DataPlane) -> None:
         try:
             backlog, busy_partitions = await total_backlog(plane)
             want = desired_replicas(cfg, backlog, busy_partitions)
+            operator_metrics.BACKLOG.set(backlog)
+            operator_metrics.DISPATCHERS_WANTED.set(want)
             have = await get_replicas(cfg.namespace, dispatcher)
             now = time.monotonic()
             if have is not None and want != have:

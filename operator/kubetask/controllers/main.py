@@ -8,6 +8,7 @@ from typing import Any
 
 import kopf
 
+from .. import metrics
 from ..cancellation import cancel_and_wait
 from ..gateway.change_rate import ChangeRate
 from ..gateway.record_quota import LAG, RecordQuota
@@ -59,8 +60,17 @@ async def cleanup(memo: Any, **_: Any) -> None:
     await memo.plane.close()
 
 
-def run(namespaces: list[str], all_namespaces: bool) -> None:
+def run(
+    namespaces: list[str],
+    all_namespaces: bool,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+) -> None:
+    """With `metrics_port`, /metrics as a dispatcher serves it: every series with the metrics
+    token, the platform's alone without (its pods are reachable from tenants' pods)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if metrics_port:
+        metrics.serve(metrics_port, metrics_host, Settings().metrics_token)
     asyncio.run(
         kopf.operator(
             standalone=True,

@@ -11,6 +11,7 @@ import kopf
 from .. import names, queues, quotas
 from ..models import ObjectMeta, TaskFunction, TaskFunctionSpec
 from .context import condition, pace_change, plane_of, set_status
+from .handled import handled
 
 RESOURCE = ("kubetask.io", "v1alpha1", "taskfunctions")
 
@@ -25,6 +26,7 @@ def model(name: str, namespace: Any, spec: Any) -> TaskFunction:
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
+@handled("TaskFunction")
 async def reconcile(
     name: str,
     namespace: Any,
@@ -94,6 +96,7 @@ async def report_backlog(
 
 
 @kopf.on.delete(*RESOURCE)
+@handled("TaskFunction")
 async def remove(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_: Any) -> None:
     plane = plane_of(memo)
     fn = plane.registry.function(namespace, name) or model(name, namespace, spec)

@@ -11,12 +11,13 @@ from typing import Any
 
 import kopf
 
-from .. import actions, submission
+from .. import actions, metrics, submission
 from ..gateway.throttle import Throttled
 from ..models import TaskPhase
 from ..states import TERMINAL, IllegalTransition
 from ..store import TaskExists
 from .context import condition, plane_of
+from .handled import handled
 from .kube import patch_status
 
 RESOURCE = ("kubetask.io", "v1alpha1", "tasks")
@@ -26,6 +27,7 @@ RESULT_SUMMARY_CHARS = 256
 
 @kopf.on.resume(*RESOURCE)
 @kopf.on.create(*RESOURCE)
+@handled("Task")
 async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_: Any) -> None:
     plane = plane_of(memo)
     fn = plane.registry.function(namespace, spec["function"])
@@ -43,6 +45,7 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
     except Throttled as err:
         # Retried when the account may submit again; the object waits, unsubmitted, and its
         # events say why (kopf posts none for a handler that will be retried).
+        metrics.THROTTLED.labels(fn.account, fn.name, err.reason).inc()
         kopf.info(body, reason="Throttled", message=f"{err}; submitted in {err.retry_after}s")
         raise kopf.TemporaryError(f"throttled: {err}", delay=err.retry_after) from None
     try:
@@ -98,6 +101,7 @@ async def mirror(
 
 
 @kopf.on.delete(*RESOURCE)
+@handled("Task")
 async def stop(name: str, namespace: Any, memo: Any, **_: Any) -> None:
     plane = plane_of(memo)
     current = await plane.store.get(namespace, name)
