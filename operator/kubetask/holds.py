@@ -42,6 +42,10 @@ class View(pydantic.BaseModel):
     window: int = 0  # what its dispatch window lets it have in flight
     account_running: int = 0  # its account's attempts there that count against its share
     account_share: int | None = None  # None: no share applies (the account alone, fairness off)
+    # The account's concurrency limit's part on this dispatcher (None: no limit), and what the
+    # account runs there.
+    account_limit: int | None = None
+    account_limit_running: int = 0
     paced: bool = False  # the function's maxStartsPerSecond allows no start right now
     slots: int = 0
     slots_taken: int = 0
@@ -70,6 +74,15 @@ class View(pydantic.BaseModel):
                 f"attempt{'' if self.account_running == 1 else 's'} in flight there, its fair "
                 "share while other accounts have work (KUBETASK_ACCOUNT_WEIGHTS; an attempt "
                 "counts for its first KUBETASK_DISPATCH_LEND_AFTER seconds)"
+            )
+        if self.account_limit is not None and self.account_limit_running >= self.account_limit:
+            said.append(
+                f"account {account!r} runs {self.account_limit_running} "
+                f"attempt{'' if self.account_limit_running == 1 else 's'} there, its part of "
+                f"its concurrency limit over {self.dispatchers} "
+                f"dispatcher{'' if self.dispatchers == 1 else 's'} "
+                "(KUBETASK_ACCOUNT_MAX_CONCURRENCY, or its own in "
+                "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS)"
             )
         if self.paced:
             said.append("the function's maxStartsPerSecond allows no more starts this moment")

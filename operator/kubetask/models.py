@@ -779,6 +779,11 @@ class AccountLimits(KubeModel):
         description="Submissions per second (the account's own limit if it has one, else the "
         "platform's); 0 = no limit."
     )
+    maxConcurrency: int = Field(
+        description="Attempts its functions may run at once, all together (its own limit if it "
+        "has one, else the platform's), split evenly over the live dispatchers, rounded down "
+        "and at least one each; past it tasks wait, Queued. 0 = no limit."
+    )
     maxChanges: float = Field(
         description="Changes (PUT, DELETE) of its functions and AsyncConfigs per second, past "
         "a burst of changesBurst (429 beyond); 0 = no limit. Admins are not counted."

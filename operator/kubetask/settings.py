@@ -277,6 +277,17 @@ class Settings:
             "KUBETASK_ACCOUNT_RATE_LIMITS", 1e9, "tasks a second", zero=True
         )
     )
+    # Attempts an account's functions may run at once, all together, split over the live
+    # dispatchers (`dispatch/account_concurrency.py`); 0: no limit. The second: accounts with
+    # limits of their own.
+    account_max_concurrency: int = field(
+        default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_CONCURRENCY", 1000, 0)
+    )
+    account_concurrency_limits: dict[str, float] = field(
+        default_factory=lambda: per_account.from_env(
+            "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS", 1e9, "attempts at once", zero=True, whole=True
+        )
+    )
     # Functions that may share one queue (stream): its consumer limit; past it, registering
     # another function there is a 409 (nats-server 2.15 would stop at 1,000). Each function is
     # a durable consumer, and a burst across 10,000 of them in one account's stream ran at a
@@ -356,6 +367,10 @@ class Settings:
     def backlog_limit(self, account: str) -> int:
         """Tasks `account` may keep waiting in a queue; 0: no limit."""
         return int(self.account_backlog_limits.get(account, self.account_max_backlog))
+
+    def concurrency_limit(self, account: str) -> int:
+        """Attempts `account`'s functions may run at once in all; 0: no limit."""
+        return int(self.account_concurrency_limits.get(account, self.account_max_concurrency))
 
     def rate_limit(self, account: str) -> float:
         """Tasks `account` may submit a second; 0: no limit."""

@@ -114,6 +114,16 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Accounts with a rate limit of their own (a paid tier); 0 lifts it.",
             ),
             (
+                "KUBETASK_ACCOUNT_MAX_CONCURRENCY",
+                "Attempts an account's functions may run at once, all together, split evenly "
+                "over the live dispatchers (rounded down, at least one each); past it its "
+                "tasks wait, Queued, saying why. 0: no limit.",
+            ),
+            (
+                "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS",
+                "Accounts with a concurrency limit of their own (`gold=5000,free=10`); 0 lifts it.",
+            ),
+            (
                 "KUBETASK_QUEUE_MAX_MSGS",
                 "Tasks one queue (stream) holds; a full queue refuses new tasks with `429` "
                 "rather than drop old ones.",

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -53,6 +54,7 @@ from ..store import (
     now,
 )
 from . import backlog_gauge, hold_answers, idle_consumers, outcome_patience, pod_identity
+from .account_concurrency import AccountConcurrency
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -192,6 +194,10 @@ class Dispatcher:
             least=DISPATCH_LEAST_PER_ACCOUNT,
         )
         self._shared_known: bool | None = None
+        self.concurrency = AccountConcurrency(
+            plane.settings.concurrency_limit,
+            lambda: self.leases.dispatchers() if self.leases is not None else 1,
+        )
         settings = self.plane.settings
         self.log_pacing = LogPacing(
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
@@ -319,6 +325,7 @@ class Dispatcher:
             for fair in (
                 self.fairness.free(fn.account, worker.wake),
                 self.fairness.most_at_once(fn.account),
+                self.concurrency.free(fn.account, worker.wake),
             ):
                 if fair is not None:
                     allowed = min(allowed, fair)
@@ -330,6 +337,7 @@ class Dispatcher:
 
         def deliver(msg: Msg) -> None:
             counted = Counted(self.fairness, fn.account)
+            ended = self.concurrency.delivered_one(fn.account)
             if rate is not None:
                 rate.take()
             if self._closing:  # delivered while the pull was being stopped: hand it back
@@ -337,7 +345,7 @@ class Dispatcher:
             else:
                 t = asyncio.create_task(self._handle_cut_off(fn, msg))
             worker.inflight.add(t)
-            t.add_done_callback(functools.partial(self._done, worker.inflight, key, counted))
+            t.add_done_callback(functools.partial(self._done, worker.inflight, key, counted, ended))
 
         worker.pull = Pull(
             self.plane.nc,
@@ -379,10 +387,12 @@ class Dispatcher:
         inflight: set[asyncio.Task[None]],
         key: WorkerKey,
         counted: Counted,
+        ended: Callable[[], None],
         task: asyncio.Task[None],
     ) -> None:
         inflight.discard(task)
         counted.end()
+        ended()
         worker = self.workers.get(key)  # the queue's current worker: it has a slot free
         if worker is not None and worker.pull is not None:
             worker.pull.wake()
@@ -521,21 +531,30 @@ class Dispatcher:
         """Claim and run the task within the node's budget; a task that waits for a slot stays
         Queued, its message kept alive meanwhile."""
         process = self._local_process(ctx.function)
-        budget = self.budget
-        if not budget.try_take(ctx.account, process):
-            waiting = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
-            try:
-                await budget.wait(ctx.account, process)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await msg.nak()  # shutting down: the next dispatcher takes it
-                raise
-            finally:
-                waiting.cancel()
+        budget, limit = self.budget, self.concurrency
+        if not limit.try_take(ctx.account):
+            await self._held(msg, limit.wait(ctx.account))
         try:
-            await self._claim_and_run(ctx, msg, current, seq, reread)
+            if not budget.try_take(ctx.account, process):
+                await self._held(msg, budget.wait(ctx.account, process))
+            try:
+                await self._claim_and_run(ctx, msg, current, seq, reread)
+            finally:
+                budget.release(ctx.account, process)
         finally:
-            budget.release(ctx.account, process)
+            limit.release(ctx.account)
+
+    async def _held(self, msg: Msg, place: Awaitable[None]) -> None:
+        """Wait for `place`, the message kept alive meanwhile."""
+        waiting = Heartbeat(msg, max(self.plane.settings.ack_wait / 3, 0.2))
+        try:
+            await place
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()  # shutting down: the next dispatcher takes it
+            raise
+        finally:
+            waiting.cancel()
 
     async def _claim_and_run(
         self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int, reread: bool

@@ -38,6 +38,8 @@ def view(dispatcher: Dispatcher, account: str, function: str, stream: str) -> Vi
         window=worker.window.allowed(),
         account_running=fairness.inflight.get(account, 0),
         account_share=fairness.share(account),
+        account_limit=dispatcher.concurrency.share(account),
+        account_limit_running=dispatcher.concurrency.running.get(account, 0),
         paced=worker.rate is not None and worker.rate.spent(),
         slots=budget.settings.slots,
         slots_taken=budget.running,

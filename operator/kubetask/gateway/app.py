@@ -704,6 +704,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             maxBacklog=settings.backlog_limit(acct),
             throttleFrom=int(THROTTLE_FROM * settings.backlog_limit(acct)),
             maxRate=settings.rate_limit(acct),
+            maxConcurrency=settings.concurrency_limit(acct),
             maxChanges=settings.account_max_changes,
             changesBurst=settings.account_changes_burst,
             weight=settings.account_weights.get(acct, 1.0),
