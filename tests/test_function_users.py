@@ -863,17 +863,27 @@ except OSError as err:
 print(json.dumps(seen))
 """
 CONNECTIONS = 64
+ALL_CONNECTIONS = 96
 
 
 @pytest.mark.parametrize(
-    "dev", [{"KUBETASK_ACCOUNT_MAX_CONNECTIONS": str(CONNECTIONS)}], indirect=True
+    "dev",
+    [
+        {
+            "KUBETASK_ACCOUNT_MAX_CONNECTIONS": str(CONNECTIONS),
+            "KUBETASK_FUNCTIONS_MAX_CONNECTIONS": str(ALL_CONNECTIONS),
+        }
+    ],
+    indirect=True,
 )
 async def test_an_accounts_connections_are_capped_and_its_neighbours_are_not(dev: Dev) -> None:
     """The host tracks every connection in one table, and a full table drops every new
     connection of the host, the platform's too: one process filled it in about a second
     (seen). An account's functions hold at most KUBETASK_ACCOUNT_MAX_CONNECTIONS of it; past
-    that theirs are refused, and a neighbour's and the platform's are not."""
-    python = _python("team-y", "team-z")
+    that theirs are refused, and a neighbour's and the platform's are not. Sixteen accounts
+    at their default sixteenth would fill it together: all accounts' functions hold at most
+    KUBETASK_FUNCTIONS_MAX_CONNECTIONS, and an admin's function is not counted."""
+    python = _python("team-y", "team-z", "team-x")
     host, port = dev.url.removeprefix("http://").split(":")
     spec = {"command": [python, "-c", FLOOD, str(CONNECTIONS * 3), host, port]}
     flooded = (await _run(dev, dev.token("team-y"), "team-y", spec))["task"]["status"]
@@ -884,6 +894,15 @@ async def test_an_accounts_connections_are_capped_and_its_neighbours_are_not(dev
     spec = {"command": [python, "-c", FLOOD, "1", host, port]}
     neighbour = (await _run(dev, dev.token("team-z"), "team-z", spec))["task"]["status"]
     assert neighbour["result"] == {"sent": 1, "refused": 0, "tcp": "open"}, neighbour
+    # A third account, well under its own cap, gets what is left of all accounts' together.
+    # (A closed TCP connection is not counted, nor a refused one.)
+    left = ALL_CONNECTIONS - seen["sent"] - neighbour["result"]["sent"]
+    spec = {"command": [python, "-c", FLOOD, str(CONNECTIONS), host, port]}
+    third = (await _run(dev, dev.token("team-x"), "team-x", spec))["task"]["status"]["result"]
+    assert left - 8 <= third["sent"] <= left, (left, third)
+    assert third["tcp"] == "ConnectionRefusedError", third
+    admin = (await _run(dev, dev.admin, "team-x", spec))["task"]["status"]["result"]
+    assert admin == {"sent": CONNECTIONS, "refused": 0, "tcp": "open"}, admin
     await _rules_leave_with_their_dispatcher(dev, "team-y", ("KUBETASK-ACCOUNTS-CAP-EACH",))
 
 

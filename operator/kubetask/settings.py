@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -65,6 +66,25 @@ def share_of(raw: str, whole: int) -> int | None:
     if not 0 < share <= 100:
         raise ValueError(raw)
     return int(whole * share / 100)
+
+
+def env_count_or_share(name: str, default: str, what: str, whole: Callable[[], int]) -> int:
+    """`name` as a count of `what`, a share of the host's `whole()` such as `75%` (at least
+    one), or 0 for no cap."""
+    note(name, default, f"a number of {what}, a share such as 75% of the host's, or 0")
+    raw = (os.environ.get(name) or default).strip()
+    try:
+        shared = share_of(raw, whole())
+        if shared is not None:
+            return max(1, shared)
+        value = int(raw)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ValueError(
+            f"{name}={raw!r}: expected a number of {what}, a share such as 75%, or 0"
+        ) from None
 
 
 def env_switch(name: str, default: bool) -> bool:

@@ -315,6 +315,12 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "connection of the host); 0: no cap.",
             ),
             (
+                "KUBETASK_FUNCTIONS_MAX_CONNECTIONS",
+                "Connections all accounts' functions hold open together on a host (accounts "
+                "mode); a share is of the table's size (`net.netfilter.nf_conntrack_max`). "
+                "0: no cap.",
+            ),
+            (
                 "KUBETASK_ACCOUNT_MAX_MEMORY",
                 "Memory an account's functions hold together on a host, their `/tmp` in; 0: "
                 "no limit.",

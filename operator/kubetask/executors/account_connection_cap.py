@@ -18,6 +18,11 @@ closed TCP connection is not counted while it waits out its TIME_WAIT. The defau
 sixteenth of the host's table, so that no one account can fill it; `0` caps nothing. The
 platform's connections and an admin's function's are not counted.
 
+A sixteenth each still lets sixteen busy accounts fill the table together, so all accounts'
+functions together hold at most `KUBETASK_FUNCTIONS_MAX_CONNECTIONS` (75% of the table by
+default; a number, a share, or 0 for no cap), counted by one rule over every account's user
+before each account's own. What is left stays the platform's and the host's.
+
 One rule per account and address family, added before the account's first process starts on
 this dispatcher, in a chain entered only by a tenant's first packet of a connection.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..settings import env_int
+from ..settings import env_count_or_share, env_int
 from .firewall import AccountRules, chain, end_orphans, mark, restore_now
 
 CHAIN = "KUBETASK-ACCOUNTS-CAP"  # from OUTPUT
@@ -35,14 +40,24 @@ _TABLE = Path("/proc/sys/net/netfilter/nf_conntrack_max")
 # The table's size where the host does not say it (no conntrack loaded yet): a usual one.
 _UNKNOWN_TABLE = 262_144
 SHARE = 16
+ALL_SETTING = "KUBETASK_FUNCTIONS_MAX_CONNECTIONS"
+ALL_DEFAULT = "75%"
+
+
+def _table() -> int:
+    try:
+        return int(_TABLE.read_text())
+    except (OSError, ValueError):
+        return _UNKNOWN_TABLE
 
 
 def most_setting() -> int:
-    try:
-        table = int(_TABLE.read_text())
-    except (OSError, ValueError):
-        table = _UNKNOWN_TABLE
-    return env_int(SETTING, max(table // SHARE, 1), low=0)
+    return env_int(SETTING, max(_table() // SHARE, 1), low=0)
+
+
+def all_setting() -> int:
+    """What all accounts' functions on this host may hold together; 0 for no cap."""
+    return env_count_or_share(ALL_SETTING, ALL_DEFAULT, "connections", _table)
 
 
 class AccountConnectionCap(AccountRules):
@@ -53,19 +68,29 @@ class AccountConnectionCap(AccountRules):
     chain_name = CHAIN
     purpose = "cap its connections"
 
-    def __init__(self, enabled: bool, tenants: str, most: int) -> None:
-        """`tenants`: the account users' id range (`first-last`); `most`: the cap, 0 for none."""
+    def __init__(self, enabled: bool, tenants: str, most: int, all_most: int = 0) -> None:
+        """`tenants`: the account users' id range (`first-last`); `most`: an account's cap,
+        `all_most`: all accounts' together, 0 for none."""
         super().__init__(enabled)
         self.tenants = tenants
         self.most = most
-        if enabled and most == 0:
-            self._why_not = f"{SETTING}=0"
+        self.all_most = all_most
+        if enabled and most == 0 and all_most == 0:
+            self._why_not = f"{SETTING}=0 and {ALL_SETTING}=0"
 
     def _guards(self, verb: str) -> str:
-        tenant = f"-m owner --uid-owner {self.tenants}"
-        return f"{verb} {CHAIN} -m conntrack --ctstate NEW {tenant} {mark()} -j {CHAIN}-EACH\n"
+        new = f"{verb} {CHAIN} -m conntrack --ctstate NEW -m owner --uid-owner {self.tenants}"
+        rules = ""
+        if self.all_most:
+            over = f"-m connlimit --connlimit-above {self.all_most} --connlimit-mask 0"
+            rules += f"{new} {over} {mark()} -j REJECT\n"
+        if self.most:
+            rules += f"{new} {mark()} -j {CHAIN}-EACH\n"
+        return rules
 
     def _account(self, verb: str, uid: int) -> str:
+        if not self.most:
+            return ""
         over = f"-m connlimit --connlimit-above {self.most} --connlimit-mask 0"
         return f"{verb} {CHAIN}-EACH -m owner --uid-owner {uid} {over} {mark()} -j REJECT\n"
 

@@ -21,11 +21,9 @@ left is the host's and the platform's.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from ..known_settings import note
-from ..settings import share_of
+from ..settings import env_count_or_share
 from .cgroups import Hierarchy
 
 SETTING = "KUBETASK_FUNCTIONS_MAX_PROCESSES"
@@ -34,20 +32,7 @@ DEFAULT = "75%"
 
 def all_setting() -> int:
     """What all functions on this host may hold together; 0 for no cap."""
-    note(SETTING, DEFAULT, "a number of processes, a share such as 75% of the host's, or 0")
-    raw = (os.environ.get(SETTING) or DEFAULT).strip()
-    try:
-        shared = share_of(raw, host_processes())
-        if shared is not None:
-            return max(1, shared)
-        value = int(raw)
-        if value < 0:
-            raise ValueError
-        return value
-    except ValueError:
-        raise ValueError(
-            f"{SETTING}={raw!r}: expected a number of processes, a share such as 75%, or 0"
-        ) from None
+    return env_count_or_share(SETTING, DEFAULT, "processes", host_processes)
 
 
 def host_processes() -> int:

@@ -40,6 +40,7 @@ from ..registrant import ADMIN, registered_by
 from ..settings import WEIGHTS, env_choice, env_int, env_str, env_switch
 from . import account_pids, account_scratch, function_egress, host_services, platform_ports
 from .account_connection_cap import AccountConnectionCap, most_setting
+from .account_connection_cap import all_setting as connections_all_setting
 from .account_connections import AccountConnections
 from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
@@ -206,7 +207,7 @@ class FunctionUsers:
         namespaces = AccountNamespaces(accounts, account_scratch.size_setting())
         object.__setattr__(self, "namespaces", namespaces)
         object.__setattr__(self, "connections", AccountConnections(accounts, TENANTS))
-        cap = AccountConnectionCap(accounts, TENANTS, most_setting())
+        cap = AccountConnectionCap(accounts, TENANTS, most_setting(), connections_all_setting())
         object.__setattr__(self, "connection_cap", cap)
         user_namespaces = env_switch("KUBETASK_ACCOUNT_USER_NAMESPACES", False)
         object.__setattr__(self, "threads", AccountThreads(accounts, user_namespaces))
