@@ -52,6 +52,7 @@ async def test_an_accounts_functions_together_run_no_more_than_its_limit(
                     reason = waiting["reason"]
             await asyncio.sleep(0.1)
         assert most[0] == 3, most  # two functions of ten each: three in all
+        assert (await capped.call("GET", "/v1/limits", 200))["running"] <= 3
         assert most[1] == 5, most  # the neighbour's five at once
         assert reason is not None and "KUBETASK_ACCOUNT_MAX_CONCURRENCY" in reason, reason
         assert f"account {capped.account!r} runs 3 attempts there" in reason, reason

@@ -92,10 +92,12 @@ async def test_limits_shows_the_accounts_own_limits_and_use(api: Api, gateway_ur
     assert as_json["account"] == api.account and as_json["functions"] == 1, as_json
     table = (await kt(api, gateway_url, "limits")).stdout
     assert table.startswith(f"account {api.account}: weight 1 (fair sharing on)"), table
-    cells = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:11]]
+    cells = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:12]]
     rows = {label: rest for label, *rest in cells}
     assert rows["functions"] == ["1", "10,000"], table
     assert rows["submissions a second"] == ["-", "none"], table
+    running = rows["attempts running at once"]
+    assert running[0] in ("0", "1") and running[1] == f"{as_json['maxConcurrency']:,}", table
     assert rows["log reads open at once"] == ["0", f"{as_json['maxLogStreams']:,}"], table
     waiting = rows["tasks waiting in its fullest queue"]
     assert waiting[1].startswith(f"{as_json['maxBacklog']:,} (its heaviest"), table

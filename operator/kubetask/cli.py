@@ -443,7 +443,7 @@ def cmd_limits(args: argparse.Namespace) -> None:
     rows = [
         ["tasks waiting in its fullest queue", f"{fullest:,}", _limit(got["maxBacklog"], throttle)],
         ["submissions a second", "-", _limit(got["maxRate"])],
-        ["attempts running at once", "-",
+        ["attempts running at once", _count(got.get("running")),
          _limit(got["maxConcurrency"]) if "maxConcurrency" in got else "-"],
         ["functions", f"{got['functions']:,}", f"{got['maxFunctions']:,}"],
         ["queues of its functions' own", f"{got['ownQueues']:,}", f"{got['maxOwnQueues']:,}"],

@@ -784,6 +784,10 @@ class AccountLimits(KubeModel):
         "has one, else the platform's), split evenly over the live dispatchers, rounded down "
         "and at least one each; past it tasks wait, Queued. 0 = no limit."
     )
+    running: int = Field(
+        description="Its tasks Running now, as the gateway's task index has them (what its "
+        "concurrency limit counts, give or take the index's lag)."
+    )
     maxChanges: float = Field(
         description="Changes (PUT, DELETE) of its functions and AsyncConfigs per second, past "
         "a burst of changesBurst (429 beyond); 0 = no limit. Admins are not counted."

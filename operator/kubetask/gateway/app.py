@@ -699,12 +699,14 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
             queue, waiting, drain = plane().depth.known(fn)
             loads[queue] = QueueLoad(queue=queue, waiting=waiting, drainPerSecond=drain)
         records_held, record_bytes = state["records"].held(acct)
+        running = IndexQuery([acct], phases=frozenset({TaskPhase.Running}))
         limits = AccountLimits(
             account=acct,
             maxBacklog=settings.backlog_limit(acct),
             throttleFrom=int(THROTTLE_FROM * settings.backlog_limit(acct)),
             maxRate=settings.rate_limit(acct),
             maxConcurrency=settings.concurrency_limit(acct),
+            running=await indexer().query(acct, indexer().index.count, acct, running),
             maxChanges=settings.account_max_changes,
             changesBurst=settings.account_changes_burst,
             weight=settings.account_weights.get(acct, 1.0),
