@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import per_account
+from .tallies import count_down, count_up
 
 # A dispatcher's `least_per_account`. Thirty-two slots over twenty busy accounts left each one
 # attempt in flight: its functions were held, then released all at once whenever it had
@@ -71,15 +72,11 @@ class Fairness:
         return self.settings.weights.get(account, 1.0)
 
     def started(self, account: str) -> None:
-        self.inflight[account] = self.inflight.get(account, 0) + 1
+        count_up(self.inflight, account)
         self._seen[account] = time.monotonic()
 
     def finished(self, account: str) -> None:
-        left = self.inflight.get(account, 0) - 1
-        if left > 0:
-            self.inflight[account] = left
-        else:
-            self.inflight.pop(account, None)
+        count_down(self.inflight, account)
         if account in self._held:
             self._release(account)
 

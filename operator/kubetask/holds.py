@@ -111,7 +111,7 @@ class View(pydantic.BaseModel):
 def _kept(kept: int, what: str, of: int, setting: str) -> str:
     return (
         f"the rest of its {of} {what} ({setting}) are taken but {kept}, kept for other "
-        "accounts' next tasks while they have work"
+        "accounts' next tasks"
     )
 
 

@@ -30,6 +30,8 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 
+from ..tallies import count_down, count_up
+
 
 class AccountConcurrency:
     def __init__(self, limit: Callable[[str], int], dispatchers: Callable[[], int]) -> None:
@@ -62,11 +64,11 @@ class AccountConcurrency:
 
     def delivered_one(self, account: str) -> Callable[[], None]:
         """Counts a delivered task of `account`; returns what to call when it ends."""
-        self.delivered[account] = self.delivered.get(account, 0) + 1
+        count_up(self.delivered, account)
         return functools.partial(self._ended, account)
 
     def _ended(self, account: str) -> None:
-        left = _count_down(self.delivered, account)
+        left = count_down(self.delivered, account)
         held = self._held.get(account)
         if not held:
             return
@@ -87,7 +89,7 @@ class AccountConcurrency:
             self._waiting.get(account) or self.running.get(account, 0) >= share
         ):
             return False
-        self.running[account] = self.running.get(account, 0) + 1
+        count_up(self.running, account)
         return True
 
     async def wait(self, account: str) -> None:
@@ -110,7 +112,7 @@ class AccountConcurrency:
             raise
 
     def release(self, account: str) -> None:
-        _count_down(self.running, account)
+        count_down(self.running, account)
         if account in self._waiting:
             self._admit(account)
 
@@ -120,16 +122,7 @@ class AccountConcurrency:
         while waiting and (share is None or self.running.get(account, 0) < share):
             future = waiting.popleft()
             if not future.done():
-                self.running[account] = self.running.get(account, 0) + 1
+                count_up(self.running, account)
                 future.set_result(None)
         if not waiting:
             del self._waiting[account]
-
-
-def _count_down(counts: dict[str, int], account: str) -> int:
-    left = counts.get(account, 0) - 1
-    if left > 0:
-        counts[account] = left
-    else:
-        counts.pop(account, None)
-    return max(0, left)

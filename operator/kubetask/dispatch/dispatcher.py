@@ -528,8 +528,8 @@ class Dispatcher:
     async def _run(
         self, ctx: TaskContext, msg: Msg, current: Versioned, seq: int, reread: bool
     ) -> None:
-        """Claim and run the task within the node's budget; a task that waits for a slot stays
-        Queued, its message kept alive meanwhile."""
+        """Claim and run the task within its account's concurrency limit and the node's
+        budget; a task that waits for a place stays Queued, its message kept alive meanwhile."""
         process = self._local_process(ctx.function)
         budget, limit = self.budget, self.concurrency
         if not limit.try_take(ctx.account):

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from .. import metrics
 from ..settings import env_int
+from ..tallies import count_down, count_up
 
 
 def _memory_mb() -> int:
@@ -219,10 +220,10 @@ class NodeBudget:
 
     def _take(self, account: str, process: bool) -> None:
         self.running += 1
-        self._running_by[account] = self._running_by.get(account, 0) + 1
+        count_up(self._running_by, account)
         if process:
             self.processes += 1
-            self._processes_by[account] = self._processes_by.get(account, 0) + 1
+            count_up(self._processes_by, account)
 
     def try_take(self, account: str, process: bool) -> bool:
         """Take a slot if one is free and nobody waits for it (the usual case: no wait)."""
@@ -256,10 +257,10 @@ class NodeBudget:
 
     def release(self, account: str, process: bool) -> None:
         self.running -= 1
-        _count_down(self._running_by, account)
+        count_down(self._running_by, account)
         if process:
             self.processes -= 1
-            _count_down(self._processes_by, account)
+            count_down(self._processes_by, account)
         if self._waiting:
             self._admit()
         if self._starved or self._starved_processes:
@@ -326,11 +327,3 @@ class NodeBudget:
                 del self._waiting[account]
             if credit - 1 < 1:
                 self._order.rotate(-1)
-
-
-def _count_down(counts: dict[str, int], account: str) -> None:
-    left = counts.get(account, 0) - 1
-    if left > 0:
-        counts[account] = left
-    else:
-        counts.pop(account, None)
