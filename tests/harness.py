@@ -259,6 +259,12 @@ async def tasks_of(api: Api, function: str | None = None) -> list[dict[str, Any]
             return found
 
 
+async def running(api: Api) -> int:
+    """The account's tasks Running now (up to a page of 1,000)."""
+    page = await api.call("GET", "/v1/tasks", params={"status": "Running", "limit": "1000"})
+    return len(page["items"])
+
+
 async def all_succeed(api: Api, function: str | None, count: int, timeout: float = 90) -> None:
     """Wait until the account's `count` tasks (of `function`) have Succeeded; each must have
     taken exactly one attempt."""

@@ -12,15 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import Api, all_succeed, as_user, gateway
+from harness import Api, all_succeed, as_user, gateway, running
 from kubetask.dispatch.account_concurrency import AccountConcurrency
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.settings import Settings
-
-
-async def _running(api: Api) -> int:
-    page = await api.call("GET", "/v1/tasks", params={"status": "Running", "limit": "1000"})
-    return len(page["items"])
 
 
 async def test_an_accounts_functions_together_run_no_more_than_its_limit(
@@ -41,7 +36,7 @@ async def test_an_accounts_functions_together_run_no_more_than_its_limit(
         most = [0, 0]
         reason = None
         for _ in range(15):
-            most = [max(most[0], await _running(capped)), max(most[1], await _running(free))]
+            most = [max(most[0], await running(capped)), max(most[1], await running(free))]
             for task_id in ids:
                 waiting = (await capped.get(task_id))["status"]["waiting"]
                 if (

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Api, all_succeed
+from harness import Api, all_succeed, running
 from kubetask.auth import TokenBook, create_token
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.node_budget import BudgetSettings, NodeBudget
@@ -250,7 +250,7 @@ async def test_long_jobs_lend_their_share_and_the_node_keeps_room_for_a_neighbou
         jobs = [(await long.submit("job"))["metadata"]["name"] for _ in range(20)]
         most = 0
         for _ in range(40):
-            most = max(most, await _running(long))
+            most = max(most, await running(long))
             await asyncio.sleep(0.1)
             assert not ticker.done(), ticker  # a tick waited past its 5 s (or failed)
         assert most == 10, most  # 12 processes, 2 kept for the neighbour: not its share of 4
@@ -261,7 +261,7 @@ async def test_long_jobs_lend_their_share_and_the_node_keeps_room_for_a_neighbou
         ticking = False
         await ticker
         await asyncio.sleep(3)  # the neighbour is idle after 2 s
-        assert await _running(long) == 10
+        assert await running(long) == 10
         ticks.append((await tick.submit("tick"))["metadata"]["name"])
         await tick.wait(ticks[-1], timeout=5)
     finally:
@@ -285,11 +285,6 @@ async def _never_called(*_: object) -> Any:
     raise AssertionError("the stand-in app neither receives nor sends")
 
 
-async def _running(api: Api) -> int:
-    page = await api.call("GET", "/v1/tasks", params={"status": "Running", "limit": "1000"})
-    return len(page["items"])
-
-
 async def test_a_flooding_account_keeps_to_its_weighted_share_of_the_dispatcher(
     make_api: Callable[..., Awaitable[Api]], dispatcher: Dispatcher
 ) -> None:
@@ -308,7 +303,7 @@ async def test_a_flooding_account_keeps_to_its_weighted_share_of_the_dispatcher(
         most = [0, 0]
         for _ in range(10):
             for i, api in enumerate((gold, plain)):
-                most[i] = max(most[i], await _running(api))
+                most[i] = max(most[i], await running(api))
             await asyncio.sleep(0.1)
         assert most[0] <= 6 and most[1] <= 2, most
         assert most[0] > 2, most  # the heavier weight gets more, not the same
@@ -363,7 +358,7 @@ async def test_a_pull_opened_while_alone_brings_no_more_than_a_share_once_a_neig
         await neighbour.wait("n", {"Running"})
         ids = [(await alone.submit("job"))["metadata"]["name"] for _ in range(40)]
         await asyncio.sleep(2)
-        assert await _running(alone) <= 4
+        assert await running(alone) <= 4
         await neighbour.call("POST", "/v1/tasks/n/stop", 200)
         for task_id in ids:  # alone again (after 2 s): every task it may run, runs
             await alone.wait(task_id, {"Running"}, timeout=20)
