@@ -53,6 +53,7 @@ from ..store import (
     new_token,
     now,
 )
+from ..tallies import count_down, count_up
 from . import backlog_gauge, hold_answers, idle_consumers, outcome_patience, pod_identity
 from .account_concurrency import AccountConcurrency
 from .accounting import Accounting
@@ -193,7 +194,8 @@ class Dispatcher:
             shared=lambda: self.fairness.settings.enabled and self.shared(),
             least=DISPATCH_LEAST_PER_ACCOUNT,
         )
-        self._shared_known: bool | None = None
+        # Functions with workers here, by account (`shared`).
+        self._functions_here: dict[str, int] = {}
         self.concurrency = AccountConcurrency(
             plane.settings.concurrency_limit,
             lambda: self.leases.dispatchers() if self.leases is not None else 1,
@@ -244,18 +246,22 @@ class Dispatcher:
             self._sync(fn.account, fn.name, fn)
 
     def shared(self) -> bool:
-        """Functions of more than one account run here (known until the functions change)."""
-        if self._shared_known is None:
-            accounts = (account for account, _ in self._streams)
-            first = next(accounts, None)
-            self._shared_known = any(account != first for account in accounts)
-        return self._shared_known
+        """Functions of more than one account run here."""
+        return len(self._functions_here) > 1
 
     def _sync(self, account: str, name: str, fn: TaskFunction | None) -> None:
         """Run a worker for each of the function's queues this dispatcher consumes, and no
         other. A changed function gets new workers (its queues or limits may have moved);
         attempts the old ones started run on to the end, counted against the new ones' slots."""
-        self._shared_known = None
+        was_here = (account, name) in self._streams
+        self._sync_workers(account, name, fn)
+        here = (account, name) in self._streams
+        if here and not was_here:
+            count_up(self._functions_here, account)
+        elif was_here and not here:
+            count_down(self._functions_here, account)
+
+    def _sync_workers(self, account: str, name: str, fn: TaskFunction | None) -> None:
         wanted = {}
         if fn is not None and not self._closing:
             wanted = {q.stream: q for q in names.queues_of(fn) if self._consumes(fn, q)}
