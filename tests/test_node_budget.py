@@ -65,9 +65,8 @@ async def test_an_attempt_without_a_process_is_not_held_behind_those_waiting_for
     left = asyncio.create_task(budget.wait("busy", process=False))  # no slot at all now
     await asyncio.sleep(0.05)
     assert not left.done() and not any(b.done() for b in busy)
-    budget.release(
-        "held", process=True
-    )  # busy's oldest waiter gets it, not the later slot-only one
+    # busy's oldest waiter gets it, not the later slot-only one
+    budget.release("held", process=True)
     await asyncio.sleep(0)
     assert [b.done() for b in busy] == [True, False, False] and not left.done()
     budget.release("calm", process=False)  # a slot but no process: the slot-only one
