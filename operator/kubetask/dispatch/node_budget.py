@@ -155,7 +155,10 @@ class NodeBudget:
 
     def kept(self, account: str) -> tuple[int, int]:
         """Slots and processes `account` must leave free for other accounts' next attempts."""
-        slots, processes = self._kept_for_active(account)
+        return self._with_newcomers(account, *self._kept_for_active(account))
+
+    def _with_newcomers(self, account: str, slots: int, processes: int) -> tuple[int, int]:
+        """What is kept for the active accounts, or for whoever comes next if that is more."""
         if self._least and self._shared():
             if self._running_by.get(account, 0) >= self._least:
                 slots = max(slots, min(self._least, self.settings.slots // 4))
@@ -193,13 +196,14 @@ class NodeBudget:
         """How many more attempts a worker may pull now; with none, `wake` is called once some
         slot frees, or once what is kept for other accounts may have changed."""
         waiting = self.waiting() if self._waiting else 0
-        kept_slots, kept_processes = self.kept(account)
+        for_active = self._kept_for_active(account)
+        kept_slots, kept_processes = self._with_newcomers(account, *for_active)
         free = self.settings.slots - self.running - waiting - kept_slots
         if process:
             free = min(free, self.settings.processes - self.processes - waiting - kept_processes)
         if free <= 0:
             (self._starved_processes if process else self._starved)[wake] = None
-            if self._recheck is None and any(self._kept_for_active(account)):
+            if self._recheck is None and any(for_active):
                 # A neighbour going quiet frees what was kept for it, and no release says so.
                 self._recheck = asyncio.get_running_loop().call_later(
                     self._recheck_after, self._rechecked
