@@ -1209,7 +1209,7 @@ os.makedirs(sys.argv[1] + "-dir", exist_ok=True)
 print(json.dumps({"cwd": os.getcwd()}))
 """
 # Answers "mine" on TCP and UDP at the ports given, and on the abstract Unix socket named, until
-# told to stop.
+# told to stop; writes down each datagram it reads.
 LISTENER = """
 import os, socket, time
 tcp = socket.create_server(("127.0.0.1", int(os.environ["TCP"])))
@@ -1232,7 +1232,9 @@ while time.monotonic() < end and not os.path.exists(os.environ["DONE"]):
         except OSError:
             pass
     try:
-        _, peer = udp.recvfrom(16)
+        data, peer = udp.recvfrom(16)
+        with open(os.environ["RECEIVED"], "a") as received:
+            received.write(data.decode() + "\\n")
         udp.sendto(b"mine", peer)
     except OSError:
         pass
@@ -1250,7 +1252,7 @@ except OSError as err:
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 u.settimeout(2)
 try:
-    u.sendto(b"hi", ("127.0.0.1", int(os.environ["UDP"])))
+    u.sendto(f"from {os.getuid()}".encode(), ("127.0.0.1", int(os.environ["UDP"])))
     seen["udp"] = u.recv(16).decode()
 except OSError as err:
     seen["udp"] = type(err).__name__
@@ -1288,7 +1290,8 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
     """A function listening on 127.0.0.1 for its own use (a database for the length of a job)
     answered another account's function, over TCP and UDP (seen: `account_connections.py`),
     and on an abstract Unix socket, which no file mode guards (seen: `abstract_socket_scope.py`).
-    Its own account and the platform are still answered."""
+    Another account's datagram, unanswered, was still read (seen: `account_packets.py`). Its own
+    account and the platform are still answered."""
     python = _python("team-p", "team-q")
     ports = [
         {"name": "TCP", "value": str(free_port())},
@@ -1300,7 +1303,11 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
     ports[1]["value"] = str(probe.getsockname()[1])
     probe.close()
     ready, done = dev.shared / "listening", dev.shared / "done"
-    flags = [{"name": "READY", "value": str(ready)}, {"name": "DONE", "value": str(done)}]
+    received = dev.shared / "received"
+    flags = [
+        {"name": name, "value": str(path)}
+        for name, path in (("READY", ready), ("DONE", done), ("RECEIVED", received))
+    ]
     owner, neighbour = dev.token("team-p"), dev.token("team-q")
     async with httpx.AsyncClient(
         base_url=dev.url, headers={"Authorization": f"Bearer {owner}"}, timeout=30
@@ -1324,6 +1331,10 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
             with socket.socket(socket.AF_UNIX) as c:
                 c.connect("\0" + ports[2]["value"])
                 platform += c.recv(16)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.settimeout(5)
+                u.sendto(b"from 0", ("127.0.0.1", int(ports[1]["value"])))
+                platform += u.recv(16)
         finally:
             done.touch()
     # Where the kernel has no Landlock scopes (before 6.12) the dispatcher warns, and the
@@ -1331,7 +1342,9 @@ async def test_what_a_tenants_function_listens_on_answers_its_own_account_only(d
     unix = "PermissionError" if abstract_socket_scope.why_not() is None else "mine"
     assert other == {"tcp": "TimeoutError", "udp": "TimeoutError", "unix": unix}, other
     assert own == {"tcp": "mine", "udp": "mine", "unix": "mine"}, own
-    assert platform == b"minemine"
+    assert platform == b"mine" * 3  # over TCP, the Unix socket and UDP
+    uids = {"team-p": account_uid("team-p"), "team-q": account_uid("team-q")}
+    assert received.read_text().split("\n") == [f"from {uids['team-p']}", "from 0", ""], uids
     chains = ("KUBETASK-ACCOUNTS-OPENED", "KUBETASK-ACCOUNTS-ANSWERS")
     await _rules_leave_with_their_dispatcher(dev, "team-q", chains)
 
@@ -1960,3 +1973,9 @@ def test_the_cpu_hierarchy_is_found_where_the_host_mounts_it() -> None:
     assert own_group(plain, "1:cpu:/\n", "cpu") == Path("/sys/fs/cgroup/cpu")
     unified = "33 25 0:29 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
     assert own_group(unified, "0::/user.slice\n", "cpu") is None
+    # The v2 hierarchy (`account_packets.py`), not a v1 one mounted beside it.
+    assert own_group(mounts + unified, own, "") == Path("/sys/fs/cgroup")
+    assert own_group(unified, "1:name=systemd:/a\n0::/user.slice\n", "") == Path(
+        "/sys/fs/cgroup/user.slice"
+    )
+    assert own_group(mounts, own, "") is None

@@ -15,11 +15,12 @@ answer to it. The first packet a tenant's socket sends on a connection no one ma
 (`CONNMARK`) with the account's user id and `OPENED_BY_A_TENANT`; a packet a tenant's socket
 sends in answer (`--ctdir REPLY`) on a connection marked by another account is rejected. So a
 TCP connection never opens (the listener's SYN-ACK does not leave; the client waits out its
-connect timeout, as at a host that does not answer) and a UDP datagram gets no answer. A
-datagram still reaches its socket: the kernel knows the sending socket's owner, not the
-receiving one's, on the way in. Connections the platform opens (the dispatcher invoking an
-instance), and those from other hosts, carry no mark and are answered; a tenant's connections
-to the platform (the gateway's API) and to its own account's sockets are answered.
+connect timeout, as at a host that does not answer) and a UDP datagram gets no answer. The
+datagram itself is dropped before it is read by `account_packets.py`, where the kernel can:
+on the way in the firewall knows the sending socket's owner, not the receiving one's.
+Connections the platform opens (the dispatcher invoking an instance), and those from other
+hosts, carry no mark and are answered; a tenant's connections to the platform (the gateway's
+API) and to its own account's sockets are answered.
 
 Two rules per account and address family, added before the account's first process starts on
 this dispatcher, in chains entered only by a tenant's first packet of a connection or by a

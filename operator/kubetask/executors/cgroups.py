@@ -46,15 +46,19 @@ END_PAUSE = 0.01
 
 
 def own_group(mountinfo: str, cgroups: str, controller: str) -> Path | None:
-    """Where this process's group of the v1 `controller` hierarchy is, from
-    /proc/self/mountinfo and /proc/self/cgroup; None without one."""
+    """Where this process's group of the v1 `controller` hierarchy (of the v2 one, for "") is,
+    from /proc/self/mountinfo and /proc/self/cgroup; None without one."""
     mount = None
     for line in mountinfo.splitlines():
         fields = line.split(" - ", 1)
         if len(fields) != 2:
             continue
         kind, _, options = [*fields[1].split(" "), "", ""][:3]
-        if kind == "cgroup" and controller in options.split(","):
+        if controller:
+            wanted = kind == "cgroup" and controller in options.split(",")
+        else:
+            wanted = kind == "cgroup2"
+        if wanted:
             root, point = line.split(" ")[3:5]
             mount = (root, point)
             break

@@ -46,6 +46,7 @@ from .account_cpu import AccountCpu
 from .account_homes import AccountHomes
 from .account_memory import limit_setting
 from .account_namespaces import AccountNamespace, AccountNamespaces
+from .account_packets import AccountPackets
 from .account_pids import AccountPids
 from .account_threads import AccountThreads
 from .attempt_memory import AttemptMemory
@@ -176,6 +177,7 @@ class FunctionUsers:
     namespaces: AccountNamespaces = field(init=False, compare=False, repr=False)
     connections: AccountConnections = field(init=False, compare=False, repr=False)
     connection_cap: AccountConnectionCap = field(init=False, compare=False, repr=False)
+    packets: AccountPackets = field(init=False, compare=False, repr=False)
     threads: AccountThreads = field(init=False, compare=False, repr=False)
     # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
     platform_ports: tuple[int, ...] = field(
@@ -209,6 +211,8 @@ class FunctionUsers:
         object.__setattr__(self, "connections", AccountConnections(accounts, TENANTS))
         cap = AccountConnectionCap(accounts, TENANTS, most_setting(), connections_all_setting())
         object.__setattr__(self, "connection_cap", cap)
+        packets = AccountPackets(accounts, FIRST_UID, FIRST_UID + UID_SPAN - 1)
+        object.__setattr__(self, "packets", packets)
         user_namespaces = env_switch("KUBETASK_ACCOUNT_USER_NAMESPACES", False)
         object.__setattr__(self, "threads", AccountThreads(accounts, user_namespaces))
         if self.mode == "accounts" and os.geteuid() != 0:
@@ -255,6 +259,7 @@ class FunctionUsers:
         self.namespaces.close()
         self.connections.close()
         self.connection_cap.close()
+        self.packets.close()
         self.threads.close()
         for rules in self.rules:
             rules.remove()
@@ -294,6 +299,7 @@ class FunctionUsers:
                 why_not = rules.add()
                 if why_not is not None:
                     log.warning("tenants' functions %s: %s", open_to, why_not)
+            self.packets.start()
         why_not = self.cpu.why_not()
         if why_not is None:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")
@@ -315,6 +321,7 @@ class FunctionUsers:
                     self.connections.why_not,
                     "tenants' functions answer other accounts' connections",
                 ),
+                (self.packets.why_not, "tenants' functions read other accounts' datagrams"),
                 (ns.why_not_hidden, "tenants' functions see every process of the host"),
                 (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
                 (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
