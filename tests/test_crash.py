@@ -706,10 +706,12 @@ def test_without_setpriv_the_fallback_becomes_the_user_too() -> None:
 
     user = 16777216 + 4243
     out = subprocess.run(
-        ["sh", "-c", "id -u; id -G; umask; grep NoNewPrivs /proc/self/status; { ulimit -u || ulimit -p; } 2>/dev/null"],
-        preexec_fn=die_with_parent(RunAs(user, 64)), capture_output=True, text=True, timeout=10,
+        ["sh", "-c", "id -u; id -G; umask; grep NoNewPrivs /proc/self/status; { ulimit -u || ulimit -p; } 2>/dev/null; ulimit -Sn; ulimit -Hn"],
+        preexec_fn=die_with_parent(RunAs(user, 64, max_open_files=100)), capture_output=True,
+        text=True, timeout=10,
     )  # fmt: skip
-    assert out.stdout.split() == [str(user), str(user), "0077", "NoNewPrivs:", "1", "64"], out
+    want = [str(user), str(user), "0077", "NoNewPrivs:", "1", "64", "100", "100"]
+    assert out.stdout.split() == want, out
     # In its account's namespaces (`account_namespaces.py`): entered, the working directory
     # kept, /proc showing its own processes only, /tmp its own, and none of the host's IPC
     # objects (the host holds one meanwhile).

@@ -584,6 +584,40 @@ async def test_an_accounts_processes_are_capped(dev: Dev) -> None:
         await asyncio.sleep(0.1)
 
 
+# Opens files until refused (or 5,000), then tries to raise its own limit; says what it got.
+OPEN_FILES = """
+import json, resource
+held, why = [], None
+try:
+    while len(held) < 5000:
+        held.append(open("/dev/null"))
+except OSError as err:
+    why = err.strerror
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (5000, 5000))
+    raised = "raised"
+except (ValueError, OSError) as err:
+    raised = type(err).__name__
+print(json.dumps({"opened": len(held), "stopped": why, "raise": raised}))
+"""
+
+
+async def test_a_tenants_process_holds_at_most_its_open_files(dev: Dev) -> None:
+    """A tenant's process had the dispatcher's descriptor limit, hard limit included, so a few
+    of them could hold the host's whole open-file table, which root is exempt from and every
+    other account is not. Now each holds at most `KUBETASK_FUNCTION_MAX_OPEN_FILES` (1,024),
+    and cannot raise it; an admin's function keeps the platform's."""
+    spec = {"command": [_python("team-f"), "-c", OPEN_FILES]}
+    status = (await _run(dev, dev.token("team-f"), "team-f", spec))["task"]["status"]
+    assert status["phase"] == "Succeeded", status.get("error")
+    # The interpreter holds a few of them itself (its standard streams among them).
+    result = status["result"]
+    assert 1000 < result.pop("opened") < 1024, status
+    assert result == {"stopped": "Too many open files", "raise": "ValueError"}, status
+    status = (await _run(dev, dev.admin, "team-f", spec))["task"]["status"]
+    assert status["result"]["opened"] == 5000, status
+
+
 # A warm instance that answers each invocation with the user it runs as.
 WHOAMI_SERVER = """
 import json, os

@@ -303,6 +303,11 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Processes an account's functions hold at once on a host.",
             ),
             (
+                "KUBETASK_FUNCTION_MAX_OPEN_FILES",
+                "Descriptors each process of a tenant's function may hold open, soft and hard "
+                "(accounts mode); at most the dispatcher's own hard limit.",
+            ),
+            (
                 "KUBETASK_FUNCTIONS_MAX_PROCESSES",
                 "Processes all functions hold together on a host (as root, the v1 `pids` "
                 "group over the accounts'); a share is of the smaller of `kernel.pid_max` and "

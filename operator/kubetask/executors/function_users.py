@@ -70,6 +70,17 @@ UID_SPAN = (1 << 31) - FIRST_UID
 TENANTS = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"  # as `iptables -m owner` takes them
 
 MODES = ("platform", "accounts")
+OPEN_FILES = 1024  # Lambda's limit, which functions written for it live within
+
+
+def open_files_setting() -> int:
+    """`KUBETASK_FUNCTION_MAX_OPEN_FILES`, no more than the dispatcher's own hard limit: a
+    tenant's shell may lower a limit, never raise one."""
+    wanted = env_int("KUBETASK_FUNCTION_MAX_OPEN_FILES", OPEN_FILES, low=16)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
 # What a variable of a tenant's function is called while it crosses from root to its user.
 HELD = "KT_HELD_"
 
@@ -88,13 +99,20 @@ class RunAs:
     `namespaces`, where there are any, hold the namespaces its processes enter first
     (`account_namespaces.py`); `firewall`, the rules its account's connections are held to
     (`account_connections.py`, `account_connection_cap.py`); `threads`, the thread its
-    processes are started from (`account_threads.py`)."""
+    processes are started from (`account_threads.py`).
+
+    `max_open_files` is each process's descriptor limit, soft and hard, so a tenant cannot
+    raise it. Inherited, it was the dispatcher's hard limit (a systemd service's is 524,288),
+    and a handful of a tenant's processes could take the host's whole open-file table
+    (`fs.file-max`), past which every other user's `open` fails. Root, the platform's user in
+    accounts mode, is exempt from that table's limit; tenants are not."""
 
     uid: int
     max_processes: int
     namespaces: AccountNamespaces | None = field(default=None, compare=False, repr=False)
     firewall: tuple[AccountRules, ...] = field(default=(), compare=False, repr=False)
     threads: AccountThreads | None = field(default=None, compare=False, repr=False)
+    max_open_files: int = OPEN_FILES
 
     def unreachable(self) -> tuple[str, ...]:
         """The host's directories its processes find something else at: their own /tmp."""
@@ -130,9 +148,11 @@ class RunAs:
 
     def shell_prelude(self) -> str:
         """Run first by the guard's shell, as the account's user: `ulimit -u` is bash's flag
-        for processes, `-p` dash's; a shell that takes neither starts nothing."""
-        n = self.max_processes
-        return f"umask 077; {{ ulimit -u {n} || ulimit -p {n}; }} 2>/dev/null || exit 125; "
+        for processes, `-p` dash's; a shell that takes neither starts nothing. Without -H or
+        -S, both shells set the hard limit with the soft one."""
+        n, files = self.max_processes, self.max_open_files
+        limits = f"{{ ulimit -u {n} || ulimit -p {n}; }} && ulimit -n {files}"
+        return f"umask 077; {{ {limits}; }} 2>/dev/null || exit 125; "
 
     def become(self, namespace: AccountNamespace | None) -> None:
         """The same, from a `preexec_fn` (where there is no setpriv), entering the account's
@@ -146,6 +166,8 @@ class RunAs:
             os.fchdir(here)  # entering a mount namespace moves to its root
             os.close(here)
         resource.setrlimit(resource.RLIMIT_NPROC, (self.max_processes, self.max_processes))
+        files = self.max_open_files
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
         os.setgroups([])
         os.setresgid(self.uid, self.uid, self.uid)
         os.setresuid(self.uid, self.uid, self.uid)
@@ -160,6 +182,7 @@ class FunctionUsers:
     max_processes: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_PROCESSES", 4096, low=1)
     )
+    max_open_files: int = field(default_factory=lambda: open_files_setting())
     homes: AccountHomes = field(default_factory=AccountHomes, compare=False, repr=False)
     cpu: AccountCpu = field(
         default_factory=lambda: AccountCpu(
@@ -227,7 +250,9 @@ class FunctionUsers:
             return None
         uid = account_uid(fn.account)
         firewall = (self.connections, self.connection_cap)
-        return RunAs(uid, self.max_processes, self.namespaces, firewall, self.threads)
+        return RunAs(
+            uid, self.max_processes, self.namespaces, firewall, self.threads, self.max_open_files
+        )
 
     def environment(self, user: RunAs | None) -> dict[str, str]:
         """What a function's environment starts from: the platform's few variables, and for
@@ -275,6 +300,24 @@ class FunctionUsers:
             "own: docs/security.md)"
         )
 
+    def _warn_of_the_open_file_table(self) -> None:
+        """Each tenant's process is held to `max_open_files`; an account's together are not,
+        and root is exempt from the host's table, so a full one stops only other accounts."""
+        try:
+            table = int(Path("/proc/sys/fs/file-max").read_text())
+        except (OSError, ValueError):
+            return
+        most = self.max_processes * self.max_open_files
+        if most >= table:
+            log.warning(
+                "an account's processes may together open every file this host allows "
+                "(%d processes of %d descriptors; fs.file-max %d): lower "
+                "KUBETASK_ACCOUNT_MAX_PROCESSES or KUBETASK_FUNCTION_MAX_OPEN_FILES",
+                self.max_processes,
+                self.max_open_files,
+                table,
+            )
+
     def announce(self, nats_url: str, own_ports: tuple[int, ...] = ()) -> None:
         """Said once by each dispatcher at start, before any function runs; closes the
         platform's ports on this host (NATS's, where `nats_url` names a loopback address,
@@ -300,6 +343,7 @@ class FunctionUsers:
                 if why_not is not None:
                     log.warning("tenants' functions %s: %s", open_to, why_not)
             self.packets.start()
+            self._warn_of_the_open_file_table()
         why_not = self.cpu.why_not()
         if why_not is None:
             log.info("functions' processes share the cores by account (a cpu cgroup each)")
