@@ -437,7 +437,8 @@ def test_an_address_or_a_token_that_cannot_be_the_apis_is_an_error_not_a_traceba
 ) -> None:
     """`--url http://[::1` ended in httpx's traceback, a non-ASCII token in "'ascii' codec
     can't encode", and a URL reaching some other web server printed its HTML page as the
-    error. Another server is run for real here: a directory served by Python's."""
+    error. Another server is run for real here: a directory served by Python's. An id or a
+    filter longer than a URL holds ended in httpx's traceback too."""
     (tmp_path / "v1").mkdir()
     (tmp_path / "v1" / "tasks").write_text("<html>not an API</html>")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -456,6 +457,17 @@ def test_an_address_or_a_token_that_cannot_be_the_apis_is_an_error_not_a_traceba
             (elsewhere, "kt_x", ["list"], "HTTP 200: this is not the kubetask API"),
             (elsewhere, "kt_x", ["functions", "list"], "HTTP 404: this is not the kubetask API"),
             (elsewhere, "kt_x", ["logs", "x"], "HTTP 404: this is not the kubetask API"),
+            *(
+                (elsewhere, "kt_x", args, "a value given is too long to send")
+                for args in (
+                    ["get", "a" * 70_000],
+                    ["stop", "a" * 70_000],
+                    ["logs", "-f", "a" * 70_000],
+                    ["list", "--function", "a" * 70_000],
+                    ["limits", "--account", "a" * 70_000],
+                    ["functions", "delete", "a" * 70_000],
+                )
+            ),
         ):
             out = subprocess.run(
                 [sys.executable, "-m", "kubetask", *args, "--url", url, "--token", token],

@@ -824,6 +824,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(128 + signal.SIGPIPE)
     except (ApiFailure, ValueError, OSError) as err:
         sys.exit(f"error: {err}")
+    except httpx.InvalidURL as err:
+        # Raised by httpx before anything is sent, for an id or filter as long as a page.
+        sys.exit(f"error: a value given is too long to send ({err})")
     except httpx.TransportError as err:
         sys.exit(f"error: cannot reach the kubetask API ({err}); is `kubetask dev` running?")
     except KeyboardInterrupt:
