@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import bpf_labels
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _BPF = {"x86_64": 321, "aarch64": 280}
 _PROG_LOAD = 5
@@ -60,13 +62,7 @@ class Op:
 
 def assemble(program: Sequence[Op | str]) -> bytes:
     """The program's bytes; strings in it are labels, taking no room."""
-    labels: dict[str, int] = {}
-    count = 0
-    for item in program:
-        if isinstance(item, str):
-            labels[item] = count
-        else:
-            count += 1
+    labels = bpf_labels.positions(program)
     out: list[bytes] = []
     for op in (item for item in program if not isinstance(item, str)):
         off = op.off if isinstance(op.off, int) else labels[op.off] - len(out) - 1

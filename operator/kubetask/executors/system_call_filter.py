@@ -47,6 +47,8 @@ import errno
 import platform
 from typing import NamedTuple
 
+from . import bpf_labels
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_GET_SECCOMP = 21
 _PR_SET_SECCOMP = 22
@@ -153,13 +155,7 @@ _Step = tuple[int, str | None, str | None, int] | str
 
 def _assemble(steps: list[_Step]) -> list[tuple[int, int, int, int]]:
     """Turns labels into the forward offsets classic BPF jumps take."""
-    at: dict[str, int] = {}
-    count = 0
-    for step in steps:
-        if isinstance(step, str):
-            at[step] = count
-        else:
-            count += 1
+    at = bpf_labels.positions(steps)
     out: list[tuple[int, int, int, int]] = []
     for step in steps:
         if isinstance(step, str):
