@@ -618,6 +618,31 @@ async def test_a_tenants_process_holds_at_most_its_open_files(dev: Dev) -> None:
     assert status["result"]["opened"] == 5000, status
 
 
+# Makes internet sockets until refused (or 200); says how many, and why it stopped.
+SOCKETS = """
+import json, socket
+held, why = [], None
+try:
+    while len(held) < 200:
+        held.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+except OSError as err:
+    why = err.strerror
+print(json.dumps({"made": len(held), "stopped": why}))
+"""
+
+
+@pytest.mark.parametrize("dev", [{"KUBETASK_ACCOUNT_MAX_SOCKETS": "40"}], indirect=True)
+async def test_an_accounts_sockets_are_capped(dev: Dev) -> None:
+    """Each socket a tenant binds, or sends from unbound, holds a port of the host's ephemeral
+    range, and holding them all left the platform and every other account none to connect
+    from (`account_sockets.py`). An admin's function is the platform's, and not counted."""
+    spec = {"command": [_python("team-g"), "-c", SOCKETS]}
+    status = (await _run(dev, dev.token("team-g"), "team-g", spec))["task"]["status"]
+    assert status["result"] == {"made": 40, "stopped": "Operation not permitted"}, status
+    status = (await _run(dev, dev.admin, "team-g", spec))["task"]["status"]
+    assert status["result"] == {"made": 200, "stopped": None}, status
+
+
 # A warm instance that answers each invocation with the user it runs as.
 WHOAMI_SERVER = """
 import json, os

@@ -303,6 +303,17 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Processes an account's functions hold at once on a host.",
             ),
             (
+                "KUBETASK_ACCOUNT_MAX_SOCKETS",
+                "Internet sockets an account's functions hold at once on a host (accounts "
+                "mode: each may hold a port of the host's ephemeral range); 0: no cap.",
+            ),
+            (
+                "KUBETASK_FUNCTIONS_MAX_SOCKETS",
+                "Internet sockets all accounts' functions hold together on a host (accounts "
+                "mode); a share is of the host's ephemeral port range "
+                "(`net.ipv4.ip_local_port_range`). 0: no cap.",
+            ),
+            (
                 "KUBETASK_FUNCTION_MAX_OPEN_FILES",
                 "Descriptors each process of a tenant's function may hold open, soft and hard "
                 "(accounts mode); at most the dispatcher's own hard limit.",

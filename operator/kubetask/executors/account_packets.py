@@ -26,9 +26,6 @@ the dispatcher says so at start, and another account's datagrams reach a tenant'
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from . import cgroup_bpf
 from .account_connections import OPENED_BY_A_TENANT
 from .cgroup_bpf import (
@@ -51,7 +48,6 @@ from .cgroup_bpf import (
     STORE_W,
     Op,
 )
-from .cgroups import own_group
 
 INGRESS_IFINDEX = 36  # `struct __sk_buff`: the device a received packet came in on
 
@@ -98,45 +94,17 @@ def filtering(first: int, last: int) -> list[Op | str]:
     ]
 
 
-class AccountPackets:
+class AccountPackets(cgroup_bpf.Linked):
     """`why_not`: why another account's packets reach a tenant's sockets; None once they
     cannot."""
 
     def __init__(self, enabled: bool, first: int, last: int) -> None:
         """`first`, `last`: the account users' id range."""
-        self._links: list[int] = []
-        self._why_not: str | None = None if enabled else "functions run as the platform's user"
+        super().__init__(None if enabled else "functions run as the platform's user")
         self._range = (first, last)
-        self._started = False
 
-    def start(self) -> None:
-        """Links the programs, once; `why_not` says why not where they cannot be."""
-        if self._started or self._why_not is not None:
-            return
-        self._started = True
-        self._why_not = cgroup_bpf.why_not()
-        if self._why_not is not None:
-            return
-        try:
-            group = own_group(
-                Path("/proc/self/mountinfo").read_text(), Path("/proc/self/cgroup").read_text(), ""
-            )
-            if group is None:
-                self._why_not = "no cgroup v2 hierarchy is mounted"
-                return
-            for program, where, name in (
-                (marking(*self._range), cgroup_bpf.EGRESS, "kt_mark"),
-                (filtering(*self._range), cgroup_bpf.INGRESS, "kt_filter"),
-            ):
-                self._links.append(cgroup_bpf.link(program, name, group, where))
-        except OSError as err:
-            self.close()
-            self._why_not = f"cannot link a program to this process's cgroup: {err}"
-
-    def why_not(self) -> str | None:
-        return self._why_not
-
-    def close(self) -> None:
-        for fd in self._links:
-            os.close(fd)
-        self._links.clear()
+    def _programs(self, maps: list[int]) -> cgroup_bpf.Programs:
+        return [
+            (marking(*self._range), "kt_mark", cgroup_bpf.EGRESS, cgroup_bpf.SKB),
+            (filtering(*self._range), "kt_filter", cgroup_bpf.INGRESS, cgroup_bpf.SKB),
+        ]

@@ -48,6 +48,9 @@ from .account_memory import limit_setting
 from .account_namespaces import AccountNamespace, AccountNamespaces
 from .account_packets import AccountPackets
 from .account_pids import AccountPids
+from .account_sockets import AccountSockets
+from .account_sockets import all_setting as sockets_all_setting
+from .account_sockets import most_setting as sockets_most_setting
 from .account_threads import AccountThreads
 from .attempt_memory import AttemptMemory
 from .base import base_environment
@@ -67,7 +70,8 @@ _CLONE_NEWIPC = 0x08000000
 
 FIRST_UID = 1 << 24
 UID_SPAN = (1 << 31) - FIRST_UID
-TENANTS = f"{FIRST_UID}-{FIRST_UID + UID_SPAN - 1}"  # as `iptables -m owner` takes them
+LAST_UID = FIRST_UID + UID_SPAN - 1
+TENANTS = f"{FIRST_UID}-{LAST_UID}"  # as `iptables -m owner` takes them
 
 MODES = ("platform", "accounts")
 OPEN_FILES = 1024  # Lambda's limit, which functions written for it live within
@@ -201,6 +205,7 @@ class FunctionUsers:
     connections: AccountConnections = field(init=False, compare=False, repr=False)
     connection_cap: AccountConnectionCap = field(init=False, compare=False, repr=False)
     packets: AccountPackets = field(init=False, compare=False, repr=False)
+    sockets: AccountSockets = field(init=False, compare=False, repr=False)
     threads: AccountThreads = field(init=False, compare=False, repr=False)
     # Ports of the platform's servers on this host besides NATS's (`platform_ports.py`).
     platform_ports: tuple[int, ...] = field(
@@ -234,8 +239,11 @@ class FunctionUsers:
         object.__setattr__(self, "connections", AccountConnections(accounts, TENANTS))
         cap = AccountConnectionCap(accounts, TENANTS, most_setting(), connections_all_setting())
         object.__setattr__(self, "connection_cap", cap)
-        packets = AccountPackets(accounts, FIRST_UID, FIRST_UID + UID_SPAN - 1)
+        packets = AccountPackets(accounts, FIRST_UID, LAST_UID)
         object.__setattr__(self, "packets", packets)
+        caps = sockets_most_setting(), sockets_all_setting()
+        sockets = AccountSockets(accounts, FIRST_UID, LAST_UID, *caps)
+        object.__setattr__(self, "sockets", sockets)
         user_namespaces = env_switch("KUBETASK_ACCOUNT_USER_NAMESPACES", False)
         object.__setattr__(self, "threads", AccountThreads(accounts, user_namespaces))
         if self.mode == "accounts" and os.geteuid() != 0:
@@ -285,6 +293,7 @@ class FunctionUsers:
         self.connections.close()
         self.connection_cap.close()
         self.packets.close()
+        self.sockets.close()
         self.threads.close()
         for rules in self.rules:
             rules.remove()
@@ -343,6 +352,7 @@ class FunctionUsers:
                 if why_not is not None:
                     log.warning("tenants' functions %s: %s", open_to, why_not)
             self.packets.start()
+            self.sockets.start()
             self._warn_of_the_open_file_table()
         why_not = self.cpu.why_not()
         if why_not is None:
@@ -366,6 +376,10 @@ class FunctionUsers:
                     "tenants' functions answer other accounts' connections",
                 ),
                 (self.packets.why_not, "tenants' functions read other accounts' datagrams"),
+                (
+                    self.sockets.why_not,
+                    "an account's functions may hold every port of the host",
+                ),
                 (ns.why_not_hidden, "tenants' functions see every process of the host"),
                 (ns.why_not_scratch, "tenants' functions share the host's /tmp and disk"),
                 (ns.why_not_ipc, "tenants' functions share the host's IPC objects"),
