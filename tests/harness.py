@@ -26,6 +26,14 @@ from kubetask.gateway.server import Server, config
 from kubetask.settings import Settings
 
 PY = sys.executable
+
+
+def python_as(uid: int, script: str, *args: str) -> list[str]:
+    """The argv that runs `script` in this Python as user `uid` (group `uid`, no others)."""
+    become = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    return [*become, PY, "-I", "-c", script, *args]
+
+
 TERMINAL = {"Succeeded", "Failed", "Expired", "Stopped"}
 # The tests' dispatcher may send no webhook here (`conftest.settings`).
 DENIED_WEBHOOK_HOST = "127.0.0.2"

@@ -4,9 +4,9 @@ loopback, with the programs linked and after they are closed."""
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+from harness import python_as
 from kubetask.executors.account_packets import AccountPackets
 
 FIRST, LAST = 3_000_000, 3_000_999  # tenants here; the listener is FIRST
@@ -31,18 +31,15 @@ socket.socket(family, socket.SOCK_DGRAM).sendto(sys.argv[3].encode(), (sys.argv[
 """
 
 
-def _as(uid: int, script: str, *args: str) -> list[str]:
-    become = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-    return [*become, sys.executable, "-I", "-c", script, *args]
-
-
 def _read_by_a_tenant(address: str, senders: dict[str, int]) -> list[str]:
     """What a tenant's socket on `address` read of one datagram from each sender (by uid)."""
-    listener = subprocess.Popen(_as(FIRST, LISTEN, address), stdout=subprocess.PIPE, text=True)
+    listener = subprocess.Popen(
+        python_as(FIRST, LISTEN, address), stdout=subprocess.PIPE, text=True
+    )
     assert listener.stdout is not None
     port = listener.stdout.readline().strip()
     for word, uid in senders.items():
-        subprocess.run(_as(uid, SEND, address, port, word), check=True, timeout=30)
+        subprocess.run(python_as(uid, SEND, address, port, word), check=True, timeout=30)
     out, _ = listener.communicate(timeout=30)
     return out.split()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 
+from harness import python_as
 from kubetask.executors.account_sockets import AccountSockets
 
 FIRST, LAST = 3_001_000, 3_001_999  # tenants here
@@ -43,9 +43,8 @@ print(len(held), flush=True)
 
 
 def _as(uid: int, script: str) -> subprocess.Popen[str]:
-    become = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     return subprocess.Popen(
-        [*become, sys.executable, "-I", "-c", script],
+        python_as(uid, script),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -130,7 +130,7 @@ def new_map(key_size: int, value_size: int, entries: int) -> int:
     return _bpf(_MAP_CREATE, attr)
 
 
-def link(program: Sequence[Op | str], name: str, cgroup: Path, where: int, kind: int = SKB) -> int:
+def _link(program: Sequence[Op | str], name: str, cgroup: Path, where: int, kind: int) -> int:
     """Loads `program`, of type `kind`, and links it to `cgroup` (a cgroup v2 directory) at
     `where`; the link's descriptor, whose closing unlinks it. Raises OSError with the
     verifier's words."""
@@ -169,7 +169,10 @@ def link(program: Sequence[Op | str], name: str, cgroup: Path, where: int, kind:
         os.close(loaded)  # the link holds the program
 
 
-def link_here(programs: Sequence[tuple[Sequence[Op | str], str, int, int]]) -> list[int]:
+Programs = list[tuple[Sequence[Op | str], str, int, int]]  # program, name, where, kind
+
+
+def link_here(programs: Programs) -> list[int]:
     """Links each of `programs` (program, name, where, kind) to this process's cgroup v2 group,
     which every process it starts is born in; the links' descriptors, all or none. Raises
     OSError saying why not."""
@@ -181,15 +184,12 @@ def link_here(programs: Sequence[tuple[Sequence[Op | str], str, int, int]]) -> l
     links: list[int] = []
     try:
         for program, name, where, kind in programs:
-            links.append(link(program, name, group, where, kind))
+            links.append(_link(program, name, group, where, kind))
     except OSError:
         for fd in links:
             os.close(fd)
         raise
     return links
-
-
-Programs = list[tuple[Sequence[Op | str], str, int, int]]  # as `link_here` takes them
 
 
 class Linked:

@@ -186,7 +186,7 @@ class FunctionUsers:
     max_processes: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_PROCESSES", 4096, low=1)
     )
-    max_open_files: int = field(default_factory=lambda: open_files_setting())
+    max_open_files: int = field(default_factory=open_files_setting)
     homes: AccountHomes = field(default_factory=AccountHomes, compare=False, repr=False)
     cpu: AccountCpu = field(
         default_factory=lambda: AccountCpu(
