@@ -27,7 +27,10 @@ handed out for `IDLE_SECONDS` is let go, and with it, once its last process ends
 one. Nothing is left to sweep after a `kill -9`.
 
 A function's process inherits the descriptors (passed to `nsenter`, which cannot close them):
-without CAP_SYS_ADMIN nothing can be done with them but look.
+they name the namespaces it is in, as its /proc/self/ns does, and without CAP_SYS_ADMIN nothing
+can be done with them but look. `nsenter` cannot open the dispatcher's own descriptors by their
+/proc path instead: the account's thread is in a Landlock domain (`account_threads.py`), which
+may not look into a process outside it (seen: `Permission denied`, 2026-12-05).
 """
 
 from __future__ import annotations
