@@ -11,13 +11,16 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from harness import exited, parent_of, pids_running, running_dev
-from kubetask.embedded import wait_for_port
+from kubetask.auth import issue_token
+from kubetask.embedded import free_port, nats_server_binary, start_nats, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -181,3 +184,76 @@ async def test_ports_stay_held_while_the_gateway_and_a_dispatcher_restart(
                 assert time.monotonic() < deadline, "the dispatcher's metrics never came back"
                 await asyncio.sleep(0.1)
         assert d.log.read_text().count("restarted") >= 2
+
+
+def test_components_started_before_jetstream_wait_for_it(tmp_path: Path) -> None:
+    """A gateway and a dispatcher started while their NATS server has no JetStream (as while a
+    server restores its streams or a cluster elects its leader) wait, saying so, and serve once
+    JetStream answers on the same address: a task submitted then runs. (Before: both exited
+    with a traceback, and Kubernetes would have restarted them with a growing back-off.)"""
+    port, api_port = free_port(), free_port()
+    bare = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL
+    )
+    wait_for_port(port, proc=bare)
+    tokens = tmp_path / "tokens.json"
+    admin, _ = issue_token(tokens, "admin", None, admin=True)
+    env = {**os.environ, "KUBETASK_NATS_URL": f"nats://127.0.0.1:{port}"}
+    for name in ("KUBETASK_NATS_USER", "KUBETASK_NATS_PASSWORD"):
+        env.pop(name, None)
+    commands = {
+        "gateway": ["gateway", "--port", str(api_port), "--tokens", str(tokens)],
+        "dispatcher": ["dispatcher"],
+    }
+    logs = {what: tmp_path / f"{what}.log" for what in commands}
+    procs = {
+        what: subprocess.Popen(
+            [sys.executable, "-m", "kubetask", *argv],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=logs[what].open("wb"),
+        )
+        for what, argv in commands.items()
+    }
+    nats = None
+    try:
+        deadline = time.monotonic() + 30
+        while not all("is not available" in log.read_text() for log in logs.values()):
+            assert time.monotonic() < deadline, {w: f.read_text() for w, f in logs.items()}
+            time.sleep(0.1)
+        time.sleep(1)  # long enough for one that gives up to have done so
+        assert all(p.poll() is None for p in procs.values()), {
+            w: f.read_text() for w, f in logs.items()
+        }
+        bare.kill()
+        bare.wait()
+        nats = start_nats(tmp_path / "jetstream", port)
+        headers = {"Authorization": f"Bearer {admin}"}
+        url = f"http://127.0.0.1:{api_port}"
+        with httpx.Client(base_url=url, headers=headers, timeout=10) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if http.get("/healthz").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, logs["gateway"].read_text()
+                time.sleep(0.1)
+            fn = {"metadata": {"name": "quick"}, "spec": {"command": ["true"]}}
+            resp = http.put("/v1/functions/quick", json=fn)
+            assert resp.status_code == 200, resp.text
+            resp = http.post("/v1/tasks", json={"function": "quick"})
+            assert resp.status_code == 202, resp.text
+            task_id = resp.json()["metadata"]["name"]
+            deadline = time.monotonic() + 30
+            while http.get(f"/v1/tasks/{task_id}").json()["status"]["phase"] != "Succeeded":
+                assert time.monotonic() < deadline, logs["dispatcher"].read_text()
+                time.sleep(0.1)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(10)
+        for server in (bare, nats):
+            if server is not None and server.poll() is None:
+                server.kill()
+                server.wait()

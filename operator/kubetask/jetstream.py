@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import re
+import time
 from collections.abc import Callable
 
 from nats import errors as nats_errors
@@ -29,6 +31,8 @@ _WHITESPACE = re.compile(r"\s")
 
 
 log = logging.getLogger("kubetask.nats")
+# How often a component waiting for JetStream says so again.
+WAIT_WARNING_EVERY = 30.0
 
 # Errors that mean NATS did not answer (in time): what was asked was not done; try again.
 UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -196,6 +200,32 @@ async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig, settings: 
         return
     if info.config.num_replicas != replicas:
         await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+
+
+async def ensure_platform_once_up(js: JetStreamContext, settings: Settings) -> None:
+    """`ensure_platform`, waiting for JetStream as long as it takes. A server started without
+    JetStream answers 503 (seen), and so, reasoned, does one still restoring its streams or a
+    cluster still electing its leader. A component that exited then (it did, with a traceback)
+    would be restarted by Kubernetes with a back-off growing to five minutes, and be away that
+    long after JetStream is back. Celery's workers wait for their broker the same way."""
+    delay, warned = 0.1, -math.inf
+    while True:
+        try:
+            await ensure_platform(js, settings)
+        except UNAVAILABLE as err:
+            if time.monotonic() - warned >= WAIT_WARNING_EVERY:
+                warned = time.monotonic()
+                # nats-py's text for a 503 or no responders names no field it has.
+                unanswered = isinstance(err, js_errors.ServiceUnavailableError)
+                why = "no JetStream answered" if unanswered else str(err) or type(err).__name__
+                url = settings.nats_url
+                log.warning("JetStream at %s is not available (%s); waiting", url, why)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if warned > -math.inf:
+            log.info("JetStream at %s answered; going on", settings.nats_url)
+        return
 
 
 async def ensure_platform(js: JetStreamContext, settings: Settings) -> None:

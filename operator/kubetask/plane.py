@@ -36,7 +36,7 @@ class DataPlane:
         10, so a client is answered 503 promptly instead of waiting."""
         nc = await jetstream.connect(settings, name, buffer_while_reconnecting=not fail_fast)
         js = nc.jetstream(timeout=5 if fail_fast else 10)
-        await jetstream.ensure_platform(js, settings)
+        await jetstream.ensure_platform_once_up(js, settings)
         rpc = Requester(nc, timeout=10)
         await rpc.start()
         kv = await js.key_value(names.TASKS_BUCKET)
