@@ -526,6 +526,81 @@ async def test_server_mode_non_2xx_is_a_function_error(api: Api) -> None:
     assert done["status"]["error"] == "HTTP 500: bad input"
 
 
+# A warm instance written on a bare socket, answering each invocation as its payload says, to
+# send what an HTTP server library would not: cut answers, interim answers, a protocol switch.
+RAW_SERVER = r"""
+import json, os, socket, threading
+
+ANSWERS = {
+    "cut": b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"partial',
+    "chunks-cut": b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n"partial\r\n',
+    "interim": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    + b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"final": true}',
+    "to-close": b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"eof": true}',
+    "switch": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nzz",
+}
+
+def serve(conn):
+    data = b""
+    while True:
+        while b"\r\n\r\n" not in data:
+            more = conn.recv(65536)
+            if not more:
+                return
+            data += more
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(data) < length:
+            data += conn.recv(65536)
+        body, data = data[:length], data[length:]
+        if head.startswith(b"GET"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            continue
+        payload = json.loads(body)
+        if payload not in ANSWERS:
+            out = json.dumps({"echo": payload}).encode()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(out) + out)
+            continue
+        conn.sendall(ANSWERS[payload])
+        conn.close()
+        return
+
+listener = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
+"""
+
+
+async def test_an_instances_answer_counts_only_when_whole_and_final(api: Api) -> None:
+    """An answer cut short (an instance dying as it writes) was taken whole, its first part
+    the task's result; an interim `100 Continue` was taken for the answer (a success with no
+    result), and the final answer after it was left for the next task. An answer that ends
+    with its connection is still whole, and a protocol switch is no answer."""
+    await api.function("raw", server={"command": api.script("raw", RAW_SERVER), "maxInstances": 1})
+    await api.async_config("raw", function="raw", maxAsyncRetryAttempts=0)
+
+    async def run(payload: str) -> dict[str, Any]:
+        done = await api.wait((await api.submit("raw", payload))["metadata"]["name"])
+        return dict(done["status"])
+
+    for payload in ("cut", "chunks-cut"):
+        status = await run(payload)
+        assert status["phase"] == "Failed", (payload, status)
+        assert "connection closed before the whole answer" in status["error"], status
+    interim = await run("interim")
+    assert (interim["phase"], interim["result"]) == ("Succeeded", {"final": True}), interim
+    after = await run("next")  # on the connection the interim answers came on
+    assert (after["phase"], after["result"]) == ("Succeeded", {"echo": "next"}), after
+    to_close = await run("to-close")
+    assert (to_close["phase"], to_close["result"]) == ("Succeeded", {"eof": True}), to_close
+    switch = await run("switch")
+    assert switch["phase"] == "Failed" and switch["error"].startswith("HTTP 101"), switch
+
+
 KEEPALIVE_SERVER = """
     import json, os, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

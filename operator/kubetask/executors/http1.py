@@ -32,6 +32,7 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._limit = 0
         self._headers_done = False
+        self._framed = False  # the answer says where it ends: a Content-Length or chunks
         self._on_chunk: Callable[[int, bytes], None] | None = None
         # Not a TimerHandle: uvloop's call_at for a time already past returns a plain Handle,
         # which has no `when()` (seen failing a paced read now and then), so the time is kept.
@@ -50,6 +51,11 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # A protocol switch nobody asked for: its 101 is the (failed) answer, and what
+            # follows is not HTTP. Uncaught, asyncio logged it as a fatal error.
+            self._fail(InstanceUnreachable("the instance switched protocols (HTTP 101)"))
+            self.abort()
         except httptools.HttpParserError as err:
             # A callback's own exception is the cause; the parser's message only names the hook.
             cause = err.__context__ or err
@@ -62,13 +68,23 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool.forget(self)
         if self._answer is not None and not self._answer.done():
-            if self._headers_done and self._parser is not None:
-                # An answer without a length ends when the connection does.
+            whole = not self._framed or self._on_chunk is not None
+            if self._headers_done and whole and self._parser is not None:
+                # An answer without a length ends when the connection does; a streamed one is
+                # judged whole by its reader, from its own frames (`warm_pods.py`).
                 self._finish(keep=False)
+            elif self._headers_done:
+                # One with a length that had not all arrived was cut short (an instance that
+                # died writing it): taken whole, its first part was the task's result.
+                self._fail(InstanceUnreachable("connection closed before the whole answer"))
             else:
                 self._fail(InstanceUnreachable(str(exc) if exc else "connection closed"))
 
     # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_header(self, name: bytes, _value: bytes) -> None:
+        if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         self._headers_done = True
@@ -86,6 +102,13 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self._parser is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints): the final one follows it. Taken
+            # for the answer, it made the task succeed with no result and left the final
+            # answer to be read as the next task's.
+            self._headers_done, self._framed, self._body, self._size = False, False, [], 0
+            return
         self._finish(keep=self._parser.should_keep_alive())
 
     # -- use ----------------------------------------------------------------------------------
@@ -99,6 +122,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._answer = asyncio.get_running_loop().create_future()
         self._body, self._size, self._limit, self._headers_done = [], 0, limit, False
+        self._framed = False
         self._on_chunk = on_chunk
         self.transport.write(request)
         return self._answer

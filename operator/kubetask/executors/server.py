@@ -234,7 +234,7 @@ class InstancePool:
                 except TimeoutError:
                     conn.cancel(answer)
                     raise
-                if status < 300:
+                if 200 <= status < 300:
                     self._own_port(inst)
                     return
             await asyncio.sleep(0.02)
@@ -353,7 +353,7 @@ def answered(status: int, body: bytes, inv: Invocation, instance: str | None) ->
         return Outcome(
             False, error=f"busy (HTTP {status})", exit_code=status, instance=instance, busy=True
         )
-    if status >= 300:
+    if not 200 <= status < 300:
         return Outcome(
             False,
             error=f"HTTP {status}: {body[:500].decode(errors='replace')}",
