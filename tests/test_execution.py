@@ -161,6 +161,13 @@ async def test_plain_text_stdout_is_the_result(api: Api) -> None:
     await api.function("nan", command=["sh", "-c", 'echo \'{"x": NaN, "y": -Infinity}\''])
     task = await api.wait((await api.submit("nan"))["metadata"]["name"])
     assert task["status"]["result"] == '{"x": NaN, "y": -Infinity}', task["status"]
+    # JSON, but past what a double holds: parsed, it was infinity, stored as null (seen).
+    await api.function("huge", command=["sh", "-c", "echo '{\"x\": [1.5, -1e400]}'"])
+    task = await api.wait((await api.submit("huge"))["metadata"]["name"])
+    assert task["status"]["result"] == '{"x": [1.5, -1e400]}', task["status"]
+    await api.function("big", command=["sh", "-c", "echo '{\"x\": [1.5, -1e300]}'"])
+    task = await api.wait((await api.submit("big"))["metadata"]["name"])
+    assert task["status"]["result"] == {"x": [1.5, -1e300]}, task["status"]
 
 
 async def test_missing_executable_fails_with_reason(api: Api) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,15 +136,28 @@ def encode_payload(payload: Any) -> bytes:
 
 def decode_result(raw: bytes) -> Any:
     """JSON when the function printed JSON, else the text; None when it printed nothing.
-    `NaN` and `Infinity` are not JSON (Python's `json.dumps` writes them): such output is its
-    text, as printed, rather than parsed into numbers every reader would turn into null."""
+    `NaN` and `Infinity` are not JSON (Python's `json.dumps` writes them), and a number past a
+    double's range (`1e400`) parses to infinity: such output is its text, as printed, rather
+    than numbers every reader would turn into null."""
     text = raw.decode("utf-8", errors="replace").strip()
     if not text:
         return None
     try:
-        return pydantic_core.from_json(text, allow_inf_nan=False)
+        value = pydantic_core.from_json(text, allow_inf_nan=False)
     except ValueError:
         return text
+    return value if _finite(value) else text
+
+
+def _finite(value: Any) -> bool:
+    """No infinity anywhere in a parsed document (the parser bounds its depth)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 def how_it_ended(returncode: int) -> str:
