@@ -25,6 +25,7 @@ import httpx
 from . import strict_json, text_files
 from .client import ApiFailure, Client
 from .dispatch import destination_chains
+from .sizes import in_binary_units
 from .terminal import InertStream
 
 DEFAULT_DATA_DIR = Path(".kubetask-data")
@@ -447,12 +448,12 @@ def cmd_limits(args: argparse.Namespace) -> None:
          _limit(got["maxConcurrency"]) if "maxConcurrency" in got else "-"],
         ["functions", f"{got['functions']:,}", f"{got['maxFunctions']:,}"],
         ["queues of its functions' own", f"{got['ownQueues']:,}", f"{got['maxOwnQueues']:,}"],
-        ["functions and configs stored", _bytes(got["registeredBytes"]),
-         _bytes(got["maxRegisteredBytes"])],
-        ["task records stored", f"{got['records']:,}, {_bytes(got['recordBytes'])}",
-         _bytes(got["maxRecordBytes"])],
-        ["log lines kept", "-", _bytes(got["maxLogBytes"])],
-        ["audit trail kept", "-", _bytes(got["maxEventsBytes"])],
+        ["functions and configs stored", in_binary_units(got["registeredBytes"]),
+         in_binary_units(got["maxRegisteredBytes"])],
+        ["task records stored", f"{got['records']:,}, {in_binary_units(got['recordBytes'])}",
+         in_binary_units(got["maxRecordBytes"])],
+        ["log lines kept", "-", in_binary_units(got["maxLogBytes"])],
+        ["audit trail kept", "-", in_binary_units(got["maxEventsBytes"])],
         ["log reads open at once", _count(got.get("logStreams")), f"{got['maxLogStreams']:,}"],
     ]  # fmt: skip
     print(_table(rows, ["", "USED", "LIMIT"]))
@@ -473,13 +474,6 @@ def _limit(value: float, note: str = "") -> str:
     if not value:
         return "none"
     return f"{int(value):,}{note}" if float(value).is_integer() else f"{value:g}{note}"
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
