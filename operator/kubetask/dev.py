@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from . import held_sockets, nats_auth, private_files, sched_batch
+from . import held_sockets, history_fit, nats_auth, private_files, sched_batch
 from .auth import create_token
 from .client import Client
 from .embedded import (
@@ -42,6 +42,8 @@ from .embedded import (
 from .executors.function_users import FunctionUsers
 from .executors.parent_death import die_with_parent
 from .manifests import read_objects
+from .settings import Settings
+from .sizes import in_binary_units
 
 # Ctrl-C: how long components get to stop before they are killed, and how long dispatchers
 # let running attempts go on before handing them back to the queue.
@@ -263,6 +265,16 @@ def run(
             del env[name]
     if ack_wait is not None:
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
+    store = history_fit.storage(data_dir / "jetstream")
+    lowered = history_fit.caps(store, Settings(), env)
+    if lowered:
+        env.update(lowered)
+        held = ", ".join(f"{k}={in_binary_units(int(v))}" for k, v in lowered.items())
+        print(
+            f"note: JetStream has {in_binary_units(store)} on this disk: history held to {held}",
+            file=sys.stderr,
+            flush=True,
+        )
     exe = [sys.executable, "-m", "kubetask"]
     # No tenant's function may answer on these (`executors/platform_ports.py`).
     own = [str(p) for p in (port, *metrics_ports)]

@@ -26,11 +26,14 @@ from nats.js.errors import BadRequestError, NotFoundError
 
 from . import events, history, names, nats_auth, quarantine
 from .settings import Settings
+from .sizes import in_binary_units
 
 _WHITESPACE = re.compile(r"\s")
 
 
 log = logging.getLogger("kubetask.nats")
+# JetStream's code for "insufficient storage resources available".
+NO_STORAGE = 10047
 # How often a component waiting for JetStream says so again.
 WAIT_WARNING_EVERY = 30.0
 
@@ -179,14 +182,28 @@ async def connect(
         delay = min(delay * 2, 2.0)
 
 
+class StreamDoesNotFit(ValueError):
+    """JetStream has too little storage left to reserve a stream's `max_bytes`: a setting to
+    lower or a disk to grow, which waiting does not mend."""
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, settings: Settings) -> None:
     """Create the stream, or update it when its config changed (e.g. a new limit), with the
     platform's number of replicas."""
     config = dataclasses.replace(config, num_replicas=settings.stream_replicas)
     try:
-        await js.add_stream(config)
-    except BadRequestError:
-        await js.update_stream(config)
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    except js_errors.APIError as err:
+        if err.err_code != NO_STORAGE or not config.max_bytes:
+            raise
+        raise StreamDoesNotFit(
+            f"stream {config.name} would reserve {in_binary_units(config.max_bytes)} of"
+            " JetStream's storage, more than nats-server has left: lower"
+            " KUBETASK_LOGS_MAX_BYTES and KUBETASK_EVENTS_MAX_BYTES, or give it more disk"
+        ) from None
 
 
 async def ensure_bucket(js: JetStreamContext, config: KeyValueConfig, settings: Settings) -> None:

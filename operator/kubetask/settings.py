@@ -100,6 +100,8 @@ def env_switch(name: str, default: bool) -> bool:
 EXECUTORS = ("local", "kubernetes")
 NETWORKS = "CIDRs separated by commas, or none"
 WEIGHTS = "account=<weight>,... (a number each)"
+# The least bytes a history stream (logs, audit trail) may be held to.
+HISTORY_MIN = 1 << 20
 
 
 def env_choice(name: str, choices: tuple[str, ...]) -> str:
@@ -248,7 +250,7 @@ class Settings:
     # Bytes all tasks' logs may take on disk together; past them the oldest lines go first, so a
     # flood of logs never takes the space records and queues need (`jetstream.py`).
     logs_max_bytes: int = field(
-        default_factory=lambda: env_int("KUBETASK_LOGS_MAX_BYTES", 4 << 30, 1 << 20, 1 << 50)
+        default_factory=lambda: env_int("KUBETASK_LOGS_MAX_BYTES", 4 << 30, HISTORY_MIN, 1 << 50)
     )
     # Bytes of task records one account may keep as stored; past them its submissions are
     # refused (`gateway/record_quota.py`), so one tenant cannot fill the store every account
@@ -268,7 +270,7 @@ class Settings:
     # Bytes the audit trail (every revision of every record, `events.py`) may take on disk; past
     # them the oldest revisions go first, for the same reason.
     events_max_bytes: int = field(
-        default_factory=lambda: env_int("KUBETASK_EVENTS_MAX_BYTES", 2 << 30, 1 << 20, 1 << 50)
+        default_factory=lambda: env_int("KUBETASK_EVENTS_MAX_BYTES", 2 << 30, HISTORY_MIN, 1 << 50)
     )
     # Log reads (`logs`, `logs -f`) one account may have open at once (`gateway/log_streams.py`).
     account_max_log_streams: int = field(

@@ -467,11 +467,13 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
             ),
             (
                 "KUBETASK_LOGS_MAX_BYTES",
-                "Disk all logs take together; past it the oldest lines go first.",
+                "Disk all logs take together; past it the oldest lines go first. Unset, "
+                "`kubetask dev` holds it to a quarter of JetStream's storage on its disk.",
             ),
             (
                 "KUBETASK_EVENTS_MAX_BYTES",
-                "Disk the audit trail takes; past it the oldest revisions go first.",
+                "Disk the audit trail takes; past it the oldest revisions go first. Unset, "
+                "`kubetask dev` holds it to an eighth of JetStream's storage on its disk.",
             ),
             (
                 "KUBETASK_ACCOUNT_MAX_LOG_BYTES",
