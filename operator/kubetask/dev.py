@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from . import held_sockets, history_fit, nats_auth, private_files, sched_batch
+from . import held_sockets, nats_auth, private_files, sched_batch, store_budget
 from .auth import create_token
 from .client import Client
 from .embedded import (
@@ -232,7 +232,11 @@ def run(
     metrics_ports = [s.getsockname()[1] for s in metrics_sockets]
     creds = ensure_tokens(data_dir)
     passwords = nats_auth.load_or_create(data_dir / "secrets" / "nats-users.json")
-    nats_config = nats_auth.write_server_config(data_dir / "secrets" / "nats.conf", passwords)
+    settings = Settings()
+    store = settings.store_max_bytes or store_budget.storage(data_dir)
+    nats_config = nats_auth.write_server_config(
+        data_dir / "secrets" / "nats.conf", passwords, store
+    )
     scrape_path = metrics_token_file(data_dir)
     scrape = {"KUBETASK_METRICS_TOKEN_FILE": str(scrape_path)}
     nats_port = nats_port or free_port()
@@ -265,8 +269,8 @@ def run(
             del env[name]
     if ack_wait is not None:
         env["KUBETASK_ACK_WAIT"] = str(ack_wait)
-    store = history_fit.storage(data_dir / "jetstream")
-    lowered = history_fit.caps(store, Settings(), env)
+    env["KUBETASK_STORE_MAX_BYTES"] = str(store)
+    lowered = store_budget.caps(store, settings, env)
     if lowered:
         env.update(lowered)
         held = ", ".join(f"{k}={in_binary_units(int(v))}" for k, v in lowered.items())

@@ -32,8 +32,9 @@ _WHITESPACE = re.compile(r"\s")
 
 
 log = logging.getLogger("kubetask.nats")
-# JetStream's code for "insufficient storage resources available".
-NO_STORAGE = 10047
+# JetStream's codes for "insufficient resources" (a write past its storage) and "insufficient
+# storage resources available" (a stream's reservation past it).
+NO_ROOM = (10023, 10047)
 # How often a component waiting for JetStream says so again.
 WAIT_WARNING_EVERY = 30.0
 
@@ -197,7 +198,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, settings: Se
         except BadRequestError:
             await js.update_stream(config)
     except js_errors.APIError as err:
-        if err.err_code != NO_STORAGE or not config.max_bytes:
+        if err.err_code not in NO_ROOM or not config.max_bytes:
             raise
         raise StreamDoesNotFit(
             f"stream {config.name} would reserve {in_binary_units(config.max_bytes)} of"

@@ -155,8 +155,14 @@ def load_or_create(path: Path) -> dict[str, str]:
     return stored
 
 
-def write_server_config(path: Path, passwords: dict[str, str]) -> Path:
-    private_files.write(path, server_config(passwords))
+def write_server_config(
+    path: Path, passwords: dict[str, str], max_file_store: int | None = None
+) -> Path:
+    """With `max_file_store`, JetStream's storage (`store_budget.py`), besides the users."""
+    text = server_config(passwords)
+    if max_file_store is not None:
+        text += f"jetstream {{ max_file_store: {max_file_store} }}\n"
+    private_files.write(path, text)
     return path
 
 

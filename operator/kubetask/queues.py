@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 import pydantic_core
 from nats.js import JetStreamContext
+from nats.js import errors as js_errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -28,7 +29,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from . import grammar, names
-from .jetstream import ensure_stream
+from .jetstream import NO_ROOM, ensure_stream
 from .models import TaskFunction
 from .rpc import Requester
 from .settings import Settings
@@ -262,6 +263,8 @@ def _depth_key(fn: TaskFunction) -> tuple[str, str]:
 
 
 def _publish_error(err: Exception) -> Exception:
+    if isinstance(err, js_errors.APIError) and err.err_code in NO_ROOM:
+        return err  # JetStream's storage is full, not the queue: a 507 (`gateway/errors.py`)
     text = str(err).lower()
     if "maximum" in text or "resource" in text or "storage" in text:
         return QueueFull(str(err))

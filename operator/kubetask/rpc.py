@@ -20,7 +20,7 @@ import pydantic_core
 from nats.aio.msg import Msg
 from nats.errors import ConnectionReconnectingError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from .cancellation import cancel_and_wait
 from .jetstream import Connection
@@ -146,7 +146,9 @@ class Requester:
         if status == "404":
             return None
         if status == NO_RESPONDERS:
-            raise NotFoundError(description=f"stream {stream} does not answer direct gets")
+            # JetStream away (restarting, out of space, a cluster without a leader): unavailable,
+            # as a publish nobody answers is. A NotFoundError reached a client as a 500 (seen).
+            raise NoStreamResponseError
         if status is not None:
             raise APIError(code=int(status), description=headers.get("Description", ""))
         return msg

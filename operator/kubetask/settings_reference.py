@@ -476,6 +476,13 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "`kubetask dev` holds it to an eighth of JetStream's storage on its disk.",
             ),
             (
+                "KUBETASK_STORE_MAX_BYTES",
+                "Bytes JetStream may store (its `max_file_store`); past 90% of them submissions "
+                "are refused with `507`, so the tasks accepted keep room to finish. `kubetask "
+                "dev` sets it to 30% of its disk (its files and the task index take more again); "
+                "0: not known, nothing refused before JetStream itself is full.",
+            ),
+            (
                 "KUBETASK_ACCOUNT_MAX_LOG_BYTES",
                 "Log lines one account keeps, as written; past them its own oldest go first.",
             ),

@@ -76,6 +76,7 @@ from .json_bodies import StrictJsonRoute
 from .log_streams import LogStreams
 from .queue_looks import QueueLooks
 from .record_quota import RecordQuota
+from .store_room import StoreRoom
 from .submit import SubmitRoute
 from .sweeper import sweep_forever
 from .throttle import THROTTLE_FROM, Throttle
@@ -91,7 +92,8 @@ def _json(model: Any, status: int = 200) -> Response:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 409, 413, 415, 422, 429, 431, 503)
+    code: {"model": ErrorBody}
+    for code in (400, 401, 404, 408, 409, 413, 415, 422, 429, 431, 503, 507)
 }
 log = logging.getLogger("kubetask.gateway")
 
@@ -275,12 +277,15 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
                 record_reports.report_forever(plane.nc, indexer, settings.account_max_record_bytes)
             )
         )
+        store = StoreRoom(plane.js, settings.store_max_bytes)
+        quotas.append(asyncio.create_task(store.run()))
         quiet_gc()
         state.update(
             plane=plane,
             indexer=indexer,
             throttle=Throttle(settings, plane.depth),
             records=RecordQuota(settings.account_max_record_bytes, indexer),
+            store=store,
             looks=QueueLooks(plane),
         )
         try:
@@ -773,6 +778,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
         plane,
         lambda: state["throttle"],
         lambda: state["records"],
+        lambda: state["store"],
         gate,
     )
     return Guard(submit_route, settings.max_payload_bytes, connected)

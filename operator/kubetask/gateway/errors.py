@@ -9,12 +9,14 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from nats.js import errors as js_errors
 from starlette.exceptions import HTTPException
 
 from .. import grammar, jetstream, queues, quotas
 from ..auth import OutOfScope, Unauthenticated
 from ..models import ErrorBody
 from ..states import IllegalTransition
+from . import store_room
 
 # Seconds a client is asked to wait when NATS is away or a queue refuses work.
 RETRY_AFTER = 1
@@ -127,6 +129,9 @@ def render(err: Exception) -> JSONResponse | None:
         return illegal_transition(err)
     if isinstance(err, HTTPException):
         return framework_error(err)
+    if isinstance(err, js_errors.APIError) and err.err_code in jetstream.NO_ROOM:
+        said = "JetStream's storage is full: nothing is written until tasks are deleted or expire"
+        return api_error(ApiError(507, said, extra={"retryAfter": store_room.RETRY_AFTER}))
     if isinstance(err, UNAVAILABLE):
         return api_error(unavailable(f"NATS is unavailable ({type(err).__name__})"))
     if isinstance(err, (queues.TooManyFunctions, quotas.OverQuota)):

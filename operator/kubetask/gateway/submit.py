@@ -28,6 +28,7 @@ from .errors import ApiError
 from .fair_gate import FairGate
 from .guard import authorization
 from .record_quota import RecordQuota
+from .store_room import RETRY_AFTER, StoreFull, StoreRoom
 from .throttle import Throttle, Throttled
 
 PATH = "/v1/tasks"
@@ -44,11 +45,13 @@ class SubmitRoute:
         plane: Callable[[], DataPlane],
         throttle: Callable[[], Throttle],
         records: Callable[[], RecordQuota],
+        store: Callable[[], StoreRoom],
         gate: FairGate,
     ) -> None:
         self.app = app
         self._throttle = throttle
         self._records = records
+        self._store = store
         self.settings = settings
         self.tokens = tokens
         self.plane = plane
@@ -89,6 +92,10 @@ class SubmitRoute:
     @property
     def records(self) -> RecordQuota:
         return self._records()
+
+    @property
+    def store(self) -> StoreRoom:
+        return self._store()
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[Principal, bytes]:
         """The caller (checked before the body is read) and the body, refused when too large
@@ -144,6 +151,10 @@ class SubmitRoute:
         except submission.PayloadRefused as err:
             raise ApiError(err.status, str(err), field="payload") from None
         try:
+            self.store.admit()
+        except StoreFull as err:
+            raise ApiError(507, str(err), extra={"retryAfter": RETRY_AFTER}) from None
+        try:
             self.records.admit(acct)
             await self.throttle.admit(fn)
         except Throttled as err:
@@ -169,6 +180,7 @@ class SubmitRoute:
                 503, f"queue of {acct}/{fn.name} is unavailable ({err}); not accepted, retry later"
             ) from None
         self.records.created(acct, len(created.raw))
+        self.store.created(len(created.raw))
         task = created.record.task
         task.status.phase = TaskPhase.Queued
         return task.model_dump_json().encode(), f"{PATH}/{task.id}?account={acct}".encode()
@@ -214,6 +226,7 @@ def openapi_operation(refs: str, parameters: list[dict[str, Any]]) -> dict[str, 
                     ),
                     (431, "The request line and headers are over the limit; nothing was read"),
                     (503, "NATS or the queue is unavailable; nothing was accepted"),
+                    (507, "The platform's storage is (nearly) full; nothing was accepted"),
                 )
             },
         },
