@@ -233,8 +233,10 @@ async def ensure_platform_once_up(js: JetStreamContext, settings: Settings) -> N
         except UNAVAILABLE as err:
             if time.monotonic() - warned >= WAIT_WARNING_EVERY:
                 warned = time.monotonic()
-                # nats-py's text for a 503 or no responders names no field it has.
-                unanswered = isinstance(err, js_errors.ServiceUnavailableError)
+                # nats-py's text for no responders (a 503 without a code) names nothing.
+                unanswered = isinstance(err, js_errors.ServiceUnavailableError) and (
+                    err.err_code is None
+                )
                 why = "no JetStream answered" if unanswered else str(err) or type(err).__name__
                 url = settings.nats_url
                 log.warning("JetStream at %s is not available (%s); waiting", url, why)
