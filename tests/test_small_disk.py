@@ -1,6 +1,6 @@
 """`kubetask dev` with its data directory on a small disk (a 64 MiB tmpfs, mounted for the
-test): JetStream's storage there is three quarters of it, less than the history streams'
-defaults reserve (4 GiB of logs, 2 GiB of audit trail)."""
+test): dev gives JetStream 30% of it (`store_budget.NATS_SHARE`), far less than the history
+streams' defaults reserve (4 GiB of logs, 2 GiB of audit trail)."""
 
 from __future__ import annotations
 
