@@ -842,5 +842,6 @@ class ErrorBody(KubeModel):
     )
     task: Task | None = Field(default=None, description="409 on submit: the existing task.")
     retryAfter: Count | None = Field(
-        default=None, description="429 and 503: seconds to wait before retrying (as the header)."
+        default=None,
+        description="429, 503 and 507: seconds to wait before retrying (as the header).",
     )
