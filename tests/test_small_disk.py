@@ -103,9 +103,9 @@ def test_a_history_cap_set_past_what_the_disk_has_stops_dev_saying_which(tmp_pat
 async def test_submissions_are_refused_before_the_store_is_full_and_accepted_tasks_finish(
     tmp_path: Path,
 ) -> None:
-    """Filling the disk with records failed every write of JetStream's after its timeout: a
-    submission was answered 503 after 10 s, tasks stopped where they were, and JetStream then
-    disabled itself (seen). Now submissions are refused with 507 while room is kept for the
+    """Filling the disk with records failed JetStream's writes after their timeout: a
+    submission was answered 503 after 10 s; with JetStream given 45% of the disk, it still
+    filled and JetStream disabled itself (seen). Now submissions are refused with 507 while room is kept for the
     tasks accepted, which finish; deleting some makes room for more."""
     # Text that compresses badly, as most payloads do.
     payload = "".join(chr(65 + (i * 7919) % 58) for i in range(150_000))
