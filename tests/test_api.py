@@ -461,7 +461,9 @@ async def test_a_submission_its_queue_refuses_is_taken_back(api: Api, plane: Dat
     assert "unavailable" in refused["error"] and "retry" in refused["error"]
     await api.call("GET", "/v1/tasks/again", 404)
     with pytest.raises(KeyNotFoundError) as gone:
-        await plane.store.kv.get(names.task_key(api.account, "again"))
+        await (await plane.js.key_value(names.TASKS_BUCKET)).get(
+            names.task_key(api.account, "again")
+        )
     assert gone.value.op == "DEL"  # created, then taken back
     unknown = await api.call(
         "POST", "/v1/tasks", 503, json={"function": "unqueued", "id": "other", "payload": 1}

@@ -11,6 +11,7 @@ from harness import Api, read_lines
 from kubetask import actions, submission
 from kubetask.models import TaskPhase
 from kubetask.plane import DataPlane
+from kubetask.states import IllegalTransition
 from kubetask.store import TaskRecord, new_token, now
 
 
@@ -171,6 +172,32 @@ async def test_delete_removes_a_finished_task_and_refuses_a_running_one(api: Api
     assert (await api.wait(running))["status"]["phase"] == "Succeeded"
     listed = await api.call("GET", "/v1/tasks", 200, params={"idPrefix": running})
     assert [t["spec"]["function"] for t in listed["items"]] == ["quick"]
+
+
+async def test_a_delete_decides_on_the_task_as_it_is_after_a_quicker_writer(
+    api: Api, plane: DataPlane
+) -> None:
+    """A delete read the task, then deleted it if it had not changed; a resume in between
+    lost it the compare-and-set, which was answered 500. Now the task is read again: deleted
+    if it may still be, else 409 with its phase. The quicker writers here are made between
+    the two steps for certain."""
+    await api.function("held", command=["sleep", "30"], maxConcurrency=1)
+    running = (await api.submit("held", 0))["metadata"]["name"]
+    await api.wait(running, {"Running"})
+    task_ids = [(await api.submit("held", i))["metadata"]["name"] for i in (1, 2)]
+    read = {}
+    for task_id in task_ids:
+        await api.call("POST", f"/v1/tasks/{task_id}/pause", 200)
+        read[task_id] = await plane.store.get(api.account, task_id)
+        await api.call("POST", f"/v1/tasks/{task_id}/resume", 200)
+    await api.call("POST", f"/v1/tasks/{task_ids[1]}/pause", 200)
+    with pytest.raises(IllegalTransition) as refused:
+        await actions.delete(plane, read[task_ids[0]])
+    assert refused.value.current is TaskPhase.Queued
+    await actions.delete(plane, read[task_ids[1]])  # paused again: deleted
+    assert (await api.http.get(f"/v1/tasks/{task_ids[1]}")).status_code == 404
+    await api.call("POST", f"/v1/tasks/{running}/stop", 200)
+    await api.call("POST", f"/v1/tasks/{task_ids[0]}/stop", 200)
 
 
 async def test_logs_after_the_fact_and_followed_live(api: Api) -> None:

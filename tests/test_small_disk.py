@@ -35,7 +35,14 @@ apiVersion: kubetask.io/v1alpha1
 kind: TaskFunction
 metadata: {name: sink}
 spec: {command: ["sh", "-c", "cat > /dev/null"], maxConcurrency: 8}
+---
+apiVersion: kubetask.io/v1alpha1
+kind: TaskFunction
+metadata: {name: mirror}
+spec: {command: ["cat"], maxConcurrency: 8}
 """
+# Text that compresses badly, as most payloads do.
+PAYLOAD = "".join(chr(65 + (i * 7919) % 58) for i in range(150_000))
 
 
 @contextlib.contextmanager
@@ -107,14 +114,12 @@ async def test_submissions_are_refused_before_the_store_is_full_and_accepted_tas
     submission was answered 503 after 10 s; with JetStream given 45% of the disk, it still
     filled and JetStream disabled itself (seen). Now submissions are refused with 507 while room is kept for the
     tasks accepted, which finish; deleting some makes room for more."""
-    # Text that compresses badly, as most payloads do.
-    payload = "".join(chr(65 + (i * 7919) % 58) for i in range(150_000))
     with small_disk(tmp_path) as disk:
         async with running_dev(disk, FUNCTIONS) as dev, dev.http(timeout=30) as http:
             accepted: list[str] = []
             refused: list[httpx.Response] = []
             for _ in range(400):
-                resp = await http.post("/v1/tasks", json={"function": "sink", "payload": payload})
+                resp = await http.post("/v1/tasks", json={"function": "sink", "payload": PAYLOAD})
                 assert resp.status_code in (202, 507), resp.text
                 if resp.status_code == 202:
                     accepted.append(resp.json()["metadata"]["name"])
@@ -137,9 +142,39 @@ async def test_submissions_are_refused_before_the_store_is_full_and_accepted_tas
                 assert resp.status_code == 204, resp.text
             deadline = time.monotonic() + 10
             while (
-                resp := await http.post("/v1/tasks", json={"function": "sink", "payload": payload})
+                resp := await http.post("/v1/tasks", json={"function": "sink", "payload": PAYLOAD})
             ).status_code == 507:
                 assert time.monotonic() < deadline, resp.text
                 await asyncio.sleep(0.2)
             assert resp.status_code == 202, resp.text
         assert "JetStream out of space" not in (disk / "data" / "logs" / "nats.log").read_text()
+
+
+async def test_tasks_are_deleted_when_results_took_the_store_to_its_limit(tmp_path: Path) -> None:
+    """Results are written after the room check: tasks whose result is their payload take
+    JetStream to its limit, where it takes no write, a deletion's marker included. Every
+    delete was a 507 and the tasks not yet started stayed Queued until records expired (seen).
+    Now a delete purges the record, and the room it frees lets the rest finish."""
+    with small_disk(tmp_path) as disk:
+        async with running_dev(disk, FUNCTIONS) as dev, dev.http(timeout=30) as http:
+            accepted = []
+            for _ in range(300):
+                resp = await http.post("/v1/tasks", json={"function": "mirror", "payload": PAYLOAD})
+                assert resp.status_code in (202, 507), resp.text
+                if resp.status_code == 202:
+                    accepted.append(resp.json()["metadata"]["name"])
+            waiting = set(accepted)
+            deadline = time.monotonic() + 120
+            while waiting:
+                phases = {t: (await http.get(f"/v1/tasks/{t}")).json() for t in list(waiting)}
+                done = [t for t, task in phases.items() if task["status"]["phase"] == "Succeeded"]
+                for task in done:
+                    assert phases[task]["status"]["result"] == PAYLOAD
+                    resp = await http.delete(f"/v1/tasks/{task}")
+                    assert resp.status_code == 204, resp.text
+                    assert (await http.get(f"/v1/tasks/{task}")).status_code == 404
+                    waiting.discard(task)
+                assert time.monotonic() < deadline, {t: phases[t]["status"] for t in waiting}
+                await asyncio.sleep(0.5)
+            listed = (await http.get("/v1/tasks", params={"function": "mirror"})).json()
+            assert listed["items"] == [], [t["metadata"]["name"] for t in listed["items"]]

@@ -10,7 +10,7 @@ from .logs import encode_line
 from .models import TaskPhase
 from .plane import DataPlane
 from .states import DELETABLE, PAUSABLE, RESUMABLE, STOPPABLE, IllegalTransition
-from .store import TaskRecord, Versioned, new_token, now
+from .store import StaleRecord, TaskRecord, Versioned, new_token, now
 
 
 class FunctionMissing(Exception):
@@ -78,7 +78,18 @@ async def resume(plane: DataPlane, current: Versioned) -> Versioned:
 
 
 async def delete(plane: DataPlane, current: Versioned) -> None:
-    phase = current.record.phase
-    if phase not in DELETABLE:
-        raise IllegalTransition(phase, phase, "delete the task (stop it first)")
-    await plane.store.delete(current)
+    """Decided on the record as it is when deleted: one that changed since it was read (a
+    resume meanwhile) is read again, and a task deleted meanwhile is deleted."""
+    task = current.record.task
+    while True:
+        phase = current.record.phase
+        if phase not in DELETABLE:
+            raise IllegalTransition(phase, phase, "delete the task (stop it first)")
+        try:
+            await plane.store.delete(current)
+            return
+        except StaleRecord:
+            latest = await plane.store.get(task.account, task.id)
+            if latest is None:
+                return
+            current = latest

@@ -8,23 +8,27 @@ that very message may take over a Running task whose dispatcher died).
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nats.js.errors import APIError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE
 from pydantic import BaseModel
+from pydantic_core import to_json
 
 from . import names
 from .history import TTL_HEADER_BYTES, Retention
+from .jetstream import NO_ROOM
 from .models import Task, TaskPhase
 from .rpc import WRONG_LAST_SEQUENCE, Requester
 from .states import IllegalTransition, allowed
 from .usage_reports import Tally
 
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+log = logging.getLogger("kubetask.store")
 # What a record's revision in the audit trail adds to its data and twice its key (in the
 # subject, and in the header naming its source that JetStream adds), measured.
 EVENT_SUBJECT_AND_HEADERS = 153
@@ -118,11 +122,9 @@ def encode(record: TaskRecord) -> bytes:
 
 
 class TaskStore:
-    """Reads and writes go through `rpc.Requester` (the hot path: a few per task); `kv` serves
-    deletes."""
+    """Reads and writes go through `rpc.Requester` (the hot path: a few per task)."""
 
-    def __init__(self, kv: KeyValue, rpc: Requester, retention: Retention, tally: Tally) -> None:
-        self.kv = kv
+    def __init__(self, rpc: Requester, retention: Retention, tally: Tally) -> None:
         self.rpc = rpc
         self.retention = retention
         self.tally = tally  # each write is a revision in the audit trail (`events.py`)
@@ -225,5 +227,34 @@ class TaskStore:
                 current = None
 
     async def delete(self, current: Versioned) -> None:
+        """Delete the record if it is still `current`; `StaleRecord` if it changed since (a
+        resume can race a delete: the lost compare-and-set was a 500).
+
+        JetStream at its storage limit takes no write, a deletion's marker included, so no task
+        could be deleted to make room and a full store stayed full until records expired (seen:
+        every delete a 507, tasks accepted before left Queued). A purge writes nothing: there,
+        the record's revisions up to `current` are purged (a newer one stays), and the marker,
+        in the room just freed, then tells the gateways' indexes and the audit trail."""
         task = current.record.task
-        await self.kv.delete(names.task_key(task.account, task.id), last=current.revision)
+        key = names.task_key(task.account, task.id)
+        try:
+            try:
+                await self._mark_deleted(key, current.revision)
+            except APIError as err:
+                if err.err_code not in NO_ROOM:
+                    raise
+                purge = {"filter": self._prefix + key, "seq": current.revision + 1}
+                await self.rpc.api(f"$JS.API.STREAM.PURGE.{self._stream}", to_json(purge))
+                await self._mark_deleted(key, 0)
+        except APIError as err:
+            if err.err_code in WRONG_LAST_SEQUENCE:
+                raise StaleRecord(task.id) from None
+            if err.err_code not in NO_ROOM:
+                raise
+            # Purged, and another write took the room first: the record is gone, but the
+            # gateways' indexes list it until they are rebuilt.
+            log.warning("task %s deleted, but JetStream had no room to tell the indexes", key)
+
+    async def _mark_deleted(self, key: str, last: int) -> None:
+        """The KV deletion marker, written only while the key's revision is `last` (0: none)."""
+        await self.rpc.publish(self._prefix + key, b"", {KV_OP: KV_DEL, EXPECTED_LAST: str(last)})
