@@ -315,3 +315,24 @@ async def test_a_restarted_gateway_answers_at_once_on_200k_records(lab: Lab) -> 
         assert (await http.get("/healthz")).status_code == 200
         counted = await http.get("/v1/tasks", params={"status": "Failed"})
         assert [t["metadata"]["name"] for t in counted.json()["items"]] == ["rec-000007", "rec-new"]
+
+
+def test_the_write_ahead_log_is_cut_back_to_its_bound(tmp_path: Path) -> None:
+    """It stayed at its largest, 40 MB, whatever the store beside it (seen filling a 64 MiB
+    disk); `wal_bytes` bounds it, and it is cut back to that after a checkpoint, also from a
+    batch that took it past the bound (a checkpoint runs only once a commit passed it)."""
+    path = tmp_path / "index.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+    index = TaskIndex(path, wal_bytes=1 << 20)
+    record = b"x" * 20_000
+    rows = _rows(1000, seed=5)
+    for i, s in enumerate(rows[:250]):  # 5 MB in one batch
+        index.db.execute(UPSERT, s.row(record, i + 1))
+    index.commit()
+    assert wal.stat().st_size > 4 << 20
+    for i, s in enumerate(rows[250:], start=250):
+        index.db.execute(UPSERT, s.row(record, i + 1))
+        if i % 50 == 49:
+            index.commit()
+            assert wal.stat().st_size <= 2 << 20, (i, wal.stat().st_size)
+    index.close()

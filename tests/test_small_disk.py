@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -38,8 +39,10 @@ spec: {command: ["sh", "-c", "cat > /dev/null"], maxConcurrency: 8}
 ---
 apiVersion: kubetask.io/v1alpha1
 kind: TaskFunction
-metadata: {name: mirror}
-spec: {command: ["cat"], maxConcurrency: 8}
+metadata: {name: twice}
+spec:
+  command: ["python3", "-c", "import json, sys; p = json.load(sys.stdin); print(json.dumps([p, p]))"]
+  maxConcurrency: 8
 """
 # Text that compresses badly, as most payloads do.
 PAYLOAD = "".join(chr(65 + (i * 7919) % 58) for i in range(150_000))
@@ -151,30 +154,50 @@ async def test_submissions_are_refused_before_the_store_is_full_and_accepted_tas
 
 
 async def test_tasks_are_deleted_when_results_took_the_store_to_its_limit(tmp_path: Path) -> None:
-    """Results are written after the room check: tasks whose result is their payload take
-    JetStream to its limit, where it takes no write, a deletion's marker included. Every
+    """Results are written after the room check: tasks whose result outgrows their payload
+    take JetStream to its limit, where it takes no write, a deletion's marker included. Every
     delete was a 507 and the tasks not yet started stayed Queued until records expired (seen).
-    Now a delete purges the record, and the room it frees lets the rest finish."""
+    Now a delete purges the record, and the room it frees lets the rest finish. Meanwhile the
+    task index's write-ahead log filled the disk and nats-server disabled JetStream (seen): it
+    is now held to an eighth of the store."""
+    payload = PAYLOAD[:100_000]
     with small_disk(tmp_path) as disk:
         async with running_dev(disk, FUNCTIONS) as dev, dev.http(timeout=30) as http:
             accepted = []
-            for _ in range(300):
-                resp = await http.post("/v1/tasks", json={"function": "mirror", "payload": PAYLOAD})
-                assert resp.status_code in (202, 507), resp.text
-                if resp.status_code == 202:
-                    accepted.append(resp.json()["metadata"]["name"])
+            while (
+                resp := await http.post("/v1/tasks", json={"function": "twice", "payload": payload})
+            ).status_code == 202:
+                accepted.append(resp.json()["metadata"]["name"])
+            assert resp.status_code == 507 and accepted, resp.text
+            # A write of its own, each time: a function registered again unchanged is not.
+            deadline = time.monotonic() + 60
+            for timeout in itertools.count(1):
+                spec = {"command": ["true"], "timeoutSeconds": timeout}
+                probe = {"metadata": {"name": "probe"}, "spec": spec}
+                if (resp := await http.put("/v1/functions/probe", json=probe)).status_code == 507:
+                    break
+                assert time.monotonic() < deadline, (
+                    f"JetStream never reached its limit: {resp.text}"
+                )
+                await asyncio.sleep(0.5)
+            assert resp.json()["error"].startswith("JetStream's storage is full"), resp.text
             waiting = set(accepted)
             deadline = time.monotonic() + 120
             while waiting:
-                phases = {t: (await http.get(f"/v1/tasks/{t}")).json() for t in list(waiting)}
+                phases = {}
+                for task in waiting:
+                    resp = await http.get(f"/v1/tasks/{task}")
+                    assert resp.status_code == 200, resp.text
+                    phases[task] = resp.json()
                 done = [t for t, task in phases.items() if task["status"]["phase"] == "Succeeded"]
                 for task in done:
-                    assert phases[task]["status"]["result"] == PAYLOAD
+                    assert phases[task]["status"]["result"] == [payload, payload]
                     resp = await http.delete(f"/v1/tasks/{task}")
                     assert resp.status_code == 204, resp.text
                     assert (await http.get(f"/v1/tasks/{task}")).status_code == 404
                     waiting.discard(task)
                 assert time.monotonic() < deadline, {t: phases[t]["status"] for t in waiting}
                 await asyncio.sleep(0.5)
-            listed = (await http.get("/v1/tasks", params={"function": "mirror"})).json()
+            listed = (await http.get("/v1/tasks", params={"function": "twice"})).json()
             assert listed["items"] == [], [t["metadata"]["name"] for t in listed["items"]]
+        assert "JetStream out of space" not in (disk / "data" / "logs" / "nats.log").read_text()

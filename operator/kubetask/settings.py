@@ -267,13 +267,13 @@ class Settings:
     account_max_events_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_ACCOUNT_MAX_EVENTS_BYTES", 1 << 30, 64 << 10)
     )
-    # Bytes the audit trail (every revision of every record, `events.py`) may take on disk; past
-    # them the oldest revisions go first, for the same reason.
     # Bytes JetStream may store (its `max_file_store`; 0: not known here): past 90% of them the
     # gateway refuses submissions, so accepted tasks keep room to finish (`gateway/store_room.py`).
     store_max_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_STORE_MAX_BYTES", 0, 0, 1 << 60)
     )
+    # Bytes the audit trail (every revision of every record, `events.py`) may take on disk; past
+    # them the oldest revisions go first, as log lines do.
     events_max_bytes: int = field(
         default_factory=lambda: env_int("KUBETASK_EVENTS_MAX_BYTES", 2 << 30, HISTORY_MIN, 1 << 50)
     )

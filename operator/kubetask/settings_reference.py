@@ -480,7 +480,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "Bytes JetStream may store (its `max_file_store`); past 90% of them submissions "
                 "are refused with `507`, so the tasks accepted keep room to finish. `kubetask "
                 "dev` sets it to 30% of its disk (its files and the task index take more again); "
-                "0: not known, nothing refused before JetStream itself is full.",
+                "0: not known, nothing refused before JetStream itself is full. The gateway's "
+                "task index keeps its write-ahead log to an eighth of it (at most 40 MiB).",
             ),
             (
                 "KUBETASK_ACCOUNT_MAX_LOG_BYTES",

@@ -29,7 +29,7 @@ from .. import names
 from ..cancellation import cancel_and_wait
 from ..plane import DataPlane
 from ..watch import LazyMirror
-from .index import TaskIndex
+from .index import TaskIndex, wal_bytes
 from .query_turns import QueryTurns
 
 STREAM = f"KV_{names.TASKS_BUCKET}"
@@ -87,7 +87,9 @@ class Indexer:
     async def start(self) -> None:
         info = await self.plane.js.stream_info(STREAM)
         self.target = info.state.last_seq
-        self._index = await self.run(TaskIndex, self.plane.settings.index_path or None)
+        settings = self.plane.settings
+        wal = wal_bytes(settings.store_max_bytes)
+        self._index = await self.run(TaskIndex, settings.index_path or None, wal)
         applied = await self.run(self.index.resume, str(info.created), self.target)
         self.mirror = LazyMirror(
             self.plane.rpc,
