@@ -86,7 +86,39 @@ def test_config_takes_only_kubetask_settings(cluster: ControlPlane) -> None:
         "helm", "template", "x", CHART, *KUBE, "-s", "templates/config.yaml",
         "--set", "config.KUBETASK_ACCOUNT_MAX_BACKLOG=500",
     )  # fmt: skip
-    assert yaml.safe_load(made.stdout)["data"] == {"KUBETASK_ACCOUNT_MAX_BACKLOG": "500"}
+    assert yaml.safe_load(made.stdout)["data"] == {
+        "KUBETASK_ACCOUNT_MAX_BACKLOG": "500",
+        "KUBETASK_STORE_MAX_BYTES": str(6 << 30),  # nats.jetstream.maxFile
+    }
+
+
+def test_the_gateway_is_told_jetstreams_limit_as_nats_server_reads_it(
+    cluster: ControlPlane,
+) -> None:
+    """Past 90% of it submissions are refused (`gateway/store_room.py`); untold, JetStream
+    itself filled and then took no write. The figure is nats-server's own: its `G` is 10^9
+    and its `Gi` 2^30, and it takes no fraction, so neither does the chart."""
+
+    def rendered(*values: str) -> tuple[dict[str, str], str]:
+        out = cluster.run("helm", "template", "x", CHART, *KUBE, *values).stdout
+        docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+        nats_conf = docs["ConfigMap", "x-kubetask-nats"]["data"]["nats.conf"]
+        return docs["ConfigMap", "x-kubetask-config"]["data"] or {}, nats_conf
+
+    for size, expected in (("10Gi", 10 << 30), ("500M", 500_000_000), ("123456", 123456)):
+        config, nats_conf = rendered("--set", f"nats.jetstream.maxFile={size}")
+        assert config["KUBETASK_STORE_MAX_BYTES"] == str(expected), size
+        assert f"max_file_store: {expected}\n" in nats_conf, size
+    config, _ = rendered("--set", "config.KUBETASK_STORE_MAX_BYTES=1000")
+    assert config["KUBETASK_STORE_MAX_BYTES"] == "1000"  # set by hand: kept
+    config, _ = rendered("--set", "nats.cluster.enabled=true")
+    assert "KUBETASK_STORE_MAX_BYTES" not in config  # each replica counted: by hand there
+    for size in ("1.5Gi", "10GB", "lots"):
+        refused = cluster.run(
+            "helm", "template", "x", CHART, *KUBE, "--set", f"nats.jetstream.maxFile={size}",
+            check=False,
+        )  # fmt: skip
+        assert refused.returncode != 0 and "is not a size" in refused.stderr, size
 
 
 def test_a_token_for_a_reserved_namespace_is_refused(cluster: ControlPlane) -> None:

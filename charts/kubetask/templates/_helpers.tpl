@@ -49,3 +49,15 @@ nats://{{ include "kubetask.natsName" . }}.{{ .Release.Namespace }}.svc:4222
 {{- end -}}
 {{ $e }}
 {{- end }}
+
+{{/* A size as both Kubernetes and nats-server read it (10Gi, 500M, 1073741824: whole numbers, for
+nats-server takes no fraction), in bytes, for the settings that take bytes. */}}
+{{- define "kubetask.bytes" -}}
+{{- $q := toString . -}}
+{{- if not (regexMatch "^[0-9]+(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$" $q) -}}
+{{- fail (printf "%q is not a size (e.g. 10Gi, 500M, 1073741824)" $q) -}}
+{{- end -}}
+{{- $unit := regexFind "(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)$" $q -}}
+{{- $factors := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 -}}
+{{- mul (trimSuffix $unit $q | int64) (get $factors $unit) -}}
+{{- end -}}
