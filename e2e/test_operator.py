@@ -488,6 +488,60 @@ def test_tasks_applied_past_the_accounts_record_quota_wait_and_its_neighbour_doe
         gateway.wait(30)
 
 
+def test_a_task_applied_when_the_store_is_nearly_full_waits_unsubmitted(
+    platform: Platform,
+) -> None:
+    """The gateway refuses submissions past 90% of `KUBETASK_STORE_MAX_BYTES` (507), but the
+    operator submitted kubectl-applied Tasks whatever the room. Here the operator is told a
+    limit JetStream already passed: the Task waits, unsubmitted, and its events say why."""
+    platform.stop_operator()
+    platform.env["KUBETASK_STORE_MAX_BYTES"] = "1024"
+    platform.start_operator()
+    try:
+        platform.apply("""
+            apiVersion: kubetask.io/v1alpha1
+            kind: TaskFunction
+            metadata: {name: roomless}
+            spec: {command: ["true"]}
+        """)
+        platform.ready("roomless")
+        platform.apply("""
+            apiVersion: kubetask.io/v1alpha1
+            kind: Task
+            metadata: {name: roomless-1}
+            spec: {function: roomless}
+        """)
+
+        def held() -> list[str]:
+            events = json.loads(
+                platform.cluster.kubectl("get", "events", "-n", ACCOUNT, "-o", "json").stdout
+            )
+            return [
+                e["message"]
+                for e in events["items"]
+                if e["involvedObject"]["name"] == "roomless-1" and e["reason"] == "StoreFull"
+            ]
+
+        said = eventually(held, 30, "roomless-1 held for room")
+        assert "the platform's storage is nearly full" in said[0], said
+        assert "submitted in 60s" in said[0], said
+        assert not (platform.get("task", "roomless-1") or {}).get("status", {}).get("phase")
+
+        async def recorded(js: Any) -> bool:
+            kv = await js.key_value(names.TASKS_BUCKET)
+            try:
+                await kv.get(names.task_key(ACCOUNT, "roomless-1"))
+            except KeyNotFoundError:
+                return False
+            return True
+
+        assert not platform.js(recorded)
+    finally:
+        platform.stop_operator()
+        del platform.env["KUBETASK_STORE_MAX_BYTES"]
+        platform.start_operator()
+
+
 def test_taskfunctions_changed_faster_than_the_account_may_are_applied_in_turn(
     platform: Platform,
 ) -> None:

@@ -12,6 +12,7 @@ from .. import metrics
 from ..cancellation import cancel_and_wait
 from ..gateway.change_rate import ChangeRate
 from ..gateway.record_quota import LAG, RecordQuota
+from ..gateway.store_room import StoreRoom
 from ..gateway.throttle import Throttle
 from ..plane import DataPlane
 from ..record_reports import NEAR, REPORT_EVERY, Heard
@@ -43,6 +44,9 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     memo.records = RecordQuota(
         limit, heard, lag=LAG + REPORT_EVERY, unlisted_bytes=int(limit * NEAR)
     )
+    # And to the room kept in JetStream's storage for the tasks accepted.
+    memo.store = StoreRoom(memo.plane.js, plane_settings.store_max_bytes)
+    memo.store_reading = asyncio.create_task(memo.store.run())
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)
     memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))
@@ -56,7 +60,7 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    await cancel_and_wait(memo.scaler, memo.warm, memo.policies, memo.hearing)
+    await cancel_and_wait(memo.scaler, memo.warm, memo.policies, memo.hearing, memo.store_reading)
     await memo.plane.close()
 
 

@@ -1,7 +1,7 @@
 """Task: a `kubectl apply`ed Task is submitted through the same path as an HTTP submission,
-held to the same payload rules and the same back-pressure, de-duplicated by its name
-(re-applying never runs it again); a daemon mirrors the task's state into `status` until it is
-terminal; deleting the object stops the task."""
+held to the same payload rules, the same back-pressure and the same room kept in the store,
+de-duplicated by its name (re-applying never runs it again); a daemon mirrors the task's state
+into `status` until it is terminal; deleting the object stops the task."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import kopf
 
 from .. import actions, metrics, submission
+from ..gateway.store_room import RETRY_AFTER, StoreFull
 from ..gateway.throttle import Throttled
 from ..models import TaskPhase
 from ..states import TERMINAL, IllegalTransition
@@ -40,6 +41,11 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
         kopf.warn(body, reason="Refused", message=str(err))
         return
     try:
+        memo.store.admit()
+    except StoreFull as err:
+        kopf.info(body, reason="StoreFull", message=f"{err}; submitted in {RETRY_AFTER}s")
+        raise kopf.TemporaryError(str(err), delay=RETRY_AFTER) from None
+    try:
         memo.records.admit(fn.account)
         await memo.throttle.admit(fn)
     except Throttled as err:
@@ -53,6 +59,7 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
     except TaskExists:
         return  # applied before (or the operator restarted): never submitted twice
     memo.records.created(fn.account, len(created.raw))
+    memo.store.created(len(created.raw))
     kopf.info(body, reason="Submitted", message=f"queued for function {fn.name}")
 
 
