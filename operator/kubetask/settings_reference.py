@@ -479,8 +479,9 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
                 "KUBETASK_STORE_MAX_BYTES",
                 "Bytes JetStream may store (its `max_file_store`); past 90% of them submissions "
                 "are refused with `507`, so the tasks accepted keep room to finish. `kubetask "
-                "dev` sets it to 30% of its disk (its files and the task index take more again); "
-                "0: not known, nothing refused before JetStream itself is full. The gateway's "
+                "dev` sets it to 30% of its disk (its files and the task index take more again), "
+                "the chart to `nats.jetstream.maxFile` with one NATS server; 0: not known, "
+                "nothing refused before JetStream itself is full. The gateway's "
                 "task index keeps its write-ahead log to an eighth of it (at most 40 MiB).",
             ),
             (
