@@ -88,7 +88,7 @@ def test_config_takes_only_kubetask_settings(cluster: ControlPlane) -> None:
     )  # fmt: skip
     assert yaml.safe_load(made.stdout)["data"] == {
         "KUBETASK_ACCOUNT_MAX_BACKLOG": "500",
-        "KUBETASK_STORE_MAX_BYTES": str(6 << 30),  # nats.jetstream.maxFile
+        "KUBETASK_STORE_MAX_BYTES": str(10 << 30),  # nats.jetstream.maxFile
     }
 
 
