@@ -47,6 +47,7 @@ class View(pydantic.BaseModel):
     account_limit: int | None = None
     account_limit_running: int = 0
     paced: bool = False  # the function's maxStartsPerSecond allows no start right now
+    store_full: bool = False  # JetStream's storage is nearly full: nothing starts there
     slots: int = 0
     slots_taken: int = 0
     processes: int | None = None  # None: the function's attempts start no process there
@@ -86,6 +87,11 @@ class View(pydantic.BaseModel):
             )
         if self.paced:
             said.append("the function's maxStartsPerSecond allows no more starts this moment")
+        if self.store_full:
+            said.append(
+                "the platform's storage is nearly full (KUBETASK_STORE_MAX_BYTES): no attempt "
+                "starts until tasks are deleted or expire, so those running can record theirs"
+            )
         if self.slots_taken + self.queued >= self.slots:
             said.append(f"all {self.slots} of its attempt slots are taken (KUBETASK_NODE_SLOTS)")
         elif self.slots_taken + self.queued + self.slots_kept >= self.slots:

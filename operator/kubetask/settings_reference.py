@@ -478,7 +478,8 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
             (
                 "KUBETASK_STORE_MAX_BYTES",
                 "Bytes JetStream may store (its `max_file_store`); past 90% of them submissions "
-                "are refused with `507`, so the tasks accepted keep room to finish. `kubetask "
+                "are refused with `507`, past 95% no attempt starts, so the tasks accepted keep "
+                "room to finish (the history streams counted at their caps). `kubetask "
                 "dev` sets it to 30% of its disk (its files and the task index take more again), "
                 "the chart to `nats.jetstream.maxFile` with one NATS server; 0: not known, "
                 "nothing refused before JetStream itself is full. The gateway's "

@@ -128,6 +128,7 @@ class TaskStore:
         self.rpc = rpc
         self.retention = retention
         self.tally = tally  # each write is a revision in the audit trail (`events.py`)
+        self.written = 0  # bytes of records written, for the room kept (`gateway/store_room.py`)
         self._stream = f"KV_{names.TASKS_BUCKET}"
         self._prefix = f"$KV.{names.TASKS_BUCKET}."
 
@@ -144,6 +145,7 @@ class TaskStore:
             if err.err_code in WRONG_LAST_SEQUENCE:
                 raise KeyWrongLastSequenceError(err.description) from None
             raise
+        self.written += len(data)
         stored = EVENT_SUBJECT_AND_HEADERS + 2 * len(key) + len(data)
         self.tally.add(account, stored + (TTL_HEADER_BYTES if ttl is not None else 0))
         return revision

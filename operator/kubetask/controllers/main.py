@@ -45,7 +45,9 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
         limit, heard, lag=LAG + REPORT_EVERY, unlisted_bytes=int(limit * NEAR)
     )
     # And to the room kept in JetStream's storage for the tasks accepted.
-    memo.store = StoreRoom(memo.plane.js, plane_settings.store_max_bytes)
+    store = memo.plane.store
+    memo.store = StoreRoom(memo.plane.js, plane_settings, lambda: store.written)
+    await memo.store.read()
     memo.store_reading = asyncio.create_task(memo.store.run())
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)

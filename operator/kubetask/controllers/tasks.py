@@ -59,7 +59,6 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
     except TaskExists:
         return  # applied before (or the operator restarted): never submitted twice
     memo.records.created(fn.account, len(created.raw))
-    memo.store.created(len(created.raw))
     kopf.info(body, reason="Submitted", message=f"queued for function {fn.name}")
 
 

@@ -71,6 +71,7 @@ from .pull import Pull
 from .retries import Retries
 from .share_lending import Counted
 from .start_rate import StartRate
+from .store_hold import StoreHold
 
 log = logging.getLogger("kubetask.dispatcher")
 
@@ -200,6 +201,8 @@ class Dispatcher:
             plane.settings.concurrency_limit,
             lambda: self.leases.dispatchers() if self.leases is not None else 1,
         )
+        # Starts held while JetStream's storage is nearly full (`store_hold.py`).
+        self.store = StoreHold(plane.js, plane.settings, lambda: plane.store.written)
         settings = self.plane.settings
         self.log_pacing = LogPacing(
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
@@ -215,6 +218,7 @@ class Dispatcher:
         self.leases: Leases | None = None
 
     async def start(self) -> None:
+        await self.store.room.read()  # before anything starts
         if not self.jobs:
             self.users.announce(self.plane.settings.nats_url, self.own_ports)
         kv = await self.plane.js.key_value(names.LEASES_BUCKET)
@@ -231,6 +235,7 @@ class Dispatcher:
         self._background.append(
             asyncio.create_task(backlog_gauge.collect_forever(self.plane, self._rouse))
         )
+        self._background.append(asyncio.create_task(self.store.room.run()))
 
     # -- function workers ------------------------------------------------------------------
 
@@ -332,6 +337,7 @@ class Dispatcher:
                 self.fairness.free(fn.account, worker.wake),
                 self.fairness.most_at_once(fn.account),
                 self.concurrency.free(fn.account, worker.wake),
+                self.store.free(worker.wake),
             ):
                 if fair is not None:
                     allowed = min(allowed, fair)

@@ -7,19 +7,28 @@ that filled first, each write waited out its timeout instead (seen: a submission
 after 10 s, "retry in 1s", which would not mend it). Refusing new tasks a little before, those
 accepted can still finish and be deleted. Records leave when their tasks are deleted or expire.
 
-JetStream says how much it stores (`account_info`), read every `EVERY` seconds; the records
-this gateway created since are added, so a flood of large payloads between two reads does not
-go through the room kept. Where the limit is not known (0), nothing is refused here.
+JetStream says how much it stores (`account_info`), read every `EVERY` seconds, and at start
+before anything is admitted; the record bytes this process wrote since are added
+(`TaskStore.written`), so a flood of large payloads, or of large results in a dispatcher,
+between two reads does not go through the room kept. The history streams are counted as full
+(`KUBETASK_LOGS_MAX_BYTES`, `KUBETASK_EVENTS_MAX_BYTES`): they grow to their caps after
+submissions stop, as tasks run and print, and counted as they were, they took the store from
+90% to past 95% with only waiting tasks in it (seen on a 64 MiB disk), so that nothing could
+start (`dispatch/store_hold.py`) and nothing had ended to be deleted. Where the limit is not
+known (0), nothing is refused here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from .. import jetstream
+from .. import jetstream, names
+from ..settings import Settings
 from ..sizes import in_binary_units
 
 FULL = 0.9
@@ -33,19 +42,48 @@ class StoreFull(Exception):
 
 
 class StoreRoom:
-    def __init__(self, js: JetStreamContext, limit: int) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        settings: Settings,
+        written: Callable[[], int],
+        on_read: Callable[[], None] | None = None,
+    ) -> None:
+        """`written`: record bytes this process has written, ever; `on_read`: called after each
+        read of JetStream's count."""
         self.js = js
-        self.limit = limit
-        self.used = 0
+        self.limit = settings.store_max_bytes
+        self._history = {
+            names.LOGS_STREAM: settings.logs_max_bytes,
+            names.EVENTS_STREAM: settings.events_max_bytes,
+        }
+        self._written = written
+        self._on_read = on_read
+        self._stored = 0  # JetStream's count, as last read, with history at its caps
+        self._written_then = 0  # `written` when it was read
+
+    @property
+    def used(self) -> int:
+        return self._stored + self._written() - self._written_then
+
+    async def read(self) -> None:
+        if not self.limit:
+            return
+        with contextlib.suppress(*jetstream.UNAVAILABLE):
+            written = self._written()
+            stored = (await self.js.account_info()).storage
+            for stream, cap in self._history.items():
+                with contextlib.suppress(NotFoundError):
+                    stored += cap - (await self.js.stream_info(stream)).state.bytes
+            self._stored, self._written_then = stored, written
+            if self._on_read is not None:
+                self._on_read()
 
     async def run(self) -> None:
+        """Read on, every `EVERY` seconds (`read` once first)."""
         while self.limit:
-            with contextlib.suppress(*jetstream.UNAVAILABLE):
-                self.used = (await self.js.account_info()).storage
             await asyncio.sleep(EVERY)
-
-    def created(self, nbytes: int) -> None:
-        self.used += nbytes
+            await self.read()
 
     def admit(self) -> None:
         if self.limit and self.used >= self.limit * FULL:

@@ -180,7 +180,6 @@ class SubmitRoute:
                 503, f"queue of {acct}/{fn.name} is unavailable ({err}); not accepted, retry later"
             ) from None
         self.records.created(acct, len(created.raw))
-        self.store.created(len(created.raw))
         task = created.record.task
         task.status.phase = TaskPhase.Queued
         return task.model_dump_json().encode(), f"{PATH}/{task.id}?account={acct}".encode()
