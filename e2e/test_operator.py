@@ -158,6 +158,15 @@ class Platform:
         )
         return found
 
+    def event_messages(self, ns: str, reason: str, name: str = "") -> list[str]:
+        """What the events of `reason` in `ns` said, of objects whose name starts with `name`."""
+        out = self.cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout
+        return [
+            e["message"]
+            for e in json.loads(out)["items"]
+            if e["reason"] == reason and e["involvedObject"]["name"].startswith(name)
+        ]
+
     def apply(self, text: str) -> None:
         self.cluster.kubectl("apply", "-n", ACCOUNT, "-f", "-", stdin=textwrap.dedent(text))
 
@@ -397,14 +406,7 @@ def test_tasks_applied_faster_than_the_account_may_submit_wait_their_turn(
     done = eventually(all_done, 60, "all four Succeeded")
     submitted = sorted(datetime.fromisoformat(t["status"]["timestamps"]["submitted"]) for t in done)
     assert (submitted[-1] - submitted[0]).total_seconds() >= 2, submitted
-    events = json.loads(
-        platform.cluster.kubectl("get", "events", "-n", ACCOUNT, "-o", "json").stdout
-    )
-    throttled = [
-        e["message"]
-        for e in events["items"]
-        if e["involvedObject"]["name"].startswith("paced-") and e["reason"] == "Throttled"
-    ]
+    throttled = platform.event_messages(ACCOUNT, "Throttled", "paced-")
     assert throttled and "submits more than 1 tasks a second" in throttled[0], throttled
     seen = platform.scrape()
     refused = (
@@ -456,15 +458,8 @@ def test_tasks_applied_past_the_accounts_record_quota_wait_and_its_neighbour_doe
         platform.cluster.kubectl("apply", "-n", hoarder, "-f", "-", stdin=textwrap.dedent(tasks))
 
         def refusals() -> list[str]:
-            events = json.loads(
-                platform.cluster.kubectl("get", "events", "-n", hoarder, "-o", "json").stdout
-            )
-            return [
-                e["message"]
-                for e in events["items"]
-                if e["reason"] == "Throttled"
-                and "KUBETASK_ACCOUNT_MAX_RECORD_BYTES" in e["message"]
-            ]
+            said = platform.event_messages(hoarder, "Throttled")
+            return [m for m in said if "KUBETASK_ACCOUNT_MAX_RECORD_BYTES" in m]
 
         eventually(refusals, 60, "a Task held back by the record quota")
 
@@ -512,17 +507,11 @@ def test_a_task_applied_when_the_store_is_nearly_full_waits_unsubmitted(
             spec: {function: roomless}
         """)
 
-        def held() -> list[str]:
-            events = json.loads(
-                platform.cluster.kubectl("get", "events", "-n", ACCOUNT, "-o", "json").stdout
-            )
-            return [
-                e["message"]
-                for e in events["items"]
-                if e["involvedObject"]["name"] == "roomless-1" and e["reason"] == "StoreFull"
-            ]
-
-        said = eventually(held, 30, "roomless-1 held for room")
+        said = eventually(
+            lambda: platform.event_messages(ACCOUNT, "StoreFull", "roomless-1"),
+            30,
+            "roomless-1 held for room",
+        )
         assert "the platform's storage is nearly full" in said[0], said
         assert "submitted in 60s" in said[0], said
         assert not (platform.get("task", "roomless-1") or {}).get("status", {}).get("phase")
@@ -579,10 +568,7 @@ def test_taskfunctions_changed_faster_than_the_account_may_are_applied_in_turn(
         return check
 
     def throttled(ns: str) -> list[str]:
-        events = json.loads(
-            platform.cluster.kubectl("get", "events", "-n", ns, "-o", "json").stdout
-        )
-        return [e["message"] for e in events["items"] if e["reason"] == "Throttled"]
+        return platform.event_messages(ns, "Throttled")
 
     platform.cluster.kubectl("apply", "-n", churn, "-f", "-", stdin=textwrap.dedent(functions("1")))
     platform.apply("""
