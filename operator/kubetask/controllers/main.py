@@ -46,9 +46,9 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     # And to the room kept in JetStream's storage for the tasks accepted.
     store = memo.plane.store
-    memo.store = StoreRoom(memo.plane.js, plane_settings, lambda: store.written)
-    await memo.store.read()
-    memo.store_reading = asyncio.create_task(memo.store.run())
+    memo.store_room = StoreRoom(memo.plane.js, plane_settings, lambda: store.written)
+    await memo.store_room.read()
+    memo.store_reading = asyncio.create_task(memo.store_room.run())
     memo.config = cfg
     await ensure_deployments(cfg, plane_settings.nats_url)
     memo.scaler = asyncio.create_task(scale_forever(cfg, memo.plane))

@@ -41,7 +41,7 @@ async def submit(name: str, namespace: Any, spec: Any, memo: Any, body: Any, **_
         kopf.warn(body, reason="Refused", message=str(err))
         return
     try:
-        memo.store.admit()
+        memo.store_room.admit()
     except StoreFull as err:
         kopf.info(body, reason="StoreFull", message=f"{err}; submitted in {RETRY_AFTER}s")
         raise kopf.TemporaryError(str(err), delay=RETRY_AFTER) from None

@@ -202,7 +202,7 @@ class Dispatcher:
             lambda: self.leases.dispatchers() if self.leases is not None else 1,
         )
         # Starts held while JetStream's storage is nearly full (`store_hold.py`).
-        self.store = StoreHold(plane.js, plane.settings, lambda: plane.store.written)
+        self.store_hold = StoreHold(plane.js, plane.settings, lambda: plane.store.written)
         settings = self.plane.settings
         self.log_pacing = LogPacing(
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate
@@ -218,7 +218,7 @@ class Dispatcher:
         self.leases: Leases | None = None
 
     async def start(self) -> None:
-        await self.store.room.read()  # before anything starts
+        await self.store_hold.room.read()  # before anything starts
         if not self.jobs:
             self.users.announce(self.plane.settings.nats_url, self.own_ports)
         kv = await self.plane.js.key_value(names.LEASES_BUCKET)
@@ -235,7 +235,7 @@ class Dispatcher:
         self._background.append(
             asyncio.create_task(backlog_gauge.collect_forever(self.plane, self._rouse))
         )
-        self._background.append(asyncio.create_task(self.store.room.run()))
+        self._background.append(asyncio.create_task(self.store_hold.room.run()))
 
     # -- function workers ------------------------------------------------------------------
 
@@ -337,7 +337,7 @@ class Dispatcher:
                 self.fairness.free(fn.account, worker.wake),
                 self.fairness.most_at_once(fn.account),
                 self.concurrency.free(fn.account, worker.wake),
-                self.store.free(worker.wake),
+                self.store_hold.free(worker.wake),
             ):
                 if fair is not None:
                     allowed = min(allowed, fair)

@@ -41,7 +41,7 @@ def view(dispatcher: Dispatcher, account: str, function: str, stream: str) -> Vi
         account_limit=dispatcher.concurrency.share(account),
         account_limit_running=dispatcher.concurrency.running.get(account, 0),
         paced=worker.rate is not None and worker.rate.spent(),
-        store_full=dispatcher.store.full(),
+        store_full=dispatcher.store_hold.full(),
         slots=budget.settings.slots,
         slots_taken=budget.running,
         processes=budget.settings.processes if worker.process else None,
