@@ -45,8 +45,7 @@ async def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
         limit, heard, lag=LAG + REPORT_EVERY, unlisted_bytes=int(limit * NEAR)
     )
     # And to the room kept in JetStream's storage for the tasks accepted.
-    store = memo.plane.store
-    memo.store_room = StoreRoom(memo.plane.js, plane_settings, lambda: store.written)
+    memo.store_room = StoreRoom(memo.plane)
     await memo.store_room.read()
     memo.store_reading = asyncio.create_task(memo.store_room.run())
     memo.config = cfg

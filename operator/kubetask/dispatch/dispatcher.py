@@ -202,7 +202,7 @@ class Dispatcher:
             lambda: self.leases.dispatchers() if self.leases is not None else 1,
         )
         # Starts held while JetStream's storage is nearly full (`store_hold.py`).
-        self.store_hold = StoreHold(plane.js, plane.settings, lambda: plane.store.written)
+        self.store_hold = StoreHold(plane)
         settings = self.plane.settings
         self.log_pacing = LogPacing(
             settings.account_log_rate, settings.account_log_burst, settings.dispatcher_log_rate

@@ -14,23 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nats.js import JetStreamContext
-
 from ..gateway.store_room import StoreRoom
-from ..settings import Settings
+from ..plane import DataPlane
 
 HOLD = 0.95
 
 
 class StoreHold:
-    def __init__(
-        self, js: JetStreamContext, settings: Settings, written: Callable[[], int]
-    ) -> None:
-        self.room = StoreRoom(js, settings, written, on_read=self._read)
+    def __init__(self, plane: DataPlane) -> None:
+        self.room = StoreRoom(plane, on_read=self._read)
         self._held: dict[Callable[[], None], None] = {}  # wake-ups of held pulls (ordered)
 
     def full(self) -> bool:
-        return bool(self.room.limit) and self.room.used >= self.room.limit * HOLD
+        return self.room.past(HOLD)
 
     def free(self, wake: Callable[[], None]) -> int | None:
         """None while there is room; else 0, and `wake` is called once there is."""

@@ -277,7 +277,7 @@ def create_app(settings: Settings, tokens_file: Path) -> ASGIApp:
                 record_reports.report_forever(plane.nc, indexer, settings.account_max_record_bytes)
             )
         )
-        store = StoreRoom(plane.js, settings, lambda: plane.store.written)
+        store = StoreRoom(plane)
         await store.read()
         quotas.append(asyncio.create_task(store.run()))
         quiet_gc()

@@ -24,11 +24,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
-from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from .. import jetstream, names
-from ..settings import Settings
+from ..plane import DataPlane
 from ..sizes import in_binary_units
 
 FULL = 0.9
@@ -42,39 +41,40 @@ class StoreFull(Exception):
 
 
 class StoreRoom:
-    def __init__(
-        self,
-        js: JetStreamContext,
-        settings: Settings,
-        written: Callable[[], int],
-        on_read: Callable[[], None] | None = None,
-    ) -> None:
-        """`written`: record bytes this process has written, ever; `on_read`: called after each
-        read of JetStream's count."""
-        self.js = js
+    def __init__(self, plane: DataPlane, on_read: Callable[[], None] | None = None) -> None:
+        """`on_read`: called after each read of JetStream's count."""
+        self.js = plane.js
+        self.store = plane.store
+        settings = plane.settings
         self.limit = settings.store_max_bytes
         self._history = {
             names.LOGS_STREAM: settings.logs_max_bytes,
             names.EVENTS_STREAM: settings.events_max_bytes,
         }
-        self._written = written
         self._on_read = on_read
         self._stored = 0  # JetStream's count, as last read, with history at its caps
-        self._written_then = 0  # `written` when it was read
+        self._written_then = 0  # `store.written` when it was read
 
     @property
     def used(self) -> int:
-        return self._stored + self._written() - self._written_then
+        return self._stored + self.store.written - self._written_then
+
+    def past(self, share: float) -> bool:
+        """Whether what is stored has reached `share` of the limit (never, with no limit)."""
+        return bool(self.limit) and self.used >= self.limit * share
 
     async def read(self) -> None:
         if not self.limit:
             return
         with contextlib.suppress(*jetstream.UNAVAILABLE):
-            written = self._written()
+            written = self.store.written
             stored = (await self.js.account_info()).storage
             for stream, cap in self._history.items():
-                with contextlib.suppress(NotFoundError):
-                    stored += cap - (await self.js.stream_info(stream)).state.bytes
+                try:
+                    held = (await self.js.stream_info(stream)).state.bytes
+                except NotFoundError:
+                    held = 0  # not made yet: it will be, and fill to its cap
+                stored += cap - held
             self._stored, self._written_then = stored, written
             if self._on_read is not None:
                 self._on_read()
@@ -86,7 +86,7 @@ class StoreRoom:
             await self.read()
 
     def admit(self) -> None:
-        if self.limit and self.used >= self.limit * FULL:
+        if self.past(FULL):
             raise StoreFull(
                 f"the platform's storage is nearly full ({in_binary_units(self.used)} of"
                 f" {in_binary_units(self.limit)}, KUBETASK_STORE_MAX_BYTES): no task is accepted"
