@@ -6,7 +6,7 @@ the least a shared platform's processes could add to B's tail. With `--a-idle`, 
 of A's platform (nats-server, gateway, dispatcher, its instance) and of A's client runs under
 `SCHED_IDLE`, so the kernel runs B's work first whenever both wait for a core. With `--spin N`,
 A is replaced by N processes that only spin, under `SCHED_IDLE`, for as long: what merely
-keeping the cores busy costs B on this machine, with no I/O and nothing to preempt late.
+keeping the cores busy costs B on this machine, with no I/O or memory traffic of A's.
 
 Prints figures; asserts nothing. Run: .venv/bin/python bench/isolation_floor.py [--a-idle | --spin 2]
 """
