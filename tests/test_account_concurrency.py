@@ -1,7 +1,8 @@
 """An account's concurrency limit: all its functions together run at most that many attempts at
 once (each function's own maxConcurrency notwithstanding), the rest wait Queued and say why, a
-neighbour is not held by it, and the limit is split over the live dispatchers; limits of one's
-own are validated settings, shown in `GET /v1/limits`."""
+neighbour is not held by it, and the limit is split over the live dispatchers so that the parts
+add up to it (two real dispatchers with a limit of one run one at a time); limits of one's own
+are validated settings, shown in `GET /v1/limits`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 from harness import Api, all_succeed, as_user, gateway, running
 from kubetask.dispatch.account_concurrency import AccountConcurrency
 from kubetask.dispatch.dispatcher import Dispatcher
+from kubetask.dispatch.leases import member_key
+from kubetask.plane import DataPlane
 from kubetask.settings import Settings
 
 
@@ -23,8 +26,11 @@ async def test_an_accounts_functions_together_run_no_more_than_its_limit(
 ) -> None:
     capped, free = await make_api(), await make_api()
     saved = dispatcher.concurrency
+    assert dispatcher.leases is not None
     dispatcher.concurrency = AccountConcurrency(
-        lambda account: 3 if account == capped.account else 0, lambda: 1
+        lambda account: 3 if account == capped.account else 0,
+        dispatcher.leases.members,
+        member_key(dispatcher.id),
     )
     try:
         for name in ("one", "two"):
@@ -58,31 +64,97 @@ async def test_an_accounts_functions_together_run_no_more_than_its_limit(
         dispatcher.concurrency = saved
 
 
-async def test_the_limit_is_split_over_the_live_dispatchers() -> None:
-    dispatchers = 3
-    limits = AccountConcurrency(
-        lambda account: {"big": 10, "small": 2}.get(account, 0), lambda: dispatchers
-    )
-    assert limits.share("big") == 3  # rounded down: never more than the limit in all
-    assert limits.share("small") == 1  # at least one each
-    assert limits.share("other") is None
+def test_the_parts_over_the_live_dispatchers_add_up_to_the_limit() -> None:
+    members = ["m.a", "m.b", "m.c"]
+    limits = {"big": 10, "small": 2, "one": 1}
+    parts = {
+        me: AccountConcurrency(lambda account: limits.get(account, 0), lambda: members, me)
+        for me in members
+    }
+    for account, limit in limits.items():
+        shares = [parts[me].share(account) for me in members]
+        assert sum(s or 0 for s in shares) == limit, (account, shares)
+        assert max(s or 0 for s in shares) - min(s or 0 for s in shares) <= 1, shares
+    assert parts["m.a"].share("other") is None
+    # The remainder goes to different dispatchers for different accounts.
+    limits.update({f"acct{i}": 1 for i in range(12)})
+    firsts = {next(me for me in members if parts[me].share(f"acct{i}")) for i in range(12)}
+    assert len(firsts) > 1, firsts
+    # A dispatcher leasing one of the account's partitions keeps a place whatever its part.
+    nothing = next(me for me in members if parts[me].share("one") == 0)
+    keeper = AccountConcurrency(lambda a: 1, lambda: members, nothing, lambda a: a == "one")
+    assert keeper.share("one") == 1
+
+
+async def test_a_dispatcher_with_no_part_looks_again_when_the_others_leave() -> None:
+    members = ["m.a", "m.b"]
+    parts = {me: AccountConcurrency(lambda a: 1, lambda: members, me) for me in members}
+    idle = next(me for me in members if parts[me].share("x") == 0)
+    limits = parts[idle]
     woken: list[str] = []
-    ends = [limits.delivered_one("big") for _ in range(3)]
-    assert limits.free("big", lambda: woken.append("first")) == 0
-    assert limits.free("big", lambda: woken.append("second")) == 0
-    ends.pop()()
-    assert woken == ["first"]  # one ended: one more may be asked for
-    dispatchers = 1  # the others left: this one's part grows to all ten
-    assert limits.free("big", lambda: None) == 8
-    for end in ends:
-        end()
-    assert woken == ["first", "second"] and limits.delivered == {}
+    assert limits.free("x", lambda: woken.append("puller")) == 0
+    assert not limits.try_take("x")
+    waiter = asyncio.create_task(limits.wait("x"))
+    await asyncio.sleep(0)
+    limits.rebalanced()
+    assert woken == ["puller"] and not waiter.done()  # still no part: woken, nothing taken
+    members.remove(next(me for me in members if me != idle))  # the other one left
+    assert limits.free("x", lambda: woken.append("again")) == 1
+    limits.rebalanced()
+    await asyncio.wait_for(waiter, 1)
+    assert limits.running == {"x": 1}
+
+
+async def test_two_dispatchers_with_a_limit_of_one_run_one_at_a_time(
+    make_api: Callable[..., Awaitable[Api]],
+    dispatcher: Dispatcher,
+    settings: Settings,
+    nats_passwords: dict[str, str],
+) -> None:
+    api = await make_api()
+    limited = dataclasses.replace(
+        as_user(settings, "dispatcher", nats_passwords),
+        account_concurrency_limits={api.account: 1.0},
+    )
+    plane = await DataPlane.connect(limited, "test-second-dispatcher")
+    second = Dispatcher(plane)
+    saved = dispatcher.concurrency
+    assert dispatcher.leases is not None
+    dispatcher.concurrency = AccountConcurrency(
+        limited.concurrency_limit, dispatcher.leases.members, member_key(dispatcher.id)
+    )
+    try:
+        await second.start()
+        assert second.leases is not None
+        for _ in range(100):  # each has seen the other's member key
+            if dispatcher.leases.dispatchers() == second.leases.dispatchers() == 2:
+                break
+            await asyncio.sleep(0.05)
+        await api.function("nap", command=["sleep", "0.5"], maxConcurrency=10)
+        ids = [(await api.submit("nap"))["metadata"]["name"] for _ in range(6)]
+        most, reasons = 0, set()
+        for _ in range(40):
+            most = max(most, await running(api))
+            for task_id in ids:
+                waiting = (await api.get(task_id))["status"]["waiting"]
+                if waiting is not None:
+                    reasons.add(waiting["reason"])
+            await asyncio.sleep(0.05)
+        await all_succeed(api, "nap", 6, timeout=60)
+        assert most == 1, most
+        said = " ".join(reasons)
+        assert "runs 1 attempt there, its part of its concurrency limit" in said, reasons
+        assert "no part of it falls to this one" in said, reasons
+    finally:
+        dispatcher.concurrency = saved
+        await second.close(drain_timeout=5)
+        await plane.close()
 
 
 async def test_attempts_delivered_past_the_limit_wait_for_a_place_in_turn() -> None:
     """Two functions pulling at the same moment each see the account's whole room: what one
     of them brings past the limit waits for a place rather than running."""
-    limits = AccountConcurrency(lambda account: 2, lambda: 1)
+    limits = AccountConcurrency(lambda account: 2, lambda: ["m.me"], "m.me")
     assert limits.try_take("a") and limits.try_take("a")
     assert not limits.try_take("a")
     first = asyncio.create_task(limits.wait("a"))

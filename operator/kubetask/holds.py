@@ -76,7 +76,15 @@ class View(pydantic.BaseModel):
                 "share while other accounts have work (KUBETASK_ACCOUNT_WEIGHTS; an attempt "
                 "counts for its first KUBETASK_DISPATCH_LEND_AFTER seconds)"
             )
-        if self.account_limit is not None and self.account_limit_running >= self.account_limit:
+        if self.account_limit == 0:
+            said.append(
+                f"the concurrency limit of account {account!r} is split over "
+                f"{self.dispatchers} dispatchers and no part of it falls to this one, so the "
+                "others run its tasks "
+                "(KUBETASK_ACCOUNT_MAX_CONCURRENCY, or its own in "
+                "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS)"
+            )
+        elif self.account_limit is not None and self.account_limit_running >= self.account_limit:
             said.append(
                 f"account {account!r} runs {self.account_limit_running} "
                 f"attempt{'' if self.account_limit_running == 1 else 's'} there, its part of "

@@ -115,9 +115,9 @@ SECTIONS: list[tuple[str, list[tuple[str, str]]]] = [
             ),
             (
                 "KUBETASK_ACCOUNT_MAX_CONCURRENCY",
-                "Attempts an account's functions may run at once, all together, split evenly "
-                "over the live dispatchers (rounded down, at least one each); past it its "
-                "tasks wait, Queued, saying why. 0: no limit.",
+                "Attempts an account's functions may run at once, all together, split over "
+                "the live dispatchers so that the parts add up to it (below their number, some "
+                "get none); past it its tasks wait, Queued, saying why. 0: no limit.",
             ),
             (
                 "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS",

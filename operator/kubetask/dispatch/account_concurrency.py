@@ -9,11 +9,18 @@ dispatchers may use. An administrator gives each account a limit
 `KUBETASK_ACCOUNT_CONCURRENCY_LIMITS`); past it the account's tasks wait in their queues,
 Queued, costing nothing, and say why.
 
-The limit is split evenly over the live dispatchers (the lease bucket's members, as a
-function's `maxStartsPerSecond` is: `start_rate.py`), rounded down and at least one each, so
-the account never runs more than its limit while it is at least the number of dispatchers.
-A dispatcher that has none of the account's work leaves its part unused; counting across
-dispatchers would put a shared write on every start.
+The limit is split over the live dispatchers (the lease bucket's members, as a function's
+`maxStartsPerSecond` is: `start_rate.py`): each gets the limit divided by their number, and
+the remainder goes one each to the first dispatchers in an order of the account's own (as
+partitions are dealt: `leases.py`), so the parts add up to the limit. A limit below the
+number of dispatchers leaves some with no part: they pull none of the account's tasks, and
+the others run them. It used to be rounded down and at least one each, so a limit of 1 over
+two dispatchers ran 2, and 10 over four ran 8. The one exception: a dispatcher leasing a
+partition of one of the account's functions keeps at least one place, since nobody else
+consumes that partition. The parts add up while the dispatchers agree on who is alive; a
+dispatcher joining or leaving is seen by all within the lease TTL. A dispatcher that has none
+of the account's work leaves its part unused; counting across dispatchers would put a shared
+write on every start.
 
 Two counts, as for the node budget: pulls are sized by what the account has delivered and not
 yet ended, which keeps most tasks over the limit in their queues; but two functions pulling at
@@ -28,16 +35,29 @@ import asyncio
 import functools
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..tallies import count_down, count_up
+from .leases import rank
 
 
 class AccountConcurrency:
-    def __init__(self, limit: Callable[[str], int], dispatchers: Callable[[], int]) -> None:
-        """`limit`: an account's limit (0: none); `dispatchers`: how many split it now."""
+    def __init__(
+        self,
+        limit: Callable[[str], int],
+        members: Callable[[], Sequence[str]],
+        me: str,
+        keeps_one: Callable[[str], bool] = lambda account: False,
+    ) -> None:
+        """`limit`: an account's limit (0: none); `members`: the dispatchers that split it now,
+        `me` among them; `keeps_one`: whether this dispatcher must keep a place for the
+        account whatever its part (it leases one of the account's partitions)."""
         self._limit = limit
-        self._dispatchers = dispatchers
+        self._members = members
+        self._me = me
+        self._keeps_one = keeps_one
+        # The account's order of the members last worked out, and this dispatcher's place in it.
+        self._places: dict[str, tuple[tuple[str, ...], int]] = {}
         self.delivered: dict[str, int] = {}  # delivered and not ended, for sizing pulls
         self.running: dict[str, int] = {}  # holding a place
         # Wake-ups of pullers held back by their account's limit, by account (ordered sets).
@@ -49,7 +69,33 @@ class AccountConcurrency:
         limit = self._limit(account)
         if not limit:
             return None
-        return max(1, limit // max(1, self._dispatchers()))
+        members = tuple(self._members())
+        if len(members) <= 1:
+            return limit
+        part, rest = divmod(limit, len(members))
+        if rest and self._place(account, members) < rest:
+            part += 1
+        if not part and self._keeps_one(account):
+            return 1
+        return part
+
+    def _place(self, account: str, members: tuple[str, ...]) -> int:
+        known = self._places.get(account)
+        if known is None or known[0] != members:
+            order = sorted(members, key=functools.partial(rank, f"limit.{account}"))
+            known = (members, order.index(self._me))
+            self._places[account] = known
+        return known[1]
+
+    def rebalanced(self) -> None:
+        """The members changed: parts may have grown, so everything held for want of one looks
+        again (a dispatcher with no part has no attempt of the account's to end and wake it)."""
+        self._places.clear()
+        for account in list(self._held):
+            for wake in list(self._held.pop(account)):
+                wake()
+        for account in list(self._waiting):
+            self._admit(account)
 
     def free(self, account: str, wake: Callable[[], None]) -> int | None:
         """More of `account`'s tasks a pull may ask for now (None: no limit); with none, `wake`

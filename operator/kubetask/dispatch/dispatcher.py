@@ -59,7 +59,7 @@ from .account_concurrency import AccountConcurrency
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
-from .leases import Leases
+from .leases import Leases, member_key
 from .log_budget import LogBudget
 from .log_pacing import LogPacing
 from .max_age import MaxEventAge
@@ -197,9 +197,12 @@ class Dispatcher:
         )
         # Functions with workers here, by account (`shared`).
         self._functions_here: dict[str, int] = {}
+        me = member_key(self.id)
         self.concurrency = AccountConcurrency(
             plane.settings.concurrency_limit,
-            lambda: self.leases.dispatchers() if self.leases is not None else 1,
+            lambda: self.leases.members() if self.leases is not None else (me,),
+            me,
+            lambda account: self.leases is not None and self.leases.holds_any_of(account),
         )
         # Starts held while JetStream's storage is nearly full (`store_hold.py`).
         self.store_hold = StoreHold(plane)
@@ -224,7 +227,12 @@ class Dispatcher:
         kv = await self.plane.js.key_value(names.LEASES_BUCKET)
         registry = self.plane.registry
         self.leases = Leases(
-            kv, registry, self.id, self.plane.settings.lease_ttl, self._sync_partitioned
+            kv,
+            registry,
+            self.id,
+            self.plane.settings.lease_ttl,
+            self._sync_partitioned,
+            lambda: self.concurrency.rebalanced(),  # looked up then: tests put in their own
         )
         await self.leases.start()
         registry.on_function_change(self._sync)

@@ -63,12 +63,17 @@ class Leases:
         dispatcher_id: str,
         ttl: float,
         changed: Callable[[], None],
+        members_changed: Callable[[], None] = lambda: None,
     ) -> None:
+        """`changed`: the partitions held here changed; `members_changed`: a dispatcher joined
+        or left, as seen at a round (what is split over the members is split anew)."""
         self.kv = kv
         self.registry = registry
         self.me = member_key(dispatcher_id)
         self.ttl = ttl
         self.changed = changed
+        self.members_changed = members_changed
+        self._members_seen: list[str] = []
         self.seen: dict[str, float] = {}  # key -> when it was last written, as we saw it
         self.held: dict[str, int] = {}  # partition key -> revision of our lease
         self._mirror = BucketMirror(kv, self._apply)
@@ -100,7 +105,8 @@ class Leases:
                 log.warning("renewing partition leases failed: %s", err)
             await asyncio.sleep(self.ttl / 3)
 
-    def _members(self) -> list[str]:
+    def members(self) -> list[str]:
+        """The dispatchers alive now (their member keys, sorted), this one included."""
         alive = time.monotonic() - self.ttl
         return sorted(
             {k for k, at in self.seen.items() if k[:2] == "m." and at > alive} | {self.me}
@@ -108,11 +114,16 @@ class Leases:
 
     def dispatchers(self) -> int:
         """The dispatchers alive now, this one included."""
-        return len(self._members())
+        return len(self.members())
+
+    def holds_any_of(self, account: str) -> bool:
+        """Whether this dispatcher leases a partition of one of `account`'s functions."""
+        prefix = f"p.{account}."
+        return any(key.startswith(prefix) for key in self.held)
 
     def wanted(self) -> set[str]:
         """The partitions this dispatcher should hold, given the members alive now."""
-        members = self._members()
+        members = self.members()
         mine = set()
         for fn in self.registry.partitioned():
             order = sorted(members, key=functools.partial(rank, f"{fn.account}.{fn.name}"))
@@ -123,6 +134,10 @@ class Leases:
 
     async def round(self) -> None:
         await self.kv.put(self.me, b"")
+        members = self.members()
+        if members != self._members_seen:
+            self._members_seen = members
+            self.members_changed()
         wanted = self.wanted()
         before = set(self.held)
         for key in sorted(before - wanted):
