@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from harness import Api, all_succeed, as_user, gateway, running
-from kubetask.dispatch.account_concurrency import AccountConcurrency
+from kubetask.dispatch.account_concurrency import AccountConcurrency, NoPart
 from kubetask.dispatch.dispatcher import Dispatcher
 from kubetask.dispatch.leases import member_key
 from kubetask.plane import DataPlane
@@ -64,6 +64,11 @@ async def test_an_accounts_functions_together_run_no_more_than_its_limit(
         dispatcher.concurrency = saved
 
 
+def part_of(me: str, members: list[str], limit: int = 1, account: str = "x") -> int | None:
+    """`me`'s part of `account`'s limit, split over `members`."""
+    return AccountConcurrency(lambda a: limit, lambda: members, me).share(account)
+
+
 def test_the_parts_over_the_live_dispatchers_add_up_to_the_limit() -> None:
     members = ["m.a", "m.b", "m.c"]
     limits = {"big": 10, "small": 2, "one": 1}
@@ -86,7 +91,7 @@ def test_the_parts_over_the_live_dispatchers_add_up_to_the_limit() -> None:
     assert keeper.share("one") == 1
 
 
-async def test_a_dispatcher_with_no_part_looks_again_when_the_others_leave() -> None:
+def test_a_dispatcher_with_no_part_looks_again_when_the_others_leave() -> None:
     members = ["m.a", "m.b"]
     parts = {me: AccountConcurrency(lambda a: 1, lambda: members, me) for me in members}
     idle = next(me for me in members if parts[me].share("x") == 0)
@@ -94,15 +99,36 @@ async def test_a_dispatcher_with_no_part_looks_again_when_the_others_leave() -> 
     woken: list[str] = []
     assert limits.free("x", lambda: woken.append("puller")) == 0
     assert not limits.try_take("x")
+    limits.rebalanced()
+    assert woken == ["puller"]  # still no part: woken, and it asks for nothing
+    assert limits.free("x", lambda: woken.append("again")) == 0
+    members.remove(next(me for me in members if me != idle))  # the other one left
+    limits.rebalanced()
+    assert woken == ["puller", "again"]
+    assert limits.free("x", lambda: None) == 1 and limits.try_take("x")
+
+
+async def test_a_task_waiting_where_no_part_is_left_goes_back_to_its_queue() -> None:
+    """A dispatcher alone holds the whole limit; another joins and takes all of it: what
+    waited here for a place must go to the other, not wait here for good."""
+    members = ["m.a"]
+    limits = AccountConcurrency(lambda a: 1, lambda: members, "m.a")
+    assert limits.try_take("x")
     waiter = asyncio.create_task(limits.wait("x"))
     await asyncio.sleep(0)
+    # One that comes first in the account's order joins.
+    first = next(m for m in (f"m.b{i}" for i in range(64)) if part_of("m.a", ["m.a", m]) == 0)
+    members.append(first)
+    assert limits.share("x") == 0
     limits.rebalanced()
-    assert woken == ["puller"] and not waiter.done()  # still no part: woken, nothing taken
-    members.remove(next(me for me in members if me != idle))  # the other one left
-    assert limits.free("x", lambda: woken.append("again")) == 1
-    limits.rebalanced()
-    await asyncio.wait_for(waiter, 1)
-    assert limits.running == {"x": 1}
+    with pytest.raises(NoPart):
+        await asyncio.wait_for(waiter, 1)
+    assert not limits.try_take("x")  # no part here now
+    with pytest.raises(NoPart):
+        await asyncio.wait_for(limits.wait("x"), 1)  # one delivered later goes back at once
+    limits.release("x")
+    members.remove(first)  # alone again: nothing left waiting stands before a new task
+    assert limits.running == {} and limits.try_take("x")
 
 
 async def test_two_dispatchers_with_a_limit_of_one_run_one_at_a_time(

@@ -12,15 +12,16 @@ Queued, costing nothing, and say why.
 The limit is split over the live dispatchers (the lease bucket's members, as a function's
 `maxStartsPerSecond` is: `start_rate.py`): each gets the limit divided by their number, and
 the remainder goes one each to the first dispatchers in an order of the account's own (as
-partitions are dealt: `leases.py`), so the parts add up to the limit. A limit below the
-number of dispatchers leaves some with no part: they pull none of the account's tasks, and
-the others run them. It used to be rounded down and at least one each, so a limit of 1 over
-two dispatchers ran 2, and 10 over four ran 8. The one exception: a dispatcher leasing a
-partition of one of the account's functions keeps at least one place, since nobody else
-consumes that partition. The parts add up while the dispatchers agree on who is alive; a
-dispatcher joining or leaving is seen by all within the lease TTL. A dispatcher that has none
-of the account's work leaves its part unused; counting across dispatchers would put a shared
-write on every start.
+partitions are dealt: `leases.py`), so the parts add up to the limit. It used to be rounded
+down and at least one each, so a limit of 1 over two dispatchers ran 2, and 10 over four
+ran 8. A limit below the number of dispatchers leaves some with no part: they pull none of
+the account's tasks, and the others run them; a task such a dispatcher had taken before
+another joined goes back to its queue rather than wait there for a place that will not come
+(`NoPart`). The one exception: a dispatcher leasing a partition of one of the account's
+functions keeps at least one place, since nobody else consumes that partition. The parts add
+up while the dispatchers agree on who is alive; a dispatcher joining or leaving is seen by
+all within the lease TTL. A dispatcher that has none of the account's work leaves its part
+unused; counting across dispatchers would put a shared write on every start.
 
 Two counts, as for the node budget: pulls are sized by what the account has delivered and not
 yet ended, which keeps most tasks over the limit in their queues; but two functions pulling at
@@ -39,6 +40,11 @@ from collections.abc import Callable, Sequence
 
 from ..tallies import count_down, count_up
 from .leases import rank
+
+
+class NoPart(Exception):
+    """This dispatcher has no part of the account's limit now (another joined): a task waiting
+    here for a place goes back to its queue, where a dispatcher with a part takes it."""
 
 
 class AccountConcurrency:
@@ -140,15 +146,16 @@ class AccountConcurrency:
 
     async def wait(self, account: str) -> None:
         """Wait for a place, after the account's attempts that waited before; it is taken
-        when this returns."""
+        when this returns. Raises NoPart when this dispatcher has, or comes to have, no part
+        of the account's limit."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(account, deque()).append(future)
         self._admit(account)
         try:
             await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release(account)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release(account)  # a place was given just as it was cancelled
             else:
                 waiting = self._waiting.get(account)
                 if waiting is not None and future in waiting:
@@ -165,6 +172,10 @@ class AccountConcurrency:
     def _admit(self, account: str) -> None:
         waiting = self._waiting[account]
         share = self.share(account)
+        while waiting and share == 0:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_exception(NoPart())
         while waiting and (share is None or self.running.get(account, 0) < share):
             future = waiting.popleft()
             if not future.done():

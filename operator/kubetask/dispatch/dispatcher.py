@@ -55,7 +55,7 @@ from ..store import (
 )
 from ..tallies import count_down, count_up
 from . import backlog_gauge, hold_answers, idle_consumers, outcome_patience, pod_identity
-from .account_concurrency import AccountConcurrency
+from .account_concurrency import AccountConcurrency, NoPart
 from .accounting import Accounting
 from .aimd import Window
 from .destinations import Destinations
@@ -553,7 +553,11 @@ class Dispatcher:
         process = self._local_process(ctx.function)
         budget, limit = self.budget, self.concurrency
         if not limit.try_take(ctx.account):
-            await self._held(msg, limit.wait(ctx.account))
+            try:
+                await self._held(msg, limit.wait(ctx.account))
+            except NoPart:
+                await msg.nak(delay=0.25)  # to a dispatcher with a part of the account's limit
+                return
         try:
             if not budget.try_take(ctx.account, process):
                 await self._held(msg, budget.wait(ctx.account, process))
