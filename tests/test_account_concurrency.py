@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -89,6 +90,18 @@ def test_the_parts_over_the_live_dispatchers_add_up_to_the_limit() -> None:
     nothing = next(me for me in members if parts[me].share("one") == 0)
     keeper = AccountConcurrency(lambda a: 1, lambda: members, nothing, lambda a: a == "one")
     assert keeper.share("one") == 1
+
+
+def test_a_puller_held_by_the_limit_is_woken_when_an_attempt_ends() -> None:
+    limits = AccountConcurrency(lambda a: 2, lambda: ["m.me"], "m.me")
+    ends = [limits.delivered_one("x") for _ in range(2)]
+    woken: list[str] = []
+    assert limits.free("x", lambda: woken.append("first")) == 0
+    assert limits.free("x", lambda: woken.append("second")) == 0
+    ends.pop()()
+    assert woken == ["first"]  # one ended: one more may be asked for
+    ends.pop()()
+    assert woken == ["first", "second"] and limits.delivered == {}
 
 
 def test_a_dispatcher_with_no_part_looks_again_when_the_others_leave() -> None:
@@ -174,6 +187,59 @@ async def test_two_dispatchers_with_a_limit_of_one_run_one_at_a_time(
     finally:
         dispatcher.concurrency = saved
         await second.close(drain_timeout=5)
+        await plane.close()
+
+
+async def test_when_the_dispatcher_with_the_part_leaves_the_other_runs_the_rest(
+    make_api: Callable[..., Awaitable[Api]],
+    dispatcher: Dispatcher,
+    settings: Settings,
+    nats_passwords: dict[str, str],
+) -> None:
+    """The dispatcher without a part has nothing of the account's to end and wake its
+    pullers: only hearing that the other left (its next lease round) lets it start."""
+    names = [f"part{i}-{os.getpid()}" for i in range(64)]
+    limited = dataclasses.replace(
+        as_user(settings, "dispatcher", nats_passwords),
+        account_concurrency_limits=dict.fromkeys(names, 1.0),
+    )
+    plane = await DataPlane.connect(limited, "test-leaving-dispatcher")
+    second = Dispatcher(plane)
+    both = sorted([member_key(dispatcher.id), member_key(second.id)])
+    # An account whose one place falls to the second dispatcher.
+    account = next(n for n in names if part_of(member_key(second.id), both, account=n) == 1)
+    api = await make_api(account)
+    saved = dispatcher.concurrency
+    assert dispatcher.leases is not None
+    dispatcher.concurrency = AccountConcurrency(
+        limited.concurrency_limit, dispatcher.leases.members, member_key(dispatcher.id)
+    )
+    closed = False
+    try:
+        await second.start()
+        for _ in range(100):
+            if dispatcher.leases.dispatchers() == 2:
+                break
+            await asyncio.sleep(0.05)
+        await api.function("nap", command=["sleep", "0.5"], maxConcurrency=10)
+        for _ in range(4):
+            await api.submit("nap")
+        for _ in range(100):
+            if await running(api):
+                break
+            await asyncio.sleep(0.05)
+        await second.close(drain_timeout=5)  # its attempt ends; the rest are the other's now
+        closed = True
+        most = 0
+        for _ in range(30):
+            most = max(most, await running(api))
+            await asyncio.sleep(0.1)
+        await all_succeed(api, "nap", 4, timeout=30)
+        assert most <= 1, most
+    finally:
+        dispatcher.concurrency = saved
+        if not closed:
+            await second.close(drain_timeout=5)
         await plane.close()
 
 
