@@ -169,6 +169,8 @@ async def test_two_dispatchers_with_a_limit_of_one_run_one_at_a_time(
             if dispatcher.leases.dispatchers() == second.leases.dispatchers() == 2:
                 break
             await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the two dispatchers never saw each other")
         await api.function("nap", command=["sleep", "0.5"], maxConcurrency=10)
         ids = [(await api.submit("nap"))["metadata"]["name"] for _ in range(6)]
         most, reasons = 0, set()
@@ -221,6 +223,8 @@ async def test_when_the_dispatcher_with_the_part_leaves_the_other_runs_the_rest(
             if dispatcher.leases.dispatchers() == 2:
                 break
             await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the first dispatcher never saw the second")
         await api.function("nap", command=["sleep", "0.5"], maxConcurrency=10)
         for _ in range(4):
             await api.submit("nap")

@@ -29,6 +29,11 @@ from .rpc import NO_RESPONDERS, STATUS
 ANSWER_WITHIN = 0.5
 
 
+LIMIT_SETTINGS = (
+    "(KUBETASK_ACCOUNT_MAX_CONCURRENCY, or its own in KUBETASK_ACCOUNT_CONCURRENCY_LIMITS)"
+)
+
+
 class View(pydantic.BaseModel):
     """One dispatcher's view of one of a function's queues."""
 
@@ -80,18 +85,14 @@ class View(pydantic.BaseModel):
             said.append(
                 f"the concurrency limit of account {account!r} is split over "
                 f"{self.dispatchers} dispatchers and no part of it falls to this one, so the "
-                "others run its tasks "
-                "(KUBETASK_ACCOUNT_MAX_CONCURRENCY, or its own in "
-                "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS)"
+                f"others run its tasks {LIMIT_SETTINGS}"
             )
         elif self.account_limit is not None and self.account_limit_running >= self.account_limit:
             said.append(
                 f"account {account!r} runs {self.account_limit_running} "
                 f"attempt{'' if self.account_limit_running == 1 else 's'} there, its part of "
                 f"its concurrency limit over {self.dispatchers} "
-                f"dispatcher{'' if self.dispatchers == 1 else 's'} "
-                "(KUBETASK_ACCOUNT_MAX_CONCURRENCY, or its own in "
-                "KUBETASK_ACCOUNT_CONCURRENCY_LIMITS)"
+                f"dispatcher{'' if self.dispatchers == 1 else 's'} {LIMIT_SETTINGS}"
             )
         if self.paced:
             said.append("the function's maxStartsPerSecond allows no more starts this moment")
